@@ -1,0 +1,229 @@
+"""Typed configurations for every network and the noise schedule, and the preset registry.
+
+A `ModelConfig` describes a whole latent diffusion model (U-Net + autoencoder + text encoder +
+schedule). It is plain data: it round-trips through JSON (stored in the safetensors metadata of a
+daguerre checkpoint) and models are built from it with ordinary Python calls, never by naming
+classes in strings. The constants of Stable Diffusion (CompVis `v1-inference.yaml`,
+`v2-inference-v.yaml`) are written out as named fields here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class UNetConfig:
+    """The cross-attention U-Net of LDM (CompVis `openaimodel.UNetModel` naming)."""
+
+    in_channels: int = 4  # latent channels (+ concatenated conditioning channels: 9 for inpainting)
+    out_channels: int = 4
+    model_channels: int = 320  # width of the first level
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # width of each level = model_channels * mult
+    num_res_blocks: int = 2  # ResNet blocks per level on the way down (one more on the way up)
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels that get a spatial transformer after each ResNet block
+    num_heads: int | None = 8  # fixed head count (SD v1) ...
+    head_dim: int | None = None  # ... or fixed head width (SD v2: 64); exactly one is set
+    transformer_depth: int = 1  # transformer blocks per spatial transformer
+    context_dim: int | None = 768  # cross-attention context width; None = self-attention only
+    use_linear_proj: bool = False  # proj_in/proj_out as Linear (SD v2) instead of 1x1 conv (SD v1)
+    num_classes: int | None = None  # class-conditional models: a label embedding added to the time embedding
+    norm_groups: int = 32  # GroupNorm groups
+    dropout: float = 0.0
+    upcast_attention: bool = False  # compute attention scores in float32 even in half precision (SD 2.1)
+
+    def heads_at(self, channels: int) -> tuple[int, int]:
+        """(heads, head width) of the attention layers at a level `channels` wide."""
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise ValueError("UNetConfig: set exactly one of num_heads and head_dim")
+        if self.num_heads is not None:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.head_dim, self.head_dim
+
+    @property
+    def downsample_factor(self) -> int:
+        """How many times smaller the innermost feature map is than the input latent."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass
+class VAEConfig:
+    """The KL-regularised autoencoder of LDM (CompVis `AutoencoderKL`, `ddconfig` naming)."""
+
+    in_channels: int = 3  # image channels (1 for grayscale data)
+    out_channels: int = 3
+    base_channels: int = 128  # `ch`
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # `ch_mult`: len(channel_mult) - 1 down-samplings
+    num_res_blocks: int = 2
+    attn_levels: tuple[int, ...] = ()  # levels with self-attention besides the middle block (`attn_resolutions`)
+    latent_channels: int = 4  # `embed_dim` = `z_channels`
+    norm_groups: int = 32
+    scale_factor: float = 0.18215  # latents are multiplied by this before diffusion (SD v1/v2)
+    shift_factor: float = 0.0  # and shifted by this first: z_diffusion = (z - shift) * scale
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for Stable Diffusion)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass
+class TextEncoderConfig:
+    """A CLIP text transformer (OpenAI CLIP / OpenCLIP) and its tokenizer settings."""
+
+    vocab_size: int = 49408
+    max_length: int = 77  # context length, including start and end tokens
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    activation: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP, SD v1) or "gelu" (OpenCLIP, SD v2)
+    layer_norm_eps: float = 1e-5
+    skip_layers: int = 0  # 0 = last layer's output; 1 = penultimate (SD v2, "clip skip 2"); final LN applied
+    projection_dim: int | None = None  # pooled-output projection (text_projection), when the checkpoint has one
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 49407  # SD v1 pads with <|endoftext|>; OpenCLIP (SD v2) pads with 0 ("!")
+
+
+@dataclass
+class ScheduleConfig:
+    """The discrete forward process q(x_t | x_0) the network was trained on."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"  # "linear" (DDPM), "scaled_linear" (SD), "cosine" (Nichol & Dhariwal)
+    beta_start: float = 0.00085  # CompVis `linear_start`
+    beta_end: float = 0.012  # CompVis `linear_end`
+    prediction_type: str = "epsilon"  # "epsilon", "v_prediction" or "sample"
+    zero_terminal_snr: bool = False  # rescale betas so that alpha_bar_T = 0 (Lin et al. 2024)
+
+
+@dataclass
+class ModelConfig:
+    """A whole latent diffusion model: what a daguerre checkpoint stores in its metadata."""
+
+    name: str = "sd15"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    conditioning: str = "text"  # "text", "class" or "none"
+    concat: str | None = None  # image concatenated to the latent input: None, "inpaint" (mask + masked image), "lowres"
+    class_names: list[str] | None = None  # for class-conditional models
+    sample_size: int = 512  # native image size in pixels
+    provenance: dict[str, Any] = field(default_factory=dict)  # training recipe, data, source file, ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, d)
+
+    @classmethod
+    def from_json(cls, s: str) -> ModelConfig:
+        return cls.from_dict(json.loads(s))
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Build dataclass `cls` from a dict, recursively, turning lists back into tuples; unknown keys are an error."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object for {cls.__name__}, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}: is the checkpoint from a newer daguerre?")
+    kwargs = {}
+    for name, value in d.items():
+        sub = _SUBCONFIGS.get((cls.__name__, name))
+        if sub is not None and value is not None:
+            value = _from_dict(sub, value)
+        elif isinstance(value, list) and name not in ("class_names",):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+_SUBCONFIGS = {
+    ("ModelConfig", "unet"): UNetConfig,
+    ("ModelConfig", "vae"): VAEConfig,
+    ("ModelConfig", "text_encoder"): TextEncoderConfig,
+    ("ModelConfig", "schedule"): ScheduleConfig,
+}
+
+
+# --- presets ---------------------------------------------------------------------------------------
+
+def _sd15() -> ModelConfig:
+    """Stable Diffusion v1.x (CompVis v1-inference.yaml): CLIP ViT-L/14 text encoder, 768-d context."""
+    return ModelConfig(name="sd15", sample_size=512)
+
+
+def _sd15_inpaint() -> ModelConfig:
+    """Stable Diffusion v1.5 inpainting: 9 input channels (latent, mask, masked-image latent)."""
+    cfg = _sd15()
+    cfg.name = "sd15-inpaint"
+    cfg.unet.in_channels = 9
+    cfg.concat = "inpaint"
+    return cfg
+
+
+def _sd21() -> ModelConfig:
+    """Stable Diffusion v2.x 768-v (v2-inference-v.yaml): OpenCLIP ViT-H/14, penultimate layer, v-prediction."""
+    return ModelConfig(
+        name="sd21",
+        unet=UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_proj=True, upcast_attention=True),
+        text_encoder=TextEncoderConfig(
+            width=1024, layers=24, heads=16, mlp_dim=4096, activation="gelu", skip_layers=1,
+            projection_dim=1024, pad_token_id=0,
+        ),
+        schedule=ScheduleConfig(prediction_type="v_prediction"),
+        sample_size=768,
+    )
+
+
+def _sd21_base() -> ModelConfig:
+    """Stable Diffusion v2.x 512 base: as sd21 but epsilon prediction at 512 pixels."""
+    cfg = _sd21()
+    cfg.name = "sd21-base"
+    cfg.schedule.prediction_type = "epsilon"
+    cfg.unet.upcast_attention = False
+    cfg.sample_size = 512
+    return cfg
+
+
+def _tiny() -> ModelConfig:
+    """A few-hundred-thousand-parameter text-to-image model for tests (every code path, seconds on a CPU)."""
+    return ModelConfig(
+        name="tiny",
+        unet=UNetConfig(
+            model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+            num_heads=None, head_dim=16, context_dim=32, norm_groups=8,
+        ),
+        vae=VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8, scale_factor=1.0),
+        text_encoder=TextEncoderConfig(width=32, layers=2, heads=2, mlp_dim=64),
+        sample_size=32,
+    )
+
+
+PRESETS = {
+    "sd15": _sd15,
+    "sd15-inpaint": _sd15_inpaint,
+    "sd21": _sd21,
+    "sd21-base": _sd21_base,
+    "tiny": _tiny,
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh copy of the named preset configuration."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
