@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/daguerre demo --out demo.png
+	$(VENV)/bin/daguerre generate "a red circle above a blue square" --seed 1 --out demo.png
 	@echo "wrote demo.png"
 
 test: $(VENV)/.installed-test

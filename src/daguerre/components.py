@@ -26,3 +26,27 @@ class Components:
     vae: AutoencoderKL
     text_encoder: CLIPTextEncoder | None = None
     tokenizer: CLIPTokenizer | None = None
+
+
+def build_components(config: ModelConfig, *, seed: int = 0) -> Components:
+    """Fresh networks for `config`, randomly initialised from `seed` (training starts here; tests use it)."""
+    import torch
+
+    from .models.autoencoder import AutoencoderKL
+    from .models.text_encoder import CLIPTextEncoder
+    from .models.tokenizer import CLIPTokenizer
+    from .models.unet import UNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNetModel(config.unet)
+        vae = AutoencoderKL(config.vae)
+        text_encoder = tokenizer = None
+        if config.text_encoder is not None:
+            text_encoder = CLIPTextEncoder(config.text_encoder)
+            te = config.text_encoder
+            tokenizer = CLIPTokenizer(max_length=te.max_length, pad_token_id=te.pad_token_id)
+    for module in (unet, vae, text_encoder):
+        if module is not None:
+            module.eval()
+    return Components(config=config, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)

@@ -1,0 +1,66 @@
+"""Resolve what the user names with `--model`: a file or folder, a shipped default model, or a random preset.
+
+- a path: a daguerre / Stable Diffusion checkpoint or a diffusers folder (`daguerre.checkpoints.load_model`);
+- the name of a model shipped inside the package (`daguerre/assets/models/NAME.safetensors`);
+- `random:PRESET` (e.g. `random:tiny`): untrained weights at a preset's architecture, for trying the
+  machinery before a model is trained or downloaded.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .components import Components, build_components
+from .config import PRESETS, preset
+
+DEFAULT_MODEL = "shapes"
+RANDOM_PREFIX = "random:"
+
+
+def shipped_models() -> dict[str, Path]:
+    """Name -> path of every model that ships inside the package."""
+    folder = resources.files("daguerre") / "assets" / "models"
+    if not folder.is_dir():
+        return {}
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".safetensors")}
+
+
+def default_model_name() -> str:
+    """The model used when none is named: the shipped default, else a random tiny model."""
+    return DEFAULT_MODEL if DEFAULT_MODEL in shipped_models() else f"{RANDOM_PREFIX}tiny"
+
+
+def open_model(
+    spec: str | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> tuple[Components, str | None]:
+    """(components, A1111 model hash or None) for a model name or path; see the module docstring."""
+    from .checkpoints import load_model, short_hash
+
+    spec = spec or default_model_name()
+    if spec.startswith(RANDOM_PREFIX):
+        name = spec[len(RANDOM_PREFIX):]
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} in {spec!r}; presets: {', '.join(PRESETS)}")
+        comps = build_components(preset(name))
+        comps.config.name = spec
+        _to(comps, device, dtype)
+        return comps, None
+    shipped = shipped_models()
+    path = shipped.get(spec, Path(spec))
+    if not path.exists():
+        names = ", ".join(sorted(shipped)) or "none installed"
+        raise FileNotFoundError(
+            f"no model {spec!r}: not a file or folder, nor a shipped model ({names}), nor random:PRESET"
+        )
+    comps = load_model(path, device=device, dtype=dtype)
+    model_hash = short_hash(path) if path.is_file() else None
+    return comps, model_hash
+
+
+def _to(comps: Components, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+    for module in (comps.unet, comps.vae, comps.text_encoder):
+        if module is not None:
+            module.to(device=device, dtype=dtype)
