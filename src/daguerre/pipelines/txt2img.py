@@ -22,6 +22,7 @@ from ..diffusion.samplers_sde import SAMPLERS
 from ..diffusion.schedules import get_sigmas
 from ..guidance import cfg_denoiser
 from ..pngmeta import format_parameters
+from .prompts import encode_weighted
 from .request import GenerationRequest, _class_index
 
 
@@ -35,14 +36,12 @@ class GeneratedImage:
 
 
 def encode_prompts(components: Components, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-    """tau_theta(y): the text encoder's hidden states (B, 77, d) for `prompts`."""
+    """tau_theta(y): the text encoder's hidden states (B, 77 k, d) for `prompts`, A1111 prompt syntax."""
     if components.text_encoder is None or components.tokenizer is None:
         raise ValueError(f"model {components.config.name!r} has no text encoder; it does not take prompts")
     te = components.text_encoder
-    device = next(te.parameters()).device
-    ids = components.tokenizer(prompts).to(device)
     skip = te.cfg.skip_layers + clip_skip - 1
-    return te(ids, skip_layers=skip, output_pooled=False).hidden.float()
+    return encode_weighted(te, components.tokenizer, prompts, skip_layers=skip)
 
 
 def latents_to_images(components: Components, latents: torch.Tensor) -> list[Image.Image]:
@@ -96,12 +95,15 @@ def txt2img(
     shape = (lat_c, req.height // f, req.width // f)
     params = sampler_parameters(req, components, model_hash)
     results: list[GeneratedImage] = []
+    cond1, uncond1 = _conditioning(components, req, device)  # once per request, batch of 1
     for start in range(0, req.n, req.batch_size):
         b = min(req.batch_size, req.n - start)
         seeds = [req.seed + start + i for i in range(b)]
-        gens = [g for s in seeds for g in generators_for(s, 1)]
-        cond, uncond = _conditioning(components, req, b, device)
-        guided = cfg_denoiser(denoiser, uncond, req.cfg_scale, req.guidance_rescale) if uncond is not None else denoiser
+        gens = generators_for(req.seed + start, b)
+        cond = _expand(cond1, b)
+        guided = denoiser
+        if uncond1 is not None:
+            guided = cfg_denoiser(denoiser, _expand(uncond1, b), req.cfg_scale, req.guidance_rescale)
         x = randn((b, *shape), gens, device=device) * sigmas[0]
         step_cb = None
         if callback is not None:
@@ -115,18 +117,22 @@ def txt2img(
 
 
 def _conditioning(
-    components: Components, req: GenerationRequest, b: int, device: torch.device
+    components: Components, req: GenerationRequest, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(cond, uncond) dicts for the denoiser; uncond is None when guidance is off (scale 1)."""
+    """(cond, uncond) dicts of batch 1 for the denoiser; uncond is None when guidance is off (scale 1)."""
     cfg = components.config
     use_cfg = req.cfg_scale != 1.0
     if cfg.conditioning == "text":
-        context = encode_prompts(components, [req.prompt] * b, req.clip_skip)
-        negative = encode_prompts(components, [req.negative_prompt] * b, req.clip_skip) if use_cfg else None
-        return {"context": context}, ({"context": negative} if use_cfg else None)
+        prompts = [req.prompt, req.negative_prompt] if use_cfg else [req.prompt]
+        context = encode_prompts(components, prompts, req.clip_skip)  # one call; rows padded to equal length
+        return {"context": context[:1]}, ({"context": context[1:]} if use_cfg else None)
     if cfg.conditioning == "class":
-        index = _class_index(cfg, req.class_label)
-        y = torch.full((b,), index, dtype=torch.long, device=device)
-        null = torch.full((b,), cfg.unet.num_classes - 1, dtype=torch.long, device=device)
+        y = torch.tensor([_class_index(cfg, req.class_label)], device=device)
+        null = torch.tensor([cfg.unet.num_classes - 1], device=device)  # the last class is the "no class" label
         return {"y": y}, ({"y": null} if use_cfg else None)
     return {}, None
+
+
+def _expand(cond: dict[str, Any], b: int) -> dict[str, Any]:
+    """Repeat every tensor of a batch-1 conditioning dict to batch b."""
+    return {k: v.expand(b, *v.shape[1:]) if torch.is_tensor(v) else v for k, v in cond.items()}

@@ -1,0 +1,203 @@
+"""Prompt syntax of AUTOMATIC1111: emphasis weights, `BREAK`, and prompts longer than 77 tokens.
+
+- `(text)` multiplies the attention weight of `text` by 1.1, `[text]` divides it by 1.1, and
+  `(text:1.5)` multiplies it by 1.5; brackets nest (weights multiply); `\\(`, `\\)`, `\\[`, `\\]` and
+  `\\\\` are literal characters; an unclosed bracket applies to the end of the prompt.
+- The prompt is tokenized into chunks of 75 tokens (a chunk breaks after the last comma within its
+  last 20 tokens when a word would cross the boundary; `BREAK` starts a new chunk). Each chunk
+  becomes `<start> tokens <end> <pad>...` (77), is encoded on its own, and the chunks' hidden states
+  are concatenated along the sequence: cross-attention takes any context length.
+- Each token's hidden state is multiplied by its weight and each chunk is rescaled to keep its
+  original mean, as A1111 does (A1111 takes the mean over the whole batch; per chunk keeps an
+  image independent of the batch it is made in).
+A prompt with no brackets and at most 75 tokens encodes exactly as the plain tokenizer would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ROUND_WEIGHT = 1.1  # `(text)`
+SQUARE_WEIGHT = 1 / 1.1  # `[text]`
+CHUNK_TOKENS = 75  # tokens per chunk, between the start and end tokens
+COMMA_BACKTRACK = 20  # look this many tokens back for a comma to break a chunk at
+BREAK = "BREAK"
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs; a `BREAK` keyword is returned as ("BREAK", -1.0)."""
+    pieces: list[list] = []  # [text, weight]
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    def add_text(s: str) -> None:
+        for k, part in enumerate(_split_break(s)):
+            if k:
+                pieces.append([BREAK, -1.0])
+            if part:
+                pieces.append([part, 1.0])
+
+    i, n = 0, len(text)
+    plain = []
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n and text[i + 1] in "()[]\\":
+            plain.append(text[i + 1])
+            i += 2
+            continue
+        if c in "()[]:":
+            weight_end = _weight_suffix(text, i) if c == ":" and round_open else None
+            if c == ":" and weight_end is None:
+                plain.append(c)
+                i += 1
+                continue
+            if plain:
+                add_text("".join(plain))
+                plain = []
+            if c == "(":
+                round_open.append(len(pieces))
+            elif c == "[":
+                square_open.append(len(pieces))
+            elif c == ":":
+                value, i = weight_end
+                scale(round_open.pop(), value)
+                continue
+            elif c == ")" and round_open:
+                scale(round_open.pop(), ROUND_WEIGHT)
+            elif c == "]" and square_open:
+                scale(square_open.pop(), SQUARE_WEIGHT)
+            else:  # an unmatched closing bracket is kept as text
+                add_text(c)
+            i += 1
+            continue
+        plain.append(c)
+        i += 1
+    if plain:
+        add_text("".join(plain))
+    for start in round_open:
+        scale(start, ROUND_WEIGHT)
+    for start in square_open:
+        scale(start, SQUARE_WEIGHT)
+    if not pieces:
+        return [("", 1.0)]
+    merged: list[tuple[str, float]] = []
+    for t, w in pieces:
+        if merged and merged[-1][1] == w and t != BREAK and merged[-1][0] != BREAK:
+            merged[-1] = (merged[-1][0] + t, w)
+        else:
+            merged.append((t, w))
+    return merged
+
+
+def _weight_suffix(text: str, i: int) -> tuple[float, int] | None:
+    """At `:` inside `( )`: the number before the closing `)` and the index after it, if it is `:NUMBER)`."""
+    j = i + 1
+    n = len(text)
+    while j < n and text[j].isspace():
+        j += 1
+    start = j
+    while j < n and (text[j].isdigit() or text[j] in "+-."):
+        j += 1
+    number = text[start:j]
+    while j < n and text[j].isspace():
+        j += 1
+    if not number or j >= n or text[j] != ")":
+        return None
+    try:
+        return float(number), j + 1
+    except ValueError:
+        return None
+
+
+def _split_break(s: str) -> list[str]:
+    """Split on the standalone word BREAK, dropping the whitespace around it."""
+    words = s.split(BREAK)
+    if len(words) == 1:
+        return [s]
+    out = [words[0]]
+    for w in words[1:]:
+        prev = out[-1]
+        # only a whole word counts: letters on either side make it part of another word
+        if (prev and (prev[-1].isalnum() or prev[-1] == "_")) or (w and (w[0].isalnum() or w[0] == "_")):
+            out[-1] = prev + BREAK + w
+        else:
+            out[-1] = prev.rstrip()
+            out.append(w.lstrip())
+    return out
+
+
+@dataclass
+class Chunk:
+    """One 77-token window: ids with start/end/pad tokens, and a weight per position."""
+
+    ids: list[int]
+    weights: list[float]
+
+
+def tokenize_chunks(tokenizer, text: str, comma_id: int | None = None) -> list[Chunk]:
+    """The prompt as 77-token chunks with per-token weights (module docstring)."""
+    if comma_id is None:
+        comma_id = tokenizer.encode(",")[0]
+    chunks: list[Chunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal ids, weights, last_comma
+        pad = CHUNK_TOKENS - len(ids)
+        body = ids + [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad
+        chunks.append(Chunk([tokenizer.bos_token_id] + body, [1.0] + weights + [1.0] * (pad + 1)))
+        ids, weights, last_comma = [], [], -1
+
+    for piece, weight in parse_emphasis(text):
+        if weight == -1.0 and piece == BREAK:
+            close()
+            continue
+        for token in tokenizer.encode(piece):
+            if token == comma_id:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK_TOKENS and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1
+                rest_ids, rest_w = ids[cut:], weights[cut:]
+                ids, weights = ids[:cut], weights[:cut]
+                close()
+                ids, weights = rest_ids, rest_w
+            if len(ids) == CHUNK_TOKENS:
+                close()
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        close()
+    return chunks
+
+
+def encode_weighted(
+    text_encoder, tokenizer, prompts: list[str], *, skip_layers: int, min_chunks: int = 1
+) -> torch.Tensor:
+    """Context (B, 77 * k, d) for `prompts` with A1111 emphasis and chunking; k >= min_chunks for all rows.
+
+    Rows with fewer chunks than the longest are padded with chunks of the empty prompt.
+    """
+    per_prompt = [tokenize_chunks(tokenizer, p) for p in prompts]
+    k = max(min_chunks, *(len(c) for c in per_prompt))
+    empty = tokenize_chunks(tokenizer, "")[0]
+    device = next(text_encoder.parameters()).device
+    rows = []
+    for chunks in per_prompt:
+        chunks = chunks + [empty] * (k - len(chunks))
+        ids = torch.tensor([c.ids for c in chunks], device=device)  # (k, 77)
+        w = torch.tensor([c.weights for c in chunks], device=device, dtype=torch.float32)  # (k, 77)
+        z = text_encoder(ids, skip_layers=skip_layers, output_pooled=False).hidden.float()  # (k, 77, d)
+        if bool((w != 1.0).any()):  # weight each token, then restore each chunk's mean (A1111)
+            mean = z.mean(dim=(1, 2), keepdim=True)  # (k, 1, 1)
+            z = z * w.unsqueeze(-1)
+            z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
+        rows.append(z.reshape(1, -1, z.shape[-1]))
+    return torch.cat(rows)  # (B, 77 k, d)
