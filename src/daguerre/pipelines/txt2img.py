@@ -19,7 +19,6 @@ from ..diffusion.denoisers import Denoiser
 from ..diffusion.noise import generators_for, randn
 from ..diffusion.sampler_names import resolve_sampler
 from ..diffusion.samplers_sde import SAMPLERS
-from ..diffusion.schedules import get_sigmas
 from ..guidance import cfg_denoiser
 from ..pngmeta import format_parameters
 from .prompts import encode_weighted
@@ -87,7 +86,7 @@ def txt2img(
     device = unet_param.device
     choice = resolve_sampler(req.sampler, req.schedule)
     denoiser = Denoiser(components.unet, cfg.schedule)
-    sigmas = get_sigmas(choice.schedule, req.steps, denoiser.sigmas).to(device)
+    sigmas = choice.sigmas(req.steps, denoiser.sigmas).to(device)
     sampler = SAMPLERS[choice.sampler]
 
     lat_c = cfg.vae.latent_channels
@@ -109,7 +108,7 @@ def txt2img(
         if callback is not None:
             def step_cb(info: dict[str, Any], _start: int = start) -> None:
                 callback({**info, "batch_start": _start})
-        z = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=step_cb, generator=gens)
+        z = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=step_cb, generator=gens, **choice.kwargs)
         for i, image in enumerate(latents_to_images(components, z)):
             text = format_parameters(req.prompt, req.negative_prompt, {**params, "Seed": seeds[i]})
             results.append(GeneratedImage(image=image, seed=seeds[i], parameters=text))
