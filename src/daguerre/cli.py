@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (UserError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"daguerre {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

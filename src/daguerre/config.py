@@ -111,7 +111,9 @@ class ModelConfig:
     text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     conditioning: str = "text"  # "text", "class" or "none"
-    concat: str | None = None  # image concatenated to the latent input: None, "inpaint" (mask + masked image), "lowres"
+    # image concatenated to the latent input: None; "inpaint" (mask + masked-image latent, SD inpainting);
+    # "lowres" (the low-resolution RGB pixels in [-1, 1], bicubically resized to the latent grid: LDM SR, SD x4)
+    concat: str | None = None
     class_names: list[str] | None = None  # for class-conditional models
     sample_size: int = 512  # native image size in pixels
     provenance: dict[str, Any] = field(default_factory=dict)  # training recipe, data, source file, ...

@@ -1,18 +1,34 @@
 """`GenerationRequest`: every field a user sets for one generation, checked once, at the edge.
 
 The CLI and (later) the HTTP server build this one dataclass; pipelines trust it after `validate`.
+`task` names the pipeline (txt2img, img2img, inpaint, upscale); the image fields only matter for
+the tasks that take images, and `validate` loads those images (a path becomes a PIL image in the
+returned copy), so a missing or unreadable file fails before any model work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import ModelConfig
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 MAX_SEED = 2**32 - 1
+TASKS = ("txt2img", "img2img", "inpaint", "upscale")
+IMAGE_TASKS = ("img2img", "inpaint", "upscale")
+# Denoising strength when none is given: A1111's img2img default 0.75; for upscaling a regular model
+# (resize + img2img, A1111 "hires fix") a moderate 0.4 that keeps the composition.
+DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 0.75, "upscale": 0.4}
+INPAINT_FILLS = ("original", "fill", "latent noise", "latent nothing")  # A1111 "Masked content"
+CONCAT_KINDS = (None, "inpaint", "lowres")
+MAX_UPSCALE = 8.0
+LOWRES_NOISE_STEPS = 1000  # the low-res augmentation schedule's length (SD x4 upscaler `max_noise_level` < this)
 
 
 @dataclass
@@ -33,6 +49,15 @@ class GenerationRequest:
     batch_size: int = 1  # images per network call
     clip_skip: int = 1  # A1111 "Clip skip": 1 = the model's own layer, 2 = one layer earlier, ...
     class_label: int | str | None = None  # class-conditional models
+    task: str = "txt2img"  # the pipeline: "txt2img", "img2img", "inpaint" or "upscale"
+    init_image: str | os.PathLike | Image.Image | None = None  # img2img / inpaint / upscale input
+    strength: float | None = None  # denoising strength in [0, 1]; None = DEFAULT_STRENGTH[task]
+    resize_mode: str = "crop"  # how the init image meets width x height: crop, fit, stretch, none (images.py)
+    mask: str | os.PathLike | Image.Image | None = None  # inpaint: white = repaint, black = keep
+    mask_blur: int = 4  # A1111 "Mask blur": Gaussian sigma in pixels of the mask's soft edge
+    inpaint_fill: str = "original"  # A1111 "Masked content": original, fill, latent noise, latent nothing
+    upscale_factor: float = 2.0  # upscale: output size = input size x this (snapped to the model's grid)
+    noise_level: int = 20  # upscale with an SR model that takes it (unet.num_classes): low-res augmentation step
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for pipeline-specific settings
 
     def validate(self, config: ModelConfig) -> GenerationRequest:
@@ -50,9 +75,15 @@ class GenerationRequest:
         if self.clip_skip < 1:
             raise ValueError(f"clip skip must be >= 1 (1 = the model's default layer), got {self.clip_skip}")
         resolve_sampler(self.sampler, self.schedule)  # raises with the list of valid names
+        _check_task(config, self.task)
         factor = config.vae.downsample_factor * config.unet.downsample_factor
-        width = self.width or config.sample_size
-        height = self.height or config.sample_size
+        images: dict[str, Any] = {}
+        width, height = self.width, self.height
+        if self.task in IMAGE_TASKS:
+            images = self._validate_images(config, factor)
+            width, height = images.pop("size")
+        width = width or config.sample_size
+        height = height or config.sample_size
         for name, value in (("width", width), ("height", height)):
             if value < factor or value % factor:
                 raise ValueError(
@@ -68,8 +99,107 @@ class GenerationRequest:
         if config.conditioning == "class":
             _class_index(config, self.class_label)
         elif self.class_label is not None:
-            raise ValueError(f"class label {self.class_label!r} given, but model {config.name!r} is not class-conditional")
-        return dataclasses.replace(self, width=width, height=height, seed=seed)
+            raise ValueError(
+                f"class label {self.class_label!r} given, but model {config.name!r} is not class-conditional"
+            )
+        return dataclasses.replace(self, width=width, height=height, seed=seed, **images)
+
+    def _validate_images(self, config: ModelConfig, factor: int) -> dict[str, Any]:
+        """Check and load the image fields of an image task: {init_image, mask, strength, size}."""
+        from .images import RESIZE_MODES, center_crop, load_image, load_mask, snap_down
+
+        if self.init_image is None:
+            raise ValueError(f"{self.task} needs an input image (init_image)")
+        strength = DEFAULT_STRENGTH[self.task] if self.strength is None else self.strength
+        if not (0.0 <= strength <= 1.0):
+            raise ValueError(
+                f"denoising strength must be in [0, 1] (0 = keep the image, 1 = ignore it), got {strength}"
+            )
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {self.resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+        mode = "L" if config.vae.in_channels == 1 else "RGB"
+        image = load_image(self.init_image, mode)
+        mask = None
+        if self.task == "inpaint":
+            if self.mask is None:
+                raise ValueError("inpaint needs a mask image (white = repaint, black = keep)")
+            mask = load_mask(self.mask)
+            if mask.size != image.size:
+                raise ValueError(
+                    f"mask {_name(self.mask)} is {mask.width}x{mask.height} but the image is "
+                    f"{image.width}x{image.height}: give a mask of the same size as the image"
+                )
+            if mask.getextrema()[1] == 0:
+                raise ValueError(f"mask {_name(self.mask)} is entirely black: nothing to repaint (white = repaint)")
+            if not (isinstance(self.mask_blur, int) and self.mask_blur >= 0):
+                raise ValueError(f"mask blur must be a whole number of pixels >= 0, got {self.mask_blur!r}")
+            if self.inpaint_fill not in INPAINT_FILLS:
+                raise ValueError(f"unknown masked-content mode {self.inpaint_fill!r}; choose one of "
+                                 f"{', '.join(INPAINT_FILLS)}")
+        if self.task != "upscale" and min(image.size) < factor:
+            raise ValueError(f"image {_name(self.init_image)} is {image.width}x{image.height}, smaller than the "
+                             f"model's {factor}-pixel grid: give a larger image")
+        width, height = self.width, self.height
+        if self.task == "upscale":
+            if not (1.0 < self.upscale_factor <= MAX_UPSCALE):
+                raise ValueError(f"upscale factor must be in (1, {MAX_UPSCALE:g}], got {self.upscale_factor}")
+            _check_noise_level(config, self.noise_level)
+            width = width or snap_down(round(image.width * self.upscale_factor), factor)
+            height = height or snap_down(round(image.height * self.upscale_factor), factor)
+        elif width is None or height is None:
+            # default size: the image's own, snapped down to the model's grid; "crop" (the default) takes
+            # the centered window without resampling, so the kept pixels stay exactly the input's
+            w0, h0 = snap_down(image.width, factor), snap_down(image.height, factor)
+            if self.resize_mode == "none" and (w0, h0) != image.size:
+                raise ValueError(
+                    f"image {_name(self.init_image)} is {image.width}x{image.height}, not a multiple of {factor} "
+                    f"as this model needs: use a resize mode (crop, fit, stretch) or give --size, e.g. {w0}x{h0}"
+                )
+            width, height = width or w0, height or h0
+            if self.resize_mode == "crop" and image.width >= width and image.height >= height \
+                    and image.width - width < factor and image.height - height < factor:
+                image = center_crop(image, width, height)
+                mask = center_crop(mask, width, height) if mask is not None else None
+        if self.resize_mode == "none" and self.task != "upscale" and image.size != (width, height):
+            raise ValueError(f"image {_name(self.init_image)} is {image.width}x{image.height}, not {width}x{height}: "
+                             "use a resize mode (crop, fit, stretch) or give a matching size")
+        return {"init_image": image, "mask": mask, "strength": strength, "size": (width, height)}
+
+
+def _name(source: Any) -> str:
+    """How to name an image source in an error message."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else "(in-memory image)"
+
+
+def _check_task(config: ModelConfig, task: str) -> None:
+    """The task must exist and fit the model's concatenated-input kind (ModelConfig.concat)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if config.concat not in CONCAT_KINDS:
+        raise ValueError(f"model {config.name!r} has an unknown concat kind {config.concat!r}; "
+                         f"daguerre knows {', '.join(str(k) for k in CONCAT_KINDS)}")
+    lat = config.vae.latent_channels
+    if config.concat == "lowres":
+        if task != "upscale":
+            raise ValueError(f"model {config.name!r} is a super-resolution model (it takes a low-resolution image): "
+                             f"use `daguerre upscale`, not {task}")
+        if config.unet.in_channels != lat + config.vae.in_channels:
+            raise ValueError(f"super-resolution model {config.name!r} has {config.unet.in_channels} input channels; "
+                             f"expected {lat} latent + {config.vae.in_channels} image channels")
+        if config.conditioning == "class":
+            raise ValueError(f"model {config.name!r}: class-conditional super-resolution models are not supported")
+    if config.concat == "inpaint" and config.unet.in_channels != 2 * lat + 1:
+        raise ValueError(f"inpainting model {config.name!r} has {config.unet.in_channels} input channels; "
+                         f"expected {2 * lat + 1} (latent {lat} + mask 1 + masked-image latent {lat})")
+
+
+def _check_noise_level(config: ModelConfig, level: int) -> None:
+    """The low-res augmentation level of an SR model that is told it (its label embedding has that many rows)."""
+    if config.concat != "lowres" or config.unet.num_classes is None:
+        return
+    top = min(config.unet.num_classes, LOWRES_NOISE_STEPS) - 1
+    if not (isinstance(level, int) and 0 <= level <= top):
+        raise ValueError(f"noise level must be a whole number in [0, {top}], got {level!r}")
 
 
 def _class_index(config: ModelConfig, label: int | str | None) -> int:

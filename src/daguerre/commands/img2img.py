@@ -1,0 +1,101 @@
+"""`daguerre img2img IMAGE [PROMPT]`: redraw an image guided by a prompt (SDEdit), and the runner the
+image commands (img2img, inpaint, upscale) share."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..cli import UserError, command
+from .generate import add_model_arguments, add_output_arguments, add_sampling_arguments, output_paths
+
+RESIZE_CHOICES = ("crop", "fit", "stretch", "none")
+
+
+def add_image_arguments(p: argparse.ArgumentParser, strength_help: str) -> None:
+    """--strength / --resize / --class, shared by the image commands, plus generate's model, sampling and
+    output arguments (--tile, --preview, --grid)."""
+    p.add_argument("--strength", "-s", type=float, default=None, help=strength_help)
+    p.add_argument("--resize", default="crop", choices=RESIZE_CHOICES,
+                   help="how the input meets --size: crop (scale to cover, center-crop), fit (scale to fit, "
+                        "pad with edge pixels), stretch, none (must match). Without --size the image's own size "
+                        "is used, center-cropped to the model's grid (default crop)")
+    p.add_argument("--class", dest="class_label", default=None, metavar="NAME_OR_INDEX",
+                   help="class label, for class-conditional models")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    add_output_arguments(p)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="input image file")
+    p.add_argument("prompt", nargs="?", default="", help="what to draw")
+    add_image_arguments(p, "denoising strength in [0, 1]: 0 keeps the image, 1 ignores it (default 0.75)")
+
+
+def run_image_command(
+    args: argparse.Namespace,
+    pipeline: Callable[..., list[Any]],
+    fields: dict[str, Any],
+    note: Callable[[Any], str | None] | None = None,
+) -> int:
+    """Build the request from the shared arguments and `fields`, run `pipeline` with a progress bar,
+    save the PNGs (and a grid for several images), print their paths. `note(components)` may return a
+    line to tell the user before the run (e.g. which upscaling method applies)."""
+    from ..api import TILE_KEY, set_compute_dtype
+    from ..pipelines.common import count_steps
+    from ..pipelines.images import make_grid
+    from ..pipelines.request import GenerationRequest
+    from ..pngmeta import save_png
+    from ..registry import open_model
+
+    width, height = args.size if args.size else (None, None)
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=args.sampler,
+        schedule=args.schedule, cfg_scale=args.cfg, seed=args.seed, width=width, height=height, n=args.n,
+        batch_size=args.batch_size, clip_skip=args.clip_skip, class_label=args.class_label,
+        init_image=args.image, strength=args.strength, resize_mode=args.resize, extra={TILE_KEY: args.tile},
+        **fields,
+    )
+    comps, model_hash = open_model(args.model, device=args.device)
+    request = request.validate(comps.config)  # fail before any work on bad input
+    paths = output_paths(args.out, [request.seed + i for i in range(request.n)])  # ... bad --out included
+    if note is not None and (line := note(comps)):
+        print(f"daguerre {args.command}: note: {line}", file=sys.stderr)
+    set_compute_dtype(comps, args.dtype)
+    preview = None
+    if args.preview:
+        from ..pipelines.preview import PreviewWriter
+
+        preview = PreviewWriter(comps.vae, args.preview, args.preview_mode, tiled=args.tile)
+    from tqdm import tqdm
+
+    total = request.n * count_steps(comps, request)
+    with tqdm(total=total, unit="step", desc=args.command, dynamic_ncols=True) as bar:
+        def on_step(info: dict[str, Any]) -> None:
+            if preview is not None:
+                preview(info)
+            bar.update(1)
+
+        results = pipeline(comps, request, callback=on_step, model_hash=model_hash)
+    if not results:
+        raise UserError("nothing was generated")
+    for result, path in zip(results, paths, strict=True):
+        save_png(result.image, path, result.parameters)
+        print(path)
+    if len(results) > 1 and args.grid is not False:
+        grid = paths[0].with_name(f"grid-{paths[0].stem}.png")  # beside the images
+        print(save_png(make_grid([r.image for r in results]), grid, results[0].parameters))
+    if preview is not None:
+        gif = preview.finish([r.image for r in results])
+        print(f"previews: {args.preview}/step_*.png, {gif}")
+    return 0
+
+
+@command("img2img", "redraw an image guided by a prompt", _add_arguments)
+def run(args: argparse.Namespace) -> int:
+    from ..pipelines.img2img import img2img
+
+    return run_image_command(args, img2img, {"task": "img2img"})

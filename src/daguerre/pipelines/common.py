@@ -1,0 +1,267 @@
+"""The sampling core shared by every pipeline: conditioning, guidance, the sampling loop, VAE I/O, PNG parameters.
+
+One implementation of the LDM sampling path (Rombach et al. 2022, Sec. 3.3): a starting latent
+x = z0 + sigma_0 eps (z0 = 0 and the full schedule for text-to-image; the encoded input image and
+the img2img tail of the schedule, SDEdit (Meng et al. 2022), for image-to-image), a sampler over the
+guided denoiser D(x, sigma, c), then the VAE decoder. A pipeline (txt2img, img2img, inpaint, upscale)
+only describes what it adds, as a `SamplingPlan`: the input latents, extra conditioning concatenated
+to the U-Net input (inpainting and super-resolution models), the known latents and mask of inpaint
+blending, and a pixel post-processing step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..components import Components
+from ..diffusion.denoisers import Denoiser
+from ..diffusion.noise import generators_for, randn
+from ..diffusion.sampler_names import resolve_sampler
+from ..diffusion.samplers_sde import SAMPLERS
+from ..diffusion.schedules import img2img_sigmas
+from ..guidance import cfg_denoiser, inpaint_blend_denoiser
+from ..pngmeta import format_parameters
+from .prompts import encode_weighted
+from .request import GenerationRequest, _class_index
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class GeneratedImage:
+    """One result: the image, its seed, and the A1111-format parameter text stored in its PNG."""
+
+    image: Image.Image
+    seed: int
+    parameters: str
+
+
+@dataclass
+class SamplingPlan:
+    """What one pipeline adds to the shared sampling loop. Tensors have batch 1 (the same for every
+    image of the request) and live at latent resolution (B, C, H/f, W/f).
+
+    `init_latents` z0 is noised to the first sigma of the img2img tail (`start_strength`); None starts
+    from pure noise. `init_noise_mask` (1, 1, h, w) replaces z0 by fresh unit noise where it is 1
+    (A1111 "latent noise"). `cond` is merged into both the conditional and the unconditional branch
+    ("concat" channels, "y"). `concat_noise` = (a, s) augments cond["concat"] per image as
+    a * concat + s * eps (noise-conditioning augmentation, Ho et al. 2022, cascaded diffusion).
+    `known` and `mask` (1 = repaint) turn on inpaint blending of the x0 estimate (guidance.py);
+    `finish` post-processes each decoded image (inpaint paste-back); `params` are added to the PNG text.
+    """
+
+    init_latents: torch.Tensor | None = None
+    init_noise_mask: torch.Tensor | None = None
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    concat_noise: tuple[float, float] | None = None
+    known: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    finish: Callable[[Image.Image], Image.Image] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+# --- conditioning ----------------------------------------------------------------------------------
+
+def encode_prompts(components: Components, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+    """tau_theta(y): the text encoder's hidden states (B, 77 k, d) for `prompts`, A1111 prompt syntax."""
+    if components.text_encoder is None or components.tokenizer is None:
+        raise ValueError(f"model {components.config.name!r} has no text encoder; it does not take prompts")
+    te = components.text_encoder
+    skip = te.config.skip_layers + clip_skip - 1
+    return encode_weighted(te, components.tokenizer, prompts, skip_layers=skip)
+
+
+def conditioning(
+    components: Components, req: GenerationRequest, device: torch.device
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(cond, uncond) dicts of batch 1 for the denoiser; uncond is None when guidance is off (scale 1)
+    or the model is unconditional. Text: cross-attention context of the prompt / negative prompt;
+    class: the label y, with the last class as the "no class" label of classifier-free guidance."""
+    cfg = components.config
+    use_cfg = req.cfg_scale != 1.0
+    if cfg.conditioning == "text":
+        prompts = [req.prompt, req.negative_prompt] if use_cfg else [req.prompt]
+        context = encode_prompts(components, prompts, req.clip_skip)  # one call; rows padded to equal length
+        return {"context": context[:1]}, ({"context": context[1:]} if use_cfg else None)
+    if cfg.conditioning == "class":
+        y = torch.tensor([_class_index(cfg, req.class_label)], device=device)
+        null = torch.tensor([cfg.unet.num_classes - 1], device=device)  # the last class is the "no class" label
+        return {"y": y}, ({"y": null} if use_cfg else None)
+    return {}, None
+
+
+def expand(cond: dict[str, Any], b: int) -> dict[str, Any]:
+    """Repeat every tensor of a batch-1 conditioning dict to batch b."""
+    return {k: v.expand(b, *v.shape[1:]) if torch.is_tensor(v) else v for k, v in cond.items()}
+
+
+# --- VAE I/O ----------------------------------------------------------------------------------------
+
+def encode_images(components: Components, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, C, H, W) in [-1, 1] -> diffusion latents (B, c, H/f, W/f) float32 on the pixels' device:
+    the posterior mode, scaled (z0 = scale_latents(E(x).mode()), deterministic, as diffusers' img2img
+    with `argmax` and A1111)."""
+    vae = components.vae
+    param = next(vae.parameters())
+    z = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).mode()
+    return vae.scale_latents(z).float().to(pixels.device)
+
+
+def latents_to_images(components: Components, latents: torch.Tensor) -> list[Image.Image]:
+    """Decode diffusion latents with the VAE (in its own dtype, float32 by default) to PIL images."""
+    vae = components.vae
+    param = next(vae.parameters())
+    z = vae.unscale_latents(latents.to(device=param.device, dtype=param.dtype))
+    x = vae.decode(z).float().clamp(-1, 1)
+    arr = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    mode = "L" if arr.shape[-1] == 1 else "RGB"
+    return [Image.fromarray(np.squeeze(a, -1) if mode == "L" else a, mode) for a in arr]
+
+
+def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """A pixel mask (B, 1, H, W) in [0, 1] -> latent resolution (B, 1, H/f, W/f) by max pooling.
+
+    Max (not area) pooling: every latent cell that any repainted pixel touches is regenerated, so the
+    decoded image is generated content wherever the pixel mask (and the paste-back) shows it. Area
+    pooling would leave boundary cells partly pinned to the original latents, and the paste-back
+    would then reveal a halo of half-repainted pixels at the mask's edge.
+    """
+    return F.max_pool2d(mask.float(), kernel_size=factor, stride=factor)
+
+
+def inpaint_model_concat(components: Components, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The extra input of a 9-channel inpainting U-Net (SD inpainting, config.concat == "inpaint"):
+    cat(latent mask (1 ch), latent of the masked image (c ch)) -> (B, 1 + c, h, w).
+
+    SD's convention: the mask is binarised (>= 0.5), the masked image is image * (mask < 0.5) (the
+    repainted area set to 0, mid-gray in [-1, 1]) and encoded by the VAE; the U-Net input is
+    [noisy latent, mask, masked-image latent], and the Denoiser appends cond["concat"] after x.
+    """
+    binary = (mask >= 0.5).to(pixels.dtype)  # (B, 1, H, W)
+    masked = pixels * (1 - binary)  # (B, C, H, W)
+    masked_latent = encode_images(components, masked)  # (B, c, h, w)
+    factor = components.config.vae.downsample_factor
+    return torch.cat([latent_mask(binary, factor).to(masked_latent), masked_latent], dim=1)
+
+
+def _default_concat(components: Components, req: GenerationRequest, device: torch.device) -> torch.Tensor:
+    """An inpainting model used without a mask (txt2img, img2img): everything masked and the masked
+    image all gray, as A1111 does (its `inpainting_mask_weight` 1)."""
+    channels = components.config.vae.in_channels
+    pixels = torch.zeros(1, channels, req.height, req.width, device=device)
+    return inpaint_model_concat(components, pixels, torch.ones(1, 1, req.height, req.width, device=device))
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def start_strength(components: Components, req: GenerationRequest) -> float | None:
+    """The denoising strength the request starts from, or None for pure noise: img2img and inpaint use
+    theirs; upscale uses it with a regular model (resize + img2img) and none with an SR model."""
+    if req.task == "txt2img" or (req.task == "upscale" and components.config.concat == "lowres"):
+        return None
+    return req.strength
+
+
+def run_sigmas(components: Components, req: GenerationRequest, model_sigmas: torch.Tensor) -> torch.Tensor:
+    """The noise levels the sampler runs through: the sampler's schedule, cut to its img2img tail."""
+    sigmas = resolve_sampler(req.sampler, req.schedule).sigmas(req.steps, model_sigmas)
+    strength = start_strength(components, req)
+    return sigmas if strength is None else img2img_sigmas(sigmas, strength)
+
+
+def count_steps(components: Components, request: GenerationRequest) -> int:
+    """Sampler steps per image for `request` (for progress bars): `steps`, fewer at img2img strength < 1."""
+    req = request.validate(components.config)
+    model_sigmas = Denoiser(components.unet, components.config.schedule).sigmas
+    return len(run_sigmas(components, req, model_sigmas)) - 1
+
+
+def sampler_parameters(request: GenerationRequest, components: Components, model_hash: str | None) -> dict[str, Any]:
+    """The A1111 key/value pairs describing how an image was made (seed filled in per image)."""
+    choice = resolve_sampler(request.sampler, request.schedule)
+    cfg = components.config
+    return {
+        "Steps": request.steps,
+        "Sampler": choice.a1111_name,
+        "Schedule type": choice.a1111_schedule,
+        "CFG scale": f"{request.cfg_scale:g}",
+        "Seed": request.seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model hash": model_hash,
+        "Model": cfg.name,
+        "Class": request.class_label if cfg.conditioning == "class" else None,
+        "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
+        "Guidance rescale": f"{request.guidance_rescale:g}" if request.guidance_rescale else None,
+    }
+
+
+@torch.no_grad()
+def run_plan(
+    components: Components,
+    req: GenerationRequest,
+    plan: SamplingPlan,
+    *,
+    callback: Callback | None = None,
+    model_hash: str | None = None,
+) -> list[GeneratedImage]:
+    """Generate `req.n` images (req already validated) in batches of `req.batch_size`; image i draws all
+    its noise from a CPU generator seeded `seed + i`, in a fixed order (starting noise, latent-noise fill,
+    concat augmentation, then the sampler), so it is the same image in any batch. `callback` gets the
+    sampler's step dict plus `batch_start`, the index of the batch's first image."""
+    cfg = components.config
+    device = next(components.unet.parameters()).device
+    choice = resolve_sampler(req.sampler, req.schedule)
+    denoiser = Denoiser(components.unet, cfg.schedule)
+    sigmas = run_sigmas(components, req, denoiser.sigmas).to(device)
+    sampler = SAMPLERS[choice.sampler]
+    f = cfg.vae.downsample_factor
+    shape = (cfg.vae.latent_channels, req.height // f, req.width // f)
+    params = {**sampler_parameters(req, components, model_hash), **plan.params}
+
+    cond1, uncond1 = conditioning(components, req, device)  # once per request, batch of 1
+    extra = {k: v.to(device) for k, v in plan.cond.items()}
+    if cfg.concat == "inpaint" and "concat" not in extra:
+        extra["concat"] = _default_concat(components, req, device)
+    init = plan.init_latents.to(device) if plan.init_latents is not None else None
+    results: list[GeneratedImage] = []
+    for start in range(0, req.n, req.batch_size):
+        b = min(req.batch_size, req.n - start)
+        seeds = [req.seed + start + i for i in range(b)]
+        gens = generators_for(req.seed + start, b)
+        x = randn((b, *shape), gens, device=device) * sigmas[0]  # (B, C, h, w)
+        if init is not None:
+            z0 = init.expand(b, *shape)
+            if plan.init_noise_mask is not None:
+                m = plan.init_noise_mask.to(device)
+                z0 = z0 * (1 - m) + randn((b, *shape), gens, device=device) * m
+            x = z0 + x
+        batch_extra = expand(extra, b)
+        if plan.concat_noise is not None and "concat" in batch_extra:
+            a, s = plan.concat_noise
+            c = batch_extra["concat"]
+            batch_extra["concat"] = a * c + s * randn(c.shape, gens, device=device, dtype=c.dtype)
+        cond = {**expand(cond1, b), **batch_extra}
+        guided = denoiser
+        if uncond1 is not None:
+            guided = cfg_denoiser(denoiser, {**expand(uncond1, b), **batch_extra}, req.cfg_scale, req.guidance_rescale)
+        if plan.mask is not None and plan.known is not None:
+            guided = inpaint_blend_denoiser(guided, plan.known.to(device).expand(b, *shape), plan.mask.to(device))
+        step_cb = None
+        if callback is not None:
+            def step_cb(info: dict[str, Any], _start: int = start) -> None:
+                callback({**info, "batch_start": _start})
+        if len(sigmas) > 1:
+            x = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=step_cb, generator=gens, **choice.kwargs)
+        for i, image in enumerate(latents_to_images(components, x)):
+            if plan.finish is not None:
+                image = plan.finish(image)
+            text = format_parameters(req.prompt, req.negative_prompt, {**params, "Seed": seeds[i]})
+            results.append(GeneratedImage(image=image, seed=seeds[i], parameters=text))
+    return results
