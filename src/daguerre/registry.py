@@ -46,6 +46,7 @@ def open_model(
             raise ValueError(f"unknown preset {name!r} in {spec!r}; presets: {', '.join(PRESETS)}")
         comps = build_components(preset(name))
         comps.config.name = spec
+        _randomize_zero_layers(comps)
         _to(comps, device, dtype)
         return comps, None
     shipped = shipped_models()
@@ -64,3 +65,16 @@ def _to(comps: Components, device: torch.device | str | None, dtype: torch.dtype
     for module in (comps.unet, comps.vae, comps.text_encoder):
         if module is not None:
             module.to(device=device, dtype=dtype)
+
+
+def _randomize_zero_layers(comps: Components, std: float = 0.02) -> None:
+    """Give zero-initialised weights (the U-Net's output convs, training's usual start) small random
+    values, so an untrained `random:` model still responds to its prompt and seed."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in (comps.unet, comps.vae, comps.text_encoder):
+            if module is None:
+                continue
+            for p in module.parameters():
+                if p.dim() > 1 and not p.any():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)

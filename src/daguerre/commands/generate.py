@@ -1,9 +1,17 @@
-"""`daguerre generate PROMPT`: text-to-image from the command line."""
+"""`daguerre generate PROMPT`: text-to-image from the command line.
+
+Besides the sampling settings: `--from-png FILE` makes an image again from the A1111 `parameters`
+chunk of a PNG (flags given on the command line override the file's values), `--preview DIR`
+saves the model's x0 estimate at every step and a GIF, `--tile/--no-tile` forces tiled VAE decoding
+on or off (automatic by default), `--grid` saves a grid of the images (on by default for several),
+and `--list-samplers` prints the sampler names. See docs/usage.md.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from ..cli import UserError, command
@@ -31,7 +39,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", "-N", default="", help="negative prompt")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--sampler", default="DPM++ 2M", help="sampler, A1111 or ComfyUI name (default 'DPM++ 2M'); "
-                   "see docs/samplers.md")
+                   "see docs/samplers.md or --list-samplers")
     p.add_argument("--schedule", default="Automatic", help="schedule type: Automatic, Karras, Exponential, "
                    "SGM Uniform, Simple, Normal (default Automatic)")
     p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
@@ -43,58 +51,153 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", default="outputs", help="output PNG file (one image) or folder (default outputs/)")
 
 
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """--tile, --preview, --preview-mode, --grid: how results are decoded, shown and saved."""
+    p.add_argument("--tile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode with the VAE in overlapping tiles (less memory); default: automatically when the "
+                   "latent has more than 96x96 cells (768x768 pixels for Stable Diffusion)")
+    p.add_argument("--preview", metavar="DIR", default=None,
+                   help="save the model's current estimate of the image at every step as DIR/step_NNN.png, "
+                   "and DIR/preview.gif at the end")
+    p.add_argument("--preview-mode", choices=["approx", "full"], default="approx",
+                   help="approx: a fitted linear latent->RGB map, free (default); full: the VAE decoder at every "
+                   "step, exact but slow")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
+                   help="also save the images in one grid-*.png (default: on when there are several images)")
+
+
+# CLI dest -> GenerationRequest field, for the settings --from-png can supply
+REPLAYABLE = {
+    "prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "sampler": "sampler",
+    "schedule": "schedule", "cfg": "cfg_scale", "seed": "seed", "size": "size", "clip_skip": "clip_skip",
+}
+_DEFAULTS = "_replayable_defaults"  # Namespace attribute holding the defaults of the REPLAYABLE flags
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype -> torch dtype name
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default="", help="what to draw")
     add_model_arguments(p)
     add_sampling_arguments(p)
+    add_output_arguments(p)
+    p.add_argument("--from-png", metavar="FILE", default=None,
+                   help="make the image of a PNG again from its A1111 'parameters' chunk (prompt, negative prompt, "
+                   "steps, sampler, schedule, CFG, seed, size, clip skip, model); flags you pass override the file")
+    p.add_argument("--list-samplers", action="store_true", help="print the sampler and schedule names, then exit")
+    # None marks "not given on the command line", so --from-png knows which flags override the file
+    p.set_defaults(**{_DEFAULTS: {dest: p.get_default(dest) for dest in REPLAYABLE}})
+    p.set_defaults(**dict.fromkeys(REPLAYABLE))
 
 
 def output_paths(out: str, seeds: list[int]) -> list[Path]:
-    """A file path for one image; for a folder (or several images) numbered files `NNNNN-SEED.png`."""
+    """A file path for one image; for a folder (or several images) numbered files `NNNNN-SEED.png`.
+
+    Numbering continues after the highest number already in the folder; missing folders are created.
+    """
     target = Path(out)
     if target.suffix.lower() == ".png":
+        target.parent.mkdir(parents=True, exist_ok=True)
         if len(seeds) == 1:
             return [target]
         return [target.with_name(f"{target.stem}-{i:02d}-{s}.png") for i, s in enumerate(seeds)]
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--out {out}: a file of that name exists; name a folder or a .png file")
     target.mkdir(parents=True, exist_ok=True)
-    start = len(list(target.glob("*.png")))
+    numbers = [int(m.group(1)) for p in target.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
+    start = max(numbers, default=-1) + 1
     return [target / f"{start + i:05d}-{s}.png" for i, s in enumerate(seeds)]
 
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+def grid_path(paths: list[Path]) -> Path:
+    """`grid-<first image's name>.png` beside the images (the image commands' convention)."""
+    return paths[0].with_name(f"grid-{paths[0].stem}.png")
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[dict, str | None, str | None]:
+    """(GenerationRequest fields, model spec, the file's model hash): the flags, over the --from-png file,
+    over the defaults."""
+    from ..api import settings_from_parameters
+
+    defaults = getattr(args, _DEFAULTS)
+    given = {dest: getattr(args, dest) for dest in REPLAYABLE if getattr(args, dest) is not None}
+    fields = {REPLAYABLE[d]: v for d, v in defaults.items() if d != "size"}
+    fields["width"], fields["height"] = defaults["size"] or (None, None)
+    model, expected_hash = args.model, None
+    if args.from_png:
+        from ..pngmeta import read_png_parameters
+        from ..registry import RANDOM_PREFIX, shipped_models
+
+        settings = settings_from_parameters(read_png_parameters(args.from_png), args.from_png)
+        fields.update(settings.fields)
+        expected_hash = settings.model_hash
+        if settings.ignored:
+            _note(f"{args.from_png} also has settings daguerre does not apply: {', '.join(settings.ignored)}")
+        name = settings.model
+        found = name and (name.startswith(RANDOM_PREFIX) or name in shipped_models() or Path(name).exists())
+        if model is None and found:
+            model = settings.model
+        elif model is None and settings.model:
+            _note(f"{args.from_png} was made with model {settings.model!r}, which is not available here; using the "
+                  "default model (choose one with --model)")
+    for dest, value in given.items():
+        if dest == "size":
+            fields["width"], fields["height"] = value
+        else:
+            fields[REPLAYABLE[dest]] = value
+    return fields, model, expected_hash
+
+
+def _note(text: str) -> None:
+    print(f"daguerre generate: note: {text}", file=sys.stderr)
 
 
 @command("generate", "generate images from a text prompt", _add_arguments)
 def run(args: argparse.Namespace) -> int:
-    import torch
+    if args.list_samplers:
+        from ..diffusion.sampler_names import sampler_table
 
+        print(sampler_table())
+        return 0
+    from ..api import set_compute_dtype
     from ..pipelines.request import GenerationRequest
     from ..pipelines.txt2img import txt2img
     from ..pngmeta import save_png
     from ..registry import open_model
 
-    dtype = getattr(torch, DTYPES[args.dtype])
-    width, height = args.size if args.size else (None, None)
-    request = GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=args.sampler,
-        schedule=args.schedule, cfg_scale=args.cfg, seed=args.seed, width=width, height=height, n=args.n,
-        batch_size=args.batch_size, clip_skip=args.clip_skip,
-    )
-    comps, model_hash = open_model(args.model, device=args.device)
+    fields, model, expected_hash = resolve_settings(args)
+    request = GenerationRequest(**fields, n=args.n, batch_size=args.batch_size, tile=args.tile)
+    comps, model_hash = open_model(model, device=args.device)
     request = request.validate(comps.config)  # fail before any work on bad input
-    if dtype != torch.float32:
-        comps.unet.to(dtype)
-        if comps.text_encoder is not None:
-            comps.text_encoder.to(dtype)
+    if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():
+        _note(f"{args.from_png} was made by a model with hash {expected_hash}; this one's is {model_hash}: "
+              "the image will differ")
+    set_compute_dtype(comps, args.dtype)
+    preview = None
+    if args.preview:
+        from ..pipelines.preview import PreviewWriter
+
+        preview = PreviewWriter(comps.vae, args.preview, args.preview_mode, tiled=args.tile)
     from tqdm import tqdm
 
     total = request.n * request.steps
     with tqdm(total=total, unit="step", desc="generating", dynamic_ncols=True) as bar:
-        results = txt2img(comps, request, callback=lambda info: bar.update(1), model_hash=model_hash)
-    paths = output_paths(args.out, [r.seed for r in results])
-    for result, path in zip(results, paths):
-        save_png(result.image, path, result.parameters)
-        print(path)
+        def on_step(info: dict) -> None:
+            if preview is not None:
+                preview(info)
+            bar.update(1)
+
+        results = txt2img(comps, request, callback=on_step, model_hash=model_hash)
     if not results:
         raise UserError("nothing was generated")
+    paths = output_paths(args.out, [r.seed for r in results])
+    for result, path in zip(results, paths, strict=True):
+        save_png(result.image, path, result.parameters)
+        print(path)
+    if len(results) > 1 and args.grid is not False:
+        from ..pipelines.images import make_grid
+
+        print(save_png(make_grid([r.image for r in results]), grid_path(paths), results[0].parameters))
+    if preview is not None:
+        gif = preview.finish([r.image for r in results])
+        print(f"previews: {args.preview}/step_*.png, {gif}")
     return 0

@@ -44,7 +44,7 @@ def run_image_command(
     """Build the request from the shared arguments and `fields`, run `pipeline` with a progress bar,
     save the PNGs (and a grid for several images), print their paths. `note(components)` may return a
     line to tell the user before the run (e.g. which upscaling method applies)."""
-    from ..api import TILE_KEY, set_compute_dtype
+    from ..api import set_compute_dtype
     from ..pipelines.common import count_steps
     from ..pipelines.images import make_grid
     from ..pipelines.request import GenerationRequest
@@ -56,7 +56,7 @@ def run_image_command(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=args.sampler,
         schedule=args.schedule, cfg_scale=args.cfg, seed=args.seed, width=width, height=height, n=args.n,
         batch_size=args.batch_size, clip_skip=args.clip_skip, class_label=args.class_label,
-        init_image=args.image, strength=args.strength, resize_mode=args.resize, extra={TILE_KEY: args.tile},
+        init_image=args.image, strength=args.strength, resize_mode=args.resize, tile=args.tile,
         **fields,
     )
     comps, model_hash = open_model(args.model, device=args.device)

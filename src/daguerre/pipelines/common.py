@@ -30,6 +30,7 @@ from ..guidance import cfg_denoiser, inpaint_blend_denoiser
 from ..pngmeta import format_parameters
 from .prompts import encode_weighted
 from .request import GenerationRequest, _class_index
+from .tiling import decode_latents, encode_latents
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -104,22 +105,17 @@ def expand(cond: dict[str, Any], b: int) -> dict[str, Any]:
 
 # --- VAE I/O ----------------------------------------------------------------------------------------
 
-def encode_images(components: Components, pixels: torch.Tensor) -> torch.Tensor:
+def encode_images(components: Components, pixels: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
     """Pixels (B, C, H, W) in [-1, 1] -> diffusion latents (B, c, H/f, W/f) float32 on the pixels' device:
     the posterior mode, scaled (z0 = scale_latents(E(x).mode()), deterministic, as diffusers' img2img
     with `argmax` and A1111)."""
-    vae = components.vae
-    param = next(vae.parameters())
-    z = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).mode()
-    return vae.scale_latents(z).float().to(pixels.device)
+    return encode_latents(components.vae, pixels, tiled).to(pixels.device)
 
 
-def latents_to_images(components: Components, latents: torch.Tensor) -> list[Image.Image]:
-    """Decode diffusion latents with the VAE (in its own dtype, float32 by default) to PIL images."""
-    vae = components.vae
-    param = next(vae.parameters())
-    z = vae.unscale_latents(latents.to(device=param.device, dtype=param.dtype))
-    x = vae.decode(z).float().clamp(-1, 1)
+def latents_to_images(components: Components, latents: torch.Tensor, tiled: bool | None = None) -> list[Image.Image]:
+    """Decode diffusion latents with the VAE (in its own dtype, float32 by default; tiled for large images,
+    `daguerre.pipelines.tiling`) to PIL images."""
+    x = decode_latents(components.vae, latents, tiled)
     arr = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     mode = "L" if arr.shape[-1] == 1 else "RGB"
     return [Image.fromarray(np.squeeze(a, -1) if mode == "L" else a, mode) for a in arr]
@@ -136,7 +132,9 @@ def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return F.max_pool2d(mask.float(), kernel_size=factor, stride=factor)
 
 
-def inpaint_model_concat(components: Components, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def inpaint_model_concat(
+    components: Components, pixels: torch.Tensor, mask: torch.Tensor, tiled: bool | None = None
+) -> torch.Tensor:
     """The extra input of a 9-channel inpainting U-Net (SD inpainting, config.concat == "inpaint"):
     cat(latent mask (1 ch), latent of the masked image (c ch)) -> (B, 1 + c, h, w).
 
@@ -146,7 +144,7 @@ def inpaint_model_concat(components: Components, pixels: torch.Tensor, mask: tor
     """
     binary = (mask >= 0.5).to(pixels.dtype)  # (B, 1, H, W)
     masked = pixels * (1 - binary)  # (B, C, H, W)
-    masked_latent = encode_images(components, masked)  # (B, c, h, w)
+    masked_latent = encode_images(components, masked, tiled)  # (B, c, h, w)
     factor = components.config.vae.downsample_factor
     return torch.cat([latent_mask(binary, factor).to(masked_latent), masked_latent], dim=1)
 
@@ -156,7 +154,7 @@ def _default_concat(components: Components, req: GenerationRequest, device: torc
     image all gray, as A1111 does (its `inpainting_mask_weight` 1)."""
     channels = components.config.vae.in_channels
     pixels = torch.zeros(1, channels, req.height, req.width, device=device)
-    return inpaint_model_concat(components, pixels, torch.ones(1, 1, req.height, req.width, device=device))
+    return inpaint_model_concat(components, pixels, torch.ones(1, 1, req.height, req.width, device=device), req.tile)
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -191,7 +189,7 @@ def sampler_parameters(request: GenerationRequest, components: Components, model
         "Steps": request.steps,
         "Sampler": choice.a1111_name,
         "Schedule type": choice.a1111_schedule,
-        "CFG scale": f"{request.cfg_scale:g}",
+        "CFG scale": f"{request.cfg_scale:.10g}",
         "Seed": request.seed,
         "Size": f"{request.width}x{request.height}",
         "Model hash": model_hash,
@@ -259,7 +257,7 @@ def run_plan(
                 callback({**info, "batch_start": _start})
         if len(sigmas) > 1:
             x = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=step_cb, generator=gens, **choice.kwargs)
-        for i, image in enumerate(latents_to_images(components, x)):
+        for i, image in enumerate(latents_to_images(components, x, req.tile)):
             if plan.finish is not None:
                 image = plan.finish(image)
             text = format_parameters(req.prompt, req.negative_prompt, {**params, "Seed": seeds[i]})

@@ -23,7 +23,7 @@ from .request import GenerationRequest
 def img2img_plan(components: Components, req: GenerationRequest, image: torch.Tensor) -> SamplingPlan:
     """The plan that starts from `image` (1, C, H, W) in [-1, 1] at the request size (req validated)."""
     device = next(components.unet.parameters()).device
-    z0 = encode_images(components, image.to(device))  # (1, c, h, w)
+    z0 = encode_images(components, image.to(device), req.tile)  # (1, c, h, w)
     return SamplingPlan(init_latents=z0, params={"Denoising strength": f"{req.strength:g}"})
 
 

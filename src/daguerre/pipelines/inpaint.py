@@ -46,17 +46,17 @@ def inpaint_plan(components: Components, req: GenerationRequest, image: Image.Im
     pixels = image_to_tensor(image).to(device)  # (1, C, H, W)
     mask_px = mask_to_tensor(mask).to(device)  # (1, 1, H, W), 1 = repaint
     lat_mask = latent_mask(mask_px, cfg.vae.downsample_factor)  # (1, 1, h, w)
-    known = encode_images(components, pixels)  # (1, c, h, w)
+    known = encode_images(components, pixels, req.tile)  # (1, c, h, w)
     init, noise_mask = known, None
     if req.inpaint_fill == "fill":
-        init = encode_images(components, image_to_tensor(fill_masked(image, mask)).to(device))
+        init = encode_images(components, image_to_tensor(fill_masked(image, mask)).to(device), req.tile)
     elif req.inpaint_fill == "latent nothing":
         init = known * (1 - lat_mask)
     elif req.inpaint_fill == "latent noise":
         noise_mask = lat_mask
     cond = {}
     if cfg.concat == "inpaint":
-        cond["concat"] = inpaint_model_concat(components, pixels, mask_px)  # (1, 1 + c, h, w)
+        cond["concat"] = inpaint_model_concat(components, pixels, mask_px, req.tile)  # (1, 1 + c, h, w)
     params = {
         "Denoising strength": f"{req.strength:g}",
         "Mask blur": req.mask_blur,

@@ -2,7 +2,8 @@
 
 - `(text)` multiplies the attention weight of `text` by 1.1, `[text]` divides it by 1.1, and
   `(text:1.5)` multiplies it by 1.5; brackets nest (weights multiply); `\\(`, `\\)`, `\\[`, `\\]` and
-  `\\\\` are literal characters; an unclosed bracket applies to the end of the prompt.
+  `\\\\` are literal characters (a lone backslash is dropped); an unclosed bracket applies to the end of
+  the prompt.
 - The prompt is tokenized into chunks of 75 tokens (a chunk breaks after the last comma within its
   last 20 tokens when a word would cross the boundary; `BREAK` starts a new chunk). Each chunk
   becomes `<start> tokens <end> <pad>...` (77), is encoded on its own, and the chunks' hidden states
@@ -47,9 +48,12 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
     plain = []
     while i < n:
         c = text[i]
-        if c == "\\" and i + 1 < n and text[i + 1] in "()[]\\":
-            plain.append(text[i + 1])
-            i += 2
+        if c == "\\":  # an escape: the next bracket or backslash is literal; a lone backslash is dropped (A1111)
+            if i + 1 < n and text[i + 1] in "()[]\\":
+                plain.append(text[i + 1])
+                i += 2
+            else:
+                i += 1
             continue
         if c in "()[]:":
             weight_end = _weight_suffix(text, i) if c == ":" and round_open else None

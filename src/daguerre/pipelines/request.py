@@ -58,6 +58,7 @@ class GenerationRequest:
     inpaint_fill: str = "original"  # A1111 "Masked content": original, fill, latent noise, latent nothing
     upscale_factor: float = 2.0  # upscale: output size = input size x this (snapped to the model's grid)
     noise_level: int = 20  # upscale with an SR model that takes it (unet.num_classes): low-res augmentation step
+    tile: bool | None = None  # tiled VAE decode/encode: True, False, or None = automatic for large images
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for pipeline-specific settings
 
     def validate(self, config: ModelConfig) -> GenerationRequest:
