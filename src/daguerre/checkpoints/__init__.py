@@ -1,1 +1,68 @@
+"""Checkpoint I/O: daguerre and Stable Diffusion single files, `.ckpt` pickles (weights only), diffusers folders.
+
+    load_model(path)            -> Components   any supported format, variant detected, strict load
+    save_model(components, f)   daguerre checkpoint (SD single-file layout + ModelConfig JSON metadata)
+    save_diffusers(components, folder)   a diffusers StableDiffusionPipeline folder
+    read_state_dict(path)       -> (tensors, metadata) of one weight file
+    file_hash / short_hash      sha256 and the AUTOMATIC1111 10-digit "Model hash"
+
+The formats, the detection rules and the keys deliberately ignored are documented in docs/formats.md.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..components import Components
+from .detect import IGNORED_KEYS, Detection, detect_checkpoint
+from .diffusers_folder import is_diffusers_folder, load_diffusers, save_diffusers
+from .io import file_hash, read_state_dict, safe_torch_load, short_hash
+from .single_file import components_from_state_dict, save_model
+
+__all__ = [
+    "IGNORED_KEYS",
+    "Detection",
+    "detect_checkpoint",
+    "file_hash",
+    "load_model",
+    "read_state_dict",
+    "safe_torch_load",
+    "save_diffusers",
+    "save_model",
+    "short_hash",
+]
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    prediction_type: str | None = None,
+    use_ema: bool = False,
+) -> Components:
+    """Load a model from a daguerre / SD single file (.safetensors, .ckpt, .pt, .pth) or a diffusers folder.
+
+    The variant is detected from keys and shapes (docs/formats.md); every tensor must be used or be in
+    `IGNORED_KEYS`, otherwise a ValueError names the offending keys and nothing is loaded. Weights are
+    converted to `dtype` (default float32) on `device` (default cpu). `prediction_type` ("epsilon",
+    "v_prediction", "sample") overrides what the file says or what is inferred; `use_ema` loads the
+    U-Net from the file's `model_ema.*` copy (full CompVis training checkpoints).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such model file or folder: {path}")
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise ValueError(f"{path} is a folder without model_index.json: not a diffusers pipeline folder")
+        if use_ema:
+            raise ValueError("use_ema applies to single-file training checkpoints; diffusers folders hold one U-Net")
+        return load_diffusers(path, device=device, dtype=dtype, prediction_type=prediction_type)
+    sd, metadata = read_state_dict(path, dtype or torch.float32)
+    return components_from_state_dict(
+        sd, metadata, path=path, device=device, dtype=dtype, prediction_type=prediction_type, use_ema=use_ema
+    )
 

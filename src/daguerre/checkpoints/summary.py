@@ -1,0 +1,97 @@
+"""`describe(path)`: what a checkpoint is, without loading its weights (what `daguerre info` prints).
+
+Safetensors files are read from their header only; the networks are built on the `meta` device and the
+file's names and shapes are checked against them exactly as `load_model` does, so a file `describe`
+accepts is one `load_model` loads (pickles must be read whole to learn their shapes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..components import Components
+from .detect import match_preset
+from .diffusers_folder import is_diffusers_folder, load_diffusers_folder
+from .io import file_hash, read_shapes, short_hash, sniff
+from .single_file import load_single
+
+META = "meta"
+
+
+def _count(model: nn.Module | None) -> int:
+    return 0 if model is None else sum(p.numel() for p in model.parameters())
+
+
+def _architecture(c: Components) -> dict[str, Any]:
+    cfg = c.config
+    u, v, t = cfg.unet, cfg.vae, cfg.text_encoder
+    widths = [u.model_channels * m for m in u.channel_mult]
+    heads = [f"{h}x{d}" for h, d in (u.heads_at(w) for w in widths)]
+    return {
+        "unet": {
+            "in_channels": u.in_channels, "out_channels": u.out_channels, "levels": len(widths),
+            "channels": widths, "res_blocks": u.num_res_blocks, "attention_levels": list(u.attention_levels),
+            "heads": heads, "transformer_depth": u.transformer_depth, "context_dim": u.context_dim,
+            "linear_proj": u.use_linear_proj, "upcast_attention": u.upcast_attention,
+        },
+        "vae": {
+            "downsample_factor": v.downsample_factor, "latent_channels": v.latent_channels,
+            "channels": [v.base_channels * m for m in v.channel_mult], "scale_factor": v.scale_factor,
+            "shift_factor": v.shift_factor,
+        },
+        "text_encoder": None if t is None else {
+            "width": t.width, "layers": t.layers, "heads": t.heads, "skip_layers": t.skip_layers,
+            "activation": t.activation, "projection_dim": t.projection_dim, "pad_token_id": t.pad_token_id,
+        },
+    }
+
+
+def describe(
+    path: str | os.PathLike, *, prediction_type: str | None = None, use_ema: bool = False, hashes: bool = True
+) -> dict[str, Any]:
+    """A JSON-ready summary of a model file or diffusers folder; ValueError for anything load_model refuses."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such model file or folder: {path}")
+    info: dict[str, Any] = {"path": str(path)}
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise ValueError(f"{path} is a folder without model_index.json: not a diffusers pipeline folder")
+        comps, stored = load_diffusers_folder(path, prediction_type=prediction_type, shapes_only=True)
+        info.update(format="diffusers folder", variant=comps.config.provenance.get("variant"),
+                    prediction_type_from="argument" if prediction_type else "scheduler_config.json",
+                    has_ema=False, ignored_keys=0, stored_dtypes=dict(stored))
+        files = [f for f in path.rglob("*") if f.is_file()]
+        info["file_size"] = sum(f.stat().st_size for f in files)
+        info["sha256"] = info["short_hash"] = None  # a folder has no single-file hash
+    else:
+        kind = sniff(path)
+        shapes, metadata, value_of = read_shapes(path)
+        comps, det = load_single(
+            shapes, metadata, path=path, device=META, prediction_type=prediction_type, use_ema=use_ema,
+            value_of=value_of,
+        )
+        fmt = "daguerre checkpoint" if det.is_daguerre else "SD single file"
+        fmt += " (safetensors)" if kind == "safetensors" else " (PyTorch pickle, read with weights_only=True)"
+        info.update(format=fmt, variant=det.variant, prediction_type_from=det.prediction_source,
+                    has_ema=det.has_ema, ignored_keys=len(det.ignored), stored_dtypes=det.stored_dtypes)
+        info["file_size"] = path.stat().st_size
+        info["sha256"] = file_hash(path) if hashes else None
+        info["short_hash"] = short_hash(path) if hashes else None
+    cfg = comps.config
+    info["name"] = cfg.name
+    info["preset"] = match_preset(cfg)
+    info["prediction_type"] = cfg.schedule.prediction_type
+    info["concat"] = cfg.concat
+    info["sample_size"] = cfg.sample_size
+    info.update(_architecture(comps))
+    params = {"unet": _count(comps.unet), "vae": _count(comps.vae), "text_encoder": _count(comps.text_encoder)}
+    params["total"] = sum(params.values())
+    info["parameters"] = params
+    info["config"] = cfg.to_dict()
+    return info
+

@@ -1,0 +1,67 @@
+"""`daguerre convert SRC DST`: between daguerre / SD single files, `.ckpt` pickles and diffusers folders."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from ..cli import UserError, command
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+SINGLE_SUFFIX = ".safetensors"
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a .safetensors / .ckpt / .pt file or a diffusers folder")
+    p.add_argument("dst", help="a .safetensors file (daguerre checkpoint) or a folder (diffusers)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="dtype of the written weights (default: the dtype most of the source is stored in)")
+    p.add_argument("--to", choices=["single", "diffusers"], default=None,
+                   help="output format (default: single file if DST ends in .safetensors, else diffusers folder)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                   help="the model's prediction type, when the source cannot say (SD v2 single files)")
+    p.add_argument("--ema", action="store_true", help="use the EMA U-Net of a full training checkpoint (model_ema.*)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def dominant_float_dtype(stored: dict[str, int]) -> str:
+    """The floating dtype name most tensors are stored in ('float32' when there are none)."""
+    floats = Counter({k: n for k, n in stored.items() if k in DTYPES.values()})
+    return floats.most_common(1)[0][0] if floats else DTYPES["fp32"]
+
+
+@command("convert", "convert a model between single-file (.safetensors/.ckpt) and diffusers formats", _add_arguments)
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoints import load_model, save_diffusers, save_model
+    from ..checkpoints.summary import describe
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.exists():
+        raise FileNotFoundError(f"no such model file or folder: {src}")
+    if src.resolve() == dst.resolve():
+        raise UserError(f"source and destination are the same path ({src}): choose another destination")
+    if dst.exists() and not args.overwrite:
+        raise UserError(f"{dst} exists: remove it, choose another name, or pass --overwrite")
+    to = args.to or ("single" if dst.suffix == SINGLE_SUFFIX else "diffusers")
+    if to == "single" and dst.suffix != SINGLE_SUFFIX:
+        raise UserError(f"a single-file checkpoint must end in {SINGLE_SUFFIX}: {dst}")
+    if to == "diffusers" and dst.suffix == SINGLE_SUFFIX:
+        raise UserError(f"a diffusers export is a folder: {dst} ends in {SINGLE_SUFFIX}")
+    if args.dtype is not None:
+        dtype_name = DTYPES[args.dtype]
+    else:
+        dtype_name = dominant_float_dtype(describe(src, prediction_type=args.prediction_type, use_ema=args.ema,
+                                                   hashes=False)["stored_dtypes"])
+    dtype = getattr(torch, dtype_name)
+    components = load_model(src, dtype=dtype, prediction_type=args.prediction_type, use_ema=args.ema)
+    if to == "single":
+        save_model(components, dst)
+    else:
+        save_diffusers(components, dst)
+    cfg = components.config
+    print(f"wrote {dst} ({'daguerre single file' if to == 'single' else 'diffusers folder'}, {dtype_name}, "
+          f"model {cfg.name}, {cfg.schedule.prediction_type})")
+    return 0

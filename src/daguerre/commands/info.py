@@ -1,0 +1,91 @@
+"""`daguerre info MODEL`: what a checkpoint file or diffusers folder holds, without loading the weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..cli import command
+
+GIB = 1024**3
+MIB = 1024**2
+PARAM_UNITS = ((1e9, "B"), (1e6, "M"), (1e3, "k"))
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a .safetensors / .ckpt file or a diffusers folder")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
+                   help="override the prediction type (SD v2 files cannot state it)")
+    p.add_argument("--ema", action="store_true", help="describe the model with its EMA U-Net (full checkpoints)")
+    p.add_argument("--no-hash", action="store_true", help="skip the sha256 (faster on large files)")
+
+
+def human_size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB" if n >= MIB else f"{n} bytes"
+
+
+def human_count(n: int) -> str:
+    for scale, unit in PARAM_UNITS:
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def format_info(info: dict) -> str:
+    """The human-readable form of `daguerre.checkpoints.summary.describe`'s result."""
+    u, v, t, p = info["unet"], info["vae"], info["text_encoder"], info["parameters"]
+    lines = [
+        f"model:           {info['path']}",
+        f"format:          {info['format']}",
+        f"variant:         {info['variant']}",
+        f"preset:          {info['preset'] or 'none (custom architecture)'}",
+        f"prediction type: {info['prediction_type']} (from {info['prediction_type_from']})",
+        f"native size:     {info['sample_size']} px" + (f", concat {info['concat']}" if info["concat"] else ""),
+        f"U-Net:           {u['levels']} levels, channels {u['channels']}, {u['res_blocks']} res blocks/level, "
+        f"attention at levels {u['attention_levels']}, heads {u['heads']}, depth {u['transformer_depth']}, "
+        f"context {u['context_dim']}, in/out channels {u['in_channels']}/{u['out_channels']}"
+        + (", linear proj" if u["linear_proj"] else "") + (", upcast attention" if u["upcast_attention"] else ""),
+        f"VAE:             factor {v['downsample_factor']}, {v['latent_channels']} latent channels, "
+        f"channels {v['channels']}, scale factor {v['scale_factor']}"
+        + (f", shift {v['shift_factor']}" if v["shift_factor"] else ""),
+    ]
+    if t is not None:
+        lines.append(
+            f"text encoder:    width {t['width']}, {t['layers']} layers, {t['heads']} heads, skip {t['skip_layers']} "
+            f"({'penultimate' if t['skip_layers'] == 1 else 'last' if t['skip_layers'] == 0 else 'earlier'} layer), "
+            f"{t['activation']}, pad id {t['pad_token_id']}"
+            + (f", projection {t['projection_dim']}" if t["projection_dim"] else "")
+        )
+    else:
+        lines.append("text encoder:    none")
+    lines.append(
+        f"parameters:      U-Net {human_count(p['unet'])}, VAE {human_count(p['vae'])}, "
+        f"text encoder {human_count(p['text_encoder'])}, total {human_count(p['total'])} ({p['total']:,})"
+    )
+    dtypes = ", ".join(f"{k} x{n}" for k, n in sorted(info["stored_dtypes"].items(), key=lambda kv: -kv[1]))
+    lines.append(f"stored dtypes:   {dtypes}")
+    extras = []
+    if info["has_ema"]:
+        extras.append("has a separate EMA U-Net (model_ema.*; load with --ema)")
+    if info["ignored_keys"]:
+        extras.append(f"{info['ignored_keys']} ignored keys (schedule buffers etc., see docs/formats.md)")
+    if extras:
+        lines.append(f"notes:           {'; '.join(extras)}")
+    lines.append(f"size:            {human_size(info['file_size'])}")
+    if info["sha256"]:
+        lines.append(f"sha256:          {info['sha256']}")
+        lines.append(f"model hash:      {info['short_hash']} (AUTOMATIC1111)")
+    return "\n".join(lines)
+
+
+@command("info", "describe a checkpoint: variant, architecture, parameters, dtypes, hashes", _add_arguments)
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoints.summary import describe
+
+    info = describe(args.model, prediction_type=args.prediction_type, use_ema=args.ema, hashes=not args.no_hash)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        print(format_info(info))
+    return 0
