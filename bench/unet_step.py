@@ -1,0 +1,183 @@
+"""One Stable Diffusion 1.5 U-Net step: daguerre against diffusers on the same random weights, side by side.
+
+Batch 2 (a classifier-free-guidance pair), a 77-token context, 32x32 and 64x64 latents (256 and 512
+pixels), in float32, bfloat16 (the model cast to bf16) and bfloat16 with channels_last weights and
+input. Both U-Nets share one set of tensors (diffusers' is loaded through daguerre's key mapping) and
+run in one process, one warm-up call each, then in back-to-back pairs (alternating which goes first).
+The table gives medians (and minima) and, as "ratio", the median over the pairs of daguerre /
+diffusers, so that machine-load drift hits both alike: compare ratios. Peak memory is the resident-set
+high-water mark (VmHWM in /proc/self/status; `ru_maxrss` would carry over the parent's peak through
+fork and exec) of a fresh subprocess per cell and implementation, which builds that one model
+directly in the cell's dtype and layout and runs one step; "+act" is that peak minus the high-water
+mark after building the model (activations and workspace).
+
+    python bench/unet_step.py --repeats 5          # the full table (~5-20 minutes on 2 cores)
+    python bench/unet_step.py --sizes 32 --repeats 2 --no-memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from daguerre.checkpoints.unet_keys import unet_config_to_diffusers, unet_state_dict_to_diffusers  # noqa: E402
+from daguerre.config import preset  # noqa: E402
+from daguerre.models.unet import UNetModel  # noqa: E402
+from test_unet import randomize_  # noqa: E402  (one weight randomiser for tests and benchmarks)
+
+THREADS = 2
+BATCH = 2
+CONTEXT_TOKENS = 77
+TIMESTEPS = (999, 500)
+MODES = {  # name -> (dtype, memory format)
+    "fp32": (torch.float32, torch.contiguous_format),
+    "bf16": (torch.bfloat16, torch.contiguous_format),
+    "bf16 channels_last": (torch.bfloat16, torch.channels_last),
+}
+KIB = 1024
+
+
+def build(impl: str, dtype: torch.dtype, memory_format: torch.memory_format, seed: int = 0) -> torch.nn.Module:
+    """A random-weight SD 1.5 U-Net of one implementation, allocated directly in `dtype` and `memory_format`."""
+    cfg = preset("sd15").unet
+    with torch.device("meta"):
+        if impl == "daguerre":
+            model = UNetModel(cfg)
+        else:
+            from diffusers import UNet2DConditionModel
+
+            model = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg, 64))
+    model = model.to(dtype).to_empty(device="cpu")
+    randomize_(model, seed)
+    return model.to(memory_format=memory_format).eval()
+
+
+def diffusers_twin(model: UNetModel, memory_format: torch.memory_format) -> torch.nn.Module:
+    """diffusers' U-Net holding the very tensors of `model`, through daguerre's weight mapping."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        ref = UNet2DConditionModel.from_config(unet_config_to_diffusers(model.cfg, 64))
+    ref.load_state_dict(unet_state_dict_to_diffusers(model.state_dict(), model.cfg), strict=True, assign=True)
+    return ref.to(memory_format=memory_format).eval()  # a no-op on tensors already in that format
+
+
+def make_inputs(size: int, dtype: torch.dtype, memory_format: torch.memory_format) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 4, size, size, generator=g).to(dtype).contiguous(memory_format=memory_format)
+    context = torch.randn(BATCH, CONTEXT_TOKENS, 768, generator=g).to(dtype)
+    return x, torch.tensor(TIMESTEPS), context
+
+
+def step_fns(model: UNetModel, ref: torch.nn.Module, x, t, context):
+    return {
+        "daguerre": lambda: model(x, t, context),
+        "diffusers": lambda: ref(x, t, encoder_hidden_states=context, return_dict=False)[0],
+    }
+
+
+def time_cell(fns: dict, repeats: int) -> tuple[dict[str, list[float]], float]:
+    """Seconds per call of each function after one warm-up call each, in pairs run back to back (in alternating
+    order, so that neither always runs first); and the max abs difference of their outputs."""
+    outs = {name: fn() for name, fn in fns.items()}  # warm-up
+    diff = (outs["daguerre"].float() - outs["diffusers"].float()).abs().max().item()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times, diff
+
+
+def peak_rss_gib() -> float:
+    """This process's resident-set high-water mark in GiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * KIB / 2**30  # reported in kB
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux (or pass --no-memory)")
+
+
+def memory_cell(impl: str, mode: str, size: int) -> dict[str, float]:
+    """Run in a fresh process: build one model, run one step, report the RSS high-water marks."""
+    torch.set_num_threads(THREADS)
+    dtype, memory_format = MODES[mode]
+    model = build(impl, dtype, memory_format)
+    loaded = peak_rss_gib()
+    x, t, context = make_inputs(size, dtype, memory_format)
+    with torch.inference_mode():
+        if impl == "daguerre":
+            model(x, t, context)
+        else:
+            model(x, t, encoder_hidden_states=context)
+    peak = peak_rss_gib()
+    return {"peak": peak, "act": peak - loaded}
+
+
+def measure_memory(impl: str, mode: str, size: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--memory-cell", json.dumps([impl, mode, size])]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="latent sides")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per implementation and cell")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-cell memory subprocesses")
+    parser.add_argument("--memory-cell", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_cell:
+        print(json.dumps(memory_cell(*json.loads(args.memory_cell))))
+        return
+
+    torch.set_num_threads(THREADS)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
+          f"median of {args.repeats} after 1 warm-up, batch {BATCH}, {CONTEXT_TOKENS}-token context", flush=True)
+    rows = []
+    model = build("daguerre", torch.float32, torch.contiguous_format)
+    for mode in args.modes:
+        dtype, memory_format = MODES[mode]
+        model = model.to(dtype=dtype, memory_format=memory_format)  # daguerre first, then diffusers shares it
+        ref = diffusers_twin(model, memory_format)
+        for size in args.sizes:
+            x, t, context = make_inputs(size, dtype, memory_format)
+            with torch.inference_mode():
+                secs, diff = time_cell(step_fns(model, ref, x, t, context), args.repeats)
+            row = {"size": size, "mode": mode, "secs": secs, "diff": diff}  # secs: impl -> every timed call
+            if not args.no_memory:
+                row["mem"] = {impl: measure_memory(impl, mode, size) for impl in secs}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del ref
+
+    mem = not args.no_memory
+    print()
+    print("| latent | precision | daguerre s median (min) | diffusers s median (min) | ratio | max abs diff |"
+          + (" daguerre peak GiB (+act) | diffusers peak GiB (+act) |" if mem else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if mem else ""))
+    for r in rows:
+        d, h = (statistics.median(r["secs"][impl]) for impl in ("daguerre", "diffusers"))
+        dmin, hmin = (min(r["secs"][impl]) for impl in ("daguerre", "diffusers"))
+        ratio = statistics.median(a / b for a, b in zip(r["secs"]["daguerre"], r["secs"]["diffusers"], strict=True))
+        line = f"| {r['size']}x{r['size']} | {r['mode']} | {d:.2f} ({dmin:.2f}) | {h:.2f} ({hmin:.2f}) | {ratio:.2f} |"
+        line += f" {r['diff']:.1e} |"
+        if mem:
+            for impl in ("daguerre", "diffusers"):
+                line += f" {r['mem'][impl]['peak']:.2f} (+{r['mem'][impl]['act']:.2f}) |"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

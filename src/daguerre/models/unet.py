@@ -1,0 +1,331 @@
+"""The cross-attention U-Net of latent diffusion (Rombach et al. 2022, section 3.3 and appendix E.2).
+
+A time-conditioned U-Net (Ronneberger et al. 2015; the ADM variant of Dhariwal & Nichol 2021) whose
+ResNet blocks receive the sinusoidal timestep embedding and whose spatial transformers attend to a
+conditioning sequence tau_theta(y) (cross-attention, LDM eq. 3). Module names are those of CompVis
+`ldm/modules/diffusionmodules/openaimodel.py`, so `state_dict()` keys are exactly the Stable Diffusion
+single-file keys without the `model.diffusion_model.` prefix and an SD v1.x / v2.x U-Net loads with a
+plain `load_state_dict(strict=True)`.
+
+Layout for SD 1.5 (channel_mult (1, 2, 4, 4), two ResNet blocks per level, attention at levels 0-2):
+    input_blocks.0            conv_in                                  (B, 320, H, W)
+    input_blocks.1-2          [ResBlock, SpatialTransformer] x 2       (B, 320, H, W)
+    input_blocks.3            Downsample                               (B, 320, H/2, W/2)
+    ...                       one group per level, no Downsample after the last
+    middle_block              ResBlock, SpatialTransformer, ResBlock   (B, 1280, H/8, W/8)
+    output_blocks.0-11        [ResBlock(cat skip), SpatialTransformer?, Upsample?] x 3 per level
+    out                       GroupNorm, SiLU, conv_out                (B, 4, H, W)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..config import UNetConfig
+from ..nn.attention import attention
+from ..nn.embeddings import timestep_embedding
+
+TIME_EMBED_MULT = 4  # time embedding width = TIME_EMBED_MULT * model_channels
+FF_MULT = 4  # transformer feed-forward inner width = FF_MULT * width
+RESNET_NORM_EPS = 1e-5  # GroupNorm eps in ResNet blocks and the output head (torch default, CompVis GroupNorm32)
+TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm eps in front of each spatial transformer (CompVis `Normalize`)
+LAYER_NORM_EPS = 1e-5  # LayerNorm eps inside the transformer blocks
+
+
+def _zero_(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters (LDM `zero_module`): residual branches start as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """A pre-activation ResNet block whose bias is shifted by the projected timestep embedding (DDPM, ADM)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, dropout: float):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, channels, eps=RESNET_NORM_EPS),
+            nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(groups, out_channels, eps=RESNET_NORM_EPS),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            _zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)  # (B, C_out, H, W)
+        h = h + self.emb_layers(emb)[:, :, None, None]  # (B, C_out, 1, 1) broadcast over space
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of a sequence to itself or to a context (LDM eq. 3: Q from x, K and V from tau(y))."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, dropout: float, upcast: bool):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.upcast = heads, upcast
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context  # self-attention
+        q = self.to_q(x)  # (B, T, heads*d)
+        k, v = self.to_k(context), self.to_v(context)  # (B, S, heads*d)
+        return self.to_out(attention(q, k, v, self.heads, upcast=self.upcast))  # (B, T, dim)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU unit x W * GELU(x V) (Shazeer 2020, "GLU variants improve transformer")."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)  # (B, T, dim_out) each
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """The transformer MLP with a GEGLU input layer (CompVis `FeedForward(glu=True)`)."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        inner = FF_MULT * dim
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, cross-attention to the context (if any), feed-forward."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float, upcast: bool):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, head_dim, dropout, upcast)
+        self.ff = FeedForward(dim, dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout, upcast) if context_dim else None
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS) if context_dim else None
+        self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))  # (B, HW, dim)
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """A transformer over the H*W positions of a feature map, added back as a residual (LDM appendix E.2)."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        heads, head_dim = cfg.heads_at(channels)
+        inner = heads * head_dim
+        self.use_linear = cfg.use_linear_proj
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=TRANSFORMER_NORM_EPS)
+        if self.use_linear:  # SD v2
+            self.proj_in = nn.Linear(channels, inner)
+            self.proj_out = _zero_(nn.Linear(inner, channels))
+        else:  # SD v1: 1x1 convolutions
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_out = _zero_(nn.Conv2d(inner, channels, 1))
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, head_dim, cfg.context_dim, cfg.dropout, cfg.upcast_attention)
+            for _ in range(cfg.transformer_depth)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        b, _, h, w = x.shape
+        y = self.norm(x)  # (B, C, H, W)
+        if not self.use_linear:
+            y = self.proj_in(y)  # (B, inner, H, W)
+        y = y.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, HW, C or inner)
+        if self.use_linear:
+            y = self.proj_in(y)  # (B, HW, inner)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.use_linear:
+            y = self.proj_out(y)  # (B, HW, C)
+        y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C or inner, H, W), channels-last strides
+        if not self.use_linear:
+            y = self.proj_out(y)  # (B, C, H, W)
+        return x + y
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)  # (B, C, ceil(H/2), ceil(W/2))
+
+
+class Upsample(nn.Module):
+    """Double the resolution (or match `size`, the skip connection's, for odd sizes): nearest, then 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")  # (B, C, *size)
+        return self.conv(x)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given what it needs: the time embedding, the context or an output size."""
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None, size: torch.Size | None = None
+    ) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """The LDM / Stable Diffusion U-Net eps_theta(z_t, t, tau(y)) (Rombach et al. 2022, eq. 2-3) of a UNetConfig.
+
+    `forward(x, timesteps, context, y)`: x (B, in_channels, H, W) latents; timesteps (B,) or a scalar,
+    integer or fractional; context (B, T, context_dim) when `cfg.context_dim` is set; y (B,) integer
+    labels when `cfg.num_classes` is set -> (B, out_channels, H, W) in the parameters' dtype. Inputs are
+    cast to the parameters' dtype. Set `gradient_checkpointing = True` to recompute each block in the
+    backward pass while training (less memory, about a third more compute).
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        if cfg.transformer_depth < 1 or cfg.num_res_blocks < 1 or not cfg.channel_mult:
+            raise ValueError(f"UNetConfig: transformer_depth, num_res_blocks and channel_mult must be positive: {cfg}")
+        bad = [lv for lv in cfg.attention_levels if not 0 <= lv < len(cfg.channel_mult)]
+        if bad:
+            raise ValueError(f"UNetConfig.attention_levels {bad} outside the {len(cfg.channel_mult)} levels")
+        cfg.heads_at(cfg.model_channels)  # raises unless exactly one of num_heads / head_dim is set
+        self.cfg = dataclasses.replace(cfg)  # a copy: later edits to the caller's config do not reach the model
+        self.gradient_checkpointing = False
+        mc, groups, drop = cfg.model_channels, cfg.norm_groups, cfg.dropout
+        emb_dim = TIME_EMBED_MULT * mc
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+
+        # encoder: conv_in, then num_res_blocks x [ResBlock, SpatialTransformer?] per level, Downsample between levels
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]  # channels of every input block's output, consumed by the decoder in reverse
+        ch = mc
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups, drop)]
+                ch = mult * mc
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(ch, cfg))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, groups, drop),
+            SpatialTransformer(ch, cfg),
+            ResBlock(ch, emb_dim, ch, groups, drop),
+        )
+
+        # decoder: num_res_blocks + 1 x [ResBlock(cat skip), SpatialTransformer?] per level, Upsample between levels
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc, groups, drop)]
+                ch = mult * mc
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(ch, cfg))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(groups, ch, eps=RESNET_NORM_EPS),
+            nn.SiLU(),
+            _zero_(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)),
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embed[0].weight.dtype
+
+    def _run(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cfg, dtype, b = self.cfg, self.dtype, x.shape[0]
+        if (context is None) != (cfg.context_dim is None):
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(
+                f"UNetModel with context_dim={cfg.context_dim} got context={got}: "
+                "pass a (B, T, context_dim) context exactly when context_dim is set"
+            )
+        if (y is None) != (cfg.num_classes is None):
+            raise ValueError(
+                f"UNetModel with num_classes={cfg.num_classes}: pass class labels y exactly when num_classes is set"
+            )
+        t = torch.as_tensor(timesteps, device=x.device)
+        t = t.reshape(1).expand(b) if t.numel() == 1 else t  # (B,)
+        if t.shape != (b,):
+            raise ValueError(f"timesteps must be a scalar or of shape ({b},), got {tuple(t.shape)}")
+
+        emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(dtype))  # (B, 4*mc)
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.device))
+        if context is not None:
+            context = context.to(dtype)  # (B, T, context_dim)
+
+        h = x.to(dtype)  # (B, C_in, H, W)
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)  # (B, C_max, H/f, W/f)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
+            size = skips[-1].shape[-2:] if skips else None  # an Upsample must land on the next skip's size
+            h = self._run(block, h, emb, context, size)
+        return self.out(h)  # (B, C_out, H, W)
