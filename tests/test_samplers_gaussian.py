@@ -44,14 +44,6 @@ EXPECTED_ORDER = {
 DIM, BATCH = 16, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors are tiny: one thread avoids contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def problem():

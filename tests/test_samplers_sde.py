@@ -48,14 +48,6 @@ ZERO = torch.zeros(1, dtype=torch.float64)
 STOCHASTIC = {**STOCHASTIC_SAMPLERS, "ddim_eta1": functools.partial(SAMPLERS["ddim"], eta=1.0)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data():

@@ -55,14 +55,6 @@ class TinyNet(nn.Module):
         return gate * x + 0.5 * torch.tanh(self.conv2(h))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are ~300x slower with 2 threads on a busy machine: run this module on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def net():

@@ -29,7 +29,9 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, commands  # noqa: F401  (registers the commands)
 
-    parser = argparse.ArgumentParser(prog="daguerre", description="Latent diffusion and Stable Diffusion on your computer.")
+    parser = argparse.ArgumentParser(
+        prog="daguerre", description="Latent diffusion and Stable Diffusion on your computer."
+    )
     parser.add_argument("--version", action="version", version=f"daguerre {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
