@@ -27,6 +27,7 @@ demo: $(VENV)/.installed
 	@echo "wrote demo.png"
 
 test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q tests
 
 lint: $(VENV)/.installed-test

@@ -1,0 +1,453 @@
+"""Run configurations of `daguerre train`: one TOML file per run, typed by dataclasses, overridable from the CLI.
+
+A run file has the sections `[model]` (a preset name and overrides of any `ModelConfig` field, e.g.
+`[model.unet] model_channels = 64`), `[data]`, `[train]`, `[loss]` and `[sample]`. Every key is checked
+against its dataclass field: an unknown key or a value of the wrong type is one `ValueError` naming the
+key (with the closest valid name). `--set section.key=value` overrides are parsed as TOML values
+(`--set train.lr=2e-4`, `--set model.unet.channel_mult=[1,2,2]`) and fall back to a plain string
+(`--set data.root=/my/images`). Fields the data fixes are derived (`derive_model_config`): image
+channels and size, latent channels of the U-Net, the context width, the class count. The resolved
+config is written into every checkpoint and into the final model's provenance.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig, preset
+
+STAGES = ("vae", "ldm")
+DATA_KINDS = ("shapes", "fashion_mnist", "folder")
+ON_ERROR = ("skip", "raise")
+LR_DECAYS = ("cosine", "constant")
+REC_LOSSES = ("l1", "l2")
+LATENT_MODES = ("sample", "mode")
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from (docs/training.md, "Data")."""
+
+    kind: str = "shapes"  # "shapes" (procedural), "fashion_mnist" (idx files) or "folder" (images + captions)
+    root: str | None = None  # fashion_mnist / folder: the data folder (fashion_mnist: None = the Debian path)
+    size: int = 64  # image side in pixels after resize and crop
+    n: int = 50_000  # shapes: number of procedural images (item i is a pure function of (seed, i))
+    seed: int = 0  # shapes: world seed; fashion_mnist: caption phrasing seed
+    max_objects: int = 3  # shapes: objects per image (1..3)
+    split: str = "train"  # fashion_mnist: "train" or "test"
+    captions: str = "auto"  # folder: "auto", "txt" (sidecars), "metadata" (metadata.jsonl/csv), "folders", "none"
+    channels: int = 3  # folder: 3 = RGB, 1 = grayscale
+    crop: str = "center"  # folder: "center" or "random" (the VAE stage only; the LDM latent cache is centre-cropped)
+    flip: bool = False  # random horizontal flips (LDM: both variants cached); off: flips falsify "left"/"right"
+    holdout: int = 64  # images at the end of the dataset kept out of training: reconstructions, latent scale
+    on_error: str = "skip"  # unreadable image: "skip" it (named in the log) or "raise" (stop the run)
+    workers: int = 0  # DataLoader worker processes (0 = load in the training process)
+    cache_dir: str | None = None  # LDM latent cache; None = RUN_DIR/latents
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: AdamW, warm-up + cosine learning rate, EMA, precision, intervals."""
+
+    steps: int = 10_000  # optimizer steps
+    batch_size: int = 32  # images per process per micro-step; global batch = batch_size * world * grad_accum
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-4  # peak learning rate
+    min_lr: float = 0.0  # cosine decay ends here
+    warmup_steps: int = 500  # linear warm-up from 0 to lr
+    decay: str = "cosine"  # "cosine" (to min_lr at `steps`) or "constant" after warm-up
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (Loshchilov & Hutter 2019)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    ema_decay: float = 0.9999  # EMA of the weights; 0 = no EMA (the final model is the raw weights)
+    ema_warmup: bool = True  # decay at update k = min(ema_decay, (1 + k) / (10 + k)) (CompVis LitEma)
+    bf16: bool = False  # bfloat16 autocast of the forward passes (weights, optimizer, EMA stay float32)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
+    seed: int = 0  # data order, noise, dropout decisions, initial weights
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu; or "cpu"
+    log_every: int = 10  # steps between metrics.jsonl lines
+    sample_every: int = 1000  # steps between sample grids / reconstruction images; 0 = only at the end
+    eval_every: int = 1000  # VAE: steps between held-out PSNR/SSIM; 0 = only at the end
+    checkpoint_every: int = 1000  # steps between training-state checkpoints; 0 = only at the end
+    keep_last: int = 3  # training-state checkpoints kept (older ones are deleted)
+    tensorboard: bool = False  # also write TensorBoard events (if torch.utils.tensorboard imports)
+    progress: bool = True  # tqdm progress bar on rank 0
+    save_dtype: str = "float16"  # dtype of the final model file: "float16", "bfloat16" or "float32"
+
+
+@dataclass
+class VAELossConfig:
+    """Stage 1 objective (LDM App. G; taming-transformers `LPIPSWithDiscriminator` without the learned logvar)."""
+
+    rec: str = "l1"  # pixel reconstruction loss: "l1" or "l2"
+    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)), summed over latent elements, per image
+    perceptual: str | None = None  # name of a registered perceptual loss (training.losses.PERCEPTUAL); None = off
+    perceptual_weight: float = 1.0
+    disc_weight: float = 0.0  # PatchGAN hinge loss weight; 0 = no discriminator (the default)
+    disc_start: int = 5000  # step at which the discriminator and its loss start
+    disc_layers: int = 3  # PatchGAN depth (Isola et al. 2017: 3 -> 70x70 receptive field)
+    disc_channels: int = 64
+    disc_lr: float | None = None  # None = train.lr
+
+
+@dataclass
+class LDMLossConfig:
+    """Stage 2 objective: the LDM denoising loss (Rombach et al. 2022, eq. 2) with its modern refinements."""
+
+    min_snr_gamma: float = 5.0  # min-SNR-gamma weighting (Hang et al. 2023); 0 = uniform weights
+    offset_noise: float = 0.0  # per-channel constant added to the noise (Guttenberg 2023); 0.1 is usual
+    caption_dropout: float = 0.1  # probability of the empty prompt / null class (classifier-free guidance)
+    latents: str = "sample"  # "sample" the cached posterior each step, or use its "mode"
+    train_text_encoder: bool = True  # train tau_theta jointly with the U-Net (LDM); False = keep it frozen
+
+
+@dataclass
+class SampleConfig:
+    """Fixed prompts / labels and seeds of the sample grids written during training (EMA weights)."""
+
+    prompts: list[str] = field(default_factory=lambda: [
+        "a red circle", "a blue square", "a large green triangle", "a yellow star on a white background",
+        "a red circle above a blue square", "a purple heart to the left of an orange diamond",
+        "a small cyan ring", "a pink cross at the top left",
+    ])
+    labels: list[int] = field(default_factory=list)  # class-conditional models; empty = every class once
+    n_unconditional: int = 8  # unconditional models: images per grid
+    seed: int = 0
+    steps: int = 25
+    sampler: str = "DPM++ 2M"
+    cfg_scale: float = 4.0
+    recon_images: int = 8  # VAE: originals above reconstructions in the comparison image
+    latent_scale_images: int = 256  # VAE: held-out images whose latents give scale_factor = 1 / std
+
+
+@dataclass
+class RunConfig:
+    """One training run: the model, its data, the loop, the loss and the sample settings."""
+
+    stage: str = "vae"  # "vae" (stage 1) or "ldm" (stage 2)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: VAELossConfig | LDMLossConfig = field(default_factory=VAELossConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    preset: str = "tiny"  # the ModelConfig preset the [model] section starts from
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Rebuild a resolved config (as stored in a checkpoint); every key is checked."""
+        d = dict(d)
+        stage = d.get("stage", "vae")
+        cfg = RunConfig(stage=stage, loss=_loss_class(stage)())
+        model = d.pop("model", None)
+        _apply(cfg, {k: v for k, v in d.items() if k != "stage"}, "")
+        if model is not None:
+            cfg.model = ModelConfig.from_dict(model)
+        return cfg
+
+
+def _loss_class(stage: str) -> type:
+    if stage not in STAGES:
+        raise ValueError(f"config key stage: {stage!r} is not a training stage; choose one of {', '.join(STAGES)}")
+    return VAELossConfig if stage == "vae" else LDMLossConfig
+
+
+# --- typed assignment --------------------------------------------------------------------------------
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against (and converted to) the type hint `tp`; ValueError naming `key` otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in options):
+            if type(None) in options:
+                return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"config key {key}: {value!r} is not a {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ValueError(f"config key {key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"config key {key}: expected a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"config key {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config key {key}: expected a string, got {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):  # "1,2,4" from --set
+            value = [v.strip() for v in value.strip("[]()").split(",") if v.strip()]
+            value = [_parse_scalar(v) for v in value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ValueError(f"config key {key}: expected {len(args)} values, got {list(value)!r}")
+            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        item = args[0] if args else Any
+        out = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return None
+        raise ValueError(f"config key {key}: is a section ([{key}]), not a value")
+    raise ValueError(f"config key {key}: unsupported type {tp}")
+
+
+def _parse_scalar(text: str) -> Any:
+    """A TOML value if `text` is one (numbers, booleans, strings, arrays), else the text itself."""
+    try:
+        return _toml().loads(f"v = {text}")["v"]
+    except Exception:  # not TOML: a bare string such as a path
+        return text
+
+
+def _unknown(key: str, name: str, valid: list[str]) -> ValueError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ValueError(f"unknown config key {key}{hint}")
+
+
+def _apply(obj: Any, table: dict[str, Any], prefix: str) -> None:
+    """Set the fields of dataclass `obj` from the nested `table`, recursing into sub-dataclasses."""
+    hints = _hints(type(obj))
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise _unknown(key, name, list(hints))
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            _apply(current, value, f"{key}.")
+        elif name == "text_encoder" and isinstance(value, dict) and current is None:
+            from ..config import TextEncoderConfig
+
+            setattr(obj, name, TextEncoderConfig())
+            _apply(getattr(obj, name), value, f"{key}.")
+        else:
+            setattr(obj, name, coerce(value, hints[name], key))
+
+
+def _toml():
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`["train.lr=2e-4", "data.root=/x"]` -> nested {"train": {"lr": 2e-4}, "data": {"root": "/x"}}."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected section.key=value, e.g. train.lr=2e-4")
+        path, raw = item.split("=", 1)
+        parts = [p.strip() for p in path.strip().split(".")]
+        if not all(parts):
+            raise ValueError(f"--set {item!r}: empty key name")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {p} is set both as a value and as a section")
+        node[parts[-1]] = _parse_scalar(raw.strip())
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_run_config(
+    path: str | Path | None, stage: str, overrides: list[str] | None = None
+) -> RunConfig:
+    """Read a run TOML (or start from defaults when `path` is None), apply `--set` overrides, check every key.
+
+    A `.json` path is a resolved config as written to RUN/config.json (resume a run with its own config).
+    """
+    table: dict[str, Any] = {}
+    if path is not None and Path(path).suffix == ".json":
+        return _load_resolved(Path(path), stage, overrides)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such run config: {path}")
+        try:
+            table = _toml().loads(path.read_text(encoding="utf-8"))
+        except Exception as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+    table = _merge(table, parse_overrides(overrides))
+    file_stage = table.pop("stage", stage)
+    if file_stage != stage:
+        raise ValueError(f"config key stage: the file is for stage {file_stage!r}, but `daguerre train {stage}` ran")
+    model_table = dict(table.pop("model", {}) or {})
+    if not isinstance(model_table, dict):
+        raise ValueError("config key model: must be a table ([model])")
+    preset_name = coerce(model_table.pop("preset", "tiny"), str, "model.preset")
+    cfg = RunConfig(stage=stage, preset=preset_name, loss=_loss_class(stage)())
+    try:
+        cfg.model = preset(preset_name)
+    except ValueError as e:
+        raise ValueError(f"config key model.preset: {e}") from None
+    _apply(cfg.model, model_table, "model.")
+    _apply(cfg, table, "")
+    check_run_config(cfg)
+    return cfg
+
+
+def _load_resolved(path: Path, stage: str, overrides: list[str] | None) -> RunConfig:
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no such run config: {path}")
+    try:
+        cfg = RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if cfg.stage != stage:
+        raise ValueError(f"config key stage: the file is for stage {cfg.stage!r}, but `daguerre train {stage}` ran")
+    extra = parse_overrides(overrides)
+    model_table = extra.pop("model", {})
+    if "preset" in model_table:
+        raise ValueError("config key model.preset: a resolved config (.json) has no preset to change")
+    _apply(cfg.model, model_table, "model.")
+    _apply(cfg, extra, "")
+    check_run_config(cfg)
+    return cfg
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """Value checks the types cannot express; each error names its key."""
+    d, t = cfg.data, cfg.train
+    choices = [("data.kind", d.kind, DATA_KINDS), ("data.on_error", d.on_error, ON_ERROR),
+               ("data.crop", d.crop, ("center", "random")), ("train.decay", t.decay, LR_DECAYS),
+               ("train.save_dtype", t.save_dtype, ("float16", "bfloat16", "float32")),
+               ("model.conditioning", cfg.model.conditioning, ("text", "class", "none"))]
+    if isinstance(cfg.loss, VAELossConfig):
+        choices.append(("loss.rec", cfg.loss.rec, REC_LOSSES))
+    else:
+        choices.append(("loss.latents", cfg.loss.latents, LATENT_MODES))
+    for key, value, valid in choices:
+        if value not in valid:
+            raise ValueError(f"config key {key}: {value!r} is not one of {', '.join(valid)}")
+    positive = [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                ("data.size", d.size), ("train.log_every", t.log_every), ("train.keep_last", t.keep_last)]
+    for key, value in positive:
+        if value < 1:
+            raise ValueError(f"config key {key}: must be >= 1, got {value}")
+    non_negative = [("train.lr", t.lr), ("train.min_lr", t.min_lr), ("train.warmup_steps", t.warmup_steps),
+                    ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
+                    ("train.sample_every", t.sample_every), ("train.checkpoint_every", t.checkpoint_every),
+                    ("train.eval_every", t.eval_every), ("data.holdout", d.holdout), ("data.workers", d.workers),
+                    ("train.threads", t.threads)]
+    for key, value in non_negative:
+        if value < 0:
+            raise ValueError(f"config key {key}: must be >= 0, got {value}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ValueError(f"config key train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+    if isinstance(cfg.loss, LDMLossConfig):
+        if not 0.0 <= cfg.loss.caption_dropout <= 1.0:
+            raise ValueError(f"config key loss.caption_dropout: must be in [0, 1], got {cfg.loss.caption_dropout}")
+        if cfg.loss.min_snr_gamma < 0:
+            raise ValueError(f"config key loss.min_snr_gamma: must be >= 0, got {cfg.loss.min_snr_gamma}")
+    if d.kind == "folder" and not d.root:
+        raise ValueError("config key data.root: a folder dataset needs data.root = the image folder")
+    if d.kind == "shapes" and d.n < 1:
+        raise ValueError(f"config key data.n: must be >= 1, got {d.n}")
+
+
+def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | None) -> ModelConfig:
+    """The run's ModelConfig with the fields the data and the other networks fix filled in.
+
+    Image channels (VAE in/out) and `sample_size` come from the data; the U-Net sees and predicts
+    `vae.latent_channels`; a text model's cross-attention width is the text encoder width; a
+    class-conditional model gets K + 1 label embeddings (the last one is the "no class" label used for
+    label dropout and as the unconditional branch of guidance, as `pipelines.txt2img` expects).
+    """
+    m = copy.deepcopy(cfg.model)
+    m.vae.in_channels = m.vae.out_channels = channels
+    m.sample_size = cfg.data.size
+    m.unet.in_channels = m.unet.out_channels = m.vae.latent_channels
+    m.concat = None
+    if m.conditioning == "text":
+        if m.text_encoder is None:
+            raise ValueError("config key model.conditioning: 'text' needs a [model.text_encoder] section")
+        m.unet.context_dim = m.text_encoder.width
+        m.unet.num_classes, m.class_names = None, None
+    elif m.conditioning == "class":
+        if not class_names:
+            raise ValueError(
+                f"config key model.conditioning: 'class' needs labelled data, and data.kind = {cfg.data.kind!r} "
+                "has no labels (use fashion_mnist or a folder of class sub-folders)"
+            )
+        m.text_encoder, m.unet.context_dim = None, None
+        m.unet.num_classes, m.class_names = len(class_names) + 1, list(class_names)
+    else:
+        m.text_encoder, m.unet.context_dim, m.unet.num_classes, m.class_names = None, None, None, None
+    factor = m.vae.downsample_factor * m.unet.downsample_factor
+    if cfg.data.size % factor:
+        raise ValueError(
+            f"config key data.size: {cfg.data.size} is not a multiple of {factor} "
+            f"(VAE factor {m.vae.downsample_factor} x U-Net factor {m.unet.downsample_factor})"
+        )
+    return m
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses and tuples as plain JSON data."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return obj

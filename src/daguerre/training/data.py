@@ -1,0 +1,164 @@
+"""Training data for both stages: the dataset a `[data]` section names, a held-out split, safe item access.
+
+The last `data.holdout` items are kept out of training (reconstruction metrics and images, the latent
+scale factor). An item that cannot be read (a corrupt or missing image file) is, per `data.on_error`,
+either a `ValueError` naming the file ("raise") or logged by name once and replaced by the next
+readable item ("skip"), deterministically, so every process and every resumed run see the same data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+
+logger = logging.getLogger("daguerre.train")
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)  # what PIL and the idx reader raise on bad files
+NAME_ATTRIBUTES = ("files", "paths", "image_paths", "samples", "items")  # where datasets keep their file names
+
+
+@dataclass
+class TrainData:
+    """A dataset plus what the training loops need to know about it."""
+
+    dataset: torch.utils.data.Dataset
+    channels: int  # 3 (RGB) or 1 (grayscale)
+    class_names: list[str] | None  # labelled datasets
+    train_pool: np.ndarray  # dataset indices used for training
+    holdout: np.ndarray  # dataset indices kept out of training
+    description: dict[str, Any] = field(default_factory=dict)  # provenance / latent-cache key
+
+
+def item_name(dataset: Any, i: int) -> str:
+    """A human name for item `i`: its file path when the dataset keeps one, else `item i`."""
+    for attr in NAME_ATTRIBUTES:
+        seq = getattr(dataset, attr, None)
+        if seq is not None:
+            try:
+                entry = seq[i]
+            except (IndexError, KeyError, TypeError):
+                continue
+            if isinstance(entry, (tuple, list)) and entry:
+                entry = entry[0]
+            if isinstance(entry, (str, Path)):
+                return str(entry)
+    return f"item {i}"
+
+
+class SafeDataset(torch.utils.data.Dataset):
+    """`dataset[i]` with unreadable items raised by name or skipped (replaced by the next readable one)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, on_error: str) -> None:
+        self.dataset, self.on_error = dataset, on_error
+        self.bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self.dataset)
+        for k in range(n):
+            j = (i + k) % n
+            if j in self.bad:
+                continue
+            try:
+                return self.dataset[j]
+            except READ_ERRORS as e:
+                name = item_name(self.dataset, j)
+                if self.on_error == "raise":
+                    what = str(e) if name in str(e) else f"cannot read training image {name}: {e}"
+                    raise ValueError(
+                        f"{what}; fix or remove the file, or set data.on_error = 'skip' to skip unreadable images"
+                    ) from None
+                self.bad.add(j)
+                logger.warning("skipping unreadable training image %s: %s", name, e)
+        raise ValueError("no readable image in the dataset: every item failed to load")
+
+
+def _folder_dataset(cfg: DataConfig) -> torch.utils.data.Dataset:
+    from ..data.folder import ImageFolder
+
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"config key data.root: no such folder {root}")
+    return ImageFolder(root, size=cfg.size, captions=cfg.captions, crop=cfg.crop, flip=False,
+                       channels=cfg.channels, on_error=cfg.on_error, seed=cfg.seed)
+
+
+def build_dataset(cfg: DataConfig) -> torch.utils.data.Dataset:
+    """The raw dataset of a `[data]` section (flips are applied by the training loops, not here)."""
+    if cfg.kind == "shapes":
+        from ..data.shapes import ShapesDataset
+
+        return ShapesDataset(cfg.n, seed=cfg.seed, size=cfg.size, max_objects=cfg.max_objects)
+    if cfg.kind == "fashion_mnist":
+        from ..data.fashion_mnist import DEFAULT_ROOT, FashionMNIST
+
+        return FashionMNIST(cfg.root or DEFAULT_ROOT, split=cfg.split, size=cfg.size, seed=cfg.seed)
+    return _folder_dataset(cfg)
+
+
+def describe_data(cfg: DataConfig) -> dict[str, Any]:
+    """The fields that decide which images (and captions) a run sees: provenance and the latent-cache key."""
+    keys = {"shapes": ("kind", "n", "seed", "size", "max_objects"),
+            "fashion_mnist": ("kind", "root", "split", "size", "seed"),
+            "folder": ("kind", "root", "size", "seed", "captions", "channels", "on_error")}[cfg.kind]
+    out = {k: getattr(cfg, k) for k in keys}
+    if cfg.kind == "folder":
+        out["root"] = str(Path(cfg.root).resolve())
+    return out
+
+
+def load_train_data(cfg: DataConfig) -> TrainData:
+    """The dataset wrapped for training, its channel count and class names, and the train / held-out split."""
+    raw = build_dataset(cfg)
+    n = len(raw)
+    if n == 0:
+        raise ValueError(f"the {cfg.kind} dataset is empty" + (f" (data.root = {cfg.root})" if cfg.root else ""))
+    holdout = min(cfg.holdout, n // 2)  # never hold out more than half of a small dataset
+    if holdout < cfg.holdout:
+        logger.warning("data.holdout %d reduced to %d: the dataset has only %d images", cfg.holdout, holdout, n)
+    dataset = SafeDataset(raw, cfg.on_error)
+    first = dataset[0]
+    channels = int(first["image"].shape[0])
+    names = getattr(raw, "class_names", None)
+    class_names = list(names) if names else None
+    return TrainData(
+        dataset=dataset, channels=channels, class_names=class_names,
+        train_pool=np.arange(n - holdout), holdout=np.arange(n - holdout, n), description=describe_data(cfg),
+    )
+
+
+def load_items(data: TrainData, indices: np.ndarray) -> list[dict[str, Any]]:
+    return [data.dataset[int(i)] for i in indices]
+
+
+def images_of(items: list[dict[str, Any]]) -> torch.Tensor:
+    """Stack the images of items: (B, C, H, W) float32 in [-1, 1]."""
+    return torch.stack([it["image"] for it in items])
+
+
+def batch_loader(data: TrainData, batches, workers: int):
+    """Iterate the item lists of `batches` (an iterable of (epoch, index array)), loaded by `workers` processes.
+
+    In-process loading (workers = 0) tells datasets with augmentations (`set_epoch`) the epoch of each
+    batch, so random crops change from epoch to epoch; worker processes keep the crops of epoch 0.
+    """
+    raw = getattr(data.dataset, "dataset", data.dataset)
+    if workers == 0:
+        for epoch, idx in batches:
+            if hasattr(raw, "set_epoch"):
+                raw.set_epoch(int(epoch))
+            yield load_items(data, idx)
+        return
+    loader = torch.utils.data.DataLoader(
+        data.dataset, batch_sampler=(list(map(int, idx)) for _, idx in batches), num_workers=workers,
+        collate_fn=list,
+    )
+    yield from loader

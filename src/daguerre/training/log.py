@@ -1,0 +1,141 @@
+"""What a run tells its user: a tqdm bar (loss, images/s, ETA), `metrics.jsonl`, optional TensorBoard.
+
+Only rank 0 logs. `metrics.jsonl` holds one JSON object per logged step (`{"step": .., "loss": ..,
+"lr": .., "images_per_s": .., ...}`); on `--resume` the lines of steps after the checkpoint (written
+by the interrupted run) are dropped first, so the file always describes one consistent run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ..fileio import atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+logger = logging.getLogger("daguerre.train")
+
+
+def setup_logging(run_dir: Path, is_main: bool) -> None:
+    """Log INFO messages of rank 0 to stderr and to RUN/train.log; other ranks log warnings only."""
+    root = logging.getLogger("daguerre")
+    if getattr(setup_logging, "_done", None) == (str(run_dir), is_main):
+        return
+    for h in list(root.handlers):
+        if getattr(h, "_daguerre_train", False):
+            root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if is_main:
+        handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._daguerre_train = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    setup_logging._done = (str(run_dir), is_main)  # type: ignore[attr-defined]
+
+
+def teardown_logging() -> None:
+    """Remove (and close) the handlers `setup_logging` added."""
+    root = logging.getLogger("daguerre")
+    for h in list(root.handlers):
+        if getattr(h, "_daguerre_train", False):
+            root.removeHandler(h)
+            h.close()
+    setup_logging._done = None  # type: ignore[attr-defined]
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep only the metrics lines of steps <= `step` (before resuming from checkpoint `step`)."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+class RunLogger:
+    """Progress bar + metrics file + TensorBoard of one run (a no-op object on ranks other than 0)."""
+
+    def __init__(
+        self, run_dir: Path, *, enabled: bool, start: int, total: int, images_per_step: int,
+        progress: bool = True, tensorboard: bool = False,
+    ) -> None:
+        self.enabled, self.total, self.images_per_step = enabled, total, images_per_step
+        self.bar = None
+        self.tb = None
+        self._t0, self._s0 = time.perf_counter(), start
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        if not enabled:
+            return
+        self.path = run_dir / METRICS_FILE
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, smoothing=0.1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.warning("train.tensorboard is on but tensorboard is not installed: metrics.jsonl only")
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def images_per_second(self, step: int) -> float:
+        dt = time.perf_counter() - self._t0
+        return (step - self._s0) * self.images_per_step / dt if dt > 0 else 0.0
+
+    def add(self, values: dict[str, float]) -> None:
+        """Accumulate one step's scalars (on every rank) for the next logged interval mean."""
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v)
+        self._count += 1
+
+    def take_means(self) -> dict[str, float]:
+        """The mean of each accumulated scalar since the last call, sorted by name; resets the sums."""
+        out = {k: self._sums[k] / max(1, self._count) for k in sorted(self._sums)}
+        self._sums, self._count = {}, 0
+        return out
+
+    def step(self, step: int, loss: float) -> None:
+        """Advance the bar to `step` (steps done) with the latest loss."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{self.images_per_second(step):.1f}", refresh=False)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float):
+        return float(f"{v:.6g}")
+    return v

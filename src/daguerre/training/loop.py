@@ -1,0 +1,213 @@
+"""What both training stages share: run folder, AdamW with warm-up + cosine decay, clipping, precision,
+and saving / restoring the whole training state (weights, EMA, optimizers, RNGs, data position).
+
+Learning rate of optimizer step s (0-based): lr (s + 1) / warmup during warm-up, then
+min_lr + (lr - min_lr) (1 + cos(pi p)) / 2 with p = (s - warmup) / (steps - warmup) (Loshchilov & Hutter
+2017, SGDR without restarts), or lr flat with `decay = "constant"`. AdamW is Loshchilov & Hutter 2019.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..fileio import atomic_write_text
+from . import dist, state
+from .config import RunConfig, TrainConfig, to_jsonable
+from .ema import EMA
+
+logger = logging.getLogger("daguerre.train")
+CONFIG_FILE = "config.json"
+# run-config keys that may change between an interrupted run and its resumption
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "train.eval_every",
+                     "train.checkpoint_every", "train.keep_last", "train.tensorboard", "train.progress",
+                     "train.threads", "data.workers", "train.save_dtype", "data.cache_dir", "train.device")
+
+
+def lr_at(step: int, t: TrainConfig, peak: float | None = None) -> float:
+    """The learning rate of optimizer step `step` (module docstring)."""
+    lr = t.lr if peak is None else peak
+    if t.warmup_steps and step < t.warmup_steps:
+        return lr * (step + 1) / t.warmup_steps
+    if t.decay == "constant":
+        return lr
+    span = max(1, t.steps - t.warmup_steps)
+    p = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + (lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def make_optimizer(params: Iterable[nn.Parameter], t: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over `params` (the single-tensor implementation: bitwise reproducible on the CPU)."""
+    return torch.optim.AdamW(
+        list(params), lr=t.lr if lr is None else lr, betas=tuple(t.betas), eps=t.eps,
+        weight_decay=t.weight_decay, foreach=False,
+    )
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm to `max_norm` (0 = only measure it); returns the norm before clipping."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=False))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast of a forward pass on `device` (a null context when off)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def configure_threads(t: TrainConfig) -> None:
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Seed the global torch / numpy / python RNGs of this process (the loops draw from their own
+    per-sample generators; this makes anything else, and the RNG states a checkpoint stores, reproducible)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    random.seed(seed + rank)
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "provenance":
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv) -> Path | None:
+    """Create the run folder; return the checkpoint to resume from (None = start at step 0).
+
+    Refuses to overwrite a run that has checkpoints unless `resume`; on resume the stored config
+    must match the current one except for the keys in RESUMABLE_CHANGES.
+    """
+    latest = state.latest_checkpoint(out)
+    if latest is not None and not resume:
+        raise ValueError(f"{out} already holds a run (checkpoints up to {latest.name}): pass --resume to "
+                         "continue it, or choose another --out")
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    if latest is None:
+        if resume:
+            logger.info("--resume: no checkpoint in %s yet, starting at step 0", out)
+        return None
+    stored = json.loads((latest / state.META_FILE).read_text(encoding="utf-8"))["run_config"]
+    old, new = flat(stored), flat(to_jsonable(cfg.to_dict()))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        k = changed[0]
+        raise ValueError(f"cannot resume {out}: config key {k} was {old.get(k)!r} and is now {new.get(k)!r} "
+                         f"({len(changed)} keys differ); resume with the run's own: --config {out / CONFIG_FILE}")
+    return latest
+
+
+def write_config(out: Path, cfg: RunConfig, env: dist.DistEnv) -> None:
+    if env.is_main:
+        atomic_write_text(out / CONFIG_FILE, json.dumps(to_jsonable(cfg.to_dict()), indent=1, sort_keys=True))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
+def wrap_ddp(model: nn.Module, env: dist.DistEnv) -> nn.Module:
+    if not env.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+class TrainingState:
+    """The named pieces of a run (modules, EMAs, optimizers) and their checkpointing."""
+
+    def __init__(
+        self, modules: dict[str, nn.Module], emas: dict[str, EMA], optimizers: dict[str, torch.optim.Optimizer]
+    ) -> None:
+        self.modules, self.emas, self.optimizers = modules, emas, optimizers
+        self.elapsed = 0.0  # training seconds of the run so far, over all sessions
+        self._session_start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self._session_start
+
+    def save(self, run_dir: Path, step: int, cfg: RunConfig, sampler: dist.StreamSampler, env: dist.DistEnv,
+             extra: dict[str, Any] | None = None) -> None:
+        """Checkpoint `step` (steps done). Collective: every process must call it (RNG states are gathered)."""
+        rng_tensors, rng_meta = state.rng_state()
+        gathered = dist.all_gather_objects((rng_tensors, rng_meta))
+        if not env.is_main:
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"step": step, "world": env.world, "run_config": to_jsonable(cfg.to_dict()),
+                                "sampler": sampler.state(step), "seconds": self.seconds(), "optimizers": {},
+                                "ema_updates": {}, "rng": [], **(extra or {})}
+        for name, m in self.modules.items():
+            tensors.update(state.module_tensors(unwrap(m), f"model.{name}."))
+        for name, e in self.emas.items():
+            tensors.update(e.state_tensors(f"ema.{name}."))
+            meta["ema_updates"][name] = e.num_updates
+        for name, opt in self.optimizers.items():
+            t, m = state.optimizer_state(opt, f"optim.{name}.")
+            tensors.update(t)
+            meta["optimizers"][name] = m
+        for rank, (t, m) in enumerate(gathered):
+            tensors.update({f"rng.{rank}.{k}": v for k, v in t.items()})
+            meta["rng"].append(m)
+        path = state.save_checkpoint(run_dir, step, tensors, meta, cfg.train.keep_last)
+        logger.info("checkpoint %s", path)
+
+    def load(self, folder: Path, env: dist.DistEnv) -> tuple[int, dict[str, Any]]:
+        """Restore everything from checkpoint `folder`; returns (step, meta)."""
+        tensors, meta = state.load_checkpoint(folder)
+        for name, m in self.modules.items():
+            state.load_module_tensors(unwrap(m), tensors, f"model.{name}.")
+        for name, e in self.emas.items():
+            e.load_tensors(tensors, f"ema.{name}.", meta["ema_updates"][name])
+        for name, opt in self.optimizers.items():
+            state.load_optimizer_state(opt, tensors, meta["optimizers"][name], f"optim.{name}.")
+        rank = env.rank if meta["world"] == env.world else 0
+        if meta["world"] != env.world:
+            logger.warning("resuming a %d-process run on %d processes: the data order changes from here on",
+                           meta["world"], env.world)
+        prefix = f"rng.{rank}."
+        state.set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["rng"][rank])
+        self.elapsed = float(meta.get("seconds", 0.0))
+        self._session_start = time.perf_counter()
+        logger.info("resumed from %s (step %d)", folder, meta["step"])
+        return int(meta["step"]), meta
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether an every-N action is due after `step` steps (always at the last step)."""
+    return step == last or (every > 0 and step % every == 0)

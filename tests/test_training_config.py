@@ -1,0 +1,113 @@
+"""Run configs of `daguerre train`: TOML + typed `--set` overrides, one clear error per bad key or value,
+fields derived from the data, and the JSON round trip stored in checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daguerre.cli import main
+from daguerre.training.config import (
+    LDMLossConfig,
+    RunConfig,
+    VAELossConfig,
+    derive_model_config,
+    load_run_config,
+    parse_overrides,
+    to_jsonable,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny_vae", "tiny_ldm", "shapes_vae", "shapes_ldm", "fashion_vae", "fashion_ldm"])
+def test_shipped_configs_load(name):
+    stage = name.rsplit("_", 1)[1]
+    cfg = load_run_config(CONFIGS / f"{name}.toml", stage)
+    assert isinstance(cfg.loss, VAELossConfig if stage == "vae" else LDMLossConfig)
+    assert cfg.stage == stage
+
+
+def test_overrides_are_typed_by_the_dataclass_field():
+    cfg = load_run_config(CONFIGS / "tiny_vae.toml", "vae", [
+        "train.lr=2e-4", "train.steps=7", "train.bf16=true", "data.root=/some/where", "model.vae.channel_mult=1,2,2",
+        "train.betas=[0.8, 0.95]", "loss.perceptual=ssim", "model.unet.num_heads=none",
+    ])
+    assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 7 and cfg.train.bf16 is True
+    assert cfg.data.root == "/some/where"
+    assert cfg.model.vae.channel_mult == (1, 2, 2)
+    assert cfg.train.betas == (0.8, 0.95)
+    assert cfg.loss.perceptual == "ssim"
+    assert cfg.model.unet.num_heads is None
+
+
+def test_parse_overrides_nests_sections():
+    assert parse_overrides(["a.b.c=1", "a.d='x'"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_overrides(["train.lr"])
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.lrr=1e-4"], r"unknown config key train\.lrr; did you mean 'lr'\?"),
+    (["train.steps=many"], r"config key train\.steps: expected a whole number, got 'many'"),
+    (["train.bf16=maybe"], r"config key train\.bf16: expected true or false"),
+    (["data.kind=imagenet"], r"config key data\.kind: 'imagenet' is not one of"),
+    (["model.unet.channel_mult=[1, 'x']"], r"config key model\.unet\.channel_mult\[1\]"),
+    (["train.ema_decay=1.5"], r"config key train\.ema_decay"),
+    (["model.preset=sd99"], r"config key model\.preset: unknown preset"),
+    (["bogus.key=1"], r"unknown config key bogus"),
+    (["data.kind='folder'"], r"config key data\.root"),
+])
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config(CONFIGS / "tiny_vae.toml", "vae", override)
+
+
+def test_cli_reports_a_bad_key_in_one_line(capsys, tmp_path):
+    code = main(["train", "vae", "--config", str(CONFIGS / "tiny_vae.toml"), "--out", str(tmp_path / "r"),
+                 "--set", "train.stepz=3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "train.stepz" in err and "steps" in err
+
+
+def test_stage_mismatch_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="stage"):
+        load_run_config(CONFIGS / "tiny_vae.toml", "ldm")
+    with pytest.raises(FileNotFoundError):
+        load_run_config(tmp_path / "nope.toml", "vae")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 1")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_run_config(bad, "vae")
+
+
+def test_derived_model_fields():
+    cfg = load_run_config(CONFIGS / "fashion_ldm.toml", "ldm")
+    names = [f"class{i}" for i in range(10)]
+    m = derive_model_config(cfg, channels=1, class_names=names)
+    assert m.unet.num_classes == 11 and m.class_names == names  # K + 1: the last label is "no class"
+    assert m.text_encoder is None and m.unet.context_dim is None
+    assert m.vae.in_channels == m.vae.out_channels == 1
+    assert m.unet.in_channels == m.unet.out_channels == m.vae.latent_channels
+    text = derive_model_config(load_run_config(CONFIGS / "shapes_ldm.toml", "ldm"), channels=3, class_names=None)
+    assert text.unet.context_dim == text.text_encoder.width and text.unet.num_classes is None
+    with pytest.raises(ValueError, match="model.conditioning"):
+        derive_model_config(cfg, channels=1, class_names=None)
+    with pytest.raises(ValueError, match="data.size"):
+        derive_model_config(load_run_config(CONFIGS / "shapes_ldm.toml", "ldm", ["data.size=62"]), 3, None)
+
+
+def test_resolved_config_round_trips_through_json(tmp_path):
+    cfg = load_run_config(CONFIGS / "shapes_ldm.toml", "ldm", ["train.lr=3e-4"])
+    again = RunConfig.from_dict(to_jsonable(cfg.to_dict()))
+    assert again == cfg
+    path = tmp_path / "config.json"  # RUN/config.json is accepted as --config (resuming with the run's own config)
+    path.write_text(json.dumps(to_jsonable(cfg.to_dict())))
+    assert load_run_config(path, "ldm") == cfg
+    assert load_run_config(path, "ldm", ["train.steps=5"]).train.steps == 5
+    with pytest.raises(ValueError, match="stage"):
+        load_run_config(path, "vae")

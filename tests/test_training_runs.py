@@ -1,0 +1,253 @@
+"""Whole training runs on tiny configs (CPU, one thread): both stages overfit one batch, the final model
+loads and generates, a run killed with SIGKILL and resumed ends bitwise equal to an uninterrupted one,
+two torchrun processes match one process with the same global batch, and a corrupt image in a folder
+dataset is skipped by name or stops the run, as `data.on_error` says."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from daguerre.cli import main
+from daguerre.models.autoencoder import AutoencoderKL
+from daguerre.training.config import derive_model_config, load_run_config
+from daguerre.training.ldm import train_ldm
+from daguerre.training.vae import load_vae, measure_scale, save_vae, train_vae
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUIET = ["train.progress=false", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0"]
+ONE_BATCH = ["data.n=12", "data.holdout=4", "train.batch_size=8"]  # 8 training images: exactly one batch
+OVERFIT = ["train.lr=3e-3", "train.warmup_steps=10", "train.decay='constant'", "train.log_every=10"]
+OVERFIT_STEPS = 80
+VAE_L1_BOUND = 0.2  # mean |x - x_hat| on [-1, 1], steps 71-80 (measured ~0.12; first 10 steps ~0.6)
+LDM_LOSS_BOUND = 0.15  # min-SNR-weighted eps MSE, steps 71-80, posterior mode (measured ~0.05; first 10 steps ~0.8)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory) -> Path:
+    """A freshly initialised tiny autoencoder (tiny_vae.toml) saved as a stage-1 output, scale measured."""
+    from daguerre.data.shapes import ShapesDataset
+
+    cfg = load_run_config(CONFIGS / "tiny_vae.toml", "vae")
+    model_cfg = derive_model_config(cfg, 3, None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(model_cfg.vae).eval()
+    images = torch.stack([ShapesDataset(8, seed=1, size=32)[i]["image"] for i in range(8)])
+    model_cfg.vae.scale_factor = measure_scale(vae, images)
+    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
+    save_vae(vae, model_cfg, path)
+    return path
+
+
+def test_vae_overfits_one_batch_and_writes_its_outputs(tmp_path):
+    cfg = load_run_config(CONFIGS / "tiny_vae.toml", "vae",
+                          [*QUIET, *ONE_BATCH, *OVERFIT, f"train.steps={OVERFIT_STEPS}"])
+    path = train_vae(cfg, tmp_path)
+    rows = [r for r in _metrics(tmp_path) if "rec" in r]
+    assert rows[-1]["step"] == OVERFIT_STEPS
+    assert rows[-1]["rec"] < VAE_L1_BOUND and rows[-1]["rec"] < 0.4 * rows[0]["rec"]
+    held = [r for r in _metrics(tmp_path) if "holdout_psnr" in r]
+    assert held and 0 < held[-1]["holdout_ssim"] <= 1
+    vae, model_cfg = load_vae(path)
+    prov = model_cfg.provenance
+    assert prov["steps"] == OVERFIT_STEPS and prov["run_config"]["train"]["lr"] == 3e-3
+    assert model_cfg.vae.scale_factor != 1.0 and model_cfg.vae.in_channels == 3
+    with Image.open(tmp_path / "samples" / f"recon_{OVERFIT_STEPS:08d}.png") as im:
+        assert im.size[1] > 2 * 32  # originals above reconstructions
+
+
+def test_ldm_overfits_one_batch_and_the_model_generates(tmp_path, vae_file):
+    from daguerre.checkpoints import load_model
+    from daguerre.pipelines.request import GenerationRequest
+    from daguerre.pipelines.txt2img import txt2img
+
+    run = tmp_path / "run"
+    cfg = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm",
+                          [*QUIET, *ONE_BATCH, *OVERFIT, f"train.steps={OVERFIT_STEPS}", "loss.caption_dropout=0.0",
+                           "loss.latents='mode'", "train.checkpoint_every=40", "train.ema_decay=0.9"])
+    path = train_ldm(cfg, run, vae_path=vae_file)
+    rows = _metrics(run)
+    assert rows[-1]["step"] == OVERFIT_STEPS and rows[-1]["loss"] < LDM_LOSS_BOUND
+    assert rows[-1]["loss"] < 0.4 * rows[0]["loss"]
+    assert (run / "samples" / f"step_{OVERFIT_STEPS:08d}.png").is_file()
+
+    comps = load_model(path)
+    prov = comps.config.provenance
+    assert prov["steps"] == OVERFIT_STEPS and prov["training_seconds"] > 0 and prov["weights"] == "ema"
+    assert prov["run_config"]["stage"] == "ldm"
+    assert comps.config.vae.scale_factor == load_vae(vae_file)[1].vae.scale_factor
+    final = load_file(str(run / "checkpoints" / f"step_{OVERFIT_STEPS:08d}" / "state.safetensors"))
+    for k, v in comps.unet.state_dict().items():  # the file holds the EMA weights (stored in float16)
+        assert torch.equal(v, final[f"ema.unet.{k}"].half().float()), k
+    for k, v in comps.text_encoder.state_dict().items():
+        assert torch.equal(v, final[f"ema.text_encoder.{k}"].half().float()), k
+    images = txt2img(comps, GenerationRequest(prompt="a red circle", steps=2, seed=0, cfg_scale=2.0))
+    assert images[0].image.size == (32, 32)
+    assert (run / "latents").is_dir()  # reused by a second run of the same data on the same VAE:
+    again = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm",
+                            [*QUIET, *ONE_BATCH, "train.steps=1", f"data.cache_dir='{run / 'latents'}'"])
+    train_ldm(again, tmp_path / "again", vae_path=vae_file)
+    assert "reusing the latent cache" in (tmp_path / "again" / "train.log").read_text()
+
+
+def _run(cmd: list[str], timeout: float = 300) -> None:
+    """Run a training command in its own process group; on a timeout or failure stop the whole group."""
+    proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+
+
+def _train_cmd(stage: str, run: Path, vae: Path | None, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "daguerre.training", stage, "--config", str(CONFIGS / f"tiny_{stage}.toml"),
+           "--out", str(run)]
+    if vae is not None:
+        cmd += ["--vae", str(vae)]
+    for item in extra:
+        cmd += ["--set", item]
+    return cmd
+
+
+def test_sigkill_and_resume_gives_bitwise_the_same_weights(tmp_path, vae_file):
+    steps, every = 40, 10
+    extra = [*QUIET, f"train.steps={steps}", f"train.checkpoint_every={every}", "train.keep_last=5",
+             "train.log_every=5", "data.n=64", "data.holdout=8", "loss.offset_noise=0.05", "data.flip=true"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _run(_train_cmd("ldm", ref, vae_file, extra))
+    proc = subprocess.Popen(_train_cmd("ldm", run, vae_file, extra), env=_cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = run / "checkpoints" / f"step_{every:08d}"
+    deadline = time.monotonic() + 120
+    while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run / "checkpoints" / f"step_{steps:08d}").exists()
+    _run(_train_cmd("ldm", run, vae_file, extra) + ["--resume"])
+    a = load_file(str(ref / "checkpoints" / f"step_{steps:08d}" / "state.safetensors"))
+    b = load_file(str(run / "checkpoints" / f"step_{steps:08d}" / "state.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps_logged = [r["step"] for r in _metrics(run) if "loss" in r]
+    assert steps_logged == list(range(5, steps + 1, 5))  # the killed run's extra lines were dropped
+
+
+def test_vae_resume_with_discriminator_is_exact(tmp_path):
+    extra = [*QUIET, "data.n=40", "data.holdout=8", "train.steps=8", "train.checkpoint_every=4", "train.keep_last=3",
+             "loss.disc_weight=0.5", "loss.disc_start=2", "loss.disc_channels=8", "loss.disc_layers=2",
+             "loss.perceptual=ssim", "loss.perceptual_weight=0.1", "train.batch_size=4", "train.grad_accum=2",
+             "data.flip=true"]
+    cfg = load_run_config(CONFIGS / "tiny_vae.toml", "vae", extra)
+    train_vae(cfg, tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000008")
+    with pytest.raises(ValueError, match="--resume"):
+        train_vae(cfg, tmp_path / "b")
+    train_vae(cfg, tmp_path / "b", resume=True)
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000008" / "state.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000008" / "state.safetensors"))
+    assert any(k.startswith("optim.disc.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "a" / "vae.safetensors").read_bytes() != b""  # (the file embeds timings; weights compared above)
+    changed = load_run_config(CONFIGS / "tiny_vae.toml", "vae", [*extra, "train.lr=1e-2"])
+    with pytest.raises(ValueError, match="train.lr"):
+        train_vae(changed, tmp_path / "b", resume=True)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, vae_file):
+    common = [*QUIET, "train.steps=6", "data.n=64", "data.holdout=8", "train.checkpoint_every=6"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *_train_cmd("ldm", tmp_path / "two", vae_file, [*common, "train.batch_size=2", "train.grad_accum=2"])[1:]]
+    _run(two)
+    _run(_train_cmd("ldm", tmp_path / "one", vae_file, [*common, "train.batch_size=8"]))
+    a = load_file(str(tmp_path / "one" / "checkpoints" / "step_00000006" / "state.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "step_00000006" / "state.safetensors"))
+    assert json.loads((tmp_path / "two" / "checkpoints" / "step_00000006" / "state.json").read_text())["world"] == 2
+    for k in a:
+        if k.startswith(("model.", "ema.")):
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-6, msg=k)
+
+
+def test_bf16_checkpointing_frozen_text_and_unconditional_runs(tmp_path, vae_file):
+    fast = [*QUIET, "data.n=24", "data.holdout=4", "train.steps=3", "train.batch_size=4", "train.bf16=true",
+            "train.gradient_checkpointing=true"]
+    train_vae(load_run_config(CONFIGS / "tiny_vae.toml", "vae", fast), tmp_path / "vae")
+    train_ldm(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*fast, "model.schedule.prediction_type='v_prediction'",
+                                                                 "loss.train_text_encoder=false"]),
+              tmp_path / "ldm", vae_path=vae_file)
+    train_ldm(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*fast, "model.conditioning='none'",
+                                                                 "sample.n_unconditional=2"]),
+              tmp_path / "uncond", vae_path=vae_file)
+    from daguerre.checkpoints import load_model
+
+    uncond = load_model(tmp_path / "uncond" / "model.safetensors")
+    assert uncond.text_encoder is None and uncond.config.unet.num_classes is None
+    for run in ("vae", "ldm", "uncond"):
+        rows = [r for r in _metrics(tmp_path / run) if "loss" in r]
+        assert rows and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+
+
+def _class_folder(root: Path, corrupt: bool) -> Path:
+    rng = np.random.default_rng(0)
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            arr = np.clip(np.array(colour) + rng.integers(-20, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    if corrupt:
+        (root / "red" / "0_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    return root
+
+
+def test_corrupt_image_in_a_folder_is_skipped_by_name_or_fatal(tmp_path, vae_file, capsys):
+    from daguerre.checkpoints import load_model
+    from daguerre.pipelines.request import GenerationRequest
+    from daguerre.pipelines.txt2img import txt2img
+
+    root = _class_folder(tmp_path / "images", corrupt=True)
+    extra = [*QUIET, "data.kind='folder'", f"data.root='{root}'", "data.holdout=2", "train.steps=3",
+             "train.batch_size=4", "model.conditioning='class'"]
+    cfg = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*extra, "data.on_error='skip'"])
+    path = train_ldm(cfg, tmp_path / "skip", vae_path=vae_file)
+    assert "0_broken.png" in (tmp_path / "skip" / "train.log").read_text()
+    comps = load_model(path)
+    assert comps.config.class_names == ["blue", "red"] and comps.config.unet.num_classes == 3
+    out = txt2img(comps, GenerationRequest(class_label="red", steps=2, seed=0, cfg_scale=2.0))
+    assert out[0].image.size == (32, 32)
+
+    capsys.readouterr()
+    sets = [a for item in [*extra[:-1], "data.on_error='raise'", "train.batch_size=12"] for a in ("--set", item)]
+    code = main(["train", "vae", "--config", str(CONFIGS / "tiny_vae.toml"), "--out", str(tmp_path / "raise"), *sets])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's INFO lines: one error line
+    assert code == 2 and last.startswith("daguerre train: error:") and "0_broken.png" in last and "on_error" in last
