@@ -84,6 +84,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="make the image of a PNG again from its A1111 'parameters' chunk (prompt, negative prompt, "
                    "steps, sampler, schedule, CFG, seed, size, clip skip, model); flags you pass override the file")
     p.add_argument("--list-samplers", action="store_true", help="print the sampler and schedule names, then exit")
+    p.add_argument("--class", dest="class_label", default=None, metavar="NAME_OR_INDEX",
+                   help="class label, for class-conditional models (a class name or index)")
     # None marks "not given on the command line", so --from-png knows which flags override the file
     p.set_defaults(**{_DEFAULTS: {dest: p.get_default(dest) for dest in REPLAYABLE}})
     p.set_defaults(**dict.fromkeys(REPLAYABLE))
@@ -165,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import open_model
 
     fields, model, expected_hash = resolve_settings(args)
-    request = GenerationRequest(**fields, n=args.n, batch_size=args.batch_size, tile=args.tile)
+    request = GenerationRequest(
+        **fields, n=args.n, batch_size=args.batch_size, tile=args.tile, class_label=args.class_label
+    )
     comps, model_hash = open_model(model, device=args.device)
     request = request.validate(comps.config)  # fail before any work on bad input
     if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():

@@ -3,7 +3,9 @@
     daguerre train vae --config configs/shapes_vae.toml [--out runs/shapes_vae] [--resume] [--set k=v ...]
     daguerre train ldm --config configs/shapes_ldm.toml --vae runs/shapes_vae/vae.safetensors [...]
 
-Under torchrun the same commands train data-parallel: `torchrun --nproc_per_node 2 -m daguerre.cli train ...`.
+Under torchrun the same commands train data-parallel:
+    torchrun --standalone --nproc_per_node 2 -m daguerre.training ldm ...
+(`python -m daguerre.training STAGE` is `daguerre train STAGE`).
 """
 
 from __future__ import annotations
