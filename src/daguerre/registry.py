@@ -50,7 +50,7 @@ def open_model(
         _to(comps, device, dtype)
         return comps, None
     shipped = shipped_models()
-    path = shipped.get(spec, Path(spec))
+    path = shipped.get(spec, Path(spec).expanduser())
     if not path.exists():
         names = ", ".join(sorted(shipped)) or "none installed"
         raise FileNotFoundError(
