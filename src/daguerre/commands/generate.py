@@ -160,10 +160,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(sampler_table())
         return 0
-    from ..api import set_compute_dtype
     from ..pipelines.request import GenerationRequest
     from ..pipelines.txt2img import txt2img
-    from ..pngmeta import save_png
     from ..registry import open_model
 
     fields, model, expected_hash = resolve_settings(args)
@@ -175,31 +173,40 @@ def run(args: argparse.Namespace) -> int:
     if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():
         _note(f"{args.from_png} was made by a model with hash {expected_hash}; this one's is {model_hash}: "
               "the image will differ")
+    paths = output_paths(args.out, [request.seed + i for i in range(request.n)])  # a bad --out fails now
+    return run_and_save(args, comps, request, txt2img, model_hash, paths)
+
+
+def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash: str | None, paths: list[Path]) -> int:
+    """Run `pipeline(comps, request)` in --dtype with a progress bar (and --preview), save the PNGs to
+    `paths`, a grid for several images (--grid), print the paths: the tail every image command shares."""
+    from tqdm import tqdm
+
+    from ..api import set_compute_dtype
+    from ..pipelines.common import count_steps
+    from ..pipelines.images import make_grid
+    from ..pngmeta import save_png
+
     set_compute_dtype(comps, args.dtype)
     preview = None
     if args.preview:
         from ..pipelines.preview import PreviewWriter
 
         preview = PreviewWriter(comps.vae, args.preview, args.preview_mode, tiled=args.tile)
-    from tqdm import tqdm
-
-    total = request.n * request.steps
-    with tqdm(total=total, unit="step", desc="generating", dynamic_ncols=True) as bar:
+    total = request.n * count_steps(comps, request)
+    with tqdm(total=total, unit="step", desc=args.command, dynamic_ncols=True) as bar:
         def on_step(info: dict) -> None:
             if preview is not None:
                 preview(info)
             bar.update(1)
 
-        results = txt2img(comps, request, callback=on_step, model_hash=model_hash)
+        results = pipeline(comps, request, callback=on_step, model_hash=model_hash)
     if not results:
         raise UserError("nothing was generated")
-    paths = output_paths(args.out, [r.seed for r in results])
     for result, path in zip(results, paths, strict=True):
         save_png(result.image, path, result.parameters)
         print(path)
     if len(results) > 1 and args.grid is not False:
-        from ..pipelines.images import make_grid
-
         print(save_png(make_grid([r.image for r in results]), grid_path(paths), results[0].parameters))
     if preview is not None:
         gif = preview.finish([r.image for r in results])

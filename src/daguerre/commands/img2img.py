@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..cli import UserError, command
-from .generate import add_model_arguments, add_output_arguments, add_sampling_arguments, output_paths
+from ..cli import command
+from .generate import add_model_arguments, add_output_arguments, add_sampling_arguments, output_paths, run_and_save
 
 RESIZE_CHOICES = ("crop", "fit", "stretch", "none")
 
@@ -44,11 +44,7 @@ def run_image_command(
     """Build the request from the shared arguments and `fields`, run `pipeline` with a progress bar,
     save the PNGs (and a grid for several images), print their paths. `note(components)` may return a
     line to tell the user before the run (e.g. which upscaling method applies)."""
-    from ..api import set_compute_dtype
-    from ..pipelines.common import count_steps
-    from ..pipelines.images import make_grid
     from ..pipelines.request import GenerationRequest
-    from ..pngmeta import save_png
     from ..registry import open_model
 
     width, height = args.size if args.size else (None, None)
@@ -64,34 +60,7 @@ def run_image_command(
     paths = output_paths(args.out, [request.seed + i for i in range(request.n)])  # ... bad --out included
     if note is not None and (line := note(comps)):
         print(f"daguerre {args.command}: note: {line}", file=sys.stderr)
-    set_compute_dtype(comps, args.dtype)
-    preview = None
-    if args.preview:
-        from ..pipelines.preview import PreviewWriter
-
-        preview = PreviewWriter(comps.vae, args.preview, args.preview_mode, tiled=args.tile)
-    from tqdm import tqdm
-
-    total = request.n * count_steps(comps, request)
-    with tqdm(total=total, unit="step", desc=args.command, dynamic_ncols=True) as bar:
-        def on_step(info: dict[str, Any]) -> None:
-            if preview is not None:
-                preview(info)
-            bar.update(1)
-
-        results = pipeline(comps, request, callback=on_step, model_hash=model_hash)
-    if not results:
-        raise UserError("nothing was generated")
-    for result, path in zip(results, paths, strict=True):
-        save_png(result.image, path, result.parameters)
-        print(path)
-    if len(results) > 1 and args.grid is not False:
-        grid = paths[0].with_name(f"grid-{paths[0].stem}.png")  # beside the images
-        print(save_png(make_grid([r.image for r in results]), grid, results[0].parameters))
-    if preview is not None:
-        gif = preview.finish([r.image for r in results])
-        print(f"previews: {args.preview}/step_*.png, {gif}")
-    return 0
+    return run_and_save(args, comps, request, pipeline, model_hash, paths)
 
 
 @command("img2img", "redraw an image guided by a prompt", _add_arguments)
