@@ -17,6 +17,7 @@ from daguerre.checkpoints.vae_keys import (
 )
 from daguerre.config import VAEConfig, preset
 from daguerre.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from sd_configs import SD15_VAE as SD15_DIFFUSERS_CONFIG  # stable-diffusion-v1-5 vae/config.json as published
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -27,21 +28,6 @@ GRAY = VAEConfig(
     in_channels=1, out_channels=1, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
     attn_levels=(1,), latent_channels=3, norm_groups=4, scale_factor=0.5, shift_factor=0.1,
 )
-# stable-diffusion-v1-5 `vae/config.json` as published (the facts the sd15 preset must reproduce)
-SD15_DIFFUSERS_CONFIG = {
-    "_class_name": "AutoencoderKL",
-    "_diffusers_version": "0.6.0",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
 
 
 def _perturbed_diffusers_vae(cfg: VAEConfig, seed: int = 0):

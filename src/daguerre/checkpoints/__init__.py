@@ -20,7 +20,7 @@ from ..components import Components
 from .detect import IGNORED_KEYS, Detection, detect_checkpoint
 from .diffusers_folder import is_diffusers_folder, load_diffusers, save_diffusers
 from .io import file_hash, read_state_dict, safe_torch_load, short_hash
-from .single_file import components_from_state_dict, save_model
+from .single_file import load_single, save_model
 
 __all__ = [
     "IGNORED_KEYS",
@@ -62,7 +62,7 @@ def load_model(
             raise ValueError("use_ema applies to single-file training checkpoints; diffusers folders hold one U-Net")
         return load_diffusers(path, device=device, dtype=dtype, prediction_type=prediction_type)
     sd, metadata = read_state_dict(path, dtype or torch.float32)
-    return components_from_state_dict(
+    return load_single(
         sd, metadata, path=path, device=device, dtype=dtype, prediction_type=prediction_type, use_ema=use_ema
-    )
+    )[0]
 

@@ -43,22 +43,6 @@ def _unet_weights(sd: Mapping[str, torch.Tensor], kept: Mapping[str, torch.Tenso
     return {k: sd[e] for k, e in wanted.items()}
 
 
-def components_from_state_dict(
-    sd: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str],
-    *,
-    path: Path | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    prediction_type: str | None = None,
-    use_ema: bool = False,
-) -> Components:
-    """Components from a single-file state dict (SD v1/v2, inpainting, daguerre): detect, split, load strictly."""
-    return load_single(
-        sd, metadata, path=path, device=device, dtype=dtype, prediction_type=prediction_type, use_ema=use_ema
-    )[0]
-
-
 def load_single(
     sd: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str],
@@ -70,7 +54,8 @@ def load_single(
     use_ema: bool = False,
     value_of: Callable[[str], torch.Tensor] | None = None,
 ) -> tuple[Components, d.Detection]:
-    """`components_from_state_dict` plus the Detection; with meta tensors and device="meta" it only validates."""
+    """Components from a single-file state dict (SD v1/v2, inpainting, daguerre): detect, split, load strictly;
+    returns them with the Detection. With meta tensors and device="meta" it only validates."""
     from .text_keys import text_state_dict_from_openclip, text_state_dict_from_transformers
 
     det = d.detect_checkpoint(
