@@ -21,7 +21,7 @@ import torch
 
 from .noise import Generators, randn_like
 from .samplers import SAMPLERS as ODE_SAMPLERS
-from .samplers import ancestral_step
+from .samplers import _report, ancestral_step
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Callable[[dict[str, Any]], None] | None
@@ -61,11 +61,6 @@ def brownian_increments(
 def _at(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """The per-image sigma tensor (B,) the denoiser takes."""
     return x.new_full((x.shape[0],), float(sigma))
-
-
-def _report(callback: Callback, x, i, sig, denoised) -> None:
-    if callback is not None:
-        callback({"x": x, "i": i, "sigma": sig[i], "sigma_next": sig[i + 1], "denoised": denoised})
 
 
 def sample_euler_ancestral(
