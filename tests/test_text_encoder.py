@@ -250,3 +250,70 @@ def test_skip_layers_pooled_and_checkpointing():
         model(torch.zeros(1, 78, dtype=torch.long))
     with pytest.raises(ValueError, match="activation 'relu'"):
         CLIPTextEncoder(dataclasses.replace(cfg, activation="relu"))
+
+
+def test_pruned_vocabulary_keeps_outputs_and_zeroes_unknown_tokens(tmp_path):
+    """Pruning to the tokens of some captions changes nothing for those captions, maps every other id to
+    one zero row, survives save/load at a fraction of the size, and expands back exactly for export."""
+    from daguerre.checkpoints import load_model, save_model
+    from daguerre.checkpoints.diffusers_folder import load_diffusers, save_diffusers
+    from daguerre.components import build_components
+    from daguerre.models.text_encoder import expand_vocabulary, prune_vocabulary, unknown_token_ids
+
+    comps = build_components(preset("tiny"), seed=0)
+    full, tok = comps.text_encoder.eval(), comps.tokenizer
+    captions = ["a red circle above a blue square", "a small green star"]
+    keep = {i for c in captions for i in tok.encode(c)}
+    pruned = prune_vocabulary(full, keep)
+    cfg = pruned.config
+    assert set(cfg.token_ids) == keep | {cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id}
+    assert pruned.text_model.embeddings.token_embedding.weight.shape[0] == len(keep) + 3  # + bos/eos(=pad) + zero
+    with torch.no_grad():
+        ids = tok(captions + [""])
+        assert torch.equal(pruned(ids).hidden, full(ids).hidden)
+        other = tok(["a purple heart"])  # "purple" and "heart" are not kept
+        unknown = unknown_token_ids(pruned, other[0].tolist())
+        assert {tok.decode([i]) for i in unknown} == {"purple", "heart"}
+        zeroed = full.text_model.embeddings.token_embedding.weight.clone()
+        zeroed[unknown] = 0
+        reference = CLIPTextEncoder(full.config).eval()
+        reference.load_state_dict({**full.state_dict(), "text_model.embeddings.token_embedding.weight": zeroed})
+        assert torch.allclose(pruned(other).hidden, reference(other).hidden, atol=1e-6)
+        expanded = expand_vocabulary(pruned)
+        assert expanded.config.token_ids is None
+        assert torch.equal(expanded(other).hidden, pruned(other).hidden)
+        again = prune_vocabulary(pruned, tok.encode("a red circle"))  # pruning a pruned encoder
+        assert set(again.config.token_ids) < set(cfg.token_ids)
+        short = tok(["a red circle"])
+        assert torch.equal(again(short).hidden, pruned(short).hidden)
+
+    small = dataclasses.replace(comps, config=dataclasses.replace(comps.config, text_encoder=cfg),
+                                text_encoder=pruned)
+    save_model(small, tmp_path / "pruned.safetensors")
+    save_model(comps, tmp_path / "full.safetensors")
+    saved = (tmp_path / "full.safetensors").stat().st_size - (tmp_path / "pruned.safetensors").stat().st_size
+    assert saved >= (cfg.vocab_size - cfg.embedding_rows) * cfg.width * 4  # float32 rows
+    loaded = load_model(tmp_path / "pruned.safetensors")
+    assert loaded.config.text_encoder.token_ids == cfg.token_ids
+    save_diffusers(small, tmp_path / "diffusers")  # transformers needs a row per id: exported expanded
+    exported = load_diffusers(tmp_path / "diffusers")
+    assert exported.config.text_encoder.token_ids is None
+    with torch.no_grad():
+        assert torch.allclose(loaded.text_encoder(other).hidden, pruned(other).hidden, atol=1e-6)
+        assert torch.allclose(exported.text_encoder(other).hidden, pruned(other).hidden, atol=1e-6)
+    with pytest.raises(ValueError, match="token_ids"):
+        CLIPTextEncoder(dataclasses.replace(cfg, token_ids=(5, 5)))
+
+
+def test_unknown_words_are_reported_when_a_prompt_is_encoded(caplog):
+    from daguerre.components import build_components
+    from daguerre.models.text_encoder import prune_vocabulary
+    from daguerre.pipelines.prompts import encode_weighted
+
+    comps = build_components(preset("tiny"), seed=0)
+    pruned = prune_vocabulary(comps.text_encoder, comps.tokenizer.encode("a red circle"))
+    with caplog.at_level("WARNING", logger="daguerre"), torch.no_grad():
+        encode_weighted(pruned, comps.tokenizer, ["a red circle"], skip_layers=0)
+        assert not caplog.records
+        encode_weighted(pruned, comps.tokenizer, ["a red dragon"], skip_layers=0)
+    assert "'dragon'" in caplog.text and "'red'" not in caplog.text

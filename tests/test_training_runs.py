@@ -39,6 +39,14 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _captions(run: Path) -> list[str]:
+    """The training captions of a stage-2 run, from its latent cache."""
+    from daguerre.training.latents import MANIFEST, _load
+
+    manifest = next((run / "latents").glob(f"*/{MANIFEST}"))
+    return _load(manifest.parent, json.loads(manifest.read_text())["shards"]).captions
+
+
 def _cli_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     src = str(Path(__file__).resolve().parents[1] / "src")
@@ -103,8 +111,14 @@ def test_ldm_overfits_one_batch_and_the_model_generates(tmp_path, vae_file):
     final = load_file(str(run / "checkpoints" / f"step_{OVERFIT_STEPS:08d}" / "state.safetensors"))
     for k, v in comps.unet.state_dict().items():  # the file holds the EMA weights (stored in float16)
         assert torch.equal(v, final[f"ema.unet.{k}"].half().float()), k
+    kept = comps.config.text_encoder.token_ids  # pruned to the tokens of the training captions
+    assert kept is not None and len(kept) < 100
+    assert set(kept) == {i for c in ["", *_captions(run)] for i in comps.tokenizer(c)[0].tolist()}
     for k, v in comps.text_encoder.state_dict().items():
-        assert torch.equal(v, final[f"ema.text_encoder.{k}"].half().float()), k
+        ref = final[f"ema.text_encoder.{k}"].half().float()
+        if k.endswith("token_embedding.weight"):
+            ref = torch.cat([ref[list(kept)], torch.zeros(1, ref.shape[1])])
+        assert torch.equal(v, ref), k
     images = txt2img(comps, GenerationRequest(prompt="a red circle", steps=2, seed=0, cfg_scale=2.0))
     assert images[0].image.size == (32, 32)
     assert (run / "latents").is_dir()  # reused by a second run of the same data on the same VAE:

@@ -87,6 +87,14 @@ class TextEncoderConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 49407  # SD v1 pads with <|endoftext|>; OpenCLIP (SD v2) pads with 0 ("!")
+    # A pruned vocabulary (daguerre's own small models): only these token ids have embedding rows, in this
+    # order, plus one last row of zeros shared by every other id. None: one row per id of `vocab_size`.
+    token_ids: tuple[int, ...] | None = None
+
+    @property
+    def embedding_rows(self) -> int:
+        """Rows of the token-embedding table: `vocab_size`, or the kept ids + the shared zero row."""
+        return self.vocab_size if self.token_ids is None else len(self.token_ids) + 1
 
 
 @dataclass

@@ -14,6 +14,8 @@ exporting drops the skipped layers and sets skip 0. Both directions are exact.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 from collections import Counter
@@ -221,6 +223,8 @@ def save_diffusers(components: Components, folder: str | os.PathLike, *, dtype: 
     from .unet_keys import unet_config_to_diffusers, unet_state_dict_to_diffusers
     from .vae_keys import vae_config_to_diffusers, vae_state_dict_to_diffusers
 
+    if components.text_encoder is not None and components.text_encoder.config.token_ids is not None:
+        components = with_full_vocabulary(components)  # transformers' CLIPTextModel has a row per id
     cfg = components.config
     if cfg.concat not in PIPELINES:
         raise ValueError(f"a model with concat={cfg.concat!r} has no diffusers pipeline daguerre can write")
@@ -275,3 +279,12 @@ def save_diffusers(components: Components, folder: str | os.PathLike, *, dtype: 
             "requires_safety_checker": False,
         }
         atomic_write_text(tmp / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def with_full_vocabulary(components: Components) -> Components:
+    """`components` with a pruned text encoder expanded to one embedding row per token id (same outputs)."""
+    from ..models.text_encoder import expand_vocabulary
+
+    text_encoder = expand_vocabulary(components.text_encoder)
+    config = dataclasses.replace(components.config, text_encoder=text_encoder.config)
+    return dataclasses.replace(components, config=config, text_encoder=text_encoder)

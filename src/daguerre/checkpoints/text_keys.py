@@ -54,7 +54,7 @@ def expected_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
     """Every key of `CLIPTextEncoder(cfg).state_dict()` with its shape, without building the model."""
     w, m = cfg.width, cfg.mlp_dim
     shapes = {
-        "text_model.embeddings.token_embedding.weight": (cfg.vocab_size, w),
+        "text_model.embeddings.token_embedding.weight": (cfg.embedding_rows, w),
         "text_model.embeddings.position_embedding.weight": (cfg.max_length, w),
     }
     for i in range(cfg.layers):

@@ -10,6 +10,8 @@ also the SD v1 single-file layout after stripping `cond_stage_model.transformer.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -79,14 +81,26 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPTextEmbeddings(nn.Module):
+    """Token + position embeddings. With a pruned vocabulary (`cfg.token_ids`), ids are first mapped to
+    their rows; every id outside the kept set maps to the last row, which is zero (see `prune_vocabulary`)."""
+
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.token_embedding = nn.Embedding(cfg.embedding_rows, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
+        row_of = None  # token id -> row, derived from the config (not saved)
+        if cfg.token_ids is not None:
+            ids = cfg.token_ids
+            if len(set(ids)) != len(ids) or not all(0 <= i < cfg.vocab_size for i in ids):
+                raise ValueError(f"text encoder token_ids must be distinct ids in 0..{cfg.vocab_size - 1}")
+            row_of = torch.full((cfg.vocab_size,), len(ids), dtype=torch.long)
+            row_of[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
+        self.register_buffer("row_of", row_of, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, width)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)
+        rows = input_ids if self.row_of is None else self.row_of[input_ids]
+        return self.token_embedding(rows) + self.position_embedding(positions)
 
 
 class CLIPEncoder(nn.Module):
@@ -157,3 +171,54 @@ class CLIPTextEncoder(nn.Module):
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)  # (B, projection_dim)
         return TextEncoderOutput(hidden, pooled)
+
+
+def unknown_token_ids(encoder: CLIPTextEncoder, ids: list[int]) -> list[int]:
+    """The ids in `ids` that `encoder`'s pruned vocabulary has no row for (empty for a full vocabulary)."""
+    kept = encoder.config.token_ids
+    if kept is None:
+        return []
+    known = set(kept)
+    return sorted({i for i in ids if i not in known})
+
+
+@torch.no_grad()
+def prune_vocabulary(encoder: CLIPTextEncoder, keep: Iterable[int]) -> CLIPTextEncoder:
+    """A copy of `encoder` whose token-embedding table keeps only the rows of `keep` (plus start, end and
+    pad tokens), and one shared row of zeros that every other id maps to.
+
+    A text encoder trained jointly on a small caption set only ever updates the rows of the tokens its
+    captions contain; the other ~49k rows stay at their random initialisation, so they carry no meaning
+    and dominate the file size. Pruning keeps outputs identical for every prompt made of kept tokens.
+    """
+    cfg = encoder.config
+    old_rows = list(range(cfg.vocab_size)) if cfg.token_ids is None else list(cfg.token_ids)
+    have = set(old_rows)
+    ids = sorted(({int(i) for i in keep} | {cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id}) & have)
+    new_cfg = dataclasses.replace(cfg, token_ids=tuple(ids))
+    weight = encoder.text_model.embeddings.token_embedding.weight
+    pruned = CLIPTextEncoder(new_cfg).to(device=weight.device, dtype=weight.dtype)
+    state = {k: v for k, v in encoder.state_dict().items() if not k.endswith("token_embedding.weight")}
+    position = {row: i for i, row in enumerate(old_rows)}
+    table = torch.zeros(len(ids) + 1, cfg.width, dtype=weight.dtype, device=weight.device)
+    table[: len(ids)] = weight[[position[i] for i in ids]]
+    state["text_model.embeddings.token_embedding.weight"] = table
+    pruned.load_state_dict(state)
+    pruned.train(encoder.training)
+    return pruned
+
+
+@torch.no_grad()
+def expand_vocabulary(encoder: CLIPTextEncoder) -> CLIPTextEncoder:
+    """The full-vocabulary equivalent of a pruned encoder (every unknown id gets the zero row), e.g. for
+    export to transformers' CLIPTextModel, which has one row per id. A full encoder is returned as is."""
+    cfg = encoder.config
+    if cfg.token_ids is None:
+        return encoder
+    weight = encoder.text_model.embeddings.token_embedding.weight
+    full = CLIPTextEncoder(dataclasses.replace(cfg, token_ids=None)).to(device=weight.device, dtype=weight.dtype)
+    state = encoder.state_dict()
+    state["text_model.embeddings.token_embedding.weight"] = weight[encoder.text_model.embeddings.row_of]
+    full.load_state_dict(state)
+    full.train(encoder.training)
+    return full

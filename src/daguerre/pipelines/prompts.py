@@ -16,9 +16,14 @@ A prompt with no brackets and at most 75 tokens encodes exactly as the plain tok
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+from ..models.text_encoder import unknown_token_ids
+
+logger = logging.getLogger("daguerre")
 
 ROUND_WEIGHT = 1.1  # `(text)`
 SQUARE_WEIGHT = 1 / 1.1  # `[text]`
@@ -190,6 +195,10 @@ def encode_weighted(
     Rows with fewer chunks than the longest are padded with chunks of the empty prompt.
     """
     per_prompt = [tokenize_chunks(tokenizer, p) for p in prompts]
+    unknown = unknown_token_ids(text_encoder, [i for chunks in per_prompt for c in chunks for i in c.ids])
+    if unknown:  # a small model trained on its own captions knows only their words
+        logger.warning("the model's vocabulary has no %s; they are ignored",
+                       ", ".join(repr(tokenizer.decode([i])) for i in unknown))
     k = max(min_chunks, *(len(c) for c in per_prompt))
     empty = tokenize_chunks(tokenizer, "")[0]
     device = next(text_encoder.parameters()).device

@@ -83,6 +83,9 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard events (if torch.utils.tensorboard imports)
     progress: bool = True  # tqdm progress bar on rank 0
     save_dtype: str = "float16"  # dtype of the final model file: "float16", "bfloat16" or "float32"
+    # stage 2, jointly trained text encoder: the final model keeps only the token-embedding rows of tokens
+    # that occur in the training captions (the others were never trained); unknown words then embed as zeros
+    prune_vocabulary: bool = True
 
 
 @dataclass

@@ -14,6 +14,7 @@ VAE, the schedule, the config with provenance) that `daguerre generate --model` 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..components import Components
 from ..diffusion.schedules import alphas_cumprod, betas_from_config, q_sample
-from ..models.text_encoder import CLIPTextEncoder
+from ..models.text_encoder import CLIPTextEncoder, prune_vocabulary
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNetModel
 from . import dist, latents, losses
@@ -243,6 +244,11 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
         from ..checkpoints import save_model
 
         components = ema_components()
+        if t.prune_vocabulary and train_te:
+            components = with_caption_vocabulary(components, lat.captions)
+            logger.info("text encoder vocabulary pruned to the %d tokens of the training captions",
+                        len(components.config.text_encoder.token_ids))
+        model_cfg = components.config
         model_cfg.provenance = {
             "stage": "ldm", "steps": t.steps, "training_seconds": round(ts.seconds(), 1),
             "images_seen": t.steps * sampler.global_batch, "world_size": env.world,
@@ -256,3 +262,14 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
         logger.info("wrote %s", path)
     dist.barrier()
     return path
+
+
+def with_caption_vocabulary(components: Components, captions: list[str]) -> Components:
+    """`components` with its text encoder pruned to the tokens of `captions` (and the empty prompt)."""
+    tokenizer = components.tokenizer
+    keep: set[int] = set()
+    for text in set(captions) | {""}:
+        keep.update(tokenizer.encode(text))
+    text_encoder = prune_vocabulary(components.text_encoder, keep)
+    config = dataclasses.replace(components.config, text_encoder=text_encoder.config)
+    return dataclasses.replace(components, config=config, text_encoder=text_encoder)
