@@ -15,7 +15,6 @@ exporting drops the skipped layers and sets skip 0. Both directions are exact.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 from collections import Counter
