@@ -382,3 +382,18 @@ def test_image_helpers(tmp_path):
     assert im.load_image(path, "L").mode == "L"
     t = im.image_to_tensor(_image())
     assert t.shape == (1, 3, SIZE, SIZE) and -1 <= t.min() and t.max() <= 1
+
+
+def test_unset_sampling_settings_come_from_the_model_then_the_global_defaults(tiny):
+    from daguerre.pipelines.request import DEFAULT_SETTINGS
+
+    plain = GenerationRequest(prompt="a red circle", seed=1).validate(tiny.config)
+    assert {k: getattr(plain, k) for k in DEFAULT_SETTINGS} == DEFAULT_SETTINGS
+    config = dataclasses.replace(tiny.config, defaults={"steps": 2, "cfg_scale": 4.0, "sampler": "Euler"})
+    resolved = GenerationRequest(prompt="a red circle", seed=1, sampler="Heun").validate(config)
+    assert (resolved.steps, resolved.cfg_scale, resolved.sampler, resolved.schedule) == (2, 4.0, "Heun", "Automatic")
+    comps = dataclasses.replace(tiny, config=config)
+    out = txt2img(comps, GenerationRequest(prompt="a red circle", seed=1))
+    assert "Steps: 2, Sampler: Euler" in out[0].parameters and "CFG scale: 4," in out[0].parameters
+    with pytest.raises(ValueError, match="steps"):
+        GenerationRequest(prompt="x", seed=1).validate(dataclasses.replace(config, defaults={"steps": 0}))

@@ -125,6 +125,8 @@ class ModelConfig:
     class_names: list[str] | None = None  # for class-conditional models
     sample_size: int = 512  # native image size in pixels
     provenance: dict[str, Any] = field(default_factory=dict)  # training recipe, data, source file, ...
+    # recommended generation settings (steps, sampler, schedule, cfg_scale) for requests that leave them unset
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

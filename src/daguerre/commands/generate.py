@@ -37,12 +37,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", "-N", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--sampler", default="DPM++ 2M", help="sampler, A1111 or ComfyUI name (default 'DPM++ 2M'); "
-                   "see docs/samplers.md or --list-samplers")
-    p.add_argument("--schedule", default="Automatic", help="schedule type: Automatic, Karras, Exponential, "
-                   "SGM Uniform, Simple, Normal (default Automatic)")
-    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the model's recommended number, else 20)")
+    p.add_argument("--sampler", default=None, help="sampler, A1111 or ComfyUI name (default: the model's, else "
+                   "'DPM++ 2M'); see docs/samplers.md or --list-samplers")
+    p.add_argument("--schedule", default=None, help="schedule type: Automatic, Karras, Exponential, "
+                   "SGM Uniform, Simple, Normal (default: the model's, else Automatic)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's recommended scale, else 7)")
     p.add_argument("--seed", type=int, default=-1, help="seed of the first image; image i uses seed+i (-1: random)")
     p.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT in pixels (default: the model's)")
     p.add_argument("--n", type=int, default=1, help="number of images (default 1)")

@@ -65,6 +65,13 @@ def format_info(info: dict) -> str:
     )
     dtypes = ", ".join(f"{k} x{n}" for k, n in sorted(info["stored_dtypes"].items(), key=lambda kv: -kv[1]))
     lines.append(f"stored dtypes:   {dtypes}")
+    config = info["config"]
+    if config.get("defaults"):
+        lines.append("recommends:      " + ", ".join(f"{k} {v}" for k, v in config["defaults"].items()))
+    prov = config.get("provenance") or {}
+    if prov.get("stage") == "ldm":
+        lines.append(f"trained:         {prov.get('steps')} steps, {prov.get('images_seen', 0):,} images, "
+                     f"{prov.get('training_seconds', 0) / 3600:.2f} h on {prov.get('world_size', 1)} process(es)")
     extras = []
     if info["has_ema"]:
         extras.append("has a separate EMA U-Net (model_ema.*; load with --ema)")
@@ -82,8 +89,10 @@ def format_info(info: dict) -> str:
 @command("info", "describe a checkpoint: variant, architecture, parameters, dtypes, hashes", _add_arguments)
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints.summary import describe
+    from ..registry import shipped_models
 
-    info = describe(args.model, prediction_type=args.prediction_type, use_ema=args.ema, hashes=not args.no_hash)
+    path = shipped_models().get(args.model, args.model)  # a shipped model's name or a path
+    info = describe(path, prediction_type=args.prediction_type, use_ema=args.ema, hashes=not args.no_hash)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:

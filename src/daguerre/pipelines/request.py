@@ -28,6 +28,9 @@ DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 0.75, "upscale": 0.4}
 INPAINT_FILLS = ("original", "fill", "latent noise", "latent nothing")  # A1111 "Masked content"
 CONCAT_KINDS = (None, "inpaint", "lowres")
 MAX_UPSCALE = 8.0
+# Sampling settings of a request that leaves them None and whose model recommends none (A1111's defaults,
+# except the sampler). A model recommends its own in `ModelConfig.defaults` (daguerre's trained models do).
+DEFAULT_SETTINGS: dict[str, Any] = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "Automatic", "cfg_scale": 7.0}
 LOWRES_NOISE_STEPS = 1000  # the low-res augmentation schedule's length (SD x4 upscaler `max_noise_level` < this)
 
 
@@ -37,10 +40,11 @@ class GenerationRequest:
 
     prompt: str = ""
     negative_prompt: str = ""
-    steps: int = 20
-    sampler: str = "DPM++ 2M"  # AUTOMATIC1111 or ComfyUI name (docs/samplers.md)
-    schedule: str = "Automatic"  # A1111 "Schedule type": Automatic, Karras, Exponential, SGM Uniform, ...
-    cfg_scale: float = 7.0  # classifier-free guidance scale; 1 = no guidance
+    # None: the model's recommended setting (ModelConfig.defaults), else DEFAULT_SETTINGS
+    steps: int | None = None
+    sampler: str | None = None  # AUTOMATIC1111 or ComfyUI name (docs/samplers.md)
+    schedule: str | None = None  # A1111 "Schedule type": Automatic, Karras, Exponential, SGM Uniform, ...
+    cfg_scale: float | None = None  # classifier-free guidance scale; 1 = no guidance
     guidance_rescale: float = 0.0  # Lin et al. 2024 rescale, for zero-terminal-SNR / v models
     seed: int | None = None
     width: int | None = None
@@ -61,8 +65,15 @@ class GenerationRequest:
     tile: bool | None = None  # tiled VAE decode/encode: True, False, or None = automatic for large images
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for pipeline-specific settings
 
+    def settings(self, config: ModelConfig) -> dict[str, Any]:
+        """steps, sampler, schedule and cfg_scale: this request's, else the model's recommended, else global."""
+        return {k: v if (v := getattr(self, k)) is not None else config.defaults.get(k, fallback)
+                for k, fallback in DEFAULT_SETTINGS.items()}
+
     def validate(self, config: ModelConfig) -> GenerationRequest:
-        """Check every field against the model; return a copy with defaults (size, seed) filled in."""
+        """Check every field against the model; return a copy with defaults (settings, size, seed) filled in."""
+        if any(getattr(self, k) is None for k in DEFAULT_SETTINGS):
+            return dataclasses.replace(self, **self.settings(config)).validate(config)
         from ..diffusion.sampler_names import resolve_sampler
 
         if not isinstance(self.steps, int) or self.steps < 1:
