@@ -227,3 +227,24 @@ def test_latent_cache_key_depends_on_vae_data_and_flip():
     assert len({base, cache_key("ab", {"kind": "shapes", "n": 10}, False, 8),
                 cache_key("aa", {"kind": "shapes", "n": 11}, False, 8),
                 cache_key("aa", {"kind": "shapes", "n": 10}, True, 8)}) == 4
+
+
+def test_resume_accepts_keys_added_by_a_newer_version_only_at_their_defaults(tmp_path):
+    """A run stored before a config key existed resumes when the key has its default value now."""
+    import json
+
+    from daguerre.training.config import load_run_config, to_jsonable
+    from daguerre.training.loop import prepare_run_dir
+
+    cfg = load_run_config(None, "ldm")
+    stored = to_jsonable(cfg.to_dict())
+    del stored["train"]["grad_clip"]  # as if written by a version without this key
+    ckpt = tmp_path / "checkpoints" / "step_00000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / state.META_FILE).write_text(json.dumps({"run_config": stored, "step": 10}))
+    (ckpt / state.TENSORS_FILE).write_bytes(b"")  # only its presence matters here
+    env = dist.DistEnv()
+    assert prepare_run_dir(tmp_path, cfg, True, env) == ckpt
+    changed = load_run_config(None, "ldm", ["train.grad_clip=0.5"])
+    with pytest.raises(ValueError, match="train.grad_clip was None and is now 0.5|train.grad_clip"):
+        prepare_run_dir(tmp_path, changed, True, env)

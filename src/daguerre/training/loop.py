@@ -22,7 +22,7 @@ from torch import nn
 
 from ..fileio import atomic_write_text
 from . import dist, state
-from .config import RunConfig, TrainConfig, to_jsonable
+from .config import RunConfig, TrainConfig, load_run_config, to_jsonable
 from .ema import EMA
 
 logger = logging.getLogger("daguerre.train")
@@ -30,7 +30,8 @@ CONFIG_FILE = "config.json"
 # run-config keys that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "train.eval_every",
                      "train.checkpoint_every", "train.keep_last", "train.tensorboard", "train.progress",
-                     "train.threads", "data.workers", "train.save_dtype", "data.cache_dir", "train.device")
+                     "train.threads", "data.workers", "train.save_dtype", "data.cache_dir", "train.device",
+                     "train.prune_vocabulary")
 
 
 def lr_at(step: int, t: TrainConfig, peak: float | None = None) -> float:
@@ -121,6 +122,9 @@ def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv) 
         return None
     stored = json.loads((latest / state.META_FILE).read_text(encoding="utf-8"))["run_config"]
     old, new = flat(stored), flat(to_jsonable(cfg.to_dict()))
+    # a key the stored config lacks was added by a newer daguerre: the run used what is now its default
+    default = flat(to_jsonable(load_run_config(None, cfg.stage).to_dict()))
+    old = {**{k: default.get(k) for k in set(new) - set(old)}, **old}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         k = changed[0]
