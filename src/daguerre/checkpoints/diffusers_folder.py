@@ -222,6 +222,10 @@ def save_diffusers(components: Components, folder: str | os.PathLike, *, dtype: 
     from .unet_keys import unet_config_to_diffusers, unet_state_dict_to_diffusers
     from .vae_keys import vae_config_to_diffusers, vae_state_dict_to_diffusers
 
+    tcfg = components.config.text_encoder
+    if tcfg is not None and tcfg.kind != "clip":
+        raise ValueError(f"a model with the frozen {tcfg.kind!r} text encoder has no diffusers StableDiffusionPipeline "
+                         "form (its text encoder is a BERT); save it as a daguerre checkpoint (.safetensors) instead")
     if components.text_encoder is not None and components.text_encoder.config.token_ids is not None:
         components = with_full_vocabulary(components)  # transformers' CLIPTextModel has a row per id
     cfg = components.config

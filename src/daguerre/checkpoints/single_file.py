@@ -72,6 +72,10 @@ def load_single(
         )
     unet_sd = _unet_weights(sd, kept, use_ema)
     vae_sd = d.strip(kept, d.VAE_PREFIX)
+    frozen = cfg.text_encoder is not None and cfg.text_encoder.kind != "clip"  # weights from its own package
+    if frozen and det.text_layout is not None:
+        raise ValueError(f"the checkpoint holds text-encoder weights (cond_stage_model.*) but its config uses the "
+                         f"frozen pretrained {cfg.text_encoder.kind!r} encoder, whose weights are never stored")
     text_sd, text_prefix = None, ""
     if det.text_layout == "transformers":
         text_prefix = d.TEXT_PREFIX_CLIP
@@ -81,7 +85,7 @@ def load_single(
         text_prefix = d.TEXT_PREFIX_OPENCLIP
         if cfg.text_encoder is not None:
             text_sd = text_state_dict_from_openclip(d.strip(kept, text_prefix), cfg.text_encoder)
-    if cfg.text_encoder is not None and text_sd is None:
+    if cfg.text_encoder is not None and text_sd is None and not frozen:
         raise ValueError("the checkpoint has no text encoder (cond_stage_model.*) although its config needs one")
     if cfg.text_encoder is None and det.text_layout is not None:
         raise ValueError("the checkpoint holds text-encoder weights but its config has no text encoder")
@@ -100,14 +104,15 @@ def load_single(
 
 
 def single_file_state_dict(components: Components, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The whole model in the SD single-file layout (OpenCLIP text layout for gelu text encoders)."""
+    """The whole model in the SD single-file layout (OpenCLIP text layout for gelu text encoders); the weights
+    of a frozen pretrained text encoder (MiniLM) are left out: the config names them by sha256."""
     from .text_keys import text_state_dict_to_openclip
 
     unet, vae, text = state_dicts(components, dtype)
     out = {d.UNET_PREFIX + k: v for k, v in unet.items()}
     out.update({d.VAE_PREFIX + k: v for k, v in vae.items()})
     tcfg = components.config.text_encoder
-    if text is not None and tcfg is not None:
+    if text is not None and tcfg is not None and tcfg.kind == "clip":  # a frozen pretrained encoder is not stored
         if tcfg.activation == OPENCLIP_ACTIVATION:
             out.update({d.TEXT_PREFIX_OPENCLIP + k: v for k, v in text_state_dict_to_openclip(text, tcfg).items()})
         else:

@@ -26,6 +26,15 @@ def _count(model: nn.Module | None) -> int:
     return 0 if model is None else sum(p.numel() for p in model.parameters())
 
 
+def _frozen_description(t) -> str | None:
+    """What a frozen pretrained text encoder is and where its weights come from (None for CLIP)."""
+    if t.kind == "clip":
+        return None
+    from ..models.bert import describe_minilm
+
+    return describe_minilm(t)
+
+
 def _architecture(c: Components) -> dict[str, Any]:
     cfg = c.config
     u, v, t = cfg.unet, cfg.vae, cfg.text_encoder
@@ -44,8 +53,10 @@ def _architecture(c: Components) -> dict[str, Any]:
             "shift_factor": v.shift_factor,
         },
         "text_encoder": None if t is None else {
-            "width": t.width, "layers": t.layers, "heads": t.heads, "skip_layers": t.skip_layers,
+            "kind": t.kind, "width": t.width, "layers": t.layers, "heads": t.heads, "skip_layers": t.skip_layers,
             "activation": t.activation, "projection_dim": t.projection_dim, "pad_token_id": t.pad_token_id,
+            "max_length": t.max_length, "weights_sha256": t.weights_sha256,
+            "frozen_pretrained": _frozen_description(t),
         },
     }
 

@@ -50,7 +50,12 @@ def format_info(info: dict) -> str:
         f"channels {v['channels']}, scale factor {v['scale_factor']}"
         + (f", shift {v['shift_factor']}" if v["shift_factor"] else ""),
     ]
-    if t is not None:
+    if t is not None and t.get("frozen_pretrained"):
+        lines.append(
+            f"text encoder:    {t['frozen_pretrained']}, not stored in this file; BERT width {t['width']}, "
+            f"{t['layers']} layers, {t['heads']} heads, {t['max_length']}-token window"
+        )
+    elif t is not None:
         lines.append(
             f"text encoder:    width {t['width']}, {t['layers']} layers, {t['heads']} heads, skip {t['skip_layers']} "
             f"({'penultimate' if t['skip_layers'] == 1 else 'last' if t['skip_layers'] == 0 else 'earlier'} layer), "
@@ -67,7 +72,11 @@ def format_info(info: dict) -> str:
     lines.append(f"stored dtypes:   {dtypes}")
     config = info["config"]
     if config.get("defaults"):
-        lines.append("recommends:      " + ", ".join(f"{k} {v}" for k, v in config["defaults"].items()))
+        from ..pipelines.request import DEFAULT_SETTINGS
+
+        order = [k for k in DEFAULT_SETTINGS if k in config["defaults"]]
+        order += sorted(set(config["defaults"]) - set(order))
+        lines.append("recommends:      " + ", ".join(f"{k} {config['defaults'][k]}" for k in order))
     prov = config.get("provenance") or {}
     if prov.get("stage") == "ldm":
         lines.append(f"trained:         {prov.get('steps')} steps, {prov.get('images_seen', 0):,} images, "

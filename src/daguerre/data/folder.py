@@ -92,8 +92,9 @@ class ImageFolder(torch.utils.data.Dataset):
     `captions`: "auto" (metadata file, else `.txt` sidecars, else class names, else ""), or one
     source only: "txt", "metadata", "folders", "none". Unreadable images: `on_error="skip"` warns
     once per file and returns the next readable image; "raise" raises ValueError naming the file.
-    Random crops and flips are drawn from a Generator seeded (seed, epoch, index): call
-    `set_epoch` each epoch for fresh augmentations.
+    Random crops and flips are drawn from a Generator seeded (seed, epoch, index): index the dataset
+    with an (epoch, index) pair (`ds[(epoch, i)]`, what the training loaders do, so the epoch reaches
+    DataLoader worker processes too) or call `set_epoch` (plain `ds[i]` then uses that epoch).
     """
 
     def __init__(self, root: str | Path, size: int = 256, captions: str = "auto", *, crop: str = "center",
@@ -170,13 +171,13 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _load(self, k: int) -> torch.Tensor | None:
+    def _load(self, k: int, epoch: int) -> torch.Tensor | None:
         if k in self._bad:
             return None
         try:
             with Image.open(self.paths[k]) as img:
                 img.load()  # a GIF's first frame
-                rng = np.random.default_rng((self.seed, self.epoch, k))
+                rng = np.random.default_rng((self.seed, epoch, k))
                 return self.transform(img, rng)
         except UNREADABLE as e:
             if self.on_error == "raise":
@@ -185,12 +186,14 @@ class ImageFolder(torch.utils.data.Dataset):
             self._bad.add(k)
             return None
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Item `key` = i (augmentations of `self.epoch`) or (epoch, i)."""
+        epoch, i = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, key)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for an ImageFolder of {len(self)} images")
         for step in range(len(self)):
             k = (i + step) % len(self)
-            image = self._load(k)
+            image = self._load(k, epoch)
             if image is not None:
                 item = {"image": image, "caption": self.captions[k]}
                 if self.labels is not None:

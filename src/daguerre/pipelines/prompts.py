@@ -12,6 +12,11 @@
   original mean, as A1111 does (A1111 takes the mean over the whole batch; per chunk keeps an
   image independent of the batch it is made in).
 A prompt with no brackets and at most 75 tokens encodes exactly as the plain tokenizer would.
+
+A BERT encoder (the frozen all-MiniLM-L6-v2, text-encoder kind "minilm") reads one window of its
+tokenizer's `max_length`: `[CLS] tokens [SEP] [PAD]...`, the emphasis weights applied per token in the
+same way; there is no chunking, so a longer prompt is truncated (with a warning naming what was
+dropped) and `BREAK` is ignored.
 """
 
 from __future__ import annotations
@@ -187,30 +192,58 @@ def tokenize_chunks(tokenizer, text: str, comma_id: int | None = None) -> list[C
     return chunks
 
 
+def tokenize_window(tokenizer, text: str) -> Chunk:
+    """The prompt as one window of `tokenizer.max_length` with per-token weights (BERT: no chunking).
+
+    Emphasis as in `tokenize_chunks`; `BREAK` is dropped, and tokens beyond the window are cut with a
+    warning, as the plain tokenizer does."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for piece, weight in parse_emphasis(text):
+        if weight == -1.0 and piece == BREAK:
+            logger.warning("BREAK has no effect with this text encoder (one %d-token window)", tokenizer.max_length)
+            continue
+        for token in tokenizer.encode(piece):
+            ids.append(token)
+            weights.append(weight)
+    room = tokenizer.max_length - 2
+    if len(ids) > room:
+        logger.warning("prompt longer than %d tokens, dropped: %r", tokenizer.max_length, tokenizer.decode(ids[room:]))
+        ids, weights = ids[:room], weights[:room]
+    pad = room - len(ids)
+    return Chunk([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad,
+                 [1.0, *weights, 1.0] + [1.0] * pad)
+
+
 def encode_weighted(
     text_encoder, tokenizer, prompts: list[str], *, skip_layers: int, min_chunks: int = 1
 ) -> torch.Tensor:
     """Context (B, 77 * k, d) for `prompts` with A1111 emphasis and chunking; k >= min_chunks for all rows.
 
-    Rows with fewer chunks than the longest are padded with chunks of the empty prompt.
+    Rows with fewer chunks than the longest are padded with chunks of the empty prompt. A BERT encoder
+    (config kind other than "clip") gets one window per prompt (`tokenize_window`): (B, max_length, d).
     """
-    per_prompt = [tokenize_chunks(tokenizer, p) for p in prompts]
+    if text_encoder.config.kind != "clip":
+        per_prompt = [[tokenize_window(tokenizer, p)] for p in prompts]
+        min_chunks = 1
+    else:
+        per_prompt = [tokenize_chunks(tokenizer, p) for p in prompts]
     unknown = unknown_token_ids(text_encoder, [i for chunks in per_prompt for c in chunks for i in c.ids])
     if unknown:  # a small model trained on its own captions knows only their words
         logger.warning("the model's vocabulary has no %s; they are ignored",
                        ", ".join(repr(tokenizer.decode([i])) for i in unknown))
     k = max(min_chunks, *(len(c) for c in per_prompt))
-    empty = tokenize_chunks(tokenizer, "")[0]
+    empty = tokenize_chunks(tokenizer, "")[0] if k > 1 else None  # pads the rows with fewer chunks
     device = next(text_encoder.parameters()).device
     rows = []
     for chunks in per_prompt:
         chunks = chunks + [empty] * (k - len(chunks))
-        ids = torch.tensor([c.ids for c in chunks], device=device)  # (k, 77)
-        w = torch.tensor([c.weights for c in chunks], device=device, dtype=torch.float32)  # (k, 77)
-        z = text_encoder(ids, skip_layers=skip_layers, output_pooled=False).hidden.float()  # (k, 77, d)
+        ids = torch.tensor([c.ids for c in chunks], device=device)  # (k, T): T = 77, or BERT's max_length
+        w = torch.tensor([c.weights for c in chunks], device=device, dtype=torch.float32)  # (k, T)
+        z = text_encoder(ids, skip_layers=skip_layers, output_pooled=False).hidden.float()  # (k, T, d)
         if bool((w != 1.0).any()):  # weight each token, then restore each chunk's mean (A1111)
             mean = z.mean(dim=(1, 2), keepdim=True)  # (k, 1, 1)
             z = z * w.unsqueeze(-1)
             z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
         rows.append(z.reshape(1, -1, z.shape[-1]))
-    return torch.cat(rows)  # (B, 77 k, d)
+    return torch.cat(rows)  # (B, T k, d)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..components import Components
-from ..config import ScheduleConfig
+from ..config import ModelConfig, ScheduleConfig
 from ..diffusion.schedules import alphas_cumprod, betas_from_config
 from .common import Callback, GeneratedImage, SamplingPlan, run_plan
 from .images import image_to_tensor, resize_image
@@ -42,10 +42,11 @@ def is_sr_model(components: Components) -> bool:
     return components.config.concat == "lowres"
 
 
-def lowres_concat(components: Components, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The SR model's extra input: the low-res pixels (1, C, h0, w0) in [-1, 1], bicubic to the latent
-    grid of a height x width output -> (1, C, height/f, width/f)."""
-    f = components.config.vae.downsample_factor
+def lowres_concat(config: ModelConfig, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The SR model's extra input: the low-res pixels (B, C, h0, w0) in [-1, 1], bicubic to the latent
+    grid of a height x width output -> (B, C, height/f, width/f). The one definition of this input:
+    `upscale` and the trainer (`daguerre.training.concat`) both build it here."""
+    f = config.vae.downsample_factor
     size = (height // f, width // f)
     if tuple(image.shape[-2:]) == size:
         return image
@@ -53,15 +54,24 @@ def lowres_concat(components: Components, image: torch.Tensor, height: int, widt
     return F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=down).clamp(-1, 1)
 
 
+def lowres_noise_scales(level: int) -> tuple[float, float] | None:
+    """(a, s) of noise-conditioning augmentation at `level` on `LOWRES_NOISE_SCHEDULE`: the low-res input
+    becomes a * concat + s * eps, a = sqrt(abar_level), s = sqrt(1 - abar_level); None at level 0 (the
+    input is used as it is). Shared by `upscale` and the trainer."""
+    if level <= 0:
+        return None
+    abar = float(alphas_cumprod(betas_from_config(LOWRES_NOISE_SCHEDULE))[level])
+    return abar**0.5, (1 - abar) ** 0.5
+
+
 def sr_plan(components: Components, req: GenerationRequest, image: torch.Tensor) -> SamplingPlan:
     """The plan of a super-resolution model for the low-res `image` (1, C, h0, w0) in [-1, 1] (req validated)."""
     device = next(components.unet.parameters()).device
-    cond = {"concat": lowres_concat(components, image.to(device), req.height, req.width)}
+    cond = {"concat": lowres_concat(components.config, image.to(device), req.height, req.width)}
     params = {"Upscale": f"{req.upscale_factor:g}"}
     noise = None
     if components.config.unet.num_classes is not None:
-        abar = float(alphas_cumprod(betas_from_config(LOWRES_NOISE_SCHEDULE))[req.noise_level])
-        noise = (abar**0.5, (1 - abar) ** 0.5) if req.noise_level > 0 else None
+        noise = lowres_noise_scales(req.noise_level)
         cond["y"] = torch.tensor([req.noise_level], device=device)
         params["Noise level"] = req.noise_level
     return SamplingPlan(cond=cond, concat_noise=noise, params=params)

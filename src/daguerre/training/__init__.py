@@ -2,8 +2,11 @@
 
     config.py    RunConfig from a TOML file + `--set` overrides, typed and checked key by key
     vae.py       stage 1: KL autoencoder (+ optional PatchGAN, perceptual term), PSNR/SSIM, latent scale
-    ldm.py       stage 2: U-Net + jointly trained text encoder on cached latents, CFG dropout, min-SNR, EMA
+    ldm.py       stage 2: U-Net + text encoder (jointly trained or frozen) on cached latents, CFG dropout,
+                 min-SNR, EMA
     latents.py   the latent cache (safetensors shards keyed by the VAE file and the data)
+    text_cache.py  the text-embedding cache of a frozen pretrained encoder (MiniLM)
+    concat.py    image-concatenation conditioning: super-resolution (low-res image) and inpainting (mask)
     losses.py    reconstruction / KL / hinge GAN / adaptive weight; diffusion targets and min-SNR weights
     metrics.py   PSNR, SSIM (Wang et al. 2004), latent scale factor
     loop.py      AdamW, warm-up + cosine learning rate, clipping, bf16 autocast, checkpointing of the state

@@ -51,6 +51,10 @@ class DataConfig:
     on_error: str = "skip"  # unreadable image: "skip" it (named in the log) or "raise" (stop the run)
     workers: int = 0  # DataLoader worker processes (0 = load in the training process)
     cache_dir: str | None = None  # LDM latent cache; None = RUN_DIR/latents
+    # image-concatenation models (model.concat, training/concat.py)
+    lowres_factor: int = 4  # "lowres": the conditioning image is the image / this (bicubic)
+    lowres_noise: int = 0  # "lowres": max noise-augmentation level (SD x4: 350); 0 = off
+    mask_full: float = 0.25  # "inpaint": fraction of fully masked examples
 
 
 @dataclass
@@ -402,10 +406,16 @@ def check_run_config(cfg: RunConfig) -> None:
             raise ValueError(f"config key loss.caption_dropout: must be in [0, 1], got {cfg.loss.caption_dropout}")
         if cfg.loss.min_snr_gamma < 0:
             raise ValueError(f"config key loss.min_snr_gamma: must be >= 0, got {cfg.loss.min_snr_gamma}")
+        from .text_cache import check_text_encoder_config
+
+        check_text_encoder_config(cfg.model, cfg.loss.train_text_encoder)
     if d.kind == "folder" and not d.root:
         raise ValueError("config key data.root: a folder dataset needs data.root = the image folder")
     if d.kind == "shapes" and d.n < 1:
         raise ValueError(f"config key data.n: must be >= 1, got {d.n}")
+    from .concat import check_concat_config
+
+    check_concat_config(cfg)
 
 
 def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | None) -> ModelConfig:
@@ -420,10 +430,13 @@ def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | 
     m.vae.in_channels = m.vae.out_channels = channels
     m.sample_size = cfg.data.size
     m.unet.in_channels = m.unet.out_channels = m.vae.latent_channels
-    m.concat = None
+    m.concat = m.concat if cfg.stage == "ldm" else None  # image concatenation: stage 2 only
     if m.conditioning == "text":
         if m.text_encoder is None:
             raise ValueError("config key model.conditioning: 'text' needs a [model.text_encoder] section")
+        from ..config import resolve_text_encoder
+
+        m.text_encoder = resolve_text_encoder(m.text_encoder)  # kind "minilm": the fixed MiniLM architecture
         m.unet.context_dim = m.text_encoder.width
         m.unet.num_classes, m.class_names = None, None
     elif m.conditioning == "class":
@@ -436,6 +449,10 @@ def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | 
         m.unet.num_classes, m.class_names = len(class_names) + 1, list(class_names)
     else:
         m.text_encoder, m.unet.context_dim, m.unet.num_classes, m.class_names = None, None, None, None
+    if m.concat is not None:
+        from .concat import derive_concat_inputs
+
+        derive_concat_inputs(m, cfg.data)  # extra U-Net input channels (and the noise-level labels)
     factor = m.vae.downsample_factor * m.unet.downsample_factor
     if cfg.data.size % factor:
         raise ValueError(

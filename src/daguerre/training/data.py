@@ -52,7 +52,12 @@ def item_name(dataset: Any, i: int) -> str:
 
 
 class SafeDataset(torch.utils.data.Dataset):
-    """`dataset[i]` with unreadable items raised by name or skipped (replaced by the next readable one)."""
+    """`dataset[i]` with unreadable items raised by name or skipped (replaced by the next readable one).
+
+    A key may be an (epoch, i) pair: datasets with per-epoch augmentations (those with `set_epoch`, e.g.
+    random crops of an `ImageFolder`) get the pair, the others just i. The epoch thus travels with the
+    index, into DataLoader worker processes too.
+    """
 
     def __init__(self, dataset: torch.utils.data.Dataset, on_error: str) -> None:
         self.dataset, self.on_error = dataset, on_error
@@ -61,14 +66,16 @@ class SafeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, i = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (None, int(key))
+        with_epoch = epoch is not None and hasattr(self.dataset, "set_epoch")
         n = len(self.dataset)
         for k in range(n):
             j = (i + k) % n
             if j in self.bad:
                 continue
             try:
-                return self.dataset[j]
+                return self.dataset[(epoch, j)] if with_epoch else self.dataset[j]
             except READ_ERRORS as e:
                 name = item_name(self.dataset, j)
                 if self.on_error == "raise":
@@ -144,21 +151,19 @@ def images_of(items: list[dict[str, Any]]) -> torch.Tensor:
     return torch.stack([it["image"] for it in items])
 
 
-def batch_loader(data: TrainData, batches, workers: int):
-    """Iterate the item lists of `batches` (an iterable of (epoch, index array)), loaded by `workers` processes.
+def epoch_keys(epoch: int, indices: np.ndarray) -> list[tuple[int, int]]:
+    """The dataset keys (epoch, i) of one batch: the epoch decides the augmentations (random crops)."""
+    return [(int(epoch), int(i)) for i in indices]
 
-    In-process loading (workers = 0) tells datasets with augmentations (`set_epoch`) the epoch of each
-    batch, so random crops change from epoch to epoch; worker processes keep the crops of epoch 0.
-    """
-    raw = getattr(data.dataset, "dataset", data.dataset)
+
+def batch_loader(data: TrainData, batches, workers: int):
+    """Iterate the item lists of `batches` (an iterable of (epoch, index array)), loaded in this process
+    (workers = 0) or by `workers` DataLoader processes. Every item is fetched by its key (epoch, i), so
+    random crops change from epoch to epoch and are the same with and without workers."""
+    keys = (epoch_keys(epoch, idx) for epoch, idx in batches)
     if workers == 0:
-        for epoch, idx in batches:
-            if hasattr(raw, "set_epoch"):
-                raw.set_epoch(int(epoch))
-            yield load_items(data, idx)
+        for batch in keys:
+            yield [data.dataset[k] for k in batch]
         return
-    loader = torch.utils.data.DataLoader(
-        data.dataset, batch_sampler=(list(map(int, idx)) for _, idx in batches), num_workers=workers,
-        collate_fn=list,
-    )
+    loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=keys, num_workers=workers, collate_fn=list)
     yield from loader

@@ -5,7 +5,8 @@ generator (`dist.sample_generator`), a timestep t ~ U{0..T-1}, noise eps (plus o
 posterior sample z = mean + std eps' (or the mode), the caption-dropout decision and, with flips
 cached, the view. With z0 = (z - shift) * scale and x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, the
 U-Net learns eps, v or x0 under the min-SNR-gamma weights (`losses`); tau_theta (daguerre's CLIP-style
-text transformer) is trained jointly, as LDM does. Dropped captions become the empty prompt and
+text transformer) is trained jointly, as LDM does, or is the frozen pretrained MiniLM, whose contexts
+are encoded once per caption (`text_cache`). Dropped captions become the empty prompt and
 dropped labels the null class K, the unconditional branches classifier-free guidance uses at sampling
 time. The final file RUN/model.safetensors is a daguerre checkpoint (EMA U-Net and text encoder, the
 VAE, the schedule, the config with provenance) that `daguerre generate --model` loads.
@@ -27,7 +28,8 @@ from ..diffusion.schedules import alphas_cumprod, betas_from_config, q_sample
 from ..models.text_encoder import CLIPTextEncoder, prune_vocabulary
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNetModel
-from . import dist, latents, losses
+from . import dist, latents, losses, text_cache
+from .concat import build_concat_inputs
 from .config import RunConfig, derive_model_config, to_jsonable
 from .data import load_train_data
 from .ema import EMA
@@ -124,12 +126,15 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "latents"
     lat = latents.build_or_load(vae, vae_sha, data, cfg.data.flip, cache_root, env)
     views = lat.mean.shape[1]
+    concat_in = build_concat_inputs(model_cfg, cfg, data, vae, cache_root, env)  # SR / inpainting models
+    frozen = text_cache.load_frozen_text_encoder(model_cfg, device)  # MiniLM: (encoder, tokenizer); else None
+    text_emb = text_cache.build_or_load(*frozen, lat.captions, cache_root, env) if frozen else None  # once, to disk
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
         unet = UNetModel(model_cfg.unet)
-        te = CLIPTextEncoder(model_cfg.text_encoder) if model_cfg.text_encoder is not None else None
-    tokenizer = None
+        te = CLIPTextEncoder(model_cfg.text_encoder) if model_cfg.text_encoder is not None and not frozen else None
+    tokenizer = frozen[1] if frozen else None
     if te is not None:
         tokenizer = CLIPTokenizer(max_length=model_cfg.text_encoder.max_length,
                                   pad_token_id=model_cfg.text_encoder.pad_token_id)
@@ -183,7 +188,7 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
         for name, e in emas.items():
             e.copy_to(ema_copies[name])
         return Components(config=model_cfg, unet=ema_copies["unet"], vae=vae,
-                          text_encoder=ema_copies.get("text_encoder"), tokenizer=tokenizer)
+                          text_encoder=ema_copies.get("text_encoder", frozen and frozen[0]), tokenizer=tokenizer)
 
     for step in range(start, t.steps):
         set_lr(opt, lr_at(step, t))
@@ -203,8 +208,10 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
             kwargs: dict[str, torch.Tensor] = {}
             if model_cfg.conditioning == "text":
                 caps = ["" if d else lat.captions[i] for i, d in zip(idx.tolist(), dropped.tolist(), strict=True)]
-                ids = tokenizer(caps).to(device)
-                if train_te:
+                ids = tokenizer(caps).to(device) if text_emb is None else None
+                if text_emb is not None:  # a frozen pretrained encoder: its contexts, cached once
+                    kwargs["context"] = text_emb.lookup(caps, device)
+                elif train_te:
                     kwargs["ids"] = ids
                 else:
                     with torch.no_grad(), autocast(device, t.bf16):
@@ -213,6 +220,11 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
                 y = lat.labels[rows].clone()
                 y[dropped] = null_class
                 kwargs["y"] = y.to(device)
+            if concat_in is not None:  # cat(x_t, c): the low-res image or mask + masked-image latent
+                c, y_extra = concat_in.step(rows, r["view"], gens, device)
+                x_t = torch.cat([x_t, c.to(x_t)], dim=1)
+                if y_extra is not None:  # the low-res noise level
+                    kwargs["y"] = y_extra
             with dist.maybe_no_sync(model, micro < t.grad_accum - 1):
                 with autocast(device, t.bf16):
                     pred = model(x_t, r["t"].float().to(device), **kwargs)
@@ -234,7 +246,9 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
             runlog.log(done, {**dict(zip(means, vals.tolist(), strict=True)), "lr": opt.param_groups[0]["lr"],
                               "images_per_s": runlog.images_per_second(done)})
         if env.is_main and due(done, t.sample_every, t.steps):
-            save_png(sample_grid(ema_components(), cfg.sample), out / SAMPLES_DIR / f"step_{done:08d}.png")
+            grid = (sample_grid(ema_components(), cfg.sample) if concat_in is None
+                    else concat_in.sample_grid(ema_components(), cfg.sample))
+            save_png(grid, out / SAMPLES_DIR / f"step_{done:08d}.png")
         if due(done, t.checkpoint_every, t.steps):
             ts.save(out, done, cfg, sampler, env, extra={"vae_sha256": vae_sha, "vae_file": str(vae_path)})
     runlog.close()
@@ -249,6 +263,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
             logger.info("text encoder vocabulary pruned to the %d tokens of the training captions",
                         len(components.config.text_encoder.token_ids))
         model_cfg = components.config
+        sample = cfg.sample  # the settings of the sample grids are the model's recommended ones
+        model_cfg.defaults = {"steps": sample.steps, "sampler": sample.sampler, "cfg_scale": sample.cfg_scale}
         model_cfg.provenance = {
             "stage": "ldm", "steps": t.steps, "training_seconds": round(ts.seconds(), 1),
             "images_seen": t.steps * sampler.global_batch, "world_size": env.world,

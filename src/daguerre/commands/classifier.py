@@ -1,0 +1,79 @@
+"""`daguerre classifier train|test`: the classifiers `daguerre eval` judges and measures with.
+
+    daguerre classifier train --dataset shapes --out shapes.safetensors [--steps N --batch-size B --seed S --threads T]
+    daguerre classifier test shapes.safetensors
+
+`train` learns from real Fashion-MNIST images or freshly rendered shapes-world scenes (never from model
+outputs), tests on held-out data and writes the file atomically; `test` prints the accuracy per head
+on held-out data (the Fashion-MNIST test split; shapes rendered from a test stream). See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli import command
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = sub.add_parser("train", help="train a classifier on real / rendered images",
+                       description="train an evaluation classifier on real / rendered images")
+    t.add_argument("--dataset", required=True, choices=["shapes", "fashion_mnist"], help="what it classifies")
+    t.add_argument("--out", "-o", required=True, help="output .safetensors file")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1500 shapes, 2000 fashion)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 64 shapes, 128 fashion)")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and rendered scenes")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--root", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
+    t.add_argument("--test-n", type=int, default=2000, help="shapes: rendered scenes of the final test (default 2000)")
+    t.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    e = sub.add_parser("test", help="print a classifier's accuracy per head on held-out data",
+                       description="print a classifier's accuracy per head on held-out data")
+    e.add_argument("file", help="classifier .safetensors file")
+    e.add_argument("--n", type=int, default=2000, help="shapes: rendered test scenes (default 2000)")
+    e.add_argument("--seed", type=int, default=0, help="shapes: seed of the test scenes (default 0)")
+    e.add_argument("--root", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    e.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+@command("classifier", "train or test the evaluation classifiers (docs/evaluation.md)", _add_arguments)
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..metrics.train_classifier import TrainSettings, format_accuracy, held_out_accuracy, train_classifier
+
+    _threads(args.threads)
+    if args.action == "train":
+        settings = TrainSettings(args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                 seed=args.seed, root=args.root, test_n=args.test_n)
+
+        def log(line: str) -> None:
+            print(f"daguerre classifier: {line}", file=sys.stderr, flush=True)
+
+        train_classifier(settings, args.out, device=args.device, progress=args.progress, log=log)
+        print(args.out)
+        return 0
+    from ..metrics.classifiers import count_parameters, load_classifier
+
+    model, info = load_classifier(args.file, args.device)
+    accuracy = held_out_accuracy(model, info.config.kind, root=args.root, n=args.n, seed=args.seed)
+    where = "Fashion-MNIST test split" if info.config.kind == "fashion_mnist" else f"{args.n} rendered test scenes"
+    print(f"{args.file}: {info.config.kind} classifier, {count_parameters(model):,} parameters, trained "
+          f"{info.training.get('steps', '?')} steps in {info.training.get('seconds', '?')} s")
+    print(f"accuracy on the {where}: {format_accuracy(accuracy)}")
+    for head, value in accuracy.items():
+        print(f"  {head:<11} {100 * value:6.2f}%")
+    return 0

@@ -1,0 +1,119 @@
+"""`daguerre eval --model MODEL`: prompt adherence, Frechet distance, KID and Inception Score of a model.
+
+    daguerre eval --model shapes --n 100 --out eval/shapes
+    daguerre eval --model fashion --n 500 --extractor inception:pt_inception-2015-12-05.pth
+
+Writes DIR/report.json (every number, the seeds, the sampler settings, the model's and the feature
+extractor's sha256, every prompt with its verdict) and DIR/grid.png, and prints a table. See
+docs/evaluation.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..cli import command
+from .generate import add_model_arguments
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--dataset", choices=["shapes", "fashion_mnist"], default=None,
+                   help="what the model draws (default: from the model's training provenance)")
+    p.add_argument("--prompts", default=None, help="shapes prompt kinds, comma-separated (default single,relation)")
+    p.add_argument("--n", type=int, default=100, help="images per prompt kind (shapes) / in total, n/10 per class "
+                   "(fashion); default 100")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts, the reference sets and image i "
+                   "(seed + i); default 0")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommended "
+                   "settings, as daguerre generate uses them)")
+    p.add_argument("--sampler", default=None, help="sampler (default: the model's, as daguerre generate)")
+    p.add_argument("--schedule", default=None, help="schedule type (default: the model's, as daguerre generate)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's, "
+                   "as daguerre generate)")
+    p.add_argument("--extractor", default="default", help="feature space of FD / KID / IS: 'default' (the dataset's "
+                   "shipped classifier), a classifier file, or inception:PATH (docs/inception.md)")
+    p.add_argument("--classifier", default="default", help="adherence judge: 'default' (shipped) or a classifier file")
+    p.add_argument("--real", type=int, default=1000, help="real reference images for FD / KID (default 1000)")
+    p.add_argument("--batch", type=int, default=8, help="images per network call (default 8)")
+    p.add_argument("--out", "-o", default="outputs/eval", help="output folder (default outputs/eval)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+@command("eval", "measure a model: prompt adherence, Frechet distance, KID, Inception Score", _add_arguments)
+def run(args: argparse.Namespace) -> int:
+    from ..metrics.evaluate import EvalSettings, dataset_of, evaluate, format_table
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out}: a file of that name exists; name a folder")
+    kinds = tuple(k.strip() for k in args.prompts.split(",") if k.strip()) if args.prompts else ("single", "relation")
+    _check_prompts(args.prompts, args.dataset)
+    sampling = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("schedule", args.schedule),
+                                  ("cfg_scale", args.cfg)) if v is not None}
+    if args.dataset is not None:  # check the cheap things before loading anything
+        EvalSettings(args.dataset, kinds, args.n, args.seed, sampling, args.real, args.batch).check()
+
+    from ..api import set_compute_dtype
+    from ..metrics.extractors import load_classifier_extractor, load_extractor
+    from ..registry import default_model_name, open_model
+
+    spec = args.model or default_model_name()
+    comps, short_hash = open_model(spec, device=args.device)
+    dataset = args.dataset or dataset_of(comps.config)
+    if dataset is None:
+        raise ValueError(f"model {spec!r} does not say which dataset it was trained on; pass --dataset shapes "
+                         "or --dataset fashion_mnist")
+    _check_prompts(args.prompts, dataset)
+    settings = EvalSettings(dataset, kinds, args.n, args.seed, sampling, args.real, args.batch).check()
+    set_compute_dtype(comps, args.dtype)
+    device = next(comps.unet.parameters()).device
+    classifier = load_classifier_extractor(args.classifier, dataset, device)
+    extractor = classifier if args.extractor == args.classifier else load_extractor(args.extractor, dataset, device)
+    model_info = {"spec": spec, "name": comps.config.name, "hash": short_hash, **_model_file(spec),
+                  "dtype": args.dtype, "device": str(device)}
+
+    from tqdm import tqdm
+
+    total = len(settings.kinds) * settings.n if dataset == "shapes" else settings.n
+    with tqdm(total=total, unit="img", desc="eval", disable=not args.progress, dynamic_ncols=True) as bar:
+        result = evaluate(comps, settings, classifier, extractor, model_info=model_info, progress=bar.update)
+    _write(out, result)
+    print(format_table(result.report))
+    print(f"wrote {out / 'report.json'} and {out / 'grid.png'}", file=sys.stderr)
+    return 0
+
+
+def _check_prompts(prompts: str | None, dataset: str | None) -> None:
+    if prompts and dataset == "fashion_mnist":
+        raise ValueError("--prompts chooses shapes-world prompt kinds; Fashion-MNIST prompts are one per class")
+
+
+def _model_file(spec: str) -> dict:
+    """{"file", "sha256"} of the checkpoint file a spec names (None for random models and folders)."""
+    from ..checkpoints.io import file_hash
+    from ..registry import RANDOM_PREFIX, shipped_models
+
+    if spec.startswith(RANDOM_PREFIX):
+        return {"file": None, "sha256": None}
+    path = shipped_models().get(spec, Path(spec).expanduser())
+    return {"file": str(path), "sha256": file_hash(path) if path.is_file() else None}
+
+
+def _write(out: Path, result) -> None:
+    import json
+
+    from ..fileio import atomic_write_text
+    from ..pngmeta import save_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.json", json.dumps(result.report, indent=1, default=_jsonable) + "\n")
+    save_png(result.grid, out / "grid.png")
+
+
+def _jsonable(x):
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"cannot write {type(x).__name__} to JSON")

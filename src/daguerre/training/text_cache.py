@@ -1,0 +1,168 @@
+"""The text-embedding cache of stage 2 with a frozen pretrained text encoder: each caption encoded ONCE.
+
+A frozen encoder (all-MiniLM-L6-v2, text-encoder kind "minilm") maps a caption to the same context
+every step, so stage 2 encodes every distinct caption of the training set, and the empty prompt that
+caption dropout uses, once, and stores the per-token hidden states (B, max_length, 384) in
+safetensors shards under CACHE/text/<key>/, beside the latent cache. They are stored in float16
+(half the disk and memory; the rounding, ~1e-3 relative, is far below what the U-Net can tell apart).
+The key hashes the encoder's identity (kind, weights sha256, window length, layer), the tokenizer's
+vocabulary and the sorted distinct captions, so a cache is reused exactly when it would be recomputed
+the same. Under torchrun, process r encodes the shards s with s mod world = r, then rank 0 writes
+`manifest.json`, the file that marks the cache complete; an interrupted build resumes at its first
+missing shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import TEXT_ENCODER_KINDS, ModelConfig
+from ..fileio import atomic_save_safetensors, atomic_write_text
+from . import dist
+
+logger = logging.getLogger("daguerre.train")
+CACHE_VERSION = 1
+TEXT_DIR = "text"  # CACHE/text/<key>/ beside the latent folders CACHE/<key>/
+SHARD_CAPTIONS = 2048  # captions per shard file
+ENCODE_BATCH = 64  # captions per encoder call
+MANIFEST = "manifest.json"
+KEY_CHARS = 16
+STORE_DTYPE = torch.float16
+
+
+@dataclass
+class TextEmbeddings:
+    """The cached contexts of the distinct training captions, in memory."""
+
+    context: torch.Tensor  # (U, T, d) float16: one row per distinct caption, T = the encoder's max_length
+    rows: dict[str, int]  # caption -> row
+    folder: Path
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def lookup(self, captions: Sequence[str], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, T, d) contexts of `captions` (each must be a training caption or the empty prompt)."""
+        try:
+            idx = torch.tensor([self.rows[c] for c in captions], dtype=torch.long)
+        except KeyError as e:
+            raise ValueError(f"caption {e.args[0]!r} is not in the text-embedding cache {self.folder}") from None
+        return self.context[idx].to(device=device, dtype=dtype)
+
+
+def check_text_encoder_config(model: ModelConfig, train_text_encoder: bool) -> None:
+    """A run's text-encoder choice: a known kind, and a pretrained kind only with loss.train_text_encoder off."""
+    t = model.text_encoder
+    if t is None or model.conditioning != "text":
+        return
+    if t.kind not in TEXT_ENCODER_KINDS:
+        kinds = ", ".join(TEXT_ENCODER_KINDS)
+        raise ValueError(f"config key model.text_encoder.kind: {t.kind!r} is not one of {kinds}")
+    if t.kind != "clip" and train_text_encoder:
+        raise ValueError(f"config key loss.train_text_encoder: the pretrained {t.kind!r} text encoder is frozen; "
+                         "set loss.train_text_encoder = false")
+
+
+def load_frozen_text_encoder(model_cfg: ModelConfig, device: torch.device):
+    """(encoder, tokenizer) of a model whose text encoder is frozen and pretrained (kind "minilm"), loaded from
+    its package; None for any other model. Records the installed weights' sha256 in `model_cfg.text_encoder`."""
+    tcfg = model_cfg.text_encoder
+    if model_cfg.conditioning != "text" or tcfg is None or tcfg.kind == "clip":
+        return None
+    from ..models.bert import describe_minilm, load_minilm, minilm_tokenizer
+
+    encoder = load_minilm(tcfg, device=device)
+    model_cfg.text_encoder = encoder.config
+    logger.info("text encoder: %s, %.2f M parameters, not trained", describe_minilm(encoder.config),
+                sum(p.numel() for p in encoder.parameters()) / 1e6)
+    return encoder, minilm_tokenizer(tcfg.max_length)
+
+
+def _fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary (a different vocab.txt gives other ids)."""
+    blob = json.dumps(sorted(tokenizer.vocab.items()), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_key(encoder_cfg, tokenizer, captions: Sequence[str]) -> str:
+    """The cache folder name: a hash of the encoder's identity, the vocabulary and the sorted distinct captions."""
+    text_hash = hashlib.sha256(json.dumps(list(captions), ensure_ascii=False).encode()).hexdigest()
+    ident = {k: getattr(encoder_cfg, k) for k in ("kind", "weights_sha256", "max_length", "skip_layers")}
+    blob = json.dumps({"version": CACHE_VERSION, "encoder": ident, "vocab": _fingerprint(tokenizer),
+                       "captions": text_hash}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:KEY_CHARS]
+
+
+def _shard_path(folder: Path, s: int) -> Path:
+    return folder / f"shard_{s:05d}.safetensors"
+
+
+@torch.no_grad()
+def encode_captions(encoder, tokenizer, captions: Sequence[str]) -> torch.Tensor:
+    """(N, max_length, d) hidden states of `captions`, float32 on the CPU, in batches of ENCODE_BATCH."""
+    device = next(encoder.parameters()).device
+    out = []
+    for start in range(0, len(captions), ENCODE_BATCH):
+        ids = tokenizer(list(captions[start:start + ENCODE_BATCH])).to(device)
+        out.append(encoder(ids, output_pooled=False).hidden.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, tokenizer.max_length, encoder.config.width)
+
+
+def _encode_shard(encoder, tokenizer, captions: Sequence[str], path: Path) -> None:
+    context = encode_captions(encoder, tokenizer, captions).to(STORE_DTYPE)
+    atomic_save_safetensors({"context": context}, path, {"captions": json.dumps(list(captions), ensure_ascii=False)})
+
+
+def build_or_load(
+    encoder, tokenizer, captions: Sequence[str], cache_root: Path, env: dist.DistEnv
+) -> TextEmbeddings:
+    """The contexts of the distinct `captions` and of "", from CACHE/text/<key> when complete, else encoded now."""
+    distinct = sorted(set(captions) | {""})
+    key = cache_key(encoder.config, tokenizer, distinct)
+    folder = cache_root / TEXT_DIR / key
+    n_shards = (len(distinct) + SHARD_CAPTIONS - 1) // SHARD_CAPTIONS
+    if not (folder / MANIFEST).is_file():
+        if env.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            logger.info("encoding %d distinct captions with the frozen text encoder into %s", len(distinct), folder)
+        dist.barrier()
+        for s in range(env.rank, n_shards, env.world):
+            path = _shard_path(folder, s)
+            if not path.is_file():
+                _encode_shard(encoder, tokenizer, distinct[s * SHARD_CAPTIONS:(s + 1) * SHARD_CAPTIONS], path)
+                if env.is_main:
+                    logger.info("text cache: shard %d/%d", s + 1, n_shards)
+        dist.barrier()
+        if env.is_main:
+            ident = {k: v for k, v in dataclasses.asdict(encoder.config).items()
+                     if k in ("kind", "weights_sha256", "max_length", "skip_layers", "width")}
+            manifest = {"version": CACHE_VERSION, "key": key, "encoder": ident, "captions": len(distinct),
+                        "shards": n_shards, "dtype": str(STORE_DTYPE).removeprefix("torch.")}
+            atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
+        dist.barrier()
+    else:
+        logger.info("reusing the text-embedding cache %s", folder)
+    return _load(folder, n_shards)
+
+
+def _load(folder: Path, n_shards: int) -> TextEmbeddings:
+    from safetensors import safe_open
+
+    contexts, caps = [], []
+    for s in range(n_shards):
+        path = _shard_path(folder, s)
+        if not path.is_file():
+            raise FileNotFoundError(f"text-embedding cache {folder} is missing {path.name}: delete the folder to "
+                                    "rebuild it")
+        with safe_open(str(path), framework="pt") as f:
+            contexts.append(f.get_tensor("context"))
+            caps += json.loads(f.metadata()["captions"])
+    return TextEmbeddings(context=torch.cat(contexts), rows={c: i for i, c in enumerate(caps)}, folder=folder)
