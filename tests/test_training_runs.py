@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from daguerre.cli import main
 from daguerre.models.autoencoder import AutoencoderKL
 from daguerre.training.config import derive_model_config, load_run_config
+from daguerre.training.export import export_checkpoint
 from daguerre.training.ldm import train_ldm
 from daguerre.training.vae import load_vae, measure_scale, save_vae, train_vae
 
@@ -128,6 +129,20 @@ def test_ldm_overfits_one_batch_and_the_model_generates(tmp_path, vae_file):
         assert torch.equal(v, ref), k
     images = txt2img(comps, GenerationRequest(prompt="a red circle", steps=2, seed=0, cfg_scale=2.0))
     assert images[0].image.size == (32, 32)
+
+    # `daguerre train export`: checkpoint 40 as a model, and the last checkpoint gives the final model again
+
+    assert main(["train", "export", str(run), "--step", "40", "--out", str(tmp_path / "at40.safetensors")]) == 0
+    at40 = load_model(tmp_path / "at40.safetensors")
+    assert at40.config.provenance["steps"] == 40 and at40.config.provenance["images_seen"] == 40 * 8
+    mid = load_file(str(run / "checkpoints" / "step_00000040" / "state.safetensors"))
+    for k, v in at40.unet.state_dict().items():
+        assert torch.equal(v, mid[f"ema.unet.{k}"].half().float()), k
+    last = load_model(export_checkpoint(run))
+    assert last.config.text_encoder == comps.config.text_encoder and last.config.defaults == comps.config.defaults
+    for a, b in ((last.unet, comps.unet), (last.text_encoder, comps.text_encoder)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert main(["train", "export", str(run), "--step", "7"]) == 2  # one line naming the steps there are
     assert (run / "latents").is_dir()  # reused by a second run of the same data on the same VAE:
     again = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm",
                             [*QUIET, *ONE_BATCH, "train.steps=1", f"data.cache_dir='{run / 'latents'}'"])

@@ -2,6 +2,7 @@
 
     daguerre train vae --config configs/shapes_vae.toml [--out runs/shapes_vae] [--resume] [--set k=v ...]
     daguerre train ldm --config configs/shapes_ldm.toml --vae runs/shapes_vae/vae.safetensors [...]
+    daguerre train export runs/shapes_ldm [--step N] [--out model.safetensors]   # a model from a checkpoint
 
 Under torchrun the same commands train data-parallel:
     torchrun --standalone --nproc_per_node 2 -m daguerre.training ldm ...
@@ -34,6 +35,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                          description="Train the latent diffusion model on a frozen autoencoder.")
     _common(ldm)
     ldm.add_argument("--vae", required=True, help="the autoencoder: RUN/vae.safetensors of `daguerre train vae`")
+    export = sub.add_parser("export", help="a model file from a stage-2 checkpoint (also while the run trains)",
+                            description="Write the model of a stage-2 training checkpoint (its EMA weights), as the "
+                            "end of the run would, without touching the run folder.")
+    export.add_argument("run_dir", metavar="RUN", help="the run folder of `daguerre train ldm`")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    export.add_argument("--out", "-o", default=None,
+                        help="model file to write (default: RUN/model_step_NNNNNNNN.safetensors)")
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -43,10 +51,15 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return DEFAULT_RUNS / name
 
 
-@command("train", "train the autoencoder (vae) or the diffusion model (ldm)", _add_arguments)
+@command("train", "train the autoencoder (vae) or the diffusion model (ldm); export a checkpoint", _add_arguments)
 def run(args: argparse.Namespace) -> int:
     if not getattr(args, "stage", None):
         raise ValueError("choose a stage: `daguerre train vae ...` or `daguerre train ldm ...`")
+    if args.stage == "export":
+        from ..training.export import export_checkpoint
+
+        print(export_checkpoint(args.run_dir, args.step, args.out))
+        return 0
     from ..training.config import load_run_config
 
     cfg = load_run_config(args.config, args.stage, args.overrides)
