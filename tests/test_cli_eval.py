@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from daguerre.cli import main
@@ -134,3 +135,22 @@ def test_classifier_train_rejects_bad_settings(tmp_path, capsys):
                         "--steps", "-3")
     assert code == 2 and "steps >= 1" in err and err.count("\n") == 1
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_inception_score_of_images_grouped_by_class_is_not_split_by_class():
+    """Generated images come grouped by prompt; IS splits must each mix all classes (10 sure classes -> 10)."""
+    from daguerre.metrics.evaluate import distribution_scores
+
+    class Sure:  # features: the pixels; probabilities: one-hot by the image's constant value (its class)
+        name, sha256 = "sure", "0" * 64
+
+        def features(self, images):
+            return images.flatten(1)[:, :4].float()
+
+        def probabilities(self, images):
+            return torch.nn.functional.one_hot(images[:, 0, 0, 0].long(), 10).float()
+
+    grouped = torch.arange(10).repeat_interleave(100).float()[:, None, None, None].expand(1000, 1, 2, 2)
+    noise = torch.randn(1000, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 0.01
+    scores = distribution_scores(Sure(), grouped + noise, grouped + noise, grouped + noise)
+    assert scores["is"]["mean"] > 9.0 and scores["is_real"]["mean"] > 9.0

@@ -249,7 +249,10 @@ def distribution_scores(extractor: FeatureExtractor, generated: torch.Tensor, re
     probs = extractor.probabilities(generated)
     if probs is not None:
         def score(p: torch.Tensor) -> dict[str, float]:
-            mean, std = inception_score(p.double().cpu().numpy(), splits=min(IS_SPLITS, len(p)))
+            # the splits must each be a sample of the whole set: generated images come grouped by prompt
+            # (class), and a split of one class has IS 1; shuffle with a fixed permutation first
+            p = p.double().cpu().numpy()[np.random.default_rng(0).permutation(len(p))]
+            mean, std = inception_score(p, splits=min(IS_SPLITS, len(p)))
             return {"mean": mean, "std": std, "splits": min(IS_SPLITS, len(p))}
 
         out["is"] = score(probs)
