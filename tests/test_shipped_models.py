@@ -1,0 +1,55 @@
+"""The models that ship inside the package: present, documented, small, and doing what their cards say."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from daguerre.checkpoints.io import file_hash
+from daguerre.registry import open_model, shipped_models
+
+BUDGET_BYTES = 40 * 1000**2  # issue 6: the shipped models together under 40 MB
+
+
+def test_shipped_models_have_cards_with_their_hash_and_fit_the_budget():
+    models = shipped_models()
+    assert "fashion" in models
+    assert sum(p.stat().st_size for p in models.values()) < BUDGET_BYTES
+    for name, path in models.items():
+        card = path.with_suffix(".md")
+        assert card.is_file(), f"{name} has no model card {card.name}"
+        text = card.read_text(encoding="utf-8")
+        assert re.search(r"\| sha256 \| `([0-9a-f]{64})`", text).group(1) == file_hash(path), name
+        assert "Training time" in text and "Measured scores" in text and "make model-" in text
+
+
+def test_shipped_fashion_model_draws_the_class_it_is_asked_for():
+    """Every class prompt, once, at the model's recommended settings, judged by the shipped classifier."""
+    from daguerre.data.fashion_mnist import CAPTION_NOUNS
+    from daguerre.metrics.extractors import load_classifier_extractor
+    from daguerre.pipelines.request import GenerationRequest
+    from daguerre.pipelines.txt2img import txt2img
+
+    comps, model_hash = open_model("fashion")
+    assert comps.config.defaults["cfg_scale"] == 3.0 and comps.config.text_encoder.token_ids is not None
+    prompts = [f"a photo of {noun}" for noun in CAPTION_NOUNS]
+    images = []
+    for i, prompt in enumerate(prompts):
+        out = txt2img(comps, GenerationRequest(prompt=prompt, seed=i), model_hash=model_hash)
+        assert out[0].image.size == (32, 32) and f"Model hash: {model_hash}" in out[0].parameters
+        images.append(torch.from_numpy(np.asarray(out[0].image, dtype=np.float32)) / 127.5 - 1)
+    judge = load_classifier_extractor("default", "fashion_mnist")
+    predicted = judge.probabilities(torch.stack(images)[:, None]).argmax(1)
+    assert (predicted == torch.arange(10)).sum() >= 9, predicted.tolist()
+
+
+@pytest.mark.parametrize("name", sorted(shipped_models()))
+def test_info_describes_a_shipped_model_by_name(name, capsys):
+    from daguerre.cli import main
+
+    assert main(["info", name, "--no-hash"]) == 0
+    out = capsys.readouterr().out
+    assert "recommends:" in out and "trained:" in out
