@@ -217,6 +217,9 @@ def test_checkpoints_are_complete_folders_and_pruned(tmp_path):
     assert [s for s, _ in state.list_checkpoints(tmp_path)] == [20, 30]
     tensors, meta = state.load_checkpoint(state.latest_checkpoint(tmp_path))
     assert meta["step"] == 30 and torch.equal(tensors["w"], torch.full((2,), 30.0))
+    for step in (40, 50, 60, 70):  # keep_every also keeps the multiples of 20 (for exports of the curve)
+        state.save_checkpoint(tmp_path, step, {"w": torch.zeros(1)}, {"step": step}, keep_last=2, keep_every=20)
+    assert [s for s, _ in state.list_checkpoints(tmp_path)] == [20, 40, 60, 70]
 
 
 def test_latent_cache_key_depends_on_vae_data_and_flip():

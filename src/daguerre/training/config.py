@@ -84,6 +84,7 @@ class TrainConfig:
     eval_every: int = 1000  # VAE: steps between held-out PSNR/SSIM; 0 = only at the end
     checkpoint_every: int = 1000  # steps between training-state checkpoints; 0 = only at the end
     keep_last: int = 3  # training-state checkpoints kept (older ones are deleted)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, e.g. to export later
     tensorboard: bool = False  # also write TensorBoard events (if torch.utils.tensorboard imports)
     progress: bool = True  # tqdm progress bar on rank 0
     save_dtype: str = "float16"  # dtype of the final model file: "float16", "bfloat16" or "float32"
@@ -391,7 +392,8 @@ def check_run_config(cfg: RunConfig) -> None:
     for key, value in positive:
         if value < 1:
             raise ValueError(f"config key {key}: must be >= 1, got {value}")
-    non_negative = [("train.lr", t.lr), ("train.min_lr", t.min_lr), ("train.warmup_steps", t.warmup_steps),
+    non_negative = [("train.keep_every", t.keep_every),
+                    ("train.lr", t.lr), ("train.min_lr", t.min_lr), ("train.warmup_steps", t.warmup_steps),
                     ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
                     ("train.sample_every", t.sample_every), ("train.checkpoint_every", t.checkpoint_every),
                     ("train.eval_every", t.eval_every), ("data.holdout", d.holdout), ("data.workers", d.workers),

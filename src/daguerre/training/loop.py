@@ -29,7 +29,7 @@ logger = logging.getLogger("daguerre.train")
 CONFIG_FILE = "config.json"
 # run-config keys that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "train.eval_every",
-                     "train.checkpoint_every", "train.keep_last", "train.tensorboard", "train.progress",
+                     "train.checkpoint_every", "train.keep_last", "train.keep_every", "train.tensorboard", "train.progress",
                      "train.threads", "data.workers", "train.save_dtype", "data.cache_dir", "train.device",
                      "train.prune_vocabulary")
 
@@ -188,7 +188,7 @@ class TrainingState:
         for rank, (t, m) in enumerate(gathered):
             tensors.update({f"rng.{rank}.{k}": v for k, v in t.items()})
             meta["rng"].append(m)
-        path = state.save_checkpoint(run_dir, step, tensors, meta, cfg.train.keep_last)
+        path = state.save_checkpoint(run_dir, step, tensors, meta, cfg.train.keep_last, cfg.train.keep_every)
         logger.info("checkpoint %s", path)
 
     def load(self, folder: Path, env: dist.DistEnv) -> tuple[int, dict[str, Any]]:

@@ -111,17 +111,20 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 # --- the checkpoint folder -------------------------------------------------------------------------------
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep_last: int
+    run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep_last: int,
+    keep_every: int = 0,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last` and, with
+    `keep_every` > 0, those whose step is a multiple of `keep_every`."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     with atomic_dir(final) as tmp:
         atomic_save_safetensors(tensors, tmp / TENSORS_FILE, {"format": STATE_FORMAT})
         (tmp / META_FILE).write_text(json.dumps({"format": STATE_FORMAT, **meta}, indent=1), encoding="utf-8")
-    for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old_step, old in list_checkpoints(run_dir)[:-keep_last]:
+        if not (keep_every > 0 and old_step % keep_every == 0):
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
