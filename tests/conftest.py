@@ -3,10 +3,16 @@
 Tiny models run fastest on one thread (with two, OpenMP threads spin-wait on each other for
 millisecond-sized ops, many times slower on a busy machine); tests marked `slow` (full Stable
 Diffusion configs) keep torch's default thread count.
+
+`vae_file` is the stage-1 output the stage-2 training tests start from.
 """
+
+from pathlib import Path
 
 import pytest
 import torch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +22,23 @@ def _threads_for_test_size(request):
         torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory) -> Path:
+    """A freshly initialised tiny autoencoder (tiny_vae.toml) saved as a stage-1 output, scale measured."""
+    from daguerre.data.shapes import ShapesDataset
+    from daguerre.models.autoencoder import AutoencoderKL
+    from daguerre.training.config import derive_model_config, load_run_config
+    from daguerre.training.vae import measure_scale, save_vae
+
+    cfg = load_run_config(CONFIGS / "tiny_vae.toml", "vae")
+    model_cfg = derive_model_config(cfg, 3, None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(model_cfg.vae).eval()
+    images = torch.stack([ShapesDataset(8, seed=1, size=32)[i]["image"] for i in range(8)])
+    model_cfg.vae.scale_factor = measure_scale(vae, images)
+    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
+    save_vae(vae, model_cfg, path)
+    return path

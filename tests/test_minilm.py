@@ -241,27 +241,7 @@ def test_txt2img_with_prompt_and_negative_prompt(tiny_model):
     assert images[0].image.size == (32, 32)
 
 
-# --- training -------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def vae_file(tmp_path_factory) -> Path:
-    """A freshly initialised tiny autoencoder (tiny_vae.toml) saved as a stage-1 output (as test_training_runs)."""
-    from daguerre.data.shapes import ShapesDataset
-    from daguerre.models.autoencoder import AutoencoderKL
-    from daguerre.training.config import derive_model_config, load_run_config
-    from daguerre.training.vae import measure_scale, save_vae
-
-    cfg = load_run_config(CONFIGS / "tiny_vae.toml", "vae")
-    model_cfg = derive_model_config(cfg, 3, None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKL(model_cfg.vae).eval()
-    images = torch.stack([ShapesDataset(8, seed=1, size=32)[i]["image"] for i in range(8)])
-    model_cfg.vae.scale_factor = measure_scale(vae, images)
-    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
-    save_vae(vae, model_cfg, path)
-    return path
-
+# --- training (vae_file is in conftest.py) --------------------------------------------------------------
 
 def test_ldm_run_caches_text_embeddings_once_and_the_model_generates(tmp_path, vae_file):
     from daguerre.checkpoints import load_model

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from daguerre.cli import main
 from daguerre.components import build_components
-from daguerre.models.autoencoder import AutoencoderKL
 from daguerre.pipelines.common import latent_mask
 from daguerre.pipelines.images import image_to_tensor
 from daguerre.pipelines.request import GenerationRequest
@@ -25,7 +24,6 @@ from daguerre.training import concat, dist
 from daguerre.training.config import DataConfig, derive_model_config, load_run_config
 from daguerre.training.data import batch_loader, load_train_data
 from daguerre.training.ldm import train_ldm
-from daguerre.training.vae import measure_scale, save_vae
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["train.progress=false", "train.sample_every=0", "train.eval_every=0"]
@@ -38,22 +36,6 @@ LOSS_BOUND = 0.2  # min-SNR-weighted eps MSE, mean of steps 36-40 (measured ~0.1
 
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def vae_file(tmp_path_factory) -> Path:
-    """A freshly initialised tiny autoencoder (tiny_vae.toml, f = 2) saved as a stage-1 output."""
-    from daguerre.data.shapes import ShapesDataset
-
-    model_cfg = derive_model_config(load_run_config(CONFIGS / "tiny_vae.toml", "vae"), 3, None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKL(model_cfg.vae).eval()
-    model_cfg.vae.scale_factor = measure_scale(vae, torch.stack([ShapesDataset(8, seed=1, size=32)[i]["image"]
-                                                                 for i in range(8)]))
-    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
-    save_vae(vae, model_cfg, path)
-    return path
 
 
 def _overfit(kind: str, run: Path, vae_file: Path, extra: list[str]) -> Path:

@@ -21,11 +21,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from daguerre.cli import main
-from daguerre.models.autoencoder import AutoencoderKL
-from daguerre.training.config import derive_model_config, load_run_config
+from daguerre.training.config import load_run_config
 from daguerre.training.export import export_checkpoint
 from daguerre.training.ldm import train_ldm
-from daguerre.training.vae import load_vae, measure_scale, save_vae, train_vae
+from daguerre.training.vae import load_vae, train_vae
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["train.progress=false", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0"]
@@ -53,23 +52,6 @@ def _cli_env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-@pytest.fixture(scope="module")
-def vae_file(tmp_path_factory) -> Path:
-    """A freshly initialised tiny autoencoder (tiny_vae.toml) saved as a stage-1 output, scale measured."""
-    from daguerre.data.shapes import ShapesDataset
-
-    cfg = load_run_config(CONFIGS / "tiny_vae.toml", "vae")
-    model_cfg = derive_model_config(cfg, 3, None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKL(model_cfg.vae).eval()
-    images = torch.stack([ShapesDataset(8, seed=1, size=32)[i]["image"] for i in range(8)])
-    model_cfg.vae.scale_factor = measure_scale(vae, images)
-    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
-    save_vae(vae, model_cfg, path)
-    return path
 
 
 def test_vae_overfits_one_batch_and_writes_its_outputs(tmp_path):

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import MINILM, TextEncoderConfig, minilm_text_encoder, resolve_text_encoder
 from ..nn.attention import attention
+from .text_encoder import check_encoder_inputs, run_layers
 
 MAX_POSITIONS = 512  # rows of BERT's learned position table (max_position_embeddings)
 TOKEN_TYPES = 2  # segment A / B embeddings (type_vocab_size); a prompt is one segment: type 0
@@ -157,20 +158,12 @@ class BertTextEncoder(nn.Module):
     ) -> BertOutput:
         """Encode (B, T) token ids, T <= max_length; `pooled` is None when `output_pooled` is False."""
         cfg = self.config
-        skip = cfg.skip_layers if skip_layers is None else skip_layers
-        if not 0 <= skip < cfg.layers:
-            raise ValueError(f"skip_layers {skip} must be in 0..{cfg.layers - 1}")
-        if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_length:
-            raise ValueError(f"input_ids must be (batch, <= {cfg.max_length}) token ids, got {tuple(input_ids.shape)}")
+        skip = check_encoder_inputs(cfg, input_ids, skip_layers)
         mask = padding_mask(input_ids, cfg.pad_token_id) if attention_mask is None else attention_mask.bool()
         key_mask = mask[:, None, None, :]  # (B, 1, 1, T): which keys every query may attend to
         x = self.embeddings(input_ids)  # (B, T, width)
-        stop = cfg.layers - skip
-        hidden = x
-        for i, layer in enumerate(self.encoder.layer[: cfg.layers if output_pooled else stop]):
-            x = layer(x, key_mask)
-            if i + 1 == stop:
-                hidden = x
+        hidden, x = run_layers(self.encoder.layer, x, cfg.layers - skip, output_pooled,
+                               lambda layer, h: layer(h, key_mask))
         pooled = None
         if output_pooled:  # sentence-transformers' mean pooling over the real tokens of the last layer
             m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)

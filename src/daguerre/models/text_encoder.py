@@ -11,7 +11,7 @@ also the SD v1 single-file layout after stripping `cond_stage_model.transformer.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -117,6 +117,30 @@ class CLIPTextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
 
+def check_encoder_inputs(cfg: TextEncoderConfig, input_ids: torch.Tensor, skip_layers: int | None) -> int:
+    """The layers to skip from the top (`skip_layers`, else the config's) once the inputs are checked."""
+    skip = cfg.skip_layers if skip_layers is None else skip_layers
+    if not 0 <= skip < cfg.layers:
+        raise ValueError(f"skip_layers {skip} must be in 0..{cfg.layers - 1}")
+    if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_length:
+        raise ValueError(f"input_ids must be (batch, <= {cfg.max_length}) token ids, got {tuple(input_ids.shape)}")
+    return skip
+
+
+def run_layers(
+    layers: nn.ModuleList, x: torch.Tensor, stop: int, run_all: bool,
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output of layer `stop`, 1-based; output of the last layer run): x through `layers` in turn, each as
+    `call(layer, x)`, all of them when `run_all` (the pooled output needs the last), else the first `stop`."""
+    hidden = x
+    for i, layer in enumerate(layers if run_all else layers[:stop], start=1):
+        x = call(layer, x)
+        if i == stop:
+            hidden = x
+    return hidden, x
+
+
 class CLIPTextEncoder(nn.Module):
     """CLIP text encoder: ids (B, T) -> hidden states of layer `layers - skip_layers` after the final LN.
 
@@ -149,19 +173,11 @@ class CLIPTextEncoder(nn.Module):
     ) -> TextEncoderOutput:
         """Encode (B, T) token ids; T is at most `max_length`. `pooled` is None when `output_pooled` is False."""
         cfg = self.config
-        skip = cfg.skip_layers if skip_layers is None else skip_layers
-        if not 0 <= skip < cfg.layers:
-            raise ValueError(f"skip_layers {skip} must be in 0..{cfg.layers - 1}")
-        if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_length:
-            raise ValueError(f"input_ids must be (batch, <= {cfg.max_length}) token ids, got {tuple(input_ids.shape)}")
+        skip = check_encoder_inputs(cfg, input_ids, skip_layers)
         model = self.text_model
         x = model.embeddings(input_ids)  # (B, T, width)
-        stop = cfg.layers - skip  # hidden = output of layer `stop` (1-based)
-        hidden = None
-        for i, layer in enumerate(model.encoder.layers[: cfg.layers if output_pooled else stop]):
-            x = self._run_layer(layer, x)
-            if i + 1 == stop:
-                hidden = model.final_layer_norm(x)
+        hidden, x = run_layers(model.encoder.layers, x, cfg.layers - skip, output_pooled, self._run_layer)
+        hidden = model.final_layer_norm(hidden)
         if not output_pooled:
             return TextEncoderOutput(hidden, None)
         last = hidden if skip == 0 else model.final_layer_norm(x)  # (B, T, width)

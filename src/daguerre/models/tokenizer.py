@@ -14,9 +14,7 @@ from __future__ import annotations
 import gzip
 import html
 import json
-import logging
 import os
-import re
 import unicodedata
 from collections.abc import Iterator, Sequence
 from importlib import resources
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("daguerre")
+from .tokenizer_base import WindowTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -107,11 +105,7 @@ def pre_tokenize(text: str) -> Iterator[str]:
         i = j
 
 
-def _special_pattern(tokens: Sequence[str]) -> re.Pattern:
-    return re.compile("(" + "|".join(re.escape(t) for t in tokens) + ")")
-
-
-class CLIPTokenizer:
+class CLIPTokenizer(WindowTokenizer):
     """OpenAI CLIP's byte-level BPE tokenizer (the tokenizer of Stable Diffusion v1 and v2).
 
     `CLIPTokenizer()` uses the vendored CLIP vocabulary; `from_dir` reads a transformers/diffusers
@@ -138,8 +132,7 @@ class CLIPTokenizer:
         for name, token in (("bos", bos), ("eos", eos), ("pad", pad)):
             if token not in vocab:
                 raise ValueError(f"{name} token {token!r} is not in the vocabulary")
-        if max_length < 2:
-            raise ValueError(f"max_length {max_length} leaves no room for the start and end tokens: use at least 2")
+        self._check_max_length(max_length)
         self.vocab = vocab
         self.merges = merges
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
@@ -148,9 +141,7 @@ class CLIPTokenizer:
         self._id_to_token = {i: t for t, i in vocab.items()}
         self._byte_chars = bytes_to_unicode()
         self._char_to_byte = {c: b for b, c in self._byte_chars.items()}
-        self._specials = {bos: vocab[bos], eos: vocab[eos]}
-        self._special_re = _special_pattern(list(self._specials))
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._set_specials({bos: vocab[bos], eos: vocab[eos]}, BPE_CACHE_SIZE)
 
     # --- folders ------------------------------------------------------------------------------------
 
@@ -215,26 +206,11 @@ class CLIPTokenizer:
     # --- ids ----------------------------------------------------------------------------------------
 
     @property
-    def bos_token_id(self) -> int:
-        return self.vocab[self.bos_token]
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.vocab[self.eos_token]
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.vocab[self.pad_token]
-
-    @property
     def vocab_size(self) -> int:
         return len(self.vocab)
 
     def _bpe(self, word: str) -> tuple[int, ...]:
         """Ids of one pre-tokenised word: byte characters, `</w>` on the last, then merges by rank."""
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
         symbols = [self._byte_chars[b] for b in word.encode("utf-8", errors="replace")]
         symbols[-1] += END_OF_WORD
         while len(symbols) > 1:
@@ -252,35 +228,16 @@ class CLIPTokenizer:
                     i += 1
             symbols = merged
         unk = self.eos_token_id  # CLIP's unknown token; unreachable with a byte-complete vocabulary
-        ids = tuple(self.vocab.get(s, unk) for s in symbols)
-        if len(self._cache) >= BPE_CACHE_SIZE:
-            self._cache.clear()
-        self._cache[word] = ids
-        return ids
+        return tuple(self.vocab.get(s, unk) for s in symbols)
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of `text`: no start/end tokens, no truncation. Literal special tokens map to their ids."""
         text = html.unescape(html.unescape(text))
-        ids: list[int] = []
-        for k, part in enumerate(self._special_re.split(text)):
-            if k % 2:  # odd parts are the special tokens the split captured
-                ids.append(self._specials[part])
-                continue
-            for word in pre_tokenize(_normalise(part)):
-                ids.extend(self._bpe(word))
-        return ids
+        return self._encode_parts(text, lambda part: pre_tokenize(_normalise(part)), self._bpe)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of `ids`: start and end tokens are skipped, word ends become spaces."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        skip = {self.bos_token_id, self.eos_token_id}
-        tokens = []
-        for i in ids:
-            if i not in self._id_to_token:
-                raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
-            if i not in skip:
-                tokens.append(self._id_to_token[i])
+        tokens = self._kept_tokens(ids, {self.bos_token_id, self.eos_token_id})
         data = bytes(self._char_to_byte[c] for c in "".join(tokens) if c in self._char_to_byte)
         return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
 
@@ -292,26 +249,7 @@ class CLIPTokenizer:
         Longer prompts are cut to `max_length` keeping the end token last, with a warning that quotes what
         was dropped; with `truncate=False` nothing is cut and the rows are padded to the longest one.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"prompts must be strings, got {[type(t).__name__ for t in texts]}")
-        max_length = self.max_length if max_length is None else max_length
-        if max_length < 2:
-            raise ValueError(f"max_length {max_length} leaves no room for the start and end tokens: use at least 2")
-        room = max_length - 2
-        rows = []
-        for text in texts:
-            ids = self.encode(text)
-            if truncate and len(ids) > room:
-                logger.warning("prompt longer than %d tokens, dropped: %r", max_length, self.decode(ids[room:]))
-                ids = ids[:room]
-            rows.append([self.bos_token_id, *ids, self.eos_token_id])
-        width = max([max_length, *(len(r) for r in rows)])
-        out = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        for b, row in enumerate(rows):
-            out[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return out
+        return self._windows(texts, max_length, truncate)
 
     def __repr__(self) -> str:
         return (f"CLIPTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, "

@@ -14,16 +14,14 @@ behind transformers' `BertTokenizer`, which tests/test_minilm.py compares agains
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("daguerre")
+from .tokenizer_base import WindowTokenizer
 
 CLS_TOKEN, SEP_TOKEN, PAD_TOKEN, UNK_TOKEN, MASK_TOKEN = "[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"
 SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN, MASK_TOKEN)
@@ -90,13 +88,15 @@ def pre_tokenize(text: str) -> Iterator[str]:
         yield "".join(word)
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(WindowTokenizer):
     """BERT's uncased WordPiece tokenizer over a `vocab.txt` (one token per line, the line number is its id).
 
     `tok(prompts)` gives (B, max_length) int64 ids, `[CLS] ids [SEP] [PAD]...`; `tok.attention_mask(ids)`
     marks the non-padding positions. The attribute names match `CLIPTokenizer` (`bos_token_id` is
     `[CLS]`, `eos_token_id` is `[SEP]`), so the prompt code of the pipelines serves both.
     """
+
+    _ENDS = "[CLS] and [SEP]"
 
     def __init__(self, vocab_file: str | os.PathLike, max_length: int = DEFAULT_MAX_LENGTH):
         path = Path(vocab_file)
@@ -109,24 +109,11 @@ class WordPieceTokenizer:
         missing = [t for t in SPECIAL_TOKENS if t not in self.vocab]
         if missing:
             raise ValueError(f"{path} lacks the special tokens {missing}: is it a BERT vocab.txt?")
-        if max_length < 2:
-            raise ValueError(f"max_length {max_length} leaves no room for [CLS] and [SEP]: use at least 2")
+        self._check_max_length(max_length)
         self.max_length = max_length
+        self.bos_token, self.eos_token, self.pad_token = CLS_TOKEN, SEP_TOKEN, PAD_TOKEN
         self._id_to_token = dict(enumerate(tokens))
-        self._special_re = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
-        self._cache: dict[str, tuple[int, ...]] = {}
-
-    @property
-    def bos_token_id(self) -> int:
-        return self.vocab[CLS_TOKEN]
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.vocab[SEP_TOKEN]
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.vocab[PAD_TOKEN]
+        self._set_specials({t: self.vocab[t] for t in SPECIAL_TOKENS}, WORD_CACHE_SIZE)
 
     @property
     def unk_token_id(self) -> int:
@@ -138,9 +125,6 @@ class WordPieceTokenizer:
 
     def _word_ids(self, word: str) -> tuple[int, ...]:
         """Greedy longest-match-first WordPiece split of one word; [UNK] if any part has no piece."""
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
         ids: list[int] = []
         start = 0
         while start < len(word) and len(word) <= MAX_WORD_CHARS:
@@ -154,11 +138,7 @@ class WordPieceTokenizer:
             start = end
         if start < len(word):
             ids = [self.unk_token_id]
-        out = tuple(ids)
-        if len(self._cache) >= WORD_CACHE_SIZE:
-            self._cache.clear()
-        self._cache[word] = out
-        return out
+        return tuple(ids)
 
     def tokenize(self, text: str) -> list[str]:
         """The WordPiece tokens of `text` (strings), no [CLS] / [SEP]."""
@@ -166,27 +146,12 @@ class WordPieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`: no [CLS] / [SEP], no truncation. Literal special tokens map to their ids."""
-        ids: list[int] = []
-        for k, part in enumerate(self._special_re.split(text)):
-            if k % 2:  # odd parts are the special tokens the split captured
-                ids.append(self.vocab[part])
-                continue
-            for word in pre_tokenize(normalise(part)):
-                ids.extend(self._word_ids(word))
-        return ids
+        return self._encode_parts(text, lambda part: pre_tokenize(normalise(part)), self._word_ids)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of `ids`: [CLS], [SEP] and [PAD] skipped, `##` pieces joined to the word before them."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        skip = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
         words: list[str] = []
-        for i in ids:
-            if i not in self._id_to_token:
-                raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
-            if i in skip:
-                continue
-            token = self._id_to_token[i]
+        for token in self._kept_tokens(ids, {self.bos_token_id, self.eos_token_id, self.pad_token_id}):
             if token.startswith(CONTINUATION) and words:
                 words[-1] += token[len(CONTINUATION):]
             else:
@@ -195,23 +160,7 @@ class WordPieceTokenizer:
 
     def __call__(self, texts: str | Sequence[str], max_length: int | None = None) -> torch.Tensor:
         """(B, max_length) int64 ids `[CLS] ids [SEP] [PAD]...`; longer prompts are cut with a warning."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"prompts must be strings, got {[type(t).__name__ for t in texts]}")
-        max_length = self.max_length if max_length is None else max_length
-        if max_length < 2:
-            raise ValueError(f"max_length {max_length} leaves no room for [CLS] and [SEP]: use at least 2")
-        room = max_length - 2
-        out = torch.full((len(texts), max_length), self.pad_token_id, dtype=torch.long)
-        for b, text in enumerate(texts):
-            ids = self.encode(text)
-            if len(ids) > room:
-                logger.warning("prompt longer than %d tokens, dropped: %r", max_length, self.decode(ids[room:]))
-                ids = ids[:room]
-            row = [self.bos_token_id, *ids, self.eos_token_id]
-            out[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return out
+        return self._windows(texts, max_length, truncate=True)
 
     def attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) bool, False at the trailing `[PAD]` positions (a literal `[PAD]` in a prompt is a token)."""

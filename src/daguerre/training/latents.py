@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,35 @@ def _encode_shard(vae: AutoencoderKL, data: TrainData, indices: np.ndarray, flip
     atomic_save_safetensors(tensors, path, {"captions": json.dumps(caps)})
 
 
+def build_shards(
+    folder: Path, n_shards: int, encode_shard: Callable[[int, Path], None], manifest: dict, env: dist.DistEnv,
+    name: str, items: str,
+) -> None:
+    """Make the sharded cache `folder` complete, unless its manifest says it is (the latent and text caches).
+
+    `encode_shard(s, path)` writes shard s; process r encodes the missing shards s with s mod world = r
+    (those of an interrupted build are kept), then rank 0 writes `manifest`, the file that marks the
+    folder complete. `name` ("latent cache") and `items` ("12 training images") are for the log.
+    """
+    if (folder / MANIFEST).is_file():
+        logger.info("reusing the %s %s", name, folder)
+        return
+    if env.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        logger.info("encoding %s into the %s %s", items, name, folder)
+    dist.barrier()
+    for s in range(env.rank, n_shards, env.world):
+        path = _shard_path(folder, s)
+        if not path.is_file():
+            encode_shard(s, path)
+            if env.is_main:
+                logger.info("%s: shard %d/%d", name, s + 1, n_shards)
+    dist.barrier()
+    if env.is_main:
+        atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
+    dist.barrier()
+
+
 def build_or_load(
     vae: AutoencoderKL, vae_sha256: str, data: TrainData, flip: bool, cache_root: Path, env: dist.DistEnv
 ) -> LatentSet:
@@ -82,25 +112,14 @@ def build_or_load(
     key = cache_key(vae_sha256, data.description, flip, len(data.train_pool))
     folder = cache_root / key
     n_shards = (len(data.train_pool) + SHARD_SIZE - 1) // SHARD_SIZE
-    if not (folder / MANIFEST).is_file():
-        if env.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            logger.info("encoding %d training images into the latent cache %s", len(data.train_pool), folder)
-        dist.barrier()
-        for s in range(env.rank, n_shards, env.world):
-            path = _shard_path(folder, s)
-            if not path.is_file():
-                _encode_shard(vae, data, data.train_pool[s * SHARD_SIZE:(s + 1) * SHARD_SIZE], flip, path)
-                if env.is_main:
-                    logger.info("latent cache: shard %d/%d", s + 1, n_shards)
-        dist.barrier()
-        if env.is_main:
-            manifest = {"version": CACHE_VERSION, "key": key, "vae_sha256": vae_sha256, "data": data.description,
-                        "flip": flip, "images": len(data.train_pool), "shards": n_shards}
-            atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
-        dist.barrier()
-    else:
-        logger.info("reusing the latent cache %s", folder)
+    manifest = {"version": CACHE_VERSION, "key": key, "vae_sha256": vae_sha256, "data": data.description,
+                "flip": flip, "images": len(data.train_pool), "shards": n_shards}
+
+    def encode_shard(s: int, path: Path) -> None:
+        _encode_shard(vae, data, data.train_pool[s * SHARD_SIZE:(s + 1) * SHARD_SIZE], flip, path)
+
+    build_shards(folder, n_shards, encode_shard, manifest, env, "latent cache",
+                 f"{len(data.train_pool)} training images")
     return _load(folder, n_shards)
 
 

@@ -29,9 +29,9 @@ logger = logging.getLogger("daguerre.train")
 CONFIG_FILE = "config.json"
 # run-config keys that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "train.eval_every",
-                     "train.checkpoint_every", "train.keep_last", "train.keep_every", "train.tensorboard", "train.progress",
-                     "train.threads", "data.workers", "train.save_dtype", "data.cache_dir", "train.device",
-                     "train.prune_vocabulary")
+                     "train.checkpoint_every", "train.keep_last", "train.keep_every", "train.tensorboard",
+                     "train.progress", "train.threads", "data.workers", "train.save_dtype", "data.cache_dir",
+                     "train.device", "train.prune_vocabulary")
 
 
 def lr_at(step: int, t: TrainConfig, peak: float | None = None) -> float:

@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 
 from ..config import TEXT_ENCODER_KINDS, ModelConfig
-from ..fileio import atomic_save_safetensors, atomic_write_text
+from ..fileio import atomic_save_safetensors
 from . import dist
+from .latents import MANIFEST, _shard_path, build_shards  # noqa: F401 (MANIFEST: the layout of the latent cache)
 
 logger = logging.getLogger("daguerre.train")
 CACHE_VERSION = 1
 TEXT_DIR = "text"  # CACHE/text/<key>/ beside the latent folders CACHE/<key>/
 SHARD_CAPTIONS = 2048  # captions per shard file
 ENCODE_BATCH = 64  # captions per encoder call
-MANIFEST = "manifest.json"
 KEY_CHARS = 16
 STORE_DTYPE = torch.float16
 
@@ -101,10 +101,6 @@ def cache_key(encoder_cfg, tokenizer, captions: Sequence[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:KEY_CHARS]
 
 
-def _shard_path(folder: Path, s: int) -> Path:
-    return folder / f"shard_{s:05d}.safetensors"
-
-
 @torch.no_grad()
 def encode_captions(encoder, tokenizer, captions: Sequence[str]) -> torch.Tensor:
     """(N, max_length, d) hidden states of `captions`, float32 on the CPU, in batches of ENCODE_BATCH."""
@@ -129,27 +125,16 @@ def build_or_load(
     key = cache_key(encoder.config, tokenizer, distinct)
     folder = cache_root / TEXT_DIR / key
     n_shards = (len(distinct) + SHARD_CAPTIONS - 1) // SHARD_CAPTIONS
-    if not (folder / MANIFEST).is_file():
-        if env.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            logger.info("encoding %d distinct captions with the frozen text encoder into %s", len(distinct), folder)
-        dist.barrier()
-        for s in range(env.rank, n_shards, env.world):
-            path = _shard_path(folder, s)
-            if not path.is_file():
-                _encode_shard(encoder, tokenizer, distinct[s * SHARD_CAPTIONS:(s + 1) * SHARD_CAPTIONS], path)
-                if env.is_main:
-                    logger.info("text cache: shard %d/%d", s + 1, n_shards)
-        dist.barrier()
-        if env.is_main:
-            ident = {k: v for k, v in dataclasses.asdict(encoder.config).items()
-                     if k in ("kind", "weights_sha256", "max_length", "skip_layers", "width")}
-            manifest = {"version": CACHE_VERSION, "key": key, "encoder": ident, "captions": len(distinct),
-                        "shards": n_shards, "dtype": str(STORE_DTYPE).removeprefix("torch.")}
-            atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
-        dist.barrier()
-    else:
-        logger.info("reusing the text-embedding cache %s", folder)
+    ident = {k: v for k, v in dataclasses.asdict(encoder.config).items()
+             if k in ("kind", "weights_sha256", "max_length", "skip_layers", "width")}
+    manifest = {"version": CACHE_VERSION, "key": key, "encoder": ident, "captions": len(distinct),
+                "shards": n_shards, "dtype": str(STORE_DTYPE).removeprefix("torch.")}
+
+    def encode_shard(s: int, path: Path) -> None:
+        _encode_shard(encoder, tokenizer, distinct[s * SHARD_CAPTIONS:(s + 1) * SHARD_CAPTIONS], path)
+
+    build_shards(folder, n_shards, encode_shard, manifest, env, "text-embedding cache",
+                 f"{len(distinct)} distinct captions with the frozen text encoder")
     return _load(folder, n_shards)
 
 
