@@ -207,3 +207,21 @@ def test_preview_of_an_untrained_vae_falls_back_to_full_decoding(tmp_path):
 
 def _array(image: Image.Image) -> np.ndarray:
     return np.asarray(image).copy()
+
+
+def test_threads_are_automatic_for_small_models_and_settable(tmp_path):
+    import torch
+
+    from daguerre.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        args = ["generate", "a red circle", "--model", "random:tiny", "--steps", "1", "--seed", "1"]
+        assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+        assert torch.get_num_threads() == 1  # a small U-Net: one thread
+        assert main([*args, "--threads", "2", "--out", str(tmp_path / "b.png")]) == 0
+        assert torch.get_num_threads() == 2
+        assert main([*args, "--threads", "-1", "--out", str(tmp_path / "c.png")]) == 2
+    finally:
+        torch.set_num_threads(before)

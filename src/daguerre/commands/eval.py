@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..cli import command
-from .generate import add_model_arguments
+from .generate import add_model_arguments, set_threads
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = args.model or default_model_name()
     comps, short_hash = open_model(spec, device=args.device)
+    set_threads(args, comps)
     dataset = args.dataset or dataset_of(comps.config)
     if dataset is None:
         raise ValueError(f"model {spec!r} does not say which dataset it was trained on; pass --dataset shapes "

@@ -33,6 +33,28 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="compute dtype of the U-Net and text encoder (the VAE decodes in fp32)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 0: automatic, one thread for small models, torch's default otherwise)")
+
+
+SMALL_MODEL_PARAMETERS = 100_000_000  # U-Nets below this run on one CPU thread by default (see set_threads)
+
+
+def set_threads(args: argparse.Namespace, comps) -> None:
+    """Apply --threads. Automatic: one thread on the CPU for small U-Nets (daguerre's own models), whose
+    per-operation work is too small to share: extra threads mostly wait for each other, and on a busy
+    machine a thread that is not scheduled stalls every step (measured 100x slower). Big models
+    (Stable Diffusion) keep torch's default of one thread per core."""
+    import torch
+
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = automatic), got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        return
+    on_cpu = next(comps.unet.parameters()).device.type == "cpu"
+    if on_cpu and sum(p.numel() for p in comps.unet.parameters()) < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -171,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         **fields, n=args.n, batch_size=args.batch_size, tile=args.tile, class_label=args.class_label
     )
     comps, model_hash = open_model(model, device=args.device)
+    set_threads(args, comps)
     request = request.validate(comps.config)  # fail before any work on bad input
     if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():
         _note(f"{args.from_png} was made by a model with hash {expected_hash}; this one's is {model_hash}: "

@@ -9,7 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ..cli import command
-from .generate import add_model_arguments, add_output_arguments, add_sampling_arguments, output_paths, run_and_save
+from .generate import (
+    add_model_arguments,
+    add_output_arguments,
+    add_sampling_arguments,
+    output_paths,
+    run_and_save,
+    set_threads,
+)
 
 RESIZE_CHOICES = ("crop", "fit", "stretch", "none")
 
@@ -56,6 +63,7 @@ def run_image_command(
         **fields,
     )
     comps, model_hash = open_model(args.model, device=args.device)
+    set_threads(args, comps)
     request = request.validate(comps.config)  # fail before any work on bad input
     paths = output_paths(args.out, [request.seed + i for i in range(request.n)])  # ... bad --out included
     if note is not None and (line := note(comps)):
