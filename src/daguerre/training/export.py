@@ -19,8 +19,6 @@ from ..fileio import atomic_path
 from . import state
 from .config import RunConfig
 
-MODEL_FILE = "model.safetensors"
-
 
 def find_checkpoint(run: Path, step: int | None) -> Path:
     """The folder of checkpoint `step` of `run` (the newest when None); FileNotFoundError listing the others."""
