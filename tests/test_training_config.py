@@ -60,6 +60,8 @@ def test_parse_overrides_nests_sections():
     (["model.preset=sd99"], r"config key model\.preset: unknown preset"),
     (["bogus.key=1"], r"unknown config key bogus"),
     (["data.kind='folder'"], r"config key data\.root"),
+    (["data.p_relation=1.5"], r"config key data\.p_relation"),
+    (["data.min_objects=3", "data.max_objects=2"], r"data\.min_objects, data\.max_objects"),
 ])
 def test_bad_keys_and_values_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):

@@ -232,6 +232,18 @@ def test_latent_cache_key_depends_on_vae_data_and_flip():
                 cache_key("aa", {"kind": "shapes", "n": 10}, True, 8)}) == 4
 
 
+def test_shapes_scene_mix_keys_reach_the_dataset_and_join_the_cache_key_only_when_set():
+    from daguerre.training.config import DataConfig
+    from daguerre.training.data import build_dataset, describe_data
+
+    base = DataConfig(kind="shapes", n=40)
+    assert describe_data(base) == {"kind": "shapes", "n": 40, "seed": 0, "size": 64, "max_objects": 3}
+    pairs = DataConfig(kind="shapes", n=40, min_objects=2, max_objects=2, p_relation=1.0)
+    assert describe_data(pairs)["p_relation"] == 1.0 and describe_data(pairs)["min_objects"] == 2
+    scenes = [build_dataset(pairs).sample(i)[0] for i in range(40)]
+    assert all(len(s.objects) == 2 and s.relation is not None for s in scenes)
+
+
 def test_resume_accepts_keys_added_by_a_newer_version_only_at_their_defaults(tmp_path):
     """A run stored before a config key existed resumes when the key has its default value now."""
     import json

@@ -41,7 +41,9 @@ class DataConfig:
     size: int = 64  # image side in pixels after resize and crop
     n: int = 50_000  # shapes: number of procedural images (item i is a pure function of (seed, i))
     seed: int = 0  # shapes: world seed; fashion_mnist: caption phrasing seed
-    max_objects: int = 3  # shapes: objects per image (1..3)
+    max_objects: int = 3  # shapes: objects per image (min_objects..max_objects, at most 3)
+    min_objects: int = 1  # shapes: fewest objects per image
+    p_relation: float = 0.5  # shapes: probability that a scene of two or more objects states a relation
     split: str = "train"  # fashion_mnist: "train" or "test"
     captions: str = "auto"  # folder: "auto", "txt" (sidecars), "metadata" (metadata.jsonl/csv), "folders", "none"
     channels: int = 3  # folder: 3 = RGB, 1 = grayscale
@@ -415,6 +417,11 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ValueError("config key data.root: a folder dataset needs data.root = the image folder")
     if d.kind == "shapes" and d.n < 1:
         raise ValueError(f"config key data.n: must be >= 1, got {d.n}")
+    if d.kind == "shapes" and not 1 <= d.min_objects <= d.max_objects <= 3:
+        raise ValueError(f"config keys data.min_objects, data.max_objects: need 1 <= min <= max <= 3, "
+                         f"got {d.min_objects}, {d.max_objects}")
+    if d.kind == "shapes" and not 0.0 <= d.p_relation <= 1.0:
+        raise ValueError(f"config key data.p_relation: must be in [0, 1], got {d.p_relation}")
     from .concat import check_concat_config
 
     check_concat_config(cfg)

@@ -103,7 +103,8 @@ def build_dataset(cfg: DataConfig) -> torch.utils.data.Dataset:
     if cfg.kind == "shapes":
         from ..data.shapes import ShapesDataset
 
-        return ShapesDataset(cfg.n, seed=cfg.seed, size=cfg.size, max_objects=cfg.max_objects)
+        return ShapesDataset(cfg.n, seed=cfg.seed, size=cfg.size, max_objects=cfg.max_objects,
+                             min_objects=cfg.min_objects, p_relation=cfg.p_relation)
     if cfg.kind == "fashion_mnist":
         from ..data.fashion_mnist import DEFAULT_ROOT, FashionMNIST
 
@@ -117,6 +118,9 @@ def describe_data(cfg: DataConfig) -> dict[str, Any]:
             "fashion_mnist": ("kind", "root", "split", "size", "seed"),
             "folder": ("kind", "root", "size", "seed", "captions", "channels", "on_error")}[cfg.kind]
     out = {k: getattr(cfg, k) for k in keys}
+    if cfg.kind == "shapes":  # keys added later join only when set, so older runs keep their cache keys
+        out.update({k: getattr(cfg, k) for k in ("min_objects", "p_relation")
+                    if getattr(cfg, k) != getattr(DataConfig, k)})
     if cfg.kind == "folder":
         out["root"] = str(Path(cfg.root).resolve())
     return out
