@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from ..pngmeta import format_parameters
 from .prompts import encode_weighted
 from .request import GenerationRequest, _class_index
 from .tiling import decode_latents, encode_latents
+
+if TYPE_CHECKING:
+    from ..models.autoencoder import AutoencoderKL
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -133,7 +136,7 @@ def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def inpaint_model_concat(
-    components: Components, pixels: torch.Tensor, mask: torch.Tensor, tiled: bool | None = None
+    vae: AutoencoderKL, pixels: torch.Tensor, mask: torch.Tensor, tiled: bool | None = None
 ) -> torch.Tensor:
     """The extra input of a 9-channel inpainting U-Net (SD inpainting, config.concat == "inpaint"):
     cat(latent mask (1 ch), latent of the masked image (c ch)) -> (B, 1 + c, h, w).
@@ -144,8 +147,8 @@ def inpaint_model_concat(
     """
     binary = (mask >= 0.5).to(pixels.dtype)  # (B, 1, H, W)
     masked = pixels * (1 - binary)  # (B, C, H, W)
-    masked_latent = encode_images(components, masked, tiled)  # (B, c, h, w)
-    factor = components.config.vae.downsample_factor
+    masked_latent = encode_latents(vae, masked, tiled).to(pixels.device)  # (B, c, h, w), as encode_images
+    factor = vae.config.downsample_factor
     return torch.cat([latent_mask(binary, factor).to(masked_latent), masked_latent], dim=1)
 
 
@@ -154,7 +157,8 @@ def _default_concat(components: Components, req: GenerationRequest, device: torc
     image all gray, as A1111 does (its `inpainting_mask_weight` 1)."""
     channels = components.config.vae.in_channels
     pixels = torch.zeros(1, channels, req.height, req.width, device=device)
-    return inpaint_model_concat(components, pixels, torch.ones(1, 1, req.height, req.width, device=device), req.tile)
+    everything = torch.ones(1, 1, req.height, req.width, device=device)
+    return inpaint_model_concat(components.vae, pixels, everything, req.tile)
 
 
 # --- the loop --------------------------------------------------------------------------------------

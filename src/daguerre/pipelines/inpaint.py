@@ -56,7 +56,7 @@ def inpaint_plan(components: Components, req: GenerationRequest, image: Image.Im
         noise_mask = lat_mask
     cond = {}
     if cfg.concat == "inpaint":
-        cond["concat"] = inpaint_model_concat(components, pixels, mask_px, req.tile)  # (1, 1 + c, h, w)
+        cond["concat"] = inpaint_model_concat(components.vae, pixels, mask_px, req.tile)  # (1, 1 + c, h, w)
     params = {
         "Denoising strength": f"{req.strength:g}",
         "Mask blur": req.mask_blur,

@@ -239,11 +239,9 @@ class ConcatInputs:
             a = torch.tensor([s[0] for s in scales], dtype=c.dtype, device=device).view(-1, 1, 1, 1)
             s = torch.tensor([s[1] for s in scales], dtype=c.dtype, device=device).view(-1, 1, 1, 1)
             return a * c + s * draws["eps"].to(device, c.dtype), draws["level"].to(device)
-        from ..components import Components
         from ..pipelines.common import inpaint_model_concat
 
-        only_vae = Components(config=self.config, unet=None, vae=self.vae)  # inpaint_model_concat reads these two
-        return inpaint_model_concat(only_vae, draws["image"].to(device), draws["mask"].to(device)), None
+        return inpaint_model_concat(self.vae, draws["image"].to(device), draws["mask"].to(device)), None
 
     def step(self, rows: torch.Tensor, views: torch.Tensor, gens: list[torch.Generator],
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
