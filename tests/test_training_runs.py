@@ -180,6 +180,44 @@ def test_sigkill_and_resume_gives_bitwise_the_same_weights(tmp_path, vae_file):
     assert steps_logged == list(range(5, steps + 1, 5))  # the killed run's extra lines were dropped
 
 
+def test_until_pauses_and_a_resume_continues_exactly_and_records_phase_changes(tmp_path, vae_file):
+    """--until N checkpoints N and stops (no model file); --resume then ends bitwise where an uninterrupted
+    run does. A training-phase key (loss.offset_noise) may change at a resume: the change is kept in the
+    checkpoints' and the model's config history; other keys still refuse."""
+    from daguerre.checkpoints import load_model
+
+    extra = [*QUIET, "train.steps=6", "data.n=24", "data.holdout=4", "train.batch_size=4", "train.keep_last=5"]
+    cfg = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", extra)
+    train_ldm(cfg, tmp_path / "ref", vae_path=vae_file)
+    paused = train_ldm(cfg, tmp_path / "run", vae_path=vae_file, until=3)
+    assert paused == tmp_path / "run" / "checkpoints" / "step_00000003" and paused.is_dir()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="--until 2: the run is already at step 3"):
+        train_ldm(cfg, tmp_path / "run", vae_path=vae_file, resume=True, until=2)
+    train_ldm(cfg, tmp_path / "run", vae_path=vae_file, resume=True)
+    a = load_file(str(tmp_path / "ref" / "checkpoints" / "step_00000006" / "state.safetensors"))
+    b = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000006" / "state.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    shutil.copytree(tmp_path / "ref", tmp_path / "phase")
+    longer = ["train.steps=8"]
+    with pytest.raises(ValueError, match="train.lr was"):
+        train_ldm(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*extra, *longer, "train.lr=0.5"]),
+                  tmp_path / "phase", vae_path=vae_file, resume=True)
+    offset = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*extra, *longer, "loss.offset_noise=0.2"])
+    path = train_ldm(offset, tmp_path / "phase", vae_path=vae_file, resume=True)
+    change = {"step": 6, "key": "loss.offset_noise", "from": 0.0, "to": 0.2}
+    meta = json.loads((tmp_path / "phase" / "checkpoints" / "step_00000008" / "state.json").read_text())
+    assert meta["config_history"] == [change]
+    assert load_model(path).config.provenance["config_history"] == [change]
+    from daguerre.checkpoints.summary import describe
+    from daguerre.commands.info import format_info
+
+    assert "phase:           from step 6: loss.offset_noise 0.0 -> 0.2" in format_info(describe(path))
+    c = load_file(str(tmp_path / "phase" / "checkpoints" / "step_00000008" / "state.safetensors"))
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("model.unet."))  # it trained on
+
+
 def test_vae_resume_with_discriminator_is_exact(tmp_path):
     extra = [*QUIET, "data.n=40", "data.holdout=8", "train.steps=8", "train.checkpoint_every=4", "train.keep_last=3",
              "loss.disc_weight=0.5", "loss.disc_start=2", "loss.disc_channels=8", "loss.disc_layers=2",

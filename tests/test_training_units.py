@@ -259,7 +259,7 @@ def test_resume_accepts_keys_added_by_a_newer_version_only_at_their_defaults(tmp
     (ckpt / state.META_FILE).write_text(json.dumps({"run_config": stored, "step": 10}))
     (ckpt / state.TENSORS_FILE).write_bytes(b"")  # only its presence matters here
     env = dist.DistEnv()
-    assert prepare_run_dir(tmp_path, cfg, True, env) == ckpt
+    assert prepare_run_dir(tmp_path, cfg, True, env) == (ckpt, [])
     changed = load_run_config(None, "ldm", ["train.grad_clip=0.5"])
     with pytest.raises(ValueError, match="train.grad_clip was None and is now 0.5|train.grad_clip"):
         prepare_run_dir(tmp_path, changed, True, env)

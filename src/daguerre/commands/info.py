@@ -81,6 +81,9 @@ def format_info(info: dict) -> str:
     if prov.get("stage") == "ldm":
         lines.append(f"trained:         {prov.get('steps')} steps, {prov.get('images_seen', 0):,} images, "
                      f"{prov.get('training_seconds', 0) / 3600:.2f} h on {prov.get('world_size', 1)} process(es)")
+    for change in prov.get("config_history") or []:  # training phases (docs/training.md)
+        lines.append(f"phase:           from step {change['step']}: {change['key']} "
+                     f"{change['from']!r} -> {change['to']!r}")
     extras = []
     if info["has_ema"]:
         extras.append("has a separate EMA U-Net (model_ema.*; load with --ema)")

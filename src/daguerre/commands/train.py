@@ -25,6 +25,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=2e-4 --set data.root=photos (repeatable)")
+    p.add_argument("--until", type=int, default=None, metavar="STEP",
+                   help="pause after step STEP: checkpoint it and stop without the final model (the learning-rate "
+                   "schedule still runs to train.steps); continue later with --resume")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
     if args.stage == "vae":
         from ..training.vae import train_vae
 
-        path = train_vae(cfg, out, resume=args.resume)
+        path = train_vae(cfg, out, resume=args.resume, until=args.until)
     else:
         from ..training.ldm import train_ldm
 
-        path = train_ldm(cfg, out, vae_path=args.vae, resume=args.resume)
+        path = train_ldm(cfg, out, vae_path=args.vae, resume=args.resume, until=args.until)
     print(path)
     return 0

@@ -42,9 +42,12 @@ from .loop import (
     due,
     lr_at,
     make_optimizer,
+    paused,
     prepare_run_dir,
+    resume_state,
     seed_everything,
     set_lr,
+    stop_step,
     wrap_ddp,
     write_config,
 )
@@ -90,19 +93,21 @@ def _draws(gens: list[torch.Generator], n_steps: int, shape: tuple[int, ...], vi
             "view": torch.cat(view)}
 
 
-def train_ldm(cfg: RunConfig, out: str | Path, *, vae_path: str | Path, resume: bool = False) -> Path:
-    """Run stage 2 as configured on the autoencoder in `vae_path`; returns RUN/model.safetensors."""
+def train_ldm(cfg: RunConfig, out: str | Path, *, vae_path: str | Path, resume: bool = False,
+              until: int | None = None) -> Path:
+    """Run stage 2 as configured on the autoencoder in `vae_path`; returns RUN/model.safetensors, or with
+    `until` < train.steps the checkpoint of step `until` (a pause: resume later with `resume`)."""
     env = dist.init_distributed(cfg.train.device)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, Path(out), Path(vae_path), resume, env)
+        return _train(cfg, Path(out), Path(vae_path), resume, until, env)
     finally:
         dist.shutdown()
         teardown_logging()
         torch.set_num_threads(threads)
 
 
-def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.DistEnv) -> Path:
+def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int | None, env: dist.DistEnv) -> Path:
     from ..checkpoints.io import file_hash
 
     t, lc = cfg.train, cfg.loss
@@ -110,7 +115,7 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
     device = env.device
     vae, vae_model_cfg = load_vae(vae_path, device)
     vae_sha = file_hash(vae_path)
-    latest = prepare_run_dir(out, cfg, resume, env)
+    latest, phase = prepare_run_dir(out, cfg, resume, env)
     setup_logging(out, env.is_main)
     data = load_train_data(cfg.data)
     if data.channels != vae_model_cfg.vae.in_channels:
@@ -157,9 +162,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
     opt = make_optimizer(params, t)
     model = wrap_ddp(DiffusionModel(unet, te if train_te else None), env)
     ts = TrainingState(modules, emas, {"model": opt})
-    start = 0
-    if latest is not None:
-        start, meta = ts.load(latest, env)
+    start, meta = resume_state(ts, latest, phase, env)
+    if meta is not None:
         if meta.get("vae_sha256") != vae_sha:
             raise ValueError(f"cannot resume {out}: it was trained on another autoencoder than {vae_path}; "
                              "resume with the run's own --vae file")
@@ -190,7 +194,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
         return Components(config=model_cfg, unet=ema_copies["unet"], vae=vae,
                           text_encoder=ema_copies.get("text_encoder", frozen and frozen[0]), tokenizer=tokenizer)
 
-    for step in range(start, t.steps):
+    stop = stop_step(start, t.steps, until)
+    for step in range(start, stop):
         set_lr(opt, lr_at(step, t))
         total = 0.0
         for micro in range(t.grad_accum):
@@ -249,9 +254,11 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
             grid = (sample_grid(ema_components(), cfg.sample) if concat_in is None
                     else concat_in.sample_grid(ema_components(), cfg.sample))
             save_png(grid, out / SAMPLES_DIR / f"step_{done:08d}.png")
-        if due(done, t.checkpoint_every, t.steps):
+        if due(done, t.checkpoint_every, t.steps) or done == stop:
             ts.save(out, done, cfg, sampler, env, extra={"vae_sha256": vae_sha, "vae_file": str(vae_path)})
     runlog.close()
+    if stop < t.steps:
+        return paused(out, stop, t.steps, env)
 
     path = out / MODEL_FILE
     if env.is_main:
@@ -274,6 +281,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, env: dist.Di
             "data": data.description, "run_config": to_jsonable(cfg.to_dict()),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if ts.history:  # training phases: config keys changed at a resume (loop.PHASE_CHANGES)
+            model_cfg.provenance["config_history"] = ts.history
         save_model(components, path, dtype=SAVE_DTYPES[t.save_dtype])
         logger.info("wrote %s", path)
     dist.barrier()

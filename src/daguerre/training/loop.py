@@ -32,6 +32,10 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "tr
                      "train.checkpoint_every", "train.keep_last", "train.keep_every", "train.tensorboard",
                      "train.progress", "train.threads", "data.workers", "train.save_dtype", "data.cache_dir",
                      "train.device", "train.prune_vocabulary")
+# keys that may change between two sessions of a run as a new training phase (what is learned from here
+# on, not what the model is): each change is logged and kept in the run's config history
+PHASE_CHANGES = ("loss.offset_noise", "loss.min_snr_gamma", "loss.caption_dropout",
+                 "data.min_objects", "data.max_objects", "data.p_relation")
 
 
 def lr_at(step: int, t: TrainConfig, peak: float | None = None) -> float:
@@ -103,11 +107,12 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv) -> Path | None:
-    """Create the run folder; return the checkpoint to resume from (None = start at step 0).
+def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv) -> tuple[Path | None, list[dict]]:
+    """Create the run folder; return the checkpoint to resume from (None = start at step 0) and the
+    training-phase changes of the config since that checkpoint ([{"key", "from", "to"}]).
 
     Refuses to overwrite a run that has checkpoints unless `resume`; on resume the stored config
-    must match the current one except for the keys in RESUMABLE_CHANGES.
+    must match the current one except for the keys in RESUMABLE_CHANGES and PHASE_CHANGES.
     """
     latest = state.latest_checkpoint(out)
     if latest is not None and not resume:
@@ -119,18 +124,23 @@ def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv) 
     if latest is None:
         if resume:
             logger.info("--resume: no checkpoint in %s yet, starting at step 0", out)
-        return None
+        return None, []
     stored = json.loads((latest / state.META_FILE).read_text(encoding="utf-8"))["run_config"]
     old, new = flat(stored), flat(to_jsonable(cfg.to_dict()))
     # a key the stored config lacks was added by a newer daguerre: the run used what is now its default
     default = flat(to_jsonable(load_run_config(None, cfg.stage).to_dict()))
     old = {**{k: default.get(k) for k in set(new) - set(old)}, **old}
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    changed = [k for k in differ if k not in PHASE_CHANGES]
     if changed:
         k = changed[0]
         raise ValueError(f"cannot resume {out}: config key {k} was {old.get(k)!r} and is now {new.get(k)!r} "
                          f"({len(changed)} keys differ); resume with the run's own: --config {out / CONFIG_FILE}")
-    return latest
+    phase = [{"key": k, "from": old.get(k), "to": new.get(k)} for k in differ]
+    for c in phase:
+        logger.warning("config key %s changes from %r to %r at this resume: a new training phase, kept in the "
+                       "run's config history", c["key"], c["from"], c["to"])
+    return latest, phase
 
 
 def write_config(out: Path, cfg: RunConfig, env: dist.DistEnv) -> None:
@@ -160,6 +170,7 @@ class TrainingState:
     ) -> None:
         self.modules, self.emas, self.optimizers = modules, emas, optimizers
         self.elapsed = 0.0  # training seconds of the run so far, over all sessions
+        self.history: list[dict[str, Any]] = []  # training-phase config changes: {"step", "key", "from", "to"}
         self._session_start = time.perf_counter()
 
     def seconds(self) -> float:
@@ -175,7 +186,7 @@ class TrainingState:
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"step": step, "world": env.world, "run_config": to_jsonable(cfg.to_dict()),
                                 "sampler": sampler.state(step), "seconds": self.seconds(), "optimizers": {},
-                                "ema_updates": {}, "rng": [], **(extra or {})}
+                                "ema_updates": {}, "rng": [], "config_history": self.history, **(extra or {})}
         for name, m in self.modules.items():
             tensors.update(state.module_tensors(unwrap(m), f"model.{name}."))
         for name, e in self.emas.items():
@@ -207,9 +218,39 @@ class TrainingState:
         prefix = f"rng.{rank}."
         state.set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["rng"][rank])
         self.elapsed = float(meta.get("seconds", 0.0))
+        self.history = list(meta.get("config_history", []))
         self._session_start = time.perf_counter()
         logger.info("resumed from %s (step %d)", folder, meta["step"])
         return int(meta["step"]), meta
+
+
+def resume_state(ts: TrainingState, latest: Path | None, phase: list[dict], env: dist.DistEnv
+                 ) -> tuple[int, dict[str, Any] | None]:
+    """Load checkpoint `latest` into `ts` (step 0 and no meta when None) and record the phase changes
+    of this resume in its config history."""
+    if latest is None:
+        return 0, None
+    start, meta = ts.load(latest, env)
+    ts.history += [{"step": start, **c} for c in phase]
+    return start, meta
+
+
+def stop_step(start: int, steps: int, until: int | None) -> int:
+    """The step this session ends at: `train.steps`, or `until` (a pause: checkpoint, no final model)."""
+    if until is None:
+        return steps
+    if until <= start:
+        raise ValueError(f"--until {until}: the run is already at step {start}; give a later step "
+                         f"(train.steps is {steps})")
+    return min(until, steps)
+
+
+def paused(out: Path, step: int, steps: int, env: dist.DistEnv) -> Path:
+    """End a session at `step` < train.steps (`--until`): the checkpoint of `step`, which --resume continues."""
+    dist.barrier()
+    folder = out / state.CHECKPOINT_DIR / state.step_dir_name(step)
+    logger.info("paused at step %d of %d: checkpoint %s; continue with --resume", step, steps, folder)
+    return folder
 
 
 def due(step: int, every: int, last: int) -> bool:

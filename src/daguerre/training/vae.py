@@ -39,9 +39,12 @@ from .loop import (
     due,
     lr_at,
     make_optimizer,
+    paused,
     prepare_run_dir,
+    resume_state,
     seed_everything,
     set_lr,
+    stop_step,
     unwrap,
     wrap_ddp,
     write_config,
@@ -132,22 +135,23 @@ def _flip(x: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
     return torch.where(flips[:, None, None, None].to(x.device), x.flip(-1), x)
 
 
-def train_vae(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> Path:
-    """Run stage 1 as configured; returns the path of the VAE file (RUN/vae.safetensors)."""
+def train_vae(cfg: RunConfig, out: str | Path, *, resume: bool = False, until: int | None = None) -> Path:
+    """Run stage 1 as configured; returns the path of the VAE file (RUN/vae.safetensors), or with
+    `until` < train.steps the checkpoint of step `until` (a pause: resume later with `resume`)."""
     env = dist.init_distributed(cfg.train.device)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, Path(out), resume, env)
+        return _train(cfg, Path(out), resume, until, env)
     finally:
         dist.shutdown()
         teardown_logging()
         torch.set_num_threads(threads)
 
 
-def _train(cfg: RunConfig, out: Path, resume: bool, env: dist.DistEnv) -> Path:
+def _train(cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist.DistEnv) -> Path:
     t, lc = cfg.train, cfg.loss
     configure_threads(t)
-    latest = prepare_run_dir(out, cfg, resume, env)
+    latest, phase = prepare_run_dir(out, cfg, resume, env)
     setup_logging(out, env.is_main)
     data = load_train_data(cfg.data)
     model_cfg = derive_model_config(cfg, data.channels, data.class_names)
@@ -175,11 +179,9 @@ def _train(cfg: RunConfig, out: Path, resume: bool, env: dist.DistEnv) -> Path:
         optimizers["disc"] = opt_d
         ddp_disc = wrap_ddp(disc, env)
     ts = TrainingState(modules, {"vae": ema}, optimizers)
-    start = 0
-    if latest is not None:
-        start, _ = ts.load(latest, env)
-        if env.is_main:
-            truncate_metrics(out, start)
+    start, meta = resume_state(ts, latest, phase, env)
+    if meta is not None and env.is_main:
+        truncate_metrics(out, start)
     write_config(out, cfg, env)
     n_params = sum(p.numel() for p in vae.parameters())
     logger.info("stage 1: autoencoder of %.2f M parameters, f=%d, %d latent channels; %d training images on "
@@ -202,7 +204,8 @@ def _train(cfg: RunConfig, out: Path, resume: bool, env: dist.DistEnv) -> Path:
     items_iter = batch_loader(data, ((int(b[2][0]) // n_pool, b[3]) for b in sampler.iter_steps(start, t.steps)),
                               cfg.data.workers)
 
-    for step in range(start, t.steps):
+    stop = stop_step(start, t.steps, until)
+    for step in range(start, stop):
         set_lr(opt, lr_at(step, t))
         gan_on = disc is not None and step >= lc.disc_start
         if opt_d is not None:
@@ -280,9 +283,11 @@ def _train(cfg: RunConfig, out: Path, resume: bool, env: dist.DistEnv) -> Path:
             if recon_now:
                 k = cfg.sample.recon_images
                 save_png(comparison_image(holdout[:k], rec_h[:k].cpu()), out / SAMPLES_DIR / f"recon_{done:08d}.png")
-        if due(done, t.checkpoint_every, t.steps):
+        if due(done, t.checkpoint_every, t.steps) or done == stop:
             ts.save(out, done, cfg, sampler, env)
     runlog.close()
+    if stop < t.steps:
+        return paused(out, stop, t.steps, env)
 
     path = out / VAE_FILE
     if env.is_main:
@@ -303,6 +308,8 @@ def _train(cfg: RunConfig, out: Path, resume: bool, env: dist.DistEnv) -> Path:
             "holdout_metrics": final_metrics, "run_config": to_jsonable(cfg.to_dict()),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "weights": "ema" if t.ema_decay > 0 else "raw",
         }
+        if ts.history:  # training phases: config keys changed at a resume (loop.PHASE_CHANGES)
+            model_cfg.provenance["config_history"] = ts.history
         save_vae(ema_vae, model_cfg, path)
         logger.info("wrote %s (scale_factor %.5f; %s)", path, model_cfg.vae.scale_factor, json.dumps(final_metrics))
     dist.barrier()
