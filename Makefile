@@ -55,3 +55,19 @@ $(RUNS)/%_vae/vae.safetensors: | $(VENV)/.installed
 
 $(RUNS)/%_ldm/model.safetensors: $(RUNS)/%_vae/vae.safetensors
 	$(VENV)/bin/daguerre train ldm --config configs/$*_ldm.toml --vae $< --out $(RUNS)/$*_ldm --resume
+
+# shapes trains in three phases (its model card): 8000 steps as configured; then, in one run continued to
+# 16000 steps, plain noise to step 10750 and offset noise 0.2 from there. A stamp file marks each phase.
+SHAPES_LDM := $(VENV)/bin/daguerre train ldm --config configs/shapes_ldm.toml --vae $(RUNS)/shapes_vae/vae.safetensors \
+	--out $(RUNS)/shapes_ldm --resume
+
+$(RUNS)/shapes_ldm/phase1.done: $(RUNS)/shapes_vae/vae.safetensors
+	$(SHAPES_LDM)
+	touch $@
+
+$(RUNS)/shapes_ldm/phase2.done: $(RUNS)/shapes_ldm/phase1.done
+	$(SHAPES_LDM) --set train.steps=16000 --until 10750
+	touch $@
+
+$(RUNS)/shapes_ldm/model.safetensors: $(RUNS)/shapes_ldm/phase2.done
+	$(SHAPES_LDM) --set train.steps=16000 --set loss.offset_noise=0.2

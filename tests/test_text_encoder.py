@@ -317,3 +317,31 @@ def test_unknown_words_are_reported_when_a_prompt_is_encoded(caplog):
         assert not caplog.records
         encode_weighted(pruned, comps.tokenizer, ["a red dragon"], skip_layers=0)
     assert "'dragon'" in caplog.text and "'red'" not in caplog.text
+
+
+def test_bidirectional_encoder_lets_early_tokens_see_later_ones_and_round_trips(tmp_path):
+    """causal = False: the first words' states depend on the words after them (a causal encoder's do not),
+    the flag survives save/load, and the diffusers export, whose CLIPTextModel is causal, refuses."""
+    from daguerre.checkpoints import load_model, save_model
+    from daguerre.checkpoints.diffusers_folder import save_diffusers
+    from daguerre.components import build_components
+
+    comps = build_components(preset("tiny"), seed=0)
+    causal, tok = comps.text_encoder.eval(), comps.tokenizer
+    cfg = dataclasses.replace(causal.config, causal=False)
+    both = CLIPTextEncoder(cfg).eval()
+    both.load_state_dict(causal.state_dict())
+    ids = tok(["a red circle above a blue square", "a red circle below a blue square"])
+    first = slice(0, 4)  # <start> a red circle: the same words in both prompts
+    with torch.no_grad():
+        h_causal, h_both = causal(ids).hidden, both(ids).hidden
+    assert torch.equal(h_causal[0, first], h_causal[1, first])
+    assert (h_both[0, first] - h_both[1, first]).abs().max() > 1e-4
+    model = dataclasses.replace(comps, config=dataclasses.replace(comps.config, text_encoder=cfg), text_encoder=both)
+    save_model(model, tmp_path / "both.safetensors")
+    loaded = load_model(tmp_path / "both.safetensors")
+    assert loaded.config.text_encoder.causal is False
+    with torch.no_grad():
+        assert torch.allclose(loaded.text_encoder(ids).hidden, h_both, atol=1e-6)
+    with pytest.raises(ValueError, match="bidirectional"):
+        save_diffusers(model, tmp_path / "diffusers")

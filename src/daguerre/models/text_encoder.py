@@ -39,18 +39,18 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention with separate q, k, v projections."""
+    """Multi-head self-attention with separate q, k, v projections; causal (CLIP) unless told otherwise."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, width)
-        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=self.causal)
         return self.out_proj(out)
 
 
@@ -70,7 +70,7 @@ class CLIPEncoderLayer(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads, cfg.causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg.width, cfg.mlp_dim, cfg.activation)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
