@@ -90,12 +90,13 @@ def test_ldm_overfits_one_batch_and_the_model_generates(tmp_path, vae_file):
     prov = comps.config.provenance
     assert prov["steps"] == OVERFIT_STEPS and prov["training_seconds"] > 0 and prov["weights"] == "ema"
     assert prov["run_config"]["stage"] == "ldm"
-    assert comps.config.defaults == {"steps": 4, "sampler": "DPM++ 2M", "cfg_scale": 3.0}  # tiny_ldm.toml [sample]
+    assert comps.config.defaults == {"steps": 4, "sampler": "DPM++ 2M", "schedule": "Automatic",
+                                     "cfg_scale": 3.0}  # tiny_ldm.toml [sample]
     from daguerre.checkpoints.summary import describe
     from daguerre.commands.info import format_info
 
     text = format_info(describe(path))
-    assert "recommends:      steps 4, sampler DPM++ 2M, cfg_scale 3.0" in text
+    assert "recommends:      steps 4, sampler DPM++ 2M, schedule Automatic, cfg_scale 3.0" in text
     assert f"trained:         {OVERFIT_STEPS} steps, {OVERFIT_STEPS * 8:,} images" in text
     assert comps.config.vae.scale_factor == load_vae(vae_file)[1].vae.scale_factor
     final = load_file(str(run / "checkpoints" / f"step_{OVERFIT_STEPS:08d}" / "state.safetensors"))
@@ -204,12 +205,14 @@ def test_until_pauses_and_a_resume_continues_exactly_and_records_phase_changes(t
     with pytest.raises(ValueError, match="train.lr was"):
         train_ldm(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*extra, *longer, "train.lr=0.5"]),
                   tmp_path / "phase", vae_path=vae_file, resume=True)
-    offset = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*extra, *longer, "loss.offset_noise=0.2"])
+    offset = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm",
+                             [*extra, *longer, "loss.offset_noise=0.2", "sample.schedule='Uniform'"])
     path = train_ldm(offset, tmp_path / "phase", vae_path=vae_file, resume=True)
     change = {"step": 6, "key": "loss.offset_noise", "from": 0.0, "to": 0.2}
     meta = json.loads((tmp_path / "phase" / "checkpoints" / "step_00000008" / "state.json").read_text())
     assert meta["config_history"] == [change]
-    assert load_model(path).config.provenance["config_history"] == [change]
+    assert load_model(path).config.provenance["config_history"] == [change]  # (sample.* is no phase)
+    assert load_model(path).config.defaults["schedule"] == "Uniform"
     from daguerre.checkpoints.summary import describe
     from daguerre.commands.info import format_info
 

@@ -135,6 +135,7 @@ class SampleConfig:
     seed: int = 0
     steps: int = 25
     sampler: str = "DPM++ 2M"
+    schedule: str = "Automatic"  # A1111 schedule type ("Uniform" suits zero-terminal-SNR models)
     cfg_scale: float = 4.0
     recon_images: int = 8  # VAE: originals above reconstructions in the comparison image
     latent_scale_images: int = 256  # VAE: held-out images whose latents give scale_factor = 1 / std

@@ -271,7 +271,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
                         len(components.config.text_encoder.token_ids))
         model_cfg = components.config
         sample = cfg.sample  # the settings of the sample grids are the model's recommended ones
-        model_cfg.defaults = {"steps": sample.steps, "sampler": sample.sampler, "cfg_scale": sample.cfg_scale}
+        model_cfg.defaults = {"steps": sample.steps, "sampler": sample.sampler, "schedule": sample.schedule,
+                              "cfg_scale": sample.cfg_scale}
         model_cfg.provenance = {
             "stage": "ldm", "steps": t.steps, "training_seconds": round(ts.seconds(), 1),
             "images_seen": t.steps * sampler.global_batch, "world_size": env.world,

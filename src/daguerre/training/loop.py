@@ -130,7 +130,8 @@ def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv) 
     # a key the stored config lacks was added by a newer daguerre: the run used what is now its default
     default = flat(to_jsonable(load_run_config(None, cfg.stage).to_dict()))
     old = {**{k: default.get(k) for k in set(new) - set(old)}, **old}
-    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+                    and not k.startswith("sample."))  # the sample grids' settings never touch the weights
     changed = [k for k in differ if k not in PHASE_CHANGES]
     if changed:
         k = changed[0]
