@@ -217,6 +217,12 @@ def test_until_pauses_and_a_resume_continues_exactly_and_records_phase_changes(t
     from daguerre.commands.info import format_info
 
     assert "phase:           from step 6: loss.offset_noise 0.0 -> 0.2" in format_info(describe(path))
+    v = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*extra, "train.steps=10", "loss.offset_noise=0.2",
+                                                           "model.schedule.prediction_type='v_prediction'"])
+    path = train_ldm(v, tmp_path / "phase", vae_path=vae_file, resume=True)  # a new target restarts the EMA
+    meta = json.loads((tmp_path / "phase" / "checkpoints" / "step_00000010" / "state.json").read_text())
+    assert meta["ema_updates"]["unet"] == 2 and meta["config_history"][-1]["key"] == "model.schedule.prediction_type"
+    assert load_model(path).config.schedule.prediction_type == "v_prediction"
     c = load_file(str(tmp_path / "phase" / "checkpoints" / "step_00000008" / "state.safetensors"))
     assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("model.unet."))  # it trained on
 

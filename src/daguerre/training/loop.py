@@ -35,7 +35,11 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "tr
 # keys that may change between two sessions of a run as a new training phase (what is learned from here
 # on, not what the model is): each change is logged and kept in the run's config history
 PHASE_CHANGES = ("loss.offset_noise", "loss.min_snr_gamma", "loss.caption_dropout",
-                 "data.min_objects", "data.max_objects", "data.p_relation")
+                 "data.min_objects", "data.max_objects", "data.p_relation",
+                 "model.schedule.prediction_type", "model.schedule.zero_terminal_snr")
+# a phase that changes what the network predicts also restarts the EMA (its warm-up from update 0): an
+# average with weights trained for the old target is no model of the new one
+RESTARTS_EMA = ("model.schedule.prediction_type", "model.schedule.zero_terminal_snr")
 
 
 def lr_at(step: int, t: TrainConfig, peak: float | None = None) -> float:
@@ -233,6 +237,10 @@ def resume_state(ts: TrainingState, latest: Path | None, phase: list[dict], env:
         return 0, None
     start, meta = ts.load(latest, env)
     ts.history += [{"step": start, **c} for c in phase]
+    if any(c["key"] in RESTARTS_EMA for c in phase):
+        for e in ts.emas.values():
+            e.num_updates = 0
+        logger.warning("the prediction target changed: the EMA of the weights restarts its warm-up at step %d", start)
     return start, meta
 
 
