@@ -141,11 +141,7 @@ def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv) 
         k = changed[0]
         raise ValueError(f"cannot resume {out}: config key {k} was {old.get(k)!r} and is now {new.get(k)!r} "
                          f"({len(changed)} keys differ); resume with the run's own: --config {out / CONFIG_FILE}")
-    phase = [{"key": k, "from": old.get(k), "to": new.get(k)} for k in differ]
-    for c in phase:
-        logger.warning("config key %s changes from %r to %r at this resume: a new training phase, kept in the "
-                       "run's config history", c["key"], c["from"], c["to"])
-    return latest, phase
+    return latest, [{"key": k, "from": old.get(k), "to": new.get(k)} for k in differ]
 
 
 def write_config(out: Path, cfg: RunConfig, env: dist.DistEnv) -> None:
@@ -236,6 +232,9 @@ def resume_state(ts: TrainingState, latest: Path | None, phase: list[dict], env:
     if latest is None:
         return 0, None
     start, meta = ts.load(latest, env)
+    for c in phase:  # logged here, after the run's log file is set up
+        logger.warning("config key %s changes from %r to %r at step %d: a new training phase, kept in the run's "
+                       "config history", c["key"], c["from"], c["to"], start)
     ts.history += [{"step": start, **c} for c in phase]
     if any(c["key"] in RESTARTS_EMA for c in phase):
         for e in ts.emas.values():
