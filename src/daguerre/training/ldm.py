@@ -254,7 +254,7 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
             grid = (sample_grid(ema_components(), cfg.sample) if concat_in is None
                     else concat_in.sample_grid(ema_components(), cfg.sample))
             save_png(grid, out / SAMPLES_DIR / f"step_{done:08d}.png")
-        if due(done, t.checkpoint_every, t.steps) or done == stop:
+        if due(done, t.checkpoint_every, stop):  # stop: train.steps, or the pause of --until
             ts.save(out, done, cfg, sampler, env, extra={"vae_sha256": vae_sha, "vae_file": str(vae_path)})
     runlog.close()
     if stop < t.steps:

@@ -283,7 +283,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist
             if recon_now:
                 k = cfg.sample.recon_images
                 save_png(comparison_image(holdout[:k], rec_h[:k].cpu()), out / SAMPLES_DIR / f"recon_{done:08d}.png")
-        if due(done, t.checkpoint_every, t.steps) or done == stop:
+        if due(done, t.checkpoint_every, stop):  # stop: train.steps, or the pause of --until
             ts.save(out, done, cfg, sampler, env)
     runlog.close()
     if stop < t.steps:
