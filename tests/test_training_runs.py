@@ -227,6 +227,67 @@ def test_until_pauses_and_a_resume_continues_exactly_and_records_phase_changes(t
     assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("model.unet."))  # it trained on
 
 
+def test_init_fine_tunes_and_grows_a_model_that_starts_as_the_same_function(tmp_path, vae_file):
+    """`--init MODEL` starts a run from a model's weights; a run that adds an attention level starts as
+    the same function (the new spatial transformers end in zero layers), its pruned vocabulary restored.
+    A run that lacks the model's tensors, or shapes them otherwise, or another autoencoder, is refused."""
+    from daguerre.checkpoints import load_model
+    from daguerre.models.text_encoder import CLIPTextEncoder
+    from daguerre.models.unet import UNetModel
+    from daguerre.training.init import init_ldm
+
+    base = [*QUIET, "data.n=24", "data.holdout=4", "train.batch_size=4"]
+    source = train_ldm(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*base, "train.steps=3"]),
+                       tmp_path / "a", vae_path=vae_file)
+    frozen = ["train.lr=0.0", "train.ema_decay=0.0", "train.steps=1", "model.unet.attention_levels=[0,1]"]
+    args = ["train", "ldm", "--config", str(CONFIGS / "tiny_ldm.toml"), "--vae", str(vae_file),
+            "--out", str(tmp_path / "grown"), "--init", str(source)]
+    assert main([*args, *[f"--set={kv}" for kv in [*base, *frozen]]]) == 0
+    a, b = load_model(source), load_model(tmp_path / "grown" / "model.safetensors")
+    assert b.config.unet.attention_levels == (0, 1) and a.config.unet.attention_levels == (1,)
+    init = b.config.provenance["init"]
+    assert init["file"] == source.name and init["new_tensors"]["unet"] > 0 and init["new_tensors"]["text_encoder"] == 0
+    ids = a.tokenizer(["a red circle above a blue square"])
+    ctx_a, ctx_b = (c.text_encoder(ids, output_pooled=False).hidden for c in (a, b))
+    torch.testing.assert_close(ctx_b, ctx_a, rtol=0, atol=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        torch.testing.assert_close(b.unet(x, t, context=ctx_a.expand(2, -1, -1)),
+                                   a.unet(x, t, context=ctx_a.expand(2, -1, -1)), rtol=0, atol=1e-5)
+    # the grown run resumes without repeating --init (the checkpoints hold the weights and the record)
+    assert main(["train", "ldm", "--config", str(CONFIGS / "tiny_ldm.toml"), "--vae", str(vae_file), "--out",
+                 str(tmp_path / "grown"), "--resume", *[f"--set={kv}" for kv in [*base, *frozen[:2]]],
+                 "--set=train.steps=2", "--set=model.unet.attention_levels=[0,1]"]) == 0
+    assert load_model(tmp_path / "grown" / "model.safetensors").config.provenance["init"] == init
+
+    from daguerre.training.config import derive_model_config
+
+    def nets(**unet):
+        mc = derive_model_config(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm",
+                                                 [*base, *[f"model.unet.{k}={v}" for k, v in unet.items()]]), 3, None)
+        return UNetModel(mc.unet), CLIPTextEncoder(mc.text_encoder)
+
+    with pytest.raises(ValueError, match="tensors this run's U-Net lacks"):
+        init_ldm(tmp_path / "grown" / "model.safetensors", *nets(), a.config.provenance["vae_sha256"])
+    with pytest.raises(ValueError, match="differ in shape"):
+        init_ldm(source, *nets(model_channels=48), a.config.provenance["vae_sha256"])
+    with pytest.raises(ValueError, match="not on this run's --vae"):
+        init_ldm(source, *nets(), "0" * 64)
+
+
+def test_vae_init_copies_an_autoencoder(tmp_path, vae_file):
+    """`train.init_from` in stage 1: the run's autoencoder starts as the file's."""
+    cfg = load_run_config(CONFIGS / "tiny_vae.toml", "vae",
+                          [*QUIET, *ONE_BATCH, "train.lr=0.0", "train.ema_decay=0.0", "train.steps=1",
+                           f"train.init_from='{vae_file}'"])
+    path = train_vae(cfg, tmp_path)
+    src, dst = load_vae(vae_file)[0], load_vae(path)
+    assert dst[1].provenance["init"]["file"] == vae_file.name
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(dst[0].state_dict()[k], v, rtol=0, atol=1e-3 * (1 + float(v.abs().max())))
+
+
 def test_vae_resume_with_discriminator_is_exact(tmp_path):
     extra = [*QUIET, "data.n=40", "data.holdout=8", "train.steps=8", "train.checkpoint_every=4", "train.keep_last=3",
              "loss.disc_weight=0.5", "loss.disc_start=2", "loss.disc_channels=8", "loss.disc_layers=2",

@@ -28,6 +28,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", type=int, default=None, metavar="STEP",
                    help="pause after step STEP: checkpoint it and stop without the final model (the learning-rate "
                    "schedule still runs to train.steps); continue later with --resume")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="fine-tune: start from this model file's weights (train.init_from); the run's [model] "
+                   "config must contain the model's architecture and may add to it")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..training.config import load_run_config
 
-    cfg = load_run_config(args.config, args.stage, args.overrides)
+    overrides = list(args.overrides) + ([f"train.init_from={args.init}"] if args.init else [])
+    cfg = load_run_config(args.config, args.stage, overrides)
     out = _out_dir(args)
     if args.stage == "vae":
         from ..training.vae import train_vae

@@ -93,6 +93,9 @@ class TrainConfig:
     # stage 2, jointly trained text encoder: the final model keeps only the token-embedding rows of tokens
     # that occur in the training captions (the others were never trained); unknown words then embed as zeros
     prune_vocabulary: bool = True
+    # fine-tuning: start the networks from this model file's weights (training/init.py); the run may add
+    # to the model's architecture (new tensors start fresh). Used at step 0 only; None = random weights
+    init_from: str | None = None
 
 
 @dataclass

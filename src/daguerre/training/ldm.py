@@ -33,6 +33,7 @@ from .concat import build_concat_inputs
 from .config import RunConfig, derive_model_config, to_jsonable
 from .data import load_train_data
 from .ema import EMA
+from .init import init_ldm
 from .log import RunLogger, setup_logging, teardown_logging, truncate_metrics
 from .loop import (
     TrainingState,
@@ -139,6 +140,9 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
         torch.manual_seed(t.seed)
         unet = UNetModel(model_cfg.unet)
         te = CLIPTextEncoder(model_cfg.text_encoder) if model_cfg.text_encoder is not None and not frozen else None
+    init_record = None
+    if t.init_from and latest is None:  # fine-tuning: the model's weights (a resume has its own)
+        init_record = init_ldm(t.init_from, unet, te if not frozen else None, vae_sha)
     tokenizer = frozen[1] if frozen else None
     if te is not None:
         tokenizer = CLIPTokenizer(max_length=model_cfg.text_encoder.max_length,
@@ -169,6 +173,7 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
                              "resume with the run's own --vae file")
         if env.is_main:
             truncate_metrics(out, start)
+        init_record = meta.get("init")  # what step 0 was initialised from (--init), kept by every checkpoint
     write_config(out, cfg, env)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_te = sum(p.numel() for p in te.parameters()) if te is not None else 0
@@ -255,7 +260,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
                     else concat_in.sample_grid(ema_components(), cfg.sample))
             save_png(grid, out / SAMPLES_DIR / f"step_{done:08d}.png")
         if due(done, t.checkpoint_every, stop):  # stop: train.steps, or the pause of --until
-            ts.save(out, done, cfg, sampler, env, extra={"vae_sha256": vae_sha, "vae_file": str(vae_path)})
+            extra = {"vae_sha256": vae_sha, "vae_file": str(vae_path), "init": init_record}
+            ts.save(out, done, cfg, sampler, env, extra=extra)
     runlog.close()
     if stop < t.steps:
         return paused(out, stop, t.steps, env)
@@ -282,6 +288,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
             "data": data.description, "run_config": to_jsonable(cfg.to_dict()),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if init_record is not None:  # fine-tuned from another model (train.init_from)
+            model_cfg.provenance["init"] = init_record
         if ts.history:  # training phases: config keys changed at a resume (loop.PHASE_CHANGES)
             model_cfg.provenance["config_history"] = ts.history
         save_model(components, path, dtype=SAVE_DTYPES[t.save_dtype])

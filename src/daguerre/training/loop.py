@@ -31,7 +31,7 @@ CONFIG_FILE = "config.json"
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "train.eval_every",
                      "train.checkpoint_every", "train.keep_last", "train.keep_every", "train.tensorboard",
                      "train.progress", "train.threads", "data.workers", "train.save_dtype", "data.cache_dir",
-                     "train.device", "train.prune_vocabulary")
+                     "train.device", "train.prune_vocabulary", "train.init_from")
 # keys that may change between two sessions of a run as a new training phase (what is learned from here
 # on, not what the model is): each change is logged and kept in the run's config history
 PHASE_CHANGES = ("loss.offset_noise", "loss.min_snr_gamma", "loss.caption_dropout",

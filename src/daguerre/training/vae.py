@@ -30,6 +30,7 @@ from . import dist, losses
 from .config import RunConfig, derive_model_config, to_jsonable
 from .data import batch_loader, images_of, load_items, load_train_data
 from .ema import EMA
+from .init import init_vae
 from .log import RunLogger, setup_logging, teardown_logging, truncate_metrics
 from .loop import (
     TrainingState,
@@ -164,6 +165,9 @@ def _train(cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist
         disc = None
         if lc.disc_weight > 0:
             disc = losses.PatchDiscriminator(data.channels, lc.disc_channels, lc.disc_layers)
+    init_record = None
+    if t.init_from and latest is None:  # fine-tuning: the model's autoencoder (a resume has its own weights)
+        init_record = init_vae(t.init_from, vae)
     vae.to(device).train()
     vae.gradient_checkpointing = t.gradient_checkpointing
     modules: dict[str, nn.Module] = {"vae": vae}
@@ -180,8 +184,10 @@ def _train(cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist
         ddp_disc = wrap_ddp(disc, env)
     ts = TrainingState(modules, {"vae": ema}, optimizers)
     start, meta = resume_state(ts, latest, phase, env)
-    if meta is not None and env.is_main:
-        truncate_metrics(out, start)
+    if meta is not None:
+        init_record = meta.get("init")  # what step 0 was initialised from (--init), kept by every checkpoint
+        if env.is_main:
+            truncate_metrics(out, start)
     write_config(out, cfg, env)
     n_params = sum(p.numel() for p in vae.parameters())
     logger.info("stage 1: autoencoder of %.2f M parameters, f=%d, %d latent channels; %d training images on "
@@ -284,7 +290,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist
                 k = cfg.sample.recon_images
                 save_png(comparison_image(holdout[:k], rec_h[:k].cpu()), out / SAMPLES_DIR / f"recon_{done:08d}.png")
         if due(done, t.checkpoint_every, stop):  # stop: train.steps, or the pause of --until
-            ts.save(out, done, cfg, sampler, env)
+            ts.save(out, done, cfg, sampler, env, extra={"init": init_record})
     runlog.close()
     if stop < t.steps:
         return paused(out, stop, t.steps, env)
@@ -308,6 +314,8 @@ def _train(cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist
             "holdout_metrics": final_metrics, "run_config": to_jsonable(cfg.to_dict()),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "weights": "ema" if t.ema_decay > 0 else "raw",
         }
+        if init_record is not None:  # fine-tuned from another autoencoder (train.init_from)
+            model_cfg.provenance["init"] = init_record
         if ts.history:  # training phases: config keys changed at a resume (loop.PHASE_CHANGES)
             model_cfg.provenance["config_history"] = ts.history
         save_vae(ema_vae, model_cfg, path)

@@ -1,0 +1,120 @@
+"""Start a run from a trained model's weights (`train.init_from`, `daguerre train ... --init MODEL`).
+
+Fine-tuning: the run's networks begin as the model's instead of at random, with a fresh optimizer and
+the run's own learning-rate schedule from step 0. Tensors are matched by name and must agree in
+shape. The run may *grow* the model: a tensor of the run that the model lacks (say, the blocks of an
+attention level added with `model.unet.attention_levels`) keeps its fresh initialisation, and since
+every residual branch of daguerre's U-Net ends in a zero-initialised layer (LDM's `zero_module`), an
+added spatial transformer starts as the identity: the grown network computes what the model did. A
+tensor of the model that the run lacks is an error (the run would silently drop what it learned).
+
+A jointly trained text encoder whose vocabulary was pruned at export (`train.prune_vocabulary`) gets
+its kept rows back at their token ids; the other rows keep the run's initialisation.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("daguerre.train")
+LISTED = 4  # tensor names quoted in a message
+
+
+def _few(keys: list[str]) -> str:
+    more = f" and {len(keys) - LISTED} more" if len(keys) > LISTED else ""
+    return ", ".join(keys[:LISTED]) + more
+
+
+def copy_matching(module: nn.Module, source: dict[str, torch.Tensor], what: str, origin: Path) -> list[str]:
+    """Copy the tensors of `source` into `module` by name; return the names of `module`'s tensors that
+    `source` lacks (left as they are). Raises ValueError for a tensor `module` lacks or a shape mismatch."""
+    target = module.state_dict()
+    extra = sorted(set(source) - set(target))
+    if extra:
+        raise ValueError(f"--init {origin}: its {what} has {len(extra)} tensors this run's {what} lacks "
+                         f"({_few(extra)}); the run's [model] config must contain the model's architecture "
+                         "(it may add to it, e.g. attention levels)")
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in sorted(source.items())
+           if v.shape != target[k].shape]
+    if bad:
+        raise ValueError(f"--init {origin}: {len(bad)} {what} tensors differ in shape from this run's (model vs "
+                         f"run: {_few(bad)}); set the run's [model] config to the model's")
+    with torch.no_grad():
+        for k, v in source.items():
+            target[k].copy_(v)  # state_dict() tensors share storage with the parameters and buffers
+    return sorted(set(target) - set(source))
+
+
+def _text_encoder_state(text_encoder: nn.Module, own: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's text-encoder tensors, a pruned token table scattered back to full-vocabulary rows over
+    the run's own initial rows."""
+    state = dict(text_encoder.state_dict())
+    ids = text_encoder.config.token_ids
+    if ids is None:
+        return state
+    key = "text_model.embeddings.token_embedding.weight"
+    table = own.state_dict()[key].detach().clone()
+    vocab = table.shape[0]
+    if max(ids) >= vocab:
+        raise ValueError(f"the model's text encoder uses token id {max(ids)}, beyond this run's vocabulary of "
+                         f"{vocab}; set model.text_encoder.vocab_size to the model's")
+    table[list(ids)] = state[key][: len(ids)].to(table.dtype)
+    state[key] = table
+    return state
+
+
+def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, vae_sha256: str) -> dict:
+    """Load the U-Net (and jointly trained text encoder) of the model at `path` into the run's fresh
+    networks; returns the provenance record {"file", "sha256", "new_tensors"}."""
+    from ..checkpoints import load_model
+    from ..checkpoints.io import file_hash
+
+    path = Path(path)
+    comps = load_model(path)  # float32 on the CPU; the caller moves the networks to the device
+    provenance = comps.config.provenance or {}
+    if provenance.get("vae_sha256") not in (None, vae_sha256):
+        raise ValueError(f"--init {path} was trained on the autoencoder {provenance['vae_sha256'][:16]} (a "
+                         f"{provenance.get('vae_file', 'VAE')} file), not on this run's --vae: its latents "
+                         "would mean something else; pass that autoencoder as --vae")
+    if "vae_sha256" not in provenance:
+        logger.warning("--init %s does not record its autoencoder: make sure --vae is the one it was trained on",
+                       path)
+    new = {"unet": copy_matching(unet, comps.unet.state_dict(), "U-Net", path)}
+    if text_encoder is not None:
+        te = comps.text_encoder
+        if te is None or not hasattr(te, "text_model") or type(te) is not type(text_encoder):
+            raise ValueError(f"--init {path}: the model has no CLIP-style text encoder to start this run's "
+                             "jointly trained one from; start the text encoder fresh without --init, or set "
+                             "[model] conditioning and text_encoder to the model's")
+        if te.config.causal != text_encoder.config.causal:
+            logger.warning("--init %s: the model's text encoder was trained %s, this run's is %s", path,
+                           *("causal" if c else "bidirectional" for c in (te.config.causal,
+                                                                         text_encoder.config.causal)))
+        new["text_encoder"] = copy_matching(text_encoder, _text_encoder_state(te, text_encoder), "text encoder",
+                                            path)
+    elif comps.text_encoder is not None and hasattr(comps.text_encoder, "text_model"):
+        logger.warning("--init %s: the model's own text encoder is not used (this run has none to train)", path)
+    for name, keys in new.items():
+        if keys:
+            logger.info("--init: %d %s tensors are new in this run and start fresh (%s)", len(keys), name,
+                        _few(keys))
+    logger.info("initialised from %s (%s)", path, comps.config.name)
+    return {"file": path.name, "sha256": file_hash(path), "new_tensors": {k: len(v) for k, v in new.items()}}
+
+
+def init_vae(path: str | Path, vae: nn.Module) -> dict:
+    """Load the autoencoder of the model or VAE file at `path` into the run's fresh one."""
+    from ..checkpoints.io import file_hash
+    from .vae import load_vae
+
+    path = Path(path)
+    source, _ = load_vae(path)
+    new = copy_matching(vae, source.state_dict(), "autoencoder", path)
+    if new:
+        logger.info("--init: %d autoencoder tensors are new in this run and start fresh (%s)", len(new), _few(new))
+    logger.info("initialised the autoencoder from %s", path)
+    return {"file": path.name, "sha256": file_hash(path), "new_tensors": {"vae": len(new)}}
