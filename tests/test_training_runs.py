@@ -247,6 +247,11 @@ def test_init_fine_tunes_and_grows_a_model_that_starts_as_the_same_function(tmp_
     assert b.config.unet.attention_levels == (0, 1) and a.config.unet.attention_levels == (1,)
     init = b.config.provenance["init"]
     assert init["file"] == source.name and init["new_tensors"]["unet"] > 0 and init["new_tensors"]["text_encoder"] == 0
+    from daguerre.checkpoints.summary import describe
+    from daguerre.commands.info import format_info
+
+    line = f"initialised:     from {source.name} (sha256 {init['sha256'][:16]}), {init['new_tensors']['unet']} new"
+    assert line in format_info(describe(tmp_path / "grown" / "model.safetensors"))
     ids = a.tokenizer(["a red circle above a blue square"])
     ctx_a, ctx_b = (c.text_encoder(ids, output_pooled=False).hidden for c in (a, b))
     torch.testing.assert_close(ctx_b, ctx_a, rtol=0, atol=1e-6)

@@ -82,6 +82,11 @@ def format_info(info: dict) -> str:
     if prov.get("stage") == "ldm":
         lines.append(f"trained:         {prov.get('steps')} steps, {prov.get('images_seen', 0):,} images, "
                      f"{prov.get('training_seconds', 0) / 3600:.2f} h on {prov.get('world_size', 1)} process(es)")
+    if prov.get("init"):  # fine-tuned from another model (--init, docs/training.md)
+        init = prov["init"]
+        new = sum(init.get("new_tensors", {}).values())
+        lines.append(f"initialised:     from {init['file']} (sha256 {init['sha256'][:16]})"
+                     + (f", {new} new tensors" if new else ""))
     for change in prov.get("config_history") or []:  # training phases (docs/training.md)
         lines.append(f"phase:           from step {change['step']}: {change['key']} "
                      f"{change['from']!r} -> {change['to']!r}")
