@@ -263,3 +263,6 @@ def test_resume_accepts_keys_added_by_a_newer_version_only_at_their_defaults(tmp
     changed = load_run_config(None, "ldm", ["train.grad_clip=0.5"])
     with pytest.raises(ValueError, match="train.grad_clip was None and is now 0.5|train.grad_clip"):
         prepare_run_dir(tmp_path, changed, True, env)
+    with pytest.raises(ValueError, match="--until 10: the run is already at step 10"):  # before any set-up
+        prepare_run_dir(tmp_path, cfg, True, env, until=10)
+    assert prepare_run_dir(tmp_path, cfg, True, env, until=11)[0] == ckpt

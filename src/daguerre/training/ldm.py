@@ -116,7 +116,7 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
     device = env.device
     vae, vae_model_cfg = load_vae(vae_path, device)
     vae_sha = file_hash(vae_path)
-    latest, phase = prepare_run_dir(out, cfg, resume, env)
+    latest, phase = prepare_run_dir(out, cfg, resume, env, until)
     setup_logging(out, env.is_main)
     data = load_train_data(cfg.data)
     if data.channels != vae_model_cfg.vae.in_channels:

@@ -111,12 +111,14 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv) -> tuple[Path | None, list[dict]]:
+def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv,
+                    until: int | None = None) -> tuple[Path | None, list[dict]]:
     """Create the run folder; return the checkpoint to resume from (None = start at step 0) and the
     training-phase changes of the config since that checkpoint ([{"key", "from", "to"}]).
 
     Refuses to overwrite a run that has checkpoints unless `resume`; on resume the stored config
-    must match the current one except for the keys in RESUMABLE_CHANGES and PHASE_CHANGES.
+    must match the current one except for the keys in RESUMABLE_CHANGES and PHASE_CHANGES, and a
+    pause step `until` must lie beyond the checkpoint (checked here, before any slow set-up).
     """
     latest = state.latest_checkpoint(out)
     if latest is not None and not resume:
@@ -129,7 +131,9 @@ def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv) 
         if resume:
             logger.info("--resume: no checkpoint in %s yet, starting at step 0", out)
         return None, []
-    stored = json.loads((latest / state.META_FILE).read_text(encoding="utf-8"))["run_config"]
+    meta = json.loads((latest / state.META_FILE).read_text(encoding="utf-8"))
+    stop_step(int(meta["step"]), cfg.train.steps, until)
+    stored = meta["run_config"]
     old, new = flat(stored), flat(to_jsonable(cfg.to_dict()))
     # a key the stored config lacks was added by a newer daguerre: the run used what is now its default
     default = flat(to_jsonable(load_run_config(None, cfg.stage).to_dict()))

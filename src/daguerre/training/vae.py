@@ -152,7 +152,7 @@ def train_vae(cfg: RunConfig, out: str | Path, *, resume: bool = False, until: i
 def _train(cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist.DistEnv) -> Path:
     t, lc = cfg.train, cfg.loss
     configure_threads(t)
-    latest, phase = prepare_run_dir(out, cfg, resume, env)
+    latest, phase = prepare_run_dir(out, cfg, resume, env, until)
     setup_logging(out, env.is_main)
     data = load_train_data(cfg.data)
     model_cfg = derive_model_config(cfg, data.channels, data.class_names)
