@@ -181,7 +181,7 @@ def test_sigkill_and_resume_gives_bitwise_the_same_weights(tmp_path, vae_file):
     assert steps_logged == list(range(5, steps + 1, 5))  # the killed run's extra lines were dropped
 
 
-def test_until_pauses_and_a_resume_continues_exactly_and_records_phase_changes(tmp_path, vae_file):
+def test_until_pauses_and_a_resume_continues_exactly_and_records_phase_changes(tmp_path, vae_file, monkeypatch):
     """--until N checkpoints N and stops (no model file); --resume then ends bitwise where an uninterrupted
     run does. A training-phase key (loss.offset_noise) may change at a resume: the change is kept in the
     checkpoints' and the model's config history; other keys still refuse."""
@@ -225,6 +225,26 @@ def test_until_pauses_and_a_resume_continues_exactly_and_records_phase_changes(t
     assert load_model(path).config.schedule.prediction_type == "v_prediction"
     c = load_file(str(tmp_path / "phase" / "checkpoints" / "step_00000008" / "state.safetensors"))
     assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("model.unet."))  # it trained on
+
+    # a timestep-bias phase: the loop draws its timesteps from the biased distribution
+    from daguerre.training import losses
+
+    seen = []
+
+    def recording(g, n_steps, cdf):
+        seen.append(cdf)
+        return draw(g, n_steps, cdf)
+
+    draw = losses.draw_timestep
+    monkeypatch.setattr(losses, "draw_timestep", recording)
+    bias = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm",
+                           [*extra, "train.steps=11", "loss.offset_noise=0.2", "loss.timestep_bias='later'",
+                            "loss.timestep_bias_multiplier=4.0", "model.schedule.prediction_type='v_prediction'"])
+    train_ldm(bias, tmp_path / "phase", vae_path=vae_file, resume=True)
+    assert seen and all(c is not None and c[749] < 0.5 for c in seen)  # 750 of 1000 steps hold 3/7 of the mass
+    meta = json.loads((tmp_path / "phase" / "checkpoints" / "step_00000011" / "state.json").read_text())
+    assert {c["key"] for c in meta["config_history"] if c["step"] == 10} == {"loss.timestep_bias",
+                                                                             "loss.timestep_bias_multiplier"}
 
 
 def test_init_fine_tunes_and_grows_a_model_that_starts_as_the_same_function(tmp_path, vae_file):

@@ -30,6 +30,7 @@ ON_ERROR = ("skip", "raise")
 LR_DECAYS = ("cosine", "constant")
 REC_LOSSES = ("l1", "l2")
 LATENT_MODES = ("sample", "mode")
+TIMESTEP_BIASES = ("none", "later", "earlier", "range")
 
 
 @dataclass
@@ -122,6 +123,14 @@ class LDMLossConfig:
     caption_dropout: float = 0.1  # probability of the empty prompt / null class (classifier-free guidance)
     latents: str = "sample"  # "sample" the cached posterior each step, or use its "mode"
     train_text_encoder: bool = True  # train tau_theta jointly with the U-Net (LDM); False = keep it frozen
+    # which training timesteps to draw more often (diffusers' --timestep_bias_*): "later" = the noisiest
+    # `portion` of the T steps (layout, composition), "earlier" = the least noisy (detail), "range" =
+    # [begin, end); those are drawn `multiplier` times as often as the others. "none" = uniform
+    timestep_bias: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
 
 
 @dataclass
@@ -390,6 +399,7 @@ def check_run_config(cfg: RunConfig) -> None:
         choices.append(("loss.rec", cfg.loss.rec, REC_LOSSES))
     else:
         choices.append(("loss.latents", cfg.loss.latents, LATENT_MODES))
+        choices.append(("loss.timestep_bias", cfg.loss.timestep_bias, TIMESTEP_BIASES))
     for key, value, valid in choices:
         if value not in valid:
             raise ValueError(f"config key {key}: {value!r} is not one of {', '.join(valid)}")
@@ -414,6 +424,7 @@ def check_run_config(cfg: RunConfig) -> None:
             raise ValueError(f"config key loss.caption_dropout: must be in [0, 1], got {cfg.loss.caption_dropout}")
         if cfg.loss.min_snr_gamma < 0:
             raise ValueError(f"config key loss.min_snr_gamma: must be >= 0, got {cfg.loss.min_snr_gamma}")
+        check_timestep_bias(cfg.loss, cfg.model.schedule.num_train_timesteps)
         from .text_cache import check_text_encoder_config
 
         check_text_encoder_config(cfg.model, cfg.loss.train_text_encoder)
@@ -429,6 +440,18 @@ def check_run_config(cfg: RunConfig) -> None:
     from .concat import check_concat_config
 
     check_concat_config(cfg)
+
+
+def check_timestep_bias(lc: LDMLossConfig, n_steps: int) -> None:
+    if lc.timestep_bias == "none":
+        return
+    if not lc.timestep_bias_multiplier > 0:
+        raise ValueError(f"config key loss.timestep_bias_multiplier: must be > 0, got {lc.timestep_bias_multiplier}")
+    if lc.timestep_bias in ("later", "earlier") and not 0 < lc.timestep_bias_portion <= 1:
+        raise ValueError(f"config key loss.timestep_bias_portion: must be in (0, 1], got {lc.timestep_bias_portion}")
+    if lc.timestep_bias == "range" and not 0 <= lc.timestep_bias_begin < lc.timestep_bias_end <= n_steps:
+        raise ValueError(f"config keys loss.timestep_bias_begin, loss.timestep_bias_end: need 0 <= begin < end <= "
+                         f"{n_steps} (the training timesteps), got {lc.timestep_bias_begin}, {lc.timestep_bias_end}")
 
 
 def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | None) -> ModelConfig:

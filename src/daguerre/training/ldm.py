@@ -78,11 +78,11 @@ class DiffusionModel(nn.Module):
 
 
 def _draws(gens: list[torch.Generator], n_steps: int, shape: tuple[int, ...], views: int, offset: float,
-           sample_posterior: bool) -> dict[str, torch.Tensor]:
+           sample_posterior: bool, t_cdf: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-sample random draws, each sample from its own generator, always in the same order."""
     ts, noise, post, drop, view = [], [], [], [], []
     for g in gens:
-        ts.append(torch.randint(0, n_steps, (1,), generator=g))
+        ts.append(losses.draw_timestep(g, n_steps, t_cdf))
         eps = torch.randn(shape, generator=g)
         if offset > 0:  # offset noise: a per-channel constant shift (Guttenberg 2023)
             eps = eps + offset * torch.randn((shape[0], 1, 1), generator=g)
@@ -199,6 +199,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
         return Components(config=model_cfg, unet=ema_copies["unet"], vae=vae,
                           text_encoder=ema_copies.get("text_encoder", frozen and frozen[0]), tokenizer=tokenizer)
 
+    t_cdf = losses.timestep_cdf(lc.timestep_bias, schedule.num_train_timesteps, lc.timestep_bias_multiplier,
+                                lc.timestep_bias_portion, lc.timestep_bias_begin, lc.timestep_bias_end)
     stop = stop_step(start, t.steps, until)
     for step in range(start, stop):
         set_lr(opt, lr_at(step, t))
@@ -206,7 +208,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
         for micro in range(t.grad_accum):
             positions, idx = sampler.indices(step, micro)
             gens = [dist.sample_generator(t.seed, "ldm", int(p)) for p in positions]
-            r = _draws(gens, schedule.num_train_timesteps, shape, views, lc.offset_noise, lc.latents == "sample")
+            r = _draws(gens, schedule.num_train_timesteps, shape, views, lc.offset_noise, lc.latents == "sample",
+                       t_cdf)
             rows = torch.from_numpy(idx)
             mean, std = lat.mean[rows, r["view"]], lat.std[rows, r["view"]]  # (B, C, h, w)
             z0 = ((mean + std * r["post"]) - shift) * scale

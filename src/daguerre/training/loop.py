@@ -34,7 +34,9 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "tr
                      "train.device", "train.prune_vocabulary", "train.init_from")
 # keys that may change between two sessions of a run as a new training phase (what is learned from here
 # on, not what the model is): each change is logged and kept in the run's config history
-PHASE_CHANGES = ("loss.offset_noise", "loss.min_snr_gamma", "loss.caption_dropout",
+PHASE_CHANGES = ("loss.offset_noise", "loss.min_snr_gamma", "loss.caption_dropout", "loss.timestep_bias",
+                 "loss.timestep_bias_multiplier", "loss.timestep_bias_portion", "loss.timestep_bias_begin",
+                 "loss.timestep_bias_end",
                  "data.min_objects", "data.max_objects", "data.p_relation",
                  "model.schedule.prediction_type", "model.schedule.zero_terminal_snr")
 # a phase that changes what the network predicts also restarts the EMA (its warm-up from update 0): an

@@ -10,7 +10,8 @@ its LDM meaning. Learned output log-variance (taming's `logvar`) is not used.
 
 Stage 2 (LDM eq. 2): E ||target - net(z_t, t, tau(y))||^2 with target eps, v (Salimans & Ho 2022) or
 x0, per-sample min-SNR-gamma weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
-Weighting Strategy") and optional offset noise.
+Weighting Strategy") and optional offset noise. Training timesteps are uniform on {0, ..., T-1} or, with
+a timestep bias (diffusers' `--timestep_bias_strategy`), drawn more often from one part of the schedule.
 """
 
 from __future__ import annotations
@@ -166,3 +167,35 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     """mean_b w_b * mean((pred_b - target_b)^2), computed in float32."""
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
     return (weights * per_sample).mean()
+
+
+def timestep_cdf(strategy: str, n_steps: int, multiplier: float, portion: float = 0.25, begin: int = 0,
+                 end: int | None = None) -> torch.Tensor | None:
+    """The cumulative distribution (T,) float64 of biased training timesteps, or None for uniform ones.
+
+    "later": the noisiest round(portion T) steps are drawn `multiplier` times as often as the others (the
+    steps where the layout of an image is decided); "earlier": the least noisy ones (fine detail);
+    "range": the steps [begin, end). A sample is t = #{i : cdf[i] <= u} for u ~ U[0, 1).
+    """
+    if strategy == "none" or multiplier == 1.0:
+        return None
+    w = torch.ones(n_steps, dtype=torch.float64)
+    k = max(1, min(n_steps, round(portion * n_steps)))
+    if strategy == "later":
+        w[n_steps - k:] *= multiplier
+    elif strategy == "earlier":
+        w[:k] *= multiplier
+    elif strategy == "range":
+        w[begin:n_steps if end is None else end] *= multiplier
+    else:
+        raise ValueError(f"unknown timestep bias {strategy!r}; choose none, later, earlier or range")
+    cdf = w.cumsum(0)
+    return cdf / cdf[-1]
+
+
+def draw_timestep(g: torch.Generator, n_steps: int, cdf: torch.Tensor | None) -> torch.Tensor:
+    """One training timestep (1,) int64 from generator `g`: uniform, or from `cdf` (timestep_cdf)."""
+    if cdf is None:
+        return torch.randint(0, n_steps, (1,), generator=g)
+    u = torch.rand(1, generator=g, dtype=torch.float64)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=n_steps - 1)
