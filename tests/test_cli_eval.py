@@ -34,7 +34,7 @@ def test_eval_shapes_end_to_end(tmp_path, capsys):
     assert s["sampler"] == "DPM++ 2M"  # daguerre generate's default
     assert report["extractor"]["sha256"] == report["classifier"]["sha256"] and len(report["extractor"]["sha256"]) == 64
     assert set(report["adherence"]) == {"single", "relation"}
-    assert set(report["adherence"]["relation"]) >= {"n", "shape_colour", "relation", "all"}
+    assert set(report["adherence"]["relation"]) >= {"n", "shape_colour", "relation", "reversed", "all"}
     assert "relation" not in report["adherence"]["single"]
     d = report["distribution"]
     assert (d["n_generated"], d["n_real"], d["n_floor"]) == (6, 24, 6)
@@ -46,6 +46,10 @@ def test_eval_shapes_end_to_end(tmp_path, capsys):
     with Image.open(out / "grid.png") as grid:
         assert grid.width >= 3 * 64
     assert "Frechet distance" in stdout and "shape_colour" in stdout and "KID" in stdout
+    rel = report["adherence"]["relation"]
+    both, right, turned = (round(rel[k] * 3) for k in ("shape_colour", "relation", "reversed"))
+    assert (f"of the {both} relation images with both objects right: {right} the right way round, {turned} reversed, "
+            f"{both - right - turned} on one line") in stdout
 
 
 def test_eval_fashion_reports_inception_score(tmp_path, capsys):

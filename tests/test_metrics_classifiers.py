@@ -225,6 +225,24 @@ def test_judge_passes_ground_truth_and_fails_wrong_prompts(shapes_clf, kind):
             for it in items]
         assert np.mean([v["relation"] for v in judge_shapes(scenes, flipped)]) <= 0.1
         assert np.mean([v["shape_colour"] for v in judge_shapes(scenes, flipped)]) >= 0.95
+        assert np.mean([v["reversed"] for v in judge_shapes(scenes, flipped)]) >= 0.95  # told apart from one line
+        assert np.mean([v["reversed"] for v in right]) <= 0.05
+
+
+def test_judge_tells_right_reversed_and_one_line_apart():
+    """A relation prompt against three layouts of its two objects: the right way, reversed, side by side."""
+    from daguerre.data.shapes import Scene, ShapeObject
+
+    def obj(shape, colour, cell):
+        x, y = GRID[cell % 3], GRID[cell // 3]
+        return ShapeObject(shape, colour, "large", REGIONS[cell], (x, y), (x - 0.1, y - 0.1, x + 0.1, y + 0.1))
+
+    spec = PromptSpec((ObjectSpec("circle", "red"), ObjectSpec("square", "blue")), Relation(0, "above", 1))
+    item = EvalItem("relation", "a red circle above a blue square", 0, spec=spec)
+    layouts = {"right": (1, 7), "reversed": (7, 1), "one line": (3, 5)}  # cells: top / bottom, middle row
+    for name, (a, b) in layouts.items():
+        v = judge_shapes([Scene((obj("circle", "red", a), obj("square", "blue", b)))], [item])[0]
+        assert v["shape_colour"] and (v["relation"], v["reversed"]) == (name == "right", name == "reversed"), name
 
 
 def test_config_json_round_trip():

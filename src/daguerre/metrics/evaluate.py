@@ -6,7 +6,9 @@
 2. Adherence, judged by classifiers trained on real / rendered ground truth (`metrics.classifiers`):
    shapes: the predicted scene against the prompt (`PromptSpec.matches`): "shape_colour" = every object
    of the prompt present with the right shape and colour and no other object; "relation" = that and the
-   relation true; "all" = every attribute the prompt names (size, position, relation, background).
+   relation true; "reversed" = the objects right and the relation turned around (A below B for "A above
+   B"; the rest of the right objects stand on one line); "all" = every attribute the prompt names
+   (size, position, relation, background).
    Fashion: "class" = the classifier's argmax is the prompted class.
 3. Frechet distance (Heusel et al. 2017) and KID (Binkowski et al. 2018) in a feature extractor's space
    (`metrics.extractors`), generated vs real images: shapes: scenes of the same prompt distribution,
@@ -18,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.shapes import PROMPT_KINDS, ObjectSpec, PromptSpec, Scene, sample_prompts
+from ..data.shapes import PROMPT_KINDS, ObjectSpec, PromptSpec, Relation, Scene, sample_prompts
 from .extractors import DATASETS, FeatureExtractor, check_dataset
 from .stats import feature_statistics, frechet_distance, inception_score, kernel_inception_distance
 
@@ -152,6 +155,9 @@ def judge_shapes(predicted: Sequence[Scene], items: Sequence[EvalItem]) -> list[
         verdict = {"shape_colour": _shape_colour(item.spec, False).matches(scene)}
         if item.spec.relation is not None:
             verdict["relation"] = _shape_colour(item.spec, True).matches(scene)
+            rel = item.spec.relation
+            turned = Relation(rel.object, rel.relation, rel.subject)  # the same objects, the other way round
+            verdict["reversed"] = _shape_colour(dataclasses.replace(item.spec, relation=turned), True).matches(scene)
         verdict["all"] = item.spec.matches(scene)
         out.append(verdict)
     return out
@@ -320,6 +326,11 @@ def format_table(report: dict[str, Any]) -> str:
     for kind, entry in report["adherence"].items():
         cells = "".join(f"{_pct(entry, c):>16}" for c in cols)
         lines.append(f"  {kind:<10}{entry['n']:>6}{cells}")
+    rel = report["adherence"].get("relation")
+    if rel is not None and "reversed" in rel:  # where the relation goes wrong
+        right, turned, both = (round(rel[k] * rel["n"]) for k in ("relation", "reversed", "shape_colour"))
+        lines.append(f"  of the {both} relation images with both objects right: {right} the right way round, "
+                     f"{turned} reversed, {both - right - turned} on one line")
     d = report["distribution"]
     e = report["extractor"]
     lines.append(f"features: {e['name']} (sha256 {e['sha256'][:16]}, {d['feature_dim']}-d); generated "
