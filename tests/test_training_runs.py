@@ -299,6 +299,10 @@ def test_init_fine_tunes_and_grows_a_model_that_starts_as_the_same_function(tmp_
         init_ldm(source, *nets(model_channels=48), a.config.provenance["vae_sha256"])
     with pytest.raises(ValueError, match="not on this run's --vae"):
         init_ldm(source, *nets(), "0" * 64)
+    with pytest.raises(FileNotFoundError, match="--init .*nothing.safetensors: no such model"):  # before caching
+        train_ldm(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*base, "train.init_from='nothing.safetensors'"]),
+                  tmp_path / "none", vae_path=vae_file)
+    assert not (tmp_path / "none" / "latents").exists()
 
 
 def test_vae_init_copies_an_autoencoder(tmp_path, vae_file):

@@ -29,6 +29,13 @@ def _few(keys: list[str]) -> str:
     return ", ".join(keys[:LISTED]) + more
 
 
+def check_init_source(path: str | Path | None) -> None:
+    """Fail fast, before any slow set-up, when `--init` names nothing."""
+    if path and not Path(path).exists():
+        raise FileNotFoundError(f"--init {path}: no such model file or folder (give a daguerre / SD model file, a "
+                                "VAE file or a diffusers folder)")
+
+
 def copy_matching(module: nn.Module, source: dict[str, torch.Tensor], what: str, origin: Path) -> list[str]:
     """Copy the tensors of `source` into `module` by name; return the names of `module`'s tensors that
     `source` lacks (left as they are). Raises ValueError for a tensor `module` lacks or a shape mismatch."""

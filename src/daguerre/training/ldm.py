@@ -33,7 +33,7 @@ from .concat import build_concat_inputs
 from .config import RunConfig, derive_model_config, to_jsonable
 from .data import load_train_data
 from .ema import EMA
-from .init import init_ldm
+from .init import check_init_source, init_ldm
 from .log import RunLogger, setup_logging, teardown_logging, truncate_metrics
 from .loop import (
     TrainingState,
@@ -117,6 +117,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
     vae, vae_model_cfg = load_vae(vae_path, device)
     vae_sha = file_hash(vae_path)
     latest, phase = prepare_run_dir(out, cfg, resume, env, until)
+    if latest is None:
+        check_init_source(t.init_from)
     setup_logging(out, env.is_main)
     data = load_train_data(cfg.data)
     if data.channels != vae_model_cfg.vae.in_channels:

@@ -30,7 +30,7 @@ from . import dist, losses
 from .config import RunConfig, derive_model_config, to_jsonable
 from .data import batch_loader, images_of, load_items, load_train_data
 from .ema import EMA
-from .init import init_vae
+from .init import check_init_source, init_vae
 from .log import RunLogger, setup_logging, teardown_logging, truncate_metrics
 from .loop import (
     TrainingState,
@@ -153,6 +153,8 @@ def _train(cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist
     t, lc = cfg.train, cfg.loss
     configure_threads(t)
     latest, phase = prepare_run_dir(out, cfg, resume, env, until)
+    if latest is None:
+        check_init_source(t.init_from)
     setup_logging(out, env.is_main)
     data = load_train_data(cfg.data)
     model_cfg = derive_model_config(cfg, data.channels, data.class_names)
