@@ -259,7 +259,8 @@ def test_init_fine_tunes_and_grows_a_model_that_starts_as_the_same_function(tmp_
     base = [*QUIET, "data.n=24", "data.holdout=4", "train.batch_size=4"]
     source = train_ldm(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*base, "train.steps=3"]),
                        tmp_path / "a", vae_path=vae_file)
-    frozen = ["train.lr=0.0", "train.ema_decay=0.0", "train.steps=1", "model.unet.attention_levels=[0,1]"]
+    frozen = ["train.lr=0.0", "train.ema_decay=0.0", "train.steps=1", "model.unet.attention_levels=[0,1]",
+              "data.max_objects=1"]  # single objects: captions without the relation words the model knew
     args = ["train", "ldm", "--config", str(CONFIGS / "tiny_ldm.toml"), "--vae", str(vae_file),
             "--out", str(tmp_path / "grown"), "--init", str(source)]
     assert main([*args, *[f"--set={kv}" for kv in [*base, *frozen]]]) == 0
@@ -272,6 +273,10 @@ def test_init_fine_tunes_and_grows_a_model_that_starts_as_the_same_function(tmp_
 
     line = f"initialised:     from {source.name} (sha256 {init['sha256'][:16]}), {init['new_tensors']['unet']} new"
     assert line in format_info(describe(tmp_path / "grown" / "model.safetensors"))
+    assert set(a.config.text_encoder.token_ids) <= set(b.config.text_encoder.token_ids)  # no word forgotten
+    above = set(a.tokenizer.encode("above")) - {49406, 49407}  # without start / end
+    seen = {i for c in _captions(tmp_path / "grown") for i in a.tokenizer.encode(c)}
+    assert above and above.isdisjoint(seen) and above <= set(b.config.text_encoder.token_ids)
     ids = a.tokenizer(["a red circle above a blue square"])
     ctx_a, ctx_b = (c.text_encoder(ids, output_pooled=False).hidden for c in (a, b))
     torch.testing.assert_close(ctx_b, ctx_a, rtol=0, atol=1e-6)
@@ -283,7 +288,7 @@ def test_init_fine_tunes_and_grows_a_model_that_starts_as_the_same_function(tmp_
     # the grown run resumes without repeating --init (the checkpoints hold the weights and the record)
     assert main(["train", "ldm", "--config", str(CONFIGS / "tiny_ldm.toml"), "--vae", str(vae_file), "--out",
                  str(tmp_path / "grown"), "--resume", *[f"--set={kv}" for kv in [*base, *frozen[:2]]],
-                 "--set=train.steps=2", "--set=model.unet.attention_levels=[0,1]"]) == 0
+                 "--set=train.steps=2", "--set=model.unet.attention_levels=[0,1]", "--set=data.max_objects=1"]) == 0
     assert load_model(tmp_path / "grown" / "model.safetensors").config.provenance["init"] == init
 
     from daguerre.training.config import derive_model_config

@@ -9,7 +9,9 @@ added spatial transformer starts as the identity: the grown network computes wha
 tensor of the model that the run lacks is an error (the run would silently drop what it learned).
 
 A jointly trained text encoder whose vocabulary was pruned at export (`train.prune_vocabulary`) gets
-its kept rows back at their token ids; the other rows keep the run's initialisation.
+its kept rows back at their token ids; the other rows keep the run's initialisation. The run's own
+pruning at the end keeps those ids as well as its captions' tokens, so fine-tuning on captions that
+lack a word the model knew does not make it forget the word.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, 
         logger.warning("--init %s does not record its autoencoder: make sure --vae is the one it was trained on",
                        path)
     new = {"unet": copy_matching(unet, comps.unet.state_dict(), "U-Net", path)}
+    token_ids = None  # the words the model knew: the run's pruned vocabulary keeps them
     if text_encoder is not None:
         te = comps.text_encoder
         if te is None or not hasattr(te, "text_model") or type(te) is not type(text_encoder):
@@ -103,6 +106,8 @@ def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, 
                                                                          text_encoder.config.causal)))
         new["text_encoder"] = copy_matching(text_encoder, _text_encoder_state(te, text_encoder), "text encoder",
                                             path)
+        if te.config.token_ids is not None:
+            token_ids = [int(i) for i in te.config.token_ids]
     elif comps.text_encoder is not None and hasattr(comps.text_encoder, "text_model"):
         logger.warning("--init %s: the model's own text encoder is not used (this run has none to train)", path)
     for name, keys in new.items():
@@ -110,7 +115,8 @@ def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, 
             logger.info("--init: %d %s tensors are new in this run and start fresh (%s)", len(keys), name,
                         _few(keys))
     logger.info("initialised from %s (%s)", path, comps.config.name)
-    return {"file": path.name, "sha256": file_hash(path), "new_tensors": {k: len(v) for k, v in new.items()}}
+    return {"file": path.name, "sha256": file_hash(path), "new_tensors": {k: len(v) for k, v in new.items()},
+            "token_ids": token_ids}
 
 
 def init_vae(path: str | Path, vae: nn.Module) -> dict:

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -277,7 +278,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
 
         components = ema_components()
         if t.prune_vocabulary and train_te:
-            components = with_caption_vocabulary(components, lat.captions)
+            known = (init_record or {}).get("token_ids") or ()  # the words of an --init model stay known
+            components = with_caption_vocabulary(components, lat.captions, known)
             logger.info("text encoder vocabulary pruned to the %d tokens of the training captions",
                         len(components.config.text_encoder.token_ids))
         model_cfg = components.config
@@ -303,10 +305,10 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
     return path
 
 
-def with_caption_vocabulary(components: Components, captions: list[str]) -> Components:
-    """`components` with its text encoder pruned to the tokens of `captions` (and the empty prompt)."""
+def with_caption_vocabulary(components: Components, captions: list[str], also: Iterable[int] = ()) -> Components:
+    """`components` with its text encoder pruned to the tokens of `captions` (and the empty prompt) and `also`."""
     tokenizer = components.tokenizer
-    keep: set[int] = set()
+    keep: set[int] = {int(i) for i in also}
     for text in set(captions) | {""}:
         keep.update(tokenizer.encode(text))
     text_encoder = prune_vocabulary(components.text_encoder, keep)
