@@ -22,13 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints.build import few
+
 logger = logging.getLogger("daguerre.train")
-LISTED = 4  # tensor names quoted in a message
-
-
-def _few(keys: list[str]) -> str:
-    more = f" and {len(keys) - LISTED} more" if len(keys) > LISTED else ""
-    return ", ".join(keys[:LISTED]) + more
 
 
 def check_init_source(path: str | Path | None) -> None:
@@ -45,13 +41,13 @@ def copy_matching(module: nn.Module, source: dict[str, torch.Tensor], what: str,
     extra = sorted(set(source) - set(target))
     if extra:
         raise ValueError(f"--init {origin}: its {what} has {len(extra)} tensors this run's {what} lacks "
-                         f"({_few(extra)}); the run's [model] config must contain the model's architecture "
+                         f"({few(extra)}); the run's [model] config must contain the model's architecture "
                          "(it may add to it, e.g. attention levels)")
     bad = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in sorted(source.items())
            if v.shape != target[k].shape]
     if bad:
         raise ValueError(f"--init {origin}: {len(bad)} {what} tensors differ in shape from this run's (model vs "
-                         f"run: {_few(bad)}); set the run's [model] config to the model's")
+                         f"run: {few(bad)}); set the run's [model] config to the model's")
     with torch.no_grad():
         for k, v in source.items():
             target[k].copy_(v)  # state_dict() tensors share storage with the parameters and buffers
@@ -113,7 +109,7 @@ def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, 
     for name, keys in new.items():
         if keys:
             logger.info("--init: %d %s tensors are new in this run and start fresh (%s)", len(keys), name,
-                        _few(keys))
+                        few(keys))
     logger.info("initialised from %s (%s)", path, comps.config.name)
     return {"file": path.name, "sha256": file_hash(path), "new_tensors": {k: len(v) for k, v in new.items()},
             "token_ids": token_ids}
@@ -128,6 +124,6 @@ def init_vae(path: str | Path, vae: nn.Module) -> dict:
     source, _ = load_vae(path)
     new = copy_matching(vae, source.state_dict(), "autoencoder", path)
     if new:
-        logger.info("--init: %d autoencoder tensors are new in this run and start fresh (%s)", len(new), _few(new))
+        logger.info("--init: %d autoencoder tensors are new in this run and start fresh (%s)", len(new), few(new))
     logger.info("initialised the autoencoder from %s", path)
     return {"file": path.name, "sha256": file_hash(path), "new_tensors": {"vae": len(new)}}
