@@ -56,20 +56,21 @@ $(RUNS)/%_vae/vae.safetensors: | $(VENV)/.installed
 $(RUNS)/%_ldm/model.safetensors: $(RUNS)/%_vae/vae.safetensors
 	$(VENV)/bin/daguerre train ldm --config configs/$*_ldm.toml --vae $< --out $(RUNS)/$*_ldm --resume
 
-# shapes trains in four phases of one run and a fine-tuning run (its model card): 8000 steps as configured;
+# shapes trains in four phases of one run and two fine-tuning runs (its model card): 8000 steps as configured;
 # continued on the cosine of a 16000-step run with plain noise to step 10750, then offset noise 0.2 to 14000; from
-# there a zero-terminal-SNR v-prediction model on the cosine of a 24000-step run, exported at step 17500; phase 5
-# fine-tunes that export (--init) for 6000 steps on relation-rich scenes with the noisiest timesteps drawn more
-# often. A stamp file marks each phase.
+# there a zero-terminal-SNR v-prediction model on the cosine of a 24000-step run, exported at step 17500. Phase 5
+# fine-tunes that export (--init) on two-object relation scenes for 3250 steps, phase 6 fine-tunes phase 5 on
+# scenes of 1-3 objects for 1000 steps; both draw the noisiest timesteps more often. A stamp file marks each phase.
 SHAPES_LDM := $(VENV)/bin/daguerre train ldm --config configs/shapes_ldm.toml --vae $(RUNS)/shapes_vae/vae.safetensors \
 	--out $(RUNS)/shapes_ldm --resume
 SHAPES_ZSNR := --set loss.offset_noise=0.2 --set loss.min_snr_gamma=0 \
 	--set model.schedule.zero_terminal_snr=true --set model.schedule.prediction_type=v_prediction \
 	--set sample.schedule=Uniform
 SHAPES_PHASE4_STEP := 17500
-SHAPES_REL := --set data.cache_dir=$(RUNS)/shapes_ldm/latents --set train.steps=6000 --set train.warmup_steps=200 \
-	--set train.lr=1e-4 --set data.p_relation=1.0 --set loss.timestep_bias=later \
-	--set loss.timestep_bias_portion=0.3 --set loss.timestep_bias_multiplier=4.0
+SHAPES_FT := $(VENV)/bin/daguerre train ldm --config configs/shapes_ldm.toml --vae $(RUNS)/shapes_vae/vae.safetensors \
+	--resume $(SHAPES_ZSNR) --set data.cache_dir=$(RUNS)/shapes_ldm/latents --set train.warmup_steps=200 \
+	--set data.p_relation=1.0 --set loss.timestep_bias=later --set loss.timestep_bias_portion=0.3 \
+	--set loss.timestep_bias_multiplier=4.0
 
 $(RUNS)/shapes_ldm/phase1.done: $(RUNS)/shapes_vae/vae.safetensors
 	$(SHAPES_LDM)
@@ -87,7 +88,11 @@ $(RUNS)/shapes_ldm/step_$(SHAPES_PHASE4_STEP).safetensors: $(RUNS)/shapes_ldm/ph
 	$(SHAPES_LDM) --set train.steps=24000 $(SHAPES_ZSNR) --until $(SHAPES_PHASE4_STEP)
 	$(VENV)/bin/daguerre train export $(RUNS)/shapes_ldm --step $(SHAPES_PHASE4_STEP) --out $@
 
-$(RUNS)/shapes_ldm/model.safetensors: $(RUNS)/shapes_ldm/step_$(SHAPES_PHASE4_STEP).safetensors
-	$(VENV)/bin/daguerre train ldm --config configs/shapes_ldm.toml --vae $(RUNS)/shapes_vae/vae.safetensors \
-		--out $(RUNS)/shapes_rel --resume --init $< $(SHAPES_ZSNR) $(SHAPES_REL)
-	cp $(RUNS)/shapes_rel/model.safetensors $@
+$(RUNS)/shapes_rel2/step_3250.safetensors: $(RUNS)/shapes_ldm/step_$(SHAPES_PHASE4_STEP).safetensors
+	$(SHAPES_FT) --out $(RUNS)/shapes_rel2 --init $< --set train.steps=6000 --set train.lr=2e-4 \
+		--set data.min_objects=2 --set data.max_objects=2 --set train.prune_vocabulary=false --until 3250
+	$(VENV)/bin/daguerre train export $(RUNS)/shapes_rel2 --step 3250 --out $@
+
+$(RUNS)/shapes_ldm/model.safetensors: $(RUNS)/shapes_rel2/step_3250.safetensors
+	$(SHAPES_FT) --out $(RUNS)/shapes_mix --init $< --set train.steps=10000 --set train.lr=1e-4 --until 1000
+	$(VENV)/bin/daguerre train export $(RUNS)/shapes_mix --step 1000 --out $@
