@@ -35,8 +35,8 @@ def check_init_source(path: str | Path | None) -> None:
 
 
 def copy_matching(module: nn.Module, source: dict[str, torch.Tensor], what: str, origin: Path) -> list[str]:
-    """Copy the tensors of `source` into `module` by name; return the names of `module`'s tensors that
-    `source` lacks (left as they are). Raises ValueError for a tensor `module` lacks or a shape mismatch."""
+    """Copy the tensors of `source` into `module` by name; return (and log) the names of `module`'s tensors
+    that `source` lacks (left as they are). Raises ValueError for a tensor `module` lacks or a shape mismatch."""
     target = module.state_dict()
     extra = sorted(set(source) - set(target))
     if extra:
@@ -51,7 +51,10 @@ def copy_matching(module: nn.Module, source: dict[str, torch.Tensor], what: str,
     with torch.no_grad():
         for k, v in source.items():
             target[k].copy_(v)  # state_dict() tensors share storage with the parameters and buffers
-    return sorted(set(target) - set(source))
+    new = sorted(set(target) - set(source))
+    if new:
+        logger.info("--init: %d %s tensors are new in this run and start fresh (%s)", len(new), what, few(new))
+    return new
 
 
 def _text_encoder_state(text_encoder: nn.Module, own: nn.Module) -> dict[str, torch.Tensor]:
@@ -106,10 +109,6 @@ def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, 
             token_ids = [int(i) for i in te.config.token_ids]
     elif comps.text_encoder is not None and hasattr(comps.text_encoder, "text_model"):
         logger.warning("--init %s: the model's own text encoder is not used (this run has none to train)", path)
-    for name, keys in new.items():
-        if keys:
-            logger.info("--init: %d %s tensors are new in this run and start fresh (%s)", len(keys), name,
-                        few(keys))
     logger.info("initialised from %s (%s)", path, comps.config.name)
     return {"file": path.name, "sha256": file_hash(path), "new_tensors": {k: len(v) for k, v in new.items()},
             "token_ids": token_ids}
@@ -123,7 +122,5 @@ def init_vae(path: str | Path, vae: nn.Module) -> dict:
     path = Path(path)
     source, _ = load_vae(path)
     new = copy_matching(vae, source.state_dict(), "autoencoder", path)
-    if new:
-        logger.info("--init: %d autoencoder tensors are new in this run and start fresh (%s)", len(new), few(new))
     logger.info("initialised the autoencoder from %s", path)
     return {"file": path.name, "sha256": file_hash(path), "new_tensors": {"vae": len(new)}}
