@@ -60,7 +60,7 @@ $(RUNS)/%_ldm/model.safetensors: $(RUNS)/%_vae/vae.safetensors
 # continued on the cosine of a 16000-step run with plain noise to step 10750, then offset noise 0.2 to 14000; from
 # there a zero-terminal-SNR v-prediction model on the cosine of a 24000-step run, exported at step 17500. Phase 5
 # fine-tunes that export (--init) on two-object relation scenes for 3250 steps, phase 6 fine-tunes phase 5 on
-# scenes of 1-3 objects for 1000 steps; both draw the noisiest timesteps more often. A stamp file marks each phase.
+# scenes of 1-3 objects for 10000 steps; both draw the noisiest timesteps more often. A stamp file marks each phase.
 SHAPES_LDM := $(VENV)/bin/daguerre train ldm --config configs/shapes_ldm.toml --vae $(RUNS)/shapes_vae/vae.safetensors \
 	--out $(RUNS)/shapes_ldm --resume
 SHAPES_ZSNR := --set loss.offset_noise=0.2 --set loss.min_snr_gamma=0 \
@@ -94,5 +94,5 @@ $(RUNS)/shapes_rel2/step_3250.safetensors: $(RUNS)/shapes_ldm/step_$(SHAPES_PHAS
 	$(VENV)/bin/daguerre train export $(RUNS)/shapes_rel2 --step 3250 --out $@
 
 $(RUNS)/shapes_ldm/model.safetensors: $(RUNS)/shapes_rel2/step_3250.safetensors
-	$(SHAPES_FT) --out $(RUNS)/shapes_mix --init $< --set train.steps=10000 --set train.lr=1e-4 --until 1000
-	$(VENV)/bin/daguerre train export $(RUNS)/shapes_mix --step 1000 --out $@
+	$(SHAPES_FT) --out $(RUNS)/shapes_mix --init $< --set train.steps=10000 --set train.lr=1e-4
+	cp $(RUNS)/shapes_mix/model.safetensors $@
