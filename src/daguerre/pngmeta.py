@@ -9,6 +9,7 @@ colon or a newline are written as JSON strings, as A1111 does, so tools that rea
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -68,15 +69,26 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt_lines), "\n".join(negative_lines), params
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
-    """Write `image` as PNG with the `parameters` text chunk, atomically; returns the path."""
-    path = Path(path)
+def _png_info(parameters: str | None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
+    return info
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
+    """Write `image` as PNG with the `parameters` text chunk, atomically; returns the path."""
+    path = Path(path)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", pnginfo=_png_info(parameters))
     return path
+
+
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """`image` encoded as PNG with the `parameters` text chunk (what the server sends)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_png_info(parameters))
+    return buf.getvalue()
 
 
 def read_png_parameters(path: str | os.PathLike) -> str:

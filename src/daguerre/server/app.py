@@ -1,0 +1,304 @@
+"""`daguerre serve`: AUTOMATIC1111's web API (the `/sdapi/v1/...` endpoints that scripts, bots and
+editor plug-ins call) over one loaded model, and a small page to try it in a browser.
+
+Endpoints (request and response fields as A1111 names them; docs/usage.md, "daguerre serve"):
+
+    POST /sdapi/v1/txt2img     {"prompt", "negative_prompt", "steps", "sampler_name", "scheduler",
+                                "cfg_scale", "seed", "width", "height", "batch_size", "n_iter", ...}
+    POST /sdapi/v1/img2img     the same and "init_images" (base64), "denoising_strength", "resize_mode",
+                               "mask", "mask_blur", "inpainting_fill", "inpainting_mask_invert"
+                               -> {"images": [base64 PNG, ...], "parameters": {...}, "info": "<json>"}
+    GET  /sdapi/v1/samplers, /sdapi/v1/schedulers, /sdapi/v1/sd-models, /sdapi/v1/progress
+    GET  /                     the page
+
+The payload becomes a `GenerationRequest` here, the one schema the CLI and the Python API share, and
+is checked once by `GenerationRequest.validate`: a bad value is a 422 whose "detail" names it. A1111
+fields daguerre does not implement (hires fix, face restoration, scripts, ...) are refused when set,
+never silently ignored; those that only steer A1111's own saving are accepted. Requests run one at a
+time (one model, one lock); the PNGs carry the same `parameters` text chunk as the CLI's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+
+from ..pipelines.request import GenerationRequest
+
+API = "/sdapi/v1"
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a few init images of a few megapixels, base64
+# A1111 img2img "inpainting_fill" (Masked content) and "resize_mode" codes -> daguerre's names
+INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+RESIZE_MODE = {0: "stretch", 1: "crop", 2: "fit"}  # Just resize, Crop and resize, Resize and fill
+# A1111 payload fields about its own saving and UI state: accepted whatever their value
+IGNORED = {"send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "styles",
+           "override_settings_restore_afterwards", "include_init_images", "script_name", "script_args",
+           "alwayson_scripts", "firstpass_image", "force_task_id", "infotext"}
+# A1111 features daguerre lacks: accepted only at their "off" value (None, False, 0, "", [], {}, -1)
+UNSUPPORTED = {"enable_hr", "restore_faces", "tiling", "subseed", "subseed_strength", "seed_resize_from_h",
+               "seed_resize_from_w", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
+               "hr_resize_y", "refiner_checkpoint", "refiner_switch_at", "eta", "s_min_uncond", "s_churn",
+               "s_tmax", "s_tmin", "s_noise", "image_cfg_scale", "inpaint_full_res", "inpaint_full_res_padding",
+               "initial_noise_multiplier", "latent_mask", "denoising_strength_hr", "hr_checkpoint_name",
+               "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg", "hr_distilled_cfg"}
+TXT2IMG_FIELDS = {"prompt", "negative_prompt", "steps", "sampler_name", "sampler_index", "scheduler", "cfg_scale",
+                  "seed", "width", "height", "batch_size", "n_iter", "override_settings", "denoising_strength"}
+IMG2IMG_FIELDS = TXT2IMG_FIELDS | {"init_images", "resize_mode", "mask", "mask_blur", "mask_blur_x", "mask_blur_y",
+                                   "inpainting_fill", "inpainting_mask_invert"}
+OVERRIDE_SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip"}  # A1111 setting -> request field
+
+
+class ApiError(ValueError):
+    """A request the API refuses: `status` (422 unless said) and a message naming the field."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.UNPROCESSABLE_ENTITY):
+        super().__init__(message)
+        self.status = status
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value == -1 or (not isinstance(value, bool) and not value)
+
+
+def decode_image(data: Any, field: str):
+    """A PIL image from base64 text, with or without a `data:image/...;base64,` prefix."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, str) or not data:
+        raise ApiError(f"{field} must be a base64-encoded image, got {type(data).__name__}")
+    text = data.split(",", 1)[1] if data.startswith("data:") else data
+    try:
+        raw = base64.b64decode(text, validate=True)
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (binascii.Error, ValueError):
+        raise ApiError(f"{field} is not valid base64") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ApiError(f"{field} is not a readable image ({e})") from None
+    return image
+
+
+def request_from_payload(payload: Any, task: str = "txt2img") -> GenerationRequest:
+    """The `GenerationRequest` of an A1111 txt2img / img2img payload (not yet validated against a model).
+
+    img2img with a `mask` is inpainting. `seed` -1 draws one; `n_iter` batches of `batch_size` make
+    n_iter x batch_size images. Unknown fields, and known A1111 features daguerre lacks when they are
+    switched on, raise an `ApiError` that names them.
+    """
+    if not isinstance(payload, dict):
+        raise ApiError(f"the request body must be a JSON object, got {type(payload).__name__}")
+    allowed = IMG2IMG_FIELDS if task == "img2img" else TXT2IMG_FIELDS
+    for key, value in payload.items():
+        if key in allowed or key in IGNORED:
+            continue
+        if key in UNSUPPORTED:
+            if not _is_off(value):
+                raise ApiError(f"{key}={value!r} is not supported by daguerre; leave it out")
+            continue
+        raise ApiError(f"unknown field {key!r} for {task}; fields: {', '.join(sorted(allowed))}")
+    p = payload
+    fields: dict[str, Any] = {"prompt": p.get("prompt", ""), "negative_prompt": p.get("negative_prompt") or ""}
+    for key, name in (("steps", "steps"), ("cfg_scale", "cfg_scale"), ("width", "width"), ("height", "height")):
+        if p.get(key) is not None:
+            fields[name] = p[key]
+    sampler = p.get("sampler_name") or p.get("sampler_index")
+    if sampler:
+        fields["sampler"] = sampler
+    if p.get("scheduler"):
+        fields["schedule"] = p["scheduler"]
+    seed = p.get("seed", -1)
+    fields["seed"] = None if seed is None or seed == -1 else seed
+    batch_size, n_iter = p.get("batch_size", 1), p.get("n_iter", 1)
+    for key, value in (("batch_size", batch_size), ("n_iter", n_iter)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ApiError(f"{key} must be a whole number >= 1, got {value!r}")
+    fields["batch_size"], fields["n"] = batch_size, batch_size * n_iter
+    overrides = p.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise ApiError(f"override_settings must be an object, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        if key not in OVERRIDE_SETTINGS:
+            raise ApiError(f"override setting {key!r} is not supported by daguerre; supported: "
+                           f"{', '.join(OVERRIDE_SETTINGS)}")
+        fields[OVERRIDE_SETTINGS[key]] = value
+    if task == "img2img":
+        fields.update(_img2img_fields(p))
+    elif p.get("denoising_strength") not in (None, 0, 0.0):  # A1111 reads it only with hires fix
+        raise ApiError("denoising_strength applies to img2img (hires fix is not supported by daguerre)")
+    return GenerationRequest(**fields)
+
+
+def _img2img_fields(p: dict) -> dict[str, Any]:
+    from PIL import ImageOps
+
+    images = p.get("init_images")
+    if not isinstance(images, list) or len(images) != 1:
+        raise ApiError("init_images must be a list of one base64-encoded image (daguerre takes one init image)")
+    fields: dict[str, Any] = {"task": "img2img", "init_image": decode_image(images[0], "init_images[0]")}
+    if p.get("denoising_strength") is not None:
+        fields["strength"] = p["denoising_strength"]
+    mode = p.get("resize_mode", 0)
+    if mode not in RESIZE_MODE:
+        raise ApiError(f"resize_mode {mode!r} is not supported; use 0 (just resize), 1 (crop and resize) "
+                       "or 2 (resize and fill)")
+    fields["resize_mode"] = RESIZE_MODE[mode]
+    if p.get("mask"):
+        mask = decode_image(p["mask"], "mask").convert("L")
+        if p.get("inpainting_mask_invert"):
+            mask = ImageOps.invert(mask)
+        fields.update(task="inpaint", mask=mask)
+        fill = p.get("inpainting_fill", 1)
+        if fill not in INPAINTING_FILL:
+            raise ApiError(f"inpainting_fill {fill!r} must be 0 (fill), 1 (original), 2 (latent noise) "
+                           "or 3 (latent nothing)")
+        fields["inpaint_fill"] = INPAINTING_FILL[fill]
+        if p.get("mask_blur") is not None:
+            fields["mask_blur"] = p["mask_blur"]
+    return fields
+
+
+class Server:
+    """One model behind the API: `handle(method, path, body) -> (status, content type, bytes)`.
+
+    Kept apart from the HTTP plumbing so that it can be tested and embedded; `serve` wraps it in a
+    `ThreadingHTTPServer`. Generations hold `lock`, so requests run one after another.
+    """
+
+    def __init__(self, pipe, model_name: str = "model"):
+        self.pipe = pipe
+        self.model_name = model_name
+        self.lock = threading.Lock()
+        self.progress = {"step": 0, "total": 0, "job": None}
+
+    def handle(self, method: str, path: str, body: bytes = b"") -> tuple[int, str, bytes]:
+        route = path.split("?", 1)[0].rstrip("/") or "/"
+        try:
+            if method == "GET" and route == "/":
+                return HTTPStatus.OK, "text/html; charset=utf-8", _page()
+            if method == "GET" and route in self._gets():
+                return _json(HTTPStatus.OK, self._gets()[route]())
+            if method == "POST" and route in (f"{API}/txt2img", f"{API}/img2img"):
+                try:
+                    payload = json.loads(body or b"{}")
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ApiError(f"the request body is not JSON ({e})", HTTPStatus.BAD_REQUEST) from None
+                return _json(HTTPStatus.OK, self.generate(payload, route.rsplit("/", 1)[1]))
+            known = [*self._gets(), f"{API}/txt2img", f"{API}/img2img"]
+            if route in known or route == "/":
+                return _json(HTTPStatus.METHOD_NOT_ALLOWED, {"detail": f"{method} is not allowed on {route}"})
+            return _json(HTTPStatus.NOT_FOUND, {"detail": f"no endpoint {route}; see {API}/... in docs/usage.md"})
+        except ApiError as e:
+            return _json(e.status, {"error": type(e).__name__, "detail": str(e)})
+        except (ValueError, FileNotFoundError) as e:  # GenerationRequest.validate and the pipelines' checks
+            return _json(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": type(e).__name__, "detail": str(e)})
+
+    def _gets(self) -> dict[str, Callable[[], Any]]:
+        return {f"{API}/samplers": samplers, f"{API}/schedulers": schedulers, f"{API}/sd-models": self.models,
+                f"{API}/progress": self.progress_report}
+
+    def generate(self, payload: Any, task: str) -> dict[str, Any]:
+        from ..pipelines.common import count_steps
+        from ..pngmeta import png_bytes
+
+        request = self.pipe.request(request_from_payload(payload, task))  # validated: a bad value fails here
+        with self.lock:
+            self.progress.update(step=0, total=request.n * count_steps(self.pipe.components, request), job=task)
+
+            def on_step(_info: dict) -> None:
+                self.progress["step"] += 1
+
+            try:
+                results = self.pipe(request, callback=on_step)
+            finally:
+                self.progress.update(job=None)
+        images = [base64.b64encode(png_bytes(r.image, r.parameters)).decode("ascii") for r in results]
+        info = {
+            "prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": results[0].seed,
+            "all_seeds": [r.seed for r in results], "all_prompts": [request.prompt] * len(results),
+            "all_negative_prompts": [request.negative_prompt] * len(results), "steps": request.steps,
+            "sampler_name": request.sampler, "scheduler": request.schedule, "cfg_scale": request.cfg_scale,
+            "width": results[0].image.width, "height": results[0].image.height, "batch_size": request.batch_size,
+            "sd_model_name": self.model_name, "sd_model_hash": self.pipe.model_hash,
+            "infotexts": [r.parameters for r in results],
+        }
+        return {"images": images, "parameters": payload, "info": json.dumps(info)}
+
+    def models(self) -> list[dict[str, Any]]:
+        h = self.pipe.model_hash
+        title = f"{self.model_name} [{h}]" if h else self.model_name
+        return [{"title": title, "model_name": self.model_name, "hash": h, "sha256": None,
+                 "filename": self.model_name, "config": None}]
+
+    def progress_report(self) -> dict[str, Any]:
+        step, total, job = self.progress["step"], self.progress["total"], self.progress["job"]
+        return {"progress": step / total if job and total else 0.0, "eta_relative": 0.0,
+                "state": {"job": job or "", "sampling_step": step, "sampling_steps": total},
+                "current_image": None, "textinfo": None}
+
+
+def samplers() -> list[dict[str, Any]]:
+    from ..diffusion.sampler_names import SAMPLER_NAMES
+
+    return [{"name": s.label, "aliases": list(s.aliases), "options": {}} for s in SAMPLER_NAMES]
+
+
+def schedulers() -> list[dict[str, Any]]:
+    from ..diffusion.sampler_names import AUTOMATIC, SCHEDULES
+
+    rows = [{"name": "automatic", "label": AUTOMATIC, "aliases": None}]
+    for s in SCHEDULES:
+        rows.append({"name": s.label.lower().replace(" ", "_"), "label": s.label, "aliases": list(s.aliases) or None})
+    return rows
+
+
+def _json(status: int, obj: Any) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(obj).encode("utf-8")
+
+
+def _page() -> bytes:
+    return resources.files("daguerre.server").joinpath("page.html").read_bytes()
+
+
+def make_http_server(server: Server, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
+    """A `ThreadingHTTPServer` answering with `server.handle` (port 0 picks a free port)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "daguerre"
+
+        def _answer(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY_BYTES:
+                status, ctype, body = _json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                            {"detail": f"request body of {length} bytes is over the "
+                                                       f"{MAX_BODY_BYTES} byte limit"})
+                self.close_connection = True
+            else:
+                status, ctype, body = server.handle(method, self.path, self.rfile.read(length) if length else b"")
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self._answer("GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._answer("POST")
+
+        def log_message(self, format: str, *args: Any) -> None:  # one line per request, on stderr
+            import sys
+
+            print(f"{self.address_string()} {format % args}", file=sys.stderr)
+
+    return ThreadingHTTPServer((host, port), Handler)
+

@@ -1,0 +1,154 @@
+"""`daguerre serve`: the A1111 web API over a model, through real HTTP and through `Server.handle`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import daguerre
+from daguerre.cli import main
+from daguerre.server.app import ApiError, Server, make_http_server, request_from_payload
+
+
+@pytest.fixture(scope="module")
+def server():
+    return Server(daguerre.load("random:tiny"), "random:tiny")
+
+
+def _b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _post(server, path, payload):
+    status, ctype, body = server.handle("POST", path, json.dumps(payload).encode())
+    return status, json.loads(body)
+
+
+def _image(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_txt2img_answers_as_a1111_with_pngs_that_carry_their_parameters(server):
+    status, out = _post(server, "/sdapi/v1/txt2img", {"prompt": "a red circle", "negative_prompt": "blue",
+                                                      "steps": 3, "seed": 5, "batch_size": 2, "n_iter": 2,
+                                                      "sampler_name": "Euler", "scheduler": "Karras",
+                                                      "send_images": True, "restore_faces": False})
+    assert status == 200, out
+    info = json.loads(out["info"])
+    assert len(out["images"]) == 4 and info["all_seeds"] == [5, 6, 7, 8] and info["seed"] == 5
+    assert out["parameters"]["prompt"] == "a red circle"
+    image = _image(out["images"][0])
+    text = image.info["parameters"]
+    assert text == info["infotexts"][0]
+    assert text.startswith("a red circle\nNegative prompt: blue\nSteps: 3, Sampler: Euler, Schedule type: Karras")
+    # the same request through the Python API gives the same pixels
+    same = server.pipe("a red circle", negative_prompt="blue", steps=3, seed=5, sampler="Euler", schedule="Karras")
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(same[0].image.convert("RGB")))
+
+
+def test_seed_minus_one_draws_a_seed_and_reports_it(server):
+    status, out = _post(server, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "seed": -1})
+    assert status == 200 and 0 <= json.loads(out["info"])["seed"] < 2**32
+
+
+def test_img2img_and_inpainting(server):
+    init = Image.new("RGB", (32, 32), (200, 30, 30))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))
+    base = {"prompt": "x", "steps": 4, "seed": 1, "init_images": [_b64(init)], "denoising_strength": 0.5}
+    status, out = _post(server, "/sdapi/v1/img2img", base)
+    assert status == 200, out
+    assert "Denoising strength: 0.5" in _image(out["images"][0]).info["parameters"]
+    status, out = _post(server, "/sdapi/v1/img2img", {**base, "mask": "data:image/png;base64," + _b64(mask),
+                                                      "inpainting_fill": 1, "mask_blur": 0})
+    assert status == 200, out
+    got = np.asarray(_image(out["images"][0]).convert("RGB")).astype(int)
+    assert np.abs(got[:, 24:] - [200, 30, 30]).max() < np.abs(got[:, :8] - [200, 30, 30]).max()  # kept vs redrawn
+
+
+@pytest.mark.parametrize(("path", "payload", "status", "names"), [
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Foo"}, 422, "Foo"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 0}, 422, "steps"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True}, 422, "enable_hr"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "colour": "red"}, 422, "colour"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 0}, 422, "batch_size"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"sd_vae": "x"}}, 422, "sd_vae"),
+    ("/sdapi/v1/img2img", {"prompt": "x"}, 422, "init_images"),
+    ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["not base64!"]}, 422, "init_images[0]"),
+    ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [base64.b64encode(b"text").decode()]}, 422, "readable"),
+])
+def test_bad_requests_get_an_error_that_names_the_value(server, path, payload, status, names):
+    got, out = _post(server, path, payload)
+    assert got == status and names in out["detail"], out
+
+
+def test_routes_and_bad_bodies(server):
+    assert server.handle("POST", "/sdapi/v1/txt2img", b"{not json")[0] == 400
+    assert server.handle("GET", "/sdapi/v1/nothing")[0] == 404
+    assert server.handle("GET", "/sdapi/v1/txt2img")[0] == 405
+    status, ctype, page = server.handle("GET", "/")
+    assert status == 200 and ctype.startswith("text/html") and b"/sdapi/v1/txt2img" in page
+    names = [s["name"] for s in json.loads(server.handle("GET", "/sdapi/v1/samplers")[2])]
+    assert "DPM++ 2M" in names and "Euler a" in names
+    labels = [s["label"] for s in json.loads(server.handle("GET", "/sdapi/v1/schedulers")[2])]
+    assert labels[0] == "Automatic" and "Karras" in labels
+    models = json.loads(server.handle("GET", "/sdapi/v1/sd-models")[2])
+    assert models[0]["model_name"] == "random:tiny"
+    assert json.loads(server.handle("GET", "/sdapi/v1/progress")[2])["progress"] == 0.0
+
+
+def test_payload_mapping():
+    r = request_from_payload({"prompt": "p", "seed": 3, "batch_size": 2, "n_iter": 3, "sampler_index": "Euler a",
+                              "override_settings": {"CLIP_stop_at_last_layers": 2}})
+    assert (r.seed, r.n, r.batch_size, r.sampler, r.clip_skip) == (3, 6, 2, "Euler a", 2)
+    with pytest.raises(ApiError, match="JSON object"):
+        request_from_payload([1, 2])
+    with pytest.raises(ApiError, match="denoising_strength"):
+        request_from_payload({"prompt": "p", "denoising_strength": 0.5})
+
+
+def test_over_http():
+    http = make_http_server(Server(daguerre.load("random:tiny"), "random:tiny"), "127.0.0.1", 0)
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{http.server_address[1]}/sdapi/v1/txt2img"
+        req = urllib.request.Request(url, json.dumps({"prompt": "x", "steps": 2, "seed": 1}).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and len(json.load(r)["images"]) == 1
+        bad = urllib.request.Request(url, b'{"steps": -1}', {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad, timeout=60)
+        assert e.value.code == 422 and "steps" in json.load(e.value)["detail"]
+    finally:
+        http.shutdown()
+        http.server_close()
+
+
+def test_cli_refuses_a_bad_port_in_one_line(capsys):
+    assert main(["serve", "--model", "random:tiny", "--port", "70000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "daguerre serve: error: --port must be between 0 and 65535, got 70000"
+
+
+def test_cli_names_a_port_in_use(capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--model", "random:tiny", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"daguerre serve: error: cannot listen on 127.0.0.1:{port}") and "--port" in err
