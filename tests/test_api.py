@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -71,6 +72,22 @@ def test_bad_settings_are_value_errors(pipe):
         pipe("a cat", sampler="DPM++ 9M", **FAST)
     with pytest.raises(ValueError, match="prompt must be a string"):
         pipe(42)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("steps", True, "steps must be a whole number, got True"),
+    ("seed", "7", "seed must be a whole number, got '7'"),
+    ("seed", 1.5, "seed must be a whole number, got 1.5"),
+    ("cfg_scale", "7", "cfg_scale must be a number, got '7'"),
+    ("negative_prompt", None, "negative_prompt must be text, got None"),
+    ("clip_skip", 1.0, "clip_skip must be a whole number, got 1.0"),
+    ("width", "32", "width must be a whole number, got '32'"),
+])
+def test_settings_of_the_wrong_type_are_named(pipe, field, value, message):
+    """Values from JSON, forms and scripts: caught at the edge, not deep inside torch."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pipe.request("a cat", **{field: value})
+    assert pipe.request("a cat", seed=np.int64(3), cfg_scale=np.float32(4.5)).seed == 3  # numpy scalars are fine
 
 
 def test_compute_dtype_keeps_the_vae_in_float32():

@@ -152,3 +152,15 @@ def test_cli_names_a_port_in_use(capsys):
         assert main(["serve", "--model", "random:tiny", "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"daguerre serve: error: cannot listen on 127.0.0.1:{port}") and "--port" in err
+
+
+def test_a_failure_inside_is_a_500_and_the_server_goes_on(server, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(server, "pipe", type("P", (), {"request": server.pipe.request, "__call__": broken,
+                                                       "components": server.pipe.components, "model_hash": None})())
+    status, out = _post(server, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 2})
+    assert status == 500 and out == {"error": "RuntimeError", "detail": "out of memory"}
+    assert "RuntimeError: out of memory" in capsys.readouterr().err
+    assert server.progress["job"] is None

@@ -9,6 +9,7 @@ returned copy), so a missing or unreadable file fails before any model work.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class GenerationRequest:
             return dataclasses.replace(self, **self.settings(config)).validate(config)
         from ..diffusion.sampler_names import resolve_sampler
 
+        self._check_types()
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
         if self.n < 1 or self.batch_size < 1:
@@ -115,6 +117,24 @@ class GenerationRequest:
                 f"class label {self.class_label!r} given, but model {config.name!r} is not class-conditional"
             )
         return dataclasses.replace(self, width=width, height=height, seed=seed, **images)
+
+    def _check_types(self) -> None:
+        """The type of every scalar field, so that a string or a bool from JSON, a form or a script is
+        named here and not met deep inside torch (True is not a step count, "7" is not a CFG scale)."""
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be text, got {getattr(self, name)!r}")
+        whole = ["steps", "n", "batch_size", "clip_skip", "mask_blur", "noise_level"]
+        whole += [k for k in ("seed", "width", "height") if getattr(self, k) is not None]
+        for name in whole:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        real = ["cfg_scale", "guidance_rescale", "upscale_factor"] + (["strength"] if self.strength is not None else [])
+        for name in real:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
 
     def _validate_images(self, config: ModelConfig, factor: int) -> dict[str, Any]:
         """Check and load the image fields of an image task: {init_image, mask, strength, size}."""

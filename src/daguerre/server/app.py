@@ -25,6 +25,7 @@ import binascii
 import io
 import json
 import threading
+import traceback
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -105,7 +106,7 @@ def request_from_payload(payload: Any, task: str = "txt2img") -> GenerationReque
             continue
         raise ApiError(f"unknown field {key!r} for {task}; fields: {', '.join(sorted(allowed))}")
     p = payload
-    fields: dict[str, Any] = {"prompt": p.get("prompt", ""), "negative_prompt": p.get("negative_prompt") or ""}
+    fields: dict[str, Any] = {"prompt": p.get("prompt") or "", "negative_prompt": p.get("negative_prompt") or ""}
     for key, name in (("steps", "steps"), ("cfg_scale", "cfg_scale"), ("width", "width"), ("height", "height")):
         if p.get(key) is not None:
             fields[name] = p[key]
@@ -199,6 +200,9 @@ class Server:
             return _json(e.status, {"error": type(e).__name__, "detail": str(e)})
         except (ValueError, FileNotFoundError) as e:  # GenerationRequest.validate and the pipelines' checks
             return _json(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": type(e).__name__, "detail": str(e)})
+        except Exception as e:  # a bug, not the request: the client hears of it, the server keeps serving
+            traceback.print_exc()
+            return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": type(e).__name__, "detail": str(e)})
 
     def _gets(self) -> dict[str, Callable[[], Any]]:
         return {f"{API}/samplers": samplers, f"{API}/schedulers": schedulers, f"{API}/sd-models": self.models,
