@@ -164,3 +164,37 @@ def test_a_failure_inside_is_a_500_and_the_server_goes_on(server, monkeypatch, c
     assert status == 500 and out == {"error": "RuntimeError", "detail": "out of memory"}
     assert "RuntimeError: out of memory" in capsys.readouterr().err
     assert server.progress["job"] is None
+
+
+def test_progress_reports_the_step_and_a_live_preview_while_a_request_runs():
+    pipe = daguerre.load("random:tiny")
+    reached, release = threading.Event(), threading.Event()
+
+    class Paused:  # the real pipeline, held still after its second step
+        components, model_hash, request = pipe.components, pipe.model_hash, pipe.request
+
+        def __call__(self, request, callback):
+            def on_step(info):
+                callback(info)
+                if info["i"] == 1:
+                    reached.set()
+                    release.wait(60)
+            return pipe(request, callback=on_step)
+
+    server = Server(Paused(), "random:tiny")
+    worker = threading.Thread(target=server.handle, args=("POST", "/sdapi/v1/txt2img",
+                                                          json.dumps({"prompt": "x", "steps": 4}).encode()))
+    worker.start()
+    try:
+        assert reached.wait(60)
+        report = json.loads(server.handle("GET", "/sdapi/v1/progress")[2])
+        assert report["progress"] == 0.5 and report["state"]["sampling_step"] == 2 and report["eta_relative"] >= 0
+        preview = _image(report["current_image"])
+        assert preview.size == (32, 32)  # the model's image size
+        skipped = json.loads(server.handle("GET", "/sdapi/v1/progress?skip_current_image=true")[2])
+        assert skipped["current_image"] is None and skipped["progress"] == 0.5
+    finally:
+        release.set()
+        worker.join(60)
+    idle = json.loads(server.handle("GET", "/sdapi/v1/progress")[2])
+    assert idle["progress"] == 0.0 and idle["current_image"] is None

@@ -98,26 +98,16 @@ def save_gif(frames: list[Image.Image], path: str | os.PathLike, durations: list
     return path
 
 
-class PreviewWriter:
-    """Pipeline callback that saves the x0 estimate of every step, and a GIF when `finish` is called.
+class PreviewDecoder:
+    """Preview images of diffusion latents, `approx` or `full` (module docstring); shared by
+    `PreviewWriter` and the server's live preview. `mode` turns to "full" when the linear map is useless."""
 
-    `folder` is created if needed. For a batch the frame shows its images side by side; frames of
-    the first batch are `step_{i:03d}.png`, those of a batch starting at image k > 0 are
-    `image{k:03d}_step_{i:03d}.png`. `tiled` is passed to `decode_latents` in `full` mode.
-    """
-
-    def __init__(self, vae: AutoencoderKL, folder: str | os.PathLike, mode: str = "approx", tiled: bool | None = None):
+    def __init__(self, vae: AutoencoderKL, mode: str = "approx", tiled: bool | None = None):
         if mode not in PREVIEW_MODES:
             raise ValueError(f"preview mode {mode!r} is not one of {', '.join(PREVIEW_MODES)}")
         self.vae = vae
-        self.folder = Path(folder)
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ValueError(f"preview folder {self.folder} is a file: name a folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.mode = mode
         self.tiled = tiled
-        self.paths: list[Path] = []
-        self._frames: list[Image.Image] = []
         self._linear: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -134,6 +124,32 @@ class PreviewWriter:
                     return self.decode(latents)
             small = to_pil(approx_decode(latents, *self._linear))
         return [im.resize((im.width * f, im.height * f), Image.Resampling.BILINEAR) for im in small]
+
+
+class PreviewWriter:
+    """Pipeline callback that saves the x0 estimate of every step, and a GIF when `finish` is called.
+
+    `folder` is created if needed. For a batch the frame shows its images side by side; frames of
+    the first batch are `step_{i:03d}.png`, those of a batch starting at image k > 0 are
+    `image{k:03d}_step_{i:03d}.png`. `tiled` is passed to `decode_latents` in `full` mode.
+    """
+
+    def __init__(self, vae: AutoencoderKL, folder: str | os.PathLike, mode: str = "approx", tiled: bool | None = None):
+        self.decoder = PreviewDecoder(vae, mode, tiled)
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"preview folder {self.folder} is a file: name a folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.paths: list[Path] = []
+        self._frames: list[Image.Image] = []
+
+    @property
+    def mode(self) -> str:
+        return self.decoder.mode
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Preview images of diffusion latents (B, C, h, w), at the full image size."""
+        return self.decoder.decode(latents)
 
     def __call__(self, info: dict[str, Any]) -> None:
         frame = make_grid(self.decode(info["denoised"]), cols=info["denoised"].shape[0])

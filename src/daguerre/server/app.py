@@ -25,12 +25,14 @@ import binascii
 import io
 import json
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qs
 
 from ..pipelines.request import GenerationRequest
 
@@ -177,13 +179,18 @@ class Server:
         self.pipe = pipe
         self.model_name = model_name
         self.lock = threading.Lock()
-        self.progress = {"step": 0, "total": 0, "job": None}
+        self.progress: dict[str, Any] = {"step": 0, "total": 0, "job": None, "started": 0.0, "latent": None}
+        self._preview = None  # PreviewDecoder, made at the first live preview
 
     def handle(self, method: str, path: str, body: bytes = b"") -> tuple[int, str, bytes]:
-        route = path.split("?", 1)[0].rstrip("/") or "/"
+        route, _, query = path.partition("?")
+        route = route.rstrip("/") or "/"
         try:
             if method == "GET" and route == "/":
                 return HTTPStatus.OK, "text/html; charset=utf-8", _page()
+            if method == "GET" and route == f"{API}/progress":
+                skip = parse_qs(query).get("skip_current_image", ["false"])[-1].lower() in ("true", "1")
+                return _json(HTTPStatus.OK, self.progress_report(skip_current_image=skip))
             if method == "GET" and route in self._gets():
                 return _json(HTTPStatus.OK, self._gets()[route]())
             if method == "POST" and route in (f"{API}/txt2img", f"{API}/img2img"):
@@ -206,7 +213,7 @@ class Server:
 
     def _gets(self) -> dict[str, Callable[[], Any]]:
         return {f"{API}/samplers": samplers, f"{API}/schedulers": schedulers, f"{API}/sd-models": self.models,
-                f"{API}/progress": self.progress_report}
+                f"{API}/progress": self.progress_report}  # /progress is answered in handle (its query)
 
     def generate(self, payload: Any, task: str) -> dict[str, Any]:
         from ..pipelines.common import count_steps
@@ -214,15 +221,17 @@ class Server:
 
         request = self.pipe.request(request_from_payload(payload, task))  # validated: a bad value fails here
         with self.lock:
-            self.progress.update(step=0, total=request.n * count_steps(self.pipe.components, request), job=task)
+            self.progress.update(step=0, total=request.n * count_steps(self.pipe.components, request), job=task,
+                                 started=time.monotonic(), latent=None)
 
-            def on_step(_info: dict) -> None:
+            def on_step(info: dict) -> None:
                 self.progress["step"] += 1
+                self.progress["latent"] = info["denoised"][:1].detach().clone()  # the x0 estimate, first image
 
             try:
                 results = self.pipe(request, callback=on_step)
             finally:
-                self.progress.update(job=None)
+                self.progress.update(job=None, latent=None)
         images = [base64.b64encode(png_bytes(r.image, r.parameters)).decode("ascii") for r in results]
         info = {
             "prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": results[0].seed,
@@ -241,11 +250,24 @@ class Server:
         return [{"title": title, "model_name": self.model_name, "hash": h, "sha256": None,
                  "filename": self.model_name, "config": None}]
 
-    def progress_report(self) -> dict[str, Any]:
-        step, total, job = self.progress["step"], self.progress["total"], self.progress["job"]
-        return {"progress": step / total if job and total else 0.0, "eta_relative": 0.0,
+    def progress_report(self, skip_current_image: bool = False) -> dict[str, Any]:
+        """A1111's /progress: the fraction done, the seconds left, and (unless skipped) the live preview:
+        the model's current x0 estimate of the first image (daguerre.pipelines.preview, `approx`)."""
+        state = dict(self.progress)
+        job, step, total, latent = state["job"], state["step"], state["total"], state["latent"]
+        done = step / total if job and total else 0.0
+        elapsed = time.monotonic() - state["started"] if job else 0.0
+        image = None
+        if job and latent is not None and not skip_current_image:
+            from ..pipelines.preview import PreviewDecoder
+            from ..pngmeta import png_bytes
+
+            if self._preview is None:
+                self._preview = PreviewDecoder(self.pipe.components.vae)
+            image = base64.b64encode(png_bytes(self._preview.decode(latent)[0])).decode("ascii")
+        return {"progress": done, "eta_relative": elapsed / done - elapsed if done else 0.0,
                 "state": {"job": job or "", "sampling_step": step, "sampling_steps": total},
-                "current_image": None, "textinfo": None}
+                "current_image": image, "textinfo": None}
 
 
 def samplers() -> list[dict[str, Any]]:
