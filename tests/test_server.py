@@ -113,8 +113,23 @@ def test_payload_mapping():
     assert (r.seed, r.n, r.batch_size, r.sampler, r.clip_skip) == (3, 6, 2, "Euler a", 2)
     with pytest.raises(ApiError, match="JSON object"):
         request_from_payload([1, 2])
-    with pytest.raises(ApiError, match="denoising_strength"):
-        request_from_payload({"prompt": "p", "denoising_strength": 0.5})
+    # a full A1111 default payload: switches off, and the values A1111 reads only under them, are accepted
+    r = request_from_payload({"prompt": "p", "enable_hr": False, "hr_scale": 2.0, "denoising_strength": 0.7,
+                              "s_noise": 1.0, "s_tmax": None, "subseed": -1, "subseed_strength": 0, "eta": None})
+    assert r.strength is None and r.task == "txt2img"
+    for field, value in [("s_noise", 0.5), ("subseed_strength", 0.3), ("eta", 0.0), ("tiling", True)]:
+        with pytest.raises(ApiError, match=f"{field}="):
+            request_from_payload({"prompt": "p", field: value})
+
+
+def test_mask_blur_from_its_x_and_y_parts():
+    init = _b64(Image.new("RGB", (32, 32)))
+    mask = _b64(Image.new("L", (32, 32), 255))
+    base = {"init_images": [init], "mask": mask}
+    assert request_from_payload({**base, "mask_blur_x": 2, "mask_blur_y": 2}, "img2img").mask_blur == 2
+    assert request_from_payload({**base, "mask_blur": 3, "mask_blur_x": 3, "mask_blur_y": 3}, "img2img").mask_blur == 3
+    with pytest.raises(ApiError, match="mask_blur_x / mask_blur_y"):
+        request_from_payload({**base, "mask_blur_x": 2, "mask_blur_y": 5}, "img2img")
 
 
 def test_over_http():

@@ -41,21 +41,27 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # a few init images of a few megapixels, base
 # A1111 img2img "inpainting_fill" (Masked content) and "resize_mode" codes -> daguerre's names
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 RESIZE_MODE = {0: "stretch", 1: "crop", 2: "fit"}  # Just resize, Crop and resize, Resize and fill
-# A1111 payload fields about its own saving and UI state: accepted whatever their value
+# A1111 payload fields about its own saving and UI state, or read by A1111 only when a switch that
+# daguerre refuses (below) is on: accepted whatever their value
 IGNORED = {"send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "styles",
            "override_settings_restore_afterwards", "include_init_images", "script_name", "script_args",
-           "alwayson_scripts", "firstpass_image", "force_task_id", "infotext"}
-# A1111 features daguerre lacks: accepted only at their "off" value (None, False, 0, "", [], {}, -1)
-UNSUPPORTED = {"enable_hr", "restore_faces", "tiling", "subseed", "subseed_strength", "seed_resize_from_h",
-               "seed_resize_from_w", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
-               "hr_resize_y", "refiner_checkpoint", "refiner_switch_at", "eta", "s_min_uncond", "s_churn",
-               "s_tmax", "s_tmin", "s_noise", "image_cfg_scale", "inpaint_full_res", "inpaint_full_res_padding",
-               "initial_noise_multiplier", "latent_mask", "denoising_strength_hr", "hr_checkpoint_name",
-               "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg", "hr_distilled_cfg"}
+           "alwayson_scripts", "firstpass_image", "force_task_id", "infotext",
+           "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
+           "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg", "hr_distilled_cfg",
+           "denoising_strength_hr", "refiner_switch_at", "inpaint_full_res_padding", "subseed",
+           "denoising_strength"}  # in txt2img, the strength of the hires fix's second pass
+# A1111 features daguerre lacks -> the values that leave them off (None always does): refused otherwise
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "enable_hr": (False,), "restore_faces": (False,), "tiling": (False,), "subseed_strength": (0,),
+    "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0), "refiner_checkpoint": ("",),
+    "s_min_uncond": (0,), "s_churn": (0,), "s_tmin": (0,), "s_tmax": (0, float("inf")), "s_noise": (1,),
+    "eta": (), "image_cfg_scale": (), "initial_noise_multiplier": (1,), "inpaint_full_res": (False, 0),
+    "latent_mask": (),
+}
 TXT2IMG_FIELDS = {"prompt", "negative_prompt", "steps", "sampler_name", "sampler_index", "scheduler", "cfg_scale",
-                  "seed", "width", "height", "batch_size", "n_iter", "override_settings", "denoising_strength"}
-IMG2IMG_FIELDS = TXT2IMG_FIELDS | {"init_images", "resize_mode", "mask", "mask_blur", "mask_blur_x", "mask_blur_y",
-                                   "inpainting_fill", "inpainting_mask_invert"}
+                  "seed", "width", "height", "batch_size", "n_iter", "override_settings"}
+IMG2IMG_FIELDS = TXT2IMG_FIELDS | {"init_images", "denoising_strength", "resize_mode", "mask", "mask_blur",
+                                   "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpainting_mask_invert"}
 OVERRIDE_SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip"}  # A1111 setting -> request field
 
 
@@ -65,10 +71,6 @@ class ApiError(ValueError):
     def __init__(self, message: str, status: HTTPStatus = HTTPStatus.UNPROCESSABLE_ENTITY):
         super().__init__(message)
         self.status = status
-
-
-def _is_off(value: Any) -> bool:
-    return value is None or value is False or value == -1 or (not isinstance(value, bool) and not value)
 
 
 def decode_image(data: Any, field: str):
@@ -103,7 +105,7 @@ def request_from_payload(payload: Any, task: str = "txt2img") -> GenerationReque
         if key in allowed or key in IGNORED:
             continue
         if key in UNSUPPORTED:
-            if not _is_off(value):
+            if value is not None and value not in UNSUPPORTED[key]:
                 raise ApiError(f"{key}={value!r} is not supported by daguerre; leave it out")
             continue
         raise ApiError(f"unknown field {key!r} for {task}; fields: {', '.join(sorted(allowed))}")
@@ -134,8 +136,6 @@ def request_from_payload(payload: Any, task: str = "txt2img") -> GenerationReque
         fields[OVERRIDE_SETTINGS[key]] = value
     if task == "img2img":
         fields.update(_img2img_fields(p))
-    elif p.get("denoising_strength") not in (None, 0, 0.0):  # A1111 reads it only with hires fix
-        raise ApiError("denoising_strength applies to img2img (hires fix is not supported by daguerre)")
     return GenerationRequest(**fields)
 
 
@@ -163,8 +163,15 @@ def _img2img_fields(p: dict) -> dict[str, Any]:
             raise ApiError(f"inpainting_fill {fill!r} must be 0 (fill), 1 (original), 2 (latent noise) "
                            "or 3 (latent nothing)")
         fields["inpaint_fill"] = INPAINTING_FILL[fill]
-        if p.get("mask_blur") is not None:
-            fields["mask_blur"] = p["mask_blur"]
+        blur, xy = p.get("mask_blur"), {p.get("mask_blur_x"), p.get("mask_blur_y")} - {None}
+        if blur is None and len(xy) == 1:
+            blur = xy.pop()
+        elif xy and xy != {blur}:
+            raise ApiError(f"mask_blur_x / mask_blur_y ({p.get('mask_blur_x')}, {p.get('mask_blur_y')}) differ from "
+                           f"mask_blur ({blur}) or from each other: daguerre blurs the mask the same way in both "
+                           "directions; give mask_blur alone")
+        if blur is not None:
+            fields["mask_blur"] = blur
     return fields
 
 
