@@ -213,3 +213,14 @@ def test_progress_reports_the_step_and_a_live_preview_while_a_request_runs():
         worker.join(60)
     idle = json.loads(server.handle("GET", "/sdapi/v1/progress")[2])
     assert idle["progress"] == 0.0 and idle["current_image"] is None
+
+
+def test_sd_models_names_the_checkpoint_file_and_its_sha256():
+    from daguerre.checkpoints.io import file_hash
+    from daguerre.registry import model_file, shipped_models
+
+    server = Server(daguerre.load("fashion"), "fashion", **model_file("fashion"))
+    (entry,) = json.loads(server.handle("GET", "/sdapi/v1/sd-models")[2])
+    path = shipped_models()["fashion"]
+    assert entry["filename"] == str(path) and entry["sha256"] == file_hash(path)
+    assert entry["hash"] == entry["sha256"][:10] and entry["title"] == f"fashion [{entry['hash']}]"

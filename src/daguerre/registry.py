@@ -78,3 +78,13 @@ def _randomize_zero_layers(comps: Components, std: float = 0.02) -> None:
             for p in module.parameters():
                 if p.dim() > 1 and not p.any():
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def model_file(spec: str) -> dict[str, str | None]:
+    """{"file", "sha256"} of the checkpoint file a spec names (None for random models and folders)."""
+    from .checkpoints.io import file_hash
+
+    if spec.startswith(RANDOM_PREFIX):
+        return {"file": None, "sha256": None}
+    path = shipped_models().get(spec, Path(spec).expanduser())
+    return {"file": str(path), "sha256": file_hash(path) if path.is_file() else None}

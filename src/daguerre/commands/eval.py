@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import set_compute_dtype
     from ..metrics.extractors import load_classifier_extractor, load_extractor
-    from ..registry import default_model_name, open_model
+    from ..registry import default_model_name, model_file, open_model
 
     spec = args.model or default_model_name()
     comps, short_hash = open_model(spec, device=args.device)
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     device = next(comps.unet.parameters()).device
     classifier = load_classifier_extractor(args.classifier, dataset, device)
     extractor = classifier if args.extractor == args.classifier else load_extractor(args.extractor, dataset, device)
-    model_info = {"spec": spec, "name": comps.config.name, "hash": short_hash, **_model_file(spec),
+    model_info = {"spec": spec, "name": comps.config.name, "hash": short_hash, **model_file(spec),
                   "dtype": args.dtype, "device": str(device)}
 
     from tqdm import tqdm
@@ -90,17 +90,6 @@ def run(args: argparse.Namespace) -> int:
 def _check_prompts(prompts: str | None, dataset: str | None) -> None:
     if prompts and dataset == "fashion_mnist":
         raise ValueError("--prompts chooses shapes-world prompt kinds; Fashion-MNIST prompts are one per class")
-
-
-def _model_file(spec: str) -> dict:
-    """{"file", "sha256"} of the checkpoint file a spec names (None for random models and folders)."""
-    from ..checkpoints.io import file_hash
-    from ..registry import RANDOM_PREFIX, shipped_models
-
-    if spec.startswith(RANDOM_PREFIX):
-        return {"file": None, "sha256": None}
-    path = shipped_models().get(spec, Path(spec).expanduser())
-    return {"file": str(path), "sha256": file_hash(path) if path.is_file() else None}
 
 
 def _write(out: Path, result) -> None:

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     from ..api import Pipeline, set_compute_dtype
-    from ..registry import default_model_name, open_model
+    from ..registry import default_model_name, model_file, open_model
     from ..server.app import Server, make_http_server
 
     spec = args.model or default_model_name()
@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args, comps)
     set_compute_dtype(comps, args.dtype)
     try:
-        http = make_http_server(Server(Pipeline(comps, model_hash), comps.config.name or spec), args.host, args.port)
+        server = Server(Pipeline(comps, model_hash), comps.config.name or spec, **model_file(spec))
+        http = make_http_server(server, args.host, args.port)
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
     host, port = http.server_address[:2]

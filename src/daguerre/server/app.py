@@ -182,9 +182,10 @@ class Server:
     `ThreadingHTTPServer`. Generations hold `lock`, so requests run one after another.
     """
 
-    def __init__(self, pipe, model_name: str = "model"):
+    def __init__(self, pipe, model_name: str = "model", file: str | None = None, sha256: str | None = None):
         self.pipe = pipe
         self.model_name = model_name
+        self.file, self.sha256 = file, sha256  # the checkpoint file, for /sd-models (None: random, folder)
         self.lock = threading.Lock()
         self.progress: dict[str, Any] = {"step": 0, "total": 0, "job": None, "started": 0.0, "latent": None}
         self._preview = None  # PreviewDecoder, made at the first live preview
@@ -254,8 +255,8 @@ class Server:
     def models(self) -> list[dict[str, Any]]:
         h = self.pipe.model_hash
         title = f"{self.model_name} [{h}]" if h else self.model_name
-        return [{"title": title, "model_name": self.model_name, "hash": h, "sha256": None,
-                 "filename": self.model_name, "config": None}]
+        return [{"title": title, "model_name": self.model_name, "hash": h, "sha256": self.sha256,
+                 "filename": self.file or self.model_name, "config": None}]
 
     def progress_report(self, skip_current_image: bool = False) -> dict[str, Any]:
         """A1111's /progress: the fraction done, the seconds left, and (unless skipped) the live preview:
