@@ -224,3 +224,56 @@ def test_sd_models_names_the_checkpoint_file_and_its_sha256():
     path = shipped_models()["fashion"]
     assert entry["filename"] == str(path) and entry["sha256"] == file_hash(path)
     assert entry["hash"] == entry["sha256"][:10] and entry["title"] == f"fashion [{entry['hash']}]"
+
+
+def test_interrupt_stops_the_running_request_which_answers_with_no_images():
+    pipe = daguerre.load("random:tiny")
+    reached, release, answer = threading.Event(), threading.Event(), {}
+
+    class Paused:
+        components, model_hash, request = pipe.components, pipe.model_hash, pipe.request
+
+        def __call__(self, request, callback):
+            def on_step(info):
+                callback(info)
+                if info["i"] == 0:
+                    reached.set()
+                    release.wait(60)
+            return pipe(request, callback=on_step)
+
+    server = Server(Paused(), "random:tiny")
+    body = json.dumps({"prompt": "x", "steps": 4}).encode()
+    worker = threading.Thread(target=lambda: answer.update(out=server.handle("POST", "/sdapi/v1/txt2img", body)))
+    worker.start()
+    assert reached.wait(60)
+    assert server.handle("POST", "/sdapi/v1/interrupt")[0] == 200
+    release.set()
+    worker.join(60)
+    status, _, raw = answer["out"]
+    out = json.loads(raw)
+    assert status == 200 and out["images"] == [] and json.loads(out["info"])["interrupted"] is True
+    assert json.loads(server.handle("GET", "/sdapi/v1/progress")[2])["state"]["job"] == ""
+    status, out = _post(server, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 2})  # the next request runs whole
+    assert status == 200 and len(out["images"]) == 1
+
+
+def test_options_name_the_loaded_model_and_refuse_another(server):
+    options = json.loads(server.handle("GET", "/sdapi/v1/options")[2])
+    assert options["sd_model_checkpoint"] == "random:tiny"
+    assert _post(server, "/sdapi/v1/options", {"sd_model_checkpoint": "random:tiny"}) == (200, {})
+    status, out = _post(server, "/sdapi/v1/options", {"sd_model_checkpoint": "sd15.safetensors"})
+    assert status == 422 and "one model" in out["detail"] and "--model" in out["detail"]
+    status, out = _post(server, "/sdapi/v1/options", {"CLIP_stop_at_last_layers": 2})
+    assert status == 422 and "override_settings" in out["detail"]
+
+
+def test_png_info_reads_back_the_parameters_of_a_generated_image(server):
+    status, out = _post(server, "/sdapi/v1/txt2img", {"prompt": "a red circle", "negative_prompt": "blue",
+                                                      "steps": 2, "seed": 9})
+    status, info = _post(server, "/sdapi/v1/png-info", {"image": out["images"][0]})
+    assert status == 200 and info["info"] == json.loads(out["info"])["infotexts"][0]
+    assert info["parameters"]["Prompt"] == "a red circle" and info["parameters"]["Negative prompt"] == "blue"
+    assert info["parameters"]["Seed"] == "9" and info["parameters"]["Steps"] == "2"
+    plain = _post(server, "/sdapi/v1/png-info", {"image": _b64(Image.new("RGB", (4, 4)))})[1]
+    assert plain["info"] == "" and plain["parameters"] == {}
+    assert _post(server, "/sdapi/v1/png-info", {})[0] == 422

@@ -8,7 +8,10 @@ Endpoints (request and response fields as A1111 names them; docs/usage.md, "dagu
     POST /sdapi/v1/img2img     the same and "init_images" (base64), "denoising_strength", "resize_mode",
                                "mask", "mask_blur", "inpainting_fill", "inpainting_mask_invert"
                                -> {"images": [base64 PNG, ...], "parameters": {...}, "info": "<json>"}
-    GET  /sdapi/v1/samplers, /sdapi/v1/schedulers, /sdapi/v1/sd-models, /sdapi/v1/progress
+    POST /sdapi/v1/png-info    {"image"} -> the generation parameters it carries
+    POST /sdapi/v1/interrupt   stop the running request (it answers with no images)
+    GET  /sdapi/v1/samplers, /sdapi/v1/schedulers, /sdapi/v1/sd-models, /sdapi/v1/progress, /sdapi/v1/options
+    POST /sdapi/v1/options     accepted when it changes nothing (one model per server)
     GET  /                     the page
 
 The payload becomes a `GenerationRequest` here, the one schema the CLI and the Python API share, and
@@ -189,28 +192,26 @@ class Server:
         self.lock = threading.Lock()
         self.progress: dict[str, Any] = {"step": 0, "total": 0, "job": None, "started": 0.0, "latent": None}
         self._preview = None  # PreviewDecoder, made at the first live preview
+        self._interrupt = threading.Event()  # set by /interrupt: the running request stops at its next step
 
     def handle(self, method: str, path: str, body: bytes = b"") -> tuple[int, str, bytes]:
         route, _, query = path.partition("?")
         route = route.rstrip("/") or "/"
-        try:
-            if method == "GET" and route == "/":
-                return HTTPStatus.OK, "text/html; charset=utf-8", _page()
-            if method == "GET" and route == f"{API}/progress":
-                skip = parse_qs(query).get("skip_current_image", ["false"])[-1].lower() in ("true", "1")
-                return _json(HTTPStatus.OK, self.progress_report(skip_current_image=skip))
-            if method == "GET" and route in self._gets():
-                return _json(HTTPStatus.OK, self._gets()[route]())
-            if method == "POST" and route in (f"{API}/txt2img", f"{API}/img2img"):
-                try:
-                    payload = json.loads(body or b"{}")
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ApiError(f"the request body is not JSON ({e})", HTTPStatus.BAD_REQUEST) from None
-                return _json(HTTPStatus.OK, self.generate(payload, route.rsplit("/", 1)[1]))
-            known = [*self._gets(), f"{API}/txt2img", f"{API}/img2img"]
-            if route in known or route == "/":
+        if method == "GET" and route == "/":
+            return HTTPStatus.OK, "text/html; charset=utf-8", _page()
+        routes = self._routes()
+        if (method, route) not in routes:
+            if any(r == route for _, r in routes):
                 return _json(HTTPStatus.METHOD_NOT_ALLOWED, {"detail": f"{method} is not allowed on {route}"})
             return _json(HTTPStatus.NOT_FOUND, {"detail": f"no endpoint {route}; see {API}/... in docs/usage.md"})
+        try:
+            if method == "GET":
+                return _json(HTTPStatus.OK, routes[method, route](parse_qs(query)))
+            try:
+                payload = json.loads(body or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(f"the request body is not JSON ({e})", HTTPStatus.BAD_REQUEST) from None
+            return _json(HTTPStatus.OK, routes[method, route](payload))
         except ApiError as e:
             return _json(e.status, {"error": type(e).__name__, "detail": str(e)})
         except (ValueError, FileNotFoundError) as e:  # GenerationRequest.validate and the pipelines' checks
@@ -219,9 +220,23 @@ class Server:
             traceback.print_exc()
             return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": type(e).__name__, "detail": str(e)})
 
-    def _gets(self) -> dict[str, Callable[[], Any]]:
-        return {f"{API}/samplers": samplers, f"{API}/schedulers": schedulers, f"{API}/sd-models": self.models,
-                f"{API}/progress": self.progress_report}  # /progress is answered in handle (its query)
+    def _routes(self) -> dict[tuple[str, str], Callable[[Any], Any]]:
+        """(method, path) -> handler(query dict for GET, JSON payload for POST) -> a JSON-able answer."""
+        def flag(query: dict, name: str) -> bool:
+            return query.get(name, ["false"])[-1].lower() in ("true", "1")
+
+        return {
+            ("POST", f"{API}/txt2img"): lambda payload: self.generate(payload, "txt2img"),
+            ("POST", f"{API}/img2img"): lambda payload: self.generate(payload, "img2img"),
+            ("POST", f"{API}/png-info"): png_info,
+            ("POST", f"{API}/interrupt"): lambda _payload: self.interrupt(),
+            ("GET", f"{API}/samplers"): lambda _query: samplers(),
+            ("GET", f"{API}/schedulers"): lambda _query: schedulers(),
+            ("GET", f"{API}/sd-models"): lambda _query: self.models(),
+            ("GET", f"{API}/options"): lambda _query: self.options(),
+            ("POST", f"{API}/options"): self.set_options,
+            ("GET", f"{API}/progress"): lambda query: self.progress_report(flag(query, "skip_current_image")),
+        }
 
     def generate(self, payload: Any, task: str) -> dict[str, Any]:
         from ..pipelines.common import count_steps
@@ -232,12 +247,20 @@ class Server:
             self.progress.update(step=0, total=request.n * count_steps(self.pipe.components, request), job=task,
                                  started=time.monotonic(), latent=None)
 
+            self._interrupt.clear()
+
             def on_step(info: dict) -> None:
+                if self._interrupt.is_set():
+                    raise _Interrupted
                 self.progress["step"] += 1
                 self.progress["latent"] = info["denoised"][:1].detach().clone()  # the x0 estimate, first image
 
             try:
                 results = self.pipe(request, callback=on_step)
+            except _Interrupted:
+                info = {"prompt": request.prompt, "seed": request.seed, "all_seeds": [], "infotexts": [],
+                        "interrupted": True, "sampling_step": self.progress["step"]}
+                return {"images": [], "parameters": payload, "info": json.dumps(info)}
             finally:
                 self.progress.update(job=None, latent=None)
         images = [base64.b64encode(png_bytes(r.image, r.parameters)).decode("ascii") for r in results]
@@ -251,6 +274,34 @@ class Server:
             "infotexts": [r.parameters for r in results],
         }
         return {"images": images, "parameters": payload, "info": json.dumps(info)}
+
+    def interrupt(self) -> dict[str, Any]:
+        """Stop the running request at its next step (A1111's /interrupt): it answers with no images."""
+        if self.progress["job"] is not None:
+            self._interrupt.set()
+        return {}
+
+    def options(self) -> dict[str, Any]:
+        """The A1111 settings clients read: the loaded checkpoint, and daguerre's fixed output format."""
+        return {"sd_model_checkpoint": self.models()[0]["title"], "samples_format": "png",
+                "CLIP_stop_at_last_layers": 1}
+
+    def set_options(self, payload: Any) -> dict[str, Any]:
+        """A1111 clients set the checkpoint before generating: accepted when it names the loaded one."""
+        if not isinstance(payload, dict):
+            raise ApiError(f"options must be a JSON object, got {type(payload).__name__}")
+        current = self.options()
+        for key, value in payload.items():
+            if key == "sd_model_checkpoint" and value in (current[key], self.model_name, self.pipe.model_hash):
+                continue
+            if key in current and value == current[key]:
+                continue
+            if key == "sd_model_checkpoint":
+                raise ApiError(f"sd_model_checkpoint {value!r}: this server holds one model, {current[key]!r}; "
+                               "start another with daguerre serve --model")
+            raise ApiError(f"option {key}={value!r} cannot be changed in daguerre serve; per request, "
+                           "use the payload's fields (e.g. override_settings.CLIP_stop_at_last_layers)")
+        return {}
 
     def models(self) -> list[dict[str, Any]]:
         h = self.pipe.model_hash
@@ -276,6 +327,24 @@ class Server:
         return {"progress": done, "eta_relative": elapsed / done - elapsed if done else 0.0,
                 "state": {"job": job or "", "sampling_step": step, "sampling_steps": total},
                 "current_image": image, "textinfo": None}
+
+
+class _Interrupted(Exception):
+    """Raised in the sampler callback when /interrupt was called."""
+
+
+def png_info(payload: Any) -> dict[str, Any]:
+    """A1111's /png-info: the generation parameters a PNG carries, as text and parsed."""
+    from ..pngmeta import parse_parameters
+
+    if not isinstance(payload, dict) or "image" not in payload:
+        raise ApiError('png-info takes {"image": "<base64 PNG>"}')
+    image = decode_image(payload["image"], "image")
+    text = image.info.get("parameters") or ""
+    prompt, negative, params = parse_parameters(text) if text else ("", "", {})
+    parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if text else {}
+    return {"info": text, "items": {k: v for k, v in image.info.items() if isinstance(v, str)},
+            "parameters": parameters}
 
 
 def samplers() -> list[dict[str, Any]]:
