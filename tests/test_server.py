@@ -181,22 +181,28 @@ def test_a_failure_inside_is_a_500_and_the_server_goes_on(server, monkeypatch, c
     assert server.progress["job"] is None
 
 
+class Paused:
+    """The real pipeline of random:tiny, held still after sampler step `at` until `release` is set;
+    `reached` is set when it gets there."""
+
+    def __init__(self, at: int):
+        self.pipe = daguerre.load("random:tiny")
+        self.components, self.model_hash, self.request = self.pipe.components, None, self.pipe.request
+        self.at, self.reached, self.release = at, threading.Event(), threading.Event()
+
+    def __call__(self, request, callback):
+        def on_step(info):
+            callback(info)
+            if info["i"] == self.at:
+                self.reached.set()
+                self.release.wait(60)
+        return self.pipe(request, callback=on_step)
+
+
 def test_progress_reports_the_step_and_a_live_preview_while_a_request_runs():
-    pipe = daguerre.load("random:tiny")
-    reached, release = threading.Event(), threading.Event()
-
-    class Paused:  # the real pipeline, held still after its second step
-        components, model_hash, request = pipe.components, pipe.model_hash, pipe.request
-
-        def __call__(self, request, callback):
-            def on_step(info):
-                callback(info)
-                if info["i"] == 1:
-                    reached.set()
-                    release.wait(60)
-            return pipe(request, callback=on_step)
-
-    server = Server(Paused(), "random:tiny")
+    paused = Paused(at=1)  # after its second step
+    reached, release = paused.reached, paused.release
+    server = Server(paused, "random:tiny")
     worker = threading.Thread(target=server.handle, args=("POST", "/sdapi/v1/txt2img",
                                                           json.dumps({"prompt": "x", "steps": 4}).encode()))
     worker.start()
@@ -227,21 +233,9 @@ def test_sd_models_names_the_checkpoint_file_and_its_sha256():
 
 
 def test_interrupt_stops_the_running_request_which_answers_with_no_images():
-    pipe = daguerre.load("random:tiny")
-    reached, release, answer = threading.Event(), threading.Event(), {}
-
-    class Paused:
-        components, model_hash, request = pipe.components, pipe.model_hash, pipe.request
-
-        def __call__(self, request, callback):
-            def on_step(info):
-                callback(info)
-                if info["i"] == 0:
-                    reached.set()
-                    release.wait(60)
-            return pipe(request, callback=on_step)
-
-    server = Server(Paused(), "random:tiny")
+    paused, answer = Paused(at=0), {}
+    reached, release = paused.reached, paused.release
+    server = Server(paused, "random:tiny")
     body = json.dumps({"prompt": "x", "steps": 4}).encode()
     worker = threading.Thread(target=lambda: answer.update(out=server.handle("POST", "/sdapi/v1/txt2img", body)))
     worker.start()
