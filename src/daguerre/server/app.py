@@ -193,13 +193,26 @@ class Server:
         self.progress: dict[str, Any] = {"step": 0, "total": 0, "job": None, "started": 0.0, "latent": None}
         self._preview = None  # PreviewDecoder, made at the first live preview
         self._interrupt = threading.Event()  # set by /interrupt: the running request stops at its next step
+        # (method, path) -> handler(query dict for GET, JSON payload for POST) -> a JSON-able answer
+        self.routes: dict[tuple[str, str], Callable[[Any], Any]] = {
+            ("POST", f"{API}/txt2img"): lambda payload: self.generate(payload, "txt2img"),
+            ("POST", f"{API}/img2img"): lambda payload: self.generate(payload, "img2img"),
+            ("POST", f"{API}/png-info"): png_info,
+            ("POST", f"{API}/interrupt"): lambda _payload: self.interrupt(),
+            ("GET", f"{API}/samplers"): lambda _query: samplers(),
+            ("GET", f"{API}/schedulers"): lambda _query: schedulers(),
+            ("GET", f"{API}/sd-models"): lambda _query: self.models(),
+            ("GET", f"{API}/options"): lambda _query: self.options(),
+            ("POST", f"{API}/options"): self.set_options,
+            ("GET", f"{API}/progress"): lambda query: self.progress_report(_flag(query, "skip_current_image")),
+        }
 
     def handle(self, method: str, path: str, body: bytes = b"") -> tuple[int, str, bytes]:
         route, _, query = path.partition("?")
         route = route.rstrip("/") or "/"
         if method == "GET" and route == "/":
             return HTTPStatus.OK, "text/html; charset=utf-8", _page()
-        routes = self._routes()
+        routes = self.routes
         if (method, route) not in routes:
             if any(r == route for _, r in routes):
                 return _json(HTTPStatus.METHOD_NOT_ALLOWED, {"detail": f"{method} is not allowed on {route}"})
@@ -219,24 +232,6 @@ class Server:
         except Exception as e:  # a bug, not the request: the client hears of it, the server keeps serving
             traceback.print_exc()
             return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": type(e).__name__, "detail": str(e)})
-
-    def _routes(self) -> dict[tuple[str, str], Callable[[Any], Any]]:
-        """(method, path) -> handler(query dict for GET, JSON payload for POST) -> a JSON-able answer."""
-        def flag(query: dict, name: str) -> bool:
-            return query.get(name, ["false"])[-1].lower() in ("true", "1")
-
-        return {
-            ("POST", f"{API}/txt2img"): lambda payload: self.generate(payload, "txt2img"),
-            ("POST", f"{API}/img2img"): lambda payload: self.generate(payload, "img2img"),
-            ("POST", f"{API}/png-info"): png_info,
-            ("POST", f"{API}/interrupt"): lambda _payload: self.interrupt(),
-            ("GET", f"{API}/samplers"): lambda _query: samplers(),
-            ("GET", f"{API}/schedulers"): lambda _query: schedulers(),
-            ("GET", f"{API}/sd-models"): lambda _query: self.models(),
-            ("GET", f"{API}/options"): lambda _query: self.options(),
-            ("POST", f"{API}/options"): self.set_options,
-            ("GET", f"{API}/progress"): lambda query: self.progress_report(flag(query, "skip_current_image")),
-        }
 
     def generate(self, payload: Any, task: str) -> dict[str, Any]:
         from ..pipelines.common import count_steps
@@ -360,6 +355,11 @@ def schedulers() -> list[dict[str, Any]]:
     for s in SCHEDULES:
         rows.append({"name": s.label.lower().replace(" ", "_"), "label": s.label, "aliases": list(s.aliases) or None})
     return rows
+
+
+def _flag(query: dict[str, list[str]], name: str) -> bool:
+    """A boolean query parameter (`?name=true` / `1`), false when absent."""
+    return query.get(name, ["false"])[-1].lower() in ("true", "1")
 
 
 def _json(status: int, obj: Any) -> tuple[int, str, bytes]:
