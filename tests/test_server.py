@@ -15,7 +15,8 @@ from PIL import Image
 
 import daguerre
 from daguerre.cli import main
-from daguerre.server.app import ApiError, Server, make_http_server, request_from_payload
+from daguerre.server.app import ApiError, Server, request_from_payload
+from daguerre.server.http import make_http_server
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     from ..api import Pipeline, set_compute_dtype
     from ..registry import default_model_name, model_file, open_model
-    from ..server.app import Server, make_http_server
+    from ..server.app import Server
+    from ..server.http import make_http_server
 
     spec = args.model or default_model_name()
     comps, model_hash = open_model(spec, device=args.device)

@@ -185,6 +185,13 @@ def count_steps(components: Components, request: GenerationRequest) -> int:
     return len(run_sigmas(components, req, model_sigmas)) - 1
 
 
+def progress_total(components: Components, request: GenerationRequest) -> int:
+    """How many times `run_plan` calls its callback for `request`: one call per sampler step of each batch
+    (a batch of `batch_size` images advances together), so n=4, batch_size=2 at 20 steps is 40."""
+    batches = -(-request.n // request.batch_size)
+    return batches * count_steps(components, request)
+
+
 def sampler_parameters(request: GenerationRequest, components: Components, model_hash: str | None) -> dict[str, Any]:
     """The A1111 key/value pairs describing how an image was made (seed filled in per image)."""
     choice = resolve_sampler(request.sampler, request.schedule)

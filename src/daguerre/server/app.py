@@ -32,7 +32,6 @@ import time
 import traceback
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
@@ -40,7 +39,6 @@ from urllib.parse import parse_qs
 from ..pipelines.request import GenerationRequest
 
 API = "/sdapi/v1"
-MAX_BODY_BYTES = 64 * 1024 * 1024  # a few init images of a few megapixels, base64
 # A1111 img2img "inpainting_fill" (Masked content) and "resize_mode" codes -> daguerre's names
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 RESIZE_MODE = {0: "stretch", 1: "crop", 2: "fit"}  # Just resize, Crop and resize, Resize and fill
@@ -368,40 +366,3 @@ def _json(status: int, obj: Any) -> tuple[int, str, bytes]:
 
 def _page() -> bytes:
     return resources.files("daguerre.server").joinpath("page.html").read_bytes()
-
-
-def make_http_server(server: Server, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
-    """A `ThreadingHTTPServer` answering with `server.handle` (port 0 picks a free port)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "daguerre"
-
-        def _answer(self, method: str) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                status, ctype, body = _json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                            {"detail": f"request body of {length} bytes is over the "
-                                                       f"{MAX_BODY_BYTES} byte limit"})
-                self.close_connection = True
-            else:
-                status, ctype, body = server.handle(method, self.path, self.rfile.read(length) if length else b"")
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            self._answer("GET")
-
-        def do_POST(self) -> None:  # noqa: N802
-            self._answer("POST")
-
-        def log_message(self, format: str, *args: Any) -> None:  # one line per request, on stderr
-            import sys
-
-            print(f"{self.address_string()} {format % args}", file=sys.stderr)
-
-    return ThreadingHTTPServer((host, port), Handler)
-
