@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import ModelConfig
+from ..limits import DEFAULT_LIMITS, Limits, request_work
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -71,10 +72,11 @@ class GenerationRequest:
         return {k: v if (v := getattr(self, k)) is not None else config.defaults.get(k, fallback)
                 for k, fallback in DEFAULT_SETTINGS.items()}
 
-    def validate(self, config: ModelConfig) -> GenerationRequest:
-        """Check every field against the model; return a copy with defaults (settings, size, seed) filled in."""
+    def validate(self, config: ModelConfig, limits: Limits = DEFAULT_LIMITS) -> GenerationRequest:
+        """Check every field against the model and `limits` (daguerre.limits: size, images, steps, work);
+        return a copy with defaults (settings, size, seed) filled in."""
         if any(getattr(self, k) is None for k in DEFAULT_SETTINGS):
-            return dataclasses.replace(self, **self.settings(config)).validate(config)
+            return dataclasses.replace(self, **self.settings(config)).validate(config, limits)
         from ..diffusion.sampler_names import resolve_sampler
 
         self._check_types()
@@ -105,6 +107,12 @@ class GenerationRequest:
                     f"(VAE factor {config.vae.downsample_factor} x U-Net factor {config.unet.downsample_factor}); "
                     f"try {max(factor, round(value / factor) * factor)}"
                 )
+        limits.check_count(self.n, self.steps)
+        limits.check_size(width, height, min(self.batch_size, self.n))
+        guided = self.cfg_scale != 1.0 and config.conditioning != "none"
+        work = request_work(config, width=width, height=height, steps=self.steps, n=self.n, guided=guided,
+                            encodes=self.task in IMAGE_TASKS)
+        limits.check_work(work, f"{self.n} image(s) of {width}x{height} at {self.steps} steps")
         seed = self.seed
         if seed is None or seed == -1:
             seed = secrets.randbelow(MAX_SEED)
