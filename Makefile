@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The CPU build of torch; an unpinned `torch` may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-all bench lint install install-test clean models model-shapes model-fashion
+.PHONY: demo test test-all bench lint install install-test clean models model-shapes model-fashion fashion-mnist
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
+# Fashion-MNIST from Debian (dataset-fashion-mnist): installed when missing and root, else one line saying what to run
+fashion-mnist:
+	sh scripts/ensure-fashion-mnist
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -26,7 +30,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/daguerre generate "a red circle above a blue square" --seed 1 --out demo.png
 	@echo "wrote demo.png"
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test fashion-mnist
 	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q tests
 
@@ -55,6 +59,9 @@ $(RUNS)/%_vae/vae.safetensors: | $(VENV)/.installed
 
 $(RUNS)/%_ldm/model.safetensors: $(RUNS)/%_vae/vae.safetensors
 	$(VENV)/bin/daguerre train ldm --config configs/$*_ldm.toml --vae $< --out $(RUNS)/$*_ldm --resume
+
+# fashion's stages read Fashion-MNIST (and its evaluation, the test split)
+$(RUNS)/fashion_vae/vae.safetensors $(RUNS)/fashion_ldm/model.safetensors: | fashion-mnist
 
 # shapes trains in four phases of one run and two fine-tuning runs (its model card): 8000 steps as configured;
 # continued on the cosine of a 16000-step run with plain noise to step 10750, then offset noise 0.2 to 14000; from

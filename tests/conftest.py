@@ -24,6 +24,22 @@ def _threads_for_test_size(request):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def fashion_mnist() -> Path:
+    """The Fashion-MNIST folder, for the tests that read it: a missing data set fails these tests with what to run
+    (`make test` installs it: scripts/ensure-fashion-mnist), never skips them silently."""
+    from daguerre.data.fashion_mnist import DEFAULT_ROOT
+
+    root = Path(DEFAULT_ROOT)
+    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz")
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        pytest.fail(f"Fashion-MNIST is missing from {root} ({', '.join(missing)}): run `make fashion-mnist` "
+                    "(as root it installs Debian's dataset-fashion-mnist)", pytrace=False)
+    return root
+
+
 @pytest.fixture(scope="module")
 def vae_file(tmp_path_factory) -> Path:
     """A freshly initialised tiny autoencoder (tiny_vae.toml) saved as a stage-1 output, scale measured."""

@@ -52,7 +52,7 @@ def test_eval_shapes_end_to_end(tmp_path, capsys):
             f"{both - right - turned} on one line") in stdout
 
 
-def test_eval_fashion_reports_inception_score(tmp_path, capsys):
+def test_eval_fashion_reports_inception_score(tmp_path, capsys, fashion_mnist):
     out = tmp_path / "ev"
     code, stdout, err = _run(capsys, "eval", "--model", "random:tiny", "--dataset", "fashion_mnist", "--n", "10",
                              *FAST, "--out", str(out))

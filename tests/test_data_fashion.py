@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from daguerre.data.fashion_mnist import CAPTION_NOUNS, CLASS_NAMES, DEFAULT_ROOT, FashionMNIST, read_idx
+from daguerre.data.fashion_mnist import CAPTION_NOUNS, CLASS_NAMES, FashionMNIST, read_idx
 
 N = 12
 UBYTE = 0x08
@@ -112,9 +112,7 @@ def test_missing_files_say_how_to_install(tmp_path):
         FashionMNIST(tmp_path, split="validation")
 
 
-@pytest.mark.skipif(not (Path(DEFAULT_ROOT) / "t10k-labels-idx1-ubyte.gz").is_file(),
-                    reason="dataset-fashion-mnist is not installed")
-def test_the_installed_test_split():
+def test_the_installed_test_split(fashion_mnist):
     ds = FashionMNIST(split="test")
     assert len(ds) == 10000
     assert np.bincount(ds.labels, minlength=10).tolist() == [1000] * 10  # balanced, as published

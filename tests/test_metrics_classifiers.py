@@ -38,8 +38,6 @@ from daguerre.metrics.train_classifier import (
     train_classifier,
 )
 
-FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
-
 
 @pytest.fixture(scope="module")
 def shapes_clf():
@@ -195,10 +193,10 @@ def test_shipped_shapes_classifier_accuracy(shapes_clf):
     assert (pred["background"] == tgt["background"]).float().mean() >= 0.95
 
 
-def test_shipped_fashion_classifier_accuracy(fashion_clf):
+def test_shipped_fashion_classifier_accuracy(fashion_clf, fashion_mnist):
     from daguerre.metrics.train_classifier import fashion_tensors, to_unit_range
 
-    x, y = fashion_tensors(FASHION_ROOT, "test")
+    x, y = fashion_tensors(fashion_mnist, "test")
     idx = torch.from_numpy(np.random.default_rng(0).permutation(len(y))[:500])
     probs = fashion_clf.probabilities(to_unit_range(x[idx]))
     assert (probs.argmax(-1) == y[idx]).float().mean() >= 0.88
@@ -250,7 +248,7 @@ def test_config_json_round_trip():
     assert ClassifierConfig.from_json(cfg.to_json()) == cfg
 
 
-def test_evaluation_of_ground_truth_is_right(shapes_clf, fashion_clf):
+def test_evaluation_of_ground_truth_is_right(shapes_clf, fashion_clf, fashion_mnist):
     """The evaluation's own prompts and judge, fed the ground truth instead of a model: ~100% adherence."""
     from daguerre.metrics.evaluate import EvalSettings, eval_items, judge, summarize
     from daguerre.metrics.train_classifier import fashion_tensors, to_unit_range
@@ -263,7 +261,7 @@ def test_evaluation_of_ground_truth_is_right(shapes_clf, fashion_clf):
     assert seen[0].endswith(f"on {items[0].scene.background}")
 
     items = eval_items(EvalSettings("fashion_mnist", n=200, seed=3))
-    x, y = fashion_tensors(FASHION_ROOT, "test")
+    x, y = fashion_tensors(fashion_mnist, "test")
     picks = [int(np.flatnonzero(y.numpy() == it.label)[k]) for k, it in enumerate(items)]  # a real image per prompt
     verdicts, seen = judge(fashion_clf, to_unit_range(x[picks]), items)
     summary = summarize(verdicts, items, fashion_clf.config.classes)
