@@ -188,6 +188,19 @@ def resolve_sampler(name: str, schedule: str | None = None) -> SamplerChoice:
     )
 
 
+def split_sampler_name(name: object) -> tuple[str, str | None] | None:
+    """(A1111 sampler label, label of the schedule the name carries or None) of a sampler name:
+    "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras"), "euler" -> ("Euler", None); None for anything that
+    is not a sampler name (`resolve_sampler` reports those, with suggestions)."""
+    if not isinstance(name, str):
+        return None
+    try:
+        entry, named = _split(name)
+    except ValueError:
+        return None
+    return entry.label, named.label if named is not None else None
+
+
 def list_samplers() -> list[str]:
     """The A1111 sampler names, in A1111's order."""
     return [s.label for s in SAMPLER_NAMES]

@@ -68,9 +68,22 @@ class GenerationRequest:
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for pipeline-specific settings
 
     def settings(self, config: ModelConfig) -> dict[str, Any]:
-        """steps, sampler, schedule and cfg_scale: this request's, else the model's recommended, else global."""
-        return {k: v if (v := getattr(self, k)) is not None else config.defaults.get(k, fallback)
-                for k, fallback in DEFAULT_SETTINGS.items()}
+        """steps, sampler, schedule and cfg_scale: this request's, else the model's recommended, else global.
+
+        A schedule inside a sampler name ("DPM++ 2M Karras") is the schedule when the request names none
+        (the model's recommended schedule goes with its recommended sampler); a schedule the request names
+        wins over one inside the model's recommended sampler name. Only two conflicting choices of the
+        request itself are an error (in `validate`)."""
+        from ..diffusion.sampler_names import split_sampler_name
+
+        chosen = {k: v if (v := getattr(self, k)) is not None else config.defaults.get(k, fallback)
+                  for k, fallback in DEFAULT_SETTINGS.items()}
+        if (split := split_sampler_name(chosen["sampler"])) and split[1] is not None:
+            if self.schedule is None:
+                chosen["schedule"] = split[1]
+            elif self.sampler is None:
+                chosen["sampler"] = split[0]
+        return chosen
 
     def validate(self, config: ModelConfig, limits: Limits = DEFAULT_LIMITS) -> GenerationRequest:
         """Check every field against the model and `limits` (daguerre.limits: size, images, steps, work);
