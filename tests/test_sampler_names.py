@@ -162,3 +162,70 @@ def test_dpm2_discards_the_penultimate_sigma():
     torch.testing.assert_close(sigmas, torch.cat([full[:-2], full[-1:]]))
     assert len(resolve_sampler("DPM2", "Exponential").sigmas(10, SD_SIGMAS)) == 11
     assert len(resolve_sampler("Euler").sigmas(10, SD_SIGMAS)) == 11
+
+
+@pytest.mark.parametrize(
+    "name, split",
+    [("DPM++ 2M Karras", ("DPM++ 2M", "Karras")), ("dpmpp_2m_sde_gpu", ("DPM++ 2M SDE", None)),
+     ("k_lms_ka", ("LMS", "Karras")), ("Euler a SGM Uniform", ("Euler a", "SGM Uniform")), ("euler", ("Euler", None)),
+     ("DPM++ 9M", None), ("", None), (7, None)],
+)
+def test_split_sampler_name(name, split):
+    from daguerre.diffusion.sampler_names import split_sampler_name
+
+    assert split_sampler_name(name) == split
+
+
+# --- a model's recommended settings and the user's names (GenerationRequest.settings) ---------------------
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ({}, ("DPM++ 2M", "Uniform")),  # the model's pair
+        ({"sampler": "DPM++ 2M Karras"}, ("DPM++ 2M Karras", "Karras")),  # the name's schedule, not the model's
+        ({"sampler": "Euler a SGM Uniform"}, ("Euler a SGM Uniform", "SGM Uniform")),
+        ({"sampler": "Euler"}, ("Euler", "Uniform")),  # no schedule in the name: the model's
+        ({"schedule": "Exponential"}, ("DPM++ 2M", "Exponential")),
+        ({"sampler": "DPM++ 2M Karras", "schedule": "Karras"}, ("DPM++ 2M Karras", "Karras")),
+        ({"sampler": "DPM++ 2M Karras", "schedule": "Automatic"}, ("DPM++ 2M Karras", "Automatic")),
+    ],
+)
+def test_a_schedule_in_the_sampler_name_wins_over_the_models_default(given, expected):
+    from daguerre.config import preset
+    from daguerre.pipelines.request import GenerationRequest
+
+    config = preset("tiny")
+    config.defaults = {"steps": 3, "sampler": "DPM++ 2M", "schedule": "Uniform", "cfg_scale": 4.0}
+    settings = GenerationRequest(**given).settings(config)
+    assert (settings["sampler"], settings["schedule"]) == expected
+    resolve_sampler(settings["sampler"], settings["schedule"])  # no conflict
+    if "sampler" in given:
+        assert resolve_sampler(settings["sampler"], settings["schedule"]) == resolve_sampler(given["sampler"])
+
+
+def test_a_user_schedule_wins_over_one_inside_the_models_sampler_name():
+    from daguerre.config import preset
+    from daguerre.pipelines.request import GenerationRequest
+
+    config = preset("tiny")
+    config.defaults = {"sampler": "DPM++ 2M Karras"}
+    settings = GenerationRequest(schedule="Exponential").settings(config)
+    assert (settings["sampler"], settings["schedule"]) == ("DPM++ 2M", "Exponential")
+    assert GenerationRequest().settings(config)["schedule"] == "Karras"
+    with pytest.raises(ValueError, match="already names the schedule 'Karras'"):  # both the user's: a conflict
+        GenerationRequest(sampler="DPM++ 2M Karras", schedule="Exponential").validate(config)
+
+
+def test_combined_sampler_name_runs_on_the_shipped_shapes_model():
+    """The shipped `shapes` model recommends a schedule ("Uniform"); a sampler name with its own schedule is
+    what the user asked for, over the Python API as on the command line."""
+    import daguerre
+
+    pipe = daguerre.load("shapes")
+    assert pipe.config.defaults.get("schedule") not in (None, "Karras")  # else this test proves nothing
+    request = pipe.request("a red circle", sampler="DPM++ 2M Karras", steps=2, seed=1)
+    assert (request.sampler, request.schedule) == ("DPM++ 2M Karras", "Karras")
+    image = pipe("a red circle", sampler="DPM++ 2M Karras", steps=2, seed=1)[0]
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in image.parameters
+    same = pipe("a red circle", sampler="DPM++ 2M", schedule="Karras", steps=2, seed=1)[0]
+    assert np.array_equal(np.asarray(image.image), np.asarray(same.image))
