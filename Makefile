@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The CPU build of torch; an unpinned `torch` may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-all bench lint install install-test clean models model-shapes model-fashion fashion-mnist
+.PHONY: demo test test-all bench lint install install-test clean models model-shapes model-fashion fashion-mnist browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 fashion-mnist:
 	sh scripts/ensure-fashion-mnist
 
+# Debian's chromium, which the tests of the server's page drive with Playwright
+browser:
+	sh scripts/ensure-browser
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -30,7 +34,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/daguerre generate "a red circle above a blue square" --seed 1 --out demo.png
 	@echo "wrote demo.png"
 
-test: $(VENV)/.installed-test fashion-mnist
+test: $(VENV)/.installed-test fashion-mnist browser
 	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q tests
 
@@ -55,10 +59,10 @@ model-shapes model-fashion: model-%: $(RUNS)/%_ldm/model.safetensors
 	$(VENV)/bin/daguerre eval --model $(SHIPPED)/$*.safetensors --out $(RUNS)/$*_eval
 
 $(RUNS)/%_vae/vae.safetensors: | $(VENV)/.installed
-	$(VENV)/bin/daguerre train vae --config configs/$*_vae.toml --out $(RUNS)/$*_vae --resume
+	$(VENV)/bin/daguerre train vae --config $*_vae --out $(RUNS)/$*_vae --resume
 
 $(RUNS)/%_ldm/model.safetensors: $(RUNS)/%_vae/vae.safetensors
-	$(VENV)/bin/daguerre train ldm --config configs/$*_ldm.toml --vae $< --out $(RUNS)/$*_ldm --resume
+	$(VENV)/bin/daguerre train ldm --config $*_ldm --vae $< --out $(RUNS)/$*_ldm --resume
 
 # fashion's stages read Fashion-MNIST (and its evaluation, the test split)
 $(RUNS)/fashion_vae/vae.safetensors $(RUNS)/fashion_ldm/model.safetensors: | fashion-mnist
@@ -68,13 +72,13 @@ $(RUNS)/fashion_vae/vae.safetensors $(RUNS)/fashion_ldm/model.safetensors: | fas
 # there a zero-terminal-SNR v-prediction model on the cosine of a 24000-step run, exported at step 17500. Phase 5
 # fine-tunes that export (--init) on two-object relation scenes for 3250 steps, phase 6 fine-tunes phase 5 on
 # scenes of 1-3 objects for 10000 steps; both draw the noisiest timesteps more often. A stamp file marks each phase.
-SHAPES_LDM := $(VENV)/bin/daguerre train ldm --config configs/shapes_ldm.toml --vae $(RUNS)/shapes_vae/vae.safetensors \
+SHAPES_LDM := $(VENV)/bin/daguerre train ldm --config shapes_ldm --vae $(RUNS)/shapes_vae/vae.safetensors \
 	--out $(RUNS)/shapes_ldm --resume
 SHAPES_ZSNR := --set loss.offset_noise=0.2 --set loss.min_snr_gamma=0 \
 	--set model.schedule.zero_terminal_snr=true --set model.schedule.prediction_type=v_prediction \
 	--set sample.schedule=Uniform
 SHAPES_PHASE4_STEP := 17500
-SHAPES_FT := $(VENV)/bin/daguerre train ldm --config configs/shapes_ldm.toml --vae $(RUNS)/shapes_vae/vae.safetensors \
+SHAPES_FT := $(VENV)/bin/daguerre train ldm --config shapes_ldm --vae $(RUNS)/shapes_vae/vae.safetensors \
 	--resume $(SHAPES_ZSNR) --set data.cache_dir=$(RUNS)/shapes_ldm/latents --set train.warmup_steps=200 \
 	--set data.p_relation=1.0 --set loss.timestep_bias=later --set loss.timestep_bias_portion=0.3 \
 	--set loss.timestep_bias_multiplier=4.0

@@ -1,0 +1,76 @@
+"""The page of `daguerre serve` in a real browser: Debian's chromium driven by Playwright (never `playwright install`,
+which downloads browsers). `make test` installs both (scripts/ensure-browser); a missing browser fails these tests
+with what to run instead of skipping them."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+
+import pytest
+
+import daguerre
+from daguerre.server.app import Server
+from daguerre.server.http import make_http_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.fail("chromium is missing: run `make test` (as root it installs Debian's chromium), or "
+                    "`apt-get install chromium`", pytrace=False)
+    from playwright.sync_api import sync_playwright  # a test dependency (pyproject's `test` extra)
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def url():
+    http = make_http_server(Server(daguerre.load("random:tiny"), "random:tiny"), "127.0.0.1", 0)
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    host, port = http.server_address[:2]
+    yield f"http://{host}:{port}/"
+    http.shutdown()
+    http.server_close()
+
+
+def test_the_page_generates_with_live_progress(browser, url):
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_function("document.querySelectorAll('#sampler_name option').length > 10")  # /samplers answered
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "40")
+    page.fill("#seed", "7")
+    page.fill("#batch_size", "2")
+    page.click("button[type=submit]")
+    seen: set[str] = set()  # the status lines shown while it runs
+    for _ in range(600):
+        text = page.inner_text("#status")
+        seen.add(text)
+        if "Steps: 40" in text:
+            break
+        page.wait_for_timeout(20)
+    assert page.locator("#images img").count() == 2
+    assert "Seed: 7" in page.inner_text("#status")
+    assert page.get_attribute("#images img >> nth=1", "title") == "seed 8"
+    totals = {int(m.group(1)) for t in seen if (m := re.search(r"step \d+ of (\d+)", t))}
+    assert totals <= {40}, f"progress counted against {totals}, not the 40 steps asked for"  # was 'of 80'
+    assert not errors, errors
+
+
+def test_the_page_shows_a_refused_request(browser, url):
+    page = browser.new_page()
+    page.goto(url)
+    page.fill("#steps", "0")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#status.error")
+    assert "steps" in page.inner_text("#status")
