@@ -3,7 +3,7 @@
 Two tables. First, forward + backward of one attention call at the shapes a training step of the
 `shapes` model makes (batch 32: the U-Net's 8x8 and 4x4 self- and cross-attention, the causal text
 encoder), in bfloat16 and float32. Second, one whole optimizer step of that model (random weights at
-configs/shapes_ldm.toml's architecture, bf16 autocast, batch 32), with the dispatch of
+the shipped shapes_ldm config's architecture, bf16 autocast, batch 32), with the dispatch of
 `daguerre.nn.attention` forced to either form. Calls alternate between the two forms in back-to-back
 rounds, so that machine-load drift hits both alike; the tables give medians and the ratio.
 
@@ -66,7 +66,7 @@ def step_table(rounds: int, steps: int) -> None:
     from daguerre.training.config import derive_model_config, load_run_config
     from daguerre.training.ldm import DiffusionModel
 
-    cfg = derive_model_config(load_run_config("configs/shapes_ldm.toml", "ldm"), 3, None)
+    cfg = derive_model_config(load_run_config("shapes_ldm", "ldm"), 3, None)
     torch.manual_seed(0)
     model = DiffusionModel(UNetModel(cfg.unet).train(), CLIPTextEncoder(cfg.text_encoder).train())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)

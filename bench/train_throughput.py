@@ -1,6 +1,6 @@
 """Training throughput of `daguerre train` in images/s: fp32 against bf16 autocast, with and without
-gradient checkpointing, for the shapes configs (stage 1: configs/shapes_vae.toml; stage 2:
-configs/shapes_ldm.toml on a freshly initialised autoencoder of shapes_vae's architecture).
+gradient checkpointing, for the shapes configs (stage 1: shapes_vae.toml; stage 2:
+shapes_ldm.toml on a freshly initialised autoencoder of shapes_vae's architecture).
 
 Each cell is a real training run (the code path of `daguerre train`, data loading included, latent
 caching excluded) in a fresh subprocess for `--steps` optimizer steps; the rate is measured between
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "src" / "daguerre" / "assets" / "configs"
 CELLS = [("fp32", False, False), ("bf16", True, False), ("fp32 + ckpt", False, True), ("bf16 + ckpt", True, True)]
 SMALL_DATA = ["data.n=600", "data.holdout=64"]  # enough images for the measured steps; fast latent caching
 QUIET = ["train.progress=false", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0",
@@ -91,7 +91,7 @@ def main() -> None:
                 for name, bf16, ckpt in CELLS:
                     out = tmp / f"{stage}-{r}-{name.replace(' ', '')}"
                     rates[name].append(run_cell(stage, bf16, ckpt, args, vae, out))
-            cfg = f"configs/shapes_{stage}.toml"
+            cfg = f"shapes_{stage}"
             print(f"\n{stage} ({cfg}, batch from the config, {args.threads} thread(s), median of {args.rounds})")
             print("| precision | images/s |\n|---|---|")
             for name, _, _ in CELLS:

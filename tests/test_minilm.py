@@ -27,7 +27,7 @@ from daguerre.models import bert  # noqa: E402
 from daguerre.models.wordpiece import WordPieceTokenizer  # noqa: E402
 from daguerre.pipelines.prompts import encode_weighted  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "daguerre" / "assets" / "configs"  # the shipped run configs
 HIDDEN_ATOL = 1e-4  # float32 parity with transformers' BertModel (measured ~3e-5)
 POOLED_ATOL = 1e-5  # normalised mean pooling vs sentence-transformers (measured ~2e-7)
 

@@ -25,7 +25,7 @@ from daguerre.training.config import DataConfig, derive_model_config, load_run_c
 from daguerre.training.data import batch_loader, load_train_data
 from daguerre.training.ldm import train_ldm
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "daguerre" / "assets" / "configs"  # the shipped run configs
 QUIET = ["train.progress=false", "train.sample_every=0", "train.eval_every=0"]
 ONE_BATCH = ["data.n=8", "data.holdout=4", "train.batch_size=4"]  # 4 training images: exactly one batch
 OVERFIT = ["train.lr=3e-3", "train.warmup_steps=5", "train.decay='constant'", "train.log_every=5",

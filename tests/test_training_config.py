@@ -16,10 +16,11 @@ from daguerre.training.config import (
     derive_model_config,
     load_run_config,
     parse_overrides,
+    shipped_configs,
     to_jsonable,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "daguerre" / "assets" / "configs"  # the shipped run configs
 
 
 @pytest.mark.parametrize("name", ["tiny_vae", "tiny_ldm", "shapes_vae", "shapes_ldm", "fashion_vae", "fashion_ldm"])
@@ -44,6 +45,37 @@ def test_overrides_are_typed_by_the_dataclass_field():
     assert cfg.model.unet.num_heads is None
 
 
+def test_shipped_configs_are_package_data_named_by_name_and_listed(capsys):
+    """The example configs ship inside the package (pyproject's package-data puts them in the wheel), so an
+    installed daguerre runs `--config shapes_vae`; a path still works; an unknown name lists the known ones."""
+    import fnmatch
+
+    import tomllib
+
+    import daguerre
+
+    package = Path(daguerre.__file__).parent
+    patterns = tomllib.loads((package.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["daguerre"]
+    shipped = shipped_configs()
+    assert set(shipped) == {p.stem for p in CONFIGS.glob("*.toml")} and len(shipped) >= 12
+    for name, path in shipped.items():
+        inside = path.resolve().relative_to(package.resolve()).as_posix()
+        assert any(fnmatch.fnmatch(inside, pat) for pat in patterns), inside
+        stage = "vae" if name.endswith("_vae") else "ldm"
+        assert load_run_config(name, stage) == load_run_config(path, stage)
+    with pytest.raises(FileNotFoundError, match=r"'shapes_vea' is neither .* did you mean 'shapes_vae'\?.*tiny_ldm"):
+        load_run_config("shapes_vea", "vae")
+    with pytest.raises(FileNotFoundError, match="the shipped config of that name is --config shapes_vae"):
+        load_run_config("configs/shapes_vae.toml", "vae")  # the README's old form, outside a checkout
+    assert main(["train", "--list-configs"]) == 0
+    listing = capsys.readouterr().out
+    for name in shipped:
+        assert f"  {name} " in listing
+    assert "tiny_vae             vae " in listing and "shapes_ldm           ldm " in listing
+    assert main(["train"]) == 2 and "--list-configs" in capsys.readouterr().err
+
+
 def test_parse_overrides_nests_sections():
     assert parse_overrides(["a.b.c=1", "a.d='x'"]) == {"a": {"b": {"c": 1}, "d": "x"}}
     with pytest.raises(ValueError, match="section.key=value"):
@@ -62,6 +94,17 @@ def test_parse_overrides_nests_sections():
     (["data.kind='folder'"], r"config key data\.root"),
     (["data.p_relation=1.5"], r"config key data\.p_relation"),
     (["data.min_objects=3", "data.max_objects=2"], r"data\.min_objects, data\.max_objects"),
+    # a malformed --set value is an error naming key and value, never read as something else ([1, -> [1])
+    (["model.vae.channel_mult=[1,"], r"--set model\.vae\.channel_mult=\[1,: not a valid TOML value"),
+    (["model.vae.channel_mult=[1, 2"], r"--set model\.vae\.channel_mult=\[1, 2: not a valid TOML value"),
+    (["data.root='/x"], r"--set data\.root='/x: not a valid TOML value"),
+    (["data.root=\"/x"], r"--set data\.root=\"/x: not a valid TOML value"),
+    (["train.betas={a = 1"], r"--set train\.betas=\{a = 1: not a valid TOML value"),
+    (["model.vae.channel_mult=1,,2"], r"config key model\.vae\.channel_mult: '1,,2' has an empty item"),
+    (["model.vae.channel_mult=1,2,"], r"config key model\.vae\.channel_mult: '1,2,' has an empty item"),
+    (["model.vae.channel_mult=(1,2)"], r"config key model\.vae\.channel_mult\[0\]: expected a whole number, got '\(1'"),
+    (["train.lr=nan"], r"config key train\.lr: expected a finite number, got nan"),
+    (["train.lr=2e-4x"], r"config key train\.lr: expected a number, got '2e-4x'"),
 ])
 def test_bad_keys_and_values_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
@@ -74,6 +117,18 @@ def test_cli_reports_a_bad_key_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and "train.stepz" in err and "steps" in err
+    code = main(["train", "vae", "--config", "tiny_vae", "--out", str(tmp_path / "r"),
+                 "--set", "model.vae.channel_mult=[1,"])  # the typo that once trained an f=1 autoencoder
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "model.vae.channel_mult=[1," in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_set_values_that_stay_accepted():
+    cfg = load_run_config("tiny_vae", "vae", ["data.root=C:\\data\\photos", "sample.prompts=a red circle, a cat",
+                                              "sample.labels=", "model.vae.channel_mult= [1, 2] "])
+    assert cfg.data.root == "C:\\data\\photos" and cfg.sample.prompts == ["a red circle", "a cat"]
+    assert cfg.sample.labels == [] and cfg.model.vae.channel_mult == (1, 2)
 
 
 def test_stage_mismatch_and_missing_file(tmp_path):

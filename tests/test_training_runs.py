@@ -26,7 +26,7 @@ from daguerre.training.export import export_checkpoint
 from daguerre.training.ldm import train_ldm
 from daguerre.training.vae import load_vae, train_vae
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "daguerre" / "assets" / "configs"  # the shipped run configs
 QUIET = ["train.progress=false", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0"]
 ONE_BATCH = ["data.n=12", "data.holdout=4", "train.batch_size=8"]  # 8 training images: exactly one batch
 OVERFIT = ["train.lr=3e-3", "train.warmup_steps=10", "train.decay='constant'", "train.log_every=10"]

@@ -1,8 +1,11 @@
 """`daguerre train vae | ldm`: the two training stages of latent diffusion (docs/training.md).
 
-    daguerre train vae --config configs/shapes_vae.toml [--out runs/shapes_vae] [--resume] [--set k=v ...]
-    daguerre train ldm --config configs/shapes_ldm.toml --vae runs/shapes_vae/vae.safetensors [...]
+    daguerre train vae --config shapes_vae [--out runs/shapes_vae] [--resume] [--set k=v ...]
+    daguerre train ldm --config shapes_ldm --vae runs/shapes_vae/vae.safetensors [...]
     daguerre train export runs/shapes_ldm [--step N] [--out model.safetensors]   # a model from a checkpoint
+    daguerre train --list-configs                                                 # the shipped run configs
+
+`--config` takes the name of a shipped config or the path of a TOML file.
 
 Under torchrun the same commands train data-parallel:
     torchrun --standalone --nproc_per_node 2 -m daguerre.training ldm ...
@@ -12,6 +15,9 @@ Under torchrun the same commands train data-parallel:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..cli import command
@@ -20,7 +26,9 @@ DEFAULT_RUNS = Path("runs")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default=None, help="run config TOML (see configs/); default: built-in defaults")
+    p.add_argument("--config", "-c", default=None,
+                   help="run config: a shipped config's name (daguerre train --list-configs) or a TOML file; "
+                   "default: built-in defaults")
     p.add_argument("--out", "-o", default=None, help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -34,6 +42,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--list-configs", action="store_true",
+                   help="list the run configs that ship with daguerre (use one with --config NAME)")
     sub = p.add_subparsers(dest="stage", metavar="STAGE")
     vae = sub.add_parser("vae", help="stage 1: the KL autoencoder", description="Train the KL autoencoder.")
     _common(vae)
@@ -57,27 +67,65 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return DEFAULT_RUNS / name
 
 
+def list_configs() -> str:
+    """The shipped run configs: name, stage and what each trains (the first line of its comment)."""
+    from ..training.config import config_summary, shipped_configs
+
+    shipped = shipped_configs()
+    if not shipped:
+        return "no run configs are installed with this daguerre"
+    folder = next(iter(shipped.values())).parent
+    lines = [f"run configs shipped with daguerre (in {folder}; copy one to change it):"]
+    for name, path in sorted(shipped.items()):
+        stage, summary = config_summary(path)
+        lines.append(f"  {name:<20} {stage:<4} {summary}")
+    lines.append("use one with: daguerre train STAGE --config NAME")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _writing(folder: Path) -> Iterator[None]:
+    """Turn an error of the file system under a run (disk full, read-only, no permission) into one line
+    naming the file or `folder`; what was already written stays (every file is written atomically)."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+            raise
+        where = e.filename or folder
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        hint = "free some space, then continue with --resume" if full else "choose another --out or fix its permissions"
+        raise ValueError(f"cannot write {where} ({e.strerror or e}) in {folder}: {hint}; "
+                         "files already written are kept") from None
+
+
 @command("train", "train the autoencoder (vae) or the diffusion model (ldm); export a checkpoint", _add_arguments)
 def run(args: argparse.Namespace) -> int:
+    if args.list_configs:
+        print(list_configs())
+        return 0
     if not getattr(args, "stage", None):
-        raise ValueError("choose a stage: `daguerre train vae ...` or `daguerre train ldm ...`")
+        raise ValueError("choose a stage: `daguerre train vae ...` or `daguerre train ldm ...` "
+                         "(`daguerre train --list-configs` lists the shipped configs)")
     if args.stage == "export":
         from ..training.export import export_checkpoint
 
-        print(export_checkpoint(args.run_dir, args.step, args.out))
+        with _writing(Path(args.out).parent if args.out else Path(args.run_dir)):
+            print(export_checkpoint(args.run_dir, args.step, args.out))
         return 0
     from ..training.config import load_run_config
 
     overrides = list(args.overrides) + ([f"train.init_from={args.init}"] if args.init else [])
     cfg = load_run_config(args.config, args.stage, overrides)
     out = _out_dir(args)
-    if args.stage == "vae":
-        from ..training.vae import train_vae
+    with _writing(out):
+        if args.stage == "vae":
+            from ..training.vae import train_vae
 
-        path = train_vae(cfg, out, resume=args.resume, until=args.until)
-    else:
-        from ..training.ldm import train_ldm
+            path = train_vae(cfg, out, resume=args.resume, until=args.until)
+        else:
+            from ..training.ldm import train_ldm
 
-        path = train_ldm(cfg, out, vae_path=args.vae, resume=args.resume, until=args.until)
+            path = train_ldm(cfg, out, vae_path=args.vae, resume=args.resume, until=args.until)
     print(path)
     return 0

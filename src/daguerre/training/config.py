@@ -4,10 +4,14 @@ A run file has the sections `[model]` (a preset name and overrides of any `Model
 `[model.unet] model_channels = 64`), `[data]`, `[train]`, `[loss]` and `[sample]`. Every key is checked
 against its dataclass field: an unknown key or a value of the wrong type is one `ValueError` naming the
 key (with the closest valid name). `--set section.key=value` overrides are parsed as TOML values
-(`--set train.lr=2e-4`, `--set model.unet.channel_mult=[1,2,2]`) and fall back to a plain string
-(`--set data.root=/my/images`). Fields the data fixes are derived (`derive_model_config`): image
-channels and size, latent channels of the U-Net, the context width, the class count. The resolved
-config is written into every checkpoint and into the final model's provenance.
+(`--set train.lr=2e-4`, `--set model.unet.channel_mult=[1,2,2]`); a value that is not TOML is a bare
+string (`--set data.root=/my/images`) unless it starts like a TOML array, table or quoted string
+(`[`, `{`, `"`, `'`): then it is a typo, and an error (`parse_value`). Fields the data fixes are derived
+(`derive_model_config`): image channels and size, latent channels of the U-Net, the context width, the
+class count. The resolved config is written into every checkpoint and into the final model's provenance.
+
+The example configs ship inside the package (`daguerre/assets/configs/NAME.toml`, `shipped_configs`):
+`--config NAME` names one, anything with a `/` or a suffix is a path (`resolve_config`).
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, preset
+from ..untrusted import read_json, regular_file
 
 STAGES = ("vae", "ldm")
 DATA_KINDS = ("shapes", "fashion_mnist", "folder")
@@ -228,6 +235,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         raise ValueError(f"config key {key}: expected a whole number, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"config key {key}: expected a finite number, got {value!r}")
             return float(value)
         raise ValueError(f"config key {key}: expected a number, got {value!r}")
     if tp is str:
@@ -235,9 +244,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ValueError(f"config key {key}: expected a string, got {value!r}")
     if origin in (tuple, list):
-        if isinstance(value, str):  # "1,2,4" from --set
-            value = [v.strip() for v in value.strip("[]()").split(",") if v.strip()]
-            value = [_parse_scalar(v) for v in value]
+        if isinstance(value, str):  # "1,2,4" from --set: comma-separated values ("" = the empty list)
+            items = [v.strip() for v in value.split(",")] if value.strip() else []
+            if not all(items):
+                raise ValueError(f"config key {key}: {value!r} has an empty item; write a list as [1, 2, 4]")
+            value = [parse_value(v, key) for v in items]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key {key}: expected a list, got {value!r}")
         args = typing.get_args(tp)
@@ -261,12 +272,25 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     raise ValueError(f"config key {key}: unsupported type {tp}")
 
 
-def _parse_scalar(text: str) -> Any:
-    """A TOML value if `text` is one (numbers, booleans, strings, arrays), else the text itself."""
+TOML_OPENERS = ("[", "{", '"', "'")  # a value starting so is meant as a TOML array, table or string
+
+
+def parse_value(text: str, key: str) -> Any:
+    """The value of `--set key=text`: a TOML value (number, boolean, quoted string, array, inline table),
+    or else `text` itself as a bare string (`data.root=/my/images`). Text that starts like a TOML array,
+    table or quoted string but is not one is a typo (`[1,`), never read as something else: ValueError."""
+    text = text.strip()
+    toml = _toml()
     try:
-        return _toml().loads(f"v = {text}")["v"]
-    except Exception:  # not TOML: a bare string such as a path
-        return text
+        table = toml.loads(f"v = {text}")
+    except toml.TOMLDecodeError as e:
+        if text.startswith(TOML_OPENERS):
+            raise ValueError(f"--set {key}={text}: not a valid TOML value ({e}); write a list as [1, 2, 4], "
+                             "a string in quotes or bare") from None
+        return text  # a bare string such as a path
+    if set(table) != {"v"}:  # a line break in the value started another key
+        raise ValueError(f"--set {key}={text!r}: one value expected")
+    return table["v"]
 
 
 def _unknown(key: str, name: str, valid: list[str]) -> ValueError:
@@ -319,7 +343,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {item!r}: {p} is set both as a value and as a section")
-        node[parts[-1]] = _parse_scalar(raw.strip())
+        node[parts[-1]] = parse_value(raw, ".".join(parts))
     return out
 
 
@@ -330,24 +354,73 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def shipped_configs() -> dict[str, Path]:
+    """Name -> file of every example run config that ships inside the package (`daguerre/assets/configs`)."""
+    folder = resources.files("daguerre") / "assets" / "configs"
+    if not folder.is_dir():
+        return {}
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}
+
+
+def resolve_config(spec: str | Path) -> Path:
+    """The file `--config SPEC` means: a shipped config when SPEC is a name (no `/`, no suffix), else a path."""
+    text = str(spec)
+    shipped = shipped_configs()
+    if "/" not in text and "\\" not in text and not Path(text).suffix:
+        if text in shipped:
+            return shipped[text]
+        if Path(text).is_file():  # a file of the user's without a suffix
+            return Path(text)
+        close = difflib.get_close_matches(text, list(shipped), n=1)
+        raise FileNotFoundError(
+            f"no such run config: {text!r} is neither a file nor a shipped config"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" (shipped: {', '.join(sorted(shipped)) or 'none'}; see `daguerre train --list-configs`)")
+    path = Path(text).expanduser()
+    if not path.exists():
+        hint = f"; the shipped config of that name is --config {path.stem}" if path.stem in shipped else ""
+        raise FileNotFoundError(f"no such run config: {path}{hint}")
+    return regular_file(path, "run config")
+
+
+SUMMARY_CHARS = 100  # `daguerre train --list-configs`: the first sentence of a config's comment, cut to this
+
+
+def config_summary(path: Path) -> tuple[str, str]:
+    """(stage, the first sentence of the leading comment) of a run TOML, for `daguerre train --list-configs`."""
+    text = regular_file(path, "run config").read_text(encoding="utf-8")
+    words = []
+    for line in text.splitlines():
+        if not line.startswith("# ") or line.startswith("#  "):  # the comment's end, or an indented command
+            break
+        words.append(line[2:].strip())
+    first = " ".join(words).split(". ")[0].rstrip(".")
+    first = first if len(first) <= SUMMARY_CHARS else first[:SUMMARY_CHARS - 3].rstrip() + "..."
+    try:
+        stage = str(_toml().loads(text).get("stage", "?"))
+    except _toml().TOMLDecodeError:
+        stage = "?"
+    return stage, first
+
+
 def load_run_config(
     path: str | Path | None, stage: str, overrides: list[str] | None = None
 ) -> RunConfig:
     """Read a run TOML (or start from defaults when `path` is None), apply `--set` overrides, check every key.
 
-    A `.json` path is a resolved config as written to RUN/config.json (resume a run with its own config).
+    `path` is a file or the name of a shipped config (`resolve_config`). A `.json` path is a resolved
+    config as written to RUN/config.json (resume a run with its own config).
     """
     table: dict[str, Any] = {}
-    if path is not None and Path(path).suffix == ".json":
-        return _load_resolved(Path(path), stage, overrides)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such run config: {path}")
+        path = resolve_config(path)
+    if path is not None and path.suffix == ".json":
+        return _load_resolved(path, stage, overrides)
+    if path is not None:
         try:
             table = _toml().loads(path.read_text(encoding="utf-8"))
-        except Exception as e:
-            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        except Exception as e:  # TOMLDecodeError, UnicodeDecodeError, RecursionError of absurd nesting
+            raise ValueError(f"{path}: not valid TOML ({str(e) or type(e).__name__})") from None
     table = _merge(table, parse_overrides(overrides))
     file_stage = table.pop("stage", stage)
     if file_stage != stage:
@@ -368,14 +441,11 @@ def load_run_config(
 
 
 def _load_resolved(path: Path, stage: str, overrides: list[str] | None) -> RunConfig:
-    import json
-
-    if not path.is_file():
-        raise FileNotFoundError(f"no such run config: {path}")
     try:
-        cfg = RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        cfg = RunConfig.from_dict(read_json(path, "run config"))
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     if cfg.stage != stage:
         raise ValueError(f"config key stage: the file is for stage {cfg.stage!r}, but `daguerre train {stage}` ran")
     extra = parse_overrides(overrides)
