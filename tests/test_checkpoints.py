@@ -468,3 +468,179 @@ def test_class_conditional_model_without_text_encoder_round_trips(tmp_path, caps
     with pytest.raises(ValueError, match="context_dim=None"):  # diffusers' UNet2DConditionModel needs a context
         save_diffusers(comps, tmp_path / "pipe")
     assert not (tmp_path / "pipe").exists()
+
+
+# --- hostile or damaged files: one ValueError naming the file, nothing built, nothing hangs -----------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # RecursionError in any recursive JSON reader
+
+
+def json_deep(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _with_config(src: Path, dst: Path, change) -> Path:
+    """A copy of daguerre checkpoint `src` whose daguerre_config metadata is `change(config dict)` (a str: as is)."""
+    import json
+
+    sd, meta = read_state_dict(src)
+    config = change(json.loads(meta["daguerre_config"]))
+    save_file(sd, str(dst), metadata={**meta, "daguerre_config": config if isinstance(config, str) else
+                                      json.dumps(config)})
+    return dst
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("deep", lambda c: DEEP, r"daguerre_config metadata: JSON nested too deeply"),
+    ("deep_inside", lambda c: {**c, "provenance": {"x": json_deep(200)}},
+     r"daguerre_config metadata: JSON nested too deeply"),
+    ("not_json", lambda c: "{'unet': 1", r"daguerre_config metadata: not valid JSON"),
+    ("huge_size", lambda c: {**c, "sample_size": 100_000}, r"config key sample_size: 100000 is out of range"),
+    ("huge_mult", lambda c: {**c, "unet": {**c["unet"], "channel_mult": [1, 1000]}},
+     r"config key unet\.channel_mult: 1000 is out of range"),
+    ("wide", lambda c: {**c, "vae": {**c["vae"], "base_channels": 4096, "channel_mult": [1, 64]}},
+     r"config key vae\.channel_mult: levels 4096 x 64 channels wide"),
+    ("levels", lambda c: {**c, "unet": {**c["unet"], "channel_mult": [1] * 40}}, r"must have 1 to 8 levels"),
+    ("string", lambda c: {**c, "unet": {**c["unet"], "model_channels": "32"}},
+     r"config key unet\.model_channels: '32' is not of type int"),
+    ("bool", lambda c: {**c, "text_encoder": {**c["text_encoder"], "layers": True}},
+     r"config key text_encoder\.layers: True is not of type int"),
+    ("steps", lambda c: {**c, "schedule": {**c["schedule"], "num_train_timesteps": 10**12}},
+     r"config key schedule\.num_train_timesteps: 1000000000000 is out of range"),
+    ("attn", lambda c: {**c, "unet": {**c["unet"], "attention_levels": [5]}}, r"names a level beyond the 2"),
+    ("nan", lambda c: {**c, "vae": {**c["vae"], "scale_factor": float("nan")}},
+     r"config key vae\.scale_factor: nan is not of type float"),
+])
+def test_hostile_config_metadata_is_one_error_naming_the_file(tiny_file, tmp_path, name, change, message):
+    from daguerre.checkpoints.summary import describe
+
+    bad = _with_config(tiny_file, tmp_path / f"{name}.safetensors", change)
+    for read in (load_model, describe):
+        with pytest.raises(ValueError, match=rf"{name}\.safetensors: .*{message}"):
+            read(bad)
+
+
+def test_every_real_and_project_config_is_within_the_bounds():
+    """The bounds refuse only absurd files: every preset, the published SD 1.5 / 2.1 diffusers configs,
+    the shipped models and every shipped run config's model pass."""
+    from daguerre.checkpoints.text_keys import text_config_from_transformers
+    from daguerre.checkpoints.unet_keys import unet_config_from_diffusers
+    from daguerre.checkpoints.vae_keys import vae_config_from_diffusers
+    from daguerre.config import PRESETS, check_model_config
+    from daguerre.registry import shipped_models
+    from daguerre.training.config import derive_model_config, load_run_config, shipped_configs
+    from sd_configs import real_config
+
+    for name in PRESETS:
+        check_model_config(preset(name))
+    for sd in ("sd15", "sd21"):
+        unet = unet_config_from_diffusers(real_config(sd, "unet"))
+        vae = vae_config_from_diffusers(real_config(sd, "vae"))
+        text = text_config_from_transformers(real_config(sd, "text_encoder"))
+        side = real_config(sd, "unet")["sample_size"] * vae.downsample_factor
+        check_model_config(ModelConfig(unet=unet, vae=vae, text_encoder=text, sample_size=side))
+    xl = preset("sd15")  # an SDXL-sized U-Net: 2048-wide context, 10-deep transformers, 1024 px
+    xl.unet.context_dim, xl.unet.transformer_depth, xl.sample_size = 2048, 10, 1024
+    xl.unet.channel_mult, xl.unet.num_heads, xl.unet.head_dim = (1, 2, 4), None, 64
+    check_model_config(xl)
+    for path in shipped_models().values():
+        assert load_model(path).config is not None
+    for name, path in shipped_configs().items():
+        stage = "vae" if name.endswith("_vae") else "ldm"
+        cfg = load_run_config(path, stage)
+        check_model_config(derive_model_config(cfg, 3, [f"c{i}" for i in range(10)]), "model.")
+
+
+def test_diffusers_configs_are_read_strictly(tiny, tmp_path):
+    """A diffusers folder's JSON files: bad, deeply nested or absurd values are one error naming the file."""
+    import json
+
+    folder = tmp_path / "pipe"
+    save_diffusers(tiny, folder)
+    unet_config = folder / "unet" / "config.json"
+    good = json.loads(unet_config.read_text())
+    cases = [
+        (unet_config, DEEP, r"unet/config\.json: JSON nested too deeply"),
+        (unet_config, json.dumps({**good, "sample_size": 100_000}),
+         r"unet/config\.json: sample_size 100000 \(\d+ px\) is out of range"),
+        (unet_config, json.dumps({**good, "block_out_channels": 7}), r"unet/config\.json: unusable value \(TypeError"),
+        (unet_config, json.dumps({**good, "layers_per_block": 10**6}),
+         r"pipe: config key unet\.num_res_blocks: 1000000 is out of range"),
+        (unet_config, "[1, 2]", r"unet/config\.json: expected a JSON object"),
+        (folder / "scheduler" / "scheduler_config.json", '{"num_train_timesteps": "many"}',
+         r"scheduler_config\.json: invalid literal for int"),
+        (folder / "tokenizer" / "tokenizer_config.json", DEEP, r"tokenizer_config\.json: JSON nested too deeply"),
+        (folder / "model_index.json", "{" * 50_000, r"model_index\.json: (JSON nested too deeply|not valid JSON)"),
+    ]
+    for path, text, message in cases:
+        original = path.read_text()
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_model(folder)
+        path.write_text(original)
+    assert load_model(folder).config.sample_size == tiny.config.sample_size
+
+
+def test_a_shard_index_cannot_point_outside_its_folder(tiny, tmp_path):
+    """Sharded weights load through their `*.index.json`, but only from shards that are files in the
+    component folder: absolute paths, `..` and symlinks leading out are refused before anything is read."""
+    import json
+
+    folder = tmp_path / "pipe"
+    save_diffusers(tiny, folder)
+    unet = folder / "unet"
+    whole = unet / "diffusion_pytorch_model.safetensors"
+    sd, meta = read_state_dict(whole)
+    names = sorted(sd)
+    half = len(names) // 2
+    shards = {"part-1.safetensors": names[:half], "part-2.safetensors": names[half:]}
+    for shard, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, str(unet / shard), metadata=meta)
+    whole.unlink()
+    index = unet / "diffusion_pytorch_model.safetensors.index.json"
+
+    def write_index(mapping: dict[str, str]) -> None:
+        index.write_text(json.dumps({"metadata": {}, "weight_map": mapping}))
+
+    write_index({k: shard for shard, keys in shards.items() for k in keys})
+    assert torch.equal(load_model(folder).unet.out[2].weight, tiny.unet.out[2].weight)  # legitimate shards load
+    outside = tmp_path / "elsewhere.safetensors"
+    save_file({k: sd[k] for k in names[half:]}, str(outside), metadata=meta)
+    (unet / "link.safetensors").symlink_to(outside)
+    for bad, message in [(str(outside), "not a file name in"), ("../vae/diffusion_pytorch_model.safetensors",
+                                                               "not a file name in"),
+                         ("..", "not a file name in"), ("link.safetensors", "is a symlink to .* outside"),
+                         (7, "not a file name in")]:
+        write_index({**{k: "part-1.safetensors" for k in names[:half]}, **{k: bad for k in names[half:]}})
+        with pytest.raises(ValueError, match=rf"index\.json: .*{message}"):
+            load_model(folder)
+
+
+def test_non_regular_files_are_refused_before_opening(tmp_path):
+    """A FIFO would block a read forever and /dev/zero never ends: refused from stat, one line each."""
+    import signal
+
+    from daguerre.checkpoints.summary import describe
+    from daguerre.untrusted import read_json, regular_file
+
+    def hung(signum, frame):
+        raise TimeoutError("blocked reading a non-regular file")
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    previous = signal.signal(signal.SIGALRM, hung)  # a regression fails the test instead of hanging it
+    signal.alarm(60)
+    try:
+        for call in (regular_file, read_state_dict, load_model, describe, file_hash, read_json):
+            with pytest.raises(ValueError, match=r"model\.safetensors is a named pipe \(FIFO\), not a regular file"):
+                call(fifo)
+        if Path("/dev/zero").exists():
+            for call in (read_state_dict, load_model, file_hash):
+                with pytest.raises(ValueError, match=r"/dev/zero is a character device, not a regular file"):
+                    call("/dev/zero")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -111,3 +111,44 @@ def test_one_line_errors(tiny_model, tmp_path, capsys):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0] and lines[0].startswith(f"daguerre {argv[0]}: error:"), err
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "z.safetensors").exists()
+
+
+def test_info_on_hostile_files_is_one_line(tiny_model, tmp_path, capsys):
+    """`daguerre info` as a user sees it: a FIFO (which would block), /dev/zero, 100 000-deep JSON in the
+    metadata, a diffusers folder asking for 100 000-pixel images or with a shard index pointing out of
+    its folder: one line naming the file, exit 2, quickly."""
+    import subprocess
+    import sys
+
+    from daguerre.checkpoints import save_diffusers
+
+    comps, path = tiny_model
+    sd, meta = read_state_dict(path)
+    deep = tmp_path / "deep.safetensors"
+    save_file(sd, str(deep), metadata={**meta, "daguerre_config": "[" * 100_000 + "]" * 100_000})
+    folder = tmp_path / "pipe"
+    save_diffusers(comps, folder)
+    unet_config = folder / "unet" / "config.json"
+    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "sample_size": 100_000}))
+    sharded = tmp_path / "sharded"
+    save_diffusers(comps, sharded)
+    (sharded / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (sharded / "vae" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"encoder.conv_in.weight": "../unet/diffusion_pytorch_model.safetensors"}}))
+    cases = [(deep, r"deep.safetensors: the daguerre_config metadata: JSON nested too deeply"),
+             (folder, "unet/config.json: sample_size 100000"),
+             (sharded, "index.json: the weight_map names the shard '../unet/diffusion_pytorch_model.safetensors'")]
+    if os.path.exists("/dev/zero"):
+        cases.append(("/dev/zero", "/dev/zero is a character device, not a regular file"))
+    for model, message in cases:
+        code, out, err = run(capsys, "info", model)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], err
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "daguerre", "info", str(fifo)], capture_output=True, text=True,
+                          timeout=120, env=env)  # in a process of its own: a regression hangs that, not the suite
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "pipe.safetensors is a named pipe (FIFO), not a regular file" in lines[0]

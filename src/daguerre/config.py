@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from .untrusted import parse_json
 
 
 @dataclass
@@ -149,11 +154,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return _from_dict(cls, d)
+        """The config a file states (checkpoint metadata, a run's state): every field typed and bounded
+        (`check_model_config`); ValueError naming the first bad key otherwise."""
+        cfg = _from_dict(cls, d)
+        check_model_config(cfg)
+        return cfg
 
     @classmethod
     def from_json(cls, s: str) -> ModelConfig:
-        return cls.from_dict(json.loads(s))
+        return cls.from_dict(parse_json(s, "the config"))
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
@@ -181,6 +190,101 @@ _SUBCONFIGS = {
     ("ModelConfig", "text_encoder"): TextEncoderConfig,
     ("ModelConfig", "schedule"): ScheduleConfig,
 }
+
+
+# --- sane values -----------------------------------------------------------------------------------------
+# A config read from a file (checkpoint metadata, a diffusers config.json, a run's state or TOML) may be
+# damaged or hostile: `sample_size: 100000` asked generation for 160 GB, and a network is built, memory and
+# all, before its weights are checked against it. Bounds, inclusive, generous: Stable Diffusion 1.x/2.x,
+# SDXL-sized networks and every daguerre config fit well inside.
+LIMITS: dict[str, tuple[float, float]] = {
+    "sample_size": (1, 8192),  # pixels (SD 512/768, SDXL 1024)
+    "unet.in_channels": (1, 256), "unet.out_channels": (1, 256),  # SD 4, inpainting 9, x4 upscaler 7
+    "unet.model_channels": (1, 4096),  # SD 320
+    "unet.channel_mult": (1, 64),  # each level's multiple (SD 1, 2, 4, 4)
+    "unet.num_res_blocks": (1, 16), "unet.attention_levels": (0, 7),
+    "unet.num_heads": (1, 1024), "unet.head_dim": (1, 1024), "unet.transformer_depth": (1, 64),  # SDXL 10
+    "unet.context_dim": (1, 16384),  # SD 768 / 1024, SDXL 2048
+    "unet.num_classes": (1, 100_000), "unet.norm_groups": (1, 1024), "unet.dropout": (0.0, 1.0),
+    "vae.in_channels": (1, 64), "vae.out_channels": (1, 64), "vae.base_channels": (1, 4096),  # SD 128
+    "vae.channel_mult": (1, 64), "vae.num_res_blocks": (1, 16), "vae.attn_levels": (0, 7),
+    "vae.latent_channels": (1, 256), "vae.norm_groups": (1, 1024),
+    "text_encoder.vocab_size": (1, 1_000_000), "text_encoder.max_length": (1, 8192),  # CLIP 77, BERT 512
+    "text_encoder.width": (1, 16384), "text_encoder.layers": (1, 256), "text_encoder.heads": (1, 1024),
+    "text_encoder.mlp_dim": (1, 65536), "text_encoder.skip_layers": (0, 255),
+    "text_encoder.projection_dim": (1, 16384), "text_encoder.token_ids": (0, 999_999),
+    "text_encoder.bos_token_id": (0, 999_999), "text_encoder.eos_token_id": (0, 999_999),
+    "text_encoder.pad_token_id": (0, 999_999), "text_encoder.layer_norm_eps": (1e-30, 1.0),
+    "schedule.num_train_timesteps": (1, 100_000), "schedule.beta_start": (0.0, 1.0), "schedule.beta_end": (0.0, 1.0),
+}
+MAX_LEVELS = 8  # entries of channel_mult (SD 4)
+MAX_WIDTH = 16384  # channels of any level, model_channels * mult (SD U-Net 1280, VAE 512)
+MAX_CLASS_NAMES = 100_000
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether `value` is of the (resolved) type hint `tp` (bool is no int; an int is a float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp in (bool, str):
+        return isinstance(value, tp)
+    if origin in (tuple, list):
+        item = args[0] if args else Any
+        return isinstance(value, origin) and all(_matches(v, item) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, tp)
+    return tp is Any
+
+
+def _check_fields(obj: Any, root: str, path: str = "") -> None:
+    """Types and `LIMITS` of the fields of dataclass `obj`, recursively; errors name `root` + the path."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        name, value = f"{path}{f.name}", getattr(obj, f.name)
+        key = root + name
+        tp = hints[f.name]
+        if not _matches(value, tp):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            wanted = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+            raise ValueError(f"config key {key}: {shown} is not of type {wanted}")
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, root, f"{name}.")
+            continue
+        bounds = LIMITS.get(name)
+        if bounds is None or value is None:
+            continue
+        lo, hi = bounds
+        for v in value if isinstance(value, tuple) else (value,):
+            if not lo <= v <= hi:
+                raise ValueError(f"config key {key}: {v!r} is out of range ({lo}..{hi})")
+
+
+def check_model_config(cfg: ModelConfig, prefix: str = "") -> None:
+    """Every field of `cfg` of its declared type and within `LIMITS`, and the level structure sane;
+    ValueError naming the key (`prefix` + dotted path) and the value otherwise."""
+    _check_fields(cfg, prefix)
+    for name, net, base in (("unet", cfg.unet, cfg.unet.model_channels), ("vae", cfg.vae, cfg.vae.base_channels)):
+        if not 1 <= len(net.channel_mult) <= MAX_LEVELS:
+            raise ValueError(f"config key {prefix}{name}.channel_mult: {list(net.channel_mult)} must have 1 to "
+                             f"{MAX_LEVELS} levels")
+        if base * max(net.channel_mult) > MAX_WIDTH:
+            raise ValueError(f"config key {prefix}{name}.channel_mult: levels {base} x {max(net.channel_mult)} "
+                             f"channels wide are more than {MAX_WIDTH}")
+        levels = net.attention_levels if name == "unet" else net.attn_levels
+        if any(level >= len(net.channel_mult) for level in levels):
+            raise ValueError(f"config key {prefix}{name}.{'attention_levels' if name == 'unet' else 'attn_levels'}: "
+                             f"{list(levels)} names a level beyond the {len(net.channel_mult)} there are")
+    if cfg.class_names is not None and len(cfg.class_names) > MAX_CLASS_NAMES:
+        raise ValueError(f"config key {prefix}class_names: {len(cfg.class_names)} names, more than {MAX_CLASS_NAMES}")
 
 
 # --- presets ---------------------------------------------------------------------------------------

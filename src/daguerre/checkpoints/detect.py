@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import PRESETS, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig, preset
+from ..untrusted import parse_json
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -194,6 +195,9 @@ def infer_text_config(sd: Mapping[str, torch.Tensor], layout: str) -> TextEncode
     return cfg
 
 
+YAML_MAX_BYTES = 1 << 20
+
+
 def prediction_from_yaml(checkpoint: Path) -> tuple[str, Path] | None:
     """(prediction type, yaml path) from a `parameterization:` line in a YAML file beside the checkpoint.
 
@@ -203,7 +207,9 @@ def prediction_from_yaml(checkpoint: Path) -> tuple[str, Path] | None:
         y = checkpoint.with_suffix(suffix)
         if not y.is_file():
             continue
-        for line in y.read_text(encoding="utf-8", errors="replace").splitlines():
+        with open(y, "rb") as f:  # an inference YAML is a few kB: the first MiB is plenty
+            text = f.read(YAML_MAX_BYTES).decode("utf-8", errors="replace")
+        for line in text.splitlines():
             m = _YAML_PARAM.match(line)
             if m:
                 value = m.group(1)
@@ -288,10 +294,12 @@ def detect_checkpoint(
     ignored = sorted(k for k in keys if is_ignored(k) and not (use_ema and k.startswith(EMA_PREFIX)))
 
     if "daguerre_config" in metadata:
+        source = f"{path}: the daguerre_config metadata" if path is not None else "the daguerre_config metadata"
+        data = parse_json(metadata["daguerre_config"], source)  # ValueError for bad or absurdly nested JSON
         try:
-            cfg = ModelConfig.from_json(metadata["daguerre_config"])
+            cfg = ModelConfig.from_dict(data)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"the daguerre_config metadata is not a valid ModelConfig: {e}") from None
+            raise ValueError(f"{source} is not a valid ModelConfig: {e}") from None
         source = "daguerre metadata"
         if prediction_type is not None and prediction_type != cfg.schedule.prediction_type:
             cfg.schedule.prediction_type, source = prediction_type, "argument"

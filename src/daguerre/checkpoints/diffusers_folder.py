@@ -18,14 +18,16 @@ import dataclasses
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..components import Components
-from ..config import ModelConfig, ScheduleConfig
+from ..config import LIMITS, ModelConfig, ScheduleConfig, check_model_config
 from ..fileio import atomic_dir, atomic_save_safetensors, atomic_write_text
+from ..untrusted import read_json
 from .build import build_components, state_dicts, with_identity_layer
 from .detect import check_prediction_type, match_preset
 from .io import read_shapes, read_state_dict
@@ -48,15 +50,31 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {path.parent.parent} a complete diffusers folder?")
+    return read_json(path, "diffusers config")
+
+
+def _config(path: Path, convert: Callable[[dict[str, Any]], Any]) -> Any:
+    """`convert(config)` of the JSON file `path`; any error it raises on odd values names the file."""
+    config = _read_json(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+        return convert(config)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        message = str(e) if isinstance(e, ValueError) else f"unusable value ({type(e).__name__}: {e})"
+        raise ValueError(f"{path}: {message}") from None
+
+
+def _shard_file(folder: Path, name: Any, index: Path) -> Path:
+    """The shard `name` of a weight_map: a plain file name in `folder`, not a path or a symlink out of it."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{index}: the weight_map names the shard {name!r}, which is not a file name in {folder}; "
+                         "refusing to read outside the model folder")
+    shard = folder / name
+    if not shard.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{index}: the shard {name} is a symlink to {shard.resolve()}, outside {folder}; refusing "
+                         "to read outside the model folder (copy the file into the folder)")
+    return shard
 
 
 def _weights_candidates(stem: str) -> list[str]:
@@ -86,9 +104,10 @@ def read_component_weights(
                 index = _read_json(f).get("weight_map")
                 if not isinstance(index, dict):
                     raise ValueError(f"{f}: no weight_map")
+                shards = [_shard_file(folder, shard, f) for shard in index.values()]  # all checked before reading
                 sd: dict[str, torch.Tensor] = {}
-                for shard in sorted(set(index.values())):
-                    sd.update(read(folder / shard))
+                for shard in sorted(set(shards)):
+                    sd.update(read(shard))
                 return sd
             return read(f)
     tried = ", ".join(_weights_candidates(stems[0])[:3])
@@ -168,33 +187,22 @@ def load_diffusers_folder(
         raise ValueError(
             f"{folder}: a {pipeline} folder; daguerre reads {' and '.join(PIPELINES.values())} folders only"
         )
-    unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
-    stored: Counter = Counter()
-
-    def weights(name: str, stems: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        sd = read_component_weights(folder / name, stems, shapes_only, dtype or torch.float32)
-        stored.update(str(t.dtype).removeprefix("torch.") for t in sd.values())
-        return sd
-
-    unet_sd = unet_state_dict_from_diffusers(weights("unet", (MODEL_WEIGHTS,)), unet_cfg)
-    vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
-    vae_sd = vae_state_dict_from_diffusers(weights("vae", (MODEL_WEIGHTS,)), vae_cfg)
-
-    text_cfg, text_sd, tokenizer = None, None, None
-    if (index.get("text_encoder") or [None])[0] is not None:
-        text_cfg = text_config_from_transformers(_read_json(folder / "text_encoder" / "config.json"))
-        text_sd = text_state_dict_from_transformers(weights("text_encoder", TRANSFORMERS_WEIGHTS), text_cfg)
-        tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
-        text_cfg.pad_token_id = tokenizer.pad_token_id  # the tokenizer folder is the authority on padding
-        if text_cfg.activation == OPENCLIP_ACTIVATION and text_cfg.skip_layers == 0:
-            text_cfg, text_sd = with_identity_layer(text_cfg, text_sd)
-
+    # every config first, checked (sizes, channel and layer counts within sane bounds) before any weights are read
+    unet_json = folder / "unet" / "config.json"
+    unet_cfg = _config(unet_json, unet_config_from_diffusers)
+    vae_cfg = _config(folder / "vae" / "config.json", vae_config_from_diffusers)
+    text_entry = index.get("text_encoder")
+    has_text = isinstance(text_entry, list) and bool(text_entry) and text_entry[0] is not None
+    text_cfg = _config(folder / "text_encoder" / "config.json", text_config_from_transformers) if has_text else None
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    schedule = schedule_from_diffusers(_read_json(sched_path)) if sched_path.is_file() else ScheduleConfig()
+    schedule = _config(sched_path, schedule_from_diffusers) if sched_path.exists() else ScheduleConfig()
     if prediction_type is not None:
         schedule.prediction_type = prediction_type
-    latent_side = _read_json(folder / "unet" / "config.json").get("sample_size")
-    sample_size = int(latent_side) * vae_cfg.downsample_factor if isinstance(latent_side, int) else 512
+    latent_side = _read_json(unet_json).get("sample_size")
+    sample_size = latent_side * vae_cfg.downsample_factor if isinstance(latent_side, int) else 512
+    if not LIMITS["sample_size"][0] <= sample_size <= LIMITS["sample_size"][1]:
+        raise ValueError(f"{unet_json}: sample_size {latent_side} ({sample_size} px) is out of range "
+                         f"(at most {LIMITS['sample_size'][1]} px)")
     if unet_cfg.in_channels == unet_cfg.out_channels:
         concat = None
     elif unet_cfg.in_channels == 2 * unet_cfg.out_channels + 1:
@@ -205,6 +213,28 @@ def load_diffusers_folder(
         name="custom", unet=unet_cfg, vae=vae_cfg, text_encoder=text_cfg, schedule=schedule,
         conditioning="text" if text_cfg is not None else "none", concat=concat, sample_size=sample_size,
     )
+    try:
+        check_model_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e} (from its config.json files)") from None
+
+    stored: Counter = Counter()
+
+    def weights(name: str, stems: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        sd = read_component_weights(folder / name, stems, shapes_only, dtype or torch.float32)
+        stored.update(str(t.dtype).removeprefix("torch.") for t in sd.values())
+        return sd
+
+    unet_sd = unet_state_dict_from_diffusers(weights("unet", (MODEL_WEIGHTS,)), unet_cfg)
+    vae_sd = vae_state_dict_from_diffusers(weights("vae", (MODEL_WEIGHTS,)), vae_cfg)
+    text_sd, tokenizer = None, None
+    if text_cfg is not None:
+        text_sd = text_state_dict_from_transformers(weights("text_encoder", TRANSFORMERS_WEIGHTS), text_cfg)
+        tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
+        text_cfg.pad_token_id = tokenizer.pad_token_id  # the tokenizer folder is the authority on padding
+        if text_cfg.activation == OPENCLIP_ACTIVATION and text_cfg.skip_layers == 0:
+            text_cfg, text_sd = with_identity_layer(text_cfg, text_sd)
+        cfg.text_encoder = text_cfg
     cfg.name = match_preset(cfg) or "custom"
     cfg.provenance = {"imported_from": folder.name, "variant": f"diffusers {pipeline}"}
     if shapes_only:

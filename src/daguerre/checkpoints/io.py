@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from ..untrusted import regular_file
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -92,8 +94,11 @@ def describe_bytes(head: bytes) -> str:
 
 
 def sniff(path: Path) -> str:
-    """'safetensors', 'torch-zip' (torch.save), 'pickle' (legacy torch.save) or a description of something else."""
-    with open(path, "rb") as f:
+    """'safetensors', 'torch-zip' (torch.save), 'pickle' (legacy torch.save) or a description of something else.
+
+    Only a regular file is opened (`untrusted.regular_file`): a FIFO or a device such as /dev/zero is refused.
+    """
+    with open(regular_file(path, "checkpoint file"), "rb") as f:
         head = f.read(512)
         size = os.fstat(f.fileno()).st_size
     if len(head) >= 8:
@@ -187,7 +192,7 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     A pickle that needs any other global (a function it would call, a class it would build) is refused
     with a ValueError naming that global; nothing in the file is executed.
     """
-    path = Path(path)
+    path = regular_file(path, "checkpoint file")
     stubs = [(type(name.rsplit(".", 1)[-1], (_InertStub,), {}), name) for name in LIGHTNING_STUB_GLOBALS]
     try:
         with torch.serialization.safe_globals(stubs):
@@ -252,7 +257,7 @@ def read_state_dict(
 
 def file_hash(path: str | os.PathLike) -> str:
     """The full sha256 of a file (hex), cached in memory by (path, size, mtime)."""
-    path = Path(path).resolve()
+    path = regular_file(path).resolve()
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     cached = _HASH_CACHE.get(key)

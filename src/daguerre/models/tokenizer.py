@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..untrusted import read_json
 from .tokenizer_base import WindowTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
@@ -152,11 +153,13 @@ class CLIPTokenizer(WindowTokenizer):
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder {folder} not found")
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            vocab = read_json(folder / "vocab.json", "tokenizer file")
             lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
             merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
         elif (folder / "tokenizer.json").is_file():
-            model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            model = read_json(folder / "tokenizer.json", "tokenizer file").get("model")
+            if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict) or "merges" not in model:
+                raise ValueError(f"{folder / 'tokenizer.json'}: no BPE model (vocab and merges)")
             vocab = model["vocab"]
             merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         else:
@@ -166,7 +169,7 @@ class CLIPTokenizer(WindowTokenizer):
         settings: dict = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second one wins
             if (folder / name).is_file():
-                settings.update(json.loads((folder / name).read_text(encoding="utf-8")))
+                settings.update(read_json(folder / name, "tokenizer file"))
 
         def token(key: str, default: str) -> str:
             value = settings.get(key) or default

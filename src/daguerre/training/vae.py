@@ -95,7 +95,10 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu") -> tuple[Auto
     if not vae_sd:
         raise ValueError(f"{path} holds no autoencoder weights ({VAE_PREFIX}*): not a VAE checkpoint")
     if CONFIG_KEY in meta:
-        config = ModelConfig.from_json(meta[CONFIG_KEY])
+        try:
+            config = ModelConfig.from_json(meta[CONFIG_KEY])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: the {CONFIG_KEY} metadata is not a valid ModelConfig: {e}") from None
     else:
         from ..checkpoints.detect import infer_vae_config
 
