@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 
@@ -14,6 +15,26 @@ class UserError(Exception):
 # Each command module adds itself here: name -> (help, add_arguments(parser), run(args) -> exit code).
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {}
+
+
+# OSErrors that say something about the machine or the paths given, not about daguerre: printed as one line.
+# Others (EBADF, EINVAL, an OSError without errno, ...) may be bugs and keep their traceback.
+ENVIRONMENT_ERRNOS = {
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOENT, errno.ENOTDIR,
+    errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EIO, errno.ENOTEMPTY, errno.EMLINK,
+    errno.EXDEV, errno.ETXTBSY, errno.EBUSY,
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: its message (daguerre's own, or the OS reason with the file it names),
+    without Python's "[Errno N]" prefix."""
+    if e.errno is None or e.strerror is None:
+        return str(e)
+    if e.filename is None:
+        return e.strerror
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+    return f"{where}: {e.strerror}"
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
@@ -49,8 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+    except (UserError, ValueError) as e:
         print(f"daguerre {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        explicit = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+        if not isinstance(e, explicit) and e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"daguerre {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"daguerre {args.command}: interrupted", file=sys.stderr)

@@ -5,11 +5,18 @@ over the destination with `os.replace` (atomic on POSIX and Windows within one f
 built under `DST.tmp-XXXX` and swapped into place the same way; an old folder at DST is moved aside first
 and removed only after the new one is in place. On any error the temporary file or folder is removed and
 the destination is left as it was.
+
+With `replace=False` a file is created without replacing anything: the finished temporary file is
+hard-linked to the destination (`os.link` fails if the name exists, atomically, so a file that
+appears between a caller's check and the write is never clobbered) and its temporary name removed.
+An OS failure while writing (read-only or full disk, no permission) is raised as the same `OSError`
+class with a message naming the destination, its folder and the OS reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -69,39 +76,114 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+# os.link's errors on a file system without hard links (FAT, some network and FUSE file systems)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+class _Exists(FileExistsError):
+    """The destination of a write with replace=False exists; raised as is (not as a write failure)."""
+
+
+def _write_error(e: OSError, path: Path, folder: Path) -> OSError:
+    """`e` as the same OSError class, its message naming the destination, its folder and the OS reason."""
+    message = f"cannot write {path.name} in folder {folder}: {e.strerror or e}"
+    try:
+        return type(e)(e.errno, message)
+    except TypeError:  # an OSError subclass with its own constructor
+        return OSError(e.errno, message)
+
+
+def _link_new(tmp_path: Path, path: Path) -> None:
+    """Give the finished `tmp_path` the name `path` only if that name is free (FileExistsError otherwise)."""
+    try:
+        os.link(tmp_path, path)
+    except FileExistsError:
+        raise _Exists(errno.EEXIST, f"{path} exists", str(path)) from None
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        # no hard links here: claim the name with an exclusive create, then rename over our own placeholder
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE))
+        except FileExistsError:
+            raise _Exists(errno.EEXIST, f"{path} exists", str(path)) from None
+        try:
+            os.replace(tmp_path, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()  # our empty placeholder
+            raise
+        return
+    with contextlib.suppress(OSError):
+        tmp_path.unlink()
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it to `path`, on error delete it.
 
     The caller writes the whole file to the yielded path (with any library that takes a file name).
+    With `replace=False` an existing `path` (even one that appears while the file is written) is left
+    alone and FileExistsError raised.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
-    tmp_path = _fresh_name(folder, f".{path.name}", _new_file)
+    try:
+        tmp_path = _fresh_name(folder, f".{path.name}", _new_file)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise _write_error(e, path, folder) from e
     try:
         yield tmp_path
         if not tmp_path.exists():
             raise OSError(f"nothing was written to the temporary file for {path}")
         _fsync_file(tmp_path)
-        os.replace(tmp_path, path)
+        if replace:
+            os.replace(tmp_path, path)
+        else:
+            _link_new(tmp_path, path)
         _fsync_dir(folder)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(e, OSError) and e.errno is not None and not isinstance(e, _Exists):
+            raise _write_error(e, path, folder) from e
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> None:
+    """Write `data` to `path` atomically (temp file in the same folder, fsync, rename); `replace` as in
+    `atomic_path`."""
+    with atomic_path(path, replace=replace) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, *, replace: bool = True) -> None:
     """Write UTF-8 `text` to `path` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), replace=replace)
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Fail now, as a write into `folder` would (read-only, no permission, not a folder), by creating and
+    removing a temporary file there: a long computation should not end in a write that cannot succeed.
+    (A full disk shows only when the data is written.)"""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write in {folder}: no such folder")
+    try:
+        probe = _fresh_name(folder, ".daguerre-write-check", _new_file)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise type(e)(e.errno, f"cannot write in folder {folder}: {e.strerror or e}") from e
+    probe.unlink()
 
 
 # torch dtype name -> safetensors dtype code (https://github.com/huggingface/safetensors, format spec)

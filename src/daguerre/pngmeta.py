@@ -76,10 +76,12 @@ def _png_info(parameters: str | None) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
-    """Write `image` as PNG with the `parameters` text chunk, atomically; returns the path."""
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None, *,
+             replace: bool = True) -> Path:
+    """Write `image` as PNG with the `parameters` text chunk, atomically; returns the path. With
+    `replace=False` an existing file at `path` is kept and FileExistsError raised (fileio.atomic_path)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=replace) as tmp:
         image.save(tmp, format="PNG", pnginfo=_png_info(parameters))
     return path
 

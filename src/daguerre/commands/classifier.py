@@ -11,6 +11,8 @@ on held-out data (the Fashion-MNIST test split; shapes rendered from a test stre
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from ..cli import command
 
@@ -30,6 +32,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--test-n", type=int, default=2000, help="shapes: rendered scenes of the final test (default 2000)")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: an error)")
     e = sub.add_parser("test", help="print a classifier's accuracy per head on held-out data",
                        description="print a classifier's accuracy per head on held-out data")
     e.add_argument("file", help="classifier .safetensors file")
@@ -38,6 +41,19 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--root", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Before training: an existing --out is kept unless --overwrite, and its folder must take new files."""
+    from .outputs import check_folder
+
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: name a .safetensors file")
+    if os.path.lexists(out) and not overwrite:
+        raise ValueError(f"--out {out} exists: name another file, or pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
+    check_folder(out.parent)
 
 
 def _threads(n: int | None) -> None:
@@ -57,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     if args.action == "train":
+        _check_out(Path(args.out), args.overwrite)
         settings = TrainSettings(args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                  seed=args.seed, root=args.root, test_n=args.test_n)
 

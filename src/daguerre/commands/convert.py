@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..cli import UserError, command
+from .outputs import check_folder
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SINGLE_SUFFIX = ".safetensors"
@@ -43,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such model file or folder: {src}")
     if src.resolve() == dst.resolve():
         raise UserError(f"source and destination are the same path ({src}): choose another destination")
-    if dst.exists() and not args.overwrite:
-        raise UserError(f"{dst} exists: remove it, choose another name, or pass --overwrite")
+    if (dst.exists() or dst.is_symlink()) and not args.overwrite:
+        raise UserError(f"{dst} exists: remove it, choose another name, or pass --overwrite to replace it")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {dst}: folder {dst.parent} does not exist")
+    check_folder(dst.parent)  # a read-only folder fails now, not after loading the model
     to = args.to or ("single" if dst.suffix == SINGLE_SUFFIX else "diffusers")
     if to == "single" and dst.suffix != SINGLE_SUFFIX:
         raise UserError(f"a single-file checkpoint must end in {SINGLE_SUFFIX}: {dst}")

@@ -11,6 +11,7 @@ docs/evaluation.md for what each number means.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8, help="images per network call (default 8)")
     p.add_argument("--out", "-o", default="outputs/eval", help="output folder (default outputs/eval)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report.json and grid.png of an earlier run in --out (default: an error)")
 
 
 @command("eval", "measure a model: prompt adherence, Frechet distance, KID, Inception Score", _add_arguments)
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out}: a file of that name exists; name a folder")
+    _check_out(out, args.overwrite)
     kinds = tuple(k.strip() for k in args.prompts.split(",") if k.strip()) if args.prompts else ("single", "relation")
     _check_prompts(args.prompts, args.dataset)
     sampling = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("schedule", args.schedule),
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     total = len(settings.kinds) * settings.n if dataset == "shapes" else settings.n
     with tqdm(total=total, unit="img", desc="eval", disable=not args.progress, dynamic_ncols=True) as bar:
         result = evaluate(comps, settings, classifier, extractor, model_info=model_info, progress=bar.update)
-    _write(out, result)
+    _write(out, result, args.overwrite)
     print(format_table(result.report))
     print(f"wrote {out / 'report.json'} and {out / 'grid.png'}", file=sys.stderr)
     return 0
@@ -92,15 +96,39 @@ def _check_prompts(prompts: str | None, dataset: str | None) -> None:
         raise ValueError("--prompts chooses shapes-world prompt kinds; Fashion-MNIST prompts are one per class")
 
 
-def _write(out: Path, result) -> None:
+OUTPUT_FILES = ("report.json", "grid.png")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Before any model work: the files of an earlier run are kept unless --overwrite, and the folder (or
+    the one it will be made in) must take new files."""
+    from .outputs import check_folder
+
+    if not overwrite:
+        for name in OUTPUT_FILES:
+            if os.path.lexists(out / name):
+                raise ValueError(f"--out {out} already holds {name} (an earlier run): name another folder, or "
+                                 "pass --overwrite to replace it")
+    check_folder(out)
+
+
+def _write(out: Path, result, overwrite: bool) -> None:
+    """report.json, then grid.png; each atomic, and without --overwrite never replacing a file that appeared
+    since the check."""
     import json
 
     from ..fileio import atomic_write_text
     from ..pngmeta import save_png
+    from .outputs import make_folder
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "report.json", json.dumps(result.report, indent=1, default=_jsonable) + "\n")
-    save_png(result.grid, out / "grid.png")
+    make_folder(out)
+    try:
+        atomic_write_text(out / "report.json", json.dumps(result.report, indent=1, default=_jsonable) + "\n",
+                          replace=overwrite)
+        save_png(result.grid, out / "grid.png", replace=overwrite)
+    except FileExistsError as e:
+        raise ValueError(f"{e.filename} appeared during the evaluation and was kept; pass --overwrite to "
+                         "replace it") from None
 
 
 def _jsonable(x):

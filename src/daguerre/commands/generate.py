@@ -4,7 +4,8 @@ Besides the sampling settings: `--from-png FILE` makes an image again from the A
 chunk of a PNG (flags given on the command line override the file's values), `--preview DIR`
 saves the model's x0 estimate at every step and a GIF, `--tile/--no-tile` forces tiled VAE decoding
 on or off (automatic by default), `--grid` saves a grid of the images (on by default for several),
-and `--list-samplers` prints the sampler names. See docs/usage.md.
+and `--list-samplers` prints the sampler names. An existing --out file is replaced only with
+`--overwrite` (outputs.py); the limit flags bound the request (daguerre.limits). See docs/usage.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 
 from ..cli import UserError, command
+from ..limits import Limits, add_limit_arguments, limits_from_args
+from .outputs import Outputs, add_overwrite_argument, plan_outputs
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -76,7 +79,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
-    """--tile, --preview, --preview-mode, --grid: how results are decoded, shown and saved."""
+    """--tile, --preview, --preview-mode, --grid, --overwrite: how results are decoded, shown and saved;
+    and the limit flags (--max-pixels, ...) every image command takes."""
     p.add_argument("--tile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode with the VAE in overlapping tiles (less memory); default: automatically when the "
                    "latent has more than 96x96 cells (768x768 pixels for Stable Diffusion)")
@@ -88,6 +92,8 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
                    "step, exact but slow")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
                    help="also save the images in one grid-*.png (default: on when there are several images)")
+    add_overwrite_argument(p)
+    add_limit_arguments(p)
 
 
 # CLI dest -> GenerationRequest field, for the settings --from-png can supply
@@ -113,30 +119,6 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     # None marks "not given on the command line", so --from-png knows which flags override the file
     p.set_defaults(**{_DEFAULTS: {dest: p.get_default(dest) for dest in REPLAYABLE}})
     p.set_defaults(**dict.fromkeys(REPLAYABLE))
-
-
-def output_paths(out: str, seeds: list[int]) -> list[Path]:
-    """A file path for one image; for a folder (or several images) numbered files `NNNNN-SEED.png`.
-
-    Numbering continues after the highest number already in the folder; missing folders are created.
-    """
-    target = Path(out)
-    if target.suffix.lower() == ".png":
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if len(seeds) == 1:
-            return [target]
-        return [target.with_name(f"{target.stem}-{i:02d}-{s}.png") for i, s in enumerate(seeds)]
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"--out {out}: a file of that name exists; name a folder or a .png file")
-    target.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m.group(1)) for p in target.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
-    start = max(numbers, default=-1) + 1
-    return [target / f"{start + i:05d}-{s}.png" for i, s in enumerate(seeds)]
-
-
-def grid_path(paths: list[Path]) -> Path:
-    """`grid-<first image's name>.png` beside the images (the image commands' convention)."""
-    return paths[0].with_name(f"grid-{paths[0].stem}.png")
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[dict, str | None, str | None]:
@@ -192,25 +174,42 @@ def run(args: argparse.Namespace) -> int:
     request = GenerationRequest(
         **fields, n=args.n, batch_size=args.batch_size, tile=args.tile, class_label=args.class_label
     )
+    limits = check_limits_early(args, request)
+    outputs = plan_outputs(args.out, args.n, args.overwrite, inputs=[args.from_png])  # before any model work
     comps, model_hash = open_model(model, device=args.device)
     set_threads(args, comps)
-    request = request.validate(comps.config)  # fail before any work on bad input
+    request = request.validate(comps.config, limits)  # fail before any work on bad input
     if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():
         _note(f"{args.from_png} was made by a model with hash {expected_hash}; this one's is {model_hash}: "
               "the image will differ")
-    paths = output_paths(args.out, [request.seed + i for i in range(request.n)])  # a bad --out fails now
-    return run_and_save(args, comps, request, txt2img, model_hash, paths)
+    return run_and_save(args, comps, request, txt2img, model_hash, outputs)
 
 
-def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash: str | None, paths: list[Path]) -> int:
+def check_limits_early(args: argparse.Namespace, request) -> Limits:
+    """The `Limits` of the limit flags; a --size or --n over them fails here, before a model is loaded
+    (`GenerationRequest.validate` checks everything again against the model)."""
+    limits = limits_from_args(args)
+    if request.width is not None and request.height is not None:
+        limits.check_size(request.width, request.height, max(1, min(request.batch_size, request.n)))
+    limits.check_count(request.n, request.steps or 1)
+    return limits
+
+
+def seed_line(request) -> str:
+    """How the seeds of a validated request are told: image i uses seed + i."""
+    if request.n == 1:
+        return f"seed {request.seed}"
+    return f"seeds {request.seed} to {request.seed + request.n - 1} (image i: seed + i)"
+
+
+def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash: str | None,
+                 outputs: Outputs) -> int:
     """Run `pipeline(comps, request)` in --dtype with a progress bar (and --preview), save the PNGs to
-    `paths`, a grid for several images (--grid), print the paths: the tail every image command shares."""
+    `outputs` and a grid for several images (--grid), print the paths: the tail every image command shares."""
     from tqdm import tqdm
 
     from ..api import set_compute_dtype
-    from ..pipelines.common import count_steps
-    from ..pipelines.images import make_grid
-    from ..pngmeta import save_png
+    from ..pipelines.common import progress_total
 
     set_compute_dtype(comps, args.dtype)
     preview = None
@@ -218,8 +217,8 @@ def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash:
         from ..pipelines.preview import PreviewWriter
 
         preview = PreviewWriter(comps.vae, args.preview, args.preview_mode, tiled=args.tile)
-    total = request.n * count_steps(comps, request)
-    with tqdm(total=total, unit="step", desc=args.command, dynamic_ncols=True) as bar:
+    print(f"daguerre {args.command}: {seed_line(request)}", file=sys.stderr, flush=True)
+    with tqdm(total=progress_total(comps, request), unit="step", desc=args.command, dynamic_ncols=True) as bar:
         def on_step(info: dict) -> None:
             if preview is not None:
                 preview(info)
@@ -228,11 +227,7 @@ def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash:
         results = pipeline(comps, request, callback=on_step, model_hash=model_hash)
     if not results:
         raise UserError("nothing was generated")
-    for result, path in zip(results, paths, strict=True):
-        save_png(result.image, path, result.parameters)
-        print(path)
-    if len(results) > 1 and args.grid is not False:
-        print(save_png(make_grid([r.image for r in results]), grid_path(paths), results[0].parameters))
+    outputs.save(results, grid=args.grid is not False)
     if preview is not None:
         gif = preview.finish([r.image for r in results])
         print(f"previews: {args.preview}/step_*.png, {gif}")

@@ -13,17 +13,18 @@ from .generate import (
     add_model_arguments,
     add_output_arguments,
     add_sampling_arguments,
-    output_paths,
+    check_limits_early,
     run_and_save,
     set_threads,
 )
+from .outputs import plan_outputs
 
 RESIZE_CHOICES = ("crop", "fit", "stretch", "none")
 
 
 def add_image_arguments(p: argparse.ArgumentParser, strength_help: str) -> None:
     """--strength / --resize / --class, shared by the image commands, plus generate's model, sampling and
-    output arguments (--tile, --preview, --grid)."""
+    output arguments (--tile, --preview, --grid, --overwrite, the limit flags)."""
     p.add_argument("--strength", "-s", type=float, default=None, help=strength_help)
     p.add_argument("--resize", default="crop", choices=RESIZE_CHOICES,
                    help="how the input meets --size: crop (scale to cover, center-crop), fit (scale to fit, "
@@ -62,13 +63,14 @@ def run_image_command(
         init_image=args.image, strength=args.strength, resize_mode=args.resize, tile=args.tile,
         **fields,
     )
+    limits = check_limits_early(args, request)
+    outputs = plan_outputs(args.out, args.n, args.overwrite, inputs=[args.image, fields.get("mask")])
     comps, model_hash = open_model(args.model, device=args.device)
     set_threads(args, comps)
-    request = request.validate(comps.config)  # fail before any work on bad input
-    paths = output_paths(args.out, [request.seed + i for i in range(request.n)])  # ... bad --out included
+    request = request.validate(comps.config, limits)  # fail before any work on bad input (images included)
     if note is not None and (line := note(comps)):
         print(f"daguerre {args.command}: note: {line}", file=sys.stderr)
-    return run_and_save(args, comps, request, pipeline, model_hash, paths)
+    return run_and_save(args, comps, request, pipeline, model_hash, outputs)
 
 
 @command("img2img", "redraw an image guided by a prompt", _add_arguments)
