@@ -328,3 +328,37 @@ def test_the_limit_flags_reach_every_image_command(tmp_path, capsys, image_file,
     code, _, err = _run(capsys, *argv, "-o", str(out))
     assert code == 2 and flag in _one_error_line(err, argv[0])
     assert not out.exists()
+
+
+def test_raised_limits_hold_through_the_pipeline(tmp_path, capsys):
+    """The pipelines validate their request again: a request validated under raised limits keeps them
+    (GenerationRequest.limits) instead of meeting DEFAULT_LIMITS there."""
+    argv = ["generate", "a", *FAST[:2], "--steps", "1", "--size", "16x16", "--n", "101", "--batch-size", "101",
+            "--no-grid", "-o", str(tmp_path)]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "--max-images" in _one_error_line(err)
+    code, stdout, err = _run(capsys, *argv, "--max-images", "200")
+    assert code == 0, err
+    assert len(stdout.split()) == 101 and len(list(tmp_path.glob("*.png"))) == 101
+
+
+def test_a_validated_request_keeps_its_limits():
+    from daguerre.limits import DEFAULT_LIMITS, LimitError, Limits
+    from daguerre.pipelines.common import progress_total
+    from daguerre.pipelines.request import GenerationRequest
+    from daguerre.pipelines.txt2img import txt2img
+    from daguerre.registry import open_model
+
+    comps, _ = open_model("random:tiny")
+    n = DEFAULT_LIMITS.max_images + 1
+    request = GenerationRequest(steps=1, width=16, height=16, n=n, batch_size=n, seed=1)
+    with pytest.raises(LimitError):
+        request.validate(comps.config)
+    raised = Limits(max_images=n)
+    valid = request.validate(comps.config, raised)
+    assert valid.limits == raised
+    assert progress_total(comps, valid) == 1 and len(txt2img(comps, valid)) == n  # no DEFAULT_LIMITS inside
+    with pytest.raises(LimitError):  # the request's own limits apply when the caller gives none
+        GenerationRequest(steps=1, width=16, height=16, n=3, limits=Limits(max_images=2)).validate(comps.config)
+    with pytest.raises(ValueError, match="limits must be"):
+        request.validate(comps.config, {"max_images": n})

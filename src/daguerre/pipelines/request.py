@@ -66,6 +66,9 @@ class GenerationRequest:
     noise_level: int = 20  # upscale with an SR model that takes it (unet.num_classes): low-res augmentation step
     tile: bool | None = None  # tiled VAE decode/encode: True, False, or None = automatic for large images
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for pipeline-specific settings
+    # the bounds `validate` checked this request against: its validated copy keeps them, so that a pipeline's
+    # own validate (of an already validated request) applies the caller's limits, not DEFAULT_LIMITS
+    limits: Limits | None = field(default=None, repr=False, compare=False)
 
     def settings(self, config: ModelConfig) -> dict[str, Any]:
         """steps, sampler, schedule and cfg_scale: this request's, else the model's recommended, else global.
@@ -85,9 +88,14 @@ class GenerationRequest:
                 chosen["sampler"] = split[0]
         return chosen
 
-    def validate(self, config: ModelConfig, limits: Limits = DEFAULT_LIMITS) -> GenerationRequest:
-        """Check every field against the model and `limits` (daguerre.limits: size, images, steps, work);
-        return a copy with defaults (settings, size, seed) filled in."""
+    def validate(self, config: ModelConfig, limits: Limits | None = None) -> GenerationRequest:
+        """Check every field against the model and `limits` (daguerre.limits: size, images, steps, work;
+        None: the request's own `limits` if it has some, else DEFAULT_LIMITS); return a copy with defaults
+        (settings, size, seed) filled in, which keeps the limits."""
+        if limits is None:
+            limits = self.limits if self.limits is not None else DEFAULT_LIMITS
+        if not isinstance(limits, Limits):
+            raise ValueError(f"limits must be a daguerre.limits.Limits, got {type(limits).__name__}")
         if any(getattr(self, k) is None for k in DEFAULT_SETTINGS):
             return dataclasses.replace(self, **self.settings(config)).validate(config, limits)
         from ..diffusion.sampler_names import resolve_sampler
@@ -137,7 +145,7 @@ class GenerationRequest:
             raise ValueError(
                 f"class label {self.class_label!r} given, but model {config.name!r} is not class-conditional"
             )
-        return dataclasses.replace(self, width=width, height=height, seed=seed, **images)
+        return dataclasses.replace(self, width=width, height=height, seed=seed, limits=limits, **images)
 
     def _check_types(self) -> None:
         """The type of every scalar field, so that a string or a bool from JSON, a form or a script is
