@@ -362,3 +362,17 @@ def test_a_validated_request_keeps_its_limits():
         GenerationRequest(steps=1, width=16, height=16, n=3, limits=Limits(max_images=2)).validate(comps.config)
     with pytest.raises(ValueError, match="limits must be"):
         request.validate(comps.config, {"max_images": n})
+
+
+def test_eval_and_classifier_keep_earlier_outputs(tmp_path, capsys, no_model):
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "report.json").write_text("{}")
+    code, _, err = _run(capsys, "eval", "--model", "random:tiny", "--dataset", "shapes", "--out", str(ev))
+    assert code == 2 and "--overwrite to replace it" in _one_error_line(err, "eval")
+    assert (ev / "report.json").read_text() == "{}"
+    clf = tmp_path / "c.safetensors"
+    clf.write_text("a classifier")
+    code, _, err = _run(capsys, "classifier", "train", "--dataset", "shapes", "--steps", "1", "--out", str(clf))
+    assert code == 2 and "--overwrite to replace it" in _one_error_line(err, "classifier")
+    assert clf.read_text() == "a classifier"
