@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/daguerre generate "a red circle above a blue square" --seed 1 --out demo.png
+	$(VENV)/bin/daguerre generate "a red circle above a blue square" --seed 1 --out demo.png --overwrite
 	@echo "wrote demo.png"
 
 test: $(VENV)/.installed-test fashion-mnist browser
@@ -56,7 +56,7 @@ models: model-shapes model-fashion
 
 model-shapes model-fashion: model-%: $(RUNS)/%_ldm/model.safetensors
 	cp $< $(SHIPPED)/$*.safetensors
-	$(VENV)/bin/daguerre eval --model $(SHIPPED)/$*.safetensors --out $(RUNS)/$*_eval
+	$(VENV)/bin/daguerre eval --model $(SHIPPED)/$*.safetensors --out $(RUNS)/$*_eval --overwrite
 
 $(RUNS)/%_vae/vae.safetensors: | $(VENV)/.installed
 	$(VENV)/bin/daguerre train vae --config $*_vae --out $(RUNS)/$*_vae --resume
