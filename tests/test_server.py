@@ -117,8 +117,10 @@ def test_payload_mapping():
     # a full A1111 default payload: switches off, and the values A1111 reads only under them, are accepted
     r = request_from_payload({"prompt": "p", "enable_hr": False, "hr_scale": 2.0, "denoising_strength": 0.7,
                               "s_noise": 1.0, "s_tmax": None, "subseed": -1, "subseed_strength": 0, "eta": None})
-    assert r.strength is None and r.task == "txt2img"
-    for field, value in [("s_noise", 0.5), ("subseed_strength", 0.3), ("eta", 0.0), ("tiling", True)]:
+    assert r.strength is None and r.task == "txt2img" and r.eta is None
+    for field, value in [("s_noise", 0.5), ("subseed_strength", 0.3), ("tiling", True), ("enable_hr", True),
+                         ("firstphase_width", 256), ("styles", ["cinematic"]), ("script_name", "x/y/z plot"),
+                         ("alwayson_scripts", {"ControlNet": {"args": []}}), ("refiner_checkpoint", "sdxl_refiner")]:
         with pytest.raises(ApiError, match=f"{field}="):
             request_from_payload({"prompt": "p", field: value})
 
@@ -179,25 +181,44 @@ def test_a_failure_inside_is_a_500_and_the_server_goes_on(server, monkeypatch, c
     status, out = _post(server, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 2})
     assert status == 500 and out == {"error": "RuntimeError", "detail": "out of memory"}
     assert "RuntimeError: out of memory" in capsys.readouterr().err
-    assert server.progress["job"] is None
+    assert server.state["job"] == "" and server.state["job_count"] == 0
 
 
 class Paused:
-    """The real pipeline of random:tiny, held still after sampler step `at` until `release` is set;
-    `reached` is set when it gets there."""
+    """The real pipeline of random:tiny, held still after sampler step `at` of the batch starting at image
+    `batch_start` until `release` is set; `reached` is set when it gets there, and `denoised` holds the
+    model's x0 estimate at that step."""
 
-    def __init__(self, at: int):
+    def __init__(self, at: int, batch_start: int = 0):
         self.pipe = daguerre.load("random:tiny")
         self.components, self.model_hash, self.request = self.pipe.components, None, self.pipe.request
-        self.at, self.reached, self.release = at, threading.Event(), threading.Event()
+        self.at, self.batch_start, self.reached, self.release = at, batch_start, threading.Event(), threading.Event()
+        self.denoised = None
 
     def __call__(self, request, callback):
         def on_step(info):
             callback(info)
-            if info["i"] == self.at:
+            if (info["batch_start"], info["i"]) == (self.batch_start, self.at):
+                self.denoised = info["denoised"].clone()
                 self.reached.set()
                 self.release.wait(60)
         return self.pipe(request, callback=on_step)
+
+
+def _run_paused(paused: Paused, payload: dict, during) -> tuple[int, dict]:
+    """POST `payload` to txt2img on a server over `paused`; call `during(server)` while it is held; release it."""
+    server, answer = Server(paused, "random:tiny"), {}
+    body = json.dumps(payload).encode()
+    worker = threading.Thread(target=lambda: answer.update(out=server.handle("POST", "/sdapi/v1/txt2img", body)))
+    worker.start()
+    try:
+        assert paused.reached.wait(60)
+        during(server)
+    finally:
+        paused.release.set()
+        worker.join(60)
+    status, _, raw = answer["out"]
+    return status, json.loads(raw)
 
 
 def test_progress_reports_the_step_and_a_live_preview_while_a_request_runs():
@@ -233,23 +254,81 @@ def test_sd_models_names_the_checkpoint_file_and_its_sha256():
     assert entry["hash"] == entry["sha256"][:10] and entry["title"] == f"fashion [{entry['hash']}]"
 
 
-def test_interrupt_stops_the_running_request_which_answers_with_no_images():
-    paused, answer = Paused(at=0), {}
-    reached, release = paused.reached, paused.release
-    server = Server(paused, "random:tiny")
-    body = json.dumps({"prompt": "x", "steps": 4}).encode()
-    worker = threading.Thread(target=lambda: answer.update(out=server.handle("POST", "/sdapi/v1/txt2img", body)))
-    worker.start()
-    assert reached.wait(60)
-    assert server.handle("POST", "/sdapi/v1/interrupt")[0] == 200
-    release.set()
-    worker.join(60)
-    status, _, raw = answer["out"]
-    out = json.loads(raw)
-    assert status == 200 and out["images"] == [] and json.loads(out["info"])["interrupted"] is True
-    assert json.loads(server.handle("GET", "/sdapi/v1/progress")[2])["state"]["job"] == ""
+def test_interrupt_answers_with_the_image_of_the_current_x0_estimate():
+    from daguerre.pipelines.common import latents_to_images
+
+    paused = Paused(at=1)
+    status, out = _run_paused(paused, {"prompt": "x", "steps": 4, "seed": 3},
+                              lambda server: server.handle("POST", "/sdapi/v1/interrupt"))
+    info = json.loads(out["info"])
+    assert status == 200 and info["interrupted"] is True and len(out["images"]) == 1, info
+    # the image is the decoded x0 estimate of the step it stopped at, as A1111 decodes its last latent
+    expected = latents_to_images(paused.components, paused.denoised)[0]
+    assert np.array_equal(np.asarray(_image(out["images"][0]).convert("RGB")), np.asarray(expected.convert("RGB")))
+    assert info["all_seeds"] == [3] and "Steps: 4" in info["infotexts"][0]
+    full = paused.pipe("x", steps=4, seed=3)[0].image  # not the finished image
+    assert not np.array_equal(np.asarray(full.convert("RGB")), np.asarray(expected.convert("RGB")))
+
+
+def test_interrupt_keeps_finished_batches_and_the_next_request_runs_whole():
+    paused = Paused(at=0, batch_start=1)  # in the second of three batches
+    server_seen = {}
+
+    def during(server):
+        server.handle("POST", "/sdapi/v1/interrupt")
+        server_seen["server"] = server
+    status, out = _run_paused(paused, {"prompt": "x", "steps": 3, "seed": 5, "n_iter": 3}, during)
+    info = json.loads(out["info"])
+    assert status == 200 and info["interrupted"] and info["all_seeds"] == [5, 6], info  # batch 3 never ran
+    server = server_seen["server"]
+    state = json.loads(server.handle("GET", "/sdapi/v1/progress")[2])["state"]
+    assert state["job"] == "" and state["job_count"] == 0 and state["interrupted"] is True
     status, out = _post(server, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 2})  # the next request runs whole
-    assert status == 200 and len(out["images"]) == 1
+    assert status == 200 and len(out["images"]) == 1 and not json.loads(out["info"])["interrupted"]
+
+
+def test_skip_ends_the_current_batch_and_goes_on_with_the_next():
+    paused = Paused(at=0)
+    status, out = _run_paused(paused, {"prompt": "x", "steps": 3, "seed": 5, "n_iter": 2},
+                              lambda server: server.handle("POST", "/sdapi/v1/skip"))
+    info = json.loads(out["info"])
+    assert status == 200 and not info["interrupted"] and info["all_seeds"] == [5, 6]
+    whole = paused.pipe("x", steps=3, seed=5, n=2)
+    got = [np.asarray(_image(b).convert("RGB")) for b in out["images"]]
+    assert not np.array_equal(got[0], np.asarray(whole[0].image.convert("RGB")))  # the skipped batch: partial
+    assert np.array_equal(got[1], np.asarray(whole[1].image.convert("RGB")))  # the next one: whole
+
+
+def test_interrupt_stops_within_one_unet_block(server):
+    """An interrupt that arrives in the middle of a U-Net forward stops it before the next block."""
+    unet, ran = server.pipe.components.unet, []
+    hooks = [unet.input_blocks[1].register_forward_pre_hook(lambda *_: server.interrupt()),  # mid-step
+             unet.output_blocks[0].register_forward_pre_hook(lambda *_: ran.append(1))]
+    try:
+        status, out = _post(server, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 50})
+    finally:
+        for h in hooks:
+            h.remove()
+    assert status == 200 and json.loads(out["info"])["interrupted"] and out["images"] == []
+    assert ran == []  # the first forward never reached the output blocks
+    assert len(unet._forward_pre_hooks) == 0 and len(unet.input_blocks[1]._forward_pre_hooks) == 0  # removed
+
+
+def test_a_departed_client_stops_its_request(server, monkeypatch):
+    import daguerre.server.app as app
+
+    monkeypatch.setattr(app, "CANCEL_POLL", 0.0)  # ask at every check
+    unet, calls = server.pipe.components.unet, []
+    hook = unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        body = json.dumps({"prompt": "x", "steps": 100, "cfg_scale": 1}).encode()
+        status, _, raw = server.handle("POST", "/sdapi/v1/txt2img", body, cancelled=lambda: len(calls) >= 3)
+    finally:
+        hook.remove()
+    assert status == 200 and json.loads(json.loads(raw)["info"])["interrupted"]
+    assert len(calls) == 3  # stopped in the third U-Net call, at its first block, not after 100 steps
+    gone = server.handle("POST", "/sdapi/v1/txt2img", body, cancelled=lambda: True)  # gone before it began
+    assert json.loads(json.loads(gone[2])["info"])["interrupted"] and len(calls) == 3
 
 
 def test_options_name_the_loaded_model_and_refuse_another(server):

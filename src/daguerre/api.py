@@ -162,6 +162,8 @@ PNG_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "Seed": ("seed", int),
     "Clip skip": ("clip_skip", int),
     "Guidance rescale": ("guidance_rescale", float),
+    "Eta": ("eta", float),  # A1111 writes one of these two for a sampler that takes eta (sampler_names.Eta)
+    "Eta DDIM": ("eta", float),
 }
 SIZE_KEY = "Size"
 MODEL_KEY = "Model"
@@ -182,8 +184,8 @@ class PngSettings:
 def settings_from_parameters(text: str, source: str = "parameters") -> PngSettings:
     """Read the A1111 `parameters` text (`pngmeta.parse_parameters`) into GenerationRequest fields.
 
-    Prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size, clip skip and
-    guidance rescale are read; a value that does not parse is a ValueError naming `source` and the key.
+    Prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size, clip skip, guidance
+    rescale and eta are read; a value that does not parse is a ValueError naming `source` and the key.
     """
     from .pngmeta import parse_parameters
 

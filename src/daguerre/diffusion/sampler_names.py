@@ -50,6 +50,21 @@ SCHEDULES = (
 
 
 @dataclass(frozen=True)
+class Eta:
+    """How a sampler takes A1111's `eta` (the scale of the fresh noise of each step; 0 = deterministic): its
+    default and the key A1111 writes to the PNG parameters when a request uses another value. A1111 has two
+    settings: `eta_ancestral` (1) for k-diffusion's ancestral and SDE samplers, `eta_ddim` (0) for DDIM;
+    a request's `eta` overrides either, and samplers without one ignore it."""
+
+    default: float
+    infotext: str
+
+
+ANCESTRAL_ETA = Eta(1.0, "Eta")  # A1111 setting eta_ancestral
+DDIM_ETA = Eta(0.0, "Eta DDIM")  # A1111 setting eta_ddim
+
+
+@dataclass(frozen=True)
 class SamplerName:
     """A sampler as A1111 labels it: daguerre's registry key, its Automatic schedule, its other names."""
 
@@ -60,24 +75,30 @@ class SamplerName:
     discard_penultimate: bool = False  # A1111: one more step, then drop the next-to-last sigma
     aliases: tuple[str, ...] = ()  # ComfyUI names and A1111's internal k_* aliases
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the sampler
+    eta: Eta | None = None  # the sampler takes `eta` (a keyword argument); None: it has none
 
 
 SAMPLER_NAMES = (
-    SamplerName("Euler a", "euler_ancestral", "Uniform", aliases=("euler_ancestral", "k_euler_a", "k_euler_ancestral")),
+    SamplerName("Euler a", "euler_ancestral", "Uniform", aliases=("euler_ancestral", "k_euler_a", "k_euler_ancestral"),
+                eta=ANCESTRAL_ETA),
     SamplerName("Euler", "euler", "Uniform", aliases=("euler", "k_euler")),
     SamplerName("LMS", "lms", "Uniform", aliases=("lms", "k_lms")),
     SamplerName("Heun", "heun", "Uniform", aliases=("heun", "k_heun")),
     SamplerName("DPM2", "dpm2", "Karras", discard_penultimate=True, aliases=("dpm_2", "k_dpm_2")),
     SamplerName(
-        "DPM2 a", "dpm2_ancestral", "Karras", discard_penultimate=True, aliases=("dpm_2_ancestral", "k_dpm_2_a")
+        "DPM2 a", "dpm2_ancestral", "Karras", discard_penultimate=True, aliases=("dpm_2_ancestral", "k_dpm_2_a"),
+        eta=ANCESTRAL_ETA,
     ),
-    SamplerName("DPM++ 2S a", "dpmpp_2s_ancestral", "Karras", aliases=("dpmpp_2s_ancestral", "k_dpmpp_2s_a")),
+    SamplerName("DPM++ 2S a", "dpmpp_2s_ancestral", "Karras", aliases=("dpmpp_2s_ancestral", "k_dpmpp_2s_a"),
+                eta=ANCESTRAL_ETA),
     SamplerName("DPM++ 2M", "dpmpp_2m", "Karras", aliases=("dpmpp_2m", "k_dpmpp_2m")),
-    SamplerName("DPM++ SDE", "dpmpp_sde", "Karras", aliases=("dpmpp_sde", "dpmpp_sde_gpu", "k_dpmpp_sde")),
+    SamplerName("DPM++ SDE", "dpmpp_sde", "Karras", aliases=("dpmpp_sde", "dpmpp_sde_gpu", "k_dpmpp_sde"),
+                eta=ANCESTRAL_ETA),
     SamplerName(
-        "DPM++ 2M SDE", "dpmpp_2m_sde", "Exponential", aliases=("dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "k_dpmpp_2m_sde")
+        "DPM++ 2M SDE", "dpmpp_2m_sde", "Exponential", aliases=("dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "k_dpmpp_2m_sde"),
+        eta=ANCESTRAL_ETA,
     ),
-    SamplerName("DDIM", "ddim", "DDIM", timestep_sampler=True, aliases=("ddim",)),
+    SamplerName("DDIM", "ddim", "DDIM", timestep_sampler=True, aliases=("ddim",), eta=DDIM_ETA),
     SamplerName("PLMS", "plms", "DDIM", timestep_sampler=True, aliases=("plms",)),
     SamplerName("UniPC", "unipc", "Uniform", timestep_sampler=True, aliases=("uni_pc", "uni_pc_bh2")),
     SamplerName("LCM", "lcm", "Uniform", aliases=("lcm", "k_lcm")),
@@ -108,6 +129,7 @@ class SamplerChoice:
     spacing: str = "leading"
     discard_penultimate: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
+    eta: Eta | None = None  # how the sampler takes `eta` (None: it has none, and ignores a request's)
 
     def sigmas(self, steps: int, model_sigmas: torch.Tensor) -> torch.Tensor:
         """The `steps` + 1 sigmas (ending in 0) of this choice for a model's discrete sigmas."""
@@ -185,6 +207,7 @@ def resolve_sampler(name: str, schedule: str | None = None) -> SamplerChoice:
         spacing=sched.spacing,
         discard_penultimate=entry.discard_penultimate,
         kwargs=dict(entry.kwargs),
+        eta=entry.eta,
     )
 
 

@@ -47,6 +47,25 @@ class GeneratedImage:
     parameters: str
 
 
+class StopSampling(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by a step callback (or by a check inside the U-Net's forward) to end the sampling of the current
+    batch early; `run_plan` then decodes the batch's latest x0 estimate, as A1111 decodes its last latent.
+    Use a subclass: `SkipBatch` or `Interrupted`."""
+
+
+class SkipBatch(StopSampling):
+    """End the current batch with the images of its latest x0 estimate and go on with the next (A1111's /skip)."""
+
+
+class Interrupted(StopSampling):  # noqa: N818
+    """Stop the request (A1111's /interrupt). `run_plan` re-raises it with `results`: the finished images, then
+    the current batch's images decoded from its latest x0 estimate (none if it had not finished a step)."""
+
+    def __init__(self, message: str = "interrupted", results: list[GeneratedImage] | None = None):
+        super().__init__(message)
+        self.results: list[GeneratedImage] = results or []
+
+
 @dataclass
 class SamplingPlan:
     """What one pipeline adds to the shared sampling loop. Tensors have batch 1 (the same for every
@@ -208,7 +227,17 @@ def sampler_parameters(request: GenerationRequest, components: Components, model
         "Class": request.class_label if cfg.conditioning == "class" else None,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
         "Guidance rescale": f"{request.guidance_rescale:g}" if request.guidance_rescale else None,
+        **eta_parameter(request),
     }
+
+
+def eta_parameter(request: GenerationRequest) -> dict[str, str]:
+    """{"Eta": ...} or {"Eta DDIM": ...} as A1111 writes it: for a sampler that takes eta, when the request's
+    differs from that sampler's default; {} otherwise."""
+    eta = resolve_sampler(request.sampler, request.schedule).eta
+    if eta is None or request.eta is None or request.eta == eta.default:
+        return {}
+    return {eta.infotext: f"{request.eta:g}"}
 
 
 @torch.no_grad()
@@ -223,13 +252,17 @@ def run_plan(
     """Generate `req.n` images (req already validated) in batches of `req.batch_size`; image i draws all
     its noise from a CPU generator seeded `seed + i`, in a fixed order (starting noise, latent-noise fill,
     concat augmentation, then the sampler), so it is the same image in any batch. `callback` gets the
-    sampler's step dict plus `batch_start`, the index of the batch's first image."""
+    sampler's step dict plus `batch_start`, the index of the batch's first image; it may raise `SkipBatch`
+    or `Interrupted` (see `StopSampling`) to end a batch or the request early with partial images."""
     cfg = components.config
     device = next(components.unet.parameters()).device
     choice = resolve_sampler(req.sampler, req.schedule)
     denoiser = Denoiser(components.unet, cfg.schedule)
     sigmas = run_sigmas(components, req, denoiser.sigmas).to(device)
     sampler = SAMPLERS[choice.sampler]
+    kwargs = dict(choice.kwargs)
+    if choice.eta is not None and req.eta is not None:  # samplers without eta ignore it, as A1111's do
+        kwargs["eta"] = req.eta
     f = cfg.vae.downsample_factor
     shape = (cfg.vae.latent_channels, req.height // f, req.width // f)
     params = {**sampler_parameters(req, components, model_hash), **plan.params}
@@ -262,15 +295,34 @@ def run_plan(
             guided = cfg_denoiser(denoiser, {**expand(uncond1, b), **batch_extra}, req.cfg_scale, req.guidance_rescale)
         if plan.mask is not None and plan.known is not None:
             guided = inpaint_blend_denoiser(guided, plan.known.to(device).expand(b, *shape), plan.mask.to(device))
-        step_cb = None
-        if callback is not None:
-            def step_cb(info: dict[str, Any], _start: int = start) -> None:
+        latest: dict[str, torch.Tensor] = {}  # the batch's latest x0 estimate, for a batch stopped early
+
+        def step_cb(info: dict[str, Any], _start: int = start, _latest: dict = latest) -> None:
+            _latest["denoised"] = info["denoised"]
+            if callback is not None:
                 callback({**info, "batch_start": _start})
-        if len(sigmas) > 1:
-            x = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=step_cb, generator=gens, **choice.kwargs)
-        for i, image in enumerate(latents_to_images(components, x, req.tile)):
-            if plan.finish is not None:
-                image = plan.finish(image)
-            text = format_parameters(req.prompt, req.negative_prompt, {**params, "Seed": seeds[i]})
-            results.append(GeneratedImage(image=image, seed=seeds[i], parameters=text))
+        try:
+            if len(sigmas) > 1:
+                x = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=step_cb, generator=gens, **kwargs)
+        except StopSampling as stop:
+            x = latest.get("denoised")
+            partial = [] if x is None else _finished(components, req, plan, x, seeds, params)
+            if isinstance(stop, Interrupted):
+                stop.results = results + partial
+                raise
+            results.extend(partial)
+            continue
+        results.extend(_finished(components, req, plan, x, seeds, params))
+    return results
+
+
+def _finished(components: Components, req: GenerationRequest, plan: SamplingPlan, x: torch.Tensor,
+              seeds: list[int], params: dict[str, Any]) -> list[GeneratedImage]:
+    """The decoded, post-processed images of a batch's final latents, with their PNG parameters."""
+    results = []
+    for i, image in enumerate(latents_to_images(components, x, req.tile)):
+        if plan.finish is not None:
+            image = plan.finish(image)
+        text = format_parameters(req.prompt, req.negative_prompt, {**params, "Seed": seeds[i]})
+        results.append(GeneratedImage(image=image, seed=seeds[i], parameters=text))
     return results

@@ -28,6 +28,7 @@ IMAGE_TASKS = ("img2img", "inpaint", "upscale")
 # (resize + img2img, A1111 "hires fix") a moderate 0.4 that keeps the composition.
 DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 0.75, "upscale": 0.4}
 INPAINT_FILLS = ("original", "fill", "latent noise", "latent nothing")  # A1111 "Masked content"
+INPAINT_AREAS = ("whole", "only masked")  # A1111 "Inpaint area": Whole picture, Only masked (pipelines/inpaint.py)
 CONCAT_KINDS = (None, "inpaint", "lowres")
 MAX_UPSCALE = 8.0
 # Sampling settings of a request that leaves them None and whose model recommends none (A1111's defaults,
@@ -48,6 +49,7 @@ class GenerationRequest:
     schedule: str | None = None  # A1111 "Schedule type": Automatic, Karras, Exponential, SGM Uniform, ...
     cfg_scale: float | None = None  # classifier-free guidance scale; 1 = no guidance
     guidance_rescale: float = 0.0  # Lin et al. 2024 rescale, for zero-terminal-SNR / v models
+    eta: float | None = None  # noise of ancestral / SDE / DDIM steps; None = the sampler's default (sampler_names.py)
     seed: int | None = None
     width: int | None = None
     height: int | None = None
@@ -62,6 +64,8 @@ class GenerationRequest:
     mask: str | os.PathLike | Image.Image | None = None  # inpaint: white = repaint, black = keep
     mask_blur: int = 4  # A1111 "Mask blur": Gaussian sigma in pixels of the mask's soft edge
     inpaint_fill: str = "original"  # A1111 "Masked content": original, fill, latent noise, latent nothing
+    inpaint_area: str = "whole"  # A1111 "Inpaint area": "whole" picture, or "only masked" (a crop at width x height)
+    inpaint_padding: int = 32  # "only masked": pixels of context around the mask's bounding box
     upscale_factor: float = 2.0  # upscale: output size = input size x this (snapped to the model's grid)
     noise_level: int = 20  # upscale with an SR model that takes it (unet.num_classes): low-res augmentation step
     tile: bool | None = None  # tiled VAE decode/encode: True, False, or None = automatic for large images
@@ -111,6 +115,11 @@ class GenerationRequest:
             raise ValueError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
         if self.clip_skip < 1:
             raise ValueError(f"clip skip must be >= 1 (1 = the model's default layer), got {self.clip_skip}")
+        if self.eta is not None and not (0.0 <= self.eta < float("inf")):
+            raise ValueError(f"eta must be >= 0 (0 = no fresh noise per step), got {self.eta}")
+        if self.inpaint_area not in INPAINT_AREAS or (self.inpaint_area != "whole" and self.task != "inpaint"):
+            raise ValueError(f"inpaint area {self.inpaint_area!r}: choose one of {', '.join(INPAINT_AREAS)}; "
+                             "'only masked' needs a mask (task inpaint)")
         resolve_sampler(self.sampler, self.schedule)  # raises with the list of valid names
         _check_task(config, self.task)
         factor = config.vae.downsample_factor * config.unet.downsample_factor
@@ -153,13 +162,14 @@ class GenerationRequest:
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be text, got {getattr(self, name)!r}")
-        whole = ["steps", "n", "batch_size", "clip_skip", "mask_blur", "noise_level"]
+        whole = ["steps", "n", "batch_size", "clip_skip", "mask_blur", "noise_level", "inpaint_padding"]
         whole += [k for k in ("seed", "width", "height") if getattr(self, k) is not None]
         for name in whole:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
-        real = ["cfg_scale", "guidance_rescale", "upscale_factor"] + (["strength"] if self.strength is not None else [])
+        real = ["cfg_scale", "guidance_rescale", "upscale_factor"]
+        real += [k for k in ("strength", "eta") if getattr(self, k) is not None]
         for name in real:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -201,7 +211,11 @@ class GenerationRequest:
             raise ValueError(f"image {_name(self.init_image)} is {image.width}x{image.height}, smaller than the "
                              f"model's {factor}-pixel grid: give a larger image")
         width, height = self.width, self.height
-        if self.task == "upscale":
+        if self.inpaint_area == "only masked":  # the crop around the mask runs at width x height, not the image
+            if self.inpaint_padding < 0:
+                raise ValueError(f"inpaint padding must be >= 0 pixels, got {self.inpaint_padding}")
+            width, height = width or config.sample_size, height or config.sample_size
+        elif self.task == "upscale":
             if not (1.0 < self.upscale_factor <= MAX_UPSCALE):
                 raise ValueError(f"upscale factor must be in (1, {MAX_UPSCALE:g}], got {self.upscale_factor}")
             _check_noise_level(config, self.noise_level)
@@ -221,7 +235,8 @@ class GenerationRequest:
                     and image.width - width < factor and image.height - height < factor:
                 image = center_crop(image, width, height)
                 mask = center_crop(mask, width, height) if mask is not None else None
-        if self.resize_mode == "none" and self.task != "upscale" and image.size != (width, height):
+        if self.resize_mode == "none" and self.task != "upscale" and self.inpaint_area == "whole" \
+                and image.size != (width, height):
             raise ValueError(f"image {_name(self.init_image)} is {image.width}x{image.height}, not {width}x{height}: "
                              "use a resize mode (crop, fit, stretch) or give a matching size")
         return {"init_image": image, "mask": mask, "strength": strength, "size": (width, height)}

@@ -3,209 +3,112 @@ editor plug-ins call) over one loaded model, and a small page to try it in a bro
 
 Endpoints (request and response fields as A1111 names them; docs/usage.md, "daguerre serve"):
 
-    POST /sdapi/v1/txt2img     {"prompt", "negative_prompt", "steps", "sampler_name", "scheduler",
+    POST /sdapi/v1/txt2img     {"prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "eta",
                                 "cfg_scale", "seed", "width", "height", "batch_size", "n_iter", ...}
     POST /sdapi/v1/img2img     the same and "init_images" (base64), "denoising_strength", "resize_mode",
-                               "mask", "mask_blur", "inpainting_fill", "inpainting_mask_invert"
+                               "mask", "mask_blur", "inpainting_fill", "inpainting_mask_invert",
+                               "inpaint_full_res", "inpaint_full_res_padding"
                                -> {"images": [base64 PNG, ...], "parameters": {...}, "info": "<json>"}
     POST /sdapi/v1/png-info    {"image"} -> the generation parameters it carries
-    POST /sdapi/v1/interrupt   stop the running request (it answers with no images)
-    GET  /sdapi/v1/samplers, /sdapi/v1/schedulers, /sdapi/v1/sd-models, /sdapi/v1/progress, /sdapi/v1/options
+    POST /sdapi/v1/interrupt   stop the running request: it answers with the images so far, the current
+                               batch's decoded from the model's latest x0 estimate
+    POST /sdapi/v1/skip        end the current batch the same way and go on with the next
+    GET  /sdapi/v1/progress    A1111's progress state (job, job_count, job_no, sampling_step, ...), the
+                               live preview and the seconds left
+    GET  /sdapi/v1/samplers, schedulers, sd-models, options, memory, cmd-flags, and the lists of what
+         daguerre does not have (loras, embeddings, upscalers, sd-vae, hypernetworks, face-restorers,
+         realesrgan-models, prompt-styles, latent-upscale-modes, scripts, script-info, extensions): empty
     POST /sdapi/v1/options     accepted when it changes nothing (one model per server)
+    POST /sdapi/v1/refresh-checkpoints, refresh-vae, refresh-loras: nothing to refresh
     GET  /                     the page
 
-The payload becomes a `GenerationRequest` here, the one schema the CLI and the Python API share, and
-is checked once by `GenerationRequest.validate`: a bad value is a 422 whose "detail" names it. A1111
-fields daguerre does not implement (hires fix, face restoration, scripts, ...) are refused when set,
-never silently ignored; those that only steer A1111's own saving are accepted. Requests run one at a
-time (one model, one lock); the PNGs carry the same `parameters` text chunk as the CLI's.
+The payload becomes a `GenerationRequest` (server/payload.py), checked once by
+`GenerationRequest.validate` against the server's `Limits`: a bad value is a 422 whose "detail" names
+it. Requests run one at a time (one model, one lock); the PNGs carry the same `parameters` text chunk
+as the CLI's. A request stops at the next U-Net block after /interrupt, or when `cancelled` (the
+socket layer's "the client went away") says so.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import io
 import json
+import os
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
 
-from ..pipelines.request import GenerationRequest
+from ..limits import DEFAULT_LIMITS, Limits
+from .payload import (  # noqa: F401  (ApiError, decode_image, request_from_payload: this module's names before)
+    ApiError,
+    check_settings,
+    decode_image,
+    parse_body,
+    request_from_payload,
+)
 
 API = "/sdapi/v1"
-# A1111 img2img "inpainting_fill" (Masked content) and "resize_mode" codes -> daguerre's names
-INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
-RESIZE_MODE = {0: "stretch", 1: "crop", 2: "fit"}  # Just resize, Crop and resize, Resize and fill
-# A1111 payload fields about its own saving and UI state, or read by A1111 only when a switch that
-# daguerre refuses (below) is on: accepted whatever their value
-IGNORED = {"send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "styles",
-           "override_settings_restore_afterwards", "include_init_images", "script_name", "script_args",
-           "alwayson_scripts", "firstpass_image", "force_task_id", "infotext",
-           "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
-           "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg", "hr_distilled_cfg",
-           "denoising_strength_hr", "refiner_switch_at", "inpaint_full_res_padding", "subseed",
-           "denoising_strength"}  # in txt2img, the strength of the hires fix's second pass
-# A1111 features daguerre lacks -> the values that leave them off (None always does): refused otherwise
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "enable_hr": (False,), "restore_faces": (False,), "tiling": (False,), "subseed_strength": (0,),
-    "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0), "refiner_checkpoint": ("",),
-    "s_min_uncond": (0,), "s_churn": (0,), "s_tmin": (0,), "s_tmax": (0, float("inf")), "s_noise": (1,),
-    "eta": (), "image_cfg_scale": (), "initial_noise_multiplier": (1,), "inpaint_full_res": (False, 0),
-    "latent_mask": (),
+CANCEL_POLL = 0.05  # seconds between two asks of `cancelled` (a system call) while a request runs
+# A1111 lists of things daguerre does not have, in A1111's empty shapes: route -> answer
+NOTHING: dict[str, Any] = {
+    "loras": [], "upscalers": [], "latent-upscale-modes": [], "sd-vae": [], "hypernetworks": [], "face-restorers": [],
+    "realesrgan-models": [], "prompt-styles": [], "script-info": [], "extensions": [],
+    "embeddings": {"loaded": {}, "skipped": {}}, "scripts": {"txt2img": [], "img2img": []},
 }
-TXT2IMG_FIELDS = {"prompt", "negative_prompt", "steps", "sampler_name", "sampler_index", "scheduler", "cfg_scale",
-                  "seed", "width", "height", "batch_size", "n_iter", "override_settings"}
-IMG2IMG_FIELDS = TXT2IMG_FIELDS | {"init_images", "denoising_strength", "resize_mode", "mask", "mask_blur",
-                                   "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpainting_mask_invert"}
-OVERRIDE_SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip"}  # A1111 setting -> request field
-
-
-class ApiError(ValueError):
-    """A request the API refuses: `status` (422 unless said) and a message naming the field."""
-
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.UNPROCESSABLE_ENTITY):
-        super().__init__(message)
-        self.status = status
-
-
-def decode_image(data: Any, field: str):
-    """A PIL image from base64 text, with or without a `data:image/...;base64,` prefix."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not isinstance(data, str) or not data:
-        raise ApiError(f"{field} must be a base64-encoded image, got {type(data).__name__}")
-    text = data.split(",", 1)[1] if data.startswith("data:") else data
-    try:
-        raw = base64.b64decode(text, validate=True)
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (binascii.Error, ValueError):
-        raise ApiError(f"{field} is not valid base64") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ApiError(f"{field} is not a readable image ({e})") from None
-    return image
-
-
-def request_from_payload(payload: Any, task: str = "txt2img") -> GenerationRequest:
-    """The `GenerationRequest` of an A1111 txt2img / img2img payload (not yet validated against a model).
-
-    img2img with a `mask` is inpainting. `seed` -1 draws one; `n_iter` batches of `batch_size` make
-    n_iter x batch_size images. Unknown fields, and known A1111 features daguerre lacks when they are
-    switched on, raise an `ApiError` that names them.
-    """
-    if not isinstance(payload, dict):
-        raise ApiError(f"the request body must be a JSON object, got {type(payload).__name__}")
-    allowed = IMG2IMG_FIELDS if task == "img2img" else TXT2IMG_FIELDS
-    for key, value in payload.items():
-        if key in allowed or key in IGNORED:
-            continue
-        if key in UNSUPPORTED:
-            if value is not None and value not in UNSUPPORTED[key]:
-                raise ApiError(f"{key}={value!r} is not supported by daguerre; leave it out")
-            continue
-        raise ApiError(f"unknown field {key!r} for {task}; fields: {', '.join(sorted(allowed))}")
-    p = payload
-    fields: dict[str, Any] = {"prompt": p.get("prompt") or "", "negative_prompt": p.get("negative_prompt") or ""}
-    for key, name in (("steps", "steps"), ("cfg_scale", "cfg_scale"), ("width", "width"), ("height", "height")):
-        if p.get(key) is not None:
-            fields[name] = p[key]
-    sampler = p.get("sampler_name") or p.get("sampler_index")
-    if sampler:
-        fields["sampler"] = sampler
-    if p.get("scheduler"):
-        fields["schedule"] = p["scheduler"]
-    seed = p.get("seed", -1)
-    fields["seed"] = None if seed is None or seed == -1 else seed
-    batch_size, n_iter = p.get("batch_size", 1), p.get("n_iter", 1)
-    for key, value in (("batch_size", batch_size), ("n_iter", n_iter)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ApiError(f"{key} must be a whole number >= 1, got {value!r}")
-    fields["batch_size"], fields["n"] = batch_size, batch_size * n_iter
-    overrides = p.get("override_settings") or {}
-    if not isinstance(overrides, dict):
-        raise ApiError(f"override_settings must be an object, got {type(overrides).__name__}")
-    for key, value in overrides.items():
-        if key not in OVERRIDE_SETTINGS:
-            raise ApiError(f"override setting {key!r} is not supported by daguerre; supported: "
-                           f"{', '.join(OVERRIDE_SETTINGS)}")
-        fields[OVERRIDE_SETTINGS[key]] = value
-    if task == "img2img":
-        fields.update(_img2img_fields(p))
-    return GenerationRequest(**fields)
-
-
-def _img2img_fields(p: dict) -> dict[str, Any]:
-    from PIL import ImageOps
-
-    images = p.get("init_images")
-    if not isinstance(images, list) or len(images) != 1:
-        raise ApiError("init_images must be a list of one base64-encoded image (daguerre takes one init image)")
-    fields: dict[str, Any] = {"task": "img2img", "init_image": decode_image(images[0], "init_images[0]")}
-    if p.get("denoising_strength") is not None:
-        fields["strength"] = p["denoising_strength"]
-    mode = p.get("resize_mode", 0)
-    if mode not in RESIZE_MODE:
-        raise ApiError(f"resize_mode {mode!r} is not supported; use 0 (just resize), 1 (crop and resize) "
-                       "or 2 (resize and fill)")
-    fields["resize_mode"] = RESIZE_MODE[mode]
-    if p.get("mask"):
-        mask = decode_image(p["mask"], "mask").convert("L")
-        if p.get("inpainting_mask_invert"):
-            mask = ImageOps.invert(mask)
-        fields.update(task="inpaint", mask=mask)
-        fill = p.get("inpainting_fill", 1)
-        if fill not in INPAINTING_FILL:
-            raise ApiError(f"inpainting_fill {fill!r} must be 0 (fill), 1 (original), 2 (latent noise) "
-                           "or 3 (latent nothing)")
-        fields["inpaint_fill"] = INPAINTING_FILL[fill]
-        blur, xy = p.get("mask_blur"), {p.get("mask_blur_x"), p.get("mask_blur_y")} - {None}
-        if blur is None and len(xy) == 1:
-            blur = xy.pop()
-        elif xy and xy != {blur}:
-            raise ApiError(f"mask_blur_x / mask_blur_y ({p.get('mask_blur_x')}, {p.get('mask_blur_y')}) differ from "
-                           f"mask_blur ({blur}) or from each other: daguerre blurs the mask the same way in both "
-                           "directions; give mask_blur alone")
-        if blur is not None:
-            fields["mask_blur"] = blur
-    return fields
+Cancelled = Callable[[], bool] | None
 
 
 class Server:
-    """One model behind the API: `handle(method, path, body) -> (status, content type, bytes)`.
+    """One model behind the API: `handle(method, path, body, cancelled) -> (status, content type, bytes)`.
 
-    Kept apart from the HTTP plumbing so that it can be tested and embedded; `serve` wraps it in a
-    `ThreadingHTTPServer`. Generations hold `lock`, so requests run one after another.
+    Kept apart from the HTTP plumbing (server/http.py) so that it can be tested and embedded.
+    Generations hold `lock`, so requests run one after another; `state` is A1111's progress state.
     """
 
-    def __init__(self, pipe, model_name: str = "model", file: str | None = None, sha256: str | None = None):
+    def __init__(self, pipe, model_name: str = "model", file: str | None = None, sha256: str | None = None,
+                 limits: Limits = DEFAULT_LIMITS):
         self.pipe = pipe
         self.model_name = model_name
         self.file, self.sha256 = file, sha256  # the checkpoint file, for /sd-models (None: random, folder)
+        self.limits = limits
         self.lock = threading.Lock()
-        self.progress: dict[str, Any] = {"step": 0, "total": 0, "job": None, "started": 0.0, "latent": None}
+        self.state: dict[str, Any] = {"skipped": False, "interrupted": False, "stopping_generation": False,
+                                      "job": "", "job_count": 0, "job_timestamp": "0", "job_no": 0,
+                                      "sampling_step": 0, "sampling_steps": 0}
+        self._live: dict[str, Any] = {"started": 0.0, "done": 0, "total": 0, "latent": None}
         self._preview = None  # PreviewDecoder, made at the first live preview
-        self._interrupt = threading.Event()  # set by /interrupt: the running request stops at its next step
-        # (method, path) -> handler(query dict for GET, JSON payload for POST) -> a JSON-able answer
-        self.routes: dict[tuple[str, str], Callable[[Any], Any]] = {
-            ("POST", f"{API}/txt2img"): lambda payload: self.generate(payload, "txt2img"),
-            ("POST", f"{API}/img2img"): lambda payload: self.generate(payload, "img2img"),
-            ("POST", f"{API}/png-info"): png_info,
-            ("POST", f"{API}/interrupt"): lambda _payload: self.interrupt(),
-            ("GET", f"{API}/samplers"): lambda _query: samplers(),
-            ("GET", f"{API}/schedulers"): lambda _query: schedulers(),
-            ("GET", f"{API}/sd-models"): lambda _query: self.models(),
-            ("GET", f"{API}/options"): lambda _query: self.options(),
-            ("POST", f"{API}/options"): self.set_options,
-            ("GET", f"{API}/progress"): lambda query: self.progress_report(_flag(query, "skip_current_image")),
+        self._interrupt = threading.Event()  # set by /interrupt: the running request stops
+        self._skip = threading.Event()  # set by /skip: the running batch ends
+        # (method, path) -> handler(query dict for GET, JSON payload for POST; cancelled) -> a JSON-able answer
+        self.routes: dict[tuple[str, str], Callable[[Any, Cancelled], Any]] = {
+            ("POST", f"{API}/txt2img"): lambda payload, cancelled: self.generate(payload, "txt2img", cancelled),
+            ("POST", f"{API}/img2img"): lambda payload, cancelled: self.generate(payload, "img2img", cancelled),
+            ("POST", f"{API}/png-info"): lambda payload, _: png_info(payload, self.limits),
+            ("POST", f"{API}/interrupt"): lambda _payload, _: self.interrupt(),
+            ("POST", f"{API}/skip"): lambda _payload, _: self.skip(),
+            ("GET", f"{API}/samplers"): lambda _query, _: samplers(),
+            ("GET", f"{API}/schedulers"): lambda _query, _: schedulers(),
+            ("GET", f"{API}/sd-models"): lambda _query, _: self.models(),
+            ("GET", f"{API}/options"): lambda _query, _: self.options(),
+            ("POST", f"{API}/options"): lambda payload, _: self.set_options(payload),
+            ("GET", f"{API}/progress"): lambda query, _: self.progress_report(_flag(query, "skip_current_image")),
+            ("GET", f"{API}/memory"): lambda _query, _: self.memory(),
+            ("GET", f"{API}/cmd-flags"): lambda _query, _: self.cmd_flags(),
+            **{("GET", f"{API}/{name}"): (lambda _q, _, a=answer: a) for name, answer in NOTHING.items()},
+            # one model, found at start: nothing to refresh (A1111 answers null)
+            **{("POST", f"{API}/refresh-{what}"): (lambda _p, _: None) for what in ("checkpoints", "vae", "loras")},
         }
 
-    def handle(self, method: str, path: str, body: bytes = b"") -> tuple[int, str, bytes]:
+    def handle(self, method: str, path: str, body: bytes = b"", cancelled: Cancelled = None) -> tuple[int, str, bytes]:
+        """The answer to one request. `cancelled`, if given, returns True once the client has gone: a
+        generation then stops at its next U-Net block (server/http.py passes it)."""
         route, _, query = path.partition("?")
         route = route.rstrip("/") or "/"
         if method == "GET" and route == "/":
@@ -217,83 +120,137 @@ class Server:
             return _json(HTTPStatus.NOT_FOUND, {"detail": f"no endpoint {route}; see {API}/... in docs/usage.md"})
         try:
             if method == "GET":
-                return _json(HTTPStatus.OK, routes[method, route](parse_qs(query)))
-            try:
-                payload = json.loads(body or b"{}")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(f"the request body is not JSON ({e})", HTTPStatus.BAD_REQUEST) from None
-            return _json(HTTPStatus.OK, routes[method, route](payload))
+                return _json(HTTPStatus.OK, routes[method, route](parse_qs(query), cancelled))
+            return _json(HTTPStatus.OK, routes[method, route](parse_body(body), cancelled))
         except ApiError as e:
             return _json(e.status, {"error": type(e).__name__, "detail": str(e)})
-        except (ValueError, FileNotFoundError) as e:  # GenerationRequest.validate and the pipelines' checks
+        except (ValueError, FileNotFoundError) as e:  # GenerationRequest.validate (LimitError too), pipeline checks
             return _json(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": type(e).__name__, "detail": str(e)})
         except Exception as e:  # a bug, not the request: the client hears of it, the server keeps serving
             traceback.print_exc()
             return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": type(e).__name__, "detail": str(e)})
 
-    def generate(self, payload: Any, task: str) -> dict[str, Any]:
-        from ..pipelines.common import count_steps
-        from ..pngmeta import png_bytes
+    # --- generation -------------------------------------------------------------------------------
 
-        request = self.pipe.request(request_from_payload(payload, task))  # validated: a bad value fails here
+    def generate(self, payload: Any, task: str, cancelled: Cancelled = None) -> dict[str, Any]:
+        """A1111's txt2img / img2img: the images (partial ones after /interrupt or /skip), the payload, the info."""
+        from ..pipelines.common import Interrupted, count_steps, progress_total
+
+        request = request_from_payload(payload, task, settings=self.settings(), limits=self.limits)
+        components = self.pipe.components
+        request = request.validate(components.config, self.limits)  # a bad value, or one over a limit, fails here
         with self.lock:
-            self.progress.update(step=0, total=request.n * count_steps(self.pipe.components, request), job=task,
-                                 started=time.monotonic(), latent=None)
-
+            if cancelled is not None and cancelled():  # the client left while waiting for the lock
+                return {"images": [], "parameters": payload, "info": json.dumps({"interrupted": True})}
+            steps = count_steps(components, request)  # sampler steps of one batch
             self._interrupt.clear()
+            self._skip.clear()
+            self.state.update(job=task, job_count=-(-request.n // request.batch_size), job_no=0, sampling_step=0,
+                              sampling_steps=steps, job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
+                              interrupted=False, skipped=False)
+            self._live.update(started=time.monotonic(), done=0, total=progress_total(components, request), latent=None)
+            check = self._stop_check(cancelled)
 
             def on_step(info: dict) -> None:
-                if self._interrupt.is_set():
-                    raise _Interrupted
-                self.progress["step"] += 1
-                self.progress["latent"] = info["denoised"][:1].detach().clone()  # the x0 estimate, first image
+                batch, step = info["batch_start"] // request.batch_size, info["i"] + 1
+                self.state.update(job_no=batch, sampling_step=step)
+                self._live.update(done=batch * steps + step, latent=info["denoised"][:1].detach().clone())
+                check()
 
+            interrupted = False
             try:
-                results = self.pipe(request, callback=on_step)
-            except _Interrupted:
-                info = {"prompt": request.prompt, "seed": request.seed, "all_seeds": [], "infotexts": [],
-                        "interrupted": True, "sampling_step": self.progress["step"]}
-                return {"images": [], "parameters": payload, "info": json.dumps(info)}
+                with checks_inside(components.unet, check):
+                    results = self.pipe(request, callback=on_step)
+            except Interrupted as e:
+                results, interrupted = e.results, True
             finally:
-                self.progress.update(job=None, latent=None)
-        images = [base64.b64encode(png_bytes(r.image, r.parameters)).decode("ascii") for r in results]
-        info = {
-            "prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": results[0].seed,
-            "all_seeds": [r.seed for r in results], "all_prompts": [request.prompt] * len(results),
-            "all_negative_prompts": [request.negative_prompt] * len(results), "steps": request.steps,
-            "sampler_name": request.sampler, "scheduler": request.schedule, "cfg_scale": request.cfg_scale,
-            "width": results[0].image.width, "height": results[0].image.height, "batch_size": request.batch_size,
-            "sd_model_name": self.model_name, "sd_model_hash": self.pipe.model_hash,
-            "infotexts": [r.parameters for r in results],
+                self.state.update(job="", job_count=0, job_no=0, sampling_step=0, sampling_steps=0, skipped=False)
+                self._live.update(latent=None)
+        send = payload.get("send_images", True) is not False
+        images = [base64.b64encode(_png(r.image, r.parameters)).decode("ascii") for r in results] if send else []
+        parameters = dict(payload)
+        if task == "img2img" and not payload.get("include_init_images"):
+            parameters.update(init_images=None, mask=None)  # as A1111: the inputs are not sent back
+        return {"images": images, "parameters": parameters, "info": json.dumps(self._info(request, results,
+                                                                                          interrupted))}
+
+    def _info(self, request, results: list, interrupted: bool) -> dict[str, Any]:
+        """A1111's `info` (Processed.js()) of a request's results, and whether it was `interrupted`."""
+        first = results[0].image if results else None
+        seeds = [r.seed for r in results]
+        n = len(results)
+        return {
+            "prompt": request.prompt, "all_prompts": [request.prompt] * n, "negative_prompt": request.negative_prompt,
+            "all_negative_prompts": [request.negative_prompt] * n, "seed": seeds[0] if seeds else request.seed,
+            "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
+            "width": first.width if first else request.width, "height": first.height if first else request.height,
+            "sampler_name": request.sampler,
+            "scheduler": request.schedule, "cfg_scale": request.cfg_scale, "steps": request.steps,
+            "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
+            "sd_model_name": self.model_name, "sd_model_hash": self.pipe.model_hash, "sd_vae_name": None,
+            "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": request.strength, "eta": request.eta, "extra_generation_params": {},
+            "index_of_first_image": 0, "infotexts": [r.parameters for r in results], "styles": [],
+            "job_timestamp": self.state["job_timestamp"], "clip_skip": request.clip_skip,
+            "is_using_inpainting_conditioning": self.pipe.components.config.concat == "inpaint",
+            "interrupted": interrupted,
         }
-        return {"images": images, "parameters": payload, "info": json.dumps(info)}
+
+    def _stop_check(self, cancelled: Cancelled) -> Callable[[], None]:
+        """The check run at every step and before every U-Net block: raises `Interrupted` after /interrupt
+        or once the client has gone, `SkipBatch` after /skip."""
+        from ..pipelines.common import Interrupted, SkipBatch
+
+        asked = [0.0]  # when `cancelled` was last asked
+
+        def check() -> None:
+            if self._interrupt.is_set():
+                raise Interrupted("interrupted (/sdapi/v1/interrupt)")
+            if cancelled is not None and time.monotonic() - asked[0] >= CANCEL_POLL:
+                asked[0] = time.monotonic()
+                if cancelled():
+                    self.state["interrupted"] = True
+                    raise Interrupted("the client went away")
+            if self._skip.is_set():
+                self._skip.clear()
+                raise SkipBatch
+
+        return check
 
     def interrupt(self) -> dict[str, Any]:
-        """Stop the running request at its next step (A1111's /interrupt): it answers with no images."""
-        if self.progress["job"] is not None:
+        """Stop the running request at its next U-Net block (A1111's /interrupt); it answers with its images
+        so far, the current batch's decoded from the model's latest x0 estimate."""
+        if self.state["job"]:
+            self.state["interrupted"] = True
             self._interrupt.set()
         return {}
 
+    def skip(self) -> None:
+        """End the running batch the same way and go on with the next (A1111's /skip; it answers null)."""
+        if self.state["job"]:
+            self.state["skipped"] = True
+            self._skip.set()
+
+    # --- settings and facts -----------------------------------------------------------------------
+
+    def settings(self) -> dict[str, tuple]:
+        """The A1111 settings this server reports, each with the values that name its current state (the
+        first is the one GET /options shows): they cannot change (one model; per-request settings are fields)."""
+        title = self.models()[0]["title"]
+        names = (title, self.model_name, self.pipe.model_hash, self.sha256, f"{self.model_name}.safetensors")
+        return {"sd_model_checkpoint": tuple(n for n in names if n), "sd_checkpoint_hash": (self.sha256,),
+                "samples_format": ("png",), "CLIP_stop_at_last_layers": (1,), "eta_ancestral": (1.0,),
+                "eta_ddim": (0.0,), "sd_vae": ("Automatic", "None")}
+
     def options(self) -> dict[str, Any]:
-        """The A1111 settings clients read: the loaded checkpoint, and daguerre's fixed output format."""
-        return {"sd_model_checkpoint": self.models()[0]["title"], "samples_format": "png",
-                "CLIP_stop_at_last_layers": 1}
+        """The A1111 settings clients read: the loaded checkpoint, daguerre's fixed output format, the defaults."""
+        return {key: values[0] for key, values in self.settings().items()}
 
     def set_options(self, payload: Any) -> dict[str, Any]:
         """A1111 clients set the checkpoint before generating: accepted when it names the loaded one."""
         if not isinstance(payload, dict):
             raise ApiError(f"options must be a JSON object, got {type(payload).__name__}")
-        current = self.options()
-        for key, value in payload.items():
-            if key == "sd_model_checkpoint" and value in (current[key], self.model_name, self.pipe.model_hash):
-                continue
-            if key in current and value == current[key]:
-                continue
-            if key == "sd_model_checkpoint":
-                raise ApiError(f"sd_model_checkpoint {value!r}: this server holds one model, {current[key]!r}; "
-                               "start another with daguerre serve --model")
-            raise ApiError(f"option {key}={value!r} cannot be changed in daguerre serve; per request, "
-                           "use the payload's fields (e.g. override_settings.CLIP_stop_at_last_layers)")
+        check_settings(payload, self.settings())
         return {}
 
     def models(self) -> list[dict[str, Any]]:
@@ -302,37 +259,83 @@ class Server:
         return [{"title": title, "model_name": self.model_name, "hash": h, "sha256": self.sha256,
                  "filename": self.file or self.model_name, "config": None}]
 
+    def cmd_flags(self) -> dict[str, Any]:
+        """A1111's /cmd-flags, for the flags that describe this server: the model, the API, the device and dtype."""
+        device = self._device()
+        return {"api": True, "nowebui": False, "ckpt": self.file or self.model_name, "use_cpu": ["all"]
+                if device.type == "cpu" else [], "device_id": None if device.index is None else str(device.index),
+                "no_half": str(next(self.pipe.components.unet.parameters()).dtype) == "torch.float32",
+                "lowvram": False, "medvram": False, "xformers": False, "api_log": True}
+
+    def memory(self) -> dict[str, Any]:
+        """A1111's /memory: the machine's RAM (total, available) and this process's resident set, in bytes
+        (from /proc); CUDA's when the model is on a CUDA device, else A1111's {"error": "unavailable"}."""
+        try:
+            with open("/proc/meminfo") as f:
+                info = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in f)}
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            ram: dict[str, Any] = {"free": info["MemAvailable"], "used": rss, "total": info["MemTotal"]}
+        except (OSError, KeyError, ValueError, IndexError) as e:  # not Linux
+            ram = {"error": f"cannot read /proc: {e}"}
+        cuda: dict[str, Any] = {"error": "unavailable"}
+        device = self._device()
+        if device.type == "cuda":
+            import torch
+
+            free, total = torch.cuda.mem_get_info(device)
+            s = torch.cuda.memory_stats(device)
+            cuda = {"system": {"free": free, "used": total - free, "total": total},
+                    **{k: {"current": s[f"{k}_bytes.all.current"], "peak": s[f"{k}_bytes.all.peak"]}
+                       for k in ("active", "allocated", "reserved")},
+                    "inactive": {"current": s["inactive_split_bytes.all.current"],
+                                 "peak": s["inactive_split_bytes.all.peak"]},
+                    "events": {"retries": s["num_alloc_retries"], "oom": s["num_ooms"]}}
+        return {"ram": ram, "cuda": cuda}
+
+    def _device(self):
+        return next(self.pipe.components.unet.parameters()).device
+
     def progress_report(self, skip_current_image: bool = False) -> dict[str, Any]:
-        """A1111's /progress: the fraction done, the seconds left, and (unless skipped) the live preview:
-        the model's current x0 estimate of the first image (daguerre.pipelines.preview, `approx`)."""
-        state = dict(self.progress)
-        job, step, total, latent = state["job"], state["step"], state["total"], state["latent"]
-        done = step / total if job and total else 0.0
-        elapsed = time.monotonic() - state["started"] if job else 0.0
+        """A1111's /progress: the fraction done, the seconds left, A1111's state, and (unless skipped) the live
+        preview: the model's current x0 estimate of the first image (daguerre.pipelines.preview, `approx`)."""
+        state, live = dict(self.state), dict(self._live)
+        if not state["job_count"]:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+        done = min(live["done"] / live["total"], 1.0) if live["total"] else 0.0
+        elapsed = time.monotonic() - live["started"]
         image = None
-        if job and latent is not None and not skip_current_image:
+        if live["latent"] is not None and not skip_current_image:
             from ..pipelines.preview import PreviewDecoder
-            from ..pngmeta import png_bytes
 
             if self._preview is None:
                 self._preview = PreviewDecoder(self.pipe.components.vae)
-            image = base64.b64encode(png_bytes(self._preview.decode(latent)[0])).decode("ascii")
-        return {"progress": done, "eta_relative": elapsed / done - elapsed if done else 0.0,
-                "state": {"job": job or "", "sampling_step": step, "sampling_steps": total},
+            image = base64.b64encode(_png(self._preview.decode(live["latent"])[0])).decode("ascii")
+        return {"progress": done, "eta_relative": elapsed / done - elapsed if done else 0.0, "state": state,
                 "current_image": image, "textinfo": None}
 
 
-class _Interrupted(Exception):
-    """Raised in the sampler callback when /interrupt was called."""
+@contextmanager
+def checks_inside(unet, check: Callable[[], None]) -> Iterator[None]:
+    """Run `check()` before every block of the U-Net (its input blocks, middle block and output blocks) while
+    the context lasts, so an exception it raises stops even one long step within a block."""
+    blocks = [*getattr(unet, "input_blocks", ()), *([unet.middle_block] if hasattr(unet, "middle_block") else []),
+              *getattr(unet, "output_blocks", ())]
+    handles = [block.register_forward_pre_hook(lambda _module, _args: check()) for block in blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
-def png_info(payload: Any) -> dict[str, Any]:
+def png_info(payload: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """A1111's /png-info: the generation parameters a PNG carries, as text and parsed."""
     from ..pngmeta import parse_parameters
 
     if not isinstance(payload, dict) or "image" not in payload:
         raise ApiError('png-info takes {"image": "<base64 PNG>"}')
-    image = decode_image(payload["image"], "image")
+    image = decode_image(payload["image"], "image", limits)
     text = image.info.get("parameters") or ""
     prompt, negative, params = parse_parameters(text) if text else ("", "", {})
     parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if text else {}
@@ -353,6 +356,12 @@ def schedulers() -> list[dict[str, Any]]:
     for s in SCHEDULES:
         rows.append({"name": s.label.lower().replace(" ", "_"), "label": s.label, "aliases": list(s.aliases) or None})
     return rows
+
+
+def _png(image, parameters: str | None = None) -> bytes:
+    from ..pngmeta import png_bytes
+
+    return png_bytes(image, parameters) if parameters is not None else png_bytes(image)
 
 
 def _flag(query: dict[str, list[str]], name: str) -> bool:

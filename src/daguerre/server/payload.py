@@ -1,0 +1,291 @@
+"""AUTOMATIC1111 txt2img / img2img payloads -> `GenerationRequest`, the schema the CLI and the Python API share.
+
+A1111 builds its request schemas (`StableDiffusionTxt2ImgProcessingAPI`, `...Img2ImgProcessingAPI`,
+modules/api/models.py) from the init fields of its processing classes (modules/processing.py) plus a
+few API fields, and clients send all of them: `webuiapi`'s defaults include `firstphase_width`,
+`eta=1.0`, `image_cfg_scale=1.5` and `inpaint_full_res=True`. Every field of those schemas is
+accepted here, each in one of three ways (`FIELDS`):
+
+- mapped to a request field (`prompt`, `steps`, `eta`, `mask`, `inpaint_full_res`, ...);
+- ignored, because A1111 reads it only for its own saving or UI, or only under a switch that is off
+  or refused (`save_images`, `hr_scale` without `enable_hr`), or only for models daguerre cannot load
+  (`image_cfg_scale`, instruct-pix2pix only);
+- refused with a 422 naming it when it switches on a feature daguerre lacks (`enable_hr`,
+  `restore_faces`, `script_name`, ...), and accepted at the values that leave the feature off.
+
+A field of neither schema is refused by name (a typo is not silently dropped).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from ..limits import DEFAULT_LIMITS, Limits
+from ..pipelines.request import GenerationRequest
+
+# A1111 img2img "inpainting_fill" (Masked content) and "resize_mode" codes -> daguerre's names
+INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+RESIZE_MODE = {0: "stretch", 1: "crop", 2: "fit"}  # Just resize, Crop and resize, Resize and fill
+# the image formats a payload may carry (PIL decodes others too, some through external programs)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+OFF = (None, False, 0, "", "None", "none")  # values that leave an A1111 switch off
+
+# Every field of A1111's two request schemas. "map": becomes a request field (request_from_payload);
+# "ignore": accepted whatever its value; a tuple: the values that leave a feature daguerre lacks off
+# (None always does), with the feature's name, refused at any other value.
+Rule = str | tuple[tuple[Any, ...], str]
+COMMON: dict[str, Rule] = {
+    "prompt": "map", "negative_prompt": "map", "seed": "map", "sampler_name": "map", "sampler_index": "map",
+    "scheduler": "map", "batch_size": "map", "n_iter": "map", "steps": "map", "cfg_scale": "map", "width": "map",
+    "height": "map", "eta": "map", "override_settings": "map", "infotext": "map", "send_images": "map",
+    "styles": ((None, []), "prompt styles (GET /sdapi/v1/prompt-styles lists none)"),
+    "subseed_strength": ((0,), "variation seeds (subseed_strength)"),
+    "seed_resize_from_h": ((-1, 0), "resizing the seed (seed_resize_from_h)"),
+    "seed_resize_from_w": ((-1, 0), "resizing the seed (seed_resize_from_w)"),
+    "restore_faces": ((False,), "face restoration"), "tiling": ((False,), "tiling (seamless images)"),
+    "s_min_uncond": ((0,), "s_min_uncond (skipping the negative prompt at low sigmas)"),
+    "s_churn": ((0,), "s_churn"), "s_tmin": ((0,), "s_tmin"), "s_tmax": ((0, float("inf")), "s_tmax"),
+    "s_noise": ((1,), "s_noise"),
+    "refiner_checkpoint": (OFF, "refiner checkpoints"),
+    "script_name": (("",), "scripts (GET /sdapi/v1/scripts lists none)"),
+    "alwayson_scripts": ((None, {}), "always-on scripts (GET /sdapi/v1/scripts lists none)"),
+    # A1111's saving, its UI and task bookkeeping; its refiner's switch point (no refiner: refused above)
+    "do_not_save_samples": "ignore", "do_not_save_grid": "ignore", "save_images": "ignore",
+    "override_settings_restore_afterwards": "ignore", "force_task_id": "ignore", "comments": "ignore",
+    "disable_extra_networks": "ignore", "refiner_switch_at": "ignore",
+    "subseed": "ignore",  # read only when subseed_strength > 0
+    "script_args": "ignore",  # read only with a script_name
+}
+TXT2IMG: dict[str, Rule] = {
+    **COMMON,
+    "enable_hr": ((False,), "the hires fix (enable_hr)"),
+    "firstphase_width": ((0,), "the old hires fix's first-pass size (firstphase_width)"),
+    "firstphase_height": ((0,), "the old hires fix's first-pass size (firstphase_height)"),
+    # read by A1111 only when enable_hr is on (refused above); denoising_strength is the second pass's
+    **dict.fromkeys(("denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
+                     "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
+                     "hr_negative_prompt", "firstpass_image", "hr_cfg", "hr_distilled_cfg", "denoising_strength_hr",
+                     "hr_additional_modules"), "ignore"),
+}
+IMG2IMG: dict[str, Rule] = {
+    **COMMON,
+    **dict.fromkeys(("init_images", "denoising_strength", "resize_mode", "mask", "mask_blur", "mask_blur_x",
+                     "mask_blur_y", "inpainting_fill", "inpainting_mask_invert", "inpaint_full_res",
+                     "inpaint_full_res_padding", "include_init_images"), "map"),
+    "image_cfg_scale": "ignore",  # A1111 reads it for instruct-pix2pix models only, which daguerre does not load
+    "mask_round": ((True,), "an unrounded latent mask (mask_round=false)"),
+    "initial_noise_multiplier": ((1,), "initial_noise_multiplier"),
+    "latent_mask": (OFF, "a separate latent mask (latent_mask)"),
+    "firstpass_image": "ignore",  # txt2img's hires fix only
+}
+FIELDS = {"txt2img": TXT2IMG, "img2img": IMG2IMG}
+# A1111 settings a payload may override per request -> the request field they set
+OVERRIDE_SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip"}
+# `GenerationRequest` field -> the payload key that sets it (what `infotext` may not override)
+PAYLOAD_KEY = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name",
+               "schedule": "scheduler", "cfg_scale": "cfg_scale", "seed": "seed", "width": "width",
+               "height": "height", "eta": "eta"}  # clip_skip: override_settings.CLIP_stop_at_last_layers
+MAX_JSON_DEPTH = 64  # nesting of a payload (A1111's own use 3 levels at most)
+
+
+class ApiError(ValueError):
+    """A request the API refuses: `status` (422 unless said) and a message naming the field."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.UNPROCESSABLE_ENTITY):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_body(body: bytes) -> Any:
+    """The JSON value of a request body (empty: {}); a 400 `ApiError` if it is not JSON or nests deeper
+    than `MAX_JSON_DEPTH` (a 100 000-deep list exhausts the parser's recursion: it is refused, not a 500)."""
+    import json
+
+    try:
+        value = json.loads(body or b"{}")
+    except RecursionError:
+        raise ApiError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", HTTPStatus.BAD_REQUEST) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise ApiError(f"the request body is not JSON ({e})", HTTPStatus.BAD_REQUEST) from None
+    stack = [(value, 1)]
+    while stack:  # iterative: walking it must not recurse either
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        if children and depth >= MAX_JSON_DEPTH:
+            raise ApiError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", HTTPStatus.BAD_REQUEST)
+        stack.extend((c, depth + 1) for c in children)
+    return value
+
+
+def decode_image(data: Any, field: str, limits: Limits = DEFAULT_LIMITS):
+    """A PIL image from base64 text, with or without a `data:image/...;base64,` prefix.
+
+    The size its header declares is checked against `limits.max_input_pixels` before its pixels are
+    decoded (a 100-byte PNG may declare 20000 x 20000); PIL's own decompression-bomb guard and its
+    limits on text chunks are 422s too. Only the common raster formats (`IMAGE_FORMATS`) are opened.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, str) or not data:
+        raise ApiError(f"{field} must be a base64-encoded image, got {type(data).__name__}")
+    text = data.split(",", 1)[1] if data.startswith("data:") else data
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(f"{field} is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ApiError(f"{field} is too large to decode ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ApiError(f"{field} is not a readable {'/'.join(IMAGE_FORMATS)} image ({e})") from None
+    limits.check_input_image(image.width, image.height, field)  # LimitError (a ValueError): a 422
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ApiError(f"{field} is not a readable image ({e})") from None
+    return image
+
+
+def request_from_payload(payload: Any, task: str = "txt2img", *, settings: Mapping[str, tuple] | None = None,
+                         limits: Limits = DEFAULT_LIMITS) -> GenerationRequest:
+    """The `GenerationRequest` of an A1111 txt2img / img2img payload (not yet validated against a model).
+
+    img2img with a `mask` is inpainting. `seed` -1 draws one; `n_iter` batches of `batch_size` make
+    n_iter x batch_size images. `settings` holds, for each A1111 setting the server reports (GET
+    /options), the values that name its current state (`check_settings`): an `override_settings` entry
+    among them changes nothing and is accepted. Input images are checked against `limits` before they
+    are decoded. Unknown fields, and features daguerre lacks when they are switched on, raise an
+    `ApiError` that names them.
+    """
+    if not isinstance(payload, dict):
+        raise ApiError(f"the request body must be a JSON object, got {type(payload).__name__}")
+    rules = FIELDS[task]
+    for key, value in payload.items():
+        rule = rules.get(key)
+        if rule is None:
+            other = "img2img" if task == "txt2img" else "txt2img"
+            hint = f" (it is a field of {other})" if key in FIELDS[other] else ""
+            raise ApiError(f"unknown field {key!r} for {task}{hint}; fields: {', '.join(sorted(rules))}")
+        if isinstance(rule, tuple) and value is not None and value not in rule[0]:
+            raise ApiError(f"{key}={value!r} switches on {rule[1]}, which daguerre does not have; leave it out "
+                           f"or set it to {_shown(rule[0])}")
+    p = payload
+    fields: dict[str, Any] = {}
+    if isinstance(p.get("infotext"), str) and p["infotext"].strip():
+        fields.update(_infotext_fields(p["infotext"], p))
+    for key in ("prompt", "negative_prompt"):  # None is "" in A1111
+        if key not in fields:
+            fields[key] = p.get(key) or ""
+    for key in ("steps", "cfg_scale", "width", "height", "eta"):
+        if p.get(key) is not None:
+            fields[key] = p[key]
+    sampler = p.get("sampler_name") or p.get("sampler_index")
+    if sampler:
+        fields["sampler"] = sampler
+    if p.get("scheduler"):
+        fields["schedule"] = p["scheduler"]
+    if "seed" not in fields:
+        seed = p.get("seed", -1)
+        fields["seed"] = None if seed is None or seed == -1 else seed
+    batch_size, n_iter = p.get("batch_size", 1), p.get("n_iter", 1)
+    for key, value in (("batch_size", batch_size), ("n_iter", n_iter)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ApiError(f"{key} must be a whole number >= 1, got {value!r}")
+    fields["batch_size"], fields["n"] = batch_size, batch_size * n_iter
+    fields.update(_overrides(p.get("override_settings"), settings or {}))
+    if task == "img2img":
+        fields.update(_img2img_fields(p, limits))
+    return GenerationRequest(**fields)
+
+
+def _shown(values: tuple[Any, ...]) -> str:
+    """The values that leave a feature off, as JSON would spell them."""
+    import json
+
+    return " or ".join(json.dumps(v) if not isinstance(v, float) or v != float("inf") else "Infinity" for v in values)
+
+
+def _overrides(overrides: Any, settings: Mapping[str, tuple]) -> dict[str, Any]:
+    """Request fields from `override_settings` (`OVERRIDE_SETTINGS`); any other setting must keep its value."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise ApiError(f"override_settings must be an object, got {type(overrides).__name__}")
+    fields = {OVERRIDE_SETTINGS[k]: v for k, v in overrides.items() if k in OVERRIDE_SETTINGS}
+    check_settings({k: v for k, v in overrides.items() if k not in OVERRIDE_SETTINGS}, settings, "override setting")
+    return fields
+
+
+def check_settings(changes: Mapping[str, Any], settings: Mapping[str, tuple], what: str = "option") -> None:
+    """Refuse a change of an A1111 setting this server cannot make: `settings[key]` holds the values that
+    name its current state (the loaded checkpoint by title, name or hash); any other value, or a setting
+    the server does not report, is an `ApiError` naming it."""
+    for key, value in changes.items():
+        if key in settings and value in settings[key]:
+            continue
+        if key == "sd_model_checkpoint":
+            raise ApiError(f"sd_model_checkpoint {value!r}: this server holds one model, {settings[key][0]!r}; "
+                           "start another with daguerre serve --model")
+        current = f"it stays {settings[key][0]!r}" if key in settings else "daguerre does not have this setting"
+        per_request = ", ".join(f"{k} (in a payload's override_settings)" for k in OVERRIDE_SETTINGS)
+        raise ApiError(f"{what} {key}={value!r} cannot be changed in daguerre serve ({current}); settings it takes "
+                       f"per request: {per_request}, and the payload's own fields (eta, ...)")
+
+
+def _infotext_fields(text: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A1111's `infotext`: the settings of a `parameters` text, for the fields the payload does not set."""
+    from ..api import settings_from_parameters
+
+    settings = settings_from_parameters(text, "infotext")
+    if settings.ignored:
+        raise ApiError(f"infotext carries settings daguerre does not apply: {', '.join(settings.ignored)}; "
+                       "remove them from the text, or send the fields instead of an infotext")
+    overrides = payload.get("override_settings") or {}
+    given = set(payload) | {OVERRIDE_SETTINGS[k] for k in overrides if k in OVERRIDE_SETTINGS}
+    return {name: value for name, value in settings.fields.items() if PAYLOAD_KEY.get(name, name) not in given}
+
+
+def _img2img_fields(p: dict, limits: Limits) -> dict[str, Any]:
+    from PIL import ImageOps
+
+    images = p.get("init_images")
+    if not isinstance(images, list) or len(images) != 1:
+        raise ApiError("init_images must be a list of one base64-encoded image (daguerre takes one init image)")
+    fields: dict[str, Any] = {"task": "img2img", "init_image": decode_image(images[0], "init_images[0]", limits)}
+    if p.get("denoising_strength") is not None:
+        fields["strength"] = p["denoising_strength"]
+    mode = p.get("resize_mode", 0)
+    if mode not in RESIZE_MODE:
+        raise ApiError(f"resize_mode {mode!r} is not supported; use 0 (just resize), 1 (crop and resize) "
+                       "or 2 (resize and fill)")
+    fields["resize_mode"] = RESIZE_MODE[mode]
+    if not p.get("mask"):
+        return fields
+    mask = decode_image(p["mask"], "mask", limits).convert("L")
+    if p.get("inpainting_mask_invert"):
+        mask = ImageOps.invert(mask)
+    fields.update(task="inpaint", mask=mask)
+    fill = p.get("inpainting_fill", 0)
+    if fill not in INPAINTING_FILL:
+        raise ApiError(f"inpainting_fill {fill!r} must be 0 (fill), 1 (original), 2 (latent noise) "
+                       "or 3 (latent nothing)")
+    fields["inpaint_fill"] = INPAINTING_FILL[fill]
+    blur, xy = p.get("mask_blur"), {p.get("mask_blur_x"), p.get("mask_blur_y")} - {None}
+    if blur is None and len(xy) == 1:
+        blur = xy.pop()
+    elif xy and xy != {blur}:
+        raise ApiError(f"mask_blur_x / mask_blur_y ({p.get('mask_blur_x')}, {p.get('mask_blur_y')}) differ from "
+                       f"mask_blur ({blur}) or from each other: daguerre blurs the mask the same way in both "
+                       "directions; give mask_blur alone")
+    if blur is not None:
+        fields["mask_blur"] = blur
+    if p.get("inpaint_full_res", True):  # A1111's default: "Only masked"
+        padding = p.get("inpaint_full_res_padding")
+        fields.update(inpaint_area="only masked", inpaint_padding=0 if padding is None else padding)
+    return fields
