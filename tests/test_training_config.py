@@ -105,6 +105,10 @@ def test_parse_overrides_nests_sections():
     (["model.vae.channel_mult=(1,2)"], r"config key model\.vae\.channel_mult\[0\]: expected a whole number, got '\(1'"),
     (["train.lr=nan"], r"config key train\.lr: expected a finite number, got nan"),
     (["train.lr=2e-4x"], r"config key train\.lr: expected a number, got '2e-4x'"),
+    # absurd architecture values in a run config: refused like those of a checkpoint's config
+    (["model.unet.model_channels=100000"], r"config key model\.unet\.model_channels: 100000 is out of range"),
+    (["model.vae.channel_mult=[1, 2, 4, 8, 16, 32, 64, 64, 64]"], r"model\.vae\.channel_mult: .* 1 to 8 levels"),
+    (["data.size=100000"], r"config key data\.size: 100000 pixels is more than 8192"),
 ])
 def test_bad_keys_and_values_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):

@@ -126,6 +126,8 @@ def test_ldm_overfits_one_batch_and_the_model_generates(tmp_path, vae_file):
     for a, b in ((last.unet, comps.unet), (last.text_encoder, comps.text_encoder)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert main(["train", "export", str(run), "--step", "7"]) == 2  # one line naming the steps there are
+    if (read_only := _read_only_folder()) is not None:  # refused before the export's work, in one line
+        assert main(["train", "export", str(run), "--out", str(read_only / "model.safetensors")]) == 2
     assert (run / "latents").is_dir()  # reused by a second run of the same data on the same VAE:
     again = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm",
                             [*QUIET, *ONE_BATCH, "train.steps=1", f"data.cache_dir='{run / 'latents'}'"])
@@ -411,3 +413,106 @@ def test_corrupt_image_in_a_folder_is_skipped_by_name_or_fatal(tmp_path, vae_fil
     code = main(["train", "vae", "--config", str(CONFIGS / "tiny_vae.toml"), "--out", str(tmp_path / "raise"), *sets])
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's INFO lines: one error line
     assert code == 2 and last.startswith("daguerre train: error:") and "0_broken.png" in last and "on_error" in last
+
+
+TINY_VAE_RUN = [*QUIET, "data.n=12", "data.holdout=2", "train.batch_size=2", "train.checkpoint_every=1",
+                "train.keep_last=5"]
+
+
+def _train_vae_cli(run: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", "vae", "--config", "tiny_vae", "--out", str(run),
+            *[a for item in [*TINY_VAE_RUN, f"train.steps={steps}"] for a in ("--set", item)], *extra]
+
+
+def _error_line(capsys) -> str:
+    """The last stderr line, after the run's INFO lines; no traceback anywhere."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_resume_skips_damaged_checkpoints_and_names_them(tmp_path, capsys):
+    """A newest checkpoint cut short (a crash, a full disk) or with a garbage state.json: --resume goes on
+    from the newest one that reads, saying which step and which file it skipped and why; when none reads,
+    one line naming the files. The damaged folder is rewritten when the run reaches its step."""
+    from safetensors.torch import load_file as load
+
+    run = tmp_path / "run"
+    assert main(_train_vae_cli(run, 3)) == 0
+    ckpts = run / "checkpoints"
+    cut = ckpts / "step_00000003" / "state.safetensors"
+    cut.write_bytes(cut.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(_train_vae_cli(run, 4, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "skipped the damaged checkpoint" in err and f"{cut}: truncated safetensors file" in err
+    assert "resumed from step 2 (checkpoint" in err
+    assert load(str(cut)).keys() and (ckpts / "step_00000004").is_dir()  # step 3 written again, then step 4
+
+    (ckpts / "step_00000004" / "state.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert main(_train_vae_cli(run, 5, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert f"{ckpts / 'step_00000004' / 'state.json'}: JSON nested too deeply" in err
+    assert "resumed from step 3 (checkpoint" in err
+
+    for folder in ckpts.iterdir():
+        (folder / "state.json").write_text('{"format": "daguerre-train-state-1", "step": ')
+    assert main(_train_vae_cli(run, 6, "--resume")) == 2
+    line = _error_line(capsys)
+    assert line.startswith("daguerre train: error: cannot resume") and "no checkpoint reads" in line
+    assert f"{ckpts / 'step_00000005' / 'state.json'}: not valid JSON" in line
+    assert (run / "config.json").is_file()  # nothing written is lost
+
+    (run / "config.json").write_text('{"stage": "vae", "train": {"steps": "many"}}')  # --config RUN/config.json
+    assert main(["train", "vae", "--config", str(run / "config.json"), "--out", str(tmp_path / "other")]) == 2
+    assert f"{run / 'config.json'}: config key train.steps: expected a whole number" in _error_line(capsys)
+
+
+def test_a_full_disk_or_a_read_only_folder_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch):
+    """The disk fills while checkpoint 2 is written: one line naming the run folder, exit 2, checkpoint 1
+    intact, and the run continues from it with --resume once there is space. An output folder that
+    cannot be written (for `train` and `train export`) is one line before any work."""
+    import errno
+
+    from daguerre.training import state
+
+    real = state.atomic_save_safetensors
+    calls = []
+
+    def full_after_one(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() on a full disk raises
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(state, "atomic_save_safetensors", full_after_one)
+    run = tmp_path / "run"
+    assert main(_train_vae_cli(run, 3)) == 2
+    line = _error_line(capsys)
+    assert line.startswith("daguerre train: error: cannot write") and str(run) in line
+    assert "No space left on device" in line and "--resume" in line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]  # no half-written folder
+    monkeypatch.setattr(state, "atomic_save_safetensors", real)
+    assert main(_train_vae_cli(run, 3, "--resume")) == 0
+    assert "resumed from step 1" in capsys.readouterr().err and (run / "vae.safetensors").is_file()
+
+    read_only = _read_only_folder()
+    if read_only is None:
+        pytest.skip("no read-only folder to test with")
+    for argv in (_train_vae_cli(read_only / "run", 1), _train_vae_cli(read_only, 1)):
+        assert main(argv) == 2
+        line = _error_line(capsys)
+        assert line.startswith("daguerre train: error: cannot write in the output folder") and str(read_only) in line
+
+
+def _read_only_folder() -> Path | None:
+    """/sys: read-only even for root, for whom permission bits do not stop a write (None if writable here)."""
+    folder = Path("/sys")
+    if not folder.is_dir():
+        return None
+    try:
+        (folder / ".daguerre-probe").touch()
+    except OSError:
+        return folder
+    (folder / ".daguerre-probe").unlink()
+    return None

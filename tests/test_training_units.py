@@ -246,7 +246,6 @@ def test_shapes_scene_mix_keys_reach_the_dataset_and_join_the_cache_key_only_whe
 
 def test_resume_accepts_keys_added_by_a_newer_version_only_at_their_defaults(tmp_path):
     """A run stored before a config key existed resumes when the key has its default value now."""
-    import json
 
     from daguerre.training.config import load_run_config, to_jsonable
     from daguerre.training.loop import prepare_run_dir
@@ -254,18 +253,17 @@ def test_resume_accepts_keys_added_by_a_newer_version_only_at_their_defaults(tmp
     cfg = load_run_config(None, "ldm")
     stored = to_jsonable(cfg.to_dict())
     del stored["train"]["grad_clip"]  # as if written by a version without this key
-    ckpt = tmp_path / "checkpoints" / "step_00000010"
-    ckpt.mkdir(parents=True)
-    (ckpt / state.META_FILE).write_text(json.dumps({"run_config": stored, "step": 10}))
-    (ckpt / state.TENSORS_FILE).write_bytes(b"")  # only its presence matters here
+    ckpt = state.save_checkpoint(tmp_path, 10, {"w": torch.zeros(1)},
+                                 {"run_config": stored, "step": 10, "optimizers": {}, "ema_updates": {}}, keep_last=1)
     env = dist.DistEnv()
-    assert prepare_run_dir(tmp_path, cfg, True, env) == (ckpt, [])
+    resume = prepare_run_dir(tmp_path, cfg, True, env)
+    assert resume.folder == ckpt and resume.phase == [] and resume.skipped == []
     changed = load_run_config(None, "ldm", ["train.grad_clip=0.5"])
     with pytest.raises(ValueError, match="train.grad_clip was None and is now 0.5|train.grad_clip"):
         prepare_run_dir(tmp_path, changed, True, env)
     with pytest.raises(ValueError, match="--until 10: the run is already at step 10"):  # before any set-up
         prepare_run_dir(tmp_path, cfg, True, env, until=10)
-    assert prepare_run_dir(tmp_path, cfg, True, env, until=11)[0] == ckpt
+    assert prepare_run_dir(tmp_path, cfg, True, env, until=11).folder == ckpt
 
 
 def test_timestep_bias_draws_the_chosen_steps_multiplier_times_as_often():

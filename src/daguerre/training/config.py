@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig, preset
+from ..config import LIMITS, ModelConfig, check_model_config, preset
 from ..untrusted import read_json, regular_file
 
 STAGES = ("vae", "ldm")
@@ -478,6 +478,9 @@ def check_run_config(cfg: RunConfig) -> None:
     for key, value in positive:
         if value < 1:
             raise ValueError(f"config key {key}: must be >= 1, got {value}")
+    check_model_config(cfg.model, "model.")  # types and sane sizes, channel and layer counts
+    if d.size > LIMITS["sample_size"][1]:
+        raise ValueError(f"config key data.size: {d.size} pixels is more than {LIMITS['sample_size'][1]}")
     non_negative = [("train.keep_every", t.keep_every),
                     ("train.lr", t.lr), ("train.min_lr", t.min_lr), ("train.warmup_steps", t.warmup_steps),
                     ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),

@@ -23,6 +23,7 @@ import torch
 
 from ..fileio import atomic_save_safetensors, atomic_write_text
 from ..models.autoencoder import AutoencoderKL
+from ..untrusted import parse_json
 from . import dist
 from .data import TrainData, images_of, load_items
 
@@ -135,7 +136,7 @@ def _load(folder: Path, n_shards: int) -> LatentSet:
             means.append(f.get_tensor("mean"))
             stds.append(f.get_tensor("std"))
             labels.append(f.get_tensor("label"))
-            caps += json.loads(f.metadata()["captions"])
+            caps += parse_json(f.metadata()["captions"], f"{path}: the captions metadata")
     label = torch.cat(labels)
     return LatentSet(mean=torch.cat(means), std=torch.cat(stds), captions=caps,
                      labels=label if bool((label >= 0).all()) else None, folder=folder)

@@ -117,7 +117,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
     device = env.device
     vae, vae_model_cfg = load_vae(vae_path, device)
     vae_sha = file_hash(vae_path)
-    latest, phase = prepare_run_dir(out, cfg, resume, env, until)
+    resume_from = prepare_run_dir(out, cfg, resume, env, until)
+    latest = resume_from.folder
     if latest is None:
         check_init_source(t.init_from)
     setup_logging(out, env.is_main)
@@ -169,7 +170,7 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
     opt = make_optimizer(params, t)
     model = wrap_ddp(DiffusionModel(unet, te if train_te else None), env)
     ts = TrainingState(modules, emas, {"model": opt})
-    start, meta = resume_state(ts, latest, phase, env)
+    start, meta = resume_state(ts, resume_from, env)
     if meta is not None:
         if meta.get("vae_sha256") != vae_sha:
             raise ValueError(f"cannot resume {out}: it was trained on another autoencoder than {vae_path}; "

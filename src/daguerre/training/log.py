@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_text
+from ..untrusted import parse_json
 
 METRICS_FILE = "metrics.jsonl"
 logger = logging.getLogger("daguerre.train")
@@ -31,13 +33,24 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if is_main:
-        handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
+        handlers.append(_RunLogFile(run_dir / "train.log", encoding="utf-8"))
     for h in handlers:
         h.setFormatter(fmt)
         h._daguerre_train = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     setup_logging._done = (str(run_dir), is_main)  # type: ignore[attr-defined]
+
+
+class _RunLogFile(logging.FileHandler):
+    """RUN/train.log. A failed write (disk full) is said once in one line, and the log goes on to the
+    terminal only, instead of logging's traceback at every message."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        logging.getLogger("daguerre").removeHandler(self)
+        sys.stderr.write(f"daguerre: cannot write {self.baseFilename} "
+                         f"({getattr(error, 'strerror', None) or error}): logging to the terminal only\n")
 
 
 def teardown_logging() -> None:
@@ -56,12 +69,13 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
+            row = parse_json(line, str(path))
+        except ValueError:
             continue  # a line cut short by the kill
+        if isinstance(row, dict) and isinstance(row.get("step", 0), (int, float)) and row.get("step", 0) <= step:
+            kept.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 

@@ -12,8 +12,11 @@ import contextlib
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,8 @@ PHASE_CHANGES = ("loss.offset_noise", "loss.min_snr_gamma", "loss.caption_dropou
 # a phase that changes what the network predicts also restarts the EMA (its warm-up from update 0): an
 # average with weights trained for the old target is no model of the new one
 RESTARTS_EMA = ("model.schedule.prediction_type", "model.schedule.zero_terminal_snr")
+# the JSON objects of a checkpoint's state.json that a resume reads (besides step and format)
+RESUME_OBJECTS = ("run_config", "optimizers", "ema_updates")
 
 
 def lr_at(step: int, t: TrainConfig, peak: float | None = None) -> float:
@@ -113,27 +118,56 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv,
-                    until: int | None = None) -> tuple[Path | None, list[dict]]:
-    """Create the run folder; return the checkpoint to resume from (None = start at step 0) and the
-    training-phase changes of the config since that checkpoint ([{"key", "from", "to"}]).
+@dataclass
+class Resume:
+    """Where a session starts: the checkpoint to continue from (None: step 0) and its meta, the
+    training-phase changes of the config since it ([{"key", "from", "to"}]), and the newer checkpoints
+    skipped because they are damaged ([(folder, why)])."""
 
-    Refuses to overwrite a run that has checkpoints unless `resume`; on resume the stored config
-    must match the current one except for the keys in RESUMABLE_CHANGES and PHASE_CHANGES, and a
-    pause step `until` must lie beyond the checkpoint (checked here, before any slow set-up).
+    folder: Path | None = None
+    meta: dict[str, Any] | None = None
+    phase: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and a file in it: a read-only, full-inode or inaccessible output folder is one line
+    naming it before any work (as root, permission bits do not stop a write: only trying does)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".daguerre-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write in the output folder {folder} ({e.strerror or e}): choose another "
+                         "--out or fix its permissions") from None
+
+
+def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv,
+                    until: int | None = None) -> Resume:
+    """Create the run folder; return where to start (`Resume`).
+
+    Refuses to overwrite a run that has checkpoints unless `resume`. On resume the newest checkpoint
+    that reads is used (damaged newer ones are skipped, named and kept); its stored config must match
+    the current one except for the keys in RESUMABLE_CHANGES and PHASE_CHANGES, and a pause step
+    `until` must lie beyond it (checked here, before any slow set-up).
     """
     latest = state.latest_checkpoint(out)
     if latest is not None and not resume:
         raise ValueError(f"{out} already holds a run (checkpoints up to {latest.name}): pass --resume to "
                          "continue it, or choose another --out")
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out)
     dist.barrier()
     if latest is None:
         if resume:
             logger.info("--resume: no checkpoint in %s yet, starting at step 0", out)
-        return None, []
-    meta = json.loads((latest / state.META_FILE).read_text(encoding="utf-8"))
+        return Resume()
+    latest, meta, skipped = state.newest_intact_checkpoint(out, RESUME_OBJECTS)
+    if latest is None:
+        why = "; ".join(f"{folder.name}: {reason}" for folder, reason in skipped)
+        raise ValueError(f"cannot resume {out}: no checkpoint reads ({why}); move the damaged ones away to start "
+                         "again, or choose another --out")
     stop_step(int(meta["step"]), cfg.train.steps, until)
     stored = meta["run_config"]
     old, new = flat(stored), flat(to_jsonable(cfg.to_dict()))
@@ -147,7 +181,7 @@ def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv,
         k = changed[0]
         raise ValueError(f"cannot resume {out}: config key {k} was {old.get(k)!r} and is now {new.get(k)!r} "
                          f"({len(changed)} keys differ); resume with the run's own: --config {out / CONFIG_FILE}")
-    return latest, [{"key": k, "from": old.get(k), "to": new.get(k)} for k in differ]
+    return Resume(latest, meta, [{"key": k, "from": old.get(k), "to": new.get(k)} for k in differ], skipped)
 
 
 def write_config(out: Path, cfg: RunConfig, env: dist.DistEnv) -> None:
@@ -210,8 +244,19 @@ class TrainingState:
         logger.info("checkpoint %s", path)
 
     def load(self, folder: Path, env: dist.DistEnv) -> tuple[int, dict[str, Any]]:
-        """Restore everything from checkpoint `folder`; returns (step, meta)."""
+        """Restore everything from checkpoint `folder`; returns (step, meta). A checkpoint whose contents
+        do not fit the run is one ValueError naming it."""
         tensors, meta = state.load_checkpoint(folder)
+        try:
+            self._restore(tensors, meta, env)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"cannot resume from {folder}: its state does not fit this run "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        self._session_start = time.perf_counter()
+        logger.info("resumed from step %d (checkpoint %s)", meta["step"], folder)
+        return int(meta["step"]), meta
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], env: dist.DistEnv) -> None:
         for name, m in self.modules.items():
             state.load_module_tensors(unwrap(m), tensors, f"model.{name}.")
         for name, e in self.emas.items():
@@ -226,19 +271,19 @@ class TrainingState:
         state.set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["rng"][rank])
         self.elapsed = float(meta.get("seconds", 0.0))
         self.history = list(meta.get("config_history", []))
-        self._session_start = time.perf_counter()
-        logger.info("resumed from %s (step %d)", folder, meta["step"])
-        return int(meta["step"]), meta
 
 
-def resume_state(ts: TrainingState, latest: Path | None, phase: list[dict], env: dist.DistEnv
-                 ) -> tuple[int, dict[str, Any] | None]:
-    """Load checkpoint `latest` into `ts` (step 0 and no meta when None) and record the phase changes
-    of this resume in its config history."""
-    if latest is None:
+def resume_state(ts: TrainingState, resume: Resume, env: dist.DistEnv) -> tuple[int, dict[str, Any] | None]:
+    """Load the checkpoint of `resume` into `ts` (step 0 and no meta when there is none) and record the
+    phase changes of this resume in its config history."""
+    for folder, why in resume.skipped:  # logged here, after the run's log file is set up
+        logger.warning("skipped the damaged checkpoint %s (left in place until the run rewrites that step): %s",
+                       folder, why)
+    if resume.folder is None:
         return 0, None
-    start, meta = ts.load(latest, env)
-    for c in phase:  # logged here, after the run's log file is set up
+    start, meta = ts.load(resume.folder, env)
+    phase = resume.phase
+    for c in phase:
         logger.warning("config key %s changes from %r to %r at step %d: a new training phase, kept in the run's "
                        "config history", c["key"], c["from"], c["to"], start)
     ts.history += [{"step": start, **c} for c in phase]

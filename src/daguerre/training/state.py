@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_dir, atomic_save_safetensors
+from ..untrusted import read_json, regular_file
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -49,6 +50,47 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def read_meta(folder: str | Path, objects: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON half of checkpoint `folder`, with its format, its step and the JSON objects `objects`
+    checked; ValueError naming the file when it is damaged (not JSON, nested absurdly, fields missing)."""
+    path = Path(folder) / META_FILE
+    meta = read_json(path, "training-state file")
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: unknown training-state format {meta.get('format')!r}")
+    m = STEP_DIR.match(Path(folder).name)
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or (m is not None and step != int(m.group(1))):
+        raise ValueError(f"{path}: step {step!r} is not the step of its folder {Path(folder).name}")
+    for name in objects:
+        if not isinstance(meta.get(name), dict):
+            raise ValueError(f"{path}: no {name} object")
+    return meta
+
+
+def check_checkpoint(folder: str | Path, objects: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The meta of checkpoint `folder` if both its files read (the tensors' header and size: a file cut
+    short by a full disk or a crash is caught); ValueError naming the damaged file otherwise."""
+    from ..checkpoints.io import read_shapes
+
+    meta = read_meta(folder, objects)
+    read_shapes(Path(folder) / TENSORS_FILE)
+    return meta
+
+
+def newest_intact_checkpoint(
+    run_dir: str | Path, objects: tuple[str, ...] = ()
+) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
+    """(folder, meta) of the newest checkpoint of a run that reads (`check_checkpoint`), and the newer ones
+    skipped as (folder, why); (None, None, skipped) when none does."""
+    skipped: list[tuple[Path, str]] = []
+    for _, folder in reversed(list_checkpoints(run_dir)):
+        try:
+            return folder, check_checkpoint(folder, objects), skipped
+        except (ValueError, OSError) as e:
+            skipped.append((folder, str(e)))
+    return None, None, skipped
 
 
 # --- optimizer and RNG as tensors + JSON ---------------------------------------------------------------
@@ -122,7 +164,9 @@ def save_checkpoint(
     with atomic_dir(final) as tmp:
         atomic_save_safetensors(tensors, tmp / TENSORS_FILE, {"format": STATE_FORMAT})
         (tmp / META_FILE).write_text(json.dumps({"format": STATE_FORMAT, **meta}, indent=1), encoding="utf-8")
-    for old_step, old in list_checkpoints(run_dir)[:-keep_last]:
+    # only checkpoints up to this one count: a newer one left by an earlier session (damaged, so the run
+    # resumed before it) is no reason to delete the one just written; it is replaced when the run gets there
+    for old_step, old in [c for c in list_checkpoints(run_dir) if c[0] <= step][:-keep_last]:
         if not (keep_every > 0 and old_step % keep_every == 0):
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -130,15 +174,18 @@ def save_checkpoint(
 
 def load_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, JSON meta) of a checkpoint folder."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if not (folder / TENSORS_FILE).is_file() or not (folder / META_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a training checkpoint (no {TENSORS_FILE} / {META_FILE})")
-    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"{folder}: unknown training-state format {meta.get('format')!r}")
-    return load_file(str(folder / TENSORS_FILE)), meta
+    meta = read_meta(folder)
+    path = regular_file(folder / TENSORS_FILE, "training-state file")
+    try:
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); truncated or corrupt?") from None
 
 
 def module_tensors(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ import torch
 
 from ..config import TEXT_ENCODER_KINDS, ModelConfig
 from ..fileio import atomic_save_safetensors
+from ..untrusted import parse_json
 from . import dist
 from .latents import MANIFEST, _shard_path, build_shards  # noqa: F401 (MANIFEST: the layout of the latent cache)
 
@@ -149,5 +150,5 @@ def _load(folder: Path, n_shards: int) -> TextEmbeddings:
                                     "rebuild it")
         with safe_open(str(path), framework="pt") as f:
             contexts.append(f.get_tensor("context"))
-            caps += json.loads(f.metadata()["captions"])
+            caps += parse_json(f.metadata()["captions"], f"{path}: the captions metadata")
     return TextEmbeddings(context=torch.cat(contexts), rows={c: i for i, c in enumerate(caps)}, folder=folder)

@@ -155,7 +155,8 @@ def train_vae(cfg: RunConfig, out: str | Path, *, resume: bool = False, until: i
 def _train(cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist.DistEnv) -> Path:
     t, lc = cfg.train, cfg.loss
     configure_threads(t)
-    latest, phase = prepare_run_dir(out, cfg, resume, env, until)
+    resume_from = prepare_run_dir(out, cfg, resume, env, until)
+    latest = resume_from.folder
     if latest is None:
         check_init_source(t.init_from)
     setup_logging(out, env.is_main)
@@ -188,7 +189,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist
         optimizers["disc"] = opt_d
         ddp_disc = wrap_ddp(disc, env)
     ts = TrainingState(modules, {"vae": ema}, optimizers)
-    start, meta = resume_state(ts, latest, phase, env)
+    start, meta = resume_state(ts, resume_from, env)
     if meta is not None:
         init_record = meta.get("init")  # what step 0 was initialised from (--init), kept by every checkpoint
         if env.is_main:
