@@ -90,6 +90,14 @@ def test_the_output_is_never_the_input_without_overwrite(image_file, capsys, no_
     assert image_file.read_bytes() == before
 
 
+def test_the_output_is_never_the_from_png_file(tmp_path, capsys, no_model):
+    source = save_png(Image.new("RGB", (16, 16)), tmp_path / "a.png", "a cat\nSteps: 1, Seed: 2, Size: 16x16")
+    before = source.read_bytes()
+    code, _, err = _run(capsys, "generate", "--from-png", str(source), "-o", str(tmp_path / "." / "a.png"))
+    assert code == 2 and "is the input image" in _one_error_line(err)
+    assert source.read_bytes() == before
+
+
 def test_the_output_is_never_the_mask_and_overwrite_allows_the_input(image_file, capsys):
     mask = image_file.parent / "mask.png"
     before = mask.read_bytes()
