@@ -351,3 +351,194 @@ def test_png_info_reads_back_the_parameters_of_a_generated_image(server):
     plain = _post(server, "/sdapi/v1/png-info", {"image": _b64(Image.new("RGB", (4, 4)))})[1]
     assert plain["info"] == "" and plain["parameters"] == {}
     assert _post(server, "/sdapi/v1/png-info", {})[0] == 422
+
+
+# Every field of A1111's request schemas (modules/api/models.py builds them from the init fields of
+# modules/processing.py's StableDiffusionProcessingTxt2Img / ...Img2Img, v1.10) at A1111's defaults
+A1111_COMMON = {
+    "prompt": "", "negative_prompt": "", "styles": None, "seed": -1, "subseed": -1, "subseed_strength": 0,
+    "seed_resize_from_h": -1, "seed_resize_from_w": -1, "sampler_name": None, "scheduler": None, "batch_size": 1,
+    "n_iter": 1, "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "restore_faces": None, "tiling": None,
+    "do_not_save_samples": False, "do_not_save_grid": False, "eta": None, "denoising_strength": None,
+    "s_min_uncond": None, "s_churn": None, "s_tmax": None, "s_tmin": None, "s_noise": None,
+    "override_settings": None, "override_settings_restore_afterwards": True, "refiner_checkpoint": None,
+    "refiner_switch_at": None, "disable_extra_networks": False, "firstpass_image": None, "comments": None,
+    "sampler_index": "Euler", "script_name": None, "script_args": [], "send_images": True, "save_images": False,
+    "alwayson_scripts": {}, "force_task_id": None, "infotext": None,
+}
+A1111_TXT2IMG = {
+    **A1111_COMMON, "enable_hr": False, "denoising_strength": 0.75, "firstphase_width": 0, "firstphase_height": 0,
+    "hr_scale": 2.0, "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
+    "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
+    "hr_negative_prompt": "",
+}
+A1111_IMG2IMG = {
+    **A1111_COMMON, "init_images": None, "resize_mode": 0, "denoising_strength": 0.75, "image_cfg_scale": None,
+    "mask": None, "mask_blur_x": 4, "mask_blur_y": 4, "mask_blur": None, "mask_round": True, "inpainting_fill": 0,
+    "inpaint_full_res": True, "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0,
+    "initial_noise_multiplier": None, "latent_mask": None, "include_init_images": False,
+}
+
+
+def test_every_a1111_field_at_its_default_is_accepted(server):
+    small = {"width": 32, "height": 32, "steps": 2, "sampler_name": "Euler a", "seed": 1}
+    status, out = _post(server, "/sdapi/v1/txt2img", {**A1111_TXT2IMG, **small})
+    assert status == 200 and len(out["images"]) == 1, out
+    init = _b64(Image.new("RGB", (32, 32), (200, 30, 30)))
+    status, out = _post(server, "/sdapi/v1/img2img", {**A1111_IMG2IMG, **small, "init_images": [init]})
+    assert status == 200 and len(out["images"]) == 1, out
+    assert out["parameters"]["init_images"] is None  # A1111 sends the inputs back only with include_init_images
+    # what clients send besides the defaults: webuiapi's eta=1.0 and image_cfg_scale=1.5, an override
+    # naming the loaded model, the txt2img hires fields while enable_hr is off
+    extra = {"eta": 1.0, "image_cfg_scale": 1.5, "override_settings": {"sd_model_checkpoint": "random:tiny"},
+             "include_init_images": True}
+    status, out = _post(server, "/sdapi/v1/img2img", {**A1111_IMG2IMG, **small, **extra, "init_images": [init]})
+    assert status == 200 and out["parameters"]["init_images"] == [init], out
+    status, out = _post(server, "/sdapi/v1/txt2img", {**small, "hr_scale": 4, "hr_upscaler": "Latent",
+                                                      "firstphase_width": 0, "send_images": False})
+    assert status == 200 and out["images"] == [] and json.loads(out["info"])["all_seeds"] == [1]
+
+
+def test_a_field_of_the_other_task_is_named():
+    with pytest.raises(ApiError, match="'mask' for txt2img .it is a field of img2img"):
+        request_from_payload({"mask": "x"})
+
+
+def test_eta_and_the_inpaint_area_reach_the_request():
+    init = _b64(Image.new("RGB", (48, 40)))
+    mask = _b64(Image.new("L", (48, 40), 255))
+    r = request_from_payload({"eta": 0.25, "init_images": [init], "mask": mask, "inpaint_full_res": True,
+                              "inpaint_full_res_padding": 8}, "img2img")
+    assert (r.eta, r.task, r.inpaint_area, r.inpaint_padding) == (0.25, "inpaint", "only masked", 8)
+    r = request_from_payload({"init_images": [init], "mask": mask}, "img2img")  # A1111's schema default: True, 0
+    assert (r.inpaint_area, r.inpaint_padding, r.inpaint_fill) == ("only masked", 0, "fill")
+    r = request_from_payload({"init_images": [init], "mask": mask, "inpaint_full_res": False}, "img2img")
+    assert r.inpaint_area == "whole"
+    r = request_from_payload({"init_images": [init], "inpaint_full_res": True}, "img2img")  # no mask: img2img
+    assert (r.task, r.inpaint_area) == ("img2img", "whole")
+
+
+def test_infotext_fills_the_fields_the_payload_leaves_out():
+    text = "a red circle\nNegative prompt: blue\nSteps: 3, Sampler: Euler, CFG scale: 5, Seed: 11, Size: 64x32, Eta: 1"
+    r = request_from_payload({"infotext": text, "steps": 2, "override_settings": {}})
+    assert (r.prompt, r.negative_prompt, r.steps, r.sampler, r.cfg_scale, r.seed) == ("a red circle", "blue", 2,
+                                                                                      "Euler", 5.0, 11)
+    assert (r.width, r.height, r.eta) == (64, 32, 1.0)
+    with pytest.raises(ApiError, match="Hires upscale"):
+        request_from_payload({"infotext": "x\nSteps: 3, Seed: 1, Hires upscale: 2"})
+
+
+def test_progress_counts_batches_as_a1111_does():
+    """The bug: with batch_size 4 it topped out at 25% (total counted 4 x the callbacks); the state had no job_count."""
+    paused = Paused(at=3)  # the last of 4 steps of the only batch (4 images at once)
+    reports = {}
+
+    def during(server):
+        reports["last"] = json.loads(server.handle("GET", "/sdapi/v1/progress?skip_current_image=true")[2])
+    _run_paused(paused, {"prompt": "x", "steps": 4, "batch_size": 4}, during)
+    assert reports["last"]["progress"] == 1.0 and reports["last"]["eta_relative"] == pytest.approx(0, abs=1e-6)
+    paused = Paused(at=1, batch_start=2)  # step 2 of 4 of the second batch of 2
+    _run_paused(paused, {"prompt": "x", "steps": 4, "batch_size": 2, "n_iter": 2}, during)
+    report = reports["last"]
+    state = report["state"]
+    assert report["progress"] == 0.75, report
+    assert (state["job"], state["job_count"], state["job_no"], state["sampling_step"], state["sampling_steps"]) == (
+        "txt2img", 2, 1, 2, 4)
+    assert set(state) >= {"skipped", "interrupted", "job_timestamp", "stopping_generation"}
+    assert len(state["job_timestamp"]) == 14 and state["job_timestamp"].isdigit()
+
+
+def test_idle_progress_is_what_webuiapi_waits_for(server):
+    report = json.loads(server.handle("GET", "/sdapi/v1/progress")[2])
+    assert report["progress"] == 0.0 and report["state"]["job_count"] == 0 and report["current_image"] is None
+
+
+@pytest.mark.parametrize(("route", "answer"), [
+    ("loras", []), ("upscalers", []), ("latent-upscale-modes", []), ("sd-vae", []), ("hypernetworks", []),
+    ("face-restorers", []), ("realesrgan-models", []), ("prompt-styles", []), ("script-info", []),
+    ("extensions", []), ("embeddings", {"loaded": {}, "skipped": {}}), ("scripts", {"txt2img": [], "img2img": []}),
+])
+def test_the_lists_of_what_daguerre_lacks_are_empty_in_a1111_shapes(server, route, answer):
+    status, _, body = server.handle("GET", f"/sdapi/v1/{route}")
+    assert status == 200 and json.loads(body) == answer
+
+
+def test_memory_and_cmd_flags_are_real(server):
+    memory = json.loads(server.handle("GET", "/sdapi/v1/memory")[2])
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    ram = memory["ram"]
+    assert ram["total"] == total and 0 < ram["free"] <= total
+    assert 50 * 2**20 < ram["used"] < total  # this process's resident set: torch alone is more than 50 MiB
+    assert memory["cuda"] == {"error": "unavailable"}  # the model is on the CPU
+    flags = json.loads(server.handle("GET", "/sdapi/v1/cmd-flags")[2])
+    assert flags["use_cpu"] == ["all"] and flags["no_half"] is True and flags["ckpt"] == "random:tiny"
+    for what in ("checkpoints", "vae", "loras"):
+        assert server.handle("POST", f"/sdapi/v1/refresh-{what}")[:3:2] == (200, b"null")
+    assert server.handle("POST", "/sdapi/v1/skip")[:3:2] == (200, b"null")  # idle: nothing to skip
+
+
+def test_options_overrides_are_accepted_when_they_change_nothing(server):
+    options = json.loads(server.handle("GET", "/sdapi/v1/options")[2])
+    assert (options["eta_ancestral"], options["eta_ddim"], options["sd_vae"]) == (1.0, 0.0, "Automatic")
+    r = request_from_payload({"override_settings": {"sd_model_checkpoint": "random:tiny", "eta_ddim": 0.0}},
+                             settings=server.settings())
+    assert r.clip_skip == 1
+    status, out = _post(server, "/sdapi/v1/txt2img", {"steps": 2, "override_settings": {"eta_ddim": 0.5}})
+    assert status == 422 and "eta_ddim=0.5" in out["detail"] and "eta" in out["detail"]
+    status, out = _post(server, "/sdapi/v1/txt2img", {"steps": 2, "override_settings": {"sd_model_checkpoint": "x"}})
+    assert status == 422 and "one model" in out["detail"]
+
+
+class _NoWork:
+    """A pipeline that fails the test if a request reaches it."""
+
+    def __init__(self):
+        self.pipe = daguerre.load("random:tiny")
+        self.components, self.model_hash, self.request = self.pipe.components, None, self.pipe.request
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the request was run")
+
+
+def test_requests_over_the_limits_are_refused_before_any_work():
+    from daguerre.limits import Limits
+
+    server = Server(_NoWork(), "random:tiny")
+    status, out = _post(server, "/sdapi/v1/txt2img", {"steps": 2, "n_iter": 1000000, "batch_size": 4})
+    assert status == 422 and "4000000 images" in out["detail"] and "--max-images" in out["detail"], out
+    server = Server(_NoWork(), "random:tiny", limits=Limits(max_images=3, max_steps=10))
+    status, out = _post(server, "/sdapi/v1/txt2img", {"steps": 2, "n_iter": 2, "batch_size": 2})
+    assert status == 422 and "4 images" in out["detail"]
+    status, out = _post(server, "/sdapi/v1/txt2img", {"steps": 11})
+    assert status == 422 and "11 steps" in out["detail"]
+
+
+def _png_declaring(width: int, height: int) -> str:
+    """A tiny PNG whose header declares width x height (its one IDAT holds a few bytes): a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(("size", "says"), [((20000, 20000), ["too large", "400000000 pixels"]),  # PIL's guard
+                                            ((5000, 4000), ["5000x4000", "--max-input-pixels"])])  # the limit's
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(server, size, says):
+    for path, payload in [("/sdapi/v1/img2img", {"init_images": [_png_declaring(*size)]}),
+                          ("/sdapi/v1/png-info", {"image": _png_declaring(*size)})]:
+        status, out = _post(server, path, payload)
+        assert status == 422 and all(s in out["detail"] for s in says), out
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(server):
+    for depth in (100000, 200):
+        body = b"[" * depth + b"]" * depth
+        status, _, raw = server.handle("POST", "/sdapi/v1/txt2img", body)
+        assert status == 400 and "nests deeper" in json.loads(raw)["detail"]
+    status, out = _post(server, "/sdapi/v1/txt2img", {"steps": 2, "script_args": [[[["fine"]]]]})
+    assert status == 200
