@@ -133,6 +133,8 @@ class Resume:
 def check_writable(folder: Path) -> None:
     """Create `folder` and a file in it: a read-only, full-inode or inaccessible output folder is one line
     naming it before any work (as root, permission bits do not stop a write: only trying does)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"the output folder {folder} is a file: choose another --out")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".daguerre-write-test-", dir=folder)
