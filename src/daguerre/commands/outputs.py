@@ -81,8 +81,8 @@ class Outputs:
     overwrite: bool = False
 
     def numbered_paths(self, seeds: Sequence[int]) -> list[Path]:
-        """Fresh numbered paths for images of `seeds`, and a free grid name after them: numbering starts
-        after the highest number of any `{prefix}N-...` or `grid-{prefix}N-...` entry of the folder."""
+        """Fresh numbered paths for images of `seeds`: numbering starts after the highest number of any
+        `{prefix}N-...` or `grid-{prefix}N-...` entry of the folder (so a stale grid's number is not reused)."""
         pattern = re.compile(rf"(?:grid-)?{re.escape(self.prefix)}(\d+)-")
         numbers = [int(m.group(1)) for name in os.listdir(self.folder) if (m := pattern.match(name))]
         start = max(numbers, default=-1) + 1
