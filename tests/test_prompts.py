@@ -182,9 +182,12 @@ def test_encode_weighted_with_unit_weights_is_plain_encoding(tok, text_encoder, 
     torch.testing.assert_close(got, plain, atol=0, rtol=0)
 
 
-def test_encode_weighted_scales_tokens_and_keeps_the_mean(tok, text_encoder):
+def test_encode_weighted_scales_tokens_and_keeps_the_mean(tok):
     """A1111: z * w per token, then z * (mean before / mean after) per chunk."""
-    with torch.no_grad():
+    torch.manual_seed(0)
+    text_encoder = CLIPTextEncoder(TextEncoderConfig(width=32, layers=2, heads=2, mlp_dim=64)).eval()
+    with torch.no_grad():  # a final LayerNorm with a bias, as trained ones have: the mean is well away from 0
+        text_encoder.text_model.final_layer_norm.bias.uniform_(0.2, 0.6)
         got = encode_weighted(text_encoder, tok, ["a (red:1.5) [cat]"], skip_layers=0)[0]
         plain = text_encoder(tok(["a red cat"]), skip_layers=0, output_pooled=False).hidden[0]  # same token ids
     w = torch.ones(77)

@@ -6,7 +6,9 @@
     results[0].image.save("out.png")                 # PIL image; .seed and .parameters (A1111 text) too
 
 A call takes the fields of `GenerationRequest` (the schema the CLI and the server share) as keyword
-arguments, or a `GenerationRequest` itself. Nothing here imports torch until a model is loaded.
+arguments, or a `GenerationRequest` itself. Every request is checked against the pipeline's `limits`
+(`daguerre.limits.DEFAULT_LIMITS` unless `load(..., limits=)` says otherwise; `Limits.unlimited()`
+turns them off). Nothing here imports torch until a model is loaded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .limits import DEFAULT_LIMITS, Limits
 from .pipelines.request import GenerationRequest
 
 if TYPE_CHECKING:
@@ -30,7 +33,8 @@ DTYPE_NAMES = {
     "fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
     "fp16": "float16", "float16": "float16", "half": "float16",
 }
-REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+# the settings a call takes; a request's `limits` are the pipeline's (`Pipeline.limits`), not a call's
+REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name != "limits")
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -58,29 +62,33 @@ def set_compute_dtype(components: Components, dtype: torch.dtype | str | None) -
 
 
 def load(path_or_name: str | None = None, *, device: torch.device | str = "cpu",
-         dtype: torch.dtype | str | None = None) -> Pipeline:
+         dtype: torch.dtype | str | None = None, limits: Limits = DEFAULT_LIMITS) -> Pipeline:
     """Open a model (`--model` syntax: path, diffusers folder, shipped name, `random:PRESET`; None = default).
 
     `dtype` is the compute dtype of the U-Net and text encoder (None: as stored, float32 for random
-    models); the VAE decodes in float32.
+    models); the VAE decodes in float32. `limits` bound every request (`Pipeline.limits`).
     """
     from .registry import open_model
 
     components, model_hash = open_model(path_or_name, device=device)
     set_compute_dtype(components, dtype)
-    return Pipeline(components, model_hash)
+    return Pipeline(components, model_hash, limits=limits)
 
 
 class Pipeline:
     """A loaded model ready to generate: `pipe(prompt, **fields) -> list[GeneratedImage]`.
 
     `components` holds the networks, `config` the model's `ModelConfig`, `model_hash` the A1111 short
-    hash written to the PNG parameters (None for random models and folders).
+    hash written to the PNG parameters (None for random models and folders), `limits` the bounds every
+    request is checked against before any work (a `LimitError` names the value and the limit).
     """
 
-    def __init__(self, components: Components, model_hash: str | None = None):
+    def __init__(self, components: Components, model_hash: str | None = None, *, limits: Limits = DEFAULT_LIMITS):
+        if not isinstance(limits, Limits):
+            raise ValueError(f"limits must be a daguerre.limits.Limits, got {type(limits).__name__}")
         self.components = components
         self.model_hash = model_hash
+        self.limits = limits
 
     @property
     def config(self) -> ModelConfig:
@@ -96,6 +104,8 @@ class Pipeline:
         Keyword fields override those of a given request; `tile=True/False` selects tiled VAE decoding
         (default: automatic for large images, see `daguerre.pipelines.tiling`).
         """
+        if "limits" in fields:
+            raise ValueError("limits are the pipeline's: daguerre.load(..., limits=...) or set pipe.limits")
         unknown = sorted(set(fields) - set(REQUEST_FIELDS))
         if unknown:
             valid = ", ".join(REQUEST_FIELDS)
@@ -106,7 +116,7 @@ class Pipeline:
             request = GenerationRequest(prompt=prompt, **fields)
         else:
             raise ValueError(f"prompt must be a string or a GenerationRequest, got {type(prompt).__name__}")
-        return request.validate(self.config)
+        return request.validate(self.config, self.limits)
 
     def __call__(
         self, prompt: str | GenerationRequest = "", *, callback: Callback | None = None, **fields: Any
@@ -176,9 +186,9 @@ class PngSettings:
     """What a PNG's `parameters` text says about how to make the image again."""
 
     fields: dict[str, Any]  # GenerationRequest fields
-    model: str | None  # the `Model` value, if any
+    model: str | None  # the `Model` value, unless it is one a file may not select (`settings_from_parameters`)
     model_hash: str | None  # the `Model hash` value, if any
-    ignored: list[str]  # keys daguerre does not apply (hires fix, LoRA, ...)
+    ignored: list[str]  # keys daguerre does not apply (hires fix, LoRA, ...), and why a `Model` is not used
 
 
 def settings_from_parameters(text: str, source: str = "parameters") -> PngSettings:
@@ -186,6 +196,9 @@ def settings_from_parameters(text: str, source: str = "parameters") -> PngSettin
 
     Prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size, clip skip, guidance
     rescale and eta are read; a value that does not parse is a ValueError naming `source` and the key.
+    The `Model` is a name (A1111 writes the checkpoint's name): a file never builds a `random:` model
+    (random:sd15 allocates 860M untrained parameters) nor names a path to open, so such a `Model` is
+    listed in `ignored` with the reason and `model` is None: the caller's own choice of model stands.
     """
     from .pngmeta import parse_parameters
 
@@ -200,8 +213,29 @@ def settings_from_parameters(text: str, source: str = "parameters") -> PngSettin
                 raise ValueError(f"{source}: {key} {params[key]!r} is not a {kind}") from None
     if SIZE_KEY in params:
         width, sep, height = params[SIZE_KEY].lower().partition("x")
-        if not (sep and width.strip().isdigit() and height.strip().isdigit()):
+        width, height = width.strip(), height.strip()
+        if not (sep and _ascii_digits(width) and _ascii_digits(height)):  # int() reads "²" and "٣" too
             raise ValueError(f"{source}: Size {params[SIZE_KEY]!r} is not WIDTHxHEIGHT")
         fields["width"], fields["height"] = int(width), int(height)
     ignored = [k for k in params if k not in PNG_KEYS and k not in INFORMATIONAL_KEYS]
-    return PngSettings(fields, params.get(MODEL_KEY), params.get("Model hash"), ignored)
+    model = params.get(MODEL_KEY)
+    why = _unusable_model(model) if model is not None else None
+    if why:
+        ignored.append(f"Model {model!r} ({why}; choose a model with --model)")
+        model = None
+    return PngSettings(fields, model, params.get("Model hash"), ignored)
+
+
+def _ascii_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) < 10  # 10 digits: far over any limit already
+
+
+def _unusable_model(name: str) -> str | None:
+    """Why settings read from a file may not select the model `name`, or None when they may."""
+    from .registry import RANDOM_PREFIX
+
+    if name.startswith(RANDOM_PREFIX):
+        return "a file never selects a random: model: untrained, and up to 860M parameters to build"
+    if any(c in name for c in "/\\") or name.startswith(("~", ".")):
+        return "a file never selects a path"
+    return None

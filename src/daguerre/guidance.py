@@ -9,6 +9,8 @@ A denoiser is any callable `denoiser(x, sigma, cond) -> x0` (daguerre.diffusion.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .diffusion.denoisers import Cond, DenoiserFn, append_dims, batch_sigma
@@ -59,11 +61,15 @@ def _from_space(space: str, x: torch.Tensor, sigma: torch.Tensor, pred: torch.Te
 
 def rescale_guidance(guided: torch.Tensor, cond_pred: torch.Tensor, rescale: float) -> torch.Tensor:
     """Guidance rescale (Lin et al. 2024, sec. 3.4, eqs. 15-16): scale the guided prediction to the
-    per-sample standard deviation of the conditional one, and mix by `rescale` (diffusers' `rescale_noise_cfg`)."""
+    per-sample standard deviation of the conditional one, and mix by `rescale` (diffusers' `rescale_noise_cfg`).
+    A guided prediction of zero spread (a constant) is left as it is: diffusers divides by zero there
+    and turns the whole image NaN."""
     dims = list(range(1, guided.ndim))
     std_cond = cond_pred.std(dim=dims, keepdim=True)
     std_guided = guided.std(dim=dims, keepdim=True)
-    return rescale * guided * (std_cond / std_guided) + (1 - rescale) * guided
+    tiny = torch.finfo(std_guided.dtype).tiny  # a safe divisor, so no NaN reaches a gradient either
+    ratio = torch.where(std_guided > 0, std_cond / std_guided.clamp_min(tiny), torch.ones_like(std_guided))
+    return rescale * guided * ratio + (1 - rescale) * guided
 
 
 def cfg_denoiser(
@@ -89,6 +95,8 @@ def cfg_denoiser(
         raise ValueError(f"unknown rescale_space {rescale_space!r}; choose one of {', '.join(RESCALE_SPACES)}")
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance scale must be a finite number, got {scale}: an infinite scale makes NaN images")
 
     def guided(x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond | None = None) -> torch.Tensor:
         cond = cond or {}

@@ -6,12 +6,15 @@ up front with an error that names the value, the limit and the flag that raises 
 commands and `daguerre serve` take the same flags (`add_limit_arguments`); the Python API applies
 `DEFAULT_LIMITS` unless given others (`Limits.unlimited()` turns them off).
 
-Work is the estimated floating-point work of the networks, counted exactly on the model's own
-architecture: one U-Net forward at the request's latent size runs on PyTorch's "meta" device (shapes
-only, no memory, no arithmetic) under `torch.utils.flop_counter.FlopCounterMode`, and so does one VAE
-decode (and encode, for the image tasks). That captures what a pixels x steps x images product cannot:
-attention's cost grows with the square of the number of latent cells, and models differ a thousandfold
-in cost per pixel. Memory is bounded by the pixels held at once (`max_batch_pixels`) and per image.
+Work is the estimated floating-point work of the networks, counted layer by layer on the model's own
+architecture (its `ModelConfig`) for the request's latent size: one U-Net forward (with a context as
+long as the prompt can make it), one VAE decode (and encode, for the image tasks) and the text
+encoder. That captures what a pixels x steps x images product cannot: attention's cost grows with the
+square of the number of latent cells, and models differ a thousandfold in cost per pixel. The count
+is arithmetic on the config (microseconds, no torch), held equal by the tests to PyTorch's
+`FlopCounterMode` run on the real networks. Memory is bounded by the pixels held at once
+(`max_batch_pixels`) and per image, input images by their pixels read from the file header before
+decoding (`max_input_pixels`), and prompts by their length (`max_prompt_chars`: the tokenizer's time).
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import ModelConfig, UNetConfig, VAEConfig
+    from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
 TFLOP = 1e12
 
@@ -42,13 +45,14 @@ class Limits:
     max_steps: int = 1000  # sampler steps (DDPM's full chain is 1000)
     max_work: float = 500.0  # estimated network work of the whole request, in TFLOP (SD 1.5: ~36 per 512² image)
     max_input_pixels: int = 16 * 1024 * 1024  # width x height of an input image (init image, mask), before decoding
+    max_prompt_chars: int = 10_000  # characters of the prompt and of the negative prompt, each
 
     @classmethod
     def unlimited(cls) -> Limits:
         """No bounds: for scripts that know what they ask for."""
         inf = math.inf
         return cls(max_pixels=inf, max_batch_pixels=inf, max_images=inf, max_steps=inf, max_work=inf,
-                   max_input_pixels=inf)
+                   max_input_pixels=inf, max_prompt_chars=inf)
 
     def check_size(self, width: int, height: int, batch_size: int = 1) -> None:
         """One image of width x height, and batch_size of them at once."""
@@ -77,6 +81,11 @@ class Limits:
                              f"{_mp(self.max_input_pixels)}; scale it down first or raise --max-input-pixels "
                              "(Limits.max_input_pixels)")
 
+    def check_prompt(self, text: str, name: str = "prompt") -> None:
+        if len(text) > self.max_prompt_chars:
+            raise LimitError(f"the {name} is {len(text)} characters long, over the limit of {self.max_prompt_chars}; "
+                             "shorten it or raise --max-prompt-chars (Limits.max_prompt_chars)")
+
     def check_work(self, tflop: float, what: str) -> None:
         if tflop > self.max_work:
             raise LimitError(f"{what} needs about {tflop:.4g} TFLOP of network work, over the limit of "
@@ -92,78 +101,132 @@ def _mp(pixels: float) -> str:
 
 
 def request_work(config: ModelConfig, *, width: int, height: int, steps: int, n: int, guided: bool,
-                 encodes: bool = False) -> float:
+                 encodes: bool = False, prompt_chunks: int = 1) -> float:
     """Estimated TFLOP of a request: steps x n U-Net calls (twice with classifier-free guidance), n VAE
-    decodes, and n VAE encodes for the image tasks. A sampler that calls the network twice a step (Heun,
-    DPM2) costs up to twice this; the bound is on the order of magnitude."""
+    decodes, n VAE encodes for the image tasks, and the text encoder over `prompt_chunks` 77-token
+    chunks per prompt (the cross-attention context is that long too). A sampler that calls the network
+    twice a step (Heun, DPM2) costs up to twice this; the bound is on the order of magnitude."""
     f = config.vae.downsample_factor
     h, w = height // f, width // f
-    unet = unet_tflop(config.unet, h, w, config.unet.context_dim is not None)
+    te = config.text_encoder
+    context, text = 0, 0.0
+    if config.unet.context_dim is not None:
+        chunks = max(1, prompt_chunks) if te is None or te.kind == "clip" else 1  # BERT: one window
+        context = (te.max_length if te is not None else CONTEXT_TOKENS) * chunks
+        text = (2 if guided else 1) * chunks * (text_tflop(te) if te is not None else 0.0)
+    unet = unet_tflop(config.unet, h, w, context)
     vae = vae_tflop(config.vae, h, w, encodes)
-    return n * (steps * unet * (2 if guided else 1) + vae)
+    return text + n * (steps * unet * (2 if guided else 1) + vae)
 
 
-def unet_tflop(cfg: UNetConfig, h: int, w: int, text: bool) -> float:
-    """TFLOP of one U-Net forward of batch 1 on an (h, w) latent with a 77-token context (counted on 'meta')."""
-    return _cached(("unet", repr(cfg), h, w, text), lambda: _unet_tflop(cfg, h, w, text))
+# The counts below follow the networks' forward passes layer by layer, counting what PyTorch's
+# `FlopCounterMode` counts (2 FLOP per multiply-add of every matrix product and convolution; attention
+# 4 x query length x key length x width); tests/test_limits.py holds them equal to FlopCounterMode run
+# on the real modules on the "meta" device. That count takes seconds (its first use imports
+# torch._dynamo); this one takes microseconds and needs no torch.
+CONTEXT_TOKENS = 77  # cross-attention context length of one prompt chunk
+
+
+def _conv(cells: int, c_in: int, c_out: int, k: int = 3) -> int:
+    return 2 * cells * c_in * c_out * k * k
+
+
+def unet_tflop(cfg: UNetConfig, h: int, w: int, context: int = CONTEXT_TOKENS) -> float:
+    """TFLOP of one U-Net forward of batch 1 on an (h, w) latent with a `context`-token context
+    (ignored without cross-attention) and, for class-conditional models, a label (free: an embedding row)."""
+    mc, emb = cfg.model_channels, 4 * cfg.model_channels  # the time embedding (unet.TIME_EMBED_MULT)
+    context = context if cfg.context_dim else 0
+    levels = len(cfg.channel_mult)
+    sizes = [(h, w)]
+    for _ in range(levels - 1):  # stride-2 convolutions with padding 1: ceil(h / 2)
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
+    cells = [a * b for a, b in sizes]
+
+    def res(n: int, c_in: int, c_out: int) -> int:
+        skip = _conv(n, c_in, c_out, 1) if c_in != c_out else 0
+        return _conv(n, c_in, c_out) + 2 * emb * c_out + _conv(n, c_out, c_out) + skip
+
+    def transformer(n: int, ch: int) -> int:
+        heads, head_dim = cfg.heads_at(ch)
+        d = heads * head_dim
+        block = 2 * n * d * d * 4 + 4 * n * n * d  # self-attention: q, k, v, out; scores and values
+        if context:  # cross-attention: q and out from the image, k and v from the context
+            block += 2 * n * d * d * 2 + 2 * 2 * context * cfg.context_dim * d + 4 * n * context * d
+        block += 2 * n * d * 8 * d + 2 * n * 4 * d * d  # GEGLU feed-forward (unet.FF_MULT = 4)
+        return 2 * 2 * n * ch * d + cfg.transformer_depth * block  # proj_in, proj_out
+
+    total = 2 * mc * emb + 2 * emb * emb + _conv(cells[0], cfg.in_channels, mc)
+    ch, skips = mc, [mc]
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            total += res(cells[level], ch, mult * mc)
+            ch = mult * mc
+            total += transformer(cells[level], ch) if level in cfg.attention_levels else 0
+            skips.append(ch)
+        if level != levels - 1:
+            total += _conv(cells[level + 1], ch, ch)  # Downsample
+            skips.append(ch)
+    total += 2 * res(cells[-1], ch, ch) + transformer(cells[-1], ch)  # middle block
+    for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        for i in range(cfg.num_res_blocks + 1):
+            total += res(cells[level], ch + skips.pop(), mult * mc)
+            ch = mult * mc
+            total += transformer(cells[level], ch) if level in cfg.attention_levels else 0
+            if level != 0 and i == cfg.num_res_blocks:
+                total += _conv(cells[level - 1], ch, ch)  # Upsample to the next skip's size
+    total += _conv(cells[0], ch, cfg.out_channels)
+    return total / TFLOP
 
 
 def vae_tflop(cfg: VAEConfig, h: int, w: int, encodes: bool) -> float:
     """TFLOP of one VAE decode of an (h, w) latent, plus one encode of its image when `encodes`."""
-    return _cached(("vae", repr(cfg), h, w, encodes), lambda: _vae_tflop(cfg, h, w, encodes))
+    widths = [cfg.base_channels * m for m in cfg.channel_mult]
+    levels = len(widths)
+
+    def res(n: int, c_in: int, c_out: int) -> int:
+        return _conv(n, c_in, c_out) + _conv(n, c_out, c_out) + (_conv(n, c_in, c_out, 1) if c_in != c_out else 0)
+
+    def attn(n: int, c: int) -> int:
+        return 4 * 2 * n * c * c + 4 * n * n * c  # q, k, v, proj_out as 1x1 convs; one head of width c
+
+    def mid(n: int, c: int) -> int:
+        return 2 * res(n, c, c) + attn(n, c)
+
+    latent = h * w
+    cells = [latent * 4 ** (levels - 1 - i) for i in range(levels)]  # level i: h 2^(levels-1-i) x w 2^(...)
+    ch = widths[-1]
+    total = _conv(latent, cfg.latent_channels, ch) + mid(latent, ch)  # the decoder, coarse to fine
+    for i in reversed(range(levels)):
+        for _ in range(cfg.num_res_blocks + 1):
+            total += res(cells[i], ch, widths[i]) + (attn(cells[i], widths[i]) if i in cfg.attn_levels else 0)
+            ch = widths[i]
+        total += _conv(cells[i - 1], ch, ch) if i != 0 else 0  # Upsample
+    total += _conv(cells[0], widths[0], cfg.out_channels)
+    if encodes:  # the encoder, fine to coarse
+        ch = widths[0]
+        total += _conv(cells[0], cfg.in_channels, ch)
+        for i in range(levels):
+            for _ in range(cfg.num_res_blocks):
+                total += res(cells[i], ch, widths[i]) + (attn(cells[i], widths[i]) if i in cfg.attn_levels else 0)
+                ch = widths[i]
+            total += _conv(cells[i + 1], ch, ch) if i != levels - 1 else 0  # Downsample
+        total += mid(latent, ch) + _conv(latent, ch, 2 * cfg.latent_channels)
+    return total / TFLOP
 
 
-_CACHE: dict[tuple, float] = {}  # (network, its config's repr, latent h, w, flag) -> TFLOP
-_CACHE_SIZE = 256
-
-
-def _cached(key: tuple, count) -> float:
-    if key not in _CACHE:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = count()
-    return _CACHE[key]
-
-
-def _unet_tflop(cfg: UNetConfig, h: int, w: int, text: bool) -> float:
-    import torch
-
-    from .models.unet import UNetModel
-
-    with torch.device("meta"):
-        unet = UNetModel(cfg)
-        x = torch.zeros(1, cfg.in_channels, h, w)
-        context = torch.zeros(1, 77, cfg.context_dim) if text else None
-        y = torch.zeros(1, dtype=torch.long) if cfg.num_classes is not None else None
-        return _count(unet, x, torch.zeros(1), context, y)
-
-
-def _vae_tflop(cfg: VAEConfig, h: int, w: int, encodes: bool) -> float:
-    import torch
-
-    from .models.autoencoder import Decoder, Encoder
-
-    f = cfg.downsample_factor
-    with torch.device("meta"):
-        total = _count(Decoder(cfg), torch.zeros(1, cfg.latent_channels, h, w))
-        if encodes:
-            total += _count(Encoder(cfg), torch.zeros(1, cfg.in_channels, h * f, w * f))
-    return total
-
-
-def _count(module: Any, *inputs: Any) -> float:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(*inputs)
-    return counter.get_total_flops() / TFLOP
+def text_tflop(cfg: TextEncoderConfig) -> float:
+    """TFLOP of the text encoder on one window of `max_length` tokens (every layer: an upper bound
+    under clip skip)."""
+    t, d = cfg.max_length, cfg.width
+    layer = 2 * t * d * d * 4 + 4 * t * t * d + 2 * 2 * t * d * cfg.mlp_dim  # q, k, v, out; attention; MLP
+    return cfg.layers * layer / TFLOP
 
 
 # --- the flags ------------------------------------------------------------------------------------------
 
 def add_limit_arguments(p: argparse.ArgumentParser) -> None:
-    """--max-pixels, --max-batch-pixels, --max-images, --max-steps, --max-work, --max-input-pixels."""
+    """--max-pixels, --max-batch-pixels, --max-images, --max-steps, --max-work, --max-input-pixels,
+    --max-prompt-chars."""
     d = DEFAULT_LIMITS
     g = p.add_argument_group("limits", "upper bounds of one request, checked before any work (docs/security.md)")
     g.add_argument("--max-pixels", type=_positive(int), default=d.max_pixels,
@@ -179,12 +242,15 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
                    "Stable Diffusion 1.5 costs about 36 per 512x512 image at 20 steps)")
     g.add_argument("--max-input-pixels", type=_positive(int), default=d.max_input_pixels,
                    help=f"pixels of an input image (default {d.max_input_pixels}, 4096x4096)")
+    g.add_argument("--max-prompt-chars", type=_positive(int), default=d.max_prompt_chars,
+                   help=f"characters of the prompt, and of the negative prompt (default {d.max_prompt_chars})")
 
 
 def limits_from_args(args: argparse.Namespace) -> Limits:
     """The `Limits` of the flags `add_limit_arguments` added."""
     return Limits(max_pixels=args.max_pixels, max_batch_pixels=args.max_batch_pixels, max_images=args.max_images,
-                  max_steps=args.max_steps, max_work=args.max_work, max_input_pixels=args.max_input_pixels)
+                  max_steps=args.max_steps, max_work=args.max_work, max_input_pixels=args.max_input_pixels,
+                  max_prompt_chars=args.max_prompt_chars)
 
 
 def _positive(kind: type):

@@ -29,7 +29,7 @@ from ..diffusion.schedules import img2img_sigmas
 from ..guidance import cfg_denoiser, inpaint_blend_denoiser
 from ..pngmeta import format_parameters
 from .prompts import encode_weighted
-from .request import GenerationRequest, _class_index
+from .request import GenerationRequest, _class_index, check_finite
 from .tiling import decode_latents, encode_latents
 
 if TYPE_CHECKING:
@@ -138,6 +138,7 @@ def latents_to_images(components: Components, latents: torch.Tensor, tiled: bool
     """Decode diffusion latents with the VAE (in its own dtype, float32 by default; tiled for large images,
     `daguerre.pipelines.tiling`) to PIL images."""
     x = decode_latents(components.vae, latents, tiled)
+    check_finite(x, "decoded pixels", components)  # a NaN pixel would be saved as black
     arr = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     mode = "L" if arr.shape[-1] == 1 else "RGB"
     return [Image.fromarray(np.squeeze(a, -1) if mode == "L" else a, mode) for a in arr]
@@ -320,6 +321,7 @@ def _finished(components: Components, req: GenerationRequest, plan: SamplingPlan
               seeds: list[int], params: dict[str, Any]) -> list[GeneratedImage]:
     """The decoded, post-processed images of a batch's final latents, with their PNG parameters."""
     results = []
+    check_finite(x, "final latents", components, req)
     for i, image in enumerate(latents_to_images(components, x, req.tile)):
         if plan.finish is not None:
             image = plan.finish(image)

@@ -9,18 +9,26 @@ Resize policies (`RESIZE_MODES`, AUTOMATIC1111's img2img "Resize mode" under sho
   none     use the image as it is: its size must already be the target.
 Masks follow the same geometry as their image, so the two stay aligned. Images are RGB (or L for
 grayscale models); masks are L, white (255) = repaint, black (0) = keep.
+
+An input image is refused before its pixels are decoded when its header declares more than
+`Limits.max_input_pixels` (a PNG of a few KB can declare 20000x20000 pixels, 1.2 GB once decoded);
+PIL's own decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`) stays on under any limits.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, UnidentifiedImageError
+
+from ..limits import DEFAULT_LIMITS, Limits
 
 ImageSource = str | os.PathLike | Image.Image
 RESIZE_MODES = ("crop", "fit", "stretch", "none")
@@ -33,37 +41,34 @@ FILL_BLUR_SIGMA = 32.0  # px: how far "fill" spreads the surrounding colours int
 FILL_EPS = 1e-6  # guard for the normalised-convolution fill where no known pixel is near
 
 
-def load_image(source: ImageSource, mode: str = "RGB") -> Image.Image:
+def load_image(source: ImageSource, mode: str = "RGB", limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     """An image from a path (or a PIL image), converted to `mode` ("RGB" or "L"), fully read.
 
     Raises FileNotFoundError for a missing file and ValueError naming the file when it is not an
-    image PIL can read; a PIL image is only converted.
+    image PIL can read, or when it has more pixels than `limits.max_input_pixels` (a LimitError,
+    checked on the header before decoding); a PIL image is only checked and converted.
     """
     if isinstance(source, Image.Image):
+        limits.check_input_image(source.width, source.height, "(in-memory image)")
         return source.convert(mode) if source.mode != mode else source.copy()
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"no such image: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not an image file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert(mode)  # an alpha channel is dropped: the colour channels are the image
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not a readable image ({e}); give a PNG, JPEG or WebP file") from None
+    path = _image_path(source, "image")
+    im = open_image(path, str(path), limits)
+    return im.convert(mode) if im.mode != mode else im  # an alpha channel is dropped: the colour channels are the image
 
 
-def load_mask(source: ImageSource) -> Image.Image:
+def load_mask(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     """An inpainting mask as L (white = repaint, black = keep) from a path or PIL image.
 
     Colour masks become their luminance; alpha masks are flattened onto black (transparent = keep).
-    Modes without a meaningful gray value (CMYK, YCbCr, LAB, HSV, ...) are a ValueError.
+    Modes without a meaningful gray value (CMYK, YCbCr, LAB, HSV, ...) are a ValueError. Size limits
+    and errors as in `load_image`.
     """
     if isinstance(source, Image.Image):
         raw, name = source, "mask image"
+        limits.check_input_image(raw.width, raw.height, "(in-memory mask image)")
     else:
-        raw, name = _open_raw(source), str(source)
+        path = _image_path(source, "mask image")
+        raw, name = open_image(path, str(path), limits), str(source)
     if raw.mode not in MASK_MODES:
         raise ValueError(
             f"mask {name} has mode {raw.mode!r}, which is not a grayscale or RGB image; "
@@ -81,19 +86,41 @@ def load_mask(source: ImageSource) -> Image.Image:
     return raw.convert("L")
 
 
-def _open_raw(source: str | os.PathLike) -> Image.Image:
-    """The image at `source` in its own mode, fully read (errors as in `load_image`)."""
+def open_image(source: str | os.PathLike | BinaryIO, name: str, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
+    """The image in a file (a path or a binary file object, e.g. `io.BytesIO` of an upload) in its own
+    mode, fully read, after its size is read from the header and checked against `limits`.
+
+    `name` names the image in errors: a LimitError over `limits.max_input_pixels`, a ValueError when
+    PIL's decompression-bomb guard trips or the data is not an image PIL can read.
+    """
+    hint = "give a PNG, JPEG or WebP file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(source)  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{name} declares too many pixels to decode safely ({e}); scale it down first") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{name} is not a readable image ({e}); {hint}") from None
+    with im:
+        limits.check_input_image(im.width, im.height, name)
+        try:
+            im.load()
+        except (OSError, ValueError) as e:  # truncated data; PIL's ValueError: a text chunk too large
+            raise ValueError(f"{name} is not a readable image ({e}); {hint}") from None
+        return im.copy()
+
+
+def _image_path(source: str | os.PathLike, what: str) -> Path:
+    """The path of an image file, with FileNotFoundError / ValueError when there is no file to read."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"the {what} must be a file path or a PIL image, got {type(source).__name__}")
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"no such mask image: {path}")
+        raise FileNotFoundError(f"no such {what}: {path}")
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not an image file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not a readable image ({e}); give a PNG, JPEG or WebP file") from None
+    return path
 
 
 def snap_down(value: int, factor: int) -> int:

@@ -12,6 +12,9 @@
   original mean, as A1111 does (A1111 takes the mean over the whole batch; per chunk keeps an
   image independent of the batch it is made in).
 A prompt with no brackets and at most 75 tokens encodes exactly as the plain tokenizer would.
+Brackets nest at most `MAX_EMPHASIS_DEPTH` deep and a token's weight stays within +-`MAX_WEIGHT`
+(A1111 has no bounds; beyond them the parse's cost grows with the square of the prompt and the weights
+overflow), else a ValueError names the depth or the weight.
 
 A BERT encoder (the frozen all-MiniLM-L6-v2, text-encoder kind "minilm") reads one window of its
 tokenizer's `max_length`: `[CLS] tokens [SEP] [PAD]...`, the emphasis weights applied per token in the
@@ -35,10 +38,16 @@ SQUARE_WEIGHT = 1 / 1.1  # `[text]`
 CHUNK_TOKENS = 75  # tokens per chunk, between the start and end tokens
 COMMA_BACKTRACK = 20  # look this many tokens back for a comma to break a chunk at
 BREAK = "BREAK"
+MAX_EMPHASIS_DEPTH = 32  # brackets open at once; (((...))) 32 deep already weighs 1.1^32 = 21
+MAX_WEIGHT = 100.0  # largest |weight| of a token after nesting: far beyond any useful emphasis
 
 
 def parse_emphasis(text: str) -> list[tuple[str, float]]:
-    """Split a prompt into (text, weight) runs; a `BREAK` keyword is returned as ("BREAK", -1.0)."""
+    """Split a prompt into (text, weight) runs; a `BREAK` keyword is returned as ("BREAK", -1.0).
+
+    Linear in the prompt's length: brackets nest at most MAX_EMPHASIS_DEPTH deep (each closing bracket
+    rescales only the runs inside it); a deeper nesting or a weight beyond MAX_WEIGHT is a ValueError.
+    """
     pieces: list[list] = []  # [text, weight]
     round_open: list[int] = []
     square_open: list[int] = []
@@ -74,6 +83,9 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
             if plain:
                 add_text("".join(plain))
                 plain = []
+            if c in "([" and len(round_open) + len(square_open) == MAX_EMPHASIS_DEPTH:
+                raise ValueError(f"prompt brackets nest {emphasis_depth(text)} deep, over the limit of "
+                                 f"{MAX_EMPHASIS_DEPTH}: remove some, or write literal brackets as \\( \\) \\[ \\]")
             if c == "(":
                 round_open.append(len(pieces))
             elif c == "[":
@@ -100,13 +112,46 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
         scale(start, SQUARE_WEIGHT)
     if not pieces:
         return [("", 1.0)]
-    merged: list[tuple[str, float]] = []
     for t, w in pieces:
-        if merged and merged[-1][1] == w and t != BREAK and merged[-1][0] != BREAK:
-            merged[-1] = (merged[-1][0] + t, w)
+        if t != BREAK and not abs(w) <= MAX_WEIGHT:  # also NaN
+            raise ValueError(f"prompt weight {w:.6g} of {t!r} is beyond +-{MAX_WEIGHT:g}: use a smaller weight")
+    runs: list[tuple[list[str], float]] = []  # consecutive runs of one weight, joined once at the end
+    for t, w in pieces:
+        if runs and runs[-1][1] == w and t != BREAK and runs[-1][0] != [BREAK]:
+            runs[-1][0].append(t)
         else:
-            merged.append((t, w))
-    return merged
+            runs.append(([t], w))
+    return [("".join(parts), w) for parts, w in runs]
+
+
+def emphasis_depth(text: str) -> int:
+    """How deep the prompt's brackets nest, as `parse_emphasis` reads them (escapes and unmatched closing
+    brackets are text; unclosed ones stay open to the end)."""
+    deepest, rounds, squares, i = 0, 0, 0, 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2 if i + 1 < len(text) and text[i + 1] in "()[]\\" else 1
+            continue
+        if c == "(":
+            rounds += 1
+        elif c == "[":
+            squares += 1
+        elif c == ")" and rounds:  # `(text:1.5)` closes at its `)` too
+            rounds -= 1
+        elif c == "]" and squares:
+            squares -= 1
+        deepest = max(deepest, rounds + squares)
+        i += 1
+    return deepest
+
+
+def chunk_bound(text: str) -> int:
+    """At least as many 77-token chunks as `tokenize_chunks` makes of `text`, without a tokenizer: every
+    token holds at least one byte of the text, every chunk not ended by BREAK or the text's end holds
+    at least CHUNK_TOKENS - COMMA_BACKTRACK + 1 tokens. For the work estimate of a request (limits.py)."""
+    tokens = len(text.lower().encode("utf-8"))
+    return 1 + text.count(BREAK) + tokens // (CHUNK_TOKENS - COMMA_BACKTRACK + 1)
 
 
 def _weight_suffix(text: str, i: int) -> tuple[float, int] | None:
@@ -244,6 +289,10 @@ def encode_weighted(
         if bool((w != 1.0).any()):  # weight each token, then restore each chunk's mean (A1111)
             mean = z.mean(dim=(1, 2), keepdim=True)  # (k, 1, 1)
             z = z * w.unsqueeze(-1)
-            z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
+            ratio = mean / z.mean(dim=(1, 2), keepdim=True)  # (k, 1, 1)
+            # a mean near 0 (an untrained encoder's final LayerNorm) makes the ratio noise, or infinite: keep
+            # such a chunk as weighted rather than scale it by that noise (A1111 divides regardless)
+            sane = torch.isfinite(ratio) & (ratio >= 1 / MAX_WEIGHT) & (ratio <= MAX_WEIGHT)
+            z = z * torch.where(sane, ratio, torch.ones_like(ratio))
         rows.append(z.reshape(1, -1, z.shape[-1]))
     return torch.cat(rows)  # (B, T k, d)

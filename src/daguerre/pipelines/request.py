@@ -1,14 +1,21 @@
 """`GenerationRequest`: every field a user sets for one generation, checked once, at the edge.
 
-The CLI and (later) the HTTP server build this one dataclass; pipelines trust it after `validate`.
+The CLI and the HTTP server build this one dataclass; pipelines trust it after `validate`.
 `task` names the pipeline (txt2img, img2img, inpaint, upscale); the image fields only matter for
 the tasks that take images, and `validate` loads those images (a path becomes a PIL image in the
 returned copy), so a missing or unreadable file fails before any model work.
+
+`validate` refuses, with a ValueError naming the field and value: a value of the wrong type, a NaN
+or infinite number (they make an all-black image), a size of 0 or less, and anything over the
+request's `Limits` (daguerre.limits: pixels, images, steps, estimated work, input image pixels,
+prompt length; prompt brackets nested too deep, pipelines.prompts). `check_finite` is the matching
+check after sampling: NaN or infinite latents or pixels are a `NonFiniteError`, never an image.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 import secrets
@@ -19,7 +26,10 @@ from ..config import ModelConfig
 from ..limits import DEFAULT_LIMITS, Limits, request_work
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
+
+    from ..components import Components
 
 MAX_SEED = 2**32 - 1
 TASKS = ("txt2img", "img2img", "inpaint", "upscale")
@@ -31,6 +41,7 @@ INPAINT_FILLS = ("original", "fill", "latent noise", "latent nothing")  # A1111 
 INPAINT_AREAS = ("whole", "only masked")  # A1111 "Inpaint area": Whole picture, Only masked (pipelines/inpaint.py)
 CONCAT_KINDS = (None, "inpaint", "lowres")
 MAX_UPSCALE = 8.0
+MAX_MASK_BLUR = 128  # px; A1111's slider stops at 64, and a wider blur leaves no mask to repaint
 # Sampling settings of a request that leaves them None and whose model recommends none (A1111's defaults,
 # except the sampler). A model recommends its own in `ModelConfig.defaults` (daguerre's trained models do).
 DEFAULT_SETTINGS: dict[str, Any] = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "Automatic", "cfg_scale": 7.0}
@@ -115,6 +126,18 @@ class GenerationRequest:
             raise ValueError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
         if self.clip_skip < 1:
             raise ValueError(f"clip skip must be >= 1 (1 = the model's default layer), got {self.clip_skip}")
+        te = config.text_encoder
+        if config.conditioning == "text" and te is not None and self.clip_skip > te.layers - te.skip_layers:
+            raise ValueError(f"clip skip {self.clip_skip} is more than the {te.layers - te.skip_layers} layers this "
+                             f"model's text encoder can skip to; use 1..{te.layers - te.skip_layers}")
+        for name, value in (("width", self.width), ("height", self.height)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be a positive number of pixels, got {value} (leave it out for the "
+                                 "model's native size)")
+        limits.check_count(self.n, self.steps)
+        limits.check_prompt(self.prompt)
+        limits.check_prompt(self.negative_prompt, "negative prompt")
+        chunks = _prompt_chunks(config, self.prompt, self.negative_prompt)
         if self.eta is not None and not (0.0 <= self.eta < float("inf")):
             raise ValueError(f"eta must be >= 0 (0 = no fresh noise per step), got {self.eta}")
         if self.inpaint_area not in INPAINT_AREAS or (self.inpaint_area != "whole" and self.task != "inpaint"):
@@ -126,10 +149,11 @@ class GenerationRequest:
         images: dict[str, Any] = {}
         width, height = self.width, self.height
         if self.task in IMAGE_TASKS:
-            images = self._validate_images(config, factor)
+            images = self._validate_images(config, factor, limits)
             width, height = images.pop("size")
-        width = width or config.sample_size
-        height = height or config.sample_size
+        width = config.sample_size if width is None else width  # 0 is an error below, not the default
+        height = config.sample_size if height is None else height
+        limits.check_size(width, height, min(self.batch_size, self.n))
         for name, value in (("width", width), ("height", height)):
             if value < factor or value % factor:
                 raise ValueError(
@@ -137,11 +161,9 @@ class GenerationRequest:
                     f"(VAE factor {config.vae.downsample_factor} x U-Net factor {config.unet.downsample_factor}); "
                     f"try {max(factor, round(value / factor) * factor)}"
                 )
-        limits.check_count(self.n, self.steps)
-        limits.check_size(width, height, min(self.batch_size, self.n))
         guided = self.cfg_scale != 1.0 and config.conditioning != "none"
         work = request_work(config, width=width, height=height, steps=self.steps, n=self.n, guided=guided,
-                            encodes=self.task in IMAGE_TASKS)
+                            encodes=self.task in IMAGE_TASKS, prompt_chunks=chunks)
         limits.check_work(work, f"{self.n} image(s) of {width}x{height} at {self.steps} steps")
         seed = self.seed
         if seed is None or seed == -1:
@@ -174,9 +196,17 @@ class GenerationRequest:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):  # NaN or inf turn every pixel NaN: a black image
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("sampler", "schedule", "task", "resize_mode", "inpaint_fill"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be text, got {getattr(self, name)!r}")
+        if self.tile not in (None, True, False):
+            raise ValueError(f"tile must be true, false or left out (automatic), got {self.tile!r}")
 
-    def _validate_images(self, config: ModelConfig, factor: int) -> dict[str, Any]:
-        """Check and load the image fields of an image task: {init_image, mask, strength, size}."""
+    def _validate_images(self, config: ModelConfig, factor: int, limits: Limits) -> dict[str, Any]:
+        """Check and load the image fields of an image task (each refused over `limits.max_input_pixels`
+        before it is decoded): {init_image, mask, strength, size}."""
         from .images import RESIZE_MODES, center_crop, load_image, load_mask, snap_down
 
         if self.init_image is None:
@@ -189,12 +219,12 @@ class GenerationRequest:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {self.resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
         mode = "L" if config.vae.in_channels == 1 else "RGB"
-        image = load_image(self.init_image, mode)
+        image = load_image(self.init_image, mode, limits)
         mask = None
         if self.task == "inpaint":
             if self.mask is None:
                 raise ValueError("inpaint needs a mask image (white = repaint, black = keep)")
-            mask = load_mask(self.mask)
+            mask = load_mask(self.mask, limits)
             if mask.size != image.size:
                 raise ValueError(
                     f"mask {_name(self.mask)} is {mask.width}x{mask.height} but the image is "
@@ -202,8 +232,9 @@ class GenerationRequest:
                 )
             if mask.getextrema()[1] == 0:
                 raise ValueError(f"mask {_name(self.mask)} is entirely black: nothing to repaint (white = repaint)")
-            if not (isinstance(self.mask_blur, int) and self.mask_blur >= 0):
-                raise ValueError(f"mask blur must be a whole number of pixels >= 0, got {self.mask_blur!r}")
+            if not (isinstance(self.mask_blur, int) and 0 <= self.mask_blur <= MAX_MASK_BLUR):
+                raise ValueError(f"mask blur must be a whole number of pixels in [0, {MAX_MASK_BLUR}], "
+                                 f"got {self.mask_blur!r}")
             if self.inpaint_fill not in INPAINT_FILLS:
                 raise ValueError(f"unknown masked-content mode {self.inpaint_fill!r}; choose one of "
                                  f"{', '.join(INPAINT_FILLS)}")
@@ -240,6 +271,49 @@ class GenerationRequest:
             raise ValueError(f"image {_name(self.init_image)} is {image.width}x{image.height}, not {width}x{height}: "
                              "use a resize mode (crop, fit, stretch) or give a matching size")
         return {"init_image": image, "mask": mask, "strength": strength, "size": (width, height)}
+
+
+class NonFiniteError(ValueError):
+    """Sampling produced NaN or infinite values: there is no image to return (`check_finite`)."""
+
+
+def check_finite(x: torch.Tensor, what: str, components: Components, request: GenerationRequest | None = None) -> None:
+    """Raise a `NonFiniteError` naming the likely cause if `x` (the final latents, or the decoded pixels)
+    holds a NaN or an infinity, which would otherwise be saved as an all-black image: weights that are
+    not finite (looked for only then), else the request's settings, else a half-precision overflow."""
+    import torch
+
+    if bool(torch.isfinite(x).all()):
+        return
+    kind = "NaN" if bool(torch.isnan(x).any()) else "infinite"
+    broken = [name for name in ("unet", "vae", "text_encoder")
+              if (module := getattr(components, name, None)) is not None
+              and not all(bool(torch.isfinite(p).all()) for p in module.parameters())]
+    if broken:
+        raise NonFiniteError(f"the model produced {kind} values in the {what}: its weights are broken (the "
+                             f"{' and '.join(broken)} hold NaN or infinite values); use another copy of the model")
+    causes = []
+    if request is not None:
+        causes.append(f"the settings may be extreme (cfg scale {request.cfg_scale:g}, guidance rescale "
+                      f"{request.guidance_rescale:g}, {request.steps} steps, sampler {request.sampler})")
+    dtypes = {p.dtype for m in (components.unet, components.vae) if m is not None for p in m.parameters()}
+    half = sorted(str(d).removeprefix("torch.") for d in dtypes & {torch.float16, torch.bfloat16})
+    if half:
+        causes.append(f"{' or '.join(half)} may have overflowed: try the float32 compute dtype (--dtype fp32)")
+    raise NonFiniteError(f"the model produced {kind} values in the {what}: "
+                         f"{'; or '.join(causes) or 'the model or the settings are broken'}")
+
+
+def _prompt_chunks(config: ModelConfig, prompt: str, negative: str) -> int:
+    """Check the prompts' bracket syntax (pipelines.prompts) for a text model, and return an upper bound
+    of the 77-token chunks the longer one makes (1 for other models)."""
+    if config.conditioning != "text":
+        return 1
+    from .prompts import chunk_bound, parse_emphasis
+
+    parse_emphasis(prompt)
+    parse_emphasis(negative)
+    return max(chunk_bound(prompt), chunk_bound(negative))
 
 
 def _name(source: Any) -> str:
