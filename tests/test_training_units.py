@@ -302,3 +302,16 @@ def test_timestep_bias_config_errors_name_the_key():
                         "loss.timestep_bias_begin")]:
         with pytest.raises(ValueError, match=key):
             load_run_config(None, "ldm", extra)
+
+
+def test_a_deeply_nested_metadata_line_is_one_error_naming_the_line(tmp_path):
+    """A folder dataset's metadata.jsonl is read like every untrusted JSON: a 100 000-deep line is one
+    ValueError naming file and line, not a RecursionError."""
+    from PIL import Image
+
+    from daguerre.data import ImageFolder
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n' + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:2: JSON nested too deeply"):
+        ImageFolder(tmp_path, size=8)

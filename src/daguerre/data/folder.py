@@ -11,7 +11,6 @@ classifier-free guidance, Ho and Salimans 2022). Preprocessing is `ImageTransfor
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..untrusted import parse_json
 from .transforms import ImageTransform
 
 logger = logging.getLogger("daguerre")
@@ -68,10 +68,7 @@ def read_metadata(path: Path) -> list[tuple[str, str, str]]:
                 if not line.strip():
                     continue
                 where = f"{path}:{n}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e})") from None
+                row = parse_json(line, where)  # ValueError naming the line, also for absurd nesting
                 if not isinstance(row, dict) or "file_name" not in row:
                     raise ValueError(f"{where}: each line must be a JSON object with a 'file_name' key")
                 rows.append((str(row["file_name"]), _text_of(row, where), where))
