@@ -6,36 +6,58 @@ import argparse
 import sys
 
 from ..cli import command
+from ..limits import add_limit_arguments, limits_from_args
 from .generate import add_model_arguments, set_threads
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1, this computer only; 0.0.0.0 for every interface)")
+    p.add_argument("--host", default=None,
+                   help="address to listen on (default 127.0.0.1, this computer only); see --listen")
+    p.add_argument("--listen", action="store_true",
+                   help="listen on every interface (0.0.0.0), answering to any host name, as A1111's --listen; "
+                   "use with --api-auth")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, A1111's; 0 picks a free one)")
+    p.add_argument("--api-auth", metavar="USER:PASSWORD[,USER2:PASSWORD2]",
+                   help="ask for one of these user names and passwords (HTTP Basic) on every route")
+    p.add_argument("--cors-allow-origins", metavar="ORIGIN[,ORIGIN2]",
+                   help="other web pages allowed to call the API, e.g. http://localhost:3000 (comma-separated; "
+                   "by default only this server's own page)")
+    p.add_argument("--cors-allow-origins-regex", metavar="REGEX",
+                   help="other web pages allowed to call the API: origins the whole regular expression matches")
+    add_limit_arguments(p)
 
 
 @command("serve", "serve the AUTOMATIC1111 web API (/sdapi/v1/txt2img, img2img, ...) and a page", _add_arguments)
 def run(args: argparse.Namespace) -> int:
+    from ..server.http import ALL_INTERFACES, Access, make_http_server
+
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.listen and args.host is not None:
+        raise ValueError(f"--listen listens on every interface; it cannot go with --host {args.host}")
+    host = "0.0.0.0" if args.listen else args.host or "127.0.0.1"
+    access = Access.from_flags(args.cors_allow_origins, args.cors_allow_origins_regex, args.api_auth)
+    limits = limits_from_args(args)
     from ..api import Pipeline, set_compute_dtype
     from ..registry import default_model_name, model_file, open_model
     from ..server.app import Server
-    from ..server.http import make_http_server
 
     spec = args.model or default_model_name()
     comps, model_hash = open_model(spec, device=args.device)
     set_threads(args, comps)
     set_compute_dtype(comps, args.dtype)
+    server = Server(Pipeline(comps, model_hash), comps.config.name or spec, limits=limits, **model_file(spec))
     try:
-        server = Server(Pipeline(comps, model_hash), comps.config.name or spec, **model_file(spec))
-        http = make_http_server(server, args.host, args.port)
+        http = make_http_server(server, host, args.port, access=access)
     except OSError as e:
-        raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
-    host, port = http.server_address[:2]
-    print(f"daguerre serve: {spec} on http://{host}:{port}/ (A1111 API at /sdapi/v1/; Ctrl-C stops)",
+        raise ValueError(f"cannot listen on {host}:{args.port} ({e.strerror}); pick another --port") from None
+    port = http.server_address[1]
+    if host.strip("[]") in ALL_INTERFACES and not access.credentials:
+        print("daguerre serve: warning: listening on every interface with no --api-auth: anyone who can reach "
+              "this computer can use it, and any web page can through DNS rebinding", file=sys.stderr)
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    print(f"daguerre serve: {spec} on http://{shown}:{port}/ (A1111 API at /sdapi/v1/; Ctrl-C stops)",
           file=sys.stderr, flush=True)
     try:
         http.serve_forever()

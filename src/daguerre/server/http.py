@@ -289,11 +289,8 @@ def _handler(server: Server, access: Access, timeout: float) -> type[BaseHTTPReq
             if body is None:  # the client went away, or was too slow
                 self.close_connection = True
                 return
-            body = body if method == "POST" else b""
-            try:
-                status, ctype, out = server.handle(method, self.path, body, cancelled=self._departed)
-            except TypeError:  # a Server.handle without `cancelled` (until app.py takes it)
-                status, ctype, out = server.handle(method, self.path, body)
+            status, ctype, out = server.handle(method, self.path, body if method == "POST" else b"",
+                                               cancelled=self._departed)
             self._send(status, ctype, out, cors)
 
         def _check_caller(self) -> dict[str, str]:
