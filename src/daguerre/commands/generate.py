@@ -75,6 +75,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--batch-size", type=int, default=1, help="images per network call (default 1)")
     p.add_argument("--clip-skip", type=int, default=1, help="A1111 clip skip (default 1)")
+    p.add_argument("--eta", type=float, default=None, help="noise of each step of an ancestral, SDE or DDIM "
+                   "sampler, 0 = none (default: the sampler's, A1111's: 1, DDIM 0); other samplers ignore it")
     p.add_argument("--out", "-o", default="outputs", help="output PNG file (one image) or folder (default outputs/)")
 
 
@@ -100,6 +102,7 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 REPLAYABLE = {
     "prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "sampler": "sampler",
     "schedule": "schedule", "cfg": "cfg_scale", "seed": "seed", "size": "size", "clip_skip": "clip_skip",
+    "eta": "eta",
 }
 _DEFAULTS = "_replayable_defaults"  # Namespace attribute holding the defaults of the REPLAYABLE flags
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype -> torch dtype name

@@ -59,7 +59,7 @@ def run_image_command(
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=args.sampler,
         schedule=args.schedule, cfg_scale=args.cfg, seed=args.seed, width=width, height=height, n=args.n,
-        batch_size=args.batch_size, clip_skip=args.clip_skip, class_label=args.class_label,
+        batch_size=args.batch_size, clip_skip=args.clip_skip, eta=args.eta, class_label=args.class_label,
         init_image=args.image, strength=args.strength, resize_mode=args.resize, tile=args.tile,
         **fields,
     )

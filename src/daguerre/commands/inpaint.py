@@ -19,6 +19,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fill", default="original", choices=FILL_CHOICES,
                    help="what the masked area starts from: the original image, a fill of its surroundings, "
                         "latent noise or zero latents (the last two want --strength 1) (default original)")
+    p.add_argument("--only-masked", action="store_true",
+                   help="A1111's 'Only masked': redraw only a crop around the mask, at --size (default: the "
+                        "model's size), and paste it back; the output keeps the input's size")
+    p.add_argument("--only-masked-padding", type=int, default=32, metavar="PIXELS",
+                   help="with --only-masked: pixels of context around the mask in the crop (default 32)")
     add_image_arguments(p, "denoising strength in [0, 1] inside the mask (default 0.75; 1 with an "
                            "inpainting model or --fill latent-noise)")
 
@@ -28,5 +33,6 @@ def run(args: argparse.Namespace) -> int:
     from ..pipelines.inpaint import inpaint
 
     fields = {"task": "inpaint", "mask": args.mask, "mask_blur": args.mask_blur,
-              "inpaint_fill": args.fill.replace("-", " ")}
+              "inpaint_fill": args.fill.replace("-", " "), "inpaint_padding": args.only_masked_padding,
+              "inpaint_area": "only masked" if args.only_masked else "whole"}
     return run_image_command(args, inpaint, fields)
