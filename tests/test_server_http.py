@@ -197,6 +197,36 @@ def test_cli_refuses_bad_flags_in_one_line(capsys, argv, message):
         assert argv[1] not in err and "bob" not in err
 
 
+def test_the_cli_serves_with_its_flags(monkeypatch):
+    import daguerre.server.http as server_http
+
+    made, codes, real = [], [], server_http.make_http_server
+    monkeypatch.setattr(server_http, "make_http_server", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    argv = ["serve", "--model", "random:tiny", "--port", "0", "--listen", "--max-steps", "5",
+            "--api-auth", "ann:pw", "--cors-allow-origins", "http://localhost:3000"]
+    thread = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
+    thread.start()
+    for _ in range(1200):
+        if made or not thread.is_alive():
+            break
+        time.sleep(0.05)
+    http = made[0]
+    try:
+        port = http.server_address[1]
+        assert http.server_address[0] == "0.0.0.0"
+        status, _, out = call(port, "POST", TXT2IMG, json.dumps({"prompt": "x", "steps": 10}).encode(),
+                              [basic("ann:pw"), ("Host", "my-pc.lan")])  # --listen: any name
+        assert status == 422 and "--max-steps" in json.loads(out)["detail"]  # the limits reach the Server
+        assert call(port, "GET", "/sdapi/v1/options")[0] == 401
+        status, headers, _ = call(port, "GET", "/sdapi/v1/options", headers=[basic("ann:pw"),
+                                                                            ("Origin", "http://localhost:3000")])
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    finally:
+        http.shutdown()
+        thread.join(30)
+    assert codes == [0]
+
+
 # --- 2. what a body may be ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("headers", "status"), [
