@@ -286,12 +286,13 @@ def check_finite(x: torch.Tensor, what: str, components: Components, request: Ge
     if bool(torch.isfinite(x).all()):
         return
     kind = "NaN" if bool(torch.isnan(x).any()) else "infinite"
-    broken = [name for name in ("unet", "vae", "text_encoder")
+    broken = [title for name, title in (("unet", "U-Net"), ("vae", "VAE"), ("text_encoder", "text encoder"))
               if (module := getattr(components, name, None)) is not None
               and not all(bool(torch.isfinite(p).all()) for p in module.parameters())]
     if broken:
         raise NonFiniteError(f"the model produced {kind} values in the {what}: its weights are broken (the "
-                             f"{' and '.join(broken)} hold NaN or infinite values); use another copy of the model")
+                             f"{' and the '.join(broken)} {'holds' if len(broken) == 1 else 'hold'} NaN or "
+                             "infinite values); use another copy of the model")
     causes = []
     if request is not None:
         causes.append(f"the settings may be extreme (cfg scale {request.cfg_scale:g}, guidance rescale "
