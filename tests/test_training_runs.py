@@ -71,7 +71,7 @@ def test_vae_overfits_one_batch_and_writes_its_outputs(tmp_path):
         assert im.size[1] > 2 * 32  # originals above reconstructions
 
 
-def test_ldm_overfits_one_batch_and_the_model_generates(tmp_path, vae_file):
+def test_ldm_overfits_one_batch_and_the_model_generates(tmp_path, vae_file, capsys):
     from daguerre.checkpoints import load_model
     from daguerre.pipelines.request import GenerationRequest
     from daguerre.pipelines.txt2img import txt2img
@@ -127,7 +127,10 @@ def test_ldm_overfits_one_batch_and_the_model_generates(tmp_path, vae_file):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert main(["train", "export", str(run), "--step", "7"]) == 2  # one line naming the steps there are
     if (read_only := _read_only_folder()) is not None:  # refused before the export's work, in one line
+        capsys.readouterr()
         assert main(["train", "export", str(run), "--out", str(read_only / "model.safetensors")]) == 2
+        line = _error_line(capsys)
+        assert line.startswith(f"daguerre train: error: cannot write in the output folder {read_only}"), line
     assert (run / "latents").is_dir()  # reused by a second run of the same data on the same VAE:
     again = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm",
                             [*QUIET, *ONE_BATCH, "train.steps=1", f"data.cache_dir='{run / 'latents'}'"])
