@@ -112,6 +112,9 @@ def test_host_must_name_the_bound_address(app):
     with serving(app) as port:
         for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}"):
             assert call(port, "GET", "/sdapi/v1/options", headers=[("Host", host)])[0] == 200, host
+        status, headers, _ = call(port, "GET", "/")
+        assert status == 200 and headers["X-Frame-Options"] == "DENY"  # no other site frames the page
+        assert headers["X-Content-Type-Options"] == "nosniff"
         for host in (f"evil.example:{port}", f"127.0.0.1:{port + 1}", "127.0.0.1", "evil.example", None):
             status, _, out = call(port, "POST", TXT2IMG, SMALL, [("Host", host)])  # DNS rebinding's Host
             assert status == 400 and "Host" in json.loads(out)["detail"], host
