@@ -644,3 +644,40 @@ def test_non_regular_files_are_refused_before_opening(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_sharded_model_in_the_hugging_face_cache_loads(tiny, tmp_path):
+    """An HF cache snapshot keeps every file as a symlink into its repo's `blobs/`: shards may lead there (and the
+    shard-index rule above still refuses any other way out)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "pipe"
+    save_diffusers(tiny, folder)
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    whole = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    sd, meta = read_state_dict(whole)
+    names = sorted(sd)
+    shards = {"part-1.safetensors": names[: len(names) // 2], "part-2.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, str(folder / "unet" / shard), metadata=meta)
+    whole.unlink()
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}))
+    for i, path in enumerate(sorted(p for p in folder.rglob("*") if p.is_file())):  # the cache's layout
+        blob = repo / "blobs" / f"{i:04x}"
+        shutil.move(path, blob)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    assert torch.equal(load_model(snapshot).unet.out[2].weight, tiny.unet.out[2].weight)
+    elsewhere = tmp_path / "hub" / "models--other" / "blobs"
+    elsewhere.mkdir(parents=True)
+    part = snapshot / "unet" / "part-2.safetensors"
+    shutil.copy(part.resolve(), elsewhere / "x")
+    part.unlink()
+    part.symlink_to(elsewhere / "x")  # another repo's blob is outside
+    with pytest.raises(ValueError, match="is a symlink to .* outside"):
+        load_model(snapshot)

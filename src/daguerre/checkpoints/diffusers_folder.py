@@ -71,10 +71,21 @@ def _shard_file(folder: Path, name: Any, index: Path) -> Path:
         raise ValueError(f"{index}: the weight_map names the shard {name!r}, which is not a file name in {folder}; "
                          "refusing to read outside the model folder")
     shard = folder / name
-    if not shard.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"{index}: the shard {name} is a symlink to {shard.resolve()}, outside {folder}; refusing "
+    target = shard.resolve()
+    if not (target.is_relative_to(folder.resolve()) or _in_hf_cache_blobs(folder, target)):
+        raise ValueError(f"{index}: the shard {name} is a symlink to {target}, outside {folder}; refusing "
                          "to read outside the model folder (copy the file into the folder)")
     return shard
+
+
+def _in_hf_cache_blobs(folder: Path, target: Path) -> bool:
+    """A Hugging Face cache snapshot (`models--X/snapshots/<rev>/...`) keeps its files as symlinks into its own
+    `models--X/blobs/`: a shard may lead there, and nowhere else."""
+    parts = folder.resolve().parts
+    if "snapshots" not in parts:
+        return False
+    repo = Path(*parts[:len(parts) - 1 - parts[::-1].index("snapshots")])
+    return repo.name.startswith("models--") and target.parent == repo / "blobs"
 
 
 def _weights_candidates(stem: str) -> list[str]:
