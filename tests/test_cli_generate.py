@@ -204,6 +204,11 @@ def test_preview_of_an_untrained_vae_falls_back_to_full_decoding(tmp_path):
     assert writer.finish() == tmp_path / "p" / "preview.gif"
     with pytest.raises(ValueError, match="preview mode"):
         PreviewWriter(vae, tmp_path / "q", "fast")
+    with pytest.raises(ValueError, match="already holds previews .*--overwrite"):  # never replaced unasked
+        PreviewWriter(vae, tmp_path / "p", "approx")
+    before = (tmp_path / "p" / "step_000.png").read_bytes()
+    PreviewWriter(vae, tmp_path / "p", "approx", overwrite=True)({"i": 0, "denoised": -z, "batch_start": 0})
+    assert (tmp_path / "p" / "step_000.png").read_bytes() != before
 
 
 def _array(image: Image.Image) -> np.ndarray:

@@ -219,7 +219,8 @@ def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash:
     if args.preview:
         from ..pipelines.preview import PreviewWriter
 
-        preview = PreviewWriter(comps.vae, args.preview, args.preview_mode, tiled=args.tile)
+        preview = PreviewWriter(comps.vae, args.preview, args.preview_mode, tiled=args.tile,
+                                overwrite=args.overwrite)
     print(f"daguerre {args.command}: {seed_line(request)}", file=sys.stderr, flush=True)
     with tqdm(total=progress_total(comps, request), unit="step", desc=args.command, dynamic_ncols=True) as bar:
         def on_step(info: dict) -> None:

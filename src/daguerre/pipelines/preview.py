@@ -131,14 +131,20 @@ class PreviewWriter:
 
     `folder` is created if needed. For a batch the frame shows its images side by side; frames of
     the first batch are `step_{i:03d}.png`, those of a batch starting at image k > 0 are
-    `image{k:03d}_step_{i:03d}.png`. `tiled` is passed to `decode_latents` in `full` mode.
+    `image{k:03d}_step_{i:03d}.png`. `tiled` is passed to `decode_latents` in `full` mode. A folder that
+    already holds previews is refused unless `overwrite`.
     """
 
-    def __init__(self, vae: AutoencoderKL, folder: str | os.PathLike, mode: str = "approx", tiled: bool | None = None):
+    def __init__(self, vae: AutoencoderKL, folder: str | os.PathLike, mode: str = "approx", tiled: bool | None = None,
+                 overwrite: bool = False):
         self.decoder = PreviewDecoder(vae, mode, tiled)
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"preview folder {self.folder} is a file: name a folder")
+        earlier = sorted(self.folder.glob("*step_*.png")) + sorted(self.folder.glob("preview.gif"))
+        if earlier and not overwrite:
+            raise ValueError(f"preview folder {self.folder} already holds previews ({earlier[0].name}, ...): name "
+                             "another folder, or pass --overwrite to replace them")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.paths: list[Path] = []
         self._frames: list[Image.Image] = []
