@@ -539,6 +539,6 @@ def test_deeply_nested_json_is_a_400_not_a_500(server):
     for depth in (100000, 200):
         body = b"[" * depth + b"]" * depth
         status, _, raw = server.handle("POST", "/sdapi/v1/txt2img", body)
-        assert status == 400 and "nests deeper" in json.loads(raw)["detail"]
+        assert status == 400 and "nested too deeply" in json.loads(raw)["detail"]
     status, out = _post(server, "/sdapi/v1/txt2img", {"steps": 2, "script_args": [[[["fine"]]]]})
     assert status == 200

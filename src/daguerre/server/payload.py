@@ -90,7 +90,6 @@ OVERRIDE_SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip"}
 PAYLOAD_KEY = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name",
                "schedule": "scheduler", "cfg_scale": "cfg_scale", "seed": "seed", "width": "width",
                "height": "height", "eta": "eta"}  # clip_skip: override_settings.CLIP_stop_at_last_layers
-MAX_JSON_DEPTH = 64  # nesting of a payload (A1111's own use 3 levels at most)
 
 
 class ApiError(ValueError):
@@ -102,24 +101,14 @@ class ApiError(ValueError):
 
 
 def parse_body(body: bytes) -> Any:
-    """The JSON value of a request body (empty: {}); a 400 `ApiError` if it is not JSON or nests deeper
-    than `MAX_JSON_DEPTH` (a 100 000-deep list exhausts the parser's recursion: it is refused, not a 500)."""
-    import json
+    """The JSON value of a request body (empty: {}); a 400 `ApiError` if it is not JSON or nests deeper than
+    `untrusted.MAX_JSON_DEPTH` levels (a 100 000-deep list exhausts the parser's recursion: refused, not a 500)."""
+    from ..untrusted import parse_json
 
     try:
-        value = json.loads(body or b"{}")
-    except RecursionError:
-        raise ApiError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", HTTPStatus.BAD_REQUEST) from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-        raise ApiError(f"the request body is not JSON ({e})", HTTPStatus.BAD_REQUEST) from None
-    stack = [(value, 1)]
-    while stack:  # iterative: walking it must not recurse either
-        v, depth = stack.pop()
-        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
-        if children and depth >= MAX_JSON_DEPTH:
-            raise ApiError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", HTTPStatus.BAD_REQUEST)
-        stack.extend((c, depth + 1) for c in children)
-    return value
+        return parse_json(body or b"{}", "the request body")
+    except ValueError as e:
+        raise ApiError(str(e), HTTPStatus.BAD_REQUEST) from None
 
 
 def decode_image(data: Any, field: str, limits: Limits = DEFAULT_LIMITS):
