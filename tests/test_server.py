@@ -192,6 +192,7 @@ class Paused:
     def __init__(self, at: int, batch_start: int = 0):
         self.pipe = daguerre.load("random:tiny")
         self.components, self.model_hash, self.request = self.pipe.components, None, self.pipe.request
+        self.limits = self.pipe.limits
         self.at, self.batch_start, self.reached, self.release = at, batch_start, threading.Event(), threading.Event()
         self.denoised = None
 
@@ -496,6 +497,7 @@ class _NoWork:
     def __init__(self):
         self.pipe = daguerre.load("random:tiny")
         self.components, self.model_hash, self.request = self.pipe.components, None, self.pipe.request
+        self.limits = self.pipe.limits
 
     def __call__(self, *args, **kwargs):
         raise AssertionError("the request was run")
@@ -542,3 +544,20 @@ def test_deeply_nested_json_is_a_400_not_a_500(server):
         assert status == 400 and "nested too deeply" in json.loads(raw)["detail"]
     status, out = _post(server, "/sdapi/v1/txt2img", {"steps": 2, "script_args": [[[["fine"]]]]})
     assert status == 200
+
+
+def test_raised_server_limits_hold_through_the_pipeline():
+    """`Server(limits=)` bounds the pipeline it runs too: a raised limit is not refused by the pipeline's defaults,
+    and the caller's pipeline keeps its own."""
+    from daguerre.limits import DEFAULT_LIMITS, Limits
+
+    pipe = daguerre.load("random:tiny")
+    payload = json.dumps({"prompt": "x", "steps": 1, "batch_size": 1, "n_iter": DEFAULT_LIMITS.max_images + 1,
+                          "send_images": False}).encode()
+    status, _, body = Server(pipe, "random:tiny").handle("POST", "/sdapi/v1/txt2img", payload)
+    assert status == 422 and "over the limit" in json.loads(body)["detail"]
+    raised = Limits(max_images=DEFAULT_LIMITS.max_images + 1)
+    status, _, body = Server(pipe, "random:tiny", limits=raised).handle("POST", "/sdapi/v1/txt2img", payload)
+    assert status == 200, body
+    assert len(json.loads(json.loads(body)["info"])["all_seeds"]) == DEFAULT_LIMITS.max_images + 1
+    assert pipe.limits == DEFAULT_LIMITS

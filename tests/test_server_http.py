@@ -32,6 +32,7 @@ class Counting:
     def __init__(self):
         self.pipe = daguerre.load("random:tiny")
         self.components, self.model_hash, self.request = self.pipe.components, None, self.pipe.request
+        self.limits = self.pipe.limits
         self.runs = 0
 
     def __call__(self, request, callback):

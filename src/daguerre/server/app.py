@@ -32,6 +32,7 @@ socket layer's "the client went away") says so.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import threading
@@ -73,11 +74,14 @@ class Server:
     """
 
     def __init__(self, pipe, model_name: str = "model", file: str | None = None, sha256: str | None = None,
-                 limits: Limits = DEFAULT_LIMITS):
+                 limits: Limits | None = None):
+        if limits is not None and limits != pipe.limits:  # one set of bounds: the server's run the pipeline too
+            pipe = copy.copy(pipe)
+            pipe.limits = limits
         self.pipe = pipe
         self.model_name = model_name
         self.file, self.sha256 = file, sha256  # the checkpoint file, for /sd-models (None: random, folder)
-        self.limits = limits
+        self.limits: Limits = pipe.limits
         self.lock = threading.Lock()
         self.state: dict[str, Any] = {"skipped": False, "interrupted": False, "stopping_generation": False,
                                       "job": "", "job_count": 0, "job_timestamp": "0", "job_no": 0,
