@@ -97,7 +97,9 @@ DEFAULT_LIMITS = Limits()
 
 
 def _mp(pixels: float) -> str:
-    return f"{pixels / 1e6:.3g} MP"
+    """Megapixels for a message: 4.19 MP, 10,000 MP (never 1e+04)."""
+    mp = pixels / 1e6
+    return f"{mp:,.0f} MP" if mp >= 1000 else f"{mp:.3g} MP"
 
 
 def request_work(config: ModelConfig, *, width: int, height: int, steps: int, n: int, guided: bool,
