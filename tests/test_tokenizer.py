@@ -180,3 +180,14 @@ def test_errors(tmp_path):
         CLIPTokenizer(pad_token_id=50000)
     with pytest.raises(ValueError, match="max_length 1"):
         CLIPTokenizer()("a cat", max_length=1)
+
+
+def test_long_and_repetitive_words_match_reference():
+    """The heap-ordered merges (O(L log L)) give the classic loop's result on the words where order matters most:
+    long runs of one letter (overlapping pairs), repeats of common pairs, and long random words."""
+    rng = random.Random(1)
+    tok = CLIPTokenizer()
+    words = ["a" * 301, "ab" * 150, "aaab" * 60, "lalalalalal" * 20, "the" * 100, "1" * 257, "!!" * 99,
+             "".join(rng.choice("etaoinshrdlucmfw") for _ in range(600)), "🎉" * 40 + "x"]
+    for word in words:
+        assert tok.encode(word) == oracle_ids(word), word[:40]

@@ -12,6 +12,7 @@ against.
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import json
 import os
@@ -213,25 +214,37 @@ class CLIPTokenizer(WindowTokenizer):
         return len(self.vocab)
 
     def _bpe(self, word: str) -> tuple[int, ...]:
-        """Ids of one pre-tokenised word: byte characters, `</w>` on the last, then merges by rank."""
+        """Ids of one pre-tokenised word: byte characters, `</w>` on the last, then merges by rank.
+
+        The classic loop (merge every occurrence of the lowest-ranked pair, left to right, until none is left)
+        costs O(L^2) on a word of L characters; here a heap of (rank, position) pairs over a linked list of
+        symbols gives the same merges in O(L log L). A pair made by a merge always ranks after the merge that
+        made its token, so popping the lowest (rank, position) replays the classic order exactly.
+        """
         symbols = [self._byte_chars[b] for b in word.encode("utf-8", errors="replace")]
         symbols[-1] += END_OF_WORD
-        while len(symbols) > 1:
-            ranked = [(self.ranks.get(pair, len(self.ranks)), pair) for pair in zip(symbols, symbols[1:], strict=False)]
-            rank, (first, second) = min(ranked)
-            if rank == len(self.ranks):  # no pair left to merge
-                break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence of the best pair, left to right
-                if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+        n = len(symbols)
+        nxt, prev = list(range(1, n + 1)), list(range(-1, n - 1))  # the linked list; n marks the end
+        alive = [True] * n
+        heap = [(r, i, symbols[i], symbols[i + 1]) for i in range(n - 1)
+                if (r := self.ranks.get((symbols[i], symbols[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            _, i, first, second = heapq.heappop(heap)
+            j = nxt[i] if alive[i] else n
+            if j == n or symbols[i] != first or symbols[j] != second:
+                continue  # stale: a merge has changed this pair since it was pushed
+            symbols[i] = first + second
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prev[nxt[i]] = i
+            for a in (prev[i], i):  # the two pairs the merged symbol now belongs to
+                b = nxt[a] if a >= 0 else n
+                if a >= 0 and b < n and (r := self.ranks.get((symbols[a], symbols[b]))) is not None:
+                    heapq.heappush(heap, (r, a, symbols[a], symbols[b]))
         unk = self.eos_token_id  # CLIP's unknown token; unreachable with a byte-complete vocabulary
-        return tuple(self.vocab.get(s, unk) for s in symbols)
+        return tuple(self.vocab.get(symbols[i], unk) for i in range(n) if alive[i])
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of `text`: no start/end tokens, no truncation. Literal special tokens map to their ids."""
