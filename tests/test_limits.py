@@ -136,8 +136,9 @@ def test_long_prompts_are_counted_as_the_context_they_make():
     ({"width": 100000, "height": 100000}, ["100000x100000", "--max-pixels"]),
     ({"n": 1000000}, ["1000000 images", "--max-images"]),
     ({"steps": 1001}, ["1001 steps", "limit of 1000", "--max-steps"]),
-    ({"width": 1024, "height": 1024, "n": 8, "batch_size": 8}, ["batch size 8", "--max-batch-pixels"]),
-    ({"width": 2048, "height": 2048}, ["2048x2048", "TFLOP", "--max-work"]),  # 32-px model at 2048: attention
+    ({"width": 256, "height": 256, "n": 100, "batch_size": 100}, ["batch size 100", "--max-batch-pixels"]),
+    ({"width": 2048, "height": 2048}, ["2048x2048", "8x its native 32 px", "--max-pixels"]),  # a 32-px model
+    ({"width": 256, "height": 256, "steps": 1000, "n": 100}, ["TFLOP", "--max-work"]),
     ({"prompt": "a" * 10001}, ["10001 characters", "--max-prompt-chars"]),
     ({"negative_prompt": "a" * 10001}, ["negative prompt", "--max-prompt-chars"]),
 ])
@@ -149,9 +150,12 @@ def test_each_default_bound_refuses_naming_value_and_flag(fields, says):
 
 
 def test_the_work_bound_counts_attention_not_just_pixels():
-    """2048x2048 is within the pixel limits: a 32-px model is refused there by its work alone."""
-    GenerationRequest(width=2048, height=2048, steps=20).validate(TINY, dataclasses.replace(DEFAULT_LIMITS,
+    """With the pixel bound raised to 2048x2048, a 32-px model is refused there by its work alone."""
+    raised = dataclasses.replace(DEFAULT_LIMITS, max_pixels=2048 * 2048)
+    GenerationRequest(width=2048, height=2048, steps=20).validate(TINY, dataclasses.replace(raised,
                                                                                             max_work=float("inf")))
+    with pytest.raises(LimitError, match="TFLOP"):
+        GenerationRequest(width=2048, height=2048, steps=20).validate(TINY, raised)
     assert request_work(TINY, width=2048, height=2048, steps=20, n=1, guided=True) > DEFAULT_LIMITS.max_work
     assert request_work(TINY, width=32, height=32, steps=20, n=1, guided=True) < 0.01  # at its own size
 
@@ -194,7 +198,7 @@ def test_default_limits_accept_the_shipped_models_at_their_defaults(name):
 def test_daguerre_load_applies_default_limits_unless_given_others():
     pipe = daguerre.load("random:tiny")
     assert pipe.limits == DEFAULT_LIMITS
-    with pytest.raises(LimitError, match="--max-work"):
+    with pytest.raises(LimitError, match="--max-pixels"):
         pipe.request("a", width=2048, height=2048)
     with pytest.raises(LimitError, match="6 steps"):
         daguerre.load("random:tiny", limits=Limits(max_steps=5)).request("a", steps=6)
@@ -216,3 +220,15 @@ def test_flags_make_limits_and_refuse_non_positive_values():
     for bad in ("0", "-1", "nan", "x"):
         with pytest.raises(SystemExit):
             p.parse_args(["--max-work", bad])
+
+
+def test_the_pixel_bound_follows_the_model_unless_set():
+    """By default one image may have 2048x2048 pixels, and at most 8x the model's native size per side: the
+    shipped 64-px shapes model takes A1111 clients' default 512x512, not the 2048x2048 that once held a server
+    for minutes; --max-pixels replaces both."""
+    shapes = dataclasses.replace(TINY, sample_size=64)
+    GenerationRequest(width=512, height=512, steps=1).validate(shapes)
+    with pytest.raises(LimitError, match=r"2048x2048 .* this model's limit of 0.262 MP \(8x its native 64 px"):
+        GenerationRequest(width=2048, height=2048, steps=1).validate(shapes)
+    assert DEFAULT_LIMITS.pixel_limit(512) == DEFAULT_LIMITS.pixel_limit(None) == 2048 * 2048  # SD: the slider's
+    assert Limits(max_pixels=10**8).pixel_limit(64) == 10**8

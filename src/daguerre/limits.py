@@ -39,7 +39,10 @@ class Limits:
     """Upper bounds of one request. The defaults are safe on a 24 GB machine with 2 cores: the largest
     default request runs in well under an hour on such a CPU and its activations fit in a few GB."""
 
-    max_pixels: int = 2048 * 2048  # width x height of one image (A1111's slider stops at 2048)
+    # width x height of one image; None: MAX_PIXELS (A1111's slider stops at 2048), and for a model trained on
+    # small images no more than MAX_SCALE times its native size per side (a 64-px model at 2048x2048 spends
+    # minutes of attention a step on an image it cannot draw)
+    max_pixels: int | None = None
     max_batch_pixels: int = 4 * 1024 * 1024  # batch_size x width x height: the images in memory at once
     max_images: int = 100  # images per request (n; A1111's batch_size x n_iter)
     max_steps: int = 1000  # sampler steps (DDPM's full chain is 1000)
@@ -54,12 +57,21 @@ class Limits:
         return cls(max_pixels=inf, max_batch_pixels=inf, max_images=inf, max_steps=inf, max_work=inf,
                    max_input_pixels=inf, max_prompt_chars=inf)
 
-    def check_size(self, width: int, height: int, batch_size: int = 1) -> None:
-        """One image of width x height, and batch_size of them at once."""
-        pixels = width * height
-        if pixels > self.max_pixels:
-            raise LimitError(f"size {width}x{height} ({_mp(pixels)}) is over the limit of {_mp(self.max_pixels)} "
-                             f"per image; choose a smaller size or raise --max-pixels (Limits.max_pixels)")
+    def pixel_limit(self, native: int | None = None) -> float:
+        """The pixels one image may have, for a model of `native` size (pixels per side; None: not known yet)."""
+        if self.max_pixels is not None:
+            return self.max_pixels
+        return MAX_PIXELS if native is None else min(MAX_PIXELS, (MAX_SCALE * native) ** 2)
+
+    def check_size(self, width: int, height: int, batch_size: int = 1, native: int | None = None) -> None:
+        """One image of width x height from a model of `native` size, and batch_size of them at once."""
+        pixels, limit = width * height, self.pixel_limit(native)
+        if pixels > limit:
+            which = f"the limit of {_mp(limit)}"
+            if self.max_pixels is None and limit < MAX_PIXELS:
+                which = f"this model's limit of {_mp(limit)} ({MAX_SCALE}x its native {native} px per side)"
+            raise LimitError(f"size {width}x{height} ({_mp(pixels)}) is over {which} per image; choose a smaller "
+                             f"size or raise --max-pixels (Limits.max_pixels)")
         if batch_size * pixels > self.max_batch_pixels:
             raise LimitError(f"batch size {batch_size} x {width}x{height} ({_mp(batch_size * pixels)} in memory at "
                              f"once) is over the limit of {_mp(self.max_batch_pixels)}; use a smaller batch size "
@@ -93,6 +105,8 @@ class Limits:
                              "(Limits.max_work, in TFLOP)")
 
 
+MAX_PIXELS = 2048 * 2048  # the default bound of one image's pixels ...
+MAX_SCALE = 8  # ... and of its side, in multiples of the model's native size
 DEFAULT_LIMITS = Limits()
 
 
@@ -232,7 +246,8 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULT_LIMITS
     g = p.add_argument_group("limits", "upper bounds of one request, checked before any work (docs/security.md)")
     g.add_argument("--max-pixels", type=_positive(int), default=d.max_pixels,
-                   help=f"pixels of one image, width x height (default {d.max_pixels}, 2048x2048)")
+                   help=f"pixels of one image, width x height (default {MAX_PIXELS}, 2048x2048, and at most "
+                   f"{MAX_SCALE}x the model's native size per side)")
     g.add_argument("--max-batch-pixels", type=_positive(int), default=d.max_batch_pixels,
                    help=f"pixels of one batch, batch size x width x height (default {d.max_batch_pixels})")
     g.add_argument("--max-images", type=_positive(int), default=d.max_images,

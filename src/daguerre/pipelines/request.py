@@ -153,7 +153,7 @@ class GenerationRequest:
             width, height = images.pop("size")
         width = config.sample_size if width is None else width  # 0 is an error below, not the default
         height = config.sample_size if height is None else height
-        limits.check_size(width, height, min(self.batch_size, self.n))
+        limits.check_size(width, height, min(self.batch_size, self.n), config.sample_size)
         for name, value in (("width", width), ("height", height)):
             if value < factor or value % factor:
                 raise ValueError(
