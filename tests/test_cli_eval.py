@@ -158,3 +158,16 @@ def test_inception_score_of_images_grouped_by_class_is_not_split_by_class():
     noise = torch.randn(1000, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 0.01
     scores = distribution_scores(Sure(), grouped + noise, grouped + noise, grouped + noise)
     assert scores["is"]["mean"] > 9.0 and scores["is_real"]["mean"] > 9.0
+
+
+def test_missing_fashion_mnist_fails_before_any_image_is_made(tmp_path, capsys, monkeypatch):
+    """The real images are read first: without Fashion-MNIST, eval says what to install before generating."""
+    import daguerre.data.fashion_mnist as fm
+    import daguerre.metrics.evaluate as ev
+
+    monkeypatch.setattr(fm, "DEFAULT_ROOT", str(tmp_path / "nowhere"))
+    made = []
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: made.append(1) or [])
+    code, _, err = _run(capsys, "eval", "--model", "random:tiny", "--dataset", "fashion_mnist", "--n", "10", *FAST,
+                        "--out", str(tmp_path / "ev"))
+    assert code == 2 and "apt-get install dataset-fashion-mnist" in err and not made

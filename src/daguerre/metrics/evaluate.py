@@ -370,12 +370,12 @@ def evaluate(components: Components, settings: EvalSettings, classifier: Classif
         raise ValueError(f"the {classifier.kind} classifier cannot judge {settings.dataset} images")
     request = GenerationRequest(**settings.sampling, prompt="x").validate(components.config)  # fails early
     items = eval_items(settings)
+    real, floor = real_sets(settings, len(items))  # before the work: missing data fails here (one per item)
     t0 = time.perf_counter()
     images = generate(components, items, settings, model_hash=(model_info or {}).get("hash"), on_image=progress)
     gen_seconds = time.perf_counter() - t0
     batch = to_batch(images)
     verdicts, seen = judge(classifier, batch, items)
-    real, floor = real_sets(settings, len(images))
     dist = distribution_scores(extractor, batch, real, floor, settings.seed)
     indices = grid_indices(items)
     grid = sample_grid(images, verdicts, items, indices)
