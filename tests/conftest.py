@@ -7,6 +7,7 @@ Diffusion configs) keep torch's default thread count.
 `vae_file` is the stage-1 output the stage-2 training tests start from.
 """
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,22 @@ def fashion_mnist() -> Path:
         pytest.fail(f"Fashion-MNIST is missing from {root} ({', '.join(missing)}): run `make fashion-mnist` "
                     "(as root it installs Debian's dataset-fashion-mnist)", pytrace=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium driven by Playwright (a test dependency; never `playwright install`, which downloads
+    browsers). A missing browser fails the tests that use it with what to run, never skips them."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("chromium is missing: run `make test` (as root it installs Debian's chromium), or "
+                    "`apt-get install chromium`", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield b
+        b.close()
 
 
 @pytest.fixture(scope="module")

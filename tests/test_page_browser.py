@@ -5,7 +5,6 @@ with what to run instead of skipping them."""
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 
 import pytest
@@ -13,21 +12,6 @@ import pytest
 import daguerre
 from daguerre.server.app import Server
 from daguerre.server.http import make_http_server
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.fail("chromium is missing: run `make test` (as root it installs Debian's chromium), or "
-                    "`apt-get install chromium`", pytrace=False)
-    from playwright.sync_api import sync_playwright  # a test dependency (pyproject's `test` extra)
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 @pytest.fixture

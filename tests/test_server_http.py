@@ -8,7 +8,6 @@ import base64
 import contextlib
 import http.client
 import json
-import shutil
 import socket
 import threading
 import time
@@ -362,22 +361,6 @@ def test_a_client_that_closes_its_connection_stops_its_request(app):
 
 
 # --- in a browser ---------------------------------------------------------------------------------------
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.fail("chromium is missing: run `make test` (as root it installs Debian's chromium), or "
-                    "`apt-get install chromium`", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
-
 
 ATTACK = """<!doctype html><body><script>
 window.results = [];
