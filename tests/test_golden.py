@@ -1,0 +1,83 @@
+"""Golden values: the training half's rewrite (issue 14) must leave behaviour unchanged, bit for bit.
+
+Recorded with the code before that rewrite, on this project's machine (torch 2.13.0, CPU, one thread): the
+sha256 of the final weights of a short run of every `tiny_*` config through the CLI (and of a run killed with
+SIGKILL and resumed: tests/test_training_runs.py holds it equal to an uninterrupted one, `SIGKILL_RESUMED` below
+pins that run's weights), and of images from both shipped models at fixed seeds. The same commands must give the
+same hashes. A deliberate change of results (a new default precision, a fixed bug) updates these values in the
+same commit, saying why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import daguerre
+from daguerre.cli import main
+
+QUIET = ["train.progress=false", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0",
+         "train.steps=12", "train.log_every=4", "data.n=24", "data.holdout=4", "train.batch_size=4"]
+
+# config -> sha256 of the final weights (tensors in key order: name, dtype, shape, bytes)
+TRAINED = {
+    "tiny_vae": "e41d691c3ac2c3d21a5dd1beb4c8d33aa4bbb808bdc3a325565e74c57ab93a51",
+    "tiny_ldm": "fd369661764dec2d905a66b332b773ef35d2d6f6d58037074a4d1ecff879b036",
+    "tiny_inpaint_ldm": "fe306ca90310895acbf9db35a94788b447e7a37e66a62e9715281a22d179296f",
+    "tiny_sr_ldm": "ed8434bbd43661926524c25ae6f649bdb353776e8cf651ce5d4dc9e84fdbc220",
+    "tiny_minilm_ldm": "6eb436722f3c5cdbd16d92eb4376ab6a229039de6c3d927dfdfc68c9178319d3",
+}
+# the final state (model, EMA, optimiser) of tests/test_training_runs.py's run killed with SIGKILL and resumed
+SIGKILL_RESUMED = "0e303d390f1989e89b40cae9750a95c33bbb0627f03be9e983d4d6a57f5cd010"
+# (model, prompt, seed, n) -> sha256 of the images' pixels
+SHIPPED = {
+    ("shapes", "a red circle above a blue square", 1, 2):
+        "6bb58666152a1d56215ff5d6ff91c67d2115d5ae86831229711f73ee1c668b91",
+    ("shapes", "a small green triangle on a white background", 7, 1):
+        "584a8eca92ee9c699e686a43b7efcb887f2e93f6cd63a75649331b40320e7de8",
+    ("fashion", "a photo of an ankle boot", 1, 2):
+        "2d007d81e53a3b210f6210d9a5b6cfd53e7d78479ddfd985b35c0213c8c6698b",
+}
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor in key order: its name, dtype, shape and raw bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensors[name].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def pixels_digest(images) -> str:
+    h = hashlib.sha256()
+    for image in images:
+        h.update(f"{image.mode}|{image.size}|".encode())
+        h.update(np.asarray(image).tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("config", sorted(TRAINED))
+def test_a_short_run_of_each_tiny_config_gives_its_golden_weights(config, tmp_path, vae_file):
+    stage = "vae" if config.endswith("_vae") else "ldm"
+    argv = ["train", stage, "--config", config, "--out", str(tmp_path / "run")]
+    if stage == "ldm":
+        argv += ["--vae", str(vae_file)]
+    for item in QUIET:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    out = tmp_path / "run" / ("vae.safetensors" if stage == "vae" else "model.safetensors")
+    assert weights_digest(load_file(str(out))) == TRAINED[config]
+
+
+@pytest.mark.parametrize(("model", "prompt", "seed", "n"), sorted(SHIPPED))
+def test_the_shipped_models_draw_their_golden_images(model, prompt, seed, n):
+    pipe = daguerre.load(model)
+    images = [r.image for r in pipe(prompt, seed=seed, n=n)]
+    assert pixels_digest(images) == SHIPPED[model, prompt, seed, n]
+
