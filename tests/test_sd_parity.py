@@ -26,7 +26,6 @@ from safetensors import safe_open
 from daguerre.checkpoints import load_model, save_diffusers, save_model
 from daguerre.checkpoints.detect import detect_checkpoint
 from daguerre.checkpoints.diffusers_folder import read_component_weights
-from daguerre.checkpoints.io import read_shapes
 from daguerre.checkpoints.single_file import single_file_state_dict
 from daguerre.checkpoints.text_keys import text_config_from_transformers
 from daguerre.checkpoints.unet_keys import unet_config_from_diffusers
@@ -34,6 +33,7 @@ from daguerre.checkpoints.vae_keys import vae_config_from_diffusers
 from daguerre.config import preset
 from daguerre.fileio import atomic_save_safetensors
 from daguerre.models.tokenizer import CLIPTokenizer
+from daguerre.weights.io import read_shapes
 from sd_configs import real_config
 
 diffusers = pytest.importorskip("diffusers")

@@ -245,8 +245,8 @@ def test_progress_reports_the_step_and_a_live_preview_while_a_request_runs():
 
 
 def test_sd_models_names_the_checkpoint_file_and_its_sha256():
-    from daguerre.checkpoints.io import file_hash
     from daguerre.registry import model_file, shipped_models
+    from daguerre.weights.io import file_hash
 
     server = Server(daguerre.load("fashion"), "fashion", **model_file("fashion"))
     (entry,) = json.loads(server.handle("GET", "/sdapi/v1/sd-models")[2])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from daguerre.checkpoints.io import file_hash
 from daguerre.registry import open_model, shipped_models
+from daguerre.weights.io import file_hash
 
 BUDGET_BYTES = 40 * 1000**2  # issue 6: the shipped models together under 40 MB
 

@@ -82,7 +82,7 @@ def _randomize_zero_layers(comps: Components, std: float = 0.02) -> None:
 
 def model_file(spec: str) -> dict[str, str | None]:
     """{"file", "sha256"} of the checkpoint file a spec names (None for random models and folders)."""
-    from .checkpoints.io import file_hash
+    from .weights.io import file_hash
 
     if spec.startswith(RANDOM_PREFIX):
         return {"file": None, "sha256": None}

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from ..components import Components
+from ..weights.io import file_hash, read_state_dict, safe_torch_load, short_hash
 from .detect import IGNORED_KEYS, Detection, detect_checkpoint
 from .diffusers_folder import is_diffusers_folder, load_diffusers, save_diffusers
-from .io import file_hash, read_state_dict, safe_torch_load, short_hash
 from .single_file import load_single, save_model
 
 __all__ = [

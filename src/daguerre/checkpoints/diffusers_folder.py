@@ -24,13 +24,12 @@ from typing import Any
 
 import torch
 
-from ..components import Components
+from ..components import Components, build_components, state_dicts
 from ..config import LIMITS, ModelConfig, ScheduleConfig, check_model_config
 from ..fileio import atomic_dir, atomic_save_safetensors, atomic_write_text
 from ..untrusted import read_json
-from .build import build_components, state_dicts, with_identity_layer
+from ..weights.io import read_shapes, read_state_dict
 from .detect import check_prediction_type, match_preset
-from .io import read_shapes, read_state_dict
 
 DIFFUSERS_FORMAT_VERSION = "0.30.0"  # written as `_diffusers_version`: the layout is that of diffusers >= 0.30
 MODEL_WEIGHTS = "diffusion_pytorch_model"  # diffusers models' weight file stem
@@ -186,7 +185,7 @@ def load_diffusers_folder(
 ) -> tuple[Components, Counter]:
     """`load_diffusers` plus the count of stored tensor dtypes; `shapes_only` reads headers, builds on meta."""
     from ..models.tokenizer import CLIPTokenizer
-    from .text_keys import text_config_from_transformers, text_state_dict_from_transformers
+    from .text_keys import text_config_from_transformers, text_state_dict_from_transformers, with_identity_layer
     from .unet_keys import unet_config_from_diffusers, unet_state_dict_from_diffusers
     from .vae_keys import vae_config_from_diffusers, vae_state_dict_from_diffusers
 
@@ -250,7 +249,7 @@ def load_diffusers_folder(
     cfg.provenance = {"imported_from": folder.name, "variant": f"diffusers {pipeline}"}
     if shapes_only:
         device = "meta"
-    components = build_components(cfg, unet_sd, vae_sd, text_sd, tokenizer=tokenizer, device=device, dtype=dtype)
+    components = build_components(cfg, (unet_sd, vae_sd, text_sd), tokenizer=tokenizer, device=device, dtype=dtype)
     return components, stored
 
 

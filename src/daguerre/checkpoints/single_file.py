@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..components import Components
+from ..components import Components, build_components, state_dicts
 from ..fileio import atomic_save_safetensors
+from ..weights.strict import few
 from . import detect as d
-from .build import build_components, few, state_dicts
 
 DAGUERRE_FORMAT = "daguerre"  # safetensors metadata "format" of daguerre checkpoints
 CONFIG_KEY = "daguerre_config"  # safetensors metadata key holding the ModelConfig JSON
@@ -97,7 +97,7 @@ def load_single(
             "ema": "model_ema" if use_ema else ("model (file also has EMA)" if det.has_ema else "model"),
         }
     components = build_components(
-        cfg, unet_sd, vae_sd, text_sd, device=device, dtype=dtype,
+        cfg, (unet_sd, vae_sd, text_sd), device=device, dtype=dtype,
         prefixes=(d.UNET_PREFIX, d.VAE_PREFIX, text_prefix),
     )
     return components, det

@@ -14,9 +14,9 @@ from typing import Any
 from torch import nn
 
 from ..components import Components
+from ..weights.io import file_hash, read_shapes, short_hash, sniff
 from .detect import match_preset
 from .diffusers_folder import is_diffusers_folder, load_diffusers_folder
-from .io import file_hash, read_shapes, short_hash, sniff
 from .single_file import load_single
 
 META = "meta"

@@ -10,6 +10,7 @@ pure rename / split / transpose, so import followed by export gives back each te
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +31,8 @@ _HF_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 20
                 "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
                 "layer_norm_eps": 1e-5, "projection_dim": 512}
 _ACTIVATIONS = ("quick_gelu", "gelu")
+IDENTITY_LN_WEIGHT = 1.0  # an appended identity text-encoder layer: unit layer norms ...
+IDENTITY_FILL = 0.0  # ... and zero biases / out-projections, so that x + 0 = x
 
 # OpenCLIP name -> transformers name, outside and inside the residual blocks
 _OPENCLIP_TOP = {
@@ -283,3 +286,21 @@ def text_config_from_state_dict(sd: Mapping[str, torch.Tensor], layout: str) -> 
         vocab_size=vocab, max_length=positions.shape[0], width=width, layers=layers, heads=width // CLIP_HEAD_DIM,
         mlp_dim=fc1.shape[0], projection_dim=projection, **family,
     )
+
+
+def with_identity_layer(cfg: TextEncoderConfig, sd: dict[str, torch.Tensor]) -> tuple[TextEncoderConfig, dict]:
+    """Append a text-encoder layer that returns its input exactly; use the penultimate layer (skip_layers + 1).
+
+    Zero attention and MLP out-projections (and biases) make both residual branches add 0; unit layer
+    norms keep the layer well defined. The hidden states and pooled output are unchanged (SD v2 in
+    diffusers holds 23 OpenCLIP layers and uses the last; SD v2 single files hold 24 and use the 23rd).
+    """
+    src = f"text_model.encoder.layers.{cfg.layers - 1}."
+    dst = f"text_model.encoder.layers.{cfg.layers}."
+    out = dict(sd)
+    for k, v in sd.items():
+        if k.startswith(src):
+            name = k[len(src):]
+            fill = IDENTITY_LN_WEIGHT if ("layer_norm" in name and name.endswith("weight")) else IDENTITY_FILL
+            out[dst + name] = torch.full_like(v, fill)
+    return dataclasses.replace(cfg, layers=cfg.layers + 1, skip_layers=cfg.skip_layers + 1), out

@@ -54,7 +54,7 @@ def default_classifier_path(dataset: str) -> Path:
 def load_classifier_extractor(spec: str, dataset: str, device: torch.device | str | None = None
                               ) -> ClassifierExtractor:
     """A daguerre classifier for `dataset`: "default" (the shipped one) or a path to a classifier file."""
-    from ..checkpoints.io import file_hash
+    from ..weights.io import file_hash
     from .classifiers import load_classifier
 
     check_dataset(dataset)

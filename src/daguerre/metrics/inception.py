@@ -368,7 +368,7 @@ def load_inception(
     `device` defaults to where the weights were read (the CPU); `fid` overrides the variant detected from
     `fc.weight`; the network runs in `dtype` (float32 by default, as FID is sensitive to precision).
     """
-    from daguerre.checkpoints.io import file_hash, read_state_dict
+    from daguerre.weights.io import file_hash, read_state_dict
 
     path = Path(path).expanduser()
     if not path.is_file():

@@ -27,6 +27,8 @@ from torch import nn
 
 from ..config import MINILM, TextEncoderConfig, minilm_text_encoder, resolve_text_encoder
 from ..nn.attention import attention
+from ..weights.io import file_hash, read_shapes, read_state_dict
+from ..weights.strict import instantiate
 from .text_encoder import check_encoder_inputs, run_layers
 
 MAX_POSITIONS = 512  # rows of BERT's learned position table (max_position_embeddings)
@@ -195,8 +197,6 @@ def minilm_weights_file() -> Path:
 
 def minilm_sha256() -> str:
     """The sha256 of the installed MiniLM weights file (cached by path, size and modification time)."""
-    from ..checkpoints.io import file_hash
-
     return file_hash(minilm_weights_file())
 
 
@@ -220,8 +220,6 @@ def hub_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def minilm_state_dict(*, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """The package's weights (float32, CPU), or with `shapes_only` meta tensors of their shapes (header only)."""
-    from ..checkpoints.io import read_shapes, read_state_dict
-
     path = minilm_weights_file()
     sd = read_shapes(path)[0] if shapes_only else read_state_dict(path, torch.float32)[0]
     return hub_state_dict(sd)
@@ -240,8 +238,6 @@ def load_minilm(
     returned encoder's config records the installed weights' sha256. On the `meta` device only the file's
     header is read (what `daguerre info` needs).
     """
-    from ..checkpoints.build import instantiate
-
     cfg = minilm_text_encoder() if cfg is None else resolve_text_encoder(cfg)  # (an unknown kind: ValueError)
     if cfg.kind != MINILM:
         raise ValueError(f"text encoder kind {cfg.kind!r} is not {MINILM!r}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints.build import few
+from ..weights.strict import few
 
 logger = logging.getLogger("daguerre.train")
 
@@ -79,7 +79,7 @@ def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, 
     """Load the U-Net (and jointly trained text encoder) of the model at `path` into the run's fresh
     networks; returns the provenance record {"file", "sha256", "new_tensors"}."""
     from ..checkpoints import load_model
-    from ..checkpoints.io import file_hash
+    from ..weights.io import file_hash
 
     path = Path(path)
     comps = load_model(path)  # float32 on the CPU; the caller moves the networks to the device
@@ -116,7 +116,7 @@ def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, 
 
 def init_vae(path: str | Path, vae: nn.Module) -> dict:
     """Load the autoencoder of the model or VAE file at `path` into the run's fresh one."""
-    from ..checkpoints.io import file_hash
+    from ..weights.io import file_hash
     from .vae import load_vae
 
     path = Path(path)

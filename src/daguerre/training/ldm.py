@@ -110,7 +110,7 @@ def train_ldm(cfg: RunConfig, out: str | Path, *, vae_path: str | Path, resume: 
 
 
 def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int | None, env: dist.DistEnv) -> Path:
-    from ..checkpoints.io import file_hash
+    from ..weights.io import file_hash
 
     t, lc = cfg.train, cfg.loss
     configure_threads(t)

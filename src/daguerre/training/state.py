@@ -72,7 +72,7 @@ def read_meta(folder: str | Path, objects: tuple[str, ...] = ()) -> dict[str, An
 def check_checkpoint(folder: str | Path, objects: tuple[str, ...] = ()) -> dict[str, Any]:
     """The meta of checkpoint `folder` if both its files read (the tensors' header and size: a file cut
     short by a full disk or a crash is caught); ValueError naming the damaged file otherwise."""
-    from ..checkpoints.io import read_shapes
+    from ..weights.io import read_shapes
 
     meta = read_meta(folder, objects)
     read_shapes(Path(folder) / TENSORS_FILE)

@@ -85,7 +85,7 @@ def save_vae(vae: AutoencoderKL, config: ModelConfig, path: Path) -> None:
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu") -> tuple[AutoencoderKL, ModelConfig]:
     """The autoencoder of a VAE-only file or of any daguerre / SD single-file checkpoint, in eval mode."""
-    from ..checkpoints.io import read_state_dict
+    from ..weights.io import read_state_dict
 
     path = Path(path)
     if not path.exists():

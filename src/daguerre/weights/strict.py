@@ -1,0 +1,72 @@
+"""Strict loading of a network from a state dict: every key and shape checked, dtype conversion, no partial loads.
+
+Each network is first built on the `meta` device (no memory, no random init), its expected keys and
+shapes are compared with what the state dict provides, and only when everything matches are the
+tensors, converted to the requested dtype and device, assigned as the parameters. Every loader of
+weights ends here: the checkpoint formats (`checkpoints/`), the VAE file of `daguerre train vae`, and
+the frozen MiniLM text encoder of `models/bert.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+MAX_LISTED_KEYS = 4  # keys named in an error message before "... and N more"
+
+
+def few(keys, n: int = MAX_LISTED_KEYS) -> str:
+    """'a, b, c (and 7 more)' for an error message."""
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], what: str, prefix: str = ""
+) -> None:
+    """ValueError naming missing / unexpected keys (with counts) and shape mismatches; keys shown with `prefix`."""
+    missing = set(expected) - set(given)
+    unexpected = set(given) - set(expected)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {few(prefix + k for k in missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {few(prefix + k for k in unexpected)}")
+    bad = [
+        f"{prefix}{k} is {tuple(given[k].shape)}, expected {tuple(t.shape)}"
+        for k, t in expected.items()
+        if k in given and tuple(given[k].shape) != tuple(t.shape)
+    ]
+    if bad:
+        problems.append(f"{len(bad)} shape mismatches: {few(bad)}")
+    if problems:
+        raise ValueError(f"{what} weights do not match its config: {'; '.join(problems)}")
+
+
+def instantiate(
+    factory: Callable[[], nn.Module],
+    sd: Mapping[str, torch.Tensor],
+    what: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    prefix: str = "",
+) -> nn.Module:
+    """Build `factory()` and load `sd` into it strictly; floating tensors become `dtype` (default float32)."""
+    dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = factory()
+    expected = model.state_dict()
+    check_state_dict(expected, sd, what, prefix)
+    if any(True for _ in model.buffers()) and set(dict(model.named_buffers())) - set(expected):
+        # non-persistent buffers are computed in __init__: build the module for real so they exist
+        model = factory().to(device)
+    converted = {
+        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()
+    }
+    model.load_state_dict(converted, strict=True, assign=True)
+    model.to(dtype=dtype)
+    return model.eval()
