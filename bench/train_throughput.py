@@ -36,7 +36,7 @@ def make_vae(folder: Path, threads: int) -> Path:
     code = f"""
 import torch
 from daguerre.training.config import load_run_config, derive_model_config
-from daguerre.training.vae import save_vae
+from daguerre.checkpoints.vae_file import save_vae
 from daguerre.models.autoencoder import AutoencoderKL
 cfg = derive_model_config(load_run_config({str(CONFIGS / 'shapes_vae.toml')!r}, 'vae'), 3, None)
 torch.manual_seed(0)

@@ -60,10 +60,11 @@ def browser():
 @pytest.fixture(scope="module")
 def vae_file(tmp_path_factory) -> Path:
     """A freshly initialised tiny autoencoder (tiny_vae.toml) saved as a stage-1 output, scale measured."""
+    from daguerre.checkpoints.vae_file import save_vae
     from daguerre.data.shapes import ShapesDataset
     from daguerre.models.autoencoder import AutoencoderKL
     from daguerre.training.config import derive_model_config, load_run_config
-    from daguerre.training.vae import measure_scale, save_vae
+    from daguerre.training.vae import measure_scale
 
     cfg = load_run_config(CONFIGS / "tiny_vae.toml", "vae")
     model_cfg = derive_model_config(cfg, 3, None)

@@ -20,11 +20,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from daguerre.checkpoints.vae_file import load_vae
 from daguerre.cli import main
 from daguerre.training.config import load_run_config
 from daguerre.training.export import export_checkpoint
 from daguerre.training.ldm import train_ldm
-from daguerre.training.vae import load_vae, train_vae
+from daguerre.training.vae import train_vae
 from test_golden import SIGKILL_RESUMED, weights_digest
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "daguerre" / "assets" / "configs"  # the shipped run configs

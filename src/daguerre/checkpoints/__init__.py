@@ -3,8 +3,9 @@
     load_model(path)            -> Components   any supported format, variant detected, strict load
     save_model(components, f)   daguerre checkpoint (SD single-file layout + ModelConfig JSON metadata)
     save_diffusers(components, folder)   a diffusers StableDiffusionPipeline folder
-    read_state_dict(path)       -> (tensors, metadata) of one weight file
-    file_hash / short_hash      sha256 and the AUTOMATIC1111 10-digit "Model hash"
+    save_vae / load_vae         the VAE-only file of `daguerre train vae` (vae_file.py)
+    read_state_dict(path)       -> (tensors, metadata) of one weight file (from `daguerre.weights.io`)
+    file_hash / short_hash      sha256 and the AUTOMATIC1111 10-digit "Model hash" (idem)
 
 The formats, the detection rules and the keys deliberately ignored are documented in docs/formats.md.
 """
@@ -21,6 +22,7 @@ from ..weights.io import file_hash, read_state_dict, safe_torch_load, short_hash
 from .detect import IGNORED_KEYS, Detection, detect_checkpoint
 from .diffusers_folder import is_diffusers_folder, load_diffusers, save_diffusers
 from .single_file import load_single, save_model
+from .vae_file import load_vae, save_vae
 
 __all__ = [
     "IGNORED_KEYS",
@@ -28,10 +30,12 @@ __all__ = [
     "detect_checkpoint",
     "file_hash",
     "load_model",
+    "load_vae",
     "read_state_dict",
     "safe_torch_load",
     "save_diffusers",
     "save_model",
+    "save_vae",
     "short_hash",
 ]
 

@@ -20,6 +20,6 @@
 
 from .config import RunConfig, load_run_config
 from .ldm import train_ldm
-from .vae import load_vae, train_vae
+from .vae import train_vae
 
-__all__ = ["RunConfig", "load_run_config", "load_vae", "train_ldm", "train_vae"]
+__all__ = ["RunConfig", "load_run_config", "train_ldm", "train_vae"]

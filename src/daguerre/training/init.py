@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import load_model
+from ..checkpoints.vae_file import load_vae
+from ..weights.io import file_hash
 from ..weights.strict import few
 
 logger = logging.getLogger("daguerre.train")
@@ -78,9 +81,6 @@ def _text_encoder_state(text_encoder: nn.Module, own: nn.Module) -> dict[str, to
 def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, vae_sha256: str) -> dict:
     """Load the U-Net (and jointly trained text encoder) of the model at `path` into the run's fresh
     networks; returns the provenance record {"file", "sha256", "new_tensors"}."""
-    from ..checkpoints import load_model
-    from ..weights.io import file_hash
-
     path = Path(path)
     comps = load_model(path)  # float32 on the CPU; the caller moves the networks to the device
     provenance = comps.config.provenance or {}
@@ -116,9 +116,6 @@ def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, 
 
 def init_vae(path: str | Path, vae: nn.Module) -> dict:
     """Load the autoencoder of the model or VAE file at `path` into the run's fresh one."""
-    from ..weights.io import file_hash
-    from .vae import load_vae
-
     path = Path(path)
     source, _ = load_vae(path)
     new = copy_matching(vae, source.state_dict(), "autoencoder", path)

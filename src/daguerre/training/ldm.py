@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints.vae_file import load_vae
 from ..components import Components
 from ..diffusion.schedules import alphas_cumprod, betas_from_config, q_sample
 from ..models.text_encoder import CLIPTextEncoder, prune_vocabulary
@@ -54,7 +55,6 @@ from .loop import (
     write_config,
 )
 from .samples import SAMPLES_DIR, sample_grid, save_png
-from .vae import load_vae
 
 logger = logging.getLogger("daguerre.train")
 MODEL_FILE = "model.safetensors"

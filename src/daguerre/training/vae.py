@@ -6,8 +6,8 @@ PatchGAN term from `loss.disc_start` on, with the discriminator trained on the s
 `losses`. Held-out PSNR / SSIM and an originals-above-reconstructions image are written as the run
 goes. At the end the latent scale factor 1 / std(z) is measured on held-out images (LDM Sec. 4.3.2)
 and stored in the VAE config of the output file RUN/vae.safetensors: a daguerre checkpoint holding
-only `first_stage_model.*` tensors plus the ModelConfig JSON (metadata `format` = "daguerre-vae"),
-which `daguerre train ldm --vae` loads.
+only `first_stage_model.*` tensors plus the ModelConfig JSON (metadata `format` = "daguerre-vae"; the
+format is `checkpoints/vae_file.py`), which `daguerre train ldm --vae` loads.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
-from ..config import ModelConfig
-from ..fileio import atomic_save_safetensors
+from ..checkpoints.vae_file import save_vae
 from ..models.autoencoder import AutoencoderKL
 from . import dist, losses
 from .config import RunConfig, derive_model_config, to_jsonable
@@ -55,9 +53,6 @@ from .samples import SAMPLES_DIR, comparison_image, save_png
 
 logger = logging.getLogger("daguerre.train")
 VAE_FILE = "vae.safetensors"
-VAE_FORMAT = "daguerre-vae"
-VAE_PREFIX = "first_stage_model."
-CONFIG_KEY = "daguerre_config"
 EVAL_BATCH = 32  # held-out images per forward pass in evaluation
 LATENT_SCALE_SEED = 0  # the posterior samples of the scale measurement are drawn from this seed
 
@@ -74,38 +69,6 @@ class Reconstruct(nn.Module):
         post = self.vae.encode(x)
         z = post.mean + post.std * eps.to(post.mean.dtype)  # (B, C, h, w)
         return self.vae.decode(z), post.kl()
-
-
-def save_vae(vae: AutoencoderKL, config: ModelConfig, path: Path) -> None:
-    """Write a VAE-only daguerre checkpoint (module docstring), float32, atomically."""
-    tensors = {VAE_PREFIX + k: v.detach().float().cpu() for k, v in vae.state_dict().items()}
-    meta = {CONFIG_KEY: config.to_json(), "format": VAE_FORMAT, "daguerre_version": __version__}
-    atomic_save_safetensors(tensors, path, meta)
-
-
-def load_vae(path: str | Path, device: torch.device | str = "cpu") -> tuple[AutoencoderKL, ModelConfig]:
-    """The autoencoder of a VAE-only file or of any daguerre / SD single-file checkpoint, in eval mode."""
-    from ..weights.io import read_state_dict
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such VAE checkpoint: {path} (train one with `daguerre train vae`)")
-    sd, meta = read_state_dict(path)
-    vae_sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
-    if not vae_sd:
-        raise ValueError(f"{path} holds no autoencoder weights ({VAE_PREFIX}*): not a VAE checkpoint")
-    if CONFIG_KEY in meta:
-        try:
-            config = ModelConfig.from_json(meta[CONFIG_KEY])
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: the {CONFIG_KEY} metadata is not a valid ModelConfig: {e}") from None
-    else:
-        from ..checkpoints.detect import infer_vae_config
-
-        config = ModelConfig(name="imported-vae", vae=infer_vae_config(vae_sd))
-    vae = AutoencoderKL(config.vae)
-    vae.load_state_dict({k: v.float() for k, v in vae_sd.items() if not k.startswith("loss.")}, strict=True)
-    return vae.to(device).eval().requires_grad_(False), config
 
 
 @torch.no_grad()
