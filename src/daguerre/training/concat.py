@@ -50,15 +50,12 @@ from .data import TrainData, images_of, load_items
 if TYPE_CHECKING:
     from ..components import Components
     from ..models.autoencoder import AutoencoderKL
-    from .config import DataConfig, RunConfig, SampleConfig
+    from .config import RunConfig, SampleConfig
 
 logger = logging.getLogger("daguerre.train")
 
-CONCAT_KINDS = ("lowres", "inpaint")
 DEFAULT_LOWRES_FACTOR = 4  # LDM SR and the SD x4 upscaler: x4
-MAX_LOWRES_FACTOR = 8  # pipelines.request.MAX_UPSCALE
 DEFAULT_MASK_FULL = 0.25  # SD inpainting: "in 25% mask everything"
-LOWRES_LEVELS = 1000  # pipelines.request.LOWRES_NOISE_STEPS: levels of the augmentation schedule
 SAMPLE_NOISE_LEVEL = 20  # sample grids of noise-augmented SR models: `daguerre upscale`'s default level
 MAX_SAMPLE_IMAGES = 8
 PIXEL_CACHE_VERSION = 1
@@ -73,40 +70,6 @@ RECT_SIDE = (0.1, 0.6)
 STROKE_VERTICES = (2, 6)  # vertices per stroke (1 to 5 segments)
 STROKE_WIDTH = (0.05, 0.15)
 STROKE_SEGMENT = (0.1, 0.4)
-
-
-# --- config -------------------------------------------------------------------------------------------
-
-def check_concat_config(cfg: RunConfig) -> None:
-    """Value checks of model.concat and the data keys it uses; each error names its key."""
-    d, kind = cfg.data, cfg.model.concat
-    if kind is not None and kind not in CONCAT_KINDS:
-        raise ValueError(f"config key model.concat: {kind!r} is not one of {', '.join(CONCAT_KINDS)} (or none)")
-    factor = d.lowres_factor
-    if not 2 <= factor <= MAX_LOWRES_FACTOR:
-        raise ValueError(f"config key data.lowres_factor: must be in [2, {MAX_LOWRES_FACTOR}], got {factor}")
-    if not 0 <= d.lowres_noise < LOWRES_LEVELS:
-        raise ValueError(f"config key data.lowres_noise: must be in [0, {LOWRES_LEVELS - 1}], got {d.lowres_noise}")
-    if not 0.0 <= d.mask_full <= 1.0:
-        raise ValueError(f"config key data.mask_full: must be in [0, 1], got {d.mask_full}")
-    if kind == "lowres" and cfg.stage == "ldm":
-        if d.size % factor:
-            raise ValueError(f"config key data.lowres_factor: data.size {d.size} is not a multiple of {factor}")
-        if cfg.model.conditioning == "class":
-            raise ValueError("config key model.conditioning: super-resolution models take 'text' or 'none', not "
-                             "'class' (their label input is the low-res noise level)")
-
-
-def derive_concat_inputs(m: ModelConfig, d: DataConfig) -> None:
-    """Fill in what the concatenation fixes (in place on derive_model_config's copy): the U-Net's extra
-    input channels (image channels for "lowres", 1 + latent channels for "inpaint") and, for noise-
-    augmented SR, a label embedding with one row per noise level 0..data.lowres_noise."""
-    if m.concat == "lowres":
-        m.unet.in_channels = m.vae.latent_channels + m.vae.in_channels
-        if d.lowres_noise > 0:
-            m.unet.num_classes = d.lowres_noise + 1
-    elif m.concat == "inpaint":
-        m.unet.in_channels = 2 * m.vae.latent_channels + 1
 
 
 # --- conditioning images ------------------------------------------------------------------------------

@@ -28,7 +28,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..config import LIMITS, ModelConfig, check_model_config, preset
+from ..config import (
+    LIMITS,
+    TEXT_ENCODER_KINDS,
+    ModelConfig,
+    TextEncoderConfig,
+    check_model_config,
+    preset,
+    resolve_text_encoder,
+)
 from ..untrusted import read_json, regular_file
 
 STAGES = ("vae", "ldm")
@@ -38,6 +46,9 @@ LR_DECAYS = ("cosine", "constant")
 REC_LOSSES = ("l1", "l2")
 LATENT_MODES = ("sample", "mode")
 TIMESTEP_BIASES = ("none", "later", "earlier", "range")
+CONCAT_KINDS = ("lowres", "inpaint")  # model.concat (training/concat.py), or None
+MAX_LOWRES_FACTOR = 8  # pipelines.request.MAX_UPSCALE
+LOWRES_LEVELS = 1000  # pipelines.request.LOWRES_NOISE_STEPS: levels of the augmentation schedule
 
 
 @dataclass
@@ -310,8 +321,6 @@ def _apply(obj: Any, table: dict[str, Any], prefix: str) -> None:
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             _apply(current, value, f"{key}.")
         elif name == "text_encoder" and isinstance(value, dict) and current is None:
-            from ..config import TextEncoderConfig
-
             setattr(obj, name, TextEncoderConfig())
             _apply(getattr(obj, name), value, f"{key}.")
         else:
@@ -498,8 +507,6 @@ def check_run_config(cfg: RunConfig) -> None:
         if cfg.loss.min_snr_gamma < 0:
             raise ValueError(f"config key loss.min_snr_gamma: must be >= 0, got {cfg.loss.min_snr_gamma}")
         check_timestep_bias(cfg.loss, cfg.model.schedule.num_train_timesteps)
-        from .text_cache import check_text_encoder_config
-
         check_text_encoder_config(cfg.model, cfg.loss.train_text_encoder)
     if d.kind == "folder" and not d.root:
         raise ValueError("config key data.root: a folder dataset needs data.root = the image folder")
@@ -510,8 +517,6 @@ def check_run_config(cfg: RunConfig) -> None:
                          f"got {d.min_objects}, {d.max_objects}")
     if d.kind == "shapes" and not 0.0 <= d.p_relation <= 1.0:
         raise ValueError(f"config key data.p_relation: must be in [0, 1], got {d.p_relation}")
-    from .concat import check_concat_config
-
     check_concat_config(cfg)
 
 
@@ -525,6 +530,51 @@ def check_timestep_bias(lc: LDMLossConfig, n_steps: int) -> None:
     if lc.timestep_bias == "range" and not 0 <= lc.timestep_bias_begin < lc.timestep_bias_end <= n_steps:
         raise ValueError(f"config keys loss.timestep_bias_begin, loss.timestep_bias_end: need 0 <= begin < end <= "
                          f"{n_steps} (the training timesteps), got {lc.timestep_bias_begin}, {lc.timestep_bias_end}")
+
+
+def check_text_encoder_config(model: ModelConfig, train_text_encoder: bool) -> None:
+    """A run's text-encoder choice: a known kind, and a pretrained kind only with loss.train_text_encoder off."""
+    t = model.text_encoder
+    if t is None or model.conditioning != "text":
+        return
+    if t.kind not in TEXT_ENCODER_KINDS:
+        kinds = ", ".join(TEXT_ENCODER_KINDS)
+        raise ValueError(f"config key model.text_encoder.kind: {t.kind!r} is not one of {kinds}")
+    if t.kind != "clip" and train_text_encoder:
+        raise ValueError(f"config key loss.train_text_encoder: the pretrained {t.kind!r} text encoder is frozen; "
+                         "set loss.train_text_encoder = false")
+
+
+def check_concat_config(cfg: RunConfig) -> None:
+    """Value checks of model.concat and the data keys it uses; each error names its key."""
+    d, kind = cfg.data, cfg.model.concat
+    if kind is not None and kind not in CONCAT_KINDS:
+        raise ValueError(f"config key model.concat: {kind!r} is not one of {', '.join(CONCAT_KINDS)} (or none)")
+    factor = d.lowres_factor
+    if not 2 <= factor <= MAX_LOWRES_FACTOR:
+        raise ValueError(f"config key data.lowres_factor: must be in [2, {MAX_LOWRES_FACTOR}], got {factor}")
+    if not 0 <= d.lowres_noise < LOWRES_LEVELS:
+        raise ValueError(f"config key data.lowres_noise: must be in [0, {LOWRES_LEVELS - 1}], got {d.lowres_noise}")
+    if not 0.0 <= d.mask_full <= 1.0:
+        raise ValueError(f"config key data.mask_full: must be in [0, 1], got {d.mask_full}")
+    if kind == "lowres" and cfg.stage == "ldm":
+        if d.size % factor:
+            raise ValueError(f"config key data.lowres_factor: data.size {d.size} is not a multiple of {factor}")
+        if cfg.model.conditioning == "class":
+            raise ValueError("config key model.conditioning: super-resolution models take 'text' or 'none', not "
+                             "'class' (their label input is the low-res noise level)")
+
+
+def derive_concat_inputs(m: ModelConfig, d: DataConfig) -> None:
+    """Fill in what the concatenation fixes (in place on derive_model_config's copy): the U-Net's extra
+    input channels (image channels for "lowres", 1 + latent channels for "inpaint") and, for noise-
+    augmented SR, a label embedding with one row per noise level 0..data.lowres_noise."""
+    if m.concat == "lowres":
+        m.unet.in_channels = m.vae.latent_channels + m.vae.in_channels
+        if d.lowres_noise > 0:
+            m.unet.num_classes = d.lowres_noise + 1
+    elif m.concat == "inpaint":
+        m.unet.in_channels = 2 * m.vae.latent_channels + 1
 
 
 def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | None) -> ModelConfig:
@@ -543,8 +593,6 @@ def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | 
     if m.conditioning == "text":
         if m.text_encoder is None:
             raise ValueError("config key model.conditioning: 'text' needs a [model.text_encoder] section")
-        from ..config import resolve_text_encoder
-
         m.text_encoder = resolve_text_encoder(m.text_encoder)  # kind "minilm": the fixed MiniLM architecture
         m.unet.context_dim = m.text_encoder.width
         m.unet.num_classes, m.class_names = None, None
@@ -559,8 +607,6 @@ def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | 
     else:
         m.text_encoder, m.unet.context_dim, m.unet.num_classes, m.class_names = None, None, None, None
     if m.concat is not None:
-        from .concat import derive_concat_inputs
-
         derive_concat_inputs(m, cfg.data)  # extra U-Net input channels (and the noise-level labels)
     factor = m.vae.downsample_factor * m.unet.downsample_factor
     if cfg.data.size % factor:

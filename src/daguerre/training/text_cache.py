@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TEXT_ENCODER_KINDS, ModelConfig
+from ..config import ModelConfig
 from ..fileio import atomic_save_safetensors
 from ..untrusted import parse_json
 from . import dist
@@ -57,19 +57,6 @@ class TextEmbeddings:
         except KeyError as e:
             raise ValueError(f"caption {e.args[0]!r} is not in the text-embedding cache {self.folder}") from None
         return self.context[idx].to(device=device, dtype=dtype)
-
-
-def check_text_encoder_config(model: ModelConfig, train_text_encoder: bool) -> None:
-    """A run's text-encoder choice: a known kind, and a pretrained kind only with loss.train_text_encoder off."""
-    t = model.text_encoder
-    if t is None or model.conditioning != "text":
-        return
-    if t.kind not in TEXT_ENCODER_KINDS:
-        kinds = ", ".join(TEXT_ENCODER_KINDS)
-        raise ValueError(f"config key model.text_encoder.kind: {t.kind!r} is not one of {kinds}")
-    if t.kind != "clip" and train_text_encoder:
-        raise ValueError(f"config key loss.train_text_encoder: the pretrained {t.kind!r} text encoder is frozen; "
-                         "set loss.train_text_encoder = false")
 
 
 def load_frozen_text_encoder(model_cfg: ModelConfig, device: torch.device):
