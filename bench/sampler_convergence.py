@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from daguerre.diffusion.samplers_sde import SAMPLERS, STOCHASTIC_SAMPLERS  # noqa: E402
+from daguerre.diffusion import samplers_sde  # noqa: E402
+from daguerre.diffusion.sampler_names import SAMPLERS  # noqa: E402
 from gaussian_oracle import SIGMA_MAX, SIGMA_MIN, GaussianData, karras_sigmas  # noqa: E402
 
 DEFAULT_STEPS = (5, 10, 20, 40, 80)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = 1 / math.sqrt(2 * args.samples * DIM)
     for name in SAMPLERS:
         try:
-            if name in STOCHASTIC_SAMPLERS:
+            if SAMPLERS[name].__module__ == samplers_sde.__name__:  # a stochastic sampler
                 errors, calls = sde_errors(name, data, args.steps, args.samples, args.seed)
                 order = None if name == "lcm" else fitted_order(args.steps, errors, floor)  # LCM does not converge
                 sde_rows.append((name, errors, order, calls))

@@ -6,8 +6,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from torch import nn
 
 from daguerre.config import ScheduleConfig
-from daguerre.diffusion import samplers as K
 from daguerre.diffusion.denoisers import Denoiser
+from daguerre.diffusion.sampler_names import SAMPLERS
 from daguerre.diffusion.schedules import alphas_cumprod, betas_from_config, get_sigmas, model_sigmas
 from daguerre.guidance import cfg_denoiser, inpaint_blend_denoiser
 
@@ -227,7 +227,7 @@ def test_inpaint_blend_keeps_known_region(name):
     noise = torch.randn(SHAPE, generator=gen(6))
     x_init = known + sigmas[0].float() * noise
     trace = []
-    out = K.SAMPLERS[name](inpaint_blend_denoiser(den, known, mask), x_init, sigmas,
+    out = SAMPLERS[name](inpaint_blend_denoiser(den, known, mask), x_init, sigmas,
                            callback=lambda d: trace.append((d["x"], float(d["sigma"]))))
     keep = mask.expand(SHAPE) == 0
     torch.testing.assert_close(out[keep], known[keep], atol=1e-5, rtol=1e-5)

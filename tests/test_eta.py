@@ -14,8 +14,7 @@ from PIL import Image
 import daguerre
 from daguerre.api import settings_from_parameters
 from daguerre.cli import main
-from daguerre.diffusion.sampler_names import SAMPLER_NAMES
-from daguerre.diffusion.samplers_sde import SAMPLERS
+from daguerre.diffusion.sampler_names import SAMPLER_NAMES, SAMPLERS
 from daguerre.pngmeta import parse_parameters, read_png_parameters
 
 

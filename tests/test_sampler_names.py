@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from daguerre.config import ScheduleConfig
-from daguerre.diffusion.sampler_names import list_samplers, list_schedules, resolve_sampler
-from daguerre.diffusion.samplers_sde import SAMPLERS
+from daguerre.diffusion import samplers, samplers_sde
+from daguerre.diffusion.sampler_names import SAMPLERS, list_samplers, list_schedules, resolve_sampler
 from daguerre.diffusion.schedules import get_sigmas, model_sigmas
 
 SD_SIGMAS = model_sigmas(ScheduleConfig())  # (1000,) Stable Diffusion's discrete sigmas, ascending
@@ -58,6 +58,15 @@ def test_list_samplers_is_the_a1111_table():
     assert list_samplers() == list(A1111)
     assert set(list_schedules()) == {"Automatic", *SCHEDULES}
     assert {resolve_sampler(n).sampler for n in list_samplers()} == set(SAMPLERS)  # every sampler has a name
+
+
+def test_the_one_registry_holds_every_sampler_function():
+    """Issue 14: `diffusion.samplers.SAMPLERS` once silently lacked the 7 stochastic samplers."""
+    written = {f for module in (samplers, samplers_sde) for name, f in vars(module).items()
+               if name.startswith("sample_") and callable(f)}
+    assert len(SAMPLERS) == len(written) == 15
+    assert set(SAMPLERS.values()) == written
+    assert not hasattr(samplers, "SAMPLERS") and not hasattr(samplers_sde, "SAMPLERS")  # no second table
 
 
 @pytest.mark.parametrize("name", list(COMFYUI))

@@ -21,7 +21,8 @@ import math
 import pytest
 import torch
 
-from daguerre.diffusion.samplers_sde import ODE_SAMPLERS, SAMPLERS, STOCHASTIC_SAMPLERS
+from daguerre.diffusion import samplers, samplers_sde
+from daguerre.diffusion.sampler_names import SAMPLERS
 from gaussian_oracle import SIGMA_MAX, SIGMA_MIN, GaussianData, karras_sigmas
 
 STEPS = (10, 20, 40, 80)
@@ -42,6 +43,8 @@ EXPECTED_ORDER = {
     "lms": (3 - ORDER_TOLERANCE, math.inf),
 }
 DIM, BATCH = 16, 8
+ODE_SAMPLERS = {k: f for k, f in SAMPLERS.items() if f.__module__ == samplers.__name__}  # those of samplers.py
+STOCHASTIC_SAMPLERS = {k: f for k, f in SAMPLERS.items() if f.__module__ == samplers_sde.__name__}
 
 
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from daguerre.config import ScheduleConfig
+from daguerre.diffusion import samplers_sde
 from daguerre.diffusion.noise import generators_for
+from daguerre.diffusion.sampler_names import SAMPLERS
 from daguerre.diffusion.samplers_sde import (
-    SAMPLERS,
-    STOCHASTIC_SAMPLERS,
     brownian_increments,
     get_ancestral_step,
     sample_ddpm,
@@ -44,7 +44,8 @@ DISCRETISATION_STD = 0.006  # |std - 1| bound at DIST_STEPS steps for samplers w
 DIST_STEPS = 50
 ZERO = torch.zeros(1, dtype=torch.float64)
 
-# every stochastic sampler, plus DDIM with eta = 1 (its stochastic mode)
+# the registry's stochastic samplers (those of samplers_sde.py), plus DDIM with eta = 1 (its stochastic mode)
+STOCHASTIC_SAMPLERS = {k: f for k, f in SAMPLERS.items() if f.__module__ == samplers_sde.__name__}
 STOCHASTIC = {**STOCHASTIC_SAMPLERS, "ddim_eta1": functools.partial(SAMPLERS["ddim"], eta=1.0)}
 
 

@@ -25,6 +25,7 @@ from daguerre.config import ScheduleConfig
 from daguerre.diffusion import samplers as K
 from daguerre.diffusion.denoisers import Denoiser
 from daguerre.diffusion.noise import generators_for, randn
+from daguerre.diffusion.sampler_names import SAMPLERS
 from daguerre.diffusion.schedules import get_sigmas, model_sigmas
 
 SD = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -232,7 +233,7 @@ def test_unipc_defaults(net, prediction, n):
 def test_samplers_do_not_mutate_and_report_every_step(net):
     sigmas = sd_sigmas("karras", 6, "leading")
     den = Denoiser(net, ScheduleConfig())
-    for name, sampler in K.SAMPLERS.items():
+    for name, sampler in SAMPLERS.items():
         x = initial_noise() * sigmas[0].float()
         x_copy, sig_copy = x.clone(), sigmas.clone()
         seen = []

@@ -12,18 +12,27 @@ the closest of our schedules being "Uniform". LCM follows the Automatic rule (Un
 an A1111 sampler (ComfyUI's `ddpm`); daguerre runs it on the leading discrete timesteps, as diffusers'
 DDPMScheduler does. Earlier A1111 versions named sampler and schedule together ("DPM++ 2M Karras");
 those names still resolve, as does any "<sampler> <schedule>" pair.
+
+`SAMPLER_NAMES` is also the one sampler registry: each row holds the sampler's function (deterministic
+ones from samplers.py, stochastic ones from samplers_sde.py), and `SAMPLERS` (daguerre key -> function)
+is read from it, so a sampler cannot exist without its names or be missing from the registry.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import samplers as ode
+from . import samplers_sde as sde
 from .schedules import get_sigmas
+
+Sampler = Callable[..., torch.Tensor]  # sample_<name>(denoiser, x, sigmas, *, extra_args, callback, generator)
 
 AUTOMATIC = "Automatic"
 
@@ -66,10 +75,11 @@ DDIM_ETA = Eta(0.0, "Eta DDIM")  # A1111 setting eta_ddim
 
 @dataclass(frozen=True)
 class SamplerName:
-    """A sampler as A1111 labels it: daguerre's registry key, its Automatic schedule, its other names."""
+    """A sampler as A1111 labels it: daguerre's registry key and function, its Automatic schedule, its other names."""
 
     label: str  # A1111 "Sampling method"
-    sampler: str  # key in samplers_sde.SAMPLERS
+    sampler: str  # daguerre's name for it: the key in `SAMPLERS`
+    function: Sampler  # samplers.sample_* (deterministic) or samplers_sde.sample_* (stochastic)
     automatic: str  # label of the schedule "Automatic" picks
     timestep_sampler: bool = False  # A1111 ignores the schedule type for it; written back as "Automatic"
     discard_penultimate: bool = False  # A1111: one more step, then drop the next-to-last sigma
@@ -79,31 +89,29 @@ class SamplerName:
 
 
 SAMPLER_NAMES = (
-    SamplerName("Euler a", "euler_ancestral", "Uniform", aliases=("euler_ancestral", "k_euler_a", "k_euler_ancestral"),
-                eta=ANCESTRAL_ETA),
-    SamplerName("Euler", "euler", "Uniform", aliases=("euler", "k_euler")),
-    SamplerName("LMS", "lms", "Uniform", aliases=("lms", "k_lms")),
-    SamplerName("Heun", "heun", "Uniform", aliases=("heun", "k_heun")),
-    SamplerName("DPM2", "dpm2", "Karras", discard_penultimate=True, aliases=("dpm_2", "k_dpm_2")),
-    SamplerName(
-        "DPM2 a", "dpm2_ancestral", "Karras", discard_penultimate=True, aliases=("dpm_2_ancestral", "k_dpm_2_a"),
-        eta=ANCESTRAL_ETA,
-    ),
-    SamplerName("DPM++ 2S a", "dpmpp_2s_ancestral", "Karras", aliases=("dpmpp_2s_ancestral", "k_dpmpp_2s_a"),
-                eta=ANCESTRAL_ETA),
-    SamplerName("DPM++ 2M", "dpmpp_2m", "Karras", aliases=("dpmpp_2m", "k_dpmpp_2m")),
-    SamplerName("DPM++ SDE", "dpmpp_sde", "Karras", aliases=("dpmpp_sde", "dpmpp_sde_gpu", "k_dpmpp_sde"),
-                eta=ANCESTRAL_ETA),
-    SamplerName(
-        "DPM++ 2M SDE", "dpmpp_2m_sde", "Exponential", aliases=("dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "k_dpmpp_2m_sde"),
-        eta=ANCESTRAL_ETA,
-    ),
-    SamplerName("DDIM", "ddim", "DDIM", timestep_sampler=True, aliases=("ddim",), eta=DDIM_ETA),
-    SamplerName("PLMS", "plms", "DDIM", timestep_sampler=True, aliases=("plms",)),
-    SamplerName("UniPC", "unipc", "Uniform", timestep_sampler=True, aliases=("uni_pc", "uni_pc_bh2")),
-    SamplerName("LCM", "lcm", "Uniform", aliases=("lcm", "k_lcm")),
-    SamplerName("DDPM", "ddpm", "DDIM", aliases=("ddpm",)),
+    SamplerName("Euler a", "euler_ancestral", sde.sample_euler_ancestral, "Uniform",
+                aliases=("euler_ancestral", "k_euler_a", "k_euler_ancestral"), eta=ANCESTRAL_ETA),
+    SamplerName("Euler", "euler", ode.sample_euler, "Uniform", aliases=("euler", "k_euler")),
+    SamplerName("LMS", "lms", ode.sample_lms, "Uniform", aliases=("lms", "k_lms")),
+    SamplerName("Heun", "heun", ode.sample_heun, "Uniform", aliases=("heun", "k_heun")),
+    SamplerName("DPM2", "dpm2", ode.sample_dpm2, "Karras", discard_penultimate=True, aliases=("dpm_2", "k_dpm_2")),
+    SamplerName("DPM2 a", "dpm2_ancestral", sde.sample_dpm2_ancestral, "Karras", discard_penultimate=True,
+                aliases=("dpm_2_ancestral", "k_dpm_2_a"), eta=ANCESTRAL_ETA),
+    SamplerName("DPM++ 2S a", "dpmpp_2s_ancestral", sde.sample_dpmpp_2s_ancestral, "Karras",
+                aliases=("dpmpp_2s_ancestral", "k_dpmpp_2s_a"), eta=ANCESTRAL_ETA),
+    SamplerName("DPM++ 2M", "dpmpp_2m", ode.sample_dpmpp_2m, "Karras", aliases=("dpmpp_2m", "k_dpmpp_2m")),
+    SamplerName("DPM++ SDE", "dpmpp_sde", sde.sample_dpmpp_sde, "Karras",
+                aliases=("dpmpp_sde", "dpmpp_sde_gpu", "k_dpmpp_sde"), eta=ANCESTRAL_ETA),
+    SamplerName("DPM++ 2M SDE", "dpmpp_2m_sde", sde.sample_dpmpp_2m_sde, "Exponential",
+                aliases=("dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "k_dpmpp_2m_sde"), eta=ANCESTRAL_ETA),
+    SamplerName("DDIM", "ddim", ode.sample_ddim, "DDIM", timestep_sampler=True, aliases=("ddim",), eta=DDIM_ETA),
+    SamplerName("PLMS", "plms", ode.sample_plms, "DDIM", timestep_sampler=True, aliases=("plms",)),
+    SamplerName("UniPC", "unipc", ode.sample_unipc, "Uniform", timestep_sampler=True,
+                aliases=("uni_pc", "uni_pc_bh2")),
+    SamplerName("LCM", "lcm", sde.sample_lcm, "Uniform", aliases=("lcm", "k_lcm")),
+    SamplerName("DDPM", "ddpm", sde.sample_ddpm, "DDIM", aliases=("ddpm",)),
 )
+SAMPLERS: dict[str, Sampler] = {s.sampler: s.function for s in SAMPLER_NAMES}  # the sampler registry, all 15
 
 # A1111's pre-1.9 "<sampler> Karras" aliases (sd_samplers_kdiffusion: k_*_ka).
 _KARRAS_ALIASES = {
@@ -116,7 +124,7 @@ _KARRAS_ALIASES = {
 class SamplerChoice:
     """What a (sampler, schedule) pair of names means in daguerre.
 
-    `sampler` is the key in `samplers_sde.SAMPLERS`, `schedule` (with `spacing`) the arguments of
+    `sampler` is the key in `SAMPLERS`, `schedule` (with `spacing`) the arguments of
     `schedules.get_sigmas`; `a1111_name` / `a1111_schedule` are written to the PNG parameters.
     Use `sigmas(steps, model_sigmas)` for the schedule: it also applies A1111's
     discard-the-penultimate-sigma rule of DPM2 and DPM2 a.

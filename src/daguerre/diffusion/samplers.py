@@ -8,7 +8,7 @@ dict(x, i, sigma, sigma_next, denoised) after each model evaluation of step i; e
 through `noise.randn_like(x, generator)`. The ODE is dx/dsigma = (x - D(x, sigma)) / sigma (Karras et
 al. 2022, eq. 4 with sigma(t) = t); lambda = -log sigma is the half-log-SNR of DPM-Solver (Lu et al.).
 No sampler mutates its inputs or disables autograd (apply torch.no_grad in the pipeline).
-The stochastic samplers live in samplers_sde.py, which extends `SAMPLERS`.
+The stochastic samplers live in samplers_sde.py; the registry of both is `sampler_names.SAMPLERS`.
 """
 
 from __future__ import annotations
@@ -285,15 +285,3 @@ def _unipc_update(
     rhos_c = [0.5] if order == 1 else list(np.linalg.solve(R, b))
     corr = sum((float(r) * d for r, d in zip(rhos_c[:-1], d1s, strict=True)), torch.zeros_like(x))
     return x_base - b_h * (corr + float(rhos_c[-1]) * (denoised_next - m0))
-
-
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "euler": sample_euler,
-    "heun": sample_heun,
-    "dpm2": sample_dpm2,
-    "lms": sample_lms,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "unipc": sample_unipc,
-}

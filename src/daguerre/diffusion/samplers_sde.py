@@ -1,4 +1,4 @@
-"""Stochastic samplers in sigma space (x = x0 + sigma * eps), and the full sampler registry.
+"""Stochastic samplers in sigma space (x = x0 + sigma * eps); the registry is `sampler_names.SAMPLERS`.
 
 Every sampler follows the contract of shared/STYLE.md: `sample_<name>(denoiser, x, sigmas, *,
 extra_args=None, callback=None, generator=None) -> x`, with `x` already multiplied by sigmas[0],
@@ -20,12 +20,10 @@ from typing import Any
 import torch
 
 from .noise import Generators, randn_like
-from .samplers import SAMPLERS as ODE_SAMPLERS
 from .samplers import _report, ancestral_step
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Callable[[dict[str, Any]], None] | None
-Sampler = Callable[..., torch.Tensor]
 
 MIDPOINT = 0.5  # r of the DPM-Solver++ second-order midpoint step (Lu et al. 2022, Algorithm 1 with r1 = 1/2)
 
@@ -262,17 +260,3 @@ def sample_lcm(
         if sigma_next > 0:
             x = x + randn_like(x, generator) * sigma_next
     return x
-
-
-# The stochastic samplers of this module; `SAMPLERS` is the full registry (pipelines use it).
-STOCHASTIC_SAMPLERS: dict[str, Sampler] = {
-    "euler_ancestral": sample_euler_ancestral,
-    "dpm2_ancestral": sample_dpm2_ancestral,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
-    "dpmpp_sde": sample_dpmpp_sde,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "ddpm": sample_ddpm,
-    "lcm": sample_lcm,
-}
-
-SAMPLERS: dict[str, Sampler] = {**ODE_SAMPLERS, **STOCHASTIC_SAMPLERS}

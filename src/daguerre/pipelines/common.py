@@ -23,8 +23,7 @@ from PIL import Image
 from ..components import Components
 from ..diffusion.denoisers import Denoiser
 from ..diffusion.noise import generators_for, randn
-from ..diffusion.sampler_names import resolve_sampler
-from ..diffusion.samplers_sde import SAMPLERS
+from ..diffusion.sampler_names import SAMPLERS, resolve_sampler
 from ..diffusion.schedules import img2img_sigmas
 from ..guidance import cfg_denoiser, inpaint_blend_denoiser
 from ..pngmeta import format_parameters
