@@ -1,5 +1,10 @@
 """The layers of src/daguerre have no import cycles, function-local imports included (issue 14): a local import
-that exists to break a cycle is a layering bug (shared/STYLE.md). The graph is read with `ast`, not by importing."""
+that exists to break a cycle is a layering bug (shared/STYLE.md). The graph is read with `ast`, not by importing.
+
+`LAYERS` pins the layering of docs/design.md ("Layers"): a module imports its own package and packages of
+lower layers only (so `models/` never imports `checkpoints/`, and `diffusion/` never imports `models/`);
+only the front ends of the last layer import each other.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,20 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "daguerre"
+
+# The layers of daguerre, lowest first; each name is a top-level module or package of src/daguerre.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("daguerre", "untrusted", "fileio"),  # the version; reading others' files, writing atomically
+    ("config", "limits", "pngmeta"),  # typed model configs and presets; bounds of a request; PNG parameters
+    ("weights", "nn", "diffusion", "data"),  # reading and strictly loading weights; primitives; the math; datasets
+    ("models",),  # the networks, one file each
+    ("components", "guidance"),  # a model in memory and its one `build_components`; denoiser wrappers
+    ("checkpoints",),  # the file formats: single files, diffusers folders, the VAE file
+    ("registry",),  # what `--model NAME` means
+    ("pipelines",),  # txt2img, img2img, inpaint, upscale over Components
+    ("training", "metrics"),  # the two training stages; evaluation
+    ("api", "server", "commands", "cli", "__main__"),  # the front ends, which may import each other
+)
 
 
 def module_name(path: Path) -> str:
@@ -90,6 +109,29 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def unit(module: str) -> str:
+    """The layer entry a module belongs to: `daguerre.models.bert` -> "models"; entry points -> "__main__"."""
+    parts = module.split(".")
+    return "__main__" if parts[-1] == "__main__" else parts[1] if len(parts) > 1 else parts[0]
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a higher layer, or of another package of the same layer below the front ends."""
+    rank = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    top = len(LAYERS) - 1
+    out = []
+    for a, targets in sorted(graph.items()):
+        for b in sorted(targets):
+            ua, ub = unit(a), unit(b)
+            if ua == ub:
+                continue
+            if ua not in rank or ub not in rank:
+                out.append(f"{a} -> {b}: place {ua if ua not in rank else ub!r} in LAYERS (and docs/design.md)")
+            elif rank[ub] > rank[ua] or (rank[ub] == rank[ua] and rank[ua] != top):
+                out.append(f"{a} -> {b}: {ua} (layer {rank[ua]}) may not import {ub} (layer {rank[ub]})")
+    return out
+
+
 def test_the_graph_is_read_with_local_imports():
     graph = import_graph()
     assert "daguerre.limits" in graph["daguerre.pipelines.request"]  # a module-level import
@@ -100,3 +142,44 @@ def test_the_graph_is_read_with_local_imports():
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_the_layer_rules_catch_an_upward_or_sideways_import():
+    assert layer_violations({"daguerre.models.bert": {"daguerre.checkpoints.io"}}) == [
+        "daguerre.models.bert -> daguerre.checkpoints.io: models (layer 3) may not import checkpoints (layer 5)"]
+    assert layer_violations({"daguerre.diffusion.samplers": {"daguerre.models.unet"}})
+    assert layer_violations({"daguerre.weights.io": {"daguerre.data.folder"}})  # same layer, not front ends
+    assert layer_violations({"daguerre.newpkg.x": {"daguerre.config"}})  # a new package must be placed
+    assert not layer_violations({"daguerre.commands.train": {"daguerre.cli", "daguerre.training.ldm"},
+                                 "daguerre.training.__main__": {"daguerre.cli"}})
+
+
+def test_imports_follow_the_layers():
+    found = layer_violations(import_graph())
+    assert not found, "imports against the layers (tests/test_layers.py LAYERS):\n" + "\n".join(found)
+
+
+def test_the_run_config_is_a_leaf_of_training():
+    """training/config.py imports no other training module (issue 14: it lazily imported the feature modules
+    that import it), so any part of training can read the run schema."""
+    assert not {m for m in import_graph()["daguerre.training.config"] if m.startswith("daguerre.training.")}
+
+
+def test_one_definition_of_each_loader_and_registry():
+    """Issue 14: two `build_components`, two `SAMPLERS` (one silently holding fewer samplers) and a VAE loader
+    that bypassed the strict one. Each of these names is defined at module level in exactly one module."""
+    names = {"build_components": [], "state_dicts": [], "instantiate": [], "load_vae": [], "save_vae": [],
+             "read_state_dict": [], "SAMPLERS": [], "resolve_sampler": []}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                defined = [t.id for t in targets if isinstance(t, ast.Name)]
+            else:
+                continue
+            for name in defined:
+                if name in names:
+                    names[name].append(module_name(path))
+    assert {k: v for k, v in names.items() if len(v) != 1} == {}
