@@ -365,7 +365,7 @@ def test_a_validated_request_keeps_its_limits():
     raised = Limits(max_images=n)
     valid = request.validate(comps.config, raised)
     assert valid.limits == raised
-    assert progress_total(comps, valid) == 1 and len(txt2img(comps, valid)) == n  # no DEFAULT_LIMITS inside
+    assert progress_total(valid) == 1 and len(txt2img(comps, valid)) == n  # no DEFAULT_LIMITS inside
     with pytest.raises(LimitError):  # the request's own limits apply when the caller gives none
         GenerationRequest(steps=1, width=16, height=16, n=3, limits=Limits(max_images=2)).validate(comps.config)
     with pytest.raises(ValueError, match="limits must be"):

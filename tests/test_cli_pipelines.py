@@ -50,8 +50,9 @@ def test_img2img_writes_images_grid_and_parameters(files, tmp_path, capsys):
     from daguerre.pipelines.request import GenerationRequest
 
     comps, _ = open_model("random:tiny")
-    ref = img2img(comps, GenerationRequest(prompt="a red circle", negative_prompt="blurry", steps=2, seed=6,
-                                           init_image=str(files / "in.png"), strength=0.6))[0]
+    request = GenerationRequest(prompt="a red circle", negative_prompt="blurry", steps=2, seed=6, task="img2img",
+                                init_image=str(files / "in.png"), strength=0.6)
+    ref = img2img(comps, request.validate(comps.config))[0]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "00001-6.png")), np.asarray(ref.image))
 
 

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 import daguerre
-from daguerre.api import settings_from_parameters
 from daguerre.cli import main
 from daguerre.diffusion.sampler_names import SAMPLER_NAMES, SAMPLERS
+from daguerre.pipelines.infotext import settings_from_parameters
 from daguerre.pngmeta import parse_parameters, read_png_parameters
 
 

@@ -237,7 +237,7 @@ def test_txt2img_with_prompt_and_negative_prompt(tiny_model):
     from daguerre.pipelines.txt2img import txt2img
 
     req = GenerationRequest(prompt="a (red) circle", negative_prompt="blue", steps=2, seed=0, cfg_scale=2.0)
-    images = txt2img(tiny_model, req)
+    images = txt2img(tiny_model, req.validate(tiny_model.config))
     assert images[0].image.size == (32, 32)
 
 
@@ -270,7 +270,8 @@ def test_ldm_run_caches_text_embeddings_once_and_the_model_generates(tmp_path, v
         fresh = encode_prompts(comps, ["", caption])
     cached = cache.lookup(["", caption], torch.device("cpu"))
     torch.testing.assert_close(cached, fresh, rtol=2e-3, atol=2e-3)
-    images = txt2img(comps, GenerationRequest(prompt=caption, negative_prompt="", steps=2, seed=0, cfg_scale=2.0))
+    images = txt2img(comps, GenerationRequest(prompt=caption, negative_prompt="", steps=2, seed=0,
+                                              cfg_scale=2.0).validate(comps.config))
     assert images[0].image.size == (32, 32)
 
     again = load_run_config(CONFIGS / "tiny_minilm_ldm.toml", "ldm",

@@ -102,11 +102,16 @@ def _req(**kw) -> GenerationRequest:
     return GenerationRequest(**{**base, **kw})
 
 
+def _run(pipeline, comps, callback=None, **kw):
+    """`pipeline` (txt2img, img2img, inpaint or upscale) on the validated request `_req(**kw)` of its task."""
+    return pipeline(comps, _req(task=pipeline.__name__, **kw).validate(comps.config), callback=callback)
+
+
 RUNS = {
-    "txt2img": lambda c, **kw: txt2img(c, _req(**kw)),
-    "img2img": lambda c, **kw: img2img(c, _req(init_image=_image(), strength=0.6, **kw)),
-    "inpaint": lambda c, **kw: inpaint(c, _req(init_image=_image(), mask=_mask(), **kw)),
-    "upscale": lambda c, **kw: upscale(c, _req(init_image=_image(16, 16), **kw)),
+    "txt2img": lambda c, **kw: _run(txt2img, c, **kw),
+    "img2img": lambda c, **kw: _run(img2img, c, init_image=_image(), strength=0.6, **kw),
+    "inpaint": lambda c, **kw: _run(inpaint, c, init_image=_image(), mask=_mask(), **kw),
+    "upscale": lambda c, **kw: _run(upscale, c, init_image=_image(16, 16), **kw),
 }
 
 
@@ -131,7 +136,7 @@ def test_batch_equals_single_and_seed_reproduces(tiny, task):
 
 def test_img2img_strength_zero_is_a_vae_round_trip(tiny):
     steps = []
-    out = img2img(tiny, _req(init_image=_image(), strength=0.0), callback=steps.append)[0]
+    out = _run(img2img, tiny, init_image=_image(), strength=0.0, callback=steps.append)[0]
     assert steps == []  # no sampler step at strength 0
     x = im.image_to_tensor(_image())
     with torch.no_grad():
@@ -147,11 +152,11 @@ def test_img2img_starts_from_the_noised_input(tiny, strength):
     """The first sampler state is z0 + sigma_start eps, eps from the CPU generator seeded `seed`, and the
     schedule is A1111's img2img tail of the sampler's sigmas."""
     infos = []
-    req = _req(init_image=_image(), strength=strength, steps=4, sampler="Euler")
+    req = _req(task="img2img", init_image=_image(), strength=strength, steps=4, sampler="Euler").validate(tiny.config)
     img2img(tiny, req, callback=infos.append)
     full = resolve_sampler("Euler", "Automatic").sigmas(4, Denoiser(tiny.unet, tiny.config.schedule).sigmas)
     tail = img2img_sigmas(full, strength)
-    assert len(infos) == len(tail) - 1 == count_steps(tiny, dataclasses.replace(req, task="img2img"))
+    assert len(infos) == len(tail) - 1 == count_steps(req)
     assert float(infos[0]["sigma"]) == pytest.approx(float(tail[0]))
     with torch.no_grad():
         z0 = tiny.vae.encode(im.image_to_tensor(_image())).mode() * tiny.config.vae.scale_factor
@@ -160,8 +165,8 @@ def test_img2img_starts_from_the_noised_input(tiny, strength):
 
 
 def test_img2img_strength_one_differs_from_zero(tiny):
-    zero = img2img(tiny, _req(init_image=_image(), strength=0.0, steps=2))[0]
-    one = img2img(tiny, _req(init_image=_image(), strength=1.0, steps=2))[0]
+    zero = _run(img2img, tiny, init_image=_image(), strength=0.0, steps=2)[0]
+    one = _run(img2img, tiny, init_image=_image(), strength=1.0, steps=2)[0]
     assert np.abs(_px(zero.image) - _px(one.image)).mean() > 1.0
 
 
@@ -170,13 +175,13 @@ def test_default_size_is_a_pure_center_crop_to_the_grid(tiny):
     req = _req(init_image=src, task="img2img").validate(tiny.config)
     assert (req.width, req.height) == (36, 32)
     np.testing.assert_array_equal(_px(req.init_image), _px(src)[1:33, 0:36])
-    out = img2img(tiny, _req(init_image=src, strength=0.3))[0]
+    out = _run(img2img, tiny, init_image=src, strength=0.3)[0]
     assert out.image.size == (36, 32)
 
 
 @pytest.mark.parametrize("mode", ["crop", "fit", "stretch"])
 def test_resize_modes_give_the_requested_size(tiny, mode):
-    out = img2img(tiny, _req(init_image=_image(40, 24), strength=0.3, width=24, height=32, resize_mode=mode))[0]
+    out = _run(img2img, tiny, init_image=_image(40, 24), strength=0.3, width=24, height=32, resize_mode=mode)[0]
     assert out.image.size == (24, 32)
 
 
@@ -186,8 +191,8 @@ def test_resize_modes_give_the_requested_size(tiny, mode):
 def test_inpaint_keeps_unmasked_pixels_and_known_latents(tiny, fill):
     blur = 2
     infos = []
-    req = _req(init_image=_image(), mask=_mask(), mask_blur=blur, inpaint_fill=fill, strength=1.0)
-    out = inpaint(tiny, req, callback=infos.append)[0]
+    req = _req(task="inpaint", init_image=_image(), mask=_mask(), mask_blur=blur, inpaint_fill=fill, strength=1.0)
+    out = inpaint(tiny, req.validate(tiny.config), callback=infos.append)[0]
     soft = np.asarray(im.blur_mask(_mask(), blur))
     keep = soft == 0
     assert keep.sum() > SIZE * SIZE // 2
@@ -205,8 +210,8 @@ def test_inpaint_keeps_unmasked_pixels_and_known_latents(tiny, fill):
 
 def test_inpaint_latent_nothing_starts_from_noise_only_inside(tiny):
     infos = []
-    inpaint(tiny, _req(init_image=_image(), mask=_mask(), mask_blur=0, inpaint_fill="latent nothing",
-                       strength=1.0, sampler="Euler"), callback=infos.append)
+    _run(inpaint, tiny, init_image=_image(), mask=_mask(), mask_blur=0, inpaint_fill="latent nothing",
+         strength=1.0, sampler="Euler", callback=infos.append)
     lat = latent_mask(im.mask_to_tensor(_mask()), 2)
     sigma0 = float(infos[0]["sigma"])
     eps = torch.randn((4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(11))[None]
@@ -225,7 +230,7 @@ def test_latent_mask_covers_every_touched_cell():
 def test_inpainting_model_gets_mask_and_masked_image_latent(tiny_inpaint):
     spy = Spy(tiny_inpaint.unet)
     comps = dataclasses.replace(tiny_inpaint, unet=spy)
-    out = inpaint(comps, _req(init_image=_image(), mask=_mask(), mask_blur=0, steps=2))[0]
+    out = _run(inpaint, comps, init_image=_image(), mask=_mask(), mask_blur=0, steps=2)[0]
     assert out.image.size == (SIZE, SIZE)
     x = im.image_to_tensor(_image())
     binary = (im.mask_to_tensor(_mask()) >= 0.5).float()
@@ -243,7 +248,7 @@ def test_inpainting_model_gets_mask_and_masked_image_latent(tiny_inpaint):
 
 def test_inpainting_model_in_txt2img_sees_everything_masked(tiny_inpaint):
     spy = Spy(tiny_inpaint.unet)
-    txt2img(dataclasses.replace(tiny_inpaint, unet=spy), _req(steps=1, cfg_scale=1.0))
+    _run(txt2img, dataclasses.replace(tiny_inpaint, unet=spy), steps=1, cfg_scale=1.0)
     with torch.no_grad():
         gray = tiny_inpaint.vae.encode(torch.zeros(1, 3, SIZE, SIZE)).mode() * tiny_inpaint.config.vae.scale_factor
     x_in = spy.calls[0]["x"]
@@ -259,7 +264,7 @@ def test_sr_model_gets_the_augmented_lowres_image(tiny_sr, level):
 
     spy = Spy(tiny_sr.unet)
     low = _image(16, 16)
-    out = upscale(dataclasses.replace(tiny_sr, unet=spy), _req(init_image=low, noise_level=level, steps=2))[0]
+    out = _run(upscale, dataclasses.replace(tiny_sr, unet=spy), init_image=low, noise_level=level, steps=2)[0]
     assert out.image.size == (32, 32)
     assert f"Noise level: {level}" in out.parameters and "Upscale: 2" in out.parameters
     # the x4-upscaler augmentation schedule (diffusers' low_res_scheduler config) as the oracle
@@ -278,8 +283,8 @@ def test_sr_model_gets_the_augmented_lowres_image(tiny_sr, level):
 
 def test_sr_lowres_is_resampled_to_the_latent_grid(tiny_sr):
     spy = Spy(tiny_sr.unet)
-    upscale(dataclasses.replace(tiny_sr, unet=spy), _req(init_image=_image(16, 16), upscale_factor=4, steps=1,
-                                                        noise_level=0, cfg_scale=1.0))
+    _run(upscale, dataclasses.replace(tiny_sr, unet=spy), init_image=_image(16, 16), upscale_factor=4, steps=1,
+         noise_level=0, cfg_scale=1.0)
     x_in = spy.calls[0]["x"]
     assert x_in.shape == (1, 7, 32, 32)  # 64x64 output -> 32x32 latent grid
     ref = torch.nn.functional.interpolate(im.image_to_tensor(_image(16, 16)), size=(32, 32), mode="bicubic")
@@ -287,7 +292,7 @@ def test_sr_lowres_is_resampled_to_the_latent_grid(tiny_sr):
 
 
 def test_regular_model_upscale_is_resize_plus_img2img(tiny):
-    out = upscale(tiny, _req(init_image=_image(16, 12), upscale_factor=2.5))[0]
+    out = _run(upscale, tiny, init_image=_image(16, 12), upscale_factor=2.5)[0]
     assert out.image.size == (40, 28)  # 40x30 snapped down to the 4-pixel grid
     assert "Hires upscaler: Lanczos" in out.parameters and "Denoising strength: 0.4" in out.parameters
 
@@ -301,17 +306,17 @@ def test_class_conditional_and_unconditional_models_run_through_every_pipeline()
     comps = _components(cfg)
     spy = Spy(comps.unet)
     comps = dataclasses.replace(comps, unet=spy)
-    a = img2img(comps, _req(prompt="", init_image=_image(), class_label="square", steps=2, strength=1.0))[0]
+    a = _run(img2img, comps, prompt="", init_image=_image(), class_label="square", steps=2, strength=1.0)[0]
     assert "Class: square" in a.parameters
     for call in spy.calls:  # cond = the class, uncond = the last ("no class") label, in one batch
         assert call["y"].tolist() == [1, 2] and "context" not in call
     spy.calls.clear()
-    upscale(comps, _req(prompt="", init_image=_image(16, 16), class_label=0, steps=2, cfg_scale=1.0))
+    _run(upscale, comps, prompt="", init_image=_image(16, 16), class_label=0, steps=2, cfg_scale=1.0)
     assert all(call["y"].tolist() == [0] for call in spy.calls)
     cfg = dataclasses.replace(cfg, conditioning="none", class_names=None)
     cfg.unet = dataclasses.replace(cfg.unet, num_classes=None)
     plain = _components(cfg)
-    assert inpaint(plain, _req(prompt="", init_image=_image(), mask=_mask(), steps=2))[0].image.size == (SIZE, SIZE)
+    assert _run(inpaint, plain, prompt="", init_image=_image(), mask=_mask(), steps=2)[0].image.size == (SIZE, SIZE)
 
 
 # --- bad input -----------------------------------------------------------------------------------------
@@ -351,7 +356,7 @@ def test_bad_inputs_give_clear_errors(tiny, tiny_sr, tmp_path):
     with pytest.raises(ValueError, match="super-resolution model.*daguerre upscale"):
         _validate(tiny_sr, task="img2img", init_image=_image())
     with pytest.raises(ValueError, match="super-resolution model"):
-        txt2img(tiny_sr, _req())
+        _run(txt2img, tiny_sr)
     with pytest.raises(ValueError, match="unknown task"):
         _validate(tiny, task="outpaint")
 
@@ -393,7 +398,7 @@ def test_unset_sampling_settings_come_from_the_model_then_the_global_defaults(ti
     resolved = GenerationRequest(prompt="a red circle", seed=1, sampler="Heun").validate(config)
     assert (resolved.steps, resolved.cfg_scale, resolved.sampler, resolved.schedule) == (2, 4.0, "Heun", "Automatic")
     comps = dataclasses.replace(tiny, config=config)
-    out = txt2img(comps, GenerationRequest(prompt="a red circle", seed=1))
+    out = txt2img(comps, GenerationRequest(prompt="a red circle", seed=1).validate(comps.config))
     assert "Steps: 2, Sampler: Euler" in out[0].parameters and "CFG scale: 4," in out[0].parameters
     with pytest.raises(ValueError, match="steps"):
         GenerationRequest(prompt="x", seed=1).validate(dataclasses.replace(config, defaults={"steps": 0}))

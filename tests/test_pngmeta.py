@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from daguerre.api import settings_from_parameters
+from daguerre.pipelines.infotext import settings_from_parameters
 from daguerre.pngmeta import format_parameters, parse_parameters, read_png_parameters, save_png
 
 PARAMS = {

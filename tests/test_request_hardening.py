@@ -15,7 +15,6 @@ import torch
 from PIL import Image, ImageFile
 
 import daguerre
-from daguerre.api import settings_from_parameters
 from daguerre.cli import main
 from daguerre.config import TextEncoderConfig, preset
 from daguerre.guidance import cfg_denoiser, rescale_guidance
@@ -23,6 +22,7 @@ from daguerre.limits import LimitError, Limits
 from daguerre.models.text_encoder import CLIPTextEncoder
 from daguerre.models.tokenizer import CLIPTokenizer
 from daguerre.pipelines.images import load_image, load_mask, open_image
+from daguerre.pipelines.infotext import settings_from_parameters
 from daguerre.pipelines.prompts import MAX_EMPHASIS_DEPTH, encode_weighted, parse_emphasis
 from daguerre.pipelines.request import MAX_MASK_BLUR, GenerationRequest, NonFiniteError
 from daguerre.pngmeta import save_png

@@ -38,7 +38,7 @@ def test_shipped_fashion_model_draws_the_class_it_is_asked_for():
     prompts = [f"a photo of {noun}" for noun in CAPTION_NOUNS]
     images = []
     for i, prompt in enumerate(prompts):
-        out = txt2img(comps, GenerationRequest(prompt=prompt, seed=i), model_hash=model_hash)
+        out = txt2img(comps, GenerationRequest(prompt=prompt, seed=i).validate(comps.config), model_hash=model_hash)
         assert out[0].image.size == (32, 32) and f"Model hash: {model_hash}" in out[0].parameters
         images.append(torch.from_numpy(np.asarray(out[0].image, dtype=np.float32)) / 127.5 - 1)
     judge = load_classifier_extractor("default", "fashion_mnist")
@@ -73,7 +73,7 @@ def test_shipped_shapes_model_draws_what_the_evaluation_prompts_ask_for(kind, ve
     prompts = sample_prompts(kind, 12, PROMPT_KEY)
     images = []
     for i, p in enumerate(prompts):
-        image = txt2img(comps, GenerationRequest(prompt=p.text, seed=i))[0].image
+        image = txt2img(comps, GenerationRequest(prompt=p.text, seed=i).validate(comps.config))[0].image
         images.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
     scenes = load_classifier_extractor("default", "shapes").predict_scenes(torch.stack(images))
     verdicts = judge_shapes(scenes, [EvalItem(kind, p.text, i, spec=p.spec) for i, p in enumerate(prompts)])

@@ -112,7 +112,8 @@ def test_ldm_overfits_one_batch_and_the_model_generates(tmp_path, vae_file, caps
         if k.endswith("token_embedding.weight"):
             ref = torch.cat([ref[list(kept)], torch.zeros(1, ref.shape[1])])
         assert torch.equal(v, ref), k
-    images = txt2img(comps, GenerationRequest(prompt="a red circle", steps=2, seed=0, cfg_scale=2.0))
+    request = GenerationRequest(prompt="a red circle", steps=2, seed=0, cfg_scale=2.0)
+    images = txt2img(comps, request.validate(comps.config))
     assert images[0].image.size == (32, 32)
 
     # `daguerre train export`: checkpoint 40 as a model, and the last checkpoint gives the final model again
@@ -411,7 +412,7 @@ def test_corrupt_image_in_a_folder_is_skipped_by_name_or_fatal(tmp_path, vae_fil
     assert "0_broken.png" in (tmp_path / "skip" / "train.log").read_text()
     comps = load_model(path)
     assert comps.config.class_names == ["blue", "red"] and comps.config.unet.num_classes == 3
-    out = txt2img(comps, GenerationRequest(class_label="red", steps=2, seed=0, cfg_scale=2.0))
+    out = txt2img(comps, GenerationRequest(class_label="red", steps=2, seed=0, cfg_scale=2.0).validate(comps.config))
     assert out[0].image.size == (32, 32)
 
     capsys.readouterr()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .limits import DEFAULT_LIMITS, Limits
-from .pipelines.request import GenerationRequest
+from .pipelines.request import GenerationRequest, ValidRequest
 
 if TYPE_CHECKING:
     import torch
@@ -98,8 +98,9 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.components.unet.parameters()).device
 
-    def request(self, prompt: str | GenerationRequest = "", **fields: Any) -> GenerationRequest:
-        """The validated `GenerationRequest` for a prompt (or a request) and keyword fields.
+    def request(self, prompt: str | GenerationRequest = "", **fields: Any) -> ValidRequest:
+        """The `ValidRequest` for a prompt (or a request) and keyword fields, validated against this model
+        and `limits`; a `ValidRequest` that already is, given without fields, is returned as it is.
 
         Keyword fields override those of a given request; `tile=True/False` selects tiled VAE decoding
         (default: automatic for large images, see `daguerre.pipelines.tiling`).
@@ -110,6 +111,9 @@ class Pipeline:
         if unknown:
             valid = ", ".join(REQUEST_FIELDS)
             raise ValueError(f"unknown generation setting(s) {', '.join(unknown)}; valid settings: {valid}")
+        if isinstance(prompt, ValidRequest) and not fields and prompt.limits == self.limits \
+                and prompt.config == self.config:
+            return prompt
         if isinstance(prompt, GenerationRequest):
             request = dataclasses.replace(prompt, **fields)
         elif isinstance(prompt, str):
@@ -129,7 +133,7 @@ class Pipeline:
         every sampler step with {x, i, sigma, sigma_next, denoised, batch_start}.
         """
         request = self.request(prompt, **fields)
-        return self._run(getattr(request, "task", "txt2img"), request, callback)
+        return self._run(request.task, request, callback)
 
     def img2img(self, image: Any, prompt: str | GenerationRequest = "", *, callback: Callback | None = None,
                 **fields: Any) -> list[GeneratedImage]:
@@ -147,7 +151,7 @@ class Pipeline:
         """Upscaling by `upscale_factor` (an SR model, or resize + img2img with a regular model)."""
         return self._run("upscale", self.request(prompt, task="upscale", init_image=image, **fields), callback)
 
-    def _run(self, task: str, request: GenerationRequest, callback: Callback | None) -> list[GeneratedImage]:
+    def _run(self, task: str, request: ValidRequest, callback: Callback | None) -> list[GeneratedImage]:
         """`daguerre.pipelines.<task>.<task>(components, request, callback=, model_hash=)`."""
         try:
             module = importlib.import_module(f"daguerre.pipelines.{task}")
@@ -159,83 +163,3 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline(model={self.config.name!r}, device={self.device}, hash={self.model_hash})"
-
-
-# --- A1111 PNG parameters -> request fields ----------------------------------------------------------
-
-# A1111 `parameters` key -> (GenerationRequest field, converter)
-PNG_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "Steps": ("steps", int),
-    "Sampler": ("sampler", str),
-    "Schedule type": ("schedule", str),
-    "CFG scale": ("cfg_scale", float),
-    "Seed": ("seed", int),
-    "Clip skip": ("clip_skip", int),
-    "Guidance rescale": ("guidance_rescale", float),
-    "Eta": ("eta", float),  # A1111 writes one of these two for a sampler that takes eta (sampler_names.Eta)
-    "Eta DDIM": ("eta", float),
-}
-SIZE_KEY = "Size"
-MODEL_KEY = "Model"
-# keys that describe the image but change nothing when generating it again
-INFORMATIONAL_KEYS = frozenset({"Model hash", "Model", "Version", "Size"})
-
-
-@dataclasses.dataclass
-class PngSettings:
-    """What a PNG's `parameters` text says about how to make the image again."""
-
-    fields: dict[str, Any]  # GenerationRequest fields
-    model: str | None  # the `Model` value, unless it is one a file may not select (`settings_from_parameters`)
-    model_hash: str | None  # the `Model hash` value, if any
-    ignored: list[str]  # keys daguerre does not apply (hires fix, LoRA, ...), and why a `Model` is not used
-
-
-def settings_from_parameters(text: str, source: str = "parameters") -> PngSettings:
-    """Read the A1111 `parameters` text (`pngmeta.parse_parameters`) into GenerationRequest fields.
-
-    Prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size, clip skip, guidance
-    rescale and eta are read; a value that does not parse is a ValueError naming `source` and the key.
-    The `Model` is a name (A1111 writes the checkpoint's name): a file never builds a `random:` model
-    (random:sd15 allocates 860M untrained parameters) nor names a path to open, so such a `Model` is
-    listed in `ignored` with the reason and `model` is None: the caller's own choice of model stands.
-    """
-    from .pngmeta import parse_parameters
-
-    prompt, negative, params = parse_parameters(text)
-    fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
-    for key, (name, convert) in PNG_KEYS.items():
-        if key in params:
-            try:
-                fields[name] = convert(params[key])
-            except ValueError:
-                kind = "whole number" if convert is int else "number"
-                raise ValueError(f"{source}: {key} {params[key]!r} is not a {kind}") from None
-    if SIZE_KEY in params:
-        width, sep, height = params[SIZE_KEY].lower().partition("x")
-        width, height = width.strip(), height.strip()
-        if not (sep and _ascii_digits(width) and _ascii_digits(height)):  # int() reads "²" and "٣" too
-            raise ValueError(f"{source}: Size {params[SIZE_KEY]!r} is not WIDTHxHEIGHT")
-        fields["width"], fields["height"] = int(width), int(height)
-    ignored = [k for k in params if k not in PNG_KEYS and k not in INFORMATIONAL_KEYS]
-    model = params.get(MODEL_KEY)
-    why = _unusable_model(model) if model is not None else None
-    if why:
-        ignored.append(f"Model {model!r} ({why}; choose a model with --model)")
-        model = None
-    return PngSettings(fields, model, params.get("Model hash"), ignored)
-
-
-def _ascii_digits(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) < 10  # 10 digits: far over any limit already
-
-
-def _unusable_model(name: str) -> str | None:
-    """Why settings read from a file may not select the model `name`, or None when they may."""
-    from .registry import RANDOM_PREFIX
-
-    if name.startswith(RANDOM_PREFIX):
-        return "a file never selects a random: model: untrained, and up to 860M parameters to build"
-    if any(c in name for c in "/\\") or name.startswith(("~", ".")):
-        return "a file never selects a path"
-    return None

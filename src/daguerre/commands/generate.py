@@ -1,32 +1,24 @@
 """`daguerre generate PROMPT`: text-to-image from the command line.
 
-Besides the sampling settings: `--from-png FILE` makes an image again from the A1111 `parameters`
-chunk of a PNG (flags given on the command line override the file's values), `--preview DIR`
-saves the model's x0 estimate at every step and a GIF, `--tile/--no-tile` forces tiled VAE decoding
-on or off (automatic by default), `--grid` saves a grid of the images (on by default for several),
-and `--list-samplers` prints the sampler names. An existing --out file is replaced only with
-`--overwrite` (outputs.py); the limit flags bound the request (daguerre.limits). See docs/usage.md.
+The request's flags (prompt, sampling settings, size, seed, `--tile/--no-tile`, ...) come from
+`GenerationRequest`'s field table (commands/request_args.py). Besides them: `--from-png FILE` makes an
+image again from the A1111 `parameters` chunk of a PNG (flags given on the command line override the
+file's values), `--preview DIR` saves the model's x0 estimate at every step and a GIF, `--grid` saves
+a grid of the images (on by default for several), and `--list-samplers` prints the sampler names. An
+existing --out file is replaced only with `--overwrite` (outputs.py); the limit flags bound the request
+(daguerre.limits). See docs/usage.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from ..cli import UserError, command
 from ..limits import Limits, add_limit_arguments, limits_from_args
 from .outputs import Outputs, add_overwrite_argument, plan_outputs
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'512x768' -> (512, 768); '512' -> (512, 512)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+))?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTHxHEIGHT (e.g. 512x512)")
-    w = int(m.group(1))
-    return w, int(m.group(2) or w)
+from .request_args import add_request_arguments, request_fields
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,32 +52,10 @@ def set_threads(args: argparse.Namespace, comps) -> None:
         torch.set_num_threads(1)
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--negative", "-N", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: the model's recommended number, else 20)")
-    p.add_argument("--sampler", default=None, help="sampler, A1111 or ComfyUI name (default: the model's, else "
-                   "'DPM++ 2M'); see docs/samplers.md or --list-samplers")
-    p.add_argument("--schedule", default=None, help="schedule type: Automatic, Karras, Exponential, "
-                   "SGM Uniform, Simple, Normal (default: the model's, else Automatic)")
-    p.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance scale (default: the model's recommended scale, else 7)")
-    p.add_argument("--seed", type=int, default=-1, help="seed of the first image; image i uses seed+i (-1: random)")
-    p.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT in pixels (default: the model's)")
-    p.add_argument("--n", type=int, default=1, help="number of images (default 1)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per network call (default 1)")
-    p.add_argument("--clip-skip", type=int, default=1, help="A1111 clip skip (default 1)")
-    p.add_argument("--eta", type=float, default=None, help="noise of each step of an ancestral, SDE or DDIM "
-                   "sampler, 0 = none (default: the sampler's, A1111's: 1, DDIM 0); other samplers ignore it")
-    p.add_argument("--out", "-o", default="outputs", help="output PNG file (one image) or folder (default outputs/)")
-
-
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
-    """--tile, --preview, --preview-mode, --grid, --overwrite: how results are decoded, shown and saved;
+    """--out, --preview, --preview-mode, --grid, --overwrite: where and how results are shown and saved;
     and the limit flags (--max-pixels, ...) every image command takes."""
-    p.add_argument("--tile", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode with the VAE in overlapping tiles (less memory); default: automatically when the "
-                   "latent has more than 96x96 cells (768x768 pixels for Stable Diffusion)")
+    p.add_argument("--out", "-o", default="outputs", help="output PNG file (one image) or folder (default outputs/)")
     p.add_argument("--preview", metavar="DIR", default=None,
                    help="save the model's current estimate of the image at every step as DIR/step_NNN.png, "
                    "and DIR/preview.gif at the end")
@@ -98,41 +68,26 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     add_limit_arguments(p)
 
 
-# CLI dest -> GenerationRequest field, for the settings --from-png can supply
-REPLAYABLE = {
-    "prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "sampler": "sampler",
-    "schedule": "schedule", "cfg": "cfg_scale", "seed": "seed", "size": "size", "clip_skip": "clip_skip",
-    "eta": "eta",
-}
-_DEFAULTS = "_replayable_defaults"  # Namespace attribute holding the defaults of the REPLAYABLE flags
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype -> torch dtype name
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", default="", help="what to draw")
+    add_request_arguments(p, "txt2img")
     add_model_arguments(p)
-    add_sampling_arguments(p)
     add_output_arguments(p)
     p.add_argument("--from-png", metavar="FILE", default=None,
                    help="make the image of a PNG again from its A1111 'parameters' chunk (prompt, negative prompt, "
-                   "steps, sampler, schedule, CFG, seed, size, clip skip, model); flags you pass override the file")
+                   "steps, sampler, schedule, CFG, seed, size, class, clip skip, guidance rescale, eta, model); "
+                   "flags you pass override the file")
     p.add_argument("--list-samplers", action="store_true", help="print the sampler and schedule names, then exit")
-    p.add_argument("--class", dest="class_label", default=None, metavar="NAME_OR_INDEX",
-                   help="class label, for class-conditional models (a class name or index)")
-    # None marks "not given on the command line", so --from-png knows which flags override the file
-    p.set_defaults(**{_DEFAULTS: {dest: p.get_default(dest) for dest in REPLAYABLE}})
-    p.set_defaults(**dict.fromkeys(REPLAYABLE))
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[dict, str | None, str | None]:
-    """(GenerationRequest fields, model spec, the file's model hash): the flags, over the --from-png file,
-    over the defaults."""
-    from ..api import settings_from_parameters
+    """(GenerationRequest fields, model spec, the file's model hash): the flags given, over the --from-png
+    file (every field with a PNG key), over the request's defaults."""
+    from ..pipelines.infotext import settings_from_parameters
 
-    defaults = getattr(args, _DEFAULTS)
-    given = {dest: getattr(args, dest) for dest in REPLAYABLE if getattr(args, dest) is not None}
-    fields = {REPLAYABLE[d]: v for d, v in defaults.items() if d != "size"}
-    fields["width"], fields["height"] = defaults["size"] or (None, None)
+    fields = {}
     model, expected_hash = args.model, None
     if args.from_png:
         from ..pngmeta import read_png_parameters
@@ -150,11 +105,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, str | None, str | 
         elif model is None and settings.model:
             _note(f"{args.from_png} was made with model {settings.model!r}, which is not available here; using the "
                   "default model (choose one with --model)")
-    for dest, value in given.items():
-        if dest == "size":
-            fields["width"], fields["height"] = value
-        else:
-            fields[REPLAYABLE[dest]] = value
+    fields.update(request_fields(args, "txt2img"))
     return fields, model, expected_hash
 
 
@@ -174,14 +125,12 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import open_model
 
     fields, model, expected_hash = resolve_settings(args)
-    request = GenerationRequest(
-        **fields, n=args.n, batch_size=args.batch_size, tile=args.tile, class_label=args.class_label
-    )
+    request = GenerationRequest(**fields)
     limits = check_limits_early(args, request)
-    outputs = plan_outputs(args.out, args.n, args.overwrite, inputs=[args.from_png])  # before any model work
+    outputs = plan_outputs(args.out, request.n, args.overwrite, inputs=[args.from_png])  # before any model work
     comps, model_hash = open_model(model, device=args.device)
     set_threads(args, comps)
-    request = request.validate(comps.config, limits)  # fail before any work on bad input
+    request = request.validate(comps.config, limits)  # fail before any work on bad input: the one check
     if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():
         _note(f"{args.from_png} was made by a model with hash {expected_hash}; this one's is {model_hash}: "
               "the image will differ")
@@ -207,8 +156,9 @@ def seed_line(request) -> str:
 
 def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash: str | None,
                  outputs: Outputs) -> int:
-    """Run `pipeline(comps, request)` in --dtype with a progress bar (and --preview), save the PNGs to
-    `outputs` and a grid for several images (--grid), print the paths: the tail every image command shares."""
+    """Run `pipeline(comps, request)` (a `ValidRequest`) in --dtype with a progress bar (and --preview), save
+    the PNGs to `outputs` and a grid for several images (--grid), print the paths: the tail every image
+    command shares."""
     from tqdm import tqdm
 
     from ..api import set_compute_dtype
@@ -219,10 +169,10 @@ def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash:
     if args.preview:
         from ..pipelines.preview import PreviewWriter
 
-        preview = PreviewWriter(comps.vae, args.preview, args.preview_mode, tiled=args.tile,
+        preview = PreviewWriter(comps.vae, args.preview, args.preview_mode, tiled=request.tile,
                                 overwrite=args.overwrite)
     print(f"daguerre {args.command}: {seed_line(request)}", file=sys.stderr, flush=True)
-    with tqdm(total=progress_total(comps, request), unit="step", desc=args.command, dynamic_ncols=True) as bar:
+    with tqdm(total=progress_total(request), unit="step", desc=args.command, dynamic_ncols=True) as bar:
         def on_step(info: dict) -> None:
             if preview is not None:
                 preview(info)

@@ -126,7 +126,7 @@ def generate(components: Components, items: Sequence[EvalItem], settings: EvalSe
         while j < len(items) and items[j].prompt == items[i].prompt and items[j].seed == items[j - 1].seed + 1:
             j += 1
         request = GenerationRequest(**settings.sampling, prompt=items[i].prompt, seed=items[i].seed, n=j - i,
-                                    batch_size=settings.batch)
+                                    batch_size=settings.batch).validate(components.config)
         for result in txt2img(components, request, model_hash=model_hash):
             images.append(result.image)
             if on_image is not None:

@@ -23,12 +23,12 @@ from PIL import Image
 from ..components import Components
 from ..diffusion.denoisers import Denoiser
 from ..diffusion.noise import generators_for, randn
-from ..diffusion.sampler_names import SAMPLERS, resolve_sampler
-from ..diffusion.schedules import img2img_sigmas
+from ..diffusion.sampler_names import SAMPLERS
 from ..guidance import cfg_denoiser, inpaint_blend_denoiser
 from ..pngmeta import format_parameters
+from .infotext import write_parameters
 from .prompts import encode_weighted
-from .request import GenerationRequest, _class_index, check_finite
+from .request import ValidRequest, check_finite
 from .tiling import decode_latents, encode_latents
 
 if TYPE_CHECKING:
@@ -70,8 +70,8 @@ class SamplingPlan:
     """What one pipeline adds to the shared sampling loop. Tensors have batch 1 (the same for every
     image of the request) and live at latent resolution (B, C, H/f, W/f).
 
-    `init_latents` z0 is noised to the first sigma of the img2img tail (`start_strength`); None starts
-    from pure noise. `init_noise_mask` (1, 1, h, w) replaces z0 by fresh unit noise where it is 1
+    `init_latents` z0 is noised to the first of the request's sigmas (the img2img tail, `ValidRequest.sigmas`);
+    None starts from pure noise. `init_noise_mask` (1, 1, h, w) replaces z0 by fresh unit noise where it is 1
     (A1111 "latent noise"). `cond` is merged into both the conditional and the unconditional branch
     ("concat" channels, "y"). `concat_noise` = (a, s) augments cond["concat"] per image as
     a * concat + s * eps (noise-conditioning augmentation, Ho et al. 2022, cascaded diffusion).
@@ -101,7 +101,7 @@ def encode_prompts(components: Components, prompts: list[str], clip_skip: int = 
 
 
 def conditioning(
-    components: Components, req: GenerationRequest, device: torch.device
+    components: Components, req: ValidRequest, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(cond, uncond) dicts of batch 1 for the denoiser; uncond is None when guidance is off (scale 1)
     or the model is unconditional. Text: cross-attention context of the prompt / negative prompt;
@@ -113,7 +113,7 @@ def conditioning(
         context = encode_prompts(components, prompts, req.clip_skip)  # one call; rows padded to equal length
         return {"context": context[:1]}, ({"context": context[1:]} if use_cfg else None)
     if cfg.conditioning == "class":
-        y = torch.tensor([_class_index(cfg, req.class_label)], device=device)
+        y = torch.tensor([req.class_index], device=device)
         null = torch.tensor([cfg.unet.num_classes - 1], device=device)  # the last class is the "no class" label
         return {"y": y}, ({"y": null} if use_cfg else None)
     return {}, None
@@ -171,7 +171,7 @@ def inpaint_model_concat(
     return torch.cat([latent_mask(binary, factor).to(masked_latent), masked_latent], dim=1)
 
 
-def _default_concat(components: Components, req: GenerationRequest, device: torch.device) -> torch.Tensor:
+def _default_concat(components: Components, req: ValidRequest, device: torch.device) -> torch.Tensor:
     """An inpainting model used without a mask (txt2img, img2img): everything masked and the masked
     image all gray, as A1111 does (its `inpainting_mask_weight` 1)."""
     channels = components.config.vae.in_channels
@@ -182,90 +182,45 @@ def _default_concat(components: Components, req: GenerationRequest, device: torc
 
 # --- the loop --------------------------------------------------------------------------------------
 
-def start_strength(components: Components, req: GenerationRequest) -> float | None:
-    """The denoising strength the request starts from, or None for pure noise: img2img and inpaint use
-    theirs; upscale uses it with a regular model (resize + img2img) and none with an SR model."""
-    if req.task == "txt2img" or (req.task == "upscale" and components.config.concat == "lowres"):
-        return None
-    return req.strength
-
-
-def run_sigmas(components: Components, req: GenerationRequest, model_sigmas: torch.Tensor) -> torch.Tensor:
-    """The noise levels the sampler runs through: the sampler's schedule, cut to its img2img tail."""
-    sigmas = resolve_sampler(req.sampler, req.schedule).sigmas(req.steps, model_sigmas)
-    strength = start_strength(components, req)
-    return sigmas if strength is None else img2img_sigmas(sigmas, strength)
-
-
-def count_steps(components: Components, request: GenerationRequest) -> int:
+def count_steps(request: ValidRequest) -> int:
     """Sampler steps per image for `request` (for progress bars): `steps`, fewer at img2img strength < 1."""
-    req = request.validate(components.config)
-    model_sigmas = Denoiser(components.unet, components.config.schedule).sigmas
-    return len(run_sigmas(components, req, model_sigmas)) - 1
+    return request.sampler_steps
 
 
-def progress_total(components: Components, request: GenerationRequest) -> int:
+def progress_total(request: ValidRequest) -> int:
     """How many times `run_plan` calls its callback for `request`: one call per sampler step of each batch
     (a batch of `batch_size` images advances together), so n=4, batch_size=2 at 20 steps is 40."""
     batches = -(-request.n // request.batch_size)
-    return batches * count_steps(components, request)
-
-
-def sampler_parameters(request: GenerationRequest, components: Components, model_hash: str | None) -> dict[str, Any]:
-    """The A1111 key/value pairs describing how an image was made (seed filled in per image)."""
-    choice = resolve_sampler(request.sampler, request.schedule)
-    cfg = components.config
-    return {
-        "Steps": request.steps,
-        "Sampler": choice.a1111_name,
-        "Schedule type": choice.a1111_schedule,
-        "CFG scale": f"{request.cfg_scale:.10g}",
-        "Seed": request.seed,
-        "Size": f"{request.width}x{request.height}",
-        "Model hash": model_hash,
-        "Model": cfg.name,
-        "Class": request.class_label if cfg.conditioning == "class" else None,
-        "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
-        "Guidance rescale": f"{request.guidance_rescale:g}" if request.guidance_rescale else None,
-        **eta_parameter(request),
-    }
-
-
-def eta_parameter(request: GenerationRequest) -> dict[str, str]:
-    """{"Eta": ...} or {"Eta DDIM": ...} as A1111 writes it: for a sampler that takes eta, when the request's
-    differs from that sampler's default; {} otherwise."""
-    eta = resolve_sampler(request.sampler, request.schedule).eta
-    if eta is None or request.eta is None or request.eta == eta.default:
-        return {}
-    return {eta.infotext: f"{request.eta:g}"}
+    return batches * request.sampler_steps
 
 
 @torch.no_grad()
 def run_plan(
     components: Components,
-    req: GenerationRequest,
+    req: ValidRequest,
     plan: SamplingPlan,
     *,
     callback: Callback | None = None,
     model_hash: str | None = None,
 ) -> list[GeneratedImage]:
-    """Generate `req.n` images (req already validated) in batches of `req.batch_size`; image i draws all
+    """Generate `req.n` images in batches of `req.batch_size` through `req.sigmas`; image i draws all
     its noise from a CPU generator seeded `seed + i`, in a fixed order (starting noise, latent-noise fill,
     concat augmentation, then the sampler), so it is the same image in any batch. `callback` gets the
     sampler's step dict plus `batch_start`, the index of the batch's first image; it may raise `SkipBatch`
     or `Interrupted` (see `StopSampling`) to end a batch or the request early with partial images."""
     cfg = components.config
     device = next(components.unet.parameters()).device
-    choice = resolve_sampler(req.sampler, req.schedule)
+    choice = req.choice
     denoiser = Denoiser(components.unet, cfg.schedule)
-    sigmas = run_sigmas(components, req, denoiser.sigmas).to(device)
+    sigmas = req.sigmas.to(device)
     sampler = SAMPLERS[choice.sampler]
     kwargs = dict(choice.kwargs)
     if choice.eta is not None and req.eta is not None:  # samplers without eta ignore it, as A1111's do
         kwargs["eta"] = req.eta
     f = cfg.vae.downsample_factor
     shape = (cfg.vae.latent_channels, req.height // f, req.width // f)
-    params = {**sampler_parameters(req, components, model_hash), **plan.params}
+    prompt, negative, params = write_parameters(req, cfg.name, model_hash)
+    params.update(plan.params)
 
     cond1, uncond1 = conditioning(components, req, device)  # once per request, batch of 1
     extra = {k: v.to(device) for k, v in plan.cond.items()}
@@ -275,7 +230,7 @@ def run_plan(
     results: list[GeneratedImage] = []
     for start in range(0, req.n, req.batch_size):
         b = min(req.batch_size, req.n - start)
-        seeds = [req.seed + start + i for i in range(b)]
+        seeds = list(req.seeds[start:start + b])
         gens = generators_for(req.seed + start, b)
         x = randn((b, *shape), gens, device=device) * sigmas[0]  # (B, C, h, w)
         if init is not None:
@@ -306,24 +261,26 @@ def run_plan(
                 x = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=step_cb, generator=gens, **kwargs)
         except StopSampling as stop:
             x = latest.get("denoised")
-            partial = [] if x is None else _finished(components, req, plan, x, seeds, params)
+            partial = [] if x is None else _finished(components, req, plan, x, seeds, (prompt, negative, params))
             if isinstance(stop, Interrupted):
                 stop.results = results + partial
                 raise
             results.extend(partial)
             continue
-        results.extend(_finished(components, req, plan, x, seeds, params))
+        results.extend(_finished(components, req, plan, x, seeds, (prompt, negative, params)))
     return results
 
 
-def _finished(components: Components, req: GenerationRequest, plan: SamplingPlan, x: torch.Tensor,
-              seeds: list[int], params: dict[str, Any]) -> list[GeneratedImage]:
-    """The decoded, post-processed images of a batch's final latents, with their PNG parameters."""
+def _finished(components: Components, req: ValidRequest, plan: SamplingPlan, x: torch.Tensor,
+              seeds: list[int], text: tuple[str, str, dict[str, Any]]) -> list[GeneratedImage]:
+    """The decoded, post-processed images of a batch's final latents, with their PNG parameters `text`
+    (prompt, negative prompt, key/value pairs; the seed filled in per image)."""
+    prompt, negative, params = text
     results = []
     check_finite(x, "final latents", components, req)
     for i, image in enumerate(latents_to_images(components, x, req.tile)):
         if plan.finish is not None:
             image = plan.finish(image)
-        text = format_parameters(req.prompt, req.negative_prompt, {**params, "Seed": seeds[i]})
-        results.append(GeneratedImage(image=image, seed=seeds[i], parameters=text))
+        parameters = format_parameters(prompt, negative, {**params, "Seed": seeds[i]})
+        results.append(GeneratedImage(image=image, seed=seeds[i], parameters=parameters))
     return results

@@ -29,9 +29,9 @@ import torch
 from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from ..limits import DEFAULT_LIMITS, Limits
+from .fields import RESIZE_MODES
 
 ImageSource = str | os.PathLike | Image.Image
-RESIZE_MODES = ("crop", "fit", "stretch", "none")
 IMAGE_RESAMPLE = Image.Resampling.LANCZOS  # A1111 resizes images with Lanczos
 MASK_RESAMPLE = Image.Resampling.BILINEAR  # masks: no ringing at the black/white edge
 # Modes a mask may come in: each converts to L meaningfully (alpha modes are flattened onto black).

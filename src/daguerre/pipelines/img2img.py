@@ -10,18 +10,16 @@ only); strength 1 starts at sigma_max, where the input barely matters (text-to-i
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..components import Components
 from .common import Callback, GeneratedImage, SamplingPlan, encode_images, run_plan
 from .images import image_to_tensor, resize_image
-from .request import GenerationRequest
+from .request import ValidRequest, require_valid
 
 
-def img2img_plan(components: Components, req: GenerationRequest, image: torch.Tensor) -> SamplingPlan:
-    """The plan that starts from `image` (1, C, H, W) in [-1, 1] at the request size (req validated)."""
+def img2img_plan(components: Components, req: ValidRequest, image: torch.Tensor) -> SamplingPlan:
+    """The plan that starts from `image` (1, C, H, W) in [-1, 1] at the request size."""
     device = next(components.unet.parameters()).device
     z0 = encode_images(components, image.to(device), req.tile)  # (1, c, h, w)
     return SamplingPlan(init_latents=z0, params={"Denoising strength": f"{req.strength:g}"})
@@ -29,14 +27,14 @@ def img2img_plan(components: Components, req: GenerationRequest, image: torch.Te
 
 def img2img(
     components: Components,
-    request: GenerationRequest,
+    request: ValidRequest,
     *,
     callback: Callback | None = None,
     model_hash: str | None = None,
 ) -> list[GeneratedImage]:
-    """Redraw `request.init_image` (a path or PIL image) at denoising `request.strength` (default 0.75),
-    guided by the prompt; image i uses a CPU generator seeded `seed + i`. `callback` as in txt2img."""
-    req = dataclasses.replace(request, task="img2img").validate(components.config)
+    """Redraw `request.init_image` at denoising `request.strength` (default 0.75), guided by the prompt (an
+    img2img `ValidRequest`); image i uses a CPU generator seeded `seed + i`. `callback` as in txt2img."""
+    req = require_valid(components, request, "img2img")
     image = resize_image(req.init_image, req.width, req.height, req.resize_mode)
     plan = img2img_plan(components, req, image_to_tensor(image))
     return run_plan(components, req, plan, callback=callback, model_hash=model_hash)

@@ -45,11 +45,11 @@ from .common import (
     run_plan,
 )
 from .images import IMAGE_RESAMPLE, MASK_RESAMPLE, blur_mask, fill_masked, image_to_tensor, mask_to_tensor, resize_image
-from .request import GenerationRequest
+from .request import ValidRequest, require_valid
 
 
-def inpaint_plan(components: Components, req: GenerationRequest, image: Image.Image, mask: Image.Image) -> SamplingPlan:
-    """The plan for `image` and its blurred L `mask` (both at the request size; req validated)."""
+def inpaint_plan(components: Components, req: ValidRequest, image: Image.Image, mask: Image.Image) -> SamplingPlan:
+    """The plan for `image` and its blurred L `mask` (both at the request size)."""
     cfg = components.config
     device = next(components.unet.parameters()).device
     pixels = image_to_tensor(image).to(device)  # (1, C, H, W)
@@ -79,16 +79,16 @@ def inpaint_plan(components: Components, req: GenerationRequest, image: Image.Im
 
 def inpaint(
     components: Components,
-    request: GenerationRequest,
+    request: ValidRequest,
     *,
     callback: Callback | None = None,
     model_hash: str | None = None,
 ) -> list[GeneratedImage]:
-    """Repaint `request.mask`'s white area of `request.init_image` (paths or PIL images of the same
-    size), softened by `mask_blur` px, at denoising `strength` (default 0.75); see the module docstring.
-    Image i uses a CPU generator seeded `seed + i`; `callback` as in txt2img. With `inpaint_area`
-    "only masked", only a crop around the mask is redrawn, at width x height (module docstring)."""
-    req = dataclasses.replace(request, task="inpaint").validate(components.config)
+    """Repaint `request.mask`'s white area of `request.init_image` (an inpaint `ValidRequest`), softened by
+    `mask_blur` px, at denoising `strength` (default 0.75); see the module docstring. Image i uses a CPU
+    generator seeded `seed + i`; `callback` as in txt2img. With `inpaint_area` "only masked", only a crop
+    around the mask is redrawn, at width x height (module docstring)."""
+    req = require_valid(components, request, "inpaint")
     if req.inpaint_area == "only masked":
         plan = only_masked_plan(components, req)
         return run_plan(components, req, plan, callback=callback, model_hash=model_hash)
@@ -126,8 +126,8 @@ def _grow(lo: int, hi: int, size: int, limit: int) -> tuple[int, int]:
     return lo, min(lo + size, limit)
 
 
-def only_masked_plan(components: Components, req: GenerationRequest) -> SamplingPlan:
-    """The plan of "only masked" inpainting (module docstring) for a validated request: the crop around
+def only_masked_plan(components: Components, req: ValidRequest) -> SamplingPlan:
+    """The plan of "only masked" inpainting (module docstring): the crop around
     the mask at width x height, and a `finish` that pastes the result back into the whole image."""
     image, blurred = req.init_image, blur_mask(req.mask, req.mask_blur)
     box = crop_region(blurred, req.inpaint_padding, req.width, req.height)

@@ -1,15 +1,20 @@
-"""`GenerationRequest`: every field a user sets for one generation, checked once, at the edge.
+"""`GenerationRequest`: every field a user sets for one generation, the one table every surface reads.
 
-The CLI and the HTTP server build this one dataclass; pipelines trust it after `validate`.
-`task` names the pipeline (txt2img, img2img, inpaint, upscale); the image fields only matter for
-the tasks that take images, and `validate` loads those images (a path becomes a PIL image in the
-returned copy), so a missing or unreadable file fails before any model work.
+The CLI, the HTTP server, the Python API and the PNG parameters all speak this one dataclass: each
+field's metadata (`fields.setting`) names its type, the tasks it matters for and its face on every
+surface (command-line flag, AUTOMATIC1111 payload key, PNG-parameters key), and the surfaces are
+generated from it (pipelines/fields.py), so a new field is one edit here. `task` names the pipeline
+(txt2img, img2img, inpaint, upscale); the image fields only matter for the tasks that take images.
 
-`validate` refuses, with a ValueError naming the field and value: a value of the wrong type, a NaN
-or infinite number (they make an all-black image), a size of 0 or less, and anything over the
-request's `Limits` (daguerre.limits: pixels, images, steps, estimated work, input image pixels,
-prompt length; prompt brackets nested too deep, pipelines.prompts). `check_finite` is the matching
-check after sampling: NaN or infinite latents or pixels are a `NonFiniteError`, never an image.
+`validate` checks a request once, at the edge, against one model and the request's `Limits`
+(daguerre.limits: pixels, images, steps, estimated work, input image pixels, prompt length; prompt
+brackets nested too deep, pipelines.prompts), and returns a `ValidRequest`: frozen, with every
+default filled in and everything the pipelines need resolved (the sampler choice and its sigmas, the
+seed, the loaded images, the class index). The pipelines take only that (`require_valid`) and do not
+check or resolve again. It refuses, with a ValueError naming the field and value: a value of the
+wrong type, a NaN or infinite number (they make an all-black image), a size of 0 or less, and
+anything over the limits. `check_finite` is the matching check after sampling: NaN or infinite
+latents or pixels are a `NonFiniteError`, never an image.
 """
 
 from __future__ import annotations
@@ -24,16 +29,40 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import ModelConfig
 from ..limits import DEFAULT_LIMITS, Limits, request_work
+from .fields import (
+    BATCHES,
+    CLASS_PNG,
+    ETA_PNG,
+    FILL,
+    FULL_RES,
+    IMAGE_TASKS,
+    INIT_IMAGES,
+    MASK,
+    MASK_BLUR,
+    NEGATIVE_KEY,
+    PROMPT_KEY,
+    RESIZE,
+    RESIZE_MODES,
+    SAMPLER_PNG,
+    SCHEDULE_PNG,
+    SIZE_FLAG,
+    SIZE_PNG,
+    TASKS,
+    Flag,
+    Payload,
+    Png,
+    dashed_choices,
+    setting,
+)
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     from ..components import Components
+    from ..diffusion.sampler_names import SamplerChoice
 
 MAX_SEED = 2**32 - 1
-TASKS = ("txt2img", "img2img", "inpaint", "upscale")
-IMAGE_TASKS = ("img2img", "inpaint", "upscale")
 # Denoising strength when none is given: A1111's img2img default 0.75; for upscaling a regular model
 # (resize + img2img, A1111 "hires fix") a moderate 0.4 that keeps the composition.
 DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 0.75, "upscale": 0.4}
@@ -46,43 +75,109 @@ MAX_MASK_BLUR = 128  # px; A1111's slider stops at 64, and a wider blur leaves n
 # except the sampler). A model recommends its own in `ModelConfig.defaults` (daguerre's trained models do).
 DEFAULT_SETTINGS: dict[str, Any] = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "Automatic", "cfg_scale": 7.0}
 LOWRES_NOISE_STEPS = 1000  # the low-res augmentation schedule's length (SD x4 upscaler `max_noise_level` < this)
+INPAINT = ("inpaint",)
+UPSCALE = ("upscale",)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
-    """What to generate. `None` sizes mean the model's native size; `seed=None` draws a random seed."""
+    """What to generate. `None` sizes mean the model's native size; `seed=None` (or -1) draws a random seed.
 
-    prompt: str = ""
-    negative_prompt: str = ""
+    The fields with a PNG key come first, in the order A1111 writes them (pipelines/infotext.py)."""
+
+    prompt: str = setting("", type=str, a1111=Payload("prompt", empty=True), png=PROMPT_KEY, cli=Flag(
+        "prompt", nargs="?", help={"txt2img": "what to draw", "img2img": "what to draw",
+                                   "inpaint": "what to draw in the masked area",
+                                   "upscale": "what the image shows (guides the added detail)"}))
+    negative_prompt: str = setting("", type=str, a1111=Payload("negative_prompt", empty=True), png=NEGATIVE_KEY,
+                                   cli=Flag("--negative", "-N", help="negative prompt"))
     # None: the model's recommended setting (ModelConfig.defaults), else DEFAULT_SETTINGS
-    steps: int | None = None
-    sampler: str | None = None  # AUTOMATIC1111 or ComfyUI name (docs/samplers.md)
-    schedule: str | None = None  # A1111 "Schedule type": Automatic, Karras, Exponential, SGM Uniform, ...
-    cfg_scale: float | None = None  # classifier-free guidance scale; 1 = no guidance
-    guidance_rescale: float = 0.0  # Lin et al. 2024 rescale, for zero-terminal-SNR / v models
-    eta: float | None = None  # noise of ancestral / SDE / DDIM steps; None = the sampler's default (sampler_names.py)
-    seed: int | None = None
-    width: int | None = None
-    height: int | None = None
-    n: int = 1  # number of images
-    batch_size: int = 1  # images per network call
-    clip_skip: int = 1  # A1111 "Clip skip": 1 = the model's own layer, 2 = one layer earlier, ...
-    class_label: int | str | None = None  # class-conditional models
-    task: str = "txt2img"  # the pipeline: "txt2img", "img2img", "inpaint" or "upscale"
-    init_image: str | os.PathLike | Image.Image | None = None  # img2img / inpaint / upscale input
-    strength: float | None = None  # denoising strength in [0, 1]; None = DEFAULT_STRENGTH[task]
-    resize_mode: str = "crop"  # how the init image meets width x height: crop, fit, stretch, none (images.py)
-    mask: str | os.PathLike | Image.Image | None = None  # inpaint: white = repaint, black = keep
-    mask_blur: int = 4  # A1111 "Mask blur": Gaussian sigma in pixels of the mask's soft edge
-    inpaint_fill: str = "original"  # A1111 "Masked content": original, fill, latent noise, latent nothing
-    inpaint_area: str = "whole"  # A1111 "Inpaint area": "whole" picture, or "only masked" (a crop at width x height)
-    inpaint_padding: int = 32  # "only masked": pixels of context around the mask's bounding box
-    upscale_factor: float = 2.0  # upscale: output size = input size x this (snapped to the model's grid)
-    noise_level: int = 20  # upscale with an SR model that takes it (unet.num_classes): low-res augmentation step
-    tile: bool | None = None  # tiled VAE decode/encode: True, False, or None = automatic for large images
+    steps: int | None = setting(None, type=int, a1111="steps", png="Steps", cli=Flag(
+        "--steps", help="sampling steps (default: the model's recommended number, else 20)"))
+    # AUTOMATIC1111 or ComfyUI name (docs/samplers.md)
+    sampler: str | None = setting(None, type=str, a1111=Payload("sampler_name", "sampler_index", empty=True),
+                                  png=SAMPLER_PNG, cli=Flag("--sampler", help="sampler, A1111 or ComfyUI name "
+                                  "(default: the model's, else 'DPM++ 2M'); see docs/samplers.md or --list-samplers"))
+    # A1111 "Schedule type": Automatic, Karras, Exponential, SGM Uniform, ...
+    schedule: str | None = setting(None, type=str, a1111=Payload("scheduler", empty=True), png=SCHEDULE_PNG,
+                                   cli=Flag("--schedule", help="schedule type: Automatic, Karras, Exponential, "
+                                            "SGM Uniform, Simple, Normal (default: the model's, else Automatic)"))
+    # classifier-free guidance scale; 1 = no guidance
+    cfg_scale: float | None = setting(
+        None, type=float, a1111="cfg_scale", png=Png("CFG scale", fmt=lambda v: f"{v:.10g}"),
+        cli=Flag("--cfg", help="classifier-free guidance scale (default: the model's recommended scale, else 7)"))
+    seed: int | None = setting(None, type=int, a1111="seed", png="Seed", cli=Flag(
+        "--seed", help="seed of the first image; image i uses seed+i (-1 or left out: random)"))
+    width: int | None = setting(None, type=int, a1111="width", png=SIZE_PNG, cli=SIZE_FLAG)
+    height: int | None = setting(None, type=int, a1111="height", png=SIZE_PNG, cli=SIZE_FLAG)
+    # class-conditional models: a class index or name
+    class_label: int | str | None = setting(None, png=CLASS_PNG, cli=Flag(
+        "--class", dest="class_label", metavar="NAME_OR_INDEX",
+        help="class label, for class-conditional models (a class name or index)"))
+    # A1111 "Clip skip": 1 = the model's own layer, 2 = one layer earlier, ...
+    clip_skip: int = setting(1, type=int, a1111=Payload("override_settings", setting="CLIP_stop_at_last_layers"),
+                             png="Clip skip", cli=Flag("--clip-skip", help="A1111 clip skip (default 1)"))
+    # Lin et al. 2024 rescale, for zero-terminal-SNR / v models
+    guidance_rescale: float = setting(0.0, type=float, png=Png("Guidance rescale", fmt=lambda v: f"{v:g}"))
+    # noise of ancestral / SDE / DDIM steps; None = the sampler's default (sampler_names.py)
+    eta: float | None = setting(None, type=float, a1111="eta", png=ETA_PNG, cli=Flag(
+        "--eta", help="noise of each step of an ancestral, SDE or DDIM sampler, 0 = none (default: the "
+        "sampler's, A1111's: 1, DDIM 0); other samplers ignore it"))
+    n: int = setting(1, type=int, a1111=BATCHES, cli=Flag("--n", help="number of images (default 1)"))
+    batch_size: int = setting(1, type=int, a1111=BATCHES, cli=Flag(  # images per network call
+        "--batch-size", help="images per network call (default 1)"))
+    # tiled VAE decode/encode: True, False, or None = automatic for large images
+    tile: bool | None = setting(None, type=bool, cli=Flag(
+        "--tile", help="decode with the VAE in overlapping tiles (less memory); default: automatically when the "
+        "latent has more than 96x96 cells (768x768 pixels for Stable Diffusion)"))
+    task: str = setting("txt2img", type=str)  # the pipeline: set by the command, the endpoint or the API method
+    # img2img / inpaint / upscale input: a path or a PIL image (a `ValidRequest` holds it loaded)
+    init_image: str | os.PathLike | Image.Image | None = setting(None, tasks=IMAGE_TASKS, a1111=INIT_IMAGES,
+                                                                 cli=Flag("image", help="input image file"))
+    # denoising strength in [0, 1]; None = DEFAULT_STRENGTH[task]
+    strength: float | None = setting(None, type=float, tasks=IMAGE_TASKS, a1111="denoising_strength", cli=Flag(
+        "--strength", "-s", help={
+            "img2img": "denoising strength in [0, 1]: 0 keeps the image, 1 ignores it (default 0.75)",
+            "inpaint": "denoising strength in [0, 1] inside the mask (default 0.75; 1 with an inpainting model "
+                       "or --fill latent-noise)",
+            "upscale": "regular models: img2img denoising strength after the resize (default 0.4); "
+                       "super-resolution models start from noise and ignore it"}))
+    # how the init image meets width x height: crop, fit, stretch, none (images.py)
+    resize_mode: str = setting("crop", type=str, tasks=IMAGE_TASKS, a1111=RESIZE, cli=Flag(
+        "--resize", choices=RESIZE_MODES, help="how the input meets --size: crop (scale to cover, center-crop), "
+        "fit (scale to fit, pad with edge pixels), stretch, none (must match). Without --size the image's own size "
+        "is used, center-cropped to the model's grid (default crop)"))
+    # inpaint: white = repaint, black = keep
+    mask: str | os.PathLike | Image.Image | None = setting(None, tasks=INPAINT, a1111=MASK, cli=Flag(
+        "mask", help="mask image of the same size: white = repaint, black = keep"))
+    # A1111 "Mask blur": Gaussian sigma in pixels of the mask's soft edge
+    mask_blur: int = setting(4, type=int, tasks=INPAINT, a1111=MASK_BLUR, cli=Flag(
+        "--mask-blur", help="soften the mask edge by a Gaussian of this many pixels (default 4); outside the "
+        "blurred mask the output keeps the input's pixels exactly"))
+    # A1111 "Masked content": original, fill, latent noise, latent nothing
+    inpaint_fill: str = setting("original", type=str, tasks=INPAINT, a1111=FILL, cli=Flag(
+        "--fill", **dashed_choices(INPAINT_FILLS, "inpaint_fill"), help="what the masked area starts from: the "
+        "original image, a fill of its surroundings, latent noise or zero latents (the last two want --strength 1) "
+        "(default original)"))
+    # A1111 "Inpaint area": "whole" picture, or "only masked" (a crop at width x height)
+    inpaint_area: str = setting("whole", type=str, tasks=INPAINT, a1111=FULL_RES, cli=Flag(
+        "--only-masked", action="store_const", const="only masked", help="A1111's 'Only masked': redraw only a "
+        "crop around the mask, at --size (default: the model's size), and paste it back; the output keeps the "
+        "input's size"))
+    # "only masked": pixels of context around the mask's bounding box
+    inpaint_padding: int = setting(32, type=int, tasks=INPAINT, a1111=FULL_RES, cli=Flag(
+        "--only-masked-padding", metavar="PIXELS", help="with --only-masked: pixels of context around the mask "
+        "in the crop (default 32)"))
+    # upscale: output size = input size x this (snapped to the model's grid)
+    upscale_factor: float = setting(2.0, type=float, tasks=UPSCALE, cli=Flag(
+        "--scale", help="upscale factor (default 2; --size overrides it)"))
+    # upscale with an SR model that takes it (unet.num_classes): low-res augmentation step
+    noise_level: int = setting(20, type=int, tasks=UPSCALE, cli=Flag(
+        "--noise-level", help="super-resolution models that take it: noise added to the low-res input, in steps "
+        "of the augmentation schedule (default 20)"))
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for pipeline-specific settings
-    # the bounds `validate` checked this request against: its validated copy keeps them, so that a pipeline's
-    # own validate (of an already validated request) applies the caller's limits, not DEFAULT_LIMITS
+    # the bounds `validate` checks this request against when the caller gives none (a `ValidRequest` holds
+    # those it was checked against)
     limits: Limits | None = field(default=None, repr=False, compare=False)
 
     def settings(self, config: ModelConfig) -> dict[str, Any]:
@@ -103,10 +198,10 @@ class GenerationRequest:
                 chosen["sampler"] = split[0]
         return chosen
 
-    def validate(self, config: ModelConfig, limits: Limits | None = None) -> GenerationRequest:
+    def validate(self, config: ModelConfig, limits: Limits | None = None) -> ValidRequest:
         """Check every field against the model and `limits` (daguerre.limits: size, images, steps, work;
-        None: the request's own `limits` if it has some, else DEFAULT_LIMITS); return a copy with defaults
-        (settings, size, seed) filled in, which keeps the limits."""
+        None: the request's own `limits` if it has some, else DEFAULT_LIMITS); return the `ValidRequest`
+        with defaults (settings, size, seed, strength) filled in and the sampler, sigmas and images resolved."""
         if limits is None:
             limits = self.limits if self.limits is not None else DEFAULT_LIMITS
         if not isinstance(limits, Limits):
@@ -116,7 +211,7 @@ class GenerationRequest:
         from ..diffusion.sampler_names import resolve_sampler
 
         self._check_types()
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if self.steps < 1:
             raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
         if self.n < 1 or self.batch_size < 1:
             raise ValueError(f"n and batch_size must be >= 1, got n={self.n}, batch_size={self.batch_size}")
@@ -143,7 +238,7 @@ class GenerationRequest:
         if self.inpaint_area not in INPAINT_AREAS or (self.inpaint_area != "whole" and self.task != "inpaint"):
             raise ValueError(f"inpaint area {self.inpaint_area!r}: choose one of {', '.join(INPAINT_AREAS)}; "
                              "'only masked' needs a mask (task inpaint)")
-        resolve_sampler(self.sampler, self.schedule)  # raises with the list of valid names
+        choice = resolve_sampler(self.sampler, self.schedule)  # raises with the list of valid names
         _check_task(config, self.task)
         factor = config.vae.downsample_factor * config.unet.downsample_factor
         images: dict[str, Any] = {}
@@ -170,44 +265,42 @@ class GenerationRequest:
             seed = secrets.randbelow(MAX_SEED)
         if not (0 <= seed <= MAX_SEED):
             raise ValueError(f"seed must be in [0, {MAX_SEED}] (or -1 for random), got {seed}")
+        class_index = None
         if config.conditioning == "class":
-            _class_index(config, self.class_label)
+            class_index = _class_index(config, self.class_label)
         elif self.class_label is not None:
             raise ValueError(
                 f"class label {self.class_label!r} given, but model {config.name!r} is not class-conditional"
             )
-        return dataclasses.replace(self, width=width, height=height, seed=seed, limits=limits, **images)
+        resolved = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationRequest)}
+        resolved.update(width=width, height=height, seed=seed, limits=limits, **images)
+        return ValidRequest(**resolved, config=config, choice=choice, class_index=class_index,
+                            sigmas=_run_sigmas(config, choice, resolved))
 
     def _check_types(self) -> None:
-        """The type of every scalar field, so that a string or a bool from JSON, a form or a script is
-        named here and not met deep inside torch (True is not a step count, "7" is not a CFG scale)."""
-        for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be text, got {getattr(self, name)!r}")
-        whole = ["steps", "n", "batch_size", "clip_skip", "mask_blur", "noise_level", "inpaint_padding"]
-        whole += [k for k in ("seed", "width", "height") if getattr(self, k) is not None]
-        for name in whole:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"{name} must be a whole number, got {value!r}")
-        real = ["cfg_scale", "guidance_rescale", "upscale_factor"]
-        real += [k for k in ("strength", "eta") if getattr(self, k) is not None]
-        for name in real:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):  # NaN or inf turn every pixel NaN: a black image
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("sampler", "schedule", "task", "resize_mode", "inpaint_fill"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be text, got {getattr(self, name)!r}")
-        if self.tile not in (None, True, False):
-            raise ValueError(f"tile must be true, false or left out (automatic), got {self.tile!r}")
+        """The type of every field the table types (`setting(type=...)`), so that a string or a bool from
+        JSON, a form or a script is named here and not met deep inside torch (True is not a step count,
+        "7" is not a CFG scale). None passes where it is the field's default (filled in later)."""
+        for f in dataclasses.fields(GenerationRequest):
+            kind, value = f.metadata.get("type"), getattr(self, f.name)
+            if kind is None or (value is None and f.default is None):
+                continue
+            if kind is str and not isinstance(value, str):
+                raise ValueError(f"{f.name} must be text, got {value!r}")
+            if kind is bool and value not in (True, False):
+                raise ValueError(f"{f.name} must be true, false or left out (automatic), got {value!r}")
+            if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{f.name} must be a whole number, got {value!r}")
+            if kind is float:
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise ValueError(f"{f.name} must be a number, got {value!r}")
+                if not math.isfinite(value):  # NaN or inf turn every pixel NaN: a black image
+                    raise ValueError(f"{f.name} must be a finite number, got {value!r}")
 
     def _validate_images(self, config: ModelConfig, factor: int, limits: Limits) -> dict[str, Any]:
         """Check and load the image fields of an image task (each refused over `limits.max_input_pixels`
         before it is decoded): {init_image, mask, strength, size}."""
-        from .images import RESIZE_MODES, center_crop, load_image, load_mask, snap_down
+        from .images import center_crop, load_image, load_mask, snap_down
 
         if self.init_image is None:
             raise ValueError(f"{self.task} needs an input image (init_image)")
@@ -271,6 +364,60 @@ class GenerationRequest:
             raise ValueError(f"image {_name(self.init_image)} is {image.width}x{image.height}, not {width}x{height}: "
                              "use a resize mode (crop, fit, stretch) or give a matching size")
         return {"init_image": image, "mask": mask, "strength": strength, "size": (width, height)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidRequest(GenerationRequest):
+    """A request `GenerationRequest.validate` checked against one model and resolved: the only request the
+    pipelines take (`require_valid`), so none of them checks or resolves it again.
+
+    Its fields are filled in: steps, sampler, schedule and cfg_scale (the request's, the model's or the
+    global defaults), width and height, the seed of the first image (image i: seed + i, `seeds`), the
+    strength of an image task; `init_image` and `mask` are loaded PIL images; `limits` the bounds it was
+    checked against. Beside them: `config`, the model it was checked against; `choice`, the resolved
+    sampler and schedule; `sigmas`, the float64 noise levels the sampler runs through (the img2img tail
+    at the strength of an image task; `steps` + 1 values for txt2img); `class_index`, the class label's
+    index for a class-conditional model."""
+
+    config: ModelConfig = field(repr=False, compare=False)
+    choice: SamplerChoice = field(repr=False, compare=False)
+    sigmas: torch.Tensor = field(repr=False, compare=False)
+    class_index: int | None = None
+
+    @property
+    def seeds(self) -> range:
+        """The seed of each image: seed, seed + 1, ..., seed + n - 1."""
+        return range(self.seed, self.seed + self.n)
+
+    @property
+    def sampler_steps(self) -> int:
+        """Sampler steps of one batch: `steps`, fewer for img2img at strength < 1, none at strength 0."""
+        return len(self.sigmas) - 1
+
+
+def require_valid(components: Components, request: Any, task: str) -> ValidRequest:
+    """The pipelines' entry check: `request` is a `ValidRequest` for `task`, validated against this model."""
+    if not isinstance(request, ValidRequest):
+        raise TypeError(f"{task} takes a ValidRequest, got {type(request).__name__}: validate it first, "
+                        f"request.validate(components.config)")
+    if request.task != task:
+        raise ValueError(f"a {request.task} request given to the {task} pipeline: make it with task={task!r}")
+    if request.config != components.config:
+        raise ValueError(f"the request was validated for model {request.config.name!r}, not for "
+                         f"{components.config.name!r}: validate it against the model that runs it")
+    return request
+
+
+def _run_sigmas(config: ModelConfig, choice: SamplerChoice, fields: dict[str, Any]) -> torch.Tensor:
+    """The noise levels the sampler runs through: the sampler's schedule on the model's discrete sigmas, cut
+    to the img2img tail at the strength an image task starts from (none for txt2img, nor for upscaling with
+    a super-resolution model, which starts from pure noise)."""
+    from ..diffusion.schedules import img2img_sigmas, model_sigmas
+
+    sigmas = choice.sigmas(fields["steps"], model_sigmas(config.schedule))
+    if fields["task"] == "txt2img" or (fields["task"] == "upscale" and config.concat == "lowres"):
+        return sigmas
+    return img2img_sigmas(sigmas, fields["strength"])
 
 
 class NonFiniteError(ValueError):

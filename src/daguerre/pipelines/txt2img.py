@@ -7,8 +7,6 @@ is the shared core in common.py; text-to-image is the plan with nothing added.
 
 from __future__ import annotations
 
-import dataclasses
-
 from ..components import Components
 from .common import (  # noqa: F401  (re-exported: the public names of this module before common.py)
     Callback,
@@ -17,22 +15,22 @@ from .common import (  # noqa: F401  (re-exported: the public names of this modu
     encode_prompts,
     latents_to_images,
     run_plan,
-    sampler_parameters,
 )
-from .request import GenerationRequest
+from .request import ValidRequest, require_valid
 
 
 def txt2img(
     components: Components,
-    request: GenerationRequest,
+    request: ValidRequest,
     *,
     callback: Callback | None = None,
     model_hash: str | None = None,
 ) -> list[GeneratedImage]:
-    """Generate `request.n` images from noise; image i uses a CPU generator seeded `seed + i`.
+    """Generate `request.n` images from noise (a txt2img `ValidRequest`: `GenerationRequest(...).validate(
+    components.config)`); image i uses a CPU generator seeded `seed + i`.
 
     `callback` gets `{x, i, sigma, sigma_next, denoised, batch_start}` at every sampler step. An
     inpainting model runs with everything masked (common.py); a super-resolution model is an error.
     """
-    req = dataclasses.replace(request, task="txt2img").validate(components.config)
+    req = require_valid(components, request, "txt2img")
     return run_plan(components, req, SamplingPlan(), callback=callback, model_hash=model_hash)

@@ -18,8 +18,6 @@ detail the resize cannot.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +27,7 @@ from ..diffusion.schedules import alphas_cumprod, betas_from_config
 from .common import Callback, GeneratedImage, SamplingPlan, run_plan
 from .images import image_to_tensor, resize_image
 from .img2img import img2img_plan
-from .request import GenerationRequest
+from .request import ValidRequest, require_valid
 
 # The x4 upscaler's low-res augmentation schedule (CompVis x4-upscaling.yaml `low_scale_config`:
 # linear_start 1e-4, linear_end 0.02 in CompVis' "linear", i.e. linspace of sqrt(beta), squared).
@@ -64,8 +62,8 @@ def lowres_noise_scales(level: int) -> tuple[float, float] | None:
     return abar**0.5, (1 - abar) ** 0.5
 
 
-def sr_plan(components: Components, req: GenerationRequest, image: torch.Tensor) -> SamplingPlan:
-    """The plan of a super-resolution model for the low-res `image` (1, C, h0, w0) in [-1, 1] (req validated)."""
+def sr_plan(components: Components, req: ValidRequest, image: torch.Tensor) -> SamplingPlan:
+    """The plan of a super-resolution model for the low-res `image` (1, C, h0, w0) in [-1, 1]."""
     device = next(components.unet.parameters()).device
     cond = {"concat": lowres_concat(components.config, image.to(device), req.height, req.width)}
     params = {"Upscale": f"{req.upscale_factor:g}"}
@@ -79,15 +77,16 @@ def sr_plan(components: Components, req: GenerationRequest, image: torch.Tensor)
 
 def upscale(
     components: Components,
-    request: GenerationRequest,
+    request: ValidRequest,
     *,
     callback: Callback | None = None,
     model_hash: str | None = None,
 ) -> list[GeneratedImage]:
-    """Upscale `request.init_image` by `request.upscale_factor` (output size snapped to the model's grid):
-    latent super-resolution with an SR model, else Lanczos resize + img2img at `strength` (default 0.4);
-    see the module docstring. Image i uses a CPU generator seeded `seed + i`; `callback` as in txt2img."""
-    req = dataclasses.replace(request, task="upscale").validate(components.config)
+    """Upscale `request.init_image` (an upscale `ValidRequest`) by `request.upscale_factor` (output size
+    snapped to the model's grid): latent super-resolution with an SR model, else Lanczos resize + img2img
+    at `strength` (default 0.4); see the module docstring. Image i uses a CPU generator seeded `seed + i`;
+    `callback` as in txt2img."""
+    req = require_valid(components, request, "upscale")
     if is_sr_model(components):
         plan = sr_plan(components, req, image_to_tensor(req.init_image))
     else:

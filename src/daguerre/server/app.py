@@ -24,9 +24,9 @@ Endpoints (request and response fields as A1111 names them; docs/usage.md, "dagu
 
 The payload becomes a `GenerationRequest` (server/payload.py), checked once by
 `GenerationRequest.validate` against the server's `Limits`: a bad value is a 422 whose "detail" names
-it. Requests run one at a time (one model, one lock); the PNGs carry the same `parameters` text chunk
-as the CLI's. A request stops at the next U-Net block after /interrupt, or when `cancelled` (the
-socket layer's "the client went away") says so.
+it; the `ValidRequest` it returns is what runs. Requests run one at a time (one model, one lock); the
+PNGs carry the same `parameters` text chunk as the CLI's. A request stops at the next U-Net block after
+/interrupt, or when `cancelled` (the socket layer's "the client went away") says so.
 """
 
 from __future__ import annotations
@@ -146,13 +146,13 @@ class Server:
         with self.lock:
             if cancelled is not None and cancelled():  # the client left while waiting for the lock
                 return {"images": [], "parameters": payload, "info": json.dumps({"interrupted": True})}
-            steps = count_steps(components, request)  # sampler steps of one batch
+            steps = count_steps(request)  # sampler steps of one batch
             self._interrupt.clear()
             self._skip.clear()
             self.state.update(job=task, job_count=-(-request.n // request.batch_size), job_no=0, sampling_step=0,
                               sampling_steps=steps, job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
                               interrupted=False, skipped=False)
-            self._live.update(started=time.monotonic(), done=0, total=progress_total(components, request), latent=None)
+            self._live.update(started=time.monotonic(), done=0, total=progress_total(request), latent=None)
             check = self._stop_check(cancelled)
 
             def on_step(info: dict) -> None:

@@ -6,7 +6,9 @@ few API fields, and clients send all of them: `webuiapi`'s defaults include `fir
 `eta=1.0`, `image_cfg_scale=1.5` and `inpaint_full_res=True`. Every field of those schemas is
 accepted here, each in one of three ways (`FIELDS`):
 
-- mapped to a request field (`prompt`, `steps`, `eta`, `mask`, `inpaint_full_res`, ...);
+- mapped to a request field: the `a1111` keys of `GenerationRequest`'s field table (`prompt`, `steps`,
+  `eta`, `mask`, `inpaint_full_res`, ...; pipelines/fields.py holds the few codecs, such as `n_iter`
+  batches of `batch_size`), read by `request_from_payload` for the fields of the payload's task;
 - ignored, because A1111 reads it only for its own saving or UI, or only under a switch that is off
   or refused (`save_images`, `hr_scale` without `enable_hr`), or only for models daguerre cannot load
   (`image_cfg_scale`, instruct-pix2pix only);
@@ -26,23 +28,28 @@ from http import HTTPStatus
 from typing import Any
 
 from ..limits import DEFAULT_LIMITS, Limits
+from ..pipelines.fields import PayloadError, surface
 from ..pipelines.request import GenerationRequest
 
-# A1111 img2img "inpainting_fill" (Masked content) and "resize_mode" codes -> daguerre's names
-INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
-RESIZE_MODE = {0: "stretch", 1: "crop", 2: "fit"}  # Just resize, Crop and resize, Resize and fill
 # the image formats a payload may carry (PIL decodes others too, some through external programs)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 OFF = (None, False, 0, "", "None", "none")  # values that leave an A1111 switch off
 
-# Every field of A1111's two request schemas. "map": becomes a request field (request_from_payload);
-# "ignore": accepted whatever its value; a tuple: the values that leave a feature daguerre lacks off
-# (None always does), with the feature's name, refused at any other value.
+# Every field of A1111's two request schemas. "map": becomes a request field (the field table's `a1111` keys,
+# `_mapped`) or is read by the server (infotext, send_images, ...); "ignore": accepted whatever its value; a
+# tuple: the values that leave a feature daguerre lacks off (None always does), with the feature's name,
+# refused at any other value.
 Rule = str | tuple[tuple[Any, ...], str]
+
+
+def _mapped(*tasks: str) -> dict[str, Rule]:
+    """"map" for every payload key of the request fields that matter for `tasks`."""
+    return {key: "map" for task in tasks for _, payload in surface(GenerationRequest, "a1111", task)
+            for key in payload.keys}
+
+
 COMMON: dict[str, Rule] = {
-    "prompt": "map", "negative_prompt": "map", "seed": "map", "sampler_name": "map", "sampler_index": "map",
-    "scheduler": "map", "batch_size": "map", "n_iter": "map", "steps": "map", "cfg_scale": "map", "width": "map",
-    "height": "map", "eta": "map", "override_settings": "map", "infotext": "map", "send_images": "map",
+    "override_settings": "map", "infotext": "map", "send_images": "map",
     "styles": ((None, []), "prompt styles (GET /sdapi/v1/prompt-styles lists none)"),
     "subseed_strength": ((0,), "variation seeds (subseed_strength)"),
     "seed_resize_from_h": ((-1, 0), "resizing the seed (seed_resize_from_h)"),
@@ -62,7 +69,7 @@ COMMON: dict[str, Rule] = {
     "script_args": "ignore",  # read only with a script_name
 }
 TXT2IMG: dict[str, Rule] = {
-    **COMMON,
+    **COMMON, **_mapped("txt2img"),
     "enable_hr": ((False,), "the hires fix (enable_hr)"),
     "firstphase_width": ((0,), "the old hires fix's first-pass size (firstphase_width)"),
     "firstphase_height": ((0,), "the old hires fix's first-pass size (firstphase_height)"),
@@ -73,10 +80,7 @@ TXT2IMG: dict[str, Rule] = {
                      "hr_additional_modules"), "ignore"),
 }
 IMG2IMG: dict[str, Rule] = {
-    **COMMON,
-    **dict.fromkeys(("init_images", "denoising_strength", "resize_mode", "mask", "mask_blur", "mask_blur_x",
-                     "mask_blur_y", "inpainting_fill", "inpainting_mask_invert", "inpaint_full_res",
-                     "inpaint_full_res_padding", "include_init_images"), "map"),
+    **COMMON, **_mapped("img2img", "inpaint"), "include_init_images": "map",
     "image_cfg_scale": "ignore",  # A1111 reads it for instruct-pix2pix models only, which daguerre does not load
     "mask_round": ((True,), "an unrounded latent mask (mask_round=false)"),
     "initial_noise_multiplier": ((1,), "initial_noise_multiplier"),
@@ -85,11 +89,7 @@ IMG2IMG: dict[str, Rule] = {
 }
 FIELDS = {"txt2img": TXT2IMG, "img2img": IMG2IMG}
 # A1111 settings a payload may override per request -> the request field they set
-OVERRIDE_SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip"}
-# `GenerationRequest` field -> the payload key that sets it (what `infotext` may not override)
-PAYLOAD_KEY = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name",
-               "schedule": "scheduler", "cfg_scale": "cfg_scale", "seed": "seed", "width": "width",
-               "height": "height", "eta": "eta"}  # clip_skip: override_settings.CLIP_stop_at_last_layers
+OVERRIDE_SETTINGS = {payload.setting: f.name for f, payload in surface(GenerationRequest, "a1111") if payload.setting}
 
 
 class ApiError(ValueError):
@@ -145,11 +145,12 @@ def request_from_payload(payload: Any, task: str = "txt2img", *, settings: Mappi
                          limits: Limits = DEFAULT_LIMITS) -> GenerationRequest:
     """The `GenerationRequest` of an A1111 txt2img / img2img payload (not yet validated against a model).
 
-    img2img with a `mask` is inpainting. `seed` -1 draws one; `n_iter` batches of `batch_size` make
-    n_iter x batch_size images. `settings` holds, for each A1111 setting the server reports (GET
-    /options), the values that name its current state (`check_settings`): an `override_settings` entry
-    among them changes nothing and is accepted. Input images are checked against `limits` before they
-    are decoded. Unknown fields, and features daguerre lacks when they are switched on, raise an
+    Each field of the task reads its keys (the field table's `a1111` codecs); img2img with a `mask` is
+    inpainting. `seed` -1 draws one; `n_iter` batches of `batch_size` make n_iter x batch_size images.
+    `settings` holds, for each A1111 setting the server reports (GET /options), the values that name
+    its current state (`check_settings`): an `override_settings` entry among them changes nothing and
+    is accepted. Input images are checked against `limits` before they are decoded. Unknown fields, and
+    features daguerre lacks when they are switched on, raise an
     `ApiError` that names them.
     """
     if not isinstance(payload, dict):
@@ -165,31 +166,21 @@ def request_from_payload(payload: Any, task: str = "txt2img", *, settings: Mappi
             raise ApiError(f"{key}={value!r} switches on {rule[1]}, which daguerre does not have; leave it out "
                            f"or set it to {_shown(rule[0])}")
     p = payload
-    fields: dict[str, Any] = {}
+    if task == "img2img" and p.get("mask"):
+        task = "inpaint"
+    fields: dict[str, Any] = {"task": task}
     if isinstance(p.get("infotext"), str) and p["infotext"].strip():
         fields.update(_infotext_fields(p["infotext"], p))
-    for key in ("prompt", "negative_prompt"):  # None is "" in A1111
-        if key not in fields:
-            fields[key] = p.get(key) or ""
-    for key in ("steps", "cfg_scale", "width", "height", "eta"):
-        if p.get(key) is not None:
-            fields[key] = p[key]
-    sampler = p.get("sampler_name") or p.get("sampler_index")
-    if sampler:
-        fields["sampler"] = sampler
-    if p.get("scheduler"):
-        fields["schedule"] = p["scheduler"]
-    if "seed" not in fields:
-        seed = p.get("seed", -1)
-        fields["seed"] = None if seed is None or seed == -1 else seed
-    batch_size, n_iter = p.get("batch_size", 1), p.get("n_iter", 1)
-    for key, value in (("batch_size", batch_size), ("n_iter", n_iter)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ApiError(f"{key} must be a whole number >= 1, got {value!r}")
-    fields["batch_size"], fields["n"] = batch_size, batch_size * n_iter
-    fields.update(_overrides(p.get("override_settings"), settings or {}))
-    if task == "img2img":
-        fields.update(_img2img_fields(p, limits))
+
+    def decode(data: Any, name: str):
+        return decode_image(data, name, limits)
+
+    for f, codec in surface(GenerationRequest, "a1111", task):
+        try:
+            fields.update(codec.read(p, f, decode))
+        except PayloadError as e:
+            raise ApiError(str(e)) from None
+    _check_overrides(p.get("override_settings"), settings or {})
     return GenerationRequest(**fields)
 
 
@@ -200,15 +191,14 @@ def _shown(values: tuple[Any, ...]) -> str:
     return " or ".join(json.dumps(v) if not isinstance(v, float) or v != float("inf") else "Infinity" for v in values)
 
 
-def _overrides(overrides: Any, settings: Mapping[str, tuple]) -> dict[str, Any]:
-    """Request fields from `override_settings` (`OVERRIDE_SETTINGS`); any other setting must keep its value."""
+def _check_overrides(overrides: Any, settings: Mapping[str, tuple]) -> None:
+    """`override_settings` is an object whose settings are request fields (`OVERRIDE_SETTINGS`, read with
+    the other fields) or keep their value."""
     if overrides is None:
-        return {}
+        return
     if not isinstance(overrides, dict):
         raise ApiError(f"override_settings must be an object, got {type(overrides).__name__}")
-    fields = {OVERRIDE_SETTINGS[k]: v for k, v in overrides.items() if k in OVERRIDE_SETTINGS}
     check_settings({k: v for k, v in overrides.items() if k not in OVERRIDE_SETTINGS}, settings, "override setting")
-    return fields
 
 
 def check_settings(changes: Mapping[str, Any], settings: Mapping[str, tuple], what: str = "option") -> None:
@@ -228,53 +218,13 @@ def check_settings(changes: Mapping[str, Any], settings: Mapping[str, tuple], wh
 
 
 def _infotext_fields(text: str, payload: Mapping[str, Any]) -> dict[str, Any]:
-    """A1111's `infotext`: the settings of a `parameters` text, for the fields the payload does not set."""
-    from ..api import settings_from_parameters
+    """A1111's `infotext`: the settings of a `parameters` text, for the fields the payload does not set (a
+    field is set by its first payload key, or its entry in `override_settings`, even at null)."""
+    from ..pipelines.infotext import settings_from_parameters
 
     settings = settings_from_parameters(text, "infotext")
     if settings.ignored:
         raise ApiError(f"infotext carries settings daguerre does not apply: {', '.join(settings.ignored)}; "
                        "remove them from the text, or send the fields instead of an infotext")
-    overrides = payload.get("override_settings") or {}
-    given = set(payload) | {OVERRIDE_SETTINGS[k] for k in overrides if k in OVERRIDE_SETTINGS}
-    return {name: value for name, value in settings.fields.items() if PAYLOAD_KEY.get(name, name) not in given}
-
-
-def _img2img_fields(p: dict, limits: Limits) -> dict[str, Any]:
-    from PIL import ImageOps
-
-    images = p.get("init_images")
-    if not isinstance(images, list) or len(images) != 1:
-        raise ApiError("init_images must be a list of one base64-encoded image (daguerre takes one init image)")
-    fields: dict[str, Any] = {"task": "img2img", "init_image": decode_image(images[0], "init_images[0]", limits)}
-    if p.get("denoising_strength") is not None:
-        fields["strength"] = p["denoising_strength"]
-    mode = p.get("resize_mode", 0)
-    if mode not in RESIZE_MODE:
-        raise ApiError(f"resize_mode {mode!r} is not supported; use 0 (just resize), 1 (crop and resize) "
-                       "or 2 (resize and fill)")
-    fields["resize_mode"] = RESIZE_MODE[mode]
-    if not p.get("mask"):
-        return fields
-    mask = decode_image(p["mask"], "mask", limits).convert("L")
-    if p.get("inpainting_mask_invert"):
-        mask = ImageOps.invert(mask)
-    fields.update(task="inpaint", mask=mask)
-    fill = p.get("inpainting_fill", 0)
-    if fill not in INPAINTING_FILL:
-        raise ApiError(f"inpainting_fill {fill!r} must be 0 (fill), 1 (original), 2 (latent noise) "
-                       "or 3 (latent nothing)")
-    fields["inpaint_fill"] = INPAINTING_FILL[fill]
-    blur, xy = p.get("mask_blur"), {p.get("mask_blur_x"), p.get("mask_blur_y")} - {None}
-    if blur is None and len(xy) == 1:
-        blur = xy.pop()
-    elif xy and xy != {blur}:
-        raise ApiError(f"mask_blur_x / mask_blur_y ({p.get('mask_blur_x')}, {p.get('mask_blur_y')}) differ from "
-                       f"mask_blur ({blur}) or from each other: daguerre blurs the mask the same way in both "
-                       "directions; give mask_blur alone")
-    if blur is not None:
-        fields["mask_blur"] = blur
-    if p.get("inpaint_full_res", True):  # A1111's default: "Only masked"
-        padding = p.get("inpaint_full_res_padding")
-        fields.update(inpaint_area="only masked", inpaint_padding=0 if padding is None else padding)
-    return fields
+    given = {f.name for f, codec in surface(GenerationRequest, "a1111") if codec.given(payload)}
+    return {name: value for name, value in settings.fields.items() if name not in given}

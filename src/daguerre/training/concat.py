@@ -230,10 +230,10 @@ class ConcatInputs:
                 from ..pipelines.upscale import upscale
 
                 small = downscale(original, self.factor)
-                req = GenerationRequest(**common, init_image=small, upscale_factor=float(self.factor),
+                req = GenerationRequest(**common, task="upscale", init_image=small, upscale_factor=float(self.factor),
                                         noise_level=min(SAMPLE_NOISE_LEVEL, self.noise_max))
                 shown = small.resize(original.size, Image.Resampling.NEAREST)
-                out = upscale(components, req)[0].image
+                out = upscale(components, req.validate(components.config))[0].image
             else:
                 from ..pipelines.inpaint import inpaint
 
@@ -242,9 +242,9 @@ class ConcatInputs:
                 mask[q:self.size - q, q:self.size - q] = 255  # the centre square
                 keep = (mask == 0)[..., None] if original.mode == "RGB" else mask == 0
                 shown = Image.fromarray(np.where(keep, np.asarray(original), 128).astype(np.uint8), original.mode)
-                req = GenerationRequest(**common, init_image=original, mask=Image.fromarray(mask), strength=1.0,
-                                        mask_blur=0)
-                out = inpaint(components, req)[0].image
+                req = GenerationRequest(**common, task="inpaint", init_image=original, mask=Image.fromarray(mask),
+                                        strength=1.0, mask_blur=0)
+                out = inpaint(components, req.validate(components.config))[0].image
             cells.append((shown, out, original))
         n = len(cells)
         return grid([c[0] for c in cells] + [c[1] for c in cells] + [c[2] for c in cells], cols=n)

@@ -79,6 +79,6 @@ def sample_grid(components: Components, sample: SampleConfig) -> Image.Image:
         uncond = components.config.conditioning == "none"
         req = GenerationRequest(prompt=prompt, steps=sample.steps, sampler=sample.sampler, schedule=sample.schedule,
                                 cfg_scale=1.0 if uncond else sample.cfg_scale, seed=sample.seed + i, class_label=label)
-        images.append(txt2img(components, req)[0].image)
+        images.append(txt2img(components, req.validate(components.config))[0].image)
     cols = int(np.ceil(np.sqrt(len(images))))
     return grid(images, cols)

@@ -1,0 +1,83 @@
+"""A request's AUTOMATIC1111 `parameters` text ("infotext"), written and read from the field table.
+
+Every `GenerationRequest` field with a `png` key (pipelines/fields.py `Png`) is written by
+`write_parameters` in table order, which is A1111's order (Steps, Sampler, Schedule type, CFG scale,
+Seed, Size, then the model's hash and name as A1111 writes them right after the size, then Class,
+Clip skip, Guidance rescale, Eta), and read back by `settings_from_parameters`, which is what
+`daguerre generate --from-png` and the server's `infotext` apply. A pipeline adds keys that describe
+what it did (Denoising strength, Mask blur, Hires upscaler, ...: `SamplingPlan.params`); those are
+written after the table's and listed as not applied when read. The text format itself (quoting, the
+`Negative prompt:` line) is pngmeta.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from ..pngmeta import parse_parameters
+from .fields import NEGATIVE_KEY, PROMPT_KEY, SIZE_PNG, surface
+from .request import GenerationRequest
+
+if TYPE_CHECKING:
+    from .request import ValidRequest
+
+MODEL_HASH_KEY, MODEL_KEY = "Model hash", "Model"
+# keys that describe the image but change nothing when generating it again
+INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, MODEL_KEY, "Version"})
+
+
+def write_parameters(req: ValidRequest, model: str | None, model_hash: str | None) -> tuple[str, str, dict[str, Any]]:
+    """(prompt, negative prompt, the A1111 key/value pairs) of a validated request made with `model`
+    (`pngmeta.format_parameters` makes the text; None values are left out)."""
+    params: dict[str, Any] = {}
+    for f, png in surface(GenerationRequest, "png"):
+        params.update(png.write(req, f))
+        if png is SIZE_PNG:
+            params.update({MODEL_HASH_KEY: model_hash, MODEL_KEY: model})
+    return params.pop(PROMPT_KEY, ""), params.pop(NEGATIVE_KEY, ""), params
+
+
+@dataclasses.dataclass
+class PngSettings:
+    """What a PNG's `parameters` text says about how to make the image again."""
+
+    fields: dict[str, Any]  # GenerationRequest fields
+    model: str | None  # the `Model` value, unless it is one a file may not select (`settings_from_parameters`)
+    model_hash: str | None  # the `Model hash` value, if any
+    ignored: list[str]  # keys daguerre does not apply (hires fix, LoRA, ...), and why a `Model` is not used
+
+
+def settings_from_parameters(text: str, source: str = "parameters") -> PngSettings:
+    """Read an A1111 `parameters` text (`pngmeta.parse_parameters`) into GenerationRequest fields: every
+    field with a PNG key (prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size,
+    class, clip skip, guidance rescale, eta). A value that does not parse is a ValueError naming `source`
+    and the key. The `Model` is a name (A1111 writes the checkpoint's name): a file never builds a
+    `random:` model (random:sd15 allocates 860M untrained parameters) nor names a path to open, so such
+    a `Model` is listed in `ignored` with the reason and `model` is None: the caller's choice of model stands.
+    """
+    prompt, negative, params = parse_parameters(text)
+    params = {**params, PROMPT_KEY: prompt, NEGATIVE_KEY: negative}
+    fields: dict[str, Any] = {}
+    known = set(INFORMATIONAL_KEYS)
+    for f, png in surface(GenerationRequest, "png"):
+        fields.update(png.read(params, f, source))
+        known.update(png.keys)
+    ignored = [k for k in params if k not in known]
+    model = params.get(MODEL_KEY)
+    why = _unusable_model(model) if model is not None else None
+    if why:
+        ignored.append(f"Model {model!r} ({why}; choose a model with --model)")
+        model = None
+    return PngSettings(fields, model, params.get(MODEL_HASH_KEY), ignored)
+
+
+def _unusable_model(name: str) -> str | None:
+    """Why settings read from a file may not select the model `name`, or None when they may."""
+    from ..registry import RANDOM_PREFIX
+
+    if name.startswith(RANDOM_PREFIX):
+        return "a file never selects a random: model: untrained, and up to 860M parameters to build"
+    if any(c in name for c in "/\\") or name.startswith(("~", ".")):
+        return "a file never selects a path"
+    return None
