@@ -206,8 +206,10 @@ class GenerationRequest:
             limits = self.limits if self.limits is not None else DEFAULT_LIMITS
         if not isinstance(limits, Limits):
             raise ValueError(f"limits must be a daguerre.limits.Limits, got {type(limits).__name__}")
-        if any(getattr(self, k) is None for k in DEFAULT_SETTINGS):
-            return dataclasses.replace(self, **self.settings(config)).validate(config, limits)
+        return dataclasses.replace(self, **self.settings(config))._resolve(config, limits)
+
+    def _resolve(self, config: ModelConfig, limits: Limits) -> ValidRequest:
+        """`validate` of a request whose sampling settings are filled in."""
         from ..diffusion.sampler_names import resolve_sampler
 
         self._check_types()
