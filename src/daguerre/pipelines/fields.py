@@ -180,12 +180,17 @@ def _init_images(p: Mapping[str, Any], decode: Decode) -> dict[str, Any]:
     return {"init_image": decode(images[0], "init_images[0]")}
 
 
-def _resize_mode(p: Mapping[str, Any], _decode: Decode) -> dict[str, Any]:
-    mode = p.get("resize_mode", 0)
-    if mode not in RESIZE_MODE:
-        raise PayloadError(f"resize_mode {mode!r} is not supported; use 0 (just resize), 1 (crop and resize) "
-                           "or 2 (resize and fill)")
-    return {"resize_mode": RESIZE_MODE[mode]}
+def coded(key: str, name: str, codes: Mapping[int, str], meaning: str) -> Payload:
+    """The codec of a field A1111 sends as a number (0 when left out): `codes` maps it to daguerre's value
+    of field `name`; `meaning` tells the valid numbers in an error."""
+
+    def read(p: Mapping[str, Any], _decode: Decode) -> dict[str, Any]:
+        code = p.get(key, 0)
+        if code not in codes:
+            raise PayloadError(f"{key} {code!r} is not supported; use {meaning}")
+        return {name: codes[code]}
+
+    return Payload(key, read=read)
 
 
 def _mask(p: Mapping[str, Any], decode: Decode) -> dict[str, Any]:
@@ -207,14 +212,6 @@ def _mask_blur(p: Mapping[str, Any], _decode: Decode) -> dict[str, Any]:
     return {} if blur is None else {"mask_blur": blur}
 
 
-def _inpainting_fill(p: Mapping[str, Any], _decode: Decode) -> dict[str, Any]:
-    fill = p.get("inpainting_fill", 0)
-    if fill not in INPAINTING_FILL:
-        raise PayloadError(f"inpainting_fill {fill!r} must be 0 (fill), 1 (original), 2 (latent noise) "
-                           "or 3 (latent nothing)")
-    return {"inpaint_fill": INPAINTING_FILL[fill]}
-
-
 def _full_res(p: Mapping[str, Any], _decode: Decode) -> dict[str, Any]:
     """`inpaint_full_res` (A1111's schema default: true) is "only masked", with its padding (default 0)."""
     if not p.get("inpaint_full_res", True):
@@ -225,10 +222,11 @@ def _full_res(p: Mapping[str, Any], _decode: Decode) -> dict[str, Any]:
 
 BATCHES = Payload("batch_size", "n_iter", read=_batches)
 INIT_IMAGES = Payload("init_images", read=_init_images)
-RESIZE = Payload("resize_mode", read=_resize_mode)
+RESIZE = coded("resize_mode", "resize_mode", RESIZE_MODE, "0 (just resize), 1 (crop and resize) or 2 (resize and fill)")
 MASK = Payload("mask", "inpainting_mask_invert", read=_mask)
 MASK_BLUR = Payload("mask_blur", "mask_blur_x", "mask_blur_y", read=_mask_blur)
-FILL = Payload("inpainting_fill", read=_inpainting_fill)
+FILL = coded("inpainting_fill", "inpaint_fill", INPAINTING_FILL,
+              "0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
 FULL_RES = Payload("inpaint_full_res", "inpaint_full_res_padding", read=_full_res)
 
 
