@@ -97,6 +97,8 @@ class Flag:
             options["action"] = argparse.BooleanOptionalAction
         if not self.positional:
             options["dest"] = self._dest(f)
+            if "action" not in options and "choices" not in options:  # --cfg CFG, not --cfg CFG_SCALE
+                options.setdefault("metavar", self.names[0].lstrip("-").upper().replace("-", "_"))
         parser.add_argument(*self.names, **options)
 
     def read(self, args: argparse.Namespace, f: dataclasses.Field) -> dict[str, Any]:

@@ -379,7 +379,7 @@ class ValidRequest(GenerationRequest):
     checked against. Beside them: `config`, the model it was checked against; `choice`, the resolved
     sampler and schedule; `sigmas`, the float64 noise levels the sampler runs through (the img2img tail
     at the strength of an image task; `steps` + 1 values for txt2img); `class_index`, the class label's
-    index for a class-conditional model."""
+    index for a class-conditional model. A changed request is validated again: `pipe.request(valid, steps=30)`."""
 
     config: ModelConfig = field(repr=False, compare=False)
     choice: SamplerChoice = field(repr=False, compare=False)
