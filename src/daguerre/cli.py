@@ -1,21 +1,13 @@
-"""The `daguerre` command line: one sub-command per task, user errors as one line on stderr."""
+"""The `daguerre` command line: one sub-command per task (daguerre.commands), user errors as one line on stderr."""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, without a traceback."""
-
-
-# Each command module adds itself here: name -> (help, add_arguments(parser), run(args) -> exit code).
-Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-COMMANDS: dict[str, Command] = {}
-
+from .commands import COMMANDS, UserError  # the registered sub-commands (importing them registers them)
 
 # OSErrors that say something about the machine or the paths given, not about daguerre: printed as one line.
 # Others (EBADF, EINVAL, an OSError without errno, ...) may be bugs and keep their traceback.
@@ -37,18 +29,8 @@ def describe_os_error(e: OSError) -> str:
     return f"{where}: {e.strerror}"
 
 
-def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    """Register `run(args) -> int` as the sub-command `name`."""
-
-    def register(run: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = (help, add_arguments, run)
-        return run
-
-    return register
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, commands  # noqa: F401  (registers the commands)
+    from . import __version__
 
     parser = argparse.ArgumentParser(
         prog="daguerre", description="Latent diffusion and Stable Diffusion on your computer."

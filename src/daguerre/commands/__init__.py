@@ -1,10 +1,17 @@
-"""The sub-commands of `daguerre`: one module each, registered with `daguerre.cli.command`.
+"""The sub-commands of `daguerre`: one module each, registered in `registry.COMMANDS` when imported (here, in the
+order `daguerre --help` lists them). Heavy dependencies (torch, the models) are imported inside each `run`, so
+that `daguerre --help` stays fast."""
 
-Import heavy dependencies (torch, the models) inside each `run` so that `daguerre --help` stays fast.
-"""
-
-import importlib
-import pkgutil
-
-for _m in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_m.name}")
+from . import (  # noqa: F401  (each module registers its command)
+    classifier,
+    convert,
+    eval,
+    generate,
+    img2img,
+    info,
+    inpaint,
+    serve,
+    train,
+    upscale,
+)
+from .registry import COMMANDS, UserError, command  # noqa: F401

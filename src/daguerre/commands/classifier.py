@@ -14,7 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..cli import command
+from .registry import command
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

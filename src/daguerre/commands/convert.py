@@ -6,8 +6,8 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from ..cli import UserError, command
 from .outputs import check_folder
+from .registry import UserError, command
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SINGLE_SUFFIX = ".safetensors"

@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import command
 from .generate import add_model_arguments, set_threads
+from .registry import command
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

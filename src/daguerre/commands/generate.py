@@ -15,9 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import UserError, command
 from ..limits import Limits, add_limit_arguments, limits_from_args
 from .outputs import Outputs, add_overwrite_argument, plan_outputs
+from .registry import UserError, command
 from .request_args import add_request_arguments, request_fields
 
 

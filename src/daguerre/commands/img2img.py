@@ -8,9 +8,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..cli import command
 from .generate import add_model_arguments, add_output_arguments, check_limits_early, run_and_save, set_threads
 from .outputs import plan_outputs
+from .registry import command
 from .request_args import add_request_arguments, request_fields
 
 

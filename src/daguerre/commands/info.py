@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import command
+from .registry import command
 
 GIB = 1024**3
 MIB = 1024**2

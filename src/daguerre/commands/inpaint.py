@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import command
 from .img2img import image_command_arguments, run_image_command
+from .registry import command
 
 
 @command("inpaint", "repaint the masked part of an image", image_command_arguments("inpaint"))

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import UserError
+from .registry import UserError
 
 FILE_SUFFIX = ".png"
 _FOLDER_DIGITS = 5  # outputs/00000-SEED.png

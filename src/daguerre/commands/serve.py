@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import command
 from ..limits import add_limit_arguments, limits_from_args
 from .generate import add_model_arguments, set_threads
+from .registry import command
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

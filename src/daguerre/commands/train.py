@@ -20,7 +20,7 @@ import errno
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..cli import command
+from .registry import command
 
 DEFAULT_RUNS = Path("runs")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import command
 from .img2img import image_command_arguments, run_image_command
+from .registry import command
 
 
 def _note(components) -> str | None:
