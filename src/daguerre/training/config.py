@@ -1,11 +1,14 @@
 """Run configurations of `daguerre train`: one TOML file per run, typed by dataclasses, overridable from the CLI.
 
 A run file has the sections `[model]` (a preset name and overrides of any `ModelConfig` field, e.g.
-`[model.unet] model_channels = 64`), `[data]`, `[train]`, `[loss]` and `[sample]`. Every key is checked
-against its dataclass field: an unknown key or a value of the wrong type is one `ValueError` naming the
-key (with the closest valid name). `--set section.key=value` overrides are parsed as TOML values
-(`--set train.lr=2e-4`, `--set model.unet.channel_mult=[1,2,2]`); a value that is not TOML is a bare
-string (`--set data.root=/my/images`) unless it starts like a TOML array, table or quoted string
+`[model.unet] model_channels = 64`), `[data]` (with the subsection of its kind, `[data.shapes]`,
+`[data.fashion_mnist]` or `[data.folder]`, and of model.concat, `[data.lowres]` or `[data.inpaint]`; the
+previous release's flat keys such as `data.n` are still read into them: `upgrade_data`), `[train]`, `[loss]`
+and `[sample]`. Every key is checked against its dataclass field (`daguerre.config.from_dict`): an unknown
+key or a value of the wrong type is one `ValueError` naming the key (with the closest valid name).
+`--set section.key=value` overrides are parsed as TOML values (`--set train.lr=2e-4`,
+`--set model.unet.channel_mult=[1,2,2]`); a value that is not TOML is a bare string
+(`--set data.folder.root=/my/images`) unless it starts like a TOML array, table or quoted string
 (`[`, `{`, `"`, `'`): then it is a typo, and an error (`parse_value`). Fields the data fixes are derived
 (`derive_model_config`): image channels and size, latent channels of the U-Net, the context width, the
 class count. The resolved config is written into every checkpoint and into the final model's provenance.
@@ -19,28 +22,27 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
-import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..config import (
     LIMITS,
     TEXT_ENCODER_KINDS,
     ModelConfig,
-    TextEncoderConfig,
     check_model_config,
+    coerce,
+    from_dict,
+    parse_value,
     preset,
     resolve_text_encoder,
+    toml,
 )
 from ..untrusted import read_json, regular_file
 
 STAGES = ("vae", "ldm")
-DATA_KINDS = ("shapes", "fashion_mnist", "folder")
 ON_ERROR = ("skip", "raise")
 LR_DECAYS = ("cosine", "constant")
 REC_LOSSES = ("l1", "l2")
@@ -52,30 +54,104 @@ LOWRES_LEVELS = 1000  # pipelines.request.LOWRES_NOISE_STEPS: levels of the augm
 
 
 @dataclass
-class DataConfig:
-    """Where the training images come from (docs/training.md, "Data")."""
+class ShapesData:
+    """`[data.shapes]`: the procedural shapes world (daguerre.data.shapes); item i is a pure function of (seed, i)."""
 
-    kind: str = "shapes"  # "shapes" (procedural), "fashion_mnist" (idx files) or "folder" (images + captions)
-    root: str | None = None  # fashion_mnist / folder: the data folder (fashion_mnist: None = the Debian path)
+    n: int = 50_000  # number of images
+    max_objects: int = 3  # objects per image (min_objects..max_objects, at most 3)
+    min_objects: int = 1  # fewest objects per image
+    p_relation: float = 0.5  # probability that a scene of two or more objects states a relation
+
+
+@dataclass
+class FashionMNISTData:
+    """`[data.fashion_mnist]`: Fashion-MNIST idx files, captioned from the class names."""
+
+    root: str | None = None  # the folder of the idx files; None = the Debian path
+    split: str = "train"  # "train" or "test"
+
+
+@dataclass
+class FolderData:
+    """`[data.folder]`: a folder of images with captions (daguerre.data.folder)."""
+
+    root: str | None = None  # the image folder (required)
+    captions: str = "auto"  # "auto", "txt" (sidecars), "metadata" (metadata.jsonl/csv), "folders", "none"
+    channels: int = 3  # 3 = RGB, 1 = grayscale
+    crop: str = "center"  # "center" or "random" (the VAE stage only; the LDM latent cache is centre-cropped)
+
+
+@dataclass
+class LowresData:
+    """`[data.lowres]`, for model.concat = "lowres" (training/concat.py): how the low-res input is made."""
+
+    factor: int = 4  # the conditioning image is the image / this (bicubic)
+    noise: int = 0  # max noise-augmentation level (SD x4: 350); 0 = off
+
+
+@dataclass
+class InpaintData:
+    """`[data.inpaint]`, for model.concat = "inpaint" (training/concat.py): the training masks."""
+
+    mask_full: float = 0.25  # fraction of fully masked examples
+
+
+DataKind = Literal["shapes", "fashion_mnist", "folder"]
+DATA_KINDS: tuple[str, ...] = typing.get_args(DataKind)
+# the subsection of each data kind and of each concatenation kind; a run has exactly those of its kinds
+KIND_SECTIONS: dict[str, type] = {"shapes": ShapesData, "fashion_mnist": FashionMNISTData, "folder": FolderData}
+CONCAT_SECTIONS: dict[str, type] = {"lowres": LowresData, "inpaint": InpaintData}
+# the flat [data] keys of the previous release: key -> {subsection: its field there}
+FLAT_DATA_KEYS: dict[str, dict[str, str]] = {
+    "n": {"shapes": "n"}, "max_objects": {"shapes": "max_objects"}, "min_objects": {"shapes": "min_objects"},
+    "p_relation": {"shapes": "p_relation"}, "root": {"fashion_mnist": "root", "folder": "root"},
+    "split": {"fashion_mnist": "split"}, "captions": {"folder": "captions"}, "channels": {"folder": "channels"},
+    "crop": {"folder": "crop"}, "lowres_factor": {"lowres": "factor"}, "lowres_noise": {"lowres": "noise"},
+    "mask_full": {"inpaint": "mask_full"},
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from (docs/training.md, "Data"): the keys every kind has, and the
+    subsection of the chosen kind (`[data.shapes]`, `[data.fashion_mnist]` or `[data.folder]`) and of the
+    model's image concatenation (`[data.lowres]`, `[data.inpaint]`); the other subsections are None."""
+
+    kind: DataKind = "shapes"  # "shapes" (procedural), "fashion_mnist" (idx files) or "folder" (images + captions)
     size: int = 64  # image side in pixels after resize and crop
-    n: int = 50_000  # shapes: number of procedural images (item i is a pure function of (seed, i))
-    seed: int = 0  # shapes: world seed; fashion_mnist: caption phrasing seed
-    max_objects: int = 3  # shapes: objects per image (min_objects..max_objects, at most 3)
-    min_objects: int = 1  # shapes: fewest objects per image
-    p_relation: float = 0.5  # shapes: probability that a scene of two or more objects states a relation
-    split: str = "train"  # fashion_mnist: "train" or "test"
-    captions: str = "auto"  # folder: "auto", "txt" (sidecars), "metadata" (metadata.jsonl/csv), "folders", "none"
-    channels: int = 3  # folder: 3 = RGB, 1 = grayscale
-    crop: str = "center"  # folder: "center" or "random" (the VAE stage only; the LDM latent cache is centre-cropped)
+    seed: int = 0  # shapes: world seed; fashion_mnist: caption phrasing seed; folder: caption choice seed
     flip: bool = False  # random horizontal flips (LDM: both variants cached); off: flips falsify "left"/"right"
     holdout: int = 64  # images at the end of the dataset kept out of training: reconstructions, latent scale
     on_error: str = "skip"  # unreadable image: "skip" it (named in the log) or "raise" (stop the run)
     workers: int = 0  # DataLoader worker processes (0 = load in the training process)
     cache_dir: str | None = None  # LDM latent cache; None = RUN_DIR/latents
-    # image-concatenation models (model.concat, training/concat.py)
-    lowres_factor: int = 4  # "lowres": the conditioning image is the image / this (bicubic)
-    lowres_noise: int = 0  # "lowres": max noise-augmentation level (SD x4: 350); 0 = off
-    mask_full: float = 0.25  # "inpaint": fraction of fully masked examples
+    shapes: ShapesData | None = None
+    fashion_mnist: FashionMNISTData | None = None
+    folder: FolderData | None = None
+    lowres: LowresData | None = None
+    inpaint: InpaintData | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind in KIND_SECTIONS and getattr(self, self.kind) is None:
+            setattr(self, self.kind, KIND_SECTIONS[self.kind]())
+
+    @property
+    def source(self) -> ShapesData | FashionMNISTData | FolderData:
+        """The subsection of the chosen kind."""
+        return getattr(self, self.kind)
+
+    # what training/concat.py reads; a model without that concatenation reads the defaults
+    @property
+    def lowres_factor(self) -> int:
+        return (self.lowres or LowresData()).factor
+
+    @property
+    def lowres_noise(self) -> int:
+        return (self.lowres or LowresData()).noise
+
+    @property
+    def mask_full(self) -> float:
+        return (self.inpaint or InpaintData()).mask_full
 
 
 @dataclass
@@ -188,14 +264,19 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """Rebuild a resolved config (as stored in a checkpoint); every key is checked."""
-        d = dict(d)
+        """Rebuild a resolved config (as stored in a checkpoint or RUN/config.json, by this release or, with
+        flat [data] keys, the previous one: `upgrade_run_dict`); every key is checked."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a run config is a JSON object, not {type(d).__name__}")
+        d = upgrade_run_dict(d)
         stage = d.get("stage", "vae")
         cfg = RunConfig(stage=stage, loss=_loss_class(stage)())
-        model = d.pop("model", None)
-        _apply(cfg, {k: v for k, v in d.items() if k != "stage"}, "")
-        if model is not None:
-            cfg.model = ModelConfig.from_dict(model)
+        rest = {k: v for k, v in d.items() if k not in ("stage", "model", "data")}
+        from_dict(RunConfig, rest, into=cfg)
+        if d.get("model") is not None:
+            cfg.model = ModelConfig.from_dict(d["model"], "model.")
+        cfg.data = _data_config(d.get("data", {}))
+        settle_data(cfg)
         return cfg
 
 
@@ -205,134 +286,70 @@ def _loss_class(stage: str) -> type:
     return VAELossConfig if stage == "vae" else LDMLossConfig
 
 
-# --- typed assignment --------------------------------------------------------------------------------
+# --- [data]: per-kind subsections, and the flat keys of the previous release ------------------------------
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """`value` checked against (and converted to) the type hint `tp`; ValueError naming `key` otherwise."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in options):
-            if type(None) in options:
-                return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return coerce(value, option, key)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if len(errors) == 1 else f"config key {key}: {value!r} is not a {_type_name(tp)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise ValueError(f"config key {key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError(f"config key {key}: expected a whole number, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ValueError(f"config key {key}: expected a finite number, got {value!r}")
-            return float(value)
-        raise ValueError(f"config key {key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"config key {key}: expected a string, got {value!r}")
-    if origin in (tuple, list):
-        if isinstance(value, str):  # "1,2,4" from --set: comma-separated values ("" = the empty list)
-            items = [v.strip() for v in value.split(",")] if value.strip() else []
-            if not all(items):
-                raise ValueError(f"config key {key}: {value!r} has an empty item; write a list as [1, 2, 4]")
-            value = [parse_value(v, key) for v in items]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {key}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ValueError(f"config key {key}: expected {len(args)} values, got {list(value)!r}")
-            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-        item = args[0] if args else Any
-        out = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"config key {key}: expected a table, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            return None
-        raise ValueError(f"config key {key}: is a section ([{key}]), not a value")
-    raise ValueError(f"config key {key}: unsupported type {tp}")
-
-
-TOML_OPENERS = ("[", "{", '"', "'")  # a value starting so is meant as a TOML array, table or string
-
-
-def parse_value(text: str, key: str) -> Any:
-    """The value of `--set key=text`: a TOML value (number, boolean, quoted string, array, inline table),
-    or else `text` itself as a bare string (`data.root=/my/images`). Text that starts like a TOML array,
-    table or quoted string but is not one is a typo (`[1,`), never read as something else: ValueError."""
-    text = text.strip()
-    toml = _toml()
-    try:
-        table = toml.loads(f"v = {text}")
-    except toml.TOMLDecodeError as e:
-        if text.startswith(TOML_OPENERS):
-            raise ValueError(f"--set {key}={text}: not a valid TOML value ({e}); write a list as [1, 2, 4], "
-                             "a string in quotes or bare") from None
-        return text  # a bare string such as a path
-    if set(table) != {"v"}:  # a line break in the value started another key
-        raise ValueError(f"--set {key}={text!r}: one value expected")
-    return table["v"]
-
-
-def _unknown(key: str, name: str, valid: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    return ValueError(f"unknown config key {key}{hint}")
-
-
-def _apply(obj: Any, table: dict[str, Any], prefix: str) -> None:
-    """Set the fields of dataclass `obj` from the nested `table`, recursing into sub-dataclasses."""
-    hints = _hints(type(obj))
+def upgrade_data(table: Any, kind: Any, concat: Any, *, resolved: bool = False) -> dict[str, Any]:
+    """The `[data]` table with the previous release's flat keys (`FLAT_DATA_KEYS`) moved into the subsection
+    of the data kind or model.concat they belong to. A flat key of another kind is an error naming it, except
+    in a `resolved` config of the previous release, which listed every key: there it is dropped at its default."""
+    if not isinstance(table, dict):
+        raise ValueError("config key data: must be a table ([data])")
+    out = {k: v for k, v in table.items() if k not in FLAT_DATA_KEYS}
     for name, value in table.items():
-        key = f"{prefix}{name}"
-        if name not in hints:
-            raise _unknown(key, name, list(hints))
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            _apply(current, value, f"{key}.")
-        elif name == "text_encoder" and isinstance(value, dict) and current is None:
-            setattr(obj, name, TextEncoderConfig())
-            _apply(getattr(obj, name), value, f"{key}.")
-        else:
-            setattr(obj, name, coerce(value, hints[name], key))
+        owners = FLAT_DATA_KEYS.get(name)
+        if owners is None:
+            continue
+        section = next((s for s in owners if s in (kind, concat)), None)
+        if section is not None:
+            sub = out.get(section)
+            if sub is not None and not isinstance(sub, dict):
+                raise ValueError(f"config key data.{section}: must be a table ([data.{section}])")
+            out[section] = {**(sub or {}), owners[section]: value}
+            continue
+        first = next(iter(owners))
+        sections = {**KIND_SECTIONS, **CONCAT_SECTIONS}
+        if resolved and value == getattr(sections[first], owners[first]):
+            continue
+        what, chosen = ("model.concat", concat) if first in CONCAT_SECTIONS else ("data.kind", kind)
+        where = " or ".join(f"[data.{s}] {f}" for s, f in owners.items())
+        raise ValueError(f"config key data.{name}: {value!r} is a key of {where}, but {what} is {chosen!r}")
+    return out
 
 
-def _toml():
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-    return tomllib
+def upgrade_run_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """A resolved run config (RUN/config.json, a checkpoint's run_config) in this release's form: the flat
+    [data] keys of the previous release in their subsections, every subsection present (None if not chosen)."""
+    data, model = d.get("data"), d.get("model")
+    if not isinstance(data, dict):
+        return d
+    concat = model.get("concat") if isinstance(model, dict) else None
+    kind = data.get("kind", DataConfig.kind)
+    data = upgrade_data(data, kind, concat, resolved=True)
+    for name in (*KIND_SECTIONS, *CONCAT_SECTIONS):
+        data.setdefault(name, {} if name in (kind, concat) else None)
+    return {**d, "data": data}
+
+
+def _data_config(table: dict[str, Any]) -> DataConfig:
+    """A DataConfig from an upgraded [data] table: its kind first (which makes that kind's subsection)."""
+    if not isinstance(table, dict):
+        raise ValueError("config key data: must be a table ([data])")
+    kind = coerce(table.get("kind", DataConfig.kind), typing.get_type_hints(DataConfig)["kind"], "data.kind")
+    return from_dict(DataConfig, {k: v for k, v in table.items() if k != "kind"}, "data.", into=DataConfig(kind=kind))
+
+
+def settle_data(cfg: RunConfig) -> None:
+    """Give the run exactly the [data] subsections of its data kind and model.concat (a default one where
+    the config has none); a subsection of another kind is an error naming it."""
+    d, concat = cfg.data, cfg.model.concat
+    for name, section in {**KIND_SECTIONS, **CONCAT_SECTIONS}.items():
+        chosen = name in (d.kind, concat)
+        if chosen and getattr(d, name) is None:
+            setattr(d, name, section())
+        elif not chosen and getattr(d, name) is not None:
+            what, value = ("model.concat", concat) if name in CONCAT_SECTIONS else ("data.kind", d.kind)
+            raise ValueError(f"config key data.{name}: a [data.{name}] section, but {what} is {value!r}; "
+                             f"remove it or set {what} = {name!r}")
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -406,8 +423,8 @@ def config_summary(path: Path) -> tuple[str, str]:
     first = " ".join(words).split(". ")[0].rstrip(".")
     first = first if len(first) <= SUMMARY_CHARS else first[:SUMMARY_CHARS - 3].rstrip() + "..."
     try:
-        stage = str(_toml().loads(text).get("stage", "?"))
-    except _toml().TOMLDecodeError:
+        stage = str(toml().loads(text).get("stage", "?"))
+    except toml().TOMLDecodeError:
         stage = "?"
     return stage, first
 
@@ -418,7 +435,9 @@ def load_run_config(
     """Read a run TOML (or start from defaults when `path` is None), apply `--set` overrides, check every key.
 
     `path` is a file or the name of a shipped config (`resolve_config`). A `.json` path is a resolved
-    config as written to RUN/config.json (resume a run with its own config).
+    config as written to RUN/config.json (resume a run with its own config). Flat [data] keys (the previous
+    release's form, also as `--set data.n=...`) are read into the subsection of their kind; when `--set`
+    changes data.kind or model.concat, the file's subsection of the kind it replaces is dropped.
     """
     table: dict[str, Any] = {}
     if path is not None:
@@ -427,26 +446,47 @@ def load_run_config(
         return _load_resolved(path, stage, overrides)
     if path is not None:
         try:
-            table = _toml().loads(path.read_text(encoding="utf-8"))
+            table = toml().loads(path.read_text(encoding="utf-8"))
         except Exception as e:  # TOMLDecodeError, UnicodeDecodeError, RecursionError of absurd nesting
             raise ValueError(f"{path}: not valid TOML ({str(e) or type(e).__name__})") from None
-    table = _merge(table, parse_overrides(overrides))
+    extra = parse_overrides(overrides)
+    file_data, extra_data = table.pop("data", {}), extra.pop("data", {})
+    file_model = table.get("model", {})
+    table = _merge(table, extra)
     file_stage = table.pop("stage", stage)
     if file_stage != stage:
         raise ValueError(f"config key stage: the file is for stage {file_stage!r}, but `daguerre train {stage}` ran")
-    model_table = dict(table.pop("model", {}) or {})
-    if not isinstance(model_table, dict):
+    model_table = table.pop("model", {}) or {}
+    if not isinstance(model_table, dict) or not isinstance(file_model, dict):
         raise ValueError("config key model: must be a table ([model])")
+    model_table = dict(model_table)
     preset_name = coerce(model_table.pop("preset", "tiny"), str, "model.preset")
     cfg = RunConfig(stage=stage, preset=preset_name, loss=_loss_class(stage)())
     try:
         cfg.model = preset(preset_name)
     except ValueError as e:
         raise ValueError(f"config key model.preset: {e}") from None
-    _apply(cfg.model, model_table, "model.")
-    _apply(cfg, table, "")
+    file_concat = file_model.get("concat", cfg.model.concat)
+    from_dict(ModelConfig, model_table, "model.", into=cfg.model)
+    from_dict(RunConfig, table, into=cfg)
+    cfg.data = _data_config(_data_table(file_data, extra_data, file_concat, cfg.model.concat))
+    settle_data(cfg)
     check_run_config(cfg)
     return cfg
+
+
+def _data_table(file: Any, extra: Any, file_concat: Any, concat: Any) -> dict[str, Any]:
+    """The [data] table of a run file merged with its `--set data.*` overrides, both upgraded
+    (`upgrade_data`); the file's subsections of a data kind or concatenation that `--set` replaced are dropped."""
+    if not isinstance(file, dict):
+        raise ValueError("config key data: must be a table ([data])")
+    file_kind = file.get("kind", DataConfig.kind)
+    kind = extra.get("kind", file_kind)
+    file = upgrade_data(file, file_kind, file_concat)
+    for old, new in ((file_kind, kind), (file_concat, concat)):
+        if old != new and isinstance(old, str):
+            file.pop(old, None)
+    return _merge(file, upgrade_data(extra, kind, concat))
 
 
 def _load_resolved(path: Path, stage: str, overrides: list[str] | None) -> RunConfig:
@@ -458,11 +498,14 @@ def _load_resolved(path: Path, stage: str, overrides: list[str] | None) -> RunCo
     if cfg.stage != stage:
         raise ValueError(f"config key stage: the file is for stage {cfg.stage!r}, but `daguerre train {stage}` ran")
     extra = parse_overrides(overrides)
-    model_table = extra.pop("model", {})
+    model_table, data_table = extra.pop("model", {}), extra.pop("data", {})
     if "preset" in model_table:
         raise ValueError("config key model.preset: a resolved config (.json) has no preset to change")
-    _apply(cfg.model, model_table, "model.")
-    _apply(cfg, extra, "")
+    from_dict(ModelConfig, model_table, "model.", into=cfg.model)
+    from_dict(RunConfig, extra, into=cfg)
+    data_table = upgrade_data(data_table, data_table.get("kind", cfg.data.kind), cfg.model.concat)
+    from_dict(DataConfig, data_table, "data.", into=cfg.data)
+    settle_data(cfg)
     check_run_config(cfg)
     return cfg
 
@@ -471,7 +514,7 @@ def check_run_config(cfg: RunConfig) -> None:
     """Value checks the types cannot express; each error names its key."""
     d, t = cfg.data, cfg.train
     choices = [("data.kind", d.kind, DATA_KINDS), ("data.on_error", d.on_error, ON_ERROR),
-               ("data.crop", d.crop, ("center", "random")), ("train.decay", t.decay, LR_DECAYS),
+               ("train.decay", t.decay, LR_DECAYS),
                ("train.save_dtype", t.save_dtype, ("float16", "bfloat16", "float32")),
                ("model.conditioning", cfg.model.conditioning, ("text", "class", "none"))]
     if isinstance(cfg.loss, VAELossConfig):
@@ -508,16 +551,30 @@ def check_run_config(cfg: RunConfig) -> None:
             raise ValueError(f"config key loss.min_snr_gamma: must be >= 0, got {cfg.loss.min_snr_gamma}")
         check_timestep_bias(cfg.loss, cfg.model.schedule.num_train_timesteps)
         check_text_encoder_config(cfg.model, cfg.loss.train_text_encoder)
-    if d.kind == "folder" and not d.root:
-        raise ValueError("config key data.root: a folder dataset needs data.root = the image folder")
-    if d.kind == "shapes" and d.n < 1:
-        raise ValueError(f"config key data.n: must be >= 1, got {d.n}")
-    if d.kind == "shapes" and not 1 <= d.min_objects <= d.max_objects <= 3:
-        raise ValueError(f"config keys data.min_objects, data.max_objects: need 1 <= min <= max <= 3, "
-                         f"got {d.min_objects}, {d.max_objects}")
-    if d.kind == "shapes" and not 0.0 <= d.p_relation <= 1.0:
-        raise ValueError(f"config key data.p_relation: must be in [0, 1], got {d.p_relation}")
+    check_data_sections(d)
     check_concat_config(cfg)
+
+
+def check_data_sections(d: DataConfig) -> None:
+    """Value checks of the data kind's subsection; each error names its key."""
+    if d.folder is not None:
+        if not d.folder.root:
+            raise ValueError("config key data.folder.root: a folder dataset needs [data.folder] root = the image "
+                             "folder")
+        if d.folder.crop not in ("center", "random"):
+            raise ValueError(f"config key data.folder.crop: {d.folder.crop!r} is not one of center, random")
+    if d.fashion_mnist is not None and d.fashion_mnist.split not in ("train", "test"):
+        raise ValueError(f"config key data.fashion_mnist.split: {d.fashion_mnist.split!r} is not one of train, test")
+    s = d.shapes
+    if s is None:
+        return
+    if s.n < 1:
+        raise ValueError(f"config key data.shapes.n: must be >= 1, got {s.n}")
+    if not 1 <= s.min_objects <= s.max_objects <= 3:
+        raise ValueError(f"config keys data.shapes.min_objects, data.shapes.max_objects: need 1 <= min <= max "
+                         f"<= 3, got {s.min_objects}, {s.max_objects}")
+    if not 0.0 <= s.p_relation <= 1.0:
+        raise ValueError(f"config key data.shapes.p_relation: must be in [0, 1], got {s.p_relation}")
 
 
 def check_timestep_bias(lc: LDMLossConfig, n_steps: int) -> None:
@@ -550,16 +607,18 @@ def check_concat_config(cfg: RunConfig) -> None:
     d, kind = cfg.data, cfg.model.concat
     if kind is not None and kind not in CONCAT_KINDS:
         raise ValueError(f"config key model.concat: {kind!r} is not one of {', '.join(CONCAT_KINDS)} (or none)")
-    factor = d.lowres_factor
+    if d.inpaint is not None and not 0.0 <= d.inpaint.mask_full <= 1.0:
+        raise ValueError(f"config key data.inpaint.mask_full: must be in [0, 1], got {d.inpaint.mask_full}")
+    if d.lowres is None:
+        return
+    factor, noise = d.lowres.factor, d.lowres.noise
     if not 2 <= factor <= MAX_LOWRES_FACTOR:
-        raise ValueError(f"config key data.lowres_factor: must be in [2, {MAX_LOWRES_FACTOR}], got {factor}")
-    if not 0 <= d.lowres_noise < LOWRES_LEVELS:
-        raise ValueError(f"config key data.lowres_noise: must be in [0, {LOWRES_LEVELS - 1}], got {d.lowres_noise}")
-    if not 0.0 <= d.mask_full <= 1.0:
-        raise ValueError(f"config key data.mask_full: must be in [0, 1], got {d.mask_full}")
+        raise ValueError(f"config key data.lowres.factor: must be in [2, {MAX_LOWRES_FACTOR}], got {factor}")
+    if not 0 <= noise < LOWRES_LEVELS:
+        raise ValueError(f"config key data.lowres.noise: must be in [0, {LOWRES_LEVELS - 1}], got {noise}")
     if kind == "lowres" and cfg.stage == "ldm":
         if d.size % factor:
-            raise ValueError(f"config key data.lowres_factor: data.size {d.size} is not a multiple of {factor}")
+            raise ValueError(f"config key data.lowres.factor: data.size {d.size} is not a multiple of {factor}")
         if cfg.model.conditioning == "class":
             raise ValueError("config key model.conditioning: super-resolution models take 'text' or 'none', not "
                              "'class' (their label input is the low-res noise level)")
@@ -568,7 +627,7 @@ def check_concat_config(cfg: RunConfig) -> None:
 def derive_concat_inputs(m: ModelConfig, d: DataConfig) -> None:
     """Fill in what the concatenation fixes (in place on derive_model_config's copy): the U-Net's extra
     input channels (image channels for "lowres", 1 + latent channels for "inpaint") and, for noise-
-    augmented SR, a label embedding with one row per noise level 0..data.lowres_noise."""
+    augmented SR, a label embedding with one row per noise level 0..data.lowres.noise."""
     if m.concat == "lowres":
         m.unet.in_channels = m.vae.latent_channels + m.vae.in_channels
         if d.lowres_noise > 0:

@@ -8,6 +8,7 @@ readable item ("skip"), deterministically, so every process and every resumed ru
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config import DataConfig, ShapesData
 
 logger = logging.getLogger("daguerre.train")
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)  # what PIL and the idx reader raise on bad files
@@ -91,11 +92,12 @@ class SafeDataset(torch.utils.data.Dataset):
 def _folder_dataset(cfg: DataConfig) -> torch.utils.data.Dataset:
     from ..data.folder import ImageFolder
 
-    root = Path(cfg.root)
+    folder = cfg.folder
+    root = Path(folder.root)
     if not root.is_dir():
-        raise FileNotFoundError(f"config key data.root: no such folder {root}")
-    return ImageFolder(root, size=cfg.size, captions=cfg.captions, crop=cfg.crop, flip=False,
-                       channels=cfg.channels, on_error=cfg.on_error, seed=cfg.seed)
+        raise FileNotFoundError(f"config key data.folder.root: no such folder {root}")
+    return ImageFolder(root, size=cfg.size, captions=folder.captions, crop=folder.crop, flip=False,
+                       channels=folder.channels, on_error=cfg.on_error, seed=cfg.seed)
 
 
 def build_dataset(cfg: DataConfig) -> torch.utils.data.Dataset:
@@ -103,26 +105,30 @@ def build_dataset(cfg: DataConfig) -> torch.utils.data.Dataset:
     if cfg.kind == "shapes":
         from ..data.shapes import ShapesDataset
 
-        return ShapesDataset(cfg.n, seed=cfg.seed, size=cfg.size, max_objects=cfg.max_objects,
-                             min_objects=cfg.min_objects, p_relation=cfg.p_relation)
+        s = cfg.shapes
+        return ShapesDataset(s.n, seed=cfg.seed, size=cfg.size, max_objects=s.max_objects,
+                             min_objects=s.min_objects, p_relation=s.p_relation)
     if cfg.kind == "fashion_mnist":
         from ..data.fashion_mnist import DEFAULT_ROOT, FashionMNIST
 
-        return FashionMNIST(cfg.root or DEFAULT_ROOT, split=cfg.split, size=cfg.size, seed=cfg.seed)
+        fm = cfg.fashion_mnist
+        return FashionMNIST(fm.root or DEFAULT_ROOT, split=fm.split, size=cfg.size, seed=cfg.seed)
     return _folder_dataset(cfg)
 
 
 def describe_data(cfg: DataConfig) -> dict[str, Any]:
-    """The fields that decide which images (and captions) a run sees: provenance and the latent-cache key."""
+    """The fields that decide which images (and captions) a run sees: provenance and the latent-cache key,
+    named flat as since the first release (`kind`, `n`, `root`, ...), so old runs keep their cache keys."""
     keys = {"shapes": ("kind", "n", "seed", "size", "max_objects"),
             "fashion_mnist": ("kind", "root", "split", "size", "seed"),
             "folder": ("kind", "root", "size", "seed", "captions", "channels", "on_error")}[cfg.kind]
-    out = {k: getattr(cfg, k) for k in keys}
+    fields = {"kind": cfg.kind, "seed": cfg.seed, "size": cfg.size, "on_error": cfg.on_error,
+              **dataclasses.asdict(cfg.source)}
+    out = {k: fields[k] for k in keys}
     if cfg.kind == "shapes":  # keys added later join only when set, so older runs keep their cache keys
-        out.update({k: getattr(cfg, k) for k in ("min_objects", "p_relation")
-                    if getattr(cfg, k) != getattr(DataConfig, k)})
+        out.update({k: fields[k] for k in ("min_objects", "p_relation") if fields[k] != getattr(ShapesData, k)})
     if cfg.kind == "folder":
-        out["root"] = str(Path(cfg.root).resolve())
+        out["root"] = str(Path(cfg.folder.root).resolve())
     return out
 
 
@@ -131,7 +137,8 @@ def load_train_data(cfg: DataConfig) -> TrainData:
     raw = build_dataset(cfg)
     n = len(raw)
     if n == 0:
-        raise ValueError(f"the {cfg.kind} dataset is empty" + (f" (data.root = {cfg.root})" if cfg.root else ""))
+        root = getattr(cfg.source, "root", None)
+        raise ValueError(f"the {cfg.kind} dataset is empty" + (f" (data.{cfg.kind}.root = {root})" if root else ""))
     holdout = min(cfg.holdout, n // 2)  # never hold out more than half of a small dataset
     if holdout < cfg.holdout:
         logger.warning("data.holdout %d reduced to %d: the dataset has only %d images", cfg.holdout, holdout, n)

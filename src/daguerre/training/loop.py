@@ -25,7 +25,7 @@ from torch import nn
 
 from ..fileio import atomic_write_text
 from . import dist, state
-from .config import RunConfig, TrainConfig, load_run_config, to_jsonable
+from .config import RunConfig, TrainConfig, load_run_config, to_jsonable, upgrade_run_dict
 from .ema import EMA
 
 logger = logging.getLogger("daguerre.train")
@@ -40,7 +40,7 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "tr
 PHASE_CHANGES = ("loss.offset_noise", "loss.min_snr_gamma", "loss.caption_dropout", "loss.timestep_bias",
                  "loss.timestep_bias_multiplier", "loss.timestep_bias_portion", "loss.timestep_bias_begin",
                  "loss.timestep_bias_end",
-                 "data.min_objects", "data.max_objects", "data.p_relation",
+                 "data.shapes.min_objects", "data.shapes.max_objects", "data.shapes.p_relation",
                  "model.schedule.prediction_type", "model.schedule.zero_terminal_snr")
 # a phase that changes what the network predicts also restarts the EMA (its warm-up from update 0): an
 # average with weights trained for the old target is no model of the new one
@@ -171,7 +171,7 @@ def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, env: dist.DistEnv,
         raise ValueError(f"cannot resume {out}: no checkpoint reads ({why}); move the damaged ones away to start "
                          "again, or choose another --out")
     stop_step(int(meta["step"]), cfg.train.steps, until)
-    stored = meta["run_config"]
+    stored = upgrade_run_dict(meta["run_config"])  # the previous release's flat [data] keys in their sections
     old, new = flat(stored), flat(to_jsonable(cfg.to_dict()))
     # a key the stored config lacks was added by a newer daguerre: the run used what is now its default
     default = flat(to_jsonable(load_run_config(None, cfg.stage).to_dict()))
