@@ -17,12 +17,13 @@ from PIL import Image
 from torch import nn
 
 from daguerre.components import build_components
+from daguerre.conditioning import latent_mask
 from daguerre.config import preset
 from daguerre.diffusion.denoisers import Denoiser
 from daguerre.diffusion.sampler_names import resolve_sampler
 from daguerre.diffusion.schedules import img2img_sigmas
 from daguerre.pipelines import images as im
-from daguerre.pipelines.common import count_steps, encode_images, latent_mask
+from daguerre.pipelines.common import count_steps, encode_images
 from daguerre.pipelines.img2img import img2img
 from daguerre.pipelines.inpaint import inpaint
 from daguerre.pipelines.request import GenerationRequest

@@ -66,7 +66,7 @@ def build_components(
     from .weights.strict import instantiate
 
     tcfg = config.text_encoder
-    frozen = tcfg is not None and tcfg.kind != "clip"  # a frozen pretrained encoder: weights from its package
+    frozen = tcfg is not None and tcfg.frozen  # a frozen pretrained encoder: weights from its package
     if weights is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -127,7 +127,7 @@ def request_work(config: ModelConfig, *, width: int, height: int, steps: int, n:
     te = config.text_encoder
     context, text = 0, 0.0
     if config.unet.context_dim is not None:
-        chunks = max(1, prompt_chunks) if te is None or te.kind == "clip" else 1  # BERT: one window
+        chunks = max(1, prompt_chunks) if te is None or not te.frozen else 1  # BERT: one window
         context = (te.max_length if te is not None else CONTEXT_TOKENS) * chunks
         text = (2 if guided else 1) * chunks * (text_tflop(te) if te is not None else 0.0)
     unet = unet_tflop(config.unet, h, w, context)

@@ -263,7 +263,7 @@ def save_diffusers(components: Components, folder: str | os.PathLike, *, dtype: 
     from .vae_keys import vae_config_to_diffusers, vae_state_dict_to_diffusers
 
     tcfg = components.config.text_encoder
-    if tcfg is not None and tcfg.kind != "clip":
+    if tcfg is not None and tcfg.frozen:
         raise ValueError(f"a model with the frozen {tcfg.kind!r} text encoder has no diffusers StableDiffusionPipeline "
                          "form (its text encoder is a BERT); save it as a daguerre checkpoint (.safetensors) instead")
     if tcfg is not None and not tcfg.causal:

@@ -72,7 +72,7 @@ def load_single(
         )
     unet_sd = _unet_weights(sd, kept, use_ema)
     vae_sd = d.strip(kept, d.VAE_PREFIX)
-    frozen = cfg.text_encoder is not None and cfg.text_encoder.kind != "clip"  # weights from its own package
+    frozen = cfg.text_encoder is not None and cfg.text_encoder.frozen  # weights from its own package
     if frozen and det.text_layout is not None:
         raise ValueError(f"the checkpoint holds text-encoder weights (cond_stage_model.*) but its config uses the "
                          f"frozen pretrained {cfg.text_encoder.kind!r} encoder, whose weights are never stored")
@@ -112,7 +112,7 @@ def single_file_state_dict(components: Components, dtype: torch.dtype | None = N
     out = {d.UNET_PREFIX + k: v for k, v in unet.items()}
     out.update({d.VAE_PREFIX + k: v for k, v in vae.items()})
     tcfg = components.config.text_encoder
-    if text is not None and tcfg is not None and tcfg.kind == "clip":  # a frozen pretrained encoder is not stored
+    if text is not None and tcfg is not None and not tcfg.frozen:  # a frozen pretrained encoder is not stored
         if tcfg.activation == OPENCLIP_ACTIVATION:
             out.update({d.TEXT_PREFIX_OPENCLIP + k: v for k, v in text_state_dict_to_openclip(text, tcfg).items()})
         else:

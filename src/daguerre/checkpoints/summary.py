@@ -28,7 +28,7 @@ def _count(model: nn.Module | None) -> int:
 
 def _frozen_description(t) -> str | None:
     """What a frozen pretrained text encoder is and where its weights come from (None for CLIP)."""
-    if t.kind == "clip":
+    if not t.frozen:
         return None
     from ..models.bert import describe_minilm
 

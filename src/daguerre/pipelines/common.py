@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..components import Components
+from ..conditioning import EncodeImages, conditioner_for
 from ..diffusion.denoisers import Denoiser
 from ..diffusion.noise import generators_for, randn
 from ..diffusion.sampler_names import SAMPLERS
@@ -30,9 +30,6 @@ from .infotext import write_parameters
 from .prompts import encode_weighted
 from .request import ValidRequest, check_finite
 from .tiling import decode_latents, encode_latents
-
-if TYPE_CHECKING:
-    from ..models.autoencoder import AutoencoderKL
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -103,20 +100,12 @@ def encode_prompts(components: Components, prompts: list[str], clip_skip: int = 
 def conditioning(
     components: Components, req: ValidRequest, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(cond, uncond) dicts of batch 1 for the denoiser; uncond is None when guidance is off (scale 1)
-    or the model is unconditional. Text: cross-attention context of the prompt / negative prompt;
-    class: the label y, with the last class as the "no class" label of classifier-free guidance."""
-    cfg = components.config
-    use_cfg = req.cfg_scale != 1.0
-    if cfg.conditioning == "text":
-        prompts = [req.prompt, req.negative_prompt] if use_cfg else [req.prompt]
-        context = encode_prompts(components, prompts, req.clip_skip)  # one call; rows padded to equal length
-        return {"context": context[:1]}, ({"context": context[1:]} if use_cfg else None)
-    if cfg.conditioning == "class":
-        y = torch.tensor([req.class_index], device=device)
-        null = torch.tensor([cfg.unet.num_classes - 1], device=device)  # the last class is the "no class" label
-        return {"y": y}, ({"y": null} if use_cfg else None)
-    return {}, None
+    """(cond, uncond) dicts of batch 1 for the denoiser, from the model's conditioner
+    (`daguerre.conditioning`); uncond is None when guidance is off (scale 1) or the model is unconditional."""
+    def encode(prompts: list[str]) -> torch.Tensor:
+        return encode_prompts(components, prompts, req.clip_skip)
+
+    return conditioner_for(components.config).pair(req, device, encode)
 
 
 def expand(cond: dict[str, Any], b: int) -> dict[str, Any]:
@@ -143,41 +132,10 @@ def latents_to_images(components: Components, latents: torch.Tensor, tiled: bool
     return [Image.fromarray(np.squeeze(a, -1) if mode == "L" else a, mode) for a in arr]
 
 
-def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
-    """A pixel mask (B, 1, H, W) in [0, 1] -> latent resolution (B, 1, H/f, W/f) by max pooling.
-
-    Max (not area) pooling: every latent cell that any repainted pixel touches is regenerated, so the
-    decoded image is generated content wherever the pixel mask (and the paste-back) shows it. Area
-    pooling would leave boundary cells partly pinned to the original latents, and the paste-back
-    would then reveal a halo of half-repainted pixels at the mask's edge.
-    """
-    return F.max_pool2d(mask.float(), kernel_size=factor, stride=factor)
-
-
-def inpaint_model_concat(
-    vae: AutoencoderKL, pixels: torch.Tensor, mask: torch.Tensor, tiled: bool | None = None
-) -> torch.Tensor:
-    """The extra input of a 9-channel inpainting U-Net (SD inpainting, config.concat == "inpaint"):
-    cat(latent mask (1 ch), latent of the masked image (c ch)) -> (B, 1 + c, h, w).
-
-    SD's convention: the mask is binarised (>= 0.5), the masked image is image * (mask < 0.5) (the
-    repainted area set to 0, mid-gray in [-1, 1]) and encoded by the VAE; the U-Net input is
-    [noisy latent, mask, masked-image latent], and the Denoiser appends cond["concat"] after x.
-    """
-    binary = (mask >= 0.5).to(pixels.dtype)  # (B, 1, H, W)
-    masked = pixels * (1 - binary)  # (B, C, H, W)
-    masked_latent = encode_latents(vae, masked, tiled).to(pixels.device)  # (B, c, h, w), as encode_images
-    factor = vae.config.downsample_factor
-    return torch.cat([latent_mask(binary, factor).to(masked_latent), masked_latent], dim=1)
-
-
-def _default_concat(components: Components, req: ValidRequest, device: torch.device) -> torch.Tensor:
-    """An inpainting model used without a mask (txt2img, img2img): everything masked and the masked
-    image all gray, as A1111 does (its `inpainting_mask_weight` 1)."""
-    channels = components.config.vae.in_channels
-    pixels = torch.zeros(1, channels, req.height, req.width, device=device)
-    everything = torch.ones(1, 1, req.height, req.width, device=device)
-    return inpaint_model_concat(components.vae, pixels, everything, req.tile)
+def image_encoder(components: Components, tiled: bool | None, device: torch.device) -> EncodeImages:
+    """Pixels -> diffusion latents on `device` with the model's VAE (tiled as `encode_images`): what the
+    conditioner's image concatenations (`daguerre.conditioning`) encode masked images with."""
+    return lambda pixels: encode_latents(components.vae, pixels, tiled).to(device)
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -224,8 +182,10 @@ def run_plan(
 
     cond1, uncond1 = conditioning(components, req, device)  # once per request, batch of 1
     extra = {k: v.to(device) for k, v in plan.cond.items()}
-    if cfg.concat == "inpaint" and "concat" not in extra:
-        extra["concat"] = _default_concat(components, req, device)
+    if "concat" not in extra:  # an inpainting model without a mask: everything masked (NoConcat: nothing)
+        concat = conditioner_for(cfg).concat
+        extra.update(concat.unmasked_input(cfg, req.height, req.width, device, image_encoder(components, req.tile,
+                                                                                             device)))
     init = plan.init_latents.to(device) if plan.init_latents is not None else None
     results: list[GeneratedImage] = []
     for start in range(0, req.n, req.batch_size):

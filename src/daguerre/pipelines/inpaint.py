@@ -1,10 +1,10 @@
 """Inpainting: repaint the white part of a mask, keep the black part, with a regular model or with a
-9-channel inpainting model (SD inpainting, config.concat == "inpaint").
+9-channel inpainting model (SD inpainting, `conditioning.InpaintConcat`).
 
 Both start like img2img (the input encoded, noised to the strength's sigma) and both blend the x0
 estimate with the known latents outside the mask at every step (`inpaint_blend_denoiser`, guidance.py,
-in latent resolution: the mask max-pooled, see `common.latent_mask`). An inpainting model also gets
-its extra input channels, cat(mask, latent of the masked image) (`common.inpaint_model_concat`), for
+in latent resolution: the mask max-pooled, see `conditioning.latent_mask`). An inpainting model also gets
+its extra input channels, cat(mask, latent of the masked image) (`conditioning.InpaintConcat`), for
 the conditional and the unconditional branch alike.
 
 After decoding, the original pixels are pasted back outside the (blurred) mask:
@@ -35,15 +35,8 @@ import dataclasses
 from PIL import Image
 
 from ..components import Components
-from .common import (
-    Callback,
-    GeneratedImage,
-    SamplingPlan,
-    encode_images,
-    inpaint_model_concat,
-    latent_mask,
-    run_plan,
-)
+from ..conditioning import conditioner_for, latent_mask
+from .common import Callback, GeneratedImage, SamplingPlan, encode_images, image_encoder, run_plan
 from .images import IMAGE_RESAMPLE, MASK_RESAMPLE, blur_mask, fill_masked, image_to_tensor, mask_to_tensor, resize_image
 from .request import ValidRequest, require_valid
 
@@ -63,9 +56,8 @@ def inpaint_plan(components: Components, req: ValidRequest, image: Image.Image, 
         init = known * (1 - lat_mask)
     elif req.inpaint_fill == "latent noise":
         noise_mask = lat_mask
-    cond = {}
-    if cfg.concat == "inpaint":
-        cond["concat"] = inpaint_model_concat(components.vae, pixels, mask_px, req.tile)  # (1, 1 + c, h, w)
+    # an inpainting model's extra input cat(mask, masked-image latent) (1, 1 + c, h, w); none for others
+    cond = conditioner_for(cfg).concat.mask_input(cfg, pixels, mask_px, image_encoder(components, req.tile, device))
     params = {
         "Denoising strength": f"{req.strength:g}",
         "Mask blur": req.mask_blur,

@@ -265,10 +265,10 @@ def encode_weighted(
 ) -> torch.Tensor:
     """Context (B, 77 * k, d) for `prompts` with A1111 emphasis and chunking; k >= min_chunks for all rows.
 
-    Rows with fewer chunks than the longest are padded with chunks of the empty prompt. A BERT encoder
-    (config kind other than "clip") gets one window per prompt (`tokenize_window`): (B, max_length, d).
+    Rows with fewer chunks than the longest are padded with chunks of the empty prompt. A frozen BERT encoder
+    (`TextEncoderConfig.frozen`, MiniLM) gets one window per prompt (`tokenize_window`): (B, max_length, d).
     """
-    if text_encoder.config.kind != "clip":
+    if text_encoder.config.frozen:
         per_prompt = [[tokenize_window(tokenizer, p)] for p in prompts]
         min_chunks = 1
     else:

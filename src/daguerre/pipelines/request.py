@@ -27,6 +27,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..conditioning import conditioner_for
 from ..config import ModelConfig
 from ..limits import DEFAULT_LIMITS, Limits, request_work
 from .fields import (
@@ -68,13 +69,11 @@ MAX_SEED = 2**32 - 1
 DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 0.75, "upscale": 0.4}
 INPAINT_FILLS = ("original", "fill", "latent noise", "latent nothing")  # A1111 "Masked content"
 INPAINT_AREAS = ("whole", "only masked")  # A1111 "Inpaint area": Whole picture, Only masked (pipelines/inpaint.py)
-CONCAT_KINDS = (None, "inpaint", "lowres")
 MAX_UPSCALE = 8.0
 MAX_MASK_BLUR = 128  # px; A1111's slider stops at 64, and a wider blur leaves no mask to repaint
 # Sampling settings of a request that leaves them None and whose model recommends none (A1111's defaults,
 # except the sampler). A model recommends its own in `ModelConfig.defaults` (daguerre's trained models do).
 DEFAULT_SETTINGS: dict[str, Any] = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "Automatic", "cfg_scale": 7.0}
-LOWRES_NOISE_STEPS = 1000  # the low-res augmentation schedule's length (SD x4 upscaler `max_noise_level` < this)
 INPAINT = ("inpaint",)
 UPSCALE = ("upscale",)
 
@@ -223,10 +222,8 @@ class GenerationRequest:
             raise ValueError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
         if self.clip_skip < 1:
             raise ValueError(f"clip skip must be >= 1 (1 = the model's default layer), got {self.clip_skip}")
-        te = config.text_encoder
-        if config.conditioning == "text" and te is not None and self.clip_skip > te.layers - te.skip_layers:
-            raise ValueError(f"clip skip {self.clip_skip} is more than the {te.layers - te.skip_layers} layers this "
-                             f"model's text encoder can skip to; use 1..{te.layers - te.skip_layers}")
+        conditioner = conditioner_for(config)
+        conditioner.check_clip_skip(self.clip_skip)
         for name, value in (("width", self.width), ("height", self.height)):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive number of pixels, got {value} (leave it out for the "
@@ -234,7 +231,7 @@ class GenerationRequest:
         limits.check_count(self.n, self.steps)
         limits.check_prompt(self.prompt)
         limits.check_prompt(self.negative_prompt, "negative prompt")
-        chunks = _prompt_chunks(config, self.prompt, self.negative_prompt)
+        chunks = _prompt_chunks(conditioner.takes_prompt, self.prompt, self.negative_prompt)
         if self.eta is not None and not (0.0 <= self.eta < float("inf")):
             raise ValueError(f"eta must be >= 0 (0 = no fresh noise per step), got {self.eta}")
         if self.inpaint_area not in INPAINT_AREAS or (self.inpaint_area != "whole" and self.task != "inpaint"):
@@ -242,6 +239,7 @@ class GenerationRequest:
                              "'only masked' needs a mask (task inpaint)")
         choice = resolve_sampler(self.sampler, self.schedule)  # raises with the list of valid names
         _check_task(config, self.task)
+        conditioner.concat.check_task(config, self.task)
         factor = config.vae.downsample_factor * config.unet.downsample_factor
         images: dict[str, Any] = {}
         width, height = self.width, self.height
@@ -258,7 +256,7 @@ class GenerationRequest:
                     f"(VAE factor {config.vae.downsample_factor} x U-Net factor {config.unet.downsample_factor}); "
                     f"try {max(factor, round(value / factor) * factor)}"
                 )
-        guided = self.cfg_scale != 1.0 and config.conditioning != "none"
+        guided = conditioner.guided(self.cfg_scale)
         work = request_work(config, width=width, height=height, steps=self.steps, n=self.n, guided=guided,
                             encodes=self.task in IMAGE_TASKS, prompt_chunks=chunks)
         limits.check_work(work, f"{self.n} image(s) of {width}x{height} at {self.steps} steps")
@@ -267,13 +265,7 @@ class GenerationRequest:
             seed = secrets.randbelow(MAX_SEED)
         if not (0 <= seed <= MAX_SEED):
             raise ValueError(f"seed must be in [0, {MAX_SEED}] (or -1 for random), got {seed}")
-        class_index = None
-        if config.conditioning == "class":
-            class_index = _class_index(config, self.class_label)
-        elif self.class_label is not None:
-            raise ValueError(
-                f"class label {self.class_label!r} given, but model {config.name!r} is not class-conditional"
-            )
+        class_index = conditioner.class_index(self.class_label)
         resolved = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationRequest)}
         resolved.update(width=width, height=height, seed=seed, limits=limits, **images)
         return ValidRequest(**resolved, config=config, choice=choice, class_index=class_index,
@@ -344,7 +336,7 @@ class GenerationRequest:
         elif self.task == "upscale":
             if not (1.0 < self.upscale_factor <= MAX_UPSCALE):
                 raise ValueError(f"upscale factor must be in (1, {MAX_UPSCALE:g}], got {self.upscale_factor}")
-            _check_noise_level(config, self.noise_level)
+            conditioner_for(config).concat.check_noise_level(config, self.noise_level)
             width = width or snap_down(round(image.width * self.upscale_factor), factor)
             height = height or snap_down(round(image.height * self.upscale_factor), factor)
         elif width is None or height is None:
@@ -417,7 +409,7 @@ def _run_sigmas(config: ModelConfig, choice: SamplerChoice, fields: dict[str, An
     from ..diffusion.schedules import img2img_sigmas, model_sigmas
 
     sigmas = choice.sigmas(fields["steps"], model_sigmas(config.schedule))
-    if fields["task"] == "txt2img" or (fields["task"] == "upscale" and config.concat == "lowres"):
+    if conditioner_for(config).concat.starts_from_noise(fields["task"]):
         return sigmas
     return img2img_sigmas(sigmas, fields["strength"])
 
@@ -454,10 +446,10 @@ def check_finite(x: torch.Tensor, what: str, components: Components, request: Ge
                          f"{'; or '.join(causes) or 'the model or the settings are broken'}")
 
 
-def _prompt_chunks(config: ModelConfig, prompt: str, negative: str) -> int:
-    """Check the prompts' bracket syntax (pipelines.prompts) for a text model, and return an upper bound
-    of the 77-token chunks the longer one makes (1 for other models)."""
-    if config.conditioning != "text":
+def _prompt_chunks(takes_prompt: bool, prompt: str, negative: str) -> int:
+    """Check the prompts' bracket syntax (pipelines.prompts) for a model that reads prompts, and return an
+    upper bound of the 77-token chunks the longer one makes (1 for other models)."""
+    if not takes_prompt:
         return 1
     from .prompts import chunk_bound, parse_emphasis
 
@@ -472,49 +464,6 @@ def _name(source: Any) -> str:
 
 
 def _check_task(config: ModelConfig, task: str) -> None:
-    """The task must exist and fit the model's concatenated-input kind (ModelConfig.concat)."""
+    """The task must exist (whether it fits the model is its conditioner's `concat.check_task`)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if config.concat not in CONCAT_KINDS:
-        raise ValueError(f"model {config.name!r} has an unknown concat kind {config.concat!r}; "
-                         f"daguerre knows {', '.join(str(k) for k in CONCAT_KINDS)}")
-    lat = config.vae.latent_channels
-    if config.concat == "lowres":
-        if task != "upscale":
-            raise ValueError(f"model {config.name!r} is a super-resolution model (it takes a low-resolution image): "
-                             f"use `daguerre upscale`, not {task}")
-        if config.unet.in_channels != lat + config.vae.in_channels:
-            raise ValueError(f"super-resolution model {config.name!r} has {config.unet.in_channels} input channels; "
-                             f"expected {lat} latent + {config.vae.in_channels} image channels")
-        if config.conditioning == "class":
-            raise ValueError(f"model {config.name!r}: class-conditional super-resolution models are not supported")
-    if config.concat == "inpaint" and config.unet.in_channels != 2 * lat + 1:
-        raise ValueError(f"inpainting model {config.name!r} has {config.unet.in_channels} input channels; "
-                         f"expected {2 * lat + 1} (latent {lat} + mask 1 + masked-image latent {lat})")
-
-
-def _check_noise_level(config: ModelConfig, level: int) -> None:
-    """The low-res augmentation level of an SR model that is told it (its label embedding has that many rows)."""
-    if config.concat != "lowres" or config.unet.num_classes is None:
-        return
-    top = min(config.unet.num_classes, LOWRES_NOISE_STEPS) - 1
-    if not (isinstance(level, int) and 0 <= level <= top):
-        raise ValueError(f"noise level must be a whole number in [0, {top}], got {level!r}")
-
-
-def _class_index(config: ModelConfig, label: int | str | None) -> int:
-    """The class index a label names (an index or a class name), with a clear error otherwise."""
-    names = config.class_names or []
-    count = config.unet.num_classes or len(names)
-    if label is None:
-        raise ValueError(f"model {config.name!r} is class-conditional: give a class label (0..{count - 1} or a name)")
-    if isinstance(label, str) and not label.lstrip("-").isdigit():
-        lowered = [n.lower() for n in names]
-        if label.lower() not in lowered:
-            raise ValueError(f"unknown class {label!r}; classes: {', '.join(names)}")
-        return lowered.index(label.lower())
-    index = int(label)
-    if not (0 <= index < count):
-        raise ValueError(f"class label {index} out of range 0..{count - 1}")
-    return index
-

@@ -46,6 +46,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
 
+from ..conditioning import InpaintConcat, conditioner_for
 from ..limits import DEFAULT_LIMITS, Limits
 from .payload import (  # noqa: F401  (ApiError, decode_image, request_from_payload: this module's names before)
     ApiError,
@@ -196,7 +197,8 @@ class Server:
             "denoising_strength": request.strength, "eta": request.eta, "extra_generation_params": {},
             "index_of_first_image": 0, "infotexts": [r.parameters for r in results], "styles": [],
             "job_timestamp": self.state["job_timestamp"], "clip_skip": request.clip_skip,
-            "is_using_inpainting_conditioning": self.pipe.components.config.concat == "inpaint",
+            "is_using_inpainting_conditioning": isinstance(conditioner_for(self.pipe.components.config).concat,
+                                                           InpaintConcat),
             "interrupted": interrupted,
         }
 

@@ -6,9 +6,9 @@ SAME functions the pipelines call at inference, so training and sampling cannot 
 - `model.concat = "lowres"` (LDM super-resolution, Sec. 4.4; SD x4 upscaler): the training image is the
   high-resolution target (its latent comes from the latent cache as for any model); c is the image
   downscaled `data.lowres_factor` times (PIL bicubic, `downscale`, then 8-bit, as a saved low-res PNG),
-  mapped to [-1, 1] and resized bicubically to the latent grid by `pipelines.upscale.lowres_concat`.
+  mapped to [-1, 1] and resized bicubically to the latent grid by `conditioning.LowresConcat.build`.
   With `data.lowres_noise` = L > 0, each sample draws a level l ~ U{0..L}, c becomes a c + s eps with
-  (a, s) = `pipelines.upscale.lowres_noise_scales(l)` (noise-conditioning augmentation, Ho et al. 2022),
+  (a, s) = `conditioning.LowresConcat.noise_scales(l)` (noise-conditioning augmentation, Ho et al. 2022),
   and the U-Net is told l through a label embedding of L + 1 rows (`unet.num_classes`), exactly what
   `daguerre upscale --noise-level` feeds it. The low-res images are computed ONCE from the images and
   kept (uint8, one per cached view) in a pixel cache beside the latent cache; only the resize to the
@@ -16,7 +16,7 @@ SAME functions the pipelines call at inference, so training and sampling cannot 
 - `model.concat = "inpaint"` (SD inpainting, 9 channels for 4 latent channels): per sample and step a
   random mask (`random_mask`: rectangles and brush strokes, and a fraction `data.mask_full` of fully
   masked examples, so the model also generates from nothing); c = cat(mask at the latent size, latent
-  of the masked image) from `pipelines.common.inpaint_model_concat`, the function `daguerre inpaint`
+  of the masked image) from `conditioning.InpaintConcat.build`, the function `daguerre inpaint`
   uses. The masked image changes every step, so it is encoded by the frozen VAE every step (one encoder
   pass per image, without gradients: ~20% fewer images/s with shapes_inpaint_ldm.toml than with
   shapes_ldm.toml); the training images are kept in memory (and in the pixel cache) as uint8.
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..conditioning import InpaintConcat, LowresConcat, NoConcat, conditioner_for
 from ..config import ModelConfig
 from ..fileio import atomic_save_safetensors
 from . import dist
@@ -155,9 +156,10 @@ def lowres_views(pixels: torch.Tensor, factor: int, flip: bool) -> torch.Tensor:
 
 @dataclass
 class ConcatInputs:
-    """What stage 2 concatenates to x_t, for one run (module docstring)."""
+    """What stage 2 concatenates to x_t, for one run (module docstring): one subclass per concatenation
+    kind of `daguerre.conditioning` (`INPUTS`), which builds c with the pipelines' own functions."""
 
-    config: ModelConfig  # the derived model config (concat kind, VAE factor, unet.num_classes)
+    config: ModelConfig  # the derived model config (VAE factor, unet.num_classes)
     vae: AutoencoderKL  # the frozen autoencoder (inpaint: masked-image latents)
     pixels: torch.Tensor  # uint8: lowres (N, V, C, H/k, W/k); inpaint (N, C, H, W)
     size: int  # training image side
@@ -166,23 +168,102 @@ class ConcatInputs:
     mask_full: float = DEFAULT_MASK_FULL
     preview: list[dict[str, Any]] = field(default_factory=list)  # the first training items: sample grids
 
-    @property
-    def kind(self) -> str:
-        return self.config.concat
+    @staticmethod
+    def cache_params(factor: int, flip: bool) -> dict[str, Any]:
+        """The settings its pixel cache depends on besides the data (part of the cache key)."""
+        return {"factor": None, "flip": None}
+
+    @staticmethod
+    def cached_pixels(pixels: torch.Tensor, factor: int, flip: bool) -> torch.Tensor:
+        """uint8 training images (b, C, H, W) -> what the pixel cache keeps of them."""
+        return pixels
 
     def draw(self, rows: torch.Tensor, views: torch.Tensor, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """The CPU inputs of one micro-batch: images (lowres or full, in [-1, 1]) and the per-sample draws."""
-        if self.kind == "lowres":
-            out = {"lowres": to_float(self.pixels[rows, views])}  # (B, C, h0, w0)
-            if self.noise_max > 0:
-                f = self.config.vae.downsample_factor
-                shape = (self.pixels.shape[2], self.size // f, self.size // f)
-                levels, eps = [], []
-                for g in gens:
-                    levels.append(torch.randint(0, self.noise_max + 1, (1,), generator=g))
-                    eps.append(torch.randn(shape, generator=g))
-                out["level"], out["eps"] = torch.cat(levels), torch.stack(eps)
-            return out
+        raise NotImplementedError
+
+    def build(self, draws: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(concat (B, c, h, w), labels y or None) on `device`, from `draw`'s output."""
+        raise NotImplementedError
+
+    def step(self, rows: torch.Tensor, views: torch.Tensor, gens: list[torch.Generator],
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.build(self.draw(rows, views, gens), device)
+
+    def sample_pair(self, original: Image.Image, common: dict[str, Any],
+                    components: Components) -> tuple[Image.Image, Image.Image]:
+        """(the input shown, the model's output) of one preview image through the pipeline of its kind."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample_grid(self, components: Components, sample: SampleConfig) -> Image.Image:
+        """The first training images through `upscale` / `inpaint` (fixed seeds, sample steps, sampler and
+        guidance, each image's own caption): rows input, output, original."""
+        from .samples import grid
+
+        conditioner = conditioner_for(components.config)
+        cells = []
+        for i, item in enumerate(self.preview):
+            original = pil_of(to_uint8(item["image"]))
+            common = {**conditioner.item_request(item.get("caption", ""), item.get("label")),
+                      "steps": sample.steps, "sampler": sample.sampler,
+                      "cfg_scale": conditioner.guidance_scale(sample.cfg_scale),
+                      "seed": sample.seed + i, "width": self.size, "height": self.size}
+            shown, out = self.sample_pair(original, common, components)
+            cells.append((shown, out, original))
+        n = len(cells)
+        return grid([c[0] for c in cells] + [c[1] for c in cells] + [c[2] for c in cells], cols=n)
+
+
+class LowresInputs(ConcatInputs):
+    """Super-resolution: the cached low-res views, noise-augmented per sample when `noise_max` > 0."""
+
+    @staticmethod
+    def cache_params(factor: int, flip: bool) -> dict[str, Any]:
+        return {"factor": factor, "flip": flip}
+
+    @staticmethod
+    def cached_pixels(pixels: torch.Tensor, factor: int, flip: bool) -> torch.Tensor:
+        return lowres_views(pixels, factor, flip)
+
+    def draw(self, rows: torch.Tensor, views: torch.Tensor, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        out = {"lowres": to_float(self.pixels[rows, views])}  # (B, C, h0, w0)
+        if self.noise_max > 0:
+            f = self.config.vae.downsample_factor
+            shape = (self.pixels.shape[2], self.size // f, self.size // f)
+            levels, eps = [], []
+            for g in gens:
+                levels.append(torch.randint(0, self.noise_max + 1, (1,), generator=g))
+                eps.append(torch.randn(shape, generator=g))
+            out["level"], out["eps"] = torch.cat(levels), torch.stack(eps)
+        return out
+
+    @torch.no_grad()
+    def build(self, draws: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        c = LowresConcat.build(self.config, draws["lowres"].to(device), self.size, self.size)
+        if "level" not in draws:
+            return c, None
+        scales = [LowresConcat.noise_scales(int(v)) or (1.0, 0.0) for v in draws["level"]]
+        a = torch.tensor([s[0] for s in scales], dtype=c.dtype, device=device).view(-1, 1, 1, 1)
+        s = torch.tensor([s[1] for s in scales], dtype=c.dtype, device=device).view(-1, 1, 1, 1)
+        return a * c + s * draws["eps"].to(device, c.dtype), draws["level"].to(device)
+
+    def sample_pair(self, original: Image.Image, common: dict[str, Any],
+                    components: Components) -> tuple[Image.Image, Image.Image]:
+        from ..pipelines.request import GenerationRequest
+        from ..pipelines.upscale import upscale
+
+        small = downscale(original, self.factor)
+        req = GenerationRequest(**common, task="upscale", init_image=small, upscale_factor=float(self.factor),
+                                noise_level=min(SAMPLE_NOISE_LEVEL, self.noise_max))
+        shown = small.resize(original.size, Image.Resampling.NEAREST)
+        return shown, upscale(components, req.validate(components.config))[0].image
+
+
+class InpaintInputs(ConcatInputs):
+    """Inpainting: a random mask per sample and step, and the latent of the image masked by it."""
+
+    def draw(self, rows: torch.Tensor, views: torch.Tensor, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
         x = to_float(self.pixels[rows])  # (B, C, H, W)
         flipped = views.bool()
         x[flipped] = x[flipped].flip(-1)
@@ -191,78 +272,45 @@ class ConcatInputs:
 
     @torch.no_grad()
     def build(self, draws: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(concat (B, c, h, w), labels y or None) on `device`, from `draw`'s output."""
-        if self.kind == "lowres":
-            from ..pipelines.upscale import lowres_concat, lowres_noise_scales
+        from ..pipelines.tiling import encode_latents
 
-            c = lowres_concat(self.config, draws["lowres"].to(device), self.size, self.size)
-            if "level" not in draws:
-                return c, None
-            scales = [lowres_noise_scales(int(v)) or (1.0, 0.0) for v in draws["level"]]
-            a = torch.tensor([s[0] for s in scales], dtype=c.dtype, device=device).view(-1, 1, 1, 1)
-            s = torch.tensor([s[1] for s in scales], dtype=c.dtype, device=device).view(-1, 1, 1, 1)
-            return a * c + s * draws["eps"].to(device, c.dtype), draws["level"].to(device)
-        from ..pipelines.common import inpaint_model_concat
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return encode_latents(self.vae, pixels).to(pixels.device)
 
-        return inpaint_model_concat(self.vae, draws["image"].to(device), draws["mask"].to(device)), None
+        factor = self.config.vae.downsample_factor
+        return InpaintConcat.build(draws["image"].to(device), draws["mask"].to(device), encode, factor), None
 
-    def step(self, rows: torch.Tensor, views: torch.Tensor, gens: list[torch.Generator],
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.build(self.draw(rows, views, gens), device)
-
-    @torch.no_grad()
-    def sample_grid(self, components: Components, sample: SampleConfig) -> Image.Image:
-        """The first training images through `upscale` / `inpaint` (fixed seeds, sample steps, sampler and
-        guidance, each image's own caption): rows input, output, original."""
+    def sample_pair(self, original: Image.Image, common: dict[str, Any],
+                    components: Components) -> tuple[Image.Image, Image.Image]:
+        from ..pipelines.inpaint import inpaint
         from ..pipelines.request import GenerationRequest
-        from .samples import grid
 
-        conditioning = components.config.conditioning
-        cells = []
-        for i, item in enumerate(self.preview):
-            original = pil_of(to_uint8(item["image"]))
-            common = {"prompt": str(item.get("caption", "")) if conditioning == "text" else "",
-                      "steps": sample.steps, "sampler": sample.sampler,
-                      "cfg_scale": 1.0 if conditioning == "none" else sample.cfg_scale,
-                      "seed": sample.seed + i, "width": self.size, "height": self.size,
-                      "class_label": int(item["label"]) if conditioning == "class" else None}
-            if self.kind == "lowres":
-                from ..pipelines.upscale import upscale
-
-                small = downscale(original, self.factor)
-                req = GenerationRequest(**common, task="upscale", init_image=small, upscale_factor=float(self.factor),
-                                        noise_level=min(SAMPLE_NOISE_LEVEL, self.noise_max))
-                shown = small.resize(original.size, Image.Resampling.NEAREST)
-                out = upscale(components, req.validate(components.config))[0].image
-            else:
-                from ..pipelines.inpaint import inpaint
-
-                mask = np.zeros((self.size, self.size), np.uint8)
-                q = self.size // 4
-                mask[q:self.size - q, q:self.size - q] = 255  # the centre square
-                keep = (mask == 0)[..., None] if original.mode == "RGB" else mask == 0
-                shown = Image.fromarray(np.where(keep, np.asarray(original), 128).astype(np.uint8), original.mode)
-                req = GenerationRequest(**common, task="inpaint", init_image=original, mask=Image.fromarray(mask),
-                                        strength=1.0, mask_blur=0)
-                out = inpaint(components, req.validate(components.config))[0].image
-            cells.append((shown, out, original))
-        n = len(cells)
-        return grid([c[0] for c in cells] + [c[1] for c in cells] + [c[2] for c in cells], cols=n)
+        mask = np.zeros((self.size, self.size), np.uint8)
+        q = self.size // 4
+        mask[q:self.size - q, q:self.size - q] = 255  # the centre square
+        keep = (mask == 0)[..., None] if original.mode == "RGB" else mask == 0
+        shown = Image.fromarray(np.where(keep, np.asarray(original), 128).astype(np.uint8), original.mode)
+        req = GenerationRequest(**common, task="inpaint", init_image=original, mask=Image.fromarray(mask),
+                                strength=1.0, mask_blur=0)
+        return shown, inpaint(components, req.validate(components.config))[0].image
 
 
-def pixel_cache_key(description: dict, kind: str, factor: int, flip: bool, n_train: int) -> str:
+INPUTS: dict[type[NoConcat], type[ConcatInputs]] = {LowresConcat: LowresInputs, InpaintConcat: InpaintInputs}
+
+
+def pixel_cache_key(description: dict, inputs: type[ConcatInputs], kind: str, factor: int, flip: bool,
+                    n_train: int) -> str:
     blob = json.dumps({"version": PIXEL_CACHE_VERSION, "data": description, "kind": kind,
-                       "factor": factor if kind == "lowres" else None, "flip": flip if kind == "lowres" else None,
-                       "n_train": n_train}, sort_keys=True)
+                       **inputs.cache_params(factor, flip), "n_train": n_train}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:KEY_CHARS]
 
 
-def _build_pixels(data: TrainData, kind: str, factor: int, flip: bool) -> torch.Tensor:
+def _build_pixels(data: TrainData, inputs: type[ConcatInputs], factor: int, flip: bool) -> torch.Tensor:
     chunks = []
     pool = data.train_pool
     for start in range(0, len(pool), LOAD_BATCH):
         px = to_uint8(images_of(load_items(data, pool[start:start + LOAD_BATCH])))  # (b, C, H, W)
-        chunks.append(lowres_views(px, factor, flip) if kind == "lowres" else px)
+        chunks.append(inputs.cached_pixels(px, factor, flip))
     return torch.cat(chunks)
 
 
@@ -270,17 +318,18 @@ def build_concat_inputs(model_cfg: ModelConfig, cfg: RunConfig, data: TrainData,
                         cache_root: Path, env: dist.DistEnv) -> ConcatInputs | None:
     """The run's `ConcatInputs` (None for a model without concatenation); rank 0 builds the pixel cache
     file CACHE/pixels_<kind>_<key>.safetensors when it is missing, every process then loads it."""
-    kind, d = model_cfg.concat, cfg.data
-    if kind is None:
+    conditioner, d = conditioner_for(model_cfg), cfg.data
+    inputs = INPUTS.get(type(conditioner.concat))
+    if inputs is None:
         return None
-    factor = d.lowres_factor
-    key = pixel_cache_key(data.description, kind, factor, d.flip, len(data.train_pool))
+    kind, factor = conditioner.concat.kind, d.lowres_factor
+    key = pixel_cache_key(data.description, inputs, kind, factor, d.flip, len(data.train_pool))
     path = cache_root / f"pixels_{kind}_{key}.safetensors"
     if not dist.broadcast_object(path.is_file()):  # rank 0's answer, so that every process takes the same path
         if env.is_main:
             began = time.monotonic()
             logger.info("building the %s pixel cache %s from %d training images", kind, path, len(data.train_pool))
-            pixels = _build_pixels(data, kind, factor, d.flip)
+            pixels = _build_pixels(data, inputs, factor, d.flip)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save_safetensors({"pixels": pixels}, path, {"key": key, "kind": kind})
             logger.info("pixel cache: %s uint8 (%.1f MB) in %.1f s", tuple(pixels.shape), pixels.numel() / 1e6,
@@ -294,8 +343,8 @@ def build_concat_inputs(model_cfg: ModelConfig, cfg: RunConfig, data: TrainData,
     if pixels.shape[0] != len(data.train_pool):
         raise ValueError(f"pixel cache {path} holds {pixels.shape[0]} images, not {len(data.train_pool)}: "
                          "delete it to rebuild it")
-    n_preview = len(cfg.sample.prompts) if model_cfg.conditioning == "text" else cfg.sample.n_unconditional
+    n_preview = conditioner.preview_count(cfg.sample.prompts, cfg.sample.n_unconditional)
     n_preview = min(n_preview, MAX_SAMPLE_IMAGES, len(data.train_pool))
     preview = load_items(data, data.train_pool[:n_preview]) if env.is_main else []
-    return ConcatInputs(config=model_cfg, vae=vae, pixels=pixels, size=d.size, factor=factor,
-                        noise_max=d.lowres_noise, mask_full=d.mask_full, preview=preview)
+    return inputs(config=model_cfg, vae=vae, pixels=pixels, size=d.size, factor=factor,
+                  noise_max=d.lowres_noise, mask_full=d.mask_full, preview=preview)

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..checkpoints.vae_file import load_vae
 from ..components import Components
+from ..conditioning import conditioner_for
 from ..diffusion.schedules import alphas_cumprod, betas_from_config, q_sample
 from ..models.text_encoder import CLIPTextEncoder, prune_vocabulary
 from ..models.tokenizer import CLIPTokenizer
@@ -189,7 +190,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
     sampler = dist.StreamSampler(torch.arange(len(lat)).numpy(), t.seed, t.batch_size, env.world, env.rank,
                                  t.grad_accum)
     shape = tuple(lat.mean.shape[2:])
-    null_class = (model_cfg.unet.num_classes or 1) - 1
+    conditioner = conditioner_for(model_cfg)  # text, class or none: the condition of each micro-batch
+    text = text_cache.text_hook(tokenizer, te, trained=train_te, cache=text_emb, bf16=t.bf16)
     scale, shift = model_cfg.vae.scale_factor, model_cfg.vae.shift_factor
     ema_copies = {}
     if env.is_main:
@@ -222,21 +224,7 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
             target = losses.diffusion_target(schedule.prediction_type, z0, r["noise"], abar).to(device)
             weights = losses.min_snr_weights(abar, lc.min_snr_gamma, schedule.prediction_type).to(device)
             dropped = r["drop"] < lc.caption_dropout
-            kwargs: dict[str, torch.Tensor] = {}
-            if model_cfg.conditioning == "text":
-                caps = ["" if d else lat.captions[i] for i, d in zip(idx.tolist(), dropped.tolist(), strict=True)]
-                ids = tokenizer(caps).to(device) if text_emb is None else None
-                if text_emb is not None:  # a frozen pretrained encoder: its contexts, cached once
-                    kwargs["context"] = text_emb.lookup(caps, device)
-                elif train_te:
-                    kwargs["ids"] = ids
-                else:
-                    with torch.no_grad(), autocast(device, t.bf16):
-                        kwargs["context"] = te(ids, output_pooled=False).hidden
-            elif model_cfg.conditioning == "class":
-                y = lat.labels[rows].clone()
-                y[dropped] = null_class
-                kwargs["y"] = y.to(device)
+            kwargs = conditioner.batch(rows, dropped, lat, device, text)  # dropped: the null condition
             if concat_in is not None:  # cat(x_t, c): the low-res image or mask + masked-image latent
                 c, y_extra = concat_in.step(rows, r["view"], gens, device)
                 x_t = torch.cat([x_t, c.to(x_t)], dim=1)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..components import Components
+from ..conditioning import conditioner_for
 from ..fileio import atomic_path
 from .config import SampleConfig
 
@@ -56,29 +57,18 @@ def comparison_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> 
     return grid(to_pil(originals) + to_pil(reconstructions), cols=n)
 
 
-def sample_requests(components: Components, sample: SampleConfig) -> list[tuple[str, int | None]]:
-    """(prompt, class label) of every cell of a sample grid for this model's conditioning."""
-    cfg = components.config
-    if cfg.conditioning == "text":
-        return [(p, None) for p in sample.prompts]
-    if cfg.conditioning == "class":
-        labels = sample.labels or list(range(len(cfg.class_names or [])))
-        return [("", int(label)) for label in labels]
-    return [("", None)] * sample.n_unconditional
-
-
 @torch.no_grad()
 def sample_grid(components: Components, sample: SampleConfig) -> Image.Image:
     """One image per prompt / label (or `n_unconditional` images), seeds sample.seed + i, as a grid."""
     from ..pipelines.request import GenerationRequest
     from ..pipelines.txt2img import txt2img
 
-    cells = sample_requests(components, sample)
+    conditioner = conditioner_for(components.config)
+    cells = conditioner.sample_cells(sample.prompts, sample.labels, sample.n_unconditional)
     images = []
-    for i, (prompt, label) in enumerate(cells):
-        uncond = components.config.conditioning == "none"
-        req = GenerationRequest(prompt=prompt, steps=sample.steps, sampler=sample.sampler, schedule=sample.schedule,
-                                cfg_scale=1.0 if uncond else sample.cfg_scale, seed=sample.seed + i, class_label=label)
+    for i, cell in enumerate(cells):
+        req = GenerationRequest(**cell, steps=sample.steps, sampler=sample.sampler, schedule=sample.schedule,
+                                cfg_scale=conditioner.guidance_scale(sample.cfg_scale), seed=sample.seed + i)
         images.append(txt2img(components, req.validate(components.config))[0].image)
     cols = int(np.ceil(np.sqrt(len(images))))
     return grid(images, cols)

@@ -21,14 +21,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..conditioning import Cond, TextHook, conditioner_for
 from ..config import ModelConfig
 from ..fileio import atomic_save_safetensors
 from ..untrusted import parse_json
 from . import dist
 from .latents import MANIFEST, _shard_path, build_shards  # noqa: F401 (MANIFEST: the layout of the latent cache)
+from .loop import autocast
 
 logger = logging.getLogger("daguerre.train")
 CACHE_VERSION = 1
@@ -62,8 +65,8 @@ class TextEmbeddings:
 def load_frozen_text_encoder(model_cfg: ModelConfig, device: torch.device):
     """(encoder, tokenizer) of a model whose text encoder is frozen and pretrained (kind "minilm"), loaded from
     its package; None for any other model. Records the installed weights' sha256 in `model_cfg.text_encoder`."""
-    tcfg = model_cfg.text_encoder
-    if model_cfg.conditioning != "text" or tcfg is None or tcfg.kind == "clip":
+    tcfg = conditioner_for(model_cfg).text_encoder  # None unless the model reads prompts
+    if tcfg is None or not tcfg.frozen:
         return None
     from ..models.bert import describe_minilm, load_minilm, minilm_tokenizer
 
@@ -139,3 +142,50 @@ def _load(folder: Path, n_shards: int) -> TextEmbeddings:
             contexts.append(f.get_tensor("context"))
             caps += parse_json(f.metadata()["captions"], f"{path}: the captions metadata")
     return TextEmbeddings(context=torch.cat(contexts), rows={c: i for i, c in enumerate(caps)}, folder=folder)
+
+
+# --- the text condition of a training step ----------------------------------------------------------------
+
+@dataclass
+class CachedContexts:
+    """A frozen pretrained encoder's contexts, read from the cache (`build_or_load`)."""
+
+    cache: TextEmbeddings
+
+    def __call__(self, captions: list[str], device: torch.device) -> Cond:
+        return {"context": self.cache.lookup(captions, device)}
+
+
+@dataclass
+class TrainedTokens:
+    """The token ids of a jointly trained encoder, which `ldm.DiffusionModel` runs inside the loss."""
+
+    tokenizer: Any
+
+    def __call__(self, captions: list[str], device: torch.device) -> Cond:
+        return {"ids": self.tokenizer(captions).to(device)}
+
+
+@dataclass
+class FrozenContexts:
+    """The contexts of a CLIP-style encoder kept frozen (`loss.train_text_encoder = false`), computed per step."""
+
+    tokenizer: Any
+    encoder: torch.nn.Module
+    bf16: bool
+
+    def __call__(self, captions: list[str], device: torch.device) -> Cond:
+        ids = self.tokenizer(captions).to(device)
+        with torch.no_grad(), autocast(device, self.bf16):
+            return {"context": self.encoder(ids, output_pooled=False).hidden}
+
+
+def text_hook(tokenizer: Any, encoder: torch.nn.Module | None, *, trained: bool, cache: TextEmbeddings | None,
+              bf16: bool) -> TextHook | None:
+    """How stage 2 turns a micro-batch's captions into the U-Net's text condition (`TextConditioner.batch`),
+    chosen once per run; None for a model without a text encoder."""
+    if cache is not None:
+        return CachedContexts(cache)
+    if tokenizer is None or encoder is None:
+        return None
+    return TrainedTokens(tokenizer) if trained else FrozenContexts(tokenizer, encoder, bf16)
