@@ -235,3 +235,16 @@ def test_the_pipelines_pair_is_the_conditioner_pair():
     cond, uncond = conditioning(comps, req, DEVICE)
     assert cond["context"].shape[0] == 1 and uncond["context"].shape == cond["context"].shape
     assert not torch.equal(cond["context"], uncond["context"])
+
+
+@pytest.mark.parametrize("key,value,valid", [("conditioning", "txt", "'text', 'class', 'none'"),
+                                             ("concat", "depth", "'inpaint', 'lowres'")])
+def test_a_stored_config_with_an_unknown_kind_is_refused(key, value, valid):
+    d = preset("tiny").to_dict()
+    d[key] = value
+    with pytest.raises(ValueError, match=f"config key {key}: '{value}' is not of type .*{valid}"):
+        ModelConfig.from_dict(d)
+    d = preset("tiny").to_dict()
+    d["text_encoder"]["kind"] = "bert"
+    with pytest.raises(ValueError, match="text_encoder.kind: 'bert'"):
+        ModelConfig.from_dict(d)

@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,7 +156,7 @@ def lowres_views(pixels: torch.Tensor, factor: int, flip: bool) -> torch.Tensor:
 # --- the per-step inputs --------------------------------------------------------------------------------
 
 @dataclass
-class ConcatInputs:
+class ConcatInputs(ABC):
     """What stage 2 concatenates to x_t, for one run (module docstring): one subclass per concatenation
     kind of `daguerre.conditioning` (`INPUTS`), which builds c with the pipelines' own functions."""
 
@@ -178,22 +179,22 @@ class ConcatInputs:
         """uint8 training images (b, C, H, W) -> what the pixel cache keeps of them."""
         return pixels
 
+    @abstractmethod
     def draw(self, rows: torch.Tensor, views: torch.Tensor, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """The CPU inputs of one micro-batch: images (lowres or full, in [-1, 1]) and the per-sample draws."""
-        raise NotImplementedError
 
+    @abstractmethod
     def build(self, draws: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(concat (B, c, h, w), labels y or None) on `device`, from `draw`'s output."""
-        raise NotImplementedError
 
     def step(self, rows: torch.Tensor, views: torch.Tensor, gens: list[torch.Generator],
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.build(self.draw(rows, views, gens), device)
 
+    @abstractmethod
     def sample_pair(self, original: Image.Image, common: dict[str, Any],
                     components: Components) -> tuple[Image.Image, Image.Image]:
         """(the input shown, the model's output) of one preview image through the pipeline of its kind."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def sample_grid(self, components: Components, sample: SampleConfig) -> Image.Image:
