@@ -42,11 +42,6 @@ from ..config import (
 from ..untrusted import read_json, regular_file
 
 STAGES = ("vae", "ldm")
-ON_ERROR = ("skip", "raise")
-LR_DECAYS = ("cosine", "constant")
-REC_LOSSES = ("l1", "l2")
-LATENT_MODES = ("sample", "mode")
-TIMESTEP_BIASES = ("none", "later", "earlier", "range")
 MAX_LOWRES_FACTOR = 8  # pipelines.request.MAX_UPSCALE
 LOWRES_LEVELS = 1000  # pipelines.request.LOWRES_NOISE_STEPS: levels of the augmentation schedule
 
@@ -66,7 +61,7 @@ class FashionMNISTData:
     """`[data.fashion_mnist]`: Fashion-MNIST idx files, captioned from the class names."""
 
     root: str | None = None  # the folder of the idx files; None = the Debian path
-    split: str = "train"  # "train" or "test"
+    split: Literal["train", "test"] = "train"
 
 
 @dataclass
@@ -76,7 +71,7 @@ class FolderData:
     root: str | None = None  # the image folder (required)
     captions: str = "auto"  # "auto", "txt" (sidecars), "metadata" (metadata.jsonl/csv), "folders", "none"
     channels: int = 3  # 3 = RGB, 1 = grayscale
-    crop: str = "center"  # "center" or "random" (the VAE stage only; the LDM latent cache is centre-cropped)
+    crop: Literal["center", "random"] = "center"  # "random": the VAE stage only (the LDM latent cache is centred)
 
 
 @dataclass
@@ -95,7 +90,6 @@ class InpaintData:
 
 
 DataKind = Literal["shapes", "fashion_mnist", "folder"]
-DATA_KINDS: tuple[str, ...] = typing.get_args(DataKind)
 # the subsection of each data kind and of each concatenation kind; a run has exactly those of its kinds
 KIND_SECTIONS: dict[str, type] = {"shapes": ShapesData, "fashion_mnist": FashionMNISTData, "folder": FolderData}
 CONCAT_SECTIONS: dict[str, type] = {"lowres": LowresData, "inpaint": InpaintData}
@@ -120,7 +114,7 @@ class DataConfig:
     seed: int = 0  # shapes: world seed; fashion_mnist: caption phrasing seed; folder: caption choice seed
     flip: bool = False  # random horizontal flips (LDM: both variants cached); off: flips falsify "left"/"right"
     holdout: int = 64  # images at the end of the dataset kept out of training: reconstructions, latent scale
-    on_error: str = "skip"  # unreadable image: "skip" it (named in the log) or "raise" (stop the run)
+    on_error: Literal["skip", "raise"] = "skip"  # unreadable image: "skip" it (named in the log) or stop the run
     workers: int = 0  # DataLoader worker processes (0 = load in the training process)
     cache_dir: str | None = None  # LDM latent cache; None = RUN_DIR/latents
     shapes: ShapesData | None = None
@@ -162,7 +156,7 @@ class TrainConfig:
     lr: float = 1e-4  # peak learning rate
     min_lr: float = 0.0  # cosine decay ends here
     warmup_steps: int = 500  # linear warm-up from 0 to lr
-    decay: str = "cosine"  # "cosine" (to min_lr at `steps`) or "constant" after warm-up
+    decay: Literal["cosine", "constant"] = "cosine"  # "cosine": to min_lr at `steps`; or constant after warm-up
     weight_decay: float = 0.01  # AdamW decoupled weight decay (Loshchilov & Hutter 2019)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -182,7 +176,7 @@ class TrainConfig:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, e.g. to export later
     tensorboard: bool = False  # also write TensorBoard events (if torch.utils.tensorboard imports)
     progress: bool = True  # tqdm progress bar on rank 0
-    save_dtype: str = "float16"  # dtype of the final model file: "float16", "bfloat16" or "float32"
+    save_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # dtype of the final model file
     # stage 2, jointly trained text encoder: the final model keeps only the token-embedding rows of tokens
     # that occur in the training captions (the others were never trained); unknown words then embed as zeros
     prune_vocabulary: bool = True
@@ -195,7 +189,7 @@ class TrainConfig:
 class VAELossConfig:
     """Stage 1 objective (LDM App. G; taming-transformers `LPIPSWithDiscriminator` without the learned logvar)."""
 
-    rec: str = "l1"  # pixel reconstruction loss: "l1" or "l2"
+    rec: Literal["l1", "l2"] = "l1"  # pixel reconstruction loss
     kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)), summed over latent elements, per image
     perceptual: str | None = None  # name of a registered perceptual loss (training.losses.PERCEPTUAL); None = off
     perceptual_weight: float = 1.0
@@ -213,12 +207,12 @@ class LDMLossConfig:
     min_snr_gamma: float = 5.0  # min-SNR-gamma weighting (Hang et al. 2023); 0 = uniform weights
     offset_noise: float = 0.0  # per-channel constant added to the noise (Guttenberg 2023); 0.1 is usual
     caption_dropout: float = 0.1  # probability of the empty prompt / null class (classifier-free guidance)
-    latents: str = "sample"  # "sample" the cached posterior each step, or use its "mode"
+    latents: Literal["sample", "mode"] = "sample"  # "sample" the cached posterior each step, or use its "mode"
     train_text_encoder: bool = True  # train tau_theta jointly with the U-Net (LDM); False = keep it frozen
     # which training timesteps to draw more often (diffusers' --timestep_bias_*): "later" = the noisiest
     # `portion` of the T steps (layout, composition), "earlier" = the least noisy (detail), "range" =
     # [begin, end); those are drawn `multiplier` times as often as the others. "none" = uniform
-    timestep_bias: str = "none"
+    timestep_bias: Literal["none", "later", "earlier", "range"] = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
     timestep_bias_begin: int = 0
@@ -509,19 +503,9 @@ def _load_resolved(path: Path, stage: str, overrides: list[str] | None) -> RunCo
 
 
 def check_run_config(cfg: RunConfig) -> None:
-    """Value checks the types cannot express; each error names its key."""
+    """Value checks the types cannot express (a `Literal` field's choices are checked as it is read); each
+    error names its key."""
     d, t = cfg.data, cfg.train
-    choices = [("data.kind", d.kind, DATA_KINDS), ("data.on_error", d.on_error, ON_ERROR),
-               ("train.decay", t.decay, LR_DECAYS),
-               ("train.save_dtype", t.save_dtype, ("float16", "bfloat16", "float32"))]
-    if isinstance(cfg.loss, VAELossConfig):
-        choices.append(("loss.rec", cfg.loss.rec, REC_LOSSES))
-    else:
-        choices.append(("loss.latents", cfg.loss.latents, LATENT_MODES))
-        choices.append(("loss.timestep_bias", cfg.loss.timestep_bias, TIMESTEP_BIASES))
-    for key, value, valid in choices:
-        if value not in valid:
-            raise ValueError(f"config key {key}: {value!r} is not one of {', '.join(valid)}")
     positive = [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
                 ("data.size", d.size), ("train.log_every", t.log_every), ("train.keep_last", t.keep_last)]
     for key, value in positive:
@@ -558,10 +542,6 @@ def check_data_sections(d: DataConfig) -> None:
         if not d.folder.root:
             raise ValueError("config key data.folder.root: a folder dataset needs [data.folder] root = the image "
                              "folder")
-        if d.folder.crop not in ("center", "random"):
-            raise ValueError(f"config key data.folder.crop: {d.folder.crop!r} is not one of center, random")
-    if d.fashion_mnist is not None and d.fashion_mnist.split not in ("train", "test"):
-        raise ValueError(f"config key data.fashion_mnist.split: {d.fashion_mnist.split!r} is not one of train, test")
     s = d.shapes
     if s is None:
         return
