@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from daguerre.cli import main
+from daguerre.config import parse_overrides
 from daguerre.training.config import (
     LDMLossConfig,
     RunConfig,
     VAELossConfig,
     derive_model_config,
     load_run_config,
-    parse_overrides,
     shipped_configs,
     to_jsonable,
 )

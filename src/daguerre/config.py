@@ -4,7 +4,10 @@ A `ModelConfig` describes a whole latent diffusion model (U-Net + autoencoder + 
 schedule). It is plain data: it round-trips through JSON (stored in the safetensors metadata of a
 daguerre checkpoint) and models are built from it with ordinary Python calls, never by naming
 classes in strings. The constants of Stable Diffusion (CompVis `v1-inference.yaml`,
-`v2-inference-v.yaml`) are written out as named fields here.
+`v2-inference-v.yaml`) are written out as named fields here. `from_dict` is the one dataclass-from-dict
+of daguerre: it reads a checkpoint's `ModelConfig` and the run configs of `daguerre train` (TOML, `--set`
+overrides, a run's stored state), typed by the fields' hints (ints, floats, bools, tuples, nested
+dataclasses, Optional, `Literal` choices), every error naming the key and the value.
 """
 
 from __future__ import annotations
@@ -211,6 +214,33 @@ def parse_value(text: str, key: str) -> Any:
     if set(table) != {"v"}:  # a line break in the value started another key
         raise ValueError(f"--set {key}={text!r}: one value expected")
     return table["v"]
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`["train.lr=2e-4", "data.root=/x"]` -> nested {"train": {"lr": 2e-4}, "data": {"root": "/x"}}."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected section.key=value, e.g. train.lr=2e-4")
+        path, raw = item.split("=", 1)
+        parts = [p.strip() for p in path.strip().split(".")]
+        if not all(parts):
+            raise ValueError(f"--set {item!r}: empty key name")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {p} is set both as a value and as a section")
+        node[parts[-1]] = parse_value(raw, ".".join(parts))
+    return out
+
+
+def merge_tables(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the nested table `extra` merged in (extra's values win)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge_tables(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _type_name(tp: Any) -> str:

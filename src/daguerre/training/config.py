@@ -34,7 +34,8 @@ from ..config import (
     check_model_config,
     coerce,
     from_dict,
-    parse_value,
+    merge_tables,
+    parse_overrides,
     preset,
     resolve_text_encoder,
     toml,
@@ -346,32 +347,6 @@ def settle_data(cfg: RunConfig) -> None:
 
 # --- loading -------------------------------------------------------------------------------------------
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`["train.lr=2e-4", "data.root=/x"]` -> nested {"train": {"lr": 2e-4}, "data": {"root": "/x"}}."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected section.key=value, e.g. train.lr=2e-4")
-        path, raw = item.split("=", 1)
-        parts = [p.strip() for p in path.strip().split(".")]
-        if not all(parts):
-            raise ValueError(f"--set {item!r}: empty key name")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {p} is set both as a value and as a section")
-        node[parts[-1]] = parse_value(raw, ".".join(parts))
-    return out
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def shipped_configs() -> dict[str, Path]:
     """Name -> file of every example run config that ships inside the package (`daguerre/assets/configs`)."""
     folder = resources.files("daguerre") / "assets" / "configs"
@@ -444,7 +419,7 @@ def load_run_config(
     extra = parse_overrides(overrides)
     file_data, extra_data = table.pop("data", {}), extra.pop("data", {})
     file_model = table.get("model", {})
-    table = _merge(table, extra)
+    table = merge_tables(table, extra)
     file_stage = table.pop("stage", stage)
     if file_stage != stage:
         raise ValueError(f"config key stage: the file is for stage {file_stage!r}, but `daguerre train {stage}` ran")
@@ -478,7 +453,7 @@ def _data_table(file: Any, extra: Any, file_concat: Any, concat: Any) -> dict[st
     for old, new in ((file_kind, kind), (file_concat, concat)):
         if old != new and isinstance(old, str):
             file.pop(old, None)
-    return _merge(file, upgrade_data(extra, kind, concat))
+    return merge_tables(file, upgrade_data(extra, kind, concat))
 
 
 def _load_resolved(path: Path, stage: str, overrides: list[str] | None) -> RunConfig:
