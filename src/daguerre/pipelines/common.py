@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..components import Components
-from ..conditioning import EncodeImages, conditioner_for
+from ..conditioning import EncodeImages
 from ..diffusion.denoisers import Denoiser
 from ..diffusion.noise import generators_for, randn
 from ..diffusion.sampler_names import SAMPLERS
@@ -105,7 +105,7 @@ def conditioning(
     def encode(prompts: list[str]) -> torch.Tensor:
         return encode_prompts(components, prompts, req.clip_skip)
 
-    return conditioner_for(components.config).pair(req, device, encode)
+    return req.conditioner.pair(req, device, encode)
 
 
 def expand(cond: dict[str, Any], b: int) -> dict[str, Any]:
@@ -183,9 +183,8 @@ def run_plan(
     cond1, uncond1 = conditioning(components, req, device)  # once per request, batch of 1
     extra = {k: v.to(device) for k, v in plan.cond.items()}
     if "concat" not in extra:  # an inpainting model without a mask: everything masked (NoConcat: nothing)
-        concat = conditioner_for(cfg).concat
-        extra.update(concat.unmasked_input(cfg, req.height, req.width, device, image_encoder(components, req.tile,
-                                                                                             device)))
+        encode = image_encoder(components, req.tile, device)
+        extra.update(req.conditioner.concat.unmasked_input(cfg, req.height, req.width, device, encode))
     init = plan.init_latents.to(device) if plan.init_latents is not None else None
     results: list[GeneratedImage] = []
     for start in range(0, req.n, req.batch_size):

@@ -35,7 +35,7 @@ import dataclasses
 from PIL import Image
 
 from ..components import Components
-from ..conditioning import conditioner_for, latent_mask
+from ..conditioning import latent_mask
 from .common import Callback, GeneratedImage, SamplingPlan, encode_images, image_encoder, run_plan
 from .images import IMAGE_RESAMPLE, MASK_RESAMPLE, blur_mask, fill_masked, image_to_tensor, mask_to_tensor, resize_image
 from .request import ValidRequest, require_valid
@@ -57,7 +57,7 @@ def inpaint_plan(components: Components, req: ValidRequest, image: Image.Image, 
     elif req.inpaint_fill == "latent noise":
         noise_mask = lat_mask
     # an inpainting model's extra input cat(mask, masked-image latent) (1, 1 + c, h, w); none for others
-    cond = conditioner_for(cfg).concat.mask_input(cfg, pixels, mask_px, image_encoder(components, req.tile, device))
+    cond = req.conditioner.concat.mask_input(cfg, pixels, mask_px, image_encoder(components, req.tile, device))
     params = {
         "Denoising strength": f"{req.strength:g}",
         "Mask blur": req.mask_blur,

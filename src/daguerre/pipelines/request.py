@@ -27,7 +27,6 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..conditioning import conditioner_for
 from ..config import ModelConfig
 from ..limits import DEFAULT_LIMITS, Limits, request_work
 from .fields import (
@@ -61,6 +60,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..components import Components
+    from ..conditioning import Conditioner
     from ..diffusion.sampler_names import SamplerChoice
 
 MAX_SEED = 2**32 - 1
@@ -209,6 +209,7 @@ class GenerationRequest:
 
     def _resolve(self, config: ModelConfig, limits: Limits) -> ValidRequest:
         """`validate` of a request whose sampling settings are filled in."""
+        from ..conditioning import conditioner_for
         from ..diffusion.sampler_names import resolve_sampler
 
         self._check_types()
@@ -268,8 +269,8 @@ class GenerationRequest:
         class_index = conditioner.class_index(self.class_label)
         resolved = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationRequest)}
         resolved.update(width=width, height=height, seed=seed, limits=limits, **images)
-        return ValidRequest(**resolved, config=config, choice=choice, class_index=class_index,
-                            sigmas=_run_sigmas(config, choice, resolved))
+        return ValidRequest(**resolved, config=config, conditioner=conditioner, choice=choice,
+                            class_index=class_index, sigmas=_run_sigmas(config, conditioner, choice, resolved))
 
     def _check_types(self) -> None:
         """The type of every field the table types (`setting(type=...)`), so that a string or a bool from
@@ -336,6 +337,8 @@ class GenerationRequest:
         elif self.task == "upscale":
             if not (1.0 < self.upscale_factor <= MAX_UPSCALE):
                 raise ValueError(f"upscale factor must be in (1, {MAX_UPSCALE:g}], got {self.upscale_factor}")
+            from ..conditioning import conditioner_for
+
             conditioner_for(config).concat.check_noise_level(config, self.noise_level)
             width = width or snap_down(round(image.width * self.upscale_factor), factor)
             height = height or snap_down(round(image.height * self.upscale_factor), factor)
@@ -371,9 +374,11 @@ class ValidRequest(GenerationRequest):
     checked against. Beside them: `config`, the model it was checked against; `choice`, the resolved
     sampler and schedule; `sigmas`, the float64 noise levels the sampler runs through (the img2img tail
     at the strength of an image task; `steps` + 1 values for txt2img); `class_index`, the class label's
-    index for a class-conditional model. A changed request is validated again: `pipe.request(valid, steps=30)`."""
+    index for a class-conditional model; `conditioner`, how the model is conditioned (`daguerre.conditioning`).
+    A changed request is validated again: `pipe.request(valid, steps=30)`."""
 
     config: ModelConfig = field(repr=False, compare=False)
+    conditioner: Conditioner = field(repr=False, compare=False)
     choice: SamplerChoice = field(repr=False, compare=False)
     sigmas: torch.Tensor = field(repr=False, compare=False)
     class_index: int | None = None
@@ -402,14 +407,15 @@ def require_valid(components: Components, request: Any, task: str) -> ValidReque
     return request
 
 
-def _run_sigmas(config: ModelConfig, choice: SamplerChoice, fields: dict[str, Any]) -> torch.Tensor:
+def _run_sigmas(config: ModelConfig, conditioner: Conditioner, choice: SamplerChoice,
+                fields: dict[str, Any]) -> torch.Tensor:
     """The noise levels the sampler runs through: the sampler's schedule on the model's discrete sigmas, cut
     to the img2img tail at the strength an image task starts from (none for txt2img, nor for upscaling with
     a super-resolution model, which starts from pure noise)."""
     from ..diffusion.schedules import img2img_sigmas, model_sigmas
 
     sigmas = choice.sigmas(fields["steps"], model_sigmas(config.schedule))
-    if conditioner_for(config).concat.starts_from_noise(fields["task"]):
+    if conditioner.concat.starts_from_noise(fields["task"]):
         return sigmas
     return img2img_sigmas(sigmas, fields["strength"])
 
