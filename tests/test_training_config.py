@@ -182,3 +182,33 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     assert load_run_config(path, "ldm", ["train.steps=5"]).train.steps == 5
     with pytest.raises(ValueError, match="stage"):
         load_run_config(path, "vae")
+
+
+def test_flat_data_keys_of_the_previous_release():
+    """The previous release's flat [data] keys read into the subsection of the run's kinds; in its resolved
+    configs (which listed every key) a key of another kind is dropped at its default, an error otherwise."""
+    cfg = load_run_config("tiny_sr_ldm", "ldm")
+    old = to_jsonable(cfg.to_dict())
+    data = old["data"]
+    flat = {k: v for k, v in data.items() if k not in ("shapes", "fashion_mnist", "folder", "lowres", "inpaint")}
+    old["data"] = {**flat, "n": 256, "max_objects": 3, "min_objects": 1, "p_relation": 0.5, "root": None,
+                   "split": "train", "captions": "auto", "channels": 3, "crop": "center", "lowres_factor": 4,
+                   "lowres_noise": 100, "mask_full": 0.25}  # as the previous release wrote RUN/config.json
+    assert RunConfig.from_dict(old) == cfg
+    assert cfg.data.lowres.noise == 100 and cfg.data.inpaint is None and cfg.data.lowres_noise == 100
+    with pytest.raises(ValueError, match=r"config key data\.split: 'test' is a key of \[data\.fashion_mnist\]"):
+        RunConfig.from_dict({**old, "data": {**old["data"], "split": "test"}})
+    # --set model.concat replaces the file's concatenation: its [data.lowres] goes, [data.inpaint] comes
+    inpaint = load_run_config("tiny_sr_ldm", "ldm", ["model.concat=inpaint", "data.inpaint.mask_full=0.5"])
+    assert inpaint.data.lowres is None and inpaint.data.inpaint.mask_full == 0.5
+
+
+def test_model_config_from_a_file_names_the_key():
+    from daguerre.config import ModelConfig, preset
+
+    good = preset("tiny").to_dict()
+    assert ModelConfig.from_dict(json.loads(json.dumps(good))) == preset("tiny")  # lists back to tuples
+    with pytest.raises(ValueError, match=r"unknown config key unet\.model_channel; did you mean 'model_channels'"):
+        ModelConfig.from_dict({**good, "unet": {**good["unet"], "model_channel": 3}})
+    with pytest.raises(ValueError, match=r"config key conditioning: 'txt' is not of type"):
+        ModelConfig.from_dict({**good, "conditioning": "txt"})
