@@ -200,7 +200,7 @@ def toml():
 
 def parse_value(text: str, key: str) -> Any:
     """The value of `--set key=text`: a TOML value (number, boolean, quoted string, array, inline table),
-    or else `text` itself as a bare string (`data.root=/my/images`). Text that starts like a TOML array,
+    or else `text` itself as a bare string (`data.folder.root=/my/images`). Text that starts like a TOML array,
     table or quoted string but is not one is a typo (`[1,`), never read as something else: ValueError."""
     text = text.strip()
     reader = toml()
@@ -217,7 +217,7 @@ def parse_value(text: str, key: str) -> Any:
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`["train.lr=2e-4", "data.root=/x"]` -> nested {"train": {"lr": 2e-4}, "data": {"root": "/x"}}."""
+    """`["train.lr=2e-4", "data.n=8"]` -> nested {"train": {"lr": 2e-4}, "data": {"n": 8}}."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:

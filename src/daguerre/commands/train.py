@@ -32,7 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", default=None, help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=2e-4 --set data.root=photos (repeatable)")
+                   help="override a config key, e.g. --set train.lr=2e-4 --set data.folder.root=photos (repeatable)")
     p.add_argument("--until", type=int, default=None, metavar="STEP",
                    help="pause after step STEP: checkpoint it and stop without the final model (the learning-rate "
                    "schedule still runs to train.steps); continue later with --resume")
