@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from daguerre.cli import main
 from daguerre.components import build_components
-from daguerre.pipelines.common import latent_mask
+from daguerre.conditioning import LowresConcat, latent_mask
 from daguerre.pipelines.images import image_to_tensor
 from daguerre.pipelines.request import GenerationRequest
 from daguerre.training import concat, dist
@@ -119,7 +119,7 @@ def _gens(positions: list[int]) -> list[torch.Generator]:
 
 
 def test_sr_conditioning_is_the_pipelines_for_the_same_lowres_image(tmp_path):
-    from daguerre.pipelines.upscale import lowres_noise_scales, sr_plan
+    from daguerre.pipelines.upscale import sr_plan
 
     data, comps, inputs = _concat_setup(tmp_path, "sr", ["data.flip=true", "data.lowres_noise=0"])
     assert comps.config.unet.num_classes is None and inputs.pixels.shape == (4, 2, 3, 8, 8)
@@ -145,7 +145,7 @@ def test_sr_conditioning_is_the_pipelines_for_the_same_lowres_image(tmp_path):
     assert torch.equal(y, draws["level"]) and 0 <= int(y.min()) and int(y.max()) <= 300 and len(set(y.tolist())) > 8
     clean, _ = inputs.build({"lowres": draws["lowres"]}, torch.device("cpu"))
     for k in range(16):
-        a, s = lowres_noise_scales(int(y[k])) or (1.0, 0.0)
+        a, s = LowresConcat.noise_scales(int(y[k])) or (1.0, 0.0)
         torch.testing.assert_close(c_noisy[k], a * clean[k] + s * draws["eps"][k], rtol=0, atol=1e-6)
     again = inputs.draw(rows, torch.zeros(16, dtype=torch.long), _gens(list(range(16))))
     assert torch.equal(again["level"], draws["level"]) and torch.equal(again["eps"], draws["eps"])
