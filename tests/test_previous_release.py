@@ -2,8 +2,9 @@
 
 The fixture is made by the previous release's own code, not committed: `git archive PREVIOUS src` extracts it and
 a subprocess (`python -m daguerre.training ...` with PYTHONPATH on it) trains a short tiny_vae and tiny_ldm run
-with checkpoints and a model file. Today's code then resumes both runs, exports a checkpoint the old code wrote,
-loads the old model file and the export, and reads the old flat-key TOML configs and the run's config.json.
+with checkpoints and a model file, and exports a checkpoint. Today's code then resumes both runs, exports a
+checkpoint the old code wrote (equal to the old code's export), loads the old model file and the export, and
+reads the old flat-key TOML configs and the run's config.json.
 Without the git history this fails, naming what it needs: it never skips.
 """
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 import daguerre
@@ -49,7 +51,8 @@ def previous(tmp_path_factory) -> Path:
     runs = root / "runs"
     for args in (["vae", "--config", "tiny_vae", "--out", str(runs / "vae"), *_sets(VAE_SETS)],
                  ["ldm", "--config", "tiny_ldm", "--vae", str(runs / "vae" / "vae.safetensors"),
-                  "--out", str(runs / "ldm"), *_sets([*LDM_SETS, "train.steps=4"])]):
+                  "--out", str(runs / "ldm"), *_sets([*LDM_SETS, "train.steps=4"])],
+                 ["export", str(runs / "ldm"), "--step", "2", "--out", str(root / "old_export.safetensors")]):
         done = subprocess.run([sys.executable, "-m", "daguerre.training", *args], cwd=root, env=env,
                               capture_output=True, text=True)
         assert done.returncode == 0, f"the previous release's {args[0]} run failed:\n{done.stderr[-3000:]}"
@@ -89,6 +92,22 @@ def test_old_runs_resume_export_and_load(previous, tmp_path):
     with safe_open(str(exported), "pt") as f:
         data = json.loads(f.metadata()["daguerre_config"])["provenance"]["run_config"]["data"]
     assert data["shapes"]["n"] == 12 and "n" not in data  # written in today's form
+    # today's export (from the checkpoint, its data read only for what an old checkpoint lacks) is the
+    # previous release's (which resumed the run on its latent cache), byte for byte in every tensor and
+    # equal in its config but for the time and the run config's form
+    old, new = _model_file(previous / "old_export.safetensors"), _model_file(exported)
+    assert old == new
+
+
+def _model_file(path: Path) -> tuple[dict, dict]:
+    """A model file's tensors (name -> dtype, shape, bytes) and config without the time and the run config."""
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: (str(t.dtype), tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                   for k in f.keys() for t in [f.get_tensor(k)]}
+        config = json.loads(f.metadata()["daguerre_config"])
+    for key in ("training_seconds", "finished", "run_config"):
+        config["provenance"].pop(key)
+    return tensors, config
 
 
 def test_old_run_configs_read_as_today(previous):

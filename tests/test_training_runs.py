@@ -422,6 +422,50 @@ def test_corrupt_image_in_a_folder_is_skipped_by_name_or_fatal(tmp_path, vae_fil
     assert code == 2 and last.startswith("daguerre train: error:") and "0_broken.png" in last and "on_error" in last
 
 
+def _file(path: Path) -> tuple[dict[str, bytes], dict]:
+    """A model file's tensors (name -> dtype, shape and raw bytes) and its config without the time-dependent keys."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: (str(t.dtype), tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                   for k in f.keys() for t in [f.get_tensor(k)]}
+        meta = dict(f.metadata())
+    config = json.loads(meta.pop("daguerre_config"))
+    for key in ("training_seconds", "finished"):
+        config["provenance"].pop(key)
+    return tensors, {**meta, "config": config}
+
+
+@pytest.mark.parametrize("conditioning", ["text", "class"])
+def test_export_needs_only_the_checkpoint_no_data_no_caches(conditioning, tmp_path, vae_file):
+    """`train export` builds the model from the checkpoint alone: with the image folder and the latent cache
+    deleted, the last checkpoint exports as the run's own model file, byte for byte in every tensor (EMA
+    weights; the text encoder's vocabulary pruned to the training captions) and in the metadata apart from the
+    time-dependent keys; the class names (of a class-conditional model) come from the checkpoint too."""
+    from daguerre.checkpoints import load_model
+
+    root = _class_folder(tmp_path / "images", corrupt=False)
+    run = tmp_path / "run"
+    cfg = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [
+        *QUIET, "data.kind='folder'", f"data.root='{root}'", "data.holdout=2", "train.steps=2", "train.batch_size=4",
+        f"model.conditioning='{conditioning}'", "train.checkpoint_every=1", f"data.cache_dir='{run / 'latents'}'"])
+    model = train_ldm(cfg, run, vae_path=vae_file)
+    shutil.rmtree(root)
+    shutil.rmtree(run / "latents")
+    exported = export_checkpoint(run, out=tmp_path / "exported.safetensors")
+    assert _file(exported) == _file(model)
+    comps = load_model(exported)
+    if conditioning == "class":
+        assert comps.config.class_names == ["blue", "red"]
+    else:
+        assert len(comps.config.text_encoder.token_ids) < 20  # the captions "blue" and "red", and the special tokens
+    at1 = load_model(export_checkpoint(run, step=1, out=tmp_path / "at1.safetensors"))
+    mid = load_file(str(run / "checkpoints" / "step_00000001" / "state.safetensors"))
+    assert at1.config.provenance["steps"] == 1
+    for k, v in at1.unet.state_dict().items():
+        assert torch.equal(v, mid[f"ema.unet.{k}"].half().float()), k
+
+
 TINY_VAE_RUN = [*QUIET, "data.n=12", "data.holdout=2", "train.batch_size=2", "train.checkpoint_every=1",
                 "train.keep_last=5"]
 

@@ -1,26 +1,113 @@
-"""`daguerre train export RUN`: a usable model from any stage-2 checkpoint, while the run goes on.
+"""The model file of a stage-2 run: written at the end of training, or by `daguerre train export RUN` from any
+checkpoint, from the checkpoint alone (no data, no caches) while the run goes on.
 
-A training checkpoint holds everything a finished run's model file is made of (the EMA weights, the
-run config, the autoencoder's path and hash), so exporting checkpoint N is resuming the run with
-`train.steps = N`: no training step is left to do, and the run's own final-export code writes the model
-(EMA weights, pruned vocabulary, recommended settings, provenance with the steps and training time so
-far). It works on a scratch copy of the checkpoint, so the run folder is only read, and a run that is
-still training is not disturbed.
+A training checkpoint holds everything the model file is made of: the EMA weights, the run config, the
+autoencoder's path and hash, the class names and the tokens of the training captions (which the jointly
+trained text encoder's vocabulary is pruned to). `write_model` turns EMA components and a `ModelRecord`
+(provenance) into the file; the end of training and `export_checkpoint` both call it, so checkpoint N exports
+as the model a run of N steps would have written. A checkpoint of an earlier release lacks the class names
+and caption tokens: its export reads them from the run's data (never from the latent cache). The run folder
+is only read, so a run that is still training is not disturbed.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
+from torch import nn
+
+from ..checkpoints.vae_file import load_vae
+from ..components import Components
 from ..fileio import atomic_path
-from . import state
-from .config import RunConfig
+from ..models.text_encoder import CLIPTextEncoder, prune_vocabulary
+from ..models.tokenizer import CLIPTokenizer
+from ..models.unet import UNetModel
+from . import state, text_cache
+from .config import RunConfig, derive_model_config, to_jsonable
+from .data import describe_data, load_items, load_train_data
+from .ema import EMA
 from .loop import RESUME_OBJECTS, check_writable
 
 logger = logging.getLogger("daguerre.train")
+MODEL_FILE = "model.safetensors"
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class ModelRecord:
+    """What a stage-2 model file records about its run besides the weights (its provenance), and the tokens of
+    the training captions (None: no jointly trained text encoder, nothing to prune)."""
+
+    steps: int
+    seconds: float
+    world: int
+    global_batch: int
+    parameters: dict[str, int]
+    vae_file: Path
+    vae_sha256: str
+    vae_provenance: dict[str, Any]
+    data: dict[str, Any]
+    init: dict[str, Any] | None
+    history: list[dict[str, Any]]
+    caption_tokens: list[int] | None
+
+
+def caption_tokens(tokenizer: CLIPTokenizer, captions: list[str]) -> list[int]:
+    """The token ids of `captions` and of the empty prompt, sorted: what a pruned vocabulary keeps."""
+    keep: set[int] = set()
+    for text in set(captions) | {""}:
+        keep.update(tokenizer.encode(text))
+    return sorted(keep)
+
+
+def with_vocabulary(components: Components, keep: list[int]) -> Components:
+    """`components` with its text encoder pruned to the token ids `keep` (`prune_vocabulary`)."""
+    text_encoder = prune_vocabulary(components.text_encoder, keep)
+    config = dataclasses.replace(components.config, text_encoder=text_encoder.config)
+    return dataclasses.replace(components, config=config, text_encoder=text_encoder)
+
+
+def write_model(components: Components, cfg: RunConfig, record: ModelRecord, path: Path) -> Path:
+    """Write the model file of a stage-2 run: the (EMA) `components`, the vocabulary pruned to the training
+    captions' tokens (`train.prune_vocabulary`), the sample grids' settings as the recommended ones, provenance."""
+    from ..checkpoints import save_model
+
+    t = cfg.train
+    if t.prune_vocabulary and record.caption_tokens is not None:
+        known = (record.init or {}).get("token_ids") or ()  # the words of an --init model stay known
+        components = with_vocabulary(components, sorted({*record.caption_tokens, *(int(i) for i in known)}))
+        logger.info("text encoder vocabulary pruned to the %d tokens of the training captions",
+                    len(components.config.text_encoder.token_ids))
+    model_cfg = components.config
+    sample = cfg.sample  # the settings of the sample grids are the model's recommended ones
+    model_cfg.defaults = {"steps": sample.steps, "sampler": sample.sampler, "schedule": sample.schedule,
+                          "cfg_scale": sample.cfg_scale}
+    model_cfg.provenance = {
+        "stage": "ldm", "steps": record.steps, "training_seconds": round(record.seconds, 1),
+        "images_seen": record.steps * record.global_batch, "world_size": record.world,
+        "parameters": record.parameters,
+        "weights": "ema" if t.ema_decay > 0 else "raw", "vae_file": record.vae_file.name,
+        "vae_sha256": record.vae_sha256,
+        "vae_provenance": {k: v for k, v in record.vae_provenance.items() if k != "run_config"},
+        "data": record.data, "run_config": to_jsonable(cfg.to_dict()),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if record.init is not None:  # fine-tuned from another model (train.init_from)
+        model_cfg.provenance["init"] = record.init
+    if record.history:  # training phases: config keys changed at a resume (loop.PHASE_CHANGES)
+        model_cfg.provenance["config_history"] = record.history
+    save_model(components, path, dtype=SAVE_DTYPES[t.save_dtype])
+    logger.info("wrote %s", path)
+    return path
 
 
 def find_checkpoint(run: Path, step: int | None) -> tuple[Path, dict]:
@@ -46,33 +133,88 @@ def find_checkpoint(run: Path, step: int | None) -> tuple[Path, dict]:
 def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
     """Write the model of stage-2 checkpoint `step` (default: the newest) of `run` to `out`
     (default: RUN/model_step_NNNNNNNN.safetensors); returns its path."""
-    from .ldm import train_ldm
-
     run = Path(run)
     folder, meta = find_checkpoint(run, step)
     stored = meta["run_config"]
     if stored.get("stage") != "ldm":
         raise ValueError(f"{folder} is a {stored.get('stage')!r} checkpoint; export makes models of stage-2 (ldm) runs")
     step = int(meta["step"])
+    try:
+        cfg = RunConfig.from_dict(stored)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{folder / state.META_FILE}: its run_config is not valid: {e}") from None
+    cfg.train.steps = step  # the config a run of `step` steps would have recorded
+    cfg.train.progress = False
+    cfg.data.cache_dir = str(Path(cfg.data.cache_dir) if cfg.data.cache_dir else run / "latents")
+    out = Path(out) if out is not None else run / f"model_step_{step:08d}.safetensors"
+    check_writable(out.parent)  # a read-only destination is one line now, not after the export's work
+    components, record = checkpoint_model(folder, meta, cfg)
+    with tempfile.TemporaryDirectory(prefix="daguerre-export-") as tmp:
+        made = write_model(components, cfg, record, Path(tmp) / MODEL_FILE)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as target:
+            shutil.copyfile(made, target)
+    return out
+
+
+def checkpoint_model(folder: Path, meta: dict[str, Any], cfg: RunConfig) -> tuple[Components, ModelRecord]:
+    """The EMA components of stage-2 checkpoint `folder` and their `ModelRecord`, built from the checkpoint,
+    its run config `cfg` and the run's autoencoder file (the data only for a checkpoint of an earlier release)."""
+    from ..weights.io import file_hash
+
     if not isinstance(meta.get("vae_file"), str):
         raise ValueError(f"{folder / state.META_FILE}: no vae_file (the autoencoder the run trained on)")
     vae_file = Path(meta["vae_file"])
     if not vae_file.is_file():
         raise FileNotFoundError(f"the run's autoencoder {vae_file} is missing: the export needs the file it trained on")
+    vae_sha = file_hash(vae_file)
+    if meta.get("vae_sha256") != vae_sha:
+        raise ValueError(f"cannot export {folder}: the run's autoencoder {vae_file} is not the file it trained on "
+                         "(its sha256 differs); put the run's own autoencoder back at that path")
+    vae, vae_cfg = load_vae(vae_file)
+    trained_te = "text_encoder" in meta["ema_updates"]  # a jointly trained text encoder has an EMA
+    data = None
+    if "class_names" not in meta or (trained_te and "caption_token_ids" not in meta):
+        logger.info("%s was written by an earlier release: reading the run's data for its class names and captions",
+                    folder)
+        data = load_train_data(cfg.data)
+    class_names = meta["class_names"] if data is None else data.class_names
+    run_model = copy.deepcopy(cfg)
+    run_model.model.vae = copy.deepcopy(vae_cfg.vae)  # the autoencoder is the trained one, scale included
+    model_cfg = derive_model_config(run_model, vae_cfg.vae.in_channels, class_names)
+    frozen = text_cache.load_frozen_text_encoder(model_cfg, torch.device("cpu"))  # MiniLM: (encoder, tokenizer)
+    tensors, _ = state.load_checkpoint(folder)
+    with torch.random.fork_rng(devices=[]):
+        unet = UNetModel(model_cfg.unet)
+        te = CLIPTextEncoder(model_cfg.text_encoder) if model_cfg.text_encoder is not None and not frozen else None
+    modules: dict[str, nn.Module] = {"unet": unet, **({"text_encoder": te} if te is not None else {})}
     try:
-        cfg = RunConfig.from_dict(stored)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{folder / state.META_FILE}: its run_config is not valid: {e}") from None
-    cfg.train.steps = step
-    cfg.train.progress = False
-    cfg.data.cache_dir = str(Path(cfg.data.cache_dir) if cfg.data.cache_dir else run / "latents")
-    out = Path(out) if out is not None else run / f"model_step_{step:08d}.safetensors"
-    check_writable(out.parent)  # a read-only destination is one line now, not after the export's work
-    with tempfile.TemporaryDirectory(prefix="daguerre-export-") as tmp:
-        scratch = Path(tmp) / "run"
-        shutil.copytree(folder, scratch / state.CHECKPOINT_DIR / folder.name)
-        made = train_ldm(cfg, scratch, vae_path=vae_file, resume=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out) as target:
-            shutil.copyfile(made, target)
-    return out
+        for name, module in modules.items():
+            state.load_module_tensors(module, tensors, f"model.{name}.")
+            if name in meta["ema_updates"]:  # the final model holds the EMA weights
+                ema = EMA(module, 0.0)
+                ema.load_tensors(tensors, f"ema.{name}.", int(meta["ema_updates"][name]))
+                ema.copy_to(module)
+            module.eval().requires_grad_(False)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"cannot export {folder}: its weights do not fit its run config "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    tokenizer = frozen[1] if frozen else None
+    if te is not None:
+        tokenizer = CLIPTokenizer(max_length=model_cfg.text_encoder.max_length,
+                                  pad_token_id=model_cfg.text_encoder.pad_token_id)
+    tokens = None
+    if trained_te:
+        tokens = (meta["caption_token_ids"] if data is None else
+                  caption_tokens(tokenizer, [str(it.get("caption", "")) for it in load_items(data, data.train_pool)]))
+    components = Components(config=model_cfg, unet=unet, vae=vae, text_encoder=te if te is not None else
+                            frozen and frozen[0], tokenizer=tokenizer)
+    world = int(meta["world"])
+    record = ModelRecord(
+        steps=int(meta["step"]), seconds=float(meta.get("seconds", 0.0)), world=world,
+        global_batch=cfg.train.batch_size * world * cfg.train.grad_accum,
+        parameters={"unet": sum(p.numel() for p in unet.parameters()),
+                    "text_encoder": sum(p.numel() for p in te.parameters()) if te is not None else 0},
+        vae_file=vae_file, vae_sha256=vae_sha, vae_provenance=vae_cfg.provenance, data=describe_data(cfg.data),
+        init=meta.get("init"), history=list(meta.get("config_history", [])), caption_tokens=tokens)
+    return components, record

@@ -15,10 +15,7 @@ VAE, the schedule, the config with provenance) that `daguerre generate --model` 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -28,14 +25,15 @@ from ..checkpoints.vae_file import load_vae
 from ..components import Components
 from ..conditioning import conditioner_for
 from ..diffusion.schedules import alphas_cumprod, betas_from_config, q_sample
-from ..models.text_encoder import CLIPTextEncoder, prune_vocabulary
+from ..models.text_encoder import CLIPTextEncoder
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNetModel
 from . import dist, latents, losses, text_cache
 from .concat import build_concat_inputs
-from .config import RunConfig, derive_model_config, to_jsonable
+from .config import RunConfig, derive_model_config
 from .data import load_train_data
 from .ema import EMA
+from .export import MODEL_FILE, ModelRecord, caption_tokens, write_model
 from .init import check_init_source, init_ldm
 from .log import RunLogger, setup_logging, teardown_logging, truncate_metrics
 from .loop import (
@@ -58,8 +56,6 @@ from .loop import (
 from .samples import SAMPLES_DIR, sample_grid, save_png
 
 logger = logging.getLogger("daguerre.train")
-MODEL_FILE = "model.safetensors"
-SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class DiffusionModel(nn.Module):
@@ -153,6 +149,7 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
         tokenizer = CLIPTokenizer(max_length=model_cfg.text_encoder.max_length,
                                   pad_token_id=model_cfg.text_encoder.pad_token_id)
     train_te = te is not None and lc.train_text_encoder
+    tokens = caption_tokens(tokenizer, lat.captions) if train_te else None  # what a pruned vocabulary keeps
     unet.to(device).train()
     unet.gradient_checkpointing = t.gradient_checkpointing
     modules: dict[str, nn.Module] = {"unet": unet}
@@ -255,7 +252,8 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
                     else concat_in.sample_grid(ema_components(), cfg.sample))
             save_png(grid, out / SAMPLES_DIR / f"step_{done:08d}.png")
         if due(done, t.checkpoint_every, stop):  # stop: train.steps, or the pause of --until
-            extra = {"vae_sha256": vae_sha, "vae_file": str(vae_path), "init": init_record}
+            extra = {"vae_sha256": vae_sha, "vae_file": str(vae_path), "init": init_record,
+                     "class_names": data.class_names, "caption_token_ids": tokens}  # what export needs
             ts.save(out, done, cfg, sampler, env, extra=extra)
     runlog.close()
     if stop < t.steps:
@@ -263,43 +261,12 @@ def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int |
 
     path = out / MODEL_FILE
     if env.is_main:
-        from ..checkpoints import save_model
-
-        components = ema_components()
-        if t.prune_vocabulary and train_te:
-            known = (init_record or {}).get("token_ids") or ()  # the words of an --init model stay known
-            components = with_caption_vocabulary(components, lat.captions, known)
-            logger.info("text encoder vocabulary pruned to the %d tokens of the training captions",
-                        len(components.config.text_encoder.token_ids))
-        model_cfg = components.config
-        sample = cfg.sample  # the settings of the sample grids are the model's recommended ones
-        model_cfg.defaults = {"steps": sample.steps, "sampler": sample.sampler, "schedule": sample.schedule,
-                              "cfg_scale": sample.cfg_scale}
-        model_cfg.provenance = {
-            "stage": "ldm", "steps": t.steps, "training_seconds": round(ts.seconds(), 1),
-            "images_seen": t.steps * sampler.global_batch, "world_size": env.world,
-            "parameters": {"unet": n_unet, "text_encoder": n_te},
-            "weights": "ema" if t.ema_decay > 0 else "raw", "vae_file": vae_path.name, "vae_sha256": vae_sha,
-            "vae_provenance": {k: v for k, v in vae_model_cfg.provenance.items() if k != "run_config"},
-            "data": data.description, "run_config": to_jsonable(cfg.to_dict()),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        if init_record is not None:  # fine-tuned from another model (train.init_from)
-            model_cfg.provenance["init"] = init_record
-        if ts.history:  # training phases: config keys changed at a resume (loop.PHASE_CHANGES)
-            model_cfg.provenance["config_history"] = ts.history
-        save_model(components, path, dtype=SAVE_DTYPES[t.save_dtype])
-        logger.info("wrote %s", path)
+        record = ModelRecord(
+            steps=t.steps, seconds=ts.seconds(), world=env.world, global_batch=sampler.global_batch,
+            parameters={"unet": n_unet, "text_encoder": n_te}, vae_file=vae_path, vae_sha256=vae_sha,
+            vae_provenance=vae_model_cfg.provenance, data=data.description, init=init_record, history=ts.history,
+            caption_tokens=tokens)
+        write_model(ema_components(), cfg, record, path)
     dist.barrier()
     return path
 
-
-def with_caption_vocabulary(components: Components, captions: list[str], also: Iterable[int] = ()) -> Components:
-    """`components` with its text encoder pruned to the tokens of `captions` (and the empty prompt) and `also`."""
-    tokenizer = components.tokenizer
-    keep: set[int] = {int(i) for i in also}
-    for text in set(captions) | {""}:
-        keep.update(tokenizer.encode(text))
-    text_encoder = prune_vocabulary(components.text_encoder, keep)
-    config = dataclasses.replace(components.config, text_encoder=text_encoder.config)
-    return dataclasses.replace(components, config=config, text_encoder=text_encoder)
