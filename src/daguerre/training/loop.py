@@ -9,24 +9,30 @@ min_lr + (lr - min_lr) (1 + cos(pi p)) / 2 with p = (s - warmup) / (steps - warm
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..fileio import atomic_write_text
 from . import dist, state
 from .config import RunConfig, TrainConfig, load_run_config, to_jsonable, upgrade_run_dict
+from .data import TrainData, load_train_data
 from .ema import EMA
+from .init import check_init_source
+from .log import RunLogger, setup_logging, teardown_logging, truncate_metrics
 
 logger = logging.getLogger("daguerre.train")
 CONFIG_FILE = "config.json"
@@ -100,8 +106,6 @@ def seed_everything(seed: int, rank: int) -> None:
     """Seed the global torch / numpy / python RNGs of this process (the loops draw from their own
     per-sample generators; this makes anything else, and the RNG states a checkpoint stores, reproducible)."""
     import random
-
-    import numpy as np
 
     torch.manual_seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
@@ -317,3 +321,139 @@ def paused(out: Path, step: int, steps: int, env: dist.DistEnv) -> Path:
 def due(step: int, every: int, last: int) -> bool:
     """Whether an every-N action is due after `step` steps (always at the last step)."""
     return step == last or (every > 0 and step % every == 0)
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    """What a stage's `build` gets: the run config and folder, this process, the data, and whether the run
+    starts at step 0 (no checkpoint: `train.init_from` applies)."""
+
+    cfg: RunConfig
+    out: Path
+    env: dist.DistEnv
+    data: TrainData
+    fresh: bool
+
+
+@dataclass
+class RunSummary:
+    """What a stage's `export` records of the run: training seconds, phase history, images per step, processes."""
+
+    seconds: float
+    history: list[dict[str, Any]]
+    global_batch: int
+    world: int
+
+
+class Stage(Protocol):
+    """A training stage (autoencoder, latent diffusion): what `run` needs from it.
+
+    `build` makes the networks (`modules`, checkpointed as model.<name>.*), their `optimizers` (learning-rate
+    peak `peak_lr[name]`, default train.lr) and the data `pool` the stream samples; `ema_targets` get an EMA,
+    `evaluated` are the modules whose EMA copies `sample` and `export` read. `step` runs one micro-batch
+    forward and backward (gradients only; `run` steps the optimizers) and returns its metrics."""
+
+    output: str
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    peak_lr: dict[str, float]
+    ema_targets: tuple[str, ...]
+    evaluated: tuple[str, ...]
+    pool: np.ndarray
+
+    def build(self, setup: Setup) -> None: ...
+    def resumed(self, meta: dict[str, Any]) -> None: ...
+    def describe(self, env: dist.DistEnv) -> str: ...
+    def begin(self, sampler: dist.StreamSampler, start: int) -> None: ...
+    def step(self, step: int, micro: int, sync: bool) -> dict[str, float]: ...
+    def sample(self, step: int, models: dict[str, nn.Module], runlog: RunLogger, *, grid: bool,
+               evaluate: bool) -> None: ...
+    def checkpoint_meta(self) -> dict[str, Any]: ...
+    def export(self, path: Path, models: dict[str, nn.Module], summary: RunSummary) -> None: ...
+
+
+def run(stage: Stage, cfg: RunConfig, out: str | Path, *, resume: bool = False, until: int | None = None) -> Path:
+    """Train `stage` as configured; returns RUN/<stage.output>, or with `until` < train.steps the checkpoint of
+    step `until` (a pause: resume later with `resume`)."""
+    env = dist.init_distributed(cfg.train.device)
+    threads = torch.get_num_threads()
+    try:
+        return _run(stage, cfg, Path(out), resume, until, env)
+    finally:
+        dist.shutdown()
+        teardown_logging()
+        torch.set_num_threads(threads)
+
+
+def _run(stage: Stage, cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist.DistEnv) -> Path:
+    t = cfg.train
+    configure_threads(t)
+    resume_from = prepare_run_dir(out, cfg, resume, env, until)
+    if resume_from.folder is None:
+        check_init_source(t.init_from)
+    setup_logging(out, env.is_main)
+    data = load_train_data(cfg.data)
+    seed_everything(t.seed, env.rank)
+    stage.build(Setup(cfg, out, env, data, fresh=resume_from.folder is None))
+    modules, optimizers = stage.modules, stage.optimizers
+    emas = {name: EMA(modules[name], t.ema_decay, t.ema_warmup) for name in stage.ema_targets}
+    ts = TrainingState(modules, emas, optimizers)
+    start, meta = resume_state(ts, resume_from, env)
+    if meta is not None:
+        stage.resumed(meta)  # (a stage may refuse the checkpoint here)
+        if env.is_main:
+            truncate_metrics(out, start)
+    write_config(out, cfg, env)
+    logger.info(stage.describe(env))
+    sampler = dist.StreamSampler(stage.pool, t.seed, t.batch_size, env.world, env.rank, t.grad_accum)
+    copies = {n: copy.deepcopy(modules[n]).eval().requires_grad_(False) for n in stage.evaluated} if env.is_main else {}
+
+    def ema_models() -> dict[str, nn.Module]:
+        for name, e in emas.items():
+            if name in copies:
+                e.copy_to(copies[name])
+        return copies
+
+    runlog = RunLogger(out, enabled=env.is_main, start=start, total=t.steps, images_per_step=sampler.global_batch,
+                       progress=t.progress, tensorboard=t.tensorboard)
+    stage.begin(sampler, start)
+    stop = stop_step(start, t.steps, until)
+    for step in range(start, stop):
+        for name, opt in optimizers.items():
+            set_lr(opt, lr_at(step, t, stage.peak_lr.get(name)))
+        sums: dict[str, float] = defaultdict(float)
+        for micro in range(t.grad_accum):  # gradient accumulation: DDP syncs on the last micro-batch
+            for k, v in stage.step(step, micro, micro == t.grad_accum - 1).items():
+                sums[k] += v
+        norms = []
+        for opt in optimizers.values():
+            norms.append(clip_gradients([p for g in opt.param_groups for p in g["params"]], t.grad_clip))
+            opt.step()  # (a no-op for an optimizer whose parameters got no gradient, e.g. a GAN not started)
+            opt.zero_grad(set_to_none=True)
+        for name, e in emas.items():
+            e.update(modules[name])
+        done = step + 1
+        avg = {k: v / t.grad_accum for k, v in sums.items()}
+        runlog.add({**avg, "grad_norm": norms[0]})
+        runlog.step(done, avg["loss"])
+        if due(done, t.log_every, t.steps):
+            means = runlog.take_means()  # over the steps since the last line, averaged over processes
+            vals = dist.all_reduce_mean_(torch.tensor(list(means.values()), dtype=torch.float64))
+            lr = next(iter(optimizers.values())).param_groups[0]["lr"]
+            runlog.log(done, {**dict(zip(means, vals.tolist(), strict=True)), "lr": lr,
+                              "images_per_s": runlog.images_per_second(done)})
+        grid, evaluate = due(done, t.sample_every, t.steps), due(done, t.eval_every, t.steps)
+        if env.is_main and (grid or evaluate):
+            stage.sample(done, ema_models(), runlog, grid=grid, evaluate=evaluate)
+        if due(done, t.checkpoint_every, stop):  # stop: train.steps, or the pause of --until
+            ts.save(out, done, cfg, sampler, env, extra=stage.checkpoint_meta())
+    runlog.close()
+    if stop < t.steps:
+        return paused(out, stop, t.steps, env)
+    path = out / stage.output
+    if env.is_main:
+        stage.export(path, ema_models(), RunSummary(ts.seconds(), ts.history, sampler.global_batch, env.world))
+    dist.barrier()
+    return path
