@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,28 +32,10 @@ from ..models.unet import UNetModel
 from . import dist, latents, losses, text_cache
 from .concat import build_concat_inputs
 from .config import RunConfig, derive_model_config
-from .data import load_train_data
-from .ema import EMA
 from .export import MODEL_FILE, ModelRecord, caption_tokens, write_model
-from .init import check_init_source, init_ldm
-from .log import RunLogger, setup_logging, teardown_logging, truncate_metrics
-from .loop import (
-    TrainingState,
-    autocast,
-    clip_gradients,
-    configure_threads,
-    due,
-    lr_at,
-    make_optimizer,
-    paused,
-    prepare_run_dir,
-    resume_state,
-    seed_everything,
-    set_lr,
-    stop_step,
-    wrap_ddp,
-    write_config,
-)
+from .init import init_ldm
+from .log import RunLogger
+from .loop import RunSummary, Setup, autocast, make_optimizer, run, wrap_ddp
 from .samples import SAMPLES_DIR, sample_grid, save_png
 
 logger = logging.getLogger("daguerre.train")
@@ -96,177 +79,159 @@ def train_ldm(cfg: RunConfig, out: str | Path, *, vae_path: str | Path, resume: 
               until: int | None = None) -> Path:
     """Run stage 2 as configured on the autoencoder in `vae_path`; returns RUN/model.safetensors, or with
     `until` < train.steps the checkpoint of step `until` (a pause: resume later with `resume`)."""
-    env = dist.init_distributed(cfg.train.device)
-    threads = torch.get_num_threads()
-    try:
-        return _train(cfg, Path(out), Path(vae_path), resume, until, env)
-    finally:
-        dist.shutdown()
-        teardown_logging()
-        torch.set_num_threads(threads)
+    return run(LDMStage(cfg, Path(vae_path)), cfg, out, resume=resume, until=until)
 
 
-def _train(cfg: RunConfig, out: Path, vae_path: Path, resume: bool, until: int | None, env: dist.DistEnv) -> Path:
-    from ..weights.io import file_hash
+class LDMStage:
+    """Stage 2 for `loop.run`: the U-Net (and a jointly trained text encoder) on a frozen autoencoder's cached
+    latents; the model's conditioner gives each micro-batch its condition."""
 
-    t, lc = cfg.train, cfg.loss
-    configure_threads(t)
-    device = env.device
-    vae, vae_model_cfg = load_vae(vae_path, device)
-    vae_sha = file_hash(vae_path)
-    resume_from = prepare_run_dir(out, cfg, resume, env, until)
-    latest = resume_from.folder
-    if latest is None:
-        check_init_source(t.init_from)
-    setup_logging(out, env.is_main)
-    data = load_train_data(cfg.data)
-    if data.channels != vae_model_cfg.vae.in_channels:
-        raise ValueError(f"the VAE {vae_path} encodes {vae_model_cfg.vae.in_channels}-channel images but the "
-                         f"data has {data.channels} channels")
-    run_model = copy.deepcopy(cfg)
-    run_model.model.vae = copy.deepcopy(vae_model_cfg.vae)  # the autoencoder is the trained one, scale included
-    model_cfg = derive_model_config(run_model, data.channels, data.class_names)
-    schedule = model_cfg.schedule
-    abar_all = alphas_cumprod(betas_from_config(schedule)).float()  # (T,)
-    seed_everything(t.seed, env.rank)
+    output = MODEL_FILE
 
-    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "latents"
-    lat = latents.build_or_load(vae, vae_sha, data, cfg.data.flip, cache_root, env)
-    views = lat.mean.shape[1]
-    concat_in = build_concat_inputs(model_cfg, cfg, data, vae, cache_root, env)  # SR / inpainting models
-    frozen = text_cache.load_frozen_text_encoder(model_cfg, device)  # MiniLM: (encoder, tokenizer); else None
-    text_emb = text_cache.build_or_load(*frozen, lat.captions, cache_root, env) if frozen else None  # once, to disk
+    def __init__(self, cfg: RunConfig, vae_path: Path) -> None:
+        self.cfg, self.vae_path = cfg, vae_path
+        self.init_record: dict[str, Any] | None = None
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(t.seed)
-        unet = UNetModel(model_cfg.unet)
-        te = CLIPTextEncoder(model_cfg.text_encoder) if model_cfg.text_encoder is not None and not frozen else None
-    init_record = None
-    if t.init_from and latest is None:  # fine-tuning: the model's weights (a resume has its own)
-        init_record = init_ldm(t.init_from, unet, te if not frozen else None, vae_sha)
-    tokenizer = frozen[1] if frozen else None
-    if te is not None:
-        tokenizer = CLIPTokenizer(max_length=model_cfg.text_encoder.max_length,
-                                  pad_token_id=model_cfg.text_encoder.pad_token_id)
-    train_te = te is not None and lc.train_text_encoder
-    tokens = caption_tokens(tokenizer, lat.captions) if train_te else None  # what a pruned vocabulary keeps
-    unet.to(device).train()
-    unet.gradient_checkpointing = t.gradient_checkpointing
-    modules: dict[str, nn.Module] = {"unet": unet}
-    emas = {"unet": EMA(unet, t.ema_decay, t.ema_warmup)}
-    params = list(unet.parameters())
-    if te is not None:
-        te.to(device)
-        te.gradient_checkpointing = t.gradient_checkpointing
-        modules["text_encoder"] = te
-        if train_te:
-            te.train()
-            emas["text_encoder"] = EMA(te, t.ema_decay, t.ema_warmup)
-            params += list(te.parameters())
-        else:
-            te.eval().requires_grad_(False)
-    opt = make_optimizer(params, t)
-    model = wrap_ddp(DiffusionModel(unet, te if train_te else None), env)
-    ts = TrainingState(modules, emas, {"model": opt})
-    start, meta = resume_state(ts, resume_from, env)
-    if meta is not None:
-        if meta.get("vae_sha256") != vae_sha:
-            raise ValueError(f"cannot resume {out}: it was trained on another autoencoder than {vae_path}; "
+    def prepare(self, env: dist.DistEnv) -> None:
+        """Before the run folder: the autoencoder the run trains on (a missing or damaged file fails first)."""
+        from ..weights.io import file_hash
+
+        self.vae, self.vae_model_cfg = load_vae(self.vae_path, env.device)
+        self.vae_sha = file_hash(self.vae_path)
+
+    def build(self, setup: Setup) -> None:
+        cfg, env, data, out = self.cfg, setup.env, setup.data, setup.out
+        t = cfg.train
+        self.data, self.out, self.device = data, out, env.device
+        device = env.device
+        if data.channels != self.vae_model_cfg.vae.in_channels:
+            raise ValueError(f"the VAE {self.vae_path} encodes {self.vae_model_cfg.vae.in_channels}-channel images "
+                             f"but the data has {data.channels} channels")
+        run_model = copy.deepcopy(cfg)
+        run_model.model.vae = copy.deepcopy(self.vae_model_cfg.vae)  # the autoencoder is the trained one
+        self.model_cfg = model_cfg = derive_model_config(run_model, data.channels, data.class_names)
+        self.abar_all = alphas_cumprod(betas_from_config(model_cfg.schedule)).float()  # (T,)
+
+        cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "latents"
+        self.lat = lat = latents.build_or_load(self.vae, self.vae_sha, data, cfg.data.flip, cache_root, env)
+        self.concat_in = build_concat_inputs(model_cfg, cfg, data, self.vae, cache_root, env)  # SR / inpainting
+        self.frozen = frozen = text_cache.load_frozen_text_encoder(model_cfg, device)  # MiniLM: (encoder, tok.)
+        text_emb = text_cache.build_or_load(*frozen, lat.captions, cache_root, env) if frozen else None  # once
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed)
+            unet = UNetModel(model_cfg.unet)
+            te = CLIPTextEncoder(model_cfg.text_encoder) if model_cfg.text_encoder is not None and not frozen else None
+        if t.init_from and setup.fresh:  # fine-tuning: the model's weights (a resume has its own)
+            self.init_record = init_ldm(t.init_from, unet, te if not frozen else None, self.vae_sha)
+        self.tokenizer = frozen[1] if frozen else None
+        if te is not None:
+            self.tokenizer = CLIPTokenizer(max_length=model_cfg.text_encoder.max_length,
+                                           pad_token_id=model_cfg.text_encoder.pad_token_id)
+        train_te = te is not None and cfg.loss.train_text_encoder
+        self.tokens = caption_tokens(self.tokenizer, lat.captions) if train_te else None  # kept by pruning
+        unet.to(device).train()
+        unet.gradient_checkpointing = t.gradient_checkpointing
+        self.unet, self.te = unet, te
+        self.modules: dict[str, nn.Module] = {"unet": unet}
+        self.ema_targets: tuple[str, ...] = ("unet",)
+        params = list(unet.parameters())
+        if te is not None:
+            te.to(device)
+            te.gradient_checkpointing = t.gradient_checkpointing
+            self.modules["text_encoder"] = te
+            if train_te:
+                te.train()
+                self.ema_targets += ("text_encoder",)
+                params += list(te.parameters())
+            else:
+                te.eval().requires_grad_(False)
+        self.evaluated = tuple(self.modules)
+        self.optimizers = {"model": make_optimizer(params, t)}
+        self.peak_lr: dict[str, float] = {}
+        self.model = wrap_ddp(DiffusionModel(unet, te if train_te else None), env)
+        self.pool = torch.arange(len(lat)).numpy()
+        self.conditioner = conditioner_for(model_cfg)  # text, class or none: the condition of each micro-batch
+        self.text = text_cache.text_hook(self.tokenizer, te, trained=train_te, cache=text_emb, bf16=t.bf16)
+        lc = cfg.loss
+        self.t_cdf = losses.timestep_cdf(lc.timestep_bias, model_cfg.schedule.num_train_timesteps,
+                                         lc.timestep_bias_multiplier, lc.timestep_bias_portion,
+                                         lc.timestep_bias_begin, lc.timestep_bias_end)
+
+    def resumed(self, meta: dict[str, Any]) -> None:
+        if meta.get("vae_sha256") != self.vae_sha:
+            raise ValueError(f"cannot resume {self.out}: it was trained on another autoencoder than {self.vae_path}; "
                              "resume with the run's own --vae file")
-        if env.is_main:
-            truncate_metrics(out, start)
-        init_record = meta.get("init")  # what step 0 was initialised from (--init), kept by every checkpoint
-    write_config(out, cfg, env)
-    n_unet = sum(p.numel() for p in unet.parameters())
-    n_te = sum(p.numel() for p in te.parameters()) if te is not None else 0
-    logger.info("stage 2: U-Net %.2f M + text encoder %.2f M parameters, %s conditioning, %s prediction; %d "
-                "cached latents %s; %d process(es), global batch %d", n_unet / 1e6, n_te / 1e6,
-                model_cfg.conditioning, schedule.prediction_type, len(lat), tuple(lat.mean.shape[2:]), env.world,
-                t.batch_size * env.world * t.grad_accum)
+        self.init_record = meta.get("init")  # what step 0 was initialised from (--init), kept by every checkpoint
 
-    sampler = dist.StreamSampler(torch.arange(len(lat)).numpy(), t.seed, t.batch_size, env.world, env.rank,
-                                 t.grad_accum)
-    shape = tuple(lat.mean.shape[2:])
-    conditioner = conditioner_for(model_cfg)  # text, class or none: the condition of each micro-batch
-    text = text_cache.text_hook(tokenizer, te, trained=train_te, cache=text_emb, bf16=t.bf16)
-    scale, shift = model_cfg.vae.scale_factor, model_cfg.vae.shift_factor
-    ema_copies = {}
-    if env.is_main:
-        ema_copies = {n: copy.deepcopy(m).eval().requires_grad_(False) for n, m in modules.items()}
-    runlog = RunLogger(out, enabled=env.is_main, start=start, total=t.steps, images_per_step=sampler.global_batch,
-                       progress=t.progress, tensorboard=t.tensorboard)
+    def describe(self, env: dist.DistEnv) -> str:
+        t, m, lat = self.cfg.train, self.model_cfg, self.lat
+        n_unet, n_te = self._parameters().values()
+        return (f"stage 2: U-Net {n_unet / 1e6:.2f} M + text encoder {n_te / 1e6:.2f} M parameters, "
+                f"{m.conditioning} conditioning, {m.schedule.prediction_type} prediction; {len(lat)} cached latents "
+                f"{tuple(lat.mean.shape[2:])}; {env.world} process(es), global batch "
+                f"{t.batch_size * env.world * t.grad_accum}")
 
-    def ema_components() -> Components:
-        for name, e in emas.items():
-            e.copy_to(ema_copies[name])
-        return Components(config=model_cfg, unet=ema_copies["unet"], vae=vae,
-                          text_encoder=ema_copies.get("text_encoder", frozen and frozen[0]), tokenizer=tokenizer)
+    def begin(self, sampler: dist.StreamSampler, start: int) -> None:
+        self.sampler = sampler
 
-    t_cdf = losses.timestep_cdf(lc.timestep_bias, schedule.num_train_timesteps, lc.timestep_bias_multiplier,
-                                lc.timestep_bias_portion, lc.timestep_bias_begin, lc.timestep_bias_end)
-    stop = stop_step(start, t.steps, until)
-    for step in range(start, stop):
-        set_lr(opt, lr_at(step, t))
-        total = 0.0
-        for micro in range(t.grad_accum):
-            positions, idx = sampler.indices(step, micro)
-            gens = [dist.sample_generator(t.seed, "ldm", int(p)) for p in positions]
-            r = _draws(gens, schedule.num_train_timesteps, shape, views, lc.offset_noise, lc.latents == "sample",
-                       t_cdf)
-            rows = torch.from_numpy(idx)
-            mean, std = lat.mean[rows, r["view"]], lat.std[rows, r["view"]]  # (B, C, h, w)
-            z0 = ((mean + std * r["post"]) - shift) * scale
-            abar = abar_all[r["t"]]  # (B,)
-            x_t = q_sample(z0, abar, r["noise"]).to(device)  # sqrt(abar) z0 + sqrt(1 - abar) eps
-            target = losses.diffusion_target(schedule.prediction_type, z0, r["noise"], abar).to(device)
-            weights = losses.min_snr_weights(abar, lc.min_snr_gamma, schedule.prediction_type).to(device)
-            dropped = r["drop"] < lc.caption_dropout
-            kwargs = conditioner.batch(rows, dropped, lat, device, text)  # dropped: the null condition
-            if concat_in is not None:  # cat(x_t, c): the low-res image or mask + masked-image latent
-                c, y_extra = concat_in.step(rows, r["view"], gens, device)
-                x_t = torch.cat([x_t, c.to(x_t)], dim=1)
-                if y_extra is not None:  # the low-res noise level
-                    kwargs["y"] = y_extra
-            with dist.maybe_no_sync(model, micro < t.grad_accum - 1):
-                with autocast(device, t.bf16):
-                    pred = model(x_t, r["t"].float().to(device), **kwargs)
-                loss = losses.weighted_mse(pred, target, weights)
-                (loss / t.grad_accum).backward()
-            total += float(loss.detach())
-        grad_norm = clip_gradients(params, t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for name, e in emas.items():
-            e.update(modules[name])
-        done = step + 1
-        avg = total / t.grad_accum
-        runlog.add({"loss": avg, "grad_norm": grad_norm})
-        runlog.step(done, avg)
-        if due(done, t.log_every, t.steps):
-            means = runlog.take_means()  # over the steps since the last line, averaged over processes
-            vals = dist.all_reduce_mean_(torch.tensor(list(means.values()), dtype=torch.float64))
-            runlog.log(done, {**dict(zip(means, vals.tolist(), strict=True)), "lr": opt.param_groups[0]["lr"],
-                              "images_per_s": runlog.images_per_second(done)})
-        if env.is_main and due(done, t.sample_every, t.steps):
-            grid = (sample_grid(ema_components(), cfg.sample) if concat_in is None
-                    else concat_in.sample_grid(ema_components(), cfg.sample))
-            save_png(grid, out / SAMPLES_DIR / f"step_{done:08d}.png")
-        if due(done, t.checkpoint_every, stop):  # stop: train.steps, or the pause of --until
-            extra = {"vae_sha256": vae_sha, "vae_file": str(vae_path), "init": init_record,
-                     "class_names": data.class_names, "caption_token_ids": tokens}  # what export needs
-            ts.save(out, done, cfg, sampler, env, extra=extra)
-    runlog.close()
-    if stop < t.steps:
-        return paused(out, stop, t.steps, env)
+    def step(self, step: int, micro: int, sync: bool) -> dict[str, float]:
+        t, lc, lat, device = self.cfg.train, self.cfg.loss, self.lat, self.device
+        schedule = self.model_cfg.schedule
+        scale, shift = self.model_cfg.vae.scale_factor, self.model_cfg.vae.shift_factor
+        positions, idx = self.sampler.indices(step, micro)
+        gens = [dist.sample_generator(t.seed, "ldm", int(p)) for p in positions]
+        r = _draws(gens, schedule.num_train_timesteps, tuple(lat.mean.shape[2:]), lat.mean.shape[1],
+                   lc.offset_noise, lc.latents == "sample", self.t_cdf)
+        rows = torch.from_numpy(idx)
+        mean, std = lat.mean[rows, r["view"]], lat.std[rows, r["view"]]  # (B, C, h, w)
+        z0 = ((mean + std * r["post"]) - shift) * scale
+        abar = self.abar_all[r["t"]]  # (B,)
+        x_t = q_sample(z0, abar, r["noise"]).to(device)  # sqrt(abar) z0 + sqrt(1 - abar) eps
+        target = losses.diffusion_target(schedule.prediction_type, z0, r["noise"], abar).to(device)
+        weights = losses.min_snr_weights(abar, lc.min_snr_gamma, schedule.prediction_type).to(device)
+        dropped = r["drop"] < lc.caption_dropout
+        kwargs = self.conditioner.batch(rows, dropped, lat, device, self.text)  # dropped: the null condition
+        if self.concat_in is not None:  # cat(x_t, c): the low-res image or mask + masked-image latent
+            c, y_extra = self.concat_in.step(rows, r["view"], gens, device)
+            x_t = torch.cat([x_t, c.to(x_t)], dim=1)
+            if y_extra is not None:  # the low-res noise level
+                kwargs["y"] = y_extra
+        with dist.maybe_no_sync(self.model, not sync):
+            with autocast(device, t.bf16):
+                pred = self.model(x_t, r["t"].float().to(device), **kwargs)
+            loss = losses.weighted_mse(pred, target, weights)
+            (loss / t.grad_accum).backward()
+        return {"loss": float(loss.detach())}
 
-    path = out / MODEL_FILE
-    if env.is_main:
+    def sample(self, step: int, models: dict[str, nn.Module], runlog: RunLogger, *, grid: bool,
+               evaluate: bool) -> None:
+        """A grid of EMA samples at the `[sample]` settings (`grid`); stage 2 has no held-out evaluation."""
+        if not grid:
+            return
+        components = self._components(models)
+        image = (sample_grid(components, self.cfg.sample) if self.concat_in is None
+                 else self.concat_in.sample_grid(components, self.cfg.sample))
+        save_png(image, self.out / SAMPLES_DIR / f"step_{step:08d}.png")
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"vae_sha256": self.vae_sha, "vae_file": str(self.vae_path), "init": self.init_record,
+                "class_names": self.data.class_names, "caption_token_ids": self.tokens}  # what export needs
+
+    def export(self, path: Path, models: dict[str, nn.Module], summary: RunSummary) -> None:
+        """The model file (`export.write_model`)."""
         record = ModelRecord(
-            steps=t.steps, seconds=ts.seconds(), world=env.world, global_batch=sampler.global_batch,
-            parameters={"unet": n_unet, "text_encoder": n_te}, vae_file=vae_path, vae_sha256=vae_sha,
-            vae_provenance=vae_model_cfg.provenance, data=data.description, init=init_record, history=ts.history,
-            caption_tokens=tokens)
-        write_model(ema_components(), cfg, record, path)
-    dist.barrier()
-    return path
+            steps=self.cfg.train.steps, seconds=summary.seconds, world=summary.world,
+            global_batch=summary.global_batch, parameters=self._parameters(), vae_file=self.vae_path,
+            vae_sha256=self.vae_sha, vae_provenance=self.vae_model_cfg.provenance, data=self.data.description,
+            init=self.init_record, history=summary.history, caption_tokens=self.tokens)
+        write_model(self._components(models), self.cfg, record, path)
 
+    def _components(self, models: dict[str, nn.Module]) -> Components:
+        frozen = self.frozen
+        return Components(config=self.model_cfg, unet=models["unet"], vae=self.vae,
+                          text_encoder=models.get("text_encoder", frozen and frozen[0]), tokenizer=self.tokenizer)
+
+    def _parameters(self) -> dict[str, int]:
+        return {"unet": sum(p.numel() for p in self.unet.parameters()),
+                "text_encoder": sum(p.numel() for p in self.te.parameters()) if self.te is not None else 0}

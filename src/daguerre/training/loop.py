@@ -350,10 +350,11 @@ class RunSummary:
 class Stage(Protocol):
     """A training stage (autoencoder, latent diffusion): what `run` needs from it.
 
-    `build` makes the networks (`modules`, checkpointed as model.<name>.*), their `optimizers` (learning-rate
-    peak `peak_lr[name]`, default train.lr) and the data `pool` the stream samples; `ema_targets` get an EMA,
-    `evaluated` are the modules whose EMA copies `sample` and `export` read. `step` runs one micro-batch
-    forward and backward (gradients only; `run` steps the optimizers) and returns its metrics."""
+    `prepare` loads what can fail before the run folder is made; `build` makes the networks (`modules`,
+    checkpointed as model.<name>.*), their `optimizers` (learning-rate peak `peak_lr[name]`, default
+    train.lr) and the data `pool` the stream samples; `ema_targets` get an EMA, `evaluated` are the modules
+    whose EMA copies `sample` and `export` read. `step` runs one micro-batch forward and backward (gradients
+    only; `run` steps the optimizers) and returns its metrics."""
 
     output: str
     modules: dict[str, nn.Module]
@@ -363,6 +364,7 @@ class Stage(Protocol):
     evaluated: tuple[str, ...]
     pool: np.ndarray
 
+    def prepare(self, env: dist.DistEnv) -> None: ...
     def build(self, setup: Setup) -> None: ...
     def resumed(self, meta: dict[str, Any]) -> None: ...
     def describe(self, env: dist.DistEnv) -> str: ...
@@ -390,6 +392,7 @@ def run(stage: Stage, cfg: RunConfig, out: str | Path, *, resume: bool = False, 
 def _run(stage: Stage, cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist.DistEnv) -> Path:
     t = cfg.train
     configure_threads(t)
+    stage.prepare(env)
     resume_from = prepare_run_dir(out, cfg, resume, env, until)
     if resume_from.folder is None:
         check_init_source(t.init_from)

@@ -99,6 +99,9 @@ class VAEStage:
         self.cfg = cfg
         self.init_record: dict[str, Any] | None = None
 
+    def prepare(self, env) -> None:
+        """Nothing to load before the run folder: the data and the networks come with `build`."""
+
     def build(self, setup: Setup) -> None:
         cfg, env, data = self.cfg, setup.env, setup.data
         t, lc = cfg.train, cfg.loss
