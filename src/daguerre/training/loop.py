@@ -1,5 +1,8 @@
-"""What both training stages share: run folder, AdamW with warm-up + cosine decay, clipping, precision,
-and saving / restoring the whole training state (weights, EMA, optimizers, RNGs, data position).
+"""The training loop, `run(stage, cfg, out)`, and what it is made of: run folder, AdamW with warm-up + cosine
+decay, clipping, precision, and saving / restoring the whole training state (weights, EMA, optimizers, RNGs,
+data position). A `Stage` (`vae.VAEStage`, `ldm.LDMStage`) supplies build / step / sample / export; `run` owns
+set-up, resume and training phases, EMA, DDP gradient sync, gradient accumulation, logging, the sample grids'
+schedule and checkpoints (the shape of nanoGPT's loop and DiT's `main`).
 
 Learning rate of optimizer step s (0-based): lr (s + 1) / warmup during warm-up, then
 min_lr + (lr - min_lr) (1 + cos(pi p)) / 2 with p = (s - warmup) / (steps - warmup) (Loshchilov & Hutter
