@@ -27,6 +27,7 @@ from torch import nn
 
 from ..checkpoints.vae_file import load_vae
 from ..components import Components
+from ..config import ModelConfig
 from ..fileio import atomic_path
 from ..models.text_encoder import CLIPTextEncoder, prune_vocabulary
 from ..models.tokenizer import CLIPTokenizer
@@ -110,6 +111,21 @@ def write_model(components: Components, cfg: RunConfig, record: ModelRecord, pat
     return path
 
 
+def networks(model_cfg: ModelConfig, frozen: tuple | None,
+             seed: int) -> tuple[UNetModel, CLIPTextEncoder | None, Any]:
+    """The U-Net, the trainable text encoder (None for a frozen one, `frozen` = (encoder, tokenizer), or none)
+    and the tokenizer of a stage-2 model, initialised from `seed` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNetModel(model_cfg.unet)
+        te = CLIPTextEncoder(model_cfg.text_encoder) if model_cfg.text_encoder is not None and not frozen else None
+    tokenizer = frozen[1] if frozen else None
+    if te is not None:
+        tokenizer = CLIPTokenizer(max_length=model_cfg.text_encoder.max_length,
+                                  pad_token_id=model_cfg.text_encoder.pad_token_id)
+    return unet, te, tokenizer
+
+
 def find_checkpoint(run: Path, step: int | None) -> tuple[Path, dict]:
     """(folder, meta) of checkpoint `step` of `run` (the newest that reads when None, damaged newer ones
     named in a warning); FileNotFoundError listing the others, ValueError naming a damaged file."""
@@ -184,9 +200,7 @@ def checkpoint_model(folder: Path, meta: dict[str, Any], cfg: RunConfig) -> tupl
     model_cfg = derive_model_config(run_model, vae_cfg.vae.in_channels, class_names)
     frozen = text_cache.load_frozen_text_encoder(model_cfg, torch.device("cpu"))  # MiniLM: (encoder, tokenizer)
     tensors, _ = state.load_checkpoint(folder)
-    with torch.random.fork_rng(devices=[]):
-        unet = UNetModel(model_cfg.unet)
-        te = CLIPTextEncoder(model_cfg.text_encoder) if model_cfg.text_encoder is not None and not frozen else None
+    unet, te, tokenizer = networks(model_cfg, frozen, cfg.train.seed)
     modules: dict[str, nn.Module] = {"unet": unet, **({"text_encoder": te} if te is not None else {})}
     try:
         for name, module in modules.items():
@@ -199,10 +213,6 @@ def checkpoint_model(folder: Path, meta: dict[str, Any], cfg: RunConfig) -> tupl
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"cannot export {folder}: its weights do not fit its run config "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    tokenizer = frozen[1] if frozen else None
-    if te is not None:
-        tokenizer = CLIPTokenizer(max_length=model_cfg.text_encoder.max_length,
-                                  pad_token_id=model_cfg.text_encoder.pad_token_id)
     tokens = None
     if trained_te:
         tokens = (meta["caption_token_ids"] if data is None else

@@ -27,12 +27,11 @@ from ..components import Components
 from ..conditioning import conditioner_for
 from ..diffusion.schedules import alphas_cumprod, betas_from_config, q_sample
 from ..models.text_encoder import CLIPTextEncoder
-from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNetModel
 from . import dist, latents, losses, text_cache
 from .concat import build_concat_inputs
 from .config import RunConfig, derive_model_config
-from .export import MODEL_FILE, ModelRecord, caption_tokens, write_model
+from .export import MODEL_FILE, ModelRecord, caption_tokens, networks, write_model
 from .init import init_ldm
 from .log import RunLogger
 from .loop import RunSummary, Setup, autocast, make_optimizer, run, wrap_ddp
@@ -118,16 +117,9 @@ class LDMStage:
         self.frozen = frozen = text_cache.load_frozen_text_encoder(model_cfg, device)  # MiniLM: (encoder, tok.)
         text_emb = text_cache.build_or_load(*frozen, lat.captions, cache_root, env) if frozen else None  # once
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(t.seed)
-            unet = UNetModel(model_cfg.unet)
-            te = CLIPTextEncoder(model_cfg.text_encoder) if model_cfg.text_encoder is not None and not frozen else None
+        unet, te, self.tokenizer = networks(model_cfg, frozen, t.seed)
         if t.init_from and setup.fresh:  # fine-tuning: the model's weights (a resume has its own)
             self.init_record = init_ldm(t.init_from, unet, te if not frozen else None, self.vae_sha)
-        self.tokenizer = frozen[1] if frozen else None
-        if te is not None:
-            self.tokenizer = CLIPTokenizer(max_length=model_cfg.text_encoder.max_length,
-                                           pad_token_id=model_cfg.text_encoder.pad_token_id)
         train_te = te is not None and cfg.loss.train_text_encoder
         self.tokens = caption_tokens(self.tokenizer, lat.captions) if train_te else None  # kept by pruning
         unet.to(device).train()
