@@ -464,6 +464,10 @@ def test_export_needs_only_the_checkpoint_no_data_no_caches(conditioning, tmp_pa
     assert at1.config.provenance["steps"] == 1
     for k, v in at1.unet.state_dict().items():
         assert torch.equal(v, mid[f"ema.unet.{k}"].half().float()), k
+    meta_file = run / "checkpoints" / "step_00000001" / "state.json"  # an autoencoder the run did not train on
+    meta_file.write_text(meta_file.read_text().replace(json.loads(meta_file.read_text())["vae_sha256"], "0" * 64))
+    with pytest.raises(ValueError, match=f"autoencoder {vae_file} is not the file it trained on"):
+        export_checkpoint(run, step=1, out=tmp_path / "other.safetensors")
 
 
 TINY_VAE_RUN = [*QUIET, "data.n=12", "data.holdout=2", "train.batch_size=2", "train.checkpoint_every=1",
