@@ -191,6 +191,14 @@ class ConcatInputs(ABC):
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.build(self.draw(rows, views, gens), device)
 
+    def apply(self, x_t: torch.Tensor, kwargs: dict[str, Any], rows: torch.Tensor, views: torch.Tensor,
+              gens: list[torch.Generator], device: torch.device) -> torch.Tensor:
+        """The U-Net input cat(x_t, c) of one micro-batch; the low-res noise level, when drawn, goes to kwargs["y"]."""
+        c, y = self.step(rows, views, gens, device)
+        if y is not None:
+            kwargs["y"] = y
+        return torch.cat([x_t, c.to(x_t)], dim=1)
+
     @abstractmethod
     def sample_pair(self, original: Image.Image, common: dict[str, Any],
                     components: Components) -> tuple[Image.Image, Image.Image]:
@@ -296,6 +304,19 @@ class InpaintInputs(ConcatInputs):
         return shown, inpaint(components, req.validate(components.config))[0].image
 
 
+class NoInputs:
+    """A model without concatenation: the U-Net input is x_t alone (nothing drawn), the grid plain samples."""
+
+    def apply(self, x_t: torch.Tensor, kwargs: dict[str, Any], rows: torch.Tensor, views: torch.Tensor,
+              gens: list[torch.Generator], device: torch.device) -> torch.Tensor:
+        return x_t
+
+    def sample_grid(self, components: Components, sample: SampleConfig) -> Image.Image:
+        from .samples import sample_grid
+
+        return sample_grid(components, sample)
+
+
 INPUTS: dict[type[NoConcat], type[ConcatInputs]] = {LowresConcat: LowresInputs, InpaintConcat: InpaintInputs}
 
 
@@ -316,13 +337,13 @@ def _build_pixels(data: TrainData, inputs: type[ConcatInputs], factor: int, flip
 
 
 def build_concat_inputs(model_cfg: ModelConfig, cfg: RunConfig, data: TrainData, vae: AutoencoderKL,
-                        cache_root: Path, env: dist.DistEnv) -> ConcatInputs | None:
-    """The run's `ConcatInputs` (None for a model without concatenation); rank 0 builds the pixel cache
+                        cache_root: Path, env: dist.DistEnv) -> ConcatInputs | NoInputs:
+    """The run's `ConcatInputs` (`NoInputs` for a model without concatenation); rank 0 builds the pixel cache
     file CACHE/pixels_<kind>_<key>.safetensors when it is missing, every process then loads it."""
     conditioner, d = conditioner_for(model_cfg), cfg.data
     inputs = INPUTS.get(type(conditioner.concat))
     if inputs is None:
-        return None
+        return NoInputs()
     kind, factor = conditioner.concat.kind, d.lowres_factor
     key = pixel_cache_key(data.description, inputs, kind, factor, d.flip, len(data.train_pool))
     path = cache_root / f"pixels_{kind}_{key}.safetensors"

@@ -35,7 +35,7 @@ from .export import MODEL_FILE, ModelRecord, caption_tokens, networks, write_mod
 from .init import init_ldm
 from .log import RunLogger
 from .loop import RunSummary, Setup, autocast, make_optimizer, run, wrap_ddp
-from .samples import SAMPLES_DIR, sample_grid, save_png
+from .samples import SAMPLES_DIR, save_png
 
 logger = logging.getLogger("daguerre.train")
 
@@ -184,11 +184,7 @@ class LDMStage:
         weights = losses.min_snr_weights(abar, lc.min_snr_gamma, schedule.prediction_type).to(device)
         dropped = r["drop"] < lc.caption_dropout
         kwargs = self.conditioner.batch(rows, dropped, lat, device, self.text)  # dropped: the null condition
-        if self.concat_in is not None:  # cat(x_t, c): the low-res image or mask + masked-image latent
-            c, y_extra = self.concat_in.step(rows, r["view"], gens, device)
-            x_t = torch.cat([x_t, c.to(x_t)], dim=1)
-            if y_extra is not None:  # the low-res noise level
-                kwargs["y"] = y_extra
+        x_t = self.concat_in.apply(x_t, kwargs, rows, r["view"], gens, device)  # cat(x_t, c) for SR / inpainting
         with dist.maybe_no_sync(self.model, not sync):
             with autocast(device, t.bf16):
                 pred = self.model(x_t, r["t"].float().to(device), **kwargs)
@@ -202,8 +198,7 @@ class LDMStage:
         if not grid:
             return
         components = self._components(models)
-        image = (sample_grid(components, self.cfg.sample) if self.concat_in is None
-                 else self.concat_in.sample_grid(components, self.cfg.sample))
+        image = self.concat_in.sample_grid(components, self.cfg.sample)
         save_png(image, self.out / SAMPLES_DIR / f"step_{step:08d}.png")
 
     def checkpoint_meta(self) -> dict[str, Any]:
