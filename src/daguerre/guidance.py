@@ -1,7 +1,7 @@
 """Guidance: wrappers that take a denoiser and return a denoiser, so every sampler gets them for free.
 
 - `cfg_denoiser`: classifier-free guidance (Ho & Salimans 2022), negative prompts, guidance rescale
-  (Lin et al. 2024).
+  (Lin et al. 2024), guidance truncation below a minimum sigma (A1111's NGMS, diffusers' CFG cutoff).
 - `inpaint_blend_denoiser`: inpainting with a regular (non-inpainting) model by blending the known
   latents back at every step.
 A denoiser is any callable `denoiser(x, sigma, cond) -> x0` (daguerre.diffusion.denoisers).
@@ -78,6 +78,7 @@ def cfg_denoiser(
     scale: float,
     rescale: float = 0.0,
     rescale_space: str | None = None,
+    min_sigma: float = 0.0,
 ) -> DenoiserFn:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6) as a denoiser:
     x0 = x0_uncond + scale (x0_cond - x0_uncond), the same in eps space since eps is affine in x0.
@@ -89,6 +90,11 @@ def cfg_denoiser(
     unconditional call entirely. `rescale` > 0 applies guidance rescale in `rescale_space`: "eps", "v"
     or "x0"; None uses the space the wrapped network predicts in (its `prediction_type`, as diffusers
     rescales the raw model output), or "eps" for a plain function.
+
+    `min_sigma` > 0 truncates guidance (a speed-up): a call whose sigmas all lie below it runs the
+    conditional half alone (half the network batch) and returns its prediction, as scale 1 would.
+    AUTOMATIC1111's "negative guidance minimum sigma" (`s_min_uncond`) skips only every other call
+    below it; diffusers' CFG cutoff (and this) every call. 0 (the default) never skips: plain CFG.
     """
     space = rescale_space or _SPACE_OF_PREDICTION.get(getattr(denoiser, "prediction_type", "epsilon"), "eps")
     if space not in RESCALE_SPACES:
@@ -97,6 +103,8 @@ def cfg_denoiser(
         raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
     if not math.isfinite(scale):
         raise ValueError(f"guidance scale must be a finite number, got {scale}: an infinite scale makes NaN images")
+    if not (math.isfinite(min_sigma) and min_sigma >= 0):
+        raise ValueError(f"guidance minimum sigma must be a finite number >= 0 (0 = never skip), got {min_sigma}")
 
     def guided(x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond | None = None) -> torch.Tensor:
         cond = cond or {}
@@ -104,6 +112,8 @@ def cfg_denoiser(
             return denoiser(x, sigma, cond)
         b = x.shape[0]
         sig = batch_sigma(sigma, x)  # (B,)
+        if min_sigma > 0 and bool((sig < min_sigma).all()):  # truncated: the conditional half alone
+            return denoiser(x, sigma, cond)
         merged = _merge_cond(cond, uncond, b)
         if merged is not None:
             x0_cond, x0_uncond = denoiser(torch.cat([x, x]), torch.cat([sig, sig]), merged).chunk(2)

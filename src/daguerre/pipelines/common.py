@@ -206,7 +206,8 @@ def run_plan(
         cond = {**expand(cond1, b), **batch_extra}
         guided = denoiser
         if uncond1 is not None:
-            guided = cfg_denoiser(denoiser, {**expand(uncond1, b), **batch_extra}, req.cfg_scale, req.guidance_rescale)
+            guided = cfg_denoiser(denoiser, {**expand(uncond1, b), **batch_extra}, req.cfg_scale, req.guidance_rescale,
+                                  min_sigma=req.cfg_min_sigma)
         if plan.mask is not None and plan.known is not None:
             guided = inpaint_blend_denoiser(guided, plan.known.to(device).expand(b, *shape), plan.mask.to(device))
         latest: dict[str, torch.Tensor] = {}  # the batch's latest x0 estimate, for a batch stopped early

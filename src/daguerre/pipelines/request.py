@@ -116,6 +116,12 @@ class GenerationRequest:
     # A1111 "Clip skip": 1 = the model's own layer, 2 = one layer earlier, ...
     clip_skip: int = setting(1, type=int, a1111=Payload("override_settings", setting="CLIP_stop_at_last_layers"),
                              png="Clip skip", cli=Flag("--clip-skip", help="A1111 clip skip (default 1)"))
+    # guidance truncation (A1111 "NGMS", diffusers' CFG cutoff): below this sigma the unconditional half is
+    # skipped and the step uses the conditional prediction alone; 0 = never (guidance.cfg_denoiser)
+    cfg_min_sigma: float = setting(0.0, type=float, a1111="s_min_uncond", png=Png("NGMS", fmt=lambda v: f"{v:g}"),
+                                   cli=Flag("--cfg-min-sigma", metavar="SIGMA", help="skip the unconditional half of "
+                                            "guidance (and the negative prompt) at noise levels below SIGMA: fewer "
+                                            "network calls, some loss of guidance (default 0: never)"))
     # Lin et al. 2024 rescale, for zero-terminal-SNR / v models
     guidance_rescale: float = setting(0.0, type=float, png=Png("Guidance rescale", fmt=lambda v: f"{v:g}"))
     # noise of ancestral / SDE / DDIM steps; None = the sampler's default (sampler_names.py)
@@ -219,6 +225,9 @@ class GenerationRequest:
             raise ValueError(f"n and batch_size must be >= 1, got n={self.n}, batch_size={self.batch_size}")
         if not (self.cfg_scale >= 0):
             raise ValueError(f"cfg scale must be >= 0, got {self.cfg_scale}")
+        if not (self.cfg_min_sigma >= 0):
+            raise ValueError(f"cfg minimum sigma must be >= 0 (0 = never skip the unconditional half), "
+                             f"got {self.cfg_min_sigma}")
         if not (0.0 <= self.guidance_rescale <= 1.0):
             raise ValueError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
         if self.clip_skip < 1:

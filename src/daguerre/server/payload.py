@@ -55,7 +55,6 @@ COMMON: dict[str, Rule] = {
     "seed_resize_from_h": ((-1, 0), "resizing the seed (seed_resize_from_h)"),
     "seed_resize_from_w": ((-1, 0), "resizing the seed (seed_resize_from_w)"),
     "restore_faces": ((False,), "face restoration"), "tiling": ((False,), "tiling (seamless images)"),
-    "s_min_uncond": ((0,), "s_min_uncond (skipping the negative prompt at low sigmas)"),
     "s_churn": ((0,), "s_churn"), "s_tmin": ((0,), "s_tmin"), "s_tmax": ((0, float("inf")), "s_tmax"),
     "s_noise": ((1,), "s_noise"),
     "refiner_checkpoint": (OFF, "refiner checkpoints"),
