@@ -1,8 +1,8 @@
-"""Guidance truncation (issue 15, item 4): below `cfg_min_sigma` the unconditional half of classifier-free
-guidance is skipped and a step uses the conditional prediction alone (A1111's NGMS, `s_min_uncond`;
-diffusers' CFG cutoff). Off (0) it is plain CFG, bit for bit; above every sigma it is cfg_scale 1; in
-between it runs fewer U-Net batch rows. The CLI flag, PNG key and payload key are walked with the rest of
-the field table in tests/test_request_fields.py."""
+"""Guidance truncation (issue 15, item 4): below `cfg_min_sigma` every other call of classifier-free guidance
+skips its unconditional half and uses the conditional prediction alone (A1111's NGMS, `s_min_uncond`, and its
+rule, so its images replay). Off (0) it is plain CFG, bit for bit; in between it runs fewer U-Net batch rows.
+The CLI flag, PNG key and payload key are walked with the rest of the field table in
+tests/test_request_fields.py."""
 
 from __future__ import annotations
 
@@ -58,14 +58,18 @@ def test_threshold_zero_is_plain_cfg_bit_for_bit():
 def test_below_the_threshold_a_call_is_the_conditional_prediction_with_half_the_rows():
     x, sigma, cond, uncond = _inputs()
     spy, ref = Spy(), Spy()
-    got = cfg_denoiser(spy, uncond, 5.0, min_sigma=8.5)(x, sigma, cond)  # every sigma below 8.5
+    truncated = cfg_denoiser(spy, uncond, 5.0, min_sigma=8.5)  # every sigma below 8.5
+    first, got = truncated(x, sigma, cond), truncated(x, sigma, cond)  # call 0 guided, call 1 truncated
+    assert torch.equal(first, cfg_denoiser(Spy(), uncond, 5.0)(x, sigma, cond))
     assert torch.equal(got, cfg_denoiser(ref, uncond, 1.0)(x, sigma, cond))
-    assert [b for b, _ in spy.calls] == [3]
+    assert [b for b, _ in spy.calls] == [6, 3]
     # one row at or above the threshold keeps the whole call guided (a batch is never split)
     spy = Spy()
-    guided = cfg_denoiser(spy, uncond, 5.0, min_sigma=8.0)(x, sigma, cond)
+    both = cfg_denoiser(spy, uncond, 5.0, min_sigma=8.0)
+    both(x, sigma, cond)
+    guided = both(x, sigma, cond)
     assert torch.equal(guided, cfg_denoiser(Spy(), uncond, 5.0)(x, sigma, cond))
-    assert [b for b, _ in spy.calls] == [6]
+    assert [b for b, _ in spy.calls] == [6, 6]
     assert not torch.equal(guided, got)  # the guidance did reach the output
 
 
@@ -110,21 +114,22 @@ def test_pipeline_threshold_zero_is_the_exact_path(tiny):
     assert all(np.array_equal(a, b) for a, b in zip(off, exact, strict=True)) and off_rows == exact_rows == [2] * 6
 
 
-def test_pipeline_threshold_above_every_sigma_is_cfg_scale_one(tiny):
+def test_pipeline_threshold_above_every_sigma_skips_every_other_call(tiny):
+    """A1111's rule: below the threshold the odd calls (1, 3, 5, ...) run the conditional half alone."""
     request, truncated, rows = _run(tiny, cfg_min_sigma=1e6)
     assert float(request.sigmas.max()) < 1e6
-    _, conditional, cond_rows = _run(tiny, cfg_scale=1.0)
-    assert all(np.array_equal(a, b) for a, b in zip(truncated, conditional, strict=True))
-    assert rows == cond_rows == [1] * 6
+    assert rows == [2, 1] * 3
     _, guided, _ = _run(tiny)
-    assert any(not np.array_equal(a, b) for a, b in zip(truncated, guided, strict=True))  # guidance mattered here
+    _, conditional, _ = _run(tiny, cfg_scale=1.0)
+    for other in (guided, conditional):  # neither plain CFG nor no guidance at all
+        assert any(not np.array_equal(a, b) for a, b in zip(truncated, other, strict=True))
 
 
 def test_pipeline_runs_fewer_unet_rows_below_the_threshold(tiny):
     plain, exact, exact_rows = _run(tiny)
-    threshold = float(plain.sigmas[3])  # Euler calls the U-Net once at each of sigmas[0..5]
+    threshold = float(plain.sigmas[2])  # Euler calls the U-Net once at each of sigmas[0..5]
     request, images, rows = _run(tiny, cfg_min_sigma=threshold)
-    expected = [2 if float(s) >= threshold else 1 for s in request.sigmas[:-1]]
+    expected = [1 if float(s) < threshold and i % 2 else 2 for i, s in enumerate(request.sigmas[:-1])]
     assert rows == expected and sum(rows) < sum(exact_rows) and expected.count(1) == 2
     assert any(not np.array_equal(a, b) for a, b in zip(images, exact, strict=True))
     assert "NGMS: " in txt2img(tiny, request)[0].parameters

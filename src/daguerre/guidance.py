@@ -91,10 +91,10 @@ def cfg_denoiser(
     or "x0"; None uses the space the wrapped network predicts in (its `prediction_type`, as diffusers
     rescales the raw model output), or "eps" for a plain function.
 
-    `min_sigma` > 0 truncates guidance (a speed-up): a call whose sigmas all lie below it runs the
-    conditional half alone (half the network batch) and returns its prediction, as scale 1 would.
-    AUTOMATIC1111's "negative guidance minimum sigma" (`s_min_uncond`) skips only every other call
-    below it; diffusers' CFG cutoff (and this) every call. 0 (the default) never skips: plain CFG.
+    `min_sigma` > 0 truncates guidance as AUTOMATIC1111's "negative guidance minimum sigma" (`s_min_uncond`,
+    PNG key NGMS) does, so its images replay: counting the calls of this denoiser from 0, every odd call
+    whose sigmas all lie below it runs the conditional half alone (half the network batch) and returns its
+    prediction, as scale 1 would. 0 (the default) never skips: plain CFG.
     """
     space = rescale_space or _SPACE_OF_PREDICTION.get(getattr(denoiser, "prediction_type", "epsilon"), "eps")
     if space not in RESCALE_SPACES:
@@ -106,13 +106,16 @@ def cfg_denoiser(
     if not (math.isfinite(min_sigma) and min_sigma >= 0):
         raise ValueError(f"guidance minimum sigma must be a finite number >= 0 (0 = never skip), got {min_sigma}")
 
+    calls = [0]  # the calls made so far (A1111 counts every network evaluation, Heun's second one too)
+
     def guided(x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond | None = None) -> torch.Tensor:
         cond = cond or {}
         if scale == 1.0:
             return denoiser(x, sigma, cond)
         b = x.shape[0]
         sig = batch_sigma(sigma, x)  # (B,)
-        if min_sigma > 0 and bool((sig < min_sigma).all()):  # truncated: the conditional half alone
+        call, calls[0] = calls[0], calls[0] + 1
+        if min_sigma > 0 and call % 2 == 1 and bool((sig < min_sigma).all()):  # truncated: conditional half alone
             return denoiser(x, sigma, cond)
         merged = _merge_cond(cond, uncond, b)
         if merged is not None:

@@ -119,9 +119,9 @@ class GenerationRequest:
     # guidance truncation (A1111 "NGMS", diffusers' CFG cutoff): below this sigma the unconditional half is
     # skipped and the step uses the conditional prediction alone; 0 = never (guidance.cfg_denoiser)
     cfg_min_sigma: float = setting(0.0, type=float, a1111="s_min_uncond", png=Png("NGMS", fmt=lambda v: f"{v:g}"),
-                                   cli=Flag("--cfg-min-sigma", metavar="SIGMA", help="skip the unconditional half of "
-                                            "guidance (and the negative prompt) at noise levels below SIGMA: fewer "
-                                            "network calls, some loss of guidance (default 0: never)"))
+                                   cli=Flag("--cfg-min-sigma", metavar="SIGMA", help="A1111's NGMS: below noise "
+                                            "level SIGMA every other network call skips the unconditional half of "
+                                            "guidance: less work, some loss of guidance (default 0: never)"))
     # Lin et al. 2024 rescale, for zero-terminal-SNR / v models
     guidance_rescale: float = setting(0.0, type=float, png=Png("Guidance rescale", fmt=lambda v: f"{v:g}"))
     # noise of ancestral / SDE / DDIM steps; None = the sampler's default (sampler_names.py)
