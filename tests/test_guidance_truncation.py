@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from daguerre.components import build_components
 from daguerre.config import preset
 from daguerre.guidance import cfg_denoiser
 from daguerre.pipelines.infotext import settings_from_parameters
 from daguerre.pipelines.request import GenerationRequest
 from daguerre.pipelines.txt2img import txt2img
 from daguerre.server.payload import request_from_payload
+from test_pipelines import _components
 
 SHAPE = (3, 4, 6, 6)
-WAKE_STD = 0.05  # weights for the U-Net's zero-initialised output layers, so its prediction depends on the prompt
 
 
 class Spy:
@@ -85,13 +84,7 @@ def test_a_threshold_that_is_not_a_finite_number_at_least_zero_is_refused(bad):
 
 @pytest.fixture(scope="module")
 def tiny():
-    comps = build_components(preset("tiny"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in comps.unet.parameters():
-            if p.ndim > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * WAKE_STD)
-    return comps
+    return _components(preset("tiny"))  # a U-Net whose prediction depends on the prompt
 
 
 def _run(comps, **fields):
