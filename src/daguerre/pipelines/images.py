@@ -86,27 +86,30 @@ def load_mask(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> Image.Ima
     return raw.convert("L")
 
 
-def open_image(source: str | os.PathLike | BinaryIO, name: str, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
+def open_image(source: str | os.PathLike | BinaryIO, name: str, limits: Limits = DEFAULT_LIMITS,
+               formats: Sequence[str] | None = None) -> Image.Image:
     """The image in a file (a path or a binary file object, e.g. `io.BytesIO` of an upload) in its own
     mode, fully read, after its size is read from the header and checked against `limits`.
 
     `name` names the image in errors: a LimitError over `limits.max_input_pixels`, a ValueError when
-    PIL's decompression-bomb guard trips or the data is not an image PIL can read.
+    PIL's decompression-bomb guard trips or the data is not an image PIL can read. `formats` restricts
+    the formats PIL tries (None: all it knows).
     """
-    hint = "give a PNG, JPEG or WebP file"
+    hint = f"give a {'/'.join(formats)} image" if formats else "give a PNG, JPEG or WebP file"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(source)  # reads the header only
+            im = Image.open(source, formats=formats)  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"{name} declares too many pixels to decode safely ({e}); scale it down first") from None
-    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{name} declares too many pixels to decode safely ({e}): too large to load, "
+                         "scale it down first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL: SyntaxError for broken files
         raise ValueError(f"{name} is not a readable image ({e}); {hint}") from None
     with im:
         limits.check_input_image(im.width, im.height, name)
         try:
             im.load()
-        except (OSError, ValueError) as e:  # truncated data; PIL's ValueError: a text chunk too large
+        except (OSError, ValueError, SyntaxError) as e:  # truncated data; PIL's ValueError: a text chunk too large
             raise ValueError(f"{name} is not a readable image ({e}); {hint}") from None
         return im.copy()
 

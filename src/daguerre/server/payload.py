@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
-from ..limits import DEFAULT_LIMITS, Limits
+from ..limits import DEFAULT_LIMITS, LimitError, Limits
 from ..pipelines.fields import PayloadError, surface
 from ..pipelines.request import GenerationRequest
 
@@ -111,13 +111,12 @@ def parse_body(body: bytes) -> Any:
 
 
 def decode_image(data: Any, field: str, limits: Limits = DEFAULT_LIMITS):
-    """A PIL image from base64 text, with or without a `data:image/...;base64,` prefix.
-
-    The size its header declares is checked against `limits.max_input_pixels` before its pixels are
-    decoded (a 100-byte PNG may declare 20000 x 20000); PIL's own decompression-bomb guard and its
-    limits on text chunks are 422s too. Only the common raster formats (`IMAGE_FORMATS`) are opened.
+    """A PIL image from base64 text, with or without a `data:image/...;base64,` prefix, read by
+    `pipelines.images.open_image`: its declared size is checked against `limits.max_input_pixels` before
+    its pixels are decoded (a 100-byte PNG may declare 20000 x 20000), PIL's own decompression-bomb guard
+    holds, and only the common raster formats (`IMAGE_FORMATS`) are opened. Every refusal is a 422.
     """
-    from PIL import Image, UnidentifiedImageError
+    from ..pipelines.images import open_image
 
     if not isinstance(data, str) or not data:
         raise ApiError(f"{field} must be a base64-encoded image, got {type(data).__name__}")
@@ -127,17 +126,11 @@ def decode_image(data: Any, field: str, limits: Limits = DEFAULT_LIMITS):
     except (binascii.Error, ValueError):
         raise ApiError(f"{field} is not valid base64") from None
     try:
-        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as e:
-        raise ApiError(f"{field} is too large to decode ({e})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ApiError(f"{field} is not a readable {'/'.join(IMAGE_FORMATS)} image ({e})") from None
-    limits.check_input_image(image.width, image.height, field)  # LimitError (a ValueError): a 422
-    try:
-        image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ApiError(f"{field} is not a readable image ({e})") from None
-    return image
+        return open_image(io.BytesIO(raw), field, limits, formats=IMAGE_FORMATS)
+    except LimitError:
+        raise
+    except ValueError as e:
+        raise ApiError(str(e)) from None
 
 
 def request_from_payload(payload: Any, task: str = "txt2img", *, settings: Mapping[str, tuple] | None = None,
