@@ -48,6 +48,7 @@ from urllib.parse import parse_qs
 
 from ..conditioning import InpaintConcat, conditioner_for
 from ..limits import DEFAULT_LIMITS, Limits
+from ..pngmeta import parse_parameters, png_bytes
 from .payload import (  # noqa: F401  (ApiError, decode_image, request_from_payload: this module's names before)
     ApiError,
     check_settings,
@@ -172,7 +173,7 @@ class Server:
                 self.state.update(job="", job_count=0, job_no=0, sampling_step=0, sampling_steps=0, skipped=False)
                 self._live.update(latent=None)
         send = payload.get("send_images", True) is not False
-        images = [base64.b64encode(_png(r.image, r.parameters)).decode("ascii") for r in results] if send else []
+        images = [base64.b64encode(png_bytes(r.image, r.parameters)).decode("ascii") for r in results] if send else []
         parameters = dict(payload)
         if task == "img2img" and not payload.get("include_init_images"):
             parameters.update(init_images=None, mask=None)  # as A1111: the inputs are not sent back
@@ -316,7 +317,7 @@ class Server:
 
             if self._preview is None:
                 self._preview = PreviewDecoder(self.pipe.components.vae)
-            image = base64.b64encode(_png(self._preview.decode(live["latent"])[0])).decode("ascii")
+            image = base64.b64encode(png_bytes(self._preview.decode(live["latent"])[0])).decode("ascii")
         return {"progress": done, "eta_relative": elapsed / done - elapsed if done else 0.0, "state": state,
                 "current_image": image, "textinfo": None}
 
@@ -337,8 +338,6 @@ def checks_inside(unet, check: Callable[[], None]) -> Iterator[None]:
 
 def png_info(payload: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """A1111's /png-info: the generation parameters a PNG carries, as text and parsed."""
-    from ..pngmeta import parse_parameters
-
     if not isinstance(payload, dict) or "image" not in payload:
         raise ApiError('png-info takes {"image": "<base64 PNG>"}')
     image = decode_image(payload["image"], "image", limits)
@@ -362,12 +361,6 @@ def schedulers() -> list[dict[str, Any]]:
     for s in SCHEDULES:
         rows.append({"name": s.label.lower().replace(" ", "_"), "label": s.label, "aliases": list(s.aliases) or None})
     return rows
-
-
-def _png(image, parameters: str | None = None) -> bytes:
-    from ..pngmeta import png_bytes
-
-    return png_bytes(image, parameters) if parameters is not None else png_bytes(image)
 
 
 def _flag(query: dict[str, list[str]], name: str) -> bool:
