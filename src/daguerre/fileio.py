@@ -176,14 +176,19 @@ def check_writable(folder: str | os.PathLike) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write in {folder}: no such folder")
     try:
-        probe = _fresh_name(folder, ".daguerre-write-check", _new_file)
+        probe_write(folder)
     except FileExistsError:
         raise
     except OSError as e:
         if e.errno is None:
             raise
         raise type(e)(e.errno, f"cannot write in folder {folder}: {e.strerror or e}") from e
-    probe.unlink()
+
+
+def probe_write(folder: str | os.PathLike) -> None:
+    """Create and remove a temporary file in `folder`, raising the OSError a write there would raise (as root,
+    permission bits do not stop a write: only trying does)."""
+    _fresh_name(Path(folder), ".daguerre-write-check", _new_file).unlink()
 
 
 # torch dtype name -> safetensors dtype code (https://github.com/huggingface/safetensors, format spec)

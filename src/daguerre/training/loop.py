@@ -16,8 +16,6 @@ import copy
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -29,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, probe_write
 from . import dist, state
 from .config import RunConfig, TrainConfig, load_run_config, to_jsonable, upgrade_run_dict
 from .data import TrainData, load_train_data
@@ -144,9 +142,7 @@ def check_writable(folder: Path) -> None:
         raise ValueError(f"the output folder {folder} is a file: choose another --out")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".daguerre-write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe_write(folder)
     except OSError as e:
         raise ValueError(f"cannot write in the output folder {folder} ({e.strerror or e}): choose another "
                          "--out or fix its permissions") from None
