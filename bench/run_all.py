@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["unet_step.py", "sampler_convergence.py", "train_throughput.py", "attention_training.py"]
+BENCHES = ["e2e.py", "unet_step.py", "sampler_convergence.py", "train_throughput.py", "attention_training.py"]
 
 
 def main() -> int:
