@@ -90,11 +90,12 @@ def test_settings_of_the_wrong_type_are_named(pipe, field, value, message):
     assert pipe.request("a cat", seed=np.int64(3), cfg_scale=np.float32(4.5)).seed == 3  # numpy scalars are fine
 
 
-def test_compute_dtype_keeps_the_vae_in_float32():
+def test_the_compute_dtype_covers_every_network_the_vae_included():
     p = daguerre.load("random:tiny", dtype="bf16")
+    assert p.dtype == torch.bfloat16
     assert next(p.components.unet.parameters()).dtype == torch.bfloat16
     assert next(p.components.text_encoder.parameters()).dtype == torch.bfloat16
-    assert next(p.components.vae.parameters()).dtype == torch.float32
+    assert next(p.components.vae.parameters()).dtype == torch.bfloat16  # decodes in bf16, float32 retry on overflow
     with pytest.raises(ValueError, match="unknown dtype"):
         daguerre.load("random:tiny", dtype="fp8")
 

@@ -5,7 +5,8 @@ sha256 of the final weights of a short run of every `tiny_*` config through the 
 SIGKILL and resumed: tests/test_training_runs.py holds it equal to an uninterrupted one, `SIGKILL_RESUMED` below
 pins that run's weights), and of images from both shipped models at fixed seeds. The same commands must give the
 same hashes. A deliberate change of results (a new default precision, a fixed bug) updates these values in the
-same commit, saying why.
+same commit, saying why. `SHIPPED` pins the float32 path (dtype="fp32"); `SHIPPED_DEFAULT` the same images at the
+default precision (issue 15: bf16 for `shapes` on a CPU with bf16 units).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 import daguerre
 from daguerre.cli import main
+from daguerre.precision import cpu_has_bf16, short_name
 
 QUIET = ["train.progress=false", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0",
          "train.steps=12", "train.log_every=4", "data.n=24", "data.holdout=4", "train.batch_size=4"]
@@ -41,6 +43,17 @@ SHIPPED = {
         "584a8eca92ee9c699e686a43b7efcb887f2e93f6cd63a75649331b40320e7de8",
     ("fashion", "a photo of an ankle boot", 1, 2):
         "2d007d81e53a3b210f6210d9a5b6cfd53e7d78479ddfd985b35c0213c8c6698b",
+}
+# the same images at the default precision (dtype "auto") on a CPU with bf16 units (this project's machine):
+# (model, prompt, seed, n) -> (the precision auto picks, sha256 of the pixels). fashion (3.5M U-Net
+# parameters) stays fp32 (daguerre.precision.BF16_MIN_UNET_PARAMETERS), so its images are SHIPPED's.
+SHIPPED_DEFAULT = {
+    ("shapes", "a red circle above a blue square", 1, 2):
+        ("bf16", "4d6843c873af317ac69a1f294264db23f81ea2b035a3b99eea8827cc8c04823d"),
+    ("shapes", "a small green triangle on a white background", 7, 1):
+        ("bf16", "6f57903d9a554fab8c7689392b4542218e84d362f5fd76d0c648690f1d8135e8"),
+    ("fashion", "a photo of an ankle boot", 1, 2):
+        ("fp32", "2d007d81e53a3b210f6210d9a5b6cfd53e7d78479ddfd985b35c0213c8c6698b"),
 }
 
 
@@ -77,7 +90,18 @@ def test_a_short_run_of_each_tiny_config_gives_its_golden_weights(config, tmp_pa
 
 @pytest.mark.parametrize(("model", "prompt", "seed", "n"), sorted(SHIPPED))
 def test_the_shipped_models_draw_their_golden_images(model, prompt, seed, n):
-    pipe = daguerre.load(model)
+    pipe = daguerre.load(model, dtype="fp32")
     images = [r.image for r in pipe(prompt, seed=seed, n=n)]
     assert pixels_digest(images) == SHIPPED[model, prompt, seed, n]
+
+
+@pytest.mark.parametrize(("model", "prompt", "seed", "n"), sorted(SHIPPED_DEFAULT))
+def test_the_shipped_models_draw_their_golden_images_at_the_default_precision(model, prompt, seed, n):
+    precision, digest = SHIPPED_DEFAULT[model, prompt, seed, n]
+    if not cpu_has_bf16():  # a CPU without bf16 units computes in float32 (daguerre.precision)
+        precision, digest = "fp32", SHIPPED[model, prompt, seed, n]
+    pipe = daguerre.load(model)
+    assert short_name(pipe.dtype) == precision
+    images = [r.image for r in pipe(prompt, seed=seed, n=n)]
+    assert pixels_digest(images) == digest
 

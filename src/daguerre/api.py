@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .limits import DEFAULT_LIMITS, Limits
 from .pipelines.request import GenerationRequest, ValidRequest
+from .precision import AUTO
 
 if TYPE_CHECKING:
     import torch
@@ -28,50 +29,42 @@ if TYPE_CHECKING:
     from .config import ModelConfig
     from .pipelines.txt2img import GeneratedImage
 
-# dtype names users type -> torch dtype attribute names
-DTYPE_NAMES = {
-    "fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-    "fp16": "float16", "float16": "float16", "half": "float16",
-}
 # the settings a call takes; a request's `limits` are the pipeline's (`Pipeline.limits`), not a call's
 REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name != "limits")
 
 Callback = Callable[[dict[str, Any]], None]
 
 
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A torch dtype from a dtype or a name ("fp32", "bf16", "fp16", "float16", ...); None stays None."""
-    import torch
+def set_compute_dtype(components: Components, dtype: torch.dtype | str | None = AUTO) -> torch.dtype:
+    """Cast the U-Net, text encoder and VAE to the compute dtype (`daguerre.precision.resolve_dtype`: "auto",
+    "fp32", "bf16", "fp16" or a torch dtype; "auto" decided for the networks' device and U-Net size), with
+    the convolutions in its memory format; returns the dtype. A no-op for networks already there."""
+    from .precision import is_auto, resolve_dtype
+    from .registry import set_memory_format
 
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = DTYPE_NAMES.get(str(dtype).lower().removeprefix("torch."))
-    if name is None:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
-    return getattr(torch, name)
-
-
-def set_compute_dtype(components: Components, dtype: torch.dtype | str | None) -> None:
-    """Cast the U-Net and text encoder to the compute dtype; the VAE stays as loaded (float32: it decodes)."""
-    dtype = resolve_dtype(dtype)
-    if dtype is None:
-        return
-    for module in (components.unet, components.text_encoder):
+    device = next(components.unet.parameters()).device
+    size = sum(p.numel() for p in components.unet.parameters()) if is_auto(dtype) else None
+    dtype = resolve_dtype(dtype, device, size)
+    for module in (components.unet, components.text_encoder, components.vae):
         if module is not None:
             module.to(dtype)
+    set_memory_format(components, dtype)
+    return dtype
 
 
 def load(path_or_name: str | None = None, *, device: torch.device | str = "cpu",
-         dtype: torch.dtype | str | None = None, limits: Limits = DEFAULT_LIMITS) -> Pipeline:
+         dtype: torch.dtype | str | None = AUTO, limits: Limits = DEFAULT_LIMITS) -> Pipeline:
     """Open a model (`--model` syntax: path, diffusers folder, shipped name, `random:PRESET`; None = default).
 
-    `dtype` is the compute dtype of the U-Net and text encoder (None: as stored, float32 for random
-    models); the VAE decodes in float32. `limits` bound every request (`Pipeline.limits`).
+    `dtype` is the compute dtype of every network (U-Net, text encoder, VAE): "auto" (the default:
+    bfloat16 on a CPU with bf16 units or a GPU, float32 elsewhere and for the small shipped models;
+    `daguerre.precision`), "fp32", "bf16", "fp16" or a torch dtype. Weights are converted while they are
+    read. A VAE decode that overflows in bf16/fp16 is done again in float32. `limits` bound every request
+    (`Pipeline.limits`).
     """
     from .registry import open_model
 
-    components, model_hash = open_model(path_or_name, device=device)
-    set_compute_dtype(components, dtype)
+    components, model_hash = open_model(path_or_name, device=device, dtype=dtype)
     return Pipeline(components, model_hash, limits=limits)
 
 
@@ -97,6 +90,11 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.components.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of the networks (`load(..., dtype=)`)."""
+        return next(self.components.unet.parameters()).dtype
 
     def request(self, prompt: str | GenerationRequest = "", **fields: Any) -> ValidRequest:
         """The `ValidRequest` for a prompt (or a request) and keyword fields, validated against this model
@@ -162,4 +160,5 @@ class Pipeline:
         return getattr(module, task)(self.components, request, callback=callback, model_hash=self.model_hash)
 
     def __repr__(self) -> str:
-        return f"Pipeline(model={self.config.name!r}, device={self.device}, hash={self.model_hash})"
+        return (f"Pipeline(model={self.config.name!r}, device={self.device}, dtype={self.dtype}, "
+                f"hash={self.model_hash})")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from .components import Components, build_components
 from .config import PRESETS, preset
+from .precision import AUTO, auto_dtype, is_auto, resolve_dtype, uses_channels_last
 
 DEFAULT_MODEL = "shapes"
 RANDOM_PREFIX = "random:"
@@ -34,9 +36,14 @@ def default_model_name() -> str:
 
 
 def open_model(
-    spec: str | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    spec: str | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype | str | None = AUTO
 ) -> tuple[Components, str | None]:
-    """(components, A1111 model hash or None) for a model name or path; see the module docstring."""
+    """(components, A1111 model hash or None) for a model name or path; see the module docstring.
+
+    Every network is in the compute dtype `dtype` (`daguerre.precision.resolve_dtype`: "auto" by default,
+    or "fp32", "bf16", "fp16", a torch dtype) on `device`, convolutions in its memory format. The weights of
+    a file are converted while they are read, so an fp16 or bf16 file never passes through a float32 copy.
+    """
     from .checkpoints import load_model, short_hash
 
     spec = spec or default_model_name()
@@ -47,7 +54,9 @@ def open_model(
         comps = build_components(preset(name))
         comps.config.name = spec
         _randomize_zero_layers(comps)
+        dtype = _compute_dtype(dtype, device, lambda: sum(p.numel() for p in comps.unet.parameters()))
         _to(comps, device, dtype)
+        set_memory_format(comps, dtype)
         return comps, None
     shipped = shipped_models()
     path = shipped.get(spec, Path(spec).expanduser())
@@ -56,9 +65,37 @@ def open_model(
         raise FileNotFoundError(
             f"no model {spec!r}: not a file or folder, nor a shipped model ({names}), nor random:PRESET"
         )
+    dtype = _compute_dtype(dtype, device, lambda: _stored_unet_parameters(path))
     comps = load_model(path, device=device, dtype=dtype)
+    set_memory_format(comps, dtype)
     model_hash = short_hash(path) if path.is_file() else None
     return comps, model_hash
+
+
+def _compute_dtype(
+    dtype: torch.dtype | str | None, device: torch.device | str | None, unet_parameters: Callable[[], int]
+) -> torch.dtype:
+    """`resolve_dtype`, asking for the U-Net's size (`unet_parameters()`) only when `auto` depends on it."""
+    if not is_auto(dtype) or auto_dtype(device, 0) == auto_dtype(device, None):
+        return resolve_dtype(dtype, device)
+    return resolve_dtype(dtype, device, unet_parameters())
+
+
+def _stored_unet_parameters(path: Path) -> int:
+    """The U-Net parameter count of a model file or folder, from its header (`checkpoints.summary.describe`:
+    safetensors headers only, the networks built on the meta device; a pickle is read whole)."""
+    from .checkpoints.summary import describe
+
+    return describe(path, hashes=False)["parameters"]["unet"]
+
+
+def set_memory_format(comps: Components, dtype: torch.dtype) -> None:
+    """The convolutions of the U-Net and the VAE channels_last where `precision.uses_channels_last` says so
+    (else left as they are: contiguous)."""
+    device = next(comps.unet.parameters()).device
+    if uses_channels_last(dtype, device, sum(p.numel() for p in comps.unet.parameters())):
+        for module in (comps.unet, comps.vae):
+            module.to(memory_format=torch.channels_last)
 
 
 def _to(comps: Components, device: torch.device | str | None, dtype: torch.dtype | None) -> None:

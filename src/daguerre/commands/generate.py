@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..limits import Limits, add_limit_arguments, limits_from_args
+from ..precision import AUTO, CLI_CHOICES
 from .outputs import Outputs, add_overwrite_argument, plan_outputs
 from .registry import UserError, command
 from .request_args import add_request_arguments, request_fields
@@ -26,13 +27,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="checkpoint file, diffusers folder, shipped model name, "
                    "or random:PRESET (default: the shipped default model)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps (default: cpu)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="compute dtype of the U-Net and text encoder (the VAE decodes in fp32)")
+    p.add_argument("--dtype", default=AUTO, choices=CLI_CHOICES,
+                   help="compute dtype of the networks (default auto: bf16 on a CPU with bf16 units or a GPU, fp32 "
+                   "elsewhere and for the smallest models; fp16 on a CPU is very slow; see docs/usage.md, Precision)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (default 0: automatic, one thread for small models, torch's default otherwise)")
-
-
-SMALL_MODEL_PARAMETERS = 100_000_000  # U-Nets below this run on one CPU thread by default (see set_threads)
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="say which precision, attention form, convolution layout and thread count the run uses")
 
 
 def set_threads(args: argparse.Namespace, comps) -> None:
@@ -47,6 +48,8 @@ def set_threads(args: argparse.Namespace, comps) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         return
+    from ..precision import SMALL_MODEL_PARAMETERS
+
     on_cpu = next(comps.unet.parameters()).device.type == "cpu"
     if on_cpu and sum(p.numel() for p in comps.unet.parameters()) < SMALL_MODEL_PARAMETERS:
         torch.set_num_threads(1)
@@ -68,23 +71,21 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     add_limit_arguments(p)
 
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype -> torch dtype name
-
-
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_request_arguments(p, "txt2img")
     add_model_arguments(p)
     add_output_arguments(p)
     p.add_argument("--from-png", metavar="FILE", default=None,
                    help="make the image of a PNG again from its A1111 'parameters' chunk (prompt, negative prompt, "
-                   "steps, sampler, schedule, CFG, seed, size, class, clip skip, guidance rescale, eta, model); "
-                   "flags you pass override the file")
+                   "steps, sampler, schedule, CFG, seed, size, class, clip skip, guidance rescale, eta, model, "
+                   "precision: --dtype auto means the file's); flags you pass override the file")
     p.add_argument("--list-samplers", action="store_true", help="print the sampler and schedule names, then exit")
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[dict, str | None, str | None]:
     """(GenerationRequest fields, model spec, the file's model hash): the flags given, over the --from-png
-    file (every field with a PNG key), over the request's defaults."""
+    file (every field with a PNG key), over the request's defaults. With --from-png, `--dtype auto` becomes
+    the file's precision (its `Precision` key; none: fp32), so the image is made again bit for bit."""
     from ..pipelines.infotext import settings_from_parameters
 
     fields = {}
@@ -96,6 +97,8 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, str | None, str | 
         settings = settings_from_parameters(read_png_parameters(args.from_png), args.from_png)
         fields.update(settings.fields)
         expected_hash = settings.model_hash
+        if args.dtype == AUTO:
+            args.dtype = settings.precision
         if settings.ignored:
             _note(f"{args.from_png} also has settings daguerre does not apply: {', '.join(settings.ignored)}")
         name = settings.model
@@ -128,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     request = GenerationRequest(**fields)
     limits = check_limits_early(args, request)
     outputs = plan_outputs(args.out, request.n, args.overwrite, inputs=[args.from_png])  # before any model work
-    comps, model_hash = open_model(model, device=args.device)
+    comps, model_hash = open_model(model, device=args.device, dtype=args.dtype)
     set_threads(args, comps)
     request = request.validate(comps.config, limits)  # fail before any work on bad input: the one check
     if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():
@@ -156,15 +159,17 @@ def seed_line(request) -> str:
 
 def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash: str | None,
                  outputs: Outputs) -> int:
-    """Run `pipeline(comps, request)` (a `ValidRequest`) in --dtype with a progress bar (and --preview), save
-    the PNGs to `outputs` and a grid for several images (--grid), print the paths: the tail every image
-    command shares."""
+    """Run `pipeline(comps, request)` (a `ValidRequest`; `comps` opened in --dtype) with a progress bar (and
+    --preview), save the PNGs to `outputs` and a grid for several images (--grid), print the paths: the tail
+    every image command shares. --verbose first says how the run computes (`precision.describe_run`)."""
     from tqdm import tqdm
 
-    from ..api import set_compute_dtype
     from ..pipelines.common import progress_total
 
-    set_compute_dtype(comps, args.dtype)
+    if args.verbose:
+        from ..precision import describe_run
+
+        print(f"daguerre {args.command}: {describe_run(comps.unet)}", file=sys.stderr, flush=True)
     preview = None
     if args.preview:
         from ..pipelines.preview import PreviewWriter

@@ -39,14 +39,13 @@ def run(args: argparse.Namespace) -> int:
     host = "0.0.0.0" if args.listen else args.host or "127.0.0.1"
     access = Access.from_flags(args.cors_allow_origins, args.cors_allow_origins_regex, args.api_auth)
     limits = limits_from_args(args)
-    from ..api import Pipeline, set_compute_dtype
+    from ..api import Pipeline
     from ..registry import default_model_name, model_file, open_model
     from ..server.app import Server
 
     spec = args.model or default_model_name()
-    comps, model_hash = open_model(spec, device=args.device)
+    comps, model_hash = open_model(spec, device=args.device, dtype=args.dtype)
     set_threads(args, comps)
-    set_compute_dtype(comps, args.dtype)
     server = Server(Pipeline(comps, model_hash), comps.config.name or spec, limits=limits, **model_file(spec))
     try:
         http = make_http_server(server, host, args.port, access=access)
@@ -59,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{host.strip('[]')}]" if ":" in host else host
     print(f"daguerre serve: {spec} on http://{shown}:{port}/ (A1111 API at /sdapi/v1/; Ctrl-C stops)",
           file=sys.stderr, flush=True)
+    if args.verbose:
+        from ..precision import describe_run
+
+        print(f"daguerre serve: {describe_run(comps.unet)}", file=sys.stderr, flush=True)
     try:
         http.serve_forever()
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from ..diffusion.noise import generators_for, randn
 from ..diffusion.sampler_names import SAMPLERS
 from ..guidance import cfg_denoiser, inpaint_blend_denoiser
 from ..pngmeta import format_parameters
+from ..precision import dtype_of, short_name
 from .infotext import write_parameters
 from .prompts import encode_weighted
 from .request import ValidRequest, check_finite
@@ -177,7 +178,7 @@ def run_plan(
         kwargs["eta"] = req.eta
     f = cfg.vae.downsample_factor
     shape = (cfg.vae.latent_channels, req.height // f, req.width // f)
-    prompt, negative, params = write_parameters(req, cfg.name, model_hash)
+    prompt, negative, params = write_parameters(req, cfg.name, model_hash, short_name(dtype_of(components.unet)))
     params.update(plan.params)
 
     cond1, uncond1 = conditioning(components, req, device)  # once per request, batch of 1

@@ -3,8 +3,9 @@
 Every `GenerationRequest` field with a `png` key (pipelines/fields.py `Png`) is written by
 `write_parameters` in table order, which is A1111's order (Steps, Sampler, Schedule type, CFG scale,
 Seed, Size, then the model's hash and name as A1111 writes them right after the size, then Class,
-Clip skip, Guidance rescale, Eta), and read back by `settings_from_parameters`, which is what
-`daguerre generate --from-png` and the server's `infotext` apply. A pipeline adds keys that describe
+Clip skip, Guidance rescale, Eta; then `Precision` when the networks did not compute in float32), and
+read back by `settings_from_parameters`, which is what `daguerre generate --from-png` and the server's
+`infotext` apply. A pipeline adds keys that describe
 what it did (Denoising strength, Mask blur, Hires upscaler, ...: `SamplingPlan.params`); those are
 written after the table's and listed as not applied when read. The text format itself (quoting, the
 `Negative prompt:` line) is pngmeta.py's.
@@ -23,18 +24,25 @@ if TYPE_CHECKING:
     from .request import ValidRequest
 
 MODEL_HASH_KEY, MODEL_KEY = "Model hash", "Model"
+PRECISION_KEY = "Precision"  # the compute dtype (fp16, bf16), written when it is not fp32 (daguerre.precision)
+PRECISIONS = ("fp32", "bf16", "fp16")
 # keys that describe the image but change nothing when generating it again
 INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, MODEL_KEY, "Version"})
 
 
-def write_parameters(req: ValidRequest, model: str | None, model_hash: str | None) -> tuple[str, str, dict[str, Any]]:
-    """(prompt, negative prompt, the A1111 key/value pairs) of a validated request made with `model`
-    (`pngmeta.format_parameters` makes the text; None values are left out)."""
+def write_parameters(
+    req: ValidRequest, model: str | None, model_hash: str | None, precision: str = "fp32"
+) -> tuple[str, str, dict[str, Any]]:
+    """(prompt, negative prompt, the A1111 key/value pairs) of a validated request made with `model` in
+    `precision` ("fp32", "bf16", "fp16": `precision.short_name`; `Precision` is written after the table's
+    keys when it is not fp32), for `pngmeta.format_parameters` (None values are left out)."""
     params: dict[str, Any] = {}
     for f, png in surface(GenerationRequest, "png"):
         params.update(png.write(req, f))
         if png is SIZE_PNG:
             params.update({MODEL_HASH_KEY: model_hash, MODEL_KEY: model})
+    if precision != "fp32":
+        params[PRECISION_KEY] = precision
     return params.pop(PROMPT_KEY, ""), params.pop(NEGATIVE_KEY, ""), params
 
 
@@ -46,20 +54,22 @@ class PngSettings:
     model: str | None  # the `Model` value, unless it is one a file may not select (`settings_from_parameters`)
     model_hash: str | None  # the `Model hash` value, if any
     ignored: list[str]  # keys daguerre does not apply (hires fix, LoRA, ...), and why a `Model` is not used
+    precision: str = "fp32"  # the `Precision` value ("bf16", "fp16"); fp32 when the key is absent
 
 
 def settings_from_parameters(text: str, source: str = "parameters") -> PngSettings:
     """Read an A1111 `parameters` text (`pngmeta.parse_parameters`) into GenerationRequest fields: every
     field with a PNG key (prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size,
-    class, clip skip, guidance rescale, eta). A value that does not parse is a ValueError naming `source`
-    and the key. The `Model` is a name (A1111 writes the checkpoint's name): a file never builds a
-    `random:` model (random:sd15 allocates 860M untrained parameters) nor names a path to open, so such
-    a `Model` is listed in `ignored` with the reason and `model` is None: the caller's choice of model stands.
+    class, clip skip, guidance rescale, eta), and the `Precision` the image was computed in (absent: fp32).
+    A value that does not parse is a ValueError naming `source` and the key. The `Model` is a name (A1111
+    writes the checkpoint's name): a file never builds a `random:` model (random:sd15 allocates 860M
+    untrained parameters) nor names a path to open, so such a `Model` is listed in `ignored` with the reason
+    and `model` is None: the caller's choice of model stands.
     """
     prompt, negative, params = parse_parameters(text)
     params = {**params, PROMPT_KEY: prompt, NEGATIVE_KEY: negative}
     fields: dict[str, Any] = {}
-    known = set(INFORMATIONAL_KEYS)
+    known = {*INFORMATIONAL_KEYS, PRECISION_KEY}
     for f, png in surface(GenerationRequest, "png"):
         fields.update(png.read(params, f, source))
         known.update(png.keys)
@@ -69,7 +79,10 @@ def settings_from_parameters(text: str, source: str = "parameters") -> PngSettin
     if why:
         ignored.append(f"Model {model!r} ({why}; choose a model with --model)")
         model = None
-    return PngSettings(fields, model, params.get(MODEL_HASH_KEY), ignored)
+    precision = params.get(PRECISION_KEY, "fp32").strip().lower()
+    if precision not in PRECISIONS:
+        raise ValueError(f"{source}: {PRECISION_KEY} {params[PRECISION_KEY]!r} is not one of {', '.join(PRECISIONS)}")
+    return PngSettings(fields, model, params.get(MODEL_HASH_KEY), ignored, precision)
 
 
 def _unusable_model(name: str) -> str | None:

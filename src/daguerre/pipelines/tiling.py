@@ -19,8 +19,9 @@ has more than `AUTO_TILE_CELLS` (96 x 96) cells, e.g. above 768 x 768 pixels for
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -146,16 +147,37 @@ def should_tile(height: int, width: int, tiled: bool | None = None) -> bool:
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
     """Diffusion latents (B, C, h, w) -> images (B, out_channels, h f, w f) in [-1, 1], float32.
 
-    Undoes the latent scaling (`vae.unscale_latents`), decodes in the VAE's own dtype (float32 unless
-    the caller cast the VAE) on its device, tiled when `should_tile(h, w, tiled)` (module docstring).
+    Undoes the latent scaling (`vae.unscale_latents`), decodes in the VAE's own dtype (the compute dtype,
+    `daguerre.precision`) on its device, tiled when `should_tile(h, w, tiled)` (module docstring). A
+    bfloat16 or float16 decode whose output holds a NaN or an infinity (an overflow) is done again in
+    float32 (`in_float32`), so the result is what the float32 VAE gives.
     """
+    x = _decode(vae, latents, tiled)
+    if not bool(torch.isfinite(x).all()) and next(vae.parameters()).dtype != torch.float32:
+        with in_float32(vae):
+            x = _decode(vae, latents, tiled)
+    return x.clamp(-1, 1)
+
+
+def _decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None) -> torch.Tensor:
+    """`decode_latents` without the retry or the clamp: float32 output, possibly not finite."""
     param = next(vae.parameters())
     z = vae.unscale_latents(latents.to(device=param.device, dtype=torch.float32)).to(param.dtype)
     if should_tile(*z.shape[-2:], tiled):
-        x = decode_tiled(vae, z)
-    else:
-        x = vae.decode(z).float()
-    return x.clamp(-1, 1)
+        return decode_tiled(vae, z).float()
+    return vae.decode(z).float()
+
+
+@contextlib.contextmanager
+def in_float32(module: torch.nn.Module) -> Iterator[None]:
+    """Run `module` in float32 while the context lasts, then cast it back to its dtype: bfloat16 and float16
+    values are exact in float32, so the weights come back bit for bit (memory formats are kept)."""
+    dtype = next(module.parameters()).dtype
+    module.float()
+    try:
+        yield
+    finally:
+        module.to(dtype)
 
 
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:

@@ -1,0 +1,172 @@
+"""The compute precision of a run, chosen for the machine: what `--dtype auto` (the default) means.
+
+Precision is decided here and nowhere else (docs/design.md, "Precision"); the CLI, the Python API and
+the server all call `resolve_dtype`:
+
+- on a CUDA device: bfloat16 where the GPU supports it (`torch.cuda.is_bf16_supported()`), else float16;
+- on a CPU with bfloat16 units (AVX512-BF16 or AMX-BF16, `cpu_has_bf16`): bfloat16, about twice the speed
+  of float32 for Stable Diffusion (docs/benchmarks.md), except for U-Nets of fewer than
+  `BF16_MIN_UNET_PARAMETERS`: on their one thread the casts cost more than bfloat16 saves (measured:
+  the shipped `fashion` model, 3.5M U-Net parameters, is ~15% slower in bf16; `shapes`, 10M, ~15-30%
+  faster: docs/benchmarks.md, "Precision of the small models");
+- anywhere else: float32.
+
+float16 on a CPU is never chosen automatically: its CPU kernels are about 25x slower than bfloat16's, so
+asking for it warns (`warn_if_slow`). Schedules stay float64 and sampler state float32 in every case
+(diffusion/denoisers.py): only the networks run in the compute dtype. The convolutions of the U-Net and
+the VAE run channels_last on CUDA and in bfloat16/float16 for U-Nets that are not small
+(`SMALL_MODEL_PARAMETERS`): measured faster there, slower for the small models (`uses_channels_last`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # keep `import daguerre` free of torch
+    import torch
+
+AUTO = "auto"
+# --dtype / dtype= names -> torch dtype attribute names
+DTYPE_NAMES = {
+    "fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+}
+SHORT_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch name -> what users type
+CLI_CHOICES = (AUTO, "fp32", "bf16", "fp16")
+SMALL_MODEL_PARAMETERS = 100_000_000  # U-Nets below this are small: one CPU thread, contiguous convolutions
+BF16_MIN_UNET_PARAMETERS = 5_000_000  # auto keeps float32 below this on a CPU (measured, module docstring)
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags (and torch capability keys) of bf16 units
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic units (AVX512-BF16 or AMX-BF16): torch's own CPU probe
+    (`torch.cpu.get_capabilities`, torch >= 2.6), else the flags of /proc/cpuinfo (Linux). The one
+    capability probe of `auto`, so that tests can replace it."""
+    import torch
+
+    probe = getattr(torch.cpu, "get_capabilities", None)
+    if probe is not None:
+        try:
+            caps = probe()
+        except (RuntimeError, AttributeError):
+            caps = None
+        if isinstance(caps, dict) and any(flag in caps for flag in CPU_BF16_FLAGS):
+            return any(bool(caps.get(flag)) for flag in CPU_BF16_FLAGS)
+    try:
+        text = CPUINFO.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return any(flag in line.split() for flag in CPU_BF16_FLAGS)
+    return False
+
+
+def auto_dtype(device: torch.device | str | None = None, unet_parameters: int | None = None) -> torch.dtype:
+    """The compute dtype `auto` picks for `device` (default cpu) and a U-Net of `unet_parameters`
+    parameters (None: not known, taken as large); the rule of the module docstring."""
+    import torch
+
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type != "cpu" or not cpu_has_bf16():
+        return torch.float32
+    tiny = unet_parameters is not None and unet_parameters < BF16_MIN_UNET_PARAMETERS
+    return torch.float32 if tiny else torch.bfloat16
+
+
+def is_auto(dtype: object) -> bool:
+    return dtype is None or (isinstance(dtype, str) and dtype.lower() == AUTO)
+
+
+def named_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from a dtype or a name ("fp32", "bf16", "fp16", "float16", ...); ValueError otherwise."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"unsupported compute dtype {dtype}: use auto, fp32, bf16 or fp16")
+        return dtype
+    name = DTYPE_NAMES.get(str(dtype).lower().removeprefix("torch."))
+    if name is None:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto or one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
+def resolve_dtype(
+    dtype: torch.dtype | str | None, device: torch.device | str | None = None, unet_parameters: int | None = None
+) -> torch.dtype:
+    """The torch dtype a run computes in: `auto` (or None) decided by `auto_dtype`, anything else by name;
+    a float16 request on a CPU warns (`warn_if_slow`)."""
+    chosen = auto_dtype(device, unet_parameters) if is_auto(dtype) else named_dtype(dtype)
+    warn_if_slow(chosen, device)
+    return chosen
+
+
+def warn_if_slow(dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+    """One warning when float16 is asked for on a CPU (about 25x slower than bfloat16 there)."""
+    import torch
+
+    if dtype == torch.float16 and torch.device(device or "cpu").type == "cpu":
+        warnings.warn("fp16 on a CPU is very slow (about 25x slower than bf16 here): use --dtype auto or bf16",
+                      stacklevel=3)
+
+
+def short_name(dtype: torch.dtype) -> str:
+    """'fp32', 'bf16' or 'fp16': how the CLI, the PNG parameters and `daguerre info` name a dtype."""
+    name = str(dtype).removeprefix("torch.")
+    return SHORT_NAMES.get(name, name)
+
+
+def uses_channels_last(
+    dtype: torch.dtype, device: torch.device | str | None = None, unet_parameters: int | None = None
+) -> bool:
+    """Whether the convolutions run channels_last: on CUDA, and on a CPU in bfloat16 and float16 for U-Nets
+    that are not small (None: not known, taken as large); float32 on a CPU keeps the contiguous layout (bit
+    for bit what it always was), and so do the small models, measured slower channels_last (module doc)."""
+    import torch
+
+    if torch.device(device or "cpu").type == "cuda":
+        return True
+    small = unet_parameters is not None and unet_parameters < SMALL_MODEL_PARAMETERS
+    return dtype in (torch.bfloat16, torch.float16) and not small
+
+
+def dtype_of(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def attention_description(dtype: torch.dtype, device: torch.device | str | None = None) -> str:
+    """How attention runs at inference for `dtype` on `device` (what `--verbose` prints). The hook to wire to
+    nn/attention.py's own description once its inference path chooses per shape and dtype."""
+    return f"torch's fused scaled_dot_product_attention in {short_name(dtype)}"
+
+
+def thread_count() -> int:
+    """CPU threads torch computes with now (after `--threads` / the automatic one-thread choice)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def describe_run(unet: torch.nn.Module) -> str:
+    """One line: the precision, attention form, convolution layout and thread count a run of `unet` uses
+    (`--verbose`, `daguerre info --run`)."""
+    import torch
+
+    dtype, device = dtype_of(unet), device_of(unet)
+    conv = next((m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    channels_last = conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
+        and not conv.is_contiguous()
+    layout = "channels_last" if channels_last else "contiguous"
+    threads = f"{thread_count()} CPU thread(s)" if device.type == "cpu" else f"device {device}"
+    return (f"precision {short_name(dtype)}, attention: {attention_description(dtype, device)}, "
+            f"convolutions {layout}, {threads}")
