@@ -1,6 +1,7 @@
 """Guidance truncation (issue 15, item 4): below `cfg_min_sigma` every other call of classifier-free guidance
 skips its unconditional half and uses the conditional prediction alone (A1111's NGMS, `s_min_uncond`, and its
 rule, so its images replay). Off (0) it is plain CFG, bit for bit; in between it runs fewer U-Net batch rows.
+The CFG cutoff (`cfg_cutoff_sigma`, diffusers' `SDCFGCutoffCallback`) does the same on EVERY call below its sigma.
 The CLI flag, PNG key and payload key are walked with the rest of the field table in
 tests/test_request_fields.py."""
 
@@ -140,3 +141,59 @@ def test_the_a1111_payload_and_the_png_text_carry_the_threshold(tiny):
     plain = settings_from_parameters(txt2img(tiny, GenerationRequest(prompt="a", steps=2).validate(tiny.config))[0]
                                      .parameters, "png")
     assert "cfg_min_sigma" not in plain.fields  # off: not written, as A1111 leaves NGMS out at 0
+
+
+# --- the CFG cutoff: every call below the sigma ------------------------------------------------------------
+
+def test_cutoff_zero_is_plain_cfg_bit_for_bit():
+    x, sigma, cond, uncond = _inputs()
+    plain, off = Spy(), Spy()
+    expected = [cfg_denoiser(plain, uncond, 5.0, rescale=0.3)(x, sigma, cond) for _ in range(3)]
+    cut = cfg_denoiser(off, uncond, 5.0, rescale=0.3, cutoff_sigma=0.0)
+    assert all(torch.equal(cut(x, sigma, cond), e) for e in expected)
+    assert [b for b, _ in off.calls] == [b for b, _ in plain.calls] == [6, 6, 6]
+
+
+def test_below_the_cutoff_every_call_is_the_conditional_half_alone():
+    x, sigma, cond, uncond = _inputs()
+    spy, ref = Spy(), Spy()
+    cut = cfg_denoiser(spy, uncond, 5.0, cutoff_sigma=8.5)  # every sigma below 8.5
+    for _ in range(3):
+        assert torch.equal(cut(x, sigma, cond), ref(x, sigma, cond))
+    assert [b for b, _ in spy.calls] == [3, 3, 3]
+    spy = Spy()
+    assert torch.equal(cfg_denoiser(spy, uncond, 5.0, cutoff_sigma=8.0)(x, sigma, cond),  # one row at 8.0
+                       cfg_denoiser(Spy(), uncond, 5.0)(x, sigma, cond))
+    assert [b for b, _ in spy.calls] == [6]
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_a_cutoff_that_is_not_a_finite_number_at_least_zero_is_refused(bad):
+    with pytest.raises(ValueError, match="cutoff sigma"):
+        cfg_denoiser(Spy(), {}, 7.0, cutoff_sigma=bad)
+    with pytest.raises(ValueError, match="cfg_cutoff_sigma|CFG cutoff sigma"):
+        GenerationRequest(prompt="a", steps=2, cfg_cutoff_sigma=bad).validate(preset("tiny"))
+
+
+def test_pipeline_cutoff_zero_is_the_exact_path(tiny):
+    _, exact, exact_rows = _run(tiny)
+    _, off, off_rows = _run(tiny, cfg_cutoff_sigma=0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(off, exact, strict=True)) and off_rows == exact_rows == [2] * 6
+
+
+def test_pipeline_below_the_cutoff_runs_one_batch_half_per_call(tiny):
+    plain, exact, _ = _run(tiny)
+    threshold = float(plain.sigmas[2])  # Euler calls the U-Net once at each of sigmas[0..5]
+    request, images, rows = _run(tiny, cfg_cutoff_sigma=threshold)
+    assert rows == [2, 2, 2, 1, 1, 1]  # sigmas[3..5] lie below sigmas[2]
+    assert any(not np.array_equal(a, b) for a, b in zip(images, exact, strict=True))
+    # guidance did run on the first calls: not the images of no guidance at all
+    _, conditional, _ = _run(tiny, cfg_scale=1.0)
+    assert any(not np.array_equal(a, b) for a, b in zip(images, conditional, strict=True))
+    params = settings_from_parameters(txt2img(tiny, request)[0].parameters, "png")
+    assert params.fields["cfg_cutoff_sigma"] == threshold  # written in full, read back exactly
+
+
+def test_the_a1111_payload_carries_the_cutoff():
+    assert request_from_payload({"prompt": "a", "cfg_cutoff_sigma": 1.25}).cfg_cutoff_sigma == 1.25
+    assert request_from_payload({"prompt": "a"}).cfg_cutoff_sigma == 0.0

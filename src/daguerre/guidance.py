@@ -1,7 +1,8 @@
 """Guidance: wrappers that take a denoiser and return a denoiser, so every sampler gets them for free.
 
 - `cfg_denoiser`: classifier-free guidance (Ho & Salimans 2022), negative prompts, guidance rescale
-  (Lin et al. 2024), guidance truncation below a minimum sigma (A1111's NGMS, diffusers' CFG cutoff).
+  (Lin et al. 2024), guidance truncation below a minimum sigma (A1111's NGMS: every other call) and
+  the CFG cutoff (diffusers' `SDCFGCutoffCallback`: every call below a sigma).
 - `inpaint_blend_denoiser`: inpainting with a regular (non-inpainting) model by blending the known
   latents back at every step.
 A denoiser is any callable `denoiser(x, sigma, cond) -> x0` (daguerre.diffusion.denoisers).
@@ -79,6 +80,7 @@ def cfg_denoiser(
     rescale: float = 0.0,
     rescale_space: str | None = None,
     min_sigma: float = 0.0,
+    cutoff_sigma: float = 0.0,
 ) -> DenoiserFn:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6) as a denoiser:
     x0 = x0_uncond + scale (x0_cond - x0_uncond), the same in eps space since eps is affine in x0.
@@ -95,6 +97,10 @@ def cfg_denoiser(
     PNG key NGMS) does, so its images replay: counting the calls of this denoiser from 0, every odd call
     whose sigmas all lie below it runs the conditional half alone (half the network batch) and returns its
     prediction, as scale 1 would. 0 (the default) never skips: plain CFG.
+
+    `cutoff_sigma` > 0 is the CFG cutoff of diffusers (`SDCFGCutoffCallback`, guidance off for the last part
+    of the steps): EVERY call whose sigmas all lie below it runs the conditional half alone, at half the
+    network batch. 0 (the default) never cuts off.
     """
     space = rescale_space or _SPACE_OF_PREDICTION.get(getattr(denoiser, "prediction_type", "epsilon"), "eps")
     if space not in RESCALE_SPACES:
@@ -105,6 +111,8 @@ def cfg_denoiser(
         raise ValueError(f"guidance scale must be a finite number, got {scale}: an infinite scale makes NaN images")
     if not (math.isfinite(min_sigma) and min_sigma >= 0):
         raise ValueError(f"guidance minimum sigma must be a finite number >= 0 (0 = never skip), got {min_sigma}")
+    if not (math.isfinite(cutoff_sigma) and cutoff_sigma >= 0):
+        raise ValueError(f"CFG cutoff sigma must be a finite number >= 0 (0 = never cut off), got {cutoff_sigma}")
 
     calls = [0]  # the calls made so far (A1111 counts every network evaluation, Heun's second one too)
 
@@ -115,6 +123,8 @@ def cfg_denoiser(
         b = x.shape[0]
         sig = batch_sigma(sigma, x)  # (B,)
         call, calls[0] = calls[0], calls[0] + 1
+        if cutoff_sigma > 0 and bool((sig < cutoff_sigma).all()):  # cut off: conditional half alone
+            return denoiser(x, sigma, cond)
         if min_sigma > 0 and call % 2 == 1 and bool((sig < min_sigma).all()):  # truncated: conditional half alone
             return denoiser(x, sigma, cond)
         merged = _merge_cond(cond, uncond, b)

@@ -2,6 +2,10 @@
 
     daguerre eval --model shapes --n 100 --out eval/shapes
     daguerre eval --model fashion --n 500 --extractor inception:pt_inception-2015-12-05.pth
+    daguerre eval --model shapes --n 200 --fast --dtype bf16 --out eval/shapes-fast
+
+It takes the settings of fewer network calls (`--fast`, `--cfg-cutoff`, `--deepcache`, ...) as `daguerre
+generate` does, so their quality cost is measured on the same seeds as the exact path.
 
 Writes DIR/report.json (every number, the seeds, the sampler settings, the model's and the feature
 extractor's sha256, every prompt with its verdict) and DIR/grid.png, and prints a table. See
@@ -17,6 +21,7 @@ from pathlib import Path
 
 from .generate import add_model_arguments, set_threads
 from .registry import command
+from .request_args import FEWER_CALLS, add_request_arguments, request_fields
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +39,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None, help="schedule type (default: the model's, as daguerre generate)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's, "
                    "as daguerre generate)")
+    add_request_arguments(p, "txt2img", only=FEWER_CALLS)  # --cfg-cutoff, --deepcache, --fast, ...
     p.add_argument("--extractor", default="default", help="feature space of FD / KID / IS: 'default' (the dataset's "
                    "shipped classifier), a classifier file, or inception:PATH (docs/inception.md)")
     p.add_argument("--classifier", default="default", help="adherence judge: 'default' (shipped) or a classifier file")
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     _check_prompts(args.prompts, args.dataset)
     sampling = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("schedule", args.schedule),
                                   ("cfg_scale", args.cfg)) if v is not None}
+    sampling.update(request_fields(args, "txt2img", only=FEWER_CALLS))
     if args.dataset is not None:  # check the cheap things before loading anything
         EvalSettings(args.dataset, kinds, args.n, args.seed, sampling, args.real, args.batch).check()
 

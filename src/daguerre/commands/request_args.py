@@ -15,18 +15,22 @@ from typing import Any
 from ..pipelines.fields import surface
 from ..pipelines.request import GenerationRequest
 
+# the settings of fewer network calls (issue 15), which `daguerre eval` takes too
+FEWER_CALLS = ("cfg_min_sigma", "cfg_cutoff_sigma", "deepcache_interval", "deepcache_depth", "fast")
 
-def add_request_arguments(p: argparse.ArgumentParser, task: str) -> None:
-    """The arguments of the request fields that matter for `task`."""
-    flags = surface(GenerationRequest, "cli", task)
+
+def add_request_arguments(p: argparse.ArgumentParser, task: str, only: tuple[str, ...] | None = None) -> None:
+    """The arguments of the request fields that matter for `task` (only the fields named in `only`, if given)."""
+    flags = [x for x in surface(GenerationRequest, "cli", task) if only is None or x[0].name in only]
     positional = sorted((x for x in flags if x[1].positional), key=lambda x: "nargs" in x[1].options)
     for f, flag in [*positional, *(x for x in flags if not x[1].positional)]:
         flag.add(p, f, task)
 
 
-def request_fields(args: argparse.Namespace, task: str) -> dict[str, Any]:
-    """The request fields given on the command line for `task`."""
+def request_fields(args: argparse.Namespace, task: str, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The request fields given on the command line for `task` (of those named in `only`, if given)."""
     fields: dict[str, Any] = {}
     for f, flag in surface(GenerationRequest, "cli", task):
-        fields.update(flag.read(args, f))
+        if only is None or f.name in only:
+            fields.update(flag.read(args, f))
     return fields

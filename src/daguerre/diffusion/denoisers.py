@@ -16,6 +16,7 @@ Any plain function with the same signature is a denoiser too (tests use analytic
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,10 +46,13 @@ class Denoiser(nn.Module):
     schedule `schedule`, wrapped as `denoiser(x, sigma, cond) -> x0` (EDM preconditioning, see module
     docstring). `cond` holds "context" (B, T, D) cross-attention tokens, "y" (B,) class labels and
     "concat" (B, c, h, w) channels concatenated to the network input after the c_in scaling
-    (inpainting and super-resolution models); missing or None values are not passed."""
+    (inpainting and super-resolution models); missing or None values are not passed. `net_args` are
+    passed to every network call (a U-Net's per-run `cache` of feature reuse: `with_net_args`)."""
 
-    def __init__(self, net: nn.Module | Callable[..., torch.Tensor], schedule: ScheduleConfig) -> None:
+    def __init__(self, net: nn.Module | Callable[..., torch.Tensor], schedule: ScheduleConfig,
+                 net_args: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.net_args = dict(net_args or {})
         if schedule.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"unknown prediction_type {schedule.prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}"
@@ -60,6 +64,10 @@ class Denoiser(nn.Module):
         # without float64 (MPS), and t is computed on the CPU from them.
         self.sigmas = model_sigmas(schedule)  # (T,) ascending
         self.log_sigmas = self.sigmas.log()
+
+    def with_net_args(self, **net_args: Any) -> Denoiser:
+        """This denoiser (itself when `net_args` is empty), with `net_args` passed to every network call."""
+        return Denoiser(self.net, self.schedule, {**self.net_args, **net_args}) if net_args else self
 
     @property
     def sigma_min(self) -> float:
@@ -99,7 +107,7 @@ class Denoiser(nn.Module):
         if cond.get("concat") is not None:
             x_in = torch.cat([x_in, cond["concat"].to(x_in)], dim=1)  # (B, C + c, h, w)
         dtype = self._net_dtype(x.dtype)
-        kwargs = {}
+        kwargs = dict(self.net_args)
         if cond.get("context") is not None:
             kwargs["context"] = cond["context"].to(dtype)
         if cond.get("y") is not None:

@@ -46,6 +46,7 @@ FASHION_PROMPT = "a photo of {}"
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 IS_SPLITS = 10
+FEWER_CALLS_RESOLVED = ("cfg_min_sigma", "cfg_cutoff_sigma", "deepcache_interval", "deepcache_depth")
 GRID_MAX = 64  # images in grid.png
 GRID_CELL = 64  # smaller images are scaled up (nearest) to at least this many pixels
 FRAME = 2  # pixels of the right/wrong frame around each grid image
@@ -318,6 +319,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"seed {s['seed']}",
         f"sampling: {s['steps']} steps, {s['sampler']}, schedule {s['schedule']}, CFG {s['cfg_scale']:g}, "
         f"{s['width']}x{s['height']}; {report['timing']['seconds_per_image']:.3f} s/image",
+        *([f"fewer network calls: {', '.join(f'{k} {v:g}' for k, v in s['fewer_calls'].items())}"]
+          if _fewer_calls_on(s.get("fewer_calls", {})) else []),
         f"adherence judged by {report['classifier']['name']} (sha256 {report['classifier']['sha256'][:16]})",
     ]
     cols = ["shape_colour", "relation", "all"] if report["dataset"] == "shapes" else ["class"]
@@ -342,6 +345,11 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"  Inception Score   {d['is']['mean']:12.4f} +- {d['is']['std']:.4f}   real "
                      f"{d['is_real']['mean']:.4f}")
     return "\n".join(lines)
+
+
+def _fewer_calls_on(settings: dict[str, Any]) -> bool:
+    return bool(settings) and (settings["cfg_min_sigma"] > 0 or settings["cfg_cutoff_sigma"] > 0
+                               or settings["deepcache_interval"] > 1)
 
 
 def _pct(entry: dict[str, Any], key: str) -> str:
@@ -388,6 +396,8 @@ def evaluate(components: Components, settings: EvalSettings, classifier: Classif
             "steps": request.steps, "sampler": request.sampler, "schedule": request.schedule,
             "cfg_scale": request.cfg_scale, "width": request.width, "height": request.height,
             "batch": settings.batch, "real": settings.real,
+            # fewer network calls (issue 15): the settings the requests ran with (`fast` filled in)
+            "fewer_calls": {name: getattr(request, name) for name in FEWER_CALLS_RESOLVED},
             "real_images": ("rendered sample_prompts(kind, m, REAL_KEY + seed)" if settings.dataset == "shapes"
                             else "Fashion-MNIST test split, random subset"),
             "floor_images": ("rendered sample_prompts(kind, m, FLOOR_KEY + seed)" if settings.dataset == "shapes"

@@ -15,6 +15,13 @@ Layout for SD 1.5 (channel_mult (1, 2, 4, 4), two ResNet blocks per level, atten
     middle_block              ResBlock, SpatialTransformer, ResBlock   (B, 1280, H/8, W/8)
     output_blocks.0-11        [ResBlock(cat skip), SpatialTransformer?, Upsample?] x 3 per level
     out                       GroupNorm, SiLU, conv_out                (B, 4, H, W)
+
+Feature reuse (DeepCache, Ma et al., CVPR 2024): a `FeatureCache` passed to `forward` splits the network at a
+skip branch into a shallow path (the first `depth` input blocks and the last `depth` output blocks) and the
+deep part between them. Every `interval`-th call runs everything and caches the deep part's output (the input
+of the shallowest `depth` output blocks, before its skip is concatenated); the calls between run only the
+shallow path and take the deep features from the cache. The cache belongs to one sampling run, never to the
+model, so concurrent runs do not share it.
 """
 
 from __future__ import annotations
@@ -213,6 +220,44 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+@dataclasses.dataclass
+class FeatureCache:
+    """The state of DeepCache feature reuse for one sampling run (module docstring): the deep part of the U-Net
+    runs on every `interval`-th call, the shallow path of `depth` input and output blocks on every call.
+
+    A call whose input differs in shape from the cached one's (the batch of classifier-free guidance changing
+    size under guidance truncation, the two separate calls of prompts of different lengths) runs everything
+    and starts the count again, so features are only reused for the same batch rows. `deep_calls` counts the
+    calls that ran the deep part; `calls` all of them."""
+
+    interval: int
+    depth: int = 1
+    calls: int = 0
+    deep_calls: int = 0
+    age: int = 0  # calls since the cached features were computed
+    key: tuple | None = None  # the shapes and dtypes the features were computed for
+    features: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.interval < 1 or self.depth < 1:
+            raise ValueError(f"DeepCache interval and depth must be >= 1, got {self.interval} and {self.depth}")
+
+    def reuse(self, key: tuple) -> bool:
+        """Whether this call takes the cached deep features (else it runs the deep part and stores them)."""
+        self.calls += 1
+        if self.features is not None and key == self.key and self.age + 1 < self.interval:
+            self.age += 1
+            return True
+        self.deep_calls += 1
+        self.key, self.age, self.features = key, 0, None
+        return False
+
+
+def feature_cache_args(interval: int, depth: int) -> dict[str, FeatureCache]:
+    """The `forward` keyword arguments of DeepCache at `interval` (1: off, none) for one new sampling run."""
+    return {} if interval == 1 else {"cache": FeatureCache(interval, depth)}
+
+
 class UNetModel(nn.Module):
     """The LDM / Stable Diffusion U-Net eps_theta(z_t, t, tau(y)) (Rombach et al. 2022, eq. 2-3) of a UNetConfig.
 
@@ -295,6 +340,7 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor | float,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        cache: FeatureCache | None = None,
     ) -> torch.Tensor:
         cfg, dtype, b = self.cfg, self.dtype, x.shape[0]
         if (context is None) != (cfg.context_dim is None):
@@ -319,13 +365,35 @@ class UNetModel(nn.Module):
             context = context.to(dtype)  # (B, T, context_dim)
 
         h = x.to(dtype)  # (B, C_in, H, W)
+        shallow = 0  # blocks at each end that run on every call (DeepCache); 0: no split
+        reuse = False
+        if cache is not None:
+            if not 1 <= cache.depth < len(self.input_blocks):
+                raise ValueError(f"DeepCache depth {cache.depth} must be in [1, {len(self.input_blocks) - 1}] for "
+                                 f"this U-Net of {len(self.input_blocks)} input blocks")
+            shallow = cache.depth
+            key = (tuple(h.shape), None if context is None else tuple(context.shape), dtype)
+            reuse = cache.reuse(key)
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:shallow] if reuse else self.input_blocks:
             h = self._run(block, h, emb, context)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)  # (B, C_max, H/f, W/f)
-        for block in self.output_blocks:
+        deep = len(self.output_blocks) - shallow
+        if reuse:
+            h = cache.features  # (B, C, h, w): the deep part's output of the last full call
+        else:
+            h = self._run(self.middle_block, h, emb, context)  # (B, C_max, H/f, W/f)
+            h = self._up(self.output_blocks[:deep], h, skips, emb, context)
+            if cache is not None:
+                cache.features = h
+        h = self._up(self.output_blocks[deep:], h, skips, emb, context)
+        return self.out(h)  # (B, C_out, H, W)
+
+    def _up(self, blocks, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
+            context: torch.Tensor | None) -> torch.Tensor:
+        """Run decoder `blocks`, each on h concatenated with the last of `skips` (popped)."""
+        for block in blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             size = skips[-1].shape[-2:] if skips else None  # an Upsample must land on the next skip's size
             h = self._run(block, h, emb, context, size)
-        return self.out(h)  # (B, C_out, H, W)
+        return h

@@ -76,6 +76,15 @@ MAX_MASK_BLUR = 128  # px; A1111's slider stops at 64, and a wider blur leaves n
 DEFAULT_SETTINGS: dict[str, Any] = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "Automatic", "cfg_scale": 7.0}
 INPAINT = ("inpaint",)
 UPSCALE = ("upscale",)
+# Fewer network calls (issue 15). DeepCache's shallow path: conv_in and the last output block by default.
+DEEPCACHE_DEPTH = 1
+# `fast`: what it fills in, chosen by measurement (docs/benchmarks.md, "Fewer network calls"): DeepCache at
+# FAST_DEEPCACHE = (interval, depth), and the CFG cutoff placed so the last FAST_CUTOFF_FRACTION of the
+# sampler's steps run without guidance (`cutoff_between`).
+FAST_DEEPCACHE = (3, 1)
+FAST_CUTOFF_FRACTION = 0.3
+FAST_HELP = (f"DeepCache every {FAST_DEEPCACHE[0]} calls at depth {FAST_DEEPCACHE[1]}, and the CFG cutoff on the "
+             f"last {FAST_CUTOFF_FRACTION:.0%} of the steps")
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,23 @@ class GenerationRequest:
                                    cli=Flag("--cfg-min-sigma", metavar="SIGMA", help="A1111's NGMS: below noise "
                                             "level SIGMA every other network call skips the unconditional half of "
                                             "guidance: less work, some loss of guidance (default 0: never)"))
+    # diffusers' CFG cutoff: every call below this sigma runs the conditional half alone; 0 = never
+    cfg_cutoff_sigma: float = setting(0.0, type=float, a1111="cfg_cutoff_sigma",
+                                      png=Png("CFG cutoff", fmt=lambda v: repr(float(v))), cli=Flag(
+        "--cfg-cutoff", metavar="SIGMA", help="diffusers' CFG cutoff: every network call below noise level SIGMA "
+        "runs without guidance, on the conditional half alone (default 0: never)"))
+    # DeepCache (Ma et al. 2024): the U-Net's deep blocks run every N-th call, the shallow path every call
+    deepcache_interval: int = setting(1, type=int, a1111="deepcache_interval", png="DeepCache interval", cli=Flag(
+        "--deepcache", metavar="N", help="DeepCache feature reuse: the deep blocks of the U-Net run every N-th "
+        "network call, the shallow path (--deepcache-depth outer blocks) every call (default 1: off)"))
+    deepcache_depth: int = setting(DEEPCACHE_DEPTH, type=int, a1111="deepcache_depth", png="DeepCache depth",
+                                   cli=Flag("--deepcache-depth", metavar="BLOCKS", help="with --deepcache: the "
+                                            "input blocks (and as many output blocks) of the shallow path that "
+                                            f"run every call (default {DEEPCACHE_DEPTH})"))
+    # the preset of the settings above that pay (FAST_PRESET): fills in those left at their defaults
+    fast: bool = setting(False, type=bool, a1111="fast", cli=Flag(
+        "--fast", help="fewer network calls: " + FAST_HELP.replace("%", "%%") + "; fills in those of these "
+        "settings left off (default off)"))
     # Lin et al. 2024 rescale, for zero-terminal-SNR / v models
     guidance_rescale: float = setting(0.0, type=float, png=Png("Guidance rescale", fmt=lambda v: f"{v:g}"))
     # noise of ancestral / SDE / DDIM steps; None = the sampler's default (sampler_names.py)
@@ -228,6 +254,14 @@ class GenerationRequest:
         if not (self.cfg_min_sigma >= 0):
             raise ValueError(f"cfg minimum sigma must be >= 0 (0 = never skip the unconditional half), "
                              f"got {self.cfg_min_sigma}")
+        if not (self.cfg_cutoff_sigma >= 0):
+            raise ValueError(f"CFG cutoff sigma must be >= 0 (0 = never cut off guidance), got {self.cfg_cutoff_sigma}")
+        blocks = len(config.unet.channel_mult) * (config.unet.num_res_blocks + 1)  # the U-Net's input blocks
+        if self.deepcache_interval < 1:
+            raise ValueError(f"DeepCache interval must be a whole number >= 1 (1 = off), got {self.deepcache_interval}")
+        if not 1 <= self.deepcache_depth < blocks:
+            raise ValueError(f"DeepCache depth must be in [1, {blocks - 1}] for model {config.name!r} ({blocks} "
+                             f"input blocks), got {self.deepcache_depth}")
         if not (0.0 <= self.guidance_rescale <= 1.0):
             raise ValueError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
         if self.clip_skip < 1:
@@ -278,8 +312,11 @@ class GenerationRequest:
         class_index = conditioner.class_index(self.class_label)
         resolved = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationRequest)}
         resolved.update(width=width, height=height, seed=seed, limits=limits, **images)
+        sigmas = _run_sigmas(config, conditioner, choice, resolved)
+        if self.fast:
+            resolved.update(fast_settings(self, sigmas))
         return ValidRequest(**resolved, config=config, conditioner=conditioner, choice=choice,
-                            class_index=class_index, sigmas=_run_sigmas(config, conditioner, choice, resolved))
+                            class_index=class_index, sigmas=sigmas)
 
     def _check_types(self) -> None:
         """The type of every field the table types (`setting(type=...)`), so that a string or a bool from
@@ -414,6 +451,33 @@ def require_valid(components: Components, request: Any, task: str) -> ValidReque
         raise ValueError(f"the request was validated for model {request.config.name!r}, not for "
                          f"{components.config.name!r}: validate it against the model that runs it")
     return request
+
+
+def fast_settings(request: GenerationRequest, sigmas: torch.Tensor) -> dict[str, Any]:
+    """The settings `fast` fills in for a run through `sigmas` (FAST_DEEPCACHE, FAST_CUTOFF_FRACTION), each
+    only where the request leaves it at its default (off)."""
+    defaults = GenerationRequest()
+    found: dict[str, Any] = {}
+    if request.deepcache_interval == defaults.deepcache_interval:
+        found["deepcache_interval"], found["deepcache_depth"] = FAST_DEEPCACHE
+    if request.cfg_cutoff_sigma == defaults.cfg_cutoff_sigma:
+        found["cfg_cutoff_sigma"] = cutoff_between(sigmas, FAST_CUTOFF_FRACTION)
+    return found
+
+
+def cutoff_between(sigmas: torch.Tensor, fraction: float) -> float:
+    """A CFG cutoff sigma below which the last `fraction` of the steps through `sigmas` (descending, ending in
+    0) fall: the geometric mean of the last guided step's sigma and the first cut one's, rounded to 4 digits
+    where that keeps it strictly between them (the PNG parameters write it exactly). 0 (off) if no step is cut."""
+    steps = len(sigmas) - 1
+    cut = round(fraction * steps)
+    if cut < 1 or steps < 2:
+        return 0.0
+    k = max(1, steps - cut)  # the first step run without guidance; step 0 is always guided
+    above, below = float(sigmas[k - 1]), float(sigmas[k])
+    middle = math.sqrt(above * below)
+    short = float(f"{middle:.4g}")
+    return short if below < short < above else middle
 
 
 def _run_sigmas(config: ModelConfig, conditioner: Conditioner, choice: SamplerChoice,
