@@ -55,6 +55,6 @@ def test_bf16_training_takes_the_matmul_form_and_matches_float32(monkeypatch):
     for a, b in zip(g16, g32, strict=True):
         assert torch.linalg.vector_norm(a - b) < 0.05 * torch.linalg.vector_norm(b)
     calls.clear()
-    with torch.no_grad():  # inference keeps the fused kernel in every dtype
+    with torch.no_grad():  # inference never takes the training form (bf16: the chunked one, test_attention_inference)
         attn.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 3)
     assert not calls

@@ -49,9 +49,9 @@ SHIPPED = {
 # parameters) stays fp32 (daguerre.precision.BF16_MIN_UNET_PARAMETERS), so its images are SHIPPED's.
 SHIPPED_DEFAULT = {
     ("shapes", "a red circle above a blue square", 1, 2):
-        ("bf16", "4d6843c873af317ac69a1f294264db23f81ea2b035a3b99eea8827cc8c04823d"),
+        ("bf16", "1e27355a6c0a55e64a8d4155e813ba6e4e44bc1d392b7beba0369f2a64f8ea7f"),
     ("shapes", "a small green triangle on a white background", 7, 1):
-        ("bf16", "6f57903d9a554fab8c7689392b4542218e84d362f5fd76d0c648690f1d8135e8"),
+        ("bf16", "af5d4a5be78ad97d597b9ef6767f94ec88ca7328bf3cae4dd99bbc17fb55aa47"),
     ("fashion", "a photo of an ankle boot", 1, 2):
         ("fp32", "2d007d81e53a3b210f6210d9a5b6cfd53e7d78479ddfd985b35c0213c8c6698b"),
 }
