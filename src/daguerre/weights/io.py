@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -123,16 +124,42 @@ def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def _read_safetensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file, each read with plain file reads into its own buffer and converted
+    to `dtype` before the next is read. The `safetensors` library checks the header (dtypes, shapes, offsets
+    inside the file, no gaps); reading through its memory map instead would keep every touched page of the
+    file resident until the end, so an fp16 file loaded as bf16 would peak at twice the model's size."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: _convert(f.get_tensor(k), dtype) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, RuntimeError, json.JSONDecodeError) as e:
+            names = list(f.keys())
+        with open(path, "rb") as raw:
+            (n,) = struct.unpack("<Q", raw.read(8))
+            header = json.loads(raw.read(n))
+            if sys.byteorder == "little":
+                tensors = {k: _convert(_read_tensor(raw, 8 + n, header[k]), dtype) for k in names}
+            else:  # safetensors data is little-endian: let the library swap the bytes
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    tensors = {k: _convert(f.get_tensor(k), dtype) for k in names}
+    except (SafetensorError, OSError, RuntimeError, KeyError, json.JSONDecodeError) as e:
         size = path.stat().st_size
         raise ValueError(f"{path}: not a valid safetensors file ({size} bytes; {e}); truncated or corrupt?") from None
     return tensors, metadata
+
+
+def _read_tensor(raw, data_start: int, entry: dict[str, Any]) -> torch.Tensor:
+    """One tensor of a safetensors file whose header entry the library has checked (little-endian data)."""
+    dt = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dt is None:
+        raise RuntimeError(f"unsupported dtype {entry['dtype']}")
+    start, end = entry["data_offsets"]
+    buf = bytearray(end - start)
+    raw.seek(data_start + start)
+    if raw.readinto(buf) != len(buf):
+        raise OSError("the file ends inside a tensor")
+    t = torch.frombuffer(buf, dtype=dt) if buf else torch.empty(0, dtype=dt)
+    return t.reshape(entry["shape"])
 
 
 # safetensors header dtype names -> torch dtypes (those a checkpoint may plausibly hold)
