@@ -46,7 +46,7 @@ FASHION_PROMPT = "a photo of {}"
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 IS_SPLITS = 10
-FEWER_CALLS_RESOLVED = ("cfg_min_sigma", "cfg_cutoff_sigma", "deepcache_interval", "deepcache_depth")
+FEWER_CALLS_RESOLVED = ("cfg_min_sigma", "cfg_cutoff_sigma", "deepcache_interval", "deepcache_depth", "tome_ratio")
 GRID_MAX = 64  # images in grid.png
 GRID_CELL = 64  # smaller images are scaled up (nearest) to at least this many pixels
 FRAME = 2  # pixels of the right/wrong frame around each grid image
@@ -349,7 +349,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def _fewer_calls_on(settings: dict[str, Any]) -> bool:
     return bool(settings) and (settings["cfg_min_sigma"] > 0 or settings["cfg_cutoff_sigma"] > 0
-                               or settings["deepcache_interval"] > 1)
+                               or settings["deepcache_interval"] > 1 or settings.get("tome_ratio", 0) > 0)
 
 
 def _pct(entry: dict[str, Any], key: str) -> str:

@@ -22,11 +22,17 @@ deep part between them. Every `interval`-th call runs everything and caches the 
 of the shallowest `depth` output blocks, before its skip is concatenated); the calls between run only the
 shallow path and take the deep features from the cache. The cache belongs to one sampling run, never to the
 model, so concurrent runs do not share it.
+
+Token merging (ToMe for SD, Bolya & Hoffman 2023): `forward(..., tome=ratio)` runs the self-attention of the
+transformers at the latent's full resolution on the tokens left after merging `ratio` of them
+(`daguerre.nn.tome`), and unmerges its output; 0 (the default) is the exact path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import UNetConfig
 from ..nn.attention import attention
 from ..nn.embeddings import timestep_embedding
+from ..nn.tome import Merge, bipartite_merge
 
 TIME_EMBED_MULT = 4  # time embedding width = TIME_EMBED_MULT * model_channels
 FF_MULT = 4  # transformer feed-forward inner width = FF_MULT * width
@@ -131,8 +138,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS) if context_dim else None
         self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, HW, dim)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None,
+                merge: Callable[[torch.Tensor], Merge] | None = None) -> torch.Tensor:
+        y = self.norm1(x)
+        if merge is None:
+            x = x + self.attn1(y)  # (B, HW, dim)
+        else:  # token merging: self-attention on the merged tokens (B, HW - r, dim), unmerged after
+            plan = merge(y)
+            x = x + plan.unmerge(self.attn1(plan.merge(y)))
         if self.attn2 is not None:
             x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -158,8 +171,10 @@ class SpatialTransformer(nn.Module):
             for _ in range(cfg.transformer_depth)
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, tome: TokenMerging | None = None
+                ) -> torch.Tensor:
         b, _, h, w = x.shape
+        merge = tome.planner(h, w) if tome is not None else None  # None but at the latent's full resolution
         y = self.norm(x)  # (B, C, H, W)
         if not self.use_linear:
             y = self.proj_in(y)  # (B, inner, H, W)
@@ -167,7 +182,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             y = self.proj_in(y)  # (B, HW, inner)
         for block in self.transformer_blocks:
-            y = block(y, context)
+            y = block(y, context, merge)
         if self.use_linear:
             y = self.proj_out(y)  # (B, HW, C)
         y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C or inner, H, W), channels-last strides
@@ -203,21 +218,38 @@ class Upsample(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """A sequence of layers, each given what it needs: the time embedding, the context or an output size."""
+    """A sequence of layers, each given what it needs: the time embedding, the context, an output size, the
+    token merging of a run."""
 
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None, size: torch.Size | None = None
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None, size: torch.Size | None = None,
+        tome: TokenMerging | None = None,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, tome)
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:
                 x = layer(x)
         return x
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMerging:
+    """Token merging (ToMe for SD, Bolya & Hoffman 2023; `daguerre.nn.tome`) in the self-attention of the
+    transformers at the latent's full resolution `size` (h, w): `ratio` of their tokens merged away."""
+
+    ratio: float
+    size: tuple[int, int]
+
+    def planner(self, h: int, w: int) -> Callable[[torch.Tensor], Merge] | None:
+        """How the transformers of an h x w map merge their tokens (None: they do not)."""
+        if self.ratio <= 0 or (h, w) != self.size:
+            return None
+        return lambda y: bipartite_merge(y, h, w, self.ratio)
 
 
 @dataclasses.dataclass
@@ -253,9 +285,13 @@ class FeatureCache:
         return False
 
 
-def feature_cache_args(interval: int, depth: int) -> dict[str, FeatureCache]:
-    """The `forward` keyword arguments of DeepCache at `interval` (1: off, none) for one new sampling run."""
-    return {} if interval == 1 else {"cache": FeatureCache(interval, depth)}
+def fewer_calls_args(interval: int, depth: int, tome_ratio: float = 0.0) -> dict[str, Any]:
+    """The `forward` keyword arguments of one new sampling run with DeepCache at `interval` (1: off) and token
+    merging at `tome_ratio` (0: off); none when both are off."""
+    args: dict[str, Any] = {} if interval == 1 else {"cache": FeatureCache(interval, depth)}
+    if tome_ratio > 0:
+        args["tome"] = tome_ratio
+    return args
 
 
 class UNetModel(nn.Module):
@@ -341,6 +377,7 @@ class UNetModel(nn.Module):
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         cache: FeatureCache | None = None,
+        tome: float = 0.0,
     ) -> torch.Tensor:
         cfg, dtype, b = self.cfg, self.dtype, x.shape[0]
         if (context is None) != (cfg.context_dim is None):
@@ -365,6 +402,9 @@ class UNetModel(nn.Module):
             context = context.to(dtype)  # (B, T, context_dim)
 
         h = x.to(dtype)  # (B, C_in, H, W)
+        if not 0.0 <= tome < 1.0:
+            raise ValueError(f"token merging ratio must be in [0, 1), got {tome}")
+        merging = TokenMerging(tome, tuple(h.shape[-2:])) if tome > 0 else None
         shallow = 0  # blocks at each end that run on every call (DeepCache); 0: no split
         reuse = False
         if cache is not None:
@@ -376,24 +416,24 @@ class UNetModel(nn.Module):
             reuse = cache.reuse(key)
         skips = []
         for block in self.input_blocks[:shallow] if reuse else self.input_blocks:
-            h = self._run(block, h, emb, context)
+            h = self._run(block, h, emb, context, None, merging)
             skips.append(h)
         deep = len(self.output_blocks) - shallow
         if reuse:
             h = cache.features  # (B, C, h, w): the deep part's output of the last full call
         else:
-            h = self._run(self.middle_block, h, emb, context)  # (B, C_max, H/f, W/f)
-            h = self._up(self.output_blocks[:deep], h, skips, emb, context)
+            h = self._run(self.middle_block, h, emb, context, None, merging)  # (B, C_max, H/f, W/f)
+            h = self._up(self.output_blocks[:deep], h, skips, emb, context, merging)
             if cache is not None:
                 cache.features = h
-        h = self._up(self.output_blocks[deep:], h, skips, emb, context)
+        h = self._up(self.output_blocks[deep:], h, skips, emb, context, merging)
         return self.out(h)  # (B, C_out, H, W)
 
     def _up(self, blocks, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
-            context: torch.Tensor | None) -> torch.Tensor:
+            context: torch.Tensor | None, merging: TokenMerging | None) -> torch.Tensor:
         """Run decoder `blocks`, each on h concatenated with the last of `skips` (popped)."""
         for block in blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             size = skips[-1].shape[-2:] if skips else None  # an Upsample must land on the next skip's size
-            h = self._run(block, h, emb, context, size)
+            h = self._run(block, h, emb, context, size, merging)
         return h

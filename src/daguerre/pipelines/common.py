@@ -25,7 +25,7 @@ from ..diffusion.denoisers import Denoiser
 from ..diffusion.noise import generators_for, randn
 from ..diffusion.sampler_names import SAMPLERS
 from ..guidance import cfg_denoiser, inpaint_blend_denoiser
-from ..models.unet import feature_cache_args
+from ..models.unet import fewer_calls_args
 from ..pngmeta import format_parameters
 from ..precision import dtype_of, short_name
 from .infotext import write_parameters
@@ -206,7 +206,8 @@ def run_plan(
             c = batch_extra["concat"]
             batch_extra["concat"] = a * c + s * randn(c.shape, gens, device=device, dtype=c.dtype)
         cond = {**expand(cond1, b), **batch_extra}
-        guided = denoiser.with_net_args(**feature_cache_args(req.deepcache_interval, req.deepcache_depth))  # per batch
+        guided = denoiser.with_net_args(**fewer_calls_args(req.deepcache_interval, req.deepcache_depth,  # per batch
+                                                           req.tome_ratio))
         if uncond1 is not None:
             guided = cfg_denoiser(guided, {**expand(uncond1, b), **batch_extra}, req.cfg_scale, req.guidance_rescale,
                                   min_sigma=req.cfg_min_sigma, cutoff_sigma=req.cfg_cutoff_sigma)

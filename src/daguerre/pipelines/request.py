@@ -81,6 +81,7 @@ DEEPCACHE_DEPTH = 1
 # `fast`: what it fills in, chosen by measurement (docs/benchmarks.md, "Fewer network calls"): DeepCache at
 # FAST_DEEPCACHE = (interval, depth), and the CFG cutoff placed so the last FAST_CUTOFF_FRACTION of the
 # sampler's steps run without guidance (`cutoff_between`).
+MAX_TOME_RATIO = 0.75  # token merging: the sources are 3 of every 2x2 cell (nn/tome.py)
 FAST_DEEPCACHE = (3, 1)
 FAST_CUTOFF_FRACTION = 0.3
 FAST_HELP = (f"DeepCache every {FAST_DEEPCACHE[0]} calls at depth {FAST_DEEPCACHE[1]}, and the CFG cutoff on the "
@@ -144,6 +145,11 @@ class GenerationRequest:
                                    cli=Flag("--deepcache-depth", metavar="BLOCKS", help="with --deepcache: the "
                                             "input blocks (and as many output blocks) of the shallow path that "
                                             f"run every call (default {DEEPCACHE_DEPTH})"))
+    # token merging (ToMe for SD, Bolya & Hoffman 2023) in the full-resolution self-attention; 0 = off
+    tome_ratio: float = setting(0.0, type=float, a1111="tome_ratio", png=Png("ToMe ratio", fmt=lambda v: f"{v:g}"),
+                                cli=Flag("--tome", metavar="RATIO", help="token merging: the self-attention of the "
+                                         "U-Net's full-resolution transformers runs on the tokens left after merging "
+                                         f"RATIO of them, at most {MAX_TOME_RATIO:g} (default 0: off)"))
     # the preset of the settings above that pay (FAST_PRESET): fills in those left at their defaults
     fast: bool = setting(False, type=bool, a1111="fast", cli=Flag(
         "--fast", help="fewer network calls: " + FAST_HELP.replace("%", "%%") + "; fills in those of these "
@@ -262,6 +268,8 @@ class GenerationRequest:
         if not 1 <= self.deepcache_depth < blocks:
             raise ValueError(f"DeepCache depth must be in [1, {blocks - 1}] for model {config.name!r} ({blocks} "
                              f"input blocks), got {self.deepcache_depth}")
+        if not (0.0 <= self.tome_ratio <= MAX_TOME_RATIO):
+            raise ValueError(f"token merging ratio must be in [0, {MAX_TOME_RATIO:g}] (0 = off), got {self.tome_ratio}")
         if not (0.0 <= self.guidance_rescale <= 1.0):
             raise ValueError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
         if self.clip_skip < 1:
