@@ -290,3 +290,26 @@ def test_an_fp16_file_loads_into_bf16_without_a_float32_copy(tmp_path):
     assert direct["footprint"] > 100 * 2**20
     assert direct["peak"] < 1.4 * direct["footprint"]  # measured 1.17x
     assert via_float32["peak"] > 1.9 * direct["footprint"]  # measured 2.2x: the float32 copy is twice the model
+
+
+def test_info_says_how_a_run_here_would_compute(bf16_cpu, capsys):
+    assert main(["info", "shapes", "--no-hash", "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)["run"]
+    assert run == {"precision": "bf16", "attention": precision.attention_description(torch.bfloat16, "cpu"),
+                   "convolutions": "contiguous", "threads": 1, "device": "cpu"}  # small: one thread, contiguous
+    assert main(["info", "fashion", "--no-hash"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("a run here:"))
+    assert "precision fp32" in line and "1 CPU thread(s)" in line
+
+
+def test_the_cli_tells_the_fp16_warning_in_one_line(capsys):
+    assert main(["info", "fashion", "--no-hash", "--dtype", "fp16"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["daguerre info: warning: fp16 on a CPU is very slow (about 25x slower than bf16 here): use "
+                   "--dtype auto or bf16"]
+
+
+def test_auto_threads_is_one_for_small_u_nets_on_the_cpu():
+    assert precision.auto_threads("cpu", SHAPES_UNET) == 1
+    assert precision.auto_threads("cpu", BIG) is None  # torch's default
+    assert precision.auto_threads("cuda", SHAPES_UNET) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .commands import COMMANDS, UserError  # the registered sub-commands (importing them registers them)
@@ -51,7 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():  # a warning is one line, like an error (e.g. fp16 on a CPU)
+            warnings.showwarning = lambda message, *_args, **_kw: print(
+                f"daguerre {args.command}: warning: {message}", file=sys.stderr)
+            return int(args.run(args) or 0)
     except (UserError, ValueError) as e:
         print(f"daguerre {args.command}: error: {e}", file=sys.stderr)
         return 2

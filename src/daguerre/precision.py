@@ -150,23 +150,47 @@ def attention_description(dtype: torch.dtype, device: torch.device | str | None 
     return f"torch's fused scaled_dot_product_attention in {short_name(dtype)}"
 
 
-def thread_count() -> int:
-    """CPU threads torch computes with now (after `--threads` / the automatic one-thread choice)."""
+def auto_threads(device: torch.device | str | None, unet_parameters: int) -> int | None:
+    """CPU threads of the automatic choice (`--threads 0`): one for small U-Nets on the CPU, whose
+    per-operation work is too small to share (extra threads mostly wait for each other, and on a busy
+    machine a thread that is not scheduled stalls every step); None (torch's default, one per core) else."""
     import torch
 
-    return torch.get_num_threads()
+    small = unet_parameters < SMALL_MODEL_PARAMETERS
+    return 1 if small and torch.device(device or "cpu").type == "cpu" else None
+
+
+def run_settings(dtype: torch.dtype, device: torch.device | str | None, unet_parameters: int,
+                 threads: int | None = None, channels_last: bool | None = None) -> dict[str, object]:
+    """{precision, attention, convolutions, threads} of a run in `dtype` on `device` for a U-Net of
+    `unet_parameters` parameters: what `--verbose` and `daguerre info` report. `threads` defaults to the
+    automatic choice, `channels_last` to `uses_channels_last`."""
+    import torch
+
+    device = torch.device(device or "cpu")
+    if channels_last is None:
+        channels_last = uses_channels_last(dtype, device, unet_parameters)
+    if threads is None:
+        threads = auto_threads(device, unet_parameters) or torch.get_num_threads()
+    return {"precision": short_name(dtype), "attention": attention_description(dtype, device),
+            "convolutions": "channels_last" if channels_last else "contiguous",
+            "threads": threads if device.type == "cpu" else None, "device": str(device)}
+
+
+def format_run(settings: dict[str, object]) -> str:
+    threads = f"{settings['threads']} CPU thread(s)" if settings["threads"] else f"device {settings['device']}"
+    return (f"precision {settings['precision']}, attention: {settings['attention']}, "
+            f"convolutions {settings['convolutions']}, {threads}")
 
 
 def describe_run(unet: torch.nn.Module) -> str:
-    """One line: the precision, attention form, convolution layout and thread count a run of `unet` uses
-    (`--verbose`, `daguerre info --run`)."""
+    """One line: the precision, attention form, convolution layout and thread count a run of the loaded
+    `unet` uses now (`--verbose`)."""
     import torch
 
-    dtype, device = dtype_of(unet), device_of(unet)
-    conv = next((m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    conv = next((m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1),
+                None)
     channels_last = conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
         and not conv.is_contiguous()
-    layout = "channels_last" if channels_last else "contiguous"
-    threads = f"{thread_count()} CPU thread(s)" if device.type == "cpu" else f"device {device}"
-    return (f"precision {short_name(dtype)}, attention: {attention_description(dtype, device)}, "
-            f"convolutions {layout}, {threads}")
+    size = sum(p.numel() for p in unet.parameters())
+    return format_run(run_settings(dtype_of(unet), device_of(unet), size, torch.get_num_threads(), channels_last))

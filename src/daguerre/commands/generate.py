@@ -37,22 +37,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def set_threads(args: argparse.Namespace, comps) -> None:
-    """Apply --threads. Automatic: one thread on the CPU for small U-Nets (daguerre's own models), whose
-    per-operation work is too small to share: extra threads mostly wait for each other, and on a busy
-    machine a thread that is not scheduled stalls every step (measured 100x slower). Big models
-    (Stable Diffusion) keep torch's default of one thread per core."""
+    """Apply --threads. Automatic (`precision.auto_threads`): one thread on the CPU for small U-Nets
+    (daguerre's own models; on a busy machine more threads measured up to 100x slower), torch's default of
+    one thread per core for big models (Stable Diffusion)."""
     import torch
+
+    from ..precision import auto_threads, device_of
 
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0 = automatic), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        return
-    from ..precision import SMALL_MODEL_PARAMETERS
-
-    on_cpu = next(comps.unet.parameters()).device.type == "cpu"
-    if on_cpu and sum(p.numel() for p in comps.unet.parameters()) < SMALL_MODEL_PARAMETERS:
-        torch.set_num_threads(1)
+    threads = args.threads or auto_threads(device_of(comps.unet), sum(p.numel() for p in comps.unet.parameters()))
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def add_output_arguments(p: argparse.ArgumentParser) -> None:

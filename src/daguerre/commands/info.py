@@ -1,10 +1,12 @@
-"""`daguerre info MODEL`: what a checkpoint file or diffusers folder holds, without loading the weights."""
+"""`daguerre info MODEL`: what a checkpoint file or diffusers folder holds, without loading the weights, and
+how a run of it would compute on this machine (`--device`, `--dtype`: precision, attention form, threads)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from ..precision import AUTO, CLI_CHOICES
 from .registry import command
 
 GIB = 1024**3
@@ -19,6 +21,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override the prediction type (SD v2 files cannot state it)")
     p.add_argument("--ema", action="store_true", help="describe the model with its EMA U-Net (full checkpoints)")
     p.add_argument("--no-hash", action="store_true", help="skip the sha256 (faster on large files)")
+    p.add_argument("--device", default="cpu", help="the device a run would use (default: cpu)")
+    p.add_argument("--dtype", default=AUTO, choices=CLI_CHOICES,
+                   help="the --dtype a run would use (default auto: decided for this machine and model)")
 
 
 def human_size(n: int) -> str:
@@ -98,10 +103,25 @@ def format_info(info: dict) -> str:
     if extras:
         lines.append(f"notes:           {'; '.join(extras)}")
     lines.append(f"size:            {human_size(info['file_size'])}")
+    if info.get("run"):
+        from ..precision import format_run
+
+        lines.append(f"a run here:      {format_run(info['run'])}")
     if info["sha256"]:
         lines.append(f"sha256:          {info['sha256']}")
         lines.append(f"model hash:      {info['short_hash']} (AUTOMATIC1111)")
     return "\n".join(lines)
+
+
+def run_here(args: argparse.Namespace, unet_parameters: int) -> dict:
+    """How `daguerre generate` would run this model with these --device and --dtype flags on this machine
+    (`precision.run_settings`: precision, attention form, convolution layout, threads)."""
+    import torch
+
+    from ..precision import resolve_dtype, run_settings
+
+    device = torch.device(args.device)
+    return run_settings(resolve_dtype(args.dtype, device, unet_parameters), device, unet_parameters)
 
 
 @command("info", "describe a checkpoint: variant, architecture, parameters, dtypes, hashes", _add_arguments)
@@ -111,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     path = shipped_models().get(args.model, args.model)  # a shipped model's name or a path
     info = describe(path, prediction_type=args.prediction_type, use_ema=args.ema, hashes=not args.no_hash)
+    info["run"] = run_here(args, info["parameters"]["unet"])
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
