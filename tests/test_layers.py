@@ -19,8 +19,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "limits", "pngmeta"),  # typed model configs and presets; bounds of a request; PNG parameters
     ("weights", "nn", "diffusion", "data"),  # reading and strictly loading weights; primitives; the math; datasets
     ("models",),  # the networks, one file each
-    ("components", "guidance", "conditioning"),  # a model in memory, its one `build_components`; denoiser
-    # wrappers; how a model is conditioned (its conditioner)
+    ("components", "guidance", "conditioning", "precision"),  # a model in memory, its one `build_components`;
+    # denoiser wrappers; how a model is conditioned (its conditioner); the compute dtype chosen for the machine
     ("checkpoints",),  # the file formats: single files, diffusers folders, the VAE file
     ("registry",),  # what `--model NAME` means
     ("pipelines",),  # txt2img, img2img, inpaint, upscale over Components
