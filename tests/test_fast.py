@@ -72,6 +72,11 @@ def test_an_explicit_setting_wins_over_the_preset():
     assert (valid.deepcache_interval, valid.deepcache_depth, valid.cfg_cutoff_sigma) == (2, 2, 0.5)
 
 
+def test_without_guidance_there_is_no_cutoff_to_fill_in():
+    valid = GenerationRequest(prompt="a", steps=8, cfg_scale=1.0, fast=True).validate(TINY)
+    assert valid.cfg_cutoff_sigma == 0.0 and valid.deepcache_interval == FAST_DEEPCACHE[0]
+
+
 @pytest.mark.parametrize("steps", [1, 2, 5, 20, 25, 50])
 def test_the_cutoff_falls_between_the_last_guided_step_and_the_first_cut_one(steps):
     sigmas = GenerationRequest(prompt="a", steps=steps).validate(TINY).sigmas
@@ -91,3 +96,20 @@ def test_fast_on_every_surface():
     assert GenerationRequest(prompt="a", fast=True).validate(TINY).deepcache_interval == FAST_DEEPCACHE[0]
     with pytest.raises(ValueError, match="fast must be true"):
         GenerationRequest(prompt="a", fast="yes").validate(TINY)
+
+
+def test_eval_takes_the_settings_and_reports_what_ran(tmp_path, capsys):
+    import json
+
+    from daguerre.cli import main
+
+    out = tmp_path / "ev"
+    code = main(["eval", "--model", "random:tiny", "--dataset", "shapes", "--n", "2", "--steps", "4", "--real", "8",
+                 "--no-progress", "--batch", "2", "--fast", "--tome", "0.25", "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    ran = json.loads((out / "report.json").read_text())["settings"]["fewer_calls"]
+    sigmas = GenerationRequest(prompt="a", steps=4).validate(TINY).sigmas
+    assert ran == {"cfg_min_sigma": 0.0, "cfg_cutoff_sigma": cutoff_between(sigmas, FAST_CUTOFF_FRACTION),
+                   "deepcache_interval": FAST_DEEPCACHE[0], "deepcache_depth": FAST_DEEPCACHE[1], "tome_ratio": 0.25}
+    assert "fewer network calls: " in stdout

@@ -322,7 +322,7 @@ class GenerationRequest:
         resolved.update(width=width, height=height, seed=seed, limits=limits, **images)
         sigmas = _run_sigmas(config, conditioner, choice, resolved)
         if self.fast:
-            resolved.update(fast_settings(self, sigmas))
+            resolved.update(fast_settings(self, sigmas, guided))
         return ValidRequest(**resolved, config=config, conditioner=conditioner, choice=choice,
                             class_index=class_index, sigmas=sigmas)
 
@@ -461,14 +461,14 @@ def require_valid(components: Components, request: Any, task: str) -> ValidReque
     return request
 
 
-def fast_settings(request: GenerationRequest, sigmas: torch.Tensor) -> dict[str, Any]:
-    """The settings `fast` fills in for a run through `sigmas` (FAST_DEEPCACHE, FAST_CUTOFF_FRACTION), each
-    only where the request leaves it at its default (off)."""
+def fast_settings(request: GenerationRequest, sigmas: torch.Tensor, guided: bool) -> dict[str, Any]:
+    """The settings `fast` fills in for a run through `sigmas` (FAST_DEEPCACHE, FAST_CUTOFF_FRACTION; the
+    cutoff only for a `guided` run), each only where the request leaves it at its default (off)."""
     defaults = GenerationRequest()
     found: dict[str, Any] = {}
     if request.deepcache_interval == defaults.deepcache_interval:
         found["deepcache_interval"], found["deepcache_depth"] = FAST_DEEPCACHE
-    if request.cfg_cutoff_sigma == defaults.cfg_cutoff_sigma:
+    if guided and request.cfg_cutoff_sigma == defaults.cfg_cutoff_sigma:
         found["cfg_cutoff_sigma"] = cutoff_between(sigmas, FAST_CUTOFF_FRACTION)
     return found
 
