@@ -145,9 +145,11 @@ def device_of(module: torch.nn.Module) -> torch.device:
 
 
 def attention_description(dtype: torch.dtype, device: torch.device | str | None = None) -> str:
-    """How attention runs at inference for `dtype` on `device` (what `--verbose` prints). The hook to wire to
-    nn/attention.py's own description once its inference path chooses per shape and dtype."""
-    return f"torch's fused scaled_dot_product_attention in {short_name(dtype)}"
+    """How attention runs at inference for `dtype` on `device` (what `--verbose` and `daguerre info` print):
+    `daguerre.nn.attention.attention_form`, the one place that chooses it."""
+    from .nn.attention import attention_form
+
+    return attention_form(dtype, device or "cpu")
 
 
 def auto_threads(device: torch.device | str | None, unet_parameters: int) -> int | None:
