@@ -5,6 +5,9 @@
     results = pipe("a red circle", steps=20, seed=1)
     results[0].image.save("out.png")                 # PIL image; .seed and .parameters (A1111 text) too
 
+The networks compute in the dtype `load(..., dtype=)` names, "auto" by default: bf16 on a CPU with bf16
+units or a CUDA GPU (fp16 on GPUs without bf16), fp32 elsewhere and for the smallest models
+(`daguerre.precision`; `pipe.dtype` says which).
 A call takes the fields of `GenerationRequest` (the schema the CLI and the server share) as keyword
 arguments, or a `GenerationRequest` itself. Every request is checked against the pipeline's `limits`
 (`daguerre.limits.DEFAULT_LIMITS` unless `load(..., limits=)` says otherwise; `Limits.unlimited()`
@@ -38,7 +41,8 @@ Callback = Callable[[dict[str, Any]], None]
 def set_compute_dtype(components: Components, dtype: torch.dtype | str | None = AUTO) -> torch.dtype:
     """Cast the U-Net, text encoder and VAE to the compute dtype (`daguerre.precision.resolve_dtype`: "auto",
     "fp32", "bf16", "fp16" or a torch dtype; "auto" decided for the networks' device and U-Net size), with
-    the convolutions in its memory format; returns the dtype. A no-op for networks already there."""
+    the convolutions in its memory format; returns the dtype. A no-op for networks already there. Casting
+    a model loaded in bf16/fp16 to fp32 does not restore the file's values: open it in the dtype instead."""
     from .precision import is_auto, resolve_dtype
     from .registry import set_memory_format
 
