@@ -81,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     _check_prompts(args.prompts, dataset)
     settings = EvalSettings(dataset, kinds, args.n, args.seed, sampling, args.real, args.batch).check()
     set_compute_dtype(comps, args.dtype)
+    if args.verbose:
+        from ..precision import describe_run
+
+        print(f"daguerre eval: {describe_run(comps.unet)}", file=sys.stderr, flush=True)
     device = next(comps.unet.parameters()).device
     classifier = load_classifier_extractor(args.classifier, dataset, device)
     extractor = classifier if args.extractor == args.classifier else load_extractor(args.extractor, dataset, device)
