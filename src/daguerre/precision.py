@@ -1,14 +1,14 @@
 """The compute precision of a run, chosen for the machine: what `--dtype auto` (the default) means.
 
-Precision is decided here and nowhere else (docs/design.md, "Precision"); the CLI, the Python API and
-the server all call `resolve_dtype`:
+Precision is decided here and nowhere else (docs/design.md, "The contracts"); the CLI, the Python API
+and the server all call `resolve_dtype` (through `registry.open_model`):
 
 - on a CUDA device: bfloat16 where the GPU supports it (`torch.cuda.is_bf16_supported()`), else float16;
 - on a CPU with bfloat16 units (AVX512-BF16 or AMX-BF16, `cpu_has_bf16`): bfloat16, about twice the speed
   of float32 for Stable Diffusion (docs/benchmarks.md), except for U-Nets of fewer than
   `BF16_MIN_UNET_PARAMETERS`: on their one thread the casts cost more than bfloat16 saves (measured:
-  the shipped `fashion` model, 3.5M U-Net parameters, is ~15% slower in bf16; `shapes`, 10M, ~15-30%
-  faster: docs/benchmarks.md, "Precision of the small models");
+  the shipped `fashion` model, 3.5M U-Net parameters, is as fast or up to 1.5x slower in bf16; `shapes`,
+  10M, 12-31% faster: docs/benchmarks.md, "Precision of the small models");
 - anywhere else: float32.
 
 float16 on a CPU is never chosen automatically: its CPU kernels are about 25x slower than bfloat16's, so
