@@ -13,7 +13,13 @@ import torch
 from daguerre.commands.request_args import add_request_arguments, request_fields
 from daguerre.config import preset
 from daguerre.pipelines.infotext import settings_from_parameters
-from daguerre.pipelines.request import FAST_CUTOFF_FRACTION, FAST_DEEPCACHE, GenerationRequest, cutoff_between
+from daguerre.pipelines.request import (
+    FAST_CUTOFF_FRACTION,
+    FAST_DEEPCACHE,
+    FAST_TOME,
+    GenerationRequest,
+    cutoff_between,
+)
 from daguerre.pipelines.txt2img import txt2img
 from daguerre.server.payload import request_from_payload
 from test_pipelines import _components
@@ -43,7 +49,7 @@ def test_fast_fills_in_the_preset_and_runs_fewer_rows(tiny):
     fields = {"prompt": "a red circle", "negative_prompt": "blue", "steps": 10, "sampler": "Euler", "seed": 3}
     exact = GenerationRequest(**fields).validate(tiny.config)
     fast = GenerationRequest(**fields, fast=True).validate(tiny.config)
-    assert (fast.deepcache_interval, fast.deepcache_depth) == FAST_DEEPCACHE
+    assert (fast.deepcache_interval, fast.deepcache_depth, fast.tome_ratio) == (*FAST_DEEPCACHE, FAST_TOME)
     assert fast.cfg_cutoff_sigma == cutoff_between(fast.sigmas, FAST_CUTOFF_FRACTION) > 0
     _, exact_rows, exact_deep = _rows(tiny, exact)
     results, rows, deep = _rows(tiny, fast)
@@ -59,8 +65,8 @@ def test_the_png_records_the_settings_and_replays_without_fast(tiny):
     read = settings_from_parameters(first.parameters, "png")
     assert "fast" not in read.fields and read.ignored == []
     replay = GenerationRequest(**read.fields).validate(tiny.config)  # a depth at its default is left out
-    assert (replay.deepcache_interval, replay.deepcache_depth, replay.cfg_cutoff_sigma) == (
-        *FAST_DEEPCACHE, fast.cfg_cutoff_sigma)
+    assert (replay.deepcache_interval, replay.deepcache_depth, replay.tome_ratio, replay.cfg_cutoff_sigma) == (
+        *FAST_DEEPCACHE, FAST_TOME, fast.cfg_cutoff_sigma)
     again = txt2img(tiny, replay)[0]
     assert np.array_equal(np.asarray(again.image), np.asarray(first.image))
     assert again.parameters == first.parameters
@@ -68,8 +74,9 @@ def test_the_png_records_the_settings_and_replays_without_fast(tiny):
 
 def test_an_explicit_setting_wins_over_the_preset():
     valid = GenerationRequest(prompt="a", steps=8, fast=True, deepcache_interval=2, deepcache_depth=2,
-                              cfg_cutoff_sigma=0.5).validate(TINY)
-    assert (valid.deepcache_interval, valid.deepcache_depth, valid.cfg_cutoff_sigma) == (2, 2, 0.5)
+                              cfg_cutoff_sigma=0.5, tome_ratio=0.25).validate(TINY)
+    assert (valid.deepcache_interval, valid.deepcache_depth, valid.cfg_cutoff_sigma, valid.tome_ratio) == (
+        2, 2, 0.5, 0.25)
 
 
 def test_without_guidance_there_is_no_cutoff_to_fill_in():

@@ -1,7 +1,8 @@
 """Token merging (ToMe for SD, Bolya & Hoffman 2023; issue 15, item 4): bipartite soft matching in
 `daguerre.nn.tome`, applied by the U-Net to the self-attention of its full-resolution transformers. Ratio 0 is
 the exact path bit for bit; at ratio r the attention sees r fewer tokens and every merged token gets its
-destination's output."""
+destination's output. The merged blocks are those of the highest resolution with attention: the latent's full
+resolution in Stable Diffusion, a lower level in models without attention there (the shipped ones)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,23 @@ def test_unet_ratio_zero_is_exact_and_only_full_resolution_self_attention_sees_f
     assert not torch.equal(merged, exact) and merged.shape == exact.shape
     with pytest.raises(ValueError, match="token merging ratio"):
         unet(x, t, ctx, tome=1.0)
+
+
+@pytest.mark.parametrize(("side", "tokens"), [(8, 8), (9, 13)])  # level 1: 4x4 -> 8; 5x5 (9 dst) -> 25 - 12
+@torch.no_grad()
+def test_without_full_resolution_attention_the_highest_level_with_attention_merges(side, tokens):
+    torch.manual_seed(0)
+    net = UNetModel(preset("tiny").unet).eval()  # attention at level 1 only
+    x, ctx = torch.randn(1, 4, side, side), torch.randn(1, 3, 32)
+    seen = []
+    hooks = [m.attn1.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+             for m in net.modules() if hasattr(m, "attn1")]
+    try:
+        net(x, 10.0, ctx, tome=0.5)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [tokens] * 4  # level 1, the last: one input block, the middle block, two output blocks
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ shallow path and take the deep features from the cache. The cache belongs to one
 model, so concurrent runs do not share it.
 
 Token merging (ToMe for SD, Bolya & Hoffman 2023): `forward(..., tome=ratio)` runs the self-attention of the
-transformers at the latent's full resolution on the tokens left after merging `ratio` of them
-(`daguerre.nn.tome`), and unmerges its output; 0 (the default) is the exact path.
+transformers at the highest resolution that has attention (the latent's full resolution in Stable Diffusion)
+on the tokens left after merging `ratio` of them (`daguerre.nn.tome`), and unmerges its output; 0 (the
+default) is the exact path.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ class TimestepEmbedSequential(nn.Sequential):
 @dataclasses.dataclass(frozen=True)
 class TokenMerging:
     """Token merging (ToMe for SD, Bolya & Hoffman 2023; `daguerre.nn.tome`) in the self-attention of the
-    transformers at the latent's full resolution `size` (h, w): `ratio` of their tokens merged away."""
+    transformers of resolution `size` (h, w), the highest that has attention: `ratio` of their tokens merged away."""
 
     ratio: float
     size: tuple[int, int]
@@ -404,7 +405,12 @@ class UNetModel(nn.Module):
         h = x.to(dtype)  # (B, C_in, H, W)
         if not 0.0 <= tome < 1.0:
             raise ValueError(f"token merging ratio must be in [0, 1), got {tome}")
-        merging = TokenMerging(tome, tuple(h.shape[-2:])) if tome > 0 else None
+        merging = None
+        if tome > 0 and cfg.attention_levels:
+            size = tuple(h.shape[-2:])
+            for _ in range(min(cfg.attention_levels)):  # each Downsample: ceil(n / 2)
+                size = tuple(-(-n // 2) for n in size)
+            merging = TokenMerging(tome, size)
         shallow = 0  # blocks at each end that run on every call (DeepCache); 0: no split
         reuse = False
         if cache is not None:

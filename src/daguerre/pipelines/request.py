@@ -78,14 +78,15 @@ INPAINT = ("inpaint",)
 UPSCALE = ("upscale",)
 # Fewer network calls (issue 15). DeepCache's shallow path: conv_in and the last output block by default.
 DEEPCACHE_DEPTH = 1
-# `fast`: what it fills in, chosen by measurement (docs/benchmarks.md, "Fewer network calls"): DeepCache at
-# FAST_DEEPCACHE = (interval, depth), and the CFG cutoff placed so the last FAST_CUTOFF_FRACTION of the
-# sampler's steps run without guidance (`cutoff_between`).
 MAX_TOME_RATIO = 0.75  # token merging: the sources are 3 of every 2x2 cell (nn/tome.py)
+# `fast`: what it fills in, chosen by measurement (docs/benchmarks.md, "Fewer network calls"): DeepCache at
+# FAST_DEEPCACHE = (interval, depth), token merging at FAST_TOME, and the CFG cutoff placed so the last
+# FAST_CUTOFF_FRACTION of the sampler's steps run without guidance (`cutoff_between`).
 FAST_DEEPCACHE = (3, 1)
+FAST_TOME = 0.5
 FAST_CUTOFF_FRACTION = 0.3
-FAST_HELP = (f"DeepCache every {FAST_DEEPCACHE[0]} calls at depth {FAST_DEEPCACHE[1]}, and the CFG cutoff on the "
-             f"last {FAST_CUTOFF_FRACTION:.0%} of the steps")
+FAST_HELP = (f"DeepCache every {FAST_DEEPCACHE[0]} calls at depth {FAST_DEEPCACHE[1]}, token merging at "
+             f"{FAST_TOME:g}, and the CFG cutoff on the last {FAST_CUTOFF_FRACTION:.0%} of the steps")
 
 
 @dataclass(frozen=True)
@@ -145,11 +146,11 @@ class GenerationRequest:
                                    cli=Flag("--deepcache-depth", metavar="BLOCKS", help="with --deepcache: the "
                                             "input blocks (and as many output blocks) of the shallow path that "
                                             f"run every call (default {DEEPCACHE_DEPTH})"))
-    # token merging (ToMe for SD, Bolya & Hoffman 2023) in the full-resolution self-attention; 0 = off
+    # token merging (ToMe for SD, Bolya & Hoffman 2023) in the highest-resolution self-attention; 0 = off
     tome_ratio: float = setting(0.0, type=float, a1111="tome_ratio", png=Png("ToMe ratio", fmt=lambda v: f"{v:g}"),
                                 cli=Flag("--tome", metavar="RATIO", help="token merging: the self-attention of the "
-                                         "U-Net's full-resolution transformers runs on the tokens left after merging "
-                                         f"RATIO of them, at most {MAX_TOME_RATIO:g} (default 0: off)"))
+                                         "U-Net's highest-resolution transformers runs on the tokens left after "
+                                         f"merging RATIO of them, at most {MAX_TOME_RATIO:g} (default 0: off)"))
     # the preset of the settings above that pay (FAST_PRESET): fills in those left at their defaults
     fast: bool = setting(False, type=bool, a1111="fast", cli=Flag(
         "--fast", help="fewer network calls: " + FAST_HELP.replace("%", "%%") + "; fills in those of these "
@@ -462,12 +463,14 @@ def require_valid(components: Components, request: Any, task: str) -> ValidReque
 
 
 def fast_settings(request: GenerationRequest, sigmas: torch.Tensor, guided: bool) -> dict[str, Any]:
-    """The settings `fast` fills in for a run through `sigmas` (FAST_DEEPCACHE, FAST_CUTOFF_FRACTION; the
-    cutoff only for a `guided` run), each only where the request leaves it at its default (off)."""
+    """The settings `fast` fills in for a run through `sigmas` (FAST_DEEPCACHE, FAST_TOME, FAST_CUTOFF_FRACTION;
+    the cutoff only for a `guided` run), each only where the request leaves it at its default (off)."""
     defaults = GenerationRequest()
     found: dict[str, Any] = {}
     if request.deepcache_interval == defaults.deepcache_interval:
         found["deepcache_interval"], found["deepcache_depth"] = FAST_DEEPCACHE
+    if request.tome_ratio == defaults.tome_ratio:
+        found["tome_ratio"] = FAST_TOME
     if guided and request.cfg_cutoff_sigma == defaults.cfg_cutoff_sigma:
         found["cfg_cutoff_sigma"] = cutoff_between(sigmas, FAST_CUTOFF_FRACTION)
     return found
