@@ -313,3 +313,14 @@ def test_auto_threads_is_one_for_small_u_nets_on_the_cpu():
     assert precision.auto_threads("cpu", SHAPES_UNET) == 1
     assert precision.auto_threads("cpu", BIG) is None  # torch's default
     assert precision.auto_threads("cuda", SHAPES_UNET) is None
+
+
+def test_from_png_without_a_precision_key_runs_in_fp32_even_where_auto_is_bf16(monkeypatch, bf16_cpu, tmp_path):
+    monkeypatch.setattr(precision, "BF16_MIN_UNET_PARAMETERS", 0)  # random:tiny would now be bf16 under auto
+    first, again = tmp_path / "fp32.png", tmp_path / "again.png"
+    assert main(["generate", "a red circle", "--model", "random:tiny", "--steps", "3", "--size", "32", "--seed", "2",
+                 "--dtype", "fp32", "-o", str(first)]) == 0
+    assert "Precision" not in parse_parameters(read_png_parameters(first))[2]
+    assert main(["generate", "--from-png", str(first), "--model", "random:tiny", "-o", str(again)]) == 0
+    np.testing.assert_array_equal(_pixels(again), _pixels(first))
+    assert daguerre.load("random:tiny").dtype == torch.bfloat16  # what auto would have picked without the file
