@@ -4,7 +4,8 @@ One attention call (no gradients) at each shape of a Stable Diffusion 1.5 U-Net 
 8 heads: 4096 tokens x 40 dims, 1024 x 80, 256 x 160, 64 x 160; self-attention, and cross-attention to the
 77-token prompt) and the VAE's single-head 512-dim middle attention at 4096 tokens, in float32 and bfloat16.
 The two forms alternate (which goes first alternates too), one warm-up call each; the table gives the median
-seconds of each and, as "sdpa / chunked", the median of the per-pair ratios, so that machine-load drift hits both
+seconds of each (and the minimum, the nearest to an idle machine) and, as "sdpa / chunked", the median of
+the per-pair ratios, so that machine-load drift hits both
 alike. "max abs diff" is between the two forms' outputs (float32: the chunked form against SDPA; bfloat16: both
 against the float32 SDPA of the same inputs, as "sdpa err / chunked err"). The crossover rule in
 daguerre.nn.attention (`chunked_pays`) is read off this table.
@@ -78,7 +79,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, median of "
           f"{args.repeats} after 1 warm-up, chunks of <= {args.chunk_elements} scores", flush=True)
     print()
-    print("| shape | dtype | SDPA ms | chunked ms | sdpa / chunked | chunked GFLOP/s | max abs diff | rule picks |")
+    print("| shape | dtype | SDPA ms median (min) | chunked ms median (min) | sdpa / chunked "
+          "| chunked GFLOP/s (at min) | max abs diff | rule picks |")
     print("|---|---|---|---|---|---|---|---|")
     names = list(SHAPES)
     for idx in args.shapes if args.shapes else range(len(names)):
@@ -95,6 +97,7 @@ def main() -> None:
                                                                           chunk_elements=args.chunk_elements)}
                 times = time_pair(fns, args.repeats)
                 s, c = (statistics.median(times[n]) for n in ("sdpa", "chunked"))
+                smin, cmin = (min(times[n]) for n in ("sdpa", "chunked"))
                 ratio = statistics.median(a / b for a, b in zip(times["sdpa"], times["chunked"], strict=True))
                 out_s, out_c = (fns[n]().float() for n in ("sdpa", "chunked"))
                 if dtype == torch.float32:
@@ -102,8 +105,8 @@ def main() -> None:
                 else:
                     diff = f"{(out_s - ref).abs().max().item():.1e} / {(out_c - ref).abs().max().item():.1e}"
                 picks = "chunked" if chunked_pays(dtype, "cpu") else "sdpa"
-                print(f"| {name} | {dname} | {s * 1e3:.1f} | {c * 1e3:.1f} | {ratio:.2f} | "
-                      f"{flops(shape) / c / 1e9:.0f} | {diff} | {picks} |", flush=True)
+                print(f"| {name} | {dname} | {s * 1e3:.1f} ({smin * 1e3:.1f}) | {c * 1e3:.1f} ({cmin * 1e3:.1f}) | "
+                      f"{ratio:.2f} | {flops(shape) / cmin / 1e9:.0f} | {diff} | {picks} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
 Batch 2 (a classifier-free-guidance pair), a 77-token context, 32x32 and 64x64 latents (256 and 512
 pixels), in float32, bfloat16 (the model cast to bf16) and bfloat16 with channels_last weights and
-input. Both U-Nets share one set of tensors (diffusers' is loaded through daguerre's key mapping) and
-run in one process, one warm-up call each, then in back-to-back pairs (alternating which goes first).
+input. In bf16 daguerre's attention takes its chunked matmul form (daguerre.nn.attention); the mode
+"bf16 channels_last sdpa" forces torch's fused kernel instead (the form before it, to show its gain) and
+"bf16 channels_last compile" runs daguerre's U-Net through daguerre.compile (inductor freezing; the first,
+untimed call compiles, minutes) against diffusers in eager mode. Both U-Nets share one set of tensors
+(diffusers' is loaded through daguerre's key mapping) and run in one process, one warm-up call each, then
+in back-to-back pairs (alternating which goes first).
 The table gives medians (and minima) and, as "ratio", the median over the pairs of daguerre /
 diffusers, so that machine-load drift hits both alike: compare ratios. Peak memory is the resident-set
 high-water mark (VmHWM in /proc/self/status; `ru_maxrss` would carry over the parent's peak through
@@ -13,11 +17,16 @@ mark after building the model (activations and workspace).
 
     python bench/unet_step.py --repeats 5          # the full table (~5-20 minutes on 2 cores)
     python bench/unet_step.py --sizes 32 --repeats 2 --no-memory
+    python bench/unet_step.py --sizes 64 --modes "bf16 channels_last" "bf16 channels_last sdpa"   # issue 15's target
+    python bench/unet_step.py --sizes 32 --modes "bf16 channels_last compile" --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import importlib
 import json
 import platform
 import statistics
@@ -35,15 +44,20 @@ from daguerre.config import preset  # noqa: E402
 from daguerre.models.unet import UNetModel  # noqa: E402
 from test_unet import randomize_  # noqa: E402  (one weight randomiser for tests and benchmarks)
 
+attention_module = importlib.import_module("daguerre.nn.attention")  # the package exports the function
+
 THREADS = 2
 BATCH = 2
 CONTEXT_TOKENS = 77
 TIMESTEPS = (999, 500)
-MODES = {  # name -> (dtype, memory format)
-    "fp32": (torch.float32, torch.contiguous_format),
-    "bf16": (torch.bfloat16, torch.contiguous_format),
-    "bf16 channels_last": (torch.bfloat16, torch.channels_last),
+MODES = {  # name -> (dtype, memory format, daguerre variant)
+    "fp32": (torch.float32, torch.contiguous_format, None),
+    "bf16": (torch.bfloat16, torch.contiguous_format, None),
+    "bf16 channels_last": (torch.bfloat16, torch.channels_last, None),
+    "bf16 channels_last sdpa": (torch.bfloat16, torch.channels_last, "sdpa"),
+    "bf16 channels_last compile": (torch.bfloat16, torch.channels_last, "compile"),
 }
+DEFAULT_MODES = ["fp32", "bf16", "bf16 channels_last", "bf16 channels_last sdpa"]  # compile: opt-in (slow to build)
 KIB = 1024
 
 
@@ -79,9 +93,32 @@ def make_inputs(size: int, dtype: torch.dtype, memory_format: torch.memory_forma
     return x, torch.tensor(TIMESTEPS), context
 
 
-def step_fns(model: UNetModel, ref: torch.nn.Module, x, t, context):
+@contextlib.contextmanager
+def fused_attention():
+    """daguerre's attention rule patched to keep torch's fused kernel (its form before the chunked one)."""
+    real = attention_module.chunked_pays
+    attention_module.chunked_pays = lambda *args: False
+    try:
+        yield
+    finally:
+        attention_module.chunked_pays = real
+
+
+def step_fns(model: UNetModel, ref: torch.nn.Module, x, t, context, variant: str | None = None):
+    """The two calls of a cell; daguerre's as the mode's variant says (a compiled copy: its first call compiles)."""
+    ours = model
+    if variant == "compile":
+        from daguerre.compile import compile_for_inference_
+
+        ours = compile_for_inference_(copy.deepcopy(model))
+    scope = fused_attention if variant == "sdpa" else contextlib.nullcontext
+
+    def daguerre_step():
+        with scope():
+            return ours(x, t, context)
+
     return {
-        "daguerre": lambda: model(x, t, context),
+        "daguerre": daguerre_step,
         "diffusers": lambda: ref(x, t, encoder_hidden_states=context, return_dict=False)[0],
     }
 
@@ -111,13 +148,18 @@ def peak_rss_gib() -> float:
 def memory_cell(impl: str, mode: str, size: int) -> dict[str, float]:
     """Run in a fresh process: build one model, run one step, report the RSS high-water marks."""
     torch.set_num_threads(THREADS)
-    dtype, memory_format = MODES[mode]
+    dtype, memory_format, variant = MODES[mode]
     model = build(impl, dtype, memory_format)
     loaded = peak_rss_gib()
     x, t, context = make_inputs(size, dtype, memory_format)
     with torch.inference_mode():
         if impl == "daguerre":
-            model(x, t, context)
+            if variant == "compile":  # the peak includes compiling and the frozen graph's copy of the weights
+                from daguerre.compile import compile_for_inference_
+
+                compile_for_inference_(model)
+            with fused_attention() if variant == "sdpa" else contextlib.nullcontext():
+                model(x, t, context)
         else:
             model(x, t, encoder_hidden_states=context)
     peak = peak_rss_gib()
@@ -133,7 +175,7 @@ def measure_memory(impl: str, mode: str, size: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="latent sides")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per implementation and cell")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-cell memory subprocesses")
     parser.add_argument("--memory-cell", help=argparse.SUPPRESS)
@@ -148,13 +190,13 @@ def main() -> None:
     rows = []
     model = build("daguerre", torch.float32, torch.contiguous_format)
     for mode in args.modes:
-        dtype, memory_format = MODES[mode]
+        dtype, memory_format, variant = MODES[mode]
         model = model.to(dtype=dtype, memory_format=memory_format)  # daguerre first, then diffusers shares it
         ref = diffusers_twin(model, memory_format)
         for size in args.sizes:
             x, t, context = make_inputs(size, dtype, memory_format)
             with torch.inference_mode():
-                secs, diff = time_cell(step_fns(model, ref, x, t, context), args.repeats)
+                secs, diff = time_cell(step_fns(model, ref, x, t, context, variant), args.repeats)
             row = {"size": size, "mode": mode, "secs": secs, "diff": diff}  # secs: impl -> every timed call
             if not args.no_memory:
                 row["mem"] = {impl: measure_memory(impl, mode, size) for impl in secs}
@@ -177,6 +219,8 @@ def main() -> None:
             for impl in ("daguerre", "diffusers"):
                 line += f" {r['mem'][impl]['peak']:.2f} (+{r['mem'][impl]['act']:.2f}) |"
         print(line)
+    print("\nissue 15's target: ratio <= 0.6 at 64x64 in bf16 (daguerre bf16 channels_last, chunked attention, "
+          "against diffusers bf16 channels_last)")
 
 
 if __name__ == "__main__":
