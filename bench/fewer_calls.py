@@ -4,7 +4,8 @@ The SD 1.5 U-Net (random weights) in bfloat16 at 64x64 latents (512 pixels) with
 - "guided": batch 2, the exact path's call (a classifier-free guidance pair);
 - "cut off": batch 1, a call of the CFG cutoff or of guidance truncation (the conditional half alone);
 - "DeepCache depth D": batch 2, a call that reuses the deep features (`FeatureCache`), so only the shallow
-  path of D input and D output blocks runs.
+  path of D input and D output blocks runs;
+- with `--tome R`: "ToMe R", batch 2 with token merging at ratio R, and the DeepCache calls with it too.
 One warm-up call each, then the kinds alternate in every repeat (medians), so load drift hits them alike.
 The cost of a sampling run follows: with DeepCache at interval N, (1 full + (N-1) shallow) / N per call.
 
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tome", type=float, default=0.0, help="also time token merging at this ratio")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = preset("sd15").unet
@@ -45,18 +47,22 @@ def main() -> None:
     ctx = torch.randn(2, CONTEXT_TOKENS, cfg.context_dim, generator=g)
     t = torch.tensor([500.0, 500.0])
 
-    def shallow(depth: int):
+    def shallow(depth: int, tome: float = 0.0):
         cache = FeatureCache(2, depth)
-        unet(x, t, ctx, cache=cache)  # fills the cache (not timed)
-        return lambda: unet(x, t, ctx, cache=cache)  # the next call reuses
+        unet(x, t, ctx, cache=cache, tome=tome)  # fills the cache (not timed)
+        return lambda: unet(x, t, ctx, cache=cache, tome=tome)  # the next call reuses
 
     kinds = {"guided (batch 2)": lambda: unet(x, t, ctx), "cut off (batch 1)": lambda: unet(x[:1], t[:1], ctx[:1])}
-    times: dict[str, list[float]] = {k: [] for k in [*kinds, *(f"DeepCache depth {d}" for d in args.depths)]}
+    names = [*kinds, *(f"DeepCache depth {d}" for d in args.depths)]
+    if args.tome > 0:
+        kinds[f"ToMe {args.tome:g}"] = lambda: unet(x, t, ctx, tome=args.tome)
+        names += [f"ToMe {args.tome:g}", *(f"DeepCache depth {d} + ToMe {args.tome:g}" for d in args.depths)]
+    times: dict[str, list[float]] = {k: [] for k in names}
     with torch.no_grad():
         for rep in range(args.repeats + 1):
             for name in times:
                 if name.startswith("DeepCache"):
-                    call = shallow(int(name.rsplit(" ", 1)[1]))
+                    call = shallow(int(name.split()[2]), args.tome if "ToMe" in name else 0.0)
                 else:
                     call = kinds[name]
                 t0 = time.perf_counter()

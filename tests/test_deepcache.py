@@ -113,6 +113,17 @@ def test_a_change_of_batch_size_recomputes(unet):
 
 
 @torch.no_grad()
+def test_reuse_only_below_max_t(unet):
+    cache = FeatureCache(3, depth=1, max_t=450.0)
+    calls = _calls(7)  # timesteps 900, 800, ..., 300
+    exact = [unet(x, t, ctx) for x, t, ctx in calls]
+    outs = [unet(x, t, ctx, cache=cache) for x, t, ctx in calls]
+    # 900-500 are above max_t: full calls; 400 reuses the features of 500, 300 too (interval 3)
+    assert [torch.equal(o, e) for o, e in zip(outs, exact, strict=True)] == [True] * 5 + [False] * 2
+    assert cache.deep_calls == 5
+
+
+@torch.no_grad()
 def test_the_stop_checks_still_run_before_every_block_that_runs(unet):
     x, t, ctx = _calls(1)[0]
     seen = []
@@ -172,6 +183,17 @@ def test_pipeline_interval_three_runs_the_deep_part_every_third_step(tiny):
     assert deep == 2  # steps 0 and 3 of 6
     assert any(not np.array_equal(a, b) for a, b in zip(images, exact, strict=True))
     assert "DeepCache interval: 3" in results[0].parameters
+
+
+def test_pipeline_max_sigma_limits_reuse_to_the_low_noise_calls(tiny):
+    exact, _, _ = _run(tiny)
+    request = GenerationRequest(prompt="a", steps=6, sampler="Euler").validate(tiny.config)
+    below_all = float(request.sigmas[-2]) / 2  # no call lies below it: every call runs the whole U-Net
+    images, deep, _ = _run(tiny, deepcache_interval=3, deepcache_max_sigma=below_all)
+    assert deep == 6 and all(np.array_equal(a, b) for a, b in zip(images, exact, strict=True))
+    images, deep, results = _run(tiny, deepcache_interval=3, deepcache_max_sigma=float(request.sigmas[2]))
+    assert deep == 4  # sigmas 0-2 full; 3 reuses 2's features, 4 and 5: full, reuse
+    assert "DeepCache max sigma: " in results[0].parameters
 
 
 def test_pipeline_guidance_truncation_recomputes_on_every_change_of_batch(tiny):

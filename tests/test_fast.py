@@ -118,5 +118,6 @@ def test_eval_takes_the_settings_and_reports_what_ran(tmp_path, capsys):
     ran = json.loads((out / "report.json").read_text())["settings"]["fewer_calls"]
     sigmas = GenerationRequest(prompt="a", steps=4).validate(TINY).sigmas
     assert ran == {"cfg_min_sigma": 0.0, "cfg_cutoff_sigma": cutoff_between(sigmas, FAST_CUTOFF_FRACTION),
-                   "deepcache_interval": FAST_DEEPCACHE[0], "deepcache_depth": FAST_DEEPCACHE[1], "tome_ratio": 0.25}
+                   "deepcache_interval": FAST_DEEPCACHE[0], "deepcache_depth": FAST_DEEPCACHE[1],
+                   "deepcache_max_sigma": 0.0, "tome_ratio": 0.25}
     assert "fewer network calls: " in stdout

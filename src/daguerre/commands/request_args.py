@@ -16,7 +16,8 @@ from ..pipelines.fields import surface
 from ..pipelines.request import GenerationRequest
 
 # the settings of fewer network calls (issue 15), which `daguerre eval` takes too
-FEWER_CALLS = ("cfg_min_sigma", "cfg_cutoff_sigma", "deepcache_interval", "deepcache_depth", "tome_ratio", "fast")
+FEWER_CALLS = ("cfg_min_sigma", "cfg_cutoff_sigma", "deepcache_interval", "deepcache_depth", "deepcache_max_sigma",
+               "tome_ratio", "fast")
 
 
 def add_request_arguments(p: argparse.ArgumentParser, task: str, only: tuple[str, ...] | None = None) -> None:

@@ -46,7 +46,8 @@ FASHION_PROMPT = "a photo of {}"
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 IS_SPLITS = 10
-FEWER_CALLS_RESOLVED = ("cfg_min_sigma", "cfg_cutoff_sigma", "deepcache_interval", "deepcache_depth", "tome_ratio")
+FEWER_CALLS_RESOLVED = ("cfg_min_sigma", "cfg_cutoff_sigma", "deepcache_interval", "deepcache_depth",
+                        "deepcache_max_sigma", "tome_ratio")
 GRID_MAX = 64  # images in grid.png
 GRID_CELL = 64  # smaller images are scaled up (nearest) to at least this many pixels
 FRAME = 2  # pixels of the right/wrong frame around each grid image

@@ -260,11 +260,13 @@ class FeatureCache:
 
     A call whose input differs in shape from the cached one's (the batch of classifier-free guidance changing
     size under guidance truncation, the two separate calls of prompts of different lengths) runs everything
-    and starts the count again, so features are only reused for the same batch rows. `deep_calls` counts the
-    calls that ran the deep part; `calls` all of them."""
+    and starts the count again, so features are only reused for the same batch rows. `max_t` limits reuse to
+    the calls whose timesteps all lie below it (the low-noise end of sampling; None: every call may reuse).
+    `deep_calls` counts the calls that ran the deep part; `calls` all of them."""
 
     interval: int
     depth: int = 1
+    max_t: float | None = None
     calls: int = 0
     deep_calls: int = 0
     age: int = 0  # calls since the cached features were computed
@@ -275,10 +277,12 @@ class FeatureCache:
         if self.interval < 1 or self.depth < 1:
             raise ValueError(f"DeepCache interval and depth must be >= 1, got {self.interval} and {self.depth}")
 
-    def reuse(self, key: tuple) -> bool:
-        """Whether this call takes the cached deep features (else it runs the deep part and stores them)."""
+    def reuse(self, key: tuple, t: torch.Tensor) -> bool:
+        """Whether this call (of shapes `key`, timesteps `t`) takes the cached deep features (else it runs the
+        deep part and stores them)."""
         self.calls += 1
-        if self.features is not None and key == self.key and self.age + 1 < self.interval:
+        allowed = self.max_t is None or bool((t < self.max_t).all())
+        if allowed and self.features is not None and key == self.key and self.age + 1 < self.interval:
             self.age += 1
             return True
         self.deep_calls += 1
@@ -286,10 +290,11 @@ class FeatureCache:
         return False
 
 
-def fewer_calls_args(interval: int, depth: int, tome_ratio: float = 0.0) -> dict[str, Any]:
-    """The `forward` keyword arguments of one new sampling run with DeepCache at `interval` (1: off) and token
-    merging at `tome_ratio` (0: off); none when both are off."""
-    args: dict[str, Any] = {} if interval == 1 else {"cache": FeatureCache(interval, depth)}
+def fewer_calls_args(interval: int, depth: int, tome_ratio: float = 0.0, max_t: float | None = None
+                     ) -> dict[str, Any]:
+    """The `forward` keyword arguments of one new sampling run with DeepCache at `interval` (1: off; reusing
+    only below timestep `max_t` if given) and token merging at `tome_ratio` (0: off); none when both are off."""
+    args: dict[str, Any] = {} if interval == 1 else {"cache": FeatureCache(interval, depth, max_t)}
     if tome_ratio > 0:
         args["tome"] = tome_ratio
     return args
@@ -419,7 +424,7 @@ class UNetModel(nn.Module):
                                  f"this U-Net of {len(self.input_blocks)} input blocks")
             shallow = cache.depth
             key = (tuple(h.shape), None if context is None else tuple(context.shape), dtype)
-            reuse = cache.reuse(key)
+            reuse = cache.reuse(key, t)
         skips = []
         for block in self.input_blocks[:shallow] if reuse else self.input_blocks:
             h = self._run(block, h, emb, context, None, merging)

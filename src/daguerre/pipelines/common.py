@@ -206,8 +206,10 @@ def run_plan(
             c = batch_extra["concat"]
             batch_extra["concat"] = a * c + s * randn(c.shape, gens, device=device, dtype=c.dtype)
         cond = {**expand(cond1, b), **batch_extra}
+        max_sigma = req.deepcache_max_sigma
+        max_t = float(denoiser.sigma_to_t(torch.tensor([max_sigma]))[0]) if max_sigma else None  # DeepCache's window
         guided = denoiser.with_net_args(**fewer_calls_args(req.deepcache_interval, req.deepcache_depth,  # per batch
-                                                           req.tome_ratio))
+                                                           req.tome_ratio, max_t))
         if uncond1 is not None:
             guided = cfg_denoiser(guided, {**expand(uncond1, b), **batch_extra}, req.cfg_scale, req.guidance_rescale,
                                   min_sigma=req.cfg_min_sigma, cutoff_sigma=req.cfg_cutoff_sigma)

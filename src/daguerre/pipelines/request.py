@@ -146,6 +146,11 @@ class GenerationRequest:
                                    cli=Flag("--deepcache-depth", metavar="BLOCKS", help="with --deepcache: the "
                                             "input blocks (and as many output blocks) of the shallow path that "
                                             f"run every call (default {DEEPCACHE_DEPTH})"))
+    # DeepCache only at the low-noise end: calls above this sigma run the whole U-Net; 0 = reuse at every sigma
+    deepcache_max_sigma: float = setting(0.0, type=float, a1111="deepcache_max_sigma",
+                                         png=Png("DeepCache max sigma", fmt=lambda v: repr(float(v))), cli=Flag(
+        "--deepcache-max-sigma", metavar="SIGMA", help="with --deepcache: reuse features only on network calls below "
+        "noise level SIGMA, where the image's layout is settled (default 0: at every noise level)"))
     # token merging (ToMe for SD, Bolya & Hoffman 2023) in the highest-resolution self-attention; 0 = off
     tome_ratio: float = setting(0.0, type=float, a1111="tome_ratio", png=Png("ToMe ratio", fmt=lambda v: f"{v:g}"),
                                 cli=Flag("--tome", metavar="RATIO", help="token merging: the self-attention of the "
@@ -269,6 +274,9 @@ class GenerationRequest:
         if not 1 <= self.deepcache_depth < blocks:
             raise ValueError(f"DeepCache depth must be in [1, {blocks - 1}] for model {config.name!r} ({blocks} "
                              f"input blocks), got {self.deepcache_depth}")
+        if not (self.deepcache_max_sigma >= 0):
+            raise ValueError(f"DeepCache max sigma must be >= 0 (0 = reuse at every noise level), "
+                             f"got {self.deepcache_max_sigma}")
         if not (0.0 <= self.tome_ratio <= MAX_TOME_RATIO):
             raise ValueError(f"token merging ratio must be in [0, {MAX_TOME_RATIO:g}] (0 = off), got {self.tome_ratio}")
         if not (0.0 <= self.guidance_rescale <= 1.0):
