@@ -16,6 +16,7 @@ from daguerre.pipelines.infotext import settings_from_parameters
 from daguerre.pipelines.request import (
     FAST_CUTOFF_FRACTION,
     FAST_DEEPCACHE,
+    FAST_DEEPCACHE_FRACTION,
     FAST_TOME,
     GenerationRequest,
     cutoff_between,
@@ -51,6 +52,7 @@ def test_fast_fills_in_the_preset_and_runs_fewer_rows(tiny):
     fast = GenerationRequest(**fields, fast=True).validate(tiny.config)
     assert (fast.deepcache_interval, fast.deepcache_depth, fast.tome_ratio) == (*FAST_DEEPCACHE, FAST_TOME)
     assert fast.cfg_cutoff_sigma == cutoff_between(fast.sigmas, FAST_CUTOFF_FRACTION) > 0
+    assert fast.deepcache_max_sigma == cutoff_between(fast.sigmas, FAST_DEEPCACHE_FRACTION) > 0
     _, exact_rows, exact_deep = _rows(tiny, exact)
     results, rows, deep = _rows(tiny, fast)
     cut = round(FAST_CUTOFF_FRACTION * 10)
@@ -65,8 +67,8 @@ def test_the_png_records_the_settings_and_replays_without_fast(tiny):
     read = settings_from_parameters(first.parameters, "png")
     assert "fast" not in read.fields and read.ignored == []
     replay = GenerationRequest(**read.fields).validate(tiny.config)  # a depth at its default is left out
-    assert (replay.deepcache_interval, replay.deepcache_depth, replay.tome_ratio, replay.cfg_cutoff_sigma) == (
-        *FAST_DEEPCACHE, FAST_TOME, fast.cfg_cutoff_sigma)
+    assert (replay.deepcache_interval, replay.deepcache_depth, replay.tome_ratio, replay.cfg_cutoff_sigma,
+            replay.deepcache_max_sigma) == (*FAST_DEEPCACHE, FAST_TOME, fast.cfg_cutoff_sigma, fast.deepcache_max_sigma)
     again = txt2img(tiny, replay)[0]
     assert np.array_equal(np.asarray(again.image), np.asarray(first.image))
     assert again.parameters == first.parameters
@@ -119,5 +121,5 @@ def test_eval_takes_the_settings_and_reports_what_ran(tmp_path, capsys):
     sigmas = GenerationRequest(prompt="a", steps=4).validate(TINY).sigmas
     assert ran == {"cfg_min_sigma": 0.0, "cfg_cutoff_sigma": cutoff_between(sigmas, FAST_CUTOFF_FRACTION),
                    "deepcache_interval": FAST_DEEPCACHE[0], "deepcache_depth": FAST_DEEPCACHE[1],
-                   "deepcache_max_sigma": 0.0, "tome_ratio": 0.25}
+                   "deepcache_max_sigma": cutoff_between(sigmas, FAST_DEEPCACHE_FRACTION), "tome_ratio": 0.25}
     assert "fewer network calls: " in stdout

@@ -80,13 +80,16 @@ UPSCALE = ("upscale",)
 DEEPCACHE_DEPTH = 1
 MAX_TOME_RATIO = 0.75  # token merging: the sources are 3 of every 2x2 cell (nn/tome.py)
 # `fast`: what it fills in, chosen by measurement (docs/benchmarks.md, "Fewer network calls"): DeepCache at
-# FAST_DEEPCACHE = (interval, depth), token merging at FAST_TOME, and the CFG cutoff placed so the last
-# FAST_CUTOFF_FRACTION of the sampler's steps run without guidance (`cutoff_between`).
+# FAST_DEEPCACHE = (interval, depth) on the last FAST_DEEPCACHE_FRACTION of the sampler's steps, token merging
+# at FAST_TOME, and the CFG cutoff on the last FAST_CUTOFF_FRACTION of the steps (`cutoff_between` places the
+# sigmas between two steps of the run).
 FAST_DEEPCACHE = (3, 1)
+FAST_DEEPCACHE_FRACTION = 0.5
 FAST_TOME = 0.5
 FAST_CUTOFF_FRACTION = 0.3
-FAST_HELP = (f"DeepCache every {FAST_DEEPCACHE[0]} calls at depth {FAST_DEEPCACHE[1]}, token merging at "
-             f"{FAST_TOME:g}, and the CFG cutoff on the last {FAST_CUTOFF_FRACTION:.0%} of the steps")
+FAST_HELP = (f"DeepCache every {FAST_DEEPCACHE[0]} calls at depth {FAST_DEEPCACHE[1]} on the last "
+             f"{FAST_DEEPCACHE_FRACTION:.0%} of the steps, token merging at {FAST_TOME:g}, and the CFG cutoff on the "
+             f"last {FAST_CUTOFF_FRACTION:.0%}")
 
 
 @dataclass(frozen=True)
@@ -471,12 +474,16 @@ def require_valid(components: Components, request: Any, task: str) -> ValidReque
 
 
 def fast_settings(request: GenerationRequest, sigmas: torch.Tensor, guided: bool) -> dict[str, Any]:
-    """The settings `fast` fills in for a run through `sigmas` (FAST_DEEPCACHE, FAST_TOME, FAST_CUTOFF_FRACTION;
-    the cutoff only for a `guided` run), each only where the request leaves it at its default (off)."""
+    """The settings `fast` fills in for a run through `sigmas` (the FAST_ constants; the cutoff only for a
+    `guided` run), each only where the request leaves it at its default (off)."""
     defaults = GenerationRequest()
     found: dict[str, Any] = {}
     if request.deepcache_interval == defaults.deepcache_interval:
-        found["deepcache_interval"], found["deepcache_depth"] = FAST_DEEPCACHE
+        found["deepcache_interval"] = FAST_DEEPCACHE[0]
+    if request.deepcache_depth == defaults.deepcache_depth:
+        found["deepcache_depth"] = FAST_DEEPCACHE[1]
+    if request.deepcache_max_sigma == defaults.deepcache_max_sigma:
+        found["deepcache_max_sigma"] = cutoff_between(sigmas, FAST_DEEPCACHE_FRACTION)
     if request.tome_ratio == defaults.tome_ratio:
         found["tome_ratio"] = FAST_TOME
     if guided and request.cfg_cutoff_sigma == defaults.cfg_cutoff_sigma:
@@ -485,9 +492,10 @@ def fast_settings(request: GenerationRequest, sigmas: torch.Tensor, guided: bool
 
 
 def cutoff_between(sigmas: torch.Tensor, fraction: float) -> float:
-    """A CFG cutoff sigma below which the last `fraction` of the steps through `sigmas` (descending, ending in
-    0) fall: the geometric mean of the last guided step's sigma and the first cut one's, rounded to 4 digits
-    where that keeps it strictly between them (the PNG parameters write it exactly). 0 (off) if no step is cut."""
+    """A sigma (of the CFG cutoff, of DeepCache's window) below which the last `fraction` of the steps through
+    `sigmas` (descending, ending in 0) fall: the geometric mean of the sigma of the last step above and of the
+    first below, rounded to 4 digits where that keeps it strictly between them (the PNG parameters write it
+    exactly). 0 (off) if no step falls below."""
     steps = len(sigmas) - 1
     cut = round(fraction * steps)
     if cut < 1 or steps < 2:
