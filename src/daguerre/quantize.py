@@ -1,12 +1,13 @@
 """Weight-only int8 quantisation: the Linear and Conv2d layers of a network hold int8 weights and one scale per
-output channel, and compute in the compute dtype (LLM.int8's absmax per-row scheme without its outliers, Dettmers
-et al. 2022; the "weight-only int8" of torchao/gpt-fast).
+output channel, and compute in the compute dtype (LLM.int8's absmax per-row scaling without its outlier
+decomposition, Dettmers et al. 2022; the "weight-only int8" of torchao/gpt-fast).
 
 A layer's weight w (out, ...) becomes q = round(w / s) in [-127, 127] with s = max|w| / 127 per output channel,
 s rounded to the compute dtype first so that q * s is the nearest grid point for the scale actually used. Each
 call dequantises q * s into the compute dtype (one multiply, ~0.3 ns per weight) and runs the ordinary
-`F.linear` / `F.conv2d`: on this CPU that is as fast as the float layer, while torch's own int8 weight-only
-kernel (`aten._weight_int8pack_mm`) ran 2-3x slower than the bf16 matmul (docs/benchmarks.md, "int8 weights").
+`F.linear` / `F.conv2d`; torch's own int8 weight-only kernel (`aten._weight_int8pack_mm`) ran 2-3x slower than
+the bf16 matmul on this CPU. The dequantisation is not free where activations are small: an SD 1.5 step at a
+32x32 latent measured 1.3-1.6x the bf16 one on a loaded machine (docs/benchmarks.md, "int8 weights").
 Resident weights shrink from 2 bytes (bf16) to 1 byte per parameter, plus one transient dequantised layer.
 
 A quantised network refuses to produce a state dict (`QuantizedWeightsError`): a checkpoint written from it
