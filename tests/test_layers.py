@@ -17,8 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "daguerre"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("daguerre", "untrusted", "fileio"),  # the version; reading others' files, writing atomically
     ("config", "limits", "pngmeta"),  # typed model configs and presets; bounds of a request; PNG parameters
-    ("weights", "nn", "diffusion", "data"),  # reading and strictly loading weights; primitives; the math; datasets
-    ("models",),  # the networks, one file each
+    ("weights", "nn", "diffusion", "data", "quantize"),  # reading and strictly loading weights; primitives; the
+    # math; datasets; int8 weights of any network
+    ("models", "compile"),  # the networks, one file each; compiling one for inference
     ("components", "guidance", "conditioning", "precision"),  # a model in memory, its one `build_components`;
     # denoiser wrappers; how a model is conditioned (its conditioner); the compute dtype chosen for the machine
     ("checkpoints",),  # the file formats: single files, diffusers folders, the VAE file

@@ -57,18 +57,22 @@ def set_compute_dtype(components: Components, dtype: torch.dtype | str | None = 
 
 
 def load(path_or_name: str | None = None, *, device: torch.device | str = "cpu",
-         dtype: torch.dtype | str | None = AUTO, limits: Limits = DEFAULT_LIMITS) -> Pipeline:
+         dtype: torch.dtype | str | None = AUTO, limits: Limits = DEFAULT_LIMITS, quantize: str | None = None,
+         compile: bool = False) -> Pipeline:
     """Open a model (`--model` syntax: path, diffusers folder, shipped name, `random:PRESET`; None = default).
 
     `dtype` is the compute dtype of every network (U-Net, text encoder, VAE): "auto" (the default:
     bfloat16 on a CPU with bf16 units or a GPU, float32 elsewhere and for the small shipped models;
     `daguerre.precision`), "fp32", "bf16", "fp16" or a torch dtype. Weights are converted while they are
     read. A VAE decode that overflows in bf16/fp16 is done again in float32. `limits` bound every request
-    (`Pipeline.limits`).
+    (`Pipeline.limits`). `quantize="int8"` keeps the U-Net's and text encoder's layer weights in int8 (half
+    the memory; slightly different images, recorded in the PNG as `Weights: int8`); `compile=True` compiles
+    the U-Net with torch inductor (`daguerre.compile`: minutes at the first call of each size, more memory).
     """
     from .registry import open_model
 
-    components, model_hash = open_model(path_or_name, device=device, dtype=dtype)
+    components, model_hash = open_model(path_or_name, device=device, dtype=dtype, quantize=quantize,
+                                        compile=compile)
     return Pipeline(components, model_hash, limits=limits)
 
 

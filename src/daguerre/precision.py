@@ -35,6 +35,7 @@ DTYPE_NAMES = {
 }
 SHORT_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch name -> what users type
 CLI_CHOICES = (AUTO, "fp32", "bf16", "fp16")
+QUANTIZE_CHOICES = ("none", "int8")  # --quantize: weight-only int8 (daguerre.quantize)
 SMALL_MODEL_PARAMETERS = 100_000_000  # U-Nets below this are small: one CPU thread, contiguous convolutions
 BF16_MIN_UNET_PARAMETERS = 5_000_000  # auto keeps float32 below this on a CPU (measured, module docstring)
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags (and torch capability keys) of bf16 units
@@ -194,5 +195,10 @@ def describe_run(unet: torch.nn.Module) -> str:
                 None)
     channels_last = conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
         and not conv.is_contiguous()
-    size = sum(p.numel() for p in unet.parameters())
-    return format_run(run_settings(dtype_of(unet), device_of(unet), size, torch.get_num_threads(), channels_last))
+    from .compile import is_compiled
+    from .quantize import is_quantized, weight_count
+
+    line = format_run(run_settings(dtype_of(unet), device_of(unet), weight_count(unet), torch.get_num_threads(),
+                                   channels_last))
+    extras = [what for what, on in (("int8 weights", is_quantized(unet)), ("compiled", is_compiled(unet))) if on]
+    return ", ".join([line, *extras])

@@ -125,6 +125,18 @@ def quantize_int8_(module: nn.Module, *, min_params: int = MIN_PARAMS) -> int:
     return len(todo)
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether `module` holds int8-quantised layers (`quantize_int8_`)."""
+    return any(isinstance(m, _Int8Weight) for m in module.modules())
+
+
+def weight_count(module: nn.Module) -> int:
+    """The number of weights of `module`, its int8-quantised ones included (they are buffers, not parameters):
+    the size that decides thread counts and layouts, the same before and after `quantize_int8_`."""
+    return sum(p.numel() for p in module.parameters()) + sum(
+        m.weight_int8.numel() for m in module.modules() if isinstance(m, _Int8Weight))
+
+
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of the parameters and buffers `module` holds (each tensor counted once): its resident weights."""
     seen, total = set(), 0

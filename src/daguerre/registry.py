@@ -16,7 +16,7 @@ import torch
 
 from .components import Components, build_components
 from .config import PRESETS, preset
-from .precision import AUTO, auto_dtype, is_auto, resolve_dtype, uses_channels_last
+from .precision import AUTO, QUANTIZE_CHOICES, auto_dtype, is_auto, resolve_dtype, uses_channels_last
 
 DEFAULT_MODEL = "shapes"
 RANDOM_PREFIX = "random:"
@@ -36,14 +36,42 @@ def default_model_name() -> str:
 
 
 def open_model(
-    spec: str | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype | str | None = AUTO
+    spec: str | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype | str | None = AUTO,
+    quantize: str | None = None, compile: bool = False,
 ) -> tuple[Components, str | None]:
     """(components, A1111 model hash or None) for a model name or path; see the module docstring.
 
     Every network is in the compute dtype `dtype` (`daguerre.precision.resolve_dtype`: "auto" by default,
     or "fp32", "bf16", "fp16", a torch dtype) on `device`, convolutions in its memory format. The weights of
     a file are converted while they are read, so an fp16 or bf16 file never passes through a float32 copy.
+    Then `prepare_for_inference_` applies `quantize` ("int8") and `compile`.
     """
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ValueError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZE_CHOICES)}")
+    comps, model_hash = _open(spec, device, dtype)
+    prepare_for_inference_(comps, quantize=quantize, compile=compile)
+    return comps, model_hash
+
+
+def prepare_for_inference_(comps: Components, *, quantize: str | None = None, compile: bool = False) -> None:
+    """In place: `quantize="int8"` stores the weights of the U-Net's and the text encoder's Linear and Conv2d
+    layers in int8 (`daguerre.quantize`: half the memory of bf16, the images change slightly); `compile`
+    compiles the U-Net with inductor freezing (`daguerre.compile`: faster after a slow first call at each
+    size, more memory). Both are for generating only: a quantised network refuses to be saved."""
+    if quantize == "int8":
+        from .quantize import quantize_int8_
+
+        for module in (comps.unet, comps.text_encoder):
+            if module is not None:
+                quantize_int8_(module)
+    if compile:
+        from .compile import compile_for_inference_
+
+        compile_for_inference_(comps.unet)
+
+
+def _open(spec: str | None, device: torch.device | str | None,
+          dtype: torch.dtype | str | None) -> tuple[Components, str | None]:
     from .checkpoints import load_model, short_hash
 
     spec = spec or default_model_name()

@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import default_model_name, model_file, open_model
 
     spec = args.model or default_model_name()
-    comps, short_hash = open_model(spec, device=args.device, dtype=args.dtype)  # read straight into it
+    comps, short_hash = open_model(spec, device=args.device, dtype=args.dtype,  # read straight into it
+                                   quantize=args.quantize, compile=args.compile)
     set_threads(args, comps)
     dataset = args.dataset or dataset_of(comps.config)
     if dataset is None:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..limits import Limits, add_limit_arguments, limits_from_args
-from ..precision import AUTO, CLI_CHOICES
+from ..precision import AUTO, CLI_CHOICES, QUANTIZE_CHOICES
 from .outputs import Outputs, add_overwrite_argument, plan_outputs
 from .registry import UserError, command
 from .request_args import add_request_arguments, request_fields
@@ -30,6 +30,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=AUTO, choices=CLI_CHOICES,
                    help="compute dtype of the networks (default auto: bf16 on a CPU with bf16 units or a GPU, fp32 "
                    "elsewhere and for the smallest models; fp16 on a CPU is very slow; see docs/usage.md, Precision)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="int8: keep the U-Net's and text encoder's layer weights in int8 (half the memory of bf16, "
+                   "slightly different images); default none (with --from-png: the file's)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the U-Net with torch inductor (freezing): the first image at each size compiles "
+                   "for minutes, later steps may run faster, memory grows; needs a C++ compiler")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (default 0: automatic, one thread for small models, torch's default otherwise)")
     p.add_argument("--verbose", "-v", action="store_true",
@@ -46,7 +52,9 @@ def set_threads(args: argparse.Namespace, comps) -> None:
 
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0 = automatic), got {args.threads}")
-    threads = args.threads or auto_threads(device_of(comps.unet), sum(p.numel() for p in comps.unet.parameters()))
+    from ..quantize import weight_count
+
+    threads = args.threads or auto_threads(device_of(comps.unet), weight_count(comps.unet))
     if threads:
         torch.set_num_threads(threads)
 
@@ -95,6 +103,8 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, str | None, str | 
         expected_hash = settings.model_hash
         if args.dtype == AUTO:
             args.dtype = settings.precision
+        if args.quantize is None:
+            args.quantize = settings.quantize
         if settings.ignored:
             _note(f"{args.from_png} also has settings daguerre does not apply: {', '.join(settings.ignored)}")
         name = settings.model
@@ -127,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     request = GenerationRequest(**fields)
     limits = check_limits_early(args, request)
     outputs = plan_outputs(args.out, request.n, args.overwrite, inputs=[args.from_png])  # before any model work
-    comps, model_hash = open_model(model, device=args.device, dtype=args.dtype)
+    comps, model_hash = open_model(model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                                   compile=args.compile)
     set_threads(args, comps)
     request = request.validate(comps.config, limits)  # fail before any work on bad input: the one check
     if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():

@@ -41,7 +41,8 @@ def run_image_command(
     request = GenerationRequest(task=task, **request_fields(args, task))
     limits = check_limits_early(args, request)
     outputs = plan_outputs(args.out, request.n, args.overwrite, inputs=[request.init_image, request.mask])
-    comps, model_hash = open_model(args.model, device=args.device, dtype=args.dtype)
+    comps, model_hash = open_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                                   compile=args.compile)
     set_threads(args, comps)
     request = request.validate(comps.config, limits)  # fail before any work on bad input (images included)
     if note is not None and (line := note(comps)):

@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from ..server.app import Server
 
     spec = args.model or default_model_name()
-    comps, model_hash = open_model(spec, device=args.device, dtype=args.dtype)
+    comps, model_hash = open_model(spec, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                                   compile=args.compile)
     set_threads(args, comps)
     server = Server(Pipeline(comps, model_hash), comps.config.name or spec, limits=limits, **model_file(spec))
     try:

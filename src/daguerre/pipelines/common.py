@@ -28,6 +28,7 @@ from ..guidance import cfg_denoiser, inpaint_blend_denoiser
 from ..models.unet import fewer_calls_args
 from ..pngmeta import format_parameters
 from ..precision import dtype_of, short_name
+from ..quantize import is_quantized
 from .infotext import write_parameters
 from .prompts import encode_weighted
 from .request import ValidRequest, check_finite
@@ -179,7 +180,8 @@ def run_plan(
         kwargs["eta"] = req.eta
     f = cfg.vae.downsample_factor
     shape = (cfg.vae.latent_channels, req.height // f, req.width // f)
-    prompt, negative, params = write_parameters(req, cfg.name, model_hash, short_name(dtype_of(components.unet)))
+    prompt, negative, params = write_parameters(req, cfg.name, model_hash, short_name(dtype_of(components.unet)),
+                                                "int8" if is_quantized(components.unet) else "none")
     params.update(plan.params)
 
     cond1, uncond1 = conditioning(components, req, device)  # once per request, batch of 1

@@ -3,7 +3,8 @@
 Every `GenerationRequest` field with a `png` key (pipelines/fields.py `Png`) is written by
 `write_parameters` in table order, which is A1111's order (Steps, Sampler, Schedule type, CFG scale,
 Seed, Size, then the model's hash and name as A1111 writes them right after the size, then Class,
-Clip skip, Guidance rescale, Eta; then `Precision` when the networks did not compute in float32), and
+Clip skip, Guidance rescale, Eta; then `Precision` when the networks did not compute in float32 and
+`Weights: int8` when the weights were quantised), and
 read back by `settings_from_parameters`, which is what `daguerre generate --from-png` and the server's
 `infotext` apply. A pipeline adds keys that describe
 what it did (Denoising strength, Mask blur, Hires upscaler, ...: `SamplingPlan.params`); those are
@@ -17,6 +18,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from ..pngmeta import parse_parameters
+from ..precision import QUANTIZE_CHOICES
 from .fields import NEGATIVE_KEY, PROMPT_KEY, SIZE_PNG, surface
 from .request import GenerationRequest
 
@@ -26,16 +28,18 @@ if TYPE_CHECKING:
 MODEL_HASH_KEY, MODEL_KEY = "Model hash", "Model"
 PRECISION_KEY = "Precision"  # the compute dtype (fp16, bf16), written when it is not fp32 (daguerre.precision)
 PRECISIONS = ("fp32", "bf16", "fp16")
+WEIGHTS_KEY = "Weights"  # "int8" when the U-Net's weights were quantised (daguerre.quantize); absent otherwise
 # keys that describe the image but change nothing when generating it again
 INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, MODEL_KEY, "Version"})
 
 
 def write_parameters(
-    req: ValidRequest, model: str | None, model_hash: str | None, precision: str = "fp32"
+    req: ValidRequest, model: str | None, model_hash: str | None, precision: str = "fp32", quantize: str = "none"
 ) -> tuple[str, str, dict[str, Any]]:
     """(prompt, negative prompt, the A1111 key/value pairs) of a validated request made with `model` in
     `precision` ("fp32", "bf16", "fp16": `precision.short_name`; `Precision` is written after the table's
-    keys when it is not fp32), for `pngmeta.format_parameters` (None values are left out)."""
+    keys when it is not fp32) with weights `quantize` ("int8": `Weights: int8`), for
+    `pngmeta.format_parameters` (None values are left out)."""
     params: dict[str, Any] = {}
     for f, png in surface(GenerationRequest, "png"):
         params.update(png.write(req, f))
@@ -43,6 +47,8 @@ def write_parameters(
             params.update({MODEL_HASH_KEY: model_hash, MODEL_KEY: model})
     if precision != "fp32":
         params[PRECISION_KEY] = precision
+    if quantize != "none":
+        params[WEIGHTS_KEY] = quantize
     return params.pop(PROMPT_KEY, ""), params.pop(NEGATIVE_KEY, ""), params
 
 
@@ -55,6 +61,7 @@ class PngSettings:
     model_hash: str | None  # the `Model hash` value, if any
     ignored: list[str]  # keys daguerre does not apply (hires fix, LoRA, ...), and why a `Model` is not used
     precision: str = "fp32"  # the `Precision` value ("bf16", "fp16"); fp32 when the key is absent
+    quantize: str = "none"  # the `Weights` value ("int8"); none when the key is absent
 
 
 def settings_from_parameters(text: str, source: str = "parameters") -> PngSettings:
@@ -69,7 +76,7 @@ def settings_from_parameters(text: str, source: str = "parameters") -> PngSettin
     prompt, negative, params = parse_parameters(text)
     params = {**params, PROMPT_KEY: prompt, NEGATIVE_KEY: negative}
     fields: dict[str, Any] = {}
-    known = {*INFORMATIONAL_KEYS, PRECISION_KEY}
+    known = {*INFORMATIONAL_KEYS, PRECISION_KEY, WEIGHTS_KEY}
     for f, png in surface(GenerationRequest, "png"):
         fields.update(png.read(params, f, source))
         known.update(png.keys)
@@ -82,7 +89,10 @@ def settings_from_parameters(text: str, source: str = "parameters") -> PngSettin
     precision = params.get(PRECISION_KEY, "fp32").strip().lower()
     if precision not in PRECISIONS:
         raise ValueError(f"{source}: {PRECISION_KEY} {params[PRECISION_KEY]!r} is not one of {', '.join(PRECISIONS)}")
-    return PngSettings(fields, model, params.get(MODEL_HASH_KEY), ignored, precision)
+    quantize = params.get(WEIGHTS_KEY, "none").strip().lower()
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"{source}: {WEIGHTS_KEY} {params[WEIGHTS_KEY]!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+    return PngSettings(fields, model, params.get(MODEL_HASH_KEY), ignored, precision, quantize)
 
 
 def _unusable_model(name: str) -> str | None:
