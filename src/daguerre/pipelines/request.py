@@ -84,7 +84,7 @@ MAX_TOME_RATIO = 0.75  # token merging: the sources are 3 of every 2x2 cell (nn/
 # at FAST_TOME, and the CFG cutoff on the last FAST_CUTOFF_FRACTION of the steps (`cutoff_between` places the
 # sigmas between two steps of the run).
 FAST_DEEPCACHE = (3, 1)
-FAST_DEEPCACHE_FRACTION = 0.5
+FAST_DEEPCACHE_FRACTION = 0.7
 FAST_TOME = 0.5
 FAST_CUTOFF_FRACTION = 0.3
 FAST_HELP = (f"DeepCache every {FAST_DEEPCACHE[0]} calls at depth {FAST_DEEPCACHE[1]} on the last "
