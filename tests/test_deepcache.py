@@ -148,6 +148,8 @@ def test_a_cache_of_bad_settings_is_refused(unet):
         unet(x, t, ctx, cache=FeatureCache(2, depth=12))
     with pytest.raises(ValueError, match="DeepCache interval"):
         GenerationRequest(prompt="a", deepcache_interval=0).validate(preset("tiny"))
+    with pytest.raises(ValueError, match="DeepCache max sigma must be >= 0"):
+        GenerationRequest(prompt="a", deepcache_interval=2, deepcache_max_sigma=-1.0).validate(preset("tiny"))
     with pytest.raises(ValueError, match=r"DeepCache depth must be in \[1, 3\]"):  # tiny: 4 input blocks
         GenerationRequest(prompt="a", deepcache_interval=2, deepcache_depth=4).validate(preset("tiny"))
 
