@@ -10,6 +10,7 @@ from daguerre.compile import compile_for_inference_, is_compiled
 from daguerre.config import preset
 from daguerre.models.unet import UNetModel
 from daguerre.quantize import quantize_int8_
+from test_quantize import bf16_call
 from test_unet import random_unet
 
 
@@ -18,10 +19,7 @@ def test_compiled_unet_equals_eager_and_keeps_its_attributes():
     cfg = preset("tiny").unet
     exact = random_unet(cfg)  # float32: the reference both bf16 forms are measured against
     model = random_unet(cfg).bfloat16()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, cfg.in_channels, 16, 16, generator=g).bfloat16()
-    context = torch.randn(2, 77, cfg.context_dim, generator=g).bfloat16()
-    t = torch.tensor([500, 500])
+    x, t, context = bf16_call(cfg)
     with torch.no_grad():
         reference = exact(x.float(), t, context.float())
         eager = model(x, t, context)

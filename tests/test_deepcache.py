@@ -27,15 +27,21 @@ SD15_SHAPED = UNetConfig(model_channels=16, channel_mult=(1, 2, 4, 4), num_res_b
                          num_heads=None, head_dim=8, context_dim=24, norm_groups=8)
 
 
-@pytest.fixture(scope="module")
-def unet():
+def woken_unet(cfg: UNetConfig = SD15_SHAPED) -> UNetModel:
+    """A U-Net of `cfg` from seed 0 with its zero-initialised output layers woken, so every block reaches the
+    output (also tests/test_tome.py's)."""
     torch.manual_seed(0)
-    net = UNetModel(SD15_SHAPED).eval()
-    with torch.no_grad():  # wake the zero-initialised output layers, so every block reaches the output
+    net = UNetModel(cfg).eval()
+    with torch.no_grad():
         for p in net.parameters():
             if p.ndim > 1 and not p.any():
                 p.normal_(0, 0.05)
     return net
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return woken_unet()
 
 
 def _calls(n: int, batch: int = 2, seed: int = 0):

@@ -66,13 +66,18 @@ def test_channels_last_convolutions_keep_their_layout():
     assert conv(x).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_unet_output_within_the_stated_error_of_bf16_at_half_the_weight_bytes():
-    cfg = preset("tiny").unet
-    model = random_unet(cfg).bfloat16()
+def bf16_call(cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, t, context) of one bf16 U-Net call of `cfg` at 16x16 latents, batch 2 (also tests/test_compile.py's)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, cfg.in_channels, 16, 16, generator=g).bfloat16()
     context = torch.randn(2, 77, cfg.context_dim, generator=g).bfloat16()
-    t = torch.tensor([500, 500])
+    return x, torch.tensor([500, 500]), context
+
+
+def test_unet_output_within_the_stated_error_of_bf16_at_half_the_weight_bytes():
+    cfg = preset("tiny").unet
+    model = random_unet(cfg).bfloat16()
+    x, t, context = bf16_call(cfg)
     with torch.no_grad():
         ref, before = model(x, t, context), weight_bytes(model)
         assert quantize_int8_(model) > 10

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from daguerre.config import UNetConfig, preset
+from daguerre.config import preset
 from daguerre.models.unet import UNetModel
 from daguerre.nn.tome import bipartite_merge
 from daguerre.pipelines.infotext import settings_from_parameters
 from daguerre.pipelines.request import GenerationRequest
 from daguerre.pipelines.txt2img import txt2img
+from test_deepcache import woken_unet
 from test_pipelines import _components
 
 
@@ -48,20 +49,9 @@ def test_at_most_the_sources_are_merged():
         bipartite_merge(x, 4, 5, 0.5)
 
 
-# the SD 1.5 block layout at a tiny width, attention at the full resolution (level 0) too
-SD15_SHAPED = UNetConfig(model_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
-                         num_heads=None, head_dim=8, context_dim=24, norm_groups=8)
-
-
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    net = UNetModel(SD15_SHAPED).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.ndim > 1 and not p.any():
-                p.normal_(0, 0.05)
-    return net
+    return woken_unet()  # the SD 1.5 block layout at a tiny width, attention at the full resolution (level 0) too
 
 
 @torch.no_grad()
