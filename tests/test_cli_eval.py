@@ -29,6 +29,9 @@ def test_eval_shapes_end_to_end(tmp_path, capsys):
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"] == "shapes" and report["model"]["spec"] == "random:tiny"
+    # the precision that ran (random:tiny is fp32 under auto), not the flag's "auto"; no int8, not compiled
+    m = report["model"]
+    assert (m["dtype"], m["quantize"], m["compile"]) == ("fp32", "none", False)
     s = report["settings"]
     assert (s["n"], s["seed"], s["steps"], s["cfg_scale"], s["kinds"]) == (3, 7, 2, 3.0, ["single", "relation"])
     assert s["sampler"] == "DPM++ 2M"  # daguerre generate's default

@@ -89,8 +89,11 @@ def run(args: argparse.Namespace) -> int:
     device = next(comps.unet.parameters()).device
     classifier = load_classifier_extractor(args.classifier, dataset, device)
     extractor = classifier if args.extractor == args.classifier else load_extractor(args.extractor, dataset, device)
+    from ..precision import dtype_of, short_name
+
     model_info = {"spec": spec, "name": comps.config.name, "hash": short_hash, **model_file(spec),
-                  "dtype": args.dtype, "device": str(device)}
+                  "dtype": short_name(dtype_of(comps.unet)), "quantize": args.quantize or "none",
+                  "compile": args.compile, "device": str(device)}
 
     from tqdm import tqdm
 
