@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from daguerre.nn.attention import CHUNK_ELEMENTS, chunked_attention, chunked_pays
+from timing import alternating_times  # bench/timing.py: the script's own folder is on the path
 
 BATCH = 2
 CONTEXT_TOKENS = 77
@@ -58,13 +58,7 @@ def flops(shape: tuple[int, ...]) -> float:
 def time_pair(fns: dict, repeats: int) -> dict[str, list[float]]:
     for fn in fns.values():
         fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats):
-        for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
+    return alternating_times(fns, repeats)
 
 
 def main() -> None:

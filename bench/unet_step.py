@@ -32,7 +32,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ from daguerre.checkpoints.unet_keys import unet_config_to_diffusers, unet_state_
 from daguerre.config import preset  # noqa: E402
 from daguerre.models.unet import UNetModel  # noqa: E402
 from test_unet import randomize_  # noqa: E402  (one weight randomiser for tests and benchmarks)
+from timing import alternating_times  # noqa: E402  (bench/timing.py)
 
 attention_module = importlib.import_module("daguerre.nn.attention")  # the package exports the function
 
@@ -128,13 +128,7 @@ def time_cell(fns: dict, repeats: int) -> tuple[dict[str, list[float]], float]:
     order, so that neither always runs first); and the max abs difference of their outputs."""
     outs = {name: fn() for name, fn in fns.items()}  # warm-up
     diff = (outs["daguerre"].float() - outs["diffusers"].float()).abs().max().item()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats):
-        for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times, diff
+    return alternating_times(fns, repeats), diff
 
 
 def peak_rss_gib() -> float:
