@@ -4,19 +4,21 @@ The shape: batch 2 x 8 heads, 4096 query and key tokens, head width 40 (the self
 64x64 latents), in the query chunks `daguerre.nn.attention.chunked_attention` uses (2^22 scores: 64 rows).
 Each part runs over all 64 chunks of one call, as that function runs it, after one warm-up; medians of 5.
 Also: the same first product with the head width zero-padded to 64 (the same scores, a width oneDNN's bf16
-kernels prefer), to see whether padding pays.
+kernels prefer), to see whether padding pays; and, against the whole chunked call, torch's `flex_attention`
+compiled by inductor (`--flex`: a fused CPU kernel from a template, compiled once for about 10 s).
 
-    python bench/attention_parts.py
+    python bench/attention_parts.py [--flex]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
 
-from daguerre.nn.attention import CHUNK_ELEMENTS
+from daguerre.nn.attention import CHUNK_ELEMENTS, chunked_attention
 
 THREADS = 2
 BATCH_HEADS, TOKENS, WIDTH = 16, 4096, 40
@@ -34,6 +36,9 @@ def per_call_ms(fn, chunks: int, repeats: int = 5) -> float:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--flex", action="store_true", help="also time inductor's compiled flex_attention")
+    args = p.parse_args()
     torch.set_num_threads(THREADS)
     rows = CHUNK_ELEMENTS // (BATCH_HEADS * TOKENS)
     chunks = TOKENS // rows
@@ -62,6 +67,17 @@ def main() -> None:
         ms = per_call_ms(fn, chunks)
         rate = f"{work / ms / 1e6:.0f}" if work else ""
         print(f"| {name} | {ms:.1f} | {rate} |")
+    whole = [torch.randn(2, BATCH_HEADS // 2, TOKENS, WIDTH, generator=g).bfloat16() for _ in range(3)]
+    calls = {"the whole chunked call (daguerre)": lambda: chunked_attention(*whole)}
+    if args.flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        compiled = torch.compile(flex_attention)
+        calls["the whole call, inductor's flex_attention"] = lambda: compiled(*whole)
+    with torch.no_grad():
+        for name, fn in calls.items():
+            ms = per_call_ms(fn, 1)
+            print(f"| {name} | {ms:.1f} | {2 * flop / ms / 1e6:.0f} |")
 
 
 if __name__ == "__main__":
