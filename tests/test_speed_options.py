@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import daguerre
@@ -99,3 +100,16 @@ def test_automatic_threads_count_the_int8_weights(monkeypatch):
     set_threads(argparse.Namespace(threads=0), pipe.components)
     assert seen == [weight_count(pipe.components.unet)]
     assert seen[0] > sum(p.numel() for p in pipe.components.unet.parameters())
+
+
+def test_auto_sees_a_quantised_u_net_at_its_real_size(monkeypatch):
+    """`set_compute_dtype(..., "auto")` and the channels_last rule count the int8 weights too: counted as
+    parameters only, the quantised `shapes` U-Net (10 M weights, 0.36 M left as parameters) looked like a model
+    under auto's 5 M threshold and was cast back to float32."""
+    from daguerre import precision
+    from daguerre.api import set_compute_dtype
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    pipe = daguerre.load("shapes", quantize="int8")
+    assert pipe.dtype == set_compute_dtype(pipe.components, "auto") == torch.bfloat16
+    assert is_quantized(pipe.components.unet)

@@ -44,10 +44,11 @@ def set_compute_dtype(components: Components, dtype: torch.dtype | str | None = 
     the convolutions in its memory format; returns the dtype. A no-op for networks already there. Casting
     a model loaded in bf16/fp16 to fp32 does not restore the file's values: open it in the dtype instead."""
     from .precision import is_auto, resolve_dtype
+    from .quantize import weight_count
     from .registry import set_memory_format
 
     device = next(components.unet.parameters()).device
-    size = sum(p.numel() for p in components.unet.parameters()) if is_auto(dtype) else None
+    size = weight_count(components.unet) if is_auto(dtype) else None
     dtype = resolve_dtype(dtype, device, size)
     for module in (components.unet, components.text_encoder, components.vae):
         if module is not None:

@@ -17,6 +17,7 @@ import torch
 from .components import Components, build_components
 from .config import PRESETS, preset
 from .precision import AUTO, QUANTIZE_CHOICES, auto_dtype, is_auto, resolve_dtype, uses_channels_last
+from .quantize import weight_count
 
 DEFAULT_MODEL = "shapes"
 RANDOM_PREFIX = "random:"
@@ -82,7 +83,7 @@ def _open(spec: str | None, device: torch.device | str | None,
         comps = build_components(preset(name))
         comps.config.name = spec
         _randomize_zero_layers(comps)
-        dtype = _compute_dtype(dtype, device, lambda: sum(p.numel() for p in comps.unet.parameters()))
+        dtype = _compute_dtype(dtype, device, lambda: weight_count(comps.unet))
         _to(comps, device, dtype)
         set_memory_format(comps, dtype)
         return comps, None
@@ -121,7 +122,7 @@ def set_memory_format(comps: Components, dtype: torch.dtype) -> None:
     """The convolutions of the U-Net and the VAE channels_last where `precision.uses_channels_last` says so
     (else left as they are: contiguous)."""
     device = next(comps.unet.parameters()).device
-    if uses_channels_last(dtype, device, sum(p.numel() for p in comps.unet.parameters())):
+    if uses_channels_last(dtype, device, weight_count(comps.unet)):
         for module in (comps.unet, comps.vae):
             module.to(memory_format=torch.channels_last)
 

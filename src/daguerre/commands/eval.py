@@ -67,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset is not None:  # check the cheap things before loading anything
         EvalSettings(args.dataset, kinds, args.n, args.seed, sampling, args.real, args.batch).check()
 
-    from ..api import set_compute_dtype
     from ..metrics.extractors import load_classifier_extractor, load_extractor
     from ..registry import default_model_name, model_file, open_model
 
@@ -81,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
                          "or --dataset fashion_mnist")
     _check_prompts(args.prompts, dataset)
     settings = EvalSettings(dataset, kinds, args.n, args.seed, sampling, args.real, args.batch).check()
-    set_compute_dtype(comps, args.dtype)
     if args.verbose:
         from ..precision import describe_run
 

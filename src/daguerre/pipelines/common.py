@@ -190,6 +190,8 @@ def run_plan(
         encode = image_encoder(components, req.tile, device)
         extra.update(req.conditioner.concat.unmasked_input(cfg, req.height, req.width, device, encode))
     init = plan.init_latents.to(device) if plan.init_latents is not None else None
+    max_sigma = req.deepcache_max_sigma
+    max_t = float(denoiser.sigma_to_t(torch.tensor([max_sigma]))[0]) if max_sigma else None  # DeepCache's window
     results: list[GeneratedImage] = []
     for start in range(0, req.n, req.batch_size):
         b = min(req.batch_size, req.n - start)
@@ -208,8 +210,6 @@ def run_plan(
             c = batch_extra["concat"]
             batch_extra["concat"] = a * c + s * randn(c.shape, gens, device=device, dtype=c.dtype)
         cond = {**expand(cond1, b), **batch_extra}
-        max_sigma = req.deepcache_max_sigma
-        max_t = float(denoiser.sigma_to_t(torch.tensor([max_sigma]))[0]) if max_sigma else None  # DeepCache's window
         guided = denoiser.with_net_args(**fewer_calls_args(req.deepcache_interval, req.deepcache_depth,  # per batch
                                                            req.tome_ratio, max_t))
         if uncond1 is not None:
