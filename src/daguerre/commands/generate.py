@@ -49,11 +49,10 @@ def set_threads(args: argparse.Namespace, comps) -> None:
     import torch
 
     from ..precision import auto_threads, device_of
+    from ..quantize import weight_count
 
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0 = automatic), got {args.threads}")
-    from ..quantize import weight_count
-
     threads = args.threads or auto_threads(device_of(comps.unet), weight_count(comps.unet))
     if threads:
         torch.set_num_threads(threads)

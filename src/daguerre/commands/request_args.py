@@ -13,11 +13,10 @@ import argparse
 from typing import Any
 
 from ..pipelines.fields import surface
-from ..pipelines.request import GenerationRequest
+from ..pipelines.request import FEWER_CALLS_FIELDS, GenerationRequest
 
-# the settings of fewer network calls (issue 15), which `daguerre eval` takes too
-FEWER_CALLS = ("cfg_min_sigma", "cfg_cutoff_sigma", "deepcache_interval", "deepcache_depth", "deepcache_max_sigma",
-               "tome_ratio", "fast")
+# the settings of fewer network calls (issue 15) and their preset, which `daguerre eval` takes too
+FEWER_CALLS = (*FEWER_CALLS_FIELDS, "fast")
 
 
 def add_request_arguments(p: argparse.ArgumentParser, task: str, only: tuple[str, ...] | None = None) -> None:

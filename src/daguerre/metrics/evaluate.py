@@ -46,8 +46,6 @@ FASHION_PROMPT = "a photo of {}"
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 IS_SPLITS = 10
-FEWER_CALLS_RESOLVED = ("cfg_min_sigma", "cfg_cutoff_sigma", "deepcache_interval", "deepcache_depth",
-                        "deepcache_max_sigma", "tome_ratio")
 GRID_MAX = 64  # images in grid.png
 GRID_CELL = 64  # smaller images are scaled up (nearest) to at least this many pixels
 FRAME = 2  # pixels of the right/wrong frame around each grid image
@@ -372,7 +370,7 @@ def evaluate(components: Components, settings: EvalSettings, classifier: Classif
              extractor: FeatureExtractor, *, model_info: dict[str, Any] | None = None,
              progress: Callable[[int], None] | None = None) -> EvalResult:
     """Generate, judge and measure (module docstring); `model_info` goes into the report as "model"."""
-    from ..pipelines.request import GenerationRequest
+    from ..pipelines.request import FEWER_CALLS_FIELDS, GenerationRequest
 
     settings.check()
     if classifier.kind != settings.dataset:
@@ -398,7 +396,7 @@ def evaluate(components: Components, settings: EvalSettings, classifier: Classif
             "cfg_scale": request.cfg_scale, "width": request.width, "height": request.height,
             "batch": settings.batch, "real": settings.real,
             # fewer network calls (issue 15): the settings the requests ran with (`fast` filled in)
-            "fewer_calls": {name: getattr(request, name) for name in FEWER_CALLS_RESOLVED},
+            "fewer_calls": {name: getattr(request, name) for name in FEWER_CALLS_FIELDS},
             "real_images": ("rendered sample_prompts(kind, m, REAL_KEY + seed)" if settings.dataset == "shapes"
                             else "Fashion-MNIST test split, random subset"),
             "floor_images": ("rendered sample_prompts(kind, m, FLOOR_KEY + seed)" if settings.dataset == "shapes"

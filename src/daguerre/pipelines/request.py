@@ -76,7 +76,10 @@ MAX_MASK_BLUR = 128  # px; A1111's slider stops at 64, and a wider blur leaves n
 DEFAULT_SETTINGS: dict[str, Any] = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "Automatic", "cfg_scale": 7.0}
 INPAINT = ("inpaint",)
 UPSCALE = ("upscale",)
-# Fewer network calls (issue 15). DeepCache's shallow path: conv_in and the last output block by default.
+# Fewer network calls (issue 15): the fields that set them (`fast` fills these in), and DeepCache's shallow
+# path by default: conv_in and the last output block.
+FEWER_CALLS_FIELDS = ("cfg_min_sigma", "cfg_cutoff_sigma", "deepcache_interval", "deepcache_depth",
+                      "deepcache_max_sigma", "tome_ratio")
 DEEPCACHE_DEPTH = 1
 MAX_TOME_RATIO = 0.75  # token merging: the sources are 3 of every 2x2 cell (nn/tome.py)
 # `fast`: what it fills in, chosen by measurement (docs/benchmarks.md, "Fewer network calls"): DeepCache at
