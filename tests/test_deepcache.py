@@ -247,3 +247,12 @@ def test_shipped_models_interval_one_is_exact_and_reuse_runs(name):
     assert all(np.array_equal(a, b) for a, b in zip(same, exact, strict=True))
     assert (deep, fast_deep) == (4, 2)
     assert not np.array_equal(fast[0], exact[0])
+
+
+@pytest.mark.parametrize("name", ["tiny", "sd15", "sd21"])
+def test_the_configs_count_of_input_blocks_is_the_networks(name):
+    """`validate` bounds --deepcache-depth by `UNetConfig.input_block_count` before any network exists."""
+    cfg = preset(name).unet
+    with torch.device("meta"):
+        net = UNetModel(cfg)
+    assert cfg.input_block_count == len(net.input_blocks) == len(net.output_blocks)

@@ -59,6 +59,12 @@ class UNetConfig:
         """How many times smaller the innermost feature map is than the input latent."""
         return 2 ** (len(self.channel_mult) - 1)
 
+    @property
+    def input_block_count(self) -> int:
+        """The U-Net's input blocks (as many output blocks): conv_in, `num_res_blocks` per level, and a
+        Downsample after every level but the last."""
+        return len(self.channel_mult) * (self.num_res_blocks + 1)
+
 
 @dataclass
 class VAEConfig:

@@ -274,7 +274,7 @@ class GenerationRequest:
                              f"got {self.cfg_min_sigma}")
         if not (self.cfg_cutoff_sigma >= 0):
             raise ValueError(f"CFG cutoff sigma must be >= 0 (0 = never cut off guidance), got {self.cfg_cutoff_sigma}")
-        blocks = len(config.unet.channel_mult) * (config.unet.num_res_blocks + 1)  # the U-Net's input blocks
+        blocks = config.unet.input_block_count
         if self.deepcache_interval < 1:
             raise ValueError(f"DeepCache interval must be a whole number >= 1 (1 = off), got {self.deepcache_interval}")
         if not 1 <= self.deepcache_depth < blocks:
