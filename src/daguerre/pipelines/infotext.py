@@ -86,13 +86,18 @@ def settings_from_parameters(text: str, source: str = "parameters") -> PngSettin
     if why:
         ignored.append(f"Model {model!r} ({why}; choose a model with --model)")
         model = None
-    precision = params.get(PRECISION_KEY, "fp32").strip().lower()
-    if precision not in PRECISIONS:
-        raise ValueError(f"{source}: {PRECISION_KEY} {params[PRECISION_KEY]!r} is not one of {', '.join(PRECISIONS)}")
-    quantize = params.get(WEIGHTS_KEY, "none").strip().lower()
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"{source}: {WEIGHTS_KEY} {params[WEIGHTS_KEY]!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+    precision = _choice(params, PRECISION_KEY, PRECISIONS, source)
+    quantize = _choice(params, WEIGHTS_KEY, QUANTIZE_CHOICES, source)
     return PngSettings(fields, model, params.get(MODEL_HASH_KEY), ignored, precision, quantize)
+
+
+def _choice(params: dict[str, str], key: str, choices: tuple[str, ...], source: str) -> str:
+    """The value of `key`, one of `choices` (absent: the first, the default); any other is a ValueError naming
+    `source` and the key."""
+    value = params.get(key, choices[0]).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{source}: {key} {params[key]!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def _unusable_model(name: str) -> str | None:
