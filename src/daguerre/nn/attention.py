@@ -7,8 +7,8 @@ from the dtype, the device and whether a backward will run:
 - "matmul": two batched matmuls in the inputs' dtype, the softmax in float32 (half-precision training on
   the CPU, whose fused backward is 3-5x slower: docs/benchmarks.md, "Attention in training");
 - "chunked": the matmul form at inference in query chunks that bound the scores tensor, in reused buffers
-  (bfloat16 on the CPU, where the fused kernel runs no faster than float32 while a bf16 matmul runs ~4x
-  faster: docs/benchmarks.md, "Attention at inference").
+  (bfloat16 on the CPU, where the fused kernel runs no faster than float32 while the bf16 matmuls do: 1.2-2x
+  the fused kernel at SD's shapes, docs/benchmarks.md, "Attention at inference").
 """
 
 from __future__ import annotations
