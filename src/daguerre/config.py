@@ -137,6 +137,73 @@ class TextEncoderConfig:
         return self.vocab_size if self.token_ids is None else len(self.token_ids) + 1
 
 
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's per-channel pixel mean (RGB in [0, 1])
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)  # and standard deviation
+
+
+@dataclass
+class VisionConfig:
+    """CLIP's image tower: a vision transformer (Dosovitskiy et al. 2021) over square patches, with a class
+    token, a LayerNorm before the first layer ("pre_layrnorm") and after the last (on the class token)."""
+
+    image_size: int = 224  # the square input the position embeddings are for
+    patch_size: int = 32  # ViT-B/32: 7 x 7 patches at 224
+    channels: int = 3
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    activation: str = "quick_gelu"  # as the text tower's
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class CLIPConfig:
+    """A contrastive image-text model (Radford et al. 2021): the text tower (`text_encoder`, causal, with its
+    `projection_dim` the shared embedding width), the image tower (`vision`), a learned temperature, and the
+    image preprocessing it was trained with. What a daguerre CLIP file stores in its metadata."""
+
+    name: str = "clip-vit-b-32"
+    text_encoder: TextEncoderConfig = field(
+        default_factory=lambda: TextEncoderConfig(width=512, heads=8, mlp_dim=2048, projection_dim=512)
+    )
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    logit_scale_init: float = 2.6592  # log(1 / 0.07), CLIP's initial temperature
+    image_mean: tuple[float, ...] = CLIP_IMAGE_MEAN
+    image_std: tuple[float, ...] = CLIP_IMAGE_STD
+    provenance: dict[str, Any] = field(default_factory=dict)  # training recipe, data, source file, ...
+
+    @property
+    def projection_dim(self) -> int:
+        """Width of the joint embedding space (both projections map into it)."""
+        dim = self.text_encoder.projection_dim
+        if dim is None:
+            raise ValueError("a CLIP model's text_encoder.projection_dim must be set: the joint embedding width")
+        return dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], key: str = "") -> CLIPConfig:
+        """The config a file states: every field typed and bounded (`check_clip_config`); ValueError
+        naming the first bad key otherwise."""
+        cfg = from_dict(cls, d, key, leaf=stored)
+        check_clip_config(cfg, key)
+        return cfg
+
+    @classmethod
+    def from_json(cls, s: str) -> CLIPConfig:
+        return cls.from_dict(parse_json(s, "the CLIP config"))
+
+
 @dataclass
 class ScheduleConfig:
     """The discrete forward process q(x_t | x_0) the network was trained on."""
@@ -395,6 +462,10 @@ LIMITS: dict[str, tuple[float, float]] = {
     "text_encoder.projection_dim": (1, 16384), "text_encoder.token_ids": (0, 999_999),
     "text_encoder.bos_token_id": (0, 999_999), "text_encoder.eos_token_id": (0, 999_999),
     "text_encoder.pad_token_id": (0, 999_999), "text_encoder.layer_norm_eps": (1e-30, 1.0),
+    "vision.image_size": (1, 4096), "vision.patch_size": (1, 1024), "vision.channels": (1, 64),
+    "vision.width": (1, 16384), "vision.layers": (1, 256), "vision.heads": (1, 1024), "vision.mlp_dim": (1, 65536),
+    "vision.layer_norm_eps": (1e-30, 1.0), "logit_scale_init": (-100.0, 100.0),
+    "image_mean": (-10.0, 10.0), "image_std": (1e-6, 10.0),
     "schedule.num_train_timesteps": (1, 100_000), "schedule.beta_start": (0.0, 1.0), "schedule.beta_end": (0.0, 1.0),
 }
 MAX_LEVELS = 8  # entries of channel_mult (SD 4)
@@ -467,6 +538,26 @@ def check_model_config(cfg: ModelConfig, prefix: str = "") -> None:
                              f"{list(levels)} names a level beyond the {len(net.channel_mult)} there are")
     if cfg.class_names is not None and len(cfg.class_names) > MAX_CLASS_NAMES:
         raise ValueError(f"config key {prefix}class_names: {len(cfg.class_names)} names, more than {MAX_CLASS_NAMES}")
+
+
+def check_clip_config(cfg: CLIPConfig, prefix: str = "") -> None:
+    """Every field of `cfg` of its declared type and within `LIMITS`, and the towers consistent; ValueError
+    naming the key (`prefix` + dotted path) and the value otherwise."""
+    _check_fields(cfg, prefix)
+    text, vision = cfg.text_encoder, cfg.vision
+    if text.kind != "clip":
+        raise ValueError(f"config key {prefix}text_encoder.kind: {text.kind!r}; a CLIP model's text tower is \"clip\"")
+    if text.projection_dim is None:
+        raise ValueError(f"config key {prefix}text_encoder.projection_dim: must be set (the joint embedding width)")
+    if vision.image_size % vision.patch_size:
+        raise ValueError(f"config key {prefix}vision.image_size: {vision.image_size} is not a multiple of "
+                         f"patch_size {vision.patch_size}")
+    if vision.width % vision.heads:
+        raise ValueError(f"config key {prefix}vision.width: {vision.width} is not divisible by heads {vision.heads}")
+    for name in ("image_mean", "image_std"):
+        if len(getattr(cfg, name)) != vision.channels:
+            raise ValueError(f"config key {prefix}{name}: {list(getattr(cfg, name))} needs one value per channel "
+                             f"({vision.channels})")
 
 
 # --- presets ---------------------------------------------------------------------------------------
@@ -544,6 +635,34 @@ def resolve_text_encoder(cfg: TextEncoderConfig) -> TextEncoderConfig:
         return dataclasses.replace(minilm_text_encoder(cfg.max_length, cfg.skip_layers),
                                    weights_sha256=cfg.weights_sha256)
     return cfg
+
+
+def _clip_vit_b_32() -> CLIPConfig:
+    """OpenAI CLIP ViT-B/32 (transformers' `CLIPConfig()` defaults): 512-d joint space, 224 px, 7 x 7 patches."""
+    return CLIPConfig()
+
+
+def _clip_vit_l_14() -> CLIPConfig:
+    """OpenAI CLIP ViT-L/14: the text tower is SD v1's text encoder; 768-d joint space, 16 x 16 patches."""
+    return CLIPConfig(
+        name="clip-vit-l-14",
+        text_encoder=TextEncoderConfig(projection_dim=768),
+        vision=VisionConfig(patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096),
+    )
+
+
+CLIP_PRESETS: dict[str, Callable[[], CLIPConfig]] = {
+    "clip-vit-b-32": _clip_vit_b_32,
+    "clip-vit-l-14": _clip_vit_l_14,
+}
+
+
+def clip_preset(name: str) -> CLIPConfig:
+    """A fresh copy of the named CLIP configuration."""
+    try:
+        return CLIP_PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown CLIP preset {name!r}; choose one of {', '.join(CLIP_PRESETS)}") from None
 
 
 PRESETS = {
