@@ -31,6 +31,8 @@ from torch import nn
 from ..config import CLIPConfig, TextEncoderConfig, VisionConfig
 from .text_encoder import ACTIVATIONS, CLIPEncoder, CLIPTextEncoder
 
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature so that logits are at most 100x cosines
+
 
 class CLIPVisionEmbeddings(nn.Module):
     """Patch embedding + class token + position embeddings: (B, C, S, S) -> (B, 1 + patches, width)."""
@@ -180,5 +182,3 @@ def init_clip_(model: CLIPModel, generator: torch.Generator | None = None) -> CL
         model.logit_scale.fill_(cfg.logit_scale_init)
     return model
 
-
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature so that logits are at most 100x cosines
