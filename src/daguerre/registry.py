@@ -4,6 +4,10 @@
 - the name of a model shipped inside the package (`daguerre/assets/models/NAME.safetensors`);
 - `random:PRESET` (e.g. `random:tiny`): untrained weights at a preset's architecture, for trying the
   machinery before a model is trained or downloaded.
+
+CLIP models (`--clip`) resolve the same way apart: a path (`checkpoints.clip_file.load_clip`: a daguerre
+CLIP file, a transformers folder, an OpenCLIP or OpenAI checkpoint) or the name of a CLIP shipped in
+`daguerre/assets/clip/NAME.safetensors`; `clip_for_model` names the CLIP shipped for a shipped model.
 """
 
 from __future__ import annotations
@@ -154,3 +158,45 @@ def model_file(spec: str) -> dict[str, str | None]:
         return {"file": None, "sha256": None}
     path = shipped_models().get(spec, Path(spec).expanduser())
     return {"file": str(path), "sha256": file_hash(path) if path.is_file() else None}
+
+
+# --- CLIP models (issue 16) ----------------------------------------------------------------------------
+
+CLIP_FOR_MODEL = {"shapes": "shapes-clip"}  # shipped diffusion model -> the shipped CLIP trained on its data
+
+
+def shipped_clips() -> dict[str, Path]:
+    """Name -> path of every CLIP model that ships inside the package (assets/clip/NAME.safetensors)."""
+    folder = resources.files("daguerre") / "assets" / "clip"
+    if not folder.is_dir():
+        return {}
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".safetensors")}
+
+
+def clip_for_model(model_name: str | None) -> str | None:
+    """The name of the CLIP shipped for a shipped diffusion model ("shapes" -> "shapes-clip"), or None when
+    the model has none. The name is returned even before that file is installed: check `shipped_clips()`."""
+    return CLIP_FOR_MODEL.get(model_name or "")
+
+
+def clip_path(spec: str) -> Path:
+    """The file or folder a CLIP spec names: a shipped CLIP's name or a path; FileNotFoundError listing the
+    shipped names otherwise."""
+    shipped = shipped_clips()
+    path = shipped.get(spec, Path(spec).expanduser())
+    if not path.exists():
+        names = ", ".join(sorted(shipped)) or "none installed"
+        raise FileNotFoundError(f"no CLIP model {spec!r}: not a file or folder, nor a shipped CLIP ({names})")
+    return path
+
+
+def open_clip(spec: str, *, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+              activation: str | None = None):
+    """The `models.clip.CLIPModel` a spec names (`clip_path`), in eval mode without parameter gradients, its
+    weights read straight into `dtype` (None: float32; or a name as --dtype takes) on `device`.
+    `activation` is for OpenCLIP files, which cannot state theirs (docs/formats.md)."""
+    from .checkpoints.clip_file import load_clip
+
+    path = clip_path(spec)
+    dtype = torch.float32 if dtype is None else resolve_dtype(dtype, device)
+    return load_clip(path, device=device, dtype=dtype, activation=activation)
