@@ -15,7 +15,8 @@ PARAM_UNITS = ((1e9, "B"), (1e6, "M"), (1e3, "k"))
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a .safetensors / .ckpt file or a diffusers folder")
+    p.add_argument("model", help="a .safetensors / .ckpt file or a diffusers folder (or a CLIP model: "
+                   "a CLIP file, transformers CLIP folder, OpenCLIP / OpenAI checkpoint)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
                    help="override the prediction type (SD v2 files cannot state it)")
@@ -126,10 +127,16 @@ def run_here(args: argparse.Namespace, unet_parameters: int) -> dict:
 
 @command("info", "describe a checkpoint: variant, architecture, parameters, dtypes, hashes", _add_arguments)
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoints.clip_file import describe_clip, format_clip_info, is_clip
     from ..checkpoints.summary import describe
-    from ..registry import shipped_models
+    from ..registry import shipped_clips, shipped_models
 
-    path = shipped_models().get(args.model, args.model)  # a shipped model's name or a path
+    path = shipped_models().get(args.model) or shipped_clips().get(args.model) or args.model  # a name or a path
+    if is_clip(path):  # a CLIP model (issue 16): its towers, not a diffusion model's networks
+        info = describe_clip(path, hashes=not args.no_hash)
+        print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_clip_info(info, human_count,
+                                                                                            human_size))
+        return 0
     info = describe(path, prediction_type=args.prediction_type, use_ema=args.ema, hashes=not args.no_hash)
     info["run"] = run_here(args, info["parameters"]["unet"])
     if args.json:
