@@ -2,6 +2,7 @@
 
     daguerre train vae --config shapes_vae [--out runs/shapes_vae] [--resume] [--set k=v ...]
     daguerre train ldm --config shapes_ldm --vae runs/shapes_vae/vae.safetensors [...]
+    daguerre train clip --config shapes_clip [--out runs/shapes_clip]            # a contrastive image-text model
     daguerre train export runs/shapes_ldm [--step N] [--out model.safetensors]   # a model from a checkpoint
     daguerre train --list-configs                                                 # the shipped run configs
 
@@ -51,13 +52,19 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                          description="Train the latent diffusion model on a frozen autoencoder.")
     _common(ldm)
     ldm.add_argument("--vae", required=True, help="the autoencoder: RUN/vae.safetensors of `daguerre train vae`")
-    export = sub.add_parser("export", help="a model file from a stage-2 checkpoint (also while the run trains)",
-                            description="Write the model of a stage-2 training checkpoint (its EMA weights), as the "
-                            "end of the run would, without touching the run folder.")
-    export.add_argument("run_dir", metavar="RUN", help="the run folder of `daguerre train ldm`")
+    clip = sub.add_parser("clip", help="a CLIP model (contrastive image and text towers)",
+                          description="Train a CLIP model (symmetric InfoNCE, learned temperature) on images with "
+                          "captions; its zero-shot accuracy is logged at each sample step.")
+    _common(clip)
+    export = sub.add_parser("export", help="a model file from a stage-2 or clip checkpoint (also while the run "
+                            "trains)", description="Write the model of a stage-2 (or CLIP) training checkpoint (its "
+                            "EMA weights), as the end of the run would, without touching the run folder.")
+    export.add_argument("run_dir", metavar="RUN",
+                        help="the run folder of `daguerre train ldm` or `daguerre train clip`")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     export.add_argument("--out", "-o", default=None,
-                        help="model file to write (default: RUN/model_step_NNNNNNNN.safetensors)")
+                        help="model file to write (default: RUN/model_step_NNNNNNNN.safetensors, or "
+                        "RUN/clip_step_NNNNNNNN.safetensors for a CLIP run)")
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -99,19 +106,32 @@ def _writing(folder: Path) -> Iterator[None]:
                          "files already written are kept") from None
 
 
-@command("train", "train the autoencoder (vae) or the diffusion model (ldm); export a checkpoint", _add_arguments)
+def _export(args: argparse.Namespace) -> Path:
+    """The model file of a checkpoint: a stage-2 model, or the CLIP file of a clip run."""
+    from ..training.export import export_checkpoint, find_checkpoint
+
+    run_dir = Path(args.run_dir)
+    folder, meta = find_checkpoint(run_dir, args.step)
+    if meta["run_config"].get("stage") != "clip":
+        return export_checkpoint(run_dir, args.step, args.out)
+    from ..training.clip import export_clip_checkpoint
+
+    out = Path(args.out) if args.out else run_dir / f"clip_step_{int(meta['step']):08d}.safetensors"
+    return export_clip_checkpoint(folder, meta, out)
+
+
+@command("train", "train the autoencoder (vae), the diffusion model (ldm) or a CLIP model (clip); export a "
+         "checkpoint", _add_arguments)
 def run(args: argparse.Namespace) -> int:
     if args.list_configs:
         print(list_configs())
         return 0
     if not getattr(args, "stage", None):
-        raise ValueError("choose a stage: `daguerre train vae ...` or `daguerre train ldm ...` "
-                         "(`daguerre train --list-configs` lists the shipped configs)")
+        raise ValueError("choose a stage: `daguerre train vae ...`, `daguerre train ldm ...` or "
+                         "`daguerre train clip ...` (`daguerre train --list-configs` lists the shipped configs)")
     if args.stage == "export":
-        from ..training.export import export_checkpoint
-
         with _writing(Path(args.out).parent if args.out else Path(args.run_dir)):
-            print(export_checkpoint(args.run_dir, args.step, args.out))
+            print(_export(args))
         return 0
     from ..training.config import load_run_config
 
@@ -123,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
             from ..training.vae import train_vae
 
             path = train_vae(cfg, out, resume=args.resume, until=args.until)
+        elif args.stage == "clip":
+            from ..training.clip import train_clip
+
+            path = train_clip(cfg, out, resume=args.resume, until=args.until)
         else:
             from ..training.ldm import train_ldm
 

@@ -30,8 +30,13 @@ from typing import Any, Literal
 
 from ..config import (
     LIMITS,
+    CLIPConfig,
     ModelConfig,
+    TextEncoderConfig,
+    VisionConfig,
+    check_clip_config,
     check_model_config,
+    clip_preset,
     coerce,
     from_dict,
     merge_tables,
@@ -42,7 +47,7 @@ from ..config import (
 )
 from ..untrusted import read_json, regular_file
 
-STAGES = ("vae", "ldm")
+STAGES = ("vae", "ldm", "clip")
 MAX_LOWRES_FACTOR = 8  # pipelines.request.MAX_UPSCALE
 LOWRES_LEVELS = 1000  # pipelines.request.LOWRES_NOISE_STEPS: levels of the augmentation schedule
 
@@ -221,6 +226,25 @@ class LDMLossConfig:
 
 
 @dataclass
+class CLIPLossConfig:
+    """The CLIP stage's objective: symmetric InfoNCE over the batch (Radford et al. 2021; van den Oord et al.
+    2018) with the learned temperature, and the augmentations of the image views (training/clip.py).
+
+    Each augmentation is applied to an image with its probability, each image drawing its own: a random crop
+    of side crop_min..1 of the image resized back (guidance cutouts, small shifts), a Gaussian blur of sigma
+    up to `blur_sigma` pixels and Gaussian noise of std up to `noise_std` (blurry, noisy x0 estimates early
+    in sampling, as CLIP guidance feeds it)."""
+
+    identical_captions: Literal["positive", "negative"] = "positive"  # equal captions in a batch: soft positives
+    crop_p: float = 0.0  # probability of a random crop, resized back to the image size
+    crop_min: float = 0.8  # the smallest crop side, as a fraction of the image side
+    blur_p: float = 0.0  # probability of a Gaussian blur
+    blur_sigma: float = 2.0  # the largest blur sigma, in pixels (drawn uniformly from 0..blur_sigma)
+    noise_p: float = 0.0  # probability of additive Gaussian noise
+    noise_std: float = 0.2  # the largest noise std, in units of the [-1, 1] pixel range (drawn uniformly)
+
+
+@dataclass
 class SampleConfig:
     """Fixed prompts / labels and seeds of the sample grids written during training (EMA weights)."""
 
@@ -238,17 +262,18 @@ class SampleConfig:
     cfg_scale: float = 4.0
     recon_images: int = 8  # VAE: originals above reconstructions in the comparison image
     latent_scale_images: int = 256  # VAE: held-out images whose latents give scale_factor = 1 / std
+    zero_shot_images: int = 500  # CLIP: held-out images of the zero-shot accuracy logged at each sample step
 
 
 @dataclass
 class RunConfig:
     """One training run: the model, its data, the loop, the loss and the sample settings."""
 
-    stage: str = "vae"  # "vae" (stage 1) or "ldm" (stage 2)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: str = "vae"  # "vae" (stage 1), "ldm" (stage 2) or "clip" (a contrastive image-text model)
+    model: ModelConfig | CLIPConfig = field(default_factory=ModelConfig)  # a CLIPConfig for stage "clip"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    loss: VAELossConfig | LDMLossConfig = field(default_factory=VAELossConfig)
+    loss: VAELossConfig | LDMLossConfig | CLIPLossConfig = field(default_factory=VAELossConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     preset: str = "tiny"  # the ModelConfig preset the [model] section starts from
 
@@ -267,7 +292,10 @@ class RunConfig:
         rest = {k: v for k, v in d.items() if k not in ("stage", "model", "data")}
         from_dict(RunConfig, rest, into=cfg)
         if d.get("model") is not None:
-            cfg.model = ModelConfig.from_dict(d["model"], "model.")
+            model_class = CLIPConfig if stage == "clip" else ModelConfig
+            cfg.model = model_class.from_dict(d["model"], "model.")
+        elif stage == "clip":
+            cfg.model = clip_stage_preset(DEFAULT_CLIP_PRESET)
         cfg.data = _data_config(d.get("data", {}))
         settle_data(cfg)
         return cfg
@@ -276,7 +304,24 @@ class RunConfig:
 def _loss_class(stage: str) -> type:
     if stage not in STAGES:
         raise ValueError(f"config key stage: {stage!r} is not a training stage; choose one of {', '.join(STAGES)}")
-    return VAELossConfig if stage == "vae" else LDMLossConfig
+    return {"vae": VAELossConfig, "ldm": LDMLossConfig, "clip": CLIPLossConfig}[stage]
+
+
+def _tiny_clip() -> CLIPConfig:
+    """A CLIP of a few hundred thousand parameters for tests: 32 x 32 inputs in 8 x 8 patches, 32 wide."""
+    return CLIPConfig(
+        name="tiny-clip",
+        text_encoder=TextEncoderConfig(width=32, layers=2, heads=2, mlp_dim=64, max_length=40, projection_dim=32),
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64),
+    )
+
+
+DEFAULT_CLIP_PRESET = "tiny"  # stage "clip": the [model] preset when none is named
+
+
+def clip_stage_preset(name: str) -> CLIPConfig:
+    """The CLIPConfig a clip run's `[model] preset` names: "tiny" or one of `daguerre.config.CLIP_PRESETS`."""
+    return _tiny_clip() if name == "tiny" else clip_preset(name)
 
 
 # --- [data]: per-kind subsections, and the flat keys of the previous release ------------------------------
@@ -334,7 +379,7 @@ def _data_config(table: dict[str, Any]) -> DataConfig:
 def settle_data(cfg: RunConfig) -> None:
     """Give the run exactly the [data] subsections of its data kind and model.concat (a default one where
     the config has none); a subsection of another kind is an error naming it."""
-    d, concat = cfg.data, cfg.model.concat
+    d, concat = cfg.data, getattr(cfg.model, "concat", None)  # (a CLIPConfig has no concatenation)
     for name, section in {**KIND_SECTIONS, **CONCAT_SECTIONS}.items():
         chosen = name in (d.kind, concat)
         if chosen and getattr(d, name) is None:
@@ -430,13 +475,15 @@ def load_run_config(
     preset_name = coerce(model_table.pop("preset", "tiny"), str, "model.preset")
     cfg = RunConfig(stage=stage, preset=preset_name, loss=_loss_class(stage)())
     try:
-        cfg.model = preset(preset_name)
+        cfg.model = clip_stage_preset(preset_name) if stage == "clip" else preset(preset_name)
     except ValueError as e:
         raise ValueError(f"config key model.preset: {e}") from None
-    file_concat = file_model.get("concat", cfg.model.concat)
-    from_dict(ModelConfig, model_table, "model.", into=cfg.model)
+    concat = getattr(cfg.model, "concat", None)
+    file_concat = file_model.get("concat", concat)
+    from_dict(type(cfg.model), model_table, "model.", into=cfg.model)
     from_dict(RunConfig, table, into=cfg)
-    cfg.data = _data_config(_data_table(file_data, extra_data, file_concat, cfg.model.concat))
+    concat = getattr(cfg.model, "concat", None)
+    cfg.data = _data_config(_data_table(file_data, extra_data, file_concat, concat))
     settle_data(cfg)
     check_run_config(cfg)
     return cfg
@@ -468,9 +515,9 @@ def _load_resolved(path: Path, stage: str, overrides: list[str] | None) -> RunCo
     model_table, data_table = extra.pop("model", {}), extra.pop("data", {})
     if "preset" in model_table:
         raise ValueError("config key model.preset: a resolved config (.json) has no preset to change")
-    from_dict(ModelConfig, model_table, "model.", into=cfg.model)
+    from_dict(type(cfg.model), model_table, "model.", into=cfg.model)
     from_dict(RunConfig, extra, into=cfg)
-    data_table = upgrade_data(data_table, data_table.get("kind", cfg.data.kind), cfg.model.concat)
+    data_table = upgrade_data(data_table, data_table.get("kind", cfg.data.kind), getattr(cfg.model, "concat", None))
     from_dict(DataConfig, data_table, "data.", into=cfg.data)
     settle_data(cfg)
     check_run_config(cfg)
@@ -486,7 +533,10 @@ def check_run_config(cfg: RunConfig) -> None:
     for key, value in positive:
         if value < 1:
             raise ValueError(f"config key {key}: must be >= 1, got {value}")
-    check_model_config(cfg.model, "model.")  # types and sane sizes, channel and layer counts
+    if isinstance(cfg.model, CLIPConfig):
+        check_clip_config(cfg.model, "model.")  # types, sane sizes, the towers consistent
+    else:
+        check_model_config(cfg.model, "model.")  # types and sane sizes, channel and layer counts
     if d.size > LIMITS["sample_size"][1]:
         raise ValueError(f"config key data.size: {d.size} pixels is more than {LIMITS['sample_size'][1]}")
     non_negative = [("train.keep_every", t.keep_every),
@@ -507,8 +557,40 @@ def check_run_config(cfg: RunConfig) -> None:
             raise ValueError(f"config key loss.min_snr_gamma: must be >= 0, got {cfg.loss.min_snr_gamma}")
         check_timestep_bias(cfg.loss, cfg.model.schedule.num_train_timesteps)
         check_text_encoder_config(cfg.model, cfg.loss.train_text_encoder)
+    if isinstance(cfg.loss, CLIPLossConfig):
+        check_clip_run(cfg)
     check_data_sections(d)
     check_concat_config(cfg)
+
+
+def check_clip_run(cfg: RunConfig) -> None:
+    """Value checks of a clip run's [loss] and of what its data must leave alone; each error names its key."""
+    lc = cfg.loss
+    for key in ("crop_p", "blur_p", "noise_p"):
+        if not 0.0 <= getattr(lc, key) <= 1.0:
+            raise ValueError(f"config key loss.{key}: must be in [0, 1], got {getattr(lc, key)}")
+    if not 0.0 < lc.crop_min <= 1.0:
+        raise ValueError(f"config key loss.crop_min: must be in (0, 1], got {lc.crop_min}")
+    for key in ("blur_sigma", "noise_std"):
+        if getattr(lc, key) < 0:
+            raise ValueError(f"config key loss.{key}: must be >= 0, got {getattr(lc, key)}")
+    if cfg.sample.zero_shot_images < 0:
+        raise ValueError(f"config key sample.zero_shot_images: must be >= 0, got {cfg.sample.zero_shot_images}")
+    if not cfg.model.text_encoder.causal:
+        raise ValueError("config key model.text_encoder.causal: a CLIP text tower is causal (it pools at the end "
+                         "token); set it to true")
+
+
+def derive_clip_config(cfg: RunConfig, channels: int) -> CLIPConfig:
+    """The run's CLIPConfig with what the data fixes: the image tower's channels (its per-channel mean and
+    std must then have one value each)."""
+    m = copy.deepcopy(cfg.model)
+    m.vision.channels = channels
+    for key in ("image_mean", "image_std"):
+        if len(getattr(m, key)) != channels:
+            raise ValueError(f"config key model.{key}: {list(getattr(m, key))} has {len(getattr(m, key))} values, but "
+                             f"the data has {channels}-channel images; give one value per channel (e.g. [0.5])")
+    return m
 
 
 def check_data_sections(d: DataConfig) -> None:
@@ -554,7 +636,7 @@ def check_text_encoder_config(model: ModelConfig, train_text_encoder: bool) -> N
 
 def check_concat_config(cfg: RunConfig) -> None:
     """Value checks of model.concat and the data keys it uses; each error names its key."""
-    d, kind = cfg.data, cfg.model.concat  # kind: checked by its `Literal` type when the config is read
+    d, kind = cfg.data, getattr(cfg.model, "concat", None)  # kind: checked by its `Literal` type when read
     if d.inpaint is not None and not 0.0 <= d.inpaint.mask_full <= 1.0:
         raise ValueError(f"config key data.inpaint.mask_full: must be in [0, 1], got {d.inpaint.mask_full}")
     if d.lowres is None:

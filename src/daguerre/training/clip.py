@@ -1,0 +1,355 @@
+"""`daguerre train clip`: a contrastive image-text model (CLIP, Radford et al. 2021) on the shared loop.
+
+Each step embeds a batch of images (augmented views, `augment`) and their captions, and minimises the
+symmetric InfoNCE loss (van den Oord et al. 2018; CLIP's Fig. 3): with logits
+L_ij = exp(s) cos(image_i, text_j) and the learned temperature s clamped at log 100 (`MAX_LOGIT_SCALE`, as
+CLIP does), the mean of the cross-entropies image -> text (rows of L) and text -> image (columns).
+
+Identical captions are positives. The shapes world and Fashion-MNIST repeat captions within a batch ("a red
+circle" twice): with one-hot targets the loss would push image i away from the identical caption j != i
+that describes it just as well, fighting itself. The target of image i is therefore spread evenly over
+every caption equal to its own (`positive_targets`), and symmetrically for texts; with all captions
+distinct it is CLIP's one-hot target (`loss.identical_captions = "negative"` restores that always).
+
+The data stream, the per-sample random draws (`dist.sample_generator`), EMA, checkpoints and resume are the
+loop's (`loop.run`). At each sample / eval step the EMA model's zero-shot accuracy is logged
+(`metrics.zero_shot`: shapes, Fashion-MNIST; a folder: held-out caption retrieval). The final file
+RUN/clip.safetensors is a daguerre CLIP file (`checkpoints/clip_file.py`), its text vocabulary pruned to
+the tokens the training captions contain (`train.prune_vocabulary`), with provenance and the zero-shot
+results in its config; `daguerre train export RUN` writes the same file from any checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints.clip_file import save_clip
+from ..config import CLIPConfig
+from ..fileio import atomic_path
+from ..metrics import zero_shot as zs
+from ..models.clip import MAX_LOGIT_SCALE, CLIPModel, init_clip_
+from ..models.text_encoder import CLIPTextEncoder, prune_vocabulary
+from . import dist, state
+from .config import CLIPLossConfig, RunConfig, derive_clip_config, to_jsonable
+from .data import batch_loader, images_of, load_items, load_train_data
+from .ema import EMA
+from .log import RunLogger
+from .loop import RunSummary, Setup, autocast, check_writable, make_optimizer, run, wrap_ddp
+
+logger = logging.getLogger("daguerre.train")
+CLIP_FILE = "clip.safetensors"
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+RETRIEVAL_IMAGES = 256  # folder data: held-out images of the retrieval accuracy
+BLUR_MIN_SIGMA = 0.1  # a drawn blur sigma below this leaves the image as it is
+
+
+class Contrast(nn.Module):
+    """(pixels, ids) -> the (images x texts) logits, float32: the training forward of both towers and the
+    temperature as one module, so that DistributedDataParallel averages every gradient."""
+
+    def __init__(self, clip: CLIPModel) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        img, txt = self.clip.encode_image(pixels), self.clip.encode_text(ids)  # (B, D) each, maybe bf16
+        with torch.autocast(pixels.device.type, enabled=False):  # cosines and temperature in float32
+            return self.clip.logits(img.float(), txt.float())
+
+
+def positive_targets(captions: list[str], identical: str = "positive") -> torch.Tensor:
+    """(B, B) targets of the image -> text rows (and, being symmetric, of the text -> image rows): row i spread
+    evenly over the captions equal to caption i ("positive"), or one-hot on i ("negative")."""
+    n = len(captions)
+    if identical == "negative":
+        return torch.eye(n)
+    index = {c: k for k, c in enumerate(dict.fromkeys(captions))}
+    ids = torch.tensor([index[c] for c in captions])
+    same = (ids[:, None] == ids[None, :]).float()  # (B, B)
+    return same / same.sum(1, keepdim=True)
+
+
+def contrastive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with soft targets: (CE(rows of logits) + CE(columns)) / 2, each a batch mean."""
+    rows = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+    cols = -(targets.T * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (rows + cols) / 2
+
+
+def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(C, H, W) blurred by a separable Gaussian of `sigma` pixels (radius 3 sigma, reflected edges)."""
+    radius = min(int(math.ceil(3 * sigma)), min(img.shape[-2:]) - 1)
+    x = torch.arange(-radius, radius + 1, dtype=img.dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    c = img.shape[0]
+    out = F.pad(img[None], (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    out = F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return out[0]
+
+
+def augment(x: torch.Tensor, gens: list[torch.Generator], lc: CLIPLossConfig) -> torch.Tensor:
+    """Each image of x (B, C, H, W) in [-1, 1] with its own draws from its generator: a random crop resized
+    back (probability crop_p, side crop_min..1), a Gaussian blur (blur_p, sigma 0..blur_sigma), Gaussian
+    noise (noise_p, std 0..noise_std); the result clamped to [-1, 1]. A new tensor; x is not changed."""
+    h, w = x.shape[-2:]
+    out = []
+    for img, g in zip(x, gens, strict=True):
+        u = torch.rand(7, generator=g, dtype=torch.float64).tolist()  # always 7 draws, in this order
+        if u[0] < lc.crop_p:
+            side = lc.crop_min + (1 - lc.crop_min) * u[1]
+            ch, cw = max(1, round(h * side)), max(1, round(w * side))
+            top, left = int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1))
+            img = F.interpolate(img[None, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
+                                align_corners=False)[0]
+        if u[4] < lc.blur_p and lc.blur_sigma * u[5] >= BLUR_MIN_SIGMA:
+            img = _gaussian_blur(img, lc.blur_sigma * u[5])
+        if u[6] < lc.noise_p:
+            std = lc.noise_std * float(torch.rand(1, generator=g, dtype=torch.float64))
+            img = img + std * torch.randn(img.shape, generator=g)
+        out.append(img.clamp(-1, 1))
+    return torch.stack(out)
+
+
+def window_ids(tokenizer, captions: list[str], eos: int) -> torch.Tensor:
+    """Token ids (B, T) of `captions`, cut after the longest caption's end token: a causal tower's pooled
+    output (at the end token) does not depend on the padding after it, so the cut is exact and cheaper."""
+    ids = tokenizer(captions)
+    ends = (ids == eos).int().argmax(1)  # the first end token of each row
+    return ids[:, : int(ends.max()) + 1]
+
+
+def build_clip(cfg: CLIPConfig, seed: int) -> CLIPModel:
+    """A CLIP model with CLIP's initialisation drawn from `seed` (the global RNG untouched)."""
+    model = CLIPModel(cfg)
+    return init_clip_(model, torch.Generator("cpu").manual_seed(seed))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as CLIP trains: weight decay on matrices only, none on gains, biases, embeddings' class
+    token and the temperature (one-dimensional or scalar parameters)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clamp_temperature_(model: CLIPModel) -> None:
+    """Clip the learned log-temperature at MAX_LOGIT_SCALE (logits at most 100 x cosines), in place."""
+    model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+
+
+def train_clip(cfg: RunConfig, out: str | Path, *, resume: bool = False, until: int | None = None) -> Path:
+    """Run the CLIP stage as configured; returns RUN/clip.safetensors, or with `until` < train.steps the
+    checkpoint of step `until` (a pause: resume later with `resume`)."""
+    return run(CLIPStage(cfg), cfg, out, resume=resume, until=until)
+
+
+class CLIPStage:
+    """The CLIP stage for `loop.run`: both towers, one optimizer, an EMA; zero-shot accuracy as its samples."""
+
+    output = CLIP_FILE
+    ema_targets = evaluated = ("clip",)
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.tokens: set[int] = set()  # token ids of every caption trained on: what a pruned vocabulary keeps
+
+    def prepare(self, env: dist.DistEnv) -> None:
+        """Before the run folder: what the stage cannot do."""
+        if self.cfg.train.init_from:
+            raise ValueError("config key train.init_from: the clip stage trains from scratch (no --init)")
+        if self.cfg.data.kind == "shapes" and self.cfg.data.seed == zs.HELDOUT_SEED:
+            raise ValueError(f"config key data.seed: {zs.HELDOUT_SEED} is the seed of the held-out zero-shot "
+                             "scenes; train on another")
+
+    def build(self, setup: Setup) -> None:
+        cfg, env, data = self.cfg, setup.env, setup.data
+        t = cfg.train
+        self.data, self.out, self.device = data, setup.out, env.device
+        self.model_cfg = derive_clip_config(cfg, data.channels)
+        model = build_clip(self.model_cfg, t.seed).to(self.device).train()
+        model.gradient_checkpointing = t.gradient_checkpointing
+        self.clip = model
+        self.tokenizer = zs.clip_tokenizer(self.model_cfg)
+        self.modules: dict[str, nn.Module] = {"clip": model}
+        self.optimizers = {"clip": make_optimizer(parameter_groups(model, t.weight_decay), t)}
+        self.peak_lr: dict[str, float] = {}
+        self.ddp = wrap_ddp(Contrast(model), env)
+        self.pool = data.train_pool
+        self.holdout = None
+        if env.is_main and cfg.data.kind == "folder" and len(data.holdout):
+            self.holdout = load_items(data, data.holdout[:RETRIEVAL_IMAGES])
+
+    def resumed(self, meta: dict[str, Any]) -> None:
+        self.tokens = {int(i) for i in meta.get("caption_token_ids") or ()}
+
+    def describe(self, env: dist.DistEnv) -> str:
+        t, m = self.cfg.train, self.model_cfg
+        return (f"CLIP: image tower {_count(self.clip.vision_model) / 1e6:.2f} M + text tower "
+                f"{_count(self.clip.text_model) / 1e6:.2f} M parameters, {m.vision.image_size} px in "
+                f"{m.vision.patch_size} px patches, joint width {m.projection_dim}; {len(self.data.train_pool)} "
+                f"training images on {env.world} process(es), global batch {t.batch_size * env.world * t.grad_accum}")
+
+    def begin(self, sampler: dist.StreamSampler, start: int) -> None:
+        t = self.cfg.train
+        self.stream = iter(sampler.iter_steps(start, t.steps))
+        n_pool = len(self.data.train_pool)
+        batches = ((int(b[2][0]) // n_pool, b[3]) for b in sampler.iter_steps(start, t.steps))
+        self.items = batch_loader(self.data, batches, self.cfg.data.workers)
+
+    def step(self, step: int, micro: int, sync: bool) -> dict[str, float]:
+        t, lc, device = self.cfg.train, self.cfg.loss, self.device
+        clamp_temperature_(self.clip)  # CLIP clips after each optimizer step: here, before the next forward
+        _, _, positions, _ = next(self.stream)
+        items = next(self.items)
+        captions = [str(it.get("caption", "")) for it in items]
+        gens = [dist.sample_generator(t.seed, "clip", int(p)) for p in positions]
+        x = augment(images_of(items), gens, lc).to(device)
+        ids = window_ids(self.tokenizer, captions, self.model_cfg.text_encoder.eos_token_id)
+        self.tokens.update(int(i) for i in ids.unique())
+        targets = positive_targets(captions, lc.identical_captions).to(device)
+        with dist.maybe_no_sync(self.ddp, not sync):
+            with autocast(device, t.bf16):
+                logits = self.ddp(self.clip.preprocess(x), ids.to(device))  # (B, B), float32
+            loss = contrastive_loss(logits, targets)
+            (loss / t.grad_accum).backward()
+        with torch.no_grad():
+            hit = targets.gather(1, logits.argmax(1, keepdim=True)) > 0  # image -> text lands on a positive
+        return {"loss": float(loss.detach()), "batch_accuracy": float(hit.float().mean()),
+                "logit_scale": float(self.clip.logit_scale.detach().exp())}
+
+    def sample(self, step: int, models: dict[str, nn.Module], runlog: RunLogger, *, grid: bool,
+               evaluate: bool) -> None:
+        """The EMA model's zero-shot accuracy (instead of image grids), logged at every sample or eval step."""
+        metrics = self.evaluate(models["clip"])
+        if metrics:
+            runlog.log(step, {f"zero_shot_{k}": v for k, v in metrics.items()})
+            logger.info("step %d: zero-shot %s", step, _summary(metrics))
+
+    def evaluate(self, model: CLIPModel) -> dict[str, float]:
+        """Zero-shot accuracy of the data's kind on `sample.zero_shot_images` held-out images ({} when 0)."""
+        cfg, n = self.cfg, self.cfg.sample.zero_shot_images
+        was_training = model.training
+        model.eval()
+        try:
+            if n == 0:
+                return {}
+            if cfg.data.kind == "folder":
+                if not self.holdout:
+                    return {}
+                items = self.holdout[:n]
+                return zs.retrieval_accuracy(model, self.tokenizer, images_of(items),
+                                             [str(it.get("caption", "")) for it in items])
+            root = cfg.data.fashion_mnist.root if cfg.data.kind == "fashion_mnist" else None
+            return zs.zero_shot(model, cfg.data.kind, n, root=root, size=cfg.data.size)
+        finally:
+            model.train(was_training)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"caption_token_ids": sorted(self.tokens)}
+
+    def export(self, path: Path, models: dict[str, nn.Module], summary: RunSummary) -> None:
+        """The CLIP file of the EMA weights (`write_clip`), with the final zero-shot results."""
+        model = models["clip"]
+        record = {"steps": self.cfg.train.steps, "training_seconds": round(summary.seconds, 1),
+                  "images_seen": self.cfg.train.steps * summary.global_batch, "world_size": summary.world,
+                  "config_history": summary.history}
+        write_clip(model, self.cfg, record, sorted(self.tokens), self.data.description, self.evaluate(model), path)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def prune_clip(model: CLIPModel, keep: list[int]) -> CLIPModel:
+    """A copy of `model` whose text tower keeps only the token-embedding rows of `keep` (`prune_vocabulary`:
+    outputs are unchanged for every prompt made of kept tokens; other tokens embed as zeros)."""
+    cfg = model.clip_config
+    sd = model.state_dict()
+    text_keys = [k for k in sd if k.startswith(("text_model.", "text_projection."))]
+    text = CLIPTextEncoder(cfg.text_encoder).to(model.logit_scale)
+    text.load_state_dict({k: sd[k] for k in text_keys})
+    pruned = prune_vocabulary(text, keep)
+    new = CLIPModel(dataclasses.replace(cfg, text_encoder=pruned.config)).to(model.logit_scale)
+    new.load_state_dict({**{k: v for k, v in sd.items() if k not in text_keys}, **pruned.state_dict()})
+    return new.train(model.training)
+
+
+def write_clip(model: CLIPModel, cfg: RunConfig, record: dict[str, Any], tokens: list[int], data: dict[str, Any],
+               zero_shot: dict[str, float], path: Path) -> Path:
+    """Write the CLIP file of a run: `model` (the EMA weights) with its temperature clamped, the vocabulary
+    pruned to the training captions' `tokens` (`train.prune_vocabulary`), provenance (`record`, the data, the
+    run config, the zero-shot results) in its config, stored in `train.save_dtype`."""
+    t = cfg.train
+    clamp_temperature_(model)
+    if t.prune_vocabulary and tokens:
+        model = prune_clip(model, tokens)
+        logger.info("text vocabulary pruned to the %d tokens of the training captions",
+                    len(model.clip_config.text_encoder.token_ids))
+    provenance = {
+        "stage": "clip", **{k: v for k, v in record.items() if v or k != "config_history"},
+        "parameters": {"vision": _count(model.vision_model), "text": _count(model.text_model)},
+        "weights": "ema" if t.ema_decay > 0 else "raw", "data": data, "zero_shot": zero_shot,
+        "run_config": to_jsonable(cfg.to_dict()), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    model.clip_config = dataclasses.replace(model.clip_config, provenance=provenance)
+    save_clip(model, path, dtype=SAVE_DTYPES[t.save_dtype])
+    logger.info("wrote %s (zero-shot: %s)", path, _summary(zero_shot) or "not measured")
+    return path
+
+
+def export_clip_checkpoint(folder: Path, meta: dict[str, Any], out: Path) -> Path:
+    """Write the CLIP file of clip-stage checkpoint `folder` (its EMA weights, as a run of its step would have
+    written, zero-shot results included) to `out`, reading the run folder only."""
+    try:
+        cfg = RunConfig.from_dict(meta["run_config"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{folder / state.META_FILE}: its run_config is not valid: {e}") from None
+    step = int(meta["step"])
+    cfg.train.steps = step
+    check_writable(out.parent)
+    stage = CLIPStage(cfg)
+    data = load_train_data(cfg.data)
+    stage.data, stage.device = data, torch.device("cpu")
+    stage.model_cfg = derive_clip_config(cfg, data.channels)
+    stage.tokenizer = zs.clip_tokenizer(stage.model_cfg)
+    stage.holdout = load_items(data, data.holdout[:RETRIEVAL_IMAGES]) if cfg.data.kind == "folder" else None
+    model = build_clip(stage.model_cfg, cfg.train.seed)
+    tensors, _ = state.load_checkpoint(folder)
+    try:
+        state.load_module_tensors(model, tensors, "model.clip.")
+        if "clip" in meta["ema_updates"]:
+            ema = EMA(model, 0.0)
+            ema.load_tensors(tensors, "ema.clip.", int(meta["ema_updates"]["clip"]))
+            ema.copy_to(model)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"cannot export {folder}: its weights do not fit its run config "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    model.eval().requires_grad_(False)
+    world = int(meta["world"])
+    record = {"steps": step, "training_seconds": round(float(meta.get("seconds", 0.0)), 1),
+              "images_seen": step * cfg.train.batch_size * world * cfg.train.grad_accum, "world_size": world,
+              "config_history": list(meta.get("config_history", []))}
+    tokens = [int(i) for i in meta.get("caption_token_ids") or ()]
+    with tempfile.TemporaryDirectory(prefix="daguerre-export-") as tmp:
+        made = write_clip(model, cfg, record, tokens, data.description, stage.evaluate(model), Path(tmp) / CLIP_FILE)
+        with atomic_path(out) as target:
+            shutil.copyfile(made, target)
+    return out
