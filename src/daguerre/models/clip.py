@@ -101,8 +101,8 @@ class CLIPModel(CLIPTextEncoder):
         size = self.image_size
         h, w = images.shape[-2:]
         if (h, w) != (size, size):
-            scale = size / min(h, w)
-            nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+            short = min(h, w)  # the longer side truncated, as torchvision's Resize in CLIP's preprocessing
+            nh, nw = max(size, size * h // short), max(size, size * w // short)
             images = F.interpolate(images, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
             top, left = (nh - size) // 2, (nw - size) // 2
             images = images[..., top: top + size, left: left + size]
