@@ -63,6 +63,8 @@ PNG_SAMPLES = [  # (config, request): together they set every field with a PNG k
     (_class_config(), GenerationRequest(class_label=1, steps=2, seed=1)),
     (TINY, GenerationRequest(prompt="a cat", steps=2, seed=3, cfg_min_sigma=1.5, cfg_cutoff_sigma=0.75,
                              deepcache_interval=2, deepcache_depth=2, deepcache_max_sigma=3.5, tome_ratio=0.5)),
+    (TINY, GenerationRequest(prompt="a cat", steps=2, seed=3, clip_guidance=250.0, clip_model="my-clip.safetensors",
+                             cutouts=4)),
 ]
 
 
@@ -130,7 +132,7 @@ ARGV = {
 COMMON_ARGV = ["a cat", "-N", "blurry", "--steps", "3", "--sampler", "Euler", "--schedule", "Karras", "--cfg", "5",
                "--seed", "7", "--size", "16x24", "--class", "1", "--clip-skip", "2", "--cfg-min-sigma", "1.5",
                "--cfg-cutoff", "0.5", "--deepcache", "2", "--deepcache-depth", "2", "--deepcache-max-sigma", "3",
-               "--tome", "0.5", "--fast",
+               "--tome", "0.5", "--fast", "--clip-guidance", "--clip", "my-clip", "--cutouts", "4",
                "--eta", "0.5", "--n", "2", "--batch-size", "2", "--tile"]
 
 
@@ -168,7 +170,8 @@ def test_every_payload_field_is_read():
     txt2img_payload = {"prompt": "a", "negative_prompt": "b", "steps": 3, "sampler_name": "Euler",
                        "scheduler": "Karras", "cfg_scale": 5, "seed": 7, "width": 16, "height": 24, "eta": 0.5,
                        "s_min_uncond": 1.5, "cfg_cutoff_sigma": 0.5, "deepcache_interval": 2, "deepcache_depth": 2,
-                       "deepcache_max_sigma": 3.0, "tome_ratio": 0.5, "fast": True,
+                       "deepcache_max_sigma": 3.0, "tome_ratio": 0.5, "fast": True, "clip_guidance": 250,
+                       "clip_model": "shapes-clip", "cutouts": 4,
                        "override_settings": {"CLIP_stop_at_last_layers": 2}, "batch_size": 2, "n_iter": 2}
     inpaint_payload = {**txt2img_payload, "init_images": [_b64(image)], "denoising_strength": 0.5, "resize_mode": 2,
                        "mask": _b64(mask), "mask_blur": 2, "inpainting_fill": 2, "inpaint_full_res": True,

@@ -5,16 +5,25 @@
   the CFG cutoff (diffusers' `SDCFGCutoffCallback`: every call below a sigma).
 - `inpaint_blend_denoiser`: inpainting with a regular (non-inpainting) model by blending the known
   latents back at every step.
+- `clip_guided_denoiser`: CLIP guidance (Crowson's CLIP-guided diffusion, Disco Diffusion; k-diffusion's
+  `cond_fn` form): the x0 estimate nudged down the gradient of a CLIP image-text distance.
 A denoiser is any callable `denoiser(x, sigma, cond) -> x0` (daguerre.diffusion.denoisers).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from .diffusion.denoisers import Cond, DenoiserFn, append_dims, batch_sigma
+
+if TYPE_CHECKING:
+    from .models.clip import CLIPModel
 
 RESCALE_SPACES = ("eps", "v", "x0")
 _SPACE_OF_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -40,6 +49,15 @@ def _merge_cond(cond: Cond, uncond: Cond, batch: int) -> Cond | None:
         if a.shape[1:] != b.shape[1:]:
             return None  # e.g. prompts of different token lengths: fall back to two calls
         merged[key] = torch.cat([a, b.to(a.dtype)])
+    return merged
+
+
+def _uncond_only(cond: Cond, uncond: Cond, batch: int) -> Cond:
+    """The unconditional branch's cond dict: `uncond`'s tensors (batch-1 ones repeated to `batch` rows), and
+    cond's for the keys `uncond` lacks ("concat" channels), as `_merge_cond` pairs them."""
+    merged: Cond = dict(cond)
+    for key, value in uncond.items():
+        merged[key] = value.expand(batch, *value.shape[1:]) if value is not None and value.shape[0] == 1 else value
     return merged
 
 
@@ -89,7 +107,9 @@ def cfg_denoiser(
     negative prompt's context (negative prompts are nothing more). Both branches run as ONE network
     call on a doubled batch (every tensor of the two cond dicts concatenated along the batch; if their
     shapes differ, e.g. prompts of different token lengths, two calls are made). scale == 1 skips the
-    unconditional call entirely. `rescale` > 0 applies guidance rescale in `rescale_space`: "eps", "v"
+    unconditional call entirely, and scale == 0 the conditional one: the model is then unconditional (one
+    call on `uncond`, e.g. so that CLIP guidance alone steers it), whatever `min_sigma` and `cutoff_sigma`
+    say. `rescale` > 0 applies guidance rescale in `rescale_space`: "eps", "v"
     or "x0"; None uses the space the wrapped network predicts in (its `prediction_type`, as diffusers
     rescales the raw model output), or "eps" for a plain function.
 
@@ -120,6 +140,8 @@ def cfg_denoiser(
         cond = cond or {}
         if scale == 1.0:
             return denoiser(x, sigma, cond)
+        if scale == 0.0:  # x0_uncond + 0 (x0_cond - x0_uncond): the unconditional branch alone
+            return denoiser(x, sigma, _uncond_only(cond, uncond, x.shape[0]))
         b = x.shape[0]
         sig = batch_sigma(sigma, x)  # (B,)
         call, calls[0] = calls[0], calls[0] + 1
@@ -166,3 +188,155 @@ def inpaint_blend_denoiser(denoiser: DenoiserFn, x0_known: torch.Tensor, mask: t
         return m * x0 + (1 - m) * known
 
     return blended
+
+
+# --- CLIP guidance ------------------------------------------------------------------------------------
+
+CUTOUT_SEED_MIX = 0x5EED_C11F  # cutout generators: seed (seed + i) ^ this, apart from the sampler's noise stream
+
+
+@dataclass(frozen=True)
+class ClipGuidanceOptions:
+    """The less-used knobs of CLIP guidance (the defaults are what docs/clip.md measured).
+
+    `tv_scale` and `range_scale` weigh the total-variation penalty (mean squared difference of neighbouring
+    pixels: smooths) and the range penalty (mean squared excess of the pixels beyond [-1, 1]) of the decoded
+    x0 estimate. `clamp` bounds the RMS, per image, of the step sigma^2 grad taken from x0 (in the units of
+    x0; Disco Diffusion's `clamp_max` bounds the gradient's RMS the same way). `through_denoiser`: the
+    gradient with respect to x_t flows back through the denoiser (exact, as CLIP-guided diffusion does; a
+    backward pass of the U-Net per call); False treats x0 as a leaf and uses the denoiser's Jacobian for
+    Gaussian data with standard deviation `sigma_data`, dx0/dx = sigma_data^2 / (sigma^2 + sigma_data^2)
+    (EDM's c_skip): no backward through the U-Net. `min_cut` is the smallest cutout side as a fraction of
+    the image's shorter side, `cut_noise` the largest standard deviation of the noise added to a cutout."""
+
+    tv_scale: float = 0.0
+    range_scale: float = 0.0
+    clamp: float = 0.5
+    through_denoiser: bool = True
+    sigma_data: float = 1.0
+    min_cut: float = 0.5
+    cut_noise: float = 0.05
+
+
+def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Half the squared great-circle distance between the directions of `a` and `b` (..., D), in [0, pi^2/2]:
+    2 arcsin(|a^ - b^| / 2)^2 (CLIP-guided diffusion's `spherical_dist_loss`); it falls as cos(a, b) rises."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    return (a - b).norm(dim=-1).div(2).clamp(max=1.0).arcsin().pow(2).mul(2)
+
+
+def total_variation(pixels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean squared difference of vertically and horizontally neighbouring pixels of each image."""
+    dy = (pixels[..., 1:, :] - pixels[..., :-1, :]).pow(2).flatten(1).mean(1)
+    dx = (pixels[..., :, 1:] - pixels[..., :, :-1]).pow(2).flatten(1).mean(1)
+    return (dx + dy) / 2
+
+
+def range_penalty(pixels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean squared excess of each image's pixels beyond [-1, 1]."""
+    return (pixels - pixels.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+
+
+def make_cutouts(clip: CLIPModel, image: torch.Tensor, count: int, generator: torch.Generator,
+                 options: ClipGuidanceOptions = ClipGuidanceOptions()) -> torch.Tensor:
+    """`count` CLIP inputs (count, 3, S, S) of one image (C, H, W) in [-1, 1], differentiable: the whole image
+    (CLIP's centre crop) first, then random squares of side min_cut..1 times the shorter side at random places,
+    each with Gaussian noise of a random standard deviation up to `cut_noise` (the light augmentation: no flips,
+    which would swap "left of" and "right of"), resized and normalised by `clip.preprocess`. Every random
+    number comes from `generator` (CPU), so a seed gives the same cutouts on any device."""
+    channels = clip.clip_config.vision.channels
+    if image.shape[0] != channels:
+        image = image.expand(channels, *image.shape[1:])  # a grey image for a colour CLIP
+    h, w = image.shape[-2:]
+    side = min(h, w)
+    crops = [clip.preprocess(image[None])]
+    for _ in range(count - 1):
+        u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+        size = max(1, min(side, round(side * (options.min_cut + (1 - options.min_cut) * u[0]))))
+        top, left = int(u[1] * (h - size + 1)), int(u[2] * (w - size + 1))
+        crop = image[None, :, top:top + size, left:left + size]
+        noise = torch.randn(crop.shape, generator=generator).to(crop) * (options.cut_noise * u[3])
+        crops.append(clip.preprocess(crop + noise))
+    return torch.cat(crops)
+
+
+def clip_loss(clip: CLIPModel, pixels: torch.Tensor, target: torch.Tensor, cutouts: int,
+              generators: Sequence[torch.Generator], options: ClipGuidanceOptions = ClipGuidanceOptions()
+              ) -> torch.Tensor:
+    """(B,) per-image loss of decoded images (B, C, H, W): the spherical distance between CLIP's embedding of
+    each cutout and the text embedding `target` (1 or B, D), averaged over the image's `cutouts`."""
+    b = pixels.shape[0]
+    inputs = torch.cat([make_cutouts(clip, pixels[i], cutouts, generators[i], options) for i in range(b)])
+    dtype = clip.visual_projection.weight.dtype
+    embeds = clip.encode_image(inputs.to(dtype)).float().view(b, cutouts, -1)  # (B, K, D)
+    return spherical_distance(embeds, target.float()[:, None, :]).mean(1)
+
+
+def clip_guided_denoiser(
+    denoiser: DenoiserFn,
+    clip: CLIPModel,
+    text_embedding: torch.Tensor,
+    *,
+    scale: float,
+    cutouts: int,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    generators: Sequence[torch.Generator] | None = None,
+    options: ClipGuidanceOptions = ClipGuidanceOptions(),
+) -> DenoiserFn:
+    """CLIP guidance as a denoiser, in k-diffusion's `cond_fn` form (`make_cond_model_fn`):
+
+        x0' = x0 - sigma^2 grad_x L(x0(x)),   L = scale * mean_k d(E_I(cut_k(decode(x0))), E_T(text))
+                                                  + tv_scale * TV + range_scale * R
+
+    with x0 = D(x, sigma) the wrapped denoiser's estimate, d the spherical distance, E_I / E_T CLIP's image /
+    text embeddings (`text_embedding`, (1 or B, D)) and cut_k the random cutouts (`make_cutouts`, one
+    generator per image of `generators`, default: seed 0 each). Since D(x) = x + sigma^2 grad log p(x) (Tweedie),
+    the nudge is the score plus -grad L: sampling from p(x) exp(-L), whatever the sampler (every sampler sees the
+    model only through this function). `decode` maps x0 to pixels in [-1, 1], differentiably (a latent model's
+    VAE decoder; the identity for a pixel model). The step sigma^2 grad is clamped per image
+    (`options.clamp`, RMS). `scale` 0 returns `denoiser` itself; a call at sigma 0 is not guided. Wrap a
+    CFG denoiser (`cfg_denoiser`) to guide on top of classifier-free guidance.
+    """
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"CLIP guidance scale must be a finite number >= 0 (0 = off), got {scale}")
+    if cutouts < 1:
+        raise ValueError(f"cutouts must be a whole number >= 1, got {cutouts}")
+    if scale == 0.0 and options.tv_scale == 0.0 and options.range_scale == 0.0:
+        return denoiser
+    target = text_embedding.detach().float()
+
+    def loss_of(x0: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+        pixels = decode(x0).float()
+        loss = scale * clip_loss(clip, pixels, target, cutouts, gens, options) if scale else 0.0
+        if options.tv_scale:
+            loss = loss + options.tv_scale * total_variation(pixels)
+        if options.range_scale:
+            loss = loss + options.range_scale * range_penalty(pixels)
+        return loss.sum()  # images are independent: each one's gradient is its own loss's
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond | None = None) -> torch.Tensor:
+        sig = batch_sigma(sigma, x)  # (B,)
+        if not bool((sig > 0).any()):
+            return denoiser(x, sigma, cond)
+        gens = generators if generators is not None else [torch.Generator().manual_seed(0) for _ in range(len(x))]
+        if len(gens) != len(x):
+            raise ValueError(f"{len(gens)} cutout generators for a batch of {len(x)}: give one per image")
+        s = append_dims(sig, x.ndim)
+        with torch.enable_grad():
+            if options.through_denoiser:
+                x_in = x.detach().requires_grad_()
+                x0 = denoiser(x_in, sigma, cond)
+                grad = torch.autograd.grad(loss_of(x0, gens), x_in)[0]
+            else:
+                with torch.no_grad():
+                    x0 = denoiser(x, sigma, cond)
+                leaf = x0.detach().requires_grad_()
+                jacobian = options.sigma_data**2 / (s**2 + options.sigma_data**2)
+                grad = torch.autograd.grad(loss_of(leaf, gens), leaf)[0] * jacobian
+        step = s**2 * grad.float()
+        dims = list(range(1, x.ndim))
+        rms = step.pow(2).mean(dim=dims, keepdim=True).sqrt()
+        step = step * (options.clamp / rms.clamp_min(options.clamp))  # RMS at most `clamp`, direction kept
+        return x0.detach().float() - step
+
+    return guided

@@ -108,6 +108,10 @@ class Limits:
 MAX_PIXELS = 2048 * 2048  # the default bound of one image's pixels ...
 MAX_SCALE = 8  # ... and of its side, in multiples of the model's native size
 DEFAULT_LIMITS = Limits()
+# CLIP guidance (guidance.clip_guided_denoiser): CLIP's views of each image per network call, and the scale (its
+# step is clamped, so a larger scale only saturates the clamp)
+MAX_CUTOUTS = 64
+MAX_CLIP_GUIDANCE = 100_000.0
 
 
 def _mp(pixels: float) -> str:
@@ -117,11 +121,13 @@ def _mp(pixels: float) -> str:
 
 
 def request_work(config: ModelConfig, *, width: int, height: int, steps: int, n: int, guided: bool,
-                 encodes: bool = False, prompt_chunks: int = 1) -> float:
+                 encodes: bool = False, prompt_chunks: int = 1, clip_guided: bool = False) -> float:
     """Estimated TFLOP of a request: steps x n U-Net calls (twice with classifier-free guidance), n VAE
     decodes, n VAE encodes for the image tasks, and the text encoder over `prompt_chunks` 77-token
     chunks per prompt (the cross-attention context is that long too). A sampler that calls the network
-    twice a step (Heun, DPM2) costs up to twice this; the bound is on the order of magnitude."""
+    twice a step (Heun, DPM2) costs up to twice this; the bound is on the order of magnitude. CLIP guidance
+    (`clip_guided`) adds a backward pass of the U-Net calls (twice a forward) and a VAE decode with its
+    backward pass (three decodes) per step; CLIP's own work is bounded by MAX_CUTOUTS, not counted here."""
     f = config.vae.downsample_factor
     h, w = height // f, width // f
     te = config.text_encoder
@@ -132,7 +138,10 @@ def request_work(config: ModelConfig, *, width: int, height: int, steps: int, n:
         text = (2 if guided else 1) * chunks * (text_tflop(te) if te is not None else 0.0)
     unet = unet_tflop(config.unet, h, w, context)
     vae = vae_tflop(config.vae, h, w, encodes)
-    return text + n * (steps * unet * (2 if guided else 1) + vae)
+    per_step = unet * (2 if guided else 1) * (3 if clip_guided else 1)
+    if clip_guided:
+        per_step += 3 * vae_tflop(config.vae, h, w, False)
+    return text + n * (steps * per_step + vae)
 
 
 # The counts below follow the networks' forward passes layer by layer, counting what PyTorch's

@@ -11,9 +11,10 @@ blending, and a pixel post-processing step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,15 +25,18 @@ from ..conditioning import EncodeImages
 from ..diffusion.denoisers import Denoiser
 from ..diffusion.noise import generators_for, randn
 from ..diffusion.sampler_names import SAMPLERS
-from ..guidance import cfg_denoiser, inpaint_blend_denoiser
+from ..guidance import CUTOUT_SEED_MIX, cfg_denoiser, clip_guided_denoiser, inpaint_blend_denoiser
 from ..models.unet import fewer_calls_args
 from ..pngmeta import format_parameters
 from ..precision import dtype_of, short_name
 from ..quantize import is_quantized
 from .infotext import write_parameters
-from .prompts import encode_weighted
+from .prompts import encode_weighted, plain_text
 from .request import ValidRequest, check_finite
 from .tiling import decode_latents, encode_latents
+
+if TYPE_CHECKING:
+    from ..models.clip import CLIPModel
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -141,6 +145,45 @@ def image_encoder(components: Components, tiled: bool | None, device: torch.devi
     return lambda pixels: encode_latents(components.vae, pixels, tiled).to(device)
 
 
+# --- CLIP guidance -----------------------------------------------------------------------------------
+
+def open_guide(spec: str, device: torch.device) -> CLIPModel:
+    """The CLIP model `spec` names (a shipped CLIP's name or a path: `registry.open_clip`), float32 on `device`.
+    The last one opened is kept (until its file changes), so that many requests guided by one CLIP (an
+    evaluation, a server) read it once."""
+    from ..registry import clip_path
+
+    path = clip_path(spec)  # FileNotFoundError naming the spec and the shipped CLIPs
+    stat = path.stat()
+    return _open_guide(str(path), stat.st_mtime_ns, stat.st_size, str(device))
+
+
+@functools.lru_cache(maxsize=1)
+def _open_guide(path: str, _mtime: int, _size: int, device: str) -> CLIPModel:
+    from ..registry import open_clip
+
+    return open_clip(path, device=device)
+
+
+def text_embedding(clip: CLIPModel, prompt: str) -> torch.Tensor:
+    """(1, D) CLIP embedding of a prompt's words (`prompts.plain_text`: emphasis syntax dropped), tokenised
+    with CLIP's own tokenizer (its window and padding)."""
+    from ..models.tokenizer import CLIPTokenizer
+
+    cfg = clip.clip_config.text_encoder
+    ids = CLIPTokenizer(max_length=cfg.max_length, pad_token_id=cfg.pad_token_id)([plain_text(prompt)])
+    with torch.no_grad():
+        return clip.encode_text(ids.to(clip.logit_scale.device)).float()
+
+
+def differentiable_decode(components: Components) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Latents -> pixels with the model's VAE decoder, float32, unclamped (CLIP guidance's range penalty sees
+    pixels beyond [-1, 1]) and differentiable: no tiling, no float32 retry (`tiling.decode_latents`)."""
+    vae = components.vae
+    dtype = next(vae.parameters()).dtype
+    return lambda latents: vae.decode(vae.unscale_latents(latents.float()).to(dtype)).float()
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 def count_steps(request: ValidRequest) -> int:
@@ -163,12 +206,17 @@ def run_plan(
     *,
     callback: Callback | None = None,
     model_hash: str | None = None,
+    clip: CLIPModel | None = None,
 ) -> list[GeneratedImage]:
     """Generate `req.n` images in batches of `req.batch_size` through `req.sigmas`; image i draws all
     its noise from a CPU generator seeded `seed + i`, in a fixed order (starting noise, latent-noise fill,
     concat augmentation, then the sampler), so it is the same image in any batch. `callback` gets the
     sampler's step dict plus `batch_start`, the index of the batch's first image; it may raise `SkipBatch`
-    or `Interrupted` (see `StopSampling`) to end a batch or the request early with partial images."""
+    or `Interrupted` (see `StopSampling`) to end a batch or the request early with partial images.
+
+    With `req.clip_guidance` > 0 the CFG denoiser is wrapped in CLIP guidance (`guidance.clip_guided_denoiser`)
+    towards the prompt, through the VAE decoder, by `clip` (default: `open_guide(req.clip_model)`); image i
+    draws its cutouts from its own generator, seeded (seed + i) ^ CUTOUT_SEED_MIX."""
     cfg = components.config
     device = next(components.unet.parameters()).device
     choice = req.choice
@@ -189,6 +237,10 @@ def run_plan(
     if "concat" not in extra:  # an inpainting model without a mask: everything masked (NoConcat: nothing)
         encode = image_encoder(components, req.tile, device)
         extra.update(req.conditioner.concat.unmasked_input(cfg, req.height, req.width, device, encode))
+    guide = None
+    if req.clip_guidance > 0:
+        clip = clip if clip is not None else open_guide(req.clip_model, device)
+        guide = (clip, text_embedding(clip, req.prompt), differentiable_decode(components))
     init = plan.init_latents.to(device) if plan.init_latents is not None else None
     max_sigma = req.deepcache_max_sigma
     max_t = float(denoiser.sigma_to_t(torch.tensor([max_sigma]))[0]) if max_sigma else None  # DeepCache's window
@@ -215,6 +267,10 @@ def run_plan(
         if uncond1 is not None:
             guided = cfg_denoiser(guided, {**expand(uncond1, b), **batch_extra}, req.cfg_scale, req.guidance_rescale,
                                   min_sigma=req.cfg_min_sigma, cutoff_sigma=req.cfg_cutoff_sigma)
+        if guide is not None:
+            cutout_gens = [torch.Generator().manual_seed(s ^ CUTOUT_SEED_MIX) for s in seeds]
+            guided = clip_guided_denoiser(guided, guide[0], guide[1], scale=req.clip_guidance, cutouts=req.cutouts,
+                                          decode=guide[2], generators=cutout_gens)
         if plan.mask is not None and plan.known is not None:
             guided = inpaint_blend_denoiser(guided, plan.known.to(device).expand(b, *shape), plan.mask.to(device))
         latest: dict[str, torch.Tensor] = {}  # the batch's latest x0 estimate, for a batch stopped early

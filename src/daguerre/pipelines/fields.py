@@ -316,8 +316,30 @@ def _read_class(params: Mapping[str, str], _source: str) -> dict[str, Any]:
     return {"class_label": int(label) if _ascii_digits(label.removeprefix("-")) else label}
 
 
+def _write_clip(req: ValidRequest) -> dict[str, Any]:
+    """CLIP guidance's keys, written only when it ran (scale > 0): its scale, the CLIP model, the cutouts."""
+    if not req.clip_guidance:
+        return {}
+    return {"CLIP guidance": f"{req.clip_guidance:g}", "CLIP model": req.clip_model, "Cutouts": req.cutouts}
+
+
+def _read_clip(params: Mapping[str, str], source: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, name, kind in (("CLIP guidance", "clip_guidance", float), ("Cutouts", "cutouts", int)):
+        if key in params:
+            try:
+                found[name] = kind(params[key])
+            except ValueError:
+                raise ValueError(f"{source}: {key} {params[key]!r} is not a "
+                                 f"{'whole number' if kind is int else 'number'}") from None
+    if "CLIP model" in params:
+        found["clip_model"] = params["CLIP model"]
+    return found
+
+
 SIZE_PNG = Png("Size", write=_write_size, read=_read_size)
 SAMPLER_PNG = Png("Sampler", write=lambda req: {"Sampler": req.choice.a1111_name})
 SCHEDULE_PNG = Png("Schedule type", write=lambda req: {"Schedule type": req.choice.a1111_schedule})
 ETA_PNG = Png("Eta", "Eta DDIM", write=_write_eta, read=_read_eta)
 CLASS_PNG = Png("Class", read=_read_class)
+CLIP_PNG = Png("CLIP guidance", "CLIP model", "Cutouts", write=_write_clip, read=_read_clip)

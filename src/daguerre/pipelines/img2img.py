@@ -10,12 +10,17 @@ only); strength 1 starts at sigma_max, where the input barely matters (text-to-i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..components import Components
 from .common import Callback, GeneratedImage, SamplingPlan, encode_images, run_plan
 from .images import image_to_tensor, resize_image
 from .request import ValidRequest, require_valid
+
+if TYPE_CHECKING:
+    from ..models.clip import CLIPModel
 
 
 def img2img_plan(components: Components, req: ValidRequest, image: torch.Tensor) -> SamplingPlan:
@@ -31,10 +36,11 @@ def img2img(
     *,
     callback: Callback | None = None,
     model_hash: str | None = None,
+    clip: CLIPModel | None = None,
 ) -> list[GeneratedImage]:
     """Redraw `request.init_image` at denoising `request.strength` (default 0.75), guided by the prompt (an
     img2img `ValidRequest`); image i uses a CPU generator seeded `seed + i`. `callback` as in txt2img."""
     req = require_valid(components, request, "img2img")
     image = resize_image(req.init_image, req.width, req.height, req.resize_mode)
     plan = img2img_plan(components, req, image_to_tensor(image))
-    return run_plan(components, req, plan, callback=callback, model_hash=model_hash)
+    return run_plan(components, req, plan, callback=callback, model_hash=model_hash, clip=clip)

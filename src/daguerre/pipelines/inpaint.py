@@ -31,6 +31,7 @@ want a high strength (1.0) to turn into an image.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -39,6 +40,9 @@ from ..conditioning import latent_mask
 from .common import Callback, GeneratedImage, SamplingPlan, encode_images, image_encoder, run_plan
 from .images import IMAGE_RESAMPLE, MASK_RESAMPLE, blur_mask, fill_masked, image_to_tensor, mask_to_tensor, resize_image
 from .request import ValidRequest, require_valid
+
+if TYPE_CHECKING:
+    from ..models.clip import CLIPModel
 
 
 def inpaint_plan(components: Components, req: ValidRequest, image: Image.Image, mask: Image.Image) -> SamplingPlan:
@@ -75,6 +79,7 @@ def inpaint(
     *,
     callback: Callback | None = None,
     model_hash: str | None = None,
+    clip: CLIPModel | None = None,
 ) -> list[GeneratedImage]:
     """Repaint `request.mask`'s white area of `request.init_image` (an inpaint `ValidRequest`), softened by
     `mask_blur` px, at denoising `strength` (default 0.75); see the module docstring. Image i uses a CPU
@@ -83,11 +88,11 @@ def inpaint(
     req = require_valid(components, request, "inpaint")
     if req.inpaint_area == "only masked":
         plan = only_masked_plan(components, req)
-        return run_plan(components, req, plan, callback=callback, model_hash=model_hash)
+        return run_plan(components, req, plan, callback=callback, model_hash=model_hash, clip=clip)
     image = resize_image(req.init_image, req.width, req.height, req.resize_mode)
     mask = resize_image(req.mask, req.width, req.height, req.resize_mode, resample=MASK_RESAMPLE)
     plan = inpaint_plan(components, req, image, blur_mask(mask, req.mask_blur))
-    return run_plan(components, req, plan, callback=callback, model_hash=model_hash)
+    return run_plan(components, req, plan, callback=callback, model_hash=model_hash, clip=clip)
 
 
 def crop_region(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int]:

@@ -124,6 +124,12 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
     return [("".join(parts), w) for parts, w in runs]
 
 
+def plain_text(text: str) -> str:
+    """A prompt's words without its emphasis syntax or BREAKs: "a (red:1.3) circle" -> "a red circle" (what
+    CLIP guidance embeds with CLIP's own tokenizer)."""
+    return " ".join(" ".join(part for part, weight in parse_emphasis(text) if weight >= 0).split())
+
+
 def emphasis_depth(text: str) -> int:
     """How deep the prompt's brackets nest, as `parse_emphasis` reads them (escapes and unmatched closing
     brackets are text; unclosed ones stay open to the end)."""

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import ModelConfig
-from ..limits import DEFAULT_LIMITS, Limits, request_work
+from ..limits import DEFAULT_LIMITS, MAX_CLIP_GUIDANCE, MAX_CUTOUTS, Limits, request_work
 from .fields import (
     BATCHES,
     CLASS_PNG,
+    CLIP_PNG,
     ETA_PNG,
     FILL,
     FULL_RES,
@@ -86,6 +87,10 @@ MAX_TOME_RATIO = 0.75  # token merging: the sources are 3 of every 2x2 cell (nn/
 # FAST_DEEPCACHE = (interval, depth) on the last FAST_DEEPCACHE_FRACTION of the sampler's steps, token merging
 # at FAST_TOME, and the CFG cutoff on the last FAST_CUTOFF_FRACTION of the steps (`cutoff_between` places the
 # sigmas between two steps of the run).
+# CLIP guidance (guidance.clip_guided_denoiser): the scale `--clip-guidance` alone means and the cutouts per
+# image, chosen by measurement on the shipped shapes model (docs/clip.md)
+CLIP_GUIDANCE = 500.0
+CUTOUTS = 8
 FAST_DEEPCACHE = (3, 1)
 FAST_DEEPCACHE_FRACTION = 0.7
 FAST_TOME = 0.5
@@ -172,6 +177,20 @@ class GenerationRequest:
     eta: float | None = setting(None, type=float, a1111="eta", png=ETA_PNG, cli=Flag(
         "--eta", help="noise of each step of an ancestral, SDE or DDIM sampler, 0 = none (default: the "
         "sampler's, A1111's: 1, DDIM 0); other samplers ignore it"))
+    # CLIP guidance towards the prompt (guidance.clip_guided_denoiser): the scale of the CLIP loss; 0 = off
+    clip_guidance: float = setting(0.0, type=float, a1111="clip_guidance", png=CLIP_PNG, cli=Flag(
+        "--clip-guidance", metavar="SCALE", nargs="?", const=CLIP_GUIDANCE, help="steer the image towards the prompt "
+        "by the gradient of a CLIP model's image-text distance (docs/clip.md); SCALE left out: the recommended "
+        f"{CLIP_GUIDANCE:g} (default 0: off). With --cfg 0 a text model is unconditional and CLIP alone steers it"))
+    # the guiding CLIP: a shipped CLIP's name or a path (registry.open_clip); None = the CLIP shipped for the model
+    clip_model: str | None = setting(None, type=str, a1111="clip_model", png=CLIP_PNG, cli=Flag(
+        "--clip", metavar="MODEL", help="with --clip-guidance: the CLIP model, a shipped CLIP's name or a path "
+        "(daguerre CLIP file, transformers folder, OpenCLIP / OpenAI checkpoint); default: the CLIP shipped for the "
+        "model (shapes: shapes-clip)"))
+    # random crops of the decoded x0 estimate CLIP sees per image and call (the first is the whole image)
+    cutouts: int = setting(CUTOUTS, type=int, a1111="cutouts", png=CLIP_PNG, cli=Flag(
+        "--cutouts", metavar="N", help=f"with --clip-guidance: CLIP's views of each image per step, the whole image "
+        f"and N-1 random crops; more is steadier and slower (default {CUTOUTS}, at most {MAX_CUTOUTS})"))
     n: int = setting(1, type=int, a1111=BATCHES, cli=Flag("--n", help="number of images (default 1)"))
     batch_size: int = setting(1, type=int, a1111=BATCHES, cli=Flag(  # images per network call
         "--batch-size", help="images per network call (default 1)"))
@@ -323,9 +342,11 @@ class GenerationRequest:
                     f"(VAE factor {config.vae.downsample_factor} x U-Net factor {config.unet.downsample_factor}); "
                     f"try {max(factor, round(value / factor) * factor)}"
                 )
-        guided = conditioner.guided(self.cfg_scale)
+        guided = conditioner.guided(self.cfg_scale) and self.cfg_scale != 0  # cfg 0: one, unconditional call
+        clip_model = self._check_clip_guidance(config)
         work = request_work(config, width=width, height=height, steps=self.steps, n=self.n, guided=guided,
-                            encodes=self.task in IMAGE_TASKS, prompt_chunks=chunks)
+                            encodes=self.task in IMAGE_TASKS, prompt_chunks=chunks,
+                            clip_guided=self.clip_guidance > 0)
         limits.check_work(work, f"{self.n} image(s) of {width}x{height} at {self.steps} steps")
         seed = self.seed
         if seed is None or seed == -1:
@@ -334,12 +355,41 @@ class GenerationRequest:
             raise ValueError(f"seed must be in [0, {MAX_SEED}] (or -1 for random), got {seed}")
         class_index = conditioner.class_index(self.class_label)
         resolved = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationRequest)}
-        resolved.update(width=width, height=height, seed=seed, limits=limits, **images)
+        resolved.update(width=width, height=height, seed=seed, limits=limits, clip_model=clip_model, **images)
         sigmas = _run_sigmas(config, conditioner, choice, resolved)
         if self.fast:
             resolved.update(fast_settings(self, sigmas, guided))
         return ValidRequest(**resolved, config=config, conditioner=conditioner, choice=choice,
                             class_index=class_index, sigmas=sigmas)
+
+    def _check_clip_guidance(self, config: ModelConfig) -> str | None:
+        """Check the CLIP guidance fields (scale and cutouts within `limits.MAX_CLIP_GUIDANCE` / `MAX_CUTOUTS`, a
+        prompt to steer towards) and return the CLIP to open: the request's, else the
+        one shipped for the model (`registry.clip_for_model`); None when guidance is off. The file itself is
+        opened (and found, or not) by the pipeline."""
+        if not (0.0 <= self.clip_guidance <= MAX_CLIP_GUIDANCE):
+            raise ValueError(f"CLIP guidance scale must be in [0, {MAX_CLIP_GUIDANCE:g}] (0 = off; "
+                             f"{CLIP_GUIDANCE:g} recommended), got {self.clip_guidance}")
+        if not (1 <= self.cutouts <= MAX_CUTOUTS):
+            raise ValueError(f"cutouts must be a whole number in [1, {MAX_CUTOUTS}], got {self.cutouts}")
+        if self.clip_guidance == 0:
+            return self.clip_model
+        from .prompts import plain_text
+
+        if not plain_text(self.prompt):
+            raise ValueError("CLIP guidance steers the image towards the prompt, which is empty: give a prompt")
+        if self.clip_model is not None:
+            if not self.clip_model.strip():
+                raise ValueError("clip_model is empty: name a CLIP model (a shipped CLIP or a path), or leave it "
+                                 "out for the model's own")
+            return self.clip_model
+        from ..registry import clip_for_model
+
+        shipped = clip_for_model(config.name)
+        if shipped is None:
+            raise ValueError(f"model {config.name!r} ships no CLIP model to guide it: name one with --clip MODEL "
+                             "(clip_model), a path or a shipped CLIP's name")
+        return shipped
 
     def _check_types(self) -> None:
         """The type of every field the table types (`setting(type=...)`), so that a string or a bool from

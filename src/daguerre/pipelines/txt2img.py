@@ -7,6 +7,8 @@ is the shared core in common.py; text-to-image is the plan with nothing added.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..components import Components
 from .common import (  # noqa: F401  (re-exported: the public names of this module before common.py)
     Callback,
@@ -18,6 +20,9 @@ from .common import (  # noqa: F401  (re-exported: the public names of this modu
 )
 from .request import ValidRequest, require_valid
 
+if TYPE_CHECKING:
+    from ..models.clip import CLIPModel
+
 
 def txt2img(
     components: Components,
@@ -25,6 +30,7 @@ def txt2img(
     *,
     callback: Callback | None = None,
     model_hash: str | None = None,
+    clip: CLIPModel | None = None,
 ) -> list[GeneratedImage]:
     """Generate `request.n` images from noise (a txt2img `ValidRequest`: `GenerationRequest(...).validate(
     components.config)`); image i uses a CPU generator seeded `seed + i`.
@@ -33,4 +39,4 @@ def txt2img(
     inpainting model runs with everything masked (common.py); a super-resolution model is an error.
     """
     req = require_valid(components, request, "txt2img")
-    return run_plan(components, req, SamplingPlan(), callback=callback, model_hash=model_hash)
+    return run_plan(components, req, SamplingPlan(), callback=callback, model_hash=model_hash, clip=clip)
