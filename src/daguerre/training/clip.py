@@ -6,10 +6,13 @@ L_ij = exp(s) cos(image_i, text_j) and the learned temperature s clamped at log 
 CLIP does), the mean of the cross-entropies image -> text (rows of L) and text -> image (columns).
 
 Identical captions are positives. The shapes world and Fashion-MNIST repeat captions within a batch ("a red
-circle" twice): with one-hot targets the loss would push image i away from the identical caption j != i
-that describes it just as well, fighting itself. The target of image i is therefore spread evenly over
-every caption equal to its own (`positive_targets`), and symmetrically for texts; with all captions
-distinct it is CLIP's one-hot target (`loss.identical_captions = "negative"` restores that always).
+circle" twice), so the target of image i is spread evenly over every caption equal to its own
+(`positive_targets`), and symmetrically for texts; with all captions distinct it is CLIP's one-hot target.
+A deterministic text tower gives equal captions equal embeddings, hence tied logits, and with tied logits
+this loss equals CLIP's one-hot loss in value and in gradient: one-hot targets do not push image i away
+from its caption's twin (the pushes cancel), they only state an unreachable minimum of 0 where the real
+floor is the targets' entropy (log 2 for a pair). The soft targets state that floor, and make the logged
+in-batch accuracy count a tie between equal captions as right (tests/test_train_clip.py holds both).
 
 The data stream, the per-sample random draws (`dist.sample_generator`), EMA, checkpoints and resume are the
 loop's (`loop.run`). At each sample / eval step the EMA model's zero-shot accuracy is logged
@@ -68,12 +71,9 @@ class Contrast(nn.Module):
             return self.clip.logits(img.float(), txt.float())
 
 
-def positive_targets(captions: list[str], identical: str = "positive") -> torch.Tensor:
+def positive_targets(captions: list[str]) -> torch.Tensor:
     """(B, B) targets of the image -> text rows (and, being symmetric, of the text -> image rows): row i spread
-    evenly over the captions equal to caption i ("positive"), or one-hot on i ("negative")."""
-    n = len(captions)
-    if identical == "negative":
-        return torch.eye(n)
+    evenly over the captions equal to caption i (module docstring)."""
     index = {c: k for k, c in enumerate(dict.fromkeys(captions))}
     ids = torch.tensor([index[c] for c in captions])
     same = (ids[:, None] == ids[None, :]).float()  # (B, B)
@@ -220,7 +220,7 @@ class CLIPStage:
         x = augment(images_of(items), gens, lc).to(device)
         ids = window_ids(self.tokenizer, captions, self.model_cfg.text_encoder.eos_token_id)
         self.tokens.update(int(i) for i in ids.unique())
-        targets = positive_targets(captions, lc.identical_captions).to(device)
+        targets = positive_targets(captions).to(device)
         with dist.maybe_no_sync(self.ddp, not sync):
             with autocast(device, t.bf16):
                 logits = self.ddp(self.clip.preprocess(x), ids.to(device))  # (B, B), float32

@@ -235,7 +235,6 @@ class CLIPLossConfig:
     up to `blur_sigma` pixels and Gaussian noise of std up to `noise_std` (blurry, noisy x0 estimates early
     in sampling, as CLIP guidance feeds it)."""
 
-    identical_captions: Literal["positive", "negative"] = "positive"  # equal captions in a batch: soft positives
     crop_p: float = 0.0  # probability of a random crop, resized back to the image size
     crop_min: float = 0.8  # the smallest crop side, as a fraction of the image side
     blur_p: float = 0.0  # probability of a Gaussian blur
