@@ -1,8 +1,9 @@
-"""`daguerre eval --model MODEL`: prompt adherence, Frechet distance, KID and Inception Score of a model.
+"""`daguerre eval --model MODEL`: prompt adherence, Frechet distance, KID, Inception Score and CLIP score of a model.
 
     daguerre eval --model shapes --n 100 --out eval/shapes
     daguerre eval --model fashion --n 500 --extractor inception:pt_inception-2015-12-05.pth
     daguerre eval --model shapes --n 200 --fast --dtype bf16 --out eval/shapes-fast
+    daguerre eval --model my-sd.safetensors --dataset shapes --clip openai-clip-vit-b-32/
 
 It takes the settings of fewer network calls (`--fast`, `--cfg-cutoff`, `--deepcache`, ...) as `daguerre
 generate` does, so their quality cost is measured on the same seeds as the exact path.
@@ -43,6 +44,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extractor", default="default", help="feature space of FD / KID / IS: 'default' (the dataset's "
                    "shipped classifier), a classifier file, or inception:PATH (docs/inception.md)")
     p.add_argument("--classifier", default="default", help="adherence judge: 'default' (shipped) or a classifier file")
+    p.add_argument("--clip", default=None, metavar="CLIP",
+                   help="CLIP model of the CLIP score: a shipped CLIP's name or a path (daguerre CLIP file, "
+                   "transformers folder, OpenCLIP / OpenAI checkpoint); default: the CLIP shipped for a shipped "
+                   "model, if any")
     p.add_argument("--real", type=int, default=1000, help="real reference images for FD / KID (default 1000)")
     p.add_argument("--batch", type=int, default=8, help="images per network call (default 8)")
     p.add_argument("--out", "-o", default="outputs/eval", help="output folder (default outputs/eval)")
@@ -66,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     sampling.update(request_fields(args, "txt2img", only=FEWER_CALLS))
     if args.dataset is not None:  # check the cheap things before loading anything
         EvalSettings(args.dataset, kinds, args.n, args.seed, sampling, args.real, args.batch).check()
+    if args.clip is not None:
+        from ..registry import clip_path
+
+        clip_path(args.clip)  # exists, before the model is loaded
 
     from ..metrics.extractors import load_classifier_extractor, load_extractor
     from ..registry import default_model_name, model_file, open_model
@@ -93,15 +102,42 @@ def run(args: argparse.Namespace) -> int:
                   "dtype": short_name(dtype_of(comps.unet)), "quantize": args.quantize or "none",
                   "compile": args.compile, "device": str(device)}
 
+    clip = _clip_judge(args.clip, spec, comps, device)
+    if isinstance(clip, str):
+        print(f"daguerre eval: no CLIP score: {clip}", file=sys.stderr)
+
     from tqdm import tqdm
 
     total = len(settings.kinds) * settings.n if dataset == "shapes" else settings.n
     with tqdm(total=total, unit="img", desc="eval", disable=not args.progress, dynamic_ncols=True) as bar:
-        result = evaluate(comps, settings, classifier, extractor, model_info=model_info, progress=bar.update)
+        result = evaluate(comps, settings, classifier, extractor, model_info=model_info, progress=bar.update,
+                          clip=clip)
     _write(out, result, args.overwrite)
     print(format_table(result.report))
     print(f"wrote {out / 'report.json'} and {out / 'grid.png'}", file=sys.stderr)
     return 0
+
+
+def _clip_judge(clip_spec: str | None, spec: str, comps, device):
+    """The CLIP that scores the images (`--clip`, else the CLIP shipped for a shipped model), None when the
+    model has none, or a string saying why the score is skipped (its shipped CLIP not installed)."""
+    from ..metrics.clip_score import CLIPJudge
+    from ..registry import clip_for_model, clip_path, open_clip, shipped_clips
+    from ..weights.io import file_hash
+
+    text = comps.config.conditioning == "text"
+    if clip_spec is None:
+        clip_spec = clip_for_model(spec)
+        if clip_spec is None or not text:
+            return None
+        if clip_spec not in shipped_clips():
+            return f"{spec}'s CLIP, {clip_spec}, is not installed; pass --clip FILE"
+    elif not text:
+        raise ValueError(f"--clip scores images against their prompts, but model {spec!r} is "
+                         f"{comps.config.conditioning}-conditioned: it has no prompts")
+    path = clip_path(clip_spec)
+    model = open_clip(clip_spec, device=device)
+    return CLIPJudge(model, clip_spec, str(path), file_hash(path) if path.is_file() else None)
 
 
 def _check_prompts(prompts: str | None, dataset: str | None) -> None:

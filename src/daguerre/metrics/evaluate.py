@@ -16,6 +16,9 @@
    same comparison for a second real set of the generated set's size (shapes: rendered from
    FLOOR_KEY + seed; fashion: a train-split subset): what a perfect model would score at this n.
    Inception Score (Salimans et al. 2016) from the extractor's probabilities, when it has classes.
+4. CLIP score (`metrics.clip_score`, Hessel et al. 2021), with a CLIP model (`daguerre eval --clip`): each
+   image against its prompt, 100 * max(cos, 0); shapes: beside it the score of a rendered scene each prompt
+   describes (the sanity-check scenes), what a perfect model would score.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from .stats import feature_statistics, frechet_distance, inception_score, kernel
 if TYPE_CHECKING:
     from ..components import Components
     from .classifiers import ClassifierExtractor
+    from .clip_score import CLIPJudge
 
 PROMPT_KEY = 100_000  # prompts: sample_prompts(kind, n, PROMPT_KEY + seed), apart from training seeds (0, 1, ...)
 REAL_KEY = 200_000  # shapes reference images: rendered prompts of sample_prompts(kind, m, REAL_KEY + seed)
@@ -343,7 +347,25 @@ def format_table(report: dict[str, Any]) -> str:
     if "is" in d:
         lines.append(f"  Inception Score   {d['is']['mean']:12.4f} +- {d['is']['std']:.4f}   real "
                      f"{d['is_real']['mean']:.4f}")
+    lines.extend(_clip_lines(report.get("clip_score")))
     return "\n".join(lines)
+
+
+def _clip_lines(cs: dict[str, Any] | None) -> list[str]:
+    """The CLIP score lines of the table: per prompt kind, the mean +- its standard error, and the rendered
+    reference where there is one; or why there is no score."""
+    if not cs:
+        return []
+    if "skipped" in cs:
+        return [f"CLIP score: skipped ({cs['skipped']})"]
+    c = cs["clip"]
+    lines = [f"CLIP score (100 x max(cos, 0)) by {c['spec']} (sha256 {(c['sha256'] or 'none')[:16]})"]
+    for kind, entry in cs.items():
+        if isinstance(entry, dict) and "mean" in entry:
+            ref = entry.get("reference")
+            lines.append(f"  {kind:<10}{entry['n']:>6}{entry['mean']:12.2f} +- {entry['stderr']:.2f}"
+                         + (f"   rendered scenes {ref['mean']:.2f}" if ref else ""))
+    return lines
 
 
 def _fewer_calls_on(settings: dict[str, Any]) -> bool:
@@ -368,8 +390,9 @@ class EvalResult:
 
 def evaluate(components: Components, settings: EvalSettings, classifier: ClassifierExtractor,
              extractor: FeatureExtractor, *, model_info: dict[str, Any] | None = None,
-             progress: Callable[[int], None] | None = None) -> EvalResult:
-    """Generate, judge and measure (module docstring); `model_info` goes into the report as "model"."""
+             progress: Callable[[int], None] | None = None, clip: CLIPJudge | str | None = None) -> EvalResult:
+    """Generate, judge and measure (module docstring); `model_info` goes into the report as "model"; `clip`
+    scores the images against their prompts (a string: why there is no CLIP score, for the report)."""
     from ..pipelines.request import FEWER_CALLS_FIELDS, GenerationRequest
 
     settings.check()
@@ -384,6 +407,7 @@ def evaluate(components: Components, settings: EvalSettings, classifier: Classif
     batch = to_batch(images)
     verdicts, seen = judge(classifier, batch, items)
     dist = distribution_scores(extractor, batch, real, floor, settings.seed)
+    clip_report = _clip_score(clip, batch, items, settings)
     indices = grid_indices(items)
     grid = sample_grid(images, verdicts, items, indices)
     report = {
@@ -406,6 +430,7 @@ def evaluate(components: Components, settings: EvalSettings, classifier: Classif
         "extractor": {"name": extractor.name, "sha256": extractor.sha256},
         "adherence": summarize(verdicts, items, classifier.config.classes if classifier.kind != "shapes" else None),
         "distribution": dist,
+        **({"clip_score": clip_report} if clip_report is not None else {}),
         "timing": {"images": len(images), "generation_seconds": round(gen_seconds, 3),
                    "seconds_per_image": gen_seconds / len(images)},
         "grid": indices,
@@ -413,6 +438,21 @@ def evaluate(components: Components, settings: EvalSettings, classifier: Classif
                     for it, v, s in zip(items, verdicts, seen, strict=True)],
     }
     return EvalResult(report, images, grid)
+
+
+def _clip_score(clip: CLIPJudge | str | None, images: torch.Tensor, items: Sequence[EvalItem],
+                settings: EvalSettings) -> dict[str, Any] | None:
+    """The report's "clip_score": the judge's scores by prompt kind (shapes: with the rendered scenes of the
+    prompts as the reference), {"skipped": why} when `clip` is a reason, None without a CLIP."""
+    if clip is None or isinstance(clip, str):
+        return None if clip is None else {"skipped": clip}
+    reference = None
+    if settings.dataset == "shapes":
+        from .train_classifier import render_scenes
+
+        reference = render_scenes([item.scene for item in items])
+    return clip.report(images, [item.prompt for item in items], [item.kind for item in items], reference,
+                       batch=settings.batch)
 
 
 def dataset_of(config: Any) -> str | None:
