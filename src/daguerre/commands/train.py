@@ -4,6 +4,7 @@
     daguerre train ldm --config shapes_ldm --vae runs/shapes_vae/vae.safetensors [...]
     daguerre train clip --config shapes_clip [--out runs/shapes_clip]            # a contrastive image-text model
     daguerre train export runs/shapes_ldm [--step N] [--out model.safetensors]   # a model from a checkpoint
+    daguerre train zero-shot shapes-clip [--dataset shapes] [--n 1000]          # a CLIP's zero-shot accuracy
     daguerre train --list-configs                                                 # the shipped run configs
 
 `--config` takes the name of a shipped config or the path of a TOML file.
@@ -65,6 +66,17 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     export.add_argument("--out", "-o", default=None,
                         help="model file to write (default: RUN/model_step_NNNNNNNN.safetensors, or "
                         "RUN/clip_step_NNNNNNNN.safetensors for a CLIP run)")
+    zero = sub.add_parser("zero-shot", help="a CLIP model's zero-shot accuracy (shapes world, Fashion-MNIST)",
+                          description="Measure a CLIP model's zero-shot accuracy: on held-out single-object shapes "
+                          "scenes against every colour x shape prompt (shape, colour, both right), or on the "
+                          "Fashion-MNIST test split against 'a photo of {class}' prompts (docs/training.md).")
+    zero.add_argument("clip", metavar="CLIP", help="a shipped CLIP's name or a CLIP file / folder")
+    zero.add_argument("--dataset", choices=["shapes", "fashion_mnist"], default=None,
+                      help="what to measure (default: the data the CLIP was trained on, per its provenance; "
+                      "else shapes)")
+    zero.add_argument("--n", type=int, default=1000, help="held-out images (default 1000)")
+    zero.add_argument("--root", default=None, help="Fashion-MNIST folder (default: the Debian path)")
+    zero.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON to FILE")
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -106,6 +118,23 @@ def _writing(folder: Path) -> Iterator[None]:
                          "files already written are kept") from None
 
 
+def _zero_shot(args: argparse.Namespace) -> dict:
+    """{dataset: results} of `daguerre train zero-shot`, printed as one line per number."""
+    from ..metrics.zero_shot import zero_shot
+    from ..registry import open_clip
+
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: give at least 1 image")
+    model = open_clip(args.clip)
+    kind = args.dataset or model.clip_config.provenance.get("data", {}).get("kind", "shapes")
+    if kind not in ("shapes", "fashion_mnist"):
+        raise ValueError(f"{args.clip} was trained on {kind!r} data; choose --dataset shapes or fashion_mnist")
+    result = {kind: zero_shot(model, kind, args.n, root=args.root)}
+    for k, v in result[kind].items():
+        print(f"{kind} {k}: {v:.4f}" if isinstance(v, float) else f"{kind} {k}: {v}")
+    return result
+
+
 def _export(args: argparse.Namespace) -> Path:
     """The model file of a checkpoint: a stage-2 model, or the CLIP file of a clip run."""
     from ..training.export import export_checkpoint, find_checkpoint
@@ -129,6 +158,15 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "stage", None):
         raise ValueError("choose a stage: `daguerre train vae ...`, `daguerre train ldm ...` or "
                          "`daguerre train clip ...` (`daguerre train --list-configs` lists the shipped configs)")
+    if args.stage == "zero-shot":
+        result = _zero_shot(args)
+        if args.json:
+            import json
+
+            from ..fileio import atomic_write_text
+
+            atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+        return 0
     if args.stage == "export":
         with _writing(Path(args.out).parent if args.out else Path(args.run_dir)):
             print(_export(args))
