@@ -147,9 +147,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_limits_early(args: argparse.Namespace, request) -> Limits:
-    """The `Limits` of the limit flags; a --size or --n over them fails here, before a model is loaded
-    (`GenerationRequest.validate` checks everything again against the model)."""
+    """The `Limits` of the limit flags; a --size or --n over them, or a --clip that names no CLIP model, fails
+    here, before a model is loaded (`GenerationRequest.validate` checks everything again against the model)."""
     limits = limits_from_args(args)
+    if request.clip_guidance and request.clip_model is not None:
+        from ..registry import clip_path
+
+        clip_path(request.clip_model)
     if request.width is not None and request.height is not None:
         limits.check_size(request.width, request.height, max(1, min(request.batch_size, request.n)))
     limits.check_count(request.n, request.steps or 1)
@@ -182,6 +186,10 @@ def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash:
 
         preview = PreviewWriter(comps.vae, args.preview, args.preview_mode, tiled=request.tile,
                                 overwrite=args.overwrite)
+    if request.clip_guidance:  # the guiding CLIP (the model's own by default) is read before any step
+        from ..pipelines.common import open_guide
+
+        open_guide(request.clip_model, next(comps.unet.parameters()).device)
     print(f"daguerre {args.command}: {seed_line(request)}", file=sys.stderr, flush=True)
     with tqdm(total=progress_total(request), unit="step", desc=args.command, dynamic_ncols=True) as bar:
         def on_step(info: dict) -> None:

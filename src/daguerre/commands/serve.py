@@ -25,6 +25,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    "by default only this server's own page)")
     p.add_argument("--cors-allow-origins-regex", metavar="REGEX",
                    help="other web pages allowed to call the API: origins the whole regular expression matches")
+    p.add_argument("--clip", action="append", default=[], metavar="MODEL",
+                   help="a CLIP model (path or shipped name) payloads may name as clip_model for CLIP guidance, "
+                   "besides the shipped CLIPs; repeat for several (a payload never names a file to open)")
     add_limit_arguments(p)
 
 
@@ -44,10 +47,15 @@ def run(args: argparse.Namespace) -> int:
     from ..server.app import Server
 
     spec = args.model or default_model_name()
+    from ..pipelines.common import open_guide
+
+    for clip in args.clip:
+        open_guide(clip, args.device)  # found and readable, before the model is loaded
     comps, model_hash = open_model(spec, device=args.device, dtype=args.dtype, quantize=args.quantize,
                                    compile=args.compile)
     set_threads(args, comps)
-    server = Server(Pipeline(comps, model_hash), comps.config.name or spec, limits=limits, **model_file(spec))
+    server = Server(Pipeline(comps, model_hash), comps.config.name or spec, limits=limits, clips=tuple(args.clip),
+                    **model_file(spec))
     try:
         http = make_http_server(server, host, args.port, access=access)
     except OSError as e:

@@ -71,7 +71,8 @@ def settings_from_parameters(text: str, source: str = "parameters") -> PngSettin
     A value that does not parse is a ValueError naming `source` and the key. The `Model` is a name (A1111
     writes the checkpoint's name): a file never builds a `random:` model (random:sd15 allocates 860M
     untrained parameters) nor names a path to open, so such a `Model` is listed in `ignored` with the reason
-    and `model` is None: the caller's choice of model stands.
+    and `model` is None: the caller's choice of model stands. The same holds for a `CLIP model` that is a path
+    (CLIP guidance): it is listed in `ignored` and the field left out.
     """
     prompt, negative, params = parse_parameters(text)
     params = {**params, PROMPT_KEY: prompt, NEGATIVE_KEY: negative}
@@ -81,6 +82,10 @@ def settings_from_parameters(text: str, source: str = "parameters") -> PngSettin
         fields.update(png.read(params, f, source))
         known.update(png.keys)
     ignored = [k for k in params if k not in known]
+    clip = fields.get("clip_model")
+    if clip is not None and (why := _unusable_model(clip)):
+        ignored.append(f"CLIP model {clip!r} ({why}; choose a CLIP with --clip)")
+        del fields["clip_model"]
     model = params.get(MODEL_KEY)
     why = _unusable_model(model) if model is not None else None
     if why:

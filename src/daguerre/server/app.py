@@ -51,6 +51,7 @@ from ..limits import DEFAULT_LIMITS, Limits
 from ..pngmeta import parse_parameters, png_bytes
 from .payload import (  # noqa: F401  (ApiError, decode_image, request_from_payload: this module's names before)
     ApiError,
+    check_clip_model,
     check_settings,
     decode_image,
     parse_body,
@@ -76,13 +77,14 @@ class Server:
     """
 
     def __init__(self, pipe, model_name: str = "model", file: str | None = None, sha256: str | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, clips: tuple[str, ...] = ()):
         if limits is not None and limits != pipe.limits:  # one set of bounds: the server's run the pipeline too
             pipe = copy.copy(pipe)
             pipe.limits = limits
         self.pipe = pipe
         self.model_name = model_name
         self.file, self.sha256 = file, sha256  # the checkpoint file, for /sd-models (None: random, folder)
+        self.clips = tuple(clips)  # CLIP models a payload may name besides the shipped ones (serve --clip)
         self.limits: Limits = pipe.limits
         self.lock = threading.Lock()
         self.state: dict[str, Any] = {"skipped": False, "interrupted": False, "stopping_generation": False,
@@ -145,6 +147,7 @@ class Server:
         request = request_from_payload(payload, task, settings=self.settings(), limits=self.limits)
         components = self.pipe.components
         request = request.validate(components.config, self.limits)  # a bad value, or one over a limit, fails here
+        check_clip_model(request, self.clips)  # a payload names no CLIP file to open
         with self.lock:
             if cancelled is not None and cancelled():  # the client left while waiting for the lock
                 return {"images": [], "parameters": payload, "info": json.dumps({"interrupted": True})}

@@ -176,6 +176,21 @@ def request_from_payload(payload: Any, task: str = "txt2img", *, settings: Mappi
     return GenerationRequest(**fields)
 
 
+def check_clip_model(request: GenerationRequest, served: tuple[str, ...] = ()) -> None:
+    """The CLIP a guided request names must be one the server may open: a CLIP shipped in the package or one
+    given to `daguerre serve --clip` (`served`). A payload never names a path to open, as it never names a
+    model file: `sd_model_checkpoint` is refused the same way (one model, chosen at start)."""
+    if not request.clip_guidance or request.clip_model is None:
+        return
+    from ..registry import shipped_clips
+
+    allowed = sorted({*shipped_clips(), *served})
+    if request.clip_model not in allowed:
+        raise ApiError(f"clip_model {request.clip_model!r}: this server guides only with the CLIP models it was "
+                       f"started with or ships ({', '.join(allowed) or 'none'}); start it with daguerre serve --clip "
+                       "MODEL to add one")
+
+
 def _shown(values: tuple[Any, ...]) -> str:
     """The values that leave a feature off, as JSON would spell them."""
     import json
