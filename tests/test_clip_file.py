@@ -277,3 +277,13 @@ def test_info_describes_a_clip(tmp_path, capsys):
     assert info["parameters"]["total"] == sum(p.numel() for p in model.parameters())
     assert info["parameters"]["vision"] + info["parameters"]["text"] + 1 == info["parameters"]["total"]
     assert len(info["sha256"]) == 64
+
+
+def test_a_shard_outside_the_folder_is_refused(tmp_path, hf_tiny):
+    folder = tmp_path / "hf"
+    hf_tiny[0].save_pretrained(folder)
+    (folder / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    index = {"weight_map": {k: "../outside.safetensors" for k in hf_tiny[0].state_dict()}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="is not a file name in the folder"):
+        load_clip(folder)
