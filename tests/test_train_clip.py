@@ -19,6 +19,7 @@ from daguerre.training.clip import (
     augment,
     build_clip,
     contrastive_loss,
+    hard_negatives,
     positive_targets,
     prune_clip,
     train_clip,
@@ -29,7 +30,8 @@ from daguerre.training.config import CLIPLossConfig, load_run_config
 SETS = ["train.progress=false", "data.size=32", "data.shapes.n=96", "data.holdout=0", "train.batch_size=16",
         "train.steps=6", "train.checkpoint_every=2", "train.log_every=1", "train.sample_every=3",
         "train.eval_every=0", "train.lr=3e-3", "train.warmup_steps=0", "train.ema_decay=0.9",
-        "sample.zero_shot_images=16", "loss.crop_p=0.5", "loss.blur_p=0.5", "loss.noise_p=0.5"]
+        "sample.zero_shot_images=16", "loss.crop_p=0.5", "loss.blur_p=0.5", "loss.noise_p=0.5",
+        'loss.swap_words=[["circle", "square", "star"]]']
 CAPTIONS = ["a red circle", "a blue square", "a red circle", "a green star"]
 
 
@@ -73,6 +75,33 @@ def test_identical_captions_are_positives():
     entropy = -(targets * targets.clamp_min(1e-12).log()).sum(1).mean()
     assert abs(float(soft.detach()) - float(entropy)) < 1e-4
     assert torch.autograd.grad(soft, image)[0].abs().max() < 1e-4
+
+
+def test_hard_negatives_swap_one_word_of_a_group():
+    """NegCLIP's hard negatives: per caption and word group, the caption with one group word swapped for another;
+    they join the image -> text rows only, where the image must rank its caption above them."""
+    groups = [["circle", "square", "star"], ["red", "blue", "green"]]
+    captions = ["a red circle above a blue square", "a large star", "a small cyan ring"]
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+
+    negatives = hard_negatives(captions, groups, gens())
+    assert negatives == hard_negatives(captions, groups, gens())  # drawn from each caption's generator
+    assert len(negatives) == 3  # two groups in the first caption, one in the second, none in the third
+    for neg, own in zip(negatives, [captions[0], captions[0], captions[1]], strict=True):
+        changed = [(a, b) for a, b in zip(own.split(), neg.split(), strict=True) if a != b]
+        assert len(changed) == 1 and any({*changed[0]} <= set(g) for g in groups)
+    texts = captions + negatives
+    targets = positive_targets(captions, texts)
+    assert targets.shape == (3, 6) and torch.equal(targets[:, 3:], torch.zeros(3, 3))
+    # the square part is the loss without negatives; a negative the image prefers raises the loss
+    logits = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    square = contrastive_loss(logits[:, :3], positive_targets(captions))
+    assert contrastive_loss(logits, targets) > square
+    assert torch.allclose(contrastive_loss(logits.clone().index_fill_(1, torch.arange(3, 6), -1e4), targets), square)
+    with pytest.raises(ValueError, match="config key loss.swap_words: group 0"):
+        load_run_config(None, "clip", ['loss.swap_words=[["circle"]]'])
 
 
 def test_augment_is_per_sample_deterministic_and_leaves_the_input():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -71,20 +72,47 @@ class Contrast(nn.Module):
             return self.clip.logits(img.float(), txt.float())
 
 
-def positive_targets(captions: list[str]) -> torch.Tensor:
-    """(B, B) targets of the image -> text rows (and, being symmetric, of the text -> image rows): row i spread
-    evenly over the captions equal to caption i (module docstring)."""
-    index = {c: k for k, c in enumerate(dict.fromkeys(captions))}
-    ids = torch.tensor([index[c] for c in captions])
-    same = (ids[:, None] == ids[None, :]).float()  # (B, B)
+def positive_targets(captions: list[str], texts: list[str] | None = None) -> torch.Tensor:
+    """(B, T) targets of the image -> text rows over `texts` (default: the captions themselves, T = B): row i
+    spread evenly over the texts equal to caption i (module docstring). With texts = captions the matrix is
+    symmetric, so it is also the text -> image target."""
+    texts = captions if texts is None else texts
+    index = {c: k for k, c in enumerate(dict.fromkeys([*captions, *texts]))}
+    a, b = torch.tensor([index[c] for c in captions]), torch.tensor([index[c] for c in texts])
+    same = (a[:, None] == b[None, :]).float()  # (B, T)
     return same / same.sum(1, keepdim=True)
 
 
 def contrastive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE with soft targets: (CE(rows of logits) + CE(columns)) / 2, each a batch mean."""
+    """Symmetric InfoNCE with soft targets: (CE(rows of logits) + CE(columns)) / 2, each a batch mean.
+
+    `logits` (B, B + N): the first B texts are the images' captions, the N after them hard negatives, which
+    take part in the image -> text rows only (a text -> image column is over the B images of its caption)."""
+    b = logits.shape[0]
     rows = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
-    cols = -(targets.T * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    cols_t = targets[:, :b].T
+    cols_t = cols_t / cols_t.sum(1, keepdim=True)  # caption j's images (a row of the square part's transpose)
+    cols = -(cols_t * F.log_softmax(logits[:, :b].T, dim=1)).sum(1).mean()
     return (rows + cols) / 2
+
+
+def hard_negatives(captions: list[str], groups: list[list[str]],
+                   gens: list[torch.Generator]) -> list[str]:
+    """Per caption and per word group it uses, one hard negative: the caption with one occurrence of a word of
+    the group (drawn) replaced by another word of the group (drawn) (NegCLIP, Yuksekgonul et al. 2023). The
+    words of a group must exclude each other ("circle", "square", ...) so that each negative is false."""
+    out = []
+    patterns = [re.compile(r"\b(" + "|".join(re.escape(w) for w in g) + r")\b") for g in groups]
+    for text, g in zip(captions, gens, strict=True):
+        for words, pattern in zip(groups, patterns, strict=True):
+            found = list(pattern.finditer(text))
+            if not found:
+                continue
+            hit = found[int(torch.randint(len(found), (1,), generator=g))]
+            others = [w for w in words if w != hit.group(1)]
+            new = others[int(torch.randint(len(others), (1,), generator=g))]
+            out.append(text[: hit.start()] + new + text[hit.end():])
+    return out
 
 
 def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -218,9 +246,10 @@ class CLIPStage:
         captions = [str(it.get("caption", "")) for it in items]
         gens = [dist.sample_generator(t.seed, "clip", int(p)) for p in positions]
         x = augment(images_of(items), gens, lc).to(device)
-        ids = window_ids(self.tokenizer, captions, self.model_cfg.text_encoder.eos_token_id)
+        texts = captions + hard_negatives(captions, lc.swap_words, gens)  # captions first, then negatives
+        ids = window_ids(self.tokenizer, texts, self.model_cfg.text_encoder.eos_token_id)
         self.tokens.update(int(i) for i in ids.unique())
-        targets = positive_targets(captions).to(device)
+        targets = positive_targets(captions, texts).to(device)
         with dist.maybe_no_sync(self.ddp, not sync):
             with autocast(device, t.bf16):
                 logits = self.ddp(self.clip.preprocess(x), ids.to(device))  # (B, B), float32
@@ -229,6 +258,7 @@ class CLIPStage:
         with torch.no_grad():
             hit = targets.gather(1, logits.argmax(1, keepdim=True)) > 0  # image -> text lands on a positive
         return {"loss": float(loss.detach()), "batch_accuracy": float(hit.float().mean()),
+                "negatives": float(len(texts) - len(captions)),
                 "logit_scale": float(self.clip.logit_scale.detach().exp())}
 
     def sample(self, step: int, models: dict[str, nn.Module], runlog: RunLogger, *, grid: bool,

@@ -241,6 +241,9 @@ class CLIPLossConfig:
     blur_sigma: float = 2.0  # the largest blur sigma, in pixels (drawn uniformly from 0..blur_sigma)
     noise_p: float = 0.0  # probability of additive Gaussian noise
     noise_std: float = 0.2  # the largest noise std, in units of the [-1, 1] pixel range (drawn uniformly)
+    # hard negatives (NegCLIP): groups of mutually exclusive words; each caption adds, per group it uses, a copy
+    # with one of the group's words swapped for another, which its image must rank below its own caption
+    swap_words: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -573,6 +576,9 @@ def check_clip_run(cfg: RunConfig) -> None:
     for key in ("blur_sigma", "noise_std"):
         if getattr(lc, key) < 0:
             raise ValueError(f"config key loss.{key}: must be >= 0, got {getattr(lc, key)}")
+    for i, group in enumerate(lc.swap_words):
+        if len(group) < 2 or len(set(group)) != len(group) or not all(w.strip() for w in group):
+            raise ValueError(f"config key loss.swap_words: group {i} ({group}) needs two or more distinct words")
     if cfg.sample.zero_shot_images < 0:
         raise ValueError(f"config key sample.zero_shot_images: must be >= 0, got {cfg.sample.zero_shot_images}")
     if not cfg.model.text_encoder.causal:
