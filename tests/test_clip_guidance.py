@@ -328,3 +328,21 @@ def test_the_server_takes_the_fields_and_opens_only_its_clips(pipe, clip_file):
     infotext = {"prompt": PROMPT, "infotext": f"{PROMPT}\nSteps: 2, CLIP guidance: 300, CLIP model: {clip_file}"}
     status, _, answer = refused.handle("POST", "/sdapi/v1/txt2img", json.dumps(infotext).encode())
     assert status == 422 and "CLIP model" in json.loads(answer)["detail"]
+
+
+def test_eval_takes_the_guidance_flags(clip_file, tmp_path, capsys):
+    from daguerre.cli import main
+
+    out = tmp_path / "ev"
+    base = ["eval", "--model", "random:tiny", "--dataset", "shapes", "--prompts", "single", "--n", "2", "--steps", "2",
+            "--real", "4", "--no-progress", "--cfg", "0", "--clip", clip_file]
+    assert main([*base, "--clip-guidance", "300", "--cutouts", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["clip_guidance"] == {"clip_guidance": 300.0, "clip_model": clip_file, "cutouts": 2}
+    assert report["settings"]["cfg_scale"] == 0.0 and "clip_score" in report
+    plain = tmp_path / "plain"
+    assert main([*base, "--out", str(plain)]) == 0
+    again = json.loads((plain / "report.json").read_text())
+    assert again["settings"]["clip_guidance"] is None
+    with Image.open(out / "grid.png") as guided, Image.open(plain / "grid.png") as unguided:
+        assert not np.array_equal(np.asarray(guided), np.asarray(unguided))  # same seeds, guided images

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .generate import add_model_arguments, set_threads
 from .registry import command
-from .request_args import FEWER_CALLS, add_request_arguments, request_fields
+from .request_args import CLIP_GUIDANCE, FEWER_CALLS, add_request_arguments, request_fields
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,14 +40,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None, help="schedule type (default: the model's, as daguerre generate)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's, "
                    "as daguerre generate)")
-    add_request_arguments(p, "txt2img", only=FEWER_CALLS)  # --cfg-cutoff, --deepcache, --fast, ...
+    add_request_arguments(p, "txt2img", only=FEWER_CALLS + CLIP_GUIDANCE)  # --cfg-cutoff, ..., --clip-guidance
     p.add_argument("--extractor", default="default", help="feature space of FD / KID / IS: 'default' (the dataset's "
                    "shipped classifier), a classifier file, or inception:PATH (docs/inception.md)")
     p.add_argument("--classifier", default="default", help="adherence judge: 'default' (shipped) or a classifier file")
     p.add_argument("--clip", default=None, metavar="CLIP",
                    help="CLIP model of the CLIP score: a shipped CLIP's name or a path (daguerre CLIP file, "
-                   "transformers folder, OpenCLIP / OpenAI checkpoint); default: the CLIP shipped for a shipped "
-                   "model, if any")
+                   "transformers folder, OpenCLIP / OpenAI checkpoint), and with --clip-guidance the guiding CLIP; "
+                   "default: the CLIP shipped for a shipped model, if any")
     p.add_argument("--real", type=int, default=1000, help="real reference images for FD / KID (default 1000)")
     p.add_argument("--batch", type=int, default=8, help="images per network call (default 8)")
     p.add_argument("--out", "-o", default="outputs/eval", help="output folder (default outputs/eval)")
@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     _check_prompts(args.prompts, args.dataset)
     sampling = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("schedule", args.schedule),
                                   ("cfg_scale", args.cfg)) if v is not None}
-    sampling.update(request_fields(args, "txt2img", only=FEWER_CALLS))
+    sampling.update(request_fields(args, "txt2img", only=FEWER_CALLS + CLIP_GUIDANCE))
+    if sampling.get("clip_guidance") and args.clip is not None:
+        sampling["clip_model"] = args.clip
     if args.dataset is not None:  # check the cheap things before loading anything
         EvalSettings(args.dataset, kinds, args.n, args.seed, sampling, args.real, args.batch).check()
     if args.clip is not None:

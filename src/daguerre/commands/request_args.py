@@ -17,6 +17,8 @@ from ..pipelines.request import FEWER_CALLS_FIELDS, GenerationRequest
 
 # the settings of fewer network calls (issue 15) and their preset, which `daguerre eval` takes too
 FEWER_CALLS = (*FEWER_CALLS_FIELDS, "fast")
+# CLIP guidance's flags that `daguerre eval` takes (its own --clip names the scoring and the guiding CLIP)
+CLIP_GUIDANCE = ("clip_guidance", "cutouts")
 
 
 def add_request_arguments(p: argparse.ArgumentParser, task: str, only: tuple[str, ...] | None = None) -> None:

@@ -393,7 +393,7 @@ def evaluate(components: Components, settings: EvalSettings, classifier: Classif
              progress: Callable[[int], None] | None = None, clip: CLIPJudge | str | None = None) -> EvalResult:
     """Generate, judge and measure (module docstring); `model_info` goes into the report as "model"; `clip`
     scores the images against their prompts (a string: why there is no CLIP score, for the report)."""
-    from ..pipelines.request import FEWER_CALLS_FIELDS, GenerationRequest
+    from ..pipelines.request import CLIP_GUIDANCE_FIELDS, FEWER_CALLS_FIELDS, GenerationRequest
 
     settings.check()
     if classifier.kind != settings.dataset:
@@ -421,6 +421,10 @@ def evaluate(components: Components, settings: EvalSettings, classifier: Classif
             "batch": settings.batch, "real": settings.real,
             # fewer network calls (issue 15): the settings the requests ran with (`fast` filled in)
             "fewer_calls": {name: getattr(request, name) for name in FEWER_CALLS_FIELDS},
+            # CLIP guidance (docs/clip.md): none, or its scale, CLIP and cutouts (a CLIP score by the guiding CLIP
+            # is not an independent judge)
+            "clip_guidance": ({name: getattr(request, name) for name in CLIP_GUIDANCE_FIELDS}
+                              if request.clip_guidance else None),
             "real_images": ("rendered sample_prompts(kind, m, REAL_KEY + seed)" if settings.dataset == "shapes"
                             else "Fashion-MNIST test split, random subset"),
             "floor_images": ("rendered sample_prompts(kind, m, FLOOR_KEY + seed)" if settings.dataset == "shapes"

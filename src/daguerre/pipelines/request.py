@@ -91,6 +91,7 @@ MAX_TOME_RATIO = 0.75  # token merging: the sources are 3 of every 2x2 cell (nn/
 # image, chosen by measurement on the shipped shapes model (docs/clip.md)
 CLIP_GUIDANCE = 500.0
 CUTOUTS = 8
+CLIP_GUIDANCE_FIELDS = ("clip_guidance", "clip_model", "cutouts")
 FAST_DEEPCACHE = (3, 1)
 FAST_DEEPCACHE_FRACTION = 0.7
 FAST_TOME = 0.5
