@@ -10,6 +10,8 @@ is executed and nothing is imported, and the stubs never reach the model (only `
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -17,7 +19,8 @@ import pickle
 import re
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format caps its JSON header at 100 MB
 _HASH_CHUNK = 1 << 20  # bytes read at a time when hashing
+READ_CHUNK = 1 << 22  # bytes read at a time when a tensor is converted while it is read (`_read_tensor`)
 A1111_HASH_CHARS = 10  # AUTOMATIC1111 "Model hash": the first 10 hex digits of the file's sha256
 
 # Globals found in CompVis/Lightning training checkpoints that are data, not code: admitted as inert stubs.
@@ -118,16 +122,34 @@ def sniff(path: Path) -> str:
     return describe_bytes(head)
 
 
+# A per-tensor hook on what `read_state_dict` reads from a safetensors file: hook(key, tensor, reread) -> the
+# tensor to keep, where `reread()` reads the same tensor again (converted as the first time). Set for the
+# duration of a load with `reading_with` (`daguerre.quantize.int8_loading` quantises weights as they are read).
+ReadHook = Callable[[str, torch.Tensor, Callable[[], torch.Tensor]], torch.Tensor]
+_READ_HOOK: ContextVar[ReadHook | None] = ContextVar("daguerre_read_hook", default=None)
+
+
+@contextlib.contextmanager
+def reading_with(hook: ReadHook) -> Iterator[None]:
+    """While the context lasts, every tensor `read_state_dict` reads from a little-endian safetensors file
+    passes through `hook` (see `ReadHook`) before the next is read. Pickles are read whole and not hooked."""
+    token = _READ_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _READ_HOOK.reset(token)
+
+
 def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Floating-point tensors to `dtype` (None: unchanged); integer and bool tensors are kept as they are."""
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def _read_safetensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of a safetensors file, each read with plain file reads into its own buffer and converted
-    to `dtype` before the next is read. The `safetensors` library checks the header (dtypes, shapes, offsets
-    inside the file, no gaps); reading through its memory map instead would keep every touched page of the
-    file resident until the end, so an fp16 file loaded as bf16 would peak at twice the model's size."""
+    """The tensors of a safetensors file, each read with plain file reads straight into its own tensor,
+    converted to `dtype` on the way (`_read_tensor`). The `safetensors` library checks the header (dtypes,
+    shapes, offsets inside the file, no gaps); reading through its memory map instead would keep every touched
+    page of the file resident until the end, so an fp16 file loaded as bf16 would peak at twice the model's size."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -138,7 +160,14 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, 
             (n,) = struct.unpack("<Q", raw.read(8))
             header = json.loads(raw.read(n))
             if sys.byteorder == "little":
-                tensors = {k: _convert(_read_tensor(raw, 8 + n, header[k]), dtype) for k in names}
+                scratch = bytearray(READ_CHUNK)  # one conversion buffer for the whole file
+                hook = _READ_HOOK.get()
+                tensors = {}
+                for k in names:
+                    t = _read_tensor(raw, 8 + n, header[k], dtype, scratch)
+                    if hook is not None:
+                        t = hook(k, t, functools.partial(_reread, path, 8 + n, header[k], dtype))
+                    tensors[k] = t
             else:  # safetensors data is little-endian: let the library swap the bytes
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     tensors = {k: _convert(f.get_tensor(k), dtype) for k in names}
@@ -148,18 +177,45 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, 
     return tensors, metadata
 
 
-def _read_tensor(raw, data_start: int, entry: dict[str, Any]) -> torch.Tensor:
-    """One tensor of a safetensors file whose header entry the library has checked (little-endian data)."""
-    dt = SAFETENSORS_DTYPES.get(entry["dtype"])
-    if dt is None:
+def _read_tensor(raw, data_start: int, entry: dict[str, Any], dtype: torch.dtype | None,
+                 scratch: bytearray) -> torch.Tensor:
+    """One tensor of a safetensors file whose header entry the library has checked (little-endian data),
+    floating-point data converted to `dtype` (None: as stored).
+
+    Stored as wanted, the bytes are read straight into the tensor's memory; otherwise `scratch`-sized pieces
+    are read and converted into the tensor one at a time, each element cast as `Tensor.to` casts it. So a
+    tensor costs its final size and no more: no whole-tensor read buffer is allocated and freed per tensor,
+    whose freed holes between the kept tensors the C allocator would not give back to the system (an fp16
+    SD 1.5 loaded as bf16 held ~0.6 GiB more than its weights that way)."""
+    stored = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if stored is None:
         raise RuntimeError(f"unsupported dtype {entry['dtype']}")
+    want = dtype if dtype is not None and stored.is_floating_point else stored
     start, end = entry["data_offsets"]
-    buf = bytearray(end - start)
+    out = torch.empty(entry["shape"], dtype=want)
+    if out.numel() * stored.itemsize != end - start:
+        raise RuntimeError(f"{end - start} bytes for shape {entry['shape']} in {entry['dtype']}")
     raw.seek(data_start + start)
-    if raw.readinto(buf) != len(buf):
-        raise OSError("the file ends inside a tensor")
-    t = torch.frombuffer(buf, dtype=dt) if buf else torch.empty(0, dtype=dt)
-    return t.reshape(entry["shape"])
+    flat = out.view(-1)
+    if want == stored:
+        if flat.numel() and raw.readinto(flat.view(torch.uint8).numpy()) != end - start:
+            raise OSError("the file ends inside a tensor")
+        return out
+    step = len(scratch) // stored.itemsize
+    view = memoryview(scratch)
+    for i in range(0, flat.numel(), step):
+        count = min(step, flat.numel() - i)
+        nbytes = count * stored.itemsize
+        if raw.readinto(view[:nbytes]) != nbytes:
+            raise OSError("the file ends inside a tensor")
+        flat[i:i + count].copy_(torch.frombuffer(scratch, dtype=stored, count=count))
+    return out
+
+
+def _reread(path: Path, data_start: int, entry: dict[str, Any], dtype: torch.dtype | None) -> torch.Tensor:
+    """One tensor of a safetensors file read again (what a `ReadHook` gets as `reread`)."""
+    with open(path, "rb") as raw:
+        return _read_tensor(raw, data_start, entry, dtype, bytearray(READ_CHUNK))
 
 
 # safetensors header dtype names -> torch dtypes (those a checkpoint may plausibly hold)
