@@ -63,6 +63,7 @@ def build_components(
     from .models.text_encoder import CLIPTextEncoder
     from .models.tokenizer import CLIPTokenizer
     from .models.unet import UNetModel
+    from .quantize import int8_loading_active
     from .weights.strict import instantiate
 
     tcfg = config.text_encoder
@@ -78,8 +79,9 @@ def build_components(
                 module.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
     else:
         unet_sd, vae_sd, text_sd = weights
+        int8 = int8_loading_active()  # inside quantize.int8_loading: the U-Net and text encoder are built int8
         unet = instantiate(lambda: UNetModel(config.unet), unet_sd, "U-Net", device=device, dtype=dtype,
-                           prefix=prefixes[0])
+                           prefix=prefixes[0], quantize=int8)
         vae = instantiate(lambda: AutoencoderKL(config.vae), vae_sd, "autoencoder", device=device, dtype=dtype,
                           prefix=prefixes[1])
         text_encoder = None
@@ -93,7 +95,7 @@ def build_components(
             if text_sd is None:
                 raise ValueError("the config has a text encoder but the checkpoint holds no text-encoder weights")
             text_encoder = instantiate(lambda: CLIPTextEncoder(tcfg), text_sd, "text encoder", device=device,
-                                       dtype=dtype, prefix=prefixes[2])
+                                       dtype=dtype, prefix=prefixes[2], quantize=int8)
     if frozen:
         from .models.bert import load_minilm, minilm_tokenizer
 

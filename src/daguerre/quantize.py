@@ -10,6 +10,13 @@ the bf16 matmul on this CPU. The dequantisation is not free where activations ar
 32x32 latent measured 1.3-1.6x the bf16 one on a loaded machine (docs/benchmarks.md, "int8 weights").
 Resident weights shrink from 2 bytes (bf16) to 1 byte per parameter, plus one transient dequantised layer.
 
+Quantised while read (`int8_loading`): inside that context a safetensors file's Linear/Conv-shaped tensors are
+quantised one at a time as the reader converts them to the compute dtype (`weights.io.reading_with`), and
+`weights.strict.instantiate` builds the network's int8 layers on the meta device and fills them; so a float copy
+of the whole U-Net never exists and the load peaks at about the int8 footprint. A tensor quantised on reading
+that turns out not to belong to a quantised layer (the VAE's convolutions, an embedding) is read again as it
+was. The result equals quantising after a float load, bit for bit (tests/test_quantize.py).
+
 A quantised network refuses to produce a state dict (`QuantizedWeightsError`): a checkpoint written from it
 (`daguerre convert`, `save_model`) would carry the int8 rounding as if it were the model, silently. Write
 checkpoints from the model loaded without quantisation.
@@ -17,27 +24,48 @@ checkpoints from the model loaded without quantisation.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .memory import trim
+from .weights.io import reading_with
 
 QMAX = 127  # symmetric: -127..127, so that -q is representable and zero is exact
 # Layers with fewer weights stay in the compute dtype: their memory is negligible (the time embedding's and the
 # norms' are below this) and a tiny matmul is dominated by the dequantisation call.
 MIN_PARAMS = 1 << 14
+QUANTIZE_BLOCK = 1 << 20  # weights quantised at a time (`_quantize`): 4 MiB of float32 scratch
 
 
 class QuantizedWeightsError(ValueError):
     """A state dict (hence a checkpoint) was asked of a network with int8-quantised layers."""
 
 
+class QuantizeWhileReadingError(RuntimeError):
+    """A loader changed a weight quantised on reading beyond a rename or a reshape (e.g. split or filled it):
+    the load is to be done again without `int8_loading`, quantising after it (`registry`)."""
+
+
 def _quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weights, per-output-channel scales in `dtype`, shaped to broadcast over the weight)."""
-    w = weight.detach().float()
-    absmax = w.reshape(w.shape[0], -1).abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+    """(int8 weights, per-output-channel scales in `dtype`, shaped to broadcast over the weight).
+
+    Computed in float32 a block of rows at a time (at most `QUANTIZE_BLOCK` weights), so that quantising a large
+    layer needs a few MiB of scratch memory, not several float32 copies of it; every element and every row's
+    maximum are what the whole-tensor computation gives."""
+    w = weight.detach()
+    # abs and max are exact in any float dtype, and rounding to float32 keeps the order: the same maximum
+    absmax = w.reshape(w.shape[0], -1).abs().amax(1).float().clamp_min(torch.finfo(torch.float32).tiny)
     scale = (absmax / QMAX).to(dtype).reshape(-1, *([1] * (w.ndim - 1)))  # (out, 1, ...) in the compute dtype
-    q = torch.round(w / scale.float()).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, scale  # elementwise ops keep the weight's memory format (channels_last stays channels_last)
+    q = torch.empty_like(w, dtype=torch.int8)  # keeps the weight's memory format (channels_last stays so)
+    step = max(1, QUANTIZE_BLOCK // max(1, w[0].numel()))
+    for i in range(0, w.shape[0], step):
+        q[i:i + step] = torch.round(w[i:i + step].float() / scale[i:i + step].float()).clamp_(-QMAX, QMAX)
+    return q, scale
 
 
 class _Int8Weight(nn.Module):
@@ -145,3 +173,77 @@ def weight_bytes(module: nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+# --- quantising while the weights are read -------------------------------------------------------------------
+
+_INT8_LOADING: ContextVar[bool] = ContextVar("daguerre_int8_loading", default=False)
+_SCALE, _REREAD = "_daguerre_int8_scale", "_daguerre_int8_reread"  # attributes of a tensor quantised on reading
+
+
+@contextlib.contextmanager
+def int8_loading() -> Iterator[None]:
+    """While the context lasts, weights read from safetensors files are quantised as they are read, and the
+    U-Net and text encoder built from them (`components.build_components`) get their int8 layers filled
+    directly (module docstring); the networks equal `quantize_int8_` applied after a float load. Raises
+    `QuantizeWhileReadingError` for a loader that does more than rename or reshape such a weight."""
+    token = _INT8_LOADING.set(True)
+    try:
+        with reading_with(_quantize_on_read):
+            yield
+    finally:
+        _INT8_LOADING.reset(token)
+
+
+def int8_loading_active() -> bool:
+    """Whether the current load is inside `int8_loading` (so the U-Net and the text encoder are built int8)."""
+    return _INT8_LOADING.get()
+
+
+def _quantize_on_read(key: str, t: torch.Tensor, reread: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A `weights.io.ReadHook`: a tensor shaped like a quantisable Linear (2-D) or Conv2d (4-D) weight becomes
+    its int8 form, carrying its scales and a way to read the float tensor again; anything else is kept."""
+    if not (t.is_floating_point() and t.ndim in (2, 4) and t.numel() >= MIN_PARAMS):
+        return t
+    trim()  # the float tensors read before, freed between the kept int8 ones: back to the system (daguerre.memory)
+    q, scale = _quantize(t, t.dtype)
+    setattr(q, _SCALE, scale)
+    setattr(q, _REREAD, reread)
+    return q
+
+
+def _read_source(t: torch.Tensor) -> torch.Tensor | None:
+    """The tensor quantised on reading that `t` is, or is a reshape of (rows kept: per-row scales still hold)."""
+    if hasattr(t, _SCALE):
+        return t
+    base = t._base
+    if (base is not None and hasattr(base, _SCALE) and t.is_contiguous() and t.numel() == base.numel()
+            and t.shape[0] == base.shape[0]):
+        return base
+    if t.dtype == torch.int8 and _INT8_LOADING.get():
+        raise QuantizeWhileReadingError("a weight quantised while read was changed by the loader")
+    return None
+
+
+def int8_weight(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weights, per-output-channel scales in `dtype`) of a layer weight given as a float tensor (cast to
+    `dtype` first, as a load would) or as a tensor quantised on reading (`int8_loading`)."""
+    source = _read_source(t)
+    if source is None:
+        return _quantize(t.to(dtype), dtype)
+    scale = getattr(source, _SCALE)
+    if scale.dtype != dtype:
+        raise QuantizeWhileReadingError(f"read with scales in {scale.dtype}, built in {dtype}")
+    return t.detach(), scale.reshape(t.shape[0], *([1] * (t.ndim - 1)))
+
+
+def float_value(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or for a tensor quantised on reading whose layer is not quantised, the float tensor read
+    again (reshaped as `t` is)."""
+    source = _read_source(t)
+    return t if source is None else getattr(source, _REREAD)().reshape(t.shape)
+
+
+def int8_layer_names(model: nn.Module) -> set[str]:
+    """The names of `model`'s int8 layers (`quantize_int8_`)."""
+    return {name for name, m in model.named_modules() if isinstance(m, _Int8Weight)}

@@ -20,6 +20,7 @@ import torch
 
 from .components import Components, build_components
 from .config import PRESETS, preset
+from .memory import trim
 from .precision import AUTO, QUANTIZE_CHOICES, auto_dtype, is_auto, resolve_dtype, uses_channels_last
 from .quantize import weight_count
 
@@ -53,8 +54,9 @@ def open_model(
     """
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZE_CHOICES)}")
-    comps, model_hash = _open(spec, device, dtype)
+    comps, model_hash = _open(spec, device, dtype, quantize)
     prepare_for_inference_(comps, quantize=quantize, compile=compile)
+    trim()  # the load's freed buffers back to the system (daguerre.memory)
     return comps, model_hash
 
 
@@ -75,9 +77,9 @@ def prepare_for_inference_(comps: Components, *, quantize: str | None = None, co
         compile_for_inference_(comps.unet)
 
 
-def _open(spec: str | None, device: torch.device | str | None,
-          dtype: torch.dtype | str | None) -> tuple[Components, str | None]:
-    from .checkpoints import load_model, short_hash
+def _open(spec: str | None, device: torch.device | str | None, dtype: torch.dtype | str | None,
+          quantize: str | None = None) -> tuple[Components, str | None]:
+    from .checkpoints import short_hash
 
     spec = spec or default_model_name()
     if spec.startswith(RANDOM_PREFIX):
@@ -99,10 +101,26 @@ def _open(spec: str | None, device: torch.device | str | None,
             f"no model {spec!r}: not a file or folder, nor a shipped model ({names}), nor random:PRESET"
         )
     dtype = _compute_dtype(dtype, device, lambda: _stored_unet_parameters(path))
-    comps = load_model(path, device=device, dtype=dtype)
+    comps = _load_file(path, device, dtype, quantize)
     set_memory_format(comps, dtype)
     model_hash = short_hash(path) if path.is_file() else None
     return comps, model_hash
+
+
+def _load_file(path: Path, device: torch.device | str | None, dtype: torch.dtype, quantize: str | None) -> Components:
+    """`load_model`; with `quantize="int8"` on the CPU, the U-Net's and text encoder's weights are quantised
+    while they are read (`quantize.int8_loading`: no float copy of the U-Net, equal to quantising after), unless
+    the file's loader transforms those weights beyond renaming (then it is loaded and quantised after)."""
+    from .checkpoints import load_model
+    from .quantize import QuantizeWhileReadingError, int8_loading
+
+    if quantize == "int8" and torch.device(device or "cpu").type == "cpu":
+        try:
+            with int8_loading():
+                return load_model(path, device=device, dtype=dtype)
+        except QuantizeWhileReadingError:
+            trim()
+    return load_model(path, device=device, dtype=dtype)
 
 
 def _compute_dtype(

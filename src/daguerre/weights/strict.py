@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from ..quantize import float_value, int8_layer_names, int8_weight, quantize_int8_
+
 MAX_LISTED_KEYS = 4  # keys named in an error message before "... and N more"
 
 
@@ -53,8 +55,13 @@ def instantiate(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     prefix: str = "",
+    quantize: bool = False,
 ) -> nn.Module:
-    """Build `factory()` and load `sd` into it strictly; floating tensors become `dtype` (default float32)."""
+    """Build `factory()` and load `sd` into it strictly; floating tensors become `dtype` (default float32).
+
+    With `quantize` the network's Linear and Conv2d layers are built int8 on the meta device
+    (`daguerre.quantize.quantize_int8_`) and filled from `sd`, whose weights may already have been quantised
+    while read (`quantize.int8_loading`); equal to quantising the network after the float load."""
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
     with torch.device("meta"):
@@ -64,9 +71,19 @@ def instantiate(
     if any(True for _ in model.buffers()) and set(dict(model.named_buffers())) - set(expected):
         # non-persistent buffers are computed in __init__: build the module for real so they exist
         model = factory().to(device)
-    converted = {
-        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()
-    }
+    int8_layers = set()
+    if quantize:
+        quantize_int8_(model)
+        int8_layers = int8_layer_names(model)
+    converted = {}
+    for k, v in sd.items():
+        layer, _, leaf = k.rpartition(".")
+        if leaf == "weight" and layer in int8_layers:
+            q, scale = int8_weight(v, dtype)
+            converted[f"{layer}.weight_int8"], converted[f"{layer}.weight_scale"] = q.to(device), scale.to(device)
+            continue
+        v = float_value(v)
+        converted[k] = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
     model.load_state_dict(converted, strict=True, assign=True)
     model.to(dtype=dtype)
     return model.eval()
