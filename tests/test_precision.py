@@ -296,10 +296,13 @@ def test_info_says_how_a_run_here_would_compute(bf16_cpu, capsys):
     assert main(["info", "shapes", "--no-hash", "--json"]) == 0
     run = json.loads(capsys.readouterr().out)["run"]
     assert run == {"precision": "bf16", "attention": precision.attention_description(torch.bfloat16, "cpu"),
-                   "convolutions": "contiguous", "threads": 1, "device": "cpu"}  # small: one thread, contiguous
+                   "convolutions": "contiguous", "threads": 1, "device": "cpu", "weights": "none"}  # small: one thread
     assert main(["info", "fashion", "--no-hash"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("a run here:"))
-    assert "precision fp32" in line and "1 CPU thread(s)" in line
+    assert "precision fp32" in line and "1 CPU thread(s)" in line and "int8" not in line
+    assert main(["info", "fashion", "--no-hash", "--quantize", "int8"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("a run here:"))
+    assert line.endswith(", int8 weights")
 
 
 def test_the_cli_tells_the_fp16_warning_in_one_line(capsys):

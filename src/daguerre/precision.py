@@ -182,8 +182,9 @@ def run_settings(dtype: torch.dtype, device: torch.device | str | None, unet_par
 
 def format_run(settings: dict[str, object]) -> str:
     threads = f"{settings['threads']} CPU thread(s)" if settings["threads"] else f"device {settings['device']}"
+    weights = ", int8 weights" if settings.get("weights") == "int8" else ""  # `daguerre info --quantize int8`
     return (f"precision {settings['precision']}, attention: {settings['attention']}, "
-            f"convolutions {settings['convolutions']}, {threads}")
+            f"convolutions {settings['convolutions']}, {threads}{weights}")
 
 
 def describe_run(unet: torch.nn.Module) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..precision import AUTO, CLI_CHOICES
+from ..precision import AUTO, CLI_CHOICES, QUANTIZE_CHOICES
 from .registry import command
 
 GIB = 1024**3
@@ -25,6 +25,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="the device a run would use (default: cpu)")
     p.add_argument("--dtype", default=AUTO, choices=CLI_CHOICES,
                    help="the --dtype a run would use (default auto: decided for this machine and model)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                   help="the --quantize a run would use (int8: the U-Net's and text encoder's layer weights in int8)")
 
 
 def human_size(n: int) -> str:
@@ -115,14 +117,15 @@ def format_info(info: dict) -> str:
 
 
 def run_here(args: argparse.Namespace, unet_parameters: int) -> dict:
-    """How `daguerre generate` would run this model with these --device and --dtype flags on this machine
-    (`precision.run_settings`: precision, attention form, convolution layout, threads)."""
+    """How `daguerre generate` would run this model with these --device, --dtype and --quantize flags on this
+    machine (`precision.run_settings`: precision, attention form, convolution layout, threads; the weights)."""
     import torch
 
     from ..precision import resolve_dtype, run_settings
 
     device = torch.device(args.device)
-    return run_settings(resolve_dtype(args.dtype, device, unet_parameters), device, unet_parameters)
+    settings = run_settings(resolve_dtype(args.dtype, device, unet_parameters), device, unet_parameters)
+    return {**settings, "weights": args.quantize}
 
 
 @command("info", "describe a checkpoint: variant, architecture, parameters, dtypes, hashes", _add_arguments)
