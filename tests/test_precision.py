@@ -327,3 +327,17 @@ def test_from_png_without_a_precision_key_runs_in_fp32_even_where_auto_is_bf16(m
     assert main(["generate", "--from-png", str(first), "--model", "random:tiny", "-o", str(again)]) == 0
     np.testing.assert_array_equal(_pixels(again), _pixels(first))
     assert daguerre.load("random:tiny").dtype == torch.bfloat16  # what auto would have picked without the file
+
+
+def test_the_server_refuses_an_infotext_made_at_another_precision():
+    """A PNG's parameters that name a Precision (or Weights) other than the server's would give another image
+    silently: the API says so and which flags would reproduce it; texts without those keys (A1111's) pass."""
+    from daguerre.server.app import ApiError, Server
+
+    server = Server(daguerre.load("random:tiny", dtype="fp32"), "random:tiny")
+    base = "a cat\nSteps: 1, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 32x32"
+    with pytest.raises(ApiError, match=r"made in bf16, this server computes in fp32.*--dtype bf16"):
+        server.generate({"infotext": base + ", Precision: bf16"}, "txt2img")
+    with pytest.raises(ApiError, match=r"made in fp32 with int8 weights.*--dtype fp32 --quantize int8"):
+        server.generate({"infotext": base + ", Weights: int8"}, "txt2img")
+    assert len(server.generate({"infotext": base}, "txt2img")["images"]) == 1

@@ -140,11 +140,40 @@ class Server:
 
     # --- generation -------------------------------------------------------------------------------
 
+    def _check_infotext_precision(self, payload: Any) -> None:
+        """An `infotext` that names a `Precision` or `Weights` other than this server's would silently give another
+        image than the one it describes: refused, naming both (a text without those keys, such as A1111's, is
+        taken as it is)."""
+        from ..pipelines.infotext import PRECISION_KEY, WEIGHTS_KEY, settings_from_parameters
+        from ..pngmeta import parse_parameters
+        from ..precision import dtype_of, short_name
+        from ..quantize import is_quantized
+
+        text = payload.get("infotext") if isinstance(payload, dict) else None
+        if not (isinstance(text, str) and text.strip()):
+            return
+        named = parse_parameters(text)[2]
+        if PRECISION_KEY not in named and WEIGHTS_KEY not in named:
+            return
+        made = settings_from_parameters(text, "infotext")
+        unet = self.pipe.components.unet
+        here = (short_name(dtype_of(unet)), "int8" if is_quantized(unet) else "none")
+        if (made.precision, made.quantize) != here:
+            def say(precision: str, weights: str) -> str:
+                return precision + (" with int8 weights" if weights == "int8" else "")
+
+            flags = f"--dtype {made.precision}" + (" --quantize int8" if made.quantize == "int8" else "")
+            raise ApiError(f"infotext: the image was made in {say(made.precision, made.quantize)}, this server "
+                           f"computes in {say(*here)}, so the same settings would give another image; start the "
+                           f"server with {flags}, or remove {PRECISION_KEY} and {WEIGHTS_KEY} from the infotext to "
+                           "accept the difference")
+
     def generate(self, payload: Any, task: str, cancelled: Cancelled = None) -> dict[str, Any]:
         """A1111's txt2img / img2img: the images (partial ones after /interrupt or /skip), the payload, the info."""
         from ..pipelines.common import Interrupted, count_steps, progress_total
 
         request = request_from_payload(payload, task, settings=self.settings(), limits=self.limits)
+        self._check_infotext_precision(payload)
         components = self.pipe.components
         request = request.validate(components.config, self.limits)  # a bad value, or one over a limit, fails here
         check_clip_model(request, self.clips)  # a payload names no CLIP file to open
