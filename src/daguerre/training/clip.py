@@ -14,6 +14,10 @@ from its caption's twin (the pushes cancel), they only state an unreachable mini
 floor is the targets' entropy (log 2 for a pair). The soft targets state that floor, and make the logged
 in-batch accuracy count a tie between equal captions as right (tests/test_train_clip.py holds both).
 
+Hard negatives (`loss.swap_words`, NegCLIP, Yuksekgonul et al. 2023): each caption may bring copies with one
+word of a group of mutually exclusive words swapped ("circle" -> "star"); they join the image -> text rows
+only, so an image must rank its own caption above captions that differ from it in one attribute.
+
 The data stream, the per-sample random draws (`dist.sample_generator`), EMA, checkpoints and resume are the
 loop's (`loop.run`). At each sample / eval step the EMA model's zero-shot accuracy is logged
 (`metrics.zero_shot`: shapes, Fashion-MNIST; a folder: held-out caption retrieval). The final file
