@@ -224,3 +224,10 @@ def test_run_errors_name_the_key(tmp_path):
         derive_clip_config(load_run_config(None, "clip", SETS), 1)
     with pytest.raises(ValueError, match="for stage 'clip', but `daguerre train ldm` ran"):
         load_run_config("shapes_clip", "ldm")
+
+
+def test_the_cli_trains_a_clip(tmp_path):
+    out = tmp_path / "run"
+    sets = [x for s in SETS + ["train.steps=2", "sample.zero_shot_images=0"] for x in ("--set", s)]
+    assert main(["train", "clip", "--out", str(out), *sets]) == 0
+    assert load_clip(out / CLIP_FILE).clip_config.provenance["steps"] == 2

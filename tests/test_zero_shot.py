@@ -109,6 +109,8 @@ def test_an_exported_file_loads_and_its_zero_shot_evaluation_runs(clip_file, tmp
     assert "shape_accuracy" in printed and json.loads(out.read_text())["shapes"] == result
     with pytest.raises(ValueError, match="choose one of shapes, fashion_mnist"):
         zs.zero_shot(model, "folder", 5)
+    assert main(["train", "zero-shot", str(clip_file), "--n", "0"]) == 2
+    assert "--n 0: give at least 1 image" in capsys.readouterr().err
 
 
 def test_fashion_zero_shot_scores_classes(fashion_mnist):
