@@ -47,3 +47,25 @@ def test_trim_gives_freed_heap_pages_back():
     assert trim()
     assert resident_bytes() < before - 200 * 2**20  # ~390 MiB were freed between the kept pieces
     assert all(bool((k == 1).all()) for k in keep)
+
+
+def test_channels_last_a_layer_at_a_time_equals_converting_the_whole_module(monkeypatch):
+    import daguerre.registry as registry
+    from daguerre.components import build_components
+    from daguerre.config import preset
+    from daguerre.quantize import quantize_int8_
+
+    monkeypatch.setattr(registry, "TRIM_EVERY", 1)  # a trim after every converted layer
+    comps = build_components(preset("tiny"))
+    quantize_int8_(comps.unet, min_params=1)  # int8 conv weights and (out, 1, 1, 1) scales are 4-D buffers too
+    whole = build_components(preset("tiny"))
+    quantize_int8_(whole.unet, min_params=1)
+    for mine, reference in ((comps.unet, whole.unet), (comps.vae, whole.vae)):
+        registry._channels_last_(mine)
+        reference.to(memory_format=torch.channels_last)
+        a = dict([*mine.named_parameters(), *mine.named_buffers()])
+        b = dict([*reference.named_parameters(), *reference.named_buffers()])
+        assert a.keys() == b.keys()
+        assert any(t.dim() == 4 and not t.is_contiguous() for t in a.values())
+        for key in a:
+            assert a[key].stride() == b[key].stride() and torch.equal(a[key], b[key]), key

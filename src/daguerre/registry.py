@@ -146,7 +146,26 @@ def set_memory_format(comps: Components, dtype: torch.dtype) -> None:
     device = next(comps.unet.parameters()).device
     if uses_channels_last(dtype, device, weight_count(comps.unet)):
         for module in (comps.unet, comps.vae):
-            module.to(memory_format=torch.channels_last)
+            _channels_last_(module)
+
+
+TRIM_EVERY = 64 * 2**20  # bytes of weights converted to channels_last between two `memory.trim` calls
+
+
+def _channels_last_(module: torch.nn.Module) -> None:
+    """`module.to(memory_format=torch.channels_last)` a layer at a time, the C heap trimmed every `TRIM_EVERY`
+    bytes: converted all at once, the freed contiguous copies stay as holes between the new ones (glibc), which
+    raised the peak of an SD 1.5 int8 load by ~0.35 GiB. Children come before their parents, so each tensor is
+    copied once (a tensor already channels_last is kept as it is, as `Tensor.to` does)."""
+    pending = 0
+    for m in reversed(list(module.modules())):
+        own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        pending += sum(t.numel() * t.element_size() for t in own
+                       if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last))
+        m.to(memory_format=torch.channels_last)
+        if pending >= TRIM_EVERY:
+            trim()
+            pending = 0
 
 
 def _to(comps: Components, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
