@@ -52,12 +52,12 @@ from . import dist, state
 from .config import CLIPLossConfig, RunConfig, derive_clip_config, to_jsonable
 from .data import batch_loader, images_of, load_items, load_train_data
 from .ema import EMA
+from .export import SAVE_DTYPES
 from .log import RunLogger
 from .loop import RunSummary, Setup, autocast, check_writable, make_optimizer, run, wrap_ddp
 
 logger = logging.getLogger("daguerre.train")
 CLIP_FILE = "clip.safetensors"
-SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 RETRIEVAL_IMAGES = 256  # folder data: held-out images of the retrieval accuracy
 BLUR_MIN_SIGMA = 0.1  # a drawn blur sigma below this leaves the image as it is
 
@@ -274,23 +274,7 @@ class CLIPStage:
             logger.info("step %d: zero-shot %s", step, _summary(metrics))
 
     def evaluate(self, model: CLIPModel) -> dict[str, float]:
-        """Zero-shot accuracy of the data's kind on `sample.zero_shot_images` held-out images ({} when 0)."""
-        cfg, n = self.cfg, self.cfg.sample.zero_shot_images
-        was_training = model.training
-        model.eval()
-        try:
-            if n == 0:
-                return {}
-            if cfg.data.kind == "folder":
-                if not self.holdout:
-                    return {}
-                items = self.holdout[:n]
-                return zs.retrieval_accuracy(model, self.tokenizer, images_of(items),
-                                             [str(it.get("caption", "")) for it in items])
-            root = cfg.data.fashion_mnist.root if cfg.data.kind == "fashion_mnist" else None
-            return zs.zero_shot(model, cfg.data.kind, n, root=root, size=cfg.data.size)
-        finally:
-            model.train(was_training)
+        return evaluate_clip(model, self.cfg, self.holdout)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"caption_token_ids": sorted(self.tokens)}
@@ -302,6 +286,28 @@ class CLIPStage:
                   "images_seen": self.cfg.train.steps * summary.global_batch, "world_size": summary.world,
                   "config_history": summary.history}
         write_clip(model, self.cfg, record, sorted(self.tokens), self.data.description, self.evaluate(model), path)
+
+
+def evaluate_clip(model: CLIPModel, cfg: RunConfig, holdout: list[dict[str, Any]] | None) -> dict[str, float]:
+    """Zero-shot accuracy of the run's data kind on `sample.zero_shot_images` held-out images ({} when 0): the
+    shapes world's or Fashion-MNIST's (`metrics.zero_shot`), or for a folder caption retrieval among the
+    `holdout` items."""
+    n = cfg.sample.zero_shot_images
+    was_training = model.training
+    model.eval()
+    try:
+        if n == 0:
+            return {}
+        if cfg.data.kind == "folder":
+            if not holdout:
+                return {}
+            items = holdout[:n]
+            return zs.retrieval_accuracy(model, zs.clip_tokenizer(model.clip_config), images_of(items),
+                                         [str(it.get("caption", "")) for it in items])
+        root = cfg.data.fashion_mnist.root if cfg.data.kind == "fashion_mnist" else None
+        return zs.zero_shot(model, cfg.data.kind, n, root=root, size=cfg.data.size)
+    finally:
+        model.train(was_training)
 
 
 def _count(module: nn.Module) -> int:
@@ -359,13 +365,9 @@ def export_clip_checkpoint(folder: Path, meta: dict[str, Any], out: Path) -> Pat
     step = int(meta["step"])
     cfg.train.steps = step
     check_writable(out.parent)
-    stage = CLIPStage(cfg)
     data = load_train_data(cfg.data)
-    stage.data, stage.device = data, torch.device("cpu")
-    stage.model_cfg = derive_clip_config(cfg, data.channels)
-    stage.tokenizer = zs.clip_tokenizer(stage.model_cfg)
-    stage.holdout = load_items(data, data.holdout[:RETRIEVAL_IMAGES]) if cfg.data.kind == "folder" else None
-    model = build_clip(stage.model_cfg, cfg.train.seed)
+    holdout = load_items(data, data.holdout[:RETRIEVAL_IMAGES]) if cfg.data.kind == "folder" else None
+    model = build_clip(derive_clip_config(cfg, data.channels), cfg.train.seed)
     tensors, _ = state.load_checkpoint(folder)
     try:
         state.load_module_tensors(model, tensors, "model.clip.")
@@ -383,7 +385,8 @@ def export_clip_checkpoint(folder: Path, meta: dict[str, Any], out: Path) -> Pat
               "config_history": list(meta.get("config_history", []))}
     tokens = [int(i) for i in meta.get("caption_token_ids") or ()]
     with tempfile.TemporaryDirectory(prefix="daguerre-export-") as tmp:
-        made = write_clip(model, cfg, record, tokens, data.description, stage.evaluate(model), Path(tmp) / CLIP_FILE)
+        made = write_clip(model, cfg, record, tokens, data.description, evaluate_clip(model, cfg, holdout),
+                          Path(tmp) / CLIP_FILE)
         with atomic_path(out) as target:
             shutil.copyfile(made, target)
     return out
