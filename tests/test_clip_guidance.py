@@ -202,6 +202,15 @@ def test_guidance_raises_the_clip_similarity_of_the_image(pipe, clip_file, sampl
         assert _similarity(clip, g.image) > _similarity(clip, p.image), (sampler, cfg)
 
 
+@pytest.mark.parametrize("fields", [dict(deepcache_interval=2), dict(fast=True), dict(cfg_min_sigma=5.0),
+                                    dict(sampler="Heun")])
+def test_guidance_runs_with_the_fewer_calls_settings_and_two_call_samplers(pipe, clip_file, fields):
+    kw = dict(steps=4, seed=1, cfg_scale=3, **fields)
+    plain = pipe(PROMPT, **kw)
+    guided = pipe(PROMPT, clip_guidance=2000, clip_model=clip_file, cutouts=2, **kw)
+    assert not np.array_equal(_pixels(plain[0]), _pixels(guided[0]))
+
+
 def test_a_seed_gives_the_same_guided_image_in_any_batch(pipe, clip_file):
     kw = dict(steps=3, sampler="Euler a", clip_guidance=500, clip_model=clip_file, cutouts=3)
     first = pipe(PROMPT, seed=5, n=2, batch_size=2, **kw)
