@@ -244,3 +244,24 @@ def test_an_int8_load_peaks_near_the_int8_footprint(tmp_path):
     assert reading["footprint"] > 60 * 2**20
     assert reading["peak"] < 2 * reading["footprint"]
     assert after["peak"] > 2.6 * reading["footprint"]
+
+
+def test_calls_without_gradients_reuse_one_buffer_and_compute_the_same():
+    """Without gradients each int8 layer dequantises into one shared per-thread buffer: the output is bit for bit
+    the one with a fresh weight per call (the gradient path), layer after layer overwriting the buffer."""
+    import daguerre.quantize as quantize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 16, 3, padding=1), nn.Flatten(),
+                        nn.Linear(16 * 8 * 8, 24)).bfloat16().to(memory_format=torch.channels_last)
+    quantize_int8_(net, min_params=1)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
+    fresh = net(x).detach()
+    with torch.no_grad():
+        first = net(x)
+    with torch.inference_mode():
+        second = net(x)
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)
+    buffers = quantize._SCRATCH.buffers
+    assert buffers[(torch.bfloat16, torch.device("cpu"))].numel() >= max(
+        m.weight_int8.numel() for m in net if isinstance(m, (Int8Linear, Int8Conv2d)))

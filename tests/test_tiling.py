@@ -157,6 +157,18 @@ def test_decode_latents_unscales_clamps_and_switches_to_tiles(monkeypatch):
     assert calls == [(1, 4, 97, 96), (1, 4, 10, 12)]
 
 
+def test_decode_latents_gives_the_freed_heap_back_before_decoding(monkeypatch):
+    """The sampler's freed activations go back to the system before the decoder allocates its large tensors."""
+    vae = _vae(VAEConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4))
+    order = []
+    monkeypatch.setattr(tiling, "trim", lambda: order.append("trim"))
+    decode = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda z: order.append("decode") or decode(z))
+    with torch.no_grad():
+        decode_latents(vae, _randn(1, 4, 6, 6))
+    assert order == ["trim", "decode"]
+
+
 def test_encode_latents_scales_the_mean():
     cfg = VAEConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4,
                     scale_factor=0.5, shift_factor=0.1)
