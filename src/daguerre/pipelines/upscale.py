@@ -18,6 +18,8 @@ detail the resize cannot.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..components import Components
@@ -26,6 +28,9 @@ from .common import Callback, GeneratedImage, SamplingPlan, run_plan
 from .images import image_to_tensor, resize_image
 from .img2img import img2img_plan
 from .request import ValidRequest, require_valid
+
+if TYPE_CHECKING:
+    from ..models.clip import CLIPModel
 
 FALLBACK_UPSCALER = "Lanczos"
 
@@ -54,6 +59,7 @@ def upscale(
     *,
     callback: Callback | None = None,
     model_hash: str | None = None,
+    clip: CLIPModel | None = None,
 ) -> list[GeneratedImage]:
     """Upscale `request.init_image` (an upscale `ValidRequest`) by `request.upscale_factor` (output size
     snapped to the model's grid): latent super-resolution with an SR model, else Lanczos resize + img2img
@@ -68,4 +74,4 @@ def upscale(
         plan = img2img_plan(components, req, image_to_tensor(big))
         plan.params = {"Hires upscale": f"{req.upscale_factor:g}", "Hires upscaler": FALLBACK_UPSCALER,
                        **plan.params}
-    return run_plan(components, req, plan, callback=callback, model_hash=model_hash)
+    return run_plan(components, req, plan, callback=callback, model_hash=model_hash, clip=clip)
