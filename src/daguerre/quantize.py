@@ -8,7 +8,8 @@ call dequantises q * s into the compute dtype (one multiply, ~0.3 ns per weight)
 `F.linear` / `F.conv2d`; torch's own int8 weight-only kernel (`aten._weight_int8pack_mm`) ran 2-3x slower than
 the bf16 matmul on this CPU. The dequantisation is not free where activations are small: an SD 1.5 step at a
 32x32 latent measured 1.3-1.6x the bf16 one on a loaded machine (docs/benchmarks.md, "int8 weights").
-Resident weights shrink from 2 bytes (bf16) to 1 byte per parameter, plus one transient dequantised layer.
+Resident weights shrink from 2 bytes (bf16) to 1 byte per parameter, plus one buffer as large as the largest
+dequantised layer, per thread, reused by every call without gradients (a fresh tensor per call under autograd).
 
 Quantised while read (`int8_loading`): inside that context a safetensors file's Linear/Conv-shaped tensors are
 quantised one at a time as the reader converts them to the compute dtype (`weights.io.reading_with`), and
@@ -75,7 +76,7 @@ _SCRATCH = threading.local()  # per thread: (dtype, device) -> a flat buffer as 
 def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A flat buffer of at least `numel` elements for dequantised weights, one per thread, dtype and device,
     grown to the largest layer and reused by every call: a fresh tensor per call left freed weights of every
-    size in glibc's heap (+0.5 GiB resident while sampling SD 1.5 with int8 weights)."""
+    size in glibc's heap (~0.1 GiB more at the peak of sampling SD 1.5 with int8 weights)."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get((dtype, device))
     if buf is None or buf.numel() < numel:
