@@ -15,17 +15,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "daguerre"
 
 # The layers of daguerre, lowest first; each name is a top-level module or package of src/daguerre.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("daguerre", "untrusted", "fileio"),  # the version; reading others' files, writing atomically
-    ("config", "limits", "pngmeta"),  # typed model configs and presets; bounds of a request; PNG parameters
-    ("weights", "nn", "diffusion", "data", "quantize"),  # reading and strictly loading weights; primitives; the
-    # math; datasets; int8 weights of any network
+    ("daguerre", "untrusted", "fileio", "memory"),  # the version; reading others' files, writing atomically;
+    # giving freed heap memory back
+    ("config", "limits", "pngmeta", "quantize"),  # typed model configs and presets; bounds of a request; PNG
+    # parameters; int8 weights of any network (and quantising while they are read)
+    ("weights", "nn", "diffusion", "data"),  # reading and strictly loading weights; primitives; the math; datasets
     ("models", "compile"),  # the networks, one file each; compiling one for inference
     ("components", "guidance", "conditioning", "precision"),  # a model in memory, its one `build_components`;
     # denoiser wrappers; how a model is conditioned (its conditioner); the compute dtype chosen for the machine
     ("checkpoints",),  # the file formats: single files, diffusers folders, the VAE file
     ("registry",),  # what `--model NAME` means
     ("pipelines",),  # txt2img, img2img, inpaint, upscale over Components
-    ("training", "metrics"),  # the two training stages; evaluation
+    ("metrics",),  # evaluation: statistics, judges, zero-shot accuracy, CLIP score
+    ("training",),  # the training stages (a CLIP run logs metrics' zero-shot accuracy)
     ("api", "server", "commands", "cli", "__main__"),  # the front ends, which may import each other
 )
 

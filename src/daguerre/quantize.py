@@ -12,7 +12,7 @@ Resident weights shrink from 2 bytes (bf16) to 1 byte per parameter, plus one bu
 dequantised layer, per thread, reused by every call without gradients (a fresh tensor per call under autograd).
 
 Quantised while read (`int8_loading`): inside that context a safetensors file's Linear/Conv-shaped tensors are
-quantised one at a time as the reader converts them to the compute dtype (`weights.io.reading_with`), and
+quantised one at a time as the reader converts them to the compute dtype (the reader asks `read_hook`), and
 `weights.strict.instantiate` builds the network's int8 layers on the meta device and fills them; so a float copy
 of the whole U-Net never exists and the load peaks at about the int8 footprint. A tensor quantised on reading
 that turns out not to belong to a quantised layer (the VAE's convolutions, an embedding) is read again as it
@@ -35,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .memory import trim
-from .weights.io import reading_with
 
 QMAX = 127  # symmetric: -127..127, so that -q is representable and zero is exact
 # Layers with fewer weights stay in the compute dtype: their memory is negligible (the time embedding's and the
@@ -217,10 +216,19 @@ def int8_loading() -> Iterator[None]:
     `QuantizeWhileReadingError` for a loader that does more than rename or reshape such a weight."""
     token = _INT8_LOADING.set(True)
     try:
-        with reading_with(_quantize_on_read):
-            yield
+        yield
     finally:
         _INT8_LOADING.reset(token)
+
+
+# A per-tensor hook on what `weights.io.read_state_dict` reads from a safetensors file: hook(key, tensor, reread)
+# -> the tensor to keep, where `reread()` reads the same tensor again (converted as the first time).
+ReadHook = Callable[[str, torch.Tensor, Callable[[], torch.Tensor]], torch.Tensor]
+
+
+def read_hook() -> ReadHook | None:
+    """The hook the weight reader applies to each tensor it reads: quantising inside `int8_loading`, else None."""
+    return _quantize_on_read if _INT8_LOADING.get() else None
 
 
 def int8_loading_active() -> bool:
@@ -229,7 +237,7 @@ def int8_loading_active() -> bool:
 
 
 def _quantize_on_read(key: str, t: torch.Tensor, reread: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """A `weights.io.ReadHook`: a tensor shaped like a quantisable Linear (2-D) or Conv2d (4-D) weight becomes
+    """A `ReadHook`: a tensor shaped like a quantisable Linear (2-D) or Conv2d (4-D) weight becomes
     its int8 form, carrying its scales and a way to read the float tensor again; anything else is kept."""
     if not (t.is_floating_point() and t.ndim in (2, 4) and t.numel() >= MIN_PARAMS):
         return t

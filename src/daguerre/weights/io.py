@@ -10,7 +10,6 @@ is executed and nothing is imported, and the stubs never reach the model (only `
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -19,13 +18,13 @@ import pickle
 import re
 import struct
 import sys
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..quantize import read_hook
 from ..untrusted import regular_file
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -122,24 +121,6 @@ def sniff(path: Path) -> str:
     return describe_bytes(head)
 
 
-# A per-tensor hook on what `read_state_dict` reads from a safetensors file: hook(key, tensor, reread) -> the
-# tensor to keep, where `reread()` reads the same tensor again (converted as the first time). Set for the
-# duration of a load with `reading_with` (`daguerre.quantize.int8_loading` quantises weights as they are read).
-ReadHook = Callable[[str, torch.Tensor, Callable[[], torch.Tensor]], torch.Tensor]
-_READ_HOOK: ContextVar[ReadHook | None] = ContextVar("daguerre_read_hook", default=None)
-
-
-@contextlib.contextmanager
-def reading_with(hook: ReadHook) -> Iterator[None]:
-    """While the context lasts, every tensor `read_state_dict` reads from a little-endian safetensors file
-    passes through `hook` (see `ReadHook`) before the next is read. Pickles are read whole and not hooked."""
-    token = _READ_HOOK.set(hook)
-    try:
-        yield
-    finally:
-        _READ_HOOK.reset(token)
-
-
 def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Floating-point tensors to `dtype` (None: unchanged); integer and bool tensors are kept as they are."""
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
@@ -161,7 +142,7 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, 
             header = json.loads(raw.read(n))
             if sys.byteorder == "little":
                 scratch = bytearray(READ_CHUNK)  # one conversion buffer for the whole file
-                hook = _READ_HOOK.get()
+                hook = read_hook()  # int8 quantisation while reading, inside `quantize.int8_loading`
                 tensors = {}
                 for k in names:
                     t = _read_tensor(raw, 8 + n, header[k], dtype, scratch)
@@ -213,7 +194,7 @@ def _read_tensor(raw, data_start: int, entry: dict[str, Any], dtype: torch.dtype
 
 
 def _reread(path: Path, data_start: int, entry: dict[str, Any], dtype: torch.dtype | None) -> torch.Tensor:
-    """One tensor of a safetensors file read again (what a `ReadHook` gets as `reread`)."""
+    """One tensor of a safetensors file read again (what a `quantize.ReadHook` gets as `reread`)."""
     with open(path, "rb") as raw:
         return _read_tensor(raw, data_start, entry, dtype, bytearray(READ_CHUNK))
 
