@@ -529,13 +529,15 @@ def test_every_real_and_project_config_is_within_the_bounds():
     from daguerre.checkpoints.text_keys import text_config_from_transformers
     from daguerre.checkpoints.unet_keys import unet_config_from_diffusers
     from daguerre.checkpoints.vae_keys import vae_config_from_diffusers
-    from daguerre.config import PRESETS, check_model_config
+    from daguerre.config import CLIP_PRESETS, PRESETS, check_clip_config, check_model_config
     from daguerre.registry import shipped_models
     from daguerre.training.config import derive_model_config, load_run_config, shipped_configs
     from sd_configs import real_config
 
     for name in PRESETS:
         check_model_config(preset(name))
+    for make in CLIP_PRESETS.values():
+        check_clip_config(make())
     for sd in ("sd15", "sd21"):
         unet = unet_config_from_diffusers(real_config(sd, "unet"))
         vae = vae_config_from_diffusers(real_config(sd, "vae"))
@@ -549,6 +551,9 @@ def test_every_real_and_project_config_is_within_the_bounds():
     for path in shipped_models().values():
         assert load_model(path).config is not None
     for name, path in shipped_configs().items():
+        if name.endswith("_clip"):
+            check_clip_config(load_run_config(path, "clip").model, "model.")
+            continue
         stage = "vae" if name.endswith("_vae") else "ldm"
         cfg = load_run_config(path, stage)
         check_model_config(derive_model_config(cfg, 3, [f"c{i}" for i in range(10)]), "model.")
