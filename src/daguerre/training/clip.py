@@ -256,7 +256,7 @@ class CLIPStage:
         targets = positive_targets(captions, texts).to(device)
         with dist.maybe_no_sync(self.ddp, not sync):
             with autocast(device, t.bf16):
-                logits = self.ddp(self.clip.preprocess(x), ids.to(device))  # (B, B), float32
+                logits = self.ddp(self.clip.preprocess(x), ids.to(device))  # (B, B + negatives), float32
             loss = contrastive_loss(logits, targets)
             (loss / t.grad_accum).backward()
         with torch.no_grad():
