@@ -211,7 +211,7 @@ class ClipGuidanceOptions:
 
     tv_scale: float = 0.0
     range_scale: float = 0.0
-    clamp: float = 0.5
+    clamp: float = 0.3
     through_denoiser: bool = True
     sigma_data: float = 1.0
     min_cut: float = 0.5

@@ -90,7 +90,7 @@ MAX_TOME_RATIO = 0.75  # token merging: the sources are 3 of every 2x2 cell (nn/
 # CLIP guidance (guidance.clip_guided_denoiser): the scale `--clip-guidance` alone means and the cutouts per
 # image, chosen by measurement on the shipped shapes model (docs/clip.md)
 CLIP_GUIDANCE = 500.0
-CUTOUTS = 8
+CUTOUTS = 16
 CLIP_GUIDANCE_FIELDS = ("clip_guidance", "clip_model", "cutouts")
 FAST_DEEPCACHE = (3, 1)
 FAST_DEEPCACHE_FRACTION = 0.7
