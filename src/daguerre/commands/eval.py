@@ -123,11 +123,12 @@ def run(args: argparse.Namespace) -> int:
 def _clip_judge(clip_spec: str | None, spec: str, comps, device):
     """The CLIP that scores the images (`--clip`, else the CLIP shipped for a shipped model), None when the
     model has none, or a string saying why the score is skipped (its shipped CLIP not installed)."""
+    from ..conditioning import conditioner_for
     from ..metrics.clip_score import CLIPJudge
     from ..registry import clip_for_model, clip_path, open_clip, shipped_clips
     from ..weights.io import file_hash
 
-    text = comps.config.conditioning == "text"
+    text = conditioner_for(comps.config).takes_prompt
     if clip_spec is None:
         clip_spec = clip_for_model(spec)
         if clip_spec is None or not text:
