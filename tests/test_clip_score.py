@@ -100,8 +100,11 @@ def test_eval_uses_the_models_shipped_clip_or_notes_its_absence(tmp_path, capsys
 
 def test_eval_clip_needs_a_text_model_and_an_existing_clip(tmp_path, capsys, clip_file):
     from daguerre.commands.eval import _clip_judge
+    from daguerre.config import preset
 
-    class_model = types.SimpleNamespace(config=types.SimpleNamespace(conditioning="class"))
+    config = preset("tiny")
+    config.conditioning, config.class_names = "class", ["a", "b"]
+    class_model = types.SimpleNamespace(config=config)
     with pytest.raises(ValueError, match="class-conditioned: it has no prompts"):
         _clip_judge(str(clip_file), "my-model", class_model, "cpu")
     assert _clip_judge(None, "shapes", class_model, "cpu") is None  # no --clip: nothing to score
