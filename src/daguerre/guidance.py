@@ -202,7 +202,9 @@ class ClipGuidanceOptions:
     `tv_scale` and `range_scale` weigh the total-variation penalty (mean squared difference of neighbouring
     pixels: smooths) and the range penalty (mean squared excess of the pixels beyond [-1, 1]) of the decoded
     x0 estimate. `clamp` bounds the RMS, per image, of the step sigma^2 grad taken from x0 (in the units of
-    x0; Disco Diffusion's `clamp_max` bounds the gradient's RMS the same way). `through_denoiser`: the
+    x0; Disco Diffusion's `clamp_max` bounds the gradient's RMS the same way), and below sigma_data to
+    `clamp` sigma / sigma_data: a late step no larger than the noise still to be removed, which the
+    sampler can absorb (larger ones stay in the image as artefacts). `through_denoiser`: the
     gradient with respect to x_t flows back through the denoiser (exact, as CLIP-guided diffusion does; a
     backward pass of the U-Net per call); False treats x0 as a leaf and uses the denoiser's Jacobian for
     Gaussian data with standard deviation `sigma_data`, dx0/dx = sigma_data^2 / (sigma^2 + sigma_data^2)
@@ -336,7 +338,8 @@ def clip_guided_denoiser(
         step = s**2 * grad.float()
         dims = list(range(1, x.ndim))
         rms = step.pow(2).mean(dim=dims, keepdim=True).sqrt()
-        step = step * (options.clamp / rms.clamp_min(options.clamp))  # RMS at most `clamp`, direction kept
+        bound = options.clamp * (s / options.sigma_data).clamp(max=1.0)  # never more than the noise left
+        step = step * (bound / torch.maximum(rms, bound).clamp_min(1e-12))  # RMS at most `bound`, direction kept
         return x0.detach().float() - step
 
     return guided
