@@ -76,3 +76,21 @@ def vae_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
     save_vae(vae, model_cfg, path)
     return path
+
+
+@pytest.fixture
+def mid_size_fp16_files(tmp_path) -> tuple[Path, Path]:
+    """(a ~64M-parameter model, the tiny one), both saved in fp16: what the peak-memory tests of a load read
+    (the tiny one is loaded first, so that the measure starts with torch and daguerre imported and warm)."""
+    import dataclasses
+
+    from daguerre.checkpoints import save_model
+    from daguerre.components import build_components
+    from daguerre.config import preset
+
+    cfg = preset("tiny")
+    cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, model_channels=256))  # ~64M parameters
+    path, small = tmp_path / "mid.safetensors", tmp_path / "small.safetensors"
+    save_model(build_components(cfg), path, dtype=torch.float16)
+    save_model(build_components(preset("tiny")), small, dtype=torch.float16)
+    return path, small

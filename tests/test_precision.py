@@ -265,21 +265,11 @@ LOAD_AND_MEASURE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_an_fp16_file_loads_into_bf16_without_a_float32_copy(tmp_path):
+def test_an_fp16_file_loads_into_bf16_without_a_float32_copy(mid_size_fp16_files):
     """Peak RSS (VmHWM) of a process loading a 64M-parameter model stored in fp16 into bf16, above its resident
     memory before the load: within 1.4x the model's final footprint (the tokenizer's tables take the rest),
     where a float32 copy alone is 2x (the second run, the old way, shows that the measure sees it)."""
-    import dataclasses
-
-    from daguerre.checkpoints import save_model
-    from daguerre.components import build_components
-    from daguerre.config import preset
-
-    cfg = preset("tiny")
-    cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, model_channels=256))  # ~64M parameters
-    path, small = tmp_path / "mid.safetensors", tmp_path / "small.safetensors"
-    save_model(build_components(cfg), path, dtype=torch.float16)
-    save_model(build_components(preset("tiny")), small, dtype=torch.float16)
+    path, small = mid_size_fp16_files
 
     def measure(how: str) -> dict:
         out = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(path), str(small), how], capture_output=True,

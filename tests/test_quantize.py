@@ -218,22 +218,15 @@ print(json.dumps({"footprint": footprint, "peak": resident_bytes("VmHWM") - base
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_an_int8_load_peaks_near_the_int8_footprint(tmp_path):
+def test_an_int8_load_peaks_near_the_int8_footprint(mid_size_fp16_files):
     """Peak RSS (VmHWM) of a process loading a ~64M-parameter fp16 model with int8 weights, above its resident
     memory before the load: within 2x the int8 model's footprint (measured 1.7x: the tokenizer's tables and the
     VAE read twice take the rest), where a bf16 load quantised after peaks above 2.6x (measured 3.1x: the bf16
     U-Net is twice its int8 form, and its freed pages stay; the second run shows that the measure sees it)."""
-    import dataclasses
     import json
     import subprocess
 
-    from daguerre.components import build_components
-
-    cfg = preset("tiny")
-    cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, model_channels=256))  # ~64M parameters
-    path, small = tmp_path / "mid.safetensors", tmp_path / "small.safetensors"
-    save_model(build_components(cfg), path, dtype=torch.float16)
-    save_model(build_components(preset("tiny")), small, dtype=torch.float16)
+    path, small = mid_size_fp16_files
 
     def measure(how: str) -> dict:
         out = subprocess.run([sys.executable, "-c", LOAD_INT8_AND_MEASURE, str(path), str(small), how],
