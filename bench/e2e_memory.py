@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from daguerre.memory import resident_bytes  # noqa: E402
 from e2e import CFG, PROMPT, SEED, make_model  # noqa: E402
 
 MIB = 2**20
@@ -43,11 +44,12 @@ SAMPLE_EVERY_S = 0.002
 
 
 def status(key: str) -> int:
-    """A /proc/self/status value in bytes (VmRSS, VmHWM, RssAnon, ...)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    """A /proc/self/status value in bytes (VmRSS, VmHWM, RssAnon, ...): `daguerre.memory.resident_bytes`,
+    required (this bench measures nothing without it)."""
+    value = resident_bytes(key)
+    if value is None:
+        raise KeyError(key)
+    return value
 
 
 class PhasePeaks:
