@@ -651,7 +651,18 @@ def _clip_vit_l_14() -> CLIPConfig:
     )
 
 
+def _tiny_clip() -> CLIPConfig:
+    """A CLIP of a few hundred thousand parameters for tests: 32 x 32 inputs in 8 x 8 patches, 32 wide (the
+    starting point of a clip run's `[model]` when it names no preset)."""
+    return CLIPConfig(
+        name="tiny-clip",
+        text_encoder=TextEncoderConfig(width=32, layers=2, heads=2, mlp_dim=64, max_length=40, projection_dim=32),
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64),
+    )
+
+
 CLIP_PRESETS: dict[str, Callable[[], CLIPConfig]] = {
+    "tiny": _tiny_clip,
     "clip-vit-b-32": _clip_vit_b_32,
     "clip-vit-l-14": _clip_vit_l_14,
 }

@@ -32,8 +32,6 @@ from ..config import (
     LIMITS,
     CLIPConfig,
     ModelConfig,
-    TextEncoderConfig,
-    VisionConfig,
     check_clip_config,
     check_model_config,
     clip_preset,
@@ -309,21 +307,12 @@ def _loss_class(stage: str) -> type:
     return {"vae": VAELossConfig, "ldm": LDMLossConfig, "clip": CLIPLossConfig}[stage]
 
 
-def _tiny_clip() -> CLIPConfig:
-    """A CLIP of a few hundred thousand parameters for tests: 32 x 32 inputs in 8 x 8 patches, 32 wide."""
-    return CLIPConfig(
-        name="tiny-clip",
-        text_encoder=TextEncoderConfig(width=32, layers=2, heads=2, mlp_dim=64, max_length=40, projection_dim=32),
-        vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64),
-    )
-
-
 DEFAULT_CLIP_PRESET = "tiny"  # stage "clip": the [model] preset when none is named
 
 
 def clip_stage_preset(name: str) -> CLIPConfig:
-    """The CLIPConfig a clip run's `[model] preset` names: "tiny" or one of `daguerre.config.CLIP_PRESETS`."""
-    return _tiny_clip() if name == "tiny" else clip_preset(name)
+    """The CLIPConfig a clip run's `[model] preset` names: one of `daguerre.config.CLIP_PRESETS` ("tiny" too)."""
+    return clip_preset(name)
 
 
 # --- [data]: per-kind subsections, and the flat keys of the previous release ------------------------------
