@@ -45,6 +45,17 @@ def find_images(root: Path) -> list[Path]:
     return sorted(found)
 
 
+def class_layout(root: Path, paths: list[Path]) -> tuple[list[str] | None, list[int] | None]:
+    """(class names, label of each path) when every image sits in one of at least `MIN_CLASSES` sub-folders
+    of `root` (the names sorted, a label indexing them), else (None, None); whatever the caption source."""
+    rel = [p.relative_to(root).parts for p in paths]
+    names = sorted({parts[0] for parts in rel if len(parts) > 1})
+    if not (all(len(parts) > 1 for parts in rel) and len(names) >= MIN_CLASSES):
+        return None, None
+    index = {name: k for k, name in enumerate(names)}
+    return names, [index[parts[0]] for parts in rel]
+
+
 def _text_of(row: dict, where: str) -> str:
     for column in TEXT_COLUMNS:
         if column in row:
@@ -53,7 +64,7 @@ def _text_of(row: dict, where: str) -> str:
     raise ValueError(f"{where}: no caption column (expected one of {', '.join(TEXT_COLUMNS)})")
 
 
-def _class_caption(folder: str) -> str:
+def class_caption(folder: str) -> str:
     """"a photo of an apple" from a folder named "apple" ("_" and "-" read as spaces)."""
     name = folder.replace("_", " ").replace("-", " ").strip()
     return CLASS_CAPTION.format("an" if name[:1].lower() in "aeiou" else "a", name)
@@ -109,28 +120,27 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.paths:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
         self.class_names, self.labels = self._classes(captions)
+        self.caption_source = "none"  # where the captions came from, for the training log (set by _captions)
         self.captions = self._captions(captions)
         self._bad: set[int] = set()
 
     def _classes(self, mode: str) -> tuple[list[str] | None, list[int] | None]:
-        rel = [p.relative_to(self.root).parts for p in self.paths]
-        names = sorted({parts[0] for parts in rel if len(parts) > 1})
-        is_layout = all(len(parts) > 1 for parts in rel) and len(names) >= MIN_CLASSES
+        names, labels = class_layout(self.root, self.paths)
         has_metadata = any((self.root / m).is_file() for m in METADATA_FILES)
-        if mode == "folders" and not is_layout:
+        if mode == "folders" and names is None:
             raise ValueError(f"captions='folders' needs every image under {self.root} in one of at least "
                              f"{MIN_CLASSES} class sub-folders")
-        if not is_layout or (has_metadata and mode != "folders"):
+        if names is None or (has_metadata and mode != "folders"):
             return None, None
-        index = {name: k for k, name in enumerate(names)}
-        return names, [index[parts[0]] for parts in rel]
+        return names, labels
 
     def _captions(self, mode: str) -> list[str]:
         out = [""] * len(self.paths)
         if mode == "none":
             return out
         if mode in ("auto", "folders") and self.labels is not None:
-            out = [_class_caption(self.class_names[k]) for k in self.labels]
+            out = [class_caption(self.class_names[k]) for k in self.labels]
+            self.caption_source = f"class folders ({len(self.class_names)} classes)"
         if mode == "folders":
             return out
         metadata = [self.root / m for m in METADATA_FILES if (self.root / m).is_file()]
@@ -139,11 +149,18 @@ class ImageFolder(torch.utils.data.Dataset):
         if metadata and mode in ("auto", "metadata"):
             if len(metadata) > 1:
                 logger.warning("%s: both metadata files present; using %s", self.root, metadata[0].name)
+            self.caption_source = metadata[0].name
             return self._from_metadata(metadata[0], out)
+        sidecars = 0
         for k, p in enumerate(self.paths):  # .txt sidecars
             txt = p.with_suffix(".txt")
             if txt.is_file():
                 out[k] = txt.read_text(encoding="utf-8").strip()
+                sidecars += 1
+        if sidecars:
+            others = "empty captions" if self.caption_source == "none" else self.caption_source
+            rest = "" if sidecars == len(self.paths) else f", {others} for the rest"
+            self.caption_source = f".txt sidecars ({sidecars} of {len(self.paths)} images{rest})"
         return out
 
     def _from_metadata(self, path: Path, out: list[str]) -> list[str]:

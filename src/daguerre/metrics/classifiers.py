@@ -1,7 +1,8 @@
 """Small CNN classifiers trained on real / rendered ground truth: the judges and feature spaces of `daguerre eval`.
 
-Two networks share one plain VGG-style trunk (Simonyan & Zisserman 2015: stacks of 3x3 conv + BatchNorm
-(Ioffe & Szegedy 2015) + ReLU, 2x2 max-pooling between stages) that ends at an 8x8 feature map:
+The networks share one plain VGG-style trunk (Simonyan & Zisserman 2015: stacks of 3x3 conv + BatchNorm
+(Ioffe & Szegedy 2015) + ReLU, 2x2 max-pooling between stages) that ends at a small feature map (8x8 for
+the shipped two):
 
 - `FashionClassifier`: 32x32 grayscale -> 10 Fashion-MNIST classes. Its global-average-pooled last
   feature map (128-d) is the feature space for Frechet distance / KID; its softmax gives the Inception
@@ -10,6 +11,9 @@ Two networks share one plain VGG-style trunk (Simonyan & Zisserman 2015: stacks 
   one of `SHAPES`, its colour (`COLOURS`) and size (`SIZES`); and the background. Cell features are
   read off the 8x8 map at the cell centres (bilinear `grid_sample`), so one shared head judges every
   cell. `predict_scenes` turns the predictions into `Scene`s that `PromptSpec.matches` can judge.
+- A folder classifier (`folder_config`): the `FashionClassifier` network for the classes of a folder of the
+  user's own images, RGB or grayscale at the folder's size, pooled down to 4-7 pixels
+  (`daguerre classifier train --dataset folder`).
 
 A classifier file is safetensors (weights in float16, < 1 MB) whose metadata holds the JSON of its
 `ClassifierConfig` and of how it was trained and how accurate it is (`read_metadata`).
@@ -30,7 +34,8 @@ from ..data.shapes import BACKGROUNDS, COLOURS, GRID, REGIONS, SHAPES, SIZES, Sc
 
 FORMAT = "daguerre-classifier"
 FORMAT_VERSION = "1"
-KINDS = ("fashion_mnist", "shapes")
+KINDS = ("fashion_mnist", "shapes", "folder")
+SINGLE_LABEL = ("fashion_mnist", "folder")  # one class per image: softmax, Inception Score, class adherence
 EMPTY = "empty"  # the "no object" class of a shapes-world cell (index 0 of the shape head)
 CELL_BOX = 0.1  # half-size of a predicted object's box around its cell centre (< half the 0.3 cell pitch)
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights, as PIL's convert("L")
@@ -42,11 +47,11 @@ BN_EPS = 1e-5
 class ClassifierConfig:
     """Architecture of a classifier: input format and the (channels, convs) of each trunk stage."""
 
-    kind: str  # "fashion_mnist" or "shapes"
+    kind: str  # "fashion_mnist", "shapes" or "folder"
     in_channels: int = 1
     image_size: int = 32
     stages: tuple[tuple[int, int], ...] = ((32, 1), (64, 2), (128, 2))  # (channels, 3x3 convs); 2x pool between
-    classes: tuple[str, ...] = ()  # fashion: class names; shapes: (EMPTY, *SHAPES)
+    classes: tuple[str, ...] = ()  # fashion, folder: class names; shapes: (EMPTY, *SHAPES)
     colours: tuple[str, ...] = ()  # shapes only
     sizes: tuple[str, ...] = ()  # shapes only
     backgrounds: tuple[str, ...] = ()  # shapes only
@@ -83,7 +88,23 @@ def shapes_config() -> ClassifierConfig:
     )
 
 
-CONFIGS = {"fashion_mnist": fashion_config, "shapes": shapes_config}
+def folder_config(classes: list[str] | tuple[str, ...], channels: int, size: int, width: int = 32) -> ClassifierConfig:
+    """A folder's classes at `size` pixels: stages of `width`, 2 `width`, ... (at most 8 `width`) channels,
+    halving the map while it stays >= 4 pixels (32 px: 32, 16, 8, 4), one conv per stage but two in the last
+    two; at width 32 and 32 px RGB, ~1.1 M parameters."""
+    if len(classes) < 2 or channels not in (1, 3) or size < 4 or width < 1:
+        raise ValueError(f"a folder classifier needs >= 2 classes, 1 or 3 channels, a size >= 4 and a width >= 1; "
+                         f"got {len(classes)} classes, {channels} channels, size {size}, width {width}")
+    pools = 0
+    while size // 2 ** (pools + 1) >= 4:
+        pools += 1
+    n = pools + 1
+    stages = tuple((min(width * 2**k, 8 * width), 2 if k >= n - 2 and n > 1 else 1) for k in range(n))
+    return ClassifierConfig(kind="folder", in_channels=channels, image_size=size, stages=stages,
+                            classes=tuple(classes))
+
+
+CONFIGS = {"fashion_mnist": fashion_config, "shapes": shapes_config}  # the shipped classifiers' networks
 
 
 class ConvBlock(nn.Sequential):
@@ -165,7 +186,7 @@ class ShapesClassifier(nn.Module):
 def build_classifier(config: ClassifierConfig) -> nn.Module:
     if config.kind not in KINDS:
         raise ValueError(f"unknown classifier kind {config.kind!r}; daguerre has {', '.join(KINDS)}")
-    return FashionClassifier(config) if config.kind == "fashion_mnist" else ShapesClassifier(config)
+    return FashionClassifier(config) if config.kind in SINGLE_LABEL else ShapesClassifier(config)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -255,13 +276,15 @@ def prepare(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
 
 class ClassifierExtractor:
     """A loaded classifier as a `FeatureExtractor`: `features` (pooled penultimate layer), `probabilities`
-    (fashion: class softmax; shapes: None, see docs/evaluation.md), and the shapes world's `predict_scenes`."""
+    (fashion, folder: class softmax; shapes: None, see docs/evaluation.md), and the shapes world's
+    `predict_scenes`."""
 
     def __init__(self, model: nn.Module, info: ClassifierFile, sha256: str, path: str | Path | None = None) -> None:
         self.model, self.info, self.sha256, self.path = model, info, sha256, path
         self.config: ClassifierConfig = info.config
         self.kind = self.config.kind
-        self.name = "fashion-classifier" if self.kind == "fashion_mnist" else "shapes-classifier"
+        self.name = {"fashion_mnist": "fashion-classifier", "shapes": "shapes-classifier"}.get(self.kind,
+                                                                                               "folder-classifier")
 
     @property
     def device(self) -> torch.device:
@@ -281,8 +304,8 @@ class ClassifierExtractor:
         return torch.cat(self._map(images, lambda x: self.model.features(x).float()))
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor | None:
-        """Fashion: (N, 10) class probabilities; shapes: None (no single class per image)."""
-        if self.kind != "fashion_mnist":
+        """Fashion, folder: (N, K) class probabilities; shapes: None (no single class per image)."""
+        if self.kind not in SINGLE_LABEL:
             return None
         return torch.cat(self._map(images, lambda x: self.model(x).float().softmax(-1)))
 

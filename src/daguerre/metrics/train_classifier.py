@@ -7,9 +7,14 @@
   augments them a little so that the judge is robust to generated images: sub-pixel shifts of up to
   2 pixels, a slight Gaussian blur on half of them, small per-channel gain / offset and pixel noise.
   Tested on scenes rendered from another key (TEST_KEY), never seen in training.
+- A folder of the user's own images with class sub-folders (`metrics.folder_data`): the train split of the
+  held-out split its models are trained with (or the whole folder, with a separate test folder), read
+  into memory once at the model's size; integer shifts of up to size/8 pixels (reflected border) and
+  horizontal flips (`FolderTraining.flip`); tested on the held-out images (or the test folder). SGD with
+  Nesterov momentum (Sutskever et al. 2013) and label smoothing 0.1 (Szegedy et al. 2016).
 
-Never trained on model outputs. AdamW (Loshchilov & Hutter 2019) with a linear warm-up and cosine
-decay (Loshchilov & Hutter 2017); cross-entropy on every head (colour and size only in occupied cells).
+Never trained on model outputs. AdamW (Loshchilov & Hutter 2019; folders: SGD) with a linear warm-up and
+cosine decay (Loshchilov & Hutter 2017); cross-entropy on every head (colour and size only in occupied cells).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +34,13 @@ import torch.nn.functional as F
 from ..data.shapes import Scene, render, sample_scene
 from .classifiers import (
     CONFIGS,
-    ClassifierConfig,
     build_classifier,
     count_parameters,
+    folder_config,
     save_classifier,
     scene_targets,
 )
+from .folder_data import DEFAULT_HOLDOUT, Folder, FolderSpec, first_image_format
 
 logger = logging.getLogger("daguerre.classifier")
 
@@ -49,34 +55,71 @@ NOISE_STD = 0.05  # shapes: max std of added Gaussian pixel noise (in [-1, 1] un
 GAIN = 0.04  # shapes: per-channel gain 1 +- GAIN and offset +- GAIN
 WARMUP_FRACTION = 0.05
 EVAL_BATCH = 500
+FOLDER_EPOCHS = 20  # default length of a folder classifier's training, in passes over its train split
+FOLDER_SHIFT = 8  # folder images: shifts of up to size / FOLDER_SHIFT pixels
+FOLDER_LR = 0.1  # SGD, at batch 128
+FOLDER_MOMENTUM = 0.9
+LABEL_SMOOTHING = 0.1  # folders
+MAX_FOLDER_SIZE = 256  # a classifier input larger than this needs --size
+
+
+@dataclass(frozen=True)
+class FolderTraining:
+    """Which images a folder classifier learns from and is tested on (`--data`, `--test-data`, ...)."""
+
+    root: str  # the folder, with one sub-folder per class
+    test_root: str | None = None  # a separate test folder (the same classes); None: the held-out split
+    holdout: int | None = None  # images held out of --data; None: DEFAULT_HOLDOUT, or 0 with a test folder
+    data_seed: int = 0  # data.seed of the held-out split
+    size: int | None = None  # input size; None: the first image's shorter side
+    channels: int | None = None  # 1 or 3; None: the first image's (grayscale modes: 1)
+    width: int = 32  # channels of the first stage (folder_config)
+    flip: bool = True  # random horizontal flips
+
+    def spec(self) -> FolderSpec:
+        """The training folder's FolderSpec, defaults filled in."""
+        size, channels = self.size, self.channels
+        if size is None or channels is None:
+            first_size, first_channels = first_image_format(self.root)
+            if size is None and first_size > MAX_FOLDER_SIZE:
+                raise ValueError(f"the images of {self.root} are {first_size} pixels: pass --size, the size your "
+                                 "model was trained at (data.size)")
+            size, channels = size or first_size, channels or first_channels
+        holdout = self.holdout if self.holdout is not None else (0 if self.test_root else DEFAULT_HOLDOUT)
+        return FolderSpec(self.root, size, channels, holdout, self.data_seed).check()
 
 
 @dataclass
 class TrainSettings:
     """How to train one classifier (`daguerre classifier train` flags)."""
 
-    dataset: str  # "shapes" or "fashion_mnist"
+    dataset: str  # "shapes", "fashion_mnist" or "folder"
     steps: int | None = None  # None: DEFAULTS[dataset]
     batch_size: int | None = None
-    lr: float = 2e-3
+    lr: float | None = None  # None: 2e-3 (AdamW), folders FOLDER_LR (SGD)
     weight_decay: float = 5e-4
     seed: int = 0
     root: str | None = None  # Fashion-MNIST folder (default: data.fashion_mnist.DEFAULT_ROOT)
     test_n: int = 2000  # shapes: rendered scenes for the final test
+    folder: FolderTraining | None = None  # dataset "folder"
 
     def resolved(self) -> TrainSettings:
-        if self.dataset not in CONFIGS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(CONFIGS)}")
+        if self.dataset not in DEFAULTS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DEFAULTS)}")
+        if (self.dataset == "folder") != (self.folder is not None):
+            raise ValueError("--data FOLDER goes with --dataset folder, and --dataset folder needs --data FOLDER")
         steps, batch = DEFAULTS[self.dataset]
-        s = TrainSettings(**{**asdict(self), "steps": steps if self.steps is None else self.steps,
-                                            "batch_size": batch if self.batch_size is None else self.batch_size})
-        if s.steps < 1 or s.batch_size < 1 or s.seed < 0 or not s.lr > 0:
+        s = replace(self, steps=steps if self.steps is None else self.steps,
+                    batch_size=batch if self.batch_size is None else self.batch_size,
+                    lr=(FOLDER_LR if self.dataset == "folder" else 2e-3) if self.lr is None else self.lr)
+        if (s.steps is not None and s.steps < 1) or s.batch_size < 1 or s.seed < 0 or not s.lr > 0:
             raise ValueError(f"need steps >= 1, batch size >= 1, seed >= 0 and lr > 0; got steps={s.steps}, "
                              f"batch size={s.batch_size}, seed={s.seed}, lr={s.lr}")
         return s
 
 
-DEFAULTS = {"fashion_mnist": (2000, 128), "shapes": (1500, 64)}  # (steps, batch size)
+# (steps, batch size); a folder's steps: FOLDER_EPOCHS passes over its train split
+DEFAULTS = {"fashion_mnist": (2000, 128), "shapes": (1500, 64), "folder": (None, 128)}
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -147,11 +190,70 @@ def augment_shapes(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x * gain.to(x) + offset.to(x) + noise.to(x)).clamp(-1, 1)
 
 
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image mirrored left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
 def augment_fashion(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     x = shift(x, gen, MAX_SHIFT, integer=True, padding="border")  # the 2-pixel frame is background
-    flip = torch.rand(x.shape[0], generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x
+    return random_flip(x, gen)
+
+
+def augment_folder(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
+    """Integer shifts of up to size / FOLDER_SHIFT pixels (the border reflected), then maybe flips."""
+    x = shift(x, gen, max(1, x.shape[-1] // FOLDER_SHIFT), integer=True, padding="reflection")
+    return random_flip(x, gen) if flip else x
+
+
+# --- a folder's images -----------------------------------------------------------------------------
+
+@dataclass
+class FolderData:
+    """A folder classifier's training and test images (uint8) and labels, and what the file records of them."""
+
+    classes: list[str]
+    spec: FolderSpec
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    description: dict[str, Any]
+
+
+def _labelled(folder: Folder, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    x, kept = folder.load(indices)
+    return x, torch.from_numpy(folder.labels[kept])
+
+
+def load_folder_data(f: FolderTraining) -> FolderData:
+    """Read a folder classifier's images: the train split of `f.root` and the held-out split (or all of
+    `f.test_root`, whose classes must be the same)."""
+    spec = f.spec()
+    folder = Folder(spec)
+    if folder.class_names is None:
+        raise ValueError(f"{f.root} has no class sub-folders (every image in one of at least 2): a classifier "
+                         "needs classes; for a folder of captions, train a CLIP (`daguerre train clip`) and pass "
+                         "it to `daguerre eval --clip`")
+    test = folder
+    if f.test_root:
+        test = Folder(replace(spec, root=f.test_root, holdout=None))
+        if test.class_names != folder.class_names:
+            raise ValueError(f"--test-data {f.test_root} has the classes {_names(test.class_names)}, --data "
+                             f"{f.root} has {_names(folder.class_names)}: give a test folder of the same classes")
+    if len(folder.train) == 0 or len(test.held) == 0:
+        raise ValueError(f"{len(folder.train)} training and {len(test.held)} test images: give a --holdout between "
+                         f"1 and half of the {len(folder)} images of {f.root}, or a --test-data folder")
+    description = {**folder.describe(), "train_images": len(folder.train), "flip": f.flip,
+                   "test": {**test.describe(), "which": "all" if f.test_root else "held-out split",
+                            "images": len(test.held)}}
+    return FolderData(list(folder.class_names), spec, _labelled(folder, folder.train), _labelled(test, test.held),
+                      description)
+
+
+def _names(names: list[str] | None) -> str:
+    if not names:
+        return "(no classes)"
+    return ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -180,14 +282,31 @@ def train_classifier(settings: TrainSettings, out: str | Path, *, device: torch.
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
     say = log or logger.info
-    config: ClassifierConfig = CONFIGS[s.dataset]()
+    folder, load_seconds = None, 0.0
+    if s.dataset == "folder":
+        t0 = time.perf_counter()
+        folder = load_folder_data(s.folder)
+        load_seconds = time.perf_counter() - t0
+        config = folder_config(folder.classes, folder.spec.channels, folder.spec.size, s.folder.width)
+        train_x, train_y = folder.train
+        if s.steps is None:
+            s = replace(s, steps=max(1, math.ceil(FOLDER_EPOCHS * len(train_y) / s.batch_size)))
+        say(f"read {len(train_y)} training and {len(folder.test[1])} test images of {len(folder.classes)} classes "
+            f"at {folder.spec.size} px in {load_seconds:.0f} s")
+    else:
+        config = CONFIGS[s.dataset]()
     torch.manual_seed(s.seed)
     model = build_classifier(config).to(device, memory_format=torch.channels_last)  # faster convs on CPU
     dev = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    if folder is not None:
+        opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=FOLDER_MOMENTUM, nesterov=True,
+                              weight_decay=s.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     gen = torch.Generator().manual_seed(s.seed)
     if s.dataset == "fashion_mnist":
         train_x, train_y = fashion_tensors(s.root, "train")
+    if s.dataset != "shapes":
         perm, pos = torch.randperm(len(train_y), generator=gen), 0
     say(f"training a {s.dataset} classifier ({count_parameters(model):,} parameters) for {s.steps} steps of "
         f"{s.batch_size} images, seed {s.seed}")
@@ -195,14 +314,16 @@ def train_classifier(settings: TrainSettings, out: str | Path, *, device: torch.
     model.train()
     with tqdm(total=s.steps, unit="step", desc="classifier", disable=not progress, dynamic_ncols=True) as bar:
         for step in range(s.steps):
-            if s.dataset == "fashion_mnist":
+            if s.dataset != "shapes":
                 if pos + s.batch_size > len(perm):
                     perm, pos = torch.randperm(len(train_y), generator=gen), 0
                 idx = perm[pos:pos + s.batch_size]
                 pos += s.batch_size
-                x = augment_fashion(to_unit_range(train_x[idx]), gen)
-                y = train_y[idx].to(dev)
-                loss = F.cross_entropy(model(x.to(dev, memory_format=torch.channels_last)), y)
+                x = to_unit_range(train_x[idx])
+                x = augment_fashion(x, gen) if folder is None else augment_folder(x, gen, s.folder.flip)
+                logits = model(x.to(dev, memory_format=torch.channels_last))
+                loss = F.cross_entropy(logits, train_y[idx].to(dev),
+                                       label_smoothing=LABEL_SMOOTHING if folder is not None else 0.0)
             else:
                 scenes = shapes_scenes(TRAIN_KEY, s.seed, step * s.batch_size, s.batch_size)
                 x = augment_shapes(render_scenes(scenes, config.image_size), gen)
@@ -225,13 +346,19 @@ def train_classifier(settings: TrainSettings, out: str | Path, *, device: torch.
         for t in model.state_dict().values():
             if t.is_floating_point():
                 t.copy_(t.half())
-    accuracy = held_out_accuracy(model, s.dataset, root=s.root, n=s.test_n, seed=s.seed)
+    if folder is not None:
+        accuracy = {"class": labelled_accuracy(model, *folder.test)}
+    else:
+        accuracy = held_out_accuracy(model, s.dataset, root=s.root, n=s.test_n, seed=s.seed)
     training = {
-        "data": _data_description(s), "steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
-        "weight_decay": s.weight_decay, "seed": s.seed, "seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(), "parameters": count_parameters(model),
-        "augmentation": _augmentation(s.dataset), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "data": folder.description if folder is not None else _data_description(s), "steps": s.steps,
+        "batch_size": s.batch_size, "lr": s.lr, "weight_decay": s.weight_decay, "seed": s.seed,
+        "optimizer": "AdamW" if folder is None else f"SGD, Nesterov momentum {FOLDER_MOMENTUM}",
+        "seconds": round(seconds, 1), "threads": torch.get_num_threads(), "parameters": count_parameters(model),
+        "augmentation": _augmentation(s), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if folder is not None:
+        training.update(load_seconds=round(load_seconds, 1), label_smoothing=LABEL_SMOOTHING)
     save_classifier(model, out, training, accuracy)
     say(f"wrote {out} after {seconds:.0f} s: " + format_accuracy(accuracy))
     return accuracy
@@ -246,9 +373,12 @@ def _data_description(s: TrainSettings) -> dict[str, Any]:
             "images": s.steps * s.batch_size, "size": 64}
 
 
-def _augmentation(dataset: str) -> str:
-    if dataset == "fashion_mnist":
+def _augmentation(s: TrainSettings) -> str:
+    if s.dataset == "fashion_mnist":
         return f"integer shifts <= {MAX_SHIFT:g} px, horizontal flips"
+    if s.dataset == "folder":
+        return (f"integer shifts <= size/{FOLDER_SHIFT} px (reflected border)"
+                + (", horizontal flips" if s.folder.flip else ""))
     return (f"shifts <= {MAX_SHIFT:g} px, Gaussian blur sigma {BLUR_SIGMA} on {BLUR_P:.0%}, "
             f"channel gain/offset +-{GAIN}, pixel noise std <= {NOISE_STD}")
 
@@ -256,19 +386,42 @@ def _augmentation(dataset: str) -> str:
 # --- testing ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def labelled_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction of uint8 images `x` whose argmax class is their label `y`."""
+    dev = next(model.parameters()).device
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), EVAL_BATCH):
+        logits = model(to_unit_range(x[i:i + EVAL_BATCH]).to(dev))
+        correct += int((logits.argmax(-1).cpu() == y[i:i + EVAL_BATCH]).sum())
+    return correct / max(1, len(y))
+
+
+def folder_test_data(record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images and labels a folder classifier's training record (`training["data"]`) names, read again;
+    ValueError when a folder's images changed since (another fingerprint)."""
+    test = record["test"]
+    f = FolderTraining(record["root"], test["root"] if test["which"] == "all" else None, holdout=record["holdout"],
+                       data_seed=record["seed"], size=record["size"], channels=record["channels"])
+    for which, rec in (("training", record), ("test", test)):
+        if which == "test" and test["which"] != "all":
+            continue
+        spec = replace(f.spec(), root=rec["root"], holdout=None if which == "test" else f.holdout)
+        if Folder(spec).fingerprint != rec["fingerprint"]:
+            raise ValueError(f"the images of the {which} folder {rec['root']} changed since the classifier was "
+                             "trained (another fingerprint): its recorded accuracy no longer applies")
+    return load_folder_data(f).test
+
+
+@torch.no_grad()
 def held_out_accuracy(model: torch.nn.Module, dataset: str, *, root: str | Path | None = None, n: int = 2000,
-               seed: int = 0) -> dict[str, float]:
+                      seed: int = 0) -> dict[str, float]:
     """Accuracy per head on held-out data: the Fashion-MNIST test split (`n` ignored), or `n` shapes-world
     scenes rendered from Generator((TEST_KEY, seed, i))."""
     dev = next(model.parameters()).device
     model.eval()
     if dataset == "fashion_mnist":
-        x, y = fashion_tensors(root, "test")
-        correct = 0
-        for i in range(0, len(y), EVAL_BATCH):
-            logits = model(to_unit_range(x[i:i + EVAL_BATCH]).to(dev))
-            correct += int((logits.argmax(-1).cpu() == y[i:i + EVAL_BATCH]).sum())
-        return {"class": correct / len(y)}
+        return {"class": labelled_accuracy(model, *fashion_tensors(root, "test"))}
     if n < 1:
         raise ValueError(f"need at least one test scene, got n={n}")
     config = model.config
