@@ -127,7 +127,7 @@ def test_sr_conditioning_is_the_pipelines_for_the_same_lowres_image(tmp_path):
     c_train, y = inputs.step(rows, views, _gens([0, 1]), torch.device("cpu"))
     assert y is None and c_train.shape == (2, 3, 16, 16)  # the 8x8 low-res image on the 16x16 latent grid
     for k in range(2):
-        hr = concat.pil_of(concat.to_uint8(data.dataset[int(rows[k])]["image"]))
+        hr = concat.pil_of(concat.to_uint8(data.dataset[int(data.train_pool[rows[k]])]["image"]))
         if views[k]:
             hr = hr.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         path = tmp_path / f"low{k}.png"
@@ -160,7 +160,7 @@ def test_inpaint_conditioning_is_the_pipelines_for_the_same_image_and_mask(tmp_p
     c_train, y = inputs.build(draws, torch.device("cpu"))
     assert y is None and c_train.shape == (2, 1 + 4, 16, 16)
     for k in range(2):
-        image = concat.pil_of(concat.to_uint8(data.dataset[int(rows[k])]["image"]))
+        image = concat.pil_of(concat.to_uint8(data.dataset[int(data.train_pool[rows[k]])]["image"]))
         if views[k]:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         mask = Image.fromarray((draws["mask"][k, 0].numpy() * 255).astype(np.uint8))

@@ -234,10 +234,11 @@ def test_latent_cache_key_depends_on_vae_data_and_flip():
 
 def test_shapes_scene_mix_keys_reach_the_dataset_and_join_the_cache_key_only_when_set():
     from daguerre.training.config import DataConfig, ShapesData
-    from daguerre.training.data import build_dataset, describe_data
+    from daguerre.training.data import LAST_SPLIT, build_dataset, describe_data
 
     base = DataConfig(kind="shapes", shapes=ShapesData(n=40))
-    assert describe_data(base) == {"kind": "shapes", "n": 40, "seed": 0, "size": 64, "max_objects": 3}
+    old = {"kind": "shapes", "n": 40, "seed": 0, "size": 64, "max_objects": 3}  # a run begun before the random split
+    assert describe_data(base, LAST_SPLIT) == old and describe_data(base) == {**old, "split": "random"}
     pairs = DataConfig(kind="shapes", shapes=ShapesData(n=40, min_objects=2, max_objects=2, p_relation=1.0))
     assert describe_data(pairs)["p_relation"] == 1.0 and describe_data(pairs)["min_objects"] == 2
     scenes = [build_dataset(pairs).sample(i)[0] for i in range(40)]

@@ -40,6 +40,15 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+def format_classes(config: dict) -> str:
+    """A class-conditional model's classes, "10: 0 airplane, 1 automobile, ..." (what `--class` takes)."""
+    names = config.get("class_names")
+    if names:
+        return f"{len(names)}: " + ", ".join(f"{k} {name}" for k, name in enumerate(names))
+    count = (config.get("unet", {}).get("num_classes") or 1) - 1  # the last label is the null class
+    return f"{count}, unnamed (give --class an index 0..{count - 1})"
+
+
 def format_info(info: dict) -> str:
     """The human-readable form of `daguerre.checkpoints.summary.describe`'s result."""
     u, v, t, p = info["unet"], info["vae"], info["text_encoder"], info["parameters"]
@@ -73,6 +82,8 @@ def format_info(info: dict) -> str:
         )
     else:
         lines.append("text encoder:    none")
+    if info["config"].get("conditioning") == "class":  # what `generate --class NAME_OR_INDEX` takes
+        lines.append(f"classes:         {format_classes(info['config'])}")
     lines.append(
         f"parameters:      U-Net {human_count(p['unet'])}, VAE {human_count(p['vae'])}, "
         f"text encoder {human_count(p['text_encoder'])}, total {human_count(p['total'])} ({p['total']:,})"

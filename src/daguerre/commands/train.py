@@ -7,7 +7,9 @@
     daguerre train zero-shot shapes-clip [--dataset shapes] [--n 1000]          # a CLIP's zero-shot accuracy
     daguerre train --list-configs                                                 # the shipped run configs
 
-`--config` takes the name of a shipped config or the path of a TOML file.
+`--config` takes the name of a shipped config or the path of a TOML file. Stopped by Ctrl-C (SIGINT) or SIGTERM,
+a run saves a checkpoint of the step it is on and prints it with the command that continues it (the same
+command with --resume); exit status 130.
 
 Under torchrun the same commands train data-parallel:
     torchrun --standalone --nproc_per_node 2 -m daguerre.training ldm ...
@@ -19,12 +21,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
+import shlex
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from .registry import command
 
 DEFAULT_RUNS = Path("runs")
+INTERRUPTED = 130  # exit status of a run stopped by a signal (128 + SIGINT, as a shell reports Ctrl-C)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -102,6 +108,44 @@ def list_configs() -> str:
     return "\n".join(lines)
 
 
+def resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that continues this run: the same stage, config, folder, autoencoder, --set, --until and
+    --init, plus --resume (under torchrun: the same torchrun launch)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    words = (["torchrun", "--standalone", "--nproc_per_node", str(world), "-m", "daguerre.training"] if world > 1
+             else ["daguerre", "train"])
+    words += [args.stage]
+    if args.config:
+        words += ["--config", args.config]
+    words += ["--out", str(out)]
+    if getattr(args, "vae", None):
+        words += ["--vae", args.vae]
+    for item in args.overrides:
+        words += ["--set", item]
+    if args.until is not None:
+        words += ["--until", str(args.until)]
+    if args.init:
+        words += ["--init", args.init]
+    return shlex.join([*words, "--resume"])
+
+
+def _interrupted(args: argparse.Namespace, out: Path, e: KeyboardInterrupt) -> int:
+    """Say where a stopped run is (the checkpoint of the stop, or the newest one) and how to continue it."""
+    from ..training import state
+    from ..training.loop import TrainingInterrupted
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process speaks for all
+        return INTERRUPTED
+    if isinstance(e, TrainingInterrupted):
+        where = f"stopped by {e.signal_name} after step {e.step}: saved the checkpoint {e.checkpoint}"
+    else:
+        found = state.list_checkpoints(out)
+        where = ("interrupted: its newest checkpoint is step {} ({}); the steps since are lost".format(*found[-1])
+                 if found else "interrupted before its first checkpoint")
+    print(f"daguerre train {args.stage}: {where}\ncontinue with: {resume_command(args, out)}", file=sys.stderr)
+    return INTERRUPTED
+
+
 @contextlib.contextmanager
 def _writing(folder: Path) -> Iterator[None]:
     """Turn an error of the file system under a run (disk full, read-only, no permission) into one line
@@ -176,18 +220,21 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"train.init_from={args.init}"] if args.init else [])
     cfg = load_run_config(args.config, args.stage, overrides)
     out = _out_dir(args)
-    with _writing(out):
-        if args.stage == "vae":
-            from ..training.vae import train_vae
+    try:
+        with _writing(out):
+            if args.stage == "vae":
+                from ..training.vae import train_vae
 
-            path = train_vae(cfg, out, resume=args.resume, until=args.until)
-        elif args.stage == "clip":
-            from ..training.clip import train_clip
+                path = train_vae(cfg, out, resume=args.resume, until=args.until)
+            elif args.stage == "clip":
+                from ..training.clip import train_clip
 
-            path = train_clip(cfg, out, resume=args.resume, until=args.until)
-        else:
-            from ..training.ldm import train_ldm
+                path = train_clip(cfg, out, resume=args.resume, until=args.until)
+            else:
+                from ..training.ldm import train_ldm
 
-            path = train_ldm(cfg, out, vae_path=args.vae, resume=args.resume, until=args.until)
+                path = train_ldm(cfg, out, vae_path=args.vae, resume=args.resume, until=args.until)
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM (training.loop.StopSignals)
+        return _interrupted(args, out, e)
     print(path)
     return 0

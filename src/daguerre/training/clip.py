@@ -50,7 +50,7 @@ from ..models.clip import MAX_LOGIT_SCALE, CLIPModel, init_clip_
 from ..models.text_encoder import CLIPTextEncoder, prune_vocabulary
 from . import dist, state
 from .config import CLIPLossConfig, RunConfig, derive_clip_config, to_jsonable
-from .data import batch_loader, images_of, load_items, load_train_data
+from .data import batch_loader, checkpoint_split, images_of, load_items, load_train_data
 from .ema import EMA
 from .export import SAVE_DTYPES
 from .log import RunLogger
@@ -365,7 +365,7 @@ def export_clip_checkpoint(folder: Path, meta: dict[str, Any], out: Path) -> Pat
     step = int(meta["step"])
     cfg.train.steps = step
     check_writable(out.parent)
-    data = load_train_data(cfg.data)
+    data = load_train_data(cfg.data, checkpoint_split(meta))  # the run's held-out split
     holdout = load_items(data, data.holdout[:RETRIEVAL_IMAGES]) if cfg.data.kind == "folder" else None
     model = build_clip(derive_clip_config(cfg, data.channels), cfg.train.seed)
     tensors, _ = state.load_checkpoint(folder)

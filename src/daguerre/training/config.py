@@ -48,6 +48,7 @@ from ..untrusted import read_json, regular_file
 STAGES = ("vae", "ldm", "clip")
 MAX_LOWRES_FACTOR = 8  # pipelines.request.MAX_UPSCALE
 LOWRES_LEVELS = 1000  # pipelines.request.LOWRES_NOISE_STEPS: levels of the augmentation schedule
+MAX_SEEDS_PER_PROMPT = 8  # [sample] seeds_per_prompt: a grid stays small enough to look at
 
 
 @dataclass
@@ -255,6 +256,7 @@ class SampleConfig:
     ])
     labels: list[int] = field(default_factory=list)  # class-conditional models; empty = every class once
     n_unconditional: int = 8  # unconditional models: images per grid
+    seeds_per_prompt: int = 2  # images per prompt / label, seeds seed, seed + 1, ... (the same for every prompt)
     seed: int = 0
     steps: int = 25
     sampler: str = "DPM++ 2M"
@@ -550,6 +552,9 @@ def check_run_config(cfg: RunConfig) -> None:
         check_text_encoder_config(cfg.model, cfg.loss.train_text_encoder)
     if isinstance(cfg.loss, CLIPLossConfig):
         check_clip_run(cfg)
+    if not 1 <= cfg.sample.seeds_per_prompt <= MAX_SEEDS_PER_PROMPT:
+        raise ValueError(f"config key sample.seeds_per_prompt: must be 1 to {MAX_SEEDS_PER_PROMPT}, got "
+                         f"{cfg.sample.seeds_per_prompt}")
     check_data_sections(d)
     check_concat_config(cfg)
 

@@ -1,7 +1,10 @@
 """Training data for both stages: the dataset a `[data]` section names, a held-out split, safe item access.
 
-The last `data.holdout` items are kept out of training (reconstruction metrics and images, the latent
-scale factor). An item that cannot be read (a corrupt or missing image file) is, per `data.on_error`,
+`data.holdout` items, drawn at random with `data.seed` (`daguerre.data.split.holdout_split`, the split
+`daguerre eval --data` uses too), are kept out of training (reconstruction metrics and images, the latent
+scale factor). Runs begun before that split (their checkpoints record no `split`) keep the one they began
+with, the last `data.holdout` items, so a resume or an export of such a run sees the images it trained on.
+An item that cannot be read (a corrupt or missing image file) is, per `data.on_error`,
 either a `ValueError` naming the file ("raise") or logged by name once and replaced by the next
 readable item ("skip"), deterministically, so every process and every resumed run see the same data.
 """
@@ -17,9 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.split import holdout_split
 from .config import DataConfig, ShapesData
 
 logger = logging.getLogger("daguerre.train")
+RANDOM_SPLIT = "random"  # the held-out items drawn at random with data.seed (`holdout_split`)
+LAST_SPLIT = "last"  # the last data.holdout items: runs begun before the random split
+# where the built-in datasets' captions come from (a folder's ImageFolder says which of its sources it used)
+BUILT_IN_CAPTIONS = {"shapes": "built in: the shapes world's scene descriptions",
+                     "fashion_mnist": "built in: phrasings of the 10 Fashion-MNIST class names"}
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)  # what PIL and the idx reader raise on bad files
 NAME_ATTRIBUTES = ("files", "paths", "image_paths", "samples", "items")  # where datasets keep their file names
 
@@ -34,6 +43,16 @@ class TrainData:
     train_pool: np.ndarray  # dataset indices used for training
     holdout: np.ndarray  # dataset indices kept out of training
     description: dict[str, Any] = field(default_factory=dict)  # provenance / latent-cache key
+    split: str = RANDOM_SPLIT  # how `holdout` was chosen: RANDOM_SPLIT or (older runs) LAST_SPLIT
+
+
+def checkpoint_split(meta: dict[str, Any]) -> str:
+    """The held-out split of the run that wrote a checkpoint's `meta`: checkpoints before the random split
+    record none and held out the last items."""
+    split = meta.get("split", LAST_SPLIT)
+    if split not in (RANDOM_SPLIT, LAST_SPLIT):
+        raise ValueError(f"unknown held-out split {split!r} in a checkpoint: written by a newer daguerre?")
+    return split
 
 
 def item_name(dataset: Any, i: int) -> str:
@@ -116,9 +135,10 @@ def build_dataset(cfg: DataConfig) -> torch.utils.data.Dataset:
     return _folder_dataset(cfg)
 
 
-def describe_data(cfg: DataConfig) -> dict[str, Any]:
+def describe_data(cfg: DataConfig, split: str = RANDOM_SPLIT) -> dict[str, Any]:
     """The fields that decide which images (and captions) a run sees: provenance and the latent-cache key,
-    named flat as since the first release (`kind`, `n`, `root`, ...), so old runs keep their cache keys."""
+    named flat as since the first release (`kind`, `n`, `root`, ...), so old runs keep their cache keys. The
+    random held-out split adds `"split": "random"`: a cache of the last-items split is never reused for it."""
     keys = {"shapes": ("kind", "n", "seed", "size", "max_objects"),
             "fashion_mnist": ("kind", "root", "split", "size", "seed"),
             "folder": ("kind", "root", "size", "seed", "captions", "channels", "on_error")}[cfg.kind]
@@ -129,11 +149,28 @@ def describe_data(cfg: DataConfig) -> dict[str, Any]:
         out.update({k: fields[k] for k in ("min_objects", "p_relation") if fields[k] != getattr(ShapesData, k)})
     if cfg.kind == "folder":
         out["root"] = str(Path(cfg.folder.root).resolve())
+    if split == RANDOM_SPLIT:
+        out["split"] = split
     return out
 
 
-def load_train_data(cfg: DataConfig) -> TrainData:
-    """The dataset wrapped for training, its channel count and class names, and the train / held-out split."""
+def split_indices(n: int, holdout: int, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices) of a dataset of `n` items under `split`."""
+    if split == RANDOM_SPLIT:
+        return holdout_split(n, holdout, seed)
+    return np.arange(n - holdout), np.arange(n - holdout, n)
+
+
+def caption_source(cfg: DataConfig, raw: Any) -> str:
+    """Where the captions of the dataset `raw` of a `[data]` section come from, in words."""
+    if cfg.kind == "folder":
+        return getattr(raw, "caption_source", "none")
+    return BUILT_IN_CAPTIONS[cfg.kind]
+
+
+def load_train_data(cfg: DataConfig, split: str = RANDOM_SPLIT) -> TrainData:
+    """The dataset wrapped for training, its channel count and class names, and the train / held-out split
+    (`split`: RANDOM_SPLIT, or LAST_SPLIT for a run begun before it); logs what it found."""
     raw = build_dataset(cfg)
     n = len(raw)
     if n == 0:
@@ -147,10 +184,17 @@ def load_train_data(cfg: DataConfig) -> TrainData:
     channels = int(first["image"].shape[0])
     names = getattr(raw, "class_names", None)
     class_names = list(names) if names else None
-    return TrainData(
-        dataset=dataset, channels=channels, class_names=class_names,
-        train_pool=np.arange(n - holdout), holdout=np.arange(n - holdout, n), description=describe_data(cfg),
-    )
+    train_pool, held = split_indices(n, holdout, cfg.seed, split)
+    how = (f"drawn at random with data.seed {cfg.seed}" if split == RANDOM_SPLIT
+           else "the last ones, as when this run began")
+    logger.info("data: %s, %d images (%d held out, %s); captions: %s%s", _where(cfg), n, holdout, how,
+                caption_source(cfg, raw), f"; {len(class_names)} classes" if class_names else "")
+    return TrainData(dataset=dataset, channels=channels, class_names=class_names, train_pool=train_pool,
+                     holdout=held, description=describe_data(cfg, split), split=split)
+
+
+def _where(cfg: DataConfig) -> str:
+    return f"folder {Path(cfg.folder.root)}" if cfg.kind == "folder" else f"{cfg.kind} dataset"
 
 
 def load_items(data: TrainData, indices: np.ndarray) -> list[dict[str, Any]]:

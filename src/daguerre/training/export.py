@@ -34,7 +34,7 @@ from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNetModel
 from . import state, text_cache
 from .config import RunConfig, derive_model_config, to_jsonable
-from .data import describe_data, load_items, load_train_data
+from .data import checkpoint_split, describe_data, load_items, load_train_data
 from .ema import EMA
 from .loop import RESUME_OBJECTS, check_writable
 
@@ -193,7 +193,7 @@ def checkpoint_model(folder: Path, meta: dict[str, Any], cfg: RunConfig) -> tupl
     if "class_names" not in meta or (trained_te and "caption_token_ids" not in meta):
         logger.info("%s was written by an earlier release: reading the run's data for its class names and captions",
                     folder)
-        data = load_train_data(cfg.data)
+        data = load_train_data(cfg.data, checkpoint_split(meta))
     class_names = meta["class_names"] if data is None else data.class_names
     run_model = copy.deepcopy(cfg)
     run_model.model.vae = copy.deepcopy(vae_cfg.vae)  # the autoencoder is the trained one, scale included
@@ -225,6 +225,7 @@ def checkpoint_model(folder: Path, meta: dict[str, Any], cfg: RunConfig) -> tupl
         global_batch=cfg.train.batch_size * world * cfg.train.grad_accum,
         parameters={"unet": sum(p.numel() for p in unet.parameters()),
                     "text_encoder": sum(p.numel() for p in te.parameters()) if te is not None else 0},
-        vae_file=vae_file, vae_sha256=vae_sha, vae_provenance=vae_cfg.provenance, data=describe_data(cfg.data),
+        vae_file=vae_file, vae_sha256=vae_sha, vae_provenance=vae_cfg.provenance,
+        data=describe_data(cfg.data, checkpoint_split(meta)),
         init=meta.get("init"), history=list(meta.get("config_history", [])), caption_tokens=tokens)
     return components, record

@@ -35,7 +35,7 @@ from .export import MODEL_FILE, ModelRecord, caption_tokens, networks, write_mod
 from .init import init_ldm
 from .log import RunLogger
 from .loop import RunSummary, Setup, autocast, make_optimizer, run, wrap_ddp
-from .samples import SAMPLES_DIR, save_png
+from .samples import SAMPLES_DIR, ignored_sample_settings, save_png
 
 logger = logging.getLogger("daguerre.train")
 
@@ -144,6 +144,8 @@ class LDMStage:
         self.model = wrap_ddp(DiffusionModel(unet, te if train_te else None), env)
         self.pool = torch.arange(len(lat)).numpy()
         self.conditioner = conditioner_for(model_cfg)  # text, class or none: the condition of each micro-batch
+        for warning in ignored_sample_settings(self.conditioner, cfg.sample) if env.is_main else ():
+            logger.warning(warning)
         self.text = text_cache.text_hook(self.tokenizer, te, trained=train_te, cache=text_emb, bf16=t.bf16)
         lc = cfg.loss
         self.t_cdf = losses.timestep_cdf(lc.timestep_bias, model_cfg.schedule.num_train_timesteps,

@@ -1,5 +1,7 @@
 """What a run tells its user: a tqdm bar (loss, images/s, ETA), `metrics.jsonl`, optional TensorBoard.
 
+Without the bar (`train.progress = false`: a log file, a batch job) every logged step is also a line of the
+log (stderr and RUN/train.log): `step 20/100: loss 0.1234, grad_norm 0.5, lr 0.0001, 41.2 images/s, ETA 0:00:39`.
 Only rank 0 logs. `metrics.jsonl` holds one JSON object per logged step (`{"step": .., "loss": ..,
 "lr": .., "images_per_s": .., ...}`); on `--resume` the lines of steps after the checkpoint (written
 by the interrupted run) are dropped first, so the file always describes one consistent run.
@@ -7,6 +9,7 @@ by the interrupted run) are dropped first, so the file always describes one cons
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -107,6 +110,11 @@ class RunLogger:
             else:
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
+    def eta(self, step: int) -> float | None:
+        """Seconds until step `total` at this session's pace so far (None before a step is done)."""
+        dt = time.perf_counter() - self._t0
+        return (self.total - step) * dt / (step - self._s0) if step > self._s0 and dt > 0 else None
+
     def images_per_second(self, step: int) -> float:
         dt = time.perf_counter() - self._t0
         return (step - self._s0) * self.images_per_step / dt if dt > 0 else 0.0
@@ -129,10 +137,14 @@ class RunLogger:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{self.images_per_second(step):.1f}", refresh=False)
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
+    def log(self, step: int, metrics: dict[str, Any], *, echo: bool = False) -> None:
+        """Append `metrics` of `step` to metrics.jsonl (and TensorBoard); with `echo` and no progress bar, also
+        write them as a line of the log."""
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+        if echo and self.bar is None:
+            logger.info(progress_line(step, self.total, row, self.eta(step)))
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -145,6 +157,18 @@ class RunLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def progress_line(step: int, total: int, row: dict[str, Any], eta: float | None) -> str:
+    """One logged step as a line: `step 20/100: loss 0.1234, lr 0.0001, 41.2 images/s, ETA 0:00:39`."""
+    keys = sorted((k for k, v in row.items() if k not in ("step", "time", "images_per_s")
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)), key=lambda k: k != "loss")
+    parts = [f"{k} {row[k]:.4g}" for k in keys]  # the loss first
+    if "images_per_s" in row:
+        parts.append(f"{row['images_per_s']:.1f} images/s")
+    if eta is not None:
+        parts.append(f"ETA {datetime.timedelta(seconds=round(eta))}")
+    return f"step {step}/{total}: " + ", ".join(parts)
 
 
 def _plain(v: Any) -> Any:

@@ -4,6 +4,11 @@ data position). A `Stage` (`vae.VAEStage`, `ldm.LDMStage`) supplies build / step
 set-up, resume and training phases, EMA, DDP gradient sync, gradient accumulation, logging, the sample grids'
 schedule and checkpoints (the shape of nanoGPT's loop and DiT's `main`).
 
+A SIGINT or SIGTERM while the loop trains stops it after the current step with a checkpoint of that step
+(`TrainingInterrupted` names it); a second one, or one during set-up, interrupts at once (KeyboardInterrupt).
+A run resumed when it has already finished keeps its final file as it is (`export.json` records which file
+the end of the run wrote), so a model trained on that file can still resume on it.
+
 Learning rate of optimizer step s (0-based): lr (s + 1) / warmup during warm-up, then
 min_lr + (lr - min_lr) (1 + cos(pi p)) / 2 with p = (s - warmup) / (steps - warmup) (Loshchilov & Hutter
 2017, SGDR without restarts), or lr flat with `decay = "constant"`. AdamW is Loshchilov & Hutter 2019.
@@ -16,6 +21,8 @@ import copy
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -30,13 +37,15 @@ from torch import nn
 from ..fileio import atomic_write_text, probe_write
 from . import dist, state
 from .config import RunConfig, TrainConfig, load_run_config, to_jsonable, upgrade_run_dict
-from .data import TrainData, load_train_data
+from .data import RANDOM_SPLIT, TrainData, checkpoint_split, load_train_data
 from .ema import EMA
 from .init import check_init_source
 from .log import RunLogger, setup_logging, teardown_logging, truncate_metrics
 
 logger = logging.getLogger("daguerre.train")
 CONFIG_FILE = "config.json"
+EXPORT_RECORD = "export.json"  # {"file", "step", "sha256"} of the final file the end of the run wrote
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # run-config keys that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "train.eval_every",
                      "train.checkpoint_every", "train.keep_last", "train.keep_every", "train.tensorboard",
@@ -301,6 +310,9 @@ def resume_state(ts: TrainingState, resume: Resume, env: dist.DistEnv) -> tuple[
 
 def stop_step(start: int, steps: int, until: int | None) -> int:
     """The step this session ends at: `train.steps`, or `until` (a pause: checkpoint, no final model)."""
+    if start > steps:
+        raise ValueError(f"the run is already at step {start}, beyond train.steps {steps}: set train.steps to "
+                         f"{start} or more (--set train.steps=N)")
     if until is None:
         return steps
     if until <= start:
@@ -315,6 +327,78 @@ def paused(out: Path, step: int, steps: int, env: dist.DistEnv) -> Path:
     folder = out / state.CHECKPOINT_DIR / state.step_dir_name(step)
     logger.info("paused at step %d of %d: checkpoint %s; continue with --resume", step, steps, folder)
     return folder
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by a signal (`signal_name`, "SIGINT" or "SIGTERM") after `step` steps, checkpointed in
+    `checkpoint`, which --resume continues from."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal_name}: stopped after step {step}, checkpoint {checkpoint}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+class StopSignals:
+    """SIGINT / SIGTERM handlers for a training session (main thread only; a signal the process ignores stays
+    ignored). While `armed` (the loop trains) the first signal is only noted: `requested` tells the loop, which
+    stops after the step; a second, or one while not armed, raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.armed or self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("%s: stopping after this step with a checkpoint (%s again stops at once, losing the steps "
+                       "since the last checkpoint)", self.signal_name, self.signal_name)
+
+    def requested(self) -> bool:
+        """Whether any process got a stop signal (collective: every process calls it at every step)."""
+        flag = torch.tensor([1.0 if self.signal_name is not None else 0.0], dtype=torch.float64)
+        return bool(dist.all_reduce_mean_(flag)[0] > 0)
+
+
+def finished_output(out: Path, output: str, checkpoint: Path, step: int) -> Path | None:
+    """RUN/`output` when the end of the run wrote it after the final `checkpoint` (of step `step`) and it is
+    unchanged since: as EXPORT_RECORD says, or for a run finished before that record, the file is newer than
+    the checkpoint."""
+    from ..untrusted import read_json
+    from ..weights.io import file_hash
+
+    path, record = out / output, out / EXPORT_RECORD
+    if not path.is_file():
+        return None
+    if not record.is_file():
+        return path if path.stat().st_mtime_ns >= (checkpoint / state.META_FILE).stat().st_mtime_ns else None
+    try:
+        done = read_json(record, "export record")
+    except ValueError:
+        return None
+    if done.get("file") != output or done.get("step") != step or done.get("sha256") != file_hash(path):
+        return None
+    return path
+
+
+def record_output(out: Path, path: Path, step: int) -> None:
+    """Note in RUN/EXPORT_RECORD which final file the end of the run wrote at `step` (its sha256)."""
+    from ..weights.io import file_hash
+
+    atomic_write_text(out / EXPORT_RECORD, json.dumps({"file": path.name, "step": step, "sha256": file_hash(path)}))
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -381,14 +465,16 @@ def run(stage: Stage, cfg: RunConfig, out: str | Path, *, resume: bool = False, 
     env = dist.init_distributed(cfg.train.device)
     threads = torch.get_num_threads()
     try:
-        return _run(stage, cfg, Path(out), resume, until, env)
+        with StopSignals() as stop:
+            return _run(stage, cfg, Path(out), resume, until, env, stop)
     finally:
         dist.shutdown()
         teardown_logging()
         torch.set_num_threads(threads)
 
 
-def _run(stage: Stage, cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist.DistEnv) -> Path:
+def _run(stage: Stage, cfg: RunConfig, out: Path, resume: bool, until: int | None, env: dist.DistEnv,
+         stop: StopSignals) -> Path:
     t = cfg.train
     configure_threads(t)
     stage.prepare(env)
@@ -396,7 +482,16 @@ def _run(stage: Stage, cfg: RunConfig, out: Path, resume: bool, until: int | Non
     if resume_from.folder is None:
         check_init_source(t.init_from)
     setup_logging(out, env.is_main)
-    data = load_train_data(cfg.data)
+    split = RANDOM_SPLIT
+    if resume_from.meta is not None:
+        finished = int(resume_from.meta["step"]) == t.steps
+        kept = finished_output(out, stage.output, resume_from.folder, t.steps) if finished else None
+        if kept is not None:  # rewriting it would change its hash: a model trained on it could no longer resume
+            logger.info("the run finished at step %d: %s is kept as it is (raise train.steps to train on)",
+                        t.steps, kept)
+            return kept
+        split = checkpoint_split(resume_from.meta)  # a run keeps the held-out split it began with
+    data = load_train_data(cfg.data, split)
     seed_everything(t.seed, env.rank)
     stage.build(Setup(cfg, out, env, data, fresh=resume_from.folder is None))
     modules, optimizers = stage.modules, stage.optimizers
@@ -418,11 +513,15 @@ def _run(stage: Stage, cfg: RunConfig, out: Path, resume: bool, until: int | Non
                 e.copy_to(copies[name])
         return copies
 
+    def checkpoint_meta() -> dict[str, Any]:
+        return {**stage.checkpoint_meta(), "split": data.split}  # the split: a resume keeps it
+
     runlog = RunLogger(out, enabled=env.is_main, start=start, total=t.steps, images_per_step=sampler.global_batch,
                        progress=t.progress, tensorboard=t.tensorboard)
     stage.begin(sampler, start)
-    stop = stop_step(start, t.steps, until)
-    for step in range(start, stop):
+    end = stop_step(start, t.steps, until)
+    stop.armed = True
+    for step in range(start, end):
         for name, opt in optimizers.items():
             set_lr(opt, lr_at(step, t, stage.peak_lr.get(name)))
         sums: dict[str, float] = defaultdict(float)
@@ -445,17 +544,29 @@ def _run(stage: Stage, cfg: RunConfig, out: Path, resume: bool, until: int | Non
             vals = dist.all_reduce_mean_(torch.tensor(list(means.values()), dtype=torch.float64))
             lr = next(iter(optimizers.values())).param_groups[0]["lr"]
             runlog.log(done, {**dict(zip(means, vals.tolist(), strict=True)), "lr": lr,
-                              "images_per_s": runlog.images_per_second(done)})
+                              "images_per_s": runlog.images_per_second(done)}, echo=True)
         grid, evaluate = due(done, t.sample_every, t.steps), due(done, t.eval_every, t.steps)
         if env.is_main and (grid or evaluate):
             stage.sample(done, ema_models(), runlog, grid=grid, evaluate=evaluate)
-        if due(done, t.checkpoint_every, stop):  # stop: train.steps, or the pause of --until
-            ts.save(out, done, cfg, sampler, env, extra=stage.checkpoint_meta())
+        saved = due(done, t.checkpoint_every, end)  # end: train.steps, or the pause of --until
+        if saved:
+            ts.save(out, done, cfg, sampler, env, extra=checkpoint_meta())
+        if stop.requested():  # SIGINT / SIGTERM: a checkpoint of this step, then stop
+            if not saved:
+                ts.save(out, done, cfg, sampler, env, extra=checkpoint_meta())
+            runlog.close()
+            dist.barrier()
+            folder = out / state.CHECKPOINT_DIR / state.step_dir_name(done)
+            name = stop.signal_name or "a stop signal of another process"
+            logger.warning("stopped by %s after step %d of %d: checkpoint %s", name, done, t.steps, folder)
+            raise TrainingInterrupted(stop.signal_name or "SIGTERM", done, folder)
+    stop.armed = False
     runlog.close()
-    if stop < t.steps:
-        return paused(out, stop, t.steps, env)
+    if end < t.steps:
+        return paused(out, end, t.steps, env)
     path = out / stage.output
     if env.is_main:
         stage.export(path, ema_models(), RunSummary(ts.seconds(), ts.history, sampler.global_batch, env.world))
+        record_output(out, path, t.steps)
     dist.barrier()
     return path
