@@ -4,6 +4,9 @@
     daguerre eval --model fashion --n 500 --extractor inception:pt_inception-2015-12-05.pth
     daguerre eval --model shapes --n 200 --fast --dtype bf16 --out eval/shapes-fast
     daguerre eval --model my-sd.safetensors --dataset shapes --clip openai-clip-vit-b-32/
+    daguerre eval --model runs/photos/model.safetensors --data photos --classifier photos-classifier.safetensors
+    daguerre eval --model cifar.safetensors --data cifar10/test --holdout all --classifier cifar.safetensors
+    daguerre eval --model runs/captions/model.safetensors --data captioned --clip captioned-clip.safetensors
 
 It takes the settings of fewer network calls (`--fast`, `--cfg-cutoff`, `--deepcache`, ...) as `daguerre
 generate` does, so their quality cost is measured on the same seeds as the exact path.
@@ -29,6 +32,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--dataset", choices=["shapes", "fashion_mnist"], default=None,
                    help="what the model draws (default: from the model's training provenance)")
+    p.add_argument("--data", default=None, metavar="FOLDER",
+                   help="a folder of your own images to measure against (default for a model trained on a folder: "
+                   "that folder); its held-out images are the real ones (docs/evaluation.md)")
+    p.add_argument("--holdout", default=None, metavar="N|all",
+                   help="--data: images held out of training (default: the model's data.holdout); 'all' for a test "
+                   "folder the model never saw")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="--data: the seed of the held-out split (default: the model's data.seed)")
     p.add_argument("--prompts", default=None, help="shapes prompt kinds, comma-separated (default single,relation)")
     p.add_argument("--n", type=int, default=100, help="images per prompt kind (shapes) / in total, n/10 per class "
                    "(fashion); default 100")
@@ -42,8 +53,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    "as daguerre generate)")
     add_request_arguments(p, "txt2img", only=FEWER_CALLS + CLIP_GUIDANCE)  # --cfg-cutoff, ..., --clip-guidance
     p.add_argument("--extractor", default="default", help="feature space of FD / KID / IS: 'default' (the dataset's "
-                   "shipped classifier), a classifier file, or inception:PATH (docs/inception.md)")
-    p.add_argument("--classifier", default="default", help="adherence judge: 'default' (shipped) or a classifier file")
+                   "shipped classifier; --data: the --classifier, else the --clip's image tower), a classifier "
+                   "file, 'clip' (the --clip's image tower) or inception:PATH (docs/inception.md)")
+    p.add_argument("--classifier", default="default", help="adherence judge: 'default' (shipped; --data: none) or a "
+                   "classifier file (`daguerre classifier train`)")
     p.add_argument("--clip", default=None, metavar="CLIP",
                    help="CLIP model of the CLIP score: a shipped CLIP's name or a path (daguerre CLIP file, "
                    "transformers folder, OpenCLIP / OpenAI checkpoint), and with --clip-guidance the guiding CLIP; "
@@ -71,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     sampling.update(request_fields(args, "txt2img", only=FEWER_CALLS + CLIP_GUIDANCE))
     if sampling.get("clip_guidance") and args.clip is not None:
         sampling["clip_model"] = args.clip
+    _check_data_flags(args)
     if args.dataset is not None:  # check the cheap things before loading anything
         EvalSettings(args.dataset, kinds, args.n, args.seed, sampling, args.real, args.batch).check()
     if args.clip is not None:
@@ -79,16 +93,19 @@ def run(args: argparse.Namespace) -> int:
         clip_path(args.clip)  # exists, before the model is loaded
 
     from ..metrics.extractors import load_classifier_extractor, load_extractor
-    from ..registry import default_model_name, model_file, open_model
+    from ..registry import default_model_name, open_model
 
     spec = args.model or default_model_name()
     comps, short_hash = open_model(spec, device=args.device, dtype=args.dtype,  # read straight into it
                                    quantize=args.quantize, compile=args.compile)
     set_threads(args, comps)
+    data = _folder_of(args, spec, comps.config)
+    if data is not None:
+        return _run_folder(args, data, spec, comps, short_hash, sampling, out)
     dataset = args.dataset or dataset_of(comps.config)
     if dataset is None:
-        raise ValueError(f"model {spec!r} does not say which dataset it was trained on; pass --dataset shapes "
-                         "or --dataset fashion_mnist")
+        raise ValueError(f"model {spec!r} does not say which dataset it was trained on; pass --dataset shapes, "
+                         "--dataset fashion_mnist or --data FOLDER")
     _check_prompts(args.prompts, dataset)
     settings = EvalSettings(dataset, kinds, args.n, args.seed, sampling, args.real, args.batch).check()
     if args.verbose:
@@ -96,13 +113,12 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"daguerre eval: {describe_run(comps.unet)}", file=sys.stderr, flush=True)
     device = next(comps.unet.parameters()).device
+    if args.extractor == "clip":
+        raise ValueError("--extractor clip is for --data FOLDER (a CLIP trained on its captions); the shapes and "
+                         "Fashion-MNIST scores use the shipped classifiers")
     classifier = load_classifier_extractor(args.classifier, dataset, device)
     extractor = classifier if args.extractor == args.classifier else load_extractor(args.extractor, dataset, device)
-    from ..precision import dtype_of, short_name
-
-    model_info = {"spec": spec, "name": comps.config.name, "hash": short_hash, **model_file(spec),
-                  "dtype": short_name(dtype_of(comps.unet)), "quantize": args.quantize or "none",
-                  "compile": args.compile, "device": str(device)}
+    model_info = _model_info(args, spec, comps, short_hash)
 
     clip = _clip_judge(args.clip, spec, comps, device)
     if isinstance(clip, str):
@@ -118,6 +134,124 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result.report))
     print(f"wrote {out / 'report.json'} and {out / 'grid.png'}", file=sys.stderr)
     return 0
+
+
+def _model_info(args: argparse.Namespace, spec: str, comps, short_hash: str | None) -> dict:
+    """The report's "model": what was evaluated and how it ran."""
+    from ..precision import dtype_of, short_name
+    from ..registry import model_file
+
+    return {"spec": spec, "name": comps.config.name, "hash": short_hash, **model_file(spec),
+            "dtype": short_name(dtype_of(comps.unet)), "quantize": args.quantize or "none",
+            "compile": args.compile, "device": str(next(comps.unet.parameters()).device)}
+
+
+def _check_data_flags(args: argparse.Namespace) -> None:
+    """Before any model work: --data goes without --dataset and --prompts, --holdout / --data-seed with --data."""
+    from ..metrics.folder_eval import parse_holdout
+
+    if args.data is None:
+        if args.holdout is not None or args.data_seed is not None:
+            raise ValueError("--holdout and --data-seed choose the held-out images of --data FOLDER; pass --data")
+        return
+    if args.dataset is not None or args.prompts:
+        raise ValueError(f"--data {args.data} measures the model against a folder of images: leave out "
+                         f"{'--dataset' if args.dataset is not None else '--prompts'} (a built-in dataset's)")
+    if not Path(args.data).expanduser().is_dir():
+        raise FileNotFoundError(f"--data {args.data}: no such folder")
+    parse_holdout(args.holdout)
+    if args.data_seed is not None and args.data_seed < 0:
+        raise ValueError(f"--data-seed {args.data_seed}: give a seed >= 0")
+
+
+def _folder_of(args: argparse.Namespace, spec: str, config) -> str | None:
+    """The folder to measure against: --data, else the folder the model was trained on; a --dataset other than
+    the model's training data is refused (its scores would mean nothing)."""
+    from ..metrics.folder_eval import FOLDER, trained_on
+
+    if args.data is not None:
+        return args.data
+    rec = trained_on(config)
+    if rec is None or (args.dataset is not None and rec.kind == args.dataset):
+        return None
+    if rec.kind == FOLDER:
+        if args.dataset is not None or not (rec.root and Path(rec.root).is_dir()):
+            why = f"not on {args.dataset}" if args.dataset is not None else "which is not on this machine"
+            raise ValueError(f"model {spec!r} was trained on the folder {rec.root}, {why}: evaluate it with "
+                             "--data FOLDER (that folder, or a test folder of the same images with --holdout all)")
+        print(f"daguerre eval: measuring against the model's training folder {rec.root} (its held-out images)",
+              file=sys.stderr)
+        return rec.root
+    if args.dataset is not None:
+        raise ValueError(f"model {spec!r} was trained on {rec.describe()}, not on {args.dataset}: its scores "
+                         f"against {args.dataset} would mean nothing; leave out --dataset")
+    return None
+
+
+def _run_folder(args: argparse.Namespace, data: str, spec: str, comps, short_hash: str | None, sampling: dict,
+                out: Path) -> int:
+    """`daguerre eval --data FOLDER` (metrics.folder_eval)."""
+    from ..metrics.evaluate import FOLDER, EvalSettings, format_table
+    from ..metrics.folder_data import Folder
+    from ..metrics.folder_eval import check_model, evaluate_folder, folder_spec, parse_holdout, probe_request
+
+    settings = EvalSettings(FOLDER, (), args.n, args.seed, sampling, args.real, args.batch).check()
+    fspec, trained, notes = folder_spec(comps.config, data, parse_holdout(args.holdout), args.data_seed, spec)
+    folder = Folder(fspec)
+    request = probe_request(comps.config, sampling)
+    check_model(comps.config, folder, request.width, request.height, spec)
+    judges = _folder_judges(args, folder, trained, spec, comps, bool(sampling.get("clip_guidance")))
+    for line in [*notes, *judges.warnings]:
+        print(f"daguerre eval: warning: {line}", file=sys.stderr)
+    from tqdm import tqdm
+
+    with tqdm(total=settings.n, unit="img", desc="eval", disable=not args.progress, dynamic_ncols=True) as bar:
+        result = evaluate_folder(comps, settings, folder, judges, trained=trained,
+                                 model_info=_model_info(args, spec, comps, short_hash), progress=bar.update)
+    result.report["warnings"] = [*notes, *judges.warnings]
+    _write(out, result, args.overwrite)
+    print(format_table(result.report))
+    print(f"wrote {out / 'report.json'} and {out / 'grid.png'}", file=sys.stderr)
+    return 0
+
+
+def _folder_judges(args: argparse.Namespace, folder, trained, spec: str, comps, guided: bool):
+    """The classifier (--classifier), feature extractor (--extractor) and CLIP (--clip) of a folder evaluation,
+    each checked against the folder; a refusal when nothing gives a feature space."""
+    from ..metrics.extractors import (
+        DEFAULT,
+        INCEPTION_PREFIX,
+        CLIPImageExtractor,
+        load_classifier_file,
+        load_inception_extractor,
+    )
+    from ..metrics.folder_eval import FolderJudges, check_classifier
+
+    device = next(comps.unet.parameters()).device
+    warnings: list[str] = []
+    classifier = None
+    if args.classifier != DEFAULT:
+        classifier = load_classifier_file(args.classifier, device)
+        warnings += check_classifier(classifier, folder, trained, "--classifier")
+    clip = _clip_judge(args.clip, spec, comps, device)
+    judge = clip if clip is not None and not isinstance(clip, str) else None
+    where = folder.spec.root
+    if args.extractor in (DEFAULT, args.classifier):
+        extractor = classifier or (CLIPImageExtractor(judge) if judge is not None else None)
+        if extractor is None:
+            raise ValueError(f"no feature space for --data {where}: pass --classifier FILE (`daguerre classifier "
+                             f"train --dataset folder --data {where} --out FILE`, a folder of classes), --clip FILE "
+                             "(`daguerre train clip`, a folder of captions) or --extractor inception:PATH")
+    elif args.extractor == "clip":
+        if judge is None:
+            raise ValueError("--extractor clip measures in the image tower of the --clip CLIP: pass --clip FILE")
+        extractor = CLIPImageExtractor(judge)
+    elif args.extractor.startswith(INCEPTION_PREFIX):
+        extractor = load_inception_extractor(args.extractor, device)
+    else:
+        extractor = load_classifier_file(args.extractor, device)
+        warnings += check_classifier(extractor, folder, trained, "--extractor")
+    return FolderJudges(classifier, extractor, clip, warnings)
 
 
 def _clip_judge(clip_spec: str | None, spec: str, comps, device):

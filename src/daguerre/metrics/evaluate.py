@@ -19,6 +19,9 @@
 4. CLIP score (`metrics.clip_score`, Hessel et al. 2021), with a CLIP model (`daguerre eval --clip`): each
    image against its prompt, 100 * max(cos, 0); shapes: beside it the score of a rendered scene each prompt
    describes (the sanity-check scenes), what a perfect model would score.
+
+A folder of the user's own images (`daguerre eval --data FOLDER`) is evaluated by `metrics.folder_eval`
+with the generation, scores and outputs of this module.
 """
 
 from __future__ import annotations
@@ -47,13 +50,14 @@ PROMPT_KEY = 100_000  # prompts: sample_prompts(kind, n, PROMPT_KEY + seed), apa
 REAL_KEY = 200_000  # shapes reference images: rendered prompts of sample_prompts(kind, m, REAL_KEY + seed)
 FLOOR_KEY = 300_000  # shapes floor images
 FASHION_PROMPT = "a photo of {}"
+FOLDER = "folder"  # EvalSettings.dataset of `daguerre eval --data FOLDER` (metrics.folder_eval)
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 IS_SPLITS = 10
 GRID_MAX = 64  # images in grid.png
 GRID_CELL = 64  # smaller images are scaled up (nearest) to at least this many pixels
 FRAME = 2  # pixels of the right/wrong frame around each grid image
-RIGHT, WRONG = (40, 200, 60), (220, 40, 40)
+RIGHT, WRONG, UNJUDGED = (40, 200, 60), (220, 40, 40), (128, 128, 128)
 
 
 @dataclass
@@ -61,16 +65,17 @@ class EvalSettings:
     """Everything `daguerre eval` varies. Sampling fields left out of `sampling` are the model's recommended
     settings (`ModelConfig.defaults`, else `GenerationRequest`'s), as `daguerre generate` uses them."""
 
-    dataset: str  # "shapes" or "fashion_mnist"
+    dataset: str  # "shapes", "fashion_mnist" or FOLDER
     kinds: tuple[str, ...] = ("single", "relation")  # shapes prompt kinds
-    n: int = 100  # images per prompt kind (shapes), in total (fashion)
+    n: int = 100  # images per prompt kind (shapes), in total (fashion, folder)
     seed: int = 0
     sampling: dict[str, Any] = field(default_factory=dict)  # GenerationRequest fields: steps, sampler, schedule, ...
     real: int = 1000  # reference images for FD / KID
     batch: int = 8  # images per network call (several images of one prompt)
 
     def check(self) -> EvalSettings:
-        check_dataset(self.dataset)
+        if self.dataset != FOLDER:
+            check_dataset(self.dataset)
         if self.dataset == "shapes":
             bad = [k for k in self.kinds if k not in PROMPT_KINDS]
             if bad or not self.kinds:
@@ -90,12 +95,13 @@ class EvalSettings:
 class EvalItem:
     """One image to generate and judge."""
 
-    kind: str  # "single", "relation" (shapes) or "class" (fashion)
+    kind: str  # "single", "relation" (shapes), "class" (fashion, folder), "caption" or "unconditional" (folder)
     prompt: str
     seed: int
     spec: PromptSpec | None = None  # shapes
     scene: Scene | None = None  # shapes: a scene that satisfies the prompt (the sanity check renders it)
-    label: int | None = None  # fashion
+    label: int | None = None  # fashion, folder: the class the image should show
+    class_label: int | None = None  # a class-conditional model's label (request field `class_label`)
 
 
 def eval_items(settings: EvalSettings) -> list[EvalItem]:
@@ -119,7 +125,8 @@ def eval_items(settings: EvalSettings) -> list[EvalItem]:
 
 def generate(components: Components, items: Sequence[EvalItem], settings: EvalSettings, *,
              model_hash: str | None = None, on_image: Callable[[int], None] | None = None) -> list[Image.Image]:
-    """One image per item: consecutive items with the same prompt are one request (seeds seed, seed+1, ...)."""
+    """One image per item: consecutive items with the same prompt and class label are one request (seeds seed,
+    seed+1, ...)."""
     from ..pipelines.request import GenerationRequest
     from ..pipelines.txt2img import txt2img
 
@@ -127,10 +134,12 @@ def generate(components: Components, items: Sequence[EvalItem], settings: EvalSe
     i = 0
     while i < len(items):
         j = i + 1
-        while j < len(items) and items[j].prompt == items[i].prompt and items[j].seed == items[j - 1].seed + 1:
+        while (j < len(items) and (items[j].prompt, items[j].class_label) == (items[i].prompt, items[i].class_label)
+               and items[j].seed == items[j - 1].seed + 1):
             j += 1
-        request = GenerationRequest(**settings.sampling, prompt=items[i].prompt, seed=items[i].seed, n=j - i,
-                                    batch_size=settings.batch).validate(components.config)
+        request = GenerationRequest(**settings.sampling, prompt=items[i].prompt, class_label=items[i].class_label,
+                                    seed=items[i].seed, n=j - i, batch_size=settings.batch
+                                    ).validate(components.config)
         for result in txt2img(components, request, model_hash=model_hash):
             images.append(result.image)
             if on_image is not None:
@@ -272,9 +281,9 @@ def distribution_scores(extractor: FeatureExtractor, generated: torch.Tensor, re
 
 # --- outputs ---------------------------------------------------------------------------------------
 
-def main_criterion(kind: str) -> str:
-    """The verdict the grid frames show: the issue's target metric of each kind."""
-    return {"single": "shape_colour", "relation": "relation", "class": "class"}[kind]
+def main_criterion(kind: str) -> str | None:
+    """The verdict the grid frames show: the issue's target metric of each kind (None: no verdict)."""
+    return {"single": "shape_colour", "relation": "relation", "class": "class"}.get(kind)
 
 
 def _groups(items: Sequence[EvalItem]) -> dict[Any, list[int]]:
@@ -294,8 +303,8 @@ def grid_indices(items: Sequence[EvalItem], limit: int = GRID_MAX) -> list[int]:
 
 def sample_grid(images: Sequence[Image.Image], verdicts: Sequence[dict[str, bool]], items: Sequence[EvalItem],
                 indices: Sequence[int]) -> Image.Image:
-    """The images at `indices` in a grid, each framed green (right by its kind's main criterion) or red;
-    fashion: one row per class when every class has as many images."""
+    """The images at `indices` in a grid, each framed green (right by its kind's main criterion) or red (grey:
+    not judged); classes: one row per class when every class has as many images."""
     from ..pipelines.images import make_grid
 
     framed = []
@@ -304,8 +313,9 @@ def sample_grid(images: Sequence[Image.Image], verdicts: Sequence[dict[str, bool
         scale = max(1, math.ceil(GRID_CELL / max(im.size)))
         if scale > 1:
             im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-        ok = verdicts[i][main_criterion(items[i].kind)]
-        canvas = Image.new("RGB", (im.width + 2 * FRAME, im.height + 2 * FRAME), RIGHT if ok else WRONG)
+        ok = verdicts[i].get(main_criterion(items[i].kind) or "")
+        frame = UNJUDGED if ok is None else RIGHT if ok else WRONG
+        canvas = Image.new("RGB", (im.width + 2 * FRAME, im.height + 2 * FRAME), frame)
         canvas.paste(im, (FRAME, FRAME))
         framed.append(canvas)
     shown = _groups([items[i] for i in indices])
@@ -317,21 +327,28 @@ def sample_grid(images: Sequence[Image.Image], verdicts: Sequence[dict[str, bool
 def format_table(report: dict[str, Any]) -> str:
     """The report as a few readable lines."""
     m, s = report["model"], report["settings"]
+    data = report.get("data")
+    where = (f"folder {data['root']} ({_held_out_words(data)})" if report["dataset"] == FOLDER
+             else f"dataset {report['dataset']}")
     lines = [
-        f"model {m['spec']} ({m['name']}, sha256 {(m['sha256'] or 'none')[:16]}), dataset {report['dataset']}, "
-        f"seed {s['seed']}",
+        f"model {m['spec']} ({m['name']}, sha256 {(m['sha256'] or 'none')[:16]}), {where}, seed {s['seed']}",
         f"sampling: {s['steps']} steps, {s['sampler']}, schedule {s['schedule']}, CFG {s['cfg_scale']:g}, "
         f"{s['width']}x{s['height']}; {report['timing']['seconds_per_image']:.3f} s/image",
         *([f"fewer network calls: {', '.join(f'{k} {v:g}' for k, v in s['fewer_calls'].items())}"]
           if _fewer_calls_on(s.get("fewer_calls", {})) else []),
-        f"adherence judged by {report['classifier']['name']} (sha256 {report['classifier']['sha256'][:16]})",
     ]
-    cols = ["shape_colour", "relation", "all"] if report["dataset"] == "shapes" else ["class"]
-    head = f"  {'prompts':<10}{'n':>6}" + "".join(f"{c:>16}" for c in cols)
-    lines.append(head)
-    for kind, entry in report["adherence"].items():
-        cells = "".join(f"{_pct(entry, c):>16}" for c in cols)
-        lines.append(f"  {kind:<10}{entry['n']:>6}{cells}")
+    judge = report.get("classifier")
+    if judge:
+        lines.append(f"adherence judged by {judge['name']} (sha256 {judge['sha256'][:16]}{_accuracy_words(judge)})")
+    skipped = report["adherence"].get("skipped")
+    if skipped:
+        lines.append(f"adherence: not measured ({skipped})")
+    elif report["adherence"]:
+        cols = ["shape_colour", "relation", "all"] if report["dataset"] == "shapes" else ["class"]
+        lines.append(f"  {'prompts':<10}{'n':>6}" + "".join(f"{c:>16}" for c in cols))
+        for kind, entry in report["adherence"].items():
+            cells = "".join(f"{_pct(entry, c):>16}" for c in cols)
+            lines.append(f"  {kind:<10}{entry['n']:>6}{cells}")
     rel = report["adherence"].get("relation")
     if rel is not None and "reversed" in rel:  # where the relation goes wrong
         right, turned, both = (round(rel[k] * rel["n"]) for k in ("relation", "reversed", "shape_colour"))
@@ -339,8 +356,8 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{turned} reversed, {both - right - turned} on one line")
     d = report["distribution"]
     e = report["extractor"]
-    lines.append(f"features: {e['name']} (sha256 {e['sha256'][:16]}, {d['feature_dim']}-d); generated "
-                 f"{d['n_generated']} vs real {d['n_real']}; floor = {d['n_floor']} real vs real")
+    lines.append(f"features: {e['name']} (sha256 {e['sha256'][:16]}, {d['feature_dim']}-d{_accuracy_words(e)}); "
+                 f"generated {d['n_generated']} vs real {d['n_real']}; floor = {d['n_floor']} real vs real")
     lines.append(f"  Frechet distance  {d['fd']:12.4f}   floor {d['fd_floor']:.4f}")
     lines.append(f"  KID               {d['kid']['mean']:12.6f} +- {d['kid']['std']:.6f}   floor "
                  f"{d['kid_floor']['mean']:.6f} +- {d['kid_floor']['std']:.6f}")
@@ -351,20 +368,36 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _held_out_words(data: dict[str, Any]) -> str:
+    if data["holdout"] == "all":
+        return f"all {data['images']} images held out: a test folder"
+    return f"{data['holdout']} of {data['images']} images held out, {data['split']} split, seed {data['seed']}"
+
+
+def _accuracy_words(who: dict[str, Any]) -> str:
+    """", held-out accuracy class 91.2%" for a judge or extractor that is a classifier with a recorded accuracy."""
+    acc = who.get("accuracy")
+    if not acc:
+        return ""
+    shown = {"class": acc["class"]} if "class" in acc else {"scene": acc["scene"]} if "scene" in acc else acc
+    return ", held-out accuracy " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shown.items())
+
+
 def _clip_lines(cs: dict[str, Any] | None) -> list[str]:
-    """The CLIP score lines of the table: per prompt kind, the mean +- its standard error, and the rendered
-    reference where there is one; or why there is no score."""
+    """The CLIP score lines of the table: per prompt kind, the mean +- its standard error, and the reference
+    (shapes: rendered scenes; folder: held-out images) where there is one; or why there is no score."""
     if not cs:
         return []
     if "skipped" in cs:
         return [f"CLIP score: skipped ({cs['skipped']})"]
     c = cs["clip"]
+    label = "real images" if "reference_images" in cs else "rendered scenes"
     lines = [f"CLIP score (100 x max(cos, 0)) by {c['spec']} (sha256 {(c['sha256'] or 'none')[:16]})"]
     for kind, entry in cs.items():
         if isinstance(entry, dict) and "mean" in entry:
             ref = entry.get("reference")
             lines.append(f"  {kind:<10}{entry['n']:>6}{entry['mean']:12.2f} +- {entry['stderr']:.2f}"
-                         + (f"   rendered scenes {ref['mean']:.2f}" if ref else ""))
+                         + (f"   {label} {ref['mean']:.2f}" if ref else ""))
     return lines
 
 
@@ -431,7 +464,7 @@ def evaluate(components: Components, settings: EvalSettings, classifier: Classif
                              else "Fashion-MNIST train split, random subset"),
         },
         "classifier": {"name": classifier.name, "sha256": classifier.sha256, "accuracy": classifier.info.accuracy},
-        "extractor": {"name": extractor.name, "sha256": extractor.sha256},
+        "extractor": extractor_record(extractor),
         "adherence": summarize(verdicts, items, classifier.config.classes if classifier.kind != "shapes" else None),
         "distribution": dist,
         **({"clip_score": clip_report} if clip_report is not None else {}),
@@ -442,6 +475,13 @@ def evaluate(components: Components, settings: EvalSettings, classifier: Classif
                     for it, v, s in zip(items, verdicts, seen, strict=True)],
     }
     return EvalResult(report, images, grid)
+
+
+def extractor_record(extractor: FeatureExtractor) -> dict[str, Any]:
+    """What the report says of a feature extractor: name, sha256 and, for a classifier, its held-out accuracy."""
+    info = getattr(extractor, "info", None)
+    return {"name": extractor.name, "sha256": extractor.sha256,
+            **({"accuracy": info.accuracy} if info is not None else {})}
 
 
 def _clip_score(clip: CLIPJudge | str | None, images: torch.Tensor, items: Sequence[EvalItem],

@@ -310,7 +310,7 @@ def train_classifier(settings: TrainSettings, out: str | Path, *, device: torch.
         perm, pos = torch.randperm(len(train_y), generator=gen), 0
     say(f"training a {s.dataset} classifier ({count_parameters(model):,} parameters) for {s.steps} steps of "
         f"{s.batch_size} images, seed {s.seed}")
-    start, running = time.perf_counter(), None
+    start, cpu_start, running = time.perf_counter(), time.process_time(), None
     model.train()
     with tqdm(total=s.steps, unit="step", desc="classifier", disable=not progress, dynamic_ncols=True) as bar:
         for step in range(s.steps):
@@ -340,7 +340,7 @@ def train_classifier(settings: TrainSettings, out: str | Path, *, device: torch.
             if (step + 1) % max(1, s.steps // 10) == 0 or step + 1 == s.steps:
                 say(f"step {step + 1}/{s.steps} loss {running:.4f} "
                     f"({(step + 1) * s.batch_size / (time.perf_counter() - start):.0f} images/s)")
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     model.eval()
     with torch.no_grad():  # test the weights as the file will hold them (float16)
         for t in model.state_dict().values():
@@ -354,7 +354,8 @@ def train_classifier(settings: TrainSettings, out: str | Path, *, device: torch.
         "data": folder.description if folder is not None else _data_description(s), "steps": s.steps,
         "batch_size": s.batch_size, "lr": s.lr, "weight_decay": s.weight_decay, "seed": s.seed,
         "optimizer": "AdamW" if folder is None else f"SGD, Nesterov momentum {FOLDER_MOMENTUM}",
-        "seconds": round(seconds, 1), "threads": torch.get_num_threads(), "parameters": count_parameters(model),
+        "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1), "threads": torch.get_num_threads(),
+        "parameters": count_parameters(model),
         "augmentation": _augmentation(s), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if folder is not None:
