@@ -378,3 +378,32 @@ def test_a_classifier_that_saw_the_held_out_images_is_a_warning(world, tmp_path,
     assert code == 0, err
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert "held-out images measured here" in err and report["warnings"]
+
+
+def test_eval_of_a_model_trained_on_the_folder(tmp_path, capsys, vae_file):
+    """End to end with a real (3-step) training run: eval reads the folder, its size and held-out split from the
+    model file as training wrote them, and the held-out images it measures are those training held out."""
+    from daguerre.training.config import load_run_config
+    from daguerre.training.ldm import train_ldm
+
+    configs = Path(__file__).resolve().parents[1] / "src" / "daguerre" / "assets" / "configs"
+    root = make_folder(tmp_path / "colours")
+    sets = ["train.progress=false", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0",
+            "data.kind='folder'", f"data.root='{root}'", "data.holdout=5", "data.seed=3", "train.steps=3",
+            "train.batch_size=4", "model.conditioning='class'"]
+    cfg = load_run_config(configs / "tiny_ldm.toml", "ldm", sets)
+    model = train_ldm(cfg, tmp_path / "run", vae_path=vae_file)
+    clf = tmp_path / "c.safetensors"
+    _train_classifier(capsys, root, clf, "--holdout", "5", "--data-seed", "3")
+    out = tmp_path / "ev"
+    code, _, err = _run(capsys, "eval", "--model", str(model), "--classifier", str(clf), *FAST, "--out", str(out))
+    assert code == 0, err
+    r = json.loads((out / "report.json").read_text())
+    assert (r["data"]["holdout"], r["data"]["seed"], r["data"]["split"]) == (5, 3, "random")
+    assert r["data"]["trained_on"]["root"] == str(root.resolve()) and not r["warnings"]
+    assert r["distribution"]["n_real"] == 5 and r["adherence"]["class"]["n"] == 6
+    from daguerre.checkpoints import load_model
+    from daguerre.training.data import load_train_data
+
+    spec, _, _ = folder_spec(load_model(model).config, str(root), None, None, "m")
+    assert Folder(spec).held.tolist() == load_train_data(cfg.data).holdout.tolist()  # training's own split
