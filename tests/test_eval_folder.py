@@ -143,8 +143,9 @@ def test_trained_on_reads_the_models_provenance(tmp_path):
     assert old.split == "last"  # a run from before the random split
     config = load_model(_model(tmp_path / "none.safetensors", None)).config
     assert trained_on(config) is None
-    spec, _, notes = folder_spec(config, str(root), None, None, "m")
-    assert (spec.holdout, spec.seed, spec.size) == (64, 0, 32) and "records no training data" in notes[0]
+    plan = folder_spec(config, str(root), None, None, "m")
+    assert (plan.spec.holdout, plan.spec.seed, plan.spec.size) == (64, 0, 32) and plan.floor is None
+    assert "records no training data" in plan.notes[0]
 
 
 # --- the classifier of a folder ------------------------------------------------------------------------
@@ -405,5 +406,34 @@ def test_eval_of_a_model_trained_on_the_folder(tmp_path, capsys, vae_file):
     from daguerre.checkpoints import load_model
     from daguerre.training.data import load_train_data
 
-    spec, _, _ = folder_spec(load_model(model).config, str(root), None, None, "m")
-    assert Folder(spec).held.tolist() == load_train_data(cfg.data).holdout.tolist()  # training's own split
+    plan = folder_spec(load_model(model).config, str(root), None, None, "m")
+    assert Folder(plan.spec).held.tolist() == load_train_data(cfg.data).holdout.tolist()  # training's own split
+
+
+def test_a_dataset_folder_of_train_and_test(world, tmp_path, capsys):
+    """ROOT/train/<class> and ROOT/test/<class> (CIFAR-10's layout): the classifier trains on train/ and tests on
+    test/; eval measures against test/ (all of it never trained on) with the floor drawn from train/."""
+    from daguerre.metrics.folder_data import split_layout
+
+    root = tmp_path / "dataset"
+    make_folder(root / "train")
+    make_folder(root / "test", seed=5, per_class=4)
+    assert split_layout(root) == (root / "train", root / "test") and split_layout(root / "train") is None
+    clf = tmp_path / "c.safetensors"
+    code, _, err = _run(capsys, "classifier", "train", "--dataset", "folder", "--data", str(root), "--out", str(clf),
+                        "--width", "4", "--steps", "2", "--no-progress")
+    assert code == 0, err
+    data = read_metadata(clf).training["data"]
+    assert (data["train_images"], data["test"]["which"], data["test"]["images"]) == (3 * PER_CLASS, "all", 12)
+    model = _model(tmp_path / "m.safetensors", root / "train", classes=sorted(COLOURS))
+    out = tmp_path / "ev"
+    code, _, err = _run(capsys, "eval", "--model", str(model), "--data", str(root), "--classifier", str(clf), *FAST,
+                        "--out", str(out))
+    assert code == 0, err
+    r = json.loads((out / "report.json").read_text())
+    assert r["data"]["root"] == str((root / "test").resolve()) and r["data"]["holdout"] == "all"
+    assert r["data"]["floor_folder"]["root"] == str((root / "train").resolve())
+    assert (r["distribution"]["n_real"], r["distribution"]["n_floor"]) == (12, 6) and not r["warnings"]
+    err = _refused(capsys, "eval", "--model", str(model), "--data", str(root), "--holdout", "5", "--classifier",
+                   str(clf), *FAST, "--out", str(tmp_path / "ev2"))
+    assert "its test folder is the held-out set; leave out --holdout" in err

@@ -193,22 +193,34 @@ def _run_folder(args: argparse.Namespace, data: str, spec: str, comps, short_has
     """`daguerre eval --data FOLDER` (metrics.folder_eval)."""
     from ..metrics.evaluate import FOLDER, EvalSettings, format_table
     from ..metrics.folder_data import Folder
-    from ..metrics.folder_eval import check_model, evaluate_folder, folder_spec, parse_holdout, probe_request
+    from ..metrics.folder_eval import (
+        check_model,
+        evaluate_folder,
+        folder_spec,
+        names_words,
+        parse_holdout,
+        probe_request,
+    )
 
     settings = EvalSettings(FOLDER, (), args.n, args.seed, sampling, args.real, args.batch).check()
-    fspec, trained, notes = folder_spec(comps.config, data, parse_holdout(args.holdout), args.data_seed, spec)
-    folder = Folder(fspec)
+    plan = folder_spec(comps.config, data, parse_holdout(args.holdout), args.data_seed, spec)
+    folder = Folder(plan.spec)
+    floor = Folder(plan.floor) if plan.floor is not None else None
+    if floor is not None and floor.class_names != folder.class_names:
+        raise ValueError(f"the classes of {floor.root} ({names_words(floor.class_names)}) are not those of "
+                         f"{folder.root} ({names_words(folder.class_names)}): give train and test folders of the "
+                         "same classes")
     request = probe_request(comps.config, sampling)
     check_model(comps.config, folder, request.width, request.height, spec)
-    judges = _folder_judges(args, folder, trained, spec, comps, bool(sampling.get("clip_guidance")))
-    for line in [*notes, *judges.warnings]:
+    judges = _folder_judges(args, folder, plan.trained, spec, comps, bool(sampling.get("clip_guidance")))
+    for line in [*plan.notes, *judges.warnings]:
         print(f"daguerre eval: warning: {line}", file=sys.stderr)
     from tqdm import tqdm
 
     with tqdm(total=settings.n, unit="img", desc="eval", disable=not args.progress, dynamic_ncols=True) as bar:
-        result = evaluate_folder(comps, settings, folder, judges, trained=trained,
+        result = evaluate_folder(comps, settings, folder, judges, trained=plan.trained, floor_folder=floor,
                                  model_info=_model_info(args, spec, comps, short_hash), progress=bar.update)
-    result.report["warnings"] = [*notes, *judges.warnings]
+    result.report["warnings"] = [*plan.notes, *judges.warnings]
     _write(out, result, args.overwrite)
     print(format_table(result.report))
     print(f"wrote {out / 'report.json'} and {out / 'grid.png'}", file=sys.stderr)

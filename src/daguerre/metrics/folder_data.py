@@ -5,7 +5,8 @@ with Lanczos, centre crop, RGB or grayscale) at the model's size; the classes ar
 sub-folders (`data.folder.class_layout`, whatever the caption source); the held-out split is the one the
 model was trained with (`data.split.holdout_split(n, min(holdout, n // 2), seed)`, or the last `holdout`
 images for runs begun before the random split), or every image when the folder is a separate test folder
-the model never saw (`holdout=None`). A folder is identified by its fingerprint: the sha256 of its image
+the model never saw (`holdout=None`); a dataset folder of train/ and test/ sub-folders (`split_layout`) is
+its test folder. A folder is identified by its fingerprint: the sha256 of its image
 files' relative paths and byte sizes, so a moved copy keeps it and another folder does not share it.
 """
 
@@ -32,6 +33,7 @@ LAST_SPLIT = "last"  # the last `holdout` images in sorted order (runs begun bef
 SPLITS = (RANDOM_SPLIT, LAST_SPLIT)
 DEFAULT_HOLDOUT = 64  # the training default, `data.holdout`
 MIN_SIZE = 4  # pixels
+TRAIN_DIR, TEST_DIR = "train", "test"  # a dataset folder's two parts (`split_layout`)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,24 @@ class Folder:
                 "images": len(self), "size": s.size, "channels": s.channels,
                 "holdout": "all" if s.holdout is None else len(self.held), "seed": s.seed, "split": s.split,
                 "classes": list(self.class_names) if self.class_names else None}
+
+
+def split_layout(root: str | Path) -> tuple[Path, Path] | None:
+    """(ROOT/train, ROOT/test) when `root` is a dataset laid out as a train and a test folder (CIFAR-10's
+    layout: ROOT/train/<class>/..., ROOT/test/<class>/...) with no other images or image folders beside them;
+    else None."""
+    from ..data.folder import IMAGE_EXTENSIONS
+
+    root = Path(root).expanduser()
+    train, test = root / TRAIN_DIR, root / TEST_DIR
+    if not (train.is_dir() and test.is_dir()):
+        return None
+    for p in root.iterdir():
+        if p.name.startswith(".") or p.name in (TRAIN_DIR, TEST_DIR):
+            continue
+        if p.is_dir() or p.name.lower().endswith(IMAGE_EXTENSIONS):
+            return None
+    return train, test
 
 
 def first_image_format(root: str | Path) -> tuple[int, int]:

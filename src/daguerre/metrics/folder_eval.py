@@ -4,8 +4,10 @@ folder's held-out images, in a feature space that needs no download.
 1. The folder as the model saw it (`folder_spec`): the size, channels, caption source and held-out split
    (data.holdout, data.seed, random or last-items split) its training provenance records (`trained_on`);
    --holdout / --data-seed override them. A folder other than the recorded one needs --holdout: "all" for
-   a separate test folder the model never saw (CIFAR-10's test split), N for a moved copy. A model that
-   records no training data takes the training defaults (64, 0).
+   a separate test folder the model never saw (CIFAR-10's test split), N for a moved copy. A dataset
+   folder of train/ and test/ folders (`folder_data.split_layout`, CIFAR-10's) is measured on its test
+   folder, the floor drawn from its train folder. A model that records no training data takes the training
+   defaults (64, 0).
 2. Prompts (`folder_items`), image i from seed `seed + i`: a class-conditional model gets each of the
    folder's classes (n/K each; its class names must be the folder's); a text model the class caption
    "a photo of a X" of each class (`data.folder.class_caption`), or, in a folder without classes, the
@@ -16,7 +18,8 @@ folder's held-out images, in a feature space that needs no download.
    held-out images against their own captions.
 4. Frechet distance and KID (`evaluate.distribution_scores`) of the generated images against up to --real
    held-out images; the floor compares n_generated images of the train split (a test folder: other images
-   of it) with the same held-out images, what a model that draws real images of the folder would score.
+   of it; a dataset folder: of its train folder) with the same held-out images, what a model that draws
+   real images of the folder would score.
 """
 
 from __future__ import annotations
@@ -46,7 +49,17 @@ from .evaluate import (
     summarize,
     to_batch,
 )
-from .folder_data import DEFAULT_HOLDOUT, LAST_SPLIT, RANDOM_SPLIT, Folder, FolderSpec, split_indices
+from .folder_data import (
+    DEFAULT_HOLDOUT,
+    LAST_SPLIT,
+    RANDOM_SPLIT,
+    TEST_DIR,
+    TRAIN_DIR,
+    Folder,
+    FolderSpec,
+    split_indices,
+    split_layout,
+)
 
 if TYPE_CHECKING:
     from ..components import Components
@@ -112,15 +125,36 @@ def same_folder(a: str | Path, b: str | Path | None) -> bool:
     return b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def folder_spec(config: Any, data: str, holdout: int | str | None, seed: int | None, name: str
-                ) -> tuple[FolderSpec, TrainedOn | None, list[str]]:
-    """How to read `data` for model `name` (module docstring, 1): the spec, the model's training record and
-    notes for the user."""
+@dataclass(frozen=True)
+class FolderPlan:
+    """What a folder evaluation reads: `spec` (its held-out images are the real ones), the `floor` spec of a
+    dataset folder's train folder (None: the floor comes from `spec`'s own train split or test images), the
+    model's training record, and notes for the user."""
+
+    spec: FolderSpec
+    floor: FolderSpec | None
+    trained: TrainedOn | None
+    notes: tuple[str, ...] = ()
+
+
+def folder_spec(config: Any, data: str, holdout: int | str | None, seed: int | None, name: str) -> FolderPlan:
+    """How to read `data` for model `name` (module docstring, 1)."""
     rec = trained_on(config)
     notes: list[str] = []
     size = (rec.size if rec else None) or config.sample_size
     channels = (rec.channels if rec and rec.kind == FOLDER else None) or config.vae.out_channels
     captions = rec.captions if rec and rec.kind == FOLDER else "auto"
+    layout = split_layout(data)
+    if layout is not None:
+        if holdout not in (None, HOLDOUT_ALL):
+            raise ValueError(f"--data {data} is a dataset of {TRAIN_DIR}/ and {TEST_DIR}/ folders: its test folder "
+                             "is the held-out set; leave out --holdout")
+        train, test = layout
+        if rec is not None and not (rec.kind == FOLDER and same_folder(train, rec.root)):
+            notes.append(f"model {name} was trained on {rec.describe()}, not on {train}: {test} counts as images "
+                         "it never saw")
+        spec = FolderSpec(str(test), int(size), int(channels), None, seed or 0, RANDOM_SPLIT, captions).check()
+        return FolderPlan(spec, replace(spec, root=str(train)), rec, tuple(notes))
     if rec is None:
         notes.append(f"model {name} records no training data: the held-out split is --holdout "
                      f"{holdout if holdout is not None else DEFAULT_HOLDOUT}, --data-seed {seed or 0} (pass the "
@@ -138,7 +172,7 @@ def folder_spec(config: Any, data: str, holdout: int | str | None, seed: int | N
     held = default_holdout if holdout is None else None if holdout == HOLDOUT_ALL else int(holdout)
     spec = FolderSpec(str(data), int(size), int(channels), held, default_seed if seed is None else seed, split,
                       captions)
-    return spec.check(), rec, notes
+    return FolderPlan(spec.check(), None, rec, tuple(notes))
 
 
 # --- checks: refusals instead of meaningless numbers -----------------------------------------------
@@ -258,12 +292,19 @@ class ReferenceSets:
     description: dict[str, str] = field(default_factory=dict)
 
 
-def reference_indices(folder: Folder, n_generated: int, real: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def reference_indices(folder: Folder, n_generated: int, real: int, seed: int, floor_folder: Folder | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """(real indices, floor indices): up to `real` held-out images drawn with (REAL_KEY, seed); the floor
-    `n_generated` train-split images drawn with (FLOOR_KEY, seed), or, in a test folder, held-out images
-    other than the real ones."""
+    `n_generated` train-split images drawn with (FLOOR_KEY, seed) (of `floor_folder` when given), or, in a
+    test folder, held-out images other than the real ones."""
     held = np.random.default_rng((REAL_KEY, seed)).permutation(folder.held)
     where = folder.spec.root
+    if floor_folder is not None:
+        pool = np.random.default_rng((FLOOR_KEY, seed)).permutation(len(floor_folder))
+        if len(pool) < n_generated or len(held) < 2:
+            raise ValueError(f"--n {n_generated}: the floor needs as many images of {floor_folder.spec.root} (it has "
+                             f"{len(pool)}) and the real set at least 2 of {where} (it has {len(held)}); lower --n")
+        return np.sort(held[:real]), np.sort(pool[:n_generated])
     if folder.spec.holdout is None:
         floor, rest = held[:n_generated], held[n_generated:]
         if len(floor) < n_generated or len(rest) < 2:
@@ -280,18 +321,25 @@ def reference_indices(folder: Folder, n_generated: int, real: int, seed: int) ->
     return np.sort(held[:real]), np.sort(train[:n_generated])
 
 
-def reference_sets(folder: Folder, n_generated: int, real: int, seed: int) -> ReferenceSets:
-    real_idx, floor_idx = reference_indices(folder, n_generated, real, seed)
+def reference_sets(folder: Folder, n_generated: int, real: int, seed: int, floor_folder: Folder | None = None
+                   ) -> ReferenceSets:
+    real_idx, floor_idx = reference_indices(folder, n_generated, real, seed, floor_folder)
     real_x, real_kept = folder.images(real_idx)
-    floor_x, _ = folder.images(floor_idx)
+    floor_x, _ = (floor_folder or folder).images(floor_idx)
     if len(real_x) < 2 or len(floor_x) < 2:
         raise ValueError(f"too few readable images in {folder.spec.root} for Frechet distance")
     test = folder.spec.holdout is None
+    if floor_folder is not None:
+        floor_words = (f"{len(floor_x)} images of the train folder {floor_folder.spec.root}, drawn with "
+                       "(FLOOR_KEY, seed)")
+    elif test:
+        floor_words = f"{len(floor_x)} other images of the test folder"
+    else:
+        floor_words = f"{len(floor_x)} images of the train split, drawn with (FLOOR_KEY, seed)"
     description = {
         "real_images": f"{len(real_x)} {'images of the test folder' if test else 'held-out images'}, drawn with "
                        f"(REAL_KEY, seed)",
-        "floor_images": (f"{len(floor_x)} other images of the test folder" if test
-                         else f"{len(floor_x)} images of the train split, drawn with (FLOOR_KEY, seed)"),
+        "floor_images": floor_words,
     }
     return ReferenceSets(real_x, floor_x, real_kept, description)
 
@@ -310,7 +358,8 @@ class FolderJudges:
 
 
 def evaluate_folder(components: Components, settings: EvalSettings, folder: Folder, judges: FolderJudges, *,
-                    trained: TrainedOn | None = None, model_info: dict[str, Any] | None = None,
+                    trained: TrainedOn | None = None, floor_folder: Folder | None = None,
+                    model_info: dict[str, Any] | None = None,
                     progress: Callable[[int], None] | None = None) -> EvalResult:
     """Generate, judge and measure against `folder` (module docstring); the report has the keys of
     `evaluate.evaluate`'s, with "data" (the folder, its split, the model's training record)."""
@@ -321,7 +370,7 @@ def evaluate_folder(components: Components, settings: EvalSettings, folder: Fold
     name = (model_info or {}).get("spec", components.config.name)
     check_model(components.config, folder, request.width, request.height, name)
     items = folder_items(components.config, folder, settings.n, settings.seed)
-    refs = reference_sets(folder, len(items), settings.real, settings.seed)  # before the work: fails early
+    refs = reference_sets(folder, len(items), settings.real, settings.seed, floor_folder)  # fails before the work
     t0 = time.perf_counter()
     images = generate(components, items, settings, model_hash=(model_info or {}).get("hash"), on_image=progress)
     gen_seconds = time.perf_counter() - t0
@@ -339,7 +388,8 @@ def evaluate_folder(components: Components, settings: EvalSettings, folder: Fold
     clip_report = _clip_report(judges.clip, batch, items, folder, refs, settings.batch)
     indices = grid_indices(items)
     grid = sample_grid(images, verdicts, items, indices)
-    data = {**folder.describe(), "trained_on": trained.__dict__ if trained else None, **refs.description}
+    data = {**folder.describe(), "trained_on": trained.__dict__ if trained else None, **refs.description,
+            **({"floor_folder": floor_folder.describe()} if floor_folder is not None else {})}
     classifier = None
     if clf is not None:
         classifier = {"name": clf.name, "sha256": clf.sha256, "accuracy": clf.info.accuracy,

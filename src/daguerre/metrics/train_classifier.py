@@ -40,7 +40,7 @@ from .classifiers import (
     save_classifier,
     scene_targets,
 )
-from .folder_data import DEFAULT_HOLDOUT, Folder, FolderSpec, first_image_format
+from .folder_data import DEFAULT_HOLDOUT, Folder, FolderSpec, first_image_format, split_layout
 
 logger = logging.getLogger("daguerre.classifier")
 
@@ -67,7 +67,7 @@ MAX_FOLDER_SIZE = 256  # a classifier input larger than this needs --size
 class FolderTraining:
     """Which images a folder classifier learns from and is tested on (`--data`, `--test-data`, ...)."""
 
-    root: str  # the folder, with one sub-folder per class
+    root: str  # the folder, with one sub-folder per class (or a dataset folder of train/ and test/ folders)
     test_root: str | None = None  # a separate test folder (the same classes); None: the held-out split
     holdout: int | None = None  # images held out of --data; None: DEFAULT_HOLDOUT, or 0 with a test folder
     data_seed: int = 0  # data.seed of the held-out split
@@ -227,7 +227,10 @@ def _labelled(folder: Folder, indices: np.ndarray) -> tuple[torch.Tensor, torch.
 
 def load_folder_data(f: FolderTraining) -> FolderData:
     """Read a folder classifier's images: the train split of `f.root` and the held-out split (or all of
-    `f.test_root`, whose classes must be the same)."""
+    `f.test_root`, whose classes must be the same; a dataset folder of train/ and test/: those two)."""
+    layout = split_layout(f.root) if f.test_root is None else None
+    if layout is not None:
+        f = replace(f, root=str(layout[0]), test_root=str(layout[1]))
     spec = f.spec()
     folder = Folder(spec)
     if folder.class_names is None:
