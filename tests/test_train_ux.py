@@ -83,6 +83,9 @@ def test_captioned_grid_enlarges_small_images_and_writes_each_caption_under_its_
     assert (strips[3] == 255).all()  # no caption, no ink
     with pytest.raises(ValueError, match="2 images and 1 captions"):
         captioned_grid(images[:2], captions[:1], cols=2)
+    other = captioned_grid(images[:1], ["日本語のプロンプト ✓ é " * 20], cols=1)  # any script, any length
+    assert other.size == captioned_grid(images[:1], ["a purple heart to the left of an orange diamond " * 4],
+                                        cols=1).size  # cut to 3 lines as a long Latin caption is
 
 
 def test_sample_grid_draws_several_seeds_per_prompt_and_captions_them():

@@ -185,10 +185,10 @@ def load_train_data(cfg: DataConfig, split: str = RANDOM_SPLIT) -> TrainData:
     names = getattr(raw, "class_names", None)
     class_names = list(names) if names else None
     train_pool, held = split_indices(n, holdout, cfg.seed, split)
-    how = (f"drawn at random with data.seed {cfg.seed}" if split == RANDOM_SPLIT
-           else "the last ones, as when this run began")
-    logger.info("data: %s, %d images (%d held out, %s); captions: %s%s", _where(cfg), n, holdout, how,
-                caption_source(cfg, raw), f"; {len(class_names)} classes" if class_names else "")
+    how = ("none held out" if holdout == 0 else f"{holdout} held out, drawn at random with data.seed {cfg.seed}"
+           if split == RANDOM_SPLIT else f"{holdout} held out, the last ones, as when this run began")
+    logger.info("data: %s, %d images (%s); captions: %s%s", _where(cfg), n, how, caption_source(cfg, raw),
+                f"; {len(class_names)} classes" if class_names else "")
     return TrainData(dataset=dataset, channels=channels, class_names=class_names, train_pool=train_pool,
                      holdout=held, description=describe_data(cfg, split), split=split)
 
