@@ -58,7 +58,7 @@ def _train_classifier(capsys, data: Path, out: Path, *extra: str) -> Path:
 
 
 def _model(path: Path, root: Path | None, *, classes: list[str] | None = None, holdout: int = HOLDOUT,
-           seed: int = 0, split: str | None = "random") -> Path:
+           seed: int = 0, split: str | None = "random", captions: str = "auto") -> Path:
     """A random tiny model file whose provenance says it was trained on `root` (None: no provenance), as
     training/export.py writes it; class-conditional on `classes` when given."""
     from daguerre.checkpoints import save_model
@@ -71,11 +71,11 @@ def _model(path: Path, root: Path | None, *, classes: list[str] | None = None, h
         cfg.unet.num_classes, cfg.class_names = len(classes) + 1, list(classes)
     comps = build_components(cfg, seed=0)
     if root is not None:
-        data = {"kind": "folder", "root": str(root.resolve()), "size": 32, "seed": seed, "captions": "auto",
+        data = {"kind": "folder", "root": str(root.resolve()), "size": 32, "seed": seed, "captions": captions,
                 "channels": 3, "on_error": "skip", **({"split": split} if split else {})}
         comps.config.provenance = {"stage": "ldm", "data": data, "run_config": {"data": {
             "kind": "folder", "size": 32, "seed": seed, "holdout": holdout,
-            "folder": {"root": str(root), "captions": "auto", "channels": 3, "crop": "center"}}}}
+            "folder": {"root": str(root), "captions": captions, "channels": 3, "crop": "center"}}}}
     save_model(comps, path)
     return path
 
@@ -437,3 +437,20 @@ def test_a_dataset_folder_of_train_and_test(world, tmp_path, capsys):
     err = _refused(capsys, "eval", "--model", str(model), "--data", str(root), "--holdout", "5", "--classifier",
                    str(clf), *FAST, "--out", str(tmp_path / "ev2"))
     assert "its test folder is the held-out set; leave out --holdout" in err
+
+
+def test_a_test_folder_needs_no_caption_file_of_its_own(world, tmp_path, capsys):
+    """A text model trained on metadata.jsonl captions, measured on a test folder of class sub-folders without
+    one: the test folder's own captions (none needed: the prompts are the class captions)."""
+    train = make_folder(tmp_path / "train")
+    rows = [{"file_name": p.relative_to(train).as_posix(), "text": f"a photo of a {p.parent.name}"}
+            for p in sorted(train.rglob("*.png"))]
+    (train / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    model = _model(tmp_path / "m.safetensors", train, captions="metadata")
+    test = make_folder(tmp_path / "test", seed=3, per_class=5)
+    code, _, err = _run(capsys, "eval", "--model", str(model), "--data", str(test), "--holdout", "all",
+                        "--classifier", str(_train_classifier(capsys, train, tmp_path / "c.safetensors")), *FAST,
+                        "--out", str(tmp_path / "ev"))
+    assert code == 0, err
+    r = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert r["samples"][0]["prompt"] == "a photo of a blue" and r["adherence"]["class"]["n"] == 6

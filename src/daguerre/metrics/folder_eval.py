@@ -153,7 +153,8 @@ def folder_spec(config: Any, data: str, holdout: int | str | None, seed: int | N
         if rec is not None and not (rec.kind == FOLDER and same_folder(train, rec.root)):
             notes.append(f"model {name} was trained on {rec.describe()}, not on {train}: {test} counts as images "
                          "it never saw")
-        spec = FolderSpec(str(test), int(size), int(channels), None, seed or 0, RANDOM_SPLIT, captions).check()
+        # a test folder's captions: whatever it has (the training folder's caption source may be missing there)
+        spec = FolderSpec(str(test), int(size), int(channels), None, seed or 0, RANDOM_SPLIT, "auto").check()
         return FolderPlan(spec, replace(spec, root=str(train)), rec, tuple(notes))
     if rec is None:
         notes.append(f"model {name} records no training data: the held-out split is --holdout "
@@ -171,7 +172,7 @@ def folder_spec(config: Any, data: str, holdout: int | str | None, seed: int | N
         split, default_holdout, default_seed = rec.split if rec.kind == FOLDER else RANDOM_SPLIT, rec.holdout, rec.seed
     held = default_holdout if holdout is None else None if holdout == HOLDOUT_ALL else int(holdout)
     spec = FolderSpec(str(data), int(size), int(channels), held, default_seed if seed is None else seed, split,
-                      captions)
+                      captions if held is not None else "auto")
     return FolderPlan(spec.check(), None, rec, tuple(notes))
 
 
