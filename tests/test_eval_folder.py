@@ -454,3 +454,22 @@ def test_a_test_folder_needs_no_caption_file_of_its_own(world, tmp_path, capsys)
     assert code == 0, err
     r = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert r["samples"][0]["prompt"] == "a photo of a blue" and r["adherence"]["class"]["n"] == 6
+
+
+def test_inception_score_of_a_few_images_is_not_split_into_single_images():
+    """Splits of one image always score IS 1: 12 sure images of 3 classes score 3, not 1."""
+    from daguerre.metrics.evaluate import distribution_scores
+
+    class Sure:
+        name, sha256 = "sure", "0" * 64
+
+        def features(self, images):
+            return images.flatten(1)[:, :4].float()
+
+        def probabilities(self, images):
+            return torch.nn.functional.one_hot(images[:, 0, 0, 0].round().long(), 3).float()
+
+    x = torch.arange(3).repeat(4).float()[:, None, None, None].expand(12, 1, 2, 2)
+    x = x + torch.randn(12, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 0.01
+    scores = distribution_scores(Sure(), x, x, x)
+    assert scores["is"]["splits"] == 1 and scores["is"]["mean"] == pytest.approx(3.0, rel=1e-3)

@@ -54,6 +54,7 @@ FOLDER = "folder"  # EvalSettings.dataset of `daguerre eval --data FOLDER` (metr
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 IS_SPLITS = 10
+IS_MIN_SPLIT = 10  # images per Inception Score split at least (fewer splits for fewer images)
 GRID_MAX = 64  # images in grid.png
 GRID_CELL = 64  # smaller images are scaled up (nearest) to at least this many pixels
 FRAME = 2  # pixels of the right/wrong frame around each grid image
@@ -271,8 +272,9 @@ def distribution_scores(extractor: FeatureExtractor, generated: torch.Tensor, re
             # the splits must each be a sample of the whole set: generated images come grouped by prompt
             # (class), and a split of one class has IS 1; shuffle with a fixed permutation first
             p = p.double().cpu().numpy()[np.random.default_rng(0).permutation(len(p))]
-            mean, std = inception_score(p, splits=min(IS_SPLITS, len(p)))
-            return {"mean": mean, "std": std, "splits": min(IS_SPLITS, len(p))}
+            splits = max(1, min(IS_SPLITS, len(p) // IS_MIN_SPLIT))  # a split of one image always scores 1
+            mean, std = inception_score(p, splits=splits)
+            return {"mean": mean, "std": std, "splits": splits}
 
         out["is"] = score(probs)
         out["is_real"] = score(extractor.probabilities(real))
