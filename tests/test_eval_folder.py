@@ -365,6 +365,7 @@ def test_eval_refuses_data_that_does_not_fit(world, tmp_path, capsys, case, mess
     (["--data", "FOLDER", "--holdout", "some"], "--holdout 'some': give a number"),
     (["--data", "/no/such/folder"], "--data /no/such/folder: no such folder"),
     (["--data", "FOLDER", "--extractor", "clip"], "--extractor clip measures in the image tower of the --clip"),
+    (["--data", "FOLDER", "--extractor", "inception:/no/such.pth"], "no Inception-v3 weights file"),
 ])
 def test_eval_data_flag_errors(world, tmp_path, capsys, argv, message):
     argv = [str(world["folder"]) if a == "FOLDER" else a for a in argv]
@@ -434,6 +435,12 @@ def test_a_dataset_folder_of_train_and_test(world, tmp_path, capsys):
     assert r["data"]["root"] == str((root / "test").resolve()) and r["data"]["holdout"] == "all"
     assert r["data"]["floor_folder"]["root"] == str((root / "train").resolve())
     assert (r["distribution"]["n_real"], r["distribution"]["n_floor"]) == (12, 6) and not r["warnings"]
+    text = _model(tmp_path / "t.safetensors", root / "train")  # a text model: prompted with the class captions
+    code, _, err = _run(capsys, "eval", "--model", str(text), "--data", str(root), "--classifier", str(clf), *FAST,
+                        "--out", str(tmp_path / "ev-text"))
+    assert code == 0, err
+    r = json.loads((tmp_path / "ev-text" / "report.json").read_text())
+    assert r["samples"][-1]["prompt"] == "a photo of a red" and r["adherence"]["class"]["n"] == 6
     err = _refused(capsys, "eval", "--model", str(model), "--data", str(root), "--holdout", "5", "--classifier",
                    str(clf), *FAST, "--out", str(tmp_path / "ev2"))
     assert "its test folder is the held-out set; leave out --holdout" in err
