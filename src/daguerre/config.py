@@ -161,11 +161,33 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
+ImageInput = Literal["pixels", "latents"]  # what a CLIP's image tower reads (CLIPConfig.image_input)
+
+
+@dataclass
+class LatentSpaceConfig:
+    """The latent space a noise-aware CLIP (`image_input = "latents"`, models/noisy_clip.py) reads: a diffusion
+    model's noisy latents x = z0 + sigma eps, z0 = (VAE latent - shift_factor) * scale_factor, the sampler's
+    own variables. Guidance refuses a model whose autoencoder is not `vae_sha256` or whose latents differ."""
+
+    model: str = ""  # the diffusion model it was trained with (its name), for messages
+    model_sha256: str = ""  # that model file's sha256 (provenance)
+    vae_sha256: str = ""  # the autoencoder's identity: the sha256 of the VAE file the diffusion model was trained on
+    scale_factor: float = 1.0  # the model's latent scale and shift
+    shift_factor: float = 0.0
+    sigma_data: float = 1.0  # the tower reads x / sqrt(sigma^2 + sigma_data^2) (EDM's c_in; with 1, the VP x_t)
+    sigma_min: float = 0.0  # the model's smallest and largest training sigma (the noise embedding's range)
+    sigma_max: float = 1.0
+
+
 @dataclass
 class CLIPConfig:
     """A contrastive image-text model (Radford et al. 2021): the text tower (`text_encoder`, causal, with its
     `projection_dim` the shared embedding width), the image tower (`vision`), a learned temperature, and the
-    image preprocessing it was trained with. What a daguerre CLIP file stores in its metadata."""
+    image preprocessing it was trained with. What a daguerre CLIP file stores in its metadata.
+
+    `image_input = "latents"` makes it a noise-aware CLIP (GLIDE's noised CLIP, Nichol et al. 2022, sec. 3):
+    its image tower reads a diffusion model's noisy latents and their sigma (`latent_space`), not pixels."""
 
     name: str = "clip-vit-b-32"
     text_encoder: TextEncoderConfig = field(
@@ -176,6 +198,8 @@ class CLIPConfig:
     image_mean: tuple[float, ...] = CLIP_IMAGE_MEAN
     image_std: tuple[float, ...] = CLIP_IMAGE_STD
     provenance: dict[str, Any] = field(default_factory=dict)  # training recipe, data, source file, ...
+    image_input: ImageInput = "pixels"  # "pixels" (CLIP) or "latents" (noise-aware: noisy latents and sigma)
+    latent_space: LatentSpaceConfig | None = None  # image_input "latents": whose latents
 
     @property
     def projection_dim(self) -> int:
@@ -558,6 +582,13 @@ def check_clip_config(cfg: CLIPConfig, prefix: str = "") -> None:
         if len(getattr(cfg, name)) != vision.channels:
             raise ValueError(f"config key {prefix}{name}: {list(getattr(cfg, name))} needs one value per channel "
                              f"({vision.channels})")
+    if (cfg.image_input == "latents") != (cfg.latent_space is not None):
+        raise ValueError(f"config key {prefix}latent_space: a CLIP with image_input {cfg.image_input!r} "
+                         f"{'needs' if cfg.image_input == 'latents' else 'has no'} latent_space")
+    ls = cfg.latent_space
+    if ls is not None and not (0 <= ls.sigma_min < ls.sigma_max and ls.sigma_data > 0 and ls.scale_factor > 0):
+        raise ValueError(f"config key {prefix}latent_space: need 0 <= sigma_min < sigma_max, sigma_data > 0 and "
+                         f"scale_factor > 0, got {ls}")
 
 
 # --- presets ---------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@
   latents back at every step.
 - `clip_guided_denoiser`: CLIP guidance (Crowson's CLIP-guided diffusion, Disco Diffusion; k-diffusion's
   `cond_fn` form): the x0 estimate nudged down the gradient of a CLIP image-text distance.
+- `noisy_clip_guided_denoiser`: the same with a noise-aware CLIP (GLIDE, Nichol et al. 2022, sec. 3), which
+  reads the noisy x itself: no decoder, no cutouts, no backward pass through the denoiser.
 A denoiser is any callable `denoiser(x, sigma, cond) -> x0` (daguerre.diffusion.denoisers).
 """
 
@@ -24,6 +26,7 @@ from .diffusion.denoisers import Cond, DenoiserFn, append_dims, batch_sigma
 
 if TYPE_CHECKING:
     from .models.clip import CLIPModel
+    from .models.noisy_clip import NoisyCLIPModel
 
 RESCALE_SPACES = ("eps", "v", "x0")
 _SPACE_OF_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -341,5 +344,57 @@ def clip_guided_denoiser(
         bound = options.clamp * (s / options.sigma_data).clamp(max=1.0)  # never more than the noise left
         step = step * (bound / torch.maximum(rms, bound).clamp_min(1e-12))  # RMS at most `bound`, direction kept
         return x0.detach().float() - step
+
+    return guided
+
+
+NOISY_CLAMP = 1.0  # noise-aware CLIP guidance: the largest RMS of a step, in latent units (docs/clip.md)
+
+
+def noisy_clip_guided_denoiser(
+    denoiser: DenoiserFn,
+    clip: NoisyCLIPModel,
+    text_embedding: torch.Tensor,
+    *,
+    scale: float,
+    clamp: float = NOISY_CLAMP,
+) -> DenoiserFn:
+    """Noise-aware CLIP guidance as a denoiser (GLIDE's CLIP guidance, Nichol et al. 2022, sec. 3, in
+    k-diffusion's `cond_fn` form):
+
+        x0' = x0 - sigma^2 grad_x L(x, sigma),   L = scale * d(E_I(x, sigma), E_T(text))
+
+    with x0 = D(x, sigma) the wrapped denoiser's estimate, E_I the noise-aware CLIP's embedding of the noisy
+    latents x themselves (`NoisyCLIPModel.encode_latents`), E_T the text's (`text_embedding`, (1 or B, D)) and d
+    the spherical distance. As with a noisy classifier (Dhariwal & Nichol 2021), -grad_x L stands for
+    grad_x log p(text | x): the sampler then follows the score of p(x) p(text | x)^scale' whatever its kind.
+    The gradient needs no decoder, no cutouts and no backward pass through the denoiser. The step
+    sigma^2 grad is clamped per image to an RMS of at most `clamp` (latent units). `scale` 0 returns `denoiser`
+    itself; a call at sigma 0 is not guided. Wrap a CFG denoiser (`cfg_denoiser`) to guide on top of it.
+    """
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"CLIP guidance scale must be a finite number >= 0 (0 = off), got {scale}")
+    if not (math.isfinite(clamp) and clamp > 0):
+        raise ValueError(f"the step clamp must be a finite number > 0, got {clamp}")
+    if scale == 0.0:
+        return denoiser
+    target = text_embedding.detach().float()
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond | None = None) -> torch.Tensor:
+        x0 = denoiser(x, sigma, cond).float()
+        sig = batch_sigma(sigma, x)  # (B,)
+        if not bool((sig > 0).any()):
+            return x0
+        with torch.enable_grad():
+            x_in = x.detach().float().requires_grad_()
+            embeds = clip.encode_latents(x_in, sig).float()  # (B, D)
+            loss = scale * spherical_distance(embeds, target).sum()  # images are independent
+            grad = torch.autograd.grad(loss, x_in)[0]
+        s = append_dims(sig, x.ndim)
+        step = s**2 * grad  # zero where sigma is 0
+        dims = list(range(1, x.ndim))
+        rms = step.pow(2).mean(dim=dims, keepdim=True).sqrt()
+        step = step * (clamp / torch.maximum(rms, torch.full_like(rms, clamp)))  # RMS at most `clamp`
+        return x0 - step
 
     return guided

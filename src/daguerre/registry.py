@@ -200,6 +200,8 @@ def model_file(spec: str) -> dict[str, str | None]:
 # --- CLIP models (issue 16) ----------------------------------------------------------------------------
 
 CLIP_FOR_MODEL = {"shapes": "shapes-clip"}  # shipped diffusion model -> the shipped CLIP trained on its data
+# shipped diffusion model -> the shipped CLIP that guides it by default (a noise-aware CLIP of its latents)
+GUIDE_FOR_MODEL = {"shapes": "shapes-noisy-clip"}
 
 
 def shipped_clips() -> dict[str, Path]:
@@ -214,6 +216,13 @@ def clip_for_model(model_name: str | None) -> str | None:
     """The name of the CLIP shipped for a shipped diffusion model ("shapes" -> "shapes-clip"), or None when
     the model has none. The name is returned even before that file is installed: check `shipped_clips()`."""
     return CLIP_FOR_MODEL.get(model_name or "")
+
+
+def guide_for_model(model_name: str | None) -> str | None:
+    """The name of the CLIP that guides a shipped diffusion model by default (`--clip-guidance` without
+    `--clip`): its noise-aware CLIP when that is installed, else its CLIP (`clip_for_model`), else None."""
+    guide = GUIDE_FOR_MODEL.get(model_name or "")
+    return guide if guide is not None and guide in shipped_clips() else clip_for_model(model_name)
 
 
 def clip_path(spec: str) -> Path:

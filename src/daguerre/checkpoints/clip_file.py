@@ -38,6 +38,7 @@ from .. import __version__
 from ..config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, CLIPConfig, TextEncoderConfig, VisionConfig
 from ..fileio import atomic_save_safetensors
 from ..models.clip import CLIPModel
+from ..models.noisy_clip import build_clip_model
 from ..untrusted import read_json
 from ..weights.io import read_shapes, read_state_dict, sniff
 from ..weights.strict import check_state_dict, few, instantiate
@@ -107,7 +108,7 @@ def load_clip(path: str | os.PathLike, *, device: torch.device | str | None = No
     "gelu") sets the MLP activation of OpenCLIP-named weights, which cannot state it."""
     weights = read_clip(path, dtype=dtype or torch.float32, activation=activation)
     cfg = weights.config
-    model = instantiate(lambda: CLIPModel(cfg), weights.state_dict, f"{path}: the CLIP model",
+    model = instantiate(lambda: build_clip_model(cfg), weights.state_dict, f"{path}: the CLIP model",
                         device=device, dtype=dtype)
     return model.requires_grad_(False)
 
@@ -360,6 +361,21 @@ def is_clip(path: str | os.PathLike) -> bool:
     return meta.get("format") == CLIP_FORMAT or any(k.startswith(("visual.", "vision_model.")) for k in shapes)
 
 
+def reads_latents(path: str | os.PathLike) -> bool:
+    """Whether `path` is a daguerre noise-aware CLIP file (image_input "latents": it guides from a diffusion
+    model's noisy latents and cannot score pixels), judged from its safetensors header."""
+    path = Path(path)
+    try:
+        if not path.is_file() or sniff(path) != "safetensors":
+            return False
+        meta = read_shapes(path)[1]
+        if meta.get("format") != CLIP_FORMAT:
+            return False
+        return CLIPConfig.from_json(meta[CLIP_CONFIG_KEY]).image_input == "latents"
+    except (ValueError, OSError, KeyError):
+        return False
+
+
 def describe_clip(path: str | os.PathLike, *, hashes: bool = True) -> dict[str, Any]:
     """A JSON-ready summary of a CLIP file or folder (what `daguerre info` prints): towers, widths, patch,
     image size, parameters, joint width; the names and shapes are checked as `load_clip` checks them."""
@@ -369,10 +385,10 @@ def describe_clip(path: str | os.PathLike, *, hashes: bool = True) -> dict[str, 
     weights = read_clip(path, shapes_only=True)
     cfg = weights.config
     with torch.device("meta"):
-        model = CLIPModel(cfg)
+        model = build_clip_model(cfg)
     check_state_dict(model.state_dict(), weights.state_dict, f"{path}: the CLIP model")
     vision_params = sum(p.numel() for n, p in model.named_parameters()
-                        if n.startswith(("vision_model.", "visual_projection.")))
+                        if n.startswith(("vision_model.", "visual_projection.", "noise_embedding.")))
     total = sum(p.numel() for p in model.parameters())
     t, v = cfg.text_encoder, cfg.vision
     is_file = path.is_file()
@@ -386,6 +402,8 @@ def describe_clip(path: str | os.PathLike, *, hashes: bool = True) -> dict[str, 
                  "max_length": t.max_length, "vocab_size": t.vocab_size, "activation": t.activation,
                  "pruned_vocabulary": None if t.token_ids is None else len(t.token_ids)},
         "parameters": {"vision": vision_params, "text": total - vision_params - 1, "total": total},
+        "image_input": cfg.image_input,
+        "latent_space": dataclasses.asdict(cfg.latent_space) if cfg.latent_space is not None else None,
         "stored_dtypes": weights.stored_dtypes, "file_size": size,
         "sha256": file_hash(path) if hashes and is_file else None,
         "short_hash": short_hash(path) if hashes and is_file else None,
@@ -397,16 +415,22 @@ def format_clip_info(info: Mapping[str, Any], human_count, human_size) -> str:
     """The human-readable form of `describe_clip`'s result (`human_count` / `human_size` format numbers)."""
     v, t, p = info["vision"], info["text"], info["parameters"]
     vocab = f"{t['vocab_size']} tokens" + (f" (pruned to {t['pruned_vocabulary']})" if t["pruned_vocabulary"] else "")
+    ls = info.get("latent_space")
+    unit = "latent px" if ls else "px"
     lines = [
         f"model:           {info['path']}",
         f"format:          {info['format']}",
-        f"kind:            CLIP (contrastive image-text model), {info['name']}",
-        f"image tower:     ViT, {v['image_size']} px in {v['patch_size']} px patches "
+        f"kind:            CLIP (contrastive image-text model), {info['name']}"
+        + (", noise-aware (reads noisy latents and sigma)" if ls else ""),
+        f"image tower:     ViT, {v['image_size']} {unit} in {v['patch_size']} {unit} patches "
         f"({(v['image_size'] // v['patch_size']) ** 2} patches), width {v['width']}, {v['layers']} layers, "
         f"{v['heads']} heads, MLP {v['mlp_dim']}, {v['activation']}",
         f"text tower:      width {t['width']}, {t['layers']} layers, {t['heads']} heads, MLP {t['mlp_dim']}, "
         f"{t['activation']}, {t['max_length']}-token window, {vocab}",
         f"joint space:     {info['projection_dim']}-d",
+        *([f"latent space:    model {ls['model'] or '?'}'s latents ({info['config']['vision']['channels']} x "
+           f"{v['image_size']} x {v['image_size']}, scale factor {ls['scale_factor']:.6g}), autoencoder sha256 "
+           f"{ls['vae_sha256'][:16] or '?'}, sigma {ls['sigma_min']:.3g} to {ls['sigma_max']:.4g}"] if ls else []),
         f"parameters:      image {human_count(p['vision'])}, text {human_count(p['text'])}, "
         f"total {human_count(p['total'])} ({p['total']:,})",
         "stored dtypes:   " + ", ".join(f"{k} x{n}" for k, n in sorted(info["stored_dtypes"].items(),

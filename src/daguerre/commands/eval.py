@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     extractor = classifier if args.extractor == args.classifier else load_extractor(args.extractor, dataset, device)
     model_info = _model_info(args, spec, comps, short_hash)
 
-    clip = _clip_judge(args.clip, spec, comps, device)
+    clip = _clip_judge(_scoring_clip(args.clip, bool(sampling.get("clip_guidance"))), spec, comps, device)
     if isinstance(clip, str):
         print(f"daguerre eval: no CLIP score: {clip}", file=sys.stderr)
 
@@ -134,6 +134,20 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result.report))
     print(f"wrote {out / 'report.json'} and {out / 'grid.png'}", file=sys.stderr)
     return 0
+
+
+def _scoring_clip(clip_spec: str | None, guided: bool) -> str | None:
+    """The --clip that scores: `clip_spec`, or None (the model's own) when it names a noise-aware CLIP, which
+    only guides (it reads noisy latents, not images); without --clip-guidance such a CLIP is refused."""
+    from ..checkpoints.clip_file import reads_latents
+    from ..registry import clip_path
+
+    if clip_spec is None or not reads_latents(clip_path(clip_spec)):
+        return clip_spec
+    if not guided:
+        raise ValueError(f"--clip {clip_spec} is a noise-aware CLIP: it guides (--clip-guidance) but cannot score "
+                         "images; name a CLIP that reads pixels")
+    return None
 
 
 def _model_info(args: argparse.Namespace, spec: str, comps, short_hash: str | None) -> dict:
@@ -245,7 +259,7 @@ def _folder_judges(args: argparse.Namespace, folder, trained, spec: str, comps, 
     if args.classifier != DEFAULT:
         classifier = load_classifier_file(args.classifier, device)
         warnings += check_classifier(classifier, folder, trained, "--classifier")
-    clip = _clip_judge(args.clip, spec, comps, device)
+    clip = _clip_judge(_scoring_clip(args.clip, guided), spec, comps, device)
     judge = clip if clip is not None and not isinstance(clip, str) else None
     where = folder.spec.root
     if args.extractor in (DEFAULT, args.classifier):

@@ -25,7 +25,14 @@ from ..conditioning import EncodeImages
 from ..diffusion.denoisers import Denoiser
 from ..diffusion.noise import generators_for, randn
 from ..diffusion.sampler_names import SAMPLERS
-from ..guidance import CUTOUT_SEED_MIX, cfg_denoiser, clip_guided_denoiser, inpaint_blend_denoiser
+from ..guidance import (
+    CUTOUT_SEED_MIX,
+    cfg_denoiser,
+    clip_guided_denoiser,
+    inpaint_blend_denoiser,
+    noisy_clip_guided_denoiser,
+)
+from ..models.noisy_clip import check_latent_space
 from ..models.unet import fewer_calls_args
 from ..pngmeta import format_parameters
 from ..precision import dtype_of, short_name
@@ -240,6 +247,8 @@ def run_plan(
     guide = None
     if req.clip_guidance > 0:
         clip = clip if clip is not None else open_guide(req.clip_model, device)
+        if clip.clip_config.latent_space is not None:  # a noise-aware CLIP: of this model's latents only
+            check_latent_space(clip.clip_config, cfg, cfg.name, shape[1:])
         guide = (clip, text_embedding(clip, req.prompt), differentiable_decode(components))
     init = plan.init_latents.to(device) if plan.init_latents is not None else None
     max_sigma = req.deepcache_max_sigma
@@ -267,7 +276,9 @@ def run_plan(
         if uncond1 is not None:
             guided = cfg_denoiser(guided, {**expand(uncond1, b), **batch_extra}, req.cfg_scale, req.guidance_rescale,
                                   min_sigma=req.cfg_min_sigma, cutoff_sigma=req.cfg_cutoff_sigma)
-        if guide is not None:
+        if guide is not None and guide[0].clip_config.latent_space is not None:
+            guided = noisy_clip_guided_denoiser(guided, guide[0], guide[1], scale=req.clip_guidance)
+        elif guide is not None:
             cutout_gens = [torch.Generator().manual_seed(s ^ CUTOUT_SEED_MIX) for s in seeds]
             guided = clip_guided_denoiser(guided, guide[0], guide[1], scale=req.clip_guidance, cutouts=req.cutouts,
                                           decode=guide[2], generators=cutout_gens)

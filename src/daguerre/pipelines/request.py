@@ -365,9 +365,9 @@ class GenerationRequest:
 
     def _check_clip_guidance(self, config: ModelConfig) -> str | None:
         """Check the CLIP guidance fields (scale and cutouts within `limits.MAX_CLIP_GUIDANCE` / `MAX_CUTOUTS`, a
-        prompt to steer towards) and return the CLIP to open: the request's, else the
-        one shipped for the model (`registry.clip_for_model`); None when guidance is off. The file itself is
-        opened (and found, or not) by the pipeline."""
+        prompt to steer towards) and return the CLIP to open: the request's, else the one that guides the model
+        by default (`registry.guide_for_model`); None when guidance is off. The file itself is opened (and found,
+        or not) by the pipeline."""
         if not (0.0 <= self.clip_guidance <= MAX_CLIP_GUIDANCE):
             raise ValueError(f"CLIP guidance scale must be in [0, {MAX_CLIP_GUIDANCE:g}] (0 = off; "
                              f"{CLIP_GUIDANCE:g} recommended), got {self.clip_guidance}")
@@ -384,9 +384,9 @@ class GenerationRequest:
                 raise ValueError("clip_model is empty: name a CLIP model (a shipped CLIP or a path), or leave it "
                                  "out for the model's own")
             return self.clip_model
-        from ..registry import clip_for_model
+        from ..registry import guide_for_model
 
-        shipped = clip_for_model(config.name)
+        shipped = guide_for_model(config.name)
         if shipped is None:
             raise ValueError(f"model {config.name!r} ships no CLIP model to guide it: name one with --clip MODEL "
                              "(clip_model), a path or a shipped CLIP's name")

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +48,7 @@ from ..config import CLIPConfig
 from ..fileio import atomic_path
 from ..metrics import zero_shot as zs
 from ..models.clip import MAX_LOGIT_SCALE, CLIPModel, init_clip_
+from ..models.noisy_clip import NoisyCLIPModel, build_clip_model, init_noise_embedding_
 from ..models.text_encoder import CLIPTextEncoder, prune_vocabulary
 from . import dist, state
 from .config import CLIPLossConfig, RunConfig, derive_clip_config, to_jsonable
@@ -55,6 +57,7 @@ from .ema import EMA
 from .export import SAVE_DTYPES
 from .log import RunLogger
 from .loop import RunSummary, Setup, autocast, check_writable, make_optimizer, run, wrap_ddp
+from .noisy_clip import LatentInputs, LatentSource, frozen_text_tower, noise_level_zero_shot, take_text_tower_
 
 logger = logging.getLogger("daguerre.train")
 CLIP_FILE = "clip.safetensors"
@@ -63,17 +66,21 @@ BLUR_MIN_SIGMA = 0.1  # a drawn blur sigma below this leaves the image as it is
 
 
 class Contrast(nn.Module):
-    """(pixels, ids) -> the (images x texts) logits, float32: the training forward of both towers and the
-    temperature as one module, so that DistributedDataParallel averages every gradient."""
+    """(images, texts[, sigma]) -> ((images x texts) logits, image embeddings), float32: the training forward of
+    both towers and the temperature as one module, so that DistributedDataParallel averages every gradient.
+    `images` are preprocessed pixels, or with `sigma` a noise-aware CLIP's noisy latents; `texts` are token ids,
+    or the embeddings (float) of a frozen text tower."""
 
     def __init__(self, clip: CLIPModel) -> None:
         super().__init__()
         self.clip = clip
 
-    def forward(self, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        img, txt = self.clip.encode_image(pixels), self.clip.encode_text(ids)  # (B, D) each, maybe bf16
-        with torch.autocast(pixels.device.type, enabled=False):  # cosines and temperature in float32
-            return self.clip.logits(img.float(), txt.float())
+    def forward(self, images: torch.Tensor, texts: torch.Tensor,
+                sigma: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.clip.encode_image(images) if sigma is None else self.clip.encode_latents(images, sigma)
+        txt = texts if texts.is_floating_point() else self.clip.encode_text(texts)  # (B, D) each, maybe bf16
+        with torch.autocast(images.device.type, enabled=False):  # cosines and temperature in float32
+            return self.clip.logits(img.float(), txt.float()), img.float()
 
 
 def positive_targets(captions: list[str], texts: list[str] | None = None) -> torch.Tensor:
@@ -164,16 +171,22 @@ def window_ids(tokenizer, captions: list[str], eos: int) -> torch.Tensor:
 
 
 def build_clip(cfg: CLIPConfig, seed: int) -> CLIPModel:
-    """A CLIP model with CLIP's initialisation drawn from `seed` (the global RNG untouched)."""
-    model = CLIPModel(cfg)
-    return init_clip_(model, torch.Generator("cpu").manual_seed(seed))
+    """A CLIP model (a noise-aware one for image_input "latents") with CLIP's initialisation drawn from `seed`
+    (the global RNG untouched)."""
+    model = build_clip_model(cfg)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    init_clip_(model, generator)
+    if isinstance(model, NoisyCLIPModel):
+        init_noise_embedding_(model, generator)
+    return model
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups as CLIP trains: weight decay on matrices only, none on gains, biases, embeddings' class
     token and the temperature (one-dimensional or scalar parameters)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
+    params = [p for p in model.parameters() if p.requires_grad]  # (a frozen text tower: not)
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -198,6 +211,9 @@ class CLIPStage:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.tokens: set[int] = set()  # token ids of every caption trained on: what a pruned vocabulary keeps
+        self.source: LatentSource | None = None  # a noise-aware CLIP's diffusion model (training/noisy_clip.py)
+        self.inputs: LatentInputs | None = None
+        self.text_tower: dict[str, str] | None = None  # a frozen text tower's CLIP: {"clip", "sha256"}
 
     def prepare(self, env: dist.DistEnv) -> None:
         """Before the run folder: what the stage cannot do."""
@@ -211,8 +227,25 @@ class CLIPStage:
         cfg, env, data = self.cfg, setup.env, setup.data
         t = cfg.train
         self.data, self.out, self.device = data, setup.out, env.device
-        self.model_cfg = derive_clip_config(cfg, data.channels)
-        model = build_clip(self.model_cfg, t.seed).to(self.device).train()
+        text = None
+        if cfg.loss.text_tower:  # a CLIP's text tower, frozen
+            from ..registry import clip_path
+            from ..weights.io import file_hash
+
+            text = frozen_text_tower(cfg.loss.text_tower, self.device)
+            path = clip_path(cfg.loss.text_tower)
+            self.text_tower = {"clip": cfg.loss.text_tower, "sha256": file_hash(path) if path.is_file() else ""}
+        if cfg.model.image_input == "latents":
+            self.source = LatentSource(cfg.model.latent_space.model, self.device)
+            self.model_cfg = self.source.clip_config(cfg, text.clip_config if text is not None else None)
+        else:
+            self.model_cfg = derive_clip_config(cfg, data.channels)
+            if text is not None:
+                self.model_cfg.text_encoder = dataclasses.replace(text.clip_config.text_encoder)
+        model = build_clip(self.model_cfg, t.seed)
+        if text is not None:
+            take_text_tower_(model, text)
+        model = model.to(self.device).train()
         model.gradient_checkpointing = t.gradient_checkpointing
         self.clip = model
         self.tokenizer = zs.clip_tokenizer(self.model_cfg)
@@ -221,6 +254,10 @@ class CLIPStage:
         self.peak_lr: dict[str, float] = {}
         self.ddp = wrap_ddp(Contrast(model), env)
         self.pool = data.train_pool
+        if self.source is not None:
+            sha = self.text_tower["sha256"] if self.text_tower else ""
+            self.inputs = LatentInputs(cfg, data, self.source, setup.out, env, text, sha)
+            self.pool = self.inputs.pool
         self.holdout = None
         if env.is_main and cfg.data.kind == "folder" and len(data.holdout):
             self.holdout = load_items(data, data.holdout[:RETRIEVAL_IMAGES])
@@ -230,13 +267,18 @@ class CLIPStage:
 
     def describe(self, env: dist.DistEnv) -> str:
         t, m = self.cfg.train, self.model_cfg
+        unit = f"latent px of model {m.latent_space.model}, noise-aware" if m.latent_space else "px"
+        frozen = f" (frozen: {self.text_tower['clip']}'s)" if self.text_tower else ""
         return (f"CLIP: image tower {_count(self.clip.vision_model) / 1e6:.2f} M + text tower "
-                f"{_count(self.clip.text_model) / 1e6:.2f} M parameters, {m.vision.image_size} px in "
+                f"{_count(self.clip.text_model) / 1e6:.2f} M parameters{frozen}, {m.vision.image_size} {unit} in "
                 f"{m.vision.patch_size} px patches, joint width {m.projection_dim}; {len(self.data.train_pool)} "
                 f"training images on {env.world} process(es), global batch {t.batch_size * env.world * t.grad_accum}")
 
     def begin(self, sampler: dist.StreamSampler, start: int) -> None:
         t = self.cfg.train
+        if self.inputs is not None:  # latents: the cache rows of each step, no images to read
+            self.sampler = sampler
+            return
         self.stream = iter(sampler.iter_steps(start, t.steps))
         n_pool = len(self.data.train_pool)
         batches = ((int(b[2][0]) // n_pool, b[3]) for b in sampler.iter_steps(start, t.steps))
@@ -245,25 +287,59 @@ class CLIPStage:
     def step(self, step: int, micro: int, sync: bool) -> dict[str, float]:
         t, lc, device = self.cfg.train, self.cfg.loss, self.device
         clamp_temperature_(self.clip)  # CLIP clips after each optimizer step: here, before the next forward
-        _, _, positions, _ = next(self.stream)
-        items = next(self.items)
-        captions = [str(it.get("caption", "")) for it in items]
-        gens = [dist.sample_generator(t.seed, "clip", int(p)) for p in positions]
-        x = augment(images_of(items), gens, lc).to(device)
-        texts = captions + hard_negatives(captions, lc.swap_words, gens)  # captions first, then negatives
-        ids = window_ids(self.tokenizer, texts, self.model_cfg.text_encoder.eos_token_id)
-        self.tokens.update(int(i) for i in ids.unique())
+        sigma = rows = None
+        if self.inputs is not None:  # noisy latents x = z0 + sigma eps of the cache rows (training/noisy_clip.py)
+            positions, rows = self.sampler.indices(step, micro)
+            gens = [dist.sample_generator(t.seed, "clip", int(p)) for p in positions]
+            x, sigma = self.inputs.noisy(rows, gens)
+            x, sigma = x.to(device), sigma.to(device)
+            captions = self.inputs.captions(rows)
+        else:
+            _, _, positions, _ = next(self.stream)
+            items = next(self.items)
+            captions = [str(it.get("caption", "")) for it in items]
+            gens = [dist.sample_generator(t.seed, "clip", int(p)) for p in positions]
+            x = self.clip.preprocess(augment(images_of(items), gens, lc).to(device))
+        negatives = hard_negatives(captions, lc.swap_words, gens)
+        if self.inputs is not None and lc.subset_negatives:
+            negatives += self.inputs.subset_negatives(rows, gens)
+        texts = captions + negatives  # captions first, then negatives
+        text_in = self._text_input(texts, rows)
         targets = positive_targets(captions, texts).to(device)
         with dist.maybe_no_sync(self.ddp, not sync):
             with autocast(device, t.bf16):
-                logits = self.ddp(self.clip.preprocess(x), ids.to(device))  # (B, B + negatives), float32
+                logits, embeds = self.ddp(x, text_in, sigma)  # (B, B + negatives), (B, D); float32
             loss = contrastive_loss(logits, targets)
+            metrics = {}
+            if lc.distill and self.inputs is not None and self.inputs.teacher is not None:
+                teacher = self.inputs.teacher[torch.from_numpy(rows)].to(device)
+                distill = (1 - (F.normalize(embeds, dim=-1) * teacher).sum(1)).mean()
+                metrics["contrastive"], metrics["distill"] = float(loss.detach()), float(distill.detach())
+                loss = loss + lc.distill * distill
             (loss / t.grad_accum).backward()
         with torch.no_grad():
             hit = targets.gather(1, logits.argmax(1, keepdim=True)) > 0  # image -> text lands on a positive
         return {"loss": float(loss.detach()), "batch_accuracy": float(hit.float().mean()),
                 "negatives": float(len(texts) - len(captions)),
-                "logit_scale": float(self.clip.logit_scale.detach().exp())}
+                "logit_scale": float(self.clip.logit_scale.detach().exp()), **metrics}
+
+    def _text_input(self, texts: list[str], rows: np.ndarray | None) -> torch.Tensor:
+        """Token ids of `texts` for the text tower; with a frozen tower their embeddings: the captions' (the first
+        len(rows)) from a latent run's cache, the others embedded now."""
+        eos = self.model_cfg.text_encoder.eos_token_id
+        cached = self.inputs.caption_embeds if self.inputs is not None else None
+        if self.text_tower is None:
+            ids = window_ids(self.tokenizer, texts, eos)
+            self.tokens.update(int(i) for i in ids.unique())
+            return ids.to(self.device)
+        embeds = []
+        if cached is not None:
+            embeds.append(cached[torch.from_numpy(rows)].to(self.device))
+            texts = texts[len(rows):]
+        with torch.no_grad():
+            if texts:
+                embeds.append(self.clip.encode_text(window_ids(self.tokenizer, texts, eos).to(self.device)).float())
+        return torch.cat(embeds)
 
     def sample(self, step: int, models: dict[str, nn.Module], runlog: RunLogger, *, grid: bool,
                evaluate: bool) -> None:
@@ -274,30 +350,37 @@ class CLIPStage:
             logger.info("step %d: zero-shot %s", step, _summary(metrics))
 
     def evaluate(self, model: CLIPModel) -> dict[str, float]:
-        return evaluate_clip(model, self.cfg, self.holdout)
+        return evaluate_clip(model, self.cfg, self.holdout, self.source)
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"caption_token_ids": sorted(self.tokens)}
+        # the model's config as built (a noise-aware CLIP's latent space, a frozen text tower's config): export
+        # rebuilds it from here
+        return {"caption_token_ids": sorted(self.tokens), "clip_config": self.model_cfg.to_dict(),
+                "text_tower": self.text_tower}
 
     def export(self, path: Path, models: dict[str, nn.Module], summary: RunSummary) -> None:
         """The CLIP file of the EMA weights (`write_clip`), with the final zero-shot results."""
         model = models["clip"]
         record = {"steps": self.cfg.train.steps, "training_seconds": round(summary.seconds, 1),
                   "images_seen": self.cfg.train.steps * summary.global_batch, "world_size": summary.world,
-                  "config_history": summary.history}
+                  "config_history": summary.history, "text_tower": self.text_tower}
         write_clip(model, self.cfg, record, sorted(self.tokens), self.data.description, self.evaluate(model), path)
 
 
-def evaluate_clip(model: CLIPModel, cfg: RunConfig, holdout: list[dict[str, Any]] | None) -> dict[str, float]:
+def evaluate_clip(model: CLIPModel, cfg: RunConfig, holdout: list[dict[str, Any]] | None,
+                  source: LatentSource | None = None) -> dict[str, float]:
     """Zero-shot accuracy of the run's data kind on `sample.zero_shot_images` held-out images ({} when 0): the
     shapes world's or Fashion-MNIST's (`metrics.zero_shot`), or for a folder caption retrieval among the
-    `holdout` items."""
+    `holdout` items; for a noise-aware CLIP (the latents of `source`'s model) the shapes world's at each noise
+    level (`noisy_clip.noise_level_zero_shot`)."""
     n = cfg.sample.zero_shot_images
     was_training = model.training
     model.eval()
     try:
         if n == 0:
             return {}
+        if source is not None:
+            return noise_level_zero_shot(model, source, n) if cfg.data.kind == "shapes" else {}
         if cfg.data.kind == "folder":
             if not holdout:
                 return {}
@@ -327,7 +410,7 @@ def prune_clip(model: CLIPModel, keep: list[int]) -> CLIPModel:
     text = CLIPTextEncoder(cfg.text_encoder).to(model.logit_scale)
     text.load_state_dict({k: sd[k] for k in text_keys})
     pruned = prune_vocabulary(text, keep)
-    new = CLIPModel(dataclasses.replace(cfg, text_encoder=pruned.config)).to(model.logit_scale)
+    new = build_clip_model(dataclasses.replace(cfg, text_encoder=pruned.config)).to(model.logit_scale)
     new.load_state_dict({**{k: v for k, v in sd.items() if k not in text_keys}, **pruned.state_dict()})
     return new.train(model.training)
 
@@ -339,7 +422,7 @@ def write_clip(model: CLIPModel, cfg: RunConfig, record: dict[str, Any], tokens:
     run config, the zero-shot results) in its config, stored in `train.save_dtype`."""
     t = cfg.train
     clamp_temperature_(model)
-    if t.prune_vocabulary and tokens:
+    if t.prune_vocabulary and tokens and not cfg.loss.text_tower:  # (a frozen text tower is kept as it is)
         model = prune_clip(model, tokens)
         logger.info("text vocabulary pruned to the %d tokens of the training captions",
                     len(model.clip_config.text_encoder.token_ids))
@@ -367,7 +450,12 @@ def export_clip_checkpoint(folder: Path, meta: dict[str, Any], out: Path) -> Pat
     check_writable(out.parent)
     data = load_train_data(cfg.data, checkpoint_split(meta))  # the run's held-out split
     holdout = load_items(data, data.holdout[:RETRIEVAL_IMAGES]) if cfg.data.kind == "folder" else None
-    model = build_clip(derive_clip_config(cfg, data.channels), cfg.train.seed)
+    if meta.get("clip_config") is not None:  # the config as the run built it
+        model_cfg = CLIPConfig.from_dict(meta["clip_config"])
+    else:
+        model_cfg = derive_clip_config(cfg, data.channels)
+    model = build_clip(model_cfg, cfg.train.seed)
+    source = LatentSource(cfg.model.latent_space.model, "cpu") if model_cfg.latent_space is not None else None
     tensors, _ = state.load_checkpoint(folder)
     try:
         state.load_module_tensors(model, tensors, "model.clip.")
@@ -382,10 +470,10 @@ def export_clip_checkpoint(folder: Path, meta: dict[str, Any], out: Path) -> Pat
     world = int(meta["world"])
     record = {"steps": step, "training_seconds": round(float(meta.get("seconds", 0.0)), 1),
               "images_seen": step * cfg.train.batch_size * world * cfg.train.grad_accum, "world_size": world,
-              "config_history": list(meta.get("config_history", []))}
+              "config_history": list(meta.get("config_history", [])), "text_tower": meta.get("text_tower")}
     tokens = [int(i) for i in meta.get("caption_token_ids") or ()]
     with tempfile.TemporaryDirectory(prefix="daguerre-export-") as tmp:
-        made = write_clip(model, cfg, record, tokens, data.description, evaluate_clip(model, cfg, holdout),
+        made = write_clip(model, cfg, record, tokens, data.description, evaluate_clip(model, cfg, holdout, source),
                           Path(tmp) / CLIP_FILE)
         with atomic_path(out) as target:
             shutil.copyfile(made, target)

@@ -243,6 +243,17 @@ class CLIPLossConfig:
     # hard negatives (NegCLIP): groups of mutually exclusive words; each caption adds, per group it uses, a copy
     # with one of the group's words swapped for another, which its image must rank below its own caption
     swap_words: list[list[str]] = field(default_factory=list)
+    # shapes data: each scene of several objects adds the caption of a part of it (one object, or all but one)
+    # as a hard negative, which its image must rank below its own caption ("a red circle" is not the picture
+    # of a red circle beside a blue square)
+    subset_negatives: bool = False
+    # a CLIP (a shipped name or a path) whose text tower the run takes as it is, frozen: only the image tower
+    # and the temperature learn. "" = both towers trained from scratch
+    text_tower: str = ""
+    # noise-aware CLIPs (model.image_input = "latents") with a text_tower CLIP that reads pixels: the weight of
+    # a distillation term, 1 - cos(E_I(x_t, sigma), E_I'(x0)), the text_tower CLIP's image embedding E_I' of
+    # the clean image as the target (at high noise its best value is the expected embedding given x_t)
+    distill: float = 0.0
 
 
 @dataclass
@@ -575,6 +586,15 @@ def check_clip_run(cfg: RunConfig) -> None:
             raise ValueError(f"config key loss.swap_words: group {i} ({group}) needs two or more distinct words")
     if cfg.sample.zero_shot_images < 0:
         raise ValueError(f"config key sample.zero_shot_images: must be >= 0, got {cfg.sample.zero_shot_images}")
+    if lc.distill < 0 or (lc.distill and (cfg.model.image_input != "latents" or not lc.text_tower)):
+        raise ValueError(f"config key loss.distill: {lc.distill} must be >= 0, and > 0 only for a noise-aware CLIP "
+                         "(model.image_input = 'latents') with a loss.text_tower CLIP to distil from")
+    if lc.subset_negatives and cfg.data.kind != "shapes":
+        raise ValueError(f"config key loss.subset_negatives: needs the shapes world's scenes (data.kind = 'shapes'), "
+                         f"not {cfg.data.kind!r}")
+    if cfg.model.image_input == "latents" and not cfg.model.latent_space.model:
+        raise ValueError("config key model.latent_space.model: a noise-aware CLIP (model.image_input = 'latents') "
+                         "names the diffusion model whose latents it reads (a shipped name or a path)")
     if not cfg.model.text_encoder.causal:
         raise ValueError("config key model.text_encoder.causal: a CLIP text tower is causal (it pools at the end "
                          "token); set it to true")

@@ -1,0 +1,367 @@
+"""The noise-aware CLIP (issue 16; models/noisy_clip.py, guidance.noisy_clip_guided_denoiser, training/noisy_clip.py):
+its shapes and sigma conditioning, the guidance step and its direction, the refusal of another model's latents,
+scale 0 as the unguided path, the file round trip, `daguerre info`, eval, and a tiny training run. Tiny random
+models only (random:tiny saved with a recorded autoencoder, tiny CLIPs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import daguerre
+from daguerre.checkpoints.clip_file import describe_clip, load_clip, reads_latents, save_clip
+from daguerre.checkpoints.single_file import save_model
+from daguerre.config import CLIPConfig, LatentSpaceConfig, TextEncoderConfig, VisionConfig, preset
+from daguerre.guidance import noisy_clip_guided_denoiser, spherical_distance
+from daguerre.models.clip import CLIPModel, init_clip_
+from daguerre.models.noisy_clip import NoisyCLIPModel, check_latent_space, init_noise_embedding_
+from daguerre.pipelines.common import text_embedding
+
+PROMPT = "a red circle"
+VAE_SHA = "ab" * 32  # the autoencoder the tiny diffusion model "was trained on"
+TEXT = TextEncoderConfig(width=32, layers=1, heads=2, mlp_dim=64, projection_dim=16, max_length=40)
+
+
+def _space(**changes) -> LatentSpaceConfig:
+    base = LatentSpaceConfig(model="tiny-latents", vae_sha256=VAE_SHA, scale_factor=1.0, sigma_min=0.03,
+                             sigma_max=80.0)
+    return dataclasses.replace(base, **changes)
+
+
+def _noisy_clip(seed: int = 0, **space) -> NoisyCLIPModel:
+    cfg = CLIPConfig(name="tiny-noisy-clip", text_encoder=TEXT,
+                     vision=VisionConfig(image_size=16, patch_size=2, channels=4, width=32, layers=1, heads=2,
+                                         mlp_dim=64),
+                     image_mean=(0.0,) * 4, image_std=(1.0,) * 4, image_input="latents", latent_space=_space(**space))
+    model = NoisyCLIPModel(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    init_clip_(model, gen)
+    init_noise_embedding_(model, gen)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def noisy_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("noisy") / "tiny-noisy-clip.safetensors"
+    save_clip(_noisy_clip(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """random:tiny saved as a file whose provenance names the autoencoder VAE_SHA (as a trained model's does)."""
+    pipe = daguerre.load("random:tiny", dtype="fp32")
+    pipe.components.config.provenance["vae_sha256"] = VAE_SHA
+    pipe.components.config.name = "tiny-latents"
+    path = tmp_path_factory.mktemp("model") / "tiny-latents.safetensors"
+    save_model(pipe.components, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pipe(model_file):
+    return daguerre.load(model_file, dtype="fp32")
+
+
+# --- the model -----------------------------------------------------------------------------------------
+
+def test_latents_and_sigma_in_embeddings_out():
+    clip = _noisy_clip()
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    out = clip.encode_latents(x, torch.tensor([0.5, 2.0, 10.0]))
+    assert out.shape == (3, 16) and torch.isfinite(out).all()
+    same = clip.encode_latents(x, 2.0)  # a number is every image's sigma
+    assert torch.allclose(same[1], out[1], atol=1e-5)
+    assert not torch.allclose(same[0], out[0], atol=1e-3)  # the tower reads the noise level, not only x
+    zero = clip.encode_latents(x, 0.0)  # sigma 0 reads as the smallest sigma
+    assert torch.allclose(zero, clip.encode_latents(x, 0.03), atol=1e-5)
+
+
+def test_the_tower_reads_x_over_sqrt_sigma_squared_plus_sigma_data_squared():
+    """With the noise embedding silenced, x and sigma enter only as x / sqrt(sigma^2 + 1) (EDM's c_in)."""
+    clip = _noisy_clip()
+    with torch.no_grad():
+        clip.noise_embedding.linear_2.weight.zero_()
+        clip.noise_embedding.linear_2.bias.zero_()
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    a, b = clip.encode_latents(x * np.sqrt(5.0), 2.0), clip.encode_latents(x * np.sqrt(2.0), 1.0)
+    assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, clip.encode_latents(x, 1.0), atol=1e-3)
+
+
+def test_noise_embedding_distinguishes_levels():
+    clip = _noisy_clip()
+    e = clip.noise_embedding(torch.tensor([0.1, 0.1, 1.0, 10.0]))
+    assert torch.equal(e[0], e[1]) and not torch.allclose(e[1], e[2]) and not torch.allclose(e[2], e[3])
+
+
+@pytest.mark.parametrize(("x", "sigma", "words"), [
+    (torch.zeros(2, 3, 16, 16), 1.0, ["(batch, 4, 16, 16)", "(2, 3, 16, 16)"]),
+    (torch.zeros(2, 4, 8, 8), 1.0, ["(2, 4, 8, 8)"]),
+    (torch.zeros(2, 4, 16, 16), torch.ones(3), ["3 sigmas", "batch of 2"]),
+])
+def test_wrong_latents_are_named(x, sigma, words):
+    with pytest.raises(ValueError) as e:
+        _noisy_clip().encode_latents(x, sigma)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_it_reads_no_pixels():
+    clip = _noisy_clip()
+    for call in (clip.preprocess, clip.encode_image):
+        with pytest.raises(ValueError, match="noise-aware"):
+            call(torch.zeros(1, 3, 32, 32))
+
+
+def test_config_needs_its_latent_space():
+    cfg = _noisy_clip().clip_config
+    with pytest.raises(ValueError, match="latent_space"):
+        CLIPConfig.from_dict({**cfg.to_dict(), "latent_space": None})
+    with pytest.raises(ValueError, match="latent_space"):
+        CLIPConfig.from_dict({**cfg.to_dict(), "image_input": "pixels"})
+    with pytest.raises(ValueError, match="sigma"):
+        CLIPConfig.from_dict({**cfg.to_dict(), "latent_space": {**dataclasses.asdict(cfg.latent_space),
+                                                                "sigma_min": 5.0, "sigma_max": 1.0}})
+
+
+# --- the file ------------------------------------------------------------------------------------------
+
+def test_save_load_round_trip(noisy_file, tmp_path):
+    clip = _noisy_clip()
+    loaded = load_clip(noisy_file)
+    assert isinstance(loaded, NoisyCLIPModel) and loaded.clip_config == clip.clip_config
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded.encode_latents(x, 3.0), clip.encode_latents(x, 3.0))
+    assert reads_latents(noisy_file)
+    pixel = tmp_path / "pixel.safetensors"
+    save_clip(init_clip_(CLIPModel(CLIPConfig(name="p", text_encoder=TEXT, vision=VisionConfig(
+        image_size=16, patch_size=4, width=32, layers=1, heads=2, mlp_dim=64)))), pixel)
+    assert not reads_latents(pixel) and not isinstance(load_clip(pixel), NoisyCLIPModel)
+    half = tmp_path / "half.safetensors"
+    save_clip(clip, half, dtype=torch.float16)
+    again = load_clip(half)
+    assert torch.allclose(again.encode_latents(x, 3.0), clip.encode_latents(x, 3.0), atol=5e-2)
+
+
+def test_info_describes_the_latent_space(noisy_file, capsys):
+    from daguerre.cli import main
+
+    info = describe_clip(noisy_file)
+    assert info["image_input"] == "latents" and info["latent_space"]["vae_sha256"] == VAE_SHA
+    assert info["parameters"]["vision"] > sum(p.numel() for p in _noisy_clip().noise_embedding.parameters())
+    assert main(["info", noisy_file]) == 0
+    out = capsys.readouterr().out
+    assert "noise-aware" in out and "tiny-latents" in out and VAE_SHA[:16] in out
+
+
+# --- the guidance -----------------------------------------------------------------------------------------
+
+def _gaussian_denoiser(x, sigma, cond=None):
+    """The optimal denoiser of N(0, I) data: x / (1 + sigma^2)."""
+    s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+    return x / (1 + s**2)
+
+
+def _loss(clip, x, sigma, target):
+    return spherical_distance(clip.encode_latents(x, sigma), target).sum()
+
+
+def test_scale_zero_returns_the_denoiser_itself():
+    assert noisy_clip_guided_denoiser(_gaussian_denoiser, _noisy_clip(), torch.ones(1, 16), scale=0) is \
+        _gaussian_denoiser
+
+
+def test_the_step_is_sigma_squared_times_the_gradient_and_clamped():
+    clip = _noisy_clip()
+    target = text_embedding(clip, PROMPT)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([0.5, 2.0])
+    x_in = x.clone().requires_grad_()
+    grad = torch.autograd.grad(3.0 * _loss(clip, x_in, sigma, target), x_in)[0]
+    expected = _gaussian_denoiser(x, sigma) - sigma.view(-1, 1, 1, 1) ** 2 * grad
+    guided = noisy_clip_guided_denoiser(_gaussian_denoiser, clip, target, scale=3.0, clamp=1e6)
+    assert torch.allclose(guided(x, sigma), expected, atol=1e-5)
+    tight = noisy_clip_guided_denoiser(_gaussian_denoiser, clip, target, scale=3.0, clamp=1e-4)
+    step = _gaussian_denoiser(x, sigma) - tight(x, sigma)
+    rms = step.pow(2).mean(dim=(1, 2, 3)).sqrt()
+    assert torch.allclose(rms, torch.full((2,), 1e-4), rtol=1e-3)  # clamped, direction kept
+    assert torch.nn.functional.cosine_similarity(step.flatten(1), (expected - _gaussian_denoiser(x, sigma)).neg()
+                                                 .flatten(1)).min() > 0.999
+    assert torch.equal(guided(x, 0.0), _gaussian_denoiser(x, 0.0))  # sigma 0: not guided
+
+
+def test_the_guided_step_brings_the_noisy_latents_closer_to_the_text():
+    """Moving x along x0' - x0 (the guidance step) lowers the noisy CLIP's distance to the text, at every level."""
+    clip = _noisy_clip(seed=4)
+    target = text_embedding(clip, PROMPT)
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    guided = noisy_clip_guided_denoiser(_gaussian_denoiser, clip, target, scale=1.0, clamp=1e6)
+    for sigma in (0.3, 3.0, 30.0):
+        step = guided(x, sigma) - _gaussian_denoiser(x, sigma)
+        moved = x + 1e-2 * step / step.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        assert _loss(clip, moved, sigma, target) < _loss(clip, x, sigma, target), sigma
+
+
+def test_a_mismatched_model_is_refused_in_one_line():
+    clip = _noisy_clip()
+    model = preset("tiny")
+    with pytest.raises(ValueError) as e:  # no recorded autoencoder (random weights)
+        check_latent_space(clip.clip_config, model, "random:tiny", (16, 16))
+    text = str(e.value)
+    assert "noise-aware" in text and "random:tiny" in text and "unknown" in text and "\n" not in text
+    model.provenance["vae_sha256"] = "cd" * 32
+    with pytest.raises(ValueError, match="another autoencoder"):
+        check_latent_space(clip.clip_config, model, "other", (16, 16))
+    model.provenance["vae_sha256"] = VAE_SHA
+    check_latent_space(clip.clip_config, model, "tiny-latents", (16, 16))
+    with pytest.raises(ValueError, match="scales its latents"):
+        check_latent_space(clip.clip_config, dataclasses.replace(model, vae=dataclasses.replace(
+            model.vae, scale_factor=0.5)), "x", (16, 16))
+    with pytest.raises(ValueError, match="generate at 32x32"):
+        check_latent_space(clip.clip_config, model, "tiny-latents", (24, 24))
+
+
+def test_the_pipeline_refuses_another_models_latents(noisy_file):
+    plain = daguerre.load("random:tiny", dtype="fp32")
+    with pytest.raises(ValueError, match="noise-aware CLIP of model tiny-latents"):
+        plain(PROMPT, steps=2, clip_guidance=100, clip_model=noisy_file)
+
+
+def test_scale_zero_is_the_unguided_image_and_guidance_changes_it(pipe, noisy_file):
+    plain = pipe(PROMPT, steps=3, seed=2, cfg_scale=0)
+    off = pipe(PROMPT, steps=3, seed=2, cfg_scale=0, clip_guidance=0, clip_model=noisy_file)
+    assert np.array_equal(np.asarray(plain[0].image), np.asarray(off[0].image))
+    assert plain[0].parameters == off[0].parameters
+    guided = pipe(PROMPT, steps=3, seed=2, cfg_scale=0, clip_guidance=500, clip_model=noisy_file)
+    assert not np.array_equal(np.asarray(plain[0].image), np.asarray(guided[0].image))
+    assert f"CLIP guidance: 500, CLIP model: {noisy_file}" in guided[0].parameters
+    with pytest.raises(ValueError, match="generate at 32x32"):
+        pipe(PROMPT, steps=2, width=48, height=48, clip_guidance=100, clip_model=noisy_file)
+
+
+def test_a_seed_gives_the_same_guided_image_in_any_batch(pipe, noisy_file):
+    kw = dict(steps=3, sampler="Euler a", clip_guidance=500, clip_model=noisy_file)
+    two = pipe(PROMPT, seed=5, n=2, batch_size=2, **kw)
+    alone = pipe(PROMPT, seed=6, **kw)
+    assert np.abs(np.asarray(two[1].image).astype(int) - np.asarray(alone[0].image).astype(int)).max() <= 1
+
+
+def test_the_default_guide_of_a_model(monkeypatch, noisy_file):
+    from daguerre import registry
+    from daguerre.pipelines.request import GenerationRequest
+
+    shapes = preset("tiny")
+    shapes.name = "shapes"
+    monkeypatch.setattr(registry, "shipped_clips", lambda: {"shapes-clip": noisy_file})
+    assert GenerationRequest(prompt=PROMPT, clip_guidance=1).validate(shapes).clip_model == "shapes-clip"
+    monkeypatch.setattr(registry, "shipped_clips", lambda: {"shapes-clip": noisy_file,
+                                                           "shapes-noisy-clip": noisy_file})
+    assert GenerationRequest(prompt=PROMPT, clip_guidance=1).validate(shapes).clip_model == "shapes-noisy-clip"
+
+
+def test_eval_guides_with_it_and_scores_with_a_pixel_clip(model_file, noisy_file, tmp_path, capsys):
+    from daguerre.cli import main
+
+    base = ["eval", "--model", model_file, "--dataset", "shapes", "--prompts", "single", "--n", "2", "--steps",
+            "2", "--real", "4", "--no-progress", "--cfg", "0", "--clip", noisy_file, "--out", str(tmp_path / "ev")]
+    assert main([*base, "--clip-guidance", "300"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["settings"]["clip_guidance"]["clip_model"] == noisy_file and "clip_score" not in report
+    capsys.readouterr()
+    assert main([*base[:-1], str(tmp_path / "ev2")]) == 2  # scoring alone: it cannot
+    err = capsys.readouterr().err
+    assert "noise-aware" in err and len(err.strip().splitlines()) == 1
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A tiny pixel CLIP whose text tower the noise-aware run takes frozen (and distils from)."""
+    cfg = CLIPConfig(name="tiny-text", text_encoder=TEXT, vision=VisionConfig(image_size=32, patch_size=8, width=32,
+                                                                             layers=1, heads=2, mlp_dim=64))
+    path = tmp_path_factory.mktemp("text") / "tiny-text.safetensors"
+    save_clip(init_clip_(CLIPModel(cfg), torch.Generator().manual_seed(7)), path)
+    return str(path)
+
+
+def _run_sets(model_file: str, text_file: str) -> list[str]:
+    return ["train.progress=false", "data.size=32", "data.shapes.n=48", "data.holdout=0", "train.batch_size=8",
+            "train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.sample_every=0",
+            "train.eval_every=0", "train.lr=3e-3", "train.warmup_steps=0", "train.ema_decay=0.5",
+            "sample.zero_shot_images=8", "model.image_input=latents", f"model.latent_space.model={model_file}",
+            "model.vision.patch_size=4", "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2",
+            "model.vision.mlp_dim=64", f"loss.text_tower={text_file}", "loss.distill=1.0",
+            "loss.subset_negatives=true", 'loss.swap_words=[["circle", "square", "star"]]']
+
+
+def test_training_a_noise_aware_clip_resumes_bit_for_bit_and_exports(model_file, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from daguerre.cli import main
+    from daguerre.training.clip import train_clip
+    from daguerre.training.config import load_run_config
+
+    cfg = load_run_config(None, "clip", _run_sets(model_file, text_file))
+    whole = train_clip(cfg, tmp_path / "whole")
+    paused = tmp_path / "paused"
+    train_clip(cfg, paused, until=2)
+    train_clip(cfg, paused, resume=True)
+    a = load_file(str(tmp_path / "whole" / "checkpoints" / "step_00000004" / "state.safetensors"))
+    b = load_file(str(paused / "checkpoints" / "step_00000004" / "state.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "ema.", "optim.")))
+
+    clip = load_clip(whole)
+    c = clip.clip_config
+    assert isinstance(clip, NoisyCLIPModel) and clip.latent_shape == (4, 16, 16)
+    assert c.latent_space.vae_sha256 == VAE_SHA and c.latent_space.model == "tiny-latents"
+    from daguerre.diffusion.schedules import model_sigmas
+
+    sigmas = model_sigmas(preset("tiny").schedule)  # the model's own sigma table
+    assert (c.latent_space.sigma_min, c.latent_space.sigma_max) == pytest.approx((float(sigmas[0]),
+                                                                                  float(sigmas[-1])))
+    text = load_clip(text_file)  # the text tower is the frozen one, exactly (in the file's float16)
+    own, frozen = clip.state_dict(), text.state_dict()
+    assert all(torch.equal(own[k], frozen[k].half().float()) for k in frozen
+               if k.startswith(("text_model.", "text_projection.")))
+    assert not torch.equal(own["vision_model.embeddings.patch_embedding.weight"],
+                           build_untrained_patch(c))
+    zero_shot = c.provenance["zero_shot"]
+    assert {"both_sigma_1", "shape_sigma_16", "both_mean"} <= set(zero_shot)
+    assert c.provenance["text_tower"]["clip"] == text_file
+    out = tmp_path / "exported.safetensors"
+    assert main(["train", "export", str(tmp_path / "whole"), "--step", "4", "--out", str(out)]) == 0
+    exported, final = load_file(str(out)), load_file(str(whole))
+    assert set(exported) == set(final) and all(torch.equal(exported[k], final[k]) for k in final)
+
+
+def build_untrained_patch(cfg: CLIPConfig) -> torch.Tensor:
+    from daguerre.training.clip import build_clip
+
+    return build_clip(cfg, 0).vision_model.embeddings.patch_embedding.weight.detach().half().float()
+
+
+@pytest.mark.parametrize(("sets", "match"), [
+    (["model.image_input=latents"], "config key model.latent_space"),
+    (["loss.distill=1.0"], "config key loss.distill"),
+    (["data.kind=fashion_mnist", "loss.subset_negatives=true"], "config key loss.subset_negatives"),
+])
+def test_config_errors_name_the_key(sets, match):
+    from daguerre.training.config import load_run_config
+
+    with pytest.raises(ValueError, match=match):
+        load_run_config(None, "clip", sets)
+
+
+def test_a_model_without_a_recorded_autoencoder_is_refused(text_file, tmp_path):
+    from daguerre.training.clip import train_clip
+    from daguerre.training.config import load_run_config
+
+    sets = [s for s in _run_sets("random:tiny", text_file) if not s.startswith("model.latent_space")]
+    cfg = load_run_config(None, "clip", [*sets, "model.latent_space.model=random:tiny"])
+    with pytest.raises(ValueError, match="config key model.latent_space.model: model 'random:tiny'"):
+        train_clip(cfg, tmp_path / "run")
