@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 import daguerre
 from daguerre.cli import main
+from daguerre.config import ModelConfig
 from daguerre.training.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def _model_file(path: Path) -> tuple[dict, dict]:
     with safe_open(str(path), "pt") as f:
         tensors = {k: (str(t.dtype), tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
                    for k in f.keys() for t in [f.get_tensor(k)]}
-        config = json.loads(f.metadata()["daguerre_config"])
+        config = ModelConfig.from_json(f.metadata()["daguerre_config"]).to_dict()  # as read today (new keys filled)
     for key in ("training_seconds", "finished", "run_config"):
         config["provenance"].pop(key)
     return tensors, config

@@ -47,6 +47,23 @@ def _class_config():
     return cfg
 
 
+def _spatial_configs():
+    """A semantic-synthesis and a layout model's configs (issue 18: their fields are --semantic, --layout, --box)."""
+    from daguerre.config import LayoutConfig
+    from daguerre.data.shapes import LABELS, LAYOUT_WORDS
+
+    semantic = preset("tiny")
+    semantic.concat, semantic.semantic_labels, semantic.unet.in_channels = "semantic", list(LABELS), 4 + len(LABELS)
+    layout = preset("tiny")
+    layout.conditioning = "layout"
+    layout.unet.layout = LayoutConfig(vocabulary=LAYOUT_WORDS, width=32, heads=2, layers=1, mlp_dim=64)
+    return semantic, layout
+
+
+SEMANTIC, LAYOUT = _spatial_configs()
+MAP = Image.new("RGB", (16, 16), (128, 0, 0))  # all "circle" in the palette of docs/layout.md
+
+
 def _b64(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -65,6 +82,9 @@ PNG_SAMPLES = [  # (config, request): together they set every field with a PNG k
                              deepcache_interval=2, deepcache_depth=2, deepcache_max_sigma=3.5, tome_ratio=0.5)),
     (TINY, GenerationRequest(prompt="a cat", steps=2, seed=3, clip_guidance=250.0, clip_model="my-clip.safetensors",
                              cutouts=4)),
+    (SEMANTIC, GenerationRequest(prompt="a red circle", steps=2, seed=3, semantic_map=MAP)),
+    (LAYOUT, GenerationRequest(prompt="", steps=2, seed=3, layout=[{"phrase": "a red circle", "box": [0, 0, 0.5, 1]}],
+                               boxes=["blue square:0.5,0.5,1,1"])),
 ]
 
 
@@ -123,7 +143,7 @@ def test_every_cli_flag_of_a_task_is_on_its_command(task):
 
 
 ARGV = {
-    "txt2img": [],
+    "txt2img": ["--semantic=map.png", "--layout", "l.json", "--box", "a red circle:0,0,1,1"],
     "img2img": ["in.png", "--strength", "0.5", "--resize", "fit"],
     "inpaint": ["in.png", "m.png", "--strength", "0.5", "--resize", "fit", "--mask-blur", "2", "--fill",
                 "latent-noise", "--only-masked", "--only-masked-padding", "8"],
@@ -177,7 +197,9 @@ def test_every_payload_field_is_read():
                        "mask": _b64(mask), "mask_blur": 2, "inpainting_fill": 2, "inpaint_full_res": True,
                        "inpaint_full_res_padding": 8}
     read = {}
-    for payload, endpoint in ((txt2img_payload, "txt2img"), (inpaint_payload, "img2img")):
+    spatial_payload = {**txt2img_payload, "semantic_map": _b64(image),
+                       "layout": [{"phrase": "a red circle", "box": [0, 0, 1, 1]}]}
+    for payload, endpoint in ((spatial_payload, "txt2img"), (inpaint_payload, "img2img")):
         request = request_from_payload(payload, endpoint, settings={"CLIP_stop_at_last_layers": (1,)})
         names = _names("a1111", request.task)
         read |= {name: getattr(request, name) for name in names}

@@ -4,12 +4,14 @@ training and by the pipelines alike (issue 14).
 A `Conditioner` owns the condition c of the denoiser D(x, sigma, c) (LDM, Rombach et al. 2022, Sec. 3.3):
 `TextConditioner` (cross-attention context tau_theta(y) of a jointly trained CLIP-style encoder or of the
 frozen MiniLM, whose contexts training caches), `ClassConditioner` (a label y, the last class being the
-null label of classifier-free guidance, Ho & Salimans 2022) and `Unconditional`. It gives the training
+null label of classifier-free guidance, Ho & Salimans 2022), `LayoutConditioner` (the prompt's context followed
+by the tokens of a layout of boxes, LDM Sec. 4.3.1) and `Unconditional`. It gives the training
 batch's condition (`batch`: dropped captions become the empty prompt, dropped labels the null class),
 the request's (cond, uncond) pair (`pair`) and the null condition (`null`). The image concatenated to the
 U-Net's latent input (LDM's "concatenation" conditioning) is a part it holds, `concat`: `NoConcat`,
-`InpaintConcat` (SD inpainting: latent mask + latent of the masked image) or `LowresConcat` (LDM
-super-resolution, SD x4: the low-resolution pixels on the latent grid, noise-augmented, Ho et al. 2022).
+`InpaintConcat` (SD inpainting: latent mask + latent of the masked image), `LowresConcat` (LDM
+super-resolution, SD x4: the low-resolution pixels on the latent grid, noise-augmented, Ho et al. 2022) or
+`SemanticConcat` (LDM semantic synthesis, Sec. 4.3.2: a semantic map, one channel per label, on the latent grid).
 A new kind of condition is a new class here. The valid names are `daguerre.config`'s `Literal`s; text
 encoding (prompt emphasis, tiled VAE encoding) is passed in as functions, as it lives above this layer.
 """
@@ -23,7 +25,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import ConcatKind, Conditioning, ModelConfig, ScheduleConfig
+from .config import ConcatKind, Conditioning, LayoutConfig, ModelConfig, ScheduleConfig
+from .data.layout import encode_layout, label_fractions, null_layout
 from .diffusion.schedules import alphas_cumprod, betas_from_config
 
 if TYPE_CHECKING:
@@ -57,9 +60,14 @@ class NoConcat:
     each method is what a model without that input does."""
 
     kind: ClassVar[ConcatKind | None] = None
+    takes_map: ClassVar[bool] = False  # a request gives a semantic map (`SemanticConcat`)
 
     def check_task(self, config: ModelConfig, task: str) -> None:
         """Raise ValueError if `task` does not fit the model (or its input channels do not fit the kind)."""
+
+    def request_input(self, config: ModelConfig, request: Any) -> Cond:
+        """The extra input a validated text-to-image request gives itself (a semantic map), batch 1."""
+        return {}
 
     def starts_from_noise(self, task: str) -> bool:
         """Whether `task` samples from pure noise over the whole schedule (else from the strength's tail)."""
@@ -162,7 +170,39 @@ class LowresConcat(NoConcat):
         return abar**0.5, (1 - abar) ** 0.5
 
 
-CONCATS: dict[ConcatKind | None, type[NoConcat]] = {c.kind: c for c in (NoConcat, InpaintConcat, LowresConcat)}
+class SemanticConcat(NoConcat):
+    """LDM semantic synthesis (Sec. 4.3.2): a semantic map, one label per pixel, as K channels on the latent grid,
+    each the fraction of a cell's pixels that carry its label (`data.layout.label_fractions`). Convolutional, so a
+    model trained at one size generates from larger maps. The label names are `config.semantic_labels`."""
+
+    kind = "semantic"
+    takes_map = True
+
+    def check_task(self, config: ModelConfig, task: str) -> None:
+        labels, lat = config.semantic_labels or [], config.vae.latent_channels
+        if task != "txt2img":
+            raise ValueError(f"model {config.name!r} draws from a semantic map: use `daguerre generate --semantic "
+                             f"MAP.png`, not {task}")
+        if not labels or config.unet.in_channels != lat + len(labels):
+            raise ValueError(f"semantic-synthesis model {config.name!r} has {config.unet.in_channels} input channels "
+                             f"and {len(labels)} labels; expected {lat} latent channels + one per label")
+
+    @staticmethod
+    def build(labels: torch.Tensor, count: int, factor: int) -> torch.Tensor:
+        """(B, H, W) labels -> (B, count, H/f, W/f) label fractions: what training and `generate` both feed."""
+        return label_fractions(labels, count, factor)
+
+    def request_input(self, config: ModelConfig, request: Any) -> Cond:
+        labels = torch.from_numpy(request.semantic_map.array().copy())[None]  # (1, H, W)
+        return {"concat": self.build(labels, len(config.semantic_labels), config.vae.downsample_factor)}
+
+    def unmasked_input(self, config: ModelConfig, height: int, width: int, device: torch.device,
+                       encode: EncodeImages) -> Cond:
+        raise ValueError(f"model {config.name!r} draws from a semantic map: give one (--semantic MAP.png)")
+
+
+CONCATS: dict[ConcatKind | None, type[NoConcat]] = {
+    c.kind: c for c in (NoConcat, InpaintConcat, LowresConcat, SemanticConcat)}
 
 
 # --- the condition of the denoiser -------------------------------------------------------------------
@@ -173,6 +213,7 @@ class Conditioner:
 
     kind: ClassVar[Conditioning]
     takes_prompt: ClassVar[bool] = False  # the request's prompts reach the model (and are parsed)
+    takes_layout: ClassVar[bool] = False  # a request gives a layout of boxes (`LayoutConditioner`)
 
     def __init__(self, config: ModelConfig, concat: NoConcat) -> None:
         self.config, self.concat = config, concat
@@ -202,9 +243,10 @@ class Conditioner:
         return {}, None
 
     def batch(self, rows: torch.Tensor, dropped: torch.Tensor, data: Any, device: torch.device,
-              text: TextHook | None = None) -> Cond:
-        """The training condition of the items `rows` of `data` (its `captions` / `labels`), with the samples
-        where `dropped` is True given the null condition (classifier-free guidance training)."""
+              text: TextHook | None = None, text_dropped: torch.Tensor | None = None) -> Cond:
+        """The training condition of the items `rows` of `data` (its `captions` / `labels` / `layouts`), with the
+        samples where `dropped` is True given the null condition (classifier-free guidance training); a layout
+        model also drops the prompt alone where `text_dropped` is True."""
         return {}
 
     def guidance_scale(self, scale: float) -> float:
@@ -264,7 +306,7 @@ class TextConditioner(Conditioner):
         return {"context": context[:1]}, ({"context": context[1:]} if guided else None)
 
     def batch(self, rows: torch.Tensor, dropped: torch.Tensor, data: Any, device: torch.device,
-              text: TextHook | None = None) -> Cond:
+              text: TextHook | None = None, text_dropped: torch.Tensor | None = None) -> Cond:
         caps = ["" if d else data.captions[i] for i, d in zip(rows.tolist(), dropped.tolist(), strict=True)]
         if text is None:
             raise ValueError(f"model {self.config.name!r} is text-conditional: training needs its text encoder")
@@ -313,7 +355,7 @@ class ClassConditioner(Conditioner):
         return {"y": y}, (self.null(device) if self.guided(request.cfg_scale) else None)
 
     def batch(self, rows: torch.Tensor, dropped: torch.Tensor, data: Any, device: torch.device,
-              text: TextHook | None = None) -> Cond:
+              text: TextHook | None = None, text_dropped: torch.Tensor | None = None) -> Cond:
         y = data.labels[rows].clone()
         y[dropped] = self.null_label
         return {"y": y.to(device)}
@@ -326,8 +368,42 @@ class ClassConditioner(Conditioner):
         return {"prompt": "", "class_label": int(label)}
 
 
+class LayoutConditioner(TextConditioner):
+    """Layout-to-image (LDM Sec. 4.3.1): the prompt's context followed by the tokens of a layout of boxes, each
+    object its phrase's words and its box's corners, encoded by the U-Net's `layout_net` (models/layout.py). The
+    null condition is the empty prompt and the empty layout; training drops both (`dropped`) or the prompt alone
+    (`text_dropped`), so the model draws from the boxes with or without a prompt."""
+
+    kind = "layout"
+    takes_layout = True
+
+    @property
+    def layout(self) -> LayoutConfig:
+        if self.config.unet.layout is None:
+            raise ValueError(f"layout model {self.config.name!r} has no layout encoder (unet.layout)")
+        return self.config.unet.layout
+
+    def null(self, device: torch.device, encode: EncodePrompts | None = None) -> Cond:
+        return {**super().null(device, encode), "layout": null_layout(self.layout)[None].to(device)}
+
+    def pair(self, request: Any, device: torch.device, encode: EncodePrompts | None = None) -> tuple[Cond, Cond | None]:
+        cond, uncond = super().pair(request, device, encode)
+        cond["layout"] = encode_layout(request.layout or (), self.layout)[None].to(device)  # (1, objects, tokens)
+        if uncond is not None:
+            uncond["layout"] = null_layout(self.layout)[None].to(device)
+        return cond, uncond
+
+    def batch(self, rows: torch.Tensor, dropped: torch.Tensor, data: Any, device: torch.device,
+              text: TextHook | None = None, text_dropped: torch.Tensor | None = None) -> Cond:
+        either = dropped if text_dropped is None else dropped | text_dropped
+        out = super().batch(rows, either, data, device, text)
+        layouts = data.layouts[rows].clone()  # (B, objects, tokens)
+        layouts[dropped] = null_layout(self.layout)
+        return {**out, "layout": layouts.to(device)}
+
+
 CONDITIONERS: dict[Conditioning, type[Conditioner]] = {
-    c.kind: c for c in (TextConditioner, ClassConditioner, Unconditional)}
+    c.kind: c for c in (TextConditioner, ClassConditioner, Unconditional, LayoutConditioner)}
 
 
 def conditioner_for(config: ModelConfig) -> Conditioner:

@@ -27,6 +27,22 @@ from .untrusted import parse_json
 
 
 @dataclass
+class LayoutConfig:
+    """tau_theta of a layout-to-image model (LDM, Rombach et al. 2022, Sec. 4.3.1): each object a few tokens,
+    its phrase's words and its box's corners quantised on a grid, read by a small transformer whose outputs the
+    U-Net's cross-attention sees after the prompt's (models/layout.py)."""
+
+    vocabulary: tuple[str, ...] = ()  # the words of object phrases: word i has token id i + 1 (0 = no word)
+    max_objects: int = 8  # objects per layout (the token sequence is max_objects x (phrase_words + 4) long)
+    phrase_words: int = 4  # word tokens per object ("a large red circle"); shorter phrases are padded
+    grid: int = 64  # box corners are quantised to this many positions per axis
+    width: int = 96  # token width: the U-Net's cross-attention context width
+    layers: int = 2
+    heads: int = 4
+    mlp_dim: int = 384
+
+
+@dataclass
 class UNetConfig:
     """The cross-attention U-Net of LDM (CompVis `openaimodel.UNetModel` naming)."""
 
@@ -45,6 +61,7 @@ class UNetConfig:
     norm_groups: int = 32  # GroupNorm groups
     dropout: float = 0.0
     upcast_attention: bool = False  # compute attention scores in float32 even in half precision (SD 2.1)
+    layout: LayoutConfig | None = None  # layout models: the layout encoder whose tokens follow the prompt's context
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head width) of the attention layers at a level `channels` wide."""
@@ -88,8 +105,8 @@ class VAEConfig:
 
 
 # The valid values of the conditioning keys, declared once (`daguerre.conditioning` has a class for each).
-Conditioning = Literal["text", "class", "none"]  # ModelConfig.conditioning
-ConcatKind = Literal["inpaint", "lowres"]  # ModelConfig.concat (or None)
+Conditioning = Literal["text", "class", "none", "layout"]  # ModelConfig.conditioning
+ConcatKind = Literal["inpaint", "lowres", "semantic"]  # ModelConfig.concat (or None)
 TextEncoderKind = Literal["clip", "minilm"]  # TextEncoderConfig.kind
 TEXT_ENCODER_KINDS: tuple[str, ...] = typing.get_args(TextEncoderKind)
 MINILM = "minilm"
@@ -249,11 +266,14 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    conditioning: Conditioning = "text"  # "text", "class" or "none" (daguerre.conditioning)
+    conditioning: Conditioning = "text"  # "text", "class", "none" or "layout" (prompt + boxes) (daguerre.conditioning)
     # image concatenated to the latent input: None; "inpaint" (mask + masked-image latent, SD inpainting);
-    # "lowres" (the low-resolution RGB pixels in [-1, 1], bicubically resized to the latent grid: LDM SR, SD x4)
+    # "lowres" (the low-resolution RGB pixels in [-1, 1], bicubically resized to the latent grid: LDM SR, SD x4);
+    # "semantic" (a semantic map, one channel per label: the fraction of each latent cell's pixels of that label)
     concat: ConcatKind | None = None
     class_names: list[str] | None = None  # for class-conditional models
+    # concat "semantic": the name of each label of a semantic map (label i is the map colour PALETTE[i])
+    semantic_labels: list[str] | None = None
     sample_size: int = 512  # native image size in pixels
     provenance: dict[str, Any] = field(default_factory=dict)  # training recipe, data, source file, ...
     # recommended generation settings (steps, sampler, schedule, cfg_scale) for requests that leave them unset
@@ -491,10 +511,15 @@ LIMITS: dict[str, tuple[float, float]] = {
     "vision.layer_norm_eps": (1e-30, 1.0), "logit_scale_init": (-100.0, 100.0),
     "image_mean": (-10.0, 10.0), "image_std": (1e-6, 10.0),
     "schedule.num_train_timesteps": (1, 100_000), "schedule.beta_start": (0.0, 1.0), "schedule.beta_end": (0.0, 1.0),
+    "unet.layout.max_objects": (1, 64), "unet.layout.phrase_words": (1, 32), "unet.layout.grid": (2, 4096),
+    "unet.layout.width": (1, 16384), "unet.layout.layers": (1, 64), "unet.layout.heads": (1, 1024),
+    "unet.layout.mlp_dim": (1, 65536),
 }
 MAX_LEVELS = 8  # entries of channel_mult (SD 4)
 MAX_WIDTH = 16384  # channels of any level, model_channels * mult (SD U-Net 1280, VAE 512)
 MAX_CLASS_NAMES = 100_000
+MAX_LAYOUT_WORDS = 10_000  # words of a layout encoder's vocabulary
+MAX_SEMANTIC_LABELS = 256  # labels of a semantic map (PNG palettes hold 256 colours)
 
 
 def _matches(value: Any, tp: Any) -> bool:
@@ -562,6 +587,17 @@ def check_model_config(cfg: ModelConfig, prefix: str = "") -> None:
                              f"{list(levels)} names a level beyond the {len(net.channel_mult)} there are")
     if cfg.class_names is not None and len(cfg.class_names) > MAX_CLASS_NAMES:
         raise ValueError(f"config key {prefix}class_names: {len(cfg.class_names)} names, more than {MAX_CLASS_NAMES}")
+    if cfg.semantic_labels is not None and not 1 <= len(cfg.semantic_labels) <= MAX_SEMANTIC_LABELS:
+        raise ValueError(f"config key {prefix}semantic_labels: {len(cfg.semantic_labels)} labels; a semantic map has "
+                         f"1 to {MAX_SEMANTIC_LABELS}")
+    layout = cfg.unet.layout
+    if layout is not None:
+        if len(layout.vocabulary) > MAX_LAYOUT_WORDS or len(set(layout.vocabulary)) != len(layout.vocabulary):
+            raise ValueError(f"config key {prefix}unet.layout.vocabulary: {len(layout.vocabulary)} words; need at "
+                             f"most {MAX_LAYOUT_WORDS}, each once")
+        if layout.width % layout.heads:
+            raise ValueError(f"config key {prefix}unet.layout.width: {layout.width} must be divisible by its heads "
+                             f"({layout.heads})")
 
 
 def check_clip_config(cfg: CLIPConfig, prefix: str = "") -> None:

@@ -187,6 +187,25 @@ def _randomize_zero_layers(comps: Components, std: float = 0.02) -> None:
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def shipped_model_for(semantic_map: bool, layout: bool) -> str | None:
+    """The shipped model a request with a semantic map or a layout goes to when it names none (issue 18): the
+    default model when it draws from that condition, else the first other shipped model (by name) that does;
+    None when none does. Only each file's header (its config) is read."""
+    from .conditioning import conditioner_for
+    from .config import ModelConfig
+    from .weights.io import read_shapes
+
+    shipped = shipped_models()
+    for name in sorted(shipped, key=lambda n: (n != DEFAULT_MODEL, n)):
+        text = read_shapes(shipped[name])[1].get("daguerre_config")
+        if text is None:
+            continue
+        conditioner = conditioner_for(ModelConfig.from_json(text))
+        if (not semantic_map or conditioner.concat.takes_map) and (not layout or conditioner.takes_layout):
+            return name
+    return None
+
+
 def model_file(spec: str) -> dict[str, str | None]:
     """{"file", "sha256"} of the checkpoint file a spec names (None for random models and folders)."""
     from .weights.io import file_hash

@@ -114,6 +114,15 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, str | None, str | 
             _note(f"{args.from_png} was made with model {settings.model!r}, which is not available here; using the "
                   "default model (choose one with --model)")
     fields.update(request_fields(args, "txt2img"))
+    spatial = fields.get("semantic_map") is not None, bool(fields.get("layout") or fields.get("boxes"))
+    if model is None and any(spatial):  # a map or a layout goes to a shipped model that draws from it
+        from ..registry import shipped_model_for
+
+        model = shipped_model_for(*spatial)
+        if model is None:
+            what = "semantic map" if spatial[0] else "layout"
+            raise ValueError(f"no shipped model draws from a {what}: name one with --model (a model trained with "
+                             f"shapes_{'semantic' if spatial[0] else 'layout'}_ldm.toml, docs/layout.md)")
     return fields, model, expected_hash
 
 

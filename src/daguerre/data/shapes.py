@@ -25,6 +25,7 @@ from .transforms import to_tensor
 # --- the world's vocabulary ------------------------------------------------------------------------
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "heart")
+LABELS = ("background", *SHAPES)  # the labels of a shapes-world semantic map (`render_labels`)
 HOLLOW_SHAPES = ("ring",)  # the centre shows the background; the colour is on the stroke
 COLOURS: dict[str, tuple[int, int, int]] = {  # chosen to stay distinct from each other at 64x64
     "red": (230, 25, 25),
@@ -56,6 +57,8 @@ RELATIONS = ("above", "below", "to the left of", "to the right of")
 INVERSE_RELATION = {"above": "below", "below": "above", "to the left of": "to the right of",
                     "to the right of": "to the left of"}
 MAX_LAYOUT_TRIES = 2000
+MAX_OBJECTS = 4  # objects per scene (captioned datasets have used 1-3; layout models train on 1-4)
+PLACEMENTS = ("grid", "free")  # centres on the 3x3 grid with jitter, or anywhere the box fits in the image
 SUPERSAMPLE = 4  # draw at 4x, then average 4x4 blocks
 RING_INNER = 0.55  # inner radius of a ring, as a fraction of its outer radius
 CROSS_ARM = 0.32  # half-width of a cross's arms, as a fraction of its radius
@@ -172,15 +175,19 @@ def _gap(a: ShapeObject, b: ShapeObject) -> float:
 # --- sampling --------------------------------------------------------------------------------------
 
 def sample_scene(rng: np.random.Generator, *, min_objects: int = 1, max_objects: int = 3,
-                 p_relation: float = 0.5) -> Scene:
+                 p_relation: float = 0.5, placement: str = "grid") -> Scene:
     """A random scene: kinds, colours and sizes are drawn first, then a layout by rejection.
 
     Objects have distinct (colour, shape) pairs, so every caption refers to each object
-    unambiguously. The layout puts objects in distinct grid cells with jitter, and is redrawn until
-    every two boxes are `MIN_GAP` apart and the relation (if any) holds with `RELATION_GAP`.
+    unambiguously. The layout puts objects in distinct grid cells with jitter (`placement` "grid"), or
+    their centres anywhere the box stays inside the image ("free": the region named is the nearest grid
+    cell's), and is redrawn until every two boxes are `MIN_GAP` apart and the relation (if any) holds
+    with `RELATION_GAP`.
     """
-    if not 1 <= min_objects <= max_objects <= 3:
-        raise ValueError(f"need 1 <= min_objects <= max_objects <= 3, got {min_objects}, {max_objects}")
+    if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
     n = int(rng.integers(min_objects, max_objects + 1))
     background = "white" if rng.random() < P_WHITE_BACKGROUND else DEFAULT_BACKGROUND
     palette = [c for c in COLOURS if c != background]
@@ -194,12 +201,16 @@ def sample_scene(rng: np.random.Generator, *, min_objects: int = 1, max_objects:
     if n >= 2 and rng.random() < p_relation:
         relation = Relation(0, RELATIONS[rng.integers(len(RELATIONS))], 1)
     for _ in range(MAX_LAYOUT_TRIES):
-        cells = rng.choice(len(REGIONS), size=n, replace=False)
-        jitter = rng.uniform(-JITTER, JITTER, size=(n, 2))
-        objects = tuple(
-            _make_object(shape, colour, size, int(c), (GRID[c % 3] + jx, GRID[c // 3] + jy))
-            for (shape, colour), size, c, (jx, jy) in zip(kinds, sizes, cells, jitter.tolist(), strict=True)
-        )
+        if placement == "free":
+            objects = tuple(_free_object(shape, colour, size, rng) for (shape, colour), size in zip(kinds, sizes,
+                                                                                                   strict=True))
+        else:
+            cells = rng.choice(len(REGIONS), size=n, replace=False)
+            jitter = rng.uniform(-JITTER, JITTER, size=(n, 2))
+            objects = tuple(
+                _make_object(shape, colour, size, int(c), (GRID[c % 3] + jx, GRID[c // 3] + jy))
+                for (shape, colour), size, c, (jx, jy) in zip(kinds, sizes, cells, jitter.tolist(), strict=True)
+            )
         if all(_gap(a, b) >= MIN_GAP for a, b in itertools.combinations(objects, 2)) and (
             relation is None
             or relation_holds(objects[relation.subject], objects[relation.object], relation.relation, RELATION_GAP)
@@ -208,22 +219,62 @@ def sample_scene(rng: np.random.Generator, *, min_objects: int = 1, max_objects:
     raise RuntimeError(f"no layout found in {MAX_LAYOUT_TRIES} tries for {kinds} {sizes} {relation}")
 
 
+def _free_object(shape: str, colour: str, size: str, rng: np.random.Generator) -> ShapeObject:
+    """An object whose centre is anywhere its box fits in the image; its region is the nearest grid cell's."""
+    hx, hy = (SIZE_RADIUS[size] * h for h in _HALF_EXTENT[shape])
+    x, y = float(rng.uniform(hx, 1 - hx)), float(rng.uniform(hy, 1 - hy))
+    col, row = (int(np.argmin([abs(v - g) for g in GRID])) for v in (x, y))
+    return _make_object(shape, colour, size, 3 * row + col, (x, y))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """Draw one shape of radius `r` centred at pixel coordinates (cx, cy) (PIL's: integers on pixel centres)."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=round(r * (1 - RING_INNER)))
+    else:
+        draw.polygon((_POLYGONS[shape] * r + (cx, cy)).ravel().tolist(), fill=fill)
+
+
+def _draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, s: int, fill_of) -> None:
+    """Draw the objects of `scene` on a canvas `s` pixels wide, each filled with `fill_of(obj)`."""
+    for obj in scene.objects:
+        r = SIZE_RADIUS[obj.size] * s
+        _draw_shape(draw, obj.shape, obj.position[0] * s - 0.5, obj.position[1] * s - 0.5, r, fill_of(obj))
+
+
+def shape_mask(shape: str, box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
+    """(height, width) bool: `shape` drawn as `render` draws it, scaled to fill `box` ((x0, y0, x1, y1) in [0, 1]);
+    a pixel is in when most of its 4x4 sub-pixels are. What a judge compares a found object's pixels with."""
+    hx, hy = _HALF_EXTENT[shape]
+    x0, y0, x1, y1 = box
+    s = SUPERSAMPLE
+    r = ((x1 - x0) * width / hx + (y1 - y0) * height / hy) / 4 * s  # the radius that fits the box, mean of x and y
+    img = Image.new("L", (width * s, height * s), 0)
+    _draw_shape(ImageDraw.Draw(img), shape, (x0 + x1) / 2 * width * s - 0.5, (y0 + y1) / 2 * height * s - 0.5, r, 1)
+    sub = np.asarray(img).reshape(height, s, width, s)
+    return sub.sum((1, 3)) * 2 > s * s
+
+
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """Draw a scene as a `size` x `size` RGB image: polygons at 4x, then 4x4 box averaging."""
     s = size * SUPERSAMPLE
     img = Image.new("RGB", (s, s), COLOURS[scene.background])
-    draw = ImageDraw.Draw(img)
-    for obj in scene.objects:
-        fill = COLOURS[obj.colour]
-        r = SIZE_RADIUS[obj.size] * s
-        cx, cy = obj.position[0] * s - 0.5, obj.position[1] * s - 0.5  # PIL puts integer coords on pixel centres
-        if obj.shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif obj.shape == "ring":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=round(r * (1 - RING_INNER)))
-        else:
-            draw.polygon((_POLYGONS[obj.shape] * r + (cx, cy)).ravel().tolist(), fill=fill)
+    _draw_objects(ImageDraw.Draw(img), scene, s, lambda obj: COLOURS[obj.colour])
     return img.reduce(SUPERSAMPLE)
+
+
+def render_labels(scene: Scene, size: int = 64) -> np.ndarray:
+    """The semantic map of a scene: (size, size) uint8, 0 for the background and 1 + SHAPES.index(shape) for
+    each object's pixels (`LABELS`). Drawn as `render` draws, at 4x; each pixel takes the label most of its
+    4x4 sub-pixels have (ties: the lowest label)."""
+    s = size * SUPERSAMPLE
+    img = Image.new("L", (s, s), 0)
+    _draw_objects(ImageDraw.Draw(img), scene, s, lambda obj: LABELS.index(obj.shape))
+    sub = np.asarray(img).reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).transpose(0, 2, 1, 3).reshape(size, size, -1)
+    counts = (sub[..., None] == np.arange(len(LABELS), dtype=np.uint8)).sum(2)  # (size, size, labels)
+    return counts.argmax(-1).astype(np.uint8)
 
 
 # --- captions --------------------------------------------------------------------------------------
@@ -435,22 +486,42 @@ def parse_caption(text: str) -> PromptSpec:
 
 # --- datasets --------------------------------------------------------------------------------------
 
+def object_phrase(obj: ShapeObject, rng: np.random.Generator) -> str:
+    """How a layout names one object: its colour and shape, with an article and its size each half the time
+    ("red circle", "a big red circle"): the words `LAYOUT_WORDS` holds."""
+    words = [obj.colour, obj.shape]
+    if rng.random() < 0.5:
+        words.insert(0, SIZE_SYNONYMS[obj.size][int(rng.random() < P_SYNONYM)])
+    if rng.random() < 0.5:
+        words.insert(0, _article(words[0]))
+    return " ".join(words)
+
+
+# the words of layout phrases (`object_phrase`), and "grey" for gray, as the caption parser reads it
+LAYOUT_WORDS = ("a", "an", *sorted({w for ws in SIZE_SYNONYMS.values() for w in ws}), *COLOURS, "grey", *SHAPES)
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """`n` shapes-world samples; item `i` is a pure function of (seed, i), drawn from its own Generator.
 
-    Items are dicts: image (3, size, size) float in [-1, 1], caption str, scene `Scene`. Batch them
-    with `daguerre.data.collate`.
+    Items are dicts: image (3, size, size) float in [-1, 1], caption str, scene `Scene`, and with
+    `label_maps` the semantic map "label_map" (size, size) uint8 (`render_labels`). `layout(i)` is item i's
+    layout: each object's phrase and box. Batch them with `daguerre.data.collate`.
     """
 
     def __init__(self, n: int, seed: int = 0, size: int = 64, max_objects: int = 3, *, min_objects: int = 1,
-                 p_relation: float = 0.5, complete_captions: bool = False) -> None:
+                 p_relation: float = 0.5, complete_captions: bool = False, placement: str = "grid",
+                 label_maps: bool = False) -> None:
         if n < 0 or seed < 0 or size < 1:
             raise ValueError(f"need n >= 0, seed >= 0 and size >= 1, got n={n}, seed={seed}, size={size}")
-        if not 1 <= min_objects <= max_objects <= 3:
-            raise ValueError(f"need 1 <= min_objects <= max_objects <= 3, got {min_objects}, {max_objects}")
+        if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
+            raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, "
+                             f"{max_objects}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
         self.n, self.seed, self.size = n, seed, size
         self.min_objects, self.max_objects, self.p_relation = min_objects, max_objects, p_relation
-        self.complete_captions = complete_captions
+        self.complete_captions, self.placement, self.label_maps = complete_captions, placement, label_maps
 
     def __len__(self) -> int:
         return self.n
@@ -461,12 +532,26 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for a ShapesDataset of {self.n} items")
         rng = np.random.default_rng((self.seed, i))
         scene = sample_scene(rng, min_objects=self.min_objects, max_objects=self.max_objects,
-                             p_relation=self.p_relation)
+                             p_relation=self.p_relation, placement=self.placement)
         return scene, caption(scene, rng, complete=self.complete_captions)
+
+    def layout(self, i: int) -> list[tuple[str, tuple[float, float, float, float]]]:
+        """Item i's layout: (phrase, box (x0, y0, x1, y1) in [0, 1]) of each object, the phrasing drawn from
+        its own generator (seed, i, 1), so the captions stay those of `sample`."""
+        scene, _ = self.sample(i)
+        rng = np.random.default_rng((self.seed, i, 1))
+        return [(object_phrase(obj, rng), obj.bbox) for obj in scene.objects]
+
+    def label_map(self, i: int) -> np.ndarray:
+        """Item i's semantic map (size, size) uint8 (`render_labels`)."""
+        return render_labels(self.sample(i)[0], self.size)
 
     def __getitem__(self, i: int) -> dict:
         scene, text = self.sample(i)
-        return {"image": to_tensor(render(scene, self.size)), "caption": text, "scene": scene}
+        item = {"image": to_tensor(render(scene, self.size)), "caption": text, "scene": scene}
+        if self.label_maps:
+            item["label_map"] = torch.from_numpy(render_labels(scene, self.size))
+        return item
 
 
 @dataclass(frozen=True)

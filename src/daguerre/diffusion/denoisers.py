@@ -44,9 +44,10 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 class Denoiser(nn.Module):
     """A network `net(x_in, t, context=None, y=None)` (the U-Net's forward) trained on the discrete
     schedule `schedule`, wrapped as `denoiser(x, sigma, cond) -> x0` (EDM preconditioning, see module
-    docstring). `cond` holds "context" (B, T, D) cross-attention tokens, "y" (B,) class labels and
-    "concat" (B, c, h, w) channels concatenated to the network input after the c_in scaling
-    (inpainting and super-resolution models); missing or None values are not passed. `net_args` are
+    docstring). `cond` holds "context" (B, T, D) cross-attention tokens, "y" (B,) class labels, "layout"
+    (B, objects, tokens) layout tokens and "concat" (B, c, h, w) channels concatenated to the network input
+    after the c_in scaling (inpainting, super-resolution and semantic-map models); missing or None values are
+    not passed. `net_args` are
     passed to every network call (a U-Net's per-run `cache` of feature reuse: `with_net_args`)."""
 
     def __init__(self, net: nn.Module | Callable[..., torch.Tensor], schedule: ScheduleConfig,
@@ -112,6 +113,8 @@ class Denoiser(nn.Module):
             kwargs["context"] = cond["context"].to(dtype)
         if cond.get("y") is not None:
             kwargs["y"] = cond["y"]
+        if cond.get("layout") is not None:  # a layout model's layout tokens (models/layout.py)
+            kwargs["layout"] = cond["layout"]
         out = self.net(x_in.to(dtype), c_noise, **kwargs).to(PRECOND_DTYPE)
         return c_skip * x + c_out * out
 

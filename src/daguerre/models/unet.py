@@ -44,6 +44,7 @@ from ..config import UNetConfig
 from ..nn.attention import attention
 from ..nn.embeddings import timestep_embedding
 from ..nn.tome import Merge, bipartite_merge
+from .layout import LayoutEncoder
 
 TIME_EMBED_MULT = 4  # time embedding width = TIME_EMBED_MULT * model_channels
 FF_MULT = 4  # transformer feed-forward inner width = FF_MULT * width
@@ -305,8 +306,9 @@ class UNetModel(nn.Module):
 
     `forward(x, timesteps, context, y)`: x (B, in_channels, H, W) latents; timesteps (B,) or a scalar,
     integer or fractional; context (B, T, context_dim) when `cfg.context_dim` is set; y (B,) integer
-    labels when `cfg.num_classes` is set -> (B, out_channels, H, W) in the parameters' dtype. Inputs are
-    cast to the parameters' dtype. Set `gradient_checkpointing = True` to recompute each block in the
+    labels when `cfg.num_classes` is set; `layout` (B, objects, tokens) layout tokens when `cfg.layout` is
+    set, encoded by `layout_net` and appended to the context -> (B, out_channels, H, W) in the parameters'
+    dtype. Inputs are cast to the parameters' dtype. Set `gradient_checkpointing = True` to recompute each block in the
     backward pass while training (less memory, about a third more compute).
     """
 
@@ -326,6 +328,11 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+        if cfg.layout is not None:  # a layout model: the layout's tokens join the context (models/layout.py)
+            if cfg.layout.width != cfg.context_dim:
+                raise ValueError(f"UNetConfig.layout.width {cfg.layout.width} must be the context_dim "
+                                 f"({cfg.context_dim}): the layout's tokens are read by cross-attention")
+            self.layout_net = LayoutEncoder(cfg.layout)
 
         # encoder: conv_in, then num_res_blocks x [ResBlock, SpatialTransformer?] per level, Downsample between levels
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -384,8 +391,12 @@ class UNetModel(nn.Module):
         y: torch.Tensor | None = None,
         cache: FeatureCache | None = None,
         tome: float = 0.0,
+        layout: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg, dtype, b = self.cfg, self.dtype, x.shape[0]
+        if (layout is None) != (cfg.layout is None):
+            raise ValueError(f"UNetModel with layout={cfg.layout is not None}: pass layout tokens exactly when the "
+                             "model reads layouts")
         if (context is None) != (cfg.context_dim is None):
             got = None if context is None else tuple(context.shape)
             raise ValueError(
@@ -406,6 +417,8 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y.to(x.device))
         if context is not None:
             context = context.to(dtype)  # (B, T, context_dim)
+        if layout is not None:  # the layout's tokens after the prompt's: (B, T + objects * tokens, context_dim)
+            context = torch.cat([context, self.layout_net(layout.to(x.device)).to(dtype)], dim=1)
 
         h = x.to(dtype)  # (B, C_in, H, W)
         if not 0.0 <= tome < 1.0:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 TASKS = ("txt2img", "img2img", "inpaint", "upscale")
 IMAGE_TASKS = ("img2img", "inpaint", "upscale")
+TXT2IMG = ("txt2img",)
 SURFACES = ("cli", "a1111", "png")
 Decode = Callable[[Any, str], "Image.Image"]  # (base64 text, its name in messages) -> image: the server's decoder
 
@@ -222,7 +223,31 @@ def _full_res(p: Mapping[str, Any], _decode: Decode) -> dict[str, Any]:
     return {"inpaint_area": "only masked", "inpaint_padding": 0 if padding is None else padding}
 
 
+def _semantic_map(p: Mapping[str, Any], decode: Decode) -> dict[str, Any]:
+    """A semantic map is a base64 image, as init images are (never a path: a client names no server file)."""
+    value = p.get("semantic_map")
+    return {} if value in (None, "") else {"semantic_map": decode(value, "semantic_map")}
+
+
+def _layout(p: Mapping[str, Any], _decode: Decode) -> dict[str, Any]:
+    """A layout is a list of {"phrase", "box"} objects (never a path: a client names no server file)."""
+    from ..data.layout import parse_layout
+
+    value = p.get("layout")
+    if value is None:
+        return {}
+    if not isinstance(value, list):
+        raise PayloadError(f"layout must be a list of {{\"phrase\": ..., \"box\": [x0, y0, x1, y1]}} objects, got "
+                           f"{type(value).__name__}")
+    try:
+        return {"layout": parse_layout(value, "layout")}
+    except ValueError as e:
+        raise PayloadError(str(e)) from None
+
+
 BATCHES = Payload("batch_size", "n_iter", read=_batches)
+SEMANTIC_PAYLOAD = Payload("semantic_map", read=_semantic_map)
+LAYOUT_PAYLOAD = Payload("layout", read=_layout)
 INIT_IMAGES = Payload("init_images", read=_init_images)
 RESIZE = coded("resize_mode", "resize_mode", RESIZE_MODE, "0 (just resize), 1 (crop and resize) or 2 (resize and fill)")
 MASK = Payload("mask", "inpainting_mask_invert", read=_mask)
@@ -337,7 +362,38 @@ def _read_clip(params: Mapping[str, str], source: str) -> dict[str, Any]:
     return found
 
 
+def _write_semantic(req: ValidRequest) -> dict[str, Any]:
+    return {} if req.semantic_map is None else {"Semantic map": req.semantic_map.encode()}
+
+
+def _read_semantic(params: Mapping[str, str], source: str) -> dict[str, Any]:
+    """The map, bounded by `limits.MAX_PIXELS` before it is decompressed (the request's limits check it again)."""
+    from ..data.layout import LabelMap
+    from ..limits import MAX_PIXELS
+
+    if "Semantic map" not in params:
+        return {}
+    return {"semantic_map": LabelMap.decode(params["Semantic map"], MAX_PIXELS, f"{source}: Semantic map")}
+
+
+def _write_layout(req: ValidRequest) -> dict[str, Any]:
+    from ..data.layout import layout_text
+
+    return {"Layout": layout_text(req.layout)} if req.layout else {}
+
+
+def _read_layout(params: Mapping[str, str], source: str) -> dict[str, Any]:
+    from ..data.layout import parse_layout
+    from ..untrusted import parse_json
+
+    if "Layout" not in params:
+        return {}
+    return {"layout": parse_layout(parse_json(params["Layout"], f"{source}: Layout"), f"{source}: Layout")}
+
+
 SIZE_PNG = Png("Size", write=_write_size, read=_read_size)
+SEMANTIC_PNG = Png("Semantic map", write=_write_semantic, read=_read_semantic)
+LAYOUT_PNG = Png("Layout", write=_write_layout, read=_read_layout)
 SAMPLER_PNG = Png("Sampler", write=lambda req: {"Sampler": req.choice.a1111_name})
 SCHEDULE_PNG = Png("Schedule type", write=lambda req: {"Schedule type": req.choice.a1111_schedule})
 ETA_PNG = Png("Eta", "Eta DDIM", write=_write_eta, read=_read_eta)

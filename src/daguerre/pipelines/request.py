@@ -38,6 +38,8 @@ from .fields import (
     FULL_RES,
     IMAGE_TASKS,
     INIT_IMAGES,
+    LAYOUT_PAYLOAD,
+    LAYOUT_PNG,
     MASK,
     MASK_BLUR,
     NEGATIVE_KEY,
@@ -46,9 +48,12 @@ from .fields import (
     RESIZE_MODES,
     SAMPLER_PNG,
     SCHEDULE_PNG,
+    SEMANTIC_PAYLOAD,
+    SEMANTIC_PNG,
     SIZE_FLAG,
     SIZE_PNG,
     TASKS,
+    TXT2IMG,
     Flag,
     Payload,
     Png,
@@ -62,6 +67,7 @@ if TYPE_CHECKING:
 
     from ..components import Components
     from ..conditioning import Conditioner
+    from ..data.layout import LabelMap, LayoutObject
     from ..diffusion.sampler_names import SamplerChoice
 
 MAX_SEED = 2**32 - 1
@@ -72,6 +78,7 @@ INPAINT_FILLS = ("original", "fill", "latent noise", "latent nothing")  # A1111 
 INPAINT_AREAS = ("whole", "only masked")  # A1111 "Inpaint area": Whole picture, Only masked (pipelines/inpaint.py)
 MAX_UPSCALE = 8.0
 MAX_MASK_BLUR = 128  # px; A1111's slider stops at 64, and a wider blur leaves no mask to repaint
+MAX_LAYOUT_FILE = 256 * 1024  # bytes of a layout JSON file (64 objects take ~5 kB)
 # Sampling settings of a request that leaves them None and whose model recommends none (A1111's defaults,
 # except the sampler). A model recommends its own in `ModelConfig.defaults` (daguerre's trained models do).
 DEFAULT_SETTINGS: dict[str, Any] = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "Automatic", "cfg_scale": 7.0}
@@ -244,6 +251,23 @@ class GenerationRequest:
     noise_level: int = setting(20, type=int, tasks=UPSCALE, cli=Flag(
         "--noise-level", help="super-resolution models that take it: noise added to the low-res input, in steps "
         "of the augmentation schedule (default 20)"))
+    # semantic-synthesis models (docs/layout.md): the map, a PNG in the palette's colours (a path, a PIL image) or
+    # a `data.layout.LabelMap`; a `ValidRequest` holds the LabelMap at the output size
+    semantic_map: str | os.PathLike | Image.Image | LabelMap | None = setting(
+        None, tasks=TXT2IMG, a1111=SEMANTIC_PAYLOAD, png=SEMANTIC_PNG, cli=Flag(
+            "--semantic", metavar="MAP.png", help="semantic-synthesis models: the semantic map to draw, a PNG whose "
+            "colours name the labels (the palette of docs/layout.md; the image takes the map's size unless --size "
+            "says otherwise)"))
+    # layout models (docs/layout.md): a list of {"phrase": ..., "box": [x0, y0, x1, y1]} (0-1 coordinates), or the
+    # path of a JSON file of one; a `ValidRequest` holds a tuple of `data.layout.LayoutObject`, `boxes` included
+    layout: str | os.PathLike | list[dict[str, Any]] | tuple[LayoutObject, ...] | None = setting(
+        None, tasks=TXT2IMG, a1111=LAYOUT_PAYLOAD, png=LAYOUT_PNG, cli=Flag(
+            "--layout", metavar="LAYOUT.json", help="layout models: a JSON list of objects {\"phrase\": \"a red "
+            "circle\", \"box\": [x0, y0, x1, y1]} in 0-1 coordinates (x0, y0 the top-left corner)"))
+    # more layout objects, each "phrase:x0,y0,x1,y1" (after those of `layout`)
+    boxes: list[str] | None = setting(None, tasks=TXT2IMG, cli=Flag(
+        "--box", action="append", metavar="PHRASE:X0,Y0,X1,Y1", help="layout models: one more object, e.g. "
+        "--box \"a red circle:0.1,0.1,0.4,0.4\" (repeatable; after those of --layout)"))
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for pipeline-specific settings
     # the bounds `validate` checks this request against when the caller gives none (a `ValidRequest` holds
     # those it was checked against)
@@ -333,6 +357,10 @@ class GenerationRequest:
         if self.task in IMAGE_TASKS:
             images = self._validate_images(config, factor, limits)
             width, height = images.pop("size")
+        spatial = self._validate_spatial(config, conditioner, limits)
+        semantic = spatial["semantic_map"]
+        if semantic is not None:
+            width, height = width or semantic.width, height or semantic.height
         width = config.sample_size if width is None else width  # 0 is an error below, not the default
         height = config.sample_size if height is None else height
         limits.check_size(width, height, min(self.batch_size, self.n), config.sample_size)
@@ -356,7 +384,10 @@ class GenerationRequest:
             raise ValueError(f"seed must be in [0, {MAX_SEED}] (or -1 for random), got {seed}")
         class_index = conditioner.class_index(self.class_label)
         resolved = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationRequest)}
-        resolved.update(width=width, height=height, seed=seed, limits=limits, clip_model=clip_model, **images)
+        if semantic is not None:
+            spatial["semantic_map"] = semantic.resized(width, height)  # nearest: labels are never blended
+        resolved.update(width=width, height=height, seed=seed, limits=limits, clip_model=clip_model, **images,
+                        **spatial)
         sigmas = _run_sigmas(config, conditioner, choice, resolved)
         if self.fast:
             resolved.update(fast_settings(self, sigmas, guided))
@@ -391,6 +422,60 @@ class GenerationRequest:
             raise ValueError(f"model {config.name!r} ships no CLIP model to guide it: name one with --clip MODEL "
                              "(clip_model), a path or a shipped CLIP's name")
         return shipped
+
+    def _validate_spatial(self, config: ModelConfig, conditioner: Conditioner, limits: Limits) -> dict[str, Any]:
+        """Check and load the spatial conditions (docs/layout.md): {semantic_map: a LabelMap or None, layout: the
+        objects of `layout` and `boxes` or None, boxes: None}. A model that does not read one refuses it, a
+        semantic-synthesis model needs a map; a map's colours must be the palette's, a layout within the bounds
+        of the model's layout encoder (`data.layout.check_layout`)."""
+        from ..data.layout import LabelMap, check_layout, parse_box, parse_layout, read_label_map
+
+        semantic = None
+        if self.semantic_map is not None:
+            if not conditioner.concat.takes_map:
+                raise ValueError(f"model {config.name!r} does not draw from a semantic map (--semantic); "
+                                 "semantic-synthesis models do (docs/layout.md)")
+            if isinstance(self.semantic_map, LabelMap):
+                semantic = self.semantic_map
+                limits.check_input_image(semantic.width, semantic.height, "semantic map")
+            else:
+                from .images import load_image
+
+                image = load_image(self.semantic_map, "RGB", limits)
+                name = f"semantic map {_name(self.semantic_map)}"
+                semantic = read_label_map(image, config.semantic_labels or [], name)
+            if int(semantic.array().max()) >= len(config.semantic_labels or []):
+                raise ValueError(f"the semantic map has label {int(semantic.array().max())}; model {config.name!r} "
+                                 f"knows {len(config.semantic_labels or [])} labels")
+        elif conditioner.concat.takes_map:
+            raise ValueError(f"model {config.name!r} draws from a semantic map: give one (--semantic MAP.png, "
+                             "docs/layout.md)")
+        objects: list[LayoutObject] = []
+        if self.layout is not None:
+            value = self.layout
+            if isinstance(value, (str, os.PathLike)):
+                from ..untrusted import parse_json, regular_file
+
+                path = regular_file(value, "layout file")
+                with open(path, "rb") as f:
+                    text = f.read(MAX_LAYOUT_FILE + 1)
+                if len(text) > MAX_LAYOUT_FILE:
+                    raise ValueError(f"layout file {path} is larger than {MAX_LAYOUT_FILE // 1024} KiB")
+                value = parse_json(text, f"layout file {path}")
+                source = f"layout file {path}"
+            else:
+                source = "layout"
+            objects += parse_layout(value, source)
+        if self.boxes is not None:
+            if isinstance(self.boxes, str) or not isinstance(self.boxes, (list, tuple)):
+                raise ValueError(f"boxes must be a list of \"phrase:x0,y0,x1,y1\" texts, got {self.boxes!r}")
+            objects += [parse_box(b) for b in self.boxes]
+        if objects and not conditioner.takes_layout:
+            raise ValueError(f"model {config.name!r} does not draw from a layout (--layout, --box); layout models do "
+                             "(docs/layout.md)")
+        if objects:
+            check_layout(objects, config.unet.layout)
+        return {"semantic_map": semantic, "layout": tuple(objects) or None, "boxes": None}
 
     def _check_types(self) -> None:
         """The type of every field the table types (`setting(type=...)`), so that a string or a bool from

@@ -36,7 +36,9 @@ def txt2img(
     components.config)`); image i uses a CPU generator seeded `seed + i`.
 
     `callback` gets `{x, i, sigma, sigma_next, denoised, batch_start}` at every sampler step. An
-    inpainting model runs with everything masked (common.py); a super-resolution model is an error.
+    inpainting model runs with everything masked (common.py); a super-resolution model is an error; a
+    semantic-synthesis model draws the request's map, a layout model its layout (daguerre.conditioning).
     """
     req = require_valid(components, request, "txt2img")
-    return run_plan(components, req, SamplingPlan(), callback=callback, model_hash=model_hash, clip=clip)
+    plan = SamplingPlan(cond=req.conditioner.concat.request_input(components.config, req))  # a semantic map
+    return run_plan(components, req, plan, callback=callback, model_hash=model_hash, clip=clip)

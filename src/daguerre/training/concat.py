@@ -1,4 +1,5 @@
-"""Image-concatenation conditioning in stage 2: super-resolution ("lowres") and inpainting ("inpaint") models.
+"""Image-concatenation conditioning in stage 2: super-resolution ("lowres"), inpainting ("inpaint") and
+semantic-synthesis ("semantic") models.
 
 Both kinds feed the U-Net cat(x_t, c) (LDM Sec. 3.3: "concatenation" conditioning); c is built by the
 SAME functions the pipelines call at inference, so training and sampling cannot drift apart:
@@ -20,6 +21,10 @@ SAME functions the pipelines call at inference, so training and sampling cannot 
   uses. The masked image changes every step, so it is encoded by the frozen VAE every step (one encoder
   pass per image, without gradients: ~20% fewer images/s with shapes_inpaint_ldm.toml than with
   shapes_ldm.toml); the training images are kept in memory (and in the pixel cache) as uint8.
+- `model.concat = "semantic"` (LDM semantic synthesis, Sec. 4.3.2): c is the training scene's semantic map
+  (`data.shapes.render_labels`: background and the 8 shapes) as label fractions on the latent grid, from
+  `conditioning.SemanticConcat.build`, the function `daguerre generate --semantic` uses. The maps are drawn
+  once from the scenes (no image is rendered for them) and kept in the pixel cache as uint8 labels.
 
 All randomness (masks, noise levels, augmentation noise) comes from the per-sample generators of the
 training loop (`dist.sample_generator`), after the draws of `ldm._draws`, so a resumed run and a
@@ -43,7 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..conditioning import InpaintConcat, LowresConcat, NoConcat, conditioner_for
+from ..conditioning import InpaintConcat, LowresConcat, NoConcat, SemanticConcat, conditioner_for
 from ..config import ModelConfig
 from ..fileio import atomic_save_safetensors
 from . import dist
@@ -179,6 +184,11 @@ class ConcatInputs(ABC):
         """uint8 training images (b, C, H, W) -> what the pixel cache keeps of them."""
         return pixels
 
+    @classmethod
+    def cached_rows(cls, data: TrainData, indices: np.ndarray, factor: int, flip: bool) -> torch.Tensor:
+        """What the pixel cache keeps of the dataset items `indices` (`cached_pixels` of their images)."""
+        return cls.cached_pixels(to_uint8(images_of(load_items(data, indices))), factor, flip)
+
     @abstractmethod
     def draw(self, rows: torch.Tensor, views: torch.Tensor, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """The CPU inputs of one micro-batch: images (lowres or full, in [-1, 1]) and the per-sample draws."""
@@ -200,9 +210,10 @@ class ConcatInputs(ABC):
         return torch.cat([x_t, c.to(x_t)], dim=1)
 
     @abstractmethod
-    def sample_pair(self, original: Image.Image, common: dict[str, Any],
-                    components: Components) -> tuple[Image.Image, Image.Image]:
-        """(the input shown, the model's output) of one preview image through the pipeline of its kind."""
+    def sample_pair(self, original: Image.Image, common: dict[str, Any], components: Components,
+                    index: int) -> tuple[Image.Image, Image.Image]:
+        """(the input shown, the model's output) of preview image `index` (training row `index`) through the
+        pipeline of its kind."""
 
     @torch.no_grad()
     def sample_grid(self, components: Components, sample: SampleConfig) -> Image.Image:
@@ -218,7 +229,7 @@ class ConcatInputs(ABC):
                       "steps": sample.steps, "sampler": sample.sampler,
                       "cfg_scale": conditioner.guidance_scale(sample.cfg_scale),
                       "seed": sample.seed + i, "width": self.size, "height": self.size}
-            shown, out = self.sample_pair(original, common, components)
+            shown, out = self.sample_pair(original, common, components, i)
             cells.append((shown, out, original))
         n = len(cells)
         return grid([c[0] for c in cells] + [c[1] for c in cells] + [c[2] for c in cells], cols=n)
@@ -257,8 +268,8 @@ class LowresInputs(ConcatInputs):
         s = torch.tensor([s[1] for s in scales], dtype=c.dtype, device=device).view(-1, 1, 1, 1)
         return a * c + s * draws["eps"].to(device, c.dtype), draws["level"].to(device)
 
-    def sample_pair(self, original: Image.Image, common: dict[str, Any],
-                    components: Components) -> tuple[Image.Image, Image.Image]:
+    def sample_pair(self, original: Image.Image, common: dict[str, Any], components: Components,
+                    index: int) -> tuple[Image.Image, Image.Image]:
         from ..pipelines.request import GenerationRequest
         from ..pipelines.upscale import upscale
 
@@ -289,8 +300,8 @@ class InpaintInputs(ConcatInputs):
         factor = self.config.vae.downsample_factor
         return InpaintConcat.build(draws["image"].to(device), draws["mask"].to(device), encode, factor), None
 
-    def sample_pair(self, original: Image.Image, common: dict[str, Any],
-                    components: Components) -> tuple[Image.Image, Image.Image]:
+    def sample_pair(self, original: Image.Image, common: dict[str, Any], components: Components,
+                    index: int) -> tuple[Image.Image, Image.Image]:
         from ..pipelines.inpaint import inpaint
         from ..pipelines.request import GenerationRequest
 
@@ -302,6 +313,40 @@ class InpaintInputs(ConcatInputs):
         req = GenerationRequest(**common, task="inpaint", init_image=original, mask=Image.fromarray(mask),
                                 strength=1.0, mask_blur=0)
         return shown, inpaint(components, req.validate(components.config))[0].image
+
+
+class SemanticInputs(ConcatInputs):
+    """Semantic synthesis: the training scenes' label maps (the pixel cache holds them, (N, H, W) uint8), as
+    label fractions on the latent grid (`conditioning.SemanticConcat.build`)."""
+
+    @classmethod
+    def cached_rows(cls, data: TrainData, indices: np.ndarray, factor: int, flip: bool) -> torch.Tensor:
+        raw = getattr(data.dataset, "dataset", data.dataset)
+        if not hasattr(raw, "label_map"):
+            raise ValueError("a semantic-synthesis model trains on scenes whose label maps are known: data.kind = "
+                             "'shapes'")
+        return torch.stack([torch.from_numpy(raw.label_map(int(i))) for i in indices])  # (b, H, W) uint8
+
+    def draw(self, rows: torch.Tensor, views: torch.Tensor, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        labels = self.pixels[rows].long()  # (B, H, W)
+        flipped = views.bool()
+        labels[flipped] = labels[flipped].flip(-1)
+        return {"labels": labels}
+
+    @torch.no_grad()
+    def build(self, draws: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        count, factor = len(self.config.semantic_labels), self.config.vae.downsample_factor
+        return SemanticConcat.build(draws["labels"].to(device), count, factor), None
+
+    def sample_pair(self, original: Image.Image, common: dict[str, Any], components: Components,
+                    index: int) -> tuple[Image.Image, Image.Image]:
+        from ..data.layout import LabelMap
+        from ..pipelines.request import GenerationRequest
+        from ..pipelines.txt2img import txt2img
+
+        semantic = LabelMap.from_array(self.pixels[index].numpy())
+        req = GenerationRequest(**common, semantic_map=semantic)
+        return semantic.image().convert("RGB"), txt2img(components, req.validate(components.config))[0].image
 
 
 class NoInputs:
@@ -317,7 +362,8 @@ class NoInputs:
         return sample_grid(components, sample)
 
 
-INPUTS: dict[type[NoConcat], type[ConcatInputs]] = {LowresConcat: LowresInputs, InpaintConcat: InpaintInputs}
+INPUTS: dict[type[NoConcat], type[ConcatInputs]] = {LowresConcat: LowresInputs, InpaintConcat: InpaintInputs,
+                                                     SemanticConcat: SemanticInputs}
 
 
 def pixel_cache_key(description: dict, inputs: type[ConcatInputs], kind: str, factor: int, flip: bool,
@@ -331,8 +377,7 @@ def _build_pixels(data: TrainData, inputs: type[ConcatInputs], factor: int, flip
     chunks = []
     pool = data.train_pool
     for start in range(0, len(pool), LOAD_BATCH):
-        px = to_uint8(images_of(load_items(data, pool[start:start + LOAD_BATCH])))  # (b, C, H, W)
-        chunks.append(inputs.cached_pixels(px, factor, flip))
+        chunks.append(inputs.cached_rows(data, pool[start:start + LOAD_BATCH], factor, flip))
     return torch.cat(chunks)
 
 

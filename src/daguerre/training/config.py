@@ -31,6 +31,7 @@ from typing import Any, Literal
 from ..config import (
     LIMITS,
     CLIPConfig,
+    LayoutConfig,
     ModelConfig,
     check_clip_config,
     check_model_config,
@@ -43,6 +44,7 @@ from ..config import (
     resolve_text_encoder,
     toml,
 )
+from ..data.shapes import LABELS, LAYOUT_WORDS, MAX_OBJECTS
 from ..untrusted import read_json, regular_file
 
 STAGES = ("vae", "ldm", "clip")
@@ -56,9 +58,11 @@ class ShapesData:
     """`[data.shapes]`: the procedural shapes world (daguerre.data.shapes); item i is a pure function of (seed, i)."""
 
     n: int = 50_000  # number of images
-    max_objects: int = 3  # objects per image (min_objects..max_objects, at most 3)
+    max_objects: int = 3  # objects per image (min_objects..max_objects, at most 4)
     min_objects: int = 1  # fewest objects per image
     p_relation: float = 0.5  # probability that a scene of two or more objects states a relation
+    # "grid": centres on the 3x3 grid with jitter; "free": anywhere a box fits (layout models learn any box)
+    placement: Literal["grid", "free"] = "grid"
 
 
 @dataclass
@@ -214,6 +218,9 @@ class LDMLossConfig:
     caption_dropout: float = 0.1  # probability of the empty prompt / null class (classifier-free guidance)
     latents: Literal["sample", "mode"] = "sample"  # "sample" the cached posterior each step, or use its "mode"
     train_text_encoder: bool = True  # train tau_theta jointly with the U-Net (LDM); False = keep it frozen
+    # layout models: probability of dropping the prompt alone (the layout kept), besides caption_dropout's both,
+    # so the model draws from the boxes with or without a prompt
+    text_dropout: float = 0.0
     # which training timesteps to draw more often (diffusers' --timestep_bias_*): "later" = the noisiest
     # `portion` of the T steps (layout, composition), "earlier" = the least noisy (detail), "range" =
     # [begin, end); those are drawn `multiplier` times as often as the others. "none" = uniform
@@ -557,6 +564,9 @@ def check_run_config(cfg: RunConfig) -> None:
     if isinstance(cfg.loss, LDMLossConfig):
         if not 0.0 <= cfg.loss.caption_dropout <= 1.0:
             raise ValueError(f"config key loss.caption_dropout: must be in [0, 1], got {cfg.loss.caption_dropout}")
+        if not 0.0 <= cfg.loss.text_dropout <= 1.0 - cfg.loss.caption_dropout:
+            raise ValueError(f"config key loss.text_dropout: must be in [0, 1 - loss.caption_dropout], got "
+                             f"{cfg.loss.text_dropout}")
         if cfg.loss.min_snr_gamma < 0:
             raise ValueError(f"config key loss.min_snr_gamma: must be >= 0, got {cfg.loss.min_snr_gamma}")
         check_timestep_bias(cfg.loss, cfg.model.schedule.num_train_timesteps)
@@ -623,9 +633,9 @@ def check_data_sections(d: DataConfig) -> None:
         return
     if s.n < 1:
         raise ValueError(f"config key data.shapes.n: must be >= 1, got {s.n}")
-    if not 1 <= s.min_objects <= s.max_objects <= 3:
+    if not 1 <= s.min_objects <= s.max_objects <= MAX_OBJECTS:
         raise ValueError(f"config keys data.shapes.min_objects, data.shapes.max_objects: need 1 <= min <= max "
-                         f"<= 3, got {s.min_objects}, {s.max_objects}")
+                         f"<= {MAX_OBJECTS}, got {s.min_objects}, {s.max_objects}")
     if not 0.0 <= s.p_relation <= 1.0:
         raise ValueError(f"config key data.shapes.p_relation: must be in [0, 1], got {s.p_relation}")
 
@@ -656,6 +666,15 @@ def check_text_encoder_config(model: ModelConfig, train_text_encoder: bool) -> N
 def check_concat_config(cfg: RunConfig) -> None:
     """Value checks of model.concat and the data keys it uses; each error names its key."""
     d, kind = cfg.data, getattr(cfg.model, "concat", None)  # kind: checked by its `Literal` type when read
+    spatial = "a semantic-synthesis" if kind == "semantic" else "a layout" if getattr(
+        cfg.model, "conditioning", None) == "layout" else None
+    if spatial and cfg.stage == "ldm":
+        if d.kind != "shapes":
+            raise ValueError(f"config key data.kind: {spatial} model trains on the shapes world, whose every object "
+                             f"is known (data.kind = 'shapes'), not {d.kind!r}")
+        if d.flip:
+            raise ValueError(f"config key data.flip: {spatial} model trains without flips (they falsify 'left' and "
+                             "'right' in its captions); set data.flip = false")
     if d.inpaint is not None and not 0.0 <= d.inpaint.mask_full <= 1.0:
         raise ValueError(f"config key data.inpaint.mask_full: must be in [0, 1], got {d.inpaint.mask_full}")
     if d.lowres is None:
@@ -683,6 +702,9 @@ def derive_concat_inputs(m: ModelConfig, d: DataConfig) -> None:
             m.unet.num_classes = d.lowres_noise + 1
     elif m.concat == "inpaint":
         m.unet.in_channels = 2 * m.vae.latent_channels + 1
+    elif m.concat == "semantic":  # the shapes world's labels: background and the 8 shapes
+        m.semantic_labels = list(m.semantic_labels or LABELS)
+        m.unet.in_channels = m.vae.latent_channels + len(m.semantic_labels)
 
 
 def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | None) -> ModelConfig:
@@ -698,22 +720,31 @@ def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | 
     m.sample_size = cfg.data.size
     m.unet.in_channels = m.unet.out_channels = m.vae.latent_channels
     m.concat = m.concat if cfg.stage == "ldm" else None  # image concatenation: stage 2 only
-    if m.conditioning == "text":
+    if m.conditioning in ("text", "layout"):
         if m.text_encoder is None:
-            raise ValueError("config key model.conditioning: 'text' needs a [model.text_encoder] section")
+            raise ValueError(f"config key model.conditioning: {m.conditioning!r} needs a [model.text_encoder] section")
         m.text_encoder = resolve_text_encoder(m.text_encoder)  # kind "minilm": the fixed MiniLM architecture
         m.unet.context_dim = m.text_encoder.width
         m.unet.num_classes, m.class_names = None, None
+        if m.conditioning == "layout":  # the layout encoder: as wide as the prompt's context, the world's words
+            layout = m.unet.layout or LayoutConfig()
+            m.unet.layout = dataclasses.replace(layout, width=m.unet.context_dim,
+                                                vocabulary=tuple(layout.vocabulary or LAYOUT_WORDS))
+        else:
+            m.unet.layout = None
     elif m.conditioning == "class":
         if not class_names:
             raise ValueError(
                 f"config key model.conditioning: 'class' needs labelled data, and data.kind = {cfg.data.kind!r} "
                 "has no labels (use fashion_mnist or a folder of class sub-folders)"
             )
-        m.text_encoder, m.unet.context_dim = None, None
+        m.text_encoder, m.unet.context_dim, m.unet.layout = None, None, None
         m.unet.num_classes, m.class_names = len(class_names) + 1, list(class_names)
     else:
         m.text_encoder, m.unet.context_dim, m.unet.num_classes, m.class_names = None, None, None, None
+        m.unet.layout = None
+    if m.concat != "semantic":
+        m.semantic_labels = None
     if m.concat is not None:
         derive_concat_inputs(m, cfg.data)  # extra U-Net input channels (and the noise-level labels)
     factor = m.vae.downsample_factor * m.unet.downsample_factor

@@ -126,7 +126,7 @@ def build_dataset(cfg: DataConfig) -> torch.utils.data.Dataset:
 
         s = cfg.shapes
         return ShapesDataset(s.n, seed=cfg.seed, size=cfg.size, max_objects=s.max_objects,
-                             min_objects=s.min_objects, p_relation=s.p_relation)
+                             min_objects=s.min_objects, p_relation=s.p_relation, placement=s.placement)
     if cfg.kind == "fashion_mnist":
         from ..data.fashion_mnist import DEFAULT_ROOT, FashionMNIST
 
@@ -146,7 +146,8 @@ def describe_data(cfg: DataConfig, split: str = RANDOM_SPLIT) -> dict[str, Any]:
               **dataclasses.asdict(cfg.source)}
     out = {k: fields[k] for k in keys}
     if cfg.kind == "shapes":  # keys added later join only when set, so older runs keep their cache keys
-        out.update({k: fields[k] for k in ("min_objects", "p_relation") if fields[k] != getattr(ShapesData, k)})
+        out.update({k: fields[k] for k in ("min_objects", "p_relation", "placement")
+                    if fields[k] != getattr(ShapesData, k)})
     if cfg.kind == "folder":
         out["root"] = str(Path(cfg.folder.root).resolve())
     if split == RANDOM_SPLIT:

@@ -51,10 +51,11 @@ class DiffusionModel(nn.Module):
         self.unet, self.text_encoder = unet, text_encoder
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                layout: torch.Tensor | None = None) -> torch.Tensor:
         if ids is not None:
             context = self.text_encoder(ids, output_pooled=False).hidden  # (B, 77, width)
-        return self.unet(x, t, context=context, y=y)
+        return self.unet(x, t, context=context, y=y, layout=layout)  # a layout model's tokens: its layout_net
 
 
 def _draws(gens: list[torch.Generator], n_steps: int, shape: tuple[int, ...], views: int, offset: float,
@@ -144,6 +145,13 @@ class LDMStage:
         self.model = wrap_ddp(DiffusionModel(unet, te if train_te else None), env)
         self.pool = torch.arange(len(lat)).numpy()
         self.conditioner = conditioner_for(model_cfg)  # text, class or none: the condition of each micro-batch
+        self.rows: Any = lat  # what the conditioner reads of the training rows (captions, labels; layouts)
+        if self.conditioner.takes_layout:  # a layout model: each row's layout, and grids drawn from layouts
+            from .layout import LayoutSamples, layout_rows
+
+            self.rows = layout_rows(lat, data, model_cfg.unet.layout)
+            count = self.conditioner.preview_count(cfg.sample.prompts, cfg.sample.n_unconditional)
+            self.concat_in = LayoutSamples(self.rows, data, cfg.data.size, count if env.is_main else 0)
         for warning in ignored_sample_settings(self.conditioner, cfg.sample) if env.is_main else ():
             logger.warning(warning)
         self.text = text_cache.text_hook(self.tokenizer, te, trained=train_te, cache=text_emb, bf16=t.bf16)
@@ -185,7 +193,8 @@ class LDMStage:
         target = losses.diffusion_target(schedule.prediction_type, z0, r["noise"], abar).to(device)
         weights = losses.min_snr_weights(abar, lc.min_snr_gamma, schedule.prediction_type).to(device)
         dropped = r["drop"] < lc.caption_dropout
-        kwargs = self.conditioner.batch(rows, dropped, lat, device, self.text)  # dropped: the null condition
+        text_dropped = r["drop"] < lc.caption_dropout + lc.text_dropout  # layout models: the prompt alone too
+        kwargs = self.conditioner.batch(rows, dropped, self.rows, device, self.text, text_dropped)  # dropped: null
         x_t = self.concat_in.apply(x_t, kwargs, rows, r["view"], gens, device)  # cat(x_t, c) for SR / inpainting
         with dist.maybe_no_sync(self.model, not sync):
             with autocast(device, t.bf16):

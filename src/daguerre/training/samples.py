@@ -171,7 +171,7 @@ def ignored_sample_settings(conditioner: Conditioner, sample: SampleConfig) -> l
     without class labels. The defaults are never warned about."""
     default = SampleConfig()
     out = []
-    concat = conditioner.concat.kind is not None
+    concat = conditioner.concat.kind is not None or conditioner.takes_layout  # grids of training images
     given = sample.prompts != default.prompts and any(p.strip() for p in sample.prompts)
     if given and (concat or not conditioner.takes_prompt):
         shown = ("the first training images with their own captions (only the number of prompts counts)" if concat
@@ -186,5 +186,6 @@ def ignored_sample_settings(conditioner: Conditioner, sample: SampleConfig) -> l
 
 
 def _kind(conditioner: Conditioner) -> str:
-    what = {"text": "text-conditional", "class": "class-conditional", "none": "unconditional"}[conditioner.kind]
+    what = {"text": "text-conditional", "class": "class-conditional", "none": "unconditional",
+            "layout": "layout-to-image"}[conditioner.kind]
     return what + (f" {conditioner.concat.kind} (image-concatenation)" if conditioner.concat.kind else "")
