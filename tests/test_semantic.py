@@ -59,6 +59,9 @@ def test_free_placement_keeps_boxes_inside_and_apart_and_takes_four_objects():
         assert len(scene.objects) == 4
         for obj in scene.objects:
             assert 0 <= obj.bbox[0] < obj.bbox[2] <= 1 and 0 <= obj.bbox[1] < obj.bbox[3] <= 1
+    # four large objects, two in a relation: placed one at a time they fit (drawn all at once: 2000 misses)
+    scene = sample_scene(np.random.default_rng((0, 114)), max_objects=4, placement="free")
+    assert [o.size for o in scene.objects] == ["large"] * 4 and scene.relation is not None
     with pytest.raises(ValueError, match="max_objects <= 4"):
         sample_scene(rng, max_objects=5)
     with pytest.raises(ValueError, match="unknown placement 'wild'"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,8 @@ RELATIONS = ("above", "below", "to the left of", "to the right of")
 INVERSE_RELATION = {"above": "below", "below": "above", "to the left of": "to the right of",
                     "to the right of": "to the left of"}
 MAX_LAYOUT_TRIES = 2000
+MAX_SIZE_DRAWS = 10  # sizes drawn again when no layout fits them
+FREE_TRIES = 200  # free placement: draws of one object's place among those placed before it
 MAX_OBJECTS = 4  # objects per scene (captioned datasets have used 1-3; layout models train on 1-4)
 PLACEMENTS = ("grid", "free")  # centres on the 3x3 grid with jitter, or anywhere the box fits in the image
 SUPERSAMPLE = 4  # draw at 4x, then average 4x4 blocks
@@ -182,7 +185,8 @@ def sample_scene(rng: np.random.Generator, *, min_objects: int = 1, max_objects:
     unambiguously. The layout puts objects in distinct grid cells with jitter (`placement` "grid"), or
     their centres anywhere the box stays inside the image ("free": the region named is the nearest grid
     cell's), and is redrawn until every two boxes are `MIN_GAP` apart and the relation (if any) holds
-    with `RELATION_GAP`.
+    with `RELATION_GAP`; free objects are placed one at a time (`_free_layout`). Should `MAX_LAYOUT_TRIES` find
+    no layout (four large objects and a relation on the grid), the sizes are drawn again.
     """
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
@@ -200,23 +204,44 @@ def sample_scene(rng: np.random.Generator, *, min_objects: int = 1, max_objects:
     relation = None
     if n >= 2 and rng.random() < p_relation:
         relation = Relation(0, RELATIONS[rng.integers(len(RELATIONS))], 1)
-    for _ in range(MAX_LAYOUT_TRIES):
-        if placement == "free":
-            objects = tuple(_free_object(shape, colour, size, rng) for (shape, colour), size in zip(kinds, sizes,
-                                                                                                   strict=True))
+    for _ in range(MAX_SIZE_DRAWS):
+        for _ in range(MAX_LAYOUT_TRIES):
+            if placement == "free":
+                objects = _free_layout(kinds, sizes, relation, rng)
+            else:
+                cells = rng.choice(len(REGIONS), size=n, replace=False)
+                jitter = rng.uniform(-JITTER, JITTER, size=(n, 2))
+                objects = tuple(
+                    _make_object(shape, colour, size, int(c), (GRID[c % 3] + jx, GRID[c // 3] + jy))
+                    for (shape, colour), size, c, (jx, jy) in zip(kinds, sizes, cells, jitter.tolist(), strict=True)
+                )
+            if objects is not None and _fits(objects, relation):
+                return Scene(objects, background, relation)
+        sizes = [SIZES[k] for k in rng.integers(len(SIZES), size=n)]
+    raise RuntimeError(f"no layout found in {MAX_SIZE_DRAWS} x {MAX_LAYOUT_TRIES} tries for {kinds} {relation}")
+
+
+def _fits(objects: Sequence[ShapeObject], relation: Relation | None) -> bool:
+    """Every two boxes `MIN_GAP` apart, and the relation (if any, and both its objects placed) true."""
+    return all(_gap(a, b) >= MIN_GAP for a, b in itertools.combinations(objects, 2)) and (
+        relation is None or len(objects) <= max(relation.subject, relation.object)
+        or relation_holds(objects[relation.subject], objects[relation.object], relation.relation, RELATION_GAP))
+
+
+def _free_layout(kinds: list[tuple[str, str]], sizes: list[str], relation: Relation | None,
+                 rng: np.random.Generator) -> tuple[ShapeObject, ...] | None:
+    """Objects placed one at a time, each anywhere it fits beside those before it (`FREE_TRIES` draws each);
+    None when one finds no place."""
+    objects: list[ShapeObject] = []
+    for (shape, colour), size in zip(kinds, sizes, strict=True):
+        for _ in range(FREE_TRIES):
+            obj = _free_object(shape, colour, size, rng)
+            if _fits([*objects, obj], relation):
+                objects.append(obj)
+                break
         else:
-            cells = rng.choice(len(REGIONS), size=n, replace=False)
-            jitter = rng.uniform(-JITTER, JITTER, size=(n, 2))
-            objects = tuple(
-                _make_object(shape, colour, size, int(c), (GRID[c % 3] + jx, GRID[c // 3] + jy))
-                for (shape, colour), size, c, (jx, jy) in zip(kinds, sizes, cells, jitter.tolist(), strict=True)
-            )
-        if all(_gap(a, b) >= MIN_GAP for a, b in itertools.combinations(objects, 2)) and (
-            relation is None
-            or relation_holds(objects[relation.subject], objects[relation.object], relation.relation, RELATION_GAP)
-        ):
-            return Scene(objects, background, relation)
-    raise RuntimeError(f"no layout found in {MAX_LAYOUT_TRIES} tries for {kinds} {sizes} {relation}")
+            return None
+    return tuple(objects)
 
 
 def _free_object(shape: str, colour: str, size: str, rng: np.random.Generator) -> ShapeObject:
