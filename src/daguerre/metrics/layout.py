@@ -1,0 +1,344 @@
+"""Judging layout-to-image and semantic-synthesis models on the shapes world (issue 18, docs/layout.md).
+
+The shapes world draws flat colours on a plain black or white background, so its objects are found in an image
+by segmentation by colour, without a learnt judge: every pixel takes the world colour it shows over the
+background (`classify_colours`: edge pixels unmixed from the background); an object of colour c is the
+8-connected region of c's pixels that overlaps its intended box (or map region) most (`locate`). Its box is that
+region's bounding box; its shape the shape whose outline, drawn into that box as the world draws it
+(`data.shapes.shape_mask`), matches the region best (mask IoU, on a `FIT_SIZE` grid over the box).
+
+- A layout model draws held-out scenes from their layouts (phrase and box of each object): per object the IoU
+  of the found box with the given one, and whether it is right (`IOU_RIGHT` or more, and the right shape; its
+  colour is right by construction, as it was found by colour). Issue 18's targets: mean box IoU >= 0.75, >= 90%
+  of the objects right.
+- A semantic model draws held-out scenes from their maps (at the training size, or `scale` times it) and
+  captions (which name each object's colour): the predicted map labels each found object's pixels with its
+  found shape; the score is the mean IoU over the labels in either map (background included). Targets: >= 0.8
+  at the training size, >= 0.7 at 4x.
+- Beside each score stands the judge's own ceiling: the same score of the world's drawing of each scene (box
+  edges fall inside pixels, and at 64x64 a small cross is a few pixels wide).
+
+The scenes are the model's held-out split of its training data (`data.split.holdout_split` with its
+`data.holdout` and `data.seed`, from the run config its file records), so the model never trained on them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..components import Components
+from ..conditioning import conditioner_for
+from ..data.layout import LabelMap, LayoutObject, draw_layout, parse_layout
+from ..data.shapes import COLOURS, LABELS, SHAPES, ShapesDataset, render, render_labels, shape_mask
+from ..data.split import holdout_split
+
+IOU_RIGHT = 0.5  # an object is in its box when the found box overlaps the given one this much (and the shape fits)
+MAX_COLOUR_DISTANCE = 60.0  # RGB distance from a colour's mixing line with the background beyond which a pixel is
+# not that colour (the world's colours are 100 or more apart)
+MIN_COVERAGE = 0.25  # an edge pixel belongs to an object it is at least a quarter covered by
+MIN_CONTRAST = 40.0  # a colour this close to the background is no object colour on it
+MAP_COVERAGE = 0.5  # a predicted map labels the pixels an object covers at least half of, as render_labels does
+FIT_SIZE = 48  # the largest grid a found region is compared with each shape on
+GRID_ITEMS = 8  # scenes shown in the report's grid
+COLOUR_NAMES = tuple(COLOURS)
+COLOUR_TABLE = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)  # (12, 3)
+
+
+# --- finding objects ------------------------------------------------------------------------------------
+
+def background_of(image: np.ndarray) -> np.ndarray:
+    """The plain background's colour: the per-channel median of the image (objects cover far less than half)."""
+    return np.median(image.reshape(-1, 3).astype(np.float32), axis=0)
+
+
+def classify_colours(image: np.ndarray, min_coverage: float = MIN_COVERAGE) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) int: the index in `COLOUR_NAMES` of the world colour each pixel shows over the
+    background, -1 for the background. An edge pixel is a mix a c + (1 - a) bg of an object's colour c and the
+    background; a pixel is c's when c explains it best (the smallest distance to the line bg -> c) with a coverage
+    a of at least `min_coverage` and that distance at most `MAX_COLOUR_DISTANCE`. Thin parts (a star's tips) so
+    stay with their object, where nearest-colour classification would give them to the background."""
+    p = image.astype(np.float32)[..., None, :] - (bg := background_of(image))  # (H, W, 1, 3)
+    d = COLOUR_TABLE - bg  # (12, 3): each colour's direction from the background
+    norm = (d * d).sum(-1)
+    usable = norm > MIN_CONTRAST**2  # the background's own colour is no object colour
+    a = np.clip((p * d).sum(-1) / np.maximum(norm, 1e-6), 0.0, 1.0)  # (H, W, 12) coverage
+    residual = np.linalg.norm(p - a[..., None] * d, axis=-1)  # distance to the mixing line
+    residual = np.where(usable & (a >= min_coverage), residual, np.inf)
+    best = residual.argmin(-1)
+    return np.where(np.take_along_axis(residual, best[..., None], -1)[..., 0] <= MAX_COLOUR_DISTANCE, best, -1)
+
+
+def components(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool -> (H, W) int64 labels of its 8-connected regions (0 outside the mask; region ids arbitrary),
+    by propagating the largest pixel id through each region (3x3 max pooling until nothing changes)."""
+    m = torch.from_numpy(mask)
+    ids = torch.where(m, torch.arange(1, m.numel() + 1).view(m.shape), 0).double()[None, None]
+    keep = m[None, None]
+    while True:
+        grown = torch.where(keep, torch.nn.functional.max_pool2d(ids, 3, 1, 1), torch.zeros(()).double())
+        if torch.equal(grown, ids):
+            return ids[0, 0].long().numpy()
+        ids = grown
+
+
+def box_of(region: np.ndarray) -> tuple[float, float, float, float]:
+    """The bounding box (x0, y0, x1, y1) in [0, 1] of the True pixels of an (H, W) mask (pixel edges)."""
+    h, w = region.shape
+    ys, xs = np.nonzero(region)
+    return float(xs.min()) / w, float(ys.min()) / h, float(xs.max() + 1) / w, float(ys.max() + 1) / h
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes (x0, y0, x1, y1)."""
+    iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, iw) * max(0.0, ih)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 0.0
+
+
+@dataclass
+class Found:
+    """An object found in an image: its pixels, their box, and the shape that fits them best."""
+
+    region: np.ndarray  # (H, W) bool
+    box: tuple[float, float, float, float]
+    shape: str
+    fit: float  # mask IoU of the region with that shape drawn into the box
+
+
+@functools.lru_cache(maxsize=256)
+def _templates(width: int, height: int) -> dict[str, np.ndarray]:
+    """Each shape drawn to fill a `width` x `height` pixel box, as the world draws it."""
+    return {s: shape_mask(s, (0.0, 0.0, 1.0, 1.0), width, height) for s in SHAPES}
+
+
+def fit_shape(region: np.ndarray, box: tuple[float, float, float, float]) -> tuple[str, float]:
+    """The shape (of `SHAPES`) whose outline drawn into `box` matches `region` best, and that match (mask IoU):
+    the region's pixels in the box against each shape drawn to fill the box's pixels (at most `FIT_SIZE` a side;
+    a larger box is compared on a FIT_SIZE grid, each cell the region's pixel at its centre)."""
+    h, w = region.shape
+    x0, y0, x1, y1 = round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)
+    bw, bh = min(x1 - x0, FIT_SIZE), min(y1 - y0, FIT_SIZE)
+    ys = y0 + ((np.arange(bh) + 0.5) * (y1 - y0) / bh).astype(int)
+    xs = x0 + ((np.arange(bw) + 0.5) * (x1 - x0) / bw).astype(int)
+    cells = region[np.ix_(np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1))]
+    best = max((mask_iou(cells, t), s) for s, t in _templates(bw, bh).items())
+    return best[1], best[0]
+
+
+def locate(colours: np.ndarray, colour: str, where: np.ndarray) -> Found | None:
+    """The object of `colour` meant to be in `where` ((H, W) bool: its box or map region): the region of that
+    colour's pixels overlapping `where` most (the largest region of the colour when none overlaps); None when the
+    image has no pixel of the colour."""
+    regions = components(colours == COLOUR_NAMES.index(colour))
+    ids, sizes = np.unique(regions[regions > 0], return_counts=True)
+    if len(ids) == 0:
+        return None
+    overlap = np.array([int((where & (regions == i)).sum()) for i in ids])
+    pick = ids[np.lexsort((sizes, overlap))[-1]]  # most overlap, then the largest
+    region = regions == pick
+    box = box_of(region)
+    shape, fit = fit_shape(region, box)
+    return Found(region, box, shape, fit)
+
+
+def box_mask(box: Sequence[float], width: int, height: int) -> np.ndarray:
+    """(height, width) bool of the pixels whose centres lie in `box`."""
+    xs, ys = (np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height
+    return ((ys[:, None] >= box[1]) & (ys[:, None] < box[3])) & ((xs[None] >= box[0]) & (xs[None] < box[2]))
+
+
+# --- scoring one image ------------------------------------------------------------------------------------
+
+def object_colour(phrase: str) -> str | None:
+    """The world colour a layout phrase names ("grey" is gray), or None."""
+    words = ["gray" if w == "grey" else w for w in phrase.lower().split()]
+    return next((w for w in words if w in COLOURS), None)
+
+
+def object_shape(phrase: str) -> str | None:
+    return next((w for w in phrase.lower().split() if w in SHAPES), None)
+
+
+def score_layout(image: Image.Image, objects: Sequence[LayoutObject]) -> list[dict[str, Any]]:
+    """Per object of the layout: the box found (or None), its IoU with the given box, the shape found, right."""
+    arr = np.asarray(image.convert("RGB"))
+    h, w = arr.shape[:2]
+    colours = classify_colours(arr)
+    out = []
+    for obj in objects:
+        colour, shape = object_colour(obj.phrase), object_shape(obj.phrase)
+        if colour is None or shape is None:
+            raise ValueError(f"layout phrase {obj.phrase!r} names no shapes-world colour and shape to look for")
+        found = locate(colours, colour, box_mask(obj.box, w, h))
+        iou = box_iou(found.box, obj.box) if found is not None else 0.0
+        out.append({"phrase": obj.phrase, "box": list(obj.box), "found_box": list(found.box) if found else None,
+                    "iou": iou, "found_shape": found.shape if found else None,
+                    "right": bool(found is not None and iou >= IOU_RIGHT and found.shape == shape)})
+    return out
+
+
+def predicted_map(image: Image.Image, target: np.ndarray, colours_of: Sequence[tuple[str, int]]) -> np.ndarray:
+    """The semantic map an image shows: each object (colour, its label in `target`) found by colour where the
+    target map puts it, its pixels labelled with the shape that fits them; background elsewhere."""
+    arr = np.asarray(image.convert("RGB"))
+    colours = classify_colours(arr, MAP_COVERAGE)
+    pred = np.zeros(arr.shape[:2], np.uint8)
+    for colour, label in colours_of:
+        found = locate(colours, colour, target == label)
+        if found is not None:
+            pred[found.region] = LABELS.index(found.shape)
+    return pred
+
+
+def mean_iou(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean over the labels in either map of their pixel IoU."""
+    labels = np.union1d(np.unique(pred), np.unique(target))
+    return float(np.mean([mask_iou(pred == k, target == k) for k in labels]))
+
+
+# --- the evaluation ---------------------------------------------------------------------------------------
+
+@dataclass
+class SpatialResult:
+    report: dict[str, Any]
+    grid: Image.Image
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+
+def held_out_scenes(config: Any, n: int, size: int | None = None) -> tuple[ShapesDataset, list[int], dict]:
+    """(the model's training dataset of shapes scenes at `size`, the first `n` held-out indices, the data record):
+    read from the run config the model file records; a model not trained on the shapes world is refused."""
+    run = (config.provenance or {}).get("run_config") or {}
+    data = run.get("data") or {}
+    shapes = data.get("shapes") or {}
+    if data.get("kind") != "shapes" or not shapes:
+        raise ValueError(f"model {config.name!r} does not record training on the shapes world: layout and map "
+                         "scores need scenes whose every object is known")
+    dataset = ShapesDataset(int(shapes["n"]), seed=int(data.get("seed", 0)), size=size or int(data["size"]),
+                            max_objects=int(shapes.get("max_objects", 3)),
+                            min_objects=int(shapes.get("min_objects", 1)),
+                            p_relation=float(shapes.get("p_relation", 0.5)),
+                            placement=str(shapes.get("placement", "grid")))
+    holdout = min(int(data.get("holdout", 0)), dataset.n // 2)
+    _, held = holdout_split(dataset.n, holdout, int(data.get("seed", 0)))
+    if len(held) < n:
+        raise ValueError(f"model {config.name!r} held out {len(held)} scenes; ask for at most that many (--n)")
+    return dataset, [int(i) for i in held[:n]], {"n": dataset.n, "seed": dataset.seed, "holdout": holdout,
+                                                 "placement": dataset.placement}
+
+
+def evaluate_spatial(components: Components, n: int, seed: int, sampling: dict[str, Any], *, scale: int = 1,
+                     prompt: str = "background", progress: Callable[[int], None] | None = None) -> SpatialResult:
+    """Generate and score `n` held-out scenes of a layout model (from their layouts) or a semantic model (from
+    their maps at `scale` times the training size); image i uses seed `seed + i`. `prompt` (layout models):
+    "background" ("on a white background"), "caption" (the scene's caption) or "none"."""
+    from ..pipelines.request import GenerationRequest
+    from ..pipelines.txt2img import txt2img
+
+    config = components.config
+    conditioner = conditioner_for(config)
+    semantic = conditioner.concat.takes_map
+    if not (semantic or conditioner.takes_layout):
+        raise ValueError(f"model {config.name!r} draws neither from a layout nor from a semantic map")
+    if prompt not in ("background", "caption", "none"):
+        raise ValueError(f"unknown layout prompt {prompt!r}; choose background, caption or none")
+    if not (isinstance(scale, int) and 1 <= scale <= 8):
+        raise ValueError(f"map scale must be a whole number in [1, 8], got {scale!r}")
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    base = config.sample_size
+    size = base * scale if semantic else base
+    dataset, indices, record = held_out_scenes(config, n, base)
+    items, shown = [], []
+    for k, i in enumerate(indices):
+        scene, caption = dataset.sample(i)
+        fields = {**sampling, "seed": seed + k}
+        truth = render(scene, size)  # the world's own drawing: what the judge scores at best (the ceiling)
+        if semantic:
+            target = render_labels(scene, size)
+            req = GenerationRequest(prompt=caption, semantic_map=LabelMap.from_array(target), width=size, height=size,
+                                    **fields)
+            image = txt2img(components, req.validate(config))[0].image
+            colours = [(o.colour, LABELS.index(o.shape)) for o in scene.objects]
+            pred = predicted_map(image, target, colours)
+            items.append({"index": i, "caption": caption, "mean_iou": mean_iou(pred, target),
+                          "pixel_accuracy": float((pred == target).mean()),
+                          "ceiling": mean_iou(predicted_map(truth, target, colours), target)})
+            shown += [LabelMap.from_array(target).image().convert("RGB"), image,
+                      LabelMap.from_array(pred).image().convert("RGB")]
+        else:
+            objects = parse_layout([{"phrase": p, "box": list(b)} for p, b in dataset.layout(i)], f"scene {i}")
+            text = {"background": f"on a {scene.background} background", "caption": caption, "none": ""}[prompt]
+            req = GenerationRequest(prompt=text, layout=objects, **fields)
+            image = txt2img(components, req.validate(config))[0].image
+            ceiling = score_layout(truth, objects)
+            items.append({"index": i, "prompt": text, "objects": score_layout(image, objects),
+                          "ceiling": {"mean_box_iou": float(np.mean([o["iou"] for o in ceiling])),
+                                      "right": sum(o["right"] for o in ceiling)}})
+            shown += [draw_layout(objects, image.width, image.height), image]
+        if progress is not None:
+            progress(1)
+    report = {"kind": "semantic map" if semantic else "layout", "scenes": record, "n": n, "seed": seed,
+              "sampling": sampling, "items": items}
+    if semantic:
+        ious = np.array([it["mean_iou"] for it in items])
+        report.update(scale=scale, size=size, mean_iou=float(ious.mean()),
+                      mean_iou_se=float(ious.std(ddof=1) / math.sqrt(len(ious))) if len(ious) > 1 else 0.0,
+                      pixel_accuracy=float(np.mean([it["pixel_accuracy"] for it in items])),
+                      ceiling={"mean_iou": float(np.mean([it["ceiling"] for it in items]))})
+    else:
+        objs = [o for it in items for o in it["objects"]]
+        ious = np.array([o["iou"] for o in objs])
+        right = np.array([o["right"] for o in objs], dtype=float)
+        report.update(prompt=prompt, objects=len(objs), mean_box_iou=float(ious.mean()),
+                      object_accuracy=float(right.mean()),
+                      object_accuracy_se=float(math.sqrt(right.mean() * (1 - right.mean()) / len(right))),
+                      per_count=_per_count(items),
+                      ceiling={"mean_box_iou": float(np.mean([it["ceiling"]["mean_box_iou"] for it in items])),
+                               "object_accuracy": sum(it["ceiling"]["right"] for it in items) / len(objs)})
+    from ..pipelines.images import make_grid
+
+    cols = 3 if semantic else 2
+    grid = make_grid(shown[:GRID_ITEMS * cols], cols=cols)
+    return SpatialResult(report, grid, items)
+
+
+def _per_count(items: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Layout scores by the number of objects in the scene."""
+    out: dict[str, dict[str, float]] = {}
+    for count in sorted({len(it["objects"]) for it in items}):
+        objs = [o for it in items if len(it["objects"]) == count for o in it["objects"]]
+        out[str(count)] = {"objects": len(objs), "mean_box_iou": float(np.mean([o["iou"] for o in objs])),
+                           "object_accuracy": float(np.mean([o["right"] for o in objs]))}
+    return out
+
+
+def format_spatial(report: dict[str, Any]) -> str:
+    """The report's headline numbers as a few lines of text."""
+    if report["kind"] == "semantic map":
+        return (f"semantic maps at {report['size']}x{report['size']} ({report['scale']}x), {report['n']} held-out "
+                f"scenes: mean IoU {report['mean_iou']:.3f} +- {report['mean_iou_se']:.3f}, pixel accuracy "
+                f"{report['pixel_accuracy']:.3f} (the judge on the world's own drawings: "
+                f"{report['ceiling']['mean_iou']:.3f})")
+    c = report["ceiling"]
+    lines = [f"layouts, {report['n']} held-out scenes ({report['objects']} objects, prompt: {report['prompt']}): "
+             f"mean box IoU {report['mean_box_iou']:.3f}, objects right {report['object_accuracy']:.1%} +- "
+             f"{report['object_accuracy_se']:.1%} (the judge on the world's own drawings: {c['mean_box_iou']:.3f}, "
+             f"{c['object_accuracy']:.1%})"]
+    lines += [f"  {k} object(s): {v['objects']} objects, mean box IoU {v['mean_box_iou']:.3f}, right "
+              f"{v['object_accuracy']:.1%}" for k, v in report["per_count"].items()]
+    return "\n".join(lines)
