@@ -206,6 +206,10 @@ def test_a_tiny_layout_model_trains_and_draws_layouts_from_the_cli(tmp_path, vae
     assert grid.size[1] > 4 * 32  # rows: layout, with caption, layout alone, training image
     comps = load_model(path)
     assert comps.config.conditioning == "layout" and comps.config.unet.layout.vocabulary == LAYOUT_WORDS
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    assert "layout:          up to 4 objects of up to 4 words, corners on a 32x32 grid; words: a an big" in \
+        capsys.readouterr().out
     (tmp_path / "l.json").write_text(json.dumps([{"phrase": "a red circle", "box": [0.1, 0.1, 0.45, 0.45]}]))
     out = tmp_path / "a.png"
     argv = ["generate", "on a white background", "--layout", str(tmp_path / "l.json"), "--box",

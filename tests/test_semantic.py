@@ -201,6 +201,9 @@ def test_a_tiny_semantic_model_trains_and_draws_maps_from_the_cli(tmp_path, vae_
     comps = load_model(path)
     assert comps.config.concat == "semantic" and comps.config.semantic_labels == list(LABELS)
     assert comps.config.unet.in_channels == 4 + len(LABELS)
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    assert "map labels:      background #000000, circle #800000, square #008000" in capsys.readouterr().out
     semantic = LabelMap.from_array(render_labels(sample_scene(np.random.default_rng(4), max_objects=4), 32))
     semantic.image().save(tmp_path / "map.png")
     out = tmp_path / "a.png"

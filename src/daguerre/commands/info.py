@@ -84,6 +84,14 @@ def format_info(info: dict) -> str:
         lines.append("text encoder:    none")
     if info["config"].get("conditioning") == "class":  # what `generate --class NAME_OR_INDEX` takes
         lines.append(f"classes:         {format_classes(info['config'])}")
+    layout = (info["config"].get("unet") or {}).get("layout")
+    if layout:  # what `generate --layout / --box` takes (docs/layout.md)
+        lines.append(f"layout:          up to {layout['max_objects']} objects of up to {layout['phrase_words']} words, "
+                     f"corners on a {layout['grid']}x{layout['grid']} grid; words: {' '.join(layout['vocabulary'])}")
+    if info["config"].get("semantic_labels"):  # what `generate --semantic MAP.png` takes: the palette
+        from ..data.layout import palette_legend
+
+        lines.append(f"map labels:      {palette_legend(info['config']['semantic_labels'])}")
     lines.append(
         f"parameters:      U-Net {human_count(p['unet'])}, VAE {human_count(p['vae'])}, "
         f"text encoder {human_count(p['text_encoder'])}, total {human_count(p['total'])} ({p['total']:,})"
