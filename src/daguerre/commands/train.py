@@ -38,6 +38,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="run config: a shipped config's name (daguerre train --list-configs) or a TOML file; "
                    "default: built-in defaults")
     p.add_argument("--out", "-o", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--data", default=None, metavar="FOLDER",
+                   help="train on this image folder: short for --set data.kind=folder --set data.folder.root=FOLDER")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=2e-4 --set data.folder.root=photos (repeatable)")
@@ -85,11 +87,24 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     zero.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON to FILE")
 
 
+def _data_overrides(args: argparse.Namespace) -> list[str]:
+    """`--data FOLDER` as the two `--set` items it stands for (given first, so an explicit --set still wins)."""
+    folder = getattr(args, "data", None)
+    if not folder:
+        return []
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"--data {folder}: no such folder; give the folder of your images")
+    return ["data.kind=folder", f"data.folder.root={folder}"]
+
+
 def _out_dir(args: argparse.Namespace) -> Path:
     if args.out:
         return Path(args.out)
-    name = Path(args.config).stem if args.config else f"{args.stage}_run"
-    return DEFAULT_RUNS / name
+    if not args.config:
+        return DEFAULT_RUNS / f"{args.stage}_run"
+    from ..training.config import resolve_config
+
+    return DEFAULT_RUNS / resolve_config(args.config, args.stage).stem  # `photos32` of stage vae: runs/photos32_vae
 
 
 def list_configs() -> str:
@@ -117,6 +132,8 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
     words += [args.stage]
     if args.config:
         words += ["--config", args.config]
+    if getattr(args, "data", None):
+        words += ["--data", args.data]
     words += ["--out", str(out)]
     if getattr(args, "vae", None):
         words += ["--vae", args.vae]
@@ -217,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..training.config import load_run_config
 
-    overrides = list(args.overrides) + ([f"train.init_from={args.init}"] if args.init else [])
+    overrides = _data_overrides(args) + list(args.overrides) + ([f"train.init_from={args.init}"] if args.init else [])
     cfg = load_run_config(args.config, args.stage, overrides)
     out = _out_dir(args)
     try:

@@ -411,13 +411,19 @@ def shipped_configs() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}
 
 
-def resolve_config(spec: str | Path) -> Path:
-    """The file `--config SPEC` means: a shipped config when SPEC is a name (no `/`, no suffix), else a path."""
+def resolve_config(spec: str | Path, stage: str | None = None) -> Path:
+    """The file `--config SPEC` means: a shipped config when SPEC is a name (no `/`, no suffix), else a path.
+
+    A recipe's name stands for its config of the stage being trained: with `stage="vae"`, `photos32` is
+    `photos32_vae` (and `photos32_ldm` for stage 2) when no config is called `photos32` itself.
+    """
     text = str(spec)
     shipped = shipped_configs()
     if "/" not in text and "\\" not in text and not Path(text).suffix:
         if text in shipped:
             return shipped[text]
+        if stage is not None and f"{text}_{stage}" in shipped:
+            return shipped[f"{text}_{stage}"]
         if Path(text).is_file():  # a file of the user's without a suffix
             return Path(text)
         close = difflib.get_close_matches(text, list(shipped), n=1)
@@ -464,7 +470,7 @@ def load_run_config(
     """
     table: dict[str, Any] = {}
     if path is not None:
-        path = resolve_config(path)
+        path = resolve_config(path, stage)
     if path is not None and path.suffix == ".json":
         return _load_resolved(path, stage, overrides)
     if path is not None:
@@ -627,7 +633,7 @@ def check_data_sections(d: DataConfig) -> None:
     if d.folder is not None:
         if not d.folder.root:
             raise ValueError("config key data.folder.root: a folder dataset needs [data.folder] root = the image "
-                             "folder")
+                             "folder (or `daguerre train ... --data FOLDER`)")
     s = d.shapes
     if s is None:
         return
@@ -652,6 +658,9 @@ def check_timestep_bias(lc: LDMLossConfig, n_steps: int) -> None:
                          f"{n_steps} (the training timesteps), got {lc.timestep_bias_begin}, {lc.timestep_bias_end}")
 
 
+CLIP_CONTEXT = 77  # a CLIP-style text encoder's window: prompts are tokenized in chunks of 75 + start and end
+
+
 def check_text_encoder_config(model: ModelConfig, train_text_encoder: bool) -> None:
     """A run's text-encoder choice: a pretrained (frozen) kind only with loss.train_text_encoder off (the kind
     itself is checked by its `Literal` type when the config is read)."""
@@ -661,6 +670,10 @@ def check_text_encoder_config(model: ModelConfig, train_text_encoder: bool) -> N
     if t.frozen and train_text_encoder:
         raise ValueError(f"config key loss.train_text_encoder: the pretrained {t.kind!r} text encoder is frozen; "
                          "set loss.train_text_encoder = false")
+    if not t.frozen and t.max_length != CLIP_CONTEXT:
+        raise ValueError(f"config key model.text_encoder.max_length: a CLIP-style text encoder reads prompts in "
+                         f"{CLIP_CONTEXT}-token windows (as Stable Diffusion's), got {t.max_length}; remove the key "
+                         f"(it is only for a frozen pretrained kind such as 'minilm')")
 
 
 def check_concat_config(cfg: RunConfig) -> None:
