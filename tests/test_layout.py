@@ -227,3 +227,20 @@ def test_a_tiny_layout_model_trains_and_draws_layouts_from_the_cli(tmp_path, vae
     assert main([*argv[:4], "--box", "a red circle:0.6,0.1,0.5,0.4", *argv[6:], "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "box [0.6, 0.1, 0.5, 0.4] is empty" in err
+
+
+def test_a_model_files_layout_and_label_settings_are_bounded_before_anything_is_built():
+    from daguerre.config import ModelConfig
+
+    base = preset("tiny").to_dict()
+    layout = {"vocabulary": ["red", "circle"], "max_objects": 4, "phrase_words": 4, "grid": 64, "width": 32,
+              "layers": 1, "heads": 2, "mlp_dim": 64}
+    ModelConfig.from_dict({**base, "unet": {**base["unet"], "layout": layout}})  # sane: read
+    for change, message in (({"max_objects": 100_000}, "unet.layout.max_objects: 100000 is out of range"),
+                            ({"grid": 10**9}, "unet.layout.grid"),
+                            ({"vocabulary": ["red", "red"]}, "each once"),
+                            ({"heads": 3}, "divisible by its heads")):
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_dict({**base, "unet": {**base["unet"], "layout": {**layout, **change}}})
+    with pytest.raises(ValueError, match="semantic_labels: 300 labels"):
+        ModelConfig.from_dict({**base, "semantic_labels": ["x"] * 300})
