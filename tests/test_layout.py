@@ -97,6 +97,7 @@ def test_the_shapes_layouts_are_the_scenes_boxes_with_phrases_of_the_vocabulary(
     data = ShapesDataset(20, max_objects=4, placement="free")
     for i in range(20):
         scene, _ = data.sample(i)
+        assert data.scene(i) == scene  # drawn without its caption
         layout = data.layout(i)
         assert [b for _, b in layout] == [o.bbox for o in scene.objects]
         for (phrase, _), obj in zip(layout, scene.objects, strict=True):

@@ -224,3 +224,35 @@ def test_a_tiny_semantic_model_trains_and_draws_maps_from_the_cli(tmp_path, vae_
     assert main([*argv[:2], "--semantic", str(tmp_path / "bad.png"), *argv[4:], "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "colours that name no label: #010203" in err
+
+
+def test_a_semantic_run_may_start_from_a_text_model_and_its_own_autoencoder(tmp_path):
+    """`--init MODEL` with `--vae MODEL`: the model's own file is the autoencoder, and the U-Net's input grows by
+    the map's channels, which start at zero, so the grown network computes what the model did."""
+    from daguerre.checkpoints import save_model
+    from daguerre.models.unet import UNetModel
+    from daguerre.training.init import init_ldm
+    from daguerre.weights.io import file_hash
+
+    vae = derive_model_config(load_run_config(CONFIGS / "tiny_vae.toml", "vae"), 3, None).vae
+    text_cfg = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm")
+    text_cfg.model.vae = vae
+    source = build_components(derive_model_config(text_cfg, 3, None), seed=1)
+    for p in source.unet.parameters():  # zero-initialised output layers would make every U-Net equal
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    source.config.provenance = {"vae_sha256": "0" * 64}  # trained on another file's autoencoder
+    path = tmp_path / "text.safetensors"
+    save_model(source, path)
+    model = _semantic_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNetModel(model.unet).eval()
+    with pytest.raises(ValueError, match="not on this run's --vae"):
+        init_ldm(path, unet, None, "1" * 64)
+    record = init_ldm(path, unet, None, file_hash(path))  # --vae is the model file itself: accepted
+    assert record["new_tensors"]["unet"] == 0
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([300]), torch.randn(1, 5, 32)
+    semantic = torch.rand(1, len(LABELS), 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(torch.cat([x, semantic], 1), t, ctx), source.unet(x, t, ctx))

@@ -556,20 +556,28 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= i < self.n:
             raise IndexError(f"index {i} out of range for a ShapesDataset of {self.n} items")
         rng = np.random.default_rng((self.seed, i))
-        scene = sample_scene(rng, min_objects=self.min_objects, max_objects=self.max_objects,
-                             p_relation=self.p_relation, placement=self.placement)
+        scene = self._scene(rng)
         return scene, caption(scene, rng, complete=self.complete_captions)
+
+    def _scene(self, rng: np.random.Generator) -> Scene:
+        return sample_scene(rng, min_objects=self.min_objects, max_objects=self.max_objects,
+                            p_relation=self.p_relation, placement=self.placement)
+
+    def scene(self, i: int) -> Scene:
+        """Item i's scene, without its caption (the same scene as `sample(i)`'s: the caption is drawn after it)."""
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for a ShapesDataset of {self.n} items")
+        return self._scene(np.random.default_rng((self.seed, i)))
 
     def layout(self, i: int) -> list[tuple[str, tuple[float, float, float, float]]]:
         """Item i's layout: (phrase, box (x0, y0, x1, y1) in [0, 1]) of each object, the phrasing drawn from
         its own generator (seed, i, 1), so the captions stay those of `sample`."""
-        scene, _ = self.sample(i)
         rng = np.random.default_rng((self.seed, i, 1))
-        return [(object_phrase(obj, rng), obj.bbox) for obj in scene.objects]
+        return [(object_phrase(obj, rng), obj.bbox) for obj in self.scene(i).objects]
 
     def label_map(self, i: int) -> np.ndarray:
         """Item i's semantic map (size, size) uint8 (`render_labels`)."""
-        return render_labels(self.sample(i)[0], self.size)
+        return render_labels(self.scene(i), self.size)
 
     def __getitem__(self, i: int) -> dict:
         scene, text = self.sample(i)

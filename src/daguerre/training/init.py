@@ -6,7 +6,11 @@ shape. The run may *grow* the model: a tensor of the run that the model lacks (s
 attention level added with `model.unet.attention_levels`) keeps its fresh initialisation, and since
 every residual branch of daguerre's U-Net ends in a zero-initialised layer (LDM's `zero_module`), an
 added spatial transformer starts as the identity: the grown network computes what the model did. A
-tensor of the model that the run lacks is an error (the run would silently drop what it learned).
+tensor of the model that the run lacks is an error (the run would silently drop what it learned). The
+U-Net's first convolution may grow its input channels (`GROWABLE_INPUT`: a semantic map or an inpainting
+mask concatenated to the latent): the model's channels are copied and the new ones start at zero, so the
+grown network too computes what the model did until it learns to read them (as SD inpainting began from SD).
+The model's own file may serve as the run's `--vae`: its latents are those the model was trained on.
 
 A jointly trained text encoder whose vocabulary was pruned at export (`train.prune_vocabulary`) gets
 its kept rows back at their token ids; the other rows keep the run's initialisation. The run's own
@@ -28,6 +32,7 @@ from ..weights.io import file_hash
 from ..weights.strict import few
 
 logger = logging.getLogger("daguerre.train")
+GROWABLE_INPUT = "input_blocks.0.0.weight"  # the U-Net's conv_in: (out, in, 3, 3), `in` may grow
 
 
 def check_init_source(path: str | Path | None) -> None:
@@ -46,6 +51,16 @@ def copy_matching(module: nn.Module, source: dict[str, torch.Tensor], what: str,
         raise ValueError(f"--init {origin}: its {what} has {len(extra)} tensors this run's {what} lacks "
                          f"({few(extra)}); the run's [model] config must contain the model's architecture "
                          "(it may add to it, e.g. attention levels)")
+    source = dict(source)
+    grow = source.get(GROWABLE_INPUT)
+    want = target.get(GROWABLE_INPUT)
+    if grow is not None and want is not None and grow.dim() == 4 and grow.shape[0] == want.shape[0] \
+            and grow.shape[2:] == want.shape[2:] and grow.shape[1] < want.shape[1]:
+        grown = torch.zeros_like(want)  # the new input channels start at zero: the model's output is unchanged
+        grown[:, :grow.shape[1]] = grow.to(want.dtype)
+        source[GROWABLE_INPUT] = grown
+        logger.info("--init: the %s's input grows from %d to %d channels (the new ones start at zero)", what,
+                    grow.shape[1], want.shape[1])
     bad = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in sorted(source.items())
            if v.shape != target[k].shape]
     if bad:
@@ -84,11 +99,12 @@ def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, 
     path = Path(path)
     comps = load_model(path)  # float32 on the CPU; the caller moves the networks to the device
     provenance = comps.config.provenance or {}
-    if provenance.get("vae_sha256") not in (None, vae_sha256):
+    own_vae = file_hash(path) == vae_sha256 if path.is_file() else False  # --vae is this very model file
+    if provenance.get("vae_sha256") not in (None, vae_sha256) and not own_vae:
         raise ValueError(f"--init {path} was trained on the autoencoder {provenance['vae_sha256'][:16]} (a "
                          f"{provenance.get('vae_file', 'VAE')} file), not on this run's --vae: its latents "
                          "would mean something else; pass that autoencoder as --vae")
-    if "vae_sha256" not in provenance:
+    if "vae_sha256" not in provenance and not own_vae:
         logger.warning("--init %s does not record its autoencoder: make sure --vae is the one it was trained on",
                        path)
     new = {"unet": copy_matching(unet, comps.unet.state_dict(), "U-Net", path)}
