@@ -245,3 +245,14 @@ def test_a_model_files_layout_and_label_settings_are_bounded_before_anything_is_
             ModelConfig.from_dict({**base, "unet": {**base["unet"], "layout": {**layout, **change}}})
     with pytest.raises(ValueError, match="semantic_labels: 300 labels"):
         ModelConfig.from_dict({**base, "semantic_labels": ["x"] * 300})
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["loss.text_dropout=0.95"], r"loss.text_dropout: must be in \[0, 1 - loss.caption_dropout\]"),
+    (["data.flip=true"], "data.flip: a layout model trains without flips"),
+    (["data.kind=fashion_mnist"], "data.kind: a layout model trains on the shapes world"),
+    (["model.conditioning='text'"], "loss.text_dropout: drops a layout model's prompt alone"),
+])
+def test_bad_layout_run_settings_name_their_key(extra, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config(CONFIGS / "tiny_layout_ldm.toml", "ldm", extra)

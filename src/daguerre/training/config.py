@@ -573,6 +573,9 @@ def check_run_config(cfg: RunConfig) -> None:
         if not 0.0 <= cfg.loss.text_dropout <= 1.0 - cfg.loss.caption_dropout:
             raise ValueError(f"config key loss.text_dropout: must be in [0, 1 - loss.caption_dropout], got "
                              f"{cfg.loss.text_dropout}")
+        if cfg.loss.text_dropout and cfg.model.conditioning != "layout":
+            raise ValueError(f"config key loss.text_dropout: drops a layout model's prompt alone, but "
+                             f"model.conditioning is {cfg.model.conditioning!r}; use loss.caption_dropout")
         if cfg.loss.min_snr_gamma < 0:
             raise ValueError(f"config key loss.min_snr_gamma: must be >= 0, got {cfg.loss.min_snr_gamma}")
         check_timestep_bias(cfg.loss, cfg.model.schedule.num_train_timesteps)
