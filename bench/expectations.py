@@ -1,0 +1,165 @@
+"""Quality against training time: the measurements behind docs/training.md, "What to expect".
+
+For each kept checkpoint of a stage-2 run (`train.keep_every`), export its EMA model (`daguerre train export`),
+measure it with `daguerre eval` (adherence, Frechet distance against its real-vs-real floor, KID), and record
+where it stands in training: images seen and training time. Time is given two ways: the wall-clock seconds of
+the optimizer steps as the run logged them (metrics.jsonl: `log_every * batch / images_per_s` summed; inflated
+when other jobs shared the machine), and CPU-hours at a stated quiet one-thread speed (`--quiet-images-per-s`,
+from bench/train_throughput.py), which is what a user's idle machine would take. Then `--plot` draws every
+recorded curve into one PNG (matplotlib, a test extra).
+
+    python bench/expectations.py measure runs/photos32_ldm --label "CIFAR-10 photos32" --quiet-images-per-s 57 \\
+        --vae-minutes 35 --out bench/results/expect_photos32.json -- --data data/cifar10/test --holdout all \\
+        --classifier cifar.safetensors --n 500
+    python bench/expectations.py plot bench/results/expect_*.json --png docs/images/expectations.png
+
+Everything after `--` goes to `daguerre eval` as it is. A checkpoint already in the output JSON is not measured
+again (the file is rewritten atomically after each one), so an interrupted measurement continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def training_seconds(run: Path) -> dict[int, float]:
+    """Step -> wall-clock seconds of the optimizer steps up to it, from the run's metrics.jsonl (resumes included)."""
+    config = json.loads((run / "config.json").read_text())
+    batch = int(config["train"]["batch_size"]) * int(config["train"].get("grad_accum", 1))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in lines if "images_per_s" in r and r.get("images_per_s")]
+    seconds, total, last = {}, 0.0, 0
+    for r in sorted(steps, key=lambda r: r["step"]):  # a resumed run may log a step twice: count each span once
+        if r["step"] <= last:
+            continue
+        total += (r["step"] - last) * batch / float(r["images_per_s"])
+        last = r["step"]
+        seconds[last] = total
+    return seconds
+
+
+def _at(seconds: dict[int, float], step: int) -> float:
+    known = [s for s in seconds if s <= step]
+    return seconds[max(known)] if known else 0.0
+
+
+def kept_steps(run: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[-1]) for p in (run / "checkpoints").glob("step_*") if p.is_dir())
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _daguerre(*args: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    subprocess.run([sys.executable, "-m", "daguerre", *args], check=True, env=env)
+
+
+def summary(report: dict) -> dict:
+    """The numbers the table and plot use, from a `daguerre eval` report.json."""
+    d = report["distribution"]
+    out = {"fd": d["fd"], "fd_floor": d["fd_floor"], "kid": d["kid"]["mean"], "kid_floor": d["kid_floor"]["mean"]}
+    adherence = report.get("adherence") or {}
+    if "class" in adherence:
+        out["adherence"] = adherence["class"]["class"]
+        out["adherence_stderr"] = adherence["class"]["class_stderr"]
+    elif adherence:
+        kind = next(iter(adherence))
+        entry = adherence[kind]
+        key = "all" if "all" in entry else next(k for k in entry if k not in ("n",) and not k.endswith("_stderr"))
+        out["adherence"], out["adherence_stderr"] = entry[key], entry[f"{key}_stderr"]
+    return out
+
+
+def measure(args: argparse.Namespace, eval_args: list[str]) -> None:
+    run, out = Path(args.run), Path(args.out)
+    data = json.loads(out.read_text()) if out.is_file() else {"label": args.label, "run": str(run), "points": []}
+    data.update(label=args.label, quiet_images_per_s=args.quiet_images_per_s, vae_minutes=args.vae_minutes,
+                eval_args=eval_args)
+    config = json.loads((run / "config.json").read_text())
+    batch = int(config["train"]["batch_size"]) * int(config["train"].get("grad_accum", 1))
+    seconds = training_seconds(run)
+    done = {p["step"] for p in data["points"]}
+    wanted = [s for s in kept_steps(run) if s not in done and (not args.steps or s in args.steps)]
+    for step in wanted:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = Path(tmp) / "model.safetensors"
+            _daguerre("train", "export", str(run), "--step", str(step), "--out", str(model))
+            _daguerre("eval", "--model", str(model), "--out", str(Path(tmp) / "eval"), "--no-progress", *eval_args)
+            report = json.loads((Path(tmp) / "eval" / "report.json").read_text())
+        images = step * batch
+        point = {"step": step, "images": images, "wall_s": round(_at(seconds, step), 1),
+                 "cpu_hours_quiet": round(images / args.quiet_images_per_s / 3600 + args.vae_minutes / 60, 3),
+                 **summary(report)}
+        data["points"] = sorted([*data["points"], point], key=lambda p: p["step"])
+        _write(out, data)
+        print(json.dumps(point))
+
+
+def plot(files: list[str], png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_a, ax_f) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        pts = data["points"]
+        hours = [p["cpu_hours_quiet"] for p in pts]
+        if all("adherence" in p for p in pts):
+            ax_a.errorbar(hours, [100 * p["adherence"] for p in pts],
+                          yerr=[100 * p["adherence_stderr"] for p in pts], marker="o", capsize=2, label=data["label"])
+        ax_f.plot(hours, [p["fd"] / max(p["fd_floor"], 1e-9) for p in pts], marker="o", label=data["label"])
+    ax_a.set(xlabel="CPU-hours (one core, quiet; both stages)", ylabel="adherence (%)", ylim=(0, 100),
+             title="prompt / class adherence")
+    ax_f.set(xlabel="CPU-hours (one core, quiet; both stages)", ylabel="FD / real-vs-real floor", yscale="log",
+             title="Frechet distance over its floor")
+    for ax in (ax_a, ax_f):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    print(f"wrote {png}")
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    eval_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="action", required=True)
+    m = sub.add_parser("measure", help="measure every kept checkpoint of a stage-2 run")
+    m.add_argument("run")
+    m.add_argument("--label", required=True, help="the curve's name in the plot and table")
+    m.add_argument("--out", required=True, help="JSON file of the points (extended, never re-measured)")
+    m.add_argument("--quiet-images-per-s", type=float, required=True,
+                   help="stage 2's one-thread training speed on a quiet machine (bench/train_throughput.py)")
+    m.add_argument("--vae-minutes", type=float, default=0.0, help="stage 1's CPU-minutes, added to every point")
+    m.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="only these checkpoint steps (comma-separated); default every kept one")
+    pl = sub.add_parser("plot", help="draw the recorded curves")
+    pl.add_argument("files", nargs="+")
+    pl.add_argument("--png", required=True)
+    args = p.parse_args(argv)
+    if args.action == "measure":
+        measure(args, eval_args)
+    else:
+        plot(args.files, args.png)
+
+
+if __name__ == "__main__":
+    main()
