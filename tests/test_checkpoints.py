@@ -555,7 +555,7 @@ def test_every_real_and_project_config_is_within_the_bounds():
             check_clip_config(load_run_config(path, "clip").model, "model.")
             continue
         stage = "vae" if name.endswith("_vae") else "ldm"
-        cfg = load_run_config(path, stage)
+        cfg = load_run_config(path, stage, ["data.folder.root=photos"] if name.startswith("photos") else [])
         check_model_config(derive_model_config(cfg, 3, [f"c{i}" for i in range(10)]), "model.")
 
 
