@@ -47,19 +47,21 @@ def set_compute_dtype(components: Components, dtype: torch.dtype | str | None = 
     from .quantize import weight_count
     from .registry import set_memory_format
 
-    device = next(components.unet.parameters()).device
+    device = components.device
     size = weight_count(components.unet) if is_auto(dtype) else None
     dtype = resolve_dtype(dtype, device, size)
     for module in (components.unet, components.text_encoder, components.vae):
         if module is not None:
             module.to(dtype)
-    set_memory_format(components, dtype)
+    set_memory_format(components, dtype, device)
+    if components.source is not None:  # released parts are read again in the new dtype
+        components.source = dataclasses.replace(components.source, dtype=dtype)
     return dtype
 
 
 def load(path_or_name: str | None = None, *, device: torch.device | str = "cpu",
          dtype: torch.dtype | str | None = AUTO, limits: Limits = DEFAULT_LIMITS, quantize: str | None = None,
-         compile: bool = False) -> Pipeline:
+         compile: bool = False, release_after_use: bool = False) -> Pipeline:
     """Open a model (`--model` syntax: path, diffusers folder, shipped name, `random:PRESET`; None = default).
 
     `dtype` is the compute dtype of every network (U-Net, text encoder, VAE): "auto" (the default:
@@ -69,11 +71,18 @@ def load(path_or_name: str | None = None, *, device: torch.device | str = "cpu",
     (`Pipeline.limits`). `quantize="int8"` keeps the U-Net's and text encoder's layer weights in int8 (half
     the memory; slightly different images, recorded in the PNG as `Weights: int8`); `compile=True` compiles
     the U-Net with torch inductor (`daguerre.compile`: minutes at the first call of each size, more memory).
+
+    `release_after_use=True` holds each network only while a call needs it (what `daguerre generate` does):
+    nothing is read at load; each call reads the text encoder, encodes the prompts and frees it, reads the
+    U-Net, samples every image and frees it, then reads the VAE decoder and decodes (the VAE encoder only for
+    img2img and inpainting). The images are the same; the peak memory is about the U-Net's alone, and every
+    call reads the weights from the file again (SD 1.5: seconds per call). Not with `compile`. Any pipeline can
+    also free parts itself (`pipe.components.release("unet")`): the next call reads them again.
     """
     from .registry import open_model
 
     components, model_hash = open_model(path_or_name, device=device, dtype=dtype, quantize=quantize,
-                                        compile=compile)
+                                        compile=compile, release_after_use=release_after_use)
     return Pipeline(components, model_hash, limits=limits)
 
 
@@ -98,7 +107,7 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.components.unet.parameters()).device
+        return self.components.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,16 +1,26 @@
 """`Components`: the loaded networks of one model, what pipelines run on (shared/DESIGN.md), and the one
-`build_components` that makes them: fresh from a config, or strictly from state dicts (`weights.strict`)."""
+`build_components` that makes them: fresh from a config, or strictly from state dicts (`weights.strict`).
+
+A one-shot run holds each network only while it needs it (stable-diffusion.cpp's `free_params_immediately`):
+`Components.release(part)` frees a part's weights (its tensors go to the meta device, the C heap is trimmed,
+and calling it raises `ReleasedError`), `Components.acquire(part)` reads a released part again from the
+model's file (`ModelSource`, set by `registry.open_model(..., release_after_use=True)`), and the pipelines
+acquire each part before they use it and, when `release_after_use` is set, release it after
+(`Components.done_with`). The parts (`PARTS`): the text encoder, the U-Net, the VAE's encoder and its decoder.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import ModelConfig
+from .memory import trim
 
 if TYPE_CHECKING:  # imported for annotations only: keep `import daguerre` light
     import torch
+    from torch import nn
 
     from .models.autoencoder import AutoencoderKL
     from .models.bert import BertTextEncoder
@@ -35,6 +45,138 @@ class Components:
     vae: AutoencoderKL
     text_encoder: CLIPTextEncoder | BertTextEncoder | None = None
     tokenizer: CLIPTokenizer | WordPieceTokenizer | None = None
+    source: ModelSource | None = None  # where released parts are read again from (None: nowhere)
+    release_after_use: bool = False  # the pipelines release each part when they are done with it
+
+    @property
+    def device(self) -> torch.device:
+        """The device the networks run on (the one they are read to while released)."""
+        if self.source is not None:
+            return self.source.device
+        return next(self.unet.parameters()).device
+
+    def modules_of(self, part: str) -> list[nn.Module]:
+        """The modules that hold `part`'s weights (none for the text encoder of a model without one)."""
+        check_parts([part])
+        if part == "unet":
+            return [self.unet]
+        if part == "text_encoder":
+            return [] if self.text_encoder is None else [self.text_encoder]
+        vae = self.vae
+        return [vae.encoder, vae.quant_conv] if part == "vae_encoder" else [vae.decoder, vae.post_quant_conv]
+
+    def resident(self, part: str) -> bool:
+        """Whether `part`'s weights are in memory (not released)."""
+        return not any(t.is_meta for m in self.modules_of(part) for t in _tensors(m))
+
+    def release(self, *parts: str) -> None:
+        """Free the weights of `parts` (their tensors go to the meta device; module docstring) and give the
+        freed memory back to the system; calling a released network raises `ReleasedError` until `acquire`."""
+        for part in check_parts(parts):
+            for module in self.modules_of(part):
+                if any(not t.is_meta for t in _tensors(module)):
+                    module.to("meta")
+                if getattr(module, _RELEASED_HOOK, None) is None:
+                    setattr(module, _RELEASED_HOOK, module.register_forward_pre_hook(_Refuse(self, part)))
+        trim()
+
+    def acquire(self, *parts: str) -> None:
+        """Make sure `parts` hold their weights: released ones are read again from `source` (one partial load,
+        `registry.open_model`), into the same module objects. A `ReleasedError` when there is no source; a
+        ValueError when the file no longer holds the model these components were opened from."""
+        missing = [p for p in PARTS if p in check_parts(parts) and not self.resident(p)]
+        if not missing:
+            return
+        if self.source is None:
+            raise ReleasedError(f"the {_titles(missing)} of model {self.config.name!r} {_was(missing)} released, "
+                                "and these components have no file to read it from: open the model again "
+                                "(daguerre.load / registry.open_model)")
+        fresh = self.source.read(frozenset(missing), self.source.dtype)
+        if fresh.config != self.config:
+            raise ValueError(f"{self.source.name} no longer holds the model it held when it was opened (its config "
+                             f"differs): reading its {_titles(missing)} again would mix two models; open it again")
+        for part in missing:
+            for mine, theirs in zip(self.modules_of(part), fresh.modules_of(part), strict=True):
+                _take_tensors(mine, theirs, part)
+                handle = getattr(mine, _RELEASED_HOOK, None)
+                if handle is not None:
+                    handle.remove()
+                    setattr(mine, _RELEASED_HOOK, None)
+        del fresh
+        trim()
+
+    def done_with(self, *parts: str) -> None:
+        """A pipeline no longer needs `parts` in this run: released when `release_after_use` is set."""
+        if self.release_after_use:
+            self.release(*parts)
+
+
+# The parts of a model, in the order a text-to-image run uses them (`Components.release` / `acquire`).
+PARTS = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
+PART_TITLES = {"text_encoder": "text encoder", "unet": "U-Net", "vae_encoder": "VAE encoder",
+               "vae_decoder": "VAE decoder"}
+_RELEASED_HOOK = "_daguerre_released"  # a released module's forward pre-hook handle
+
+
+class ReleasedError(RuntimeError):
+    """A released network was called, or a released part has no file to be read again from."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's released parts are read again from: `read(parts, dtype)` returns components of the same
+    model whose `parts` hold their weights in `dtype` (the other networks may be on the meta device); `name`
+    (the file or folder), `device` and `dtype` (the compute dtype) as the model is used."""
+
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    read: Callable[[frozenset[str], torch.dtype], Components]
+
+
+def check_parts(parts: Iterable[str]) -> frozenset[str]:
+    """`parts` as a frozenset, each one of `PARTS` (a ValueError names any other)."""
+    parts = frozenset(parts)
+    unknown = sorted(parts - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown model part(s) {', '.join(unknown)}: the parts are {', '.join(PARTS)}")
+    return parts
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _titles(parts: Iterable[str]) -> str:
+    return " and ".join(PART_TITLES[p] for p in parts)
+
+
+def _was(parts: list[str]) -> str:
+    return "was" if len(parts) == 1 else "were"
+
+
+class _Refuse:
+    """The forward pre-hook of a released module: a clear error instead of a computation on meta tensors."""
+
+    def __init__(self, components: Components, part: str):
+        self.name, self.part = components.config.name, part
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        raise ReleasedError(f"the {PART_TITLES[self.part]} of model {self.name!r} was released after use "
+                            f"(release_after_use): call components.acquire({self.part!r}) to read it again first")
+
+
+def _take_tensors(mine: nn.Module, theirs: nn.Module, part: str) -> None:
+    """Move every parameter and buffer of `theirs` into the same place in `mine` (the same network built again)."""
+    mods, their_mods = dict(mine.named_modules()), dict(theirs.named_modules())
+    same = mods.keys() == their_mods.keys() and all(
+        type(m) is type(their_mods[k]) and m._parameters.keys() == their_mods[k]._parameters.keys()
+        and m._buffers.keys() == their_mods[k]._buffers.keys() for k, m in mods.items())
+    if not same:
+        raise ReleasedError(f"the {PART_TITLES[part]} read again is not built like the released one")
+    for k, m in mods.items():
+        m._parameters.update(their_mods[k]._parameters)
+        m._buffers.update(their_mods[k]._buffers)
 
 
 def build_components(

@@ -187,9 +187,9 @@ def format_run(settings: dict[str, object]) -> str:
             f"convolutions {settings['convolutions']}, {threads}{weights}")
 
 
-def describe_run(unet: torch.nn.Module) -> str:
+def describe_run(unet: torch.nn.Module, device: torch.device | None = None) -> str:
     """One line: the precision, attention form, convolution layout and thread count a run of the loaded
-    `unet` uses now (`--verbose`)."""
+    `unet` uses now (`--verbose`), on `device` (default: the U-Net's; a released U-Net's is meta)."""
     import torch
 
     conv = next((m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1),
@@ -199,7 +199,7 @@ def describe_run(unet: torch.nn.Module) -> str:
     from .compile import is_compiled
     from .quantize import is_quantized, weight_count
 
-    line = format_run(run_settings(dtype_of(unet), device_of(unet), weight_count(unet), torch.get_num_threads(),
-                                   channels_last))
+    line = format_run(run_settings(dtype_of(unet), device or device_of(unet), weight_count(unet),
+                                   torch.get_num_threads(), channels_last))
     extras = [what for what, on in (("int8 weights", is_quantized(unet)), ("compiled", is_compiled(unet))) if on]
     return ", ".join([line, *extras])

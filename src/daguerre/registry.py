@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .components import Components, build_components
+from .components import PARTS, Components, ModelSource, build_components
 from .config import PRESETS, preset
 from .memory import trim
-from .precision import AUTO, QUANTIZE_CHOICES, auto_dtype, is_auto, resolve_dtype, uses_channels_last
+from .precision import AUTO, QUANTIZE_CHOICES, auto_dtype, dtype_of, is_auto, resolve_dtype, uses_channels_last
 from .quantize import weight_count
 
 DEFAULT_MODEL = "shapes"
@@ -43,7 +43,7 @@ def default_model_name() -> str:
 
 def open_model(
     spec: str | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype | str | None = AUTO,
-    quantize: str | None = None, compile: bool = False,
+    quantize: str | None = None, compile: bool = False, release_after_use: bool = False,
 ) -> tuple[Components, str | None]:
     """(components, A1111 model hash or None) for a model name or path; see the module docstring.
 
@@ -51,13 +51,68 @@ def open_model(
     or "fp32", "bf16", "fp16", a torch dtype) on `device`, convolutions in its memory format. The weights of
     a file are converted while they are read, so an fp16 or bf16 file never passes through a float32 copy.
     Then `prepare_for_inference_` applies `quantize` ("int8") and `compile`.
+
+    A part released later (`Components.release`) is read again from the file when it is acquired
+    (`Components.source`; not for a compiled model). With `release_after_use` (a one-shot run, `daguerre
+    generate`) no network's weights are read yet (only the configs, the tokenizer and the small tensors):
+    every part starts released, is read when a pipeline acquires it and released when the pipeline is done
+    with it (`Components.done_with`), so a run holds the text encoder, the U-Net and the VAE decoder one after
+    the other; each run reads them again.
     """
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZE_CHOICES)}")
-    comps, model_hash = _open(spec, device, dtype, quantize)
+    if release_after_use and compile:
+        raise ValueError("compile and release_after_use do not go together: the compiled U-Net keeps frozen copies "
+                         "of its weights, which cannot be released; keep the model loaded to compile it")
+    parts = frozenset() if release_after_use else frozenset(PARTS)
+    comps, model_hash = _open_parts(spec, device, dtype, quantize, parts, compile)
+    if not compile:  # a compiled U-Net holds its weights in its graph: nothing to release, nothing to read again
+        comps.source = _source(spec, device, dtype_of(comps.unet), quantize)  # "auto" decided once
+    if release_after_use:
+        comps.release_after_use = True
+        comps.release(*PARTS)  # what the open read all the same: small tensors, a random model, a packaged encoder
+    return comps, model_hash
+
+
+def _open_parts(spec: str | None, device: torch.device | str | None, dtype: torch.dtype | str | None,
+                quantize: str | None, parts: frozenset[str], compile: bool = False) -> tuple[Components, str | None]:
+    """`_open` reading the weights of `parts` only (`checkpoints.parts`), then `prepare_for_inference_`."""
+    from .checkpoints.parts import reading_parts
+
+    if parts == frozenset(PARTS):
+        comps, model_hash = _open(spec, device, dtype, quantize)
+    else:
+        with reading_parts(parts):
+            comps, model_hash = _open(spec, device, dtype, quantize)
     prepare_for_inference_(comps, quantize=quantize, compile=compile)
     trim()  # the load's freed buffers back to the system (daguerre.memory)
     return comps, model_hash
+
+
+def _source(spec: str | None, device: torch.device | str | None, dtype: torch.dtype,
+            quantize: str | None) -> ModelSource:
+    """Where `Components.acquire` reads released parts of the model `spec` again from: in `dtype` (the source's,
+    which `api.set_compute_dtype` updates), from the file as it is now (a file changed since is refused: the
+    parts would come from two models)."""
+    name = spec or default_model_name()
+    stamp = _file_stamp(name)
+
+    def read(parts: frozenset[str], dtype: torch.dtype) -> Components:
+        if _file_stamp(name) != stamp:
+            raise ValueError(f"model {name} changed on disk since it was opened: reading its networks again would "
+                             "mix two models; open it again")
+        return _open_parts(name, device, dtype, quantize, parts)[0]
+
+    return ModelSource(name=name, device=torch.device(device or "cpu"), dtype=dtype, read=read)
+
+
+def _file_stamp(spec: str) -> tuple | None:
+    """(name, size, mtime) of the model's file, or of every file in its folder; None for a random model."""
+    if spec.startswith(RANDOM_PREFIX):
+        return None
+    path = shipped_models().get(spec, Path(spec).expanduser())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
 def prepare_for_inference_(comps: Components, *, quantize: str | None = None, compile: bool = False) -> None:
@@ -91,7 +146,7 @@ def _open(spec: str | None, device: torch.device | str | None, dtype: torch.dtyp
         _randomize_zero_layers(comps)
         dtype = _compute_dtype(dtype, device, lambda: weight_count(comps.unet))
         _to(comps, device, dtype)
-        set_memory_format(comps, dtype)
+        set_memory_format(comps, dtype, device or "cpu")
         return comps, None
     shipped = shipped_models()
     path = shipped.get(spec, Path(spec).expanduser())
@@ -102,7 +157,7 @@ def _open(spec: str | None, device: torch.device | str | None, dtype: torch.dtyp
         )
     dtype = _compute_dtype(dtype, device, lambda: _stored_unet_parameters(path))
     comps = _load_file(path, device, dtype, quantize)
-    set_memory_format(comps, dtype)
+    set_memory_format(comps, dtype, device or "cpu")
     model_hash = short_hash(path) if path.is_file() else None
     return comps, model_hash
 
@@ -140,10 +195,11 @@ def _stored_unet_parameters(path: Path) -> int:
     return describe(path, hashes=False)["parameters"]["unet"]
 
 
-def set_memory_format(comps: Components, dtype: torch.dtype) -> None:
+def set_memory_format(comps: Components, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
     """The convolutions of the U-Net and the VAE channels_last where `precision.uses_channels_last` says so
-    (else left as they are: contiguous)."""
-    device = next(comps.unet.parameters()).device
+    (else left as they are: contiguous), for a run on `device` (default: the U-Net's; a partial read leaves
+    it on the meta device)."""
+    device = next(comps.unet.parameters()).device if device is None else torch.device(device)
     if uses_channels_last(dtype, device, weight_count(comps.unet)):
         for module in (comps.unet, comps.vae):
             _channels_last_(module)

@@ -48,12 +48,12 @@ def set_threads(args: argparse.Namespace, comps) -> None:
     one thread per core for big models (Stable Diffusion)."""
     import torch
 
-    from ..precision import auto_threads, device_of
+    from ..precision import auto_threads
     from ..quantize import weight_count
 
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0 = automatic), got {args.threads}")
-    threads = args.threads or auto_threads(device_of(comps.unet), weight_count(comps.unet))
+    threads = args.threads or auto_threads(comps.device, weight_count(comps.unet))
     if threads:
         torch.set_num_threads(threads)
 
@@ -145,8 +145,10 @@ def run(args: argparse.Namespace) -> int:
     request = GenerationRequest(**fields)
     limits = check_limits_early(args, request)
     outputs = plan_outputs(args.out, request.n, args.overwrite, inputs=[args.from_png])  # before any model work
+    # one request, then the process ends: each network is read when the run needs it and freed after (the
+    # peak memory is about the U-Net's alone; components.py), except for a compiled U-Net, which keeps its own
     comps, model_hash = open_model(model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                                   compile=args.compile)
+                                   compile=args.compile, release_after_use=not args.compile)
     set_threads(args, comps)
     request = request.validate(comps.config, limits)  # fail before any work on bad input: the one check
     if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():
@@ -188,17 +190,18 @@ def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash:
     if args.verbose:
         from ..precision import describe_run
 
-        print(f"daguerre {args.command}: {describe_run(comps.unet)}", file=sys.stderr, flush=True)
+        print(f"daguerre {args.command}: {describe_run(comps.unet, comps.device)}", file=sys.stderr, flush=True)
     preview = None
     if args.preview:
         from ..pipelines.preview import PreviewWriter
 
+        comps.acquire("vae_decoder")  # a preview decodes at every step (both modes: "approx" fits its map with it)
         preview = PreviewWriter(comps.vae, args.preview, args.preview_mode, tiled=request.tile,
                                 overwrite=args.overwrite)
     if request.clip_guidance:  # the guiding CLIP (the model's own by default) is read before any step
         from ..pipelines.common import open_guide
 
-        open_guide(request.clip_model, next(comps.unet.parameters()).device)
+        open_guide(request.clip_model, comps.device)
     print(f"daguerre {args.command}: {seed_line(request)}", file=sys.stderr, flush=True)
     with tqdm(total=progress_total(request), unit="step", desc=args.command, dynamic_ncols=True) as bar:
         def on_step(info: dict) -> None:

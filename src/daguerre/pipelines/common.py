@@ -106,6 +106,7 @@ def encode_prompts(components: Components, prompts: list[str], clip_skip: int = 
     """tau_theta(y): the text encoder's hidden states (B, 77 k, d) for `prompts`, A1111 prompt syntax."""
     if components.text_encoder is None or components.tokenizer is None:
         raise ValueError(f"model {components.config.name!r} has no text encoder; it does not take prompts")
+    components.acquire("text_encoder")
     te = components.text_encoder
     skip = te.config.skip_layers + clip_skip - 1
     return encode_weighted(te, components.tokenizer, prompts, skip_layers=skip)
@@ -133,12 +134,14 @@ def encode_images(components: Components, pixels: torch.Tensor, tiled: bool | No
     """Pixels (B, C, H, W) in [-1, 1] -> diffusion latents (B, c, H/f, W/f) float32 on the pixels' device:
     the posterior mode, scaled (z0 = scale_latents(E(x).mode()), deterministic, as diffusers' img2img
     with `argmax` and A1111)."""
+    components.acquire("vae_encoder")
     return encode_latents(components.vae, pixels, tiled).to(pixels.device)
 
 
 def latents_to_images(components: Components, latents: torch.Tensor, tiled: bool | None = None) -> list[Image.Image]:
     """Decode diffusion latents with the VAE (in its own dtype, float32 by default; tiled for large images,
     `daguerre.pipelines.tiling`) to PIL images."""
+    components.acquire("vae_decoder")
     x = decode_latents(components.vae, latents, tiled)
     check_finite(x, "decoded pixels", components)  # a NaN pixel would be saved as black
     arr = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -149,7 +152,7 @@ def latents_to_images(components: Components, latents: torch.Tensor, tiled: bool
 def image_encoder(components: Components, tiled: bool | None, device: torch.device) -> EncodeImages:
     """Pixels -> diffusion latents on `device` with the model's VAE (tiled as `encode_images`): what the
     conditioner's image concatenations (`daguerre.conditioning`) encode masked images with."""
-    return lambda pixels: encode_latents(components.vae, pixels, tiled).to(device)
+    return lambda pixels: encode_images(components, pixels.to(device), tiled)
 
 
 # --- CLIP guidance -----------------------------------------------------------------------------------
@@ -221,13 +224,16 @@ def run_plan(
     sampler's step dict plus `batch_start`, the index of the batch's first image; it may raise `SkipBatch`
     or `Interrupted` (see `StopSampling`) to end a batch or the request early with partial images.
 
+    The work comes in phases, each network used in one (`Components.acquire`; with `release_after_use` each is
+    released when its phase ends, `Components.done_with`): the prompts are encoded (text encoder), every batch
+    is sampled (U-Net), then every batch is decoded (VAE decoder), batch by batch as it was sampled.
+
     With `req.clip_guidance` > 0 the CFG denoiser is wrapped in CLIP guidance (`guidance.clip_guided_denoiser`)
     towards the prompt, through the VAE decoder, by `clip` (default: `open_guide(req.clip_model)`); image i
     draws its cutouts from its own generator, seeded (seed + i) ^ CUTOUT_SEED_MIX."""
     cfg = components.config
-    device = next(components.unet.parameters()).device
+    device = components.device
     choice = req.choice
-    denoiser = Denoiser(components.unet, cfg.schedule)
     sigmas = req.sigmas.to(device)
     sampler = SAMPLERS[choice.sampler]
     kwargs = dict(choice.kwargs)
@@ -238,22 +244,30 @@ def run_plan(
     prompt, negative, params = write_parameters(req, cfg.name, model_hash, short_name(dtype_of(components.unet)),
                                                 "int8" if is_quantized(components.unet) else "none")
     params.update(plan.params)
+    text = (prompt, negative, params)
 
     cond1, uncond1 = conditioning(components, req, device)  # once per request, batch of 1
+    components.done_with("text_encoder")
     extra = {k: v.to(device) for k, v in plan.cond.items()}
     if "concat" not in extra:  # an inpainting model without a mask: everything masked (NoConcat: nothing)
         encode = image_encoder(components, req.tile, device)
         extra.update(req.conditioner.concat.unmasked_input(cfg, req.height, req.width, device, encode))
+    components.done_with("vae_encoder")  # the plan's input images and masks are encoded by now
     guide = None
     if req.clip_guidance > 0:
         clip = clip if clip is not None else open_guide(req.clip_model, device)
         if clip.clip_config.latent_space is not None:  # a noise-aware CLIP: of this model's latents only
             check_latent_space(clip.clip_config, cfg, cfg.name, shape[1:])
+        else:  # CLIP guidance through the decoded pixels: the decoder runs at every step
+            components.acquire("vae_decoder")
         guide = (clip, text_embedding(clip, req.prompt), differentiable_decode(components))
     init = plan.init_latents.to(device) if plan.init_latents is not None else None
+    components.acquire("unet")
+    denoiser = Denoiser(components.unet, cfg.schedule)
     max_sigma = req.deepcache_max_sigma
     max_t = float(denoiser.sigma_to_t(torch.tensor([max_sigma]))[0]) if max_sigma else None  # DeepCache's window
-    results: list[GeneratedImage] = []
+    sampled: list[tuple[torch.Tensor, list[int]]] = []  # each batch's final latents and seeds, to decode
+    interrupted: Interrupted | None = None
     for start in range(0, req.n, req.batch_size):
         b = min(req.batch_size, req.n - start)
         seeds = list(req.seeds[start:start + b])
@@ -295,13 +309,18 @@ def run_plan(
                 x = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=step_cb, generator=gens, **kwargs)
         except StopSampling as stop:
             x = latest.get("denoised")
-            partial = [] if x is None else _finished(components, req, plan, x, seeds, (prompt, negative, params))
-            if isinstance(stop, Interrupted):
-                stop.results = results + partial
-                raise
-            results.extend(partial)
-            continue
-        results.extend(_finished(components, req, plan, x, seeds, (prompt, negative, params)))
+            interrupted = stop if isinstance(stop, Interrupted) else None
+        if x is not None:
+            check_finite(x, "final latents", components, req)
+            sampled.append((x, seeds))
+        if interrupted is not None:
+            break
+    components.done_with("unet")
+    results = [image for x, seeds in sampled for image in _finished(components, req, plan, x, seeds, text)]
+    components.done_with("vae_decoder")
+    if interrupted is not None:
+        interrupted.results = results
+        raise interrupted
     return results
 
 
@@ -311,7 +330,6 @@ def _finished(components: Components, req: ValidRequest, plan: SamplingPlan, x: 
     (prompt, negative prompt, key/value pairs; the seed filled in per image)."""
     prompt, negative, params = text
     results = []
-    check_finite(x, "final latents", components, req)
     for i, image in enumerate(latents_to_images(components, x, req.tile)):
         if plan.finish is not None:
             image = plan.finish(image)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def img2img_plan(components: Components, req: ValidRequest, image: torch.Tensor) -> SamplingPlan:
     """The plan that starts from `image` (1, C, H, W) in [-1, 1] at the request size."""
-    device = next(components.unet.parameters()).device
+    device = components.device
     z0 = encode_images(components, image.to(device), req.tile)  # (1, c, h, w)
     return SamplingPlan(init_latents=z0, params={"Denoising strength": f"{req.strength:g}"})
 

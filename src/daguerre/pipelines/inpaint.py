@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 def inpaint_plan(components: Components, req: ValidRequest, image: Image.Image, mask: Image.Image) -> SamplingPlan:
     """The plan for `image` and its blurred L `mask` (both at the request size)."""
     cfg = components.config
-    device = next(components.unet.parameters()).device
+    device = components.device
     pixels = image_to_tensor(image).to(device)  # (1, C, H, W)
     mask_px = mask_to_tensor(mask).to(device)  # (1, 1, H, W), 1 = repaint
     lat_mask = latent_mask(mask_px, cfg.vae.downsample_factor)  # (1, 1, h, w)

@@ -55,7 +55,7 @@ def fit_latent_to_rgb(
     map explains (high for a trained VAE, near 0 for an untrained one).
     """
     cfg = vae.config
-    param = next(vae.parameters())
+    param = next(getattr(vae, "decoder", vae).parameters())  # the decoder's: the encoder may be released (meta)
     gen = torch.Generator("cpu").manual_seed(seed)
     z = torch.randn(samples, cfg.latent_channels, cells, cells, generator=gen)
     with torch.no_grad():

@@ -674,7 +674,7 @@ def check_finite(x: torch.Tensor, what: str, components: Components, request: Ge
     kind = "NaN" if bool(torch.isnan(x).any()) else "infinite"
     broken = [title for name, title in (("unet", "U-Net"), ("vae", "VAE"), ("text_encoder", "text encoder"))
               if (module := getattr(components, name, None)) is not None
-              and not all(bool(torch.isfinite(p).all()) for p in module.parameters())]
+              and not all(p.is_meta or bool(torch.isfinite(p).all()) for p in module.parameters())]  # meta: released
     if broken:
         raise NonFiniteError(f"the model produced {kind} values in the {what}: its weights are broken (the "
                              f"{' and the '.join(broken)} {'holds' if len(broken) == 1 else 'hold'} NaN or "

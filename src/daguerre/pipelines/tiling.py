@@ -167,7 +167,7 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None
 
 def _decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool | None) -> torch.Tensor:
     """`decode_latents` without the retry or the clamp: float32 output, possibly not finite."""
-    param = next(vae.parameters())
+    param = next(vae.decoder.parameters())  # the decoder's: the encoder may be released (on the meta device)
     z = vae.unscale_latents(latents.to(device=param.device, dtype=torch.float32)).to(param.dtype)
     if should_tile(*z.shape[-2:], tiled):
         return decode_tiled(vae, z).float()
@@ -191,7 +191,7 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, tiled: bool | None 
 
     Tiled when `should_tile(H / f, W / f, tiled)`; otherwise one `vae.encode` call.
     """
-    param = next(vae.parameters())
+    param = next(vae.encoder.parameters())
     x = images.to(device=param.device, dtype=param.dtype)
     f = vae.config.downsample_factor
     if should_tile(x.shape[-2] // f, x.shape[-1] // f, tiled):

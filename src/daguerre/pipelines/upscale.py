@@ -42,7 +42,7 @@ def is_sr_model(components: Components) -> bool:
 
 def sr_plan(components: Components, req: ValidRequest, image: torch.Tensor) -> SamplingPlan:
     """The plan of a super-resolution model for the low-res `image` (1, C, h0, w0) in [-1, 1]."""
-    device = next(components.unet.parameters()).device
+    device = components.device
     cond = {"concat": LowresConcat.build(components.config, image.to(device), req.height, req.width)}
     params = {"Upscale": f"{req.upscale_factor:g}"}
     noise = None

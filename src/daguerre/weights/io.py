@@ -26,6 +26,7 @@ import torch
 
 from ..quantize import read_hook
 from ..untrusted import regular_file
+from .partial import skips
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -145,6 +146,9 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, 
                 hook = read_hook()  # int8 quantisation while reading, inside `quantize.int8_loading`
                 tensors = {}
                 for k in names:
+                    if skips(path, k, header[k]["shape"]):  # a network this load does not build (weights.partial)
+                        tensors[k] = _read_tensor(raw, 8 + n, header[k], dtype, scratch, meta=True)
+                        continue
                     t = _read_tensor(raw, 8 + n, header[k], dtype, scratch)
                     if hook is not None:
                         t = hook(k, t, functools.partial(_reread, path, 8 + n, header[k], dtype))
@@ -159,7 +163,7 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, 
 
 
 def _read_tensor(raw, data_start: int, entry: dict[str, Any], dtype: torch.dtype | None,
-                 scratch: bytearray) -> torch.Tensor:
+                 scratch: bytearray, meta: bool = False) -> torch.Tensor:
     """One tensor of a safetensors file whose header entry the library has checked (little-endian data),
     floating-point data converted to `dtype` (None: as stored).
 
@@ -167,15 +171,18 @@ def _read_tensor(raw, data_start: int, entry: dict[str, Any], dtype: torch.dtype
     are read and converted into the tensor one at a time, each element cast as `Tensor.to` casts it. So a
     tensor costs its final size and no more: no whole-tensor read buffer is allocated and freed per tensor,
     whose freed holes between the kept tensors the C allocator would not give back to the system (an fp16
-    SD 1.5 loaded as bf16 held ~0.6 GiB more than its weights that way)."""
+    SD 1.5 loaded as bf16 held ~0.6 GiB more than its weights that way). With `meta` nothing is read: a meta tensor
+    of the shape and dtype it would have."""
     stored = SAFETENSORS_DTYPES.get(entry["dtype"])
     if stored is None:
         raise RuntimeError(f"unsupported dtype {entry['dtype']}")
     want = dtype if dtype is not None and stored.is_floating_point else stored
     start, end = entry["data_offsets"]
-    out = torch.empty(entry["shape"], dtype=want)
+    out = torch.empty(entry["shape"], dtype=want, device="meta" if meta else "cpu")
     if out.numel() * stored.itemsize != end - start:
         raise RuntimeError(f"{end - start} bytes for shape {entry['shape']} in {entry['dtype']}")
+    if meta:
+        return out
     raw.seek(data_start + start)
     flat = out.view(-1)
     if want == stored:

@@ -61,7 +61,8 @@ def instantiate(
 
     With `quantize` the network's Linear and Conv2d layers are built int8 on the meta device
     (`daguerre.quantize.quantize_int8_`) and filled from `sd`, whose weights may already have been quantised
-    while read (`quantize.int8_loading`); equal to quantising the network after the float load."""
+    while read (`quantize.int8_loading`); equal to quantising the network after the float load. Meta tensors in `sd`
+    (what a partial read left out, `weights.partial`) stay on the meta device: those weights are not loaded."""
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
     with torch.device("meta"):
@@ -77,13 +78,14 @@ def instantiate(
         int8_layers = int8_layer_names(model)
     converted = {}
     for k, v in sd.items():
+        at = torch.device("meta") if v.is_meta else device  # a tensor a partial read skipped stays on meta
         layer, _, leaf = k.rpartition(".")
         if leaf == "weight" and layer in int8_layers:
             q, scale = int8_weight(v, dtype)
-            converted[f"{layer}.weight_int8"], converted[f"{layer}.weight_scale"] = q.to(device), scale.to(device)
+            converted[f"{layer}.weight_int8"], converted[f"{layer}.weight_scale"] = q.to(at), scale.to(at)
             continue
         v = float_value(v)
-        converted[k] = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+        converted[k] = v.to(device=at, dtype=dtype) if v.is_floating_point() else v.to(at)
     model.load_state_dict(converted, strict=True, assign=True)
     model.to(dtype=dtype)
     return model.eval()
