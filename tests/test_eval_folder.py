@@ -238,6 +238,7 @@ def test_eval_class_model_against_its_folder(world, tmp_path, capsys):
     assert r["classifier"]["accuracy"]["class"] == 1.0 and r["classifier"]["accuracy_on_real"] == 1.0
     assert r["extractor"]["accuracy"]["class"] == 1.0  # the classifier is the feature space too
     assert "held-out accuracy class 100.0%" in stdout and stdout.count("held-out accuracy") == 2
+    assert "100.0% on the real images here" in stdout
     assert f"{HOLDOUT} of {3 * PER_CLASS} images held out, random split, seed 0" in stdout
     with Image.open(out / "grid.png") as grid:
         assert grid.width >= 2 * 64

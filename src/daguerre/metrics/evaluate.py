@@ -341,7 +341,10 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     judge = report.get("classifier")
     if judge:
-        lines.append(f"adherence judged by {judge['name']} (sha256 {judge['sha256'][:16]}{_accuracy_words(judge)})")
+        on_real = (f", {100 * judge['accuracy_on_real']:.1f}% on the real images here"
+                   if judge.get("accuracy_on_real") is not None else "")
+        lines.append(f"adherence judged by {judge['name']} (sha256 {judge['sha256'][:16]}{_accuracy_words(judge)}"
+                     f"{on_real})")
     skipped = report["adherence"].get("skipped")
     if skipped:
         lines.append(f"adherence: not measured ({skipped})")
