@@ -238,15 +238,8 @@ def _run_folder(args: argparse.Namespace, data: str, spec: str, comps, short_has
                 out: Path) -> int:
     """`daguerre eval --data FOLDER` (metrics.folder_eval)."""
     from ..metrics.evaluate import FOLDER, EvalSettings, format_table
-    from ..metrics.folder_data import Folder
-    from ..metrics.folder_eval import (
-        check_model,
-        evaluate_folder,
-        folder_spec,
-        names_words,
-        parse_holdout,
-        probe_request,
-    )
+    from ..metrics.folder_data import Folder, names_words
+    from ..metrics.folder_eval import check_model, evaluate_folder, folder_spec, parse_holdout, probe_request
 
     settings = EvalSettings(FOLDER, (), args.n, args.seed, sampling, args.real, args.batch).check()
     plan = folder_spec(comps.config, data, parse_holdout(args.holdout), args.data_seed, spec)

@@ -155,6 +155,14 @@ def split_layout(root: str | Path) -> tuple[Path, Path] | None:
     return train, test
 
 
+def names_words(names: list[str] | tuple[str, ...] | None, limit: int = 12) -> str:
+    """Class names for a message: the first `limit`, and how many in all."""
+    if not names:
+        return "(no classes)"
+    names = list(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def first_image_format(root: str | Path) -> tuple[int, int]:
     """(shorter side, channels: 1 for grayscale modes, else 3) of the first image of a folder: the defaults of
     a classifier's input."""

@@ -57,6 +57,7 @@ from .folder_data import (
     TRAIN_DIR,
     Folder,
     FolderSpec,
+    names_words,
     split_indices,
     split_layout,
 )
@@ -69,7 +70,6 @@ if TYPE_CHECKING:
 
 HOLDOUT_ALL = "all"
 CAPTION_KEY = 400_000  # caption-folder prompts: the held-out captions in the order of rng((CAPTION_KEY, seed))
-MAX_NAMES = 12  # class names quoted in a refusal
 
 
 @dataclass(frozen=True)
@@ -177,13 +177,6 @@ def folder_spec(config: Any, data: str, holdout: int | str | None, seed: int | N
 
 
 # --- checks: refusals instead of meaningless numbers -----------------------------------------------
-
-def names_words(names: list[str] | tuple[str, ...] | None) -> str:
-    if not names:
-        return "(no classes)"
-    names = list(names)
-    return ", ".join(names[:MAX_NAMES]) + (f", ... ({len(names)} in all)" if len(names) > MAX_NAMES else "")
-
 
 def is_class_model(config: Any) -> bool:
     from ..conditioning import ClassConditioner, conditioner_for

@@ -40,7 +40,7 @@ from .classifiers import (
     save_classifier,
     scene_targets,
 )
-from .folder_data import DEFAULT_HOLDOUT, Folder, FolderSpec, first_image_format, split_layout
+from .folder_data import DEFAULT_HOLDOUT, Folder, FolderSpec, first_image_format, names_words, split_layout
 
 logger = logging.getLogger("daguerre.classifier")
 
@@ -225,9 +225,9 @@ def _labelled(folder: Folder, indices: np.ndarray) -> tuple[torch.Tensor, torch.
     return x, torch.from_numpy(folder.labels[kept])
 
 
-def load_folder_data(f: FolderTraining) -> FolderData:
-    """Read a folder classifier's images: the train split of `f.root` and the held-out split (or all of
-    `f.test_root`, whose classes must be the same; a dataset folder of train/ and test/: those two)."""
+def open_folders(f: FolderTraining) -> tuple[FolderTraining, Folder, Folder]:
+    """(`f` with a dataset folder's train/ and test/ filled in, the training folder, the test folder: the
+    training folder itself when the test images are its held-out split), checked: classes, images to test."""
     layout = split_layout(f.root) if f.test_root is None else None
     if layout is not None:
         f = replace(f, root=str(layout[0]), test_root=str(layout[1]))
@@ -241,22 +241,23 @@ def load_folder_data(f: FolderTraining) -> FolderData:
     if f.test_root:
         test = Folder(replace(spec, root=f.test_root, holdout=None))
         if test.class_names != folder.class_names:
-            raise ValueError(f"--test-data {f.test_root} has the classes {_names(test.class_names)}, --data "
-                             f"{f.root} has {_names(folder.class_names)}: give a test folder of the same classes")
+            raise ValueError(f"--test-data {f.test_root} has the classes {names_words(test.class_names)}, --data "
+                             f"{f.root} has {names_words(folder.class_names)}: give a test folder of the same classes")
     if len(folder.train) == 0 or len(test.held) == 0:
         raise ValueError(f"{len(folder.train)} training and {len(test.held)} test images: give a --holdout between "
                          f"1 and half of the {len(folder)} images of {f.root}, or a --test-data folder")
+    return f, folder, test
+
+
+def load_folder_data(f: FolderTraining) -> FolderData:
+    """Read a folder classifier's images: the train split of `f.root` and the held-out split (or all of
+    `f.test_root`, whose classes must be the same; a dataset folder of train/ and test/: those two)."""
+    f, folder, test = open_folders(f)
     description = {**folder.describe(), "train_images": len(folder.train), "flip": f.flip,
                    "test": {**test.describe(), "which": "all" if f.test_root else "held-out split",
                             "images": len(test.held)}}
-    return FolderData(list(folder.class_names), spec, _labelled(folder, folder.train), _labelled(test, test.held),
-                      description)
-
-
-def _names(names: list[str] | None) -> str:
-    if not names:
-        return "(no classes)"
-    return ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    return FolderData(list(folder.class_names), folder.spec, _labelled(folder, folder.train),
+                      _labelled(test, test.held), description)
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -407,14 +408,12 @@ def folder_test_data(record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor
     test = record["test"]
     f = FolderTraining(record["root"], test["root"] if test["which"] == "all" else None, holdout=record["holdout"],
                        data_seed=record["seed"], size=record["size"], channels=record["channels"])
-    for which, rec in (("training", record), ("test", test)):
-        if which == "test" and test["which"] != "all":
-            continue
-        spec = replace(f.spec(), root=rec["root"], holdout=None if which == "test" else f.holdout)
-        if Folder(spec).fingerprint != rec["fingerprint"]:
+    _, folder, test_folder = open_folders(f)
+    for which, rec, now in (("training", record, folder), ("test", test, test_folder)):
+        if now.fingerprint != rec["fingerprint"]:
             raise ValueError(f"the images of the {which} folder {rec['root']} changed since the classifier was "
                              "trained (another fingerprint): its recorded accuracy no longer applies")
-    return load_folder_data(f).test
+    return _labelled(test_folder, test_folder.held)
 
 
 @torch.no_grad()
