@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         accuracy = held_out_accuracy(model, info.config.kind, root=args.root, n=args.n, seed=args.seed)
         where = "Fashion-MNIST test split" if info.config.kind == "fashion_mnist" else f"{args.n} rendered test scenes"
     print(f"{args.file}: {info.config.kind} classifier, {count_parameters(model):,} parameters, trained "
-          f"{info.training.get('steps', '?')} steps in {info.training.get('seconds', '?')} s")
+          f"{info.training.get('steps', '?')} steps in {info.training.get('seconds', '?')} s"
+          + (f" ({info.training['cpu_seconds']} CPU s)" if "cpu_seconds" in info.training else ""))
     print(f"accuracy on the {where}: {format_accuracy(accuracy)}")
     for head, value in accuracy.items():
         print(f"  {head:<11} {100 * value:6.2f}%")
