@@ -230,3 +230,25 @@ def test_released_weights_lower_the_peak(two_large_networks):
     assert kept["peak"] > weights  # measured 280 MiB for 240 MiB of weights
     # the U-Net and the text encoder are never in memory together: measured 110 MiB less (the text encoder: 113)
     assert released["peak"] < kept["peak"] - 0.75 * min(kept["unet"], kept["text_encoder"])
+
+
+NO_DYNAMO = textwrap.dedent("""
+    import sys
+    from daguerre.cli import main
+
+    path, out, quantize = sys.argv[1], sys.argv[2], sys.argv[3]
+    assert main(["generate", "a cat", "--model", path, "--steps", "1", "--size", "64x64", "--dtype", "bf16",
+                 "--quantize", quantize, "--threads", "1", "--out", out]) == 0
+    import daguerre
+    daguerre.load(path, dtype="bf16", quantize=None if quantize == "none" else quantize)  # kept loaded
+    print("torch._dynamo" in sys.modules, "sympy" in sys.modules)
+""")
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_loading_and_generating_never_import_torch_dynamo(model_file, tmp_path, quantize):
+    """Networks built on the meta device run no initialisers and no meta kernels written in Python, whose first
+    use imports torch._dynamo and sympy: ~75 MiB of every process's peak (weights.strict)."""
+    out = subprocess.run([sys.executable, "-c", NO_DYNAMO, str(model_file), str(tmp_path / "x.png"), quantize],
+                         capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert out.stdout.split()[-2:] == ["False", "False"]  # (the CLI printed the image path first)

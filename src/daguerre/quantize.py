@@ -59,6 +59,9 @@ def _quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
     layer needs a few MiB of scratch memory, not several float32 copies of it; every element and every row's
     maximum are what the whole-tensor computation gives."""
     w = weight.detach()
+    if w.is_meta:  # a network built on the meta device: shapes only (and no meta kernels, weights.strict)
+        scale = torch.empty(w.shape[0], *([1] * (w.ndim - 1)), dtype=dtype, device="meta")
+        return torch.empty_strided(w.shape, w.stride(), dtype=torch.int8, device="meta"), scale
     # abs and max are exact in any float dtype, and rounding to float32 keeps the order: the same maximum
     absmax = w.reshape(w.shape[0], -1).abs().amax(1).float().clamp_min(torch.finfo(torch.float32).tiny)
     scale = (absmax / QMAX).to(dtype).reshape(-1, *([1] * (w.ndim - 1)))  # (out, 1, ...) in the compute dtype

@@ -47,6 +47,25 @@ def check_state_dict(
         raise ValueError(f"{what} weights do not match its config: {'; '.join(problems)}")
 
 
+# torch.nn.init's in-place initialisers: nothing to compute on the meta device
+_INITIALISERS = frozenset(getattr(torch.nn.init, name) for name in (
+    "constant_", "dirac_", "eye_", "kaiming_normal_", "kaiming_uniform_", "normal_", "ones_", "orthogonal_", "sparse_",
+    "trunc_normal_", "uniform_", "xavier_normal_", "xavier_uniform_", "zeros_"))
+
+
+class _WithoutInitialisers(torch.overrides.TorchFunctionMode):
+    """While a network is built on the meta device, its weight initialisers return their tensor untouched: there
+    are no values to set, and torch runs some of them on meta tensors (`normal_`, an embedding's) through Python
+    reference kernels whose first use imports torch._dynamo, ~75 MiB of resident memory that loading a model and
+    generating never need otherwise (docs/benchmarks.md, "Peak memory of Stable Diffusion 1.5")."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def instantiate(
     factory: Callable[[], nn.Module],
     sd: Mapping[str, torch.Tensor],
@@ -65,7 +84,7 @@ def instantiate(
     (what a partial read left out, `weights.partial`) stay on the meta device: those weights are not loaded."""
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
-    with torch.device("meta"):
+    with torch.device("meta"), _WithoutInitialisers():
         model = factory()
     expected = model.state_dict()
     check_state_dict(expected, sd, what, prefix)
