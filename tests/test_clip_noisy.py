@@ -41,6 +41,8 @@ def _noisy_clip(seed: int = 0, **space) -> NoisyCLIPModel:
     gen = torch.Generator().manual_seed(seed)
     init_clip_(model, gen)
     init_noise_embedding_(model, gen)
+    with torch.no_grad():  # as a trained model, the tower reads sigma (its initialisation starts blind to it)
+        model.noise_embedding.linear_2.weight.normal_(0, 0.2, generator=gen)
     return model.eval().requires_grad_(False)
 
 
@@ -90,6 +92,15 @@ def test_the_tower_reads_x_over_sqrt_sigma_squared_plus_sigma_data_squared():
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6))
     a, b = clip.encode_latents(x * np.sqrt(5.0), 2.0), clip.encode_latents(x * np.sqrt(2.0), 1.0)
     assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, clip.encode_latents(x, 1.0), atol=1e-3)
+
+
+def test_initialisation_starts_blind_to_sigma():
+    """What the tower adds to CLIP starts silent: the noise MLP's last layer is zero, so a tower taken from a pixel
+    CLIP starts as that CLIP (training/noisy_clip.take_image_tower_)."""
+    model = NoisyCLIPModel(_noisy_clip().clip_config)
+    init_noise_embedding_(model, torch.Generator().manual_seed(0))
+    assert not model.noise_embedding(torch.tensor([0.1, 10.0])).any()
+    assert model.vision_model.embeddings.patch_embedding.conv_in.weight.std() > 0
 
 
 def test_noise_embedding_distinguishes_levels():
@@ -328,8 +339,7 @@ def test_training_a_noise_aware_clip_resumes_bit_for_bit_and_exports(model_file,
     own, frozen = clip.state_dict(), text.state_dict()
     assert all(torch.equal(own[k], frozen[k].half().float()) for k in frozen
                if k.startswith(("text_model.", "text_projection.")))
-    assert not torch.equal(own["vision_model.embeddings.patch_embedding.weight"],
-                           build_untrained_patch(c))
+    assert not torch.equal(own["vision_model.embeddings.patch_embedding.proj.weight"], build_untrained_patch(c))
     zero_shot = c.provenance["zero_shot"]
     assert {"both_sigma_1", "shape_sigma_16", "both_mean"} <= set(zero_shot)
     assert c.provenance["text_tower"]["clip"] == text_file
@@ -342,7 +352,7 @@ def test_training_a_noise_aware_clip_resumes_bit_for_bit_and_exports(model_file,
 def build_untrained_patch(cfg: CLIPConfig) -> torch.Tensor:
     from daguerre.training.clip import build_clip
 
-    return build_clip(cfg, 0).vision_model.embeddings.patch_embedding.weight.detach().half().float()
+    return build_clip(cfg, 0).vision_model.embeddings.patch_embedding.proj.weight.detach().half().float()
 
 
 @pytest.mark.parametrize(("sets", "match"), [
@@ -365,3 +375,35 @@ def test_a_model_without_a_recorded_autoencoder_is_refused(text_file, tmp_path):
     cfg = load_run_config(None, "clip", [*sets, "model.latent_space.model=random:tiny"])
     with pytest.raises(ValueError, match="config key model.latent_space.model: model 'random:tiny'"):
         train_clip(cfg, tmp_path / "run")
+
+
+def test_init_image_tower_takes_the_transformer_and_fits_the_stem(model_file, text_file, tmp_path, monkeypatch):
+    """loss.init_image_tower: the transformer and projection are the text_tower CLIP's (the same 4 x 4 token grid
+    here), the stem is fitted to its patch tokens (its error falls from a fresh stem's), the temperature is the
+    config's; with a learning rate of 0 the file holds exactly that start."""
+    from daguerre.training import noisy_clip
+    from daguerre.training.clip import train_clip
+    from daguerre.training.config import load_run_config
+
+    errors = []
+    fit = noisy_clip.fit_stem_
+    monkeypatch.setattr(noisy_clip, "STEM_FIT_STEPS", 60)
+    monkeypatch.setattr("daguerre.training.clip.fit_stem_", lambda *a: errors.append(fit(*a)) or errors[-1])
+    sets = [*_run_sets(model_file, text_file), "loss.init_image_tower=true", "train.steps=1", "train.lr=0",
+            "train.min_lr=0", "loss.distill=0"]
+    clip = load_clip(train_clip(load_run_config(None, "clip", sets), tmp_path / "run"))
+    text = load_clip(text_file)
+    own, source = clip.state_dict(), text.state_dict()
+    taken = [k for k in source if k.startswith(("vision_model.encoder.", "visual_projection."))]
+    assert taken and all(torch.equal(own[k], source[k].half().float()) for k in taken)
+    assert float(clip.logit_scale) == pytest.approx(clip.clip_config.logit_scale_init, abs=1e-2)
+    assert len(errors) == 1 and errors[0] < 0.9  # a fresh stem's relative error is about 1 or more
+
+
+def test_init_image_tower_needs_the_same_tower(noisy_file):
+    from daguerre.training.noisy_clip import take_image_tower_
+
+    other = CLIPModel(CLIPConfig(name="wide", text_encoder=TEXT, vision=VisionConfig(
+        image_size=32, patch_size=8, width=64, layers=1, heads=2, mlp_dim=64)))
+    with pytest.raises(ValueError, match="config key loss.init_image_tower: vision_model"):
+        take_image_tower_(load_clip(noisy_file), other)

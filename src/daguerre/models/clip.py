@@ -168,8 +168,9 @@ def init_clip_(model: CLIPModel, generator: torch.Generator | None = None) -> CL
     width = cfg.vision.width
     normal_(vemb.class_embedding, width ** -0.5)
     normal_(vemb.position_embedding.weight, width ** -0.5)
-    fan_in = cfg.vision.channels * cfg.vision.patch_size ** 2
-    normal_(vemb.patch_embedding.weight, fan_in ** -0.5)
+    if isinstance(vemb.patch_embedding, nn.Conv2d):  # (a noise-aware CLIP's stem: models/noisy_clip.py)
+        fan_in = cfg.vision.channels * cfg.vision.patch_size ** 2
+        normal_(vemb.patch_embedding.weight, fan_in ** -0.5)
     normal_(model.text_projection.weight, cfg.text_encoder.width ** -0.5)
     normal_(model.visual_projection.weight, width ** -0.5)
     with torch.no_grad():

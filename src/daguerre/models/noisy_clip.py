@@ -46,6 +46,20 @@ class NoiseEmbedding(nn.Module):
         return self.linear_2(nn.functional.silu(self.linear_1(features)))
 
 
+class LatentStem(nn.Module):
+    """Latents (B, C, h, w) -> patch tokens (B, width, h/p, w/p): a 3x3 convolution over the latent grid, GELU,
+    and the p x p patch convolution (a convolutional stem in place of ViT's linear patch embedding: a latent
+    patch alone does not say what its pixels are, its neighbours help)."""
+
+    def __init__(self, channels: int, width: int, patch: int) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
+        self.proj = nn.Conv2d(width, width, patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(nn.functional.gelu(self.conv_in(x)))
+
+
 class NoisyCLIPModel(CLIPModel):
     """CLIP whose image tower reads noisy latents and sigma (module docstring): `encode_latents(x, sigma)`
     gives the image embeddings; the text tower, `encode_text` and `logits` are CLIP's. It reads no pixels:
@@ -56,7 +70,10 @@ class NoisyCLIPModel(CLIPModel):
             raise ValueError(f"a noise-aware CLIP needs image_input 'latents' and a latent_space; config "
                              f"{cfg.name!r} has image_input {cfg.image_input!r}")
         super().__init__(cfg)
-        self.noise_embedding = NoiseEmbedding(cfg.vision.width)
+        v = cfg.vision
+        # the patch embedding reads latents through a convolutional stem (CLIPVisionEmbeddings calls it as before)
+        self.vision_model.embeddings.patch_embedding = LatentStem(v.channels, v.width, v.patch_size)
+        self.noise_embedding = NoiseEmbedding(v.width)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -100,12 +117,18 @@ def build_clip_model(cfg: CLIPConfig) -> CLIPModel:
 
 
 def init_noise_embedding_(model: NoisyCLIPModel, generator: torch.Generator | None = None) -> None:
-    """The noise MLP's initialisation for training from scratch: normal weights of std width^-0.5, zero biases."""
-    width = model.noise_embedding.width
+    """The initialisation of what a noise-aware CLIP adds to CLIP: the stem's convolutions and the noise MLP's
+    first layer normal with std fan_in^-0.5, zero biases, and the MLP's last layer zero (the tower starts blind
+    to sigma, as a U-Net's zero-initialised output layers start silent: a tower taken from a pixel CLIP then
+    starts as it was)."""
+    stem = model.vision_model.embeddings.patch_embedding
     with torch.no_grad():
-        for linear in (model.noise_embedding.linear_1, model.noise_embedding.linear_2):
-            linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) / math.sqrt(width))
-            linear.bias.zero_()
+        for layer in (model.noise_embedding.linear_1, stem.conv_in, stem.proj):
+            fan_in = layer.weight[0].numel()
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) / math.sqrt(fan_in))
+            layer.bias.zero_()
+        model.noise_embedding.linear_2.weight.zero_()
+        model.noise_embedding.linear_2.bias.zero_()
 
 
 def check_latent_space(cfg: CLIPConfig, model: ModelConfig, model_name: str, latent_hw: tuple[int, int]) -> None:

@@ -57,7 +57,15 @@ from .ema import EMA
 from .export import SAVE_DTYPES
 from .log import RunLogger
 from .loop import RunSummary, Setup, autocast, check_writable, make_optimizer, run, wrap_ddp
-from .noisy_clip import LatentInputs, LatentSource, frozen_text_tower, noise_level_zero_shot, take_text_tower_
+from .noisy_clip import (
+    LatentInputs,
+    LatentSource,
+    fit_stem_,
+    frozen_text_tower,
+    noise_level_zero_shot,
+    take_image_tower_,
+    take_text_tower_,
+)
 
 logger = logging.getLogger("daguerre.train")
 CLIP_FILE = "clip.safetensors"
@@ -258,6 +266,9 @@ class CLIPStage:
             sha = self.text_tower["sha256"] if self.text_tower else ""
             self.inputs = LatentInputs(cfg, data, self.source, setup.out, env, text, sha)
             self.pool = self.inputs.pool
+            if cfg.loss.init_image_tower and setup.fresh:  # (a resume has its own weights)
+                take_image_tower_(model, text)
+                fit_stem_(model, text, self.inputs, data, t.seed)
         self.holdout = None
         if env.is_main and cfg.data.kind == "folder" and len(data.holdout):
             self.holdout = load_items(data, data.holdout[:RETRIEVAL_IMAGES])

@@ -261,6 +261,9 @@ class CLIPLossConfig:
     # a distillation term, 1 - cos(E_I(x_t, sigma), E_I'(x0)), the text_tower CLIP's image embedding E_I' of
     # the clean image as the target (at high noise its best value is the expected embedding given x_t)
     distill: float = 0.0
+    # noise-aware CLIPs with a text_tower CLIP: start the image tower's transformer and projection (a fitted stem)
+    # from that CLIP's (same token grid, width and layers); the noise embedding and temperature are fresh
+    init_image_tower: bool = False
 
 
 @dataclass
@@ -608,6 +611,9 @@ def check_clip_run(cfg: RunConfig) -> None:
     if lc.distill < 0 or (lc.distill and (cfg.model.image_input != "latents" or not lc.text_tower)):
         raise ValueError(f"config key loss.distill: {lc.distill} must be >= 0, and > 0 only for a noise-aware CLIP "
                          "(model.image_input = 'latents') with a loss.text_tower CLIP to distil from")
+    if lc.init_image_tower and (cfg.model.image_input != "latents" or not lc.text_tower):
+        raise ValueError("config key loss.init_image_tower: only for a noise-aware CLIP (model.image_input = "
+                         "'latents') with a loss.text_tower CLIP to start from")
     if lc.subset_negatives and cfg.data.kind != "shapes":
         raise ValueError(f"config key loss.subset_negatives: needs the shapes world's scenes (data.kind = 'shapes'), "
                          f"not {cfg.data.kind!r}")

@@ -115,6 +115,68 @@ def take_text_tower_(model: CLIPModel, source: CLIPModel) -> None:
     model.text_projection.requires_grad_(False)
 
 
+def take_image_tower_(model: NoisyCLIPModel, source: CLIPModel) -> int:
+    """Start `model`'s image tower from pixel CLIP `source`'s (`loss.init_image_tower`): its class token, position
+    embeddings, layer norms, transformer layers and visual projection; the stem, the noise embedding and the
+    temperature (model.logit_scale_init: noisy images call for a softer one than clean images) stay as
+    initialised (the stem is then fitted, `fit_stem_`, to read latents as `source`'s patch embedding reads pixels). The
+    two towers must have the same token grid, width and layers: ValueError naming the first tensor that differs.
+    Returns the tensors taken."""
+    own = model.state_dict()
+    take = {k: v for k, v in source.state_dict().items()
+            if k.startswith(("vision_model.", "visual_projection.")) and not k.startswith(STEM_PREFIX)}
+    for k, v in take.items():
+        if k not in own or own[k].shape != v.shape:
+            shape = tuple(own[k].shape) if k in own else "absent"
+            raise ValueError(f"config key loss.init_image_tower: {k} of the text_tower CLIP is {tuple(v.shape)}, the "
+                             f"run's image tower's {shape}: give model.vision the text_tower CLIP's width, layers, "
+                             "heads and MLP, and a token grid of its size")
+    model.load_state_dict(take, strict=False)
+    return len(take)
+
+
+STEM_PREFIX = "vision_model.embeddings.patch_embedding."
+STEM_FIT_IMAGES = 2048  # training images whose patch tokens the stem is fitted to
+STEM_FIT_STEPS = 1000  # Adam steps of the fit, batch STEM_FIT_BATCH, learning rate STEM_FIT_LR
+STEM_FIT_BATCH = 64
+STEM_FIT_LR = 2e-3
+
+
+def fit_stem_(model: NoisyCLIPModel, source: CLIPModel, inputs: LatentInputs, data: TrainData,
+              seed: int) -> float:
+    """Fit `model`'s stem to read clean latents as `source`'s patch embedding reads the pixels they encode: Adam
+    on the mean squared difference of the patch tokens over the first STEM_FIT_IMAGES training images, the rest of
+    the model untouched (`loss.init_image_tower`: without it the transformer taken from `source` would first see
+    random tokens, and their large gradients undo it). Draws from a generator seeded `seed`; returns the final
+    error relative to the tokens' variance."""
+    stem = model.vision_model.embeddings.patch_embedding
+    n = min(STEM_FIT_IMAGES, len(inputs))
+    rows = np.arange(n)
+    device = next(stem.parameters()).device
+    with torch.no_grad():
+        pixels = images_of(load_items(data, inputs.dataset_index[rows]))
+        target = torch.cat([source.vision_model.embeddings.patch_embedding(source.preprocess(chunk.to(device)))
+                            for chunk in pixels.split(TEACHER_BATCH)])  # (n, width, g, g)
+        space = inputs.source.space
+        z0 = ((inputs.lat.mean[torch.from_numpy(rows), 0] - space.shift_factor) * space.scale_factor).to(device)
+        u = z0 / (space.sigma_min**2 + space.sigma_data**2) ** 0.5  # what the tower reads at the lowest noise
+    variance = target.var(dim=(0, 2, 3)).mean()
+    opt = torch.optim.Adam(stem.parameters(), lr=STEM_FIT_LR)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(STEM_FIT_STEPS):
+        batch = torch.randint(n, (STEM_FIT_BATCH,), generator=gen).to(device)
+        loss = (stem(u[batch]) - target[batch]).pow(2).mean() / variance
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        error = float(sum((stem(a) - b).pow(2).sum() for a, b in zip(u.split(256), target.split(256), strict=True))
+                      / target.numel() / variance)
+    logger.info("stem fitted to %s's patch tokens on %d clean latents: relative error %.3f", source.clip_config.name,
+                n, error)
+    return error
+
+
 class LatentInputs:
     """What a noise-aware CLIP run reads besides the loop's stream: the cached posteriors of the training images
     (`latents.LatentSet`, rows in the order of data.train_pool), the model's sigma table, the frozen text
