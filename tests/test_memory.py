@@ -252,3 +252,38 @@ def test_loading_and_generating_never_import_torch_dynamo(model_file, tmp_path, 
     out = subprocess.run([sys.executable, "-c", NO_DYNAMO, str(model_file), str(tmp_path / "x.png"), quantize],
                          capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert out.stdout.split()[-2:] == ["False", "False"]  # (the CLI printed the image path first)
+
+
+MAPPED = textwrap.dedent("""
+    import ctypes, sys
+    import torch
+    from daguerre.memory import mapped_allocations
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Info
+
+    def mapped_by(nbytes):  # bytes of memory mappings a new block of nbytes adds
+        before = libc.mallinfo2().hblkhd
+        block = torch.empty(nbytes, dtype=torch.uint8)
+        return libc.mallinfo2().hblkhd - before
+
+    MiB = 2**20
+    with mapped_allocations():
+        inside = mapped_by(2 * MiB)
+    after_small, after_large = mapped_by(2 * MiB), mapped_by(40 * MiB)
+    print(inside >= 2 * MiB, after_small == 0, after_large >= 40 * MiB)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize("user_setting", [False, True])
+def test_a_load_maps_its_blocks_and_the_run_uses_the_heap(user_setting):
+    """Inside `mapped_allocations` (what a released part is read again with) a 2 MiB block gets its own mapping;
+    after it blocks below 32 MiB come from the heap again, larger ones are mapped. A user's MALLOC_MMAP_THRESHOLD_
+    is left alone (here 64 MiB: nothing below it is mapped, inside or after)."""
+    env = {"OMP_NUM_THREADS": "1", "PATH": ""} | ({"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20)} if user_setting else {})
+    out = subprocess.run([sys.executable, "-c", MAPPED], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == (["False", "True", "False"] if user_setting else ["True", "True", "True"])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import ModelConfig
-from .memory import trim
+from .memory import mapped_allocations, trim
 
 if TYPE_CHECKING:  # imported for annotations only: keep `import daguerre` light
     import torch
@@ -91,7 +91,8 @@ class Components:
             raise ReleasedError(f"the {_titles(missing)} of model {self.config.name!r} {_was(missing)} released, "
                                 "and these components have no file to read it from: open the model again "
                                 "(daguerre.load / registry.open_model)")
-        fresh = self.source.read(frozenset(missing), self.source.dtype)
+        with mapped_allocations():  # the weights outside the heap, a read's temporaries leave no holes in it
+            fresh = self.source.read(frozenset(missing), self.source.dtype)
         if fresh.config != self.config:
             raise ValueError(f"{self.source.name} no longer holds the model it held when it was opened (its config "
                              f"differs): reading its {_titles(missing)} again would mix two models; open it again")
