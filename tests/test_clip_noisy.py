@@ -310,7 +310,7 @@ def _run_sets(model_file: str, text_file: str) -> list[str]:
             "loss.subset_negatives=true", 'loss.swap_words=[["circle", "square", "star"]]']
 
 
-def test_training_a_noise_aware_clip_resumes_bit_for_bit_and_exports(model_file, text_file, tmp_path):
+def test_training_a_noise_aware_clip_resumes_bit_for_bit_and_exports(model_file, text_file, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from daguerre.cli import main
@@ -329,7 +329,7 @@ def test_training_a_noise_aware_clip_resumes_bit_for_bit_and_exports(model_file,
     clip = load_clip(whole)
     c = clip.clip_config
     assert isinstance(clip, NoisyCLIPModel) and clip.latent_shape == (4, 16, 16)
-    assert c.latent_space.vae_sha256 == VAE_SHA and c.latent_space.model == "tiny-latents"
+    assert c.latent_space.vae_sha256 == VAE_SHA and c.latent_space.model == model_file
     from daguerre.diffusion.schedules import model_sigmas
 
     sigmas = model_sigmas(preset("tiny").schedule)  # the model's own sigma table
@@ -343,6 +343,10 @@ def test_training_a_noise_aware_clip_resumes_bit_for_bit_and_exports(model_file,
     zero_shot = c.provenance["zero_shot"]
     assert {"both_sigma_1", "shape_sigma_16", "both_mean"} <= set(zero_shot)
     assert c.provenance["text_tower"]["clip"] == text_file
+    capsys.readouterr()
+    assert main(["train", "zero-shot", str(whole), "--n", "4"]) == 0  # at each noise level, on its model's latents
+    printed = capsys.readouterr().out
+    assert "shapes both_sigma_1: " in printed and "shapes shape_sigma_16: " in printed
     out = tmp_path / "exported.safetensors"
     assert main(["train", "export", str(tmp_path / "whole"), "--step", "4", "--out", str(out)]) == 0
     exported, final = load_file(str(out)), load_file(str(whole))

@@ -187,7 +187,7 @@ class LatentSpaceConfig:
     model's noisy latents x = z0 + sigma eps, z0 = (VAE latent - shift_factor) * scale_factor, the sampler's
     own variables. Guidance refuses a model whose autoencoder is not `vae_sha256` or whose latents differ."""
 
-    model: str = ""  # the diffusion model it was trained with (its name), for messages
+    model: str = ""  # the diffusion model it was trained with (a shipped name, or the path given)
     model_sha256: str = ""  # that model file's sha256 (provenance)
     vae_sha256: str = ""  # the autoencoder's identity: the sha256 of the VAE file the diffusion model was trained on
     scale_factor: float = 1.0  # the model's latent scale and shift

@@ -190,7 +190,12 @@ def _zero_shot(args: argparse.Namespace) -> dict:
     kind = args.dataset or model.clip_config.provenance.get("data", {}).get("kind", "shapes")
     if kind not in ("shapes", "fashion_mnist"):
         raise ValueError(f"{args.clip} was trained on {kind!r} data; choose --dataset shapes or fashion_mnist")
-    result = {kind: zero_shot(model, kind, args.n, root=args.root)}
+    if model.clip_config.latent_space is not None:  # noise-aware: the shapes world at each noise level
+        from ..training.noisy_clip import noisy_zero_shot
+
+        result = {kind: noisy_zero_shot(model, kind, args.n)}
+    else:
+        result = {kind: zero_shot(model, kind, args.n, root=args.root)}
     for k, v in result[kind].items():
         print(f"{kind} {k}: {v:.4f}" if isinstance(v, float) else f"{kind} {k}: {v}")
     return result

@@ -26,7 +26,6 @@ import copy
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +62,7 @@ class LatentSource:
         self.vae = comps.vae.eval().requires_grad_(False)
         self.sigmas = model_sigmas(mcfg.schedule).float()  # (T,) ascending: sigma of each training timestep
         self.space = LatentSpaceConfig(
-            model=Path(spec).stem, model_sha256=str(model_file(spec)["sha256"] or ""), vae_sha256=vae_sha,
+            model=spec, model_sha256=str(model_file(spec)["sha256"] or ""), vae_sha256=vae_sha,
             scale_factor=mcfg.vae.scale_factor, shift_factor=mcfg.vae.shift_factor,
             sigma_min=float(self.sigmas[0]), sigma_max=float(self.sigmas[-1]))
         self.vae_sha256 = vae_sha
@@ -302,7 +301,17 @@ def noise_level_zero_shot(model: NoisyCLIPModel, source: LatentSource, n: int,
     return out
 
 
-def describe_inputs(inputs: LatentInputs) -> dict[str, Any]:
-    """What the provenance of a noise-aware CLIP records about its inputs."""
-    return {"latent_images": len(inputs), "latent_cache": str(inputs.lat.folder),
-            "distilled": inputs.teacher is not None}
+def noisy_zero_shot(model: NoisyCLIPModel, kind: str, n: int) -> dict[str, float]:
+    """`noise_level_zero_shot` of a noise-aware CLIP on the latents of the model it names (its latent_space.model,
+    a shipped name), which must be the one it was trained on (`check_latent_space`); shapes world only."""
+    from ..models.noisy_clip import check_latent_space
+
+    if kind != "shapes":
+        raise ValueError(f"a noise-aware CLIP's zero-shot accuracy is measured on the shapes world, not {kind!r}")
+    if n < 1:
+        raise ValueError(f"zero-shot evaluation needs at least 1 image, got {n}")
+    space = model.clip_config.latent_space
+    source = LatentSource(space.model, model.logit_scale.device)
+    size = model.latent_shape[-1]
+    check_latent_space(model.clip_config, source.model_config, space.model, (size, size))
+    return noise_level_zero_shot(model, source, n)
