@@ -326,6 +326,14 @@ def test_training_a_noise_aware_clip_resumes_bit_for_bit_and_exports(model_file,
     b = load_file(str(paused / "checkpoints" / "step_00000004" / "state.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "ema.", "optim.")))
 
+    # with the frozen tower, each image's hard negatives were drawn and embedded once, and kept beside the latents
+    from safetensors import safe_open
+
+    (negatives,) = (tmp_path / "whole" / "latents").rglob("negatives_*.safetensors")
+    with safe_open(str(negatives), framework="pt") as f:
+        texts, rows = json.loads(f.metadata()["texts"]), f.get_slice("embeds").get_shape()[0]
+    assert len(texts) == 48 and sum(map(len, texts)) == rows > 48
+
     clip = load_clip(whole)
     c = clip.clip_config
     assert isinstance(clip, NoisyCLIPModel) and clip.latent_shape == (4, 16, 16)

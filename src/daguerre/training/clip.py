@@ -29,6 +29,8 @@ results in its config; `daguerre train export RUN` writes the same file from any
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import re
@@ -222,6 +224,7 @@ class CLIPStage:
         self.source: LatentSource | None = None  # a noise-aware CLIP's diffusion model (training/noisy_clip.py)
         self.inputs: LatentInputs | None = None
         self.text_tower: dict[str, str] | None = None  # a frozen text tower's CLIP: {"clip", "sha256"}
+        self.negatives: FixedNegatives | None = None
 
     def prepare(self, env: dist.DistEnv) -> None:
         """Before the run folder: what the stage cannot do."""
@@ -266,6 +269,8 @@ class CLIPStage:
             sha = self.text_tower["sha256"] if self.text_tower else ""
             self.inputs = LatentInputs(cfg, data, self.source, setup.out, env, text, sha)
             self.pool = self.inputs.pool
+            if text is not None:  # a frozen tower: each image's hard negatives drawn and embedded once
+                self.negatives = fixed_negatives(self.inputs, text, cfg.loss, t.seed)
             if cfg.loss.init_image_tower and setup.fresh:  # (a resume has its own weights)
                 take_image_tower_(model, text)
                 fit_stem_(model, text, self.inputs, data, t.seed)
@@ -311,11 +316,16 @@ class CLIPStage:
             captions = [str(it.get("caption", "")) for it in items]
             gens = [dist.sample_generator(t.seed, "clip", int(p)) for p in positions]
             x = self.clip.preprocess(augment(images_of(items), gens, lc).to(device))
-        negatives = hard_negatives(captions, lc.swap_words, gens)
-        if self.inputs is not None and lc.subset_negatives:
-            negatives += self.inputs.subset_negatives(rows, gens)
-        texts = captions + negatives  # captions first, then negatives
-        text_in = self._text_input(texts, rows)
+        if self.negatives is not None:  # drawn and embedded once per image
+            negatives, negative_embeds = self.negatives.of(rows)
+            texts = captions + negatives
+            text_in = torch.cat([self.inputs.caption_embeds[torch.from_numpy(rows)], negative_embeds]).to(device)
+        else:
+            negatives = hard_negatives(captions, lc.swap_words, gens)
+            if self.inputs is not None and lc.subset_negatives:
+                negatives += self.inputs.subset_negatives(rows, gens)
+            texts = captions + negatives  # captions first, then negatives
+            text_in = self._text_input(texts, rows)
         targets = positive_targets(captions, texts).to(device)
         with dist.maybe_no_sync(self.ddp, not sync):
             with autocast(device, t.bf16):
@@ -402,6 +412,60 @@ def evaluate_clip(model: CLIPModel, cfg: RunConfig, holdout: list[dict[str, Any]
         return zs.zero_shot(model, cfg.data.kind, n, root=root, size=cfg.data.size)
     finally:
         model.train(was_training)
+
+
+class FixedNegatives:
+    """Each cache row's hard negatives, drawn once, and their embeddings by a frozen text tower (`fixed_negatives`)."""
+
+    def __init__(self, texts: list[list[str]], embeds: torch.Tensor) -> None:
+        self.texts, self.embeds = texts, embeds
+        self.offsets = np.concatenate([[0], np.cumsum([len(t) for t in texts])])
+
+    def of(self, rows: np.ndarray) -> tuple[list[str], torch.Tensor]:
+        """The negatives of `rows` in order, and their embeddings (M, D)."""
+        texts = [t for r in rows for t in self.texts[int(r)]]
+        index = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in rows] or [np.zeros(0, int)])
+        return texts, self.embeds[torch.from_numpy(index.astype(np.int64))]
+
+
+def fixed_negatives(inputs: LatentInputs, text: CLIPModel, lc: CLIPLossConfig, seed: int) -> FixedNegatives:
+    """Per cache row of a latent run with a frozen text tower, its hard negatives drawn once from a generator of
+    its own (seed, "clip-negatives", row): the word swaps of `lc.swap_words` (`hard_negatives`) and with
+    `lc.subset_negatives` a part of its scene; embedded once by `text` (embedding them at every step cost as much
+    as the image tower's forward and backward). Kept in the latent cache folder, keyed by what they depend on."""
+    from safetensors.torch import load_file
+
+    from ..fileio import atomic_save_safetensors
+    from ..untrusted import parse_json
+
+    key = json.dumps({"text": text.clip_config.to_json(), "swap": lc.swap_words, "subset": lc.subset_negatives,
+                      "seed": seed, "rows": len(inputs)}, sort_keys=True)
+    path = inputs.lat.folder / f"negatives_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            texts = parse_json(f.metadata()["texts"], f"{path}: the negatives metadata")
+        return FixedNegatives(texts, load_file(str(path))["embeds"])
+    texts = []
+    for r in range(len(inputs)):
+        g = dist.sample_generator(seed, "clip-negatives", r)
+        row = np.array([r])
+        own = hard_negatives(inputs.captions(row), lc.swap_words, [g])
+        if lc.subset_negatives:
+            own += inputs.subset_negatives(row, [g])
+        texts.append(own)
+    flat = [t for own in texts for t in own]
+    logger.info("embedding %d hard negatives of %d training images once -> %s", len(flat), len(texts), path)
+    eos = text.clip_config.text_encoder.eos_token_id
+    tokenizer = zs.clip_tokenizer(text.clip_config)
+    device = text.logit_scale.device
+    with torch.no_grad():
+        embeds = [text.encode_text(window_ids(tokenizer, flat[i:i + zs.BATCH], eos).to(device)).float().cpu()
+                  for i in range(0, len(flat), zs.BATCH)]
+    result = FixedNegatives(texts, torch.cat(embeds) if embeds else torch.zeros(0, text.clip_config.projection_dim))
+    atomic_save_safetensors({"embeds": result.embeds.contiguous()}, path, {"texts": json.dumps(texts)})
+    return result
 
 
 def _count(module: nn.Module) -> int:
