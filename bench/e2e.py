@@ -6,7 +6,8 @@ weights. One image, 20 steps of DPM++ 2M, CFG 7, at 256x256 and 512x512: text en
 decode and the PNG file, timed from the prompt to the file on disk.
 
 - daguerre: `daguerre.load(folder, **load)` and `pipe(prompt, **fields)`; the variants add fields or
-  load options (`--fast`, int8 weights).
+  load options (`--fast`, int8 weights; `daguerre one-shot`: `release_after_use=True`, the path of `daguerre
+  generate`, whose timed image includes reading each network from the folder again).
 - diffusers: `StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)`, its U-Net
   and VAE in channels_last, `DPMSolverMultistepScheduler` (DPM++ 2M).
 
@@ -45,6 +46,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "daguerre fp32": ("daguerre", {"dtype": "fp32"}, {}),
     "daguerre --fast": ("daguerre", {}, {"fast": True}),
     "daguerre int8": ("daguerre", {"quantize": "int8"}, {}),
+    "daguerre one-shot": ("daguerre", {"release_after_use": True}, {}),  # daguerre generate's path: reads per call
     "diffusers": ("diffusers", {}, {}),
 }
 DEFAULT_VARIANTS = ["daguerre", "daguerre --fast", "daguerre int8", "diffusers"]

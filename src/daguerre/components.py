@@ -50,10 +50,9 @@ class Components:
 
     @property
     def device(self) -> torch.device:
-        """The device the networks run on (the one they are read to while released)."""
-        if self.source is not None:
-            return self.source.device
-        return next(self.unet.parameters()).device
+        """The device the networks run on: the U-Net's, or while it is released the one it is read to."""
+        device = next(self.unet.parameters()).device
+        return self.source.device if device.type == "meta" and self.source is not None else device
 
     def modules_of(self, part: str) -> list[nn.Module]:
         """The modules that hold `part`'s weights (none for the text encoder of a model without one)."""
@@ -163,8 +162,9 @@ class _Refuse:
         self.name, self.part = components.config.name, part
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        raise ReleasedError(f"the {PART_TITLES[self.part]} of model {self.name!r} was released after use "
-                            f"(release_after_use): call components.acquire({self.part!r}) to read it again first")
+        raise ReleasedError(f"the {PART_TITLES[self.part]} of model {self.name!r} was released (a one-shot run, "
+                            f"release_after_use, frees each network after use): call components.acquire("
+                            f"{self.part!r}) to read it again first")
 
 
 def _take_tensors(mine: nn.Module, theirs: nn.Module, part: str) -> None:
