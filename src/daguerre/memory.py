@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 LOAD_MMAP_THRESHOLD = 1 << 20  # bytes: blocks at least this large get their own mapping while a load runs
 # glibc's DEFAULT_MMAP_THRESHOLD_MAX (4 MiB * sizeof(long): 32 MiB on 64-bit), where its dynamic threshold ends up
 # once a large block has been freed (a model load frees many): the threshold after a load
@@ -72,6 +72,7 @@ def mapped_allocations() -> Iterator[None]:
     finally:
         if mallopt is not None:
             mallopt(M_MMAP_THRESHOLD, RUN_MMAP_THRESHOLD)
+            mallopt(M_TRIM_THRESHOLD, 2 * RUN_MMAP_THRESHOLD)  # what glibc's dynamic threshold sets beside it
 
 
 def trim() -> bool:
