@@ -287,3 +287,9 @@ def test_a_load_maps_its_blocks_and_the_run_uses_the_heap(user_setting):
     env = {"OMP_NUM_THREADS": "1", "PATH": ""} | ({"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20)} if user_setting else {})
     out = subprocess.run([sys.executable, "-c", MAPPED], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split() == (["False", "True", "False"] if user_setting else ["True", "True", "True"])
+
+
+def test_a_random_model_stays_loaded():
+    """A random: model has no file to read a part from (it would be built whole again each time): kept loaded."""
+    comps, _ = open_model("random:tiny", release_after_use=True)
+    assert all(comps.resident(p) for p in PARTS) and not comps.release_after_use

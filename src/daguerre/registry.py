@@ -57,13 +57,15 @@ def open_model(
     generate`) no network's weights are read yet (only the configs, the tokenizer and the small tensors):
     every part starts released, is read when a pipeline acquires it and released when the pipeline is done
     with it (`Components.done_with`), so a run holds the text encoder, the U-Net and the VAE decoder one after
-    the other; each run reads them again.
+    the other; each run reads them again. A `random:` model has no file: it is built whole for any part, so
+    it stays loaded (`release_after_use` does nothing for it).
     """
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZE_CHOICES)}")
     if release_after_use and compile:
         raise ValueError("compile and release_after_use do not go together: the compiled U-Net keeps frozen copies "
                          "of its weights, which cannot be released; keep the model loaded to compile it")
+    release_after_use = release_after_use and not (spec or default_model_name()).startswith(RANDOM_PREFIX)
     parts = frozenset() if release_after_use else frozenset(PARTS)
     comps, model_hash = _open_parts(spec, device, dtype, quantize, parts, compile)
     if not compile:  # a compiled U-Net holds its weights in its graph: nothing to release, nothing to read again
