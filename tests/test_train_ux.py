@@ -33,6 +33,16 @@ from test_training_loop import SETS as TOY_SETS
 from test_training_loop import ToyStage
 from test_training_runs import CONFIGS, QUIET, _class_folder
 
+
+@pytest.fixture(autouse=True)
+def _sigint_as_in_a_terminal():
+    """A run keeps SIGINT ignored when it starts ignored (`nohup cmd &`: the shell's rule for background jobs), so
+    these tests start from Python's own Ctrl-C handler, however pytest itself was started."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 VAE_SETS = [*QUIET, "data.n=16", "data.holdout=4", "train.batch_size=4", "train.steps=6", "train.log_every=2",
             "train.checkpoint_every=3"]
 
