@@ -419,3 +419,29 @@ def test_init_image_tower_needs_the_same_tower(noisy_file):
         image_size=32, patch_size=8, width=64, layers=1, heads=2, mlp_dim=64)))
     with pytest.raises(ValueError, match="config key loss.init_image_tower: vision_model"):
         take_image_tower_(load_clip(noisy_file), other)
+
+
+def test_the_server_guides_with_a_served_noise_aware_clip_and_refuses_a_mismatch(pipe, noisy_file):
+    from daguerre.server.app import Server
+
+    body = {"prompt": PROMPT, "steps": 2, "seed": 4, "cfg_scale": 0, "clip_guidance": 300, "clip_model": noisy_file}
+    status, _, answer = Server(pipe, "tiny-latents", clips=(noisy_file,)).handle(
+        "POST", "/sdapi/v1/txt2img", json.dumps(body).encode())
+    assert status == 200, answer
+    assert "CLIP guidance: 300" in json.loads(json.loads(answer)["info"])["infotexts"][0]
+    other = Server(daguerre.load("random:tiny", dtype="fp32"), "tiny", clips=(noisy_file,))
+    status, _, answer = other.handle("POST", "/sdapi/v1/txt2img", json.dumps(body).encode())
+    assert status == 422 and "noise-aware" in json.loads(answer)["detail"]
+
+
+def test_a_guided_request_without_a_sampler_takes_the_ancestral_one():
+    from daguerre.pipelines.request import GUIDED_SAMPLER, GenerationRequest
+
+    shapes = preset("tiny")
+    shapes.defaults = {"sampler": "DPM++ 2M", "schedule": "Uniform", "steps": 25, "cfg_scale": 4.0}
+    guided = GenerationRequest(prompt=PROMPT, clip_guidance=500, clip_model="c").validate(shapes)
+    assert guided.sampler == GUIDED_SAMPLER == "Euler a" and guided.schedule == "Uniform" and guided.steps == 25
+    named = GenerationRequest(prompt=PROMPT, clip_guidance=500, clip_model="c", sampler="Heun").validate(shapes)
+    assert named.sampler == "Heun"
+    assert GenerationRequest(prompt=PROMPT).validate(shapes).sampler == "DPM++ 2M"
+    assert GenerationRequest(prompt=PROMPT, clip_guidance=0).validate(shapes).sampler == "DPM++ 2M"

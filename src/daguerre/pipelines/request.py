@@ -98,6 +98,10 @@ MAX_TOME_RATIO = 0.75  # token merging: the sources are 3 of every 2x2 cell (nn/
 # image, chosen by measurement on the shipped shapes model (docs/clip.md)
 CLIP_GUIDANCE = 500.0
 CUTOUTS = 16
+# the sampler of a CLIP-guided request that names none (not the model's recommended one): ancestral steps follow
+# the guidance far better than deterministic ones (docs/clip.md: noise-aware guidance of the shapes model drew the
+# asked object alone in 34% of 32 images with Euler a against 9% with DPM++ 2M)
+GUIDED_SAMPLER = "Euler a"
 CLIP_GUIDANCE_FIELDS = ("clip_guidance", "clip_model", "cutouts")
 FAST_DEEPCACHE = (3, 1)
 FAST_DEEPCACHE_FRACTION = 0.7
@@ -274,7 +278,8 @@ class GenerationRequest:
     limits: Limits | None = field(default=None, repr=False, compare=False)
 
     def settings(self, config: ModelConfig) -> dict[str, Any]:
-        """steps, sampler, schedule and cfg_scale: this request's, else the model's recommended, else global.
+        """steps, sampler, schedule and cfg_scale: this request's, else the model's recommended, else global;
+        a CLIP-guided request that names no sampler takes GUIDED_SAMPLER.
 
         A schedule inside a sampler name ("DPM++ 2M Karras") is the schedule when the request names none
         (the model's recommended schedule goes with its recommended sampler); a schedule the request names
@@ -284,6 +289,9 @@ class GenerationRequest:
 
         chosen = {k: v if (v := getattr(self, k)) is not None else config.defaults.get(k, fallback)
                   for k, fallback in DEFAULT_SETTINGS.items()}
+        guided = isinstance(self.clip_guidance, int | float) and not isinstance(self.clip_guidance, bool)
+        if self.sampler is None and guided and self.clip_guidance > 0:
+            chosen["sampler"] = GUIDED_SAMPLER  # CLIP guidance: an ancestral sampler unless one is named
         if (split := split_sampler_name(chosen["sampler"])) and split[1] is not None:
             if self.schedule is None:
                 chosen["schedule"] = split[1]
