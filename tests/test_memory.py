@@ -293,3 +293,21 @@ def test_a_random_model_stays_loaded():
     """A random: model has no file to read a part from (it would be built whole again each time): kept loaded."""
     comps, _ = open_model("random:tiny", release_after_use=True)
     assert all(comps.resident(p) for p in PARTS) and not comps.release_after_use
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_feed_forward_without_gradients_computes_the_same_in_place(dtype):
+    """GEGLU without gradients multiplies into GELU's output (one activation fewer at once): bit for bit the
+    product with gradients on, which keeps the out-of-place form autograd needs."""
+    from daguerre.models.unet import GEGLU
+
+    torch.manual_seed(0)
+    layer = GEGLU(64, 256).to(dtype)
+    x = torch.randn(2, 300, 64, dtype=dtype)
+    with_grad = layer(x)
+    with_grad.float().sum().backward()  # the training path still has its gradients
+    assert layer.proj.weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(layer(x), with_grad.detach())
+    with torch.inference_mode():
+        assert torch.equal(layer(x), with_grad.detach())
