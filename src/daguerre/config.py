@@ -83,9 +83,13 @@ class UNetConfig:
         return len(self.channel_mult) * (self.num_res_blocks + 1)
 
 
+Regularizer = Literal["kl", "vq"]  # VAEConfig.regularizer
+
+
 @dataclass
 class VAEConfig:
-    """The KL-regularised autoencoder of LDM (CompVis `AutoencoderKL`, `ddconfig` naming)."""
+    """The first-stage autoencoder of LDM, KL- or VQ-regularised (CompVis `AutoencoderKL` / `VQModel`, `ddconfig`
+    naming)."""
 
     in_channels: int = 3  # image channels (1 for grayscale data)
     out_channels: int = 3
@@ -97,6 +101,10 @@ class VAEConfig:
     norm_groups: int = 32
     scale_factor: float = 0.18215  # latents are multiplied by this before diffusion (SD v1/v2)
     shift_factor: float = 0.0  # and shifted by this first: z_diffusion = (z - shift) * scale
+    # "kl": a diagonal Gaussian posterior (AutoencoderKL); "vq": vector quantisation, the quantiser the first
+    # layer of the decoder (CompVis VQModel; models/vq.py); the codebook's vectors are latent_channels wide
+    regularizer: Regularizer = "kl"
+    codebook_size: int = 8192  # "vq": codes in the codebook (`n_embed`; LDM VQ-f4 8192, VQ-f8 16384)
 
     @property
     def downsample_factor(self) -> int:
@@ -499,7 +507,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "unet.num_classes": (1, 100_000), "unet.norm_groups": (1, 1024), "unet.dropout": (0.0, 1.0),
     "vae.in_channels": (1, 64), "vae.out_channels": (1, 64), "vae.base_channels": (1, 4096),  # SD 128
     "vae.channel_mult": (1, 64), "vae.num_res_blocks": (1, 16), "vae.attn_levels": (0, 7),
-    "vae.latent_channels": (1, 256), "vae.norm_groups": (1, 1024),
+    "vae.latent_channels": (1, 256), "vae.norm_groups": (1, 1024), "vae.codebook_size": (2, 1_048_576),
     "text_encoder.vocab_size": (1, 1_000_000), "text_encoder.max_length": (1, 8192),  # CLIP 77, BERT 512
     "text_encoder.width": (1, 16384), "text_encoder.layers": (1, 256), "text_encoder.heads": (1, 1024),
     "text_encoder.mlp_dim": (1, 65536), "text_encoder.skip_layers": (0, 255),

@@ -57,6 +57,8 @@ IGNORED_KEYS: tuple[tuple[str, str], ...] = (
     ("cond_stage_model.model.attn_mask", "OpenCLIP causal mask: rebuilt at run time"),
 )
 
+CODEBOOK_KEY = "quantize.embedding.weight"  # a VQ autoencoder's codebook (n_embed, embed_dim), prefix stripped
+VQ_SCALE_FACTOR = 1.0  # CompVis LatentDiffusion's default scale_factor, which its VQ-based LDMs keep
 V_HEURISTIC_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"  # in the U-Net, without prefix
 V_HEURISTIC_STD = 0.09  # ComfyUI `model_detection`: std above this -> v-prediction (SD v2.x 768-v)
 SD1_HEADS = 8  # SD v1 attention: 8 heads at every level
@@ -165,15 +167,23 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
         if _indices(sd, f"encoder.down.{i}.attn."):
             attn.append(i)
     quant = _need(sd, "quant_conv.weight", "autoencoder")
-    return VAEConfig(
+    shape = dict(
         in_channels=in_ch,
         out_channels=int(_need(sd, "decoder.conv_out.weight", "autoencoder").shape[0]),
         base_channels=ch,
         channel_mult=tuple(mults),
         num_res_blocks=len(_indices(sd, "encoder.down.0.block.")),
         attn_levels=tuple(attn),
-        latent_channels=int(quant.shape[0]) // 2,
     )
+    codebook = sd.get(CODEBOOK_KEY)
+    if codebook is None:
+        return VAEConfig(**shape, latent_channels=int(quant.shape[0]) // 2)
+    # a VQ autoencoder (CompVis / taming VQModel): its LDMs do not rescale the latents (scale_factor 1)
+    size, dim = (int(n) for n in codebook.shape)
+    if tuple(quant.shape[:2]) != (dim, dim):
+        raise ValueError(f"unsupported VQ autoencoder: quant_conv maps {int(quant.shape[1])} to {int(quant.shape[0])} "
+                         f"channels for {dim}-channel codes; daguerre needs z_channels = embed_dim")
+    return VAEConfig(**shape, latent_channels=dim, regularizer="vq", codebook_size=size, scale_factor=VQ_SCALE_FACTOR)
 
 
 def text_layout(keys) -> str | None:

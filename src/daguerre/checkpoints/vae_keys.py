@@ -4,7 +4,9 @@ daguerre's `AutoencoderKL` uses the parameter names of the Stable Diffusion sing
 the `first_stage_model.` prefix stripped. diffusers folders (`vae/config.json` + weights) name the
 same tensors differently; the table built by `_key_table` lists every pair for a given config, so
 conversion is a renaming in either direction, plus one reshape: the attention projections are
-1x1 convolutions (C, C, 1, 1) in CompVis and Linear layers (C, C) in diffusers.
+1x1 convolutions (C, C, 1, 1) in CompVis and Linear layers (C, C) in diffusers. A VQ autoencoder
+(diffusers `VQModel`, CompVis `VQModel`) has the same networks with a one-latent encoder output and
+the codebook `quantize.embedding.weight`, named alike in both.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from ..config import VAEConfig
+from .detect import CODEBOOK_KEY, VQ_SCALE_FACTOR
 
 # diffusers `AutoencoderKL.__init__` defaults: what a config.json that omits a field means
 DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -55,10 +58,31 @@ ATTN_PROJECTIONS = ("q", "k", "v", "proj_out")  # stored as (C, C, 1, 1) here, (
 RESNET_NAMES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 PARAMS = ("weight", "bias")
 MAX_LISTED_KEYS = 5  # keys named in an error message
+# diffusers `VQModel.__init__` defaults, where they differ from AutoencoderKL's or are its own
+VQ_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in DIFFUSERS_DEFAULTS.items() if k not in ("shift_factor", "latents_mean", "latents_std",
+                                                                 "use_quant_conv", "use_post_quant_conv")},
+    "latent_channels": 3,
+    "num_vq_embeddings": 256,
+    "vq_embed_dim": None,
+    "norm_type": "group",
+    "lookup_from_codebook": False,
+    "force_upcast": False,
+}
+# (VQModel's lookup_from_codebook only changes decode with force_not_quantize=True, which daguerre never calls:
+# read and ignored, as sample_size and force_upcast)
+
+
+def is_vq_config(config: dict[str, Any]) -> bool:
+    """Whether a diffusers autoencoder config.json dict is a `VQModel`'s (its class name, or its VQ fields)."""
+    return config.get("_class_name") == "VQModel" or "num_vq_embeddings" in config
 
 
 def vae_config_from_diffusers(config: dict[str, Any]) -> VAEConfig:
-    """A `VAEConfig` from a diffusers `vae/config.json` dict; ValueError for anything daguerre cannot build."""
+    """A `VAEConfig` from a diffusers `vae/config.json` dict (AutoencoderKL, or VQModel: `vq_config_from_diffusers`);
+    ValueError for anything daguerre cannot build."""
+    if is_vq_config(config):
+        return vq_config_from_diffusers(config)
     unknown = sorted(k for k in config if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
     if unknown:
         raise ValueError(f"unsupported fields {unknown} in the diffusers VAE config: is it an AutoencoderKL config?")
@@ -66,6 +90,37 @@ def vae_config_from_diffusers(config: dict[str, Any]) -> VAEConfig:
     for name, value in FIXED_FIELDS.items():
         if c[name] != value:
             raise ValueError(f"unsupported diffusers VAE config value {name}={c[name]!r}: daguerre needs {value!r}")
+    return _blocks_config(c, scale=float(c["scaling_factor"]),
+                          shift=float(c["shift_factor"]) if c["shift_factor"] is not None else 0.0)
+
+
+def vq_config_from_diffusers(config: dict[str, Any]) -> VAEConfig:
+    """A VQ `VAEConfig` from a diffusers `VQModel` config.json dict; ValueError naming what daguerre cannot build.
+
+    The codebook's vectors are the latent channels (`vq_embed_dim` unset or equal to `latent_channels`);
+    a config without `scaling_factor` means 1.0 (`VQ_SCALE_FACTOR`: LDM's VQ latents are not rescaled, and
+    diffusers' LDMPipeline does not rescale them), not VQModel's default 0.18215."""
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in VQ_DIFFUSERS_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unsupported fields {unknown} in the diffusers VQModel config")
+    c = {**VQ_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    if c["norm_type"] != "group":
+        raise ValueError(f"unsupported diffusers VQModel config value norm_type={c['norm_type']!r}: daguerre "
+                         "needs 'group' (the MoVQ 'spatial' decoder is not supported)")
+    if c["vq_embed_dim"] is not None and c["vq_embed_dim"] != c["latent_channels"]:
+        raise ValueError(f"unsupported diffusers VQModel config: vq_embed_dim={c['vq_embed_dim']} differs from "
+                         f"latent_channels={c['latent_channels']}; daguerre's codebook is latent_channels wide")
+    if not c["mid_block_add_attention"]:
+        raise ValueError("unsupported diffusers VQModel config value mid_block_add_attention=False: daguerre "
+                         "needs True")
+    scale = float(config["scaling_factor"]) if "scaling_factor" in config else VQ_SCALE_FACTOR
+    cfg = _blocks_config(c, scale=scale, shift=0.0)
+    cfg.regularizer, cfg.codebook_size = "vq", int(c["num_vq_embeddings"])
+    return cfg
+
+
+def _blocks_config(c: dict[str, Any], *, scale: float, shift: float) -> VAEConfig:
+    """The networks' shape from a diffusers autoencoder config with its defaults filled in."""
     if c["act_fn"] not in SUPPORTED_ACTIVATIONS:
         raise ValueError(f"unsupported diffusers VAE config value act_fn={c['act_fn']!r}: daguerre needs 'silu'")
     widths = [int(w) for w in c["block_out_channels"]]
@@ -98,18 +153,19 @@ def vae_config_from_diffusers(config: dict[str, Any]) -> VAEConfig:
         attn_levels=attn_levels,
         latent_channels=int(c["latent_channels"]),
         norm_groups=int(c["norm_num_groups"]),
-        scale_factor=float(c["scaling_factor"]),
-        shift_factor=float(c["shift_factor"]) if c["shift_factor"] is not None else 0.0,
+        scale_factor=scale,
+        shift_factor=shift,
     )
 
 
 def vae_config_to_diffusers(cfg: VAEConfig, sample_size: int) -> dict[str, Any]:
     """The keyword arguments of diffusers `AutoencoderKL(**config)` for `cfg` (what `vae/config.json` holds).
 
-    A zero shift is written as null, as in the Stable Diffusion v1/v2 configs.
+    A zero shift is written as null, as in the Stable Diffusion v1/v2 configs. A VQ autoencoder gets the
+    config of diffusers `VQModel` (`_class_name` included, as `vae_class_name` gives it).
     """
     n = len(cfg.channel_mult)
-    return {
+    blocks = {
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
         "down_block_types": [ATTN_DOWN_BLOCK if i in cfg.attn_levels else DOWN_BLOCK for i in range(n)],
@@ -121,8 +177,18 @@ def vae_config_to_diffusers(cfg: VAEConfig, sample_size: int) -> dict[str, Any]:
         "norm_num_groups": cfg.norm_groups,
         "sample_size": sample_size,
         "scaling_factor": cfg.scale_factor,
-        "shift_factor": cfg.shift_factor if cfg.shift_factor != 0.0 else None,
     }
+    if cfg.regularizer == "vq":
+        if cfg.shift_factor != 0.0:
+            raise ValueError(f"a VQ autoencoder with shift_factor {cfg.shift_factor} has no diffusers VQModel form")
+        return {**blocks, "num_vq_embeddings": cfg.codebook_size, "vq_embed_dim": cfg.latent_channels,
+                "norm_type": "group", "force_upcast": False}
+    return {**blocks, "shift_factor": cfg.shift_factor if cfg.shift_factor != 0.0 else None}
+
+
+def vae_class_name(cfg: VAEConfig) -> str:
+    """The diffusers class of the autoencoder: `AutoencoderKL` or `VQModel`."""
+    return "VQModel" if cfg.regularizer == "vq" else "AutoencoderKL"
 
 
 def _resnet_pairs(ours: str, theirs: str, has_shortcut: bool) -> list[tuple[str, str, bool]]:
@@ -163,6 +229,8 @@ def _key_table(cfg: VAEConfig) -> list[tuple[str, str, bool]]:
     rows += _conv_pairs("encoder.norm_out", "encoder.conv_norm_out")
     rows += _conv_pairs("encoder.conv_out", "encoder.conv_out")
     rows += _conv_pairs("quant_conv", "quant_conv")
+    if cfg.regularizer == "vq":
+        rows.append((CODEBOOK_KEY, CODEBOOK_KEY, False))
     rows += _conv_pairs("post_quant_conv", "post_quant_conv")
     rows += _conv_pairs("decoder.conv_in", "decoder.conv_in")
     for i in range(n):

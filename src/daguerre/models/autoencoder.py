@@ -1,8 +1,10 @@
-"""The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3.1 and App. G).
+"""The first-stage autoencoder of latent diffusion, KL- or VQ-regularised (Rombach et al. 2022, Sec. 3.1, App. G).
 
 An encoder E maps an image x in [-1, 1] to the moments of a diagonal Gaussian posterior q(z | x);
 a decoder D maps a latent z back to pixels. The KL term of the posterior to N(0, I) keeps the
-latent space close to a standard normal (the "KL-reg" of the paper, weighted ~1e-6 in training).
+latent space close to a standard normal (the "KL-reg" of the paper, weighted ~1e-6 in training). With
+`VAEConfig.regularizer = "vq"` the encoder gives one latent (no variance) and the decoder starts with a
+vector quantiser (the "VQ-reg", models/vq.py; CompVis `VQModel`).
 Module and parameter names follow CompVis `ldm/modules/diffusionmodules/model.py`, so the
 `first_stage_model.*` weights of a Stable Diffusion checkpoint load after stripping that prefix.
 """
@@ -18,6 +20,7 @@ from torch import nn
 
 from ..config import VAEConfig
 from ..nn.attention import attention
+from .vq import PointLatent, VectorQuantizer
 
 LOGVAR_MIN = -30.0  # CompVis DiagonalGaussianDistribution clamps the log-variance to this range
 LOGVAR_MAX = 20.0
@@ -177,6 +180,11 @@ class MidBlock(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
+def _moments(cfg: VAEConfig) -> int:
+    """The encoder's output channels: mean and log-variance (KL), or the latent alone (VQ)."""
+    return cfg.latent_channels if cfg.regularizer == "vq" else 2 * cfg.latent_channels
+
+
 def _run(module: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
     """module(x), recomputed in the backward pass instead of storing activations when `use_checkpoint`."""
     if use_checkpoint and torch.is_grad_enabled():
@@ -185,7 +193,8 @@ def _run(module: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tens
 
 
 class Encoder(nn.Module):
-    """Image (B, in_channels, H, W) -> moments (B, 2 * latent_channels, H/f, W/f) (CompVis `Encoder`, double_z)."""
+    """Image (B, in_channels, H, W) -> moments (B, 2 * latent_channels, H/f, W/f) (CompVis `Encoder`, double_z),
+    or for a VQ autoencoder the latent (B, latent_channels, H/f, W/f) (double_z false)."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -201,7 +210,7 @@ class Encoder(nn.Module):
             )
         self.mid = MidBlock(widths[-1], cfg.norm_groups)
         self.norm_out = _norm(widths[-1], cfg.norm_groups)
-        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(widths[-1], _moments(cfg), 3, padding=1)
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +218,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = _run(level, h, self.gradient_checkpointing)
         h = _run(self.mid, h, self.gradient_checkpointing)  # (B, ch * mult[-1], H/f, W/f)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2 * latent_channels, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2 * latent_channels (KL) or latent_channels, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -245,9 +254,12 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """The first stage of latent diffusion: x -> q(z | x) -> z -> x_hat (LDM Sec. 3.1, CompVis `AutoencoderKL`).
+    """The first stage of latent diffusion: x -> q(z | x) -> z -> x_hat (LDM Sec. 3.1, CompVis `AutoencoderKL`),
+    or with `regularizer = "vq"` x -> z -> quantise(z) -> x_hat (CompVis `VQModel`, its `quantize` module).
 
-    `encode` returns the posterior of un-scaled latents; `scale_latents` maps them to the diffusion
+    `encode` returns the posterior of un-scaled latents (a VQ autoencoder: the pre-quantisation latent as a
+    `PointLatent`, which the diffusion model works on); `decode` quantises first when the autoencoder is VQ;
+    `scale_latents` maps them to the diffusion
     model's latent space, z_diffusion = (z - shift_factor) * scale_factor (LDM Sec. 4.3.2, App. D.1).
     Everything runs in the dtype of the parameters, on the device of the parameters.
     """
@@ -257,7 +269,8 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.quant_conv = nn.Conv2d(_moments(cfg), _moments(cfg), 1)
+        self.quantize = VectorQuantizer(cfg.codebook_size, cfg.latent_channels) if cfg.regularizer == "vq" else None
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
     @property
@@ -274,14 +287,21 @@ class AutoencoderKL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.quant_conv.weight.dtype
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Image (B, in_channels, H, W) in [-1, 1] -> posterior over latents (B, latent_channels, H/f, W/f)."""
-        moments = self.quant_conv(self.encoder(x.to(self.dtype)))  # (B, 2 * latent_channels, H/f, W/f)
-        return DiagonalGaussian(moments)
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian | PointLatent:
+        """Image (B, in_channels, H, W) in [-1, 1] -> posterior over latents (B, latent_channels, H/f, W/f)
+        (VQ: the pre-quantisation latent)."""
+        moments = self.quant_conv(self.encoder(x.to(self.dtype)))  # (B, 2 * latent_channels or latent_channels, ...)
+        return PointLatent(moments) if self.quantize is not None else DiagonalGaussian(moments)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Un-scaled latents (B, latent_channels, h, w) -> image (B, out_channels, h*f, w*f), roughly in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z.to(self.dtype)))
+    def decode(self, z: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:
+        """Un-scaled latents (B, latent_channels, h, w) -> image (B, out_channels, h*f, w*f), roughly in [-1, 1].
+
+        A VQ autoencoder replaces each latent vector by its nearest code first (LDM's `decode_first_stage`
+        through `VQModelInterface.decode`), unless `force_not_quantize` (z already quantised)."""
+        z = z.to(self.dtype)
+        if self.quantize is not None and not force_not_quantize:
+            z = self.quantize(z).z_q
+        return self.decoder(self.post_quant_conv(z))
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None

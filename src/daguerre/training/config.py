@@ -207,6 +207,17 @@ class VAELossConfig:
     disc_layers: int = 3  # PatchGAN depth (Isola et al. 2017: 3 -> 70x70 receptive field)
     disc_channels: int = 64
     disc_lr: float | None = None  # None = train.lr
+    # model.vae.regularizer = "vq" (models/vq.py): the codebook loss ||sg[z] - e||^2 + vq_beta ||z - sg[e]||^2
+    # (VQ-VAE eq. 3) in place of the KL term, weighted by codebook_weight (taming's VQLPIPSWithDiscriminator)
+    vq_beta: float = 0.25  # the commitment weight beta
+    codebook_weight: float = 1.0
+    codebook_ema: float = 0.0  # > 0: the codes are moving averages of their encoder outputs with this decay
+    codebook_restart: int = 0  # > 0: a code unused for this many steps restarts at an encoder output of the batch
+
+
+VQ_LOSS_KEYS = ("vq_beta", "codebook_weight", "codebook_ema", "codebook_restart")  # of VAELossConfig, VQ only
+# [model] shorthand of a VQ autoencoder's keys (`--set model.regularizer=vq`): model.vae.<field>
+MODEL_SHORTHAND = {"regularizer": "regularizer", "codebook_size": "codebook_size", "codebook_dim": "latent_channels"}
 
 
 @dataclass
@@ -491,7 +502,7 @@ def load_run_config(
     model_table = table.pop("model", {}) or {}
     if not isinstance(model_table, dict) or not isinstance(file_model, dict):
         raise ValueError("config key model: must be a table ([model])")
-    model_table = dict(model_table)
+    model_table = upgrade_model_shorthand(model_table)
     preset_name = coerce(model_table.pop("preset", "tiny"), str, "model.preset")
     cfg = RunConfig(stage=stage, preset=preset_name, loss=_loss_class(stage)())
     try:
@@ -523,6 +534,43 @@ def _data_table(file: Any, extra: Any, file_concat: Any, concat: Any) -> dict[st
     return merge_tables(file, upgrade_data(extra, kind, concat))
 
 
+def upgrade_model_shorthand(table: dict[str, Any]) -> dict[str, Any]:
+    """The [model] table with the shorthand keys `MODEL_SHORTHAND` (model.regularizer, model.codebook_size,
+    model.codebook_dim) moved to the model.vae fields they stand for; a value given both ways must agree."""
+    out = dict(table)
+    short = {k: out.pop(k) for k in MODEL_SHORTHAND if k in out}
+    if not short:
+        return out
+    vae = out.get("vae", {})
+    if not isinstance(vae, dict):
+        raise ValueError("config key model.vae: must be a table ([model.vae])")
+    vae = dict(vae)
+    for key, value in short.items():
+        name = MODEL_SHORTHAND[key]
+        if name in vae and vae[name] != value:
+            raise ValueError(f"config key model.{key}: {value!r}, but model.vae.{name} is {vae[name]!r}; set one")
+        vae[name] = value
+    out["vae"] = vae
+    return out
+
+
+def check_vq_loss(cfg: RunConfig) -> None:
+    """The VQ keys of a stage-1 [loss]: in range, and changed only for a VQ autoencoder; errors name the key."""
+    lc = cfg.loss
+    if cfg.model.vae.regularizer != "vq":
+        changed = [k for k in VQ_LOSS_KEYS if getattr(lc, k) != getattr(VAELossConfig, k)]
+        if changed:
+            raise ValueError(f"config key loss.{changed[0]}: {getattr(lc, changed[0])!r} is for a VQ autoencoder, "
+                             f"but model.vae.regularizer is {cfg.model.vae.regularizer!r}; set it to 'vq'")
+        return
+    for key in ("vq_beta", "codebook_weight", "codebook_restart"):
+        if getattr(lc, key) < 0:
+            raise ValueError(f"config key loss.{key}: must be >= 0, got {getattr(lc, key)}")
+    if not 0.0 <= lc.codebook_ema < 1.0:
+        raise ValueError(f"config key loss.codebook_ema: must be in [0, 1) (0 = learn the codes by the codebook "
+                         f"loss), got {lc.codebook_ema}")
+
+
 def _load_resolved(path: Path, stage: str, overrides: list[str] | None) -> RunConfig:
     try:
         cfg = RunConfig.from_dict(read_json(path, "run config"))
@@ -532,7 +580,7 @@ def _load_resolved(path: Path, stage: str, overrides: list[str] | None) -> RunCo
     if cfg.stage != stage:
         raise ValueError(f"config key stage: the file is for stage {cfg.stage!r}, but `daguerre train {stage}` ran")
     extra = parse_overrides(overrides)
-    model_table, data_table = extra.pop("model", {}), extra.pop("data", {})
+    model_table, data_table = upgrade_model_shorthand(extra.pop("model", {})), extra.pop("data", {})
     if "preset" in model_table:
         raise ValueError("config key model.preset: a resolved config (.json) has no preset to change")
     from_dict(type(cfg.model), model_table, "model.", into=cfg.model)
@@ -585,6 +633,8 @@ def check_run_config(cfg: RunConfig) -> None:
         check_text_encoder_config(cfg.model, cfg.loss.train_text_encoder)
     if isinstance(cfg.loss, CLIPLossConfig):
         check_clip_run(cfg)
+    if isinstance(cfg.loss, VAELossConfig):
+        check_vq_loss(cfg)
     if not 1 <= cfg.sample.seeds_per_prompt <= MAX_SEEDS_PER_PROMPT:
         raise ValueError(f"config key sample.seeds_per_prompt: must be 1 to {MAX_SEEDS_PER_PROMPT}, got "
                          f"{cfg.sample.seeds_per_prompt}")

@@ -1,13 +1,17 @@
-"""Stage 1, `daguerre train vae`: the KL-regularised autoencoder of latent diffusion (LDM Sec. 3.1, App. G).
+"""Stage 1, `daguerre train vae`: the KL- or VQ-regularised autoencoder of latent diffusion (LDM Sec. 3.1, App. G).
 
 Each optimizer step: encode the images, draw z from the posterior (per-sample noise from the data
 stream, see `dist`), decode, and minimise reconstruction + kl_weight KL (+ perceptual) (+ the adaptive
 PatchGAN term from `loss.disc_start` on, with the discriminator trained on the same batch); see
-`losses`. Held-out PSNR / SSIM and an originals-above-reconstructions image are written as the run
-goes. At the end the latent scale factor 1 / std(z) is measured on held-out images (LDM Sec. 4.3.2)
-and stored in the VAE config of the output file RUN/vae.safetensors: a daguerre checkpoint holding
-only `first_stage_model.*` tensors plus the ModelConfig JSON (metadata `format` = "daguerre-vae"; the
-format is `checkpoints/vae_file.py`), which `daguerre train ldm --vae` loads.
+`losses`. A VQ autoencoder (`model.vae.regularizer = "vq"`) quantises the encoder's latent instead and
+takes codebook_weight (codebook loss + vq_beta commitment) in place of the KL term (VQGAN, Esser et al.
+2021); the codebook's use in the batch (fraction of codes used, perplexity) is logged, and its options
+(EMA codes, restart of dead codes) keep their state in `models.vq.CodebookState`. Held-out PSNR / SSIM
+and an originals-above-reconstructions image are written as the run goes. At the end the latent scale
+factor 1 / std(z) is measured on held-out images (LDM Sec. 4.3.2) and stored in the VAE config of the
+output file RUN/vae.safetensors: a daguerre checkpoint holding only `first_stage_model.*` tensors plus
+the ModelConfig JSON (metadata `format` = "daguerre-vae"; the format is `checkpoints/vae_file.py`),
+which `daguerre train ldm --vae` loads.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from ..checkpoints.vae_file import save_vae
 from ..models.autoencoder import AutoencoderKL
+from ..models.vq import CodebookState, codebook_usage
 from . import dist, losses
 from .config import RunConfig, derive_model_config, to_jsonable
 from .data import batch_loader, images_of, load_items
@@ -39,29 +44,42 @@ LATENT_SCALE_SEED = 0  # the posterior samples of the scale measurement are draw
 
 
 class Reconstruct(nn.Module):
-    """x, eps -> (decode(mean + std eps), KL per image): the autoencoder's training forward, as one module
-    so that DistributedDataParallel sees every parameter used in one call."""
+    """x, eps -> (reconstruction, regulariser terms): the autoencoder's training forward, as one module so
+    that DistributedDataParallel sees every parameter used in one call. KL: decode(mean + std eps) and the
+    KL per image ({"kl"}); VQ: decode(quantise(z)) with straight-through gradients, the codebook and
+    commitment losses, the chosen codes and the pre-quantisation latent z."""
 
     def __init__(self, vae: AutoencoderKL) -> None:
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         post = self.vae.encode(x)
-        z = post.mean + post.std * eps.to(post.mean.dtype)  # (B, C, h, w)
-        return self.vae.decode(z), post.kl()
+        if self.vae.quantize is None:
+            z = post.mean + post.std * eps.to(post.mean.dtype)  # (B, C, h, w)
+            return self.vae.decode(z), {"kl": post.kl()}
+        q = self.vae.quantize(post.mean)
+        terms = {"codebook": q.codebook_loss, "commitment": q.commitment_loss, "indices": q.indices,
+                 "latent": post.mean.detach()}
+        return self.vae.decode(q.z_q, force_not_quantize=True), terms
 
 
 @torch.no_grad()
 def evaluate_vae(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reconstructions through the posterior mode, and their mean PSNR / SSIM against `images`."""
-    recs = []
+    """Reconstructions through the posterior mode, and their mean PSNR / SSIM against `images`; a VQ
+    autoencoder adds the fraction of its codebook the images use and the perplexity of their codes."""
+    recs, codes = [], []
     for chunk in images.split(EVAL_BATCH):
-        recs.append(vae.decode(vae.encode(chunk).mode()).float())
+        z = vae.encode(chunk).mode()
+        if vae.quantize is not None:
+            codes.append(vae.quantize.nearest(z))
+        recs.append(vae.decode(z).float())
     rec = torch.cat(recs)
     metrics = {"psnr": float(psnr(images, rec).mean())}
     if min(images.shape[-2:]) >= 11:
         metrics["ssim"] = float(ssim(images, rec).mean())
+    if codes:
+        metrics["codes_used"], metrics["perplexity"] = codebook_usage(torch.cat(codes), vae.quantize.codebook_size)
     return rec, metrics
 
 
@@ -90,7 +108,8 @@ def train_vae(cfg: RunConfig, out: str | Path, *, resume: bool = False, until: i
 
 
 class VAEStage:
-    """Stage 1 for `loop.run`: the autoencoder (and the PatchGAN discriminator from `loss.disc_start` on)."""
+    """Stage 1 for `loop.run`: the autoencoder (and the PatchGAN discriminator from `loss.disc_start` on; and
+    for a VQ autoencoder with EMA codes or restarts, the codebook's state, checkpointed as a module)."""
 
     output = VAE_FILE
     ema_targets = evaluated = ("vae",)
@@ -120,6 +139,10 @@ class VAEStage:
         vae.gradient_checkpointing = t.gradient_checkpointing
         self.vae, self.disc = vae, disc
         self.modules: dict[str, nn.Module] = {"vae": vae}
+        self.codebook = None
+        if vae.quantize is not None and (lc.codebook_ema > 0 or lc.codebook_restart > 0):
+            self.codebook = CodebookState(vae.quantize, lc.codebook_ema, lc.codebook_restart).to(device)
+            self.modules["codebook"] = self.codebook
         self.optimizers = {"vae": make_optimizer(vae.parameters(), t)}
         self.peak_lr: dict[str, float] = {}
         self.ddp_rec = wrap_ddp(Reconstruct(vae), env)
@@ -143,8 +166,9 @@ class VAEStage:
     def describe(self, env) -> str:
         t, m = self.cfg.train, self.model_cfg
         n_params = sum(p.numel() for p in self.vae.parameters())
+        vq = f", a codebook of {m.vae.codebook_size} codes" if m.vae.regularizer == "vq" else ""
         return (f"stage 1: autoencoder of {n_params / 1e6:.2f} M parameters, f={m.vae.downsample_factor}, "
-                f"{m.vae.latent_channels} latent channels; {len(self.data.train_pool)} training images on "
+                f"{m.vae.latent_channels} latent channels{vq}; {len(self.data.train_pool)} training images on "
                 f"{env.world} process(es), global batch {t.batch_size * env.world * t.grad_accum}")
 
     def begin(self, sampler, start: int) -> None:
@@ -167,15 +191,14 @@ class VAEStage:
         eps = _per_sample_noise(gens, self.latent_shape).to(device)
         with dist.maybe_no_sync(self.ddp_rec, not sync):
             with autocast(device, t.bf16):
-                rec, kl = self.ddp_rec(x, eps)
+                rec, terms = self.ddp_rec(x, eps)
             rec = rec.float()
             nll = losses.reconstruction_loss(x, rec, lc.rec).mean()
             if self.perceptual is not None:
                 p_loss = self.perceptual(x, rec).mean()
                 nll = nll + lc.perceptual_weight * p_loss
                 sums["perceptual"] = float(p_loss.detach())
-            kl_loss = kl.float().mean() / self.n_pixels
-            loss = nll + lc.kl_weight * kl_loss
+            loss = nll + self._regulariser(terms, sums)
             if gan_on:
                 unwrap(disc).requires_grad_(False)
                 with autocast(device, t.bf16):
@@ -190,6 +213,11 @@ class VAEStage:
                 sums["g_loss"] = float(g_loss.detach())
                 sums["d_weight"] = float(d_weight)
             (loss / t.grad_accum).backward()
+        if self.codebook is not None:
+            gen = dist.sample_generator(t.seed, "codebook", step * t.grad_accum + micro)
+            restarted = self.codebook.update_(self.vae.quantize, terms["latent"], terms["indices"], step, gen,
+                                              dist.all_reduce_mean_)
+            sums["codes_restarted"] = float(restarted)
         if gan_on:
             with dist.maybe_no_sync(self.ddp_disc, not sync):
                 with autocast(device, t.bf16):
@@ -200,8 +228,23 @@ class VAEStage:
             sums["d_loss"] = float(d_loss.detach())
         sums["loss"] = float(loss.detach())
         sums["rec"] = float(losses.reconstruction_loss(x, rec.detach(), lc.rec).mean())
-        sums["kl"] = float(kl.detach().float().mean())
         return sums
+
+    def _regulariser(self, terms: dict[str, torch.Tensor], sums: dict[str, float]) -> torch.Tensor:
+        """The KL term (kl_weight x the KL per image / its pixel count), or for a VQ autoencoder codebook_weight
+        x (codebook loss, unless the codes are EMAs, + vq_beta x commitment loss); logs its parts."""
+        lc = self.cfg.loss
+        if "kl" in terms:
+            kl = terms["kl"].float()
+            sums["kl"] = float(kl.detach().mean())
+            return lc.kl_weight * (kl.mean() / self.n_pixels)
+        vq = lc.vq_beta * terms["commitment"]
+        if lc.codebook_ema == 0:
+            vq = vq + terms["codebook"]
+        used, perplexity = codebook_usage(terms["indices"], self.vae.quantize.codebook_size)
+        sums.update(vq=float(vq.detach()), commitment=float(terms["commitment"].detach()), codes_used=used,
+                    perplexity=perplexity)
+        return lc.codebook_weight * vq
 
     def sample(self, step: int, models: dict[str, nn.Module], runlog: RunLogger, *, grid: bool,
                evaluate: bool) -> None:
@@ -211,8 +254,10 @@ class VAEStage:
         rec_h, metrics = evaluate_vae(models["vae"], self.holdout.to(self.device))
         if evaluate:
             runlog.log(step, {f"holdout_{k}": v for k, v in metrics.items()})
-            logger.info("step %d: held-out PSNR %.2f dB%s", step, metrics["psnr"],
-                        f", SSIM {metrics['ssim']:.4f}" if "ssim" in metrics else "")
+            codes = (f", {metrics['codes_used']:.1%} of the codes used, perplexity {metrics['perplexity']:.1f}"
+                     if "codes_used" in metrics else "")
+            logger.info("step %d: held-out PSNR %.2f dB%s%s", step, metrics["psnr"],
+                        f", SSIM {metrics['ssim']:.4f}" if "ssim" in metrics else "", codes)
         if grid:
             k = self.cfg.sample.recon_images
             save_png(comparison_image(self.holdout[:k], rec_h[:k].cpu()),
