@@ -260,7 +260,7 @@ def save_diffusers(components: Components, folder: str | os.PathLike, *, dtype: 
     """
     from .text_keys import text_config_to_transformers, text_state_dict_to_transformers
     from .unet_keys import unet_config_to_diffusers, unet_state_dict_to_diffusers
-    from .vae_keys import vae_config_to_diffusers, vae_state_dict_to_diffusers
+    from .vae_keys import vae_class_name, vae_config_to_diffusers, vae_state_dict_to_diffusers
 
     tcfg = components.config.text_encoder
     if tcfg is not None and tcfg.frozen:
@@ -288,7 +288,7 @@ def save_diffusers(components: Components, folder: str | os.PathLike, *, dtype: 
                 unet_state_dict_to_diffusers(unet_sd, cfg.unet), MODEL_WEIGHTS,
             ),
             "vae": (
-                {"_class_name": "AutoencoderKL", **meta, **vae_config_to_diffusers(cfg.vae, cfg.sample_size)},
+                {"_class_name": vae_class_name(cfg.vae), **meta, **vae_config_to_diffusers(cfg.vae, cfg.sample_size)},
                 vae_state_dict_to_diffusers(vae_sd, cfg.vae), MODEL_WEIGHTS,
             ),
         }
@@ -317,7 +317,7 @@ def save_diffusers(components: Components, folder: str | os.PathLike, *, dtype: 
             "_class_name": PIPELINES[cfg.concat],
             **meta,
             "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
+            "vae": ["diffusers", vae_class_name(cfg.vae)],
             "text_encoder": ["transformers", "CLIPTextModel"] if has_text else [None, None],
             "tokenizer": ["transformers", "CLIPTokenizer"] if has_text else [None, None],
             "scheduler": ["diffusers", SCHEDULER_CLASS],

@@ -50,7 +50,9 @@ def _architecture(c: Components) -> dict[str, Any]:
         "vae": {
             "downsample_factor": v.downsample_factor, "latent_channels": v.latent_channels,
             "channels": [v.base_channels * m for m in v.channel_mult], "scale_factor": v.scale_factor,
-            "shift_factor": v.shift_factor,
+            "shift_factor": v.shift_factor, "regularizer": v.regularizer,
+            "codebook_size": v.codebook_size if v.regularizer == "vq" else None,
+            "codebook_dim": v.latent_channels if v.regularizer == "vq" else None,
         },
         "text_encoder": None if t is None else {
             "kind": t.kind, "causal": t.causal, "width": t.width, "layers": t.layers, "heads": t.heads,

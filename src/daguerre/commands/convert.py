@@ -54,6 +54,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"a single-file checkpoint must end in {SINGLE_SUFFIX}: {dst}")
     if to == "diffusers" and dst.suffix == SINGLE_SUFFIX:
         raise UserError(f"a diffusers export is a folder: {dst} ends in {SINGLE_SUFFIX}")
+    from ..checkpoints.vae_file import is_autoencoder, load_vae, save_vae, save_vae_diffusers
+
+    if is_autoencoder(src):  # a first stage alone: a VAE-only daguerre file or a diffusers VAE / VQModel folder
+        vae, vae_config = load_vae(src)
+        (save_vae if to == "single" else save_vae_diffusers)(vae, vae_config, dst)
+        print(f"wrote {dst} (autoencoder alone, {vae_config.vae.regularizer}, "
+              f"{'daguerre VAE file' if to == 'single' else 'diffusers folder'}, float32)")
+        return 0
     if args.dtype is not None:
         dtype_name = DTYPES[args.dtype]
     else:

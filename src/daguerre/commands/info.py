@@ -51,6 +51,8 @@ def format_classes(config: dict) -> str:
 
 def format_info(info: dict) -> str:
     """The human-readable form of `daguerre.checkpoints.summary.describe`'s result."""
+    from ..checkpoints.vae_file import regularizer_text
+
     u, v, t, p = info["unet"], info["vae"], info["text_encoder"], info["parameters"]
     lines = [
         f"model:           {info['path']}",
@@ -65,7 +67,7 @@ def format_info(info: dict) -> str:
         + (", linear proj" if u["linear_proj"] else "") + (", upcast attention" if u["upcast_attention"] else ""),
         f"VAE:             factor {v['downsample_factor']}, {v['latent_channels']} latent channels, "
         f"channels {v['channels']}, scale factor {v['scale_factor']}"
-        + (f", shift {v['shift_factor']}" if v["shift_factor"] else ""),
+        + (f", shift {v['shift_factor']}" if v["shift_factor"] else "") + f"; regulariser {regularizer_text(v)}",
     ]
     if t is not None and t.get("frozen_pretrained"):
         lines.append(
@@ -151,9 +153,14 @@ def run_here(args: argparse.Namespace, unet_parameters: int) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints.clip_file import describe_clip, format_clip_info, is_clip
     from ..checkpoints.summary import describe
+    from ..checkpoints.vae_file import describe_vae, format_vae_info, is_autoencoder
     from ..registry import shipped_clips, shipped_models
 
     path = shipped_models().get(args.model) or shipped_clips().get(args.model) or args.model  # a name or a path
+    if is_autoencoder(path):  # a first stage alone (VAE file, CompVis first stage, diffusers VAE/VQModel folder)
+        info = describe_vae(path)
+        print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_vae_info(info, human_count))
+        return 0
     if is_clip(path):  # a CLIP model (issue 16): its towers, not a diffusion model's networks
         info = describe_clip(path, hashes=not args.no_hash)
         print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_clip_info(info, human_count,
