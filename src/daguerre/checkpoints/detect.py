@@ -58,6 +58,7 @@ IGNORED_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 CODEBOOK_KEY = "quantize.embedding.weight"  # a VQ autoencoder's codebook (n_embed, embed_dim), prefix stripped
+CLASS_EMBEDDER_KEY = "cond_stage_model.embedding.weight"  # CompVis ClassEmbedder (n_classes, context_dim)
 VQ_SCALE_FACTOR = 1.0  # CompVis LatentDiffusion's default scale_factor, which its VQ-based LDMs keep
 V_HEURISTIC_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"  # in the U-Net, without prefix
 V_HEURISTIC_STD = 0.09  # ComfyUI `model_detection`: std above this -> v-prediction (SD v2.x 768-v)
@@ -323,6 +324,12 @@ def detect_checkpoint(
             f"not a Stable Diffusion checkpoint: no {UNET_PREFIX}* keys ({len(keys)} tensors, e.g. {sample}); "
             "a U-Net-only or LoRA file cannot be loaded as a model"
         )
+    if layout is None and any(k.startswith(VAE_PREFIX + CODEBOOK_KEY) for k in keys):
+        kind = "class-conditional (ClassEmbedder cond_stage_model.embedding)" if CLASS_EMBEDDER_KEY in sd else \
+            "unconditional" if not any(k.startswith("cond_stage_model.") for k in keys) else "conditional"
+        raise ValueError(f"a CompVis latent diffusion model on a VQ first stage, {kind}: daguerre reads its "
+                         "autoencoder alone (daguerre train ldm --vae, daguerre info, daguerre convert), not yet its "
+                         "U-Net and conditioning; see docs/formats.md")
     unet = infer_unet_config(strip(sd, UNET_PREFIX))
     vae = infer_vae_config(strip(sd, VAE_PREFIX))
     if layout is None:
