@@ -252,6 +252,29 @@ def test_generation_decodes_through_the_quantiser(monkeypatch):
     assert images and calls and calls[-1][1] == cfg.vae.latent_channels
 
 
+def test_a_model_on_vq_latents_saves_loads_and_shows_its_regulariser(tmp_path):
+    from daguerre.checkpoints import load_model, save_diffusers, save_model
+    from daguerre.checkpoints.summary import describe
+    from daguerre.commands.info import format_info
+    from daguerre.components import build_components
+
+    cfg = preset("tiny")
+    cfg.vae.regularizer, cfg.vae.codebook_size = "vq", 8
+    comps = build_components(cfg)
+    save_model(comps, tmp_path / "m.safetensors")
+    assert "regulariser vq, codebook 8 x 4" in format_info(describe(tmp_path / "m.safetensors"))
+    save_diffusers(comps, tmp_path / "folder")
+    assert json.loads((tmp_path / "folder" / "vae" / "config.json").read_text())["_class_name"] == "VQModel"
+    assert "regulariser vq, codebook 8 x 4" in format_info(describe(tmp_path / "folder"))
+    for loaded in (load_model(tmp_path / "m.safetensors"), load_model(tmp_path / "folder")):
+        assert loaded.config.vae.regularizer == "vq" and loaded.config.vae.codebook_size == 8
+        for k, v in comps.vae.state_dict().items():
+            assert torch.equal(loaded.vae.state_dict()[k], v), k
+    kl = build_components(preset("tiny"))
+    save_model(kl, tmp_path / "kl.safetensors")
+    assert "regulariser kl (diagonal Gaussian)" in format_info(describe(tmp_path / "kl.safetensors"))
+
+
 # --- errors a user can cause -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
