@@ -6,6 +6,7 @@ through the quantiser, `daguerre info`, and the errors a user can cause."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -306,7 +307,96 @@ def test_bad_diffusers_and_compvis_vq_files_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="quant_conv maps 6 to 3 channels for 3-channel codes"):
         infer_vae_config(sd)
     ldm = {"model.diffusion_model.input_blocks.0.0.weight": torch.empty(1),
-           "first_stage_model.quantize.embedding.weight": torch.empty(8, 3),
-           "cond_stage_model.embedding.weight": torch.empty(1001, 512)}
-    with pytest.raises(ValueError, match="VQ first stage, class-conditional .*--vae"):
+           "first_stage_model.quantize.embedding.weight": torch.empty(8, 3)}  # ffhq-ldm-vq-4: unconditional
+    with pytest.raises(ValueError, match="VQ first stage, unconditional: daguerre reads its autoencoder alone"):
         detect_checkpoint(ldm, {})
+
+
+# --- a CompVis class-conditional LDM on a VQ first stage (ClassEmbedder as the cross-attention context) ---------
+
+LDM_YAML = """model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.0015
+    linear_end: 0.0195
+    image_size: 16
+    unet_config:
+      params:
+        num_head_channels: 16   # the heads are not in the weights
+        use_spatial_transformer: true
+        context_dim: 32
+"""
+
+
+def _compvis_class_ldm(tmp_path: Path, yaml: bool = True):
+    """A tiny model in the layout of CompVis' cin LDMs: U-Net and VQ first stage under their prefixes, the
+    ClassEmbedder as `cond_stage_model.embedding.weight`, the schedule and latent-scale buffers, the training
+    loss of the first stage, as a .ckpt pickle; its YAML beside it."""
+    from daguerre.checkpoints.single_file import single_file_state_dict
+    from daguerre.components import build_components
+    from daguerre.diffusion.schedules import make_betas
+
+    cfg = preset("tiny")
+    cfg.conditioning, cfg.text_encoder = "class", None
+    cfg.unet.num_classes, cfg.unet.class_embedding = 11, "context"
+    cfg.vae.regularizer, cfg.vae.codebook_size = "vq", 16
+    comps = build_components(cfg, seed=3)
+    sd = single_file_state_dict(comps)
+    sd["cond_stage_model.embedding.weight"] = sd.pop("model.diffusion_model.label_emb.weight")
+    betas = make_betas("scaled_linear", 1000, 0.0015, 0.0195).float()
+    sd.update({"betas": betas, "alphas_cumprod": torch.cumprod(1 - betas, 0), "scale_factor": torch.tensor(0.5),
+               "first_stage_model.loss.discriminator.main.0.weight": torch.zeros(2)})
+    path = tmp_path / "cin.ckpt"
+    torch.save({"state_dict": sd}, path)
+    if yaml:
+        path.with_suffix(".yaml").write_text(LDM_YAML)
+    return comps, path
+
+
+def test_a_compvis_class_conditional_ldm_on_vq_loads_and_generates(tmp_path, capsys):
+    from daguerre.checkpoints import load_model, save_diffusers, save_model
+    from daguerre.cli import main
+    from daguerre.models.unet import UNetModel
+    from daguerre.pipelines.request import GenerationRequest
+    from daguerre.pipelines.txt2img import txt2img
+
+    comps, path = _compvis_class_ldm(tmp_path)
+    loaded = load_model(path)
+    c = loaded.config
+    assert c.conditioning == "class" and c.text_encoder is None and c.sample_size == 32  # image_size 16 x f2
+    assert (c.unet.num_classes, c.unet.class_embedding, c.unet.head_dim, c.unet.num_heads) == (11, "context", 16, None)
+    assert c.vae.regularizer == "vq" and c.vae.codebook_size == 16 and c.vae.scale_factor == 0.5
+    assert math.isclose(c.schedule.beta_start, 0.0015, rel_tol=1e-5)
+    assert math.isclose(c.schedule.beta_end, 0.0195, rel_tol=1e-5)
+    for mine, theirs in ((loaded.unet, comps.unet), (loaded.vae, comps.vae)):
+        for k, v in theirs.state_dict().items():
+            assert torch.equal(mine.state_dict()[k], v), k
+    # the oracle: the label's ClassEmbedder row is the one-token context of the same U-Net without classes
+    plain_cfg = dataclasses.replace(c.unet, num_classes=None, class_embedding="time")
+    plain = UNetModel(plain_cfg)
+    plain.load_state_dict({k: v for k, v in loaded.unet.state_dict().items() if k != "label_emb.weight"})
+    x, y = torch.randn(2, 4, 16, 16), torch.tensor([3, 10])
+    with torch.no_grad():
+        context = loaded.unet.label_emb.weight[y][:, None, :]
+        torch.testing.assert_close(loaded.unet(x, 500, y=y), plain(x, 500, context=context))
+    images = txt2img(loaded, GenerationRequest(prompt="", class_label=3, steps=2, seed=1).validate(c))
+    assert images
+    assert main(["info", str(path), "--no-hash"]) == 0
+    out = capsys.readouterr().out
+    assert "CompVis class-conditional LDM (11 classes, ClassEmbedder) on a VQ-f2 first stage" in out
+    assert "regulariser vq, codebook 16 x 4" in out
+    save_model(loaded, tmp_path / "cin.safetensors")  # daguerre's own format keeps it whole
+    again = load_model(tmp_path / "cin.safetensors")
+    assert again.config.unet.class_embedding == "context"
+    assert torch.equal(again.unet.label_emb.weight, loaded.unet.label_emb.weight)
+    with pytest.raises(ValueError, match="ClassEmbedder\\) has no diffusers"):
+        save_diffusers(loaded, tmp_path / "folder")
+
+
+def test_a_compvis_class_ldm_without_its_yaml_asks_for_it(tmp_path):
+    from daguerre.checkpoints import load_model
+
+    _, path = _compvis_class_ldm(tmp_path, yaml=False)
+    with pytest.raises(ValueError, match="heads are not in its weights; put the model's config YAML beside it as "
+                                         "cin.yaml"):
+        load_model(path)

@@ -42,6 +42,9 @@ class LayoutConfig:
     mlp_dim: int = 384
 
 
+ClassEmbedding = Literal["time", "context"]  # UNetConfig.class_embedding
+
+
 @dataclass
 class UNetConfig:
     """The cross-attention U-Net of LDM (CompVis `openaimodel.UNetModel` naming)."""
@@ -58,6 +61,9 @@ class UNetConfig:
     context_dim: int | None = 768  # cross-attention context width; None = self-attention only
     use_linear_proj: bool = False  # proj_in/proj_out as Linear (SD v2) instead of 1x1 conv (SD v1)
     num_classes: int | None = None  # class-conditional models: a label embedding added to the time embedding
+    # ... or, with "context", the label's embedding (context_dim wide) is the one-token cross-attention context
+    # instead (CompVis `ClassEmbedder`, the class-conditional LDMs on ImageNet)
+    class_embedding: ClassEmbedding = "time"
     norm_groups: int = 32  # GroupNorm groups
     dropout: float = 0.0
     upcast_attention: bool = False  # compute attention scores in float32 even in half precision (SD 2.1)
@@ -598,6 +604,10 @@ def check_model_config(cfg: ModelConfig, prefix: str = "") -> None:
     if cfg.semantic_labels is not None and not 1 <= len(cfg.semantic_labels) <= MAX_SEMANTIC_LABELS:
         raise ValueError(f"config key {prefix}semantic_labels: {len(cfg.semantic_labels)} labels; a semantic map has "
                          f"1 to {MAX_SEMANTIC_LABELS}")
+    u = cfg.unet
+    if u.class_embedding == "context" and (u.num_classes is None or u.context_dim is None or u.layout is not None):
+        raise ValueError(f"config key {prefix}unet.class_embedding: 'context' needs num_classes and context_dim "
+                         f"(got {u.num_classes} and {u.context_dim}) and no layout")
     layout = cfg.unet.layout
     if layout is not None:
         if len(layout.vocabulary) > MAX_LAYOUT_WORDS or len(set(layout.vocabulary)) != len(layout.vocabulary):

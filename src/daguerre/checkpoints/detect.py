@@ -48,6 +48,7 @@ IGNORED_KEYS: tuple[tuple[str, str], ...] = (
     ("log_one_minus_alphas_cumprod", "diffusion schedule buffer"),
     ("posterior_*", "diffusion schedule buffers (posterior_variance, posterior_mean_coef1, ...)"),
     ("logvar", "learned-variance buffer of the CompVis training wrapper (unused at inference)"),
+    ("scale_factor", "latent scale buffer of a CompVis LDM trained with scale_by_std: read into the VAE config"),
     ("model_ema.decay", "EMA bookkeeping"),
     ("model_ema.num_updates", "EMA bookkeeping"),
     ("model_ema.*", "EMA copy of the U-Net: used only with use_ema=True / --ema"),
@@ -59,6 +60,7 @@ IGNORED_KEYS: tuple[tuple[str, str], ...] = (
 
 CODEBOOK_KEY = "quantize.embedding.weight"  # a VQ autoencoder's codebook (n_embed, embed_dim), prefix stripped
 CLASS_EMBEDDER_KEY = "cond_stage_model.embedding.weight"  # CompVis ClassEmbedder (n_classes, context_dim)
+SAMPLE_SIZE_CLASS_LDM = 256  # pixels: the CompVis ImageNet LDMs (64 x f4, 32 x f8)
 VQ_SCALE_FACTOR = 1.0  # CompVis LatentDiffusion's default scale_factor, which its VQ-based LDMs keep
 V_HEURISTIC_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"  # in the U-Net, without prefix
 V_HEURISTIC_STD = 0.09  # ComfyUI `model_detection`: std above this -> v-prediction (SD v2.x 768-v)
@@ -230,6 +232,110 @@ def prediction_from_yaml(checkpoint: Path) -> tuple[str, Path] | None:
     return None
 
 
+_YAML_SCALAR = re.compile(r"""^\s*([A-Za-z_]+)\s*:\s*["']?(-?[0-9.eE+-]+|[A-Za-z_]+)["']?\s*(#.*)?$""")
+
+
+def yaml_scalars(checkpoint: Path | None, names: tuple[str, ...]) -> tuple[dict[str, str], Path | None]:
+    """The first value of each of `names` written as a `name: value` line in a YAML file beside the checkpoint
+    (CHECKPOINT.yaml / .yml; no YAML parser: single lines only), and that file; ({}, None) without one."""
+    for suffix in (".yaml", ".yml"):
+        y = checkpoint.with_suffix(suffix) if checkpoint is not None else None
+        if y is None or not y.is_file():
+            continue
+        with open(y, "rb") as f:
+            text = f.read(YAML_MAX_BYTES).decode("utf-8", errors="replace")
+        found: dict[str, str] = {}
+        for line in text.splitlines():
+            m = _YAML_SCALAR.match(line)
+            if m and m.group(1) in names and m.group(1) not in found:
+                found[m.group(1)] = m.group(2)
+        return found, y
+    return {}, None
+
+
+def _yaml_int(found: dict[str, str], name: str, y: Path) -> int | None:
+    if name not in found:
+        return None
+    try:
+        return int(found[name])
+    except ValueError:
+        raise ValueError(f"{y}: {name}: {found[name]!r} is not an integer") from None
+
+
+def _schedule_from_betas(betas: torch.Tensor) -> ScheduleConfig:
+    """The ScheduleConfig of a CompVis `betas` buffer: LDM's "linear" schedule (linspace of sqrt(beta), squared:
+    daguerre's "scaled_linear") from linear_start = betas[0] to linear_end = betas[-1]."""
+    b = betas.double().flatten()
+    if len(b) < 2:
+        raise ValueError(f"the checkpoint's betas buffer has {len(b)} values: not a diffusion schedule")
+    start, end = float(b[0]), float(b[-1])
+    expect = torch.linspace(start**0.5, end**0.5, len(b), dtype=torch.float64) ** 2
+    if not torch.allclose(b, expect, rtol=1e-4, atol=1e-9):
+        raise ValueError("the checkpoint's betas are not LDM's linear schedule (linspace of sqrt(beta), squared)")
+    return ScheduleConfig(num_train_timesteps=len(b), beta_schedule="scaled_linear", beta_start=start, beta_end=end)
+
+
+def detect_class_ldm(
+    sd: Mapping[str, torch.Tensor], path: Path | None, prediction_type: str | None,
+    value_of: Callable[[str], torch.Tensor] | None,
+) -> tuple[ModelConfig, str, str]:
+    """(config, variant, the prediction type's source) of a CompVis class-conditional LDM: a ClassEmbedder
+    (`cond_stage_model.embedding.weight`, one row per class, the last the null class of guidance when the model
+    was trained with one) whose row is the U-Net's one-token cross-attention context; a KL or VQ first stage.
+
+    What the weights cannot tell comes from the model's YAML beside the checkpoint (CHECKPOINT.yaml, as
+    AUTOMATIC1111 reads it): the heads (`num_head_channels`, else `num_heads`; required), the latent side
+    `image_size` (default SAMPLE_SIZE_CLASS_LDM pixels) and `parameterization`. The schedule comes from the
+    `betas` buffer, the latent scale from the `scale_factor` buffer (LDM's default 1 without one)."""
+
+    def tensor(key: str) -> torch.Tensor:
+        t = sd[key]
+        return value_of(key) if t.is_meta and value_of is not None else t
+
+    unet = infer_unet_config(strip(sd, UNET_PREFIX))
+    vae = infer_vae_config(strip(sd, VAE_PREFIX))
+    n_classes, width = (int(n) for n in sd[CLASS_EMBEDDER_KEY].shape)
+    if unet.context_dim != width:
+        raise ValueError(f"the ClassEmbedder's {width}-wide rows do not match the U-Net's cross-attention context "
+                         f"width {unet.context_dim}")
+    found, y = yaml_scalars(path, ("num_head_channels", "num_heads", "image_size", "parameterization"))
+    head_dim, heads = _yaml_int(found, "num_head_channels", y), _yaml_int(found, "num_heads", y)
+    if head_dim is not None and head_dim > 0:
+        unet.num_heads, unet.head_dim = None, head_dim
+    elif heads is not None and heads > 0:
+        unet.num_heads, unet.head_dim = heads, None
+    else:
+        beside = path.with_suffix(".yaml").name if path is not None else "CHECKPOINT.yaml"
+        raise ValueError(f"a CompVis class-conditional LDM: its attention heads are not in its weights; put the "
+                         f"model's config YAML beside it as {beside} (daguerre reads its num_head_channels or "
+                         "num_heads line)")
+    unet.num_classes, unet.class_embedding = n_classes, "context"
+    if "betas" in sd and (not sd["betas"].is_meta or value_of is not None):
+        schedule = _schedule_from_betas(tensor("betas"))
+    else:
+        raise ValueError("a CompVis LDM without its betas buffer: its diffusion schedule is unknown")
+    if "scale_factor" in sd and (not sd["scale_factor"].is_meta or value_of is not None):
+        vae.scale_factor = float(tensor("scale_factor"))
+    elif vae.regularizer == "kl":
+        vae.scale_factor = VQ_SCALE_FACTOR  # LatentDiffusion's default for a KL first stage too
+    if prediction_type is not None:
+        pred, source = prediction_type, "argument"
+    elif "parameterization" in found:
+        pred, source = _YAML_VALUES.get(found["parameterization"], ""), f"yaml {y.name}"
+        if not pred:
+            raise ValueError(f"{y}: unknown parameterization {found['parameterization']!r}")
+    else:
+        pred, source = "epsilon", "LDM default"
+    schedule.prediction_type = pred
+    latent_side = _yaml_int(found, "image_size", y)
+    sample_size = latent_side * vae.downsample_factor if latent_side else SAMPLE_SIZE_CLASS_LDM
+    cfg = ModelConfig(name="custom", unet=unet, vae=vae, text_encoder=None, schedule=schedule, conditioning="class",
+                      sample_size=sample_size)
+    first = f"VQ-f{vae.downsample_factor}" if vae.regularizer == "vq" else f"KL-f{vae.downsample_factor}"
+    return cfg, f"CompVis class-conditional LDM ({n_classes} classes, ClassEmbedder) on a {first} first stage, " \
+        f"{pred}", source
+
+
 def v_prediction_heuristic(norm1_bias: torch.Tensor) -> bool:
     """ComfyUI's test: the last U-Net transformer's norm1 bias is spread wider in v-prediction SD v2 models."""
     return float(norm1_bias.float().std()) > V_HEURISTIC_STD
@@ -324,12 +430,16 @@ def detect_checkpoint(
             f"not a Stable Diffusion checkpoint: no {UNET_PREFIX}* keys ({len(keys)} tensors, e.g. {sample}); "
             "a U-Net-only or LoRA file cannot be loaded as a model"
         )
+    if layout is None and CLASS_EMBEDDER_KEY in sd:  # a CompVis class-conditional LDM (ImageNet, LDM Sec. 4.1)
+        cfg, variant, source = detect_class_ldm(sd, path, prediction_type, value_of)
+        variant += ", full (with EMA)" if has_ema else ""
+        return Detection(cfg, variant, None, None, False, has_ema, use_ema, source, dict(dtypes), ignored)
     if layout is None and any(k.startswith(VAE_PREFIX + CODEBOOK_KEY) for k in keys):
-        kind = "class-conditional (ClassEmbedder cond_stage_model.embedding)" if CLASS_EMBEDDER_KEY in sd else \
-            "unconditional" if not any(k.startswith("cond_stage_model.") for k in keys) else "conditional"
+        kind = "unconditional" if not any(k.startswith("cond_stage_model.") for k in keys) else "conditional"
         raise ValueError(f"a CompVis latent diffusion model on a VQ first stage, {kind}: daguerre reads its "
-                         "autoencoder alone (daguerre train ldm --vae, daguerre info, daguerre convert), not yet its "
-                         "U-Net and conditioning; see docs/formats.md")
+                         "autoencoder alone (daguerre train ldm --vae, daguerre info, daguerre convert), not its "
+                         "U-Net and conditioning (only class-conditional ones, with a ClassEmbedder); "
+                         "see docs/formats.md")
     unet = infer_unet_config(strip(sd, UNET_PREFIX))
     vae = infer_vae_config(strip(sd, VAE_PREFIX))
     if layout is None:

@@ -64,13 +64,16 @@ def load_single(
     cfg = det.config
     kept = {k: v for k, v in sd.items() if not d.is_ignored(k)}
     prefixes = (d.UNET_PREFIX, d.VAE_PREFIX, d.TEXT_PREFIX_CLIP, d.TEXT_PREFIX_OPENCLIP)
-    stray = [k for k in kept if not k.startswith(prefixes)]
+    class_key = d.CLASS_EMBEDDER_KEY if not det.is_daguerre and cfg.unet.class_embedding == "context" else None
+    stray = [k for k in kept if not k.startswith(prefixes) and k != class_key]
     if stray:
         raise ValueError(
             f"{len(stray)} unexpected keys outside the U-Net, autoencoder and text encoder: {few(stray)}; "
             "this is not a Stable Diffusion v1/v2 checkpoint daguerre knows"
         )
     unet_sd = _unet_weights(sd, kept, use_ema)
+    if class_key is not None:  # a CompVis ClassEmbedder: the U-Net's label embedding, read as its context
+        unet_sd["label_emb.weight"] = kept[class_key]
     vae_sd = d.strip(kept, d.VAE_PREFIX)
     frozen = cfg.text_encoder is not None and cfg.text_encoder.frozen  # weights from its own package
     if frozen and det.text_layout is not None:

@@ -305,6 +305,11 @@ def fewer_calls_args(interval: int, depth: int, tome_ratio: float = 0.0, max_t: 
     return args
 
 
+def _class_context(cfg: UNetConfig) -> bool:
+    """Whether the class label's embedding is the cross-attention context (CompVis `ClassEmbedder`)."""
+    return cfg.num_classes is not None and cfg.class_embedding == "context"
+
+
 class UNetModel(nn.Module):
     """The LDM / Stable Diffusion U-Net eps_theta(z_t, t, tau(y)) (Rombach et al. 2022, eq. 2-3) of a UNetConfig.
 
@@ -330,8 +335,8 @@ class UNetModel(nn.Module):
         emb_dim = TIME_EMBED_MULT * mc
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cfg.num_classes is not None:
-            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+        if cfg.num_classes is not None:  # added to the time embedding, or (class_embedding "context") the context
+            self.label_emb = nn.Embedding(cfg.num_classes, cfg.context_dim if _class_context(cfg) else emb_dim)
         if cfg.layout is not None:  # a layout model: the layout's tokens join the context (models/layout.py)
             if cfg.layout.width != cfg.context_dim:
                 raise ValueError(f"UNetConfig.layout.width {cfg.layout.width} must be the context_dim "
@@ -401,11 +406,11 @@ class UNetModel(nn.Module):
         if (layout is None) != (cfg.layout is None):
             raise ValueError(f"UNetModel with layout={cfg.layout is not None}: pass layout tokens exactly when the "
                              "model reads layouts")
-        if (context is None) != (cfg.context_dim is None):
+        if (context is None) != (cfg.context_dim is None or _class_context(cfg)):
             got = None if context is None else tuple(context.shape)
             raise ValueError(
                 f"UNetModel with context_dim={cfg.context_dim} got context={got}: "
-                "pass a (B, T, context_dim) context exactly when context_dim is set"
+                "pass a (B, T, context_dim) context exactly when context_dim is set (and the context is no class's)"
             )
         if (y is None) != (cfg.num_classes is None):
             raise ValueError(
@@ -417,7 +422,9 @@ class UNetModel(nn.Module):
             raise ValueError(f"timesteps must be a scalar or of shape ({b},), got {tuple(t.shape)}")
 
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(dtype))  # (B, 4*mc)
-        if y is not None:
+        if y is not None and _class_context(cfg):  # CompVis ClassEmbedder: the label is the context
+            context = self.label_emb(y.to(x.device))[:, None, :]  # (B, 1, context_dim)
+        elif y is not None:
             emb = emb + self.label_emb(y.to(x.device))
         if context is not None:
             context = context.to(dtype)  # (B, T, context_dim)
