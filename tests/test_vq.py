@@ -400,3 +400,26 @@ def test_a_compvis_class_ldm_without_its_yaml_asks_for_it(tmp_path):
     with pytest.raises(ValueError, match="heads are not in its weights; put the model's config YAML beside it as "
                                          "cin.yaml"):
         load_model(path)
+
+
+def test_files_that_lie_about_a_vq_autoencoder_are_refused_before_anything_is_built(tmp_path):
+    from daguerre.checkpoints import load_model
+    from daguerre.checkpoints.vae_file import load_vae, save_vae
+    from daguerre.config import ModelConfig
+
+    cfg = ModelConfig(name="x", vae=VAEConfig(**{**VQ_F4, "base_channels": 32}))
+    with pytest.raises(ValueError, match=r"vae.codebook_size: 1000000000 is out of range"):
+        ModelConfig.from_dict({**cfg.to_dict(), "vae": {**cfg.to_dict()["vae"], "codebook_size": 10**9}})
+    with pytest.raises(ValueError, match=r"vae.regularizer: 'vqx' is not of type"):
+        ModelConfig.from_dict({**cfg.to_dict(), "vae": {**cfg.to_dict()["vae"], "regularizer": "vqx"}})
+    vae = AutoencoderKL(cfg.vae)
+    save_vae(vae, cfg, tmp_path / "vq.safetensors")
+    sd = load_file(str(tmp_path / "vq.safetensors"))
+    del sd["first_stage_model.quantize.embedding.weight"]  # a VQ config without its codebook: nothing loads
+    save_file(sd, str(tmp_path / "bare.safetensors"), {"daguerre_config": cfg.to_json(), "format": "daguerre-vae"})
+    with pytest.raises(ValueError, match="quantize.embedding.weight"):
+        load_vae(tmp_path / "bare.safetensors")
+    _, path = _compvis_class_ldm(tmp_path)
+    path.with_suffix(".yaml").write_text("num_head_channels: lots\n")
+    with pytest.raises(ValueError, match="num_head_channels: 'lots' is not an integer"):
+        load_model(path)
