@@ -306,10 +306,13 @@ def test_bad_diffusers_and_compvis_vq_files_are_refused_by_name(tmp_path):
     sd["quant_conv.weight"] = torch.empty(3, 6, 1, 1, device="meta")
     with pytest.raises(ValueError, match="quant_conv maps 6 to 3 channels for 3-channel codes"):
         infer_vae_config(sd)
-    ldm = {"model.diffusion_model.input_blocks.0.0.weight": torch.empty(1),
-           "first_stage_model.quantize.embedding.weight": torch.empty(8, 3)}  # ffhq-ldm-vq-4: unconditional
-    with pytest.raises(ValueError, match="VQ first stage, unconditional: daguerre reads its autoencoder alone"):
-        detect_checkpoint(ldm, {})
+    from daguerre.checkpoints.single_file import single_file_state_dict
+    from daguerre.components import build_components
+
+    sd_file = single_file_state_dict(build_components(preset("tiny")))  # a text model, its text encoder removed
+    no_text = {k: v for k, v in sd_file.items() if not k.startswith("cond_stage_model.")}
+    with pytest.raises(ValueError, match="no text encoder .* and no ClassEmbedder, but a U-Net with spatial"):
+        detect_checkpoint(no_text, {})
 
 
 # --- a CompVis class-conditional LDM on a VQ first stage (ClassEmbedder as the cross-attention context) ---------
@@ -422,4 +425,66 @@ def test_files_that_lie_about_a_vq_autoencoder_are_refused_before_anything_is_bu
     _, path = _compvis_class_ldm(tmp_path)
     path.with_suffix(".yaml").write_text("num_head_channels: lots\n")
     with pytest.raises(ValueError, match="num_head_channels: 'lots' is not an integer"):
+        load_model(path)
+
+
+
+# --- an unconditional CompVis LDM (ffhq-ldm-vq-4, celebahq-ldm-vq-4: ADM attention blocks) ----------------------
+
+def _legacy_adm_attention(block, x: torch.Tensor) -> torch.Tensor:
+    """CompVis `AttentionBlock` with `QKVAttentionLegacy`, written out as its source reads: the reference."""
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, -1)
+    qkv = block.qkv(block.norm(flat))  # (B, 3C, T)
+    heads = block.heads
+    ch = qkv.shape[1] // (3 * heads)
+    q, k, v = qkv.reshape(b * heads, ch * 3, -1).split(ch, dim=1)
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale).float().softmax(dim=-1)
+    a = torch.einsum("bts,bcs->bct", weight, v).reshape(b, -1, flat.shape[-1])
+    return (flat + block.proj_out(a)).reshape(b, c, h, w)
+
+
+def test_adm_attention_block_equals_compvis_legacy_attention():
+    from daguerre.config import UNetConfig
+    from daguerre.models.unet import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(64, UNetConfig(num_heads=None, head_dim=16, norm_groups=8, context_dim=None))
+    with torch.no_grad():
+        block.proj_out.weight.normal_(0, 0.1)  # (zero-initialised: the residual branch would vanish)
+        x = torch.randn(2, 64, 5, 6)
+        torch.testing.assert_close(block(x), _legacy_adm_attention(block, x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unconditional_compvis_ldm_on_vq_loads_and_generates(tmp_path, capsys):
+    from daguerre.checkpoints import load_model
+    from daguerre.checkpoints.single_file import single_file_state_dict
+    from daguerre.cli import main
+    from daguerre.components import build_components
+    from daguerre.diffusion.schedules import make_betas
+    from daguerre.pipelines.request import GenerationRequest
+    from daguerre.pipelines.txt2img import txt2img
+
+    cfg = preset("tiny")
+    cfg.conditioning, cfg.text_encoder, cfg.unet.context_dim, cfg.unet.attention_block = "none", None, None, "adm"
+    cfg.vae.regularizer, cfg.vae.codebook_size = "vq", 16
+    comps = build_components(cfg, seed=5)
+    sd = single_file_state_dict(comps)
+    assert any(k.endswith(".qkv.weight") for k in sd) and not any("transformer_blocks" in k for k in sd)
+    sd["betas"] = make_betas("scaled_linear", 1000, 0.0015, 0.0195).float()
+    path = tmp_path / "ffhq.ckpt"
+    torch.save({"state_dict": sd}, path)
+    path.with_suffix(".yaml").write_text(LDM_YAML.replace("context_dim: 32", ""))
+    loaded = load_model(path)
+    c = loaded.config
+    assert (c.conditioning, c.unet.attention_block, c.unet.context_dim, c.unet.head_dim) == ("none", "adm", None, 16)
+    assert c.vae.scale_factor == 1.0 and math.isclose(c.schedule.beta_end, 0.0195, rel_tol=1e-5)
+    for k, v in comps.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[k], v), k
+    assert txt2img(loaded, GenerationRequest(prompt="", steps=2, seed=1).validate(c))
+    assert main(["info", str(path), "--no-hash"]) == 0
+    assert "CompVis unconditional LDM on a VQ-f2 first stage" in capsys.readouterr().out
+    path.with_suffix(".yaml").unlink()
+    with pytest.raises(ValueError, match="heads are not in its weights"):
         load_model(path)

@@ -43,6 +43,7 @@ class LayoutConfig:
 
 
 ClassEmbedding = Literal["time", "context"]  # UNetConfig.class_embedding
+AttentionBlockKind = Literal["transformer", "adm"]  # UNetConfig.attention_block
 
 
 @dataclass
@@ -64,6 +65,9 @@ class UNetConfig:
     # ... or, with "context", the label's embedding (context_dim wide) is the one-token cross-attention context
     # instead (CompVis `ClassEmbedder`, the class-conditional LDMs on ImageNet)
     class_embedding: ClassEmbedding = "time"
+    # "transformer": a spatial transformer at each attention level (LDM, SD); "adm": ADM's self-attention block
+    # instead (`qkv` and `proj_out` 1-D convolutions, no context: the unconditional CompVis LDMs)
+    attention_block: AttentionBlockKind = "transformer"
     norm_groups: int = 32  # GroupNorm groups
     dropout: float = 0.0
     upcast_attention: bool = False  # compute attention scores in float32 even in half precision (SD 2.1)
@@ -608,6 +612,9 @@ def check_model_config(cfg: ModelConfig, prefix: str = "") -> None:
     if u.class_embedding == "context" and (u.num_classes is None or u.context_dim is None or u.layout is not None):
         raise ValueError(f"config key {prefix}unet.class_embedding: 'context' needs num_classes and context_dim "
                          f"(got {u.num_classes} and {u.context_dim}) and no layout")
+    if u.attention_block == "adm" and (u.context_dim is not None or u.layout is not None):
+        raise ValueError(f"config key {prefix}unet.attention_block: 'adm' attends to the image only; it needs "
+                         f"context_dim None (got {u.context_dim}) and no layout")
     layout = cfg.unet.layout
     if layout is not None:
         if len(layout.vocabulary) > MAX_LAYOUT_WORDS or len(set(layout.vocabulary)) != len(layout.vocabulary):

@@ -132,12 +132,17 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor]) -> UNetConfig:
     attention_levels = tuple(i for i, lv in enumerate(levels) if all(a for _, a in lv))
     if any(any(a for _, a in lv) and not all(a for _, a in lv) for lv in levels):
         raise ValueError("unsupported U-Net layout: a level where only some ResNet blocks have attention")
-    block = attn_block or "middle_block.1."  # the middle block always has a spatial transformer
+    block = attn_block or "middle_block.1."  # the middle block always has attention
+    label = sd.get("label_emb.weight")
+    if block + "qkv.weight" in sd:  # ADM's attention block (the unconditional CompVis LDMs): heads from elsewhere
+        return UNetConfig(in_channels=in_ch, out_channels=out_ch, model_channels=mc, channel_mult=tuple(mults),
+                          num_res_blocks=counts.pop(), attention_levels=attention_levels, num_heads=SD1_HEADS,
+                          head_dim=None, context_dim=None, attention_block="adm",
+                          num_classes=None if label is None else int(label.shape[0]))
     proj_in = _need(sd, block + "proj_in.weight", "U-Net attention")
     depth = len(_indices(sd, block + "transformer_blocks."))
     k2 = sd.get(block + "transformer_blocks.0.attn2.to_k.weight")
     linear = proj_in.ndim == 2
-    label = sd.get("label_emb.weight")
     return UNetConfig(
         in_channels=in_ch,
         out_channels=out_ch,
@@ -275,13 +280,15 @@ def _schedule_from_betas(betas: torch.Tensor) -> ScheduleConfig:
     return ScheduleConfig(num_train_timesteps=len(b), beta_schedule="scaled_linear", beta_start=start, beta_end=end)
 
 
-def detect_class_ldm(
+def detect_compvis_ldm(
     sd: Mapping[str, torch.Tensor], path: Path | None, prediction_type: str | None,
     value_of: Callable[[str], torch.Tensor] | None,
 ) -> tuple[ModelConfig, str, str]:
-    """(config, variant, the prediction type's source) of a CompVis class-conditional LDM: a ClassEmbedder
-    (`cond_stage_model.embedding.weight`, one row per class, the last the null class of guidance when the model
-    was trained with one) whose row is the U-Net's one-token cross-attention context; a KL or VQ first stage.
+    """(config, variant, the prediction type's source) of a CompVis LDM without a text encoder, on a KL or VQ
+    first stage: class-conditional, with a ClassEmbedder (`cond_stage_model.embedding.weight`, one row per
+    class, the last the null class of guidance when the model was trained with one) whose row is the U-Net's
+    one-token cross-attention context; or unconditional (no `cond_stage_model.*`), its U-Net attending with
+    ADM's attention blocks (`attention_block = "adm"`).
 
     What the weights cannot tell comes from the model's YAML beside the checkpoint (CHECKPOINT.yaml, as
     AUTOMATIC1111 reads it): the heads (`num_head_channels`, else `num_heads`; required), the latent side
@@ -294,10 +301,17 @@ def detect_class_ldm(
 
     unet = infer_unet_config(strip(sd, UNET_PREFIX))
     vae = infer_vae_config(strip(sd, VAE_PREFIX))
-    n_classes, width = (int(n) for n in sd[CLASS_EMBEDDER_KEY].shape)
-    if unet.context_dim != width:
-        raise ValueError(f"the ClassEmbedder's {width}-wide rows do not match the U-Net's cross-attention context "
-                         f"width {unet.context_dim}")
+    n_classes = None
+    if CLASS_EMBEDDER_KEY in sd:
+        n_classes, width = (int(n) for n in sd[CLASS_EMBEDDER_KEY].shape)
+        if unet.context_dim != width:
+            raise ValueError(f"the ClassEmbedder's {width}-wide rows do not match the U-Net's cross-attention "
+                             f"context width {unet.context_dim}")
+    elif unet.attention_block != "adm" or unet.num_classes is not None:
+        raise ValueError("no text encoder (cond_stage_model.*) and no ClassEmbedder, but a U-Net with spatial "
+                         "transformers: neither a Stable Diffusion checkpoint (which needs its text encoder) nor an "
+                         "unconditional CompVis LDM (ADM attention blocks); its autoencoder alone loads "
+                         "(daguerre train ldm --vae, info, convert)")
     found, y = yaml_scalars(path, ("num_head_channels", "num_heads", "image_size", "parameterization"))
     head_dim, heads = _yaml_int(found, "num_head_channels", y), _yaml_int(found, "num_heads", y)
     if head_dim is not None and head_dim > 0:
@@ -306,10 +320,11 @@ def detect_class_ldm(
         unet.num_heads, unet.head_dim = heads, None
     else:
         beside = path.with_suffix(".yaml").name if path is not None else "CHECKPOINT.yaml"
-        raise ValueError(f"a CompVis class-conditional LDM: its attention heads are not in its weights; put the "
+        raise ValueError(f"a CompVis LDM: its attention heads are not in its weights; put the "
                          f"model's config YAML beside it as {beside} (daguerre reads its num_head_channels or "
                          "num_heads line)")
-    unet.num_classes, unet.class_embedding = n_classes, "context"
+    if n_classes is not None:
+        unet.num_classes, unet.class_embedding = n_classes, "context"
     if "betas" in sd and (not sd["betas"].is_meta or value_of is not None):
         schedule = _schedule_from_betas(tensor("betas"))
     else:
@@ -329,11 +344,12 @@ def detect_class_ldm(
     schedule.prediction_type = pred
     latent_side = _yaml_int(found, "image_size", y)
     sample_size = latent_side * vae.downsample_factor if latent_side else SAMPLE_SIZE_CLASS_LDM
-    cfg = ModelConfig(name="custom", unet=unet, vae=vae, text_encoder=None, schedule=schedule, conditioning="class",
-                      sample_size=sample_size)
+    cfg = ModelConfig(name="custom", unet=unet, vae=vae, text_encoder=None, schedule=schedule,
+                      conditioning="none" if n_classes is None else "class", sample_size=sample_size)
     first = f"VQ-f{vae.downsample_factor}" if vae.regularizer == "vq" else f"KL-f{vae.downsample_factor}"
-    return cfg, f"CompVis class-conditional LDM ({n_classes} classes, ClassEmbedder) on a {first} first stage, " \
-        f"{pred}", source
+    kind = "unconditional LDM" if n_classes is None else \
+        f"class-conditional LDM ({n_classes} classes, ClassEmbedder)"
+    return cfg, f"CompVis {kind} on a {first} first stage, {pred}", source
 
 
 def v_prediction_heuristic(norm1_bias: torch.Tensor) -> bool:
@@ -430,16 +446,11 @@ def detect_checkpoint(
             f"not a Stable Diffusion checkpoint: no {UNET_PREFIX}* keys ({len(keys)} tensors, e.g. {sample}); "
             "a U-Net-only or LoRA file cannot be loaded as a model"
         )
-    if layout is None and CLASS_EMBEDDER_KEY in sd:  # a CompVis class-conditional LDM (ImageNet, LDM Sec. 4.1)
-        cfg, variant, source = detect_class_ldm(sd, path, prediction_type, value_of)
+    conditioned = any(k.startswith("cond_stage_model.") for k in keys)
+    if layout is None and (CLASS_EMBEDDER_KEY in sd or not conditioned):  # a CompVis class or unconditional LDM
+        cfg, variant, source = detect_compvis_ldm(sd, path, prediction_type, value_of)
         variant += ", full (with EMA)" if has_ema else ""
         return Detection(cfg, variant, None, None, False, has_ema, use_ema, source, dict(dtypes), ignored)
-    if layout is None and any(k.startswith(VAE_PREFIX + CODEBOOK_KEY) for k in keys):
-        kind = "unconditional" if not any(k.startswith("cond_stage_model.") for k in keys) else "conditional"
-        raise ValueError(f"a CompVis latent diffusion model on a VQ first stage, {kind}: daguerre reads its "
-                         "autoencoder alone (daguerre train ldm --vae, daguerre info, daguerre convert), not its "
-                         "U-Net and conditioning (only class-conditional ones, with a ClassEmbedder); "
-                         "see docs/formats.md")
     unet = infer_unet_config(strip(sd, UNET_PREFIX))
     vae = infer_vae_config(strip(sd, VAE_PREFIX))
     if layout is None:

@@ -197,6 +197,32 @@ class SpatialTransformer(nn.Module):
         return x + y
 
 
+class AttentionBlock(nn.Module):
+    """ADM's self-attention block (Dhariwal & Nichol 2021; CompVis `AttentionBlock` with the legacy head order):
+    x + proj_out(attention(qkv(GN(x)))) over the H*W positions, `qkv` and `proj_out` 1-D convolutions, the
+    channels of qkv grouped per head as [q, k, v]; the unconditional CompVis LDMs use it (no context)."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads_at(channels)
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=RESNET_NORM_EPS)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = _zero_(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        b, c, h, w = x.shape
+        flat = x.reshape(b, c, h * w)
+        qkv = self.qkv(self.norm(flat)).reshape(b, self.heads, 3, self.head_dim, h * w)  # per head: q, k, v
+        q, k, v = (qkv[:, :, i].reshape(b, c, h * w).transpose(1, 2) for i in range(3))  # (B, HW, C)
+        out = attention(q, k, v, self.heads, upcast=True).transpose(1, 2)  # (B, C, HW)
+        return (flat + self.proj_out(out)).reshape(b, c, h, w)
+
+
+def _attention_layer(channels: int, cfg: UNetConfig) -> nn.Module:
+    """The attention of a level: a spatial transformer, or ADM's attention block (`cfg.attention_block`)."""
+    return AttentionBlock(channels, cfg) if cfg.attention_block == "adm" else SpatialTransformer(channels, cfg)
+
+
 class Downsample(nn.Module):
     """Halve the resolution with a stride-2 3x3 convolution."""
 
@@ -352,7 +378,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups, drop)]
                 ch = mult * mc
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(_attention_layer(ch, cfg))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -361,7 +387,7 @@ class UNetModel(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, emb_dim, ch, groups, drop),
-            SpatialTransformer(ch, cfg),
+            _attention_layer(ch, cfg),
             ResBlock(ch, emb_dim, ch, groups, drop),
         )
 
@@ -372,7 +398,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc, groups, drop)]
                 ch = mult * mc
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(_attention_layer(ch, cfg))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
