@@ -284,6 +284,7 @@ def test_a_model_on_vq_latents_saves_loads_and_shows_its_regulariser(tmp_path):
     (["loss.codebook_ema=0.5"], r"loss.codebook_ema: 0.5 is for a VQ autoencoder.*'kl'"),
     (["model.regularizer=vq", "loss.codebook_ema=1.0"], r"loss.codebook_ema: must be in \[0, 1\).*1.0"),
     (["model.regularizer=vq", "loss.vq_beta=-1"], r"loss.vq_beta: must be >= 0, got -1"),
+    (["model.regularizer=vq", "loss.codebook_weight=0"], r"loss.codebook_weight: must be > 0 .*got 0"),
     (["model.codebook_dim=3", "model.vae.latent_channels=4"], r"model.codebook_dim: 3, but model.vae.latent_ch"),
 ])
 def test_bad_vq_keys_are_one_error_naming_the_value(overrides, message):

@@ -563,9 +563,12 @@ def check_vq_loss(cfg: RunConfig) -> None:
             raise ValueError(f"config key loss.{changed[0]}: {getattr(lc, changed[0])!r} is for a VQ autoencoder, "
                              f"but model.vae.regularizer is {cfg.model.vae.regularizer!r}; set it to 'vq'")
         return
-    for key in ("vq_beta", "codebook_weight", "codebook_restart"):
+    for key in ("vq_beta", "codebook_restart"):
         if getattr(lc, key) < 0:
             raise ValueError(f"config key loss.{key}: must be >= 0, got {getattr(lc, key)}")
+    if lc.codebook_weight <= 0:
+        raise ValueError(f"config key loss.codebook_weight: must be > 0 (the codebook and commitment term), got "
+                         f"{lc.codebook_weight}")
     if not 0.0 <= lc.codebook_ema < 1.0:
         raise ValueError(f"config key loss.codebook_ema: must be in [0, 1) (0 = learn the codes by the codebook "
                          f"loss), got {lc.codebook_ema}")
