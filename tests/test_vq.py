@@ -459,7 +459,7 @@ def test_adm_attention_block_equals_compvis_legacy_attention():
 
 
 def test_an_unconditional_compvis_ldm_on_vq_loads_and_generates(tmp_path, capsys):
-    from daguerre.checkpoints import load_model
+    from daguerre.checkpoints import load_model, save_diffusers
     from daguerre.checkpoints.single_file import single_file_state_dict
     from daguerre.cli import main
     from daguerre.components import build_components
@@ -486,6 +486,8 @@ def test_an_unconditional_compvis_ldm_on_vq_loads_and_generates(tmp_path, capsys
     assert txt2img(loaded, GenerationRequest(prompt="", steps=2, seed=1).validate(c))
     assert main(["info", str(path), "--no-hash"]) == 0
     assert "CompVis unconditional LDM on a VQ-f2 first stage" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="ADM attention blocks .* has no diffusers"):
+        save_diffusers(loaded, tmp_path / "folder")
     path.with_suffix(".yaml").unlink()
     with pytest.raises(ValueError, match="heads are not in its weights"):
         load_model(path)

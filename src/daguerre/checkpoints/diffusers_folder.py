@@ -273,9 +273,11 @@ def save_diffusers(components: Components, folder: str | os.PathLike, *, dtype: 
     if components.text_encoder is not None and components.text_encoder.config.token_ids is not None:
         components = with_full_vocabulary(components)  # transformers' CLIPTextModel has a row per id
     cfg = components.config
-    if cfg.unet.class_embedding == "context":
-        raise ValueError("a model whose class label is the cross-attention context (CompVis ClassEmbedder) has no "
-                         "diffusers UNet2DConditionModel form; save it as a daguerre checkpoint (.safetensors)")
+    if cfg.unet.class_embedding == "context" or cfg.unet.attention_block == "adm":
+        what = "whose class label is the cross-attention context (CompVis ClassEmbedder)" \
+            if cfg.unet.class_embedding == "context" else "with ADM attention blocks (a CompVis unconditional LDM)"
+        raise ValueError(f"a model {what} has no diffusers UNet2DConditionModel form; save it as a daguerre "
+                         "checkpoint (.safetensors)")
     if cfg.concat not in PIPELINES:
         raise ValueError(f"a model with concat={cfg.concat!r} has no diffusers pipeline daguerre can write")
     folder = Path(folder)
