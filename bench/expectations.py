@@ -8,7 +8,7 @@ when other jobs shared the machine), and CPU-hours at a stated quiet one-thread 
 from bench/train_throughput.py), which is what a user's idle machine would take. Then `--plot` draws every
 recorded curve into one PNG (matplotlib, a test extra).
 
-    python bench/expectations.py measure runs/photos32_ldm --label "CIFAR-10 photos32" --quiet-images-per-s 57 \\
+    python bench/expectations.py measure runs/photos32_ldm --label "CIFAR-10 photos32" --quiet-images-per-s 45 \\
         --vae-minutes 35 --out bench/results/expect_photos32.json -- --data data/cifar10/test --holdout all \\
         --classifier cifar.safetensors --n 500
     python bench/expectations.py plot bench/results/expect_*.json --png docs/images/expectations.png
@@ -83,6 +83,12 @@ def summary(report: dict) -> dict:
     return out
 
 
+def _hours(data: dict) -> None:
+    """CPU-hours of both stages at the stated quiet speeds, for every point."""
+    for p in data["points"]:
+        p["cpu_hours_quiet"] = round(p["images"] / data["quiet_images_per_s"] / 3600 + data["vae_minutes"] / 60, 3)
+
+
 def measure(args: argparse.Namespace, eval_args: list[str]) -> None:
     run, out = Path(args.run), Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {"label": args.label, "run": str(run), "points": []}
@@ -93,6 +99,8 @@ def measure(args: argparse.Namespace, eval_args: list[str]) -> None:
     seconds = training_seconds(run)
     done = {p["step"] for p in data["points"]}
     wanted = [s for s in kept_steps(run) if s not in done and (not args.steps or s in args.steps)]
+    _hours(data)  # a corrected quiet speed or autoencoder time applies to the points already measured too
+    _write(out, data)
     for step in wanted:
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "model.safetensors"
@@ -100,10 +108,9 @@ def measure(args: argparse.Namespace, eval_args: list[str]) -> None:
             _daguerre("eval", "--model", str(model), "--out", str(Path(tmp) / "eval"), "--no-progress", *eval_args)
             report = json.loads((Path(tmp) / "eval" / "report.json").read_text())
         images = step * batch
-        point = {"step": step, "images": images, "wall_s": round(_at(seconds, step), 1),
-                 "cpu_hours_quiet": round(images / args.quiet_images_per_s / 3600 + args.vae_minutes / 60, 3),
-                 **summary(report)}
+        point = {"step": step, "images": images, "wall_s": round(_at(seconds, step), 1), **summary(report)}
         data["points"] = sorted([*data["points"], point], key=lambda p: p["step"])
+        _hours(data)
         _write(out, data)
         print(json.dumps(point))
 
