@@ -74,7 +74,8 @@ def test_a1111_example_to_request_fields():
         "width": 512, "height": 768, "clip_skip": 2,
     }
     assert settings.model == "v1-5-pruned-emaonly" and settings.model_hash == "6ce0161689"
-    assert settings.ignored == ["Denoising strength", "Hires upscale", "Hires upscaler", "Lora hashes"]
+    # the LoRA is applied again from the prompt's <lora:...> tag: its hash only names the file (docs/lora.md)
+    assert settings.ignored == ["Denoising strength", "Hires upscale", "Hires upscaler"]
 
 
 def test_bad_values_are_clear_errors():

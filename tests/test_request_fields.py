@@ -153,7 +153,7 @@ COMMON_ARGV = ["a cat", "-N", "blurry", "--steps", "3", "--sampler", "Euler", "-
                "--seed", "7", "--size", "16x24", "--class", "1", "--clip-skip", "2", "--cfg-min-sigma", "1.5",
                "--cfg-cutoff", "0.5", "--deepcache", "2", "--deepcache-depth", "2", "--deepcache-max-sigma", "3",
                "--tome", "0.5", "--fast", "--clip-guidance", "--clip", "my-clip", "--cutouts", "4",
-               "--eta", "0.5", "--n", "2", "--batch-size", "2", "--tile"]
+               "--eta", "0.5", "--n", "2", "--batch-size", "2", "--tile", "--lora", "x.safetensors:0.5"]
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig
 from .memory import mapped_allocations, trim
@@ -47,6 +47,8 @@ class Components:
     tokenizer: CLIPTokenizer | WordPieceTokenizer | None = None
     source: ModelSource | None = None  # where released parts are read again from (None: nowhere)
     release_after_use: bool = False  # the pipelines release each part when they are done with it
+    # the LoRAs merged into the weights and the LoRA / embeddings folders (daguerre.lora.apply.Adapters), or None
+    adapters: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +79,8 @@ class Components:
                     module.to("meta")
                 if getattr(module, _RELEASED_HOOK, None) is None:
                     setattr(module, _RELEASED_HOOK, module.register_forward_pre_hook(_Refuse(self, part)))
+        if self.adapters is not None:  # the merged LoRAs' originals of these parts go too
+            self.adapters.released(check_parts(parts))
         trim()
 
     def acquire(self, *parts: str) -> None:
@@ -103,6 +107,8 @@ class Components:
                     handle.remove()
                     setattr(mine, _RELEASED_HOOK, None)
         del fresh
+        if self.adapters is not None:  # the weights read again are the file's: merge the current LoRAs again
+            self.adapters.acquired(self, frozenset(missing))
         trim()
 
     def done_with(self, *parts: str) -> None:

@@ -96,11 +96,21 @@ class CLIPTextEmbeddings(nn.Module):
             row_of = torch.full((cfg.vocab_size,), len(ids), dtype=torch.long)
             row_of[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
         self.register_buffer("row_of", row_of, persistent=False)
+        self.vocab_size = cfg.vocab_size
+        # (n, width) vectors of ids vocab_size .. vocab_size + n - 1: textual-inversion embeddings
+        # (daguerre.lora.embeddings); not a parameter or buffer, never saved
+        self.extra: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, width)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        rows = input_ids if self.row_of is None else self.row_of[input_ids]
-        return self.token_embedding(rows) + self.position_embedding(positions)
+        beyond = input_ids >= self.vocab_size
+        ids = input_ids.clamp(max=self.vocab_size - 1) if self.extra is not None else input_ids
+        rows = ids if self.row_of is None else self.row_of[ids]
+        tokens = self.token_embedding(rows)
+        if self.extra is not None and bool(beyond.any()):
+            extra = self.extra[(input_ids - self.vocab_size).clamp(0, len(self.extra) - 1)].to(tokens.dtype)
+            tokens = torch.where(beyond[..., None], extra, tokens)
+        return tokens + self.position_embedding(positions)
 
 
 class CLIPEncoder(nn.Module):
@@ -195,7 +205,7 @@ def unknown_token_ids(encoder: CLIPTextEncoder, ids: list[int]) -> list[int]:
     if kept is None:
         return []
     known = set(kept)
-    return sorted({i for i in ids if i not in known})
+    return sorted({i for i in ids if i not in known and i < encoder.config.vocab_size})  # beyond: embeddings
 
 
 @torch.no_grad()

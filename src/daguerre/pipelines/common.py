@@ -32,6 +32,7 @@ from ..guidance import (
     inpaint_blend_denoiser,
     noisy_clip_guided_denoiser,
 )
+from ..lora.apply import prepare as prepare_adapters
 from ..models.noisy_clip import check_latent_space
 from ..models.unet import fewer_calls_args
 from ..pngmeta import format_parameters
@@ -106,10 +107,16 @@ def encode_prompts(components: Components, prompts: list[str], clip_skip: int = 
     """tau_theta(y): the text encoder's hidden states (B, 77 k, d) for `prompts`, A1111 prompt syntax."""
     if components.text_encoder is None or components.tokenizer is None:
         raise ValueError(f"model {components.config.name!r} has no text encoder; it does not take prompts")
+    from ..lora.syntax import strip_tags
+
     components.acquire("text_encoder")
     te = components.text_encoder
     skip = te.config.skip_layers + clip_skip - 1
-    return encode_weighted(te, components.tokenizer, prompts, skip_layers=skip)
+    tokenizer = components.tokenizer
+    embeddings = components.adapters.embeddings(components) if components.adapters is not None else None
+    if embeddings is not None:  # textual-inversion words (daguerre.lora.embeddings)
+        tokenizer = embeddings.tokenizer(te, tokenizer)
+    return encode_weighted(te, tokenizer, [strip_tags(p) for p in prompts], skip_layers=skip)
 
 
 def conditioning(
@@ -241,8 +248,10 @@ def run_plan(
         kwargs["eta"] = req.eta
     f = cfg.vae.downsample_factor
     shape = (cfg.vae.latent_channels, req.height // f, req.width // f)
+    lora_params = prepare_adapters(components, req)  # the request's LoRAs merged, an earlier request's undone
     prompt, negative, params = write_parameters(req, cfg.name, model_hash, short_name(dtype_of(components.unet)),
                                                 "int8" if is_quantized(components.unet) else "none")
+    params.update(lora_params)
     params.update(plan.params)
     text = (prompt, negative, params)
 

@@ -30,7 +30,8 @@ PRECISION_KEY = "Precision"  # the compute dtype (fp16, bf16), written when it i
 PRECISIONS = ("fp32", "bf16", "fp16")
 WEIGHTS_KEY = "Weights"  # "int8" when the U-Net's weights were quantised (daguerre.quantize); absent otherwise
 # keys that describe the image but change nothing when generating it again
-INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, MODEL_KEY, "Version"})
+# (LoRAs are applied again from the prompt's <lora:...> tags; "Lora hashes" and "TI hashes" identify their files)
+INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, MODEL_KEY, "Version", "Lora hashes", "TI hashes"})
 
 
 def write_parameters(
@@ -49,7 +50,10 @@ def write_parameters(
         params[PRECISION_KEY] = precision
     if quantize != "none":
         params[WEIGHTS_KEY] = quantize
-    return params.pop(PROMPT_KEY, ""), params.pop(NEGATIVE_KEY, ""), params
+    prompt = params.pop(PROMPT_KEY, "")
+    given = " ".join(ref.tag() for ref in req.loras or () if not ref.from_prompt)  # --lora: as A1111 tags
+    prompt = f"{prompt} {given}" if prompt and given else prompt or given
+    return prompt, params.pop(NEGATIVE_KEY, ""), params
 
 
 @dataclasses.dataclass

@@ -272,6 +272,13 @@ class GenerationRequest:
     boxes: list[str] | None = setting(None, tasks=TXT2IMG, cli=Flag(
         "--box", action="append", metavar="PHRASE:X0,Y0,X1,Y1", help="layout models: one more object, e.g. "
         "--box \"a red circle:0.1,0.1,0.4,0.4\" (repeatable; after those of --layout)"))
+    # LoRAs to merge, each "FILE:WEIGHT" (or a (file, weight) pair): a path, or a name in the LoRA folder; with the
+    # prompt's <lora:name:weight> tags, a `ValidRequest` holds them as `lora.syntax.LoraRef`s (docs/lora.md). Not
+    # an HTTP field: a client names LoRAs by the prompt's tags, found in the server's --lora-dir only
+    loras: list[str] | None = setting(None, cli=Flag(
+        "--lora", dest="loras", action="append", metavar="FILE:WEIGHT", help="merge a LoRA (kohya / A1111, "
+        "diffusers / PEFT, LyCORIS LoCon, LoHa, LoKr) with this weight (default 1): a file, or a name in "
+        "--lora-dir (repeatable; the prompt's <lora:NAME:WEIGHT> tags too; docs/lora.md)"))
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for pipeline-specific settings
     # the bounds `validate` checks this request against when the caller gives none (a `ValidRequest` holds
     # those it was checked against)
@@ -392,6 +399,9 @@ class GenerationRequest:
             raise ValueError(f"seed must be in [0, {MAX_SEED}] (or -1 for random), got {seed}")
         class_index = conditioner.class_index(self.class_label)
         resolved = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationRequest)}
+        from ..lora.syntax import request_loras
+
+        resolved["loras"] = request_loras(self.prompt, self.negative_prompt, self.loras)
         if semantic is not None:
             spatial["semantic_map"] = semantic.resized(width, height)  # nearest: labels are never blended
         resolved.update(width=width, height=height, seed=seed, limits=limits, clip_model=clip_model, **images,
