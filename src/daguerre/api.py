@@ -61,7 +61,8 @@ def set_compute_dtype(components: Components, dtype: torch.dtype | str | None = 
 
 def load(path_or_name: str | None = None, *, device: torch.device | str = "cpu",
          dtype: torch.dtype | str | None = AUTO, limits: Limits = DEFAULT_LIMITS, quantize: str | None = None,
-         compile: bool = False, release_after_use: bool = False) -> Pipeline:
+         compile: bool = False, release_after_use: bool = False, lora_dir: str | None = None,
+         embeddings_dir: str | None = None) -> Pipeline:
     """Open a model (`--model` syntax: path, diffusers folder, shipped name, `random:PRESET`; None = default).
 
     `dtype` is the compute dtype of every network (U-Net, text encoder, VAE): "auto" (the default:
@@ -78,11 +79,20 @@ def load(path_or_name: str | None = None, *, device: torch.device | str = "cpu",
     img2img and inpainting). The images are the same; the peak memory is about the U-Net's alone, and every
     call reads the weights from the file again (SD 1.5: seconds per call). Not with `compile`. Any pipeline can
     also free parts itself (`pipe.components.release("unet")`): the next call reads them again.
+
+    LoRAs (docs/lora.md): a call's `loras=["file.safetensors:0.8", ...]` (or (file, weight) pairs) and its
+    prompt's `<lora:NAME:WEIGHT>` tags, NAME found in `lora_dir`, are merged into the weights for that call (the
+    next call's set replaces them). The textual-inversion embeddings of `embeddings_dir` are used by name in
+    prompts and negative prompts.
     """
     from .registry import open_model
 
     components, model_hash = open_model(path_or_name, device=device, dtype=dtype, quantize=quantize,
                                         compile=compile, release_after_use=release_after_use)
+    if lora_dir is not None or embeddings_dir is not None:
+        from .lora.apply import attach
+
+        attach(components, lora_dir, embeddings_dir)
     return Pipeline(components, model_hash, limits=limits)
 
 

@@ -42,6 +42,24 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="say which precision, attention form, convolution layout and thread count the run uses")
 
 
+def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
+    """--lora-dir / --embeddings-dir: the folders the prompts name LoRAs and textual-inversion embeddings in."""
+    p.add_argument("--lora-dir", metavar="DIR", default=None,
+                   help="folder of LoRA files (.safetensors, .pt): the prompt's <lora:NAME:WEIGHT> applies DIR/NAME.* "
+                   "(docs/lora.md)")
+    p.add_argument("--embeddings-dir", metavar="DIR", default=None,
+                   help="folder of textual-inversion embeddings: a file's name (without extension) used in a prompt "
+                   "or negative prompt calls it (docs/lora.md)")
+
+
+def attach_adapters(args: argparse.Namespace, comps) -> None:
+    """Give the model the --lora-dir / --embeddings-dir folders (daguerre.lora.apply.attach)."""
+    if getattr(args, "lora_dir", None) is not None or getattr(args, "embeddings_dir", None) is not None:
+        from ..lora.apply import attach
+
+        attach(comps, args.lora_dir, args.embeddings_dir)
+
+
 def set_threads(args: argparse.Namespace, comps) -> None:
     """Apply --threads. Automatic (`precision.auto_threads`): one thread on the CPU for small U-Nets
     (daguerre's own models; on a busy machine more threads measured up to 100x slower), torch's default of
@@ -77,6 +95,7 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_request_arguments(p, "txt2img")
     add_model_arguments(p)
+    add_adapter_arguments(p)
     add_output_arguments(p)
     p.add_argument("--from-png", metavar="FILE", default=None,
                    help="make the image of a PNG again from its A1111 'parameters' chunk (prompt, negative prompt, "
@@ -185,8 +204,11 @@ def run_and_save(args: argparse.Namespace, comps, request, pipeline, model_hash:
     every image command shares. --verbose first says how the run computes (`precision.describe_run`)."""
     from tqdm import tqdm
 
+    from ..lora.apply import prepare
     from ..pipelines.common import progress_total
 
+    attach_adapters(args, comps)
+    prepare(comps, request)  # the request's LoRAs found and matched to the model before any work
     if args.verbose:
         from ..precision import describe_run
 

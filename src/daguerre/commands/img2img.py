@@ -8,7 +8,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .generate import add_model_arguments, add_output_arguments, check_limits_early, run_and_save, set_threads
+from .generate import (
+    add_adapter_arguments,
+    add_model_arguments,
+    add_output_arguments,
+    check_limits_early,
+    run_and_save,
+    set_threads,
+)
 from .outputs import plan_outputs
 from .registry import command
 from .request_args import add_request_arguments, request_fields
@@ -21,6 +28,7 @@ def image_command_arguments(task: str) -> Callable[[argparse.ArgumentParser], No
     def add(p: argparse.ArgumentParser) -> None:
         add_request_arguments(p, task)
         add_model_arguments(p)
+        add_adapter_arguments(p)
         add_output_arguments(p)
 
     return add

@@ -38,6 +38,7 @@ PART_OF = {UNET: "unet", TEXT: "text_encoder"}
 def plan(components: Components, uses: list[Use]) -> dict[Target, list[tuple[object, float]]]:
     """Target layer -> [(LoraLayer, weight)] of `uses`, checked: every layer of every file must name a layer of
     this model (a ValueError lists those that do not: never a partial application)."""
+    _check_mergeable(components, {UNET} if components.text_encoder is None else {UNET, TEXT})
     table = target_table(components)
     out: dict[Target, list] = defaultdict(list)
     for lora, te_weight, unet_weight in uses:

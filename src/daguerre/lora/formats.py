@@ -186,7 +186,7 @@ class LoraLayer:
                              f"layer's weight {tuple(shape)}")
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        return self._fit(torch.kron(w1, w2), shape, rank)
+        return self._fit(torch.kron(w1.contiguous(), w2.contiguous()), shape, rank)
 
     def _check_size(self, rows: int, columns: int, shape: torch.Size) -> None:
         """The delta the tensors make is (rows, columns): it must be the layer's (out, in * k * k)."""
