@@ -23,7 +23,19 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="the model's prediction type, when the source cannot say (SD v2 single files)")
     p.add_argument("--ema", action="store_true", help="use the EMA U-Net of a full training checkpoint (model_ema.*)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE:WEIGHT",
+                   help="merge this LoRA (kohya / A1111, diffusers / PEFT, LyCORIS) into the written weights, with "
+                   "WEIGHT (default 1); repeatable (docs/lora.md)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def _read_loras(values: list[str] | None) -> list:
+    """(LoraFile, weight) of each --lora FILE:WEIGHT."""
+    from ..lora.formats import read_lora
+    from ..lora.syntax import parse_lora_arg
+
+    refs = [parse_lora_arg(v) for v in values or ()]
+    return [(read_lora(ref.name), ref.unet_weight) for ref in refs]
 
 
 def dominant_float_dtype(stored: dict[str, int]) -> str:
@@ -56,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"a diffusers export is a folder: {dst} ends in {SINGLE_SUFFIX}")
     from ..checkpoints.vae_file import is_autoencoder, load_vae, save_vae, save_vae_diffusers
 
+    loras = _read_loras(args.lora)  # every LoRA read and checked before the model is
+    if is_autoencoder(src) and loras:
+        raise UserError(f"{src} is an autoencoder alone: a LoRA adapts a U-Net and a text encoder")
     if is_autoencoder(src):  # a first stage alone: a VAE-only daguerre file or a diffusers VAE / VQModel folder
         vae, vae_config = load_vae(src)
         (save_vae if to == "single" else save_vae_diffusers)(vae, vae_config, dst)
@@ -69,6 +84,14 @@ def run(args: argparse.Namespace) -> int:
                                                    hashes=False)["stored_dtypes"])
     dtype = getattr(torch, dtype_name)
     components = load_model(src, dtype=dtype, prediction_type=args.prediction_type, use_ema=args.ema)
+    if loras:
+        from ..lora.apply import merge_loras
+        from ..lora.syntax import short_hash
+
+        merge_loras(components, [(lora, weight) for lora, weight in loras])  # in float32, rounded once to dtype
+        merged = ", ".join(f"{lora.name} ({short_hash(lora.path)}): {weight:g}" for lora, weight in loras)
+        components.config.provenance = {**components.config.provenance, "merged_loras": merged}
+        print(f"merged LoRA(s) {merged}")
     if to == "single":
         save_model(components, dst)
     else:
