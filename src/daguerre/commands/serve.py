@@ -6,12 +6,13 @@ import argparse
 import sys
 
 from ..limits import add_limit_arguments, limits_from_args
-from .generate import add_model_arguments, set_threads
+from .generate import add_adapter_arguments, add_model_arguments, attach_adapters, set_threads
 from .registry import command
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_adapter_arguments(p)
     p.add_argument("--host", default=None,
                    help="address to listen on (default 127.0.0.1, this computer only); see --listen")
     p.add_argument("--listen", action="store_true",
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     comps, model_hash = open_model(spec, device=args.device, dtype=args.dtype, quantize=args.quantize,
                                    compile=args.compile)
     set_threads(args, comps)
+    attach_adapters(args, comps)  # the folders the prompts' <lora:...> tags and embedding names are found in
     server = Server(Pipeline(comps, model_hash), comps.config.name or spec, limits=limits, clips=tuple(args.clip),
                     **model_file(spec))
     try:

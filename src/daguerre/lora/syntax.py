@@ -172,3 +172,40 @@ def a1111_hash(path: str | os.PathLike) -> str:
 
 def short_hash(path: str | os.PathLike) -> str:
     return a1111_hash(path)[:SHORT_HASH]
+
+
+def lora_metadata(path: Path) -> dict:
+    """The metadata of a LoRA file as A1111 lists it: a safetensors header's strings (JSON ones parsed, within
+    `untrusted.parse_json`'s bounds), read without the tensors; {} for a pickle (never loaded to be listed)."""
+    from ..untrusted import parse_json
+
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = dict(f.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError):
+        return {}
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, str) and value[:1] in "{[":
+            try:
+                value = parse_json(value, f"{path} metadata {key}")
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def describe_loras(folder: str | os.PathLike | None) -> list[dict]:
+    """AUTOMATIC1111's `/sdapi/v1/loras`: [{name, alias, path, metadata}] of every LoRA in `folder`; the alias is
+    the name kohya's trainer stored (`ss_output_name`), else the file's name."""
+    out = []
+    for name, path in list_loras(folder).items():
+        metadata = lora_metadata(path)
+        alias = metadata.get("ss_output_name")
+        out.append({"name": name, "alias": alias if isinstance(alias, str) and alias else name, "path": str(path),
+                    "metadata": metadata})
+    return out

@@ -62,9 +62,9 @@ API = "/sdapi/v1"
 CANCEL_POLL = 0.05  # seconds between two asks of `cancelled` (a system call) while a request runs
 # A1111 lists of things daguerre does not have, in A1111's empty shapes: route -> answer
 NOTHING: dict[str, Any] = {
-    "loras": [], "upscalers": [], "latent-upscale-modes": [], "sd-vae": [], "hypernetworks": [], "face-restorers": [],
+    "upscalers": [], "latent-upscale-modes": [], "sd-vae": [], "hypernetworks": [], "face-restorers": [],
     "realesrgan-models": [], "prompt-styles": [], "script-info": [], "extensions": [],
-    "embeddings": {"loaded": {}, "skipped": {}}, "scripts": {"txt2img": [], "img2img": []},
+    "scripts": {"txt2img": [], "img2img": []},
 }
 Cancelled = Callable[[], bool] | None
 
@@ -110,6 +110,9 @@ class Server:
             ("GET", f"{API}/memory"): lambda _query, _: self.memory(),
             ("GET", f"{API}/cmd-flags"): lambda _query, _: self.cmd_flags(),
             **{("GET", f"{API}/{name}"): (lambda _q, _, a=answer: a) for name, answer in NOTHING.items()},
+            # the LoRAs of --lora-dir and the embeddings of --embeddings-dir (daguerre.lora), in A1111's shapes
+            ("GET", f"{API}/loras"): lambda _query, _: self.loras(),
+            ("GET", f"{API}/embeddings"): lambda _query, _: self.embeddings(),
             # one model, found at start: nothing to refresh (A1111 answers null)
             **{("POST", f"{API}/refresh-{what}"): (lambda _p, _: None) for what in ("checkpoints", "vae", "loras")},
         }
@@ -211,6 +214,23 @@ class Server:
             parameters.update(init_images=None, mask=None)  # as A1111: the inputs are not sent back
         return {"images": images, "parameters": parameters, "info": json.dumps(self._info(request, results,
                                                                                           interrupted))}
+
+    def loras(self) -> list[dict[str, Any]]:
+        """A1111's /sdapi/v1/loras: [{name, alias, path, metadata}] of the server's --lora-dir."""
+        from ..lora.syntax import describe_loras
+
+        adapters = self.pipe.components.adapters
+        return describe_loras(adapters.lora_dir if adapters is not None else None)
+
+    def embeddings(self) -> dict[str, Any]:
+        """A1111's /sdapi/v1/embeddings: {loaded: {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}},
+        skipped: {...}} of the server's --embeddings-dir (skipped: another text encoder's width)."""
+        components = self.pipe.components
+        table = components.adapters.embeddings(components) if components.adapters is not None else None
+        if table is None:
+            return {"loaded": {}, "skipped": {}}
+        return {"loaded": {n: e.info() for n, e in table.loaded.items()},
+                "skipped": {n: e.info() for n, e in table.skipped.items()}}
 
     def _info(self, request, results: list, interrupted: bool) -> dict[str, Any]:
         """A1111's `info` (Processed.js()) of a request's results, and whether it was `interrupted`."""
