@@ -92,3 +92,61 @@ def test_merged_weights_equal_diffusers_fuse_lora(models, fmt, tmp_path):
     assert len(changed) == 2 * 6  # q, k, v, out, fc1, fc2 of both layers
     for k in ref_text:
         assert torch.allclose(text_sd[k], ref_text[k], atol=TOL, rtol=0), k
+
+
+def renamed(lora: dict[str, torch.Tensor], unet, text, comps, style: str) -> dict[str, torch.Tensor]:
+    """The kohya LoRA `lora` under another naming of the same layers: kohya keys made from the CompVis names
+    (`lora_unet_input_blocks_1_1_...`) and `lora_te1_`; or the older diffusers attention-processor keys
+    (`unet.<...>.attn1.processor.to_q_lora.down.weight`, `text_encoder.<...>.q_proj.lora_linear_layer.up.weight`,
+    alpha / rank folded into `up`) for the layers they cover and PEFT keys under PEFT's `base_model.model.` wrapper
+    for the rest."""
+    from daguerre.checkpoints.unet_keys import _key_table
+
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    dotted = {"lora_unet_" + n.replace(".", "_"): ("unet", n) for n, m in unet.named_modules() if isinstance(m, layers)}
+    dotted |= {"lora_te_text_model_" + n.replace(".", "_"): ("text", "text_model." + n)
+               for n, m in text.named_modules() if isinstance(m, layers)}
+    table = _key_table(comps.config.unet)[0]
+    compvis_of = {v.removesuffix(".weight"): k.removesuffix(".weight") for k, v in table.items()}
+    processors = {".to_q": "to_q", ".to_k": "to_k", ".to_v": "to_v", ".to_out.0": "to_out"}
+    out = {}
+    for key, value in lora.items():
+        base, _, suffix = key.partition(".")
+        part, name = dotted[base]
+        if style == "compvis":
+            base = ("lora_unet_" + compvis_of[name] if part == "unet" else "lora_te1_" + name).replace(".", "_")
+            out[f"{base}.{suffix}"] = value
+            continue
+        if suffix == "alpha":
+            continue
+        role = {"lora_down.weight": "down", "lora_up.weight": "up"}[suffix]
+        value = value * (ALPHA / RANK) if role == "up" else value
+        proc = next((p for end, p in processors.items() if name.endswith(end) and ".attn" in name), None)
+        if part == "text":
+            out[f"text_encoder.{name}.lora_linear_layer.{role}.weight"] = value
+        elif proc is not None:
+            stem = name.rsplit(".to_", 1)[0]
+            out[f"unet.{stem}.processor.{proc}_lora.{role}.weight"] = value
+        else:
+            out[f"base_model.model.unet.{name}.lora_{'A' if role == 'down' else 'B'}.weight"] = value
+    return out
+
+
+@pytest.mark.parametrize("style", ["compvis", "old_diffusers"])
+def test_other_namings_of_the_same_lora_merge_the_same(style, tmp_path):
+    """kohya keys from CompVis names and `lora_te1_`; the older diffusers attention-processor keys with PEFT's
+    wrapper for the rest: the same tensors merge into the same weights as the kohya file."""
+    unet, text = reference_models("sd15")
+    lora = random_lora(unet, text, "kohya")
+    save_file(lora, str(tmp_path / "kohya.safetensors"))
+    expected = daguerre_components("sd15", unet, text)
+    merge_loras(expected, [(tmp_path / "kohya.safetensors", 0.9)])
+    comps = daguerre_components("sd15", unet, text)
+    other = renamed(lora, unet, text, comps, style)
+    assert not set(other) & set(lora)
+    save_file(other, str(tmp_path / f"{style}.safetensors"))
+    merge_loras(comps, [(tmp_path / f"{style}.safetensors", 0.9)])
+    for mine, theirs in ((comps.unet, expected.unet), (comps.text_encoder, expected.text_encoder)):
+        ref = theirs.state_dict()
+        for k, v in mine.state_dict().items():
+            assert torch.allclose(v, ref[k], atol=1e-6, rtol=0), k
