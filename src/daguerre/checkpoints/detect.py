@@ -216,15 +216,63 @@ def infer_text_config(sd: Mapping[str, torch.Tensor], layout: str) -> TextEncode
 YAML_MAX_BYTES = 1 << 20
 
 
+# checkpoint file (resolved) -> the CompVis inference YAML given for it (`--config FILE`, `use_config`)
+CONFIG_FILES: dict[Path, Path] = {}
+
+
+def use_config(checkpoint: str | Path, yaml: str | Path) -> None:
+    """Read `yaml` (a CompVis inference config, e.g. v1-inference.yaml) as the config of `checkpoint`, as if it were
+    CHECKPOINT.yaml beside it (`--config FILE`); for every later read of that file in this process."""
+    checkpoint, yaml = Path(checkpoint).expanduser(), Path(yaml).expanduser()
+    if not checkpoint.is_file():
+        raise ValueError(f"--config goes with a checkpoint file, and {checkpoint} is not one")
+    if not yaml.is_file():
+        raise FileNotFoundError(f"no such config file: {yaml}")
+    CONFIG_FILES[checkpoint.resolve()] = yaml
+
+
+def config_yaml(checkpoint: Path | None) -> Path | None:
+    """The CompVis inference YAML of a checkpoint: the one given for it (`use_config`), else CHECKPOINT.yaml or
+    .yml beside it (AUTOMATIC1111's convention), else None."""
+    if checkpoint is None:
+        return None
+    given = CONFIG_FILES.get(Path(checkpoint).resolve())
+    if given is not None:
+        return given
+    return next((y for y in (checkpoint.with_suffix(".yaml"), checkpoint.with_suffix(".yml")) if y.is_file()), None)
+
+
+def sd_heads_from_yaml(unet: UNetConfig, checkpoint: Path | None) -> tuple[UNetConfig, Path | None]:
+    """The U-Net's heads: its CompVis YAML's (`num_head_channels`, else `num_heads`; `config_yaml`) when it has
+    one, else the SD conventions `infer_unet_config` applied (8 heads with 1x1-conv projections, 64-wide heads
+    with linear ones). A width those heads do not divide is a ValueError that asks for the YAML: the weights
+    cannot tell the heads (a head count that divides but is wrong cannot be seen: such a file needs its YAML)."""
+    found, y = yaml_scalars(checkpoint, ("num_head_channels", "num_heads"))
+    channels = _yaml_int(found, "num_head_channels", y) if y is not None else None
+    heads = _yaml_int(found, "num_heads", y) if y is not None else None
+    if channels is not None and channels > 0:
+        unet = dataclasses.replace(unet, num_heads=None, head_dim=channels)
+    elif heads is not None and heads > 0:
+        unet = dataclasses.replace(unet, num_heads=heads, head_dim=None)
+    for level in (*unet.attention_levels, len(unet.channel_mult) - 1):  # the middle block is at the last level
+        width = unet.model_channels * unet.channel_mult[level]
+        split = unet.head_dim if unet.head_dim is not None else unet.num_heads
+        if split <= 0 or width % split:
+            what = f"{unet.head_dim}-wide heads" if unet.head_dim is not None else f"{unet.num_heads} heads"
+            source = f"its config {y}" if y is not None and (channels or heads) else "the Stable Diffusion convention"
+            raise ValueError(f"the U-Net's attention at width {width} cannot be cut into {what} ({source}): this "
+                             "checkpoint's head widths cannot be inferred from its weights; put its CompVis inference "
+                             f"YAML beside it ({checkpoint.with_suffix('.yaml').name if checkpoint else 'NAME.yaml'}) "
+                             "or give it with --config FILE (num_heads or num_head_channels in unet_config)")
+    return unet, y if (channels or heads) else None
+
+
 def prediction_from_yaml(checkpoint: Path) -> tuple[str, Path] | None:
-    """(prediction type, yaml path) from a `parameterization:` line in a YAML file beside the checkpoint.
+    """(prediction type, yaml path) from a `parameterization:` line in the checkpoint's YAML (`config_yaml`).
 
     Only that one line is read (no YAML parser); None when there is no such file or line.
     """
-    for suffix in (".yaml", ".yml"):
-        y = checkpoint.with_suffix(suffix)
-        if not y.is_file():
-            continue
+    for y in [y for y in [config_yaml(checkpoint)] if y is not None]:
         with open(y, "rb") as f:  # an inference YAML is a few kB: the first MiB is plenty
             text = f.read(YAML_MAX_BYTES).decode("utf-8", errors="replace")
         for line in text.splitlines():
@@ -241,12 +289,10 @@ _YAML_SCALAR = re.compile(r"""^\s*([A-Za-z_]+)\s*:\s*["']?(-?[0-9.eE+-]+|[A-Za-z
 
 
 def yaml_scalars(checkpoint: Path | None, names: tuple[str, ...]) -> tuple[dict[str, str], Path | None]:
-    """The first value of each of `names` written as a `name: value` line in a YAML file beside the checkpoint
-    (CHECKPOINT.yaml / .yml; no YAML parser: single lines only), and that file; ({}, None) without one."""
-    for suffix in (".yaml", ".yml"):
-        y = checkpoint.with_suffix(suffix) if checkpoint is not None else None
-        if y is None or not y.is_file():
-            continue
+    """The first value of each of `names` written as a `name: value` line in the checkpoint's YAML (`config_yaml`:
+    given with --config, else CHECKPOINT.yaml / .yml beside it; no YAML parser: single lines only), and that file;
+    ({}, None) without one."""
+    for y in [y for y in [config_yaml(checkpoint)] if y is not None]:
         with open(y, "rb") as f:
             text = f.read(YAML_MAX_BYTES).decode("utf-8", errors="replace")
         found: dict[str, str] = {}
@@ -451,7 +497,7 @@ def detect_checkpoint(
         cfg, variant, source = detect_compvis_ldm(sd, path, prediction_type, value_of)
         variant += ", full (with EMA)" if has_ema else ""
         return Detection(cfg, variant, None, None, False, has_ema, use_ema, source, dict(dtypes), ignored)
-    unet = infer_unet_config(strip(sd, UNET_PREFIX))
+    unet, heads_yaml = sd_heads_from_yaml(infer_unet_config(strip(sd, UNET_PREFIX)), path)
     vae = infer_vae_config(strip(sd, VAE_PREFIX))
     if layout is None:
         raise ValueError("not a Stable Diffusion checkpoint: no text encoder (cond_stage_model.*) keys")
@@ -503,6 +549,7 @@ def detect_checkpoint(
     ) or text.layers != reference.text_encoder.layers:
         family = f"latent diffusion, {'OpenCLIP' if v2 else 'OpenAI CLIP'} text encoder, non-standard size"
     variant = family + (", inpainting" if concat else "") + f", {pred}"
+    variant += f", heads from {heads_yaml.name}" if heads_yaml is not None else ""
     variant += ", full (with EMA)" if has_ema else ""
     return Detection(cfg, variant, found, layout, False, has_ema, use_ema, source, dict(dtypes), ignored)
 

@@ -26,6 +26,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="FILE:WEIGHT",
                    help="merge this LoRA (kohya / A1111, diffusers / PEFT, LyCORIS) into the written weights, with "
                    "WEIGHT (default 1); repeatable (docs/lora.md)")
+    p.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="SRC's CompVis inference YAML, for a file whose head widths its weights cannot tell "
+                   "(default: SRC.yaml beside it, if any)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
@@ -68,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"a diffusers export is a folder: {dst} ends in {SINGLE_SUFFIX}")
     from ..checkpoints.vae_file import is_autoencoder, load_vae, save_vae, save_vae_diffusers
 
+    if args.config is not None:
+        from ..checkpoints.detect import use_config
+
+        use_config(src, args.config)
     loras = _read_loras(args.lora)  # every LoRA read and checked before the model is
     if is_autoencoder(src) and loras:
         raise UserError(f"{src} is an autoencoder alone: a LoRA adapts a U-Net and a text encoder")

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from .generate import add_model_arguments, set_threads
+from .generate import add_model_arguments, apply_config, set_threads
 from .registry import command
 from .request_args import CLIP_GUIDANCE, FEWER_CALLS, add_request_arguments, request_fields
 
@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import default_model_name, open_model
 
     spec = args.model or default_model_name()
+    apply_config(args.config, spec)  # --config: the checkpoint's CompVis YAML
     comps, short_hash = open_model(spec, device=args.device, dtype=args.dtype,  # read straight into it
                                    quantize=args.quantize, compile=args.compile)
     set_threads(args, comps)

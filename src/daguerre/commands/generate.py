@@ -38,8 +38,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "for minutes, later steps may run faster, memory grows; needs a C++ compiler")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (default 0: automatic, one thread for small models, torch's default otherwise)")
+    p.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="the checkpoint's CompVis inference YAML (e.g. v1-inference.yaml), for a file whose head "
+                   "widths its weights cannot tell; default: MODEL.yaml beside it, if any (docs/formats.md)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="say which precision, attention form, convolution layout and thread count the run uses")
+
+
+def apply_config(config: str | None, model: str | None) -> None:
+    """--config FILE: FILE is the CompVis YAML of the checkpoint `model` names (`checkpoints.detect.use_config`)."""
+    if config is None:
+        return
+    from ..checkpoints.detect import use_config
+    from ..registry import default_model_name, shipped_models
+
+    spec = model or default_model_name()
+    use_config(shipped_models().get(spec, Path(spec)), config)
 
 
 def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import open_model
 
     fields, model, expected_hash = resolve_settings(args)
+    apply_config(args.config, model)
     request = GenerationRequest(**fields)
     limits = check_limits_early(args, request)
     outputs = plan_outputs(args.out, request.n, args.overwrite, inputs=[args.from_png])  # before any model work

@@ -12,6 +12,7 @@ from .generate import (
     add_adapter_arguments,
     add_model_arguments,
     add_output_arguments,
+    apply_config,
     check_limits_early,
     run_and_save,
     set_threads,
@@ -47,6 +48,7 @@ def run_image_command(
     from ..registry import open_model
 
     request = GenerationRequest(task=task, **request_fields(args, task))
+    apply_config(args.config, args.model)
     limits = check_limits_early(args, request)
     outputs = plan_outputs(args.out, request.n, args.overwrite, inputs=[request.init_image, request.mask])
     comps, model_hash = open_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,

@@ -27,6 +27,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the --dtype a run would use (default auto: decided for this machine and model)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                    help="the --quantize a run would use (int8: the U-Net's and text encoder's layer weights in int8)")
+    p.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="the checkpoint's CompVis inference YAML, for a file whose head widths its weights cannot "
+                   "tell (default: MODEL.yaml beside it, if any)")
 
 
 def human_size(n: int) -> str:
@@ -157,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import shipped_clips, shipped_models
 
     path = shipped_models().get(args.model) or shipped_clips().get(args.model) or args.model  # a name or a path
+    if args.config is not None:
+        from ..checkpoints.detect import use_config
+
+        use_config(path, args.config)
     if is_autoencoder(path):  # a first stage alone (VAE file, CompVis first stage, diffusers VAE/VQModel folder)
         info = describe_vae(path)
         print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_vae_info(info, human_count))

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..limits import add_limit_arguments, limits_from_args
-from .generate import add_adapter_arguments, add_model_arguments, attach_adapters, set_threads
+from .generate import add_adapter_arguments, add_model_arguments, apply_config, attach_adapters, set_threads
 from .registry import command
 
 
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..server.app import Server
 
     spec = args.model or default_model_name()
+    apply_config(args.config, spec)
     from ..pipelines.common import open_guide
 
     for clip in args.clip:
