@@ -40,7 +40,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads (default 0: automatic, one thread for small models, torch's default otherwise)")
     p.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="the checkpoint's CompVis inference YAML (e.g. v1-inference.yaml), for a file whose head "
-                   "widths its weights cannot tell; default: MODEL.yaml beside it, if any (docs/formats.md)")
+                   "widths its weights cannot tell; default: MODEL.yaml beside it, if any (docs/lora.md)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="say which precision, attention form, convolution layout and thread count the run uses")
 
