@@ -101,6 +101,13 @@ def test_lokr_convolution_with_tucker_w2():
     assert torch.allclose(layer.delta(torch.Size([8, 15, 3, 3])), expected, atol=1e-5)
 
 
+def test_lycoris_full_is_the_stored_difference():
+    diff = randn(8, 6, 3, 3)
+    assert torch.equal(LoraLayer("f", {"diff": diff, "alpha": torch.tensor(3.0)}).delta(diff.shape), diff)
+    with pytest.raises(ValueError, match="does not fit"):
+        LoraLayer("f", {"diff": randn(8, 6)}).delta(torch.Size([8, 6, 3, 3]))
+
+
 @pytest.mark.parametrize("tensors, message", [
     ({"down": randn(4, 10), "up": randn(13, 4)}, "does not fit the layer's weight"),
     ({"down": randn(40, 10), "up": randn(12, 40)}, "rank 40"),
