@@ -72,6 +72,12 @@ def test_prompt_tags_write_a1111_parameters_and_from_png_applies_them_again(file
     code, err = generate(capsys, "--from-png", str(tmp_path / "a.png"), "--model", model, "--out",
                          str(tmp_path / "c.png"))
     assert code != 0 and "no LoRA 'one'" in err and "--lora-dir" in err
+    other = tmp_path / "other_loras"
+    other.mkdir()
+    (other / "one.safetensors").write_bytes((loras / "sub" / "two.safetensors").read_bytes())  # another file
+    code, err = generate(capsys, "--from-png", str(tmp_path / "a.png"), "--model", model, "--lora-dir", str(other),
+                         "--out", str(tmp_path / "d.png"))
+    assert code == 0 and "LoRA one" in err and "not the " + short_hash(loras / "one.safetensors") in err
 
 
 def test_lora_flag_is_written_as_a_tag(files, tmp_path, capsys):

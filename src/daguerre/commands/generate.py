@@ -188,7 +188,29 @@ def run(args: argparse.Namespace) -> int:
     if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():
         _note(f"{args.from_png} was made by a model with hash {expected_hash}; this one's is {model_hash}: "
               "the image will differ")
+    if args.from_png:
+        _check_lora_hashes(args, request)
     return run_and_save(args, comps, request, txt2img, model_hash, outputs)
+
+
+def _check_lora_hashes(args: argparse.Namespace, request) -> None:
+    """--from-png: tell when a LoRA found here is not the file the PNG's `Lora hashes` name (A1111's short hash)."""
+    from ..lora.syntax import HASH_KEY, find_lora, short_hash
+    from ..pngmeta import parse_parameters, read_png_parameters
+
+    recorded = parse_parameters(read_png_parameters(args.from_png))[2].get(HASH_KEY) or ""
+    wanted = dict(part.strip().split(": ", 1) for part in recorded.split(",") if ": " in part)
+    for ref in request.loras or ():
+        name = ref.name if ref.from_prompt else Path(ref.name).stem
+        if name not in wanted:
+            continue
+        try:
+            path = find_lora(ref, args.lora_dir)
+        except FileNotFoundError:
+            continue  # the run says so
+        if short_hash(path) != wanted[name]:
+            _note(f"LoRA {name} ({path}) has hash {short_hash(path)}, not the {wanted[name]} {args.from_png} was "
+                  "made with: the image will differ")
 
 
 def check_limits_early(args: argparse.Namespace, request) -> Limits:
