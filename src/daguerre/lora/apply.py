@@ -139,7 +139,7 @@ class Adapters:
         self._key: tuple = ()  # what is merged: ((path, size, mtime, te weight, unet weight), ...)
         self._layers: dict[Target, list] = {}
         self._originals: dict[Target, torch.Tensor] = {}
-        self._files: dict[tuple, LoraFile] = {}  # read LoRAs by (path, size, mtime)
+        self._files: dict[tuple, LoraFile] = {}  # the merged LoRAs by (path, size, mtime)
         self._hashes: dict[tuple, str] = {}  # their A1111 short hashes
         self._embeddings: EmbeddingTable | None = None
 
@@ -147,8 +147,6 @@ class Adapters:
         stat = path.stat()
         stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         if stamp not in self._files:
-            if len(self._files) >= 32:
-                self._files.clear()
             self._files[stamp] = read_lora(path)
         return stamp, self._files[stamp]
 
@@ -173,6 +171,8 @@ class Adapters:
             resident = {p for p in (UNET, TEXT) if p in {t.part for t in layers} and components.resident(PART_OF[p])}
             self._originals = merge_(components, layers, resident)
             self._key, self._layers = key, layers
+        used = {stamp for _, stamp, _ in read}  # only the merged LoRAs stay in memory (to merge into parts read again)
+        self._files = {k: v for k, v in self._files.items() if k in used}
         return {HASH_KEY: ", ".join(f"{n}: {h}" for n, h in hashes.items())} if hashes else {}
 
     def clear(self, components: Components) -> None:
