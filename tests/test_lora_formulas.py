@@ -201,6 +201,19 @@ def test_switching_loras_restores_the_loaded_weights_exactly(tiny):
     assert all(torch.equal(merged_one[k], v) for k, v in weights(pipe).items())
 
 
+def test_a_new_compute_dtype_takes_the_merged_loras_out_first(tiny):
+    from daguerre.api import set_compute_dtype
+
+    pipe, _ = tiny
+    original = weights(pipe)
+    pipe("a red circle <lora:one>", steps=1)
+    set_compute_dtype(pipe.components, "bf16")
+    assert all(torch.equal(v, original[k].bfloat16()) for k, v in weights(pipe).items())
+    pipe("a red circle <lora:one>", steps=1)  # merged again, into bf16 weights
+    assert {v.dtype for v in weights(pipe).values() if v.is_floating_point()} == {torch.bfloat16}
+    set_compute_dtype(pipe.components, "fp32")
+
+
 def test_several_loras_add_their_weighted_deltas(tiny):
     pipe, folder = tiny
     original = weights(pipe)

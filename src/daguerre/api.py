@@ -47,6 +47,8 @@ def set_compute_dtype(components: Components, dtype: torch.dtype | str | None = 
     from .quantize import weight_count
     from .registry import set_memory_format
 
+    if components.adapters is not None:  # merged LoRAs out first: the next run merges them again in the new dtype
+        components.adapters.clear(components)
     device = components.device
     size = weight_count(components.unet) if is_auto(dtype) else None
     dtype = resolve_dtype(dtype, device, size)
