@@ -283,3 +283,19 @@ def test_read_lora_refuses_other_files(tmp_path):
     save_file({"a.weight": torch.zeros(2)}, str(tmp_path / "y.safetensors"))
     with pytest.raises(ValueError, match="not a LoRA tensor"):
         read_lora(tmp_path / "y.safetensors")
+
+
+def test_files_larger_than_any_lora_or_embedding_are_refused_unread(tmp_path):
+    from daguerre.lora.embeddings import MAX_EMBEDDING_BYTES, read_embedding
+    from daguerre.lora.formats import MAX_FILE_BYTES
+
+    big = tmp_path / "big.safetensors"
+    with open(big, "wb") as f:  # sparse: nothing written
+        f.truncate(MAX_FILE_BYTES + 1)
+    with pytest.raises(ValueError, match="larger than any LoRA"):
+        read_lora(big)
+    emb = tmp_path / "word.pt"
+    with open(emb, "wb") as f:
+        f.truncate(MAX_EMBEDDING_BYTES + 1)
+    with pytest.raises(ValueError, match="larger than any embedding"):
+        read_embedding(emb)
