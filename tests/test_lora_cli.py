@@ -114,6 +114,11 @@ def test_embeddings_dir_words_change_prompt_and_negative_prompt(files, tmp_path,
         outs[name] = pixels(tmp_path / f"{name}.png")
     assert not np.array_equal(outs["plain"], outs["emb"])
     assert not np.array_equal(outs["neg"], outs["negplain"])
+    from daguerre.weights.io import file_hash
+
+    params = parse_parameters(read_png_parameters(tmp_path / "neg.png"))[2]
+    assert params["TI hashes"] == f"zigzag: {file_hash(emb / 'zigzag.safetensors')[:12]}"  # A1111's key
+    assert "TI hashes" not in parse_parameters(read_png_parameters(tmp_path / "negplain.png"))[2]
 
 
 def test_convert_merges_loras_into_the_written_checkpoint(files, tmp_path, capsys):

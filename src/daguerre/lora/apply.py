@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .formats import LoraFile, read_lora
-from .syntax import HASH_KEY, LoraRef, find_lora, short_hash
+from .syntax import HASH_KEY, TI_HASH_KEY, LoraRef, find_lora, short_hash
 from .targets import TEXT, UNET, Target, resolve, target_table
 
 if TYPE_CHECKING:
@@ -219,8 +219,14 @@ def attach(components: Components, lora_dir: str | os.PathLike | None = None,
 
 def prepare(components: Components, request) -> dict[str, str]:
     """Before a run: merge the request's LoRAs (`request.loras`, resolved by `validate`) into `components`, and
-    undo those of an earlier request; returns the PNG parameters to add (`Lora hashes`)."""
+    undo those of an earlier request; returns the PNG parameters to add (`Lora hashes`, and `TI hashes` of the
+    embeddings the prompts call)."""
     refs = tuple(request.loras or ())
     if not refs and components.adapters is None:
         return {}
-    return adapters_of(components).set(components, refs)
+    params = adapters_of(components).set(components, refs)
+    table = components.adapters.embeddings(components)
+    used = table.used_in(request.prompt, request.negative_prompt) if table is not None else []
+    if used:  # A1111's TI hashes: the embeddings the prompts call
+        params[TI_HASH_KEY] = ", ".join(f"{name}: {table.loaded[name].short_hash()}" for name in used)
+    return params

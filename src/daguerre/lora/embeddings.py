@@ -22,6 +22,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +46,16 @@ class Embedding:
     step: int | None = None
     sd_checkpoint: str | None = None
     sd_checkpoint_name: str | None = None
+    path: Path | None = None
+    _hash: str | None = None
+
+    def short_hash(self) -> str:
+        """A1111's `TI hashes` value: the first 12 hex digits of the file's sha256."""
+        if self._hash is None:
+            from ..weights.io import file_hash
+
+            self._hash = file_hash(self.path)[:12] if self.path is not None else ""
+        return self._hash
 
     def info(self) -> dict[str, Any]:
         """A1111's `/sdapi/v1/embeddings` entry."""
@@ -98,7 +109,9 @@ def read_embedding(path: str | os.PathLike) -> Embedding:
     if path.stat().st_size > MAX_EMBEDDING_BYTES:
         raise ValueError(f"{path}: {path.stat().st_size // 1024**2} MB is larger than any embedding")
     data = read_state_dict(path)[0] if sniff(path) == "safetensors" else safe_torch_load(path)
-    return parse_embedding(data, path.stem, str(path))
+    embedding = parse_embedding(data, path.stem, str(path))
+    embedding.path = path
+    return embedding
 
 
 @dataclass
@@ -121,6 +134,12 @@ class EmbeddingTable:
             ids[name.lower()] = list(range(start, start + len(e.vectors)))
             start += len(e.vectors)
         return EmbeddingTokenizer(tokenizer, ids)
+
+
+    def used_in(self, *texts: str) -> list[str]:
+        """The loaded embeddings whose word appears in `texts` (as `EmbeddingTokenizer` matches it), in table order."""
+        return [name for name in self.loaded
+                if any(re.search(r"(?<!\w)" + re.escape(name) + r"(?!\w)", t or "", re.IGNORECASE) for t in texts)]
 
 
 def load_embeddings(folder: str | os.PathLike, cfg: TextEncoderConfig) -> EmbeddingTable | None:

@@ -22,6 +22,7 @@ MAX_LORAS = 16  # LoRAs one request applies
 MAX_LORA_WEIGHT = 100.0  # |weight|: A1111's slider stops at 2; beyond 100 a LoRA only breaks the model
 MAX_FOLDER_FILES = 10_000  # files of a LoRA / embeddings folder listed
 HASH_KEY = "Lora hashes"  # A1111's PNG parameters key: "name: hash, name2: hash2"
+TI_HASH_KEY = "TI hashes"  # the same for the textual-inversion embeddings a prompt calls
 SHORT_HASH = 12  # A1111 (extensions-builtin/Lora/network.py): the first 12 hex digits of the sha256
 
 
