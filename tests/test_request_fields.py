@@ -60,6 +60,15 @@ def _spatial_configs():
     return semantic, layout
 
 
+def _gligen_config():
+    """A GLIGEN adapter model's config (issue 18, route 2: its field is --layout-steps)."""
+    from daguerre.config import GligenConfig
+
+    cfg = preset("tiny")
+    cfg.conditioning, cfg.unet.gligen = "gligen", GligenConfig(phrase_dim=32, hidden=32)
+    return cfg
+
+
 SEMANTIC, LAYOUT = _spatial_configs()
 MAP = Image.new("RGB", (16, 16), (128, 0, 0))  # all "circle" in the palette of docs/layout.md
 
@@ -85,6 +94,8 @@ PNG_SAMPLES = [  # (config, request): together they set every field with a PNG k
     (SEMANTIC, GenerationRequest(prompt="a red circle", steps=2, seed=3, semantic_map=MAP)),
     (LAYOUT, GenerationRequest(prompt="", steps=2, seed=3, layout=[{"phrase": "a red circle", "box": [0, 0, 0.5, 1]}],
                                boxes=["blue square:0.5,0.5,1,1"])),
+    (_gligen_config(), GenerationRequest(prompt="a cat", steps=2, seed=3, boxes=["blue square:0.5,0.5,1,1"],
+                                         layout_steps=0.3)),
 ]
 
 
@@ -143,7 +154,7 @@ def test_every_cli_flag_of_a_task_is_on_its_command(task):
 
 
 ARGV = {
-    "txt2img": ["--semantic=map.png", "--layout", "l.json", "--box", "a red circle:0,0,1,1"],
+    "txt2img": ["--semantic=map.png", "--layout", "l.json", "--box", "a red circle:0,0,1,1", "--layout-steps", "0.3"],
     "img2img": ["in.png", "--strength", "0.5", "--resize", "fit"],
     "inpaint": ["in.png", "m.png", "--strength", "0.5", "--resize", "fit", "--mask-blur", "2", "--fill",
                 "latent-noise", "--only-masked", "--only-masked-padding", "8"],
@@ -198,7 +209,7 @@ def test_every_payload_field_is_read():
                        "inpaint_full_res_padding": 8}
     read = {}
     spatial_payload = {**txt2img_payload, "semantic_map": _b64(image),
-                       "layout": [{"phrase": "a red circle", "box": [0, 0, 1, 1]}]}
+                       "layout": [{"phrase": "a red circle", "box": [0, 0, 1, 1]}], "layout_steps": 0.3}
     for payload, endpoint in ((spatial_payload, "txt2img"), (inpaint_payload, "img2img")):
         request = request_from_payload(payload, endpoint, settings={"CLIP_stop_at_last_layers": (1,)})
         names = _names("a1111", request.task)

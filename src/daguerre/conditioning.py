@@ -5,8 +5,9 @@ A `Conditioner` owns the condition c of the denoiser D(x, sigma, c) (LDM, Rombac
 `TextConditioner` (cross-attention context tau_theta(y) of a jointly trained CLIP-style encoder or of the
 frozen MiniLM, whose contexts training caches), `ClassConditioner` (a label y, the last class being the
 null label of classifier-free guidance, Ho & Salimans 2022), `LayoutConditioner` (the prompt's context followed
-by the tokens of a layout of boxes, LDM Sec. 4.3.1) and `Unconditional`. It gives the training
-batch's condition (`batch`: dropped captions become the empty prompt, dropped labels the null class),
+by the tokens of a layout of boxes, LDM Sec. 4.3.1), `GligenConditioner` (the prompt's context, and a layout's
+boxes and phrases as the grounding tokens of a GLIGEN adapter, Li et al. 2023) and `Unconditional`. It gives the
+training batch's condition (`batch`: dropped captions become the empty prompt, dropped labels the null class),
 the request's (cond, uncond) pair (`pair`) and the null condition (`null`). The image concatenated to the
 U-Net's latent input (LDM's "concatenation" conditioning) is a part it holds, `concat`: `NoConcat`,
 `InpaintConcat` (SD inpainting: latent mask + latent of the masked image), `LowresConcat` (LDM
@@ -18,6 +19,7 @@ encoding (prompt emphasis, tiled VAE encoding) is passed in as functions, as it 
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,9 +27,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import ConcatKind, Conditioning, LayoutConfig, ModelConfig, ScheduleConfig
-from .data.layout import encode_layout, label_fractions, null_layout
+from .config import ConcatKind, Conditioning, GligenConfig, LayoutConfig, ModelConfig, ScheduleConfig
+from .data.layout import LayoutObject, check_layout, encode_layout, label_fractions, null_layout
+from .diffusion.denoisers import batch_sigma
 from .diffusion.schedules import alphas_cumprod, betas_from_config
+from .models.gligen import grounding_tensor, null_grounding
 
 if TYPE_CHECKING:
     from .config import TextEncoderConfig
@@ -36,6 +40,8 @@ Cond = dict[str, Any]
 EncodePrompts = Callable[[list[str]], torch.Tensor]  # prompts -> context (B, T, d)
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]  # pixels (B, C, H, W) in [-1, 1] -> latents (B, c, h, w)
 TextHook = Callable[[list[str], torch.device], Cond]  # training: captions -> {"context"} or {"ids"}
+EncodePhrases = Callable[[list[str]], torch.Tensor]  # GLIGEN: phrases -> pooled text embeddings (N, d)
+Denoise = Callable[..., torch.Tensor]  # denoiser(x, sigma, cond) -> x0
 
 # The x4 upscaler's low-res augmentation schedule (CompVis x4-upscaling.yaml `low_scale_config`:
 # linear_start 1e-4, linear_end 0.02 in CompVis' "linear", i.e. linspace of sqrt(beta), squared).
@@ -214,6 +220,7 @@ class Conditioner:
     kind: ClassVar[Conditioning]
     takes_prompt: ClassVar[bool] = False  # the request's prompts reach the model (and are parsed)
     takes_layout: ClassVar[bool] = False  # a request gives a layout of boxes (`LayoutConditioner`)
+    schedules_layout: ClassVar[bool] = False  # the layout may be given to the first steps only (GLIGEN)
 
     def __init__(self, config: ModelConfig, concat: NoConcat) -> None:
         self.config, self.concat = config, concat
@@ -236,11 +243,21 @@ class Conditioner:
         """The null condition of batch 1 (the unconditional branch of classifier-free guidance)."""
         return {}
 
-    def pair(self, request: Any, device: torch.device, encode: EncodePrompts | None = None) -> tuple[Cond, Cond | None]:
+    def pair(self, request: Any, device: torch.device, encode: EncodePrompts | None = None,
+             phrases: EncodePhrases | None = None) -> tuple[Cond, Cond | None]:
         """(cond, uncond) of batch 1 for a request (`prompt`, `negative_prompt`, `cfg_scale`, `class_index`);
         uncond is None when guidance is off. `encode` turns prompts into a context (the pipelines' prompt
-        syntax)."""
+        syntax), `phrases` a layout's phrases into pooled embeddings (GLIGEN)."""
         return {}, None
+
+    def check_layout(self, objects: Sequence[LayoutObject]) -> None:
+        """Raise ValueError if the model cannot draw this layout (or any: it takes none)."""
+        raise ValueError(f"model {self.config.name!r} does not draw from a layout (--layout, --box); layout models do "
+                         "(docs/layout.md)")
+
+    def scheduled(self, denoiser: Denoise, request: Any) -> Denoise:
+        """The denoiser a request samples with (GLIGEN: the layout for the first part of the steps only)."""
+        return denoiser
 
     def batch(self, rows: torch.Tensor, dropped: torch.Tensor, data: Any, device: torch.device,
               text: TextHook | None = None, text_dropped: torch.Tensor | None = None) -> Cond:
@@ -299,7 +316,8 @@ class TextConditioner(Conditioner):
     def null(self, device: torch.device, encode: EncodePrompts | None = None) -> Cond:
         return {"context": _need(encode, self.config)([""])}
 
-    def pair(self, request: Any, device: torch.device, encode: EncodePrompts | None = None) -> tuple[Cond, Cond | None]:
+    def pair(self, request: Any, device: torch.device, encode: EncodePrompts | None = None,
+             phrases: EncodePhrases | None = None) -> tuple[Cond, Cond | None]:
         guided = self.guided(request.cfg_scale)
         prompts = [request.prompt, request.negative_prompt] if guided else [request.prompt]
         context = _need(encode, self.config)(prompts)  # one call; rows padded to equal length
@@ -350,7 +368,8 @@ class ClassConditioner(Conditioner):
     def null(self, device: torch.device, encode: EncodePrompts | None = None) -> Cond:
         return {"y": torch.tensor([self.null_label], device=device)}
 
-    def pair(self, request: Any, device: torch.device, encode: EncodePrompts | None = None) -> tuple[Cond, Cond | None]:
+    def pair(self, request: Any, device: torch.device, encode: EncodePrompts | None = None,
+             phrases: EncodePhrases | None = None) -> tuple[Cond, Cond | None]:
         y = torch.tensor([request.class_index], device=device)
         return {"y": y}, (self.null(device) if self.guided(request.cfg_scale) else None)
 
@@ -386,7 +405,8 @@ class LayoutConditioner(TextConditioner):
     def null(self, device: torch.device, encode: EncodePrompts | None = None) -> Cond:
         return {**super().null(device, encode), "layout": null_layout(self.layout)[None].to(device)}
 
-    def pair(self, request: Any, device: torch.device, encode: EncodePrompts | None = None) -> tuple[Cond, Cond | None]:
+    def pair(self, request: Any, device: torch.device, encode: EncodePrompts | None = None,
+             phrases: EncodePhrases | None = None) -> tuple[Cond, Cond | None]:
         cond, uncond = super().pair(request, device, encode)
         cond["layout"] = encode_layout(request.layout or (), self.layout)[None].to(device)  # (1, objects, tokens)
         if uncond is not None:
@@ -401,9 +421,81 @@ class LayoutConditioner(TextConditioner):
         layouts[dropped] = null_layout(self.layout)
         return {**out, "layout": layouts.to(device)}
 
+    def check_layout(self, objects: Sequence[LayoutObject]) -> None:
+        check_layout(objects, self.layout)
+
+
+class GligenConditioner(TextConditioner):
+    """A GLIGEN adapter on a text model (Li et al., CVPR 2023; models/gligen.py): the prompt's context, and each
+    object of a layout one grounding token (its box's Fourier features and its phrase's pooled embedding) read by
+    the U-Net's gated self-attention layers. Without a layout the adapter does not run (the model is its base);
+    the unconditional branch of guidance has the null grounding tokens, as GLIGEN's has, and training gives them
+    to the rows that drop both prompt and layout. `scheduled` gives the layout to the first `layout_steps` of the
+    steps only (GLIGEN's scheduled sampling); the rest run the base model."""
+
+    kind = "gligen"
+    takes_layout = True
+    schedules_layout = True
+
+    @property
+    def gligen(self) -> GligenConfig:
+        if self.config.unet.gligen is None:
+            raise ValueError(f"GLIGEN model {self.config.name!r} has no adapter (unet.gligen)")
+        return self.config.unet.gligen
+
+    def check_layout(self, objects: Sequence[LayoutObject]) -> None:
+        if len(objects) > self.gligen.max_objects:
+            raise ValueError(f"the layout has {len(objects)} objects; model {self.config.name!r} takes at most "
+                             f"{self.gligen.max_objects}")
+
+    def pair(self, request: Any, device: torch.device, encode: EncodePrompts | None = None,
+             phrases: EncodePhrases | None = None) -> tuple[Cond, Cond | None]:
+        cond, uncond = super().pair(request, device, encode)
+        objects = request.layout or ()
+        if not objects:  # no boxes: the base model, exactly
+            return cond, uncond
+        if phrases is None:
+            raise ValueError(f"GLIGEN model {self.config.name!r}: its phrases need the text encoder")
+        embedded = phrases([o.phrase for o in objects])  # (N, phrase_dim)
+        cond["layout"] = grounding_tensor([o.box for o in objects], embedded, self.gligen.max_objects)[None].to(device)
+        if uncond is not None:
+            uncond["layout"] = null_grounding(self.gligen)[None].to(device)
+        return cond, uncond
+
+    def batch(self, rows: torch.Tensor, dropped: torch.Tensor, data: Any, device: torch.device,
+              text: TextHook | None = None, text_dropped: torch.Tensor | None = None) -> Cond:
+        either = dropped if text_dropped is None else dropped | text_dropped
+        out = super().batch(rows, either, data, device, text)
+        layouts = data.layouts[rows].clone()  # (B, objects, 5 + phrase_dim)
+        layouts[dropped] = null_grounding(self.gligen)
+        return {**out, "layout": layouts.to(device)}
+
+    def scheduled(self, denoiser: Denoise, request: Any) -> Denoise:
+        """GLIGEN's scheduled sampling: the layout for the first ceil(`layout_steps` x steps) steps, then none
+        (the base model, for the detail); `layout_steps` 1 keeps it throughout."""
+        steps = len(request.sigmas) - 1
+        if not request.layout or request.layout_steps >= 1 or steps < 1:
+            return denoiser
+        grounded = math.ceil(request.layout_steps * steps - 1e-9)  # steps 0 .. grounded - 1 see the layout
+        return GroundedSteps(denoiser, float(request.sigmas[grounded]))
+
+
+class GroundedSteps:
+    """A denoiser that passes the condition's "layout" on only at noise levels above `cut` (every sigma of the
+    call); at or below it the model runs without (GLIGEN's scheduled sampling, Li et al. 2023, Sec. 3.3)."""
+
+    def __init__(self, denoiser: Denoise, cut: float) -> None:
+        self.denoiser, self.cut = denoiser, cut
+        self.prediction_type = getattr(denoiser, "prediction_type", "epsilon")  # what guidance rescale reads
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond | None = None) -> torch.Tensor:
+        if cond and "layout" in cond and bool((batch_sigma(sigma, x) <= self.cut).all()):
+            cond = {k: v for k, v in cond.items() if k != "layout"}
+        return self.denoiser(x, sigma, cond)
+
 
 CONDITIONERS: dict[Conditioning, type[Conditioner]] = {
-    c.kind: c for c in (TextConditioner, ClassConditioner, Unconditional, LayoutConditioner)}
+    c.kind: c for c in (TextConditioner, ClassConditioner, Unconditional, LayoutConditioner, GligenConditioner)}
 
 
 def conditioner_for(config: ModelConfig) -> Conditioner:

@@ -42,6 +42,18 @@ class LayoutConfig:
     mlp_dim: int = 384
 
 
+@dataclass
+class GligenConfig:
+    """A GLIGEN adapter (Li et al., CVPR 2023; models/gligen.py): each object of a layout one grounding token, the
+    Fourier features of its box and its phrase's pooled text embedding through an MLP, read by a gated
+    self-attention layer in every transformer block of a frozen text-to-image U-Net."""
+
+    max_objects: int = 4  # grounding tokens per layout (padding objects take the learned null token)
+    phrase_dim: int = 96  # the width of a phrase embedding: the text encoder's pooled output
+    fourier_freqs: int = 8  # frequencies per box coordinate (sin and cos each): GLIGEN's 8
+    hidden: int = 512  # the grounding MLP's hidden width (GLIGEN's 512)
+
+
 ClassEmbedding = Literal["time", "context"]  # UNetConfig.class_embedding
 AttentionBlockKind = Literal["transformer", "adm"]  # UNetConfig.attention_block
 
@@ -72,6 +84,7 @@ class UNetConfig:
     dropout: float = 0.0
     upcast_attention: bool = False  # compute attention scores in float32 even in half precision (SD 2.1)
     layout: LayoutConfig | None = None  # layout models: the layout encoder whose tokens follow the prompt's context
+    gligen: GligenConfig | None = None  # GLIGEN adapter models: the grounding net and a gated layer per block
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head width) of the attention layers at a level `channels` wide."""
@@ -123,7 +136,7 @@ class VAEConfig:
 
 
 # The valid values of the conditioning keys, declared once (`daguerre.conditioning` has a class for each).
-Conditioning = Literal["text", "class", "none", "layout"]  # ModelConfig.conditioning
+Conditioning = Literal["text", "class", "none", "layout", "gligen"]  # ModelConfig.conditioning
 ConcatKind = Literal["inpaint", "lowres", "semantic"]  # ModelConfig.concat (or None)
 TextEncoderKind = Literal["clip", "minilm"]  # TextEncoderConfig.kind
 TEXT_ENCODER_KINDS: tuple[str, ...] = typing.get_args(TextEncoderKind)
@@ -284,7 +297,9 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    conditioning: Conditioning = "text"  # "text", "class", "none" or "layout" (prompt + boxes) (daguerre.conditioning)
+    # "text", "class", "none", "layout" (prompt + boxes, a layout encoder) or "gligen" (prompt + boxes, a GLIGEN
+    # adapter on a text model) (daguerre.conditioning)
+    conditioning: Conditioning = "text"
     # image concatenated to the latent input: None; "inpaint" (mask + masked-image latent, SD inpainting);
     # "lowres" (the low-resolution RGB pixels in [-1, 1], bicubically resized to the latent grid: LDM SR, SD x4);
     # "semantic" (a semantic map, one channel per label: the fraction of each latent cell's pixels of that label)
@@ -532,6 +547,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "unet.layout.max_objects": (1, 64), "unet.layout.phrase_words": (1, 32), "unet.layout.grid": (2, 4096),
     "unet.layout.width": (1, 16384), "unet.layout.layers": (1, 64), "unet.layout.heads": (1, 1024),
     "unet.layout.mlp_dim": (1, 65536),
+    "unet.gligen.max_objects": (1, 64), "unet.gligen.phrase_dim": (1, 16384), "unet.gligen.fourier_freqs": (1, 64),
+    "unet.gligen.hidden": (1, 65536),
 }
 MAX_LEVELS = 8  # entries of channel_mult (SD 4)
 MAX_WIDTH = 16384  # channels of any level, model_channels * mult (SD U-Net 1280, VAE 512)
@@ -615,6 +632,14 @@ def check_model_config(cfg: ModelConfig, prefix: str = "") -> None:
     if u.attention_block == "adm" and (u.context_dim is not None or u.layout is not None):
         raise ValueError(f"config key {prefix}unet.attention_block: 'adm' attends to the image only; it needs "
                          f"context_dim None (got {u.context_dim}) and no layout")
+    if u.gligen is not None and (u.context_dim is None or u.attention_block != "transformer" or u.layout is not None
+                                 or _class_context_config(u)):
+        raise ValueError(f"config key {prefix}unet.gligen: a GLIGEN adapter goes into the transformer blocks of a "
+                         "text model's U-Net: it needs context_dim, attention_block 'transformer' and no layout")
+    if (cfg.conditioning == "gligen") != (u.gligen is not None):
+        raise ValueError(f"config key {prefix}conditioning: {cfg.conditioning!r} with unet.gligen "
+                         f"{'set' if u.gligen is not None else 'unset'}; a GLIGEN model ('gligen') has one, others "
+                         "none")
     layout = cfg.unet.layout
     if layout is not None:
         if len(layout.vocabulary) > MAX_LAYOUT_WORDS or len(set(layout.vocabulary)) != len(layout.vocabulary):
@@ -623,6 +648,10 @@ def check_model_config(cfg: ModelConfig, prefix: str = "") -> None:
         if layout.width % layout.heads:
             raise ValueError(f"config key {prefix}unet.layout.width: {layout.width} must be divisible by its heads "
                              f"({layout.heads})")
+
+
+def _class_context_config(u: UNetConfig) -> bool:
+    return u.num_classes is not None and u.class_embedding == "context"
 
 
 def check_clip_config(cfg: CLIPConfig, prefix: str = "") -> None:

@@ -44,6 +44,7 @@ from ..config import UNetConfig
 from ..nn.attention import attention
 from ..nn.embeddings import timestep_embedding
 from ..nn.tome import Merge, bipartite_merge
+from .gligen import GatedSelfAttention, GroundingNet
 from .layout import LayoutEncoder
 
 TIME_EMBED_MULT = 4  # time embedding width = TIME_EMBED_MULT * model_channels
@@ -133,11 +134,16 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm transformer block: self-attention, cross-attention to the context (if any), feed-forward."""
+    """Pre-norm transformer block: self-attention, cross-attention to the context (if any), feed-forward; with
+    `gligen`, GLIGEN's gated self-attention over the image and the grounding tokens between the first two."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float, upcast: bool):
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float, upcast: bool,
+                 gligen: bool = False):
         super().__init__()
         self.attn1 = CrossAttention(dim, dim, heads, head_dim, dropout, upcast)
+        if gligen:  # models/gligen.py: its own self-attention and feed-forward, gated by tanh(alpha) = 0 at first
+            self.fuser = GatedSelfAttention(dim, context_dim, CrossAttention(dim, dim, heads, head_dim, 0.0, upcast),
+                                            FeedForward(dim, 0.0))
         self.ff = FeedForward(dim, dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout, upcast) if context_dim else None
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
@@ -145,13 +151,16 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None,
-                merge: Callable[[torch.Tensor], Merge] | None = None) -> torch.Tensor:
+                merge: Callable[[torch.Tensor], Merge] | None = None, objs: torch.Tensor | None = None
+                ) -> torch.Tensor:
         y = self.norm1(x)
         if merge is None:
             x = x + self.attn1(y)  # (B, HW, dim)
         else:  # token merging: self-attention on the merged tokens (B, HW - r, dim), unmerged after
             plan = merge(y)
             x = x + plan.unmerge(self.attn1(plan.merge(y)))
+        if objs is not None:  # GLIGEN: the grounding tokens (B, N, context_dim), read by the gated self-attention
+            x = self.fuser(x, objs)
         if self.attn2 is not None:
             x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -173,12 +182,13 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = _zero_(nn.Conv2d(inner, channels, 1))
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, head_dim, cfg.context_dim, cfg.dropout, cfg.upcast_attention)
+            BasicTransformerBlock(inner, heads, head_dim, cfg.context_dim, cfg.dropout, cfg.upcast_attention,
+                                  gligen=cfg.gligen is not None)
             for _ in range(cfg.transformer_depth)
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None, tome: TokenMerging | None = None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, tome: TokenMerging | None = None,
+                objs: torch.Tensor | None = None) -> torch.Tensor:
         b, _, h, w = x.shape
         merge = tome.planner(h, w) if tome is not None else None  # None but at the latent's full resolution
         y = self.norm(x)  # (B, C, H, W)
@@ -188,7 +198,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             y = self.proj_in(y)  # (B, HW, inner)
         for block in self.transformer_blocks:
-            y = block(y, context, merge)
+            y = block(y, context, merge, objs)
         if self.use_linear:
             y = self.proj_out(y)  # (B, HW, C)
         y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C or inner, H, W), channels-last strides
@@ -255,13 +265,13 @@ class TimestepEmbedSequential(nn.Sequential):
 
     def forward(
         self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None, size: torch.Size | None = None,
-        tome: TokenMerging | None = None,
+        tome: TokenMerging | None = None, objs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, tome)
+                x = layer(x, context, tome, objs)
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:
@@ -342,7 +352,8 @@ class UNetModel(nn.Module):
     `forward(x, timesteps, context, y)`: x (B, in_channels, H, W) latents; timesteps (B,) or a scalar,
     integer or fractional; context (B, T, context_dim) when `cfg.context_dim` is set; y (B,) integer
     labels when `cfg.num_classes` is set; `layout` (B, objects, tokens) layout tokens when `cfg.layout` is
-    set, encoded by `layout_net` and appended to the context -> (B, out_channels, H, W) in the parameters'
+    set, encoded by `layout_net` and appended to the context, or with `cfg.gligen` (B, objects, 5 + phrase_dim)
+    grounding inputs (models/gligen.py; None: the base model) -> (B, out_channels, H, W) in the parameters'
     dtype. Inputs are cast to the parameters' dtype. Set `gradient_checkpointing = True` to recompute each block in the
     backward pass while training (less memory, about a third more compute).
     """
@@ -368,6 +379,8 @@ class UNetModel(nn.Module):
                 raise ValueError(f"UNetConfig.layout.width {cfg.layout.width} must be the context_dim "
                                  f"({cfg.context_dim}): the layout's tokens are read by cross-attention")
             self.layout_net = LayoutEncoder(cfg.layout)
+        if cfg.gligen is not None:  # a GLIGEN adapter: each object one grounding token (models/gligen.py)
+            self.position_net = GroundingNet(cfg.gligen, cfg.context_dim)
 
         # encoder: conv_in, then num_res_blocks x [ResBlock, SpatialTransformer?] per level, Downsample between levels
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -429,7 +442,11 @@ class UNetModel(nn.Module):
         layout: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg, dtype, b = self.cfg, self.dtype, x.shape[0]
-        if (layout is None) != (cfg.layout is None):
+        objs = None
+        if cfg.gligen is not None and layout is not None:  # GLIGEN: the objects' grounding tokens; none: the base
+            objs = self.position_net(layout.to(x.device)).to(dtype)  # (B, N, context_dim)
+            layout = None
+        elif (layout is None) != (cfg.layout is None):
             raise ValueError(f"UNetModel with layout={cfg.layout is not None}: pass layout tokens exactly when the "
                              "model reads layouts")
         if (context is None) != (cfg.context_dim is None or _class_context(cfg)):
@@ -473,28 +490,29 @@ class UNetModel(nn.Module):
                 raise ValueError(f"DeepCache depth {cache.depth} must be in [1, {len(self.input_blocks) - 1}] for "
                                  f"this U-Net of {len(self.input_blocks)} input blocks")
             shallow = cache.depth
-            key = (tuple(h.shape), None if context is None else tuple(context.shape), dtype)
+            key = (tuple(h.shape), None if context is None else tuple(context.shape), dtype, objs is None)
             reuse = cache.reuse(key, t)
         skips = []
         for block in self.input_blocks[:shallow] if reuse else self.input_blocks:
-            h = self._run(block, h, emb, context, None, merging)
+            h = self._run(block, h, emb, context, None, merging, objs)
             skips.append(h)
         deep = len(self.output_blocks) - shallow
         if reuse:
             h = cache.features  # (B, C, h, w): the deep part's output of the last full call
         else:
-            h = self._run(self.middle_block, h, emb, context, None, merging)  # (B, C_max, H/f, W/f)
-            h = self._up(self.output_blocks[:deep], h, skips, emb, context, merging)
+            h = self._run(self.middle_block, h, emb, context, None, merging, objs)  # (B, C_max, H/f, W/f)
+            h = self._up(self.output_blocks[:deep], h, skips, emb, context, merging, objs)
             if cache is not None:
                 cache.features = h
-        h = self._up(self.output_blocks[deep:], h, skips, emb, context, merging)
+        h = self._up(self.output_blocks[deep:], h, skips, emb, context, merging, objs)
         return self.out(h)  # (B, C_out, H, W)
 
     def _up(self, blocks, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
-            context: torch.Tensor | None, merging: TokenMerging | None) -> torch.Tensor:
+            context: torch.Tensor | None, merging: TokenMerging | None, objs: torch.Tensor | None = None
+            ) -> torch.Tensor:
         """Run decoder `blocks`, each on h concatenated with the last of `skips` (popped)."""
         for block in blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             size = skips[-1].shape[-2:] if skips else None  # an Upsample must land on the next skip's size
-            h = self._run(block, h, emb, context, size, merging)
+            h = self._run(block, h, emb, context, size, merging, objs)
         return h

@@ -33,6 +33,7 @@ from ..guidance import (
     noisy_clip_guided_denoiser,
 )
 from ..lora.apply import prepare as prepare_adapters
+from ..models.gligen import phrase_embeddings
 from ..models.noisy_clip import check_latent_space
 from ..models.unet import fewer_calls_args
 from ..pngmeta import format_parameters
@@ -127,7 +128,11 @@ def conditioning(
     def encode(prompts: list[str]) -> torch.Tensor:
         return encode_prompts(components, prompts, req.clip_skip)
 
-    return req.conditioner.pair(req, device, encode)
+    def phrases(texts: list[str]) -> torch.Tensor:  # a GLIGEN layout's phrases: pooled text embeddings
+        components.acquire("text_encoder")
+        return phrase_embeddings(components.text_encoder, components.tokenizer, texts)
+
+    return req.conditioner.pair(req, device, encode, phrases)
 
 
 def expand(cond: dict[str, Any], b: int) -> dict[str, Any]:
@@ -296,6 +301,7 @@ def run_plan(
         cond = {**expand(cond1, b), **batch_extra}
         guided = denoiser.with_net_args(**fewer_calls_args(req.deepcache_interval, req.deepcache_depth,  # per batch
                                                            req.tome_ratio, max_t))
+        guided = req.conditioner.scheduled(guided, req)  # GLIGEN: the layout for the first steps only
         if uncond1 is not None:
             guided = cfg_denoiser(guided, {**expand(uncond1, b), **batch_extra}, req.cfg_scale, req.guidance_rescale,
                                   min_sigma=req.cfg_min_sigma, cutoff_sigma=req.cfg_cutoff_sigma)

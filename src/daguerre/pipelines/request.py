@@ -272,6 +272,12 @@ class GenerationRequest:
     boxes: list[str] | None = setting(None, tasks=TXT2IMG, cli=Flag(
         "--box", action="append", metavar="PHRASE:X0,Y0,X1,Y1", help="layout models: one more object, e.g. "
         "--box \"a red circle:0.1,0.1,0.4,0.4\" (repeatable; after those of --layout)"))
+    # GLIGEN adapter models: the fraction of the steps, from the first, that see the layout (GLIGEN's scheduled
+    # sampling, its tau); the rest run the base model (conditioning.GligenConditioner.scheduled)
+    layout_steps: float = setting(1.0, type=float, tasks=TXT2IMG, a1111="layout_steps",
+                                  png=Png("Layout steps", fmt=lambda v: f"{v:g}"), cli=Flag(
+        "--layout-steps", metavar="FRACTION", help="GLIGEN adapter models: the first FRACTION of the steps draw "
+        "from the layout, the rest without it, as the base model (GLIGEN's scheduled sampling; default 1: all)"))
     # LoRAs to merge, each "FILE:WEIGHT" (or a (file, weight) pair): a path, or a name in the LoRA folder; with the
     # prompt's <lora:name:weight> tags, a `ValidRequest` holds them as `lora.syntax.LoraRef`s (docs/lora.md). Not
     # an HTTP field: a client names LoRAs by the prompt's tags, found in the server's --lora-dir only
@@ -445,8 +451,8 @@ class GenerationRequest:
         """Check and load the spatial conditions (docs/layout.md): {semantic_map: a LabelMap or None, layout: the
         objects of `layout` and `boxes` or None, boxes: None}. A model that does not read one refuses it, a
         semantic-synthesis model needs a map; a map's colours must be the palette's, a layout within the bounds
-        of the model's layout encoder (`data.layout.check_layout`)."""
-        from ..data.layout import LabelMap, check_layout, parse_box, parse_layout, read_label_map
+        of the model's layout encoder or adapter (`Conditioner.check_layout`)."""
+        from ..data.layout import LabelMap, parse_box, parse_layout, read_label_map
 
         semantic = None
         if self.semantic_map is not None:
@@ -488,11 +494,13 @@ class GenerationRequest:
             if isinstance(self.boxes, str) or not isinstance(self.boxes, (list, tuple)):
                 raise ValueError(f"boxes must be a list of \"phrase:x0,y0,x1,y1\" texts, got {self.boxes!r}")
             objects += [parse_box(b) for b in self.boxes]
-        if objects and not conditioner.takes_layout:
-            raise ValueError(f"model {config.name!r} does not draw from a layout (--layout, --box); layout models do "
-                             "(docs/layout.md)")
         if objects:
-            check_layout(objects, config.unet.layout)
+            conditioner.check_layout(objects)  # a model that takes no layout refuses it by name
+        if not (0.0 <= self.layout_steps <= 1.0):
+            raise ValueError(f"layout steps must be a fraction in [0, 1] (1 = every step), got {self.layout_steps}")
+        if self.layout_steps != 1.0 and not conditioner.schedules_layout:
+            raise ValueError(f"layout steps {self.layout_steps:g}: model {config.name!r} has no GLIGEN adapter; "
+                             "only GLIGEN models draw from a layout for part of the steps (docs/layout.md)")
         return {"semantic_map": semantic, "layout": tuple(objects) or None, "boxes": None}
 
     def _check_types(self) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from ..config import (
     LIMITS,
     CLIPConfig,
+    GligenConfig,
     LayoutConfig,
     ModelConfig,
     check_clip_config,
@@ -627,7 +628,7 @@ def check_run_config(cfg: RunConfig) -> None:
         if not 0.0 <= cfg.loss.text_dropout <= 1.0 - cfg.loss.caption_dropout:
             raise ValueError(f"config key loss.text_dropout: must be in [0, 1 - loss.caption_dropout], got "
                              f"{cfg.loss.text_dropout}")
-        if cfg.loss.text_dropout and cfg.model.conditioning != "layout":
+        if cfg.loss.text_dropout and cfg.model.conditioning not in ("layout", "gligen"):
             raise ValueError(f"config key loss.text_dropout: drops a layout model's prompt alone, but "
                              f"model.conditioning is {cfg.model.conditioning!r}; use loss.caption_dropout")
         if cfg.loss.min_snr_gamma < 0:
@@ -742,7 +743,7 @@ def check_concat_config(cfg: RunConfig) -> None:
     """Value checks of model.concat and the data keys it uses; each error names its key."""
     d, kind = cfg.data, getattr(cfg.model, "concat", None)  # kind: checked by its `Literal` type when read
     spatial = "a semantic-synthesis" if kind == "semantic" else "a layout" if getattr(
-        cfg.model, "conditioning", None) == "layout" else None
+        cfg.model, "conditioning", None) in ("layout", "gligen") else None
     if spatial and cfg.stage == "ldm":
         if d.kind != "shapes":
             raise ValueError(f"config key data.kind: {spatial} model trains on the shapes world, whose every object "
@@ -795,7 +796,7 @@ def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | 
     m.sample_size = cfg.data.size
     m.unet.in_channels = m.unet.out_channels = m.vae.latent_channels
     m.concat = m.concat if cfg.stage == "ldm" else None  # image concatenation: stage 2 only
-    if m.conditioning in ("text", "layout"):
+    if m.conditioning in ("text", "layout", "gligen"):
         if m.text_encoder is None:
             raise ValueError(f"config key model.conditioning: {m.conditioning!r} needs a [model.text_encoder] section")
         m.text_encoder = resolve_text_encoder(m.text_encoder)  # kind "minilm": the fixed MiniLM architecture
@@ -807,17 +808,25 @@ def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | 
                                                 vocabulary=tuple(layout.vocabulary or LAYOUT_WORDS))
         else:
             m.unet.layout = None
+        if m.conditioning == "gligen":  # the adapter: grounding tokens as wide as the context, phrases as pooled
+            if m.text_encoder.kind != "clip":
+                raise ValueError(f"config key model.text_encoder.kind: a GLIGEN adapter embeds phrases with a "
+                                 f"CLIP-style text encoder's pooled output, not {m.text_encoder.kind!r}")
+            width = m.text_encoder.projection_dim or m.text_encoder.width
+            m.unet.gligen = dataclasses.replace(m.unet.gligen or GligenConfig(), phrase_dim=width)
+        else:
+            m.unet.gligen = None
     elif m.conditioning == "class":
         if not class_names:
             raise ValueError(
                 f"config key model.conditioning: 'class' needs labelled data, and data.kind = {cfg.data.kind!r} "
                 "has no labels (use fashion_mnist or a folder of class sub-folders)"
             )
-        m.text_encoder, m.unet.context_dim, m.unet.layout = None, None, None
+        m.text_encoder, m.unet.context_dim, m.unet.layout, m.unet.gligen = None, None, None, None
         m.unet.num_classes, m.class_names = len(class_names) + 1, list(class_names)
     else:
         m.text_encoder, m.unet.context_dim, m.unet.num_classes, m.class_names = None, None, None, None
-        m.unet.layout = None
+        m.unet.layout, m.unet.gligen = None, None
     if m.concat != "semantic":
         m.semantic_labels = None
     if m.concat is not None:

@@ -3,23 +3,27 @@
 A layout model's condition is the prompt and the layout of its scene: every object's phrase and box
 (`data.shapes.ShapesDataset.layout`), as tokens (`data.layout.encode_layout`), computed once per run for the
 training rows (`layout_rows`, a few milliseconds per scene) and read by `conditioning.LayoutConditioner.batch`,
-which gives dropped rows the empty layout. The sample grids (`LayoutSamples`) show the first training rows:
-their layout, the model's image from the layout and the row's caption, from the layout alone (empty prompt),
-and the training image.
+which gives dropped rows the empty layout. A GLIGEN adapter model (`model.conditioning = "gligen"`) reads each
+object as its box and its phrase's pooled embedding by the frozen text encoder (`grounding_rows`: each distinct
+phrase encoded once per run, a row's grounding inputs assembled when its batch is drawn, `GroundingTable`). The
+sample grids (`LayoutSamples`) show the first training rows: their layout, the model's image from the layout and
+the row's caption, from the layout alone (empty prompt), and the training image.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
-from ..config import LayoutConfig
+from ..config import GligenConfig, LayoutConfig
 from ..data.layout import LayoutObject, draw_layout, encode_layout, parse_layout
+from ..models.gligen import GROUNDING_FIELDS, gligen_phrase_dim, phrase_embeddings
 from .concat import MAX_SAMPLE_IMAGES, pil_of, to_uint8
 from .data import TrainData, load_items
 
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from .latents import LatentSet
 
 logger = logging.getLogger("daguerre.train")
+PHRASE_BATCH = 256  # phrases per text-encoder call when the training phrases are embedded
 
 
 @dataclass
@@ -38,7 +43,7 @@ class LayoutRows:
 
     captions: list[str]
     labels: torch.Tensor | None
-    layouts: torch.Tensor  # (N, max_objects, phrase_words + 4) int64
+    layouts: torch.Tensor | GroundingTable  # (N, max_objects, phrase_words + 4) int64; GLIGEN: a GroundingTable
     objects: list[tuple[LayoutObject, ...]]  # each row's layout, as given
 
 
@@ -58,6 +63,72 @@ def layout_rows(lat: LatentSet, data: TrainData, cfg: LayoutConfig) -> LayoutRow
     logger.info("layouts of %d training scenes (%d objects) in %.1f s", len(objects), sum(map(len, objects)),
                 time.monotonic() - began)
     return LayoutRows(captions=lat.captions, labels=lat.labels, layouts=layouts, objects=objects)
+
+
+class GroundingTable:
+    """The GLIGEN grounding inputs of the training rows: `table[rows]` is (B, max_objects, 5 + phrase_dim) float32,
+    per object its box, mask 1 and phrase embedding, padding objects all zero (models/gligen.py). `embeddings` is
+    the (P, phrase_dim) table of the distinct phrases, or a function that makes it, called when the first batch
+    is drawn: by then a resumed run has its text encoder's weights back from the checkpoint."""
+
+    def __init__(self, boxes: torch.Tensor, phrase_ids: torch.Tensor,
+                 embeddings: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+        self.boxes = boxes  # (N, max_objects, 4) float32
+        self.phrase_ids = phrase_ids  # (N, max_objects) int64 rows of `embeddings`, -1 for no object
+        self._embeddings = embeddings
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        if callable(self._embeddings):
+            self._embeddings = self._embeddings()
+        return self._embeddings
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        ids = self.phrase_ids[rows]  # (B, M)
+        present = ids >= 0
+        out = torch.zeros(*ids.shape, GROUNDING_FIELDS + self.embeddings.shape[1])
+        out[..., :4] = self.boxes[rows] * present[..., None]
+        out[..., 4] = present.float()
+        out[..., GROUNDING_FIELDS:] = self.embeddings[ids.clamp(min=0)] * present[..., None]
+        return out
+
+
+def grounding_rows(lat: LatentSet, data: TrainData, cfg: GligenConfig, text_encoder: torch.nn.Module,
+                   tokenizer: Any) -> LayoutRows:
+    """The layouts of the training rows for a GLIGEN model: boxes, and each distinct phrase embedded once by the
+    (frozen) `text_encoder` (`models.gligen.phrase_embeddings`) when the first batch is drawn."""
+    began = time.monotonic()
+    objects = [row_layout(data, i) for i in data.train_pool]
+    too_many = next((len(o) for o in objects if len(o) > cfg.max_objects), None)
+    if too_many is not None:
+        raise ValueError(f"a training scene has {too_many} objects, more than unet.gligen.max_objects = "
+                         f"{cfg.max_objects}; raise it or lower data.shapes.max_objects")
+    phrases = sorted({o.phrase for layout in objects for o in layout})
+    index = {p: i for i, p in enumerate(phrases)}
+
+    def embed() -> torch.Tensor:
+        began = time.monotonic()
+        out = torch.cat([phrase_embeddings(text_encoder, tokenizer, phrases[i:i + PHRASE_BATCH])
+                         for i in range(0, len(phrases), PHRASE_BATCH)]) if phrases else torch.zeros(0, cfg.phrase_dim)
+        logger.info("%d distinct phrases embedded in %.1f s", len(phrases), time.monotonic() - began)
+        return out
+
+    if gligen_phrase_dim(text_encoder) != cfg.phrase_dim:
+        raise ValueError(f"unet.gligen.phrase_dim is {cfg.phrase_dim} but the text encoder's pooled output is "
+                         f"{gligen_phrase_dim(text_encoder)} wide")
+    boxes = torch.zeros(len(objects), cfg.max_objects, 4)
+    ids = torch.full((len(objects), cfg.max_objects), -1, dtype=torch.long)
+    for r, layout in enumerate(objects):
+        for j, o in enumerate(layout):
+            boxes[r, j] = torch.tensor(o.box)
+            ids[r, j] = index[o.phrase]
+    logger.info("grounding inputs of %d training scenes (%d objects, %d distinct phrases) in %.1f s", len(objects),
+                sum(map(len, objects)), len(phrases), time.monotonic() - began)
+    return LayoutRows(captions=lat.captions, labels=lat.labels, layouts=GroundingTable(boxes, ids, embed),
+                      objects=objects)
 
 
 class LayoutSamples:

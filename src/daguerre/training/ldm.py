@@ -26,6 +26,7 @@ from ..checkpoints.vae_file import load_vae
 from ..components import Components
 from ..conditioning import conditioner_for
 from ..diffusion.schedules import alphas_cumprod, betas_from_config, q_sample
+from ..models.gligen import freeze_base
 from ..models.text_encoder import CLIPTextEncoder
 from ..models.unet import UNetModel
 from . import dist, latents, losses, text_cache
@@ -107,6 +108,9 @@ class LDMStage:
         if data.channels != self.vae_model_cfg.vae.in_channels:
             raise ValueError(f"the VAE {self.vae_path} encodes {self.vae_model_cfg.vae.in_channels}-channel images "
                              f"but the data has {data.channels} channels")
+        if cfg.model.conditioning == "gligen" and not t.init_from:
+            raise ValueError("a GLIGEN adapter trains on a frozen text-to-image model: name it with --init MODEL "
+                             "(train.init_from; e.g. the shipped shapes model, docs/layout.md)")
         run_model = copy.deepcopy(cfg)
         run_model.model.vae = copy.deepcopy(self.vae_model_cfg.vae)  # the autoencoder is the trained one
         self.model_cfg = model_cfg = derive_model_config(run_model, data.channels, data.class_names)
@@ -122,13 +126,16 @@ class LDMStage:
         if t.init_from and setup.fresh:  # fine-tuning: the model's weights (a resume has its own)
             self.init_record = init_ldm(t.init_from, unet, te if not frozen else None, self.vae_sha)
         train_te = te is not None and cfg.loss.train_text_encoder
-        self.tokens = caption_tokens(self.tokenizer, lat.captions) if train_te else None  # kept by pruning
+        keep = train_te or model_cfg.unet.gligen is not None  # GLIGEN: the frozen encoder pruned back to its words
+        self.tokens = caption_tokens(self.tokenizer, lat.captions) if keep else None  # kept by pruning
         unet.to(device).train()
         unet.gradient_checkpointing = t.gradient_checkpointing
         self.unet, self.te = unet, te
         self.modules: dict[str, nn.Module] = {"unet": unet}
         self.ema_targets: tuple[str, ...] = ("unet",)
         params = list(unet.parameters())
+        if model_cfg.unet.gligen is not None:  # a GLIGEN adapter trains alone, on the frozen base model
+            params = freeze_base(unet)
         if te is not None:
             te.to(device)
             te.gradient_checkpointing = t.gradient_checkpointing
@@ -147,9 +154,12 @@ class LDMStage:
         self.conditioner = conditioner_for(model_cfg)  # text, class or none: the condition of each micro-batch
         self.rows: Any = lat  # what the conditioner reads of the training rows (captions, labels; layouts)
         if self.conditioner.takes_layout:  # a layout model: each row's layout, and grids drawn from layouts
-            from .layout import LayoutSamples, layout_rows
+            from .layout import LayoutSamples, grounding_rows, layout_rows
 
-            self.rows = layout_rows(lat, data, model_cfg.unet.layout)
+            if model_cfg.unet.gligen is not None:  # GLIGEN: boxes and phrases embedded by the frozen text encoder
+                self.rows = grounding_rows(lat, data, model_cfg.unet.gligen, te, self.tokenizer)
+            else:
+                self.rows = layout_rows(lat, data, model_cfg.unet.layout)
             count = self.conditioner.preview_count(cfg.sample.prompts, cfg.sample.n_unconditional)
             self.concat_in = LayoutSamples(self.rows, data, cfg.data.size, count if env.is_main else 0)
         for warning in ignored_sample_settings(self.conditioner, cfg.sample) if env.is_main else ():

@@ -1,0 +1,144 @@
+"""The GLIGEN adapter (Li et al., "GLIGEN: Open-Set Grounded Text-to-Image Generation", CVPR 2023): boxes and their
+phrases read by gated self-attention layers added to a frozen text-to-image U-Net (issue 18's second layout route,
+docs/layout.md).
+
+Each object of a layout is one grounding token: the Fourier features of its box (x0, y0, x1, y1 in [0, 1]; sin and
+cos at `fourier_freqs` frequencies 100^(k / fourier_freqs) per coordinate, GLIGEN's `FourierEmbedder`)
+concatenated with its phrase embedding (the base model's own text encoder, pooled as GLIGEN pools CLIP: the
+final-layer state at the end-of-text token, `phrase_embeddings`), through an MLP to the context width
+(`GroundingNet`, GLIGEN's `PositionNet`). A padding object (mask 0) takes the learned null features instead
+(GLIGEN's null positive and null position features), so a layout always has `max_objects` tokens.
+
+Every transformer block of the U-Net gets a `GatedSelfAttention` (GLIGEN's `GatedSelfAttentionDense`) between its
+self-attention and its cross-attention: self-attention over [visual tokens; grounding tokens projected to the
+block's width], only the visual outputs kept, added as x + tanh(alpha_attn) attn(...), then a feed-forward added
+as x + tanh(alpha_dense) ff(...). Both gates start at 0, so a fresh adapter leaves the base model's output exactly
+unchanged, and without a layout the layers do not run at all (the model is the base model).
+
+A layout reaches the U-Net as one float tensor (B, max_objects, GROUNDING_FIELDS + phrase_dim): per object its
+box (4), its mask (1: an object, 0: padding) and its phrase embedding (`grounding_tensor`), the `layout`
+argument of `UNetModel.forward` for a model with `unet.gligen`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..config import GligenConfig
+
+GROUNDING_FIELDS = 5  # box (x0, y0, x1, y1) and mask, before the phrase embedding
+FOURIER_TEMPERATURE = 100.0  # GLIGEN's FourierEmbedder: frequencies temperature^(k / n), k = 0..n-1
+ADAPTER_PREFIXES = ("position_net.",)  # U-Net parameter names of the adapter (and every `.fuser.`)
+FUSER = ".fuser."
+
+
+def fourier_features(boxes: torch.Tensor, freqs: int) -> torch.Tensor:
+    """(..., 4) box coordinates -> (..., 4 * 2 * freqs): sin and cos of each coordinate at `freqs` frequencies
+    100^(k / freqs), grouped per frequency as [sin(f x), cos(f x)] over the 4 coordinates (GLIGEN's order)."""
+    bands = FOURIER_TEMPERATURE ** (torch.arange(freqs, dtype=torch.float32, device=boxes.device) / freqs)
+    x = boxes.float()[..., None, :] * bands[:, None]  # (..., freqs, 4)
+    return torch.cat([x.sin(), x.cos()], dim=-1).flatten(-2)  # (..., freqs * 8)
+
+
+class GroundingNet(nn.Module):
+    """GLIGEN's `PositionNet`: (B, N, 5 + phrase_dim) objects -> (B, N, width) grounding tokens; padding objects
+    (mask 0) take the learned null phrase and null position features."""
+
+    def __init__(self, cfg: GligenConfig, width: int):
+        super().__init__()
+        self.freqs = cfg.fourier_freqs
+        position_dim = 8 * cfg.fourier_freqs  # sin and cos of x0, y0, x1, y1
+        self.linears = nn.Sequential(
+            nn.Linear(cfg.phrase_dim + position_dim, cfg.hidden), nn.SiLU(),
+            nn.Linear(cfg.hidden, cfg.hidden), nn.SiLU(),
+            nn.Linear(cfg.hidden, width),
+        )
+        self.null_positive_feature = nn.Parameter(torch.zeros(cfg.phrase_dim))
+        self.null_position_feature = nn.Parameter(torch.zeros(position_dim))
+
+    def forward(self, layout: torch.Tensor) -> torch.Tensor:
+        boxes, mask, phrases = layout[..., :4], layout[..., 4:5], layout[..., GROUNDING_FIELDS:]
+        dtype = self.linears[0].weight.dtype
+        mask = mask.to(dtype)  # (B, N, 1)
+        position = fourier_features(boxes, self.freqs).to(dtype)  # (B, N, 8 freqs)
+        position = position * mask + (1 - mask) * self.null_position_feature
+        phrases = phrases.to(dtype) * mask + (1 - mask) * self.null_positive_feature
+        return self.linears(torch.cat([phrases, position], dim=-1))  # (B, N, width)
+
+
+class GatedSelfAttention(nn.Module):
+    """GLIGEN's gated self-attention (`GatedSelfAttentionDense`): x + tanh(alpha_attn) SA(LN([x; W objs]))[:visual],
+    then x + tanh(alpha_dense) FF(LN(x)); both gates learned scalars that start at 0. `attn` (self-attention) and
+    `ff` are the U-Net's own layers (models/unet.py builds them), `dim` wide."""
+
+    def __init__(self, dim: int, context_dim: int, attn: nn.Module, ff: nn.Module):
+        super().__init__()
+        self.linear = nn.Linear(context_dim, dim)  # grounding tokens to this block's width
+        self.attn, self.ff = attn, ff  # the U-Net's own self-attention and GEGLU feed-forward, `dim` wide
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.alpha_attn = nn.Parameter(torch.zeros(()))
+        self.alpha_dense = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, objs: torch.Tensor) -> torch.Tensor:
+        visual = x.shape[1]
+        tokens = self.norm1(torch.cat([x, self.linear(objs.to(x.dtype))], dim=1))  # (B, HW + N, dim)
+        x = x + torch.tanh(self.alpha_attn).to(x.dtype) * self.attn(tokens)[:, :visual]
+        return x + torch.tanh(self.alpha_dense).to(x.dtype) * self.ff(self.norm2(x))
+
+
+def adapter_parameters(unet: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the GLIGEN adapter of a U-Net: its grounding net and every block's gated layer."""
+    return [(n, p) for n, p in unet.named_parameters() if n.startswith(ADAPTER_PREFIXES) or FUSER in n]
+
+
+def freeze_base(unet: nn.Module) -> list[nn.Parameter]:
+    """Freeze every U-Net parameter but the adapter's (GLIGEN trains the adapter alone); returns the adapter's."""
+    unet.requires_grad_(False)
+    params = [p for _, p in adapter_parameters(unet)]
+    if not params:
+        raise ValueError("the U-Net has no GLIGEN adapter (unet.gligen) to train")
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+@torch.no_grad()
+def phrase_embeddings(text_encoder: nn.Module, tokenizer, phrases: Sequence[str]) -> torch.Tensor:
+    """(N, phrase_dim) float32: each phrase through the model's text encoder, pooled as GLIGEN pools CLIP (its
+    `pooler_output`): the final-layer, final-LayerNorm state at the end-of-text token (through the encoder's
+    projection, if it has one). Phrases longer than the encoder's window are cut, as prompts are."""
+    if not phrases:
+        return torch.zeros(0, gligen_phrase_dim(text_encoder))
+    device = next(text_encoder.parameters()).device
+    ids = tokenizer(list(phrases)).to(device)  # (N, max_length)
+    pooled = text_encoder(ids, output_pooled=True).pooled
+    return pooled.float().cpu()
+
+
+def gligen_phrase_dim(text_encoder: nn.Module) -> int:
+    """The width of a text encoder's pooled output: its projection's, else its own."""
+    cfg = text_encoder.config
+    return cfg.projection_dim or cfg.width
+
+
+def grounding_tensor(boxes: Sequence[Sequence[float]], phrases: torch.Tensor, max_objects: int) -> torch.Tensor:
+    """(max_objects, 5 + phrase_dim) float32: the objects' boxes, mask 1 and phrase embeddings (N, phrase_dim),
+    then padding rows of zeros (mask 0: the null token)."""
+    out = torch.zeros(max_objects, GROUNDING_FIELDS + phrases.shape[-1])
+    n = len(boxes)
+    if n > max_objects:
+        raise ValueError(f"the layout has {n} objects; this model takes at most {max_objects}")
+    if n:
+        out[:n, :4] = torch.tensor([list(b) for b in boxes], dtype=torch.float32)
+        out[:n, 4] = 1.0
+        out[:n, GROUNDING_FIELDS:] = phrases.float()
+    return out
+
+
+def null_grounding(cfg: GligenConfig) -> torch.Tensor:
+    """(max_objects, 5 + phrase_dim) zeros: no object (every token the null token)."""
+    return torch.zeros(cfg.max_objects, GROUNDING_FIELDS + cfg.phrase_dim)

@@ -1,0 +1,306 @@
+"""The GLIGEN adapter (issue 18, route 2; models/gligen.py): gates at zero leave the shipped shapes model exactly
+unchanged, with or without boxes; the grounding tokens (Fourier features, the null token of padding objects); the
+adapter trains alone on a frozen base (loss falls, base weights bit for bit), resumes exactly and saves in the
+model file; scheduled sampling gives the layout to the first steps only; the CLI draws, records and replays it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daguerre.cli import main
+from daguerre.components import build_components
+from daguerre.conditioning import GligenConditioner, GroundedSteps, conditioner_for
+from daguerre.config import GligenConfig, ModelConfig
+from daguerre.data.layout import LayoutObject
+from daguerre.models.gligen import (
+    GROUNDING_FIELDS,
+    adapter_parameters,
+    fourier_features,
+    grounding_tensor,
+    null_grounding,
+    phrase_embeddings,
+)
+from daguerre.models.unet import UNetModel
+from daguerre.pipelines.request import GenerationRequest
+from daguerre.pipelines.txt2img import txt2img
+from daguerre.pngmeta import parse_parameters, read_png_parameters
+from daguerre.training.config import derive_model_config, load_run_config
+from daguerre.weights.io import file_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "src" / "daguerre" / "assets" / "configs"
+SHAPES = ROOT / "src" / "daguerre" / "assets" / "models" / "shapes.safetensors"
+QUICK = ["train.progress=false", "data.n=8", "data.holdout=4", "train.batch_size=4", "train.steps=6",
+         "train.sample_every=0", "train.checkpoint_every=0", "train.log_every=1", "train.warmup_steps=0"]
+
+
+def _with_gligen(config: ModelConfig, gligen: GligenConfig) -> ModelConfig:
+    return dataclasses.replace(config, conditioning="gligen", unet=dataclasses.replace(config.unet, gligen=gligen))
+
+
+def _open_gates(unet: torch.nn.Module, value: float = 0.5) -> None:
+    with torch.no_grad():
+        for name, p in adapter_parameters(unet):
+            if name.endswith(("alpha_attn", "alpha_dense")):
+                p.fill_(value)
+
+
+# --- the adapter at zero: the base model, exactly -------------------------------------------------------
+
+def test_closed_gates_leave_the_shipped_shapes_model_unchanged_bit_for_bit():
+    from daguerre.checkpoints import load_model
+
+    base = load_model(SHAPES)
+    cfg = base.config.unet
+    unet = UNetModel(dataclasses.replace(cfg, gligen=GligenConfig(phrase_dim=base.config.text_encoder.width)))
+    missing, unexpected = unet.load_state_dict(base.unet.state_dict(), strict=False)
+    assert not unexpected and missing and all(n.startswith("position_net.") or ".fuser." in n for n in missing)
+    unet = unet.to(base.unet.dtype).eval()
+    phrases = phrase_embeddings(base.text_encoder, base.tokenizer, ["a red circle", "a big blue square"])
+    assert phrases.shape == (2, 96)
+    layout = grounding_tensor([(0.1, 0.1, 0.4, 0.4), (0.5, 0.5, 0.9, 0.9)], phrases, 4)[None]
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 96, generator=gen)
+    t = torch.tensor([900.0, 120.0])
+    with torch.no_grad():
+        want = base.unet(x, t, ctx)
+        assert torch.equal(unet(x, t, ctx), want)  # no boxes: the adapter does not run
+        assert torch.equal(unet(x, t, ctx, layout=layout.expand(2, -1, -1)), want)  # boxes, gates at tanh(0) = 0
+        _open_gates(unet)
+        assert not torch.equal(unet(x, t, ctx, layout=layout.expand(2, -1, -1)), want)  # the test can fail
+        assert torch.equal(unet(x, t, ctx), want)
+
+
+def test_grounding_tokens_are_fourier_features_and_phrases_with_a_null_token_for_padding():
+    boxes = torch.tensor([[0.25, 0.5, 0.75, 1.0]])
+    f = fourier_features(boxes, 8)
+    assert f.shape == (1, 64)
+    k = 3  # frequency 100^(3/8): [sin x0..y1, cos x0..y1] at offset 8k
+    freq = 100.0 ** (k / 8)
+    torch.testing.assert_close(f[0, 8 * k:8 * k + 4], torch.sin(freq * boxes[0]))
+    torch.testing.assert_close(f[0, 8 * k + 4:8 * k + 8], torch.cos(freq * boxes[0]))
+    phrases = torch.randn(2, 6)
+    g = grounding_tensor([(0.1, 0.2, 0.3, 0.4), (0.0, 0.0, 1.0, 1.0)], phrases, 3)
+    assert g.shape == (3, GROUNDING_FIELDS + 6) and g[:, 4].tolist() == [1.0, 1.0, 0.0]
+    assert torch.equal(g[2], torch.zeros(GROUNDING_FIELDS + 6)) and torch.equal(g[:2, 5:], phrases)
+    with pytest.raises(ValueError, match="3 objects; this model takes at most 2"):
+        grounding_tensor([(0, 0, 1, 1)] * 3, torch.zeros(3, 6), 2)
+    from daguerre.models.gligen import GroundingNet
+
+    net = GroundingNet(GligenConfig(phrase_dim=6, hidden=16), 8)
+    with torch.no_grad():
+        net.null_positive_feature.normal_()
+        net.null_position_feature.normal_()
+        other = g.clone()
+        other[2, :4], other[2, 5:] = torch.rand(4), torch.randn(6)  # a padding row's contents do not matter
+        assert torch.equal(net(g[None]), net(other[None]))
+        nulls = net(null_grounding(GligenConfig(max_objects=3, phrase_dim=6))[None])
+        torch.testing.assert_close(nulls[0, 0], net(g[None])[0, 2])  # every padding object: the learned null token
+
+
+def test_a_gligen_config_needs_a_text_model_and_says_its_route():
+    base = derive_model_config(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm"), 3, None)
+    cfg = _with_gligen(base, GligenConfig(phrase_dim=base.text_encoder.width))
+    assert ModelConfig.from_json(cfg.to_json()) == cfg and conditioner_for(cfg).kind == "gligen"
+    with pytest.raises(ValueError, match="config key conditioning: 'text' with unet.gligen set"):
+        ModelConfig.from_dict({**cfg.to_dict(), "conditioning": "text"})
+    with pytest.raises(ValueError, match="config key unet.gligen.fourier_freqs: 0 is out of range"):
+        ModelConfig.from_dict({**cfg.to_dict(), "unet": {**cfg.to_dict()["unet"], "gligen": {
+            **cfg.to_dict()["unet"]["gligen"], "fourier_freqs": 0}}})
+
+
+# --- scheduled sampling ----------------------------------------------------------------------------------
+
+def test_scheduled_sampling_gives_the_layout_to_the_first_steps_only():
+    base = derive_model_config(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm"), 3, None)
+    cfg = _with_gligen(base, GligenConfig(phrase_dim=base.text_encoder.width))
+    box = ["a red circle:0.1,0.1,0.5,0.5"]
+    seen: list[bool] = []
+
+    def fake(x, sigma, cond=None):
+        seen.append("layout" in (cond or {}))
+        return x
+
+    for fraction, grounded in ((0.3, 3), (0.25, 3), (0.0, 0), (1.0, 10)):
+        req = GenerationRequest(boxes=box, steps=10, layout_steps=fraction, sampler="Euler").validate(cfg)
+        denoiser = conditioner_for(cfg).scheduled(fake, req)
+        assert (denoiser is fake) == (fraction == 1.0)
+        seen.clear()
+        for i in range(10):
+            denoiser(torch.zeros(2, 1), req.sigmas[i], {"layout": torch.zeros(2, 1), "context": None})
+        assert seen == [True] * grounded + [False] * (10 - grounded), fraction
+        assert grounded == math.ceil(fraction * 10)
+    wrapped = GroundedSteps(fake, 1.0)
+    seen.clear()
+    wrapped(torch.zeros(2, 1), torch.tensor([2.0, 0.5]), {"layout": 1})  # a batch half above: grounded
+    assert seen == [True]
+    for bad, message in ((1.5, "layout steps must be a fraction in \\[0, 1\\]"), (-0.1, "fraction")):
+        with pytest.raises(ValueError, match=message):
+            GenerationRequest(boxes=box, layout_steps=bad).validate(cfg)
+    with pytest.raises(ValueError, match="layout steps 0.5: model 'tiny' has no GLIGEN adapter"):
+        GenerationRequest(layout_steps=0.5).validate(base)
+    with pytest.raises(ValueError, match="the layout has 5 objects; model 'tiny' takes at most 4"):
+        GenerationRequest(boxes=box * 5).validate(cfg)
+    with pytest.raises(ValueError, match="does not draw from a layout"):
+        GenerationRequest(boxes=box).validate(base)
+
+
+def test_a_gligen_model_draws_the_base_models_image_without_boxes_or_with_no_layout_steps():
+    base_cfg = derive_model_config(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm"), 3, None)
+    cfg = _with_gligen(base_cfg, GligenConfig(phrase_dim=base_cfg.text_encoder.width, hidden=32))
+    base = build_components(base_cfg, seed=1)
+    comps = build_components(cfg, seed=2)
+    comps.unet.load_state_dict(base.unet.state_dict(), strict=False)
+    comps.text_encoder.load_state_dict(base.text_encoder.state_dict())
+    comps.vae.load_state_dict(base.vae.state_dict())
+    for p in comps.unet.parameters():  # zero-initialised output layers would make every U-Net draw the same
+        if not p.any() and p.dim() > 0:
+            torch.nn.init.normal_(p, std=0.05)
+    base.unet.load_state_dict(comps.unet.state_dict(), strict=False)
+    _open_gates(comps.unet)
+
+    def image(components, config, **fields):
+        req = GenerationRequest("a red circle", steps=4, seed=5, sampler="Euler", **fields).validate(config)
+        return np.asarray(txt2img(components, req)[0].image)
+
+    box = ["a blue square:0.2,0.2,0.8,0.8"]
+    want = image(base, base_cfg)
+    assert np.array_equal(image(comps, cfg), want)  # no boxes: the base model
+    assert np.array_equal(image(comps, cfg, boxes=box, layout_steps=0.0), want)  # grounded on no step
+    grounded = image(comps, cfg, boxes=box)
+    assert not np.array_equal(grounded, want)
+    assert not np.array_equal(image(comps, cfg, boxes=box, layout_steps=0.5), grounded)
+
+
+# --- training, resume, save and load, the CLI --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base_model(vae_file, tmp_path_factory) -> Path:
+    """A tiny text model (tiny_ldm.toml, random weights, its zero-initialised layers made non-zero) on `vae_file`."""
+    from daguerre.checkpoints import save_model
+
+    cfg = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm")
+    cfg.model.vae = derive_model_config(load_run_config(CONFIGS / "tiny_vae.toml", "vae"), 3, None).vae
+    comps = build_components(derive_model_config(cfg, 3, None), seed=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        for p in comps.unet.parameters():
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.05)
+    comps.config.provenance = {"vae_sha256": file_hash(vae_file)}
+    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
+    save_model(comps, path, dtype=torch.float16)  # as the shipped models, and the runs' files (train.save_dtype)
+    return path
+
+
+def _gligen_run(base_model: Path, extra: tuple[str, ...] = ()):
+    return load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm", [*QUICK, f"train.init_from={base_model}", *extra])
+
+
+def test_the_adapter_trains_alone_on_the_frozen_base_and_is_saved_in_the_model_file(tmp_path, vae_file, base_model):
+    from daguerre.checkpoints import load_model
+    from daguerre.training.ldm import train_ldm
+
+    base = load_model(base_model)
+    cfg = _gligen_run(base_model, ("train.steps=60", "train.lr=3e-3", "train.min_lr=3e-3", "data.n=4",
+                                   "train.ema_decay=0"))
+    path = train_ldm(cfg, tmp_path / "run", vae_path=vae_file)
+    model = load_model(path)
+    assert model.config.conditioning == "gligen" and model.config.unet.gligen.phrase_dim == 32
+    trained = model.unet.state_dict()
+    for name, tensor in base.unet.state_dict().items():
+        assert torch.equal(trained[name], tensor), name  # the base U-Net bit for bit
+    te = model.config.text_encoder  # the frozen text encoder, pruned back to the words it was trained on
+    words = [i for i in te.token_ids if i not in (te.bos_token_id, te.eos_token_id)]
+    ids = torch.tensor([[te.bos_token_id, *words, te.eos_token_id] + [te.pad_token_id] * (75 - len(words))])
+    with torch.no_grad():
+        assert torch.equal(model.text_encoder(ids).hidden, base.text_encoder(ids).hidden)
+    adapter = dict(adapter_parameters(model.unet))
+    assert any(n.startswith("position_net.") for n in adapter) and any(".fuser.alpha_attn" in n for n in adapter)
+    assert any(float(p.detach()) != 0 for n, p in adapter.items() if n.endswith("alpha_attn"))  # the gates opened
+    import json
+
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 60
+    assert sum(losses[-20:]) < 0.9 * sum(losses[:20])  # the adapter alone learns (1.13 to 0.95 a step when written)
+
+
+def test_a_gligen_run_needs_its_base_model():
+    from daguerre.training.ldm import train_ldm
+
+    cfg = load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm", QUICK)
+    with pytest.raises(ValueError, match="a GLIGEN adapter trains on a frozen text-to-image model: name it with"):
+        train_ldm(cfg, "/nonexistent/run", vae_path=SHAPES)
+
+
+def test_a_gligen_run_resumes_exactly(tmp_path, vae_file, base_model):
+    from safetensors.torch import load_file
+
+    from daguerre.training.ldm import train_ldm
+
+    whole = train_ldm(_gligen_run(base_model), tmp_path / "whole", vae_path=vae_file)
+    train_ldm(_gligen_run(base_model), tmp_path / "paused", vae_path=vae_file, until=3)
+    resumed = train_ldm(_gligen_run(base_model), tmp_path / "paused", vae_path=vae_file, resume=True)
+    a, b = load_file(whole), load_file(resumed)
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and not bad, bad[:8]
+
+
+def test_a_gligen_model_draws_boxes_from_the_cli_and_its_png_replays(tmp_path, vae_file, base_model, capsys):
+    from daguerre.training.ldm import train_ldm
+
+    path = train_ldm(_gligen_run(base_model), tmp_path / "run", vae_path=vae_file)
+    out = tmp_path / "a.png"
+    boxes = ["--box", "a red circle:0.1,0.1,0.45,0.45", "--box", "a big blue square:0.5,0.5,0.95,0.95"]
+    common = ["--model", str(path), "--steps", "4", "--seed", "3"]
+    argv = ["generate", "on a white background", *boxes, "--layout-steps", "0.5", *common]
+    assert main([*argv, "-o", str(out)]) == 0
+    params = parse_parameters(read_png_parameters(out))[2]
+    assert params["Layout steps"] == "0.5" and "a big blue square" in params["Layout"]
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "--model", str(path), "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    capsys.readouterr()
+    assert main(["generate", "x", *boxes, "--layout-steps", "2", *common, "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "layout steps must be a fraction in [0, 1]" in err
+    assert main(["generate", "x", "--layout-steps", "0.3", "--model", str(base_model), "-o", str(tmp_path / "y.png"),
+                 "--steps", "1"]) == 2
+    assert "has no GLIGEN adapter" in capsys.readouterr().err
+
+
+def test_the_gligen_condition_of_training_drops_both_or_the_prompt_alone():
+    from daguerre.training.layout import GroundingTable
+
+    base = derive_model_config(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm"), 3, None)
+    cfg = _with_gligen(base, GligenConfig(max_objects=2, phrase_dim=3))
+    table = GroundingTable(torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0]], [[0, 0, 1, 1], [0.2, 0.2, 0.3, 0.3]]]),
+                           torch.tensor([[1, -1], [0, 1]]), torch.arange(6.0).reshape(2, 3))
+    rows = table[torch.tensor([0, 1])]
+    torch.testing.assert_close(rows[0, 0], torch.tensor([0.1, 0.1, 0.5, 0.5, 1.0, 3.0, 4.0, 5.0]))
+    assert not rows[0, 1].any()
+
+    class Data:
+        captions = ["a red circle", "a blue square"]
+        layouts = table
+
+    seen = []
+    conditioner = conditioner_for(cfg)
+    assert isinstance(conditioner, GligenConditioner)
+    out = conditioner.batch(torch.tensor([0, 1]), torch.tensor([True, False]), Data(), torch.device("cpu"),
+                            lambda caps, device: seen.append(caps) or {"context": torch.zeros(2, 1, 1)},
+                            torch.tensor([True, True]))
+    assert seen == [["", ""]] and not out["layout"][0].any() and torch.equal(out["layout"][1], rows[1])
+    req = GenerationRequest(layout=[LayoutObject("a red circle", (0.1, 0.1, 0.5, 0.5))]).validate(cfg)
+    cond, uncond = conditioner.pair(req, torch.device("cpu"), lambda p: torch.zeros(len(p), 1, 1),
+                                    lambda p: torch.arange(3.0)[None].expand(len(p), 3))
+    torch.testing.assert_close(cond["layout"][0, 0], torch.tensor([0.1, 0.1, 0.5, 0.5, 1.0, 0.0, 1.0, 2.0]))
+    assert not uncond["layout"].any() and uncond["layout"].shape == (1, 2, 8)
