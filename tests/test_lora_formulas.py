@@ -299,3 +299,14 @@ def test_files_larger_than_any_lora_or_embedding_are_refused_unread(tmp_path):
         f.truncate(MAX_EMBEDDING_BYTES + 1)
     with pytest.raises(ValueError, match="larger than any embedding"):
         read_embedding(emb)
+
+
+def test_clip_guidance_reads_the_prompt_without_its_lora_tags():
+    from daguerre.config import clip_preset
+    from daguerre.models.clip import CLIPModel
+    from daguerre.pipelines.common import text_embedding
+
+    clip = CLIPModel(clip_preset("tiny")).eval()
+    tagged = text_embedding(clip, "a red <lora:one:0.8>circle")
+    assert torch.equal(tagged, text_embedding(clip, "a red circle"))
+    assert not torch.equal(tagged, text_embedding(clip, "a red lora one circle"))

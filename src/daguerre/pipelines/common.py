@@ -188,12 +188,13 @@ def _open_guide(path: str, _mtime: int, _size: int, device: str) -> CLIPModel:
 
 
 def text_embedding(clip: CLIPModel, prompt: str) -> torch.Tensor:
-    """(1, D) CLIP embedding of a prompt's words (`prompts.plain_text`: emphasis syntax dropped), tokenised
-    with CLIP's own tokenizer (its window and padding)."""
+    """(1, D) CLIP embedding of a prompt's words (`prompts.plain_text`: emphasis syntax and LoRA tags dropped),
+    tokenised with CLIP's own tokenizer (its window and padding)."""
+    from ..lora.syntax import strip_tags
     from ..models.tokenizer import CLIPTokenizer
 
     cfg = clip.clip_config.text_encoder
-    ids = CLIPTokenizer(max_length=cfg.max_length, pad_token_id=cfg.pad_token_id)([plain_text(prompt)])
+    ids = CLIPTokenizer(max_length=cfg.max_length, pad_token_id=cfg.pad_token_id)([plain_text(strip_tags(prompt))])
     with torch.no_grad():
         return clip.encode_text(ids.to(clip.logit_scale.device)).float()
 
