@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .generate import add_model_arguments, apply_config, set_threads
 from .registry import command
-from .request_args import CLIP_GUIDANCE, FEWER_CALLS, add_request_arguments, request_fields
+from .request_args import CLIP_GUIDANCE, FEWER_CALLS, LAYOUT_STEPS, add_request_arguments, request_fields
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +51,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None, help="schedule type (default: the model's, as daguerre generate)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's, "
                    "as daguerre generate)")
-    add_request_arguments(p, "txt2img", only=FEWER_CALLS + CLIP_GUIDANCE)  # --cfg-cutoff, ..., --clip-guidance
+    add_request_arguments(p, "txt2img", only=FEWER_CALLS + CLIP_GUIDANCE + LAYOUT_STEPS)  # --cfg-cutoff, ...
     p.add_argument("--extractor", default="default", help="feature space of FD / KID / IS: 'default' (the dataset's "
                    "shipped classifier; --data: the --classifier, else the --clip's image tower), a classifier "
                    "file, 'clip' (the --clip's image tower) or inception:PATH (docs/inception.md)")
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     _check_prompts(args.prompts, args.dataset)
     sampling = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("schedule", args.schedule),
                                   ("cfg_scale", args.cfg)) if v is not None}
-    sampling.update(request_fields(args, "txt2img", only=FEWER_CALLS + CLIP_GUIDANCE))
+    sampling.update(request_fields(args, "txt2img", only=FEWER_CALLS + CLIP_GUIDANCE + LAYOUT_STEPS))
     if sampling.get("clip_guidance") and args.clip is not None:
         sampling["clip_model"] = args.clip
     _check_data_flags(args)

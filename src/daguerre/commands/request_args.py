@@ -19,6 +19,8 @@ from ..pipelines.request import FEWER_CALLS_FIELDS, GenerationRequest
 FEWER_CALLS = (*FEWER_CALLS_FIELDS, "fast")
 # CLIP guidance's flags that `daguerre eval` takes (its own --clip names the scoring and the guiding CLIP)
 CLIP_GUIDANCE = ("clip_guidance", "cutouts")
+# a GLIGEN model's scheduled sampling, which `daguerre eval` takes to measure it (docs/layout.md)
+LAYOUT_STEPS = ("layout_steps",)
 
 
 def add_request_arguments(p: argparse.ArgumentParser, task: str, only: tuple[str, ...] | None = None) -> None:
