@@ -129,7 +129,10 @@ def plot(files: list[str], png: str) -> None:
         if all("adherence" in p for p in pts):
             ax_a.errorbar(hours, [100 * p["adherence"] for p in pts],
                           yerr=[100 * p["adherence_stderr"] for p in pts], marker="o", capsize=2, label=data["label"])
-        ax_f.plot(hours, [p["fd"] / max(p["fd_floor"], 1e-9) for p in pts], marker="o", label=data["label"])
+        with_fd = [p for p in pts if p.get("fd") is not None]  # transcribed curves may lack it
+        if with_fd:
+            ax_f.plot([p["cpu_hours_quiet"] for p in with_fd], [p["fd"] / max(p["fd_floor"], 1e-9) for p in with_fd],
+                      marker="o", label=data["label"])
     ax_a.set(xlabel="CPU-hours (one core, quiet; both stages)", ylabel="adherence (%)", ylim=(0, 100),
              title="prompt / class adherence")
     ax_f.set(xlabel="CPU-hours (one core, quiet; both stages)", ylabel="FD / real-vs-real floor", yscale="log",
