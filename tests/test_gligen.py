@@ -310,3 +310,30 @@ def test_the_gligen_condition_of_training_drops_both_or_the_prompt_alone():
                                     lambda p: torch.arange(3.0)[None].expand(len(p), 3))
     torch.testing.assert_close(cond["layout"][0, 0], torch.tensor([0.1, 0.1, 0.5, 0.5, 1.0, 0.0, 1.0, 2.0]))
     assert not uncond["layout"].any() and uncond["layout"].shape == (1, 2, 8)
+
+
+def test_shapes_gligen_ldm_fits_the_shipped_shapes_model():
+    """The real run's [model] is the shipped model's architecture plus the adapter: `--init` copies every tensor of
+    the model and adds only the adapter's, the phrases are as wide as its text encoder's pooled output."""
+    from daguerre.checkpoints.vae_file import load_vae
+    from daguerre.training.export import networks
+    from daguerre.training.init import init_ldm
+
+    cfg = load_run_config(CONFIGS / "shapes_gligen_ldm.toml", "ldm")
+    cfg.model.vae = load_vae(SHAPES, torch.device("cpu"))[1].vae
+    model = derive_model_config(cfg, 3, None)
+    assert model.conditioning == "gligen" and model.unet.gligen.phrase_dim == 96 and not cfg.loss.train_text_encoder
+    unet, te, _ = networks(model, None, 0)
+    record = init_ldm(SHAPES, unet, te, file_hash(SHAPES))
+    names = {n for n, _ in adapter_parameters(unet)}
+    assert record["new_tensors"]["unet"] == len(names) and record["new_tensors"]["text_encoder"] == 0
+
+
+def test_a_layout_model_is_refused_a_diffusers_export_by_name(tmp_path):
+    from daguerre.checkpoints.diffusers_folder import save_diffusers
+
+    base = derive_model_config(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm"), 3, None)
+    comps = build_components(_with_gligen(base, GligenConfig(phrase_dim=32, hidden=16)), seed=0)
+    with pytest.raises(ValueError, match="a layout model \\(conditioning 'gligen'\\) has no diffusers form"):
+        save_diffusers(comps, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -278,6 +278,9 @@ def save_diffusers(components: Components, folder: str | os.PathLike, *, dtype: 
             if cfg.unet.class_embedding == "context" else "with ADM attention blocks (a CompVis unconditional LDM)"
         raise ValueError(f"a model {what} has no diffusers UNet2DConditionModel form; save it as a daguerre "
                          "checkpoint (.safetensors)")
+    if cfg.unet.layout is not None or cfg.unet.gligen is not None:  # issue 18: daguerre's own layout networks
+        raise ValueError(f"a layout model (conditioning {cfg.conditioning!r}) has no diffusers form daguerre can "
+                         "write; save it as a daguerre checkpoint (.safetensors)")
     if cfg.concat not in PIPELINES:
         raise ValueError(f"a model with concat={cfg.concat!r} has no diffusers pipeline daguerre can write")
     folder = Path(folder)
