@@ -108,7 +108,7 @@ class LDMStage:
         if data.channels != self.vae_model_cfg.vae.in_channels:
             raise ValueError(f"the VAE {self.vae_path} encodes {self.vae_model_cfg.vae.in_channels}-channel images "
                              f"but the data has {data.channels} channels")
-        if cfg.model.conditioning == "gligen" and not t.init_from:
+        if cfg.model.unet.gligen is not None and not t.init_from:
             raise ValueError("a GLIGEN adapter trains on a frozen text-to-image model: name it with --init MODEL "
                              "(train.init_from; e.g. the shipped shapes model, docs/layout.md)")
         run_model = copy.deepcopy(cfg)
