@@ -1,6 +1,6 @@
 """docs/images/clip-guidance-grid.png: the shipped shapes model unguided and CLIP-guided, the same seed per column.
 
-    python bench/clip_guidance_grid.py --clip shapes-clip --out docs/images/clip-guidance-grid.png
+    python bench/clip_guidance_grid.py --out docs/images/clip-guidance-grid.png   # guide: shapes-noisy-clip
 
 Rows: --cfg 0 (unconditional), --cfg 0 with CLIP guidance, the model's CFG, its CFG with CLIP guidance; columns:
 eight single-object prompts, seed 1 to 8 (docs/clip.md).
@@ -21,13 +21,15 @@ CELL, LABEL, HEAD = 64, 84, 26
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clip", default="shapes-clip", help="the guiding CLIP (default: the shipped shapes CLIP)")
+    p.add_argument("--clip", default=None, help="the guiding CLIP (default: the one that guides the shipped shapes "
+                   "model by default, registry.guide_for_model)")
     p.add_argument("--scale", type=float, default=None, help="CLIP guidance scale (default: the recommended)")
     p.add_argument("--out", default="docs/images/clip-guidance-grid.png")
     args = p.parse_args()
     from daguerre.pipelines.request import CLIP_GUIDANCE
+    from daguerre.registry import guide_for_model
 
-    guide = {"clip_guidance": args.scale or CLIP_GUIDANCE, "clip_model": args.clip}
+    guide = {"clip_guidance": args.scale or CLIP_GUIDANCE, "clip_model": args.clip or guide_for_model("shapes")}
     rows = [("cfg 0", {"cfg_scale": 0}), ("cfg 0 + CLIP", {"cfg_scale": 0, **guide}), ("model's cfg", {}),
             ("cfg + CLIP", guide)]
     pipe = daguerre.load("shapes")
