@@ -269,6 +269,8 @@ def test_a_gligen_model_draws_boxes_from_the_cli_and_its_png_replays(tmp_path, v
     assert main(["generate", "--from-png", str(out), "--model", str(path), "-o", str(again)]) == 0
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
     capsys.readouterr()
+    assert main(["info", str(path)]) == 0  # info says which layout route the file has
+    assert "GLIGEN adapter, up to 4 objects" in capsys.readouterr().out
     assert main(["generate", "x", *boxes, "--layout-steps", "2", *common, "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "layout steps must be a fraction in [0, 1]" in err

@@ -93,6 +93,10 @@ def format_info(info: dict) -> str:
     if layout:  # what `generate --layout / --box` takes (docs/layout.md)
         lines.append(f"layout:          up to {layout['max_objects']} objects of up to {layout['phrase_words']} words, "
                      f"corners on a {layout['grid']}x{layout['grid']} grid; words: {' '.join(layout['vocabulary'])}")
+    gligen = (info["config"].get("unet") or {}).get("gligen")
+    if gligen:  # route 2 of docs/layout.md: the same --layout / --box, read by an adapter on a frozen model
+        lines.append(f"layout:          GLIGEN adapter, up to {gligen['max_objects']} objects (phrase + box each), "
+                     f"gated self-attention in every transformer block; --layout-steps sets how long it acts")
     if info["config"].get("semantic_labels"):  # what `generate --semantic MAP.png` takes: the palette
         from ..data.layout import palette_legend
 
