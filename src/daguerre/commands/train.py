@@ -3,6 +3,8 @@
     daguerre train vae --config shapes_vae [--out runs/shapes_vae] [--resume] [--set k=v ...]
     daguerre train ldm --config shapes_ldm --vae runs/shapes_vae/vae.safetensors [...]
     daguerre train clip --config shapes_clip [--out runs/shapes_clip]            # a contrastive image-text model
+    daguerre train lora --model shapes --data hexagons/ [--set lora.rank=8 ...]  # a LoRA (docs/lora.md)
+    daguerre train embedding --model shapes --data hexagons/ --set embedding.word=hexagon  # textual inversion
     daguerre train export runs/shapes_ldm [--step N] [--out model.safetensors]   # a model from a checkpoint
     daguerre train zero-shot shapes-clip [--dataset shapes] [--n 1000]          # a CLIP's zero-shot accuracy
     daguerre train --list-configs                                                 # the shipped run configs
@@ -61,6 +63,20 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                          description="Train the latent diffusion model on a frozen autoencoder.")
     _common(ldm)
     ldm.add_argument("--vae", required=True, help="the autoencoder: RUN/vae.safetensors of `daguerre train vae`")
+    lora = sub.add_parser("lora", help="a LoRA on a frozen model (kohya format, for every SD tool)",
+                          description="Train a LoRA on the U-Net's attention and convolution layers (optionally the "
+                          "text encoder) of a frozen daguerre or Stable Diffusion model, on your images with "
+                          "captions (docs/lora.md); writes RUN/lora.safetensors in the kohya format.")
+    _common(lora)
+    lora.add_argument("--model", "-m", dest="init", metavar="MODEL",
+                      help="the frozen model the LoRA is for: a file or a shipped name (same as --init)")
+    emb = sub.add_parser("embedding", help="a textual-inversion embedding (a new word) for a frozen model",
+                         description="Train the vectors of a new word (textual inversion) on your images with "
+                         "captions that use it; everything else frozen (docs/lora.md). Writes RUN/WORD.safetensors "
+                         "(emb_params) and RUN/WORD.pt (AUTOMATIC1111), for --embeddings-dir.")
+    _common(emb)
+    emb.add_argument("--model", "-m", dest="init", metavar="MODEL",
+                     help="the frozen model the embedding is for: a file or a shipped name (same as --init)")
     clip = sub.add_parser("clip", help="a CLIP model (contrastive image and text towers)",
                           description="Train a CLIP model (symmetric InfoNCE, learned temperature) on images with "
                           "captions; its zero-shot accuracy is logged at each sample step.")
@@ -239,6 +255,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..training.config import load_run_config
 
+    if args.stage in ("lora", "embedding") and args.init:  # a shipped model's name stands for its file
+        from ..registry import shipped_models
+
+        args.init = str(shipped_models().get(args.init, args.init))
     overrides = _data_overrides(args) + list(args.overrides) + ([f"train.init_from={args.init}"] if args.init else [])
     cfg = load_run_config(args.config, args.stage, overrides)
     out = _out_dir(args)
@@ -248,6 +268,14 @@ def run(args: argparse.Namespace) -> int:
                 from ..training.vae import train_vae
 
                 path = train_vae(cfg, out, resume=args.resume, until=args.until)
+            elif args.stage == "lora":
+                from ..training.lora import train_lora
+
+                path = train_lora(cfg, out, resume=args.resume, until=args.until)
+            elif args.stage == "embedding":
+                from ..training.embedding import train_embedding
+
+                path = train_embedding(cfg, out, resume=args.resume, until=args.until)
             elif args.stage == "clip":
                 from ..training.clip import train_clip
 

@@ -67,6 +67,9 @@ RING_INNER = 0.55  # inner radius of a ring, as a fraction of its outer radius
 CROSS_ARM = 0.32  # half-width of a cross's arms, as a fraction of its radius
 STAR_INNER = 0.45  # inner vertices of the five-pointed star
 HEART_POINTS = 48
+# shapes the renderer draws that no sampled scene has (`sample_scene` draws from SHAPES only, so the world's
+# scenes stay bit for bit): a new concept to teach a trained model (docs/lora.md, the hexagon LoRA)
+EXTRA_SHAPES = ("hexagon",)
 
 # caption grammar: probabilities of mentioning optional attributes (all 1 with complete=True)
 P_NATURAL = 0.7  # "a large red circle at the top" vs the tag style "red circle, large, top"
@@ -157,6 +160,8 @@ _POLYGONS: dict[str, np.ndarray] = {
     "star": _normalise(_star()),
     "cross": _normalise(_cross()),
     "heart": _normalise(_heart()),
+    # EXTRA_SHAPES: a regular hexagon with flat top and bottom (vertices at 0, 60, ... degrees)
+    "hexagon": _normalise([(math.cos(k * math.pi / 3), math.sin(k * math.pi / 3)) for k in range(6)]),
 }
 # half-width and half-height of each shape's box, in units of its radius
 _HALF_EXTENT = {s: tuple(np.abs(p).max(0).tolist()) for s, p in _POLYGONS.items()} | {"circle": (1.0, 1.0),

@@ -48,7 +48,9 @@ from ..config import (
 from ..data.shapes import LABELS, LAYOUT_WORDS, MAX_OBJECTS
 from ..untrusted import read_json, regular_file
 
-STAGES = ("vae", "ldm", "clip")
+STAGES = ("vae", "ldm", "clip", "lora", "embedding")
+ADAPTER_STAGES = ("lora", "embedding")  # an adapter trained on a frozen model (training/lora.py, embedding.py)
+LORA_LAYER_KINDS = ("attention", "conv")  # [lora] unet_layers: see LoraConfig
 MAX_LOWRES_FACTOR = 8  # pipelines.request.MAX_UPSCALE
 LOWRES_LEVELS = 1000  # pipelines.request.LOWRES_NOISE_STEPS: levels of the augmentation schedule
 MAX_SEEDS_PER_PROMPT = 8  # [sample] seeds_per_prompt: a grid stays small enough to look at
@@ -279,6 +281,31 @@ class CLIPLossConfig:
 
 
 @dataclass
+class LoraConfig:
+    """`[lora]`, stage "lora" (training/lora.py): the LoRA trained on a frozen model (Hu et al. 2022), as kohya's
+    sd-scripts name its settings (network_dim / network_alpha / conv_dim / conv_alpha)."""
+
+    rank: int = 8  # rank r of the linear (and 1x1) layers' LoRAs (kohya network_dim)
+    alpha: float = 8.0  # the update is up @ down * alpha / rank (kohya network_alpha)
+    conv_rank: int = 0  # rank of the 3x3 convolutions' LoRAs (LoCon, kohya conv_dim); 0 = rank
+    conv_alpha: float = 0.0  # their alpha; 0 = alpha
+    # "attention": every layer of the spatial transformers (attention, feed-forward, proj_in / proj_out: kohya's
+    # LoRA); "conv": the ResNet blocks' convolutions, shortcuts and time projections and the down/upsamplers (LoCon)
+    unet_layers: list[str] = field(default_factory=lambda: ["attention", "conv"])
+    text_encoder: bool = False  # also a LoRA on the text encoder's attention and MLP layers (lora_te_)
+    output_name: str = "lora"  # the file RUN/<output_name>.safetensors (kohya ss_output_name)
+
+
+@dataclass
+class EmbeddingConfig:
+    """`[embedding]`, stage "embedding" (training/embedding.py): a textual-inversion word (Gal et al. 2022)."""
+
+    word: str = ""  # the new word the captions use (required); also the file's name, RUN/<word>.safetensors
+    init_word: str = "*"  # the vectors start as this word's token embeddings (cycled to `vectors`)
+    vectors: int = 1  # token vectors of the word (A1111 "number of vectors per token")
+
+
+@dataclass
 class SampleConfig:
     """Fixed prompts / labels and seeds of the sample grids written during training (EMA weights)."""
 
@@ -311,6 +338,8 @@ class RunConfig:
     loss: VAELossConfig | LDMLossConfig | CLIPLossConfig = field(default_factory=VAELossConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     preset: str = "tiny"  # the ModelConfig preset the [model] section starts from
+    lora: LoraConfig | None = None  # stage "lora" only
+    embedding: EmbeddingConfig | None = None  # stage "embedding" only
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -339,7 +368,8 @@ class RunConfig:
 def _loss_class(stage: str) -> type:
     if stage not in STAGES:
         raise ValueError(f"config key stage: {stage!r} is not a training stage; choose one of {', '.join(STAGES)}")
-    return {"vae": VAELossConfig, "ldm": LDMLossConfig, "clip": CLIPLossConfig}[stage]
+    return {"vae": VAELossConfig, "ldm": LDMLossConfig, "clip": CLIPLossConfig, "lora": LDMLossConfig,
+            "embedding": LDMLossConfig}[stage]
 
 
 DEFAULT_CLIP_PRESET = "tiny"  # stage "clip": the [model] preset when none is named
@@ -406,6 +436,12 @@ def settle_data(cfg: RunConfig) -> None:
     """Give the run exactly the [data] subsections of its data kind and model.concat (a default one where
     the config has none); a subsection of another kind is an error naming it."""
     d, concat = cfg.data, getattr(cfg.model, "concat", None)  # (a CLIPConfig has no concatenation)
+    for name, section in (("lora", LoraConfig), ("embedding", EmbeddingConfig)):  # the adapter stages' sections
+        if cfg.stage == name and getattr(cfg, name) is None:
+            setattr(cfg, name, section())
+        elif cfg.stage != name and getattr(cfg, name) is not None:
+            raise ValueError(f"config key {name}: a [{name}] section is for `daguerre train {name}`, not stage "
+                             f"{cfg.stage!r}; remove it")
     for name, section in {**KIND_SECTIONS, **CONCAT_SECTIONS}.items():
         chosen = name in (d.kind, concat)
         if chosen and getattr(d, name) is None:
@@ -644,6 +680,39 @@ def check_run_config(cfg: RunConfig) -> None:
                          f"{cfg.sample.seeds_per_prompt}")
     check_data_sections(d)
     check_concat_config(cfg)
+    check_adapter_config(cfg)
+
+
+def check_adapter_config(cfg: RunConfig) -> None:
+    """Value checks of the [lora] / [embedding] section of an adapter stage; each error names its key."""
+    if cfg.stage in ADAPTER_STAGES and not cfg.train.init_from:
+        raise ValueError(f"`daguerre train {cfg.stage}` trains on a frozen model: name it with --model MODEL "
+                         "(a daguerre or Stable Diffusion file, or a shipped name such as shapes)")
+    lo = cfg.lora
+    if lo is not None:
+        for key in ("rank", "conv_rank"):
+            if not 0 <= getattr(lo, key) <= 4096 or (key == "rank" and lo.rank < 1):
+                raise ValueError(f"config key lora.{key}: must be 1 to 4096 (conv_rank 0 = rank), "
+                                 f"got {getattr(lo, key)}")
+        for key in ("alpha", "conv_alpha"):
+            if getattr(lo, key) < 0 or (key == "alpha" and lo.alpha == 0):
+                raise ValueError(f"config key lora.{key}: must be > 0 (conv_alpha 0 = alpha), got {getattr(lo, key)}")
+        bad = [k for k in lo.unet_layers if k not in LORA_LAYER_KINDS]
+        if bad or len(set(lo.unet_layers)) != len(lo.unet_layers) or not (lo.unet_layers or lo.text_encoder):
+            raise ValueError(f"config key lora.unet_layers: {lo.unet_layers}; give distinct kinds among "
+                             f"{', '.join(LORA_LAYER_KINDS)} (or none with lora.text_encoder = true)")
+        if not lo.output_name or not all(c.isalnum() or c in "-_." for c in lo.output_name):
+            raise ValueError(f"config key lora.output_name: {lo.output_name!r}; a file name of letters, digits, "
+                             "'-', '_' and '.'")
+    e = cfg.embedding
+    if e is not None:
+        if not e.word or not all(c.isalnum() or c in "-_" for c in e.word):
+            raise ValueError(f"config key embedding.word: {e.word!r}; the new word the captions use (letters, digits, "
+                             "'-', '_'), e.g. --set embedding.word=hexagon")
+        if not e.init_word.strip():
+            raise ValueError("config key embedding.init_word: give a word whose vectors start the embedding")
+        if not 1 <= e.vectors <= 75:
+            raise ValueError(f"config key embedding.vectors: must be 1 to 75 (one prompt chunk), got {e.vectors}")
 
 
 def check_clip_run(cfg: RunConfig) -> None:
