@@ -173,20 +173,36 @@ class Server:
 
     def generate(self, payload: Any, task: str, cancelled: Cancelled = None) -> dict[str, Any]:
         """A1111's txt2img / img2img: the images (partial ones after /interrupt or /skip), the payload, the info."""
-        from ..pipelines.common import Interrupted, count_steps, progress_total
-
         request = request_from_payload(payload, task, settings=self.settings(), limits=self.limits)
         self._check_infotext_precision(payload)
+        request, results, interrupted = self.run(request, task, cancelled)
+        if results is None:  # the client left while waiting for its turn
+            return {"images": [], "parameters": payload, "info": json.dumps({"interrupted": True})}
+        send = payload.get("send_images", True) is not False
+        images = [base64.b64encode(png_bytes(r.image, r.parameters)).decode("ascii") for r in results] if send else []
+        parameters = dict(payload)
+        if task == "img2img" and not payload.get("include_init_images"):
+            parameters.update(init_images=None, mask=None)  # as A1111: the inputs are not sent back
+        return {"images": images, "parameters": parameters, "info": json.dumps(self._info(request, results,
+                                                                                          interrupted))}
+
+    def run(self, request, job: str, cancelled: Cancelled = None) -> tuple[Any, list | None, bool]:
+        """Validate a `GenerationRequest` against the model and the server's limits, and run it when its turn
+        comes: (the valid request, its results or None if `cancelled` before it started, whether it was
+        interrupted). Shared by A1111's routes and OpenAI's (server/openai_images.py); `job` names it in
+        /progress."""
+        from ..pipelines.common import Interrupted, count_steps, progress_total
+
         components = self.pipe.components
         request = request.validate(components.config, self.limits)  # a bad value, or one over a limit, fails here
         check_clip_model(request, self.clips)  # a payload names no CLIP file to open
         with self.lock:
             if cancelled is not None and cancelled():  # the client left while waiting for the lock
-                return {"images": [], "parameters": payload, "info": json.dumps({"interrupted": True})}
+                return request, None, True
             steps = count_steps(request)  # sampler steps of one batch
             self._interrupt.clear()
             self._skip.clear()
-            self.state.update(job=task, job_count=-(-request.n // request.batch_size), job_no=0, sampling_step=0,
+            self.state.update(job=job, job_count=-(-request.n // request.batch_size), job_no=0, sampling_step=0,
                               sampling_steps=steps, job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
                               interrupted=False, skipped=False)
             self._live.update(started=time.monotonic(), done=0, total=progress_total(request), latent=None)
@@ -207,13 +223,7 @@ class Server:
             finally:
                 self.state.update(job="", job_count=0, job_no=0, sampling_step=0, sampling_steps=0, skipped=False)
                 self._live.update(latent=None)
-        send = payload.get("send_images", True) is not False
-        images = [base64.b64encode(png_bytes(r.image, r.parameters)).decode("ascii") for r in results] if send else []
-        parameters = dict(payload)
-        if task == "img2img" and not payload.get("include_init_images"):
-            parameters.update(init_images=None, mask=None)  # as A1111: the inputs are not sent back
-        return {"images": images, "parameters": parameters, "info": json.dumps(self._info(request, results,
-                                                                                          interrupted))}
+        return request, results, interrupted
 
     def loras(self) -> list[dict[str, Any]]:
         """A1111's /sdapi/v1/loras: [{name, alias, path, metadata}] of the server's --lora-dir."""
