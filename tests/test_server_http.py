@@ -436,3 +436,124 @@ def test_the_page_works_in_a_browser_behind_api_auth(app, browser):
         tab.wait_for_selector("#images img", timeout=60000)
         assert "Steps: 2" in tab.inner_text("#status") and not errors
         context.close()
+
+
+# --- 6. bad requests over the wire: a 4xx naming the problem, and the server goes on --------------------------
+
+def _png_b64(size=(32, 32)) -> str:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize(("path", "body", "status", "says"), [
+    (TXT2IMG, b'{"prompt": "x", "steps": ', 400, "JSON"),  # malformed JSON
+    (TXT2IMG, b"[" * 100_000, 400, "deep"),  # nested past the parser's recursion
+    (TXT2IMG, json.dumps({"prompt": "x", "steps": "many"}).encode(), 422, "steps"),  # wrong type
+    (TXT2IMG, json.dumps({"prompt": 5}).encode(), 422, "prompt"),
+    (TXT2IMG, json.dumps({"prompt": "x", "width": 100_000, "height": 100_000}).encode(), 422, "--max-pixels"),
+    (TXT2IMG, json.dumps({"prompt": "x", "n_iter": 1000}).encode(), 422, "--max-images"),
+    (TXT2IMG, json.dumps({"prompt": "x", "steps": 100_000}).encode(), 422, "--max-steps"),
+    ("/sdapi/v1/img2img", json.dumps({"prompt": "x", "init_images": ["%%% not base64"]}).encode(), 422, "base64"),
+    ("/sdapi/v1/img2img", json.dumps({"prompt": "x", "init_images": [base64.b64encode(b"no image").decode()]}).encode(),
+     422, "init_images"),
+    ("/sdapi/v1/png-info", json.dumps({"image": "!!"}).encode(), 422, "base64"),
+    ("/v1/images/generations", b"{nope", 400, "JSON"),
+    ("/v1/images/generations", json.dumps({"prompt": "x", "n": "two"}).encode(), 422, "n: "),
+    ("/v1/images/generations", json.dumps(["x"]).encode(), 422, "JSON object"),
+    ("/v1/images/edits", json.dumps({"prompt": "x"}).encode(), 415, "multipart/form-data"),
+    ("/sdapi/v1/nothing", b"", 404, "no endpoint /sdapi/v1/nothing"),
+])
+def test_bad_requests_over_http_are_named_and_the_server_goes_on(app, path, body, status, says):
+    with serving(app) as port:
+        got, _, out = call(port, "POST", path, body)
+        answer = json.loads(out)
+        detail = answer["detail"] if isinstance(answer["detail"], str) else json.dumps(answer)
+        assert got == status and says in detail, (got, out[:300])
+        good, _, out = call(port, "POST", TXT2IMG, SMALL)
+        assert good == 200 and len(json.loads(out)["images"]) == 1
+
+
+def test_multipart_is_taken_only_where_files_are_uploaded(app):
+    with serving(app) as port:
+        multipart = [("Content-Type", "multipart/form-data; boundary=x")]
+        status, _, out = call(port, "POST", TXT2IMG, b"--x--\r\n", multipart)
+        assert status == 415 and "application/json" in json.loads(out)["detail"]
+        status, _, out = call(port, "POST", "/v1/images/edits", b"--x\r\nbroken",
+                              [("Content-Type", "multipart/form-data; boundary=x")])
+        assert status in (400, 422) and json.loads(out)["detail"], out
+
+
+def test_a_body_that_stalls_is_cut_off_with_a_408(app):
+    with serving(app, timeout=1.0) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(f"POST {TXT2IMG} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: 1000\r\n\r\n{{\"prompt\": ".encode())  # and then nothing
+            response = http.client.HTTPResponse(s, method="POST")
+            t = time.monotonic()
+            response.begin()
+            assert response.status == 408 and "too slowly" in json.loads(response.read())["detail"]
+            assert time.monotonic() - t < 5
+        assert call(port, "POST", TXT2IMG, SMALL)[0] == 200
+
+
+def test_a_head_growing_past_64_kb_or_not_http_is_a_400(app):
+    with serving(app) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a head that never ends
+            s.sendall(f"GET /sdapi/v1/options HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
+            with contextlib.suppress(OSError):  # refused part way: the server stops reading
+                for _ in range(10):
+                    s.sendall(b"X-Big: " + b"a" * 10_000 + b"\r\n")
+                    time.sleep(0.05)
+            response = http.client.HTTPResponse(s, method="GET")
+            response.begin()
+            assert response.status == 400
+            assert "not a valid HTTP/1.1 request" in json.loads(response.read())["detail"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"HELLO\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 400")
+        assert call(port, "GET", "/sdapi/v1/options")[0] == 200
+
+
+def test_the_cli_takes_the_connection_flags(monkeypatch):
+    import daguerre.server.http as server_http
+
+    made, codes, real = [], [], server_http.make_http_server
+    monkeypatch.setattr(server_http, "make_http_server", lambda *a, **k: made.append((real(*a, **k), k)) or made[-1][0])
+    argv = ["serve", "--model", "random:tiny", "--port", "0", "--max-body-bytes", "100", "--max-connections", "3",
+            "--timeout", "7", "--api-key", "sk-12345678"]
+    thread = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
+    thread.start()
+    for _ in range(1200):
+        if made or not thread.is_alive():
+            break
+        time.sleep(0.05)
+    http_server, kwargs = made[0]
+    try:
+        assert (kwargs["max_body"], kwargs["max_connections"], kwargs["timeout"]) == (100, 3, 7.0)
+        port = http_server.server_address[1]
+        assert http_server.server_address[0] == "127.0.0.1"  # not --listen: this computer only
+        key = ("Authorization", "Bearer sk-12345678")
+        status, _, out = call(port, "POST", TXT2IMG, b"{" + b" " * 200 + b"}", [key])
+        assert status == 413 and "--max-body-bytes" in json.loads(out)["detail"]
+        assert call(port, "GET", "/sdapi/v1/options")[0] == 401
+        assert call(port, "GET", "/v1/models", headers=[("Authorization", "Bearer sk-12345678")])[0] == 200
+    finally:
+        http_server.shutdown()
+        thread.join(30)
+    assert codes == [0]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-body-bytes", "0"], "--max-body-bytes must be > 0"),
+    (["--timeout", "-1"], "--timeout must be > 0"),
+    (["--api-key", "short"], "--api-key: give a key of at least 8 printable characters"),
+])
+def test_cli_refuses_bad_connection_flags_in_one_line(capsys, argv, message):
+    assert main(["serve", "--model", "random:tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"daguerre serve: error: {message}") and err.count("\n") == 1, err

@@ -34,6 +34,7 @@ from typing import Any
 
 from .app import Server
 from .limits import MAX_BODY_BYTES, MAX_CONNECTIONS, MIN_RATE, TIMEOUT  # noqa: F401 (names of this module before)
+from .routes import GONE, build_app
 
 BACKLOG = 128  # connections the kernel queues before the server accepts them
 LINGER = 2.0  # seconds a turned-away connection is kept half-open, so that the client reads its 503
@@ -41,7 +42,6 @@ ALL_INTERFACES = ("0.0.0.0", "::", "")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 METHODS = "GET, POST, OPTIONS"
 MULTIPART_ROUTES = ("/v1/images/edits",)  # routes whose body may be multipart/form-data (file uploads)
-GONE = "daguerre.gone"  # scope key: a threading.Event set once the client has closed its connection
 
 
 @dataclass(frozen=True)
@@ -394,8 +394,6 @@ class HTTPServer:
     def __init__(self, server: Server, host: str, port: int, access: Access, *, max_connections: int,
                  timeout: float, max_body: int):
         import uvicorn
-
-        from .routes import build_app
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)

@@ -21,7 +21,6 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from .app import API, Server, _page
-from .http import GONE
 from .openai_images import (
     ImageEdit,
     ImageGeneration,
@@ -32,6 +31,8 @@ from .openai_images import (
     parse_fields,
 )
 from .payload import FIELDS, ApiError, parse_body
+
+GONE = "daguerre.gone"  # ASGI scope key: a threading.Event set once the client has closed its connection (http.Guard)
 
 DESCRIPTION = """daguerre's HTTP API over one loaded model: AUTOMATIC1111's web API (`/sdapi/v1/...`) and
 OpenAI's Images API (`/v1/images/generations`, `/v1/images/edits`, `/v1/models`).
