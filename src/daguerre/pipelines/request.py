@@ -197,12 +197,13 @@ class GenerationRequest:
     # the guiding CLIP: a shipped CLIP's name or a path (registry.open_clip); None = the CLIP shipped for the model
     clip_model: str | None = setting(None, type=str, a1111="clip_model", png=CLIP_PNG, cli=Flag(
         "--clip", metavar="MODEL", help="with --clip-guidance: the CLIP model, a shipped CLIP's name or a path "
-        "(daguerre CLIP file, transformers folder, OpenCLIP / OpenAI checkpoint); default: the CLIP shipped for the "
-        "model (shapes: shapes-clip)"))
+        "(daguerre CLIP file, transformers folder, OpenCLIP / OpenAI checkpoint); default: the CLIP shipped to guide "
+        "the model (shapes: shapes-noisy-clip, a noise-aware CLIP of its latents, else shapes-clip)"))
     # random crops of the decoded x0 estimate CLIP sees per image and call (the first is the whole image)
     cutouts: int = setting(CUTOUTS, type=int, a1111="cutouts", png=CLIP_PNG, cli=Flag(
-        "--cutouts", metavar="N", help=f"with --clip-guidance: CLIP's views of each image per step, the whole image "
-        f"and N-1 random crops; more is steadier and slower (default {CUTOUTS}, at most {MAX_CUTOUTS})"))
+        "--cutouts", metavar="N", help=f"with --clip-guidance and a pixel CLIP: CLIP's views of each image per step, "
+        f"the whole image and N-1 random crops; more is steadier and slower (default {CUTOUTS}, at most "
+        f"{MAX_CUTOUTS}); a noise-aware CLIP reads the whole latents"))
     n: int = setting(1, type=int, a1111=BATCHES, cli=Flag("--n", help="number of images (default 1)"))
     batch_size: int = setting(1, type=int, a1111=BATCHES, cli=Flag(  # images per network call
         "--batch-size", help="images per network call (default 1)"))
