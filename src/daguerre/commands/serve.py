@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..limits import add_limit_arguments, limits_from_args
-from ..server.limits import MAX_BODY_BYTES, MAX_CONNECTIONS, TIMEOUT
+from ..server.limits import MAX_BODY_BYTES, MAX_CONNECTIONS, QUEUE_SIZE, TIMEOUT
 from .generate import add_adapter_arguments, add_model_arguments, apply_config, attach_adapters, set_threads
 from .registry import command
 
@@ -40,6 +40,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"bytes of one request body (default {MAX_BODY_BYTES}, 64 MB: a few base64 images)")
     g.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                    help=f"connections open at once; a request on one more is answered 503 (default {MAX_CONNECTIONS})")
+    g.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
+                   help=f"generations waiting at once (the running one aside); one more is answered 503 with "
+                   f"Retry-After (default {QUEUE_SIZE})")
     g.add_argument("--timeout", type=float, default=TIMEOUT,
                    help=f"seconds a client may take to send a request's head, and (plus 1 s per 64 KB) its body, "
                    f"before its connection is closed (default {TIMEOUT:g})")
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     for flag, value in (("--max-body-bytes", args.max_body_bytes), ("--max-connections", args.max_connections),
-                        ("--timeout", args.timeout)):
+                        ("--timeout", args.timeout), ("--queue-size", args.queue_size)):
         if not value > 0:
             raise ValueError(f"{flag} must be > 0, got {value}")
     if args.listen and args.host is not None:
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args, comps)
     attach_adapters(args, comps)  # the folders the prompts' <lora:...> tags and embedding names are found in
     server = Server(Pipeline(comps, model_hash), comps.config.name or spec, limits=limits, clips=tuple(args.clip),
-                    **model_file(spec))
+                    queue_size=args.queue_size, **model_file(spec))
     try:
         http = make_http_server(server, host, args.port, access=access, max_connections=args.max_connections,
                                 timeout=args.timeout, max_body=args.max_body_bytes)

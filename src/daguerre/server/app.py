@@ -24,8 +24,9 @@ Endpoints (request and response fields as A1111 names them; docs/usage.md, "dagu
 
 The payload becomes a `GenerationRequest` (server/payload.py), checked once by
 `GenerationRequest.validate` against the server's `Limits`: a bad value is a 422 whose "detail" names
-it; the `ValidRequest` it returns is what runs. Requests run one at a time (one model, one lock); the
-PNGs carry the same `parameters` text chunk as the CLI's. A request stops at the next U-Net block after
+it; the `ValidRequest` it returns is what runs. Requests run one at a time, as jobs of a bounded queue
+with one worker (server/jobs.py: full, a 503); the /jobs routes (server/routes.py) submit them without
+waiting. The PNGs carry the same `parameters` text chunk as the CLI's. A request stops at the next U-Net block after
 /interrupt, or when `cancelled` (the socket layer's "the client went away") says so.
 """
 
@@ -49,6 +50,7 @@ from urllib.parse import parse_qs
 from ..conditioning import InpaintConcat, conditioner_for
 from ..limits import DEFAULT_LIMITS, Limits
 from ..pngmeta import parse_parameters, png_bytes
+from .jobs import QUEUE_SIZE, Job, Jobs
 from .payload import (  # noqa: F401  (ApiError, decode_image, request_from_payload: this module's names before)
     ApiError,
     check_clip_model,
@@ -77,7 +79,7 @@ class Server:
     """
 
     def __init__(self, pipe, model_name: str = "model", file: str | None = None, sha256: str | None = None,
-                 limits: Limits | None = None, clips: tuple[str, ...] = ()):
+                 limits: Limits | None = None, clips: tuple[str, ...] = (), queue_size: int = QUEUE_SIZE):
         if limits is not None and limits != pipe.limits:  # one set of bounds: the server's run the pipeline too
             pipe = copy.copy(pipe)
             pipe.limits = limits
@@ -87,6 +89,7 @@ class Server:
         self.clips = tuple(clips)  # CLIP models a payload may name besides the shipped ones (serve --clip)
         self.limits: Limits = pipe.limits
         self.lock = threading.Lock()
+        self.jobs = Jobs(queue_size)  # one worker runs the generations, in turn, from a bounded queue
         self.state: dict[str, Any] = {"skipped": False, "interrupted": False, "stopping_generation": False,
                                       "job": "", "job_count": 0, "job_timestamp": "0", "job_no": 0,
                                       "sampling_step": 0, "sampling_steps": 0}
@@ -173,11 +176,26 @@ class Server:
 
     def generate(self, payload: Any, task: str, cancelled: Cancelled = None) -> dict[str, Any]:
         """A1111's txt2img / img2img: the images (partial ones after /interrupt or /skip), the payload, the info."""
+        request = self.validated(self.a1111_request(payload, task))
+        result = self.jobs.call(task, lambda cancel: self.answer(payload, task, *self.execute(request, task, cancel)),
+                                cancelled)
+        if result is None:  # the client left while waiting for its turn
+            return {"images": [], "parameters": payload, "info": json.dumps({"interrupted": True})}
+        return result
+
+    def submit(self, payload: Any, task: str) -> Job:
+        """A1111's txt2img / img2img as a job of the queue (the /jobs routes): checked now, run in turn."""
+        request = self.validated(self.a1111_request(payload, task))
+        return self.jobs.submit(task, lambda cancel: self.answer(payload, task, *self.execute(request, task, cancel)))
+
+    def a1111_request(self, payload: Any, task: str):
+        """The `GenerationRequest` of an A1111 payload (refused by name if it does not fit)."""
         request = request_from_payload(payload, task, settings=self.settings(), limits=self.limits)
         self._check_infotext_precision(payload)
-        request, results, interrupted = self.run(request, task, cancelled)
-        if results is None:  # the client left while waiting for its turn
-            return {"images": [], "parameters": payload, "info": json.dumps({"interrupted": True})}
+        return request
+
+    def answer(self, payload: Any, task: str, request, results: list, interrupted: bool) -> dict[str, Any]:
+        """A1111's answer to a txt2img / img2img payload: images, parameters, info."""
         send = payload.get("send_images", True) is not False
         images = [base64.b64encode(png_bytes(r.image, r.parameters)).decode("ascii") for r in results] if send else []
         parameters = dict(payload)
@@ -186,19 +204,26 @@ class Server:
         return {"images": images, "parameters": parameters, "info": json.dumps(self._info(request, results,
                                                                                           interrupted))}
 
+    def validated(self, request):
+        """A `GenerationRequest` checked against the model and the server's limits: its `ValidRequest`."""
+        request = request.validate(self.pipe.components.config, self.limits)  # a bad value, or one over a limit
+        check_clip_model(request, self.clips)  # a payload names no CLIP file to open
+        return request
+
     def run(self, request, job: str, cancelled: Cancelled = None) -> tuple[Any, list | None, bool]:
-        """Validate a `GenerationRequest` against the model and the server's limits, and run it when its turn
-        comes: (the valid request, its results or None if `cancelled` before it started, whether it was
-        interrupted). Shared by A1111's routes and OpenAI's (server/openai_images.py); `job` names it in
-        /progress."""
+        """Validate a `GenerationRequest` and run it as a job of the queue, waiting for it: (the valid request,
+        its results or None if `cancelled` before it started, whether it was interrupted). OpenAI's routes
+        (server/openai_images.py) run theirs so; `job` names it in /progress."""
+        request = self.validated(request)
+        ran = self.jobs.call(job, lambda cancel: self.execute(request, job, cancel), cancelled)
+        return ran if ran is not None else (request, None, True)
+
+    def execute(self, request, job: str, cancelled: Cancelled = None) -> tuple[Any, list, bool]:
+        """Run a valid request now (the queue's worker calls this): (request, results, interrupted)."""
         from ..pipelines.common import Interrupted, count_steps, progress_total
 
         components = self.pipe.components
-        request = request.validate(components.config, self.limits)  # a bad value, or one over a limit, fails here
-        check_clip_model(request, self.clips)  # a payload names no CLIP file to open
         with self.lock:
-            if cancelled is not None and cancelled():  # the client left while waiting for the lock
-                return request, None, True
             steps = count_steps(request)  # sampler steps of one batch
             self._interrupt.clear()
             self._skip.clear()
@@ -368,9 +393,10 @@ class Server:
     def progress_report(self, skip_current_image: bool = False) -> dict[str, Any]:
         """A1111's /progress: the fraction done, the seconds left, A1111's state, and (unless skipped) the live
         preview: the model's current x0 estimate of the first image (daguerre.pipelines.preview, `approx`)."""
-        state, live = dict(self.state), dict(self._live)
+        state, live, queue = dict(self.state), dict(self._live), self.jobs.counts()
         if not state["job_count"]:
-            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None,
+                    "queue": queue}
         done = min(live["done"] / live["total"], 1.0) if live["total"] else 0.0
         elapsed = time.monotonic() - live["started"]
         image = None
@@ -381,7 +407,7 @@ class Server:
                 self._preview = PreviewDecoder(self.pipe.components.vae)
             image = base64.b64encode(png_bytes(self._preview.decode(live["latent"])[0])).decode("ascii")
         return {"progress": done, "eta_relative": elapsed / done - elapsed if done else 0.0, "state": state,
-                "current_image": image, "textinfo": None}
+                "current_image": image, "textinfo": None, "queue": queue}
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from .app import API, Server, _page
+from .jobs import RETRY_AFTER, QueueFull
 from .openai_images import (
     ImageEdit,
     ImageGeneration,
@@ -80,7 +81,8 @@ def build_app(server: Server, threads: int = 64) -> FastAPI:
             target = path + (f"?{request.url.query}" if request.url.query else "")
             gone = request.scope.get(GONE)
             status, ctype, out = await in_thread(server.handle, method, target, body, gone.is_set if gone else None)
-            return Response(out, status_code=int(status), media_type=ctype)
+            busy = {"Retry-After": str(RETRY_AFTER)} if status == 503 else None  # the queue is full
+            return Response(out, status_code=int(status), media_type=ctype, headers=busy)
 
         return endpoint
 
@@ -112,6 +114,10 @@ def build_app(server: Server, threads: int = 64) -> FastAPI:
 
         try:
             _, results, _ = await in_thread(work)
+        except QueueFull as e:
+            response = openai_error(e.status, str(e))
+            response.headers["Retry-After"] = str(RETRY_AFTER)
+            return response
         except ApiError as e:
             return openai_error(e.status, str(e))
         except (ValueError, FileNotFoundError) as e:  # validate() (LimitError too) and the pipeline's checks
@@ -190,5 +196,69 @@ def build_app(server: Server, threads: int = 64) -> FastAPI:
     @app.get("/v1/models/{model_id:path}", tags=["OpenAI"], summary="the loaded model (OpenAI's models.retrieve)")
     async def model_get(model_id: str) -> dict[str, Any]:
         return models(server.model_name)["data"][0]
+
+    # --- jobs: submit, status, result, cancel ------------------------------------------------------------
+
+    def job_error(e: Exception) -> JSONResponse:
+        status = e.status if isinstance(e, ApiError) else 422
+        headers = {"Retry-After": str(RETRY_AFTER)} if isinstance(e, QueueFull) else None
+        return JSONResponse({"error": type(e).__name__, "detail": str(e)}, int(status), headers=headers)
+
+    def add_submit(task: str) -> None:
+        async def submit(request: Request) -> JSONResponse:
+            body = await request.body()
+            try:
+                job = await in_thread(lambda: server.submit(parse_body(body), task))
+            except (ValueError, FileNotFoundError) as e:  # ApiError, LimitError and validate()'s
+                return job_error(e)
+            job, ahead = server.jobs.get(job.id)
+            return JSONResponse(job.describe(ahead), 202, headers={"Location": f"/jobs/{job.id}"})
+
+        app.add_api_route(f"/jobs/{task}", submit, methods=["POST"], tags=["jobs"], name=f"submit_{task}",
+                          summary=f"queue an A1111 {task} payload; answers 202 with the job's id at once",
+                          openapi_extra={"requestBody": {"content": {"application/json": {
+                              "schema": BODIES[f"{API}/{task}"]}}}})
+
+    for task in ("txt2img", "img2img"):
+        add_submit(task)
+
+    @app.get("/jobs", tags=["jobs"], summary="every job known: the finished ones kept, the running one, the queue")
+    async def job_list() -> dict[str, Any]:
+        return {"jobs": server.jobs.list(), **server.jobs.counts()}
+
+    @app.get("/jobs/{job_id}", tags=["jobs"], summary="a job's status (queued, running, done, failed, cancelled)")
+    async def job_status(job_id: str) -> JSONResponse:
+        try:
+            job, ahead = server.jobs.get(job_id)
+        except ApiError as e:
+            return job_error(e)
+        out = job.describe(ahead)
+        if job.status == "running":
+            out["progress"] = await in_thread(server.progress_report, True)
+        return JSONResponse(out)
+
+    @app.get("/jobs/{job_id}/result", tags=["jobs"],
+             summary="a finished job's answer, as its blocking route gives it (202 while it waits or runs)")
+    async def job_result(job_id: str) -> JSONResponse:
+        try:
+            job, ahead = server.jobs.get(job_id)
+        except ApiError as e:
+            return job_error(e)
+        if not job.done.is_set():
+            return JSONResponse(job.describe(ahead), 202)
+        if job.error is not None:
+            return job_error(job.error if isinstance(job.error, ValueError) else ApiError(str(job.error), 500))
+        if job.result is None:
+            return JSONResponse({"error": "Cancelled", "detail": f"job {job.id} was cancelled before it ran"}, 409)
+        return JSONResponse(job.result)
+
+    @app.post("/jobs/{job_id}/cancel", tags=["jobs"],
+              summary="cancel a job: taken out of the queue, or stopped within a U-Net block (its result: the images "
+              "so far)")
+    async def job_cancel(job_id: str) -> JSONResponse:
+        try:
+            return JSONResponse(server.jobs.cancel(job_id).describe())
+        except ApiError as e:
+            return job_error(e)
 
     return app
