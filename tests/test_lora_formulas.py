@@ -310,3 +310,18 @@ def test_clip_guidance_reads_the_prompt_without_its_lora_tags():
     tagged = text_embedding(clip, "a red <lora:one:0.8>circle")
     assert torch.equal(tagged, text_embedding(clip, "a red circle"))
     assert not torch.equal(tagged, text_embedding(clip, "a red lora one circle"))
+
+
+def test_a_pickled_lora_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    """A .pt LoRA is read by the restricted unpickler: a global that is not a tensor building block is refused."""
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": Evil()}, path)
+    with pytest.raises(ValueError, match="refusing to load"):
+        read_lora(path)
+    assert not marker.exists()
