@@ -557,3 +557,13 @@ def test_cli_refuses_bad_connection_flags_in_one_line(capsys, argv, message):
     assert main(["serve", "--model", "random:tiny", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"daguerre serve: error: {message}") and err.count("\n") == 1, err
+
+
+def test_serve_without_the_server_extra_says_what_to_install(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install daguerre` without [server]
+    assert main(["serve", "--model", "random:tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("daguerre serve: error: daguerre serve needs FastAPI and uvicorn (uvicorn is not "
+                          "installed): pip install 'daguerre[server]'") and err.count("\n") == 1, err

@@ -190,3 +190,66 @@ def test_kept_results_are_bounded_in_count_and_bytes(monkeypatch):
     assert done[3].result["n"] == 3 and done[4].result["n"] == 4  # 200 bytes: under the bound
     blocking = jobs.call("t", lambda cancelled: {"images": ["y" * 100]})
     assert blocking["images"] == ["y" * 100] and len(jobs.finished) == 3  # a blocking call's result is not kept
+
+
+def ws_messages(base: str, path: str, count: int, headers=(), host: str | None = None) -> list[dict]:
+    """The first `count` JSON messages of the websocket at `path` (a wsproto client over a plain socket);
+    raises ConnectionRefusedError with the status if the server refuses the handshake."""
+    import socket
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, Request, TextMessage
+
+    name, (host, port) = host, base.removeprefix("http://").split(":")
+    ws, got, text = WSConnection(ConnectionType.CLIENT), [], ""
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(ws.send(Request(host=name or f"{host}:{port}", target=path, extra_headers=list(headers))))
+        while len(got) < count:
+            data = s.recv(65536)
+            ws.receive_data(data or None)
+            for event in ws.events():
+                if isinstance(event, RejectConnection):
+                    raise ConnectionRefusedError(event.status_code)
+                if isinstance(event, CloseConnection):
+                    return got
+                if isinstance(event, TextMessage):
+                    text += event.data
+                    if event.message_finished:
+                        got.append(json.loads(text))
+                        text = ""
+                assert not isinstance(event, AcceptConnection) or not got
+            if not data:
+                return got
+        s.sendall(ws.send(CloseConnection(code=1000)))
+    return got
+
+
+def test_a_websocket_streams_progress_and_previews_and_passes_the_same_guards():
+    from daguerre.server.http import Access
+
+    held = Held()
+    server = Server(held, "random:tiny")
+    with serving(server) as base:
+        idle = ws_messages(base, "/ws/progress?interval=0.1", 2)
+        assert len(idle) == 2 and idle[0]["state"]["job_count"] == 0 and idle[0]["queue"]["running"] == 0
+        call(base, "POST", "/jobs/txt2img", {"prompt": "x", "steps": 5, "seed": 1})
+        assert held.reached.wait(60)
+        running = ws_messages(base, "/ws/progress?interval=0.1", 2)
+        assert running[0]["state"]["job"] == "txt2img" and running[0]["state"]["sampling_step"] == 1
+        assert running[0]["current_image"] and running[1]["queue"] == {"running": 1, "queued": 0, "queue_size": 16}
+        held.release.set()
+        with pytest.raises(ConnectionRefusedError, match="403"):  # a web page of another site
+            ws_messages(base, "/ws/progress", 1, [("Origin", "http://evil.example")])
+        with pytest.raises(ConnectionRefusedError, match="403"):  # DNS rebinding's Host
+            ws_messages(base, "/ws/progress", 1, host="evil.example")
+    http_server = make_http_server(server, "127.0.0.1", 0, access=Access.from_flags(api_key="sk-12345678"))
+    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{http_server.server_address[1]}"
+        with pytest.raises(ConnectionRefusedError, match="403"):
+            ws_messages(base, "/ws/progress", 1)
+        assert len(ws_messages(base, "/ws/progress", 1, [("Authorization", "Bearer sk-12345678")])) == 1
+    finally:
+        http_server.shutdown()
+        http_server.server_close()

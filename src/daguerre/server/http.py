@@ -13,7 +13,8 @@ server/routes.py, behind `Guard`, an ASGI layer that refuses, before any work:
 Connections are bounded: at most `max_connections` open (one more is answered 503 at once), each
 request's head (and the idle wait before it) within `timeout` seconds (`_Protocol`), its body at
 `MIN_RATE` bytes/s or faster. An idle connection costs no thread (asyncio). A client that closes its
-connection while its request runs stops that request (`GONE`).
+connection while its request runs stops that request (`GONE`). Websockets (/ws/progress) pass the same
+Host, Origin and credential checks; a refused one is closed before it opens (HTTP 403).
 """
 
 from __future__ import annotations
@@ -166,12 +167,23 @@ class Guard:
         self.max_body, self.timeout = max_body, timeout
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":  # lifespan (off under uvicorn here); no websockets are served
+        if scope["type"] not in ("http", "websocket"):  # lifespan (off under uvicorn here)
             await self.app(scope, receive, send)
             return
         headers: dict[str, list[str]] = {}
         for key, value in scope["headers"]:
             headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+        if scope["type"] == "websocket":  # browsers apply no CORS to websockets: the Origin check is the guard
+            try:
+                self._check_caller(headers)
+                if not self.access.authorized((headers.get("authorization") or [None])[0]):
+                    raise _Refused(HTTPStatus.UNAUTHORIZED, "credentials needed")
+            except _Refused:
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})  # before accepting: an HTTP 403
+                return
+            await self.app(scope, receive, send)
+            return
         extra: dict[str, str] = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY"}
         try:
             extra.update(self._check_caller(headers))
@@ -373,6 +385,10 @@ def _protocol(timeout: float, max_connections: int):
             self._disarm()
             super().connection_lost(exc)
 
+        def handle_websocket_upgrade(self, event) -> None:
+            self._disarm()  # the websocket protocol takes the connection over, with its own pings
+            super().handle_websocket_upgrade(event)
+
         def handle_events(self) -> None:
             cycle = self.cycle
             super().handle_events()
@@ -407,7 +423,7 @@ class HTTPServer:
         self.server_address = self.socket.getsockname()
         self.host_names = host_names(host, *self.server_address[:2])  # the Host headers it answers
         app = Guard(build_app(server, max_connections), access, self.host_names, max_body=max_body, timeout=timeout)
-        config = uvicorn.Config(app, http=_protocol(timeout, max_connections), ws="none", lifespan="off",
+        config = uvicorn.Config(app, http=_protocol(timeout, max_connections), ws="wsproto", lifespan="off",
                                 interface="asgi3", timeout_keep_alive=max(1, round(timeout)), server_header=False,
                                 log_level="warning", access_log=False, h11_max_incomplete_event_size=64 * 1024,
                                 timeout_graceful_shutdown=10)

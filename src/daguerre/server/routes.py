@@ -11,10 +11,12 @@ worker threads (`threads` at most: one per open connection), one generation at a
 `scope[GONE]` tells a running generation that its client has left.
 """
 
+import asyncio
+import contextlib
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -196,6 +198,24 @@ def build_app(server: Server, threads: int = 64) -> FastAPI:
     @app.get("/v1/models/{model_id:path}", tags=["OpenAI"], summary="the loaded model (OpenAI's models.retrieve)")
     async def model_get(model_id: str) -> dict[str, Any]:
         return models(server.model_name)["data"][0]
+
+    # --- progress as a stream ----------------------------------------------------------------------------
+
+    @app.websocket("/ws/progress")
+    async def progress_stream(socket: WebSocket, interval: float = 0.5, skip_current_image: bool = False) -> None:
+        """/sdapi/v1/progress's answer (the live preview included) every `interval` seconds (0.1 to 10) while
+        the socket is open; a message from the client asks for one at once."""
+        await socket.accept()
+        interval = min(max(interval, 0.1), 10.0)
+        try:
+            while True:
+                report = await in_thread(server.progress_report, skip_current_image)
+                await socket.send_json(report)
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    if (await asyncio.wait_for(socket.receive(), interval))["type"] == "websocket.disconnect":
+                        return
+        except (WebSocketDisconnect, RuntimeError):  # the client has gone
+            return
 
     # --- jobs: submit, status, result, cancel ------------------------------------------------------------
 
