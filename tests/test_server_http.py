@@ -525,7 +525,7 @@ def test_the_cli_takes_the_connection_flags(monkeypatch):
     made, codes, real = [], [], server_http.make_http_server
     monkeypatch.setattr(server_http, "make_http_server", lambda *a, **k: made.append((real(*a, **k), k)) or made[-1][0])
     argv = ["serve", "--model", "random:tiny", "--port", "0", "--max-body-bytes", "100", "--max-connections", "3",
-            "--timeout", "7", "--api-key", "sk-12345678"]
+            "--timeout", "7", "--api-key", "sk-12345678", "--cors-origin", "http://localhost:3000"]
     thread = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
     thread.start()
     for _ in range(1200):
@@ -542,6 +542,8 @@ def test_the_cli_takes_the_connection_flags(monkeypatch):
         assert status == 413 and "--max-body-bytes" in json.loads(out)["detail"]
         assert call(port, "GET", "/sdapi/v1/options")[0] == 401
         assert call(port, "GET", "/v1/models", headers=[("Authorization", "Bearer sk-12345678")])[0] == 200
+        status, headers, _ = call(port, "GET", "/v1/models", headers=[key, ("Origin", "http://localhost:3000")])
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"  # --cors-origin
     finally:
         http_server.shutdown()
         thread.join(30)

@@ -26,7 +26,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", metavar="KEY",
                    help="ask for this key as 'Authorization: Bearer KEY' (OpenAI's clients' api_key) on every route; "
                    "with --api-auth, either one lets a client in")
-    p.add_argument("--cors-allow-origins", metavar="ORIGIN[,ORIGIN2]",
+    p.add_argument("--cors-allow-origins", "--cors-origin", metavar="ORIGIN[,ORIGIN2]",
                    help="other web pages allowed to call the API, e.g. http://localhost:3000 (comma-separated; "
                    "by default only this server's own page)")
     p.add_argument("--cors-allow-origins-regex", metavar="REGEX",
