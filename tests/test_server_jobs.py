@@ -253,3 +253,17 @@ def test_a_websocket_streams_progress_and_previews_and_passes_the_same_guards():
     finally:
         http_server.shutdown()
         http_server.server_close()
+
+
+def test_a_waiting_client_that_leaves_takes_its_job_out_of_the_queue():
+    jobs, gate, gone, ran, out = Jobs(), threading.Event(), threading.Event(), [], []
+    first = jobs.submit("a", lambda cancelled: gate.wait(10))
+    wait_for(lambda: first.status == "running")
+    waiter = threading.Thread(target=lambda: out.append(jobs.call("b", lambda c: ran.append(1), gone.is_set)))
+    waiter.start()
+    wait_for(lambda: jobs.counts()["queued"] == 1)
+    gone.set()  # the client leaves while its job waits
+    waiter.join(10)
+    assert out == [None] and jobs.counts()["queued"] == 0
+    gate.set()
+    assert first.done.wait(10) and ran == []  # never ran

@@ -99,8 +99,13 @@ class Jobs:
 
         job = self.submit(kind, run, listed=False)
         while not job.done.wait(POLL):  # a queued job is taken out when its client goes
-            if cancelled is not None and cancelled():
-                self.cancel(job.id)
+            if cancelled is not None and cancelled() and not job.cancel.is_set():
+                with self.lock:
+                    job.cancel.set()
+                    if job in self.pending:
+                        self.pending.remove(job)
+                        job.status, job.finished = "cancelled", time.time()
+                        job.done.set()
         if job.error is not None:
             raise job.error
         return job.result
