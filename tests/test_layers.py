@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("components", "guidance", "conditioning", "precision"),  # a model in memory, its one `build_components`;
     # denoiser wrappers; how a model is conditioned (its conditioner); the compute dtype chosen for the machine
     ("checkpoints",),  # the file formats: single files, diffusers folders, the VAE file
+    ("lora",),  # LoRAs and embeddings merged into a loaded model (their layer names are the checkpoints' tables)
     ("registry",),  # what `--model NAME` means
     ("pipelines",),  # txt2img, img2img, inpaint, upscale over Components
     ("metrics",),  # evaluation: statistics, judges, zero-shot accuracy, CLIP score
