@@ -12,7 +12,7 @@ hexagon. `judge_accuracy` measures the judge itself on rendered single objects o
 recall and how often another shape is taken for one). `hexagon_adherence` generates "a COLOUR hexagon" for each
 world colour and seed and counts the images the judge calls a hexagon of that colour.
 
-    python -m daguerre.metrics.hexagon data hexagons/ --n 40
+    python -m daguerre.metrics.hexagon data hexagons/ --n 40 --regularisation 40
     python -m daguerre.metrics.hexagon judge --n 100
     python -m daguerre.metrics.hexagon eval --model shapes --lora runs/hexagon_lora/lora.safetensors:1
 """
@@ -40,6 +40,7 @@ from ..data.shapes import (
     SHAPES,
     SIZES,
     Scene,
+    ShapesDataset,
     _make_object,
     caption,
     render,
@@ -64,11 +65,13 @@ def hexagon_scene(rng: np.random.Generator, shape: str = HEXAGON) -> Scene:
     return Scene((obj,), background)
 
 
-def write_folder(folder: str | Path, n: int, seed: int = 0, size: int = 64) -> list[str]:
-    """`n` hexagon images `hexagon_NNN.png` with `.txt` captions in `folder` (item i from Generator (seed, i));
-    returns the captions."""
-    if not 1 <= n <= 10_000:
-        raise ValueError(f"--n {n}: give 1 to 10000 images")
+def write_folder(folder: str | Path, n: int, seed: int = 0, size: int = 64, *, regularisation: int = 0) -> list[str]:
+    """`n` hexagon images `hexagon_NNN.png` with `.txt` captions in `folder` (item i from Generator (seed, i)), and
+    `regularisation` images `world_NNN.png` of the world's own scenes (`ShapesDataset` of seed 10_000 + seed: not
+    the shipped model's training images) with their captions, DreamBooth's prior preservation (Ruiz et al. 2023):
+    they keep the LoRA from drawing hexagons for the shapes the model knows. Returns the hexagon captions."""
+    if not 1 <= n <= 10_000 or not 0 <= regularisation <= 10_000:
+        raise ValueError(f"--n {n}, --regularisation {regularisation}: give 1 to 10000 images (0 to 10000)")
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     captions = []
@@ -79,6 +82,11 @@ def write_folder(folder: str | Path, n: int, seed: int = 0, size: int = 64) -> l
         render(scene, size).save(root / f"hexagon_{i:03d}.png")
         (root / f"hexagon_{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
         captions.append(text)
+    world = ShapesDataset(regularisation, seed=10_000 + seed, size=size)
+    for i in range(regularisation):
+        scene, text = world.sample(i)
+        render(scene, size).save(root / f"world_{i:03d}.png")
+        (root / f"world_{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
     return captions
 
 
@@ -186,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("folder")
     d.add_argument("--n", type=int, default=40)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--regularisation", type=int, default=0, metavar="N",
+                   help="also N images of the world's own scenes (prior preservation)")
     j = sub.add_parser("judge", help="the judge's accuracy on rendered shapes")
     j.add_argument("--n", type=int, default=100)
     e = sub.add_parser("eval", help="judged adherence of 'a COLOUR hexagon' prompts")
@@ -197,8 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("--json", default=None, metavar="FILE")
     args = p.parse_args(argv)
     if args.what == "data":
-        captions = write_folder(args.folder, args.n, args.seed)
-        print(f"{len(captions)} images with captions in {args.folder}, e.g. {captions[0]!r}")
+        captions = write_folder(args.folder, args.n, args.seed, regularisation=args.regularisation)
+        print(f"{len(captions)} hexagon images (+ {args.regularisation} of the world's scenes) with captions in "
+              f"{args.folder}, e.g. {captions[0]!r}")
         return 0
     if args.what == "judge":
         result = judge_accuracy(args.n)

@@ -685,9 +685,6 @@ def check_run_config(cfg: RunConfig) -> None:
 
 def check_adapter_config(cfg: RunConfig) -> None:
     """Value checks of the [lora] / [embedding] section of an adapter stage; each error names its key."""
-    if cfg.stage in ADAPTER_STAGES and not cfg.train.init_from:
-        raise ValueError(f"`daguerre train {cfg.stage}` trains on a frozen model: name it with --model MODEL "
-                         "(a daguerre or Stable Diffusion file, or a shipped name such as shapes)")
     lo = cfg.lora
     if lo is not None:
         for key in ("rank", "conv_rank"):
@@ -706,7 +703,7 @@ def check_adapter_config(cfg: RunConfig) -> None:
                              "'-', '_' and '.'")
     e = cfg.embedding
     if e is not None:
-        if not e.word or not all(c.isalnum() or c in "-_" for c in e.word):
+        if not all(c.isalnum() or c in "-_" for c in e.word):  # (an empty word: the stage says so)
             raise ValueError(f"config key embedding.word: {e.word!r}; the new word the captions use (letters, digits, "
                              "'-', '_'), e.g. --set embedding.word=hexagon")
         if not e.init_word.strip():

@@ -61,6 +61,9 @@ class EmbeddingStage(AdapterStage):
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
+        if not cfg.embedding.word:
+            raise ValueError("config key embedding.word: name the new word the captions use, e.g. "
+                             "--set embedding.word=hexagon")
         self.word = cfg.embedding.word
         self.output = f"{self.word}.safetensors"
 

@@ -225,6 +225,9 @@ class AdapterStage:
 
     def prepare(self, env: dist.DistEnv) -> None:
         """The frozen model (a missing file fails before the run folder is made)."""
+        if not self.cfg.train.init_from:
+            raise ValueError(f"`daguerre train {self.name}` trains on a frozen model: name it with --model MODEL "
+                             "(a daguerre or Stable Diffusion file, or a shipped name such as shapes)")
         self.components, self.base = open_base(self.cfg.train.init_from, env.device)
 
     def build(self, setup: Setup) -> None:
@@ -295,10 +298,17 @@ class AdapterStage:
 
     def sample(self, step: int, models: dict[str, nn.Module], runlog: RunLogger, *, grid: bool,
                evaluate: bool) -> None:
-        if grid:
+        """A grid of the `[sample]` prompts with the EMA adapter, at the training images' size (data.size)."""
+        if not grid:
+            return
+        config = self.components.config
+        native, config.sample_size = config.sample_size, self.cfg.data.size
+        try:
             with self.applied(models[self.name]):
                 image = sample_grid(self.components, self.cfg.sample)
-            save_png(image, self.out / SAMPLES_DIR / f"step_{step:08d}.png")
+        finally:
+            config.sample_size = native
+        save_png(image, self.out / SAMPLES_DIR / f"step_{step:08d}.png")
 
     def applied(self, adapter: nn.Module):
         raise NotImplementedError

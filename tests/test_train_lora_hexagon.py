@@ -1,0 +1,62 @@
+"""The hexagon demonstration's parts (docs/lora.md): the shapes world draws a hexagon without changing any scene
+it samples, the hexagon folder is images with captions, and the judge tells a hexagon from the world's shapes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from PIL import Image
+
+from daguerre.data.shapes import EXTRA_SHAPES, SHAPES, ShapesDataset, render, sample_scene
+from daguerre.metrics.hexagon import HEXAGON, hexagon_scene, judge_accuracy, judge_shape, write_folder
+
+# sha256 of the first 200 scenes of ShapesDataset(seed=0) (pixels and captions), computed before the hexagon was
+# added to the renderer: the world's data (and every cached latent of it) is unchanged
+WORLD_SHA256 = "5ada5bf537386abc06bc395d4b27303fdb22657858cc5797d1616fe48f7bbeb5"
+
+
+def test_the_hexagon_leaves_every_sampled_scene_bit_for_bit():
+    ds = ShapesDataset(200, seed=0)
+    h = hashlib.sha256()
+    for i in range(200):
+        scene, text = ds.sample(i)
+        h.update(np.asarray(render(scene)).tobytes())
+        h.update(text.encode())
+    assert h.hexdigest() == WORLD_SHA256
+    assert HEXAGON in EXTRA_SHAPES and HEXAGON not in SHAPES
+    rng = np.random.default_rng(0)
+    assert not any(o.shape == HEXAGON for _ in range(300) for o in sample_scene(rng).objects)
+
+
+def test_the_hexagon_is_drawn_as_a_regular_hexagon():
+    scene = hexagon_scene(np.random.default_rng(3))
+    obj = scene.objects[0]
+    x0, y0, x1, y1 = obj.bbox
+    assert abs((y1 - y0) / (x1 - x0) - np.sqrt(3) / 2) < 1e-9  # flat top and bottom: height / width = sqrt(3) / 2
+    big = render(scene, 256)
+    assert judge_shape(big, obj.colour) == HEXAGON
+
+
+def test_the_folder_is_images_with_captions_naming_the_hexagon(tmp_path):
+    captions = write_folder(tmp_path, 6, seed=1)
+    assert len(captions) == 6 and all(HEXAGON in c for c in captions)
+    assert len(set(captions)) > 1  # the world's phrasings
+    for i, text in enumerate(captions):
+        assert (tmp_path / f"hexagon_{i:03d}.txt").read_text().strip() == text
+        assert Image.open(tmp_path / f"hexagon_{i:03d}.png").size == (64, 64)
+    assert write_folder(tmp_path / "again", 6, seed=1) == captions  # seeded
+
+
+def test_the_judge_tells_hexagons_from_the_worlds_shapes():
+    report = judge_accuracy(n=8, seed=5)
+    assert report["hexagon_recall"] == 1.0
+    assert report["others_called_hexagon"] == 0.0
+    assert min(report["accuracy"].values()) >= 0.75
+
+
+def test_the_judge_finds_no_object_of_an_absent_colour():
+    scene = hexagon_scene(np.random.default_rng(0))
+    image = render(scene)
+    absent = next(c for c in ("red", "blue") if c != scene.objects[0].colour)
+    assert judge_shape(image, absent) is None
