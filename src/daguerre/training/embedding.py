@@ -86,7 +86,9 @@ class EmbeddingStage(AdapterStage):
         from ..pipelines.prompts import encode_weighted
 
         te = self.components.text_encoder
-        te.text_model.embeddings.extra = self.adapter.vectors  # the parameter: the loss reaches it
+        vectors = self.adapter.vectors
+        te.text_model.embeddings.extra = vectors.view(vectors.shape)  # a view (no parameter of the encoder's): the
+        # loss reaches the vectors through it
         return quiet(lambda: encode_weighted(te, self.tokenizer, captions, skip_layers=te.config.skip_layers))
 
     def applied(self, adapter: nn.Module):
