@@ -146,3 +146,22 @@ $(RUNS)/shapes_rel2/step_3250.safetensors: $(RUNS)/shapes_ldm/step_$(SHAPES_PHAS
 $(RUNS)/shapes_ldm/model.safetensors: $(RUNS)/shapes_rel2/step_3250.safetensors
 	$(SHAPES_FT) --out $(RUNS)/shapes_mix --init $< --set train.steps=10000 --set train.lr=1e-4
 	cp $(RUNS)/shapes_mix/model.safetensors $@
+
+# issue 20: a LoRA that teaches the shipped shapes model a new shape, the hexagon (docs/lora.md): 40 hexagon images
+# + 40 of the world's scenes (prior preservation), 600 steps (~8 min alone on one core), then the judged adherence.
+.PHONY: lora-hexagon
+lora-hexagon: $(RUNS)/hexagon_lora/hexagon_eval.json
+
+$(RUNS)/hexagons/hexagon_000.txt:
+	$(VENV)/bin/python -m daguerre.metrics.hexagon data $(RUNS)/hexagons --n 40 --regularisation 40
+
+$(RUNS)/hexagon_lora/hexagon.safetensors: $(RUNS)/hexagons/hexagon_000.txt
+	$(VENV)/bin/daguerre train lora --config shapes_hexagon_lora --model shapes --data $(RUNS)/hexagons \
+		--out $(RUNS)/hexagon_lora --resume
+
+$(RUNS)/hexagon_lora/hexagon_eval.json: $(RUNS)/hexagon_lora/hexagon.safetensors
+	$(VENV)/bin/python -m daguerre.metrics.hexagon eval --model shapes --lora $<:1 --seeds 4 --json $@
+	$(VENV)/bin/daguerre convert src/daguerre/assets/models/shapes.safetensors \
+		$(RUNS)/hexagon_lora/shapes-hexagon.safetensors --lora $<:1
+	$(VENV)/bin/daguerre eval --model $(RUNS)/hexagon_lora/shapes-hexagon.safetensors --prompts single --n 100 \
+		--out $(RUNS)/hexagon_lora/eval-single

@@ -137,16 +137,20 @@ def judge_accuracy(n: int = 100, seed: int = 1, size: int = 64) -> dict[str, Any
             "called_hexagon": {s: as_hexagon[s] for s in others}}
 
 
-def hexagon_prompts(colours: Sequence[str] = tuple(COLOURS)) -> list[tuple[str, str]]:
-    """(prompt, colour): "a red hexagon", "an orange hexagon", ... for each world colour."""
-    return [(f"{'an' if c[0] in 'aeiou' else 'a'} {c} {HEXAGON}", c) for c in colours]
+def hexagon_prompts(colours: Sequence[str] = tuple(COLOURS), shape: str = HEXAGON) -> list[tuple[str, str]]:
+    """(prompt, colour): "a red hexagon", "an orange hexagon", ... for each world colour (or another shape)."""
+    return [(f"{'an' if c[0] in 'aeiou' else 'a'} {c} {shape}", c) for c in colours]
 
 
 def hexagon_adherence(model: str, loras: Sequence[tuple[str, float]], seeds: int = 4, *,
-                      colours: Sequence[str] = tuple(COLOURS), grid: str | Path | None = None) -> dict[str, Any]:
+                      colours: Sequence[str] = tuple(COLOURS), grid: str | Path | None = None,
+                      shape: str = HEXAGON) -> dict[str, Any]:
     """Generate each `hexagon_prompts` prompt with seeds 0..seeds-1 (the model's recommended settings) with the
-    LoRAs merged, and judge each image; the fraction judged a hexagon of the prompt's colour, per colour and in
-    all. `grid`: also save the images as a PNG grid (a row per seed)."""
+    LoRAs merged, and judge each image; the fraction judged a hexagon (or `shape`: a world shape, to see that the
+    LoRA leaves it alone) of the prompt's colour, per colour and in all. `grid`: also save the images as a PNG
+    grid (a row per seed)."""
+    if shape not in JUDGED_SHAPES:
+        raise ValueError(f"--shape {shape!r}: choose one of {', '.join(JUDGED_SHAPES)}")
     import torch
 
     from ..lora.apply import merge_loras
@@ -161,18 +165,19 @@ def hexagon_adherence(model: str, loras: Sequence[tuple[str, float]], seeds: int
     images = []
     with torch.no_grad():
         for seed in range(seeds):
-            for prompt, colour in hexagon_prompts(colours):
+            for prompt, colour in hexagon_prompts(colours, shape):
                 req = GenerationRequest(prompt=prompt, seed=seed)
                 image = txt2img(comps, req.validate(comps.config))[0].image
                 images.append(image)
                 calls.setdefault(colour, []).append(judge_shape(image, colour))
-    per_colour = {c: sum(x == HEXAGON for x in v) / len(v) for c, v in calls.items()}
-    total = sum(sum(x == HEXAGON for x in v) for v in calls.values()) / sum(len(v) for v in calls.values())
+    per_colour = {c: sum(x == shape for x in v) / len(v) for c, v in calls.items()}
+    total = sum(sum(x == shape for x in v) for v in calls.values()) / sum(len(v) for v in calls.values())
     if grid is not None:
         from ..training.samples import grid as make_grid
 
         make_grid(images, len(colours)).save(grid)
-    return {"model": model, "loras": [list(x) for x in loras], "seeds": seeds, "n": sum(len(v) for v in calls.values()),
+    return {"model": model, "loras": [list(x) for x in loras], "shape": shape, "seeds": seeds,
+            "n": sum(len(v) for v in calls.values()),
             "adherence": total, "per_colour": per_colour,
             "judged": {c: [x or "none" for x in v] for c, v in calls.items()}}
 
@@ -203,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT")
     e.add_argument("--seeds", type=int, default=4)
     e.add_argument("--grid", default=None, metavar="PNG")
+    e.add_argument("--shape", default=HEXAGON, help="judge 'a COLOUR SHAPE' prompts of this shape (default hexagon)")
     for q in (j, e):
         q.add_argument("--json", default=None, metavar="FILE")
     args = p.parse_args(argv)
@@ -214,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.what == "judge":
         result = judge_accuracy(args.n)
     else:
-        result = hexagon_adherence(args.model, [_lora_arg(x) for x in args.lora], args.seeds, grid=args.grid)
+        result = hexagon_adherence(args.model, [_lora_arg(x) for x in args.lora], args.seeds, grid=args.grid,
+                                   shape=args.shape)
     print(json.dumps({k: v for k, v in result.items() if k != "judged"}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
