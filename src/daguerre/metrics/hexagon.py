@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.shapes import (
+    BACKGROUNDS,
     COLOURS,
     DEFAULT_BACKGROUND,
     EXTRA_SHAPES,
@@ -120,26 +121,47 @@ def judge_shape(image: Image.Image | np.ndarray, colour: str) -> str | None:
     return fit_any_shape(regions == ids[sizes.argmax()])[0]
 
 
-def judge_accuracy(n: int = 100, seed: int = 1, size: int = 64) -> dict[str, Any]:
-    """The judge on `n` rendered single objects of each shape (seeds (seed, k, i)): the fraction of each shape
-    judged as itself, the hexagon's recall, and the fraction of the other shapes judged a hexagon."""
+def judge_accuracy(n: int = 100, seed: int = 1, size: int = 64, *, object_size: str | None = None,
+                   blur: float = 0.0) -> dict[str, Any]:
+    """The judge on `n` rendered single objects of each shape (seeds (seed, k, i); `object_size` "small" / "large"
+    or both; `blur`: a Gaussian blur of that radius in pixels, as soft as a generated image's edges): the fraction
+    of each shape judged as itself, the hexagon's recall, and the fraction of the other shapes judged a hexagon."""
+    from PIL import ImageFilter
+
     right, as_hexagon = {}, {}
     for k, shape in enumerate(JUDGED_SHAPES):
         calls = []
         for i in range(n):
             scene = hexagon_scene(np.random.default_rng((seed, k, i)), shape)
-            calls.append(judge_shape(render(scene, size), scene.objects[0].colour))
+            if object_size is not None:
+                o = scene.objects[0]
+                scene = Scene((_make_object(shape, o.colour, object_size, REGIONS.index(o.region), o.position),),
+                              scene.background)
+            image = render(scene, size)
+            if blur > 0:
+                image = image.filter(ImageFilter.GaussianBlur(blur))
+            calls.append(judge_shape(image, scene.objects[0].colour))
         right[shape] = sum(c == shape for c in calls) / n
         as_hexagon[shape] = sum(c == HEXAGON for c in calls) / n
     others = [s for s in JUDGED_SHAPES if s != HEXAGON]
-    return {"n_per_shape": n, "accuracy": right, "hexagon_recall": right[HEXAGON],
+    return {"n_per_shape": n, "object_size": object_size or "both", "blur": blur, "accuracy": right,
+            "hexagon_recall": right[HEXAGON],
             "others_called_hexagon": sum(as_hexagon[s] for s in others) / len(others),
             "called_hexagon": {s: as_hexagon[s] for s in others}}
 
 
-def hexagon_prompts(colours: Sequence[str] = tuple(COLOURS), shape: str = HEXAGON) -> list[tuple[str, str]]:
-    """(prompt, colour): "a red hexagon", "an orange hexagon", ... for each world colour (or another shape)."""
-    return [(f"{'an' if c[0] in 'aeiou' else 'a'} {c} {shape}", c) for c in colours]
+def hexagon_prompts(colours: Sequence[str] = tuple(COLOURS), shape: str = HEXAGON,
+                    size: str | None = "large") -> list[tuple[str, str]]:
+    """(prompt, colour): "a large red hexagon", "a large orange hexagon", ... for each world colour (or another
+    shape), in the world's grammar: a colour that is the default background's asks for the other background
+    ("a large black hexagon on a white background"). Large by default: a small hexagon is 13 pixels wide at 64x64,
+    where a generated one's corners blur into a circle for the judge (`judge_accuracy` measures both sizes)."""
+    out = []
+    for c in colours:
+        words = " ".join(w for w in (size, c, shape) if w)
+        background = f" on a {BACKGROUNDS[1 - BACKGROUNDS.index(c)]} background" if c in BACKGROUNDS else ""
+        out.append((f"{'an' if words[0] in 'aeiou' else 'a'} {words}{background}", c))
+    return out
 
 
 def hexagon_adherence(model: str, loras: Sequence[tuple[str, float]], seeds: int = 4, *,
@@ -203,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also N images of the world's own scenes (prior preservation)")
     j = sub.add_parser("judge", help="the judge's accuracy on rendered shapes")
     j.add_argument("--n", type=int, default=100)
+    j.add_argument("--size", choices=["small", "large"], default=None, help="objects of this size only")
+    j.add_argument("--blur", type=float, default=0.0, help="Gaussian blur radius in pixels (generated softness)")
     e = sub.add_parser("eval", help="judged adherence of 'a COLOUR hexagon' prompts")
     e.add_argument("--model", default="shapes")
     e.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT")
@@ -218,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.folder}, e.g. {captions[0]!r}")
         return 0
     if args.what == "judge":
-        result = judge_accuracy(args.n)
+        result = judge_accuracy(args.n, object_size=args.size, blur=args.blur)
     else:
         result = hexagon_adherence(args.model, [_lora_arg(x) for x in args.lora], args.seeds, grid=args.grid,
                                    shape=args.shape)
