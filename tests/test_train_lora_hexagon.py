@@ -60,3 +60,15 @@ def test_the_judge_finds_no_object_of_an_absent_colour():
     image = render(scene)
     absent = next(c for c in ("red", "blue") if c != scene.objects[0].colour)
     assert judge_shape(image, absent) is None
+
+
+def test_prompts_follow_the_worlds_grammar():
+    from daguerre.data.shapes import parse_caption
+    from daguerre.metrics.hexagon import hexagon_prompts
+
+    prompts = dict((c, p) for p, c in hexagon_prompts())
+    assert prompts["red"] == "a large red hexagon" and prompts["orange"] == "a large orange hexagon"
+    assert prompts["black"] == "a large black hexagon on a white background"  # never black on black
+    circle = dict((c, p) for p, c in hexagon_prompts(shape="circle"))
+    spec = parse_caption(circle["black"])  # the world's own parser reads a world shape's prompt
+    assert spec.background == "white" and spec.objects[0].shape == "circle"
