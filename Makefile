@@ -148,12 +148,12 @@ $(RUNS)/shapes_ldm/model.safetensors: $(RUNS)/shapes_rel2/step_3250.safetensors
 	cp $(RUNS)/shapes_mix/model.safetensors $@
 
 # issue 20: a LoRA that teaches the shipped shapes model a new shape, the hexagon (docs/lora.md): 40 hexagon images
-# + 40 of the world's scenes (prior preservation), 600 steps (~8 min alone on one core), then the judged adherence.
+# + 120 of the world's scenes (prior preservation), 600 steps (~8-12 min on one core), then the judged adherence.
 .PHONY: lora-hexagon
 lora-hexagon: $(RUNS)/hexagon_lora/hexagon_eval.json
 
 $(RUNS)/hexagons/hexagon_000.txt:
-	$(VENV)/bin/python -m daguerre.metrics.hexagon data $(RUNS)/hexagons --n 40 --regularisation 40
+	$(VENV)/bin/python -m daguerre.metrics.hexagon data $(RUNS)/hexagons --n 40 --regularisation 120
 
 $(RUNS)/hexagon_lora/hexagon.safetensors: $(RUNS)/hexagons/hexagon_000.txt
 	$(VENV)/bin/daguerre train lora --config shapes_hexagon_lora --model shapes --data $(RUNS)/hexagons \

@@ -12,7 +12,7 @@ hexagon. `judge_accuracy` measures the judge itself on rendered single objects o
 recall and how often another shape is taken for one). `hexagon_adherence` generates "a COLOUR hexagon" for each
 world colour and seed and counts the images the judge calls a hexagon of that colour.
 
-    python -m daguerre.metrics.hexagon data hexagons/ --n 40 --regularisation 40
+    python -m daguerre.metrics.hexagon data hexagons/ --n 40 --regularisation 120
     python -m daguerre.metrics.hexagon judge --n 100
     python -m daguerre.metrics.hexagon eval --model shapes --lora runs/hexagon_lora/lora.safetensors:1
 """
