@@ -12,6 +12,7 @@ recorded curve into one PNG (matplotlib, a test extra).
         --vae-minutes 35 --out bench/results/expect_photos32.json -- --data data/cifar10/test --holdout all \\
         --classifier cifar.safetensors --n 500
     python bench/expectations.py plot bench/results/expect_*.json --png docs/images/expectations.png
+    python bench/expectations.py grid step3000.safetensors --prompts "a photo of a cat" ... --png grid.png
 
 Everything after `--` goes to `daguerre eval` as it is. A checkpoint already in the output JSON is not measured
 again (the file is rewritten atomically after each one), so an interrupted measurement continues where it stopped.
@@ -146,6 +147,29 @@ def plot(files: list[str], png: str) -> None:
     print(f"wrote {png}")
 
 
+def prompt_grid(model: str, prompts: list[str], seeds: int, png: str, scale: int = 2, **fields) -> None:
+    """One row per prompt (written at its left), one column per seed (1..seeds), upscaled `scale` x (nearest)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    import daguerre
+
+    pipe = daguerre.load(model)
+    rows = [[g.image for g in pipe(p, seed=1, n=seeds, **fields)] for p in prompts]
+    w, h = rows[0][0].width * scale, rows[0][0].height * scale
+    font = ImageFont.load_default(size=13)
+    label_w, pad = int(max(font.getlength(p) for p in prompts)) + 10, 2
+    out = Image.new("RGB", (label_w + seeds * (w + pad), len(prompts) * (h + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    for r, (prompt, images) in enumerate(zip(prompts, rows, strict=True)):
+        y = r * (h + pad)
+        draw.text((4, y + h // 2 - 7), prompt, fill=(0, 0, 0), font=font)
+        for c, im in enumerate(images):
+            out.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (label_w + c * (w + pad), y))
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    out.save(png)
+    print(f"wrote {png}")
+
+
 def main() -> None:
     argv = sys.argv[1:]
     eval_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -164,11 +188,20 @@ def main() -> None:
     pl = sub.add_parser("plot", help="draw the recorded curves")
     pl.add_argument("files", nargs="+")
     pl.add_argument("--png", required=True)
+    g = sub.add_parser("grid", help="a labelled grid of a model's images: one row per prompt, one column per seed")
+    g.add_argument("model")
+    g.add_argument("--prompts", nargs="+", required=True)
+    g.add_argument("--seeds", type=int, default=8)
+    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    g.add_argument("--png", required=True)
     args = p.parse_args(argv)
     if args.action == "measure":
         measure(args, eval_args)
-    else:
+    elif args.action == "plot":
         plot(args.files, args.png)
+    else:
+        fields = {} if args.cfg is None else {"cfg_scale": args.cfg}
+        prompt_grid(args.model, args.prompts, args.seeds, args.png, **fields)
 
 
 if __name__ == "__main__":
