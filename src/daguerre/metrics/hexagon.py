@@ -195,7 +195,7 @@ def hexagon_adherence(model: str, loras: Sequence[tuple[str, float]], seeds: int
     per_colour = {c: sum(x == shape for x in v) / len(v) for c, v in calls.items()}
     total = sum(sum(x == shape for x in v) for v in calls.values()) / sum(len(v) for v in calls.values())
     if grid is not None:
-        from ..training.samples import grid as make_grid
+        from ..pipelines.images import make_grid  # metrics sit below training: the pipelines' contact sheet
 
         make_grid(images, len(colours)).save(grid)
     return {"model": model, "loras": [list(x) for x in loras], "shape": shape, "seeds": seeds,
