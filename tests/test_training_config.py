@@ -62,7 +62,7 @@ def test_shipped_configs_are_package_data_named_by_name_and_listed(capsys):
     for name, path in shipped.items():
         inside = path.resolve().relative_to(package.resolve()).as_posix()
         assert any(fnmatch.fnmatch(inside, pat) for pat in patterns), inside
-        stage = "vae" if name.endswith("_vae") else "clip" if name.endswith("_clip") else "ldm"
+        stage = next((s for s in ("vae", "clip", "lora", "embedding") if name.endswith(f"_{s}")), "ldm")
         sets = ["data.folder.root=photos"] if name.startswith("photos") else []  # a recipe for the user's folder
         assert load_run_config(name, stage, sets) == load_run_config(path, stage, sets)
     with pytest.raises(FileNotFoundError, match=r"'shapes_vea' is neither .* did you mean 'shapes_vae'\?.*tiny_ldm"):
