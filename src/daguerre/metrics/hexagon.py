@@ -20,7 +20,6 @@ world colour and seed and counts the images the judge calls a hexagon of that co
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,9 +44,8 @@ from ..data.shapes import (
     _make_object,
     caption,
     render,
-    shape_mask,
 )
-from .layout import COLOUR_NAMES, FIT_SIZE, box_of, classify_colours, components, mask_iou
+from .layout import COLOUR_NAMES, box_of, classify_colours, components, fit_shape
 
 HEXAGON = "hexagon"
 JUDGED_SHAPES = (*SHAPES, *EXTRA_SHAPES)  # what the judge tells apart
@@ -91,23 +89,10 @@ def write_folder(folder: str | Path, n: int, seed: int = 0, size: int = 64, *, r
     return captions
 
 
-@functools.lru_cache(maxsize=256)
-def _templates(width: int, height: int) -> dict[str, np.ndarray]:
-    return {s: shape_mask(s, (0.0, 0.0, 1.0, 1.0), width, height) for s in JUDGED_SHAPES}
-
-
 def fit_any_shape(region: np.ndarray) -> tuple[str, float]:
     """The shape of `JUDGED_SHAPES` whose outline drawn into the region's box matches it best, and the mask IoU
     (as `layout.fit_shape`, with the hexagon among the candidates)."""
-    h, w = region.shape
-    box = box_of(region)
-    x0, y0, x1, y1 = round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)
-    bw, bh = min(x1 - x0, FIT_SIZE), min(y1 - y0, FIT_SIZE)
-    ys = y0 + ((np.arange(bh) + 0.5) * (y1 - y0) / bh).astype(int)
-    xs = x0 + ((np.arange(bw) + 0.5) * (x1 - x0) / bw).astype(int)
-    cells = region[np.ix_(np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1))]
-    best = max((mask_iou(cells, t), s) for s, t in _templates(bw, bh).items())
-    return best[1], best[0]
+    return fit_shape(region, box_of(region), tuple(JUDGED_SHAPES))
 
 
 def judge_shape(image: Image.Image | np.ndarray, colour: str) -> str | None:

@@ -120,12 +120,13 @@ class Found:
 
 
 @functools.lru_cache(maxsize=256)
-def _templates(width: int, height: int) -> dict[str, np.ndarray]:
+def _templates(width: int, height: int, shapes: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Each shape drawn to fill a `width` x `height` pixel box, as the world draws it."""
-    return {s: shape_mask(s, (0.0, 0.0, 1.0, 1.0), width, height) for s in SHAPES}
+    return {s: shape_mask(s, (0.0, 0.0, 1.0, 1.0), width, height) for s in shapes}
 
 
-def fit_shape(region: np.ndarray, box: tuple[float, float, float, float]) -> tuple[str, float]:
+def fit_shape(region: np.ndarray, box: tuple[float, float, float, float],
+              shapes: tuple[str, ...] = tuple(SHAPES)) -> tuple[str, float]:
     """The shape (of `SHAPES`) whose outline drawn into `box` matches `region` best, and that match (mask IoU):
     the region's pixels in the box against each shape drawn to fill the box's pixels (at most `FIT_SIZE` a side;
     a larger box is compared on a FIT_SIZE grid, each cell the region's pixel at its centre)."""
@@ -135,7 +136,7 @@ def fit_shape(region: np.ndarray, box: tuple[float, float, float, float]) -> tup
     ys = y0 + ((np.arange(bh) + 0.5) * (y1 - y0) / bh).astype(int)
     xs = x0 + ((np.arange(bw) + 0.5) * (x1 - x0) / bw).astype(int)
     cells = region[np.ix_(np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1))]
-    best = max((mask_iou(cells, t), s) for s, t in _templates(bw, bh).items())
+    best = max((mask_iou(cells, t), s) for s, t in _templates(bw, bh, shapes).items())
     return best[1], best[0]
 
 
