@@ -205,7 +205,10 @@ def open_base(spec: str, device: torch.device) -> tuple[Components, dict[str, st
         raise FileNotFoundError(f"--model {spec}: no such model file (a daguerre or Stable Diffusion .safetensors / "
                                 ".ckpt, or a shipped name)")
     components, _ = open_model(str(path), device=device, dtype=torch.float32)
-    if components.config.conditioning != "text" or components.text_encoder is None:
+    from ..conditioning import TextConditioner, conditioner_for
+
+    # a plain text-to-image model (its captions are the only condition; layout models read more)
+    if type(conditioner_for(components.config)) is not TextConditioner or components.text_encoder is None:
         raise ValueError(f"--model {spec}: a {components.config.conditioning!r}-conditioned model; LoRAs and "
                          "embeddings are trained on a text-to-image model")
     for part in (components.unet, components.text_encoder, components.vae):
