@@ -72,10 +72,11 @@ def test_a1111_example_to_request_fields():
         "negative_prompt": "lowres, bad anatomy, (worst quality:1.4)",
         "steps": 28, "sampler": "DPM++ 2M Karras", "cfg_scale": 7.0, "seed": 1234567890,
         "width": 512, "height": 768, "clip_skip": 2,
+        "hires_scale": 2.0, "hires_upscaler": "Latent", "hires_strength": 0.7,  # the hires fix (pipelines/hires.py)
     }
     assert settings.model == "v1-5-pruned-emaonly" and settings.model_hash == "6ce0161689"
     # the LoRA is applied again from the prompt's <lora:...> tag: its hash only names the file (docs/lora.md)
-    assert settings.ignored == ["Denoising strength", "Hires upscale", "Hires upscaler"]
+    assert settings.ignored == []
 
 
 def test_bad_values_are_clear_errors():

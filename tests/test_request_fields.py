@@ -96,6 +96,9 @@ PNG_SAMPLES = [  # (config, request): together they set every field with a PNG k
                                boxes=["blue square:0.5,0.5,1,1"])),
     (_gligen_config(), GenerationRequest(prompt="a cat", steps=2, seed=3, boxes=["blue square:0.5,0.5,1,1"],
                                          layout_steps=0.3)),
+    (TINY, GenerationRequest(prompt="a cat", steps=2, seed=3, hires_scale=1.5, hires_upscaler="Latent (bicubic)",
+                             hires_steps=3, hires_strength=0.4)),
+    (TINY, GenerationRequest(prompt="a cat", steps=2, seed=3, hires_width=48, hires_height=32)),
 ]
 
 
@@ -154,7 +157,9 @@ def test_every_cli_flag_of_a_task_is_on_its_command(task):
 
 
 ARGV = {
-    "txt2img": ["--semantic=map.png", "--layout", "l.json", "--box", "a red circle:0,0,1,1", "--layout-steps", "0.3"],
+    "txt2img": ["--semantic=map.png", "--layout", "l.json", "--box", "a red circle:0,0,1,1", "--layout-steps", "0.3",
+                "--hires-scale", "2", "--hires-size", "64x48", "--hires-upscaler", "latent-bicubic", "--hires-steps",
+                "4", "--hires-denoise", "0.3"],
     "img2img": ["in.png", "--strength", "0.5", "--resize", "fit"],
     "inpaint": ["in.png", "m.png", "--strength", "0.5", "--resize", "fit", "--mask-blur", "2", "--fill",
                 "latent-noise", "--only-masked", "--only-masked-padding", "8"],
@@ -209,7 +214,9 @@ def test_every_payload_field_is_read():
                        "inpaint_full_res_padding": 8}
     read = {}
     spatial_payload = {**txt2img_payload, "semantic_map": _b64(image),
-                       "layout": [{"phrase": "a red circle", "box": [0, 0, 1, 1]}], "layout_steps": 0.3}
+                       "layout": [{"phrase": "a red circle", "box": [0, 0, 1, 1]}], "layout_steps": 0.3,
+                       "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 4,
+                       "hr_resize_x": 64, "hr_resize_y": 48, "denoising_strength": 0.3}
     for payload, endpoint in ((spatial_payload, "txt2img"), (inpaint_payload, "img2img")):
         request = request_from_payload(payload, endpoint, settings={"CLIP_stop_at_last_layers": (1,)})
         names = _names("a1111", request.task)

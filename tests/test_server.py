@@ -80,7 +80,8 @@ def test_img2img_and_inpainting(server):
 @pytest.mark.parametrize(("path", "payload", "status", "names"), [
     ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Foo"}, 422, "Foo"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 0}, 422, "steps"),
-    ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True}, 422, "enable_hr"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "hr_scale": 9}, 422, "hires scale must be in"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "hr_prompt": "y"}, 422, "hr_prompt"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "colour": "red"}, 422, "colour"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 0}, 422, "batch_size"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"sd_vae": "x"}}, 422, "sd_vae"),
@@ -118,7 +119,7 @@ def test_payload_mapping():
     r = request_from_payload({"prompt": "p", "enable_hr": False, "hr_scale": 2.0, "denoising_strength": 0.7,
                               "s_noise": 1.0, "s_tmax": None, "subseed": -1, "subseed_strength": 0, "eta": None})
     assert r.strength is None and r.task == "txt2img" and r.eta is None
-    for field, value in [("s_noise", 0.5), ("subseed_strength", 0.3), ("tiling", True), ("enable_hr", True),
+    for field, value in [("s_noise", 0.5), ("subseed_strength", 0.3), ("tiling", True), ("hr_sampler_name", "Euler"),
                          ("firstphase_width", 256), ("styles", ["cinematic"]), ("script_name", "x/y/z plot"),
                          ("alwayson_scripts", {"ControlNet": {"args": []}}), ("refiner_checkpoint", "sdxl_refiner")]:
         with pytest.raises(ApiError, match=f"{field}="):
@@ -425,8 +426,13 @@ def test_infotext_fills_the_fields_the_payload_leaves_out():
     assert (r.prompt, r.negative_prompt, r.steps, r.sampler, r.cfg_scale, r.seed) == ("a red circle", "blue", 2,
                                                                                       "Euler", 5.0, 11)
     assert (r.width, r.height, r.eta) == (64, 32, 1.0)
-    with pytest.raises(ApiError, match="Hires upscale"):
-        request_from_payload({"infotext": "x\nSteps: 3, Seed: 1, Hires upscale: 2"})
+    with pytest.raises(ApiError, match="Face restoration"):
+        request_from_payload({"infotext": "x\nSteps: 3, Seed: 1, Face restoration: CodeFormer"})
+    # the hires fix is applied from an infotext (pipelines/hires.py), unless the payload sets enable_hr itself
+    r = request_from_payload({"infotext": "x\nSteps: 3, Seed: 1, Denoising strength: 0.3, Hires upscale: 2"})
+    assert (r.hires_scale, r.hires_strength) == (2.0, 0.3)
+    r = request_from_payload({"infotext": "x\nSteps: 3, Seed: 1, Hires upscale: 2", "enable_hr": False})
+    assert r.hires_scale == 0
 
 
 def test_progress_counts_batches_as_a1111_does():

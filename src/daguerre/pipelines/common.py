@@ -39,6 +39,7 @@ from ..models.unet import fewer_calls_args
 from ..pngmeta import format_parameters
 from ..precision import dtype_of, short_name
 from ..quantize import is_quantized
+from . import hires
 from .infotext import write_parameters
 from .prompts import encode_weighted, plain_text
 from .request import ValidRequest, check_finite
@@ -89,7 +90,8 @@ class SamplingPlan:
     ("concat" channels, "y"). `concat_noise` = (a, s) augments cond["concat"] per image as
     a * concat + s * eps (noise-conditioning augmentation, Ho et al. 2022, cascaded diffusion).
     `known` and `mask` (1 = repaint) turn on inpaint blending of the x0 estimate (guidance.py);
-    `finish` post-processes each decoded image (inpaint paste-back); `params` are added to the PNG text.
+    `finish` post-processes each decoded image (inpaint paste-back); `params` are added to the PNG text;
+    `final_latents`, if a list, receives each batch's final latents (B, C, h, w) (the hires fix's first pass).
     """
 
     init_latents: torch.Tensor | None = None
@@ -100,6 +102,7 @@ class SamplingPlan:
     mask: torch.Tensor | None = None
     finish: Callable[[Image.Image], Image.Image] | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    final_latents: list[torch.Tensor] | None = None
 
 
 # --- conditioning ----------------------------------------------------------------------------------
@@ -216,8 +219,11 @@ def count_steps(request: ValidRequest) -> int:
 
 def progress_total(request: ValidRequest) -> int:
     """How many times `run_plan` calls its callback for `request`: one call per sampler step of each batch
-    (a batch of `batch_size` images advances together), so n=4, batch_size=2 at 20 steps is 40."""
+    (a batch of `batch_size` images advances together), so n=4, batch_size=2 at 20 steps is 40; with the hires
+    fix, plus each image's second pass."""
     batches = -(-request.n // request.batch_size)
+    if hires.enabled(request):  # then each image's second pass (pipelines/hires.py)
+        return batches * request.sampler_steps + request.n * (len(hires.second_pass_sigmas(request)) - 1)
     return batches * request.sampler_steps
 
 
@@ -329,6 +335,8 @@ def run_plan(
         if x is not None:
             check_finite(x, "final latents", components, req)
             sampled.append((x, seeds))
+            if plan.final_latents is not None:
+                plan.final_latents.append(x)
         if interrupted is not None:
             break
     components.done_with("unet")

@@ -85,6 +85,8 @@ def settings_from_parameters(text: str, source: str = "parameters") -> PngSettin
     for f, png in surface(GenerationRequest, "png"):
         fields.update(png.read(params, f, source))
         known.update(png.keys)
+    if "hires_strength" in fields:  # the hires fix's: applied (pipelines/hires.py)
+        known.add("Denoising strength")
     ignored = [k for k in params if k not in known]
     clip = fields.get("clip_model")
     if clip is not None and (why := _unusable_model(clip)):

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import ModelConfig
-from ..limits import DEFAULT_LIMITS, MAX_CLIP_GUIDANCE, MAX_CUTOUTS, Limits, request_work
+from ..limits import DEFAULT_LIMITS, MAX_CLIP_GUIDANCE, MAX_CUTOUTS, LimitError, Limits, request_work
+from . import hires
 from .fields import (
     BATCHES,
     CLASS_PNG,
@@ -60,6 +61,10 @@ from .fields import (
     dashed_choices,
     setting,
 )
+from .hires import DEFAULT_STRENGTH as HIRES_STRENGTH
+from .hires import HIRES_PAYLOAD, HIRES_PNG, HIRES_SIZE_FLAG, MAX_HIRES_SCALE
+from .hires import UPSCALERS as HIRES_UPSCALERS
+from .hires import flag_name as hires_flag_name
 
 if TYPE_CHECKING:
     import torch
@@ -279,6 +284,25 @@ class GenerationRequest:
                                   png=Png("Layout steps", fmt=lambda v: f"{v:g}"), cli=Flag(
         "--layout-steps", metavar="FRACTION", help="GLIGEN adapter models: the first FRACTION of the steps draw "
         "from the layout, the rest without it, as the base model (GLIGEN's scheduled sampling; default 1: all)"))
+    # A1111's hires fix (enable_hr; pipelines/hires.py): after txt2img at the base size, upscale by this factor
+    # (0 = off) and redraw by img2img; the A1111 payload and PNG codecs set every hires_ field
+    hires_scale: float = setting(0.0, type=float, tasks=TXT2IMG, a1111=HIRES_PAYLOAD, png=HIRES_PNG, cli=Flag(
+        "--hires-scale", metavar="X", help="A1111's hires fix: generate at --size, upscale X times (at most "
+        f"{MAX_HIRES_SCALE:g}) and redraw at the larger size by img2img (default 0: off)"))
+    # the hires fix's final size (0 = from hires_scale; one of them 0: from the other and the base aspect)
+    hires_width: int = setting(0, type=int, tasks=TXT2IMG, a1111=HIRES_PAYLOAD, png=HIRES_PNG, cli=HIRES_SIZE_FLAG)
+    hires_height: int = setting(0, type=int, tasks=TXT2IMG, a1111=HIRES_PAYLOAD, png=HIRES_PNG, cli=HIRES_SIZE_FLAG)
+    # A1111 upscaler name: Latent (bilinear), Latent (bicubic), Latent (nearest), ..., Lanczos, Nearest
+    hires_upscaler: str = setting("Latent", type=str, tasks=TXT2IMG, a1111=HIRES_PAYLOAD, png=HIRES_PNG, cli=Flag(
+        "--hires-upscaler", choices=tuple(hires_flag_name(n) for n in HIRES_UPSCALERS), help="with the hires fix: "
+        "latent* interpolate the latents, lanczos / nearest resize the decoded image (default latent: bilinear)"))
+    # the second pass's steps (0 = steps) and denoising strength
+    hires_steps: int = setting(0, type=int, tasks=TXT2IMG, a1111=HIRES_PAYLOAD, png=HIRES_PNG, cli=Flag(
+        "--hires-steps", metavar="N", help="with the hires fix: steps of the second pass (default 0: --steps)"))
+    hires_strength: float = setting(HIRES_STRENGTH, type=float, tasks=TXT2IMG, a1111=HIRES_PAYLOAD, png=HIRES_PNG,
+                                    cli=Flag(
+        "--hires-denoise", metavar="S", help=f"with the hires fix: denoising strength of the second pass in [0, 1] "
+        f"(default {HIRES_STRENGTH:g})"))
     # LoRAs to merge, each "FILE:WEIGHT" (or a (file, weight) pair): a path, or a name in the LoRA folder; with the
     # prompt's <lora:name:weight> tags, a `ValidRequest` holds them as `lora.syntax.LoraRef`s (docs/lora.md). Not
     # an HTTP field: a client names LoRAs by the prompt's tags, found in the server's --lora-dir only
@@ -399,6 +423,22 @@ class GenerationRequest:
                             encodes=self.task in IMAGE_TASKS, prompt_chunks=chunks,
                             clip_guided=self.clip_guidance > 0)
         limits.check_work(work, f"{self.n} image(s) of {width}x{height} at {self.steps} steps")
+        hires_fields: dict[str, Any] = {}
+        if hires.enabled(self):  # the final size through the same limits, before any work
+            from .hires import upscaler_name
+
+            hires_w, hires_h = hires.check(self, width, height, factor)
+            try:
+                limits.check_size(hires_w, hires_h, 1, config.sample_size)
+            except LimitError as e:
+                raise LimitError(f"the hires fix's final size: {e}") from None
+            hires_steps = self.hires_steps or self.steps
+            limits.check_count(self.n, hires_steps)
+            limits.check_work(request_work(config, width=hires_w, height=hires_h, steps=hires_steps, n=self.n,
+                                           guided=guided, encodes=True, prompt_chunks=chunks,
+                                           clip_guided=self.clip_guidance > 0),
+                              f"the hires fix: {self.n} image(s) of {hires_w}x{hires_h} at {hires_steps} steps")
+            hires_fields["hires_upscaler"] = upscaler_name(self.hires_upscaler)
         seed = self.seed
         if seed is None or seed == -1:
             seed = secrets.randbelow(MAX_SEED)
@@ -412,7 +452,7 @@ class GenerationRequest:
         if semantic is not None:
             spatial["semantic_map"] = semantic.resized(width, height)  # nearest: labels are never blended
         resolved.update(width=width, height=height, seed=seed, limits=limits, clip_model=clip_model, **images,
-                        **spatial)
+                        **spatial, **hires_fields)
         sigmas = _run_sigmas(config, conditioner, choice, resolved)
         if self.fast:
             resolved.update(fast_settings(self, sigmas, guided))

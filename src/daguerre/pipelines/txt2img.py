@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..components import Components
+from . import hires
 from .common import (  # noqa: F401  (re-exported: the public names of this module before common.py)
     Callback,
     GeneratedImage,
@@ -38,7 +39,11 @@ def txt2img(
     `callback` gets `{x, i, sigma, sigma_next, denoised, batch_start}` at every sampler step. An
     inpainting model runs with everything masked (common.py); a super-resolution model is an error; a
     semantic-synthesis model draws the request's map, a layout model its layout (daguerre.conditioning).
+    With the hires fix on (`hires_scale`, `hires_width`, `hires_height`) the images are then upscaled and
+    redrawn at the larger size (pipelines/hires.py).
     """
     req = require_valid(components, request, "txt2img")
+    if hires.enabled(req):  # A1111's hires fix: this plan at the base size, then upscaled and redrawn
+        return hires.hires_fix(components, req, callback=callback, model_hash=model_hash, clip=clip)
     plan = SamplingPlan(cond=req.conditioner.concat.request_input(components.config, req))  # a semantic map
     return run_plan(components, req, plan, callback=callback, model_hash=model_hash, clip=clip)

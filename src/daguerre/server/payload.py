@@ -10,9 +10,9 @@ accepted here, each in one of three ways (`FIELDS`):
   `eta`, `mask`, `inpaint_full_res`, ...; pipelines/fields.py holds the few codecs, such as `n_iter`
   batches of `batch_size`), read by `request_from_payload` for the fields of the payload's task;
 - ignored, because A1111 reads it only for its own saving or UI, or only under a switch that is off
-  or refused (`save_images`, `hr_scale` without `enable_hr`), or only for models daguerre cannot load
+  or refused (`save_images`, `hr_cfg`), or only for models daguerre cannot load
   (`image_cfg_scale`, instruct-pix2pix only);
-- refused with a 422 naming it when it switches on a feature daguerre lacks (`enable_hr`,
+- refused with a 422 naming it when it switches on a feature daguerre lacks (`hr_prompt`,
   `restore_faces`, `script_name`, ...), and accepted at the values that leave the feature off.
 
 A field of neither schema is refused by name (a typo is not silently dropped).
@@ -69,13 +69,17 @@ COMMON: dict[str, Rule] = {
 }
 TXT2IMG: dict[str, Rule] = {
     **COMMON, **_mapped("txt2img"),
-    "enable_hr": ((False,), "the hires fix (enable_hr)"),
     "firstphase_width": ((0,), "the old hires fix's first-pass size (firstphase_width)"),
     "firstphase_height": ((0,), "the old hires fix's first-pass size (firstphase_height)"),
-    # read by A1111 only when enable_hr is on (refused above); denoising_strength is the second pass's
-    **dict.fromkeys(("denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
-                     "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
-                     "hr_negative_prompt", "firstpass_image", "hr_cfg", "hr_distilled_cfg", "denoising_strength_hr",
+    # the hires fix (enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps, hr_resize_x / _y and its
+    # denoising_strength) is mapped above (pipelines/hires.py); its second pass runs with the first's model,
+    # sampler, schedule, prompts and CFG, so other values of these are refused
+    "hr_checkpoint_name": ((*OFF, "Use same checkpoint"), "a second-pass checkpoint (hr_checkpoint_name)"),
+    "hr_sampler_name": ((*OFF, "Use same sampler"), "a second-pass sampler (hr_sampler_name)"),
+    "hr_scheduler": ((*OFF, "Use same scheduler"), "a second-pass schedule (hr_scheduler)"),
+    "hr_prompt": (OFF, "a second-pass prompt (hr_prompt)"),
+    "hr_negative_prompt": (OFF, "a second-pass negative prompt (hr_negative_prompt)"),
+    **dict.fromkeys(("firstpass_image", "hr_cfg", "hr_distilled_cfg", "denoising_strength_hr",
                      "hr_additional_modules"), "ignore"),
 }
 IMG2IMG: dict[str, Rule] = {
