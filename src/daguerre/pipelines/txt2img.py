@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..components import Components
-from . import hires
+from . import hires, hires_run
 from .common import (  # noqa: F401  (re-exported: the public names of this module before common.py)
     Callback,
     GeneratedImage,
@@ -44,6 +44,6 @@ def txt2img(
     """
     req = require_valid(components, request, "txt2img")
     if hires.enabled(req):  # A1111's hires fix: this plan at the base size, then upscaled and redrawn
-        return hires.hires_fix(components, req, callback=callback, model_hash=model_hash, clip=clip)
+        return hires_run.hires_fix(components, req, callback=callback, model_hash=model_hash, clip=clip)
     plan = SamplingPlan(cond=req.conditioner.concat.request_input(components.config, req))  # a semantic map
     return run_plan(components, req, plan, callback=callback, model_hash=model_hash, clip=clip)
