@@ -4,7 +4,6 @@ the queue's counts in /sdapi/v1/progress. Over real sockets on 127.0.0.1, with r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -18,6 +17,7 @@ import daguerre
 from daguerre.server.app import Server
 from daguerre.server.http import make_http_server
 from daguerre.server.jobs import Jobs, QueueFull
+from test_openai_images import serving  # one way to serve a Server on a free loopback port
 
 
 class Held:
@@ -39,18 +39,6 @@ class Held:
                 self.release.wait(60)
 
         return self.pipe(request, callback=on_step)
-
-
-@contextlib.contextmanager
-def serving(server):
-    http = make_http_server(server, "127.0.0.1", 0)
-    thread = threading.Thread(target=http.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{http.server_address[1]}"
-    finally:
-        http.shutdown()
-        http.server_close()
 
 
 def call(base: str, method: str, path: str, payload=None) -> tuple[int, Any, dict]:
