@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (each module registers its command)
     classifier,
     convert,
     eval,
+    explain,
     generate,
     img2img,
     info,
