@@ -4,16 +4,36 @@ Tiny models run fastest on one thread (with two, OpenMP threads spin-wait on eac
 millisecond-sized ops, many times slower on a busy machine); tests marked `slow` (full Stable
 Diffusion configs) keep torch's default thread count.
 
-`vae_file` is the stage-1 output the stage-2 training tests start from.
+`vae_file` is the stage-1 output the stage-2 training tests start from; `serving` is the one way the tests serve a
+`daguerre.server.app.Server` over real sockets.
 """
 
+import contextlib
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "daguerre" / "assets" / "configs"  # the shipped run configs
+
+
+@contextlib.contextmanager
+def serving(app, host: str = "127.0.0.1", **kwargs) -> Iterator[int]:
+    """The port of `app` (a Server) served by `daguerre serve`'s HTTP layer in a thread on a free port of `host`
+    (`kwargs`: make_http_server's access, timeout, max_connections, ...); shut down and closed on exit."""
+    from daguerre.server.http import make_http_server
+
+    http = make_http_server(app, host, 0, **kwargs)
+    thread = threading.Thread(target=http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield http.server_address[1]
+    finally:
+        http.shutdown()
+        http.server_close()
 
 
 @pytest.fixture(autouse=True)

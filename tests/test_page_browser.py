@@ -5,25 +5,19 @@ with what to run instead of skipping them."""
 from __future__ import annotations
 
 import re
-import threading
 import time
 
 import pytest
 
 import daguerre
+from conftest import serving
 from daguerre.server.app import Server
-from daguerre.server.http import make_http_server
 
 
 @pytest.fixture
 def url():
-    http = make_http_server(Server(daguerre.load("random:tiny"), "random:tiny"), "127.0.0.1", 0)
-    thread = threading.Thread(target=http.serve_forever, daemon=True)
-    thread.start()
-    host, port = http.server_address[:2]
-    yield f"http://{host}:{port}/"
-    http.shutdown()
-    http.server_close()
+    with serving(Server(daguerre.load("random:tiny"), "random:tiny")) as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 def test_the_page_generates_with_live_progress(browser, url):

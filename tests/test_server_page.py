@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -17,20 +16,16 @@ import pytest
 from PIL import Image
 
 import daguerre
+from conftest import serving
 from daguerre.server.app import Server
-from daguerre.server.http import make_http_server
 
 SHOTS = Path(__file__).parent.parent / "docs" / "images"
 
 
 @pytest.fixture(scope="module")
 def url():
-    http = make_http_server(Server(daguerre.load("random:tiny"), "random:tiny"), "127.0.0.1", 0)
-    thread = threading.Thread(target=http.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{http.server_address[1]}/"
-    http.shutdown()
-    http.server_close()
+    with serving(Server(daguerre.load("random:tiny"), "random:tiny")) as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 def _shot(page, name: str) -> None:
