@@ -37,7 +37,8 @@ def check_count(value: int, low: int, high: int, what: str, flag: str) -> int:
 
 def open_components(args: argparse.Namespace) -> Components:
     """The model of `--model` on `--device` in `--dtype`, each network read only when first needed
-    (`registry.open_model(release_after_use=True)`), with the automatic thread count for its size."""
+    (`registry.open_model(release_after_use=True)`: a sub-command that only encodes and decodes never reads the
+    U-Net), with the automatic thread count for the U-Net's size (counted on its shapes, read or not)."""
     import torch
 
     from ..precision import auto_threads
@@ -45,7 +46,6 @@ def open_components(args: argparse.Namespace) -> Components:
     from ..registry import open_model
 
     comps, _ = open_model(args.model, device=args.device, dtype=args.dtype, release_after_use=True)
-    comps.acquire("unet")  # counted for the thread choice; every sub-command that opens a model samples or decodes
     threads = auto_threads(comps.device, weight_count(comps.unet))
     if threads:
         torch.set_num_threads(threads)
