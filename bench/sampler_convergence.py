@@ -1,4 +1,4 @@
-"""Convergence of every sampler on Gaussian data, where the exact answer is known (tests/gaussian_oracle.py).
+"""Convergence of every sampler on Gaussian data, where the exact answer is known (daguerre/diffusion/gaussian.py).
 
 Deterministic samplers: relative max error of the end point against the exact probability-flow ODE
 solution, integrating from sigma_max = 14.6 to sigma_min = 0.029 (SD's range) over n Karras steps
@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from daguerre.diffusion import samplers_sde  # noqa: E402
-from daguerre.diffusion.sampler_names import SAMPLERS  # noqa: E402
-from gaussian_oracle import SIGMA_MAX, SIGMA_MIN, GaussianData, karras_sigmas  # noqa: E402
+from daguerre.diffusion import samplers_sde
+from daguerre.diffusion.gaussian import SIGMA_MAX, SIGMA_MIN, GaussianData, karras_sigmas
+from daguerre.diffusion.sampler_names import SAMPLERS
 
 DEFAULT_STEPS = (5, 10, 20, 40, 80)
 DIM = 16  # data dimensions, each with its own mean and scale

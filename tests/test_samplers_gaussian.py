@@ -1,5 +1,5 @@
 """Every deterministic sampler converges to the exact probability-flow ODE solution on Gaussian data,
-at its expected order (tests/gaussian_oracle.py has the closed forms).
+at its expected order (daguerre/diffusion/gaussian.py has the closed forms).
 
 Protocol: x_T = mu + sigma_max z for 8 x 16 values (16 dimensions, each with its own mean and scale),
 n Karras steps (rho = 7) from SD's sigma_max = 14.6 to sigma_min = 0.029. The error is the max abs
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from daguerre.diffusion import samplers, samplers_sde
+from daguerre.diffusion.gaussian import SIGMA_MAX, SIGMA_MIN, GaussianData, karras_sigmas
 from daguerre.diffusion.sampler_names import SAMPLERS
-from gaussian_oracle import SIGMA_MAX, SIGMA_MIN, GaussianData, karras_sigmas
 
 STEPS = (10, 20, 40, 80)
 ORDER_TOLERANCE = 0.2

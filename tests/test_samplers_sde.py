@@ -1,5 +1,5 @@
 """Stochastic samplers on Gaussian data: the right output distribution, reproducible noise, DDPM's
-posterior, and the Brownian increments of DPM++ SDE (oracles in tests/gaussian_oracle.py).
+posterior, and the Brownian increments of DPM++ SDE (oracles in daguerre/diffusion/gaussian.py).
 
 Every sampler is linear on N(mu, s^2) data, so its output is Gaussian with mean exactly mu; what a
 sampler can get wrong is the variance. The checks standardise the N = 4096 x 16 samples and compare
@@ -22,6 +22,7 @@ import torch
 
 from daguerre.config import ScheduleConfig
 from daguerre.diffusion import samplers_sde
+from daguerre.diffusion.gaussian import GaussianData, karras_sigmas
 from daguerre.diffusion.noise import generators_for
 from daguerre.diffusion.sampler_names import SAMPLERS
 from daguerre.diffusion.samplers_sde import (
@@ -33,7 +34,6 @@ from daguerre.diffusion.samplers_sde import (
     sample_lcm,
 )
 from daguerre.diffusion.schedules import alphas_cumprod, get_sigmas, make_betas, model_sigmas
-from gaussian_oracle import GaussianData, karras_sigmas
 
 DIM, BATCH = 16, 4096
 N = DIM * BATCH

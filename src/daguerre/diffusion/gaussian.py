@@ -1,5 +1,7 @@
-"""Test helper: data x0 ~ N(mu, diag(s^2)), for which the ideal denoiser and the probability-flow ODE
-are known in closed form, so every sampler can be checked against an exact answer.
+"""Gaussian data x0 ~ N(mu, diag(s^2)), for which the ideal denoiser and the probability-flow ODE are known in
+closed form, so every sampler can be checked against an exact answer: the oracle of the sampler tests
+(tests/test_samplers_gaussian.py, tests/test_samplers_sde.py), of bench/sampler_convergence.py and of
+`daguerre explain samplers`. It is written out from the formulas below, independently of samplers.py.
 
 Ideal denoiser. With x = x0 + sigma * eps, x0 and x are jointly Gaussian per dimension, so the
 posterior mean is linear: D(x, sigma) = E[x0 | x] = mu + s^2 / (s^2 + sigma^2) (x - mu).
