@@ -129,22 +129,14 @@ def test_the_a1111_route_takes_enable_hr(pipe):
 
 
 def test_webuiapi_txt2img_with_enable_hr(pipe):
-    import threading
-
     import webuiapi
 
-    from daguerre.server.http import make_http_server
+    from conftest import serving
 
-    http = make_http_server(Server(pipe, "random:tiny"), "127.0.0.1", 0)
-    thread = threading.Thread(target=http.serve_forever, daemon=True)
-    thread.start()
-    try:
-        api = webuiapi.WebUIApi(host=http.server_address[0], port=http.server_address[1])
+    with serving(Server(pipe, "random:tiny")) as port:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
         result = api.txt2img(prompt="a red circle", seed=7, width=32, height=32, steps=3, enable_hr=True,
                              hr_scale=1.5, hr_upscaler=webuiapi.HiResUpscaler.Lanczos, hr_second_pass_steps=2)
-    finally:
-        http.shutdown()
-        http.server_close()
     assert result.image.size == (48, 48)
     text = result.info["infotexts"][0]
     assert "Size: 32x32" in text and "Denoising strength: 0.7, Hires upscale: 1.5, Hires steps: 2" in text

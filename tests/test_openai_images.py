@@ -5,34 +5,20 @@ own settings as extra body fields, OpenAI's mask convention, --api-key, and bad 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
-import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import daguerre
+from conftest import serving
 from daguerre.limits import Limits
 from daguerre.server.app import Server
-from daguerre.server.http import Access, make_http_server
+from daguerre.server.http import Access
 
 openai = pytest.importorskip("openai")
-
-
-@contextlib.contextmanager
-def serving(server, **kwargs):
-    """The base URL of `server` while it serves in a thread on a free port of 127.0.0.1."""
-    http = make_http_server(server, "127.0.0.1", 0, **kwargs)
-    thread = threading.Thread(target=http.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{http.server_address[1]}"
-    finally:
-        http.shutdown()
-        http.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +28,8 @@ def server():
 
 @pytest.fixture(scope="module")
 def url(server):
-    with serving(server) as base:
-        yield base
+    with serving(server) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def client(base: str, key: str = "any value", **kwargs):
@@ -153,7 +139,8 @@ def test_bad_edits_are_a_422_naming_the_problem(url, image, mask, says):
 
 
 def test_api_key_is_asked_for_as_a_bearer_token_on_every_route(server):
-    with serving(server, access=Access.from_flags(api_key="sk-right-key-123")) as base:
+    with serving(server, access=Access.from_flags(api_key="sk-right-key-123")) as port:
+        base = f"http://127.0.0.1:{port}"
         for call in (lambda c: c.images.generate(prompt="x", extra_body={"steps": 1}), lambda c: c.models.list()):
             with pytest.raises(openai.AuthenticationError):
                 call(client(base, "sk-wrong-key-123"))

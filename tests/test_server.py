@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 import daguerre
+from conftest import serving
 from daguerre.cli import main
 from daguerre.server.app import ApiError, Server, request_from_payload
-from daguerre.server.http import make_http_server
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +137,8 @@ def test_mask_blur_from_its_x_and_y_parts():
 
 
 def test_over_http():
-    http = make_http_server(Server(daguerre.load("random:tiny"), "random:tiny"), "127.0.0.1", 0)
-    thread = threading.Thread(target=http.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{http.server_address[1]}/sdapi/v1/txt2img"
+    with serving(Server(daguerre.load("random:tiny"), "random:tiny")) as port:
+        url = f"http://127.0.0.1:{port}/sdapi/v1/txt2img"
         req = urllib.request.Request(url, json.dumps({"prompt": "x", "steps": 2, "seed": 1}).encode(),
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -150,9 +147,6 @@ def test_over_http():
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(bad, timeout=60)
         assert e.value.code == 422 and "steps" in json.load(e.value)["detail"]
-    finally:
-        http.shutdown()
-        http.server_close()
 
 
 def test_cli_refuses_a_bad_port_in_one_line(capsys):

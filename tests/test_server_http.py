@@ -17,9 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import daguerre
+from conftest import serving
 from daguerre.cli import main
 from daguerre.server.app import Server
-from daguerre.server.http import MAX_BODY_BYTES, Access, make_http_server
+from daguerre.server.http import MAX_BODY_BYTES, Access
 
 TXT2IMG = "/sdapi/v1/txt2img"
 SMALL = json.dumps({"prompt": "x", "steps": 1, "seed": 1}).encode()
@@ -42,19 +43,6 @@ class Counting:
 @pytest.fixture(scope="module")
 def app():
     return Server(Counting(), "random:tiny")
-
-
-@contextlib.contextmanager
-def serving(app, host="127.0.0.1", **kwargs):
-    """The server's port while it serves `app` in a thread."""
-    http = make_http_server(app, host, 0, **kwargs)
-    thread = threading.Thread(target=http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield http.server_address[1]
-    finally:
-        http.shutdown()
-        http.server_close()
 
 
 def call(port, method, path, body=b"", headers=(), json_body=True, timeout=60):

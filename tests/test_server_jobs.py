@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 
 import daguerre
+from conftest import serving
 from daguerre.server.app import Server
-from daguerre.server.http import make_http_server
 from daguerre.server.jobs import Jobs, QueueFull
-from test_openai_images import serving  # one way to serve a Server on a free loopback port
 
 
 class Held:
@@ -97,7 +96,8 @@ def test_jobs_run_in_order_one_at_a_time_and_a_full_queue_refuses():
 def test_submit_status_result_over_http_and_the_queue_in_progress():
     held = Held()
     server = Server(held, "random:tiny", queue_size=1)
-    with serving(server) as base:
+    with serving(server) as port:
+        base = f"http://127.0.0.1:{port}"
         status, headers, first = call(base, "POST", "/jobs/txt2img", SMALL)
         assert status == 202 and first["status"] in ("queued", "running") and headers["Location"].endswith(first["id"])
         assert held.reached.wait(60)
@@ -128,7 +128,8 @@ def test_submit_status_result_over_http_and_the_queue_in_progress():
 def test_cancel_a_running_job_keeps_its_images_so_far_and_a_queued_one_never_runs():
     held = Held()
     server = Server(held, "random:tiny")
-    with serving(server) as base:
+    with serving(server) as port:
+        base = f"http://127.0.0.1:{port}"
         running = call(base, "POST", "/jobs/txt2img", {"prompt": "x", "steps": 50, "seed": 1})[2]
         assert held.reached.wait(60)
         queued = call(base, "POST", "/jobs/txt2img", SMALL)[2]
@@ -147,7 +148,8 @@ def test_cancel_a_running_job_keeps_its_images_so_far_and_a_queued_one_never_run
 
 def test_a_bad_job_is_refused_at_submit_and_a_failing_one_reports_its_error(monkeypatch):
     server = Server(daguerre.load("random:tiny"), "random:tiny")
-    with serving(server) as base:
+    with serving(server) as port:
+        base = f"http://127.0.0.1:{port}"
         status, _, out = call(base, "POST", "/jobs/txt2img", {"prompt": "x", "steps": "many"})
         assert status == 422 and "steps" in out["detail"]
         status, _, out = call(base, "POST", "/jobs/img2img", {"prompt": "x", "init_images": ["%%"]})
@@ -217,7 +219,8 @@ def test_a_websocket_streams_progress_and_previews_and_passes_the_same_guards():
 
     held = Held()
     server = Server(held, "random:tiny")
-    with serving(server) as base:
+    with serving(server) as port:
+        base = f"http://127.0.0.1:{port}"
         idle = ws_messages(base, "/ws/progress?interval=0.1", 2)
         assert len(idle) == 2 and idle[0]["state"]["job_count"] == 0 and idle[0]["queue"]["running"] == 0
         call(base, "POST", "/jobs/txt2img", {"prompt": "x", "steps": 5, "seed": 1})
@@ -230,17 +233,11 @@ def test_a_websocket_streams_progress_and_previews_and_passes_the_same_guards():
             ws_messages(base, "/ws/progress", 1, [("Origin", "http://evil.example")])
         with pytest.raises(ConnectionRefusedError, match="403"):  # DNS rebinding's Host
             ws_messages(base, "/ws/progress", 1, host="evil.example")
-    http_server = make_http_server(server, "127.0.0.1", 0, access=Access.from_flags(api_key="sk-12345678"))
-    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{http_server.server_address[1]}"
+    with serving(server, access=Access.from_flags(api_key="sk-12345678")) as port:
+        base = f"http://127.0.0.1:{port}"
         with pytest.raises(ConnectionRefusedError, match="403"):
             ws_messages(base, "/ws/progress", 1)
         assert len(ws_messages(base, "/ws/progress", 1, [("Authorization", "Bearer sk-12345678")])) == 1
-    finally:
-        http_server.shutdown()
-        http_server.server_close()
 
 
 def test_a_waiting_client_that_leaves_takes_its_job_out_of_the_queue():

@@ -12,8 +12,8 @@ import webuiapi  # a test dependency (pyproject's `test` extra)
 from PIL import Image
 
 import daguerre
+from conftest import serving
 from daguerre.server.app import Server
-from daguerre.server.http import make_http_server
 
 SMALL = {"width": 32, "height": 32, "steps": 3}  # webuiapi's 512 x 512 at 20 steps, made small
 
@@ -21,13 +21,8 @@ SMALL = {"width": 32, "height": 32, "steps": 3}  # webuiapi's 512 x 512 at 20 st
 @pytest.fixture(scope="module")
 def served():
     server = Server(daguerre.load("random:tiny"), "random:tiny")
-    http = make_http_server(server, "127.0.0.1", 0)
-    thread = threading.Thread(target=http.serve_forever, daemon=True)
-    thread.start()
-    host, port = http.server_address[:2]
-    yield server, webuiapi.WebUIApi(host=host, port=port)
-    http.shutdown()
-    http.server_close()
+    with serving(server) as port:
+        yield server, webuiapi.WebUIApi(host="127.0.0.1", port=port)
 
 
 def test_start_up_calls(served):
