@@ -87,7 +87,13 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of a sequence to itself or to a context (LDM eq. 3: Q from x, K and V from tau(y))."""
+    """Multi-head attention of a sequence to itself or to a context (LDM eq. 3: Q from x, K and V from tau(y)).
+
+    `recorder` (None, the default, costs nothing) is called as `recorder(q, k, context, heads)` at every call
+    with a context, before the attention: a reader of the cross-attention probabilities
+    (`daguerre.explain.attention`), which it computes itself, since the fused attention does not return them."""
+
+    recorder: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None] | None = None
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, dropout: float, upcast: bool):
         super().__init__()
@@ -99,9 +105,12 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        record = self.recorder is not None and context is not None
         context = x if context is None else context  # self-attention
         q = self.to_q(x)  # (B, T, heads*d)
         k, v = self.to_k(context), self.to_v(context)  # (B, S, heads*d)
+        if record:
+            self.recorder(q, k, context, self.heads)
         return self.to_out(attention(q, k, v, self.heads, upcast=self.upcast))  # (B, T, dim)
 
 
