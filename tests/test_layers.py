@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipelines",),  # txt2img, img2img, inpaint, upscale over Components
     ("metrics",),  # evaluation: statistics, judges, zero-shot accuracy, CLIP score
     ("training",),  # the training stages (a CLIP run logs metrics' zero-shot accuracy)
+    ("explain",),  # figures of how latent diffusion works (pipelines, the reconstruction metrics); the server's page
     ("api", "server", "commands", "cli", "__main__"),  # the front ends, which may import each other
 )
 
