@@ -27,7 +27,7 @@ SAME functions the pipelines call at inference, so training and sampling cannot 
   once from the scenes (no image is rendered for them) and kept in the pixel cache as uint8 labels.
 
 All randomness (masks, noise levels, augmentation noise) comes from the per-sample generators of the
-training loop (`dist.sample_generator`), after the draws of `ldm._draws`, so a resumed run and a
+training loop (`dist.sample_generator`), after the draws of `objective.draw_noise`, so a resumed run and a
 torchrun run see the same conditioning. The pixel cache is one safetensors file
 CACHE/pixels_<kind>_<key>.safetensors, keyed by the data description, the kind, the factor and `flip`.
 """

@@ -4,11 +4,11 @@ The images are encoded once (`latents`); each step draws, per sample and from th
 generator (`dist.sample_generator`), a timestep t ~ U{0..T-1}, noise eps (plus offset noise), a
 posterior sample z = mean + std eps' (or the mode), the caption-dropout decision and, with flips
 cached, the view. With z0 = (z - shift) * scale and x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, the
-U-Net learns eps, v or x0 under the min-SNR-gamma weights (`losses`); tau_theta (daguerre's CLIP-style
-text transformer) is trained jointly, as LDM does, or is the frozen pretrained MiniLM, whose contexts
-are encoded once per caption (`text_cache`). Dropped captions become the empty prompt and
-dropped labels the null class K, the unconditional branches classifier-free guidance uses at sampling
-time. The final file RUN/model.safetensors is a daguerre checkpoint (EMA U-Net and text encoder, the
+U-Net learns eps, v or x0 under the min-SNR-gamma weights (`objective`, shared with the LoRA stages);
+tau_theta (daguerre's CLIP-style text transformer) is trained jointly, as LDM does, or is the frozen
+pretrained MiniLM, whose contexts are encoded once per caption (`text_cache`). Dropped captions become the
+empty prompt and dropped labels the null class K, the unconditional branches classifier-free guidance uses
+at sampling time. The final file RUN/model.safetensors is a daguerre checkpoint (EMA U-Net and text encoder, the
 VAE, the schedule, the config with provenance) that `daguerre generate --model` loads.
 """
 
@@ -25,17 +25,17 @@ from torch import nn
 from ..checkpoints.vae_file import load_vae
 from ..components import Components
 from ..conditioning import conditioner_for
-from ..diffusion.schedules import alphas_cumprod, betas_from_config, q_sample
 from ..models.gligen import freeze_base
 from ..models.text_encoder import CLIPTextEncoder
 from ..models.unet import UNetModel
-from . import dist, latents, losses, text_cache
+from . import dist, latents, text_cache
 from .concat import build_concat_inputs
 from .config import RunConfig, derive_model_config
 from .export import MODEL_FILE, ModelRecord, caption_tokens, networks, write_model
 from .init import init_ldm
 from .log import RunLogger
 from .loop import RunSummary, Setup, autocast, make_optimizer, run, wrap_ddp
+from .objective import DiffusionObjective
 from .samples import SAMPLES_DIR, ignored_sample_settings, save_png
 
 logger = logging.getLogger("daguerre.train")
@@ -57,23 +57,6 @@ class DiffusionModel(nn.Module):
         if ids is not None:
             context = self.text_encoder(ids, output_pooled=False).hidden  # (B, 77, width)
         return self.unet(x, t, context=context, y=y, layout=layout)  # a layout model's tokens: its layout_net
-
-
-def _draws(gens: list[torch.Generator], n_steps: int, shape: tuple[int, ...], views: int, offset: float,
-           sample_posterior: bool, t_cdf: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-sample random draws, each sample from its own generator, always in the same order."""
-    ts, noise, post, drop, view = [], [], [], [], []
-    for g in gens:
-        ts.append(losses.draw_timestep(g, n_steps, t_cdf))
-        eps = torch.randn(shape, generator=g)
-        if offset > 0:  # offset noise: a per-channel constant shift (Guttenberg 2023)
-            eps = eps + offset * torch.randn((shape[0], 1, 1), generator=g)
-        noise.append(eps)
-        post.append(torch.randn(shape, generator=g) if sample_posterior else torch.zeros(shape))
-        drop.append(torch.rand(1, generator=g))
-        view.append(torch.randint(0, views, (1,), generator=g) if views > 1 else torch.zeros(1, dtype=torch.long))
-    return {"t": torch.cat(ts), "noise": torch.stack(noise), "post": torch.stack(post), "drop": torch.cat(drop),
-            "view": torch.cat(view)}
 
 
 def train_ldm(cfg: RunConfig, out: str | Path, *, vae_path: str | Path, resume: bool = False,
@@ -114,7 +97,6 @@ class LDMStage:
         run_model = copy.deepcopy(cfg)
         run_model.model.vae = copy.deepcopy(self.vae_model_cfg.vae)  # the autoencoder is the trained one
         self.model_cfg = model_cfg = derive_model_config(run_model, data.channels, data.class_names)
-        self.abar_all = alphas_cumprod(betas_from_config(model_cfg.schedule)).float()  # (T,)
 
         cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "latents"
         self.lat = lat = latents.build_or_load(self.vae, self.vae_sha, data, cfg.data.flip, cache_root, env)
@@ -165,10 +147,7 @@ class LDMStage:
         for warning in ignored_sample_settings(self.conditioner, cfg.sample) if env.is_main else ():
             logger.warning(warning)
         self.text = text_cache.text_hook(self.tokenizer, te, trained=train_te, cache=text_emb, bf16=t.bf16)
-        lc = cfg.loss
-        self.t_cdf = losses.timestep_cdf(lc.timestep_bias, model_cfg.schedule.num_train_timesteps,
-                                         lc.timestep_bias_multiplier, lc.timestep_bias_portion,
-                                         lc.timestep_bias_begin, lc.timestep_bias_end)
+        self.objective = DiffusionObjective(model_cfg, cfg.loss)
 
     def resumed(self, meta: dict[str, Any]) -> None:
         if meta.get("vae_sha256") != self.vae_sha:
@@ -188,28 +167,18 @@ class LDMStage:
         self.sampler = sampler
 
     def step(self, step: int, micro: int, sync: bool) -> dict[str, float]:
-        t, lc, lat, device = self.cfg.train, self.cfg.loss, self.lat, self.device
-        schedule = self.model_cfg.schedule
-        scale, shift = self.model_cfg.vae.scale_factor, self.model_cfg.vae.shift_factor
+        t, lc, device = self.cfg.train, self.cfg.loss, self.device
         positions, idx = self.sampler.indices(step, micro)
         gens = [dist.sample_generator(t.seed, "ldm", int(p)) for p in positions]
-        r = _draws(gens, schedule.num_train_timesteps, tuple(lat.mean.shape[2:]), lat.mean.shape[1],
-                   lc.offset_noise, lc.latents == "sample", self.t_cdf)
-        rows = torch.from_numpy(idx)
-        mean, std = lat.mean[rows, r["view"]], lat.std[rows, r["view"]]  # (B, C, h, w)
-        z0 = ((mean + std * r["post"]) - shift) * scale
-        abar = self.abar_all[r["t"]]  # (B,)
-        x_t = q_sample(z0, abar, r["noise"]).to(device)  # sqrt(abar) z0 + sqrt(1 - abar) eps
-        target = losses.diffusion_target(schedule.prediction_type, z0, r["noise"], abar).to(device)
-        weights = losses.min_snr_weights(abar, lc.min_snr_gamma, schedule.prediction_type).to(device)
-        dropped = r["drop"] < lc.caption_dropout
-        text_dropped = r["drop"] < lc.caption_dropout + lc.text_dropout  # layout models: the prompt alone too
-        kwargs = self.conditioner.batch(rows, dropped, self.rows, device, self.text, text_dropped)  # dropped: null
-        x_t = self.concat_in.apply(x_t, kwargs, rows, r["view"], gens, device)  # cat(x_t, c) for SR / inpainting
+        b = self.objective.draw(gens, self.lat, idx, device)
+        dropped = b.drop < lc.caption_dropout
+        text_dropped = b.drop < lc.caption_dropout + lc.text_dropout  # layout models: the prompt alone too
+        kwargs = self.conditioner.batch(b.rows, dropped, self.rows, device, self.text, text_dropped)  # dropped: null
+        x_t = self.concat_in.apply(b.x_t, kwargs, b.rows, b.view, gens, device)  # cat(x_t, c) for SR / inpainting
         with dist.maybe_no_sync(self.model, not sync):
             with autocast(device, t.bf16):
-                pred = self.model(x_t, r["t"].float().to(device), **kwargs)
-            loss = losses.weighted_mse(pred, target, weights)
+                pred = self.model(x_t, b.t.float().to(device), **kwargs)
+            loss = self.objective.loss(pred, b)
             (loss / t.grad_accum).backward()
         return {"loss": float(loss.detach())}
 

@@ -9,8 +9,8 @@ blocks and down/upsamplers, LoCon) and whether the text encoder gets one too.
 
 `AdapterStage` is what the LoRA and the textual-inversion stage (`embedding.py`) share on `loop.run`: the
 training images encoded once by the model's own autoencoder (`latents`), the epsilon / v / x0 loss of stage 2
-(`ldm`'s draws, min-SNR weights) on the frozen U-Net, the adapter as the run's only module (checkpointed,
-EMA-averaged, resumed, sampled in grids: the base model never enters a checkpoint, whose meta records its
+(`objective.DiffusionObjective`, shared with `ldm`) on the frozen U-Net, the adapter as the run's only module
+(checkpointed, EMA-averaged, resumed, sampled in grids: the base model never enters a checkpoint, whose meta records its
 sha256 so a resume on another model is refused).
 
 The final file RUN/<lora.output_name>.safetensors is in the kohya format (`lora_unet_<diffusers name>` /
@@ -31,12 +31,11 @@ import torch
 from torch import nn
 
 from ..components import Components
-from ..diffusion.schedules import alphas_cumprod, betas_from_config, q_sample
-from . import dist, latents, losses
+from . import dist, latents
 from .config import LoraConfig, RunConfig
-from .ldm import _draws
 from .log import RunLogger
 from .loop import RunSummary, Setup, autocast, make_optimizer, run
+from .objective import DiffusionObjective
 from .samples import SAMPLES_DIR, sample_grid, save_png
 
 logger = logging.getLogger("daguerre.train")
@@ -240,7 +239,6 @@ class AdapterStage:
         if data.channels != comps.config.vae.in_channels:
             raise ValueError(f"the model {self.base['path']} makes {comps.config.vae.in_channels}-channel images but "
                              f"the data has {data.channels} channels")
-        self.abar_all = alphas_cumprod(betas_from_config(comps.config.schedule)).float()
         cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else setup.out / "latents"
         self.lat = latents.build_or_load(comps.vae, self.base["sha256"], data, cfg.data.flip, cache_root, env)
         self.adapter = self.make_adapter()
@@ -250,10 +248,7 @@ class AdapterStage:
         self.optimizers = {self.name: make_optimizer(self.adapter.parameters(), cfg.train)}
         self.peak_lr: dict[str, float] = {}
         self.pool = np.arange(len(self.lat))
-        lc = cfg.loss
-        self.t_cdf = losses.timestep_cdf(lc.timestep_bias, comps.config.schedule.num_train_timesteps,
-                                         lc.timestep_bias_multiplier, lc.timestep_bias_portion,
-                                         lc.timestep_bias_begin, lc.timestep_bias_end)
+        self.objective = DiffusionObjective(comps.config, cfg.loss)
 
     def make_adapter(self) -> nn.Module:
         raise NotImplementedError
@@ -278,24 +273,15 @@ class AdapterStage:
 
     def step(self, step: int, micro: int, sync: bool) -> dict[str, float]:
         t, lc, lat, device = self.cfg.train, self.cfg.loss, self.lat, self.device
-        config = self.components.config
         positions, idx = self.sampler.indices(step, micro)
         gens = [dist.sample_generator(t.seed, self.name, int(p)) for p in positions]
-        r = _draws(gens, config.schedule.num_train_timesteps, tuple(lat.mean.shape[2:]), lat.mean.shape[1],
-                   lc.offset_noise, lc.latents == "sample", self.t_cdf)
-        rows = torch.from_numpy(idx)
-        mean, std = lat.mean[rows, r["view"]], lat.std[rows, r["view"]]
-        z0 = ((mean + std * r["post"]) - config.vae.shift_factor) * config.vae.scale_factor
-        abar = self.abar_all[r["t"]]
-        x_t = q_sample(z0, abar, r["noise"]).to(device)
-        target = losses.diffusion_target(config.schedule.prediction_type, z0, r["noise"], abar).to(device)
-        weights = losses.min_snr_weights(abar, lc.min_snr_gamma, config.schedule.prediction_type).to(device)
-        dropped = (r["drop"] < lc.caption_dropout).tolist()
+        b = self.objective.draw(gens, lat, idx, device)
+        dropped = (b.drop < lc.caption_dropout).tolist()
         captions = ["" if d else lat.captions[i] for i, d in zip(idx.tolist(), dropped, strict=True)]
         with autocast(device, t.bf16):
             context = self.contexts(captions)
-            pred = self.components.unet(x_t, r["t"].float().to(device), context=context)
-        loss = losses.weighted_mse(pred.float(), target, weights)
+            pred = self.components.unet(b.x_t, b.t.float().to(device), context=context)
+        loss = self.objective.loss(pred, b)
         (loss / t.grad_accum).backward()
         return {"loss": float(loss.detach())}
 
