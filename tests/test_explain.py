@@ -253,3 +253,33 @@ def test_every_explainer_has_a_module():
     for name in ("noising", "schedules", "trajectory", "autoencoder", "samplers"):
         module = sys.modules[f"daguerre.explain.{name}"]
         assert callable(module.add_arguments) and callable(module.run)
+
+
+@pytest.fixture(scope="module")
+def sd_file(tmp_path_factory):
+    """A Stable Diffusion v1 single-file checkpoint (CompVis keys, SD conventions) with small random weights."""
+    from safetensors.torch import save_file
+
+    from test_checkpoints import random_components, sd_state_dict, small_config
+
+    path = tmp_path_factory.mktemp("sd") / "sd-v1-small.safetensors"
+    save_file(sd_state_dict(random_components(small_config())), str(path))
+    return path
+
+
+@pytest.mark.parametrize("what,extra", [
+    ("noising", ["IMAGE", "--size", "64", "--timesteps", "0,999"]),
+    ("autoencoder", ["IMAGE", "--size", "64"]),
+    ("trajectory", [PROMPT, "--size", "64", "--steps", "2"]),
+    ("schedules", []),
+])
+def test_cli_on_a_stable_diffusion_checkpoint(tmp_path, sd_file, what, extra):
+    from PIL import Image
+
+    picture = tmp_path / "in.png"
+    Image.fromarray(((_image(48)[0].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)).save(picture)
+    out = tmp_path / "out"
+    args = ["explain", what, *[str(picture) if a == "IMAGE" else a for a in extra], "--model", str(sd_file),
+            "--dtype", "fp32", "--out", str(out)]
+    assert main(args) == 0
+    assert _pngs_on_page(out / "index.html") >= 1
