@@ -54,3 +54,27 @@ def test_the_page_shows_a_refused_request(browser, url):
     page.click("button[type=submit]")
     page.wait_for_selector("#status.error")
     assert "5000 steps is over the limit" in page.inner_text("#status")
+
+
+def test_the_page_shows_the_maps_of_the_last_image(browser, url):
+    """The "Attention" panel: GET /daguerre/attention/last drawn as the image and one overlay per content word."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.click("#attention")  # before any image: the server says so
+    page.wait_for_selector("#attention_status.error")
+    assert "no image made yet" in page.inner_text("#attention_status")
+    page.fill("#prompt", "a red circle above a blue square")
+    page.fill("#steps", "2")
+    page.fill("#seed", "3")
+    page.fill("#batch_size", "1")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#images img", timeout=120000)
+    page.click("#attention")
+    page.wait_for_selector("#attention_maps figure >> nth=5", timeout=120000)
+    captions = page.locator("#attention_maps figcaption").all_inner_texts()
+    assert captions == ["the image", "red", "circle", "above", "blue", "square"]
+    assert "seed 3" in page.inner_text("#attention_status")
+    assert page.evaluate("[...document.querySelectorAll('#attention_maps img')].every(i => i.naturalWidth == 32)")
+    assert not errors, errors

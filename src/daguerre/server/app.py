@@ -20,6 +20,9 @@ Endpoints (request and response fields as A1111 names them; docs/usage.md, "dagu
          realesrgan-models, prompt-styles, latent-upscale-modes, scripts, script-info, extensions): empty
     POST /sdapi/v1/options     accepted when it changes nothing (one model per server)
     POST /sdapi/v1/refresh-checkpoints, refresh-vae, refresh-loras: nothing to refresh
+    GET  /daguerre/attention/last  the cross-attention maps (DAAM) of the last image made, one overlay per word
+                               of its prompt, computed on demand in the queue as a generation is
+                               (daguerre.explain.attention; the page's "Attention" panel)
     GET  /                     the page
 
 The payload becomes a `GenerationRequest` (server/payload.py), checked once by
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 import os
 import threading
@@ -61,6 +65,7 @@ from .payload import (  # noqa: F401  (ApiError, decode_image, request_from_payl
 )
 
 API = "/sdapi/v1"
+ATTENTION_ROUTE = "/daguerre/attention/last"
 CANCEL_POLL = 0.05  # seconds between two asks of `cancelled` (a system call) while a request runs
 # A1111 lists of things daguerre does not have, in A1111's empty shapes: route -> answer
 NOTHING: dict[str, Any] = {
@@ -96,6 +101,8 @@ class Server:
         self._live: dict[str, Any] = {"started": 0.0, "done": 0, "total": 0, "latent": None}
         self._preview = None  # PreviewDecoder, made at the first live preview
         self._interrupt = threading.Event()  # set by /interrupt: the running request stops
+        self._last: tuple[Any, int] | None = None  # the last request that made images, and its last image's seed
+        self._attention: tuple[tuple[Any, int], dict[str, Any]] | None = None  # the maps of that image, once made
         self._skip = threading.Event()  # set by /skip: the running batch ends
         # (method, path) -> handler(query dict for GET, JSON payload for POST; cancelled) -> a JSON-able answer
         self.routes: dict[tuple[str, str], Callable[[Any, Cancelled], Any]] = {
@@ -112,6 +119,7 @@ class Server:
             ("GET", f"{API}/progress"): lambda query, _: self.progress_report(_flag(query, "skip_current_image")),
             ("GET", f"{API}/memory"): lambda _query, _: self.memory(),
             ("GET", f"{API}/cmd-flags"): lambda _query, _: self.cmd_flags(),
+            ("GET", ATTENTION_ROUTE): lambda _query, cancelled: self.attention_of_last(cancelled),
             **{("GET", f"{API}/{name}"): (lambda _q, _, a=answer: a) for name, answer in NOTHING.items()},
             # the LoRAs of --lora-dir and the embeddings of --embeddings-dir (daguerre.lora), in A1111's shapes
             ("GET", f"{API}/loras"): lambda _query, _: self.loras(),
@@ -248,7 +256,57 @@ class Server:
             finally:
                 self.state.update(job="", job_count=0, job_no=0, sampling_step=0, sampling_steps=0, skipped=False)
                 self._live.update(latent=None)
+            if results:
+                self._last = (request, results[-1].seed)
         return request, results, interrupted
+
+    def attention_of_last(self, cancelled: Cancelled = None) -> dict[str, Any]:
+        """The DAAM cross-attention maps of the last image made (daguerre.explain.attention): its request again for
+        that one image, checked against the server's limits and run in the queue like a generation (interrupted
+        the same way), the recorder reading the U-Net's cross-attention on the way; kept until the next image.
+        -> {prompt, seed, width, height, image: base64 PNG, words: [{word, overlay: base64 PNG}]}."""
+        last = self._last
+        if last is None:
+            raise ApiError("no image made yet: generate one with txt2img first", HTTPStatus.NOT_FOUND)
+        cached = self._attention
+        if cached is not None and cached[0] is last:
+            return cached[1]
+        request, seed = last
+        if request.task != "txt2img":
+            raise ApiError(f"the last image was made by {request.task}: attention maps are drawn for txt2img images; "
+                           "generate one with txt2img", HTTPStatus.CONFLICT)
+        one = self.validated(dataclasses.replace(request, n=1, batch_size=1, seed=seed))
+        answer = self.jobs.call("attention", lambda cancel: self._attention_answer(one, cancel), cancelled)
+        if answer is None:  # the client left while waiting for its turn
+            raise ApiError("cancelled before it ran", HTTPStatus.CONFLICT)
+        self._attention = (last, answer)
+        return answer
+
+    def _attention_answer(self, request, cancelled: Cancelled = None) -> dict[str, Any]:
+        """Run `request` (one txt2img image) with the attention recorder now (the queue's worker calls this)."""
+        from ..explain.attention import attention_maps, overlay
+        from ..pipelines.common import Interrupted
+
+        def b64(image) -> str:
+            return base64.b64encode(png_bytes(image)).decode("ascii")
+
+        with self.lock:
+            self._interrupt.clear()
+            self._skip.clear()
+            self.state.update(job="attention", job_count=1, job_no=0, sampling_step=0,
+                              sampling_steps=request.sampler_steps, interrupted=False, skipped=False)
+            try:
+                with checks_inside(self.pipe.components.unet, self._stop_check(cancelled)):
+                    result = attention_maps(self.pipe.components, request)[0]
+            except Interrupted:
+                raise ApiError("the attention maps were interrupted", HTTPStatus.CONFLICT) from None
+            finally:
+                self.state.update(job="", job_count=0, sampling_steps=0)
+        image = result.image
+        return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": image.seed,
+                "width": image.image.width, "height": image.image.height,
+                "image": base64.b64encode(png_bytes(image.image, image.parameters)).decode("ascii"),
+                "words": [{"word": w, "overlay": b64(overlay(image.image, m))} for w, m in result.maps.items()]}
 
     def loras(self) -> list[dict[str, Any]]:
         """A1111's /sdapi/v1/loras: [{name, alias, path, metadata}] of the server's --lora-dir."""
