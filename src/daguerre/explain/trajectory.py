@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from ..components import Components
     from ..pipelines.request import ValidRequest
 
-DEFAULT_STEPS = 10
-COLUMNS = 10  # steps per row of the figure
+COLUMNS = 13  # steps per row of the figure, at most
+SMALL_INCHES = 1.25  # the side of one image when there are more steps than fit in one row at IMAGE_INCHES
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,10 @@ def sample_trajectory(components: Components, request: ValidRequest) -> Trajecto
 def draw(traj: Trajectory, path, replace: bool = False):
     """Rows of up to COLUMNS steps, each as a pair: x_i decoded above, the x0 estimate below."""
     n = len(traj.sigmas)
-    cols = min(n, COLUMNS)
-    chunks = -(-n // cols)
-    fig = new_figure(IMAGE_INCHES * cols + 0.5, (IMAGE_INCHES * 2 + 0.45) * chunks + 0.4)
+    chunks = -(-n // COLUMNS)
+    cols = -(-n // chunks)  # rows of equal length: 25 steps are rows of 13 and 12
+    side = IMAGE_INCHES if n <= 10 else SMALL_INCHES
+    fig = new_figure(side * cols + 0.5, (side * 2 + 0.45) * chunks + 0.4)
     axes = fig.subplots(2 * chunks, cols, squeeze=False)
     noisy, estimates = to_display(traj.noisy), to_display(traj.estimates)
     for i in range(chunks * cols):
@@ -118,8 +119,8 @@ def draw_final(traj: Trajectory, path, replace: bool = False):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="what to draw")
     p.add_argument("--negative", "-N", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help=f"sampling steps (default {DEFAULT_STEPS}, at most {MAX_STEPS})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default: the model's recommended number; at most {MAX_STEPS})")
     p.add_argument("--sampler", default=None, help="sampler, A1111 or ComfyUI name (default: the model's)")
     p.add_argument("--schedule", default=None, help="schedule type, e.g. Karras (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -129,7 +130,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> list[Figure]:
     from ..pipelines.request import GenerationRequest
 
-    check_count(args.steps, 1, MAX_STEPS, "sampling steps", "--steps")
+    if args.steps is not None:
+        check_count(args.steps, 1, MAX_STEPS, "sampling steps", "--steps")
     comps = open_components(args)
     side = image_size(comps.config, args.size)
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
