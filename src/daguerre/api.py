@@ -12,6 +12,10 @@ A call takes the fields of `GenerationRequest` (the schema the CLI and the serve
 arguments, or a `GenerationRequest` itself. Every request is checked against the pipeline's `limits`
 (`daguerre.limits.DEFAULT_LIMITS` unless `load(..., limits=)` says otherwise; `Limits.unlimited()`
 turns them off). Nothing here imports torch until a model is loaded.
+
+How the model works, in pictures (docs/explain.md): the functions of `daguerre.explain` take `pipe.components`,
+e.g. `daguerre.explain.trajectory.sample_trajectory(pipe.components, pipe.request("a red circle", steps=10))`
+(the clean-image estimate at every step), `noising.noise_image`, `autoencoder.reconstruct`.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def set_compute_dtype(components: Components, dtype: torch.dtype | str | None = 
 def load(path_or_name: str | None = None, *, device: torch.device | str = "cpu",
          dtype: torch.dtype | str | None = AUTO, limits: Limits = DEFAULT_LIMITS, quantize: str | None = None,
          compile: bool = False, release_after_use: bool = False, lora_dir: str | None = None,
-         embeddings_dir: str | None = None) -> Pipeline:
+         embeddings_dir: str | None = None, original_config: str | None = None) -> Pipeline:
     """Open a model (`--model` syntax: path, diffusers folder, shipped name, `random:PRESET`; None = default).
 
     `dtype` is the compute dtype of every network (U-Net, text encoder, VAE): "auto" (the default:
@@ -86,11 +90,15 @@ def load(path_or_name: str | None = None, *, device: torch.device | str = "cpu",
     prompt's `<lora:NAME:WEIGHT>` tags, NAME found in `lora_dir`, are merged into the weights for that call (the
     next call's set replaces them). The textual-inversion embeddings of `embeddings_dir` are used by name in
     prompts and negative prompts.
+
+    `original_config` is a checkpoint file's CompVis inference YAML (what `--config FILE` gives; docs/lora.md,
+    "Original configs"), for this model only, as if it were beside the file.
     """
     from .registry import open_model
 
     components, model_hash = open_model(path_or_name, device=device, dtype=dtype, quantize=quantize,
-                                        compile=compile, release_after_use=release_after_use)
+                                        compile=compile, release_after_use=release_after_use,
+                                        original_config=original_config)
     if lora_dir is not None or embeddings_dir is not None:
         from .lora.apply import attach
 
