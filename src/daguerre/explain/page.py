@@ -90,9 +90,10 @@ def _link(extra: Path, out_dir: Path) -> str:
     return rel.as_posix()
 
 
-_STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
-figure{margin:2rem 0}img{max-width:100%;image-rendering:auto;border:1px solid #ddd}
-figcaption{margin-top:.5rem;line-height:1.4}.extras{font-size:.9em;color:#555}"""
+# wide figures (a trajectory's rows of steps) keep their pixels up to 110rem; the sentences stay at reading width
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:110rem;margin:2rem auto;padding:0 1rem;color:#222}
+figure{margin:2rem 0}img{max-width:100%;border:1px solid #ddd}
+figcaption,h1,h2{max-width:50rem}figcaption{margin-top:.5rem;line-height:1.4}.extras{font-size:.9em;color:#555}"""
 
 
 def render_page(title: str, figures: Sequence[Figure], out_dir: str | os.PathLike = ".") -> str:
