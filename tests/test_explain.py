@@ -283,3 +283,13 @@ def test_cli_on_a_stable_diffusion_checkpoint(tmp_path, sd_file, what, extra):
             "--dtype", "fp32", "--out", str(out)]
     assert main(args) == 0
     assert _pngs_on_page(out / "index.html") >= 1
+
+
+def test_trajectory_decodes_like_the_previews(shapes):
+    """--decode approx: the previews' linear map (PreviewDecoder); a wrong mode is refused by name."""
+    request = shapes.request(PROMPT, steps=3, seed=1)
+    traj = trajectory.sample_trajectory(shapes.components, request, decode="approx")
+    assert traj.estimates.shape == traj.noisy.shape == (3, 3, 64, 64)
+    assert float((traj.estimates[-1] - traj.estimates[-1].mean()).abs().mean()) > 0.01  # a picture, not a flat fill
+    with pytest.raises(ValueError, match="--decode 'exact'"):
+        trajectory.sample_trajectory(shapes.components, request, decode="exact")

@@ -54,13 +54,19 @@ class Trajectory:
     request: ValidRequest
 
 
-def sample_trajectory(components: Components, request: ValidRequest) -> Trajectory:
+def sample_trajectory(components: Components, request: ValidRequest, decode: str = "full") -> Trajectory:
     """Run the txt2img pipeline for one image of `request` (a txt2img `ValidRequest` for this model) and decode,
-    after sampling, the noisy latent and the x0 estimate the sampler reported at each step."""
+    after sampling, the noisy latent and the x0 estimate the sampler reported at each step, as the previews of
+    `daguerre generate --preview` are decoded (`pipelines.preview.PreviewDecoder`): `decode="full"` with the VAE
+    decoder (exact), "approx" with its fitted linear latent-to-RGB map (free; Stable Diffusion's many steps)."""
     import torch
 
-    from ..pipelines.tiling import decode_latents
+    from ..pipelines.images import image_to_tensor
+    from ..pipelines.preview import PREVIEW_MODES, PreviewDecoder
     from ..pipelines.txt2img import txt2img
+
+    if decode not in PREVIEW_MODES:
+        raise ValueError(f"--decode {decode!r}: choose one of {', '.join(PREVIEW_MODES)}")
 
     if request.n != 1:
         raise ValueError(f"a trajectory follows one image; the request asks for {request.n}")
@@ -73,11 +79,14 @@ def sample_trajectory(components: Components, request: ValidRequest) -> Trajecto
                       "denoised": info["denoised"].detach().float().cpu()})
 
     result = txt2img(components, request, callback=record)[0]
-    with torch.no_grad():
-        components.acquire("vae_decoder")
-        noisy = decode_latents(components.vae, torch.cat([s["x"] for s in steps])).float().cpu()
-        estimates = decode_latents(components.vae, torch.cat([s["denoised"] for s in steps])).float().cpu()
-        components.done_with("vae_decoder")
+    components.acquire("vae_decoder")
+    decoder = PreviewDecoder(components.vae, decode, tiled=request.tile)
+
+    def images(key: str) -> torch.Tensor:  # (steps, C, H, W) in [-1, 1], 8 bits per channel as the previews
+        return torch.cat([image_to_tensor(im) for im in decoder.decode(torch.cat([s[key] for s in steps]))])
+
+    noisy, estimates = images("x"), images("denoised")
+    components.done_with("vae_decoder")
     sigmas = torch.tensor([s["sigma"] for s in steps], dtype=torch.float64)
     return Trajectory(sigmas, noisy, estimates, result.image, request)
 
@@ -125,6 +134,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None, help="schedule type, e.g. Karras (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--size", type=int, default=None, help="side of the square image (default: the model's size)")
+    p.add_argument("--decode", choices=("full", "approx"), default="full",
+                   help="full: every step through the VAE decoder, exact (default); approx: the previews' fitted "
+                        "linear latent-to-RGB map, free but blurry, colours approximate (Stable Diffusion's large "
+                        "images)")
 
 
 def run(args: argparse.Namespace) -> list[Figure]:
@@ -137,7 +150,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
                                 sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg, seed=args.seed,
                                 width=side, height=side).validate(comps.config)
-    traj = sample_trajectory(comps, request)
+    traj = sample_trajectory(comps, request, args.decode)
     a = draw(traj, figure_path(args, "trajectory.png"), args.overwrite)
     b = draw_final(traj, figure_path(args, "final.png"), args.overwrite)
     return [
