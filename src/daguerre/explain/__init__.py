@@ -32,4 +32,4 @@ def module(name: str) -> ModuleType:
     except ModuleNotFoundError as e:
         if e.name != f"{__name__}.{name}":
             raise
-        raise ValueError(f"daguerre explain {name} is not available in this version of daguerre") from None
+        raise ValueError(f"{name!r} is not available in this version of daguerre") from None
