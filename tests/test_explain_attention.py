@@ -213,3 +213,20 @@ def test_overlay_spans_the_ramp():
     alpha = attention.OVERLAY_ALPHA
     assert first == tuple(round(alpha * c) for c in attention.RAMP[0])
     assert last == tuple(round(alpha * c) for c in attention.RAMP[-1])
+
+
+def test_command_on_a_stable_diffusion_single_file(tmp_path):
+    """A Stable Diffusion v1 single-file checkpoint (CompVis keys, SD conventions, small random weights): its CLIP
+    BPE words and the maps at the image's size."""
+    from safetensors.torch import load_file, save_file
+
+    from test_checkpoints import random_components, sd_state_dict, small_config
+
+    sd = tmp_path / "sd-v1-small.safetensors"
+    save_file(sd_state_dict(random_components(small_config())), str(sd))
+    out = tmp_path / "out"
+    assert main(["explain", "attention", "a photo of an astronaut riding a horse", "--model", str(sd), "--dtype",
+                 "fp32", "--steps", "2", "--size", "64", "--out", str(out)]) == 0
+    maps = load_file(out / attention.MAPS_FILE)
+    assert set(maps) == {"photo", "astronaut", "riding", "horse"}
+    assert all(m.shape == (64, 64) and bool(torch.isfinite(m).all()) for m in maps.values())
