@@ -82,8 +82,9 @@ def sample_trajectory(components: Components, request: ValidRequest, decode: str
     components.acquire("vae_decoder")
     decoder = PreviewDecoder(components.vae, decode, tiled=request.tile)
 
-    def images(key: str) -> torch.Tensor:  # (steps, C, H, W) in [-1, 1], 8 bits per channel as the previews
-        return torch.cat([image_to_tensor(im) for im in decoder.decode(torch.cat([s[key] for s in steps]))])
+    def images(key: str) -> torch.Tensor:  # (steps, C, H, W) in [-1, 1], 8 bits per channel as the previews;
+        # one latent at a time, so the decoder's memory is one image's (Stable Diffusion: ~1 GB at 512 x 512)
+        return torch.cat([image_to_tensor(decoder.decode(s[key])[0]) for s in steps])
 
     noisy, estimates = images("x"), images("denoised")
     components.done_with("vae_decoder")
