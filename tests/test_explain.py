@@ -293,3 +293,14 @@ def test_trajectory_decodes_like_the_previews(shapes):
     assert float((traj.estimates[-1] - traj.estimates[-1].mean()).abs().mean()) > 0.01  # a picture, not a flat fill
     with pytest.raises(ValueError, match="--decode 'exact'"):
         trajectory.sample_trajectory(shapes.components, request, decode="exact")
+
+
+def test_the_command_line_stays_light():
+    """`daguerre --help` builds every parser: explain's sub-commands are imported only when one runs."""
+    import subprocess
+
+    code = ("import sys; from daguerre.cli import build_parser; build_parser(); "
+            "heavy = [m for m in ('torch', 'matplotlib', 'daguerre.explain.noising') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
