@@ -230,3 +230,12 @@ def test_command_on_a_stable_diffusion_single_file(tmp_path):
     maps = load_file(out / attention.MAPS_FILE)
     assert set(maps) == {"photo", "astronaut", "riding", "horse"}
     assert all(m.shape == (64, 64) and bool(torch.isfinite(m).all()) for m in maps.values())
+
+
+def test_an_empty_prompt_is_refused_and_a_negative_equal_to_the_prompt_counts_once(tiny):
+    with pytest.raises(ValueError, match="no words"):
+        attention.attention_maps(tiny.components, tiny.request("", steps=1))
+    same = attention.attention_maps(tiny.components, tiny.request(PROMPT, negative_prompt=PROMPT, steps=1, seed=4))[0]
+    alone = attention.attention_maps(tiny.components, tiny.request(PROMPT, steps=1, seed=4, cfg_scale=1.0))[0]
+    for word in same.maps:  # the doubled batch's rows are both the prompt's: the first (CFG's conditional) counts
+        torch.testing.assert_close(same.maps[word], alone.maps[word], atol=1e-5, rtol=1e-4)

@@ -140,6 +140,8 @@ def prompt_positions(tokenizer, frozen: bool, prompt: str) -> list[int]:
 def choose_words(available: Sequence[WordTokens], words: Sequence[str] | None) -> list[WordTokens]:
     """The words to draw maps for: `words` (each must be in the prompt), or every content word (not in
     `STOP_WORDS`)."""
+    if not available:
+        raise ValueError("the prompt has no words to draw attention maps for")
     by_word = {w.word: w for w in available}
     if words is None:
         chosen = [w for w in available if w.word not in STOP_WORDS]
@@ -167,26 +169,18 @@ class DAAMRecorder:
         self.latent_size = latent_size
         self.tokens = reference.shape[1]
         self.heat = torch.zeros(images, self.tokens, *latent_size)
-        self.offset = 0  # the index of the current batch's first image
         self.calls = 0  # cross-attention calls with conditional rows
-        self._rows_of: tuple[int, tuple, torch.Tensor] | None = None  # the last context's rows (one per U-Net call)
 
     def conditional_rows(self, context: torch.Tensor) -> torch.Tensor:
         """The indices of the rows of `context` (N, S, d) that are the prompt's."""
-        key = (context.data_ptr(), tuple(context.shape), context._version)
-        if self._rows_of is not None and self._rows_of[:2] == (key[0], key[1:]):
-            return self._rows_of[2]
         if context.shape[1] < self.tokens:
-            rows = torch.zeros(0, dtype=torch.long)
-        else:
-            ref = self.reference.to(device=context.device, dtype=context.dtype)
-            rows = torch.nonzero((context[:, :self.tokens] == ref).flatten(1).all(1)).flatten().cpu()
-        self._rows_of = (key[0], key[1:], rows)
-        return rows
+            return torch.zeros(0, dtype=torch.long)
+        ref = self.reference.to(device=context.device, dtype=context.dtype)
+        return torch.nonzero((context[:, :self.tokens] == ref).flatten(1).all(1)).flatten().cpu()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, context: torch.Tensor, heads: int) -> None:
-        rows = self.conditional_rows(context)
-        if len(rows) == 0:
+        rows = self.conditional_rows(context)[:self.heat.shape[0]]  # a negative prompt equal to the prompt: CFG's
+        if len(rows) == 0:                                           # conditional rows come first
             return
         b, hw, c = len(rows), q.shape[1], q.shape[2]
         d = c // heads
@@ -200,9 +194,7 @@ class DAAMRecorder:
         maps = summed.transpose(1, 2).reshape(b, self.tokens, *size)  # (b, tokens, h', w')
         if size != self.latent_size:
             maps = F.interpolate(maps, size=self.latent_size, mode="bicubic", align_corners=False).clamp_(min=0)
-        if self.offset + b > self.heat.shape[0]:
-            raise RuntimeError(f"attention recorded for {self.offset + b} images, {self.heat.shape[0]} expected")
-        self.heat[self.offset:self.offset + b] += maps.cpu()
+        self.heat[:b] += maps.cpu()
         self.calls += 1
 
     def _map_size(self, hw: int) -> tuple[int, int]:
@@ -372,6 +364,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
                                 sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg, seed=args.seed,
                                 width=side, height=side).validate(comps.config)
+    check_count(request.sampler_steps, 1, MAX_STEPS, "sampling steps", "--steps")  # the model's own too
     result = attention_maps(comps, request, args.words)[0]
     image = save_png(result.image.image, figure_path(args, "image.png"), result.image.parameters,
                      replace=args.overwrite)
