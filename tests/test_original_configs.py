@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+import daguerre
 from daguerre.checkpoints import detect, load_model
 from daguerre.checkpoints.single_file import single_file_state_dict
 from daguerre.cli import main
@@ -62,12 +63,6 @@ def unet_out(comps) -> torch.Tensor:
         return comps.unet(x, torch.tensor([500.0]), context)
 
 
-@pytest.fixture(autouse=True)
-def _no_given_configs():
-    yield
-    detect.CONFIG_FILES.clear()
-
-
 def test_sd2_layout_heads_the_convention_cannot_cut_need_the_yaml(tmp_path):
     path = tmp_path / "odd-v2.safetensors"
     original = write_sd_file(path, {"use_linear_proj": True, "num_heads": None, "head_dim": 8,
@@ -91,10 +86,29 @@ def test_sd1_layout_heads_come_from_the_yaml(tmp_path):
     assert not torch.allclose(unet_out(guessed), unet_out(original), atol=1e-3)
     config = tmp_path / "elsewhere.yaml"
     config.write_text(V1_YAML.format(heads=2))
-    detect.use_config(path, config)  # what --config FILE does
-    loaded = load_model(path)
+    loaded = load_model(path, original_config=config)  # what --config FILE does
     assert loaded.config.unet.num_heads == 2
     assert torch.allclose(unet_out(loaded), unet_out(original), atol=1e-5)
+
+
+def test_a_given_config_belongs_to_its_load_alone(tmp_path):
+    """Two loads of one file in one process: the YAML given to one is not seen by the other (a table of given
+    configs per checkpoint path leaked it into every later load), while the parts a one-shot model releases are
+    read again with the YAML it was opened with."""
+    path = tmp_path / "two-heads.safetensors"
+    original = write_sd_file(path, {"num_heads": 2, "head_dim": None})
+    config = tmp_path / "elsewhere.yaml"
+    config.write_text(V1_YAML.format(heads=2))
+    assert load_model(path, original_config=config).config.unet.num_heads == 2
+    assert load_model(path).config.unet.num_heads == 8
+    assert detect.prediction_from_yaml(path) is None and detect.config_yaml(path) is None
+    one_shot = daguerre.load(str(path), dtype="fp32", release_after_use=True, original_config=str(config))
+    plain = daguerre.load(str(path), dtype="fp32")
+    assert plain.components.config.unet.num_heads == 8 and one_shot.components.config.unet.num_heads == 2
+    one_shot.components.acquire("unet")  # read again from the file: with its YAML, or the config would differ
+    assert torch.allclose(unet_out(one_shot.components), unet_out(original), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no such config file"):
+        load_model(path, original_config=tmp_path / "missing.yaml")
 
 
 def test_config_flag_of_convert_and_generate(tmp_path, capsys):
@@ -107,7 +121,6 @@ def test_config_flag_of_convert_and_generate(tmp_path, capsys):
     assert main(["convert", str(path), str(out)]) != 0
     assert "--config FILE" in capsys.readouterr().err
     assert main(["convert", str(path), str(out), "--config", str(config)]) == 0
-    detect.CONFIG_FILES.clear()
     converted = load_model(out)  # a daguerre file carries its config: no YAML needed any more
     assert torch.allclose(unet_out(converted), unet_out(original), atol=1e-5)
     png = tmp_path / "a.png"

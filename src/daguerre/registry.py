@@ -44,6 +44,7 @@ def default_model_name() -> str:
 def open_model(
     spec: str | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype | str | None = AUTO,
     quantize: str | None = None, compile: bool = False, release_after_use: bool = False,
+    original_config: str | Path | None = None,
 ) -> tuple[Components, str | None]:
     """(components, A1111 model hash or None) for a model name or path; see the module docstring.
 
@@ -59,43 +60,59 @@ def open_model(
     with it (`Components.done_with`), so a run holds the text encoder, the U-Net and the VAE decoder one after
     the other; each run reads them again. A `random:` model has no file: it is built whole for any part, so
     it stays loaded (`release_after_use` does nothing for it).
+
+    `original_config` is the checkpoint file's CompVis inference YAML (`--config FILE`): this open and the
+    reads of its released parts use it, as if it were beside the file; no other load sees it.
     """
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZE_CHOICES)}")
     if release_after_use and compile:
         raise ValueError("compile and release_after_use do not go together: the compiled U-Net keeps frozen copies "
                          "of its weights, which cannot be released; keep the model loaded to compile it")
+    yaml = original_config_for(spec, original_config)
     release_after_use = release_after_use and not (spec or default_model_name()).startswith(RANDOM_PREFIX)
     parts = frozenset() if release_after_use else frozenset(PARTS)
-    comps, model_hash = _open_parts(spec, device, dtype, quantize, parts, compile)
+    comps, model_hash = _open_parts(spec, device, dtype, quantize, parts, compile, yaml)
     if not compile:  # a compiled U-Net holds its weights in its graph: nothing to release, nothing to read again
-        comps.source = _source(spec, device, dtype_of(comps.unet), quantize)  # "auto" decided once
+        comps.source = _source(spec, device, dtype_of(comps.unet), quantize, yaml)  # "auto" decided once
     if release_after_use:
         comps.release_after_use = True
         comps.release(*PARTS)  # what the open read all the same: small tensors, a random model, a packaged encoder
     return comps, model_hash
 
 
+def original_config_for(spec: str | None, original_config: str | Path | None) -> Path | None:
+    """The CompVis YAML given for the model `spec` names, checked to go with a checkpoint file; None without one."""
+    if original_config is None:
+        return None
+    from .checkpoints.detect import check_original_config
+
+    name = spec or default_model_name()
+    path = Path(name) if name.startswith(RANDOM_PREFIX) else shipped_models().get(name, Path(name).expanduser())
+    return check_original_config(path, original_config)
+
+
 def _open_parts(spec: str | None, device: torch.device | str | None, dtype: torch.dtype | str | None,
-                quantize: str | None, parts: frozenset[str], compile: bool = False) -> tuple[Components, str | None]:
+                quantize: str | None, parts: frozenset[str], compile: bool = False,
+                yaml: Path | None = None) -> tuple[Components, str | None]:
     """`_open` reading the weights of `parts` only (`checkpoints.parts`), then `prepare_for_inference_`."""
     from .checkpoints.parts import reading_parts
 
     if parts == frozenset(PARTS):
-        comps, model_hash = _open(spec, device, dtype, quantize)
+        comps, model_hash = _open(spec, device, dtype, quantize, yaml)
     else:
         with reading_parts(parts):
-            comps, model_hash = _open(spec, device, dtype, quantize)
+            comps, model_hash = _open(spec, device, dtype, quantize, yaml)
     prepare_for_inference_(comps, quantize=quantize, compile=compile)
     trim()  # the load's freed buffers back to the system (daguerre.memory)
     return comps, model_hash
 
 
 def _source(spec: str | None, device: torch.device | str | None, dtype: torch.dtype,
-            quantize: str | None) -> ModelSource:
+            quantize: str | None, yaml: Path | None) -> ModelSource:
     """Where `Components.acquire` reads released parts of the model `spec` again from: in `dtype` (the source's,
     which `api.set_compute_dtype` updates), from the file as it is now (a file changed since is refused: the
-    parts would come from two models)."""
+    parts would come from two models), with the CompVis YAML it was opened with."""
     name = spec or default_model_name()
     stamp = _file_stamp(name)
 
@@ -103,7 +120,7 @@ def _source(spec: str | None, device: torch.device | str | None, dtype: torch.dt
         if _file_stamp(name) != stamp:
             raise ValueError(f"model {name} changed on disk since it was opened: reading its networks again would "
                              "mix two models; open it again")
-        return _open_parts(name, device, dtype, quantize, parts)[0]
+        return _open_parts(name, device, dtype, quantize, parts, yaml=yaml)[0]
 
     return ModelSource(name=name, device=torch.device(device or "cpu"), dtype=dtype, read=read)
 
@@ -135,7 +152,7 @@ def prepare_for_inference_(comps: Components, *, quantize: str | None = None, co
 
 
 def _open(spec: str | None, device: torch.device | str | None, dtype: torch.dtype | str | None,
-          quantize: str | None = None) -> tuple[Components, str | None]:
+          quantize: str | None = None, yaml: Path | None = None) -> tuple[Components, str | None]:
     from .checkpoints import short_hash
 
     spec = spec or default_model_name()
@@ -157,14 +174,15 @@ def _open(spec: str | None, device: torch.device | str | None, dtype: torch.dtyp
         raise FileNotFoundError(
             f"no model {spec!r}: not a file or folder, nor a shipped model ({names}), nor random:PRESET"
         )
-    dtype = _compute_dtype(dtype, device, lambda: _stored_unet_parameters(path))
-    comps = _load_file(path, device, dtype, quantize)
+    dtype = _compute_dtype(dtype, device, lambda: _stored_unet_parameters(path, yaml))
+    comps = _load_file(path, device, dtype, quantize, yaml)
     set_memory_format(comps, dtype, device or "cpu")
     model_hash = short_hash(path) if path.is_file() else None
     return comps, model_hash
 
 
-def _load_file(path: Path, device: torch.device | str | None, dtype: torch.dtype, quantize: str | None) -> Components:
+def _load_file(path: Path, device: torch.device | str | None, dtype: torch.dtype, quantize: str | None,
+               yaml: Path | None = None) -> Components:
     """`load_model`; with `quantize="int8"` on the CPU, the U-Net's and text encoder's weights are quantised
     while they are read (`quantize.int8_loading`: no float copy of the U-Net, equal to quantising after), unless
     the file's loader transforms those weights beyond renaming (then it is loaded and quantised after)."""
@@ -174,10 +192,10 @@ def _load_file(path: Path, device: torch.device | str | None, dtype: torch.dtype
     if quantize == "int8" and torch.device(device or "cpu").type == "cpu":
         try:
             with int8_loading():
-                return load_model(path, device=device, dtype=dtype)
+                return load_model(path, device=device, dtype=dtype, original_config=yaml)
         except QuantizeWhileReadingError:
             trim()
-    return load_model(path, device=device, dtype=dtype)
+    return load_model(path, device=device, dtype=dtype, original_config=yaml)
 
 
 def _compute_dtype(
@@ -189,12 +207,12 @@ def _compute_dtype(
     return resolve_dtype(dtype, device, unet_parameters())
 
 
-def _stored_unet_parameters(path: Path) -> int:
+def _stored_unet_parameters(path: Path, yaml: Path | None = None) -> int:
     """The U-Net parameter count of a model file or folder, from its header (`checkpoints.summary.describe`:
     safetensors headers only, the networks built on the meta device; a pickle is read whole)."""
     from .checkpoints.summary import describe
 
-    return describe(path, hashes=False)["parameters"]["unet"]
+    return describe(path, hashes=False, original_config=yaml)["parameters"]["unet"]
 
 
 def set_memory_format(comps: Components, dtype: torch.dtype, device: torch.device | str | None = None) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from ..components import Components
 from ..weights.io import file_hash, read_state_dict, safe_torch_load, short_hash
-from .detect import IGNORED_KEYS, Detection, detect_checkpoint
+from .detect import IGNORED_KEYS, Detection, check_original_config, detect_checkpoint
 from .diffusers_folder import is_diffusers_folder, load_diffusers, save_diffusers
 from .single_file import load_single, save_model
 from .vae_file import load_vae, save_vae
@@ -47,6 +47,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     prediction_type: str | None = None,
     use_ema: bool = False,
+    original_config: str | os.PathLike | None = None,
 ) -> Components:
     """Load a model from a daguerre / SD single file (.safetensors, .ckpt, .pt, .pth) or a diffusers folder.
 
@@ -54,11 +55,13 @@ def load_model(
     `IGNORED_KEYS`, otherwise a ValueError names the offending keys and nothing is loaded. Weights are
     converted to `dtype` (default float32) on `device` (default cpu). `prediction_type` ("epsilon",
     "v_prediction", "sample") overrides what the file says or what is inferred; `use_ema` loads the
-    U-Net from the file's `model_ema.*` copy (full CompVis training checkpoints).
+    U-Net from the file's `model_ema.*` copy (full CompVis training checkpoints). `original_config` is the
+    file's CompVis inference YAML (`--config FILE`), read for this load only, as if it were beside the file.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such model file or folder: {path}")
+    yaml = check_original_config(path, original_config) if original_config is not None else None
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise ValueError(f"{path} is a folder without model_index.json: not a diffusers pipeline folder")
@@ -67,6 +70,7 @@ def load_model(
         return load_diffusers(path, device=device, dtype=dtype, prediction_type=prediction_type)
     sd, metadata = read_state_dict(path, dtype or torch.float32)
     return load_single(
-        sd, metadata, path=path, device=device, dtype=dtype, prediction_type=prediction_type, use_ema=use_ema
+        sd, metadata, path=path, device=device, dtype=dtype, prediction_type=prediction_type, use_ema=use_ema,
+        original_config=yaml,
     )[0]
 

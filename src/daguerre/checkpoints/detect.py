@@ -216,38 +216,35 @@ def infer_text_config(sd: Mapping[str, torch.Tensor], layout: str) -> TextEncode
 YAML_MAX_BYTES = 1 << 20
 
 
-# checkpoint file (resolved) -> the CompVis inference YAML given for it (`--config FILE`, `use_config`)
-CONFIG_FILES: dict[Path, Path] = {}
-
-
-def use_config(checkpoint: str | Path, yaml: str | Path) -> None:
-    """Read `yaml` (a CompVis inference config, e.g. v1-inference.yaml) as the config of `checkpoint`, as if it were
-    CHECKPOINT.yaml beside it (`--config FILE`); for every later read of that file in this process."""
+def check_original_config(checkpoint: str | Path, yaml: str | Path) -> Path:
+    """`yaml` (a CompVis inference config, e.g. v1-inference.yaml; `--config FILE`), checked to go with the
+    checkpoint file `checkpoint`. It is read as if it were CHECKPOINT.yaml beside it by the load it is passed to
+    (`original_config`), and by no other: it travels with the load call, never in a table of this process."""
     checkpoint, yaml = Path(checkpoint).expanduser(), Path(yaml).expanduser()
     if not checkpoint.is_file():
         raise ValueError(f"--config goes with a checkpoint file, and {checkpoint} is not one")
     if not yaml.is_file():
         raise FileNotFoundError(f"no such config file: {yaml}")
-    CONFIG_FILES[checkpoint.resolve()] = yaml
+    return yaml
 
 
-def config_yaml(checkpoint: Path | None) -> Path | None:
-    """The CompVis inference YAML of a checkpoint: the one given for it (`use_config`), else CHECKPOINT.yaml or
-    .yml beside it (AUTOMATIC1111's convention), else None."""
+def config_yaml(checkpoint: Path | None, original_config: Path | None = None) -> Path | None:
+    """The CompVis inference YAML of a checkpoint: `original_config` when given (`--config FILE`), else
+    CHECKPOINT.yaml or .yml beside it (AUTOMATIC1111's convention), else None."""
+    if original_config is not None:
+        return original_config
     if checkpoint is None:
         return None
-    given = CONFIG_FILES.get(Path(checkpoint).resolve())
-    if given is not None:
-        return given
     return next((y for y in (checkpoint.with_suffix(".yaml"), checkpoint.with_suffix(".yml")) if y.is_file()), None)
 
 
-def sd_heads_from_yaml(unet: UNetConfig, checkpoint: Path | None) -> tuple[UNetConfig, Path | None]:
+def sd_heads_from_yaml(unet: UNetConfig, checkpoint: Path | None,
+                       original_config: Path | None = None) -> tuple[UNetConfig, Path | None]:
     """The U-Net's heads: its CompVis YAML's (`num_head_channels`, else `num_heads`; `config_yaml`) when it has
     one, else the SD conventions `infer_unet_config` applied (8 heads with 1x1-conv projections, 64-wide heads
     with linear ones). A width those heads do not divide is a ValueError that asks for the YAML: the weights
     cannot tell the heads (a head count that divides but is wrong cannot be seen: such a file needs its YAML)."""
-    found, y = yaml_scalars(checkpoint, ("num_head_channels", "num_heads"))
+    found, y = yaml_scalars(checkpoint, ("num_head_channels", "num_heads"), original_config)
     channels = _yaml_int(found, "num_head_channels", y) if y is not None else None
     heads = _yaml_int(found, "num_heads", y) if y is not None else None
     if channels is not None and channels > 0:
@@ -267,12 +264,12 @@ def sd_heads_from_yaml(unet: UNetConfig, checkpoint: Path | None) -> tuple[UNetC
     return unet, y if (channels or heads) else None
 
 
-def prediction_from_yaml(checkpoint: Path) -> tuple[str, Path] | None:
+def prediction_from_yaml(checkpoint: Path | None, original_config: Path | None = None) -> tuple[str, Path] | None:
     """(prediction type, yaml path) from a `parameterization:` line in the checkpoint's YAML (`config_yaml`).
 
     Only that one line is read (no YAML parser); None when there is no such file or line.
     """
-    for y in [y for y in [config_yaml(checkpoint)] if y is not None]:
+    for y in [y for y in [config_yaml(checkpoint, original_config)] if y is not None]:
         with open(y, "rb") as f:  # an inference YAML is a few kB: the first MiB is plenty
             text = f.read(YAML_MAX_BYTES).decode("utf-8", errors="replace")
         for line in text.splitlines():
@@ -288,11 +285,12 @@ def prediction_from_yaml(checkpoint: Path) -> tuple[str, Path] | None:
 _YAML_SCALAR = re.compile(r"""^\s*([A-Za-z_]+)\s*:\s*["']?(-?[0-9.eE+-]+|[A-Za-z_]+)["']?\s*(#.*)?$""")
 
 
-def yaml_scalars(checkpoint: Path | None, names: tuple[str, ...]) -> tuple[dict[str, str], Path | None]:
+def yaml_scalars(checkpoint: Path | None, names: tuple[str, ...],
+                 original_config: Path | None = None) -> tuple[dict[str, str], Path | None]:
     """The first value of each of `names` written as a `name: value` line in the checkpoint's YAML (`config_yaml`:
-    given with --config, else CHECKPOINT.yaml / .yml beside it; no YAML parser: single lines only), and that file;
-    ({}, None) without one."""
-    for y in [y for y in [config_yaml(checkpoint)] if y is not None]:
+    `original_config`, given with --config, else CHECKPOINT.yaml / .yml beside it; no YAML parser: single lines
+    only), and that file; ({}, None) without one."""
+    for y in [y for y in [config_yaml(checkpoint, original_config)] if y is not None]:
         with open(y, "rb") as f:
             text = f.read(YAML_MAX_BYTES).decode("utf-8", errors="replace")
         found: dict[str, str] = {}
@@ -328,7 +326,7 @@ def _schedule_from_betas(betas: torch.Tensor) -> ScheduleConfig:
 
 def detect_compvis_ldm(
     sd: Mapping[str, torch.Tensor], path: Path | None, prediction_type: str | None,
-    value_of: Callable[[str], torch.Tensor] | None,
+    value_of: Callable[[str], torch.Tensor] | None, original_config: Path | None = None,
 ) -> tuple[ModelConfig, str, str]:
     """(config, variant, the prediction type's source) of a CompVis LDM without a text encoder, on a KL or VQ
     first stage: class-conditional, with a ClassEmbedder (`cond_stage_model.embedding.weight`, one row per
@@ -336,8 +334,8 @@ def detect_compvis_ldm(
     one-token cross-attention context; or unconditional (no `cond_stage_model.*`), its U-Net attending with
     ADM's attention blocks (`attention_block = "adm"`).
 
-    What the weights cannot tell comes from the model's YAML beside the checkpoint (CHECKPOINT.yaml, as
-    AUTOMATIC1111 reads it): the heads (`num_head_channels`, else `num_heads`; required), the latent side
+    What the weights cannot tell comes from the model's YAML (`original_config`, else CHECKPOINT.yaml beside the
+    checkpoint, as AUTOMATIC1111 reads it): the heads (`num_head_channels`, else `num_heads`; required), the latent side
     `image_size` (default SAMPLE_SIZE_CLASS_LDM pixels) and `parameterization`. The schedule comes from the
     `betas` buffer, the latent scale from the `scale_factor` buffer (LDM's default 1 without one)."""
 
@@ -358,7 +356,8 @@ def detect_compvis_ldm(
                          "transformers: neither a Stable Diffusion checkpoint (which needs its text encoder) nor an "
                          "unconditional CompVis LDM (ADM attention blocks); its autoencoder alone loads "
                          "(daguerre train ldm --vae, info, convert)")
-    found, y = yaml_scalars(path, ("num_head_channels", "num_heads", "image_size", "parameterization"))
+    found, y = yaml_scalars(path, ("num_head_channels", "num_heads", "image_size", "parameterization"),
+                            original_config)
     head_dim, heads = _yaml_int(found, "num_head_channels", y), _yaml_int(found, "num_heads", y)
     if head_dim is not None and head_dim > 0:
         unet.num_heads, unet.head_dim = None, head_dim
@@ -454,11 +453,14 @@ def detect_checkpoint(
     prediction_type: str | None = None,
     use_ema: bool = False,
     value_of: Callable[[str], torch.Tensor] | None = None,
+    original_config: Path | None = None,
 ) -> Detection:
     """Work out the ModelConfig of a single-file checkpoint (tensors may be on the meta device: shapes suffice).
 
     `value_of(key)` returns the real tensor of `key` when `sd` holds only shapes (used by the
-    v-prediction heuristic). Raises ValueError for files that are not SD-layout checkpoints.
+    v-prediction heuristic). `original_config` is the checkpoint's CompVis YAML given for this load
+    (`check_original_config`); without it, CHECKPOINT.yaml beside `path` is read if there is one.
+    Raises ValueError for files that are not SD-layout checkpoints.
     """
     check_prediction_type(prediction_type)
     keys = list(sd)
@@ -494,10 +496,10 @@ def detect_checkpoint(
         )
     conditioned = any(k.startswith("cond_stage_model.") for k in keys)
     if layout is None and (CLASS_EMBEDDER_KEY in sd or not conditioned):  # a CompVis class or unconditional LDM
-        cfg, variant, source = detect_compvis_ldm(sd, path, prediction_type, value_of)
+        cfg, variant, source = detect_compvis_ldm(sd, path, prediction_type, value_of, original_config)
         variant += ", full (with EMA)" if has_ema else ""
         return Detection(cfg, variant, None, None, False, has_ema, use_ema, source, dict(dtypes), ignored)
-    unet, heads_yaml = sd_heads_from_yaml(infer_unet_config(strip(sd, UNET_PREFIX)), path)
+    unet, heads_yaml = sd_heads_from_yaml(infer_unet_config(strip(sd, UNET_PREFIX)), path, original_config)
     vae = infer_vae_config(strip(sd, VAE_PREFIX))
     if layout is None:
         raise ValueError("not a Stable Diffusion checkpoint: no text encoder (cond_stage_model.*) keys")
@@ -520,7 +522,7 @@ def detect_checkpoint(
     v2 = layout == "openclip"
     if prediction_type is not None:
         pred, source = prediction_type, "argument"
-    elif path is not None and (from_yaml := prediction_from_yaml(path)) is not None:
+    elif (from_yaml := prediction_from_yaml(path, original_config)) is not None:
         pred, source = from_yaml[0], f"yaml {from_yaml[1].name}"
     elif v2 and (key := UNET_PREFIX + V_HEURISTIC_KEY) in sd and (not sd[key].is_meta or value_of is not None):
         is_v = v_prediction_heuristic(value_of(key) if sd[key].is_meta else sd[key])

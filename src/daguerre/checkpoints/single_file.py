@@ -53,13 +53,16 @@ def load_single(
     prediction_type: str | None = None,
     use_ema: bool = False,
     value_of: Callable[[str], torch.Tensor] | None = None,
+    original_config: Path | None = None,
 ) -> tuple[Components, d.Detection]:
     """Components from a single-file state dict (SD v1/v2, inpainting, daguerre): detect, split, load strictly;
-    returns them with the Detection. With meta tensors and device="meta" it only validates."""
+    returns them with the Detection. With meta tensors and device="meta" it only validates. `original_config`:
+    the checkpoint's CompVis YAML for this load (`detect.check_original_config`)."""
     from .text_keys import text_state_dict_from_openclip, text_state_dict_from_transformers
 
     det = d.detect_checkpoint(
-        sd, metadata, path=path, prediction_type=prediction_type, use_ema=use_ema, value_of=value_of
+        sd, metadata, path=path, prediction_type=prediction_type, use_ema=use_ema, value_of=value_of,
+        original_config=original_config,
     )
     cfg = det.config
     kept = {k: v for k, v in sd.items() if not d.is_ignored(k)}

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..components import Components
 from ..weights.io import file_hash, read_shapes, short_hash, sniff
-from .detect import match_preset
+from .detect import check_original_config, match_preset
 from .diffusers_folder import is_diffusers_folder, load_diffusers_folder
 from .single_file import load_single
 
@@ -65,12 +65,15 @@ def _architecture(c: Components) -> dict[str, Any]:
 
 
 def describe(
-    path: str | os.PathLike, *, prediction_type: str | None = None, use_ema: bool = False, hashes: bool = True
+    path: str | os.PathLike, *, prediction_type: str | None = None, use_ema: bool = False, hashes: bool = True,
+    original_config: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """A JSON-ready summary of a model file or diffusers folder; ValueError for anything load_model refuses."""
+    """A JSON-ready summary of a model file or diffusers folder; ValueError for anything load_model refuses.
+    `original_config`: the file's CompVis YAML (`--config FILE`), as `load_model` takes it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such model file or folder: {path}")
+    yaml = check_original_config(path, original_config) if original_config is not None else None
     info: dict[str, Any] = {"path": str(path)}
     if path.is_dir():
         if not is_diffusers_folder(path):
@@ -87,7 +90,7 @@ def describe(
         shapes, metadata, value_of = read_shapes(path)
         comps, det = load_single(
             shapes, metadata, path=path, device=META, prediction_type=prediction_type, use_ema=use_ema,
-            value_of=value_of,
+            value_of=value_of, original_config=yaml,
         )
         fmt = "daguerre checkpoint" if det.is_daguerre else "SD single file"
         fmt += " (safetensors)" if kind == "safetensors" else " (PyTorch pickle, read with weights_only=True)"

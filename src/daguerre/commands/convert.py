@@ -72,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints.vae_file import is_autoencoder, load_vae, save_vae, save_vae_diffusers
 
     if args.config is not None:
-        from ..checkpoints.detect import use_config
+        from ..checkpoints.detect import check_original_config
 
-        use_config(src, args.config)
+        check_original_config(src, args.config)  # before any work; describe and load_model read it
     loras = _read_loras(args.lora)  # every LoRA read and checked before the model is
     if is_autoencoder(src) and loras:
         raise UserError(f"{src} is an autoencoder alone: a LoRA adapts a U-Net and a text encoder")
@@ -88,9 +88,10 @@ def run(args: argparse.Namespace) -> int:
         dtype_name = DTYPES[args.dtype]
     else:
         dtype_name = dominant_float_dtype(describe(src, prediction_type=args.prediction_type, use_ema=args.ema,
-                                                   hashes=False)["stored_dtypes"])
+                                                   hashes=False, original_config=args.config)["stored_dtypes"])
     dtype = getattr(torch, dtype_name)
-    components = load_model(src, dtype=dtype, prediction_type=args.prediction_type, use_ema=args.ema)
+    components = load_model(src, dtype=dtype, prediction_type=args.prediction_type, use_ema=args.ema,
+                            original_config=args.config)
     if loras:
         from ..lora.apply import merge_loras
         from ..lora.syntax import short_hash

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from .generate import add_model_arguments, apply_config, set_threads
+from .generate import add_model_arguments, checked_config, set_threads
 from .registry import command
 from .request_args import CLIP_GUIDANCE, FEWER_CALLS, LAYOUT_STEPS, add_request_arguments, request_fields
 
@@ -102,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import default_model_name, open_model
 
     spec = args.model or default_model_name()
-    apply_config(args.config, spec)  # --config: the checkpoint's CompVis YAML
+    yaml = checked_config(args.config, spec)  # --config: the checkpoint's CompVis YAML
     comps, short_hash = open_model(spec, device=args.device, dtype=args.dtype,  # read straight into it
-                                   quantize=args.quantize, compile=args.compile)
+                                   quantize=args.quantize, compile=args.compile, original_config=yaml)
     set_threads(args, comps)
     from ..conditioning import conditioner_for
 

@@ -45,15 +45,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="say which precision, attention form, convolution layout and thread count the run uses")
 
 
-def apply_config(config: str | None, model: str | None) -> None:
-    """--config FILE: FILE is the CompVis YAML of the checkpoint `model` names (`checkpoints.detect.use_config`)."""
-    if config is None:
-        return
-    from ..checkpoints.detect import use_config
-    from ..registry import default_model_name, shipped_models
+def checked_config(config: str | None, model: str | None) -> Path | None:
+    """--config FILE: FILE, the CompVis YAML of the checkpoint `model` names, checked before any work; the
+    command passes it to `open_model(original_config=...)`, the one load it is for."""
+    from ..registry import original_config_for
 
-    spec = model or default_model_name()
-    use_config(shipped_models().get(spec, Path(spec)), config)
+    return original_config_for(model, config)
 
 
 def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
@@ -175,14 +172,14 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import open_model
 
     fields, model, expected_hash = resolve_settings(args)
-    apply_config(args.config, model)
+    yaml = checked_config(args.config, model)
     request = GenerationRequest(**fields)
     limits = check_limits_early(args, request)
     outputs = plan_outputs(args.out, request.n, args.overwrite, inputs=[args.from_png])  # before any model work
     # one request, then the process ends: each network is read when the run needs it and freed after (the
     # peak memory is about the U-Net's alone; components.py), except for a compiled U-Net, which keeps its own
     comps, model_hash = open_model(model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                                   compile=args.compile, release_after_use=not args.compile)
+                                   compile=args.compile, release_after_use=not args.compile, original_config=yaml)
     set_threads(args, comps)
     request = request.validate(comps.config, limits)  # fail before any work on bad input: the one check
     if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():

@@ -12,8 +12,8 @@ from .generate import (
     add_adapter_arguments,
     add_model_arguments,
     add_output_arguments,
-    apply_config,
     check_limits_early,
+    checked_config,
     run_and_save,
     set_threads,
 )
@@ -48,11 +48,11 @@ def run_image_command(
     from ..registry import open_model
 
     request = GenerationRequest(task=task, **request_fields(args, task))
-    apply_config(args.config, args.model)
+    yaml = checked_config(args.config, args.model)
     limits = check_limits_early(args, request)
     outputs = plan_outputs(args.out, request.n, args.overwrite, inputs=[request.init_image, request.mask])
     comps, model_hash = open_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                                   compile=args.compile)
+                                   compile=args.compile, original_config=yaml)
     set_threads(args, comps)
     request = request.validate(comps.config, limits)  # fail before any work on bad input (images included)
     if note is not None and (line := note(comps)):

@@ -165,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
 
     path = shipped_models().get(args.model) or shipped_clips().get(args.model) or args.model  # a name or a path
     if args.config is not None:
-        from ..checkpoints.detect import use_config
+        from ..checkpoints.detect import check_original_config
 
-        use_config(path, args.config)
+        check_original_config(path, args.config)  # before any work; describe reads it
     if is_autoencoder(path):  # a first stage alone (VAE file, CompVis first stage, diffusers VAE/VQModel folder)
         info = describe_vae(path)
         print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_vae_info(info, human_count))
@@ -177,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_clip_info(info, human_count,
                                                                                             human_size))
         return 0
-    info = describe(path, prediction_type=args.prediction_type, use_ema=args.ema, hashes=not args.no_hash)
+    info = describe(path, prediction_type=args.prediction_type, use_ema=args.ema, hashes=not args.no_hash,
+                    original_config=args.config)
     info["run"] = run_here(args, info["parameters"]["unet"])
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))

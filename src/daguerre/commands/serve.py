@@ -8,7 +8,7 @@ import sys
 
 from ..limits import add_limit_arguments, limits_from_args
 from ..server.limits import MAX_BODY_BYTES, MAX_CONNECTIONS, QUEUE_SIZE, TIMEOUT
-from .generate import add_adapter_arguments, add_model_arguments, apply_config, attach_adapters, set_threads
+from .generate import add_adapter_arguments, add_model_arguments, attach_adapters, checked_config, set_threads
 from .registry import command
 
 
@@ -75,13 +75,13 @@ def run(args: argparse.Namespace) -> int:
     from ..server.app import Server
 
     spec = args.model or default_model_name()
-    apply_config(args.config, spec)
+    yaml = checked_config(args.config, spec)
     from ..pipelines.common import open_guide
 
     for clip in args.clip:
         open_guide(clip, args.device)  # found and readable, before the model is loaded
     comps, model_hash = open_model(spec, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                                   compile=args.compile)
+                                   compile=args.compile, original_config=yaml)
     set_threads(args, comps)
     attach_adapters(args, comps)  # the folders the prompts' <lora:...> tags and embedding names are found in
     server = Server(Pipeline(comps, model_hash), comps.config.name or spec, limits=limits, clips=tuple(args.clip),
