@@ -239,3 +239,20 @@ def test_an_empty_prompt_is_refused_and_a_negative_equal_to_the_prompt_counts_on
     alone = attention.attention_maps(tiny.components, tiny.request(PROMPT, steps=1, seed=4, cfg_scale=1.0))[0]
     for word in same.maps:  # the doubled batch's rows are both the prompt's: the first (CFG's conditional) counts
         torch.testing.assert_close(same.maps[word], alone.maps[word], atol=1e-5, rtol=1e-4)
+
+
+def test_layers_pick_the_transformers_summed(tiny):
+    comps = tiny.components
+    names = list(attention.cross_attention_layers(comps.unet))
+    assert names == ["input_blocks.1.1", "input_blocks.3.1", "middle_block.1", "output_blocks.0.1",
+                     "output_blocks.1.1", "output_blocks.2.1", "output_blocks.3.1"]
+    req = tiny.request(PROMPT, steps=1, seed=6)
+    every = attention.attention_maps(comps, req)[0].maps["circle"]
+    decoder = attention.attention_maps(comps, req, layers=["output_blocks"])[0].maps["circle"]
+    one = attention.attention_maps(comps, req, layers=["output_blocks.3.1"])[0].maps["circle"]
+    assert not torch.allclose(every, decoder) and not torch.allclose(decoder, one)
+    with pytest.raises(ValueError, match=r"--layers output_blocks.9: no such cross-attention layer; this U-Net's: "
+                                         r"input_blocks.1.1, "):
+        attention.attention_maps(comps, req, layers=["output_blocks.9"])
+    with pytest.raises(ValueError, match="no such"):
+        attention.attention_maps(comps, req, layers=["output_block"])  # a prefix only at a dot

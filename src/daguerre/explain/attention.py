@@ -208,18 +208,38 @@ class DAAMRecorder:
                          f"{self.latent_size[0]}x{self.latent_size[1]}")
 
 
+def cross_attention_layers(unet: torch.nn.Module) -> dict[str, CrossAttention]:
+    """The U-Net's cross-attention layers (each transformer block's `attn2`) by the name of their transformer
+    (e.g. "output_blocks.3.1", SD's CompVis names; a transformer of depth > 1: ".transformer_blocks.i" added)."""
+    found = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, CrossAttention) and name.endswith(".attn2"):
+            block = name.removesuffix(".attn2")
+            found[block.removesuffix(".transformer_blocks.0")] = m
+    return found
+
+
 @contextlib.contextmanager
-def recording(unet: torch.nn.Module, recorder: DAAMRecorder) -> Iterator[DAAMRecorder]:
-    """Hang `recorder` on every cross-attention layer of `unet` (the transformers' `attn2`) for the block."""
-    layers = [m for name, m in unet.named_modules() if isinstance(m, CrossAttention) and name.endswith("attn2")]
-    if not layers:
+def recording(unet: torch.nn.Module, recorder: DAAMRecorder, layers: Sequence[str] | None = None
+              ) -> Iterator[DAAMRecorder]:
+    """Hang `recorder` on the cross-attention layers of `unet` for the block: all of them (DAAM), or those of the
+    transformers `layers` names (a name or its prefix at a dot: "output_blocks" is every decoder layer)."""
+    found = cross_attention_layers(unet)
+    if not found:
         raise ValueError("this U-Net has no cross-attention layers: its images are not steered by a prompt")
-    for layer in layers:
+    chosen = list(found.values())
+    if layers is not None:
+        unknown = [p for p in layers if not any(n == p or n.startswith(p + ".") for n in found)]
+        if unknown or not layers:
+            raise ValueError(f"--layers {', '.join(unknown) or '(none)'}: no such cross-attention layer; this "
+                             f"U-Net's: {', '.join(found)}")
+        chosen = [m for n, m in found.items() if any(n == p or n.startswith(p + ".") for p in layers)]
+    for layer in chosen:
         layer.recorder = recorder
     try:
         yield recorder
     finally:
-        for layer in layers:
+        for layer in chosen:
             layer.recorder = None
 
 
@@ -245,11 +265,12 @@ def check_request(components: Components, request: ValidRequest) -> ValidRequest
 
 
 @torch.no_grad()
-def attention_maps(components: Components, request: ValidRequest, words: Sequence[str] | None = None
-                   ) -> list[AttentionMaps]:
+def attention_maps(components: Components, request: ValidRequest, words: Sequence[str] | None = None,
+                   layers: Sequence[str] | None = None) -> list[AttentionMaps]:
     """Generate `request`'s images (the txt2img pipeline, unchanged) and, for each, the DAAM heat map of each of
     `words` (default: every content word of the prompt): word -> (height, width) float32 tensor (module
     docstring). A request of n images runs in batches of `batch_size`, each image from its own seed as always.
+    `layers` sums only those transformers' cross-attention (`recording`; None: every one, as DAAM does).
 
         pipe = daguerre.load("shapes")
         result = attention_maps(pipe.components, pipe.request("a red circle above a blue square", seed=1))[0]
@@ -271,7 +292,7 @@ def attention_maps(components: Components, request: ValidRequest, words: Sequenc
         part = dataclasses.replace(req, n=b, seed=req.seed + start).validate(req.config, req.limits)
         recorder = DAAMRecorder(reference, latent, b)
         components.acquire("unet")
-        with recording(components.unet, recorder):
+        with recording(components.unet, recorder, layers):
             images = txt2img(components, part)
         if recorder.calls == 0:
             raise RuntimeError("no cross-attention call saw the prompt's context: nothing was recorded")
@@ -343,6 +364,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="what to draw")
     p.add_argument("--words", nargs="+", default=None, metavar="WORD",
                    help="the words of the prompt to draw maps for (default: every content word)")
+    p.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
+                   help="only these transformers' cross-attention, e.g. output_blocks.3.1 or output_blocks (default: "
+                        "every one, as DAAM)")
     p.add_argument("--negative", "-N", default="", help="negative prompt")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--sampler", default=None, help="sampler, A1111 or ComfyUI name (default: the model's)")
@@ -365,7 +389,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
                                 sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg, seed=args.seed,
                                 width=side, height=side).validate(comps.config)
     check_count(request.sampler_steps, 1, MAX_STEPS, "sampling steps", "--steps")  # the model's own too
-    result = attention_maps(comps, request, args.words)[0]
+    result = attention_maps(comps, request, args.words, args.layers)[0]
     image = save_png(result.image.image, figure_path(args, "image.png"), result.image.parameters,
                      replace=args.overwrite)
     maps = save_maps(result.maps, figure_path(args, MAPS_FILE), replace=args.overwrite,
