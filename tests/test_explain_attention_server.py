@@ -83,3 +83,13 @@ def test_behind_api_auth_the_route_needs_the_credentials(server):
         assert status_of("") == 401
         good = base64.b64encode(b"ann:secret").decode()
         assert status_of(f"authorization: Basic {good}\r\n") == 404  # through the guard: no image made yet
+
+
+def test_a_client_that_leaves_stops_the_maps_and_nothing_is_kept(server):
+    assert _post(server, "txt2img", {"prompt": "a red circle", "steps": 2, "seed": 1})[0] == 200
+    status, _, body = server.handle("GET", ATTENTION_ROUTE, b"", lambda: True)  # the client has gone
+    assert int(status) == 409 and ("cancelled" in json.loads(body)["detail"]
+                                   or "interrupted" in json.loads(body)["detail"])
+    assert server._attention is None and server.state["job"] == ""
+    status, out = _get(server)
+    assert status == 200 and out["seed"] == 1
