@@ -389,7 +389,8 @@ def plot(rows: Sequence[dict[str, Any]], png_dir: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set(title=f"{ds}: reconstruction vs rate", xlabel="latent values per pixel value",
                ylabel="held-out PSNR (dB)")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     written.append(png_dir / "rate_distortion.png")
     fig.savefig(written[-1], dpi=100)
