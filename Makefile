@@ -165,3 +165,12 @@ $(RUNS)/hexagon_lora/hexagon_eval.json: $(RUNS)/hexagon_lora/hexagon.safetensors
 		$(RUNS)/hexagon_lora/shapes-hexagon.safetensors --lora $<:1
 	$(VENV)/bin/daguerre eval --model $(RUNS)/hexagon_lora/shapes-hexagon.safetensors --prompts single --n 100 \
 		--out $(RUNS)/hexagon_lora/eval-single
+
+# issue 19 point 3: the compression study (docs/experiments/compression.md): KL and VQ autoencoders at f = 1, 2, 4, 8
+# on the shapes world and Fashion-MNIST, a latent diffusion model on each, evaluated at kept steps, CPU time per task
+# (~5-6 CPU-hours on one core). Resumable: the same command skips finished tasks and continues a stopped one.
+COMPRESSION_OUT ?= $(RUNS)/compression
+.PHONY: compression-study
+compression-study: fashion-mnist
+	OMP_NUM_THREADS=1 $(PY) bench/compression_study.py run --out $(COMPRESSION_OUT)
+	$(PY) bench/compression_study.py report --out $(COMPRESSION_OUT) --png-dir docs/images/compression
