@@ -100,10 +100,10 @@ def draw_latents(result: Reconstruction, path, replace: bool = False):
             continue
         im = ax.imshow(lat[i], cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
         ax.set_title(f"channel {i}", fontsize=9)
-    fig.colorbar(im, ax=axes, fraction=0.02, pad=0.02)
+    fig.colorbar(im, ax=axes, fraction=0.02, pad=0.02, label="latent value")
     more = f" (the first {shown} shown)" if shown < c else ""
-    fig.suptitle(f"latent z = E(x): {h} x {w} x {c}{more}, one cell per {result.factor} x {result.factor} pixels",
-                 fontsize=10)
+    fig.suptitle(f"the diffusion model's latent z_0: {h} x {w} x {c}{more}, one cell per {result.factor} x "
+                 f"{result.factor} pixels\n(the encoder's E(x), scaled to about unit variance)", fontsize=10)
     return save_figure(fig, path, replace=replace)
 
 
