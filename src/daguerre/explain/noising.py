@@ -116,6 +116,8 @@ def draw(result: Noising, model_name: str, factor: int, path, replace: bool = Fa
         show_image(axes[1, j], bottom[j])
     label_row(axes[0, 0], f"latent: D(z_t), f = {factor}")
     label_row(axes[1, 0], "pixels: x_t")
+    axes[0, 0].set_xlabel("D(E(x))", fontsize=8)  # the clean column: what the decoder makes of z_0, and x itself
+    axes[1, 0].set_xlabel("x, the input", fontsize=8)
     fig.suptitle(f"q(z_t | z_0) = N(sqrt(abar_t) z_0, (1 - abar_t) I) with the schedule of {model_name}",
                  fontsize=10)
     return save_figure(fig, path, replace=replace)
