@@ -8,7 +8,6 @@ figure is seconds on the shipped models and at most minutes for Stable Diffusion
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -116,7 +115,3 @@ def label_row(ax: Axes, text: str) -> None:
 def figure_path(args: argparse.Namespace, name: str) -> Path:
     """Where a sub-command writes its figure `name` (`--out`)."""
     return Path(args.out) / name
-
-
-def format_ints(values: Sequence[int]) -> str:
-    return ", ".join(str(v) for v in values)
