@@ -26,8 +26,9 @@ white-space-separated word of the prompt (emphasis syntax and LoRA tags removed)
 the same tokens as the whole prompt (both tokenizers split at white space first), and its tokens are matched to
 the prompt's positions in the context (`word_positions`), across 77-token chunks.
 
-Python API: `attention_maps(components, request, words=None) -> list[AttentionMaps]`, each with the generated
-image and `maps`, word -> (H, W) float32 tensor.
+Python API: `attention_maps(components, request, words=None, layers=None) -> list[AttentionMaps]`, each with the
+generated image and `maps`, word -> (H, W) float32 tensor; `layers` sums only some transformers (which carry a
+word's signal differs from layer to layer: docs/explain.md, "attention").
 """
 
 from __future__ import annotations
