@@ -214,8 +214,7 @@ def check_classifier(clf: ClassifierExtractor, folder: Folder, rec: TrainedOn | 
     """Refuse a classifier that cannot judge this folder's images (another kind, size, channels, classes or
     folder); return warnings (it trained on some of the held-out images measured here)."""
     c, spec, where = clf.config, folder.spec, clf.path or clf.name
-    train_hint = (f"train one with `daguerre classifier train --dataset folder --data {spec.root} --size {spec.size} "
-                  f"--channels {spec.channels} --out FILE`")
+    train_hint = f"train one with `{classifier_command(spec)}`"
     if c.kind != FOLDER:
         raise ValueError(f"{flag} {where} is the {c.kind} classifier, not one of a folder's classes: {train_hint}")
     if (c.image_size, c.in_channels) != (spec.size, spec.channels):
@@ -243,7 +242,16 @@ def check_classifier(clf: ClassifierExtractor, folder: Folder, rec: TrainedOn | 
         return []
     return [f"{flag} {where} was trained on {seen} of the {len(folder.held)} held-out images measured here (its "
             f"held-out split: {data.get('holdout')} images, seed {data.get('seed')}); its features and verdicts "
-            "favour them: train it with the model's --holdout and --data-seed"]
+            f"favour them: train it with the model's held-out split, `{classifier_command(spec)}`"]
+
+
+def classifier_command(spec: FolderSpec) -> str:
+    """The `daguerre classifier train` command of a judge for `spec`: its size and channels and, for a
+    held-out split, the model's `--holdout` and `--data-seed`, so that it never trains on the images eval
+    measures (the default --holdout, 64, is not the photos recipes' 500)."""
+    split = "" if spec.holdout is None else f" --holdout {spec.holdout} --data-seed {spec.seed}"
+    return (f"daguerre classifier train --dataset folder --data {spec.root}{split} --size {spec.size} "
+            f"--channels {spec.channels} --out FILE")
 
 
 def _format(size: int, channels: int) -> str:
