@@ -5,7 +5,9 @@ pixels), in float32, bfloat16 (the model cast to bf16) and bfloat16 with channel
 input. In bf16 daguerre's attention takes its chunked matmul form (daguerre.nn.attention); the mode
 "bf16 channels_last sdpa" forces torch's fused kernel instead (the form before it, to show its gain) and
 "bf16 channels_last compile" runs daguerre's U-Net through daguerre.compile (inductor freezing; the first,
-untimed call compiles, minutes) against diffusers in eager mode. Both U-Nets share one set of tensors
+untimed call compiles, minutes) against diffusers in eager mode. In bf16 daguerre's Conv2d and Linear layers
+compute with oneDNN-packed weights (daguerre.nn.conv, as daguerre.load sets them up); the mode
+"bf16 channels_last unpacked" keeps torch's layers instead (the form before them). Both U-Nets share one set of tensors
 (diffusers' is loaded through daguerre's key mapping) and run in one process, one warm-up call each, then
 in back-to-back pairs (alternating which goes first).
 The table gives medians (and minima) and, as "ratio", the median over the pairs of daguerre /
@@ -41,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from daguerre.checkpoints.unet_keys import unet_config_to_diffusers, unet_state_dict_to_diffusers  # noqa: E402
 from daguerre.config import preset  # noqa: E402
 from daguerre.models.unet import UNetModel  # noqa: E402
+from daguerre.nn.conv import pack_for_inference_, unpack_  # noqa: E402
+from daguerre.precision import uses_packed_weights  # noqa: E402
 from test_unet import randomize_  # noqa: E402  (one weight randomiser for tests and benchmarks)
 from timing import alternating_times  # noqa: E402  (bench/timing.py)
 
@@ -56,6 +60,7 @@ MODES = {  # name -> (dtype, memory format, daguerre variant)
     "bf16 channels_last": (torch.bfloat16, torch.channels_last, None),
     "bf16 channels_last sdpa": (torch.bfloat16, torch.channels_last, "sdpa"),
     "bf16 channels_last compile": (torch.bfloat16, torch.channels_last, "compile"),
+    "bf16 channels_last unpacked": (torch.bfloat16, torch.channels_last, "unpacked"),
 }
 DEFAULT_MODES = ["fp32", "bf16", "bf16 channels_last", "bf16 channels_last sdpa"]  # compile: opt-in (slow to build)
 KIB = 1024
@@ -104,9 +109,19 @@ def fused_attention():
         attention_module.chunked_pays = real
 
 
+def packs(model: torch.nn.Module, variant: str | None) -> None:
+    """daguerre's layers as `daguerre.load` sets them up (registry.prepare_for_inference_): packed where
+    `precision.uses_packed_weights` says so, except for the compiled and "unpacked" variants."""
+    if variant not in ("compile", "unpacked") and uses_packed_weights(next(model.parameters()).dtype, "cpu"):
+        pack_for_inference_(model)
+    else:
+        unpack_(model)
+
+
 def step_fns(model: UNetModel, ref: torch.nn.Module, x, t, context, variant: str | None = None):
     """The two calls of a cell; daguerre's as the mode's variant says (a compiled copy: its first call compiles)."""
     ours = model
+    packs(model, variant)
     if variant == "compile":
         from daguerre.compile import compile_for_inference_
 
@@ -144,6 +159,8 @@ def memory_cell(impl: str, mode: str, size: int) -> dict[str, float]:
     torch.set_num_threads(THREADS)
     dtype, memory_format, variant = MODES[mode]
     model = build(impl, dtype, memory_format)
+    if impl == "daguerre":
+        packs(model, variant)
     loaded = peak_rss_gib()
     x, t, context = make_inputs(size, dtype, memory_format)
     with torch.inference_mode():

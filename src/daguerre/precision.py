@@ -137,6 +137,19 @@ def uses_channels_last(
     return dtype in (torch.bfloat16, torch.float16) and not small
 
 
+def uses_packed_weights(
+    dtype: torch.dtype, device: torch.device | str | None = None, unet_parameters: int | None = None
+) -> bool:
+    """Whether the Conv2d and Linear layers of the U-Net and the VAE compute with oneDNN-packed weights
+    (`daguerre.nn.conv.pack_for_inference_`; equal results bit for bit, the same memory): where
+    `nn.conv.packing_pays` (bfloat16 on a CPU with oneDNN), for U-Nets that are not small (None: not known,
+    taken as large), the ones measured (docs/benchmarks.md, "Convolutions and linear layers")."""
+    from .nn.conv import packing_pays
+
+    small = unet_parameters is not None and unet_parameters < SMALL_MODEL_PARAMETERS
+    return packing_pays(dtype, device or "cpu") and not small
+
+
 def dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
@@ -192,8 +205,8 @@ def describe_run(unet: torch.nn.Module, device: torch.device | None = None) -> s
     `unet` uses now (`--verbose`), on `device` (default: the U-Net's; a released U-Net's is meta)."""
     import torch
 
-    conv = next((m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1),
-                None)
+    conv = next((_stored_weight(m) for m in unet.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.kernel_size[-1] > 1), None)
     channels_last = conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
         and not conv.is_contiguous()
     from .compile import is_compiled
@@ -201,5 +214,14 @@ def describe_run(unet: torch.nn.Module, device: torch.device | None = None) -> s
 
     line = format_run(run_settings(dtype_of(unet), device or device_of(unet), weight_count(unet),
                                    torch.get_num_threads(), channels_last))
-    extras = [what for what, on in (("int8 weights", is_quantized(unet)), ("compiled", is_compiled(unet))) if on]
+    from .nn.conv import is_pack_ready
+
+    extras = [what for what, on in (("int8 weights", is_quantized(unet)), ("compiled", is_compiled(unet)),
+                                    ("oneDNN-packed weights", is_pack_ready(unet))) if on]
     return ", ".join([line, *extras])
+
+
+def _stored_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A layer's weight as stored, without unpacking a packed one (reading `.weight` would unpack it)."""
+    stored = getattr(layer, "stored_weight", None)
+    return stored() if stored is not None else layer.weight

@@ -103,7 +103,7 @@ def _open_parts(spec: str | None, device: torch.device | str | None, dtype: torc
     else:
         with reading_parts(parts):
             comps, model_hash = _open(spec, device, dtype, quantize, yaml)
-    prepare_for_inference_(comps, quantize=quantize, compile=compile)
+    prepare_for_inference_(comps, quantize=quantize, compile=compile, device=device or "cpu")
     trim()  # the load's freed buffers back to the system (daguerre.memory)
     return comps, model_hash
 
@@ -134,11 +134,15 @@ def _file_stamp(spec: str) -> tuple | None:
     return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
-def prepare_for_inference_(comps: Components, *, quantize: str | None = None, compile: bool = False) -> None:
+def prepare_for_inference_(comps: Components, *, quantize: str | None = None, compile: bool = False,
+                           device: torch.device | str | None = None) -> None:
     """In place: `quantize="int8"` stores the weights of the U-Net's and the text encoder's Linear and Conv2d
     layers in int8 (`daguerre.quantize`: half the memory of bf16, the images change slightly); `compile`
     compiles the U-Net with inductor freezing (`daguerre.compile`: faster after a slow first call at each
-    size, more memory). Both are for generating only: a quantised network refuses to be saved."""
+    size, more memory). Both are for generating only: a quantised network refuses to be saved. Without
+    `compile`, the U-Net's and the VAE's other Conv2d and Linear layers compute with oneDNN-packed weights
+    where `precision.uses_packed_weights` says so for `device` (default: the U-Net's) (`daguerre.nn.conv`:
+    the same results bit for bit and the same memory)."""
     if quantize == "int8":
         from .quantize import quantize_int8_
 
@@ -149,6 +153,15 @@ def prepare_for_inference_(comps: Components, *, quantize: str | None = None, co
         from .compile import compile_for_inference_
 
         compile_for_inference_(comps.unet)
+        return
+    from .precision import uses_packed_weights
+
+    if uses_packed_weights(dtype_of(comps.unet), device or next(comps.unet.parameters()).device,
+                           weight_count(comps.unet)):
+        from .nn.conv import pack_for_inference_
+
+        for module in (comps.unet, comps.vae):
+            pack_for_inference_(module)
 
 
 def _open(spec: str | None, device: torch.device | str | None, dtype: torch.dtype | str | None,

@@ -262,3 +262,26 @@ def pack_for_inference_(module: nn.Module) -> int:
                 setattr(parent, name, PackedLinear.of(child))
                 count += 1
     return count
+
+
+def is_pack_ready(module: nn.Module) -> bool:
+    """Whether `pack_for_inference_` was applied to `module` (its layers pack on their next bf16 CPU call)."""
+    return any(isinstance(m, _Packed) for m in module.modules())
+
+
+def unpack_(module: nn.Module) -> int:
+    """In place: the packed layers of `module` back to plain `nn.Conv2d` / `nn.Linear` holding the weight's
+    values (what `torch.compile`'s freezing and other code that reads parameters directly need); returns how
+    many were replaced."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _Packed):
+                child._unpack()
+                cls = nn.Conv2d if isinstance(child, nn.Conv2d) else nn.Linear
+                plain = cls.__new__(cls)
+                plain.__dict__.update({k: v for k, v in child.__dict__.items()
+                                       if k not in ("_packed", "_packed_for", "_dense_format")})
+                setattr(parent, name, plain)
+                count += 1
+    return count
