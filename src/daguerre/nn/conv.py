@@ -29,6 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Layers with fewer input or output channels keep torch's call: the SD U-Net's 4-channel conv_in and out
+# convolution ran 1.5-1.7x slower packed (bench/conv_shapes.py).
+MIN_PACKED_CHANNELS = 8
 # Elements of one im2col chunk's patch buffer: 2^22 bf16 values, 8 MiB, which stays in this CPU's L3 cache.
 IM2COL_ELEMENTS = 1 << 22
 
@@ -246,16 +249,18 @@ class PackedLinear(_Packed, nn.Linear):
 
 
 def pack_for_inference_(module: nn.Module) -> int:
-    """In place: every `nn.Conv2d` (zero padding, no dilation) and `nn.Linear` of `module` becomes its packed
-    twin (`PackedConv2d`, `PackedLinear`: the same Parameters, packed on their first call in bf16 on a CPU);
-    returns how many layers were replaced. A no-op on layers already packed and on other layer types (int8)."""
+    """In place: every `nn.Conv2d` (zero padding, no dilation, at least `MIN_PACKED_CHANNELS` in and out) and
+    `nn.Linear` of `module` becomes its packed twin (`PackedConv2d`, `PackedLinear`: the same Parameters,
+    packed on their first call in bf16 on a CPU); returns how many layers were replaced. A no-op on layers
+    already packed and on other layer types (int8)."""
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _Packed):
                 continue
             if type(child) is nn.Conv2d and child.padding_mode == "zeros" and child.dilation == (1, 1) \
-                    and isinstance(child.padding, tuple):
+                    and isinstance(child.padding, tuple) \
+                    and min(child.in_channels, child.out_channels) >= MIN_PACKED_CHANNELS:
                 setattr(parent, name, PackedConv2d.of(child))
                 count += 1
             elif type(child) is nn.Linear:
