@@ -1,6 +1,6 @@
 """Packed weights in the models daguerre opens (registry.prepare_for_inference_, precision.uses_packed_weights):
-bf16 on a CPU packs the U-Net's and the VAE's Conv2d and Linear layers and makes the same images bit for bit;
-float32 keeps torch's layers untouched."""
+bf16 on a CPU packs the U-Net's Conv2d and Linear layers and makes the same images bit for bit; float32 keeps
+torch's layers untouched, and so does the VAE (its large convolutions gained nothing)."""
 
 from __future__ import annotations
 
@@ -46,13 +46,13 @@ def test_bf16_packs_and_makes_the_same_images(model_file, tiny_counts_as_large):
     unet, vae = pipe.components.unet, pipe.components.vae
     n_layers = sum(isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and min(
         m.in_channels, m.out_channels) >= MIN_PACKED_CHANNELS) for m in unet.modules())
-    assert len(packed_layers(unet)) == n_layers and packed_layers(vae)
+    assert len(packed_layers(unet)) == n_layers and not packed_layers(vae)
     assert type(unet.input_blocks[0][0]) is torch.nn.Conv2d  # 4 latent channels in: kept (measured slower)
     assert "oneDNN-packed weights" in precision.describe_run(unet)
     got = pipe("a red circle", **SETTINGS)
     assert any(m.is_packed() for m in packed_layers(unet))  # the run packed them
     plain = daguerre.load(str(model_file), dtype="bf16")
-    assert unpack_(plain.components.unet) > 0 and unpack_(plain.components.vae) > 0
+    assert unpack_(plain.components.unet) > 0
     assert not is_pack_ready(plain.components.unet)
     assert pixels(got) == pixels(plain("a red circle", **SETTINGS))
     # a one-shot run reads its networks again from the file (packed alike) between runs: the same images
@@ -69,7 +69,6 @@ def test_a_lora_merged_into_a_packed_model_is_used(model_file, tiny_counts_as_la
     pipe = daguerre.load(str(model_file), dtype="bf16")
     plain = daguerre.load(str(model_file), dtype="bf16")
     unpack_(plain.components.unet)
-    unpack_(plain.components.vae)
     pipe("a red circle", **SETTINGS)  # packed first
     name = next(n for n, m in pipe.components.unet.named_modules() if isinstance(m, PackedConv2d))
     assert pipe.components.unet.get_submodule(name).is_packed()

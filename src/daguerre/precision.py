@@ -140,7 +140,7 @@ def uses_channels_last(
 def uses_packed_weights(
     dtype: torch.dtype, device: torch.device | str | None = None, unet_parameters: int | None = None
 ) -> bool:
-    """Whether the Conv2d and Linear layers of the U-Net and the VAE compute with oneDNN-packed weights
+    """Whether the Conv2d and Linear layers of the U-Net compute with oneDNN-packed weights
     (`daguerre.nn.conv.pack_for_inference_`; equal results bit for bit, the same memory): where
     `nn.conv.packing_pays` (bfloat16 on a CPU with oneDNN), for U-Nets that are not small (None: not known,
     taken as large), the ones measured (docs/benchmarks.md, "Convolutions and linear layers")."""

@@ -140,9 +140,9 @@ def prepare_for_inference_(comps: Components, *, quantize: str | None = None, co
     layers in int8 (`daguerre.quantize`: half the memory of bf16, the images change slightly); `compile`
     compiles the U-Net with inductor freezing (`daguerre.compile`: faster after a slow first call at each
     size, more memory). Both are for generating only: a quantised network refuses to be saved. Without
-    `compile`, the U-Net's and the VAE's other Conv2d and Linear layers compute with oneDNN-packed weights
-    where `precision.uses_packed_weights` says so for `device` (default: the U-Net's) (`daguerre.nn.conv`:
-    the same results bit for bit and the same memory)."""
+    `compile`, the U-Net's other Conv2d and Linear layers compute with oneDNN-packed weights where
+    `precision.uses_packed_weights` says so for `device` (default: the U-Net's) (`daguerre.nn.conv`: the
+    same results bit for bit and the same memory; the VAE's large convolutions gained nothing from it)."""
     if quantize == "int8":
         from .quantize import quantize_int8_
 
@@ -160,8 +160,7 @@ def prepare_for_inference_(comps: Components, *, quantize: str | None = None, co
                            weight_count(comps.unet)):
         from .nn.conv import pack_for_inference_
 
-        for module in (comps.unet, comps.vae):
-            pack_for_inference_(module)
+        pack_for_inference_(comps.unet)
 
 
 def _open(spec: str | None, device: torch.device | str | None, dtype: torch.dtype | str | None,
