@@ -409,7 +409,7 @@ def plot(rows: Sequence[dict[str, Any]], png_dir: Path) -> list[Path]:
                 kw = {"color": colours[r["f"]], "linestyle": style[reg], "marker": marker[reg],
                       "label": f"{reg.upper()} f{r['f']}"}
                 axes[0][col].plot(x, [e["fd"] / e["fd_floor"] for e in pts], **kw)
-                axes[1][col].plot(x, [100 * (e["adherence"] or 0) for e in pts], **kw)
+                axes[1][col].plot(x, [math.nan if e["adherence"] is None else 100 * e["adherence"] for e in pts], **kw)
             axes[0][col].set(title=f"{ds}: Frechet distance / floor (lower is better)", yscale="log")
             axes[1][col].set(title=f"{ds}: adherence (%)", xlabel=xlabel, ylim=(0, 100))
             for ax in axes[:, col]:
