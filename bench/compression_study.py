@@ -17,6 +17,7 @@ against CPU time.
     python bench/compression_study.py run --out runs/compression [--cells fashion-kl-f4,...] [budget flags]
     python bench/compression_study.py report --out runs/compression --png-dir docs/images/compression
     python bench/compression_study.py status --out runs/compression
+    python bench/compression_study.py steptimes --cells fashion-kl-f1,...   # CPU s per step: the budget's basis
 
 Every task is skipped when its output exists and every training resumes from its newest checkpoint (`--resume`),
 so the same `run` command continues a stopped study (SIGTERM: the running command gets it and checkpoints). The
@@ -440,6 +441,51 @@ def status(out: Path, cells: Sequence[Cell], budget: Budget) -> str:
     return "\n".join(lines)
 
 
+def step_seconds(cell: Cell, budget: Budget, repeats: int = 3) -> dict[str, float]:
+    """CPU seconds of one training step of the cell's autoencoder (its config's batch) and of its U-Net (the
+    budget's LDM batch) on the current thread count, bf16 autocast as the configs train, after one warm-up step: the
+    numbers the budget is planned from. Random weights and inputs; the text context random too."""
+    import torch
+
+    from daguerre.models.autoencoder import AutoencoderKL
+    from daguerre.models.unet import UNetModel
+    from daguerre.training.config import derive_model_config, load_run_config
+
+    ds = DATASETS[cell.dataset]
+    vae_cfg = load_run_config(ds.vae_config, "vae", vae_sets(cell, budget))
+    vae = AutoencoderKL(derive_model_config(vae_cfg, ds.channels, None).vae)
+    batch = vae_cfg.train.batch_size
+    ldm_cfg = derive_model_config(load_run_config(ds.ldm_config, "ldm", ldm_sets(cell, budget)), ds.channels, None)
+    unet = UNetModel(ldm_cfg.unet)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, ds.channels, ds.size, ds.size, generator=gen)
+    c, h, w = cell.latent()
+    z = torch.randn(budget.ldm_batch, c, h, w, generator=gen)
+    context = torch.randn(budget.ldm_batch, ldm_cfg.text_encoder.max_length, ldm_cfg.text_encoder.width,
+                          generator=gen)
+    t = torch.full((budget.ldm_batch,), 500.0)
+
+    def vae_step() -> None:
+        with torch.autocast("cpu", torch.bfloat16):
+            posterior = vae.encode(x)
+            rec = vae.decode(posterior.mode())
+        (rec.float() - x).abs().mean().backward()
+
+    def unet_step() -> None:
+        with torch.autocast("cpu", torch.bfloat16):
+            out = unet(z, t, context=context)
+        out.float().pow(2).mean().backward()
+
+    def seconds(step: Callable[[], None]) -> float:
+        step()
+        start = time.process_time()
+        for _ in range(repeats):
+            step()
+        return (time.process_time() - start) / repeats
+
+    return {"vae_step_s": seconds(vae_step), "unet_step_s": seconds(unet_step)}
+
+
 # --- command line -----------------------------------------------------------------------------------------------
 
 def parse_cells(spec: str) -> list[Cell]:
@@ -448,7 +494,7 @@ def parse_cells(spec: str) -> list[Cell]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["run", "report", "status"])
+    p.add_argument("action", choices=["run", "report", "status", "steptimes"])
     p.add_argument("--out", type=Path, default=Path("runs/compression"), help="the study's folder")
     p.add_argument("--cells", default="all", help="comma-separated DATASET-REG-fN (e.g. fashion-kl-f4), or all")
     p.add_argument("--png-dir", type=Path, default=None, help="report: where the plots go (default: OUT)")
@@ -468,6 +514,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.action == "status":
         print(status(args.out, cells, budget))
+        return 0
+    if args.action == "steptimes":  # one thread, as the configs train (OMP_NUM_THREADS=1)
+        import torch
+
+        torch.set_num_threads(1)
+        print(f"cell  VAE step s (its config's batch)  U-Net step s (batch {budget.ldm_batch})")
+        for cell in cells:
+            times = step_seconds(cell, budget)
+            print(f"{cell.name}  {times['vae_step_s']:.3f}  {times['unet_step_s']:.3f}", flush=True)
         return 0
     if args.action == "report":
         rows = report(args.out, cells, budget, args.png_dir or args.out)

@@ -139,3 +139,8 @@ def test_a_command_is_timed_by_its_cpu_and_sigterm_reaches_it(tmp_path):
     finally:
         cs._stopping.clear()
     assert result["out"][0] == 130 and "checkpoint saved" in (tmp_path / "trap.log").read_text()
+
+
+def test_step_times_build_each_cells_networks_from_the_studys_configs():
+    times = cs.step_seconds(cs.Cell("fashion", "vq", 8), BUDGET, repeats=1)
+    assert set(times) == {"vae_step_s", "unet_step_s"} and all(0 < v < 60 for v in times.values())
