@@ -286,6 +286,38 @@ def test_dpmpp_2m_sde_matches_diffusers(data):
     torch.testing.assert_close(out, x_t, rtol=0, atol=1e-4 * float(x_t.abs().max()))
 
 
+@pytest.mark.parametrize("kind", ["karras", "exponential"])
+def test_dpmpp_2m_sde_matches_diffusers_at_zero_terminal_snr(data, kind):
+    """The same on a zero-terminal-SNR v-prediction schedule (sigma_max = 4096, the shipped shapes model's),
+    10 steps of DPM++ 2M SDE's Automatic Exponential schedule or Karras: same draws, same end point."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    cfg, steps, batch = ScheduleConfig(), 10, 2
+    sched = DPMSolverMultistepScheduler(
+        num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint", final_sigmas_type="zero",
+        use_karras_sigmas=kind == "karras", use_exponential_sigmas=kind == "exponential",
+    )
+    sched.set_timesteps(steps)
+    sched.set_begin_index(0)  # Karras rounds its first two sigmas both to t = 999
+    sigmas = sched.sigmas.double()
+    assert float(sigmas[0]) == pytest.approx(4096, rel=1e-6)
+    z = torch.randn(batch, DIM, generator=torch.Generator().manual_seed(12))
+    x_t = z.clone()
+    gens = generators_for(13, batch)
+    for i, t in enumerate(sched.timesteps):
+        sigma = float(sigmas[i])
+        abar = 1 / (1 + sigma**2)
+        eps = eps_model(data, x_t, abar)
+        x0 = x_t.double() / math.sqrt(abar) - sigma * eps
+        v = math.sqrt(abar) * eps - math.sqrt(1 - abar) * x0  # Salimans & Ho 2022
+        x_t = sched.step(v.float(), t, x_t, generator=gens).prev_sample
+    x = z * math.sqrt(1 + float(sigmas[0]) ** 2)
+    out = SAMPLERS["dpmpp_2m_sde"](data.denoiser, x, sigmas, generator=generators_for(13, batch))
+    torch.testing.assert_close(out, x_t, rtol=0, atol=1e-4 * float(x_t.abs().max()))
+
+
 def test_ancestral_step_splits_the_variance():
     for eta in (0.0, 0.5, 1.0):
         down, up = get_ancestral_step(3.0, 1.0, eta)

@@ -66,8 +66,8 @@ def initial_noise():
     return randn(SHAPE, generators_for(7, SHAPE[0]))
 
 
-def ours(sampler, net, prediction, sigmas, **kw):
-    den = Denoiser(net, ScheduleConfig(prediction_type=prediction))
+def ours(sampler, net, prediction, sigmas, schedule=None, **kw):
+    den = Denoiser(net, schedule or ScheduleConfig(prediction_type=prediction))
     with torch.no_grad():
         return sampler(den, initial_noise() * sigmas[0].float(), sigmas, **kw)
 
@@ -75,6 +75,8 @@ def ours(sampler, net, prediction, sigmas, **kw):
 def theirs(scheduler, net, n, ddpm_form, t_of_call=None, step_kwargs=None):
     """Run a diffusers scheduler from our initial latent; t_of_call(k) overrides the k-th network timestep."""
     scheduler.set_timesteps(n)
+    if hasattr(scheduler, "set_begin_index"):  # else a repeated first timestep (999, 999, ...) starts at step 1
+        scheduler.set_begin_index(0)
     sigma0 = float(scheduler.sigmas[0]) if hasattr(scheduler, "sigmas") else None
     if ddpm_form:
         abar0 = scheduler.alphas_cumprod[scheduler.timesteps[0]].double()
@@ -203,6 +205,31 @@ def test_dpmpp_2m(net, prediction, kind, n):
     t_of_call = _continuous_t(sched) if kind == "karras" else None
     assert_close(ours(K.sample_dpmpp_2m, net, prediction, sd_sigmas(kind, n, "trailing")),
                  theirs(sched, net, n, ddpm_form=True, t_of_call=t_of_call))
+
+
+ZTSNR = ScheduleConfig(prediction_type="v_prediction", zero_terminal_snr=True)  # the shipped shapes model's
+
+
+@pytest.mark.parametrize("kind", ["default", "karras"])
+@pytest.mark.parametrize("n", [10, 25])
+def test_dpmpp_2m_at_zero_terminal_snr(net, kind, n):
+    """A zero-terminal-SNR v-prediction schedule (sigma_max = 4096, diffusers' abar_T = 2**-24): our
+    Karras sigmas are diffusers', their timesteps are diffusers' unrounded ones (log-sigma interpolation,
+    here between t = 997 and 998 and above), and DPM++ 2M (final step to 0 first order) is
+    DPMSolverMultistepScheduler's, including the v -> x0 conversion at sigma 4096 and 0.029."""
+    sched = DPMSolverMultistepScheduler(**SD, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                        algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
+                                        lower_order_final=True, euler_at_final=False,
+                                        timestep_spacing="trailing", use_karras_sigmas=kind == "karras")
+    sched.set_timesteps(n)
+    sigmas = get_sigmas(kind, n, model_sigmas(ZTSNR), spacing="trailing")
+    torch.testing.assert_close(sigmas, sched.sigmas.double(), rtol=5e-5, atol=0)  # theirs: float32
+    assert float(sigmas[0]) == pytest.approx(4096, rel=1e-6)
+    t_diffusers = _continuous_t(sched)
+    t_ours = Denoiser(net, ZTSNR).sigma_to_t(sigmas[:-1])
+    np.testing.assert_allclose(t_ours.numpy(), [t_diffusers(k) for k in range(n)], rtol=0, atol=5e-3)  # theirs: float32
+    assert_close(ours(K.sample_dpmpp_2m, net, "v_prediction", sigmas, schedule=ZTSNR),
+                 theirs(sched, net, n, ddpm_form=True, t_of_call=t_diffusers))
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
