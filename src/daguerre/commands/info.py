@@ -52,6 +52,30 @@ def format_classes(config: dict) -> str:
     return f"{count}, unnamed (give --class an index 0..{count - 1})"
 
 
+def schedule_summary(schedule: dict) -> dict:
+    """What `daguerre info` says of a model's noise schedule (a `ScheduleConfig` as a dict): its betas, whether
+    it has zero terminal SNR (abar_T = 0, taken as 2^-24) and the sigmas it spans, {sigma_min, sigma_max}."""
+    from ..config import ScheduleConfig
+    from ..diffusion.schedules import model_sigmas
+
+    sigmas = model_sigmas(ScheduleConfig(**schedule))
+    return {"beta_schedule": schedule["beta_schedule"], "beta_start": schedule["beta_start"],
+            "beta_end": schedule["beta_end"], "num_train_timesteps": schedule["num_train_timesteps"],
+            "zero_terminal_snr": schedule["zero_terminal_snr"], "sigma_min": float(sigmas[0]),
+            "sigma_max": float(sigmas[-1])}
+
+
+def format_schedule(s: dict) -> str:
+    """The schedule line: "scaled_linear 0.00085..0.012 betas, 1000 timesteps, sigma 0.02917..14.61; terminal SNR
+    not zero", or on a zero-terminal-SNR model what that means for Karras and Exponential (docs/samplers.md)."""
+    betas = s["beta_schedule"] + ("" if s["beta_schedule"] == "cosine" else f" {s['beta_start']:g}..{s['beta_end']:g}")
+    text = f"{betas} betas, {s['num_train_timesteps']} timesteps, sigma {s['sigma_min']:.4g}..{s['sigma_max']:.4g}; "
+    if s["zero_terminal_snr"]:
+        return text + ("zero terminal SNR (abar_T = 0, taken as 2^-24): Karras and Exponential need more steps "
+                       "(docs/samplers.md)")
+    return text + "terminal SNR not zero"
+
+
 def format_info(info: dict) -> str:
     """The human-readable form of `daguerre.checkpoints.summary.describe`'s result."""
     from ..checkpoints.vae_file import regularizer_text
@@ -63,6 +87,7 @@ def format_info(info: dict) -> str:
         f"variant:         {info['variant']}",
         f"preset:          {info['preset'] or 'none (custom architecture)'}",
         f"prediction type: {info['prediction_type']} (from {info['prediction_type_from']})",
+        f"schedule:        {format_schedule(schedule_summary(info['config']['schedule']))}",
         f"native size:     {info['sample_size']} px" + (f", concat {info['concat']}" if info["concat"] else ""),
         f"U-Net:           {u['levels']} levels, channels {u['channels']}, {u['res_blocks']} res blocks/level, "
         f"attention at levels {u['attention_levels']}, heads {u['heads']}, depth {u['transformer_depth']}, "
@@ -180,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     info = describe(path, prediction_type=args.prediction_type, use_ema=args.ema, hashes=not args.no_hash,
                     original_config=args.config)
     info["run"] = run_here(args, info["parameters"]["unet"])
+    info["schedule"] = schedule_summary(info["config"]["schedule"])
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
