@@ -24,6 +24,7 @@ import math
 import numbers
 import os
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +116,11 @@ FAST_CUTOFF_FRACTION = 0.3
 FAST_HELP = (f"DeepCache every {FAST_DEEPCACHE[0]} calls at depth {FAST_DEEPCACHE[1]} on the last "
              f"{FAST_DEEPCACHE_FRACTION:.0%} of the steps, token merging at {FAST_TOME:g}, and the CFG cutoff on the "
              f"last {FAST_CUTOFF_FRACTION:.0%}")
+# A zero-terminal-SNR model (sigma_max 4096, not SD's 14.6) draws its image below about SD's sigma_max: a run with
+# fewer than MIN_LOW_STEPS steps from below LOW_SIGMA breaks images for every sampler (docs/samplers.md,
+# "Zero-terminal-SNR models"), and `validate` warns
+LOW_SIGMA = 15.0
+MIN_LOW_STEPS = 5
 
 
 @dataclass(frozen=True)
@@ -454,6 +460,7 @@ class GenerationRequest:
         resolved.update(width=width, height=height, seed=seed, limits=limits, clip_model=clip_model, **images,
                         **spatial, **hires_fields)
         sigmas = _run_sigmas(config, conditioner, choice, resolved)
+        _warn_few_low_steps(config, conditioner, choice, resolved, sigmas)
         if self.fast:
             resolved.update(fast_settings(self, sigmas, guided))
         return ValidRequest(**resolved, config=config, conditioner=conditioner, choice=choice,
@@ -724,6 +731,44 @@ def _run_sigmas(config: ModelConfig, conditioner: Conditioner, choice: SamplerCh
     if conditioner.concat.starts_from_noise(fields["task"]):
         return sigmas
     return img2img_sigmas(sigmas, fields["strength"])
+
+
+def low_steps(sigmas: torch.Tensor) -> int:
+    """The steps of a run through `sigmas` (descending, ending in 0) that start below LOW_SIGMA."""
+    return int((sigmas[:-1] < LOW_SIGMA).sum())
+
+
+def _warn_few_low_steps(config: ModelConfig, conditioner: Conditioner, choice: SamplerChoice,
+                        fields: dict[str, Any], sigmas: torch.Tensor) -> None:
+    """Warn (warnings.warn: the CLI prints it as one line) when a run through `sigmas` that starts above LOW_SIGMA
+    on a zero-terminal-SNR model takes fewer than MIN_LOW_STEPS steps below it, and say what gives enough: the
+    model's recommended schedule if it does at these steps, and the fewest steps that do on this schedule."""
+    if not config.schedule.zero_terminal_snr or float(sigmas[0]) < LOW_SIGMA:
+        return  # an img2img tail that starts below LOW_SIGMA is short by its strength, not by the schedule
+    found = low_steps(sigmas)
+    if found >= MIN_LOW_STEPS:
+        return
+    from ..diffusion.sampler_names import AUTOMATIC, SCHEDULES, resolve_sampler
+    from ..diffusion.schedules import model_sigmas
+
+    label = choice.a1111_schedule
+    if label == AUTOMATIC:  # a sampler that ignores the schedule type (DDIM, PLMS, UniPC): name what it runs
+        label = next(s.label for s in SCHEDULES if (s.kind, s.spacing) == (choice.schedule, choice.spacing))
+    advice = []
+    recommended = config.defaults.get("schedule")
+    if recommended is not None and recommended != fields["schedule"]:
+        other = resolve_sampler(choice.a1111_name, recommended)
+        if low_steps(_run_sigmas(config, conditioner, other, fields)) >= MIN_LOW_STEPS:
+            advice.append(f"the model's recommended schedule {recommended}")
+    last = config.schedule.num_train_timesteps - 1  # DPM2's schedules take one step more
+    enough = next((n for n in range(fields["steps"] + 1, last + 1) if low_steps(
+        _run_sigmas(config, conditioner, choice, {**fields, "steps": n})) >= MIN_LOW_STEPS), None)
+    if enough is not None:
+        advice.append(f"{enough} steps or more")
+    warnings.warn(f"{choice.a1111_name} on the {label} schedule at {fields['steps']} steps takes {found} step(s) "
+                  f"below sigma {LOW_SIGMA:g} on this zero-terminal-SNR model (sigma_max "
+                  f"{float(model_sigmas(config.schedule)[-1]):.0f}), too few for a clean image: use "
+                  f"{' or '.join(advice) or 'another schedule or more steps'} (docs/samplers.md)", stacklevel=4)
 
 
 class NonFiniteError(ValueError):
