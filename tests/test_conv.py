@@ -170,3 +170,17 @@ def test_a_packed_unet_equals_the_plain_one_bit_for_bit():
         assert pack_for_inference_(model) == 0  # idempotent
         assert torch.equal(model(x, t, ctx), ref)
         assert torch.equal(model(x, t, ctx), ref)  # the packed weights reused
+
+
+@needs_onednn
+def test_released_to_meta_without_unpacking():
+    """Components.release moves a network to the meta device: a packed layer drops its packed weight there
+    instead of unpacking it first (a memory pass over the whole U-Net for nothing)."""
+    layer = nn.Linear(8, 8).to(torch.bfloat16)
+    packed = PackedLinear.of(layer)
+    with torch.inference_mode():
+        packed(torch.randn(2, 8, dtype=torch.bfloat16))
+    packed._unpack = lambda: pytest.fail("unpacked on the way to the meta device")
+    packed.to("meta")
+    assert not packed.is_packed() and packed._parameters["weight"].is_meta
+    assert packed._parameters["weight"].shape == (8, 8)

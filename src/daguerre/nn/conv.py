@@ -206,7 +206,13 @@ class _Packed:
         return new
 
     def _apply(self, fn, recurse=True):
-        self._unpack()
+        if self._packed is not None:
+            param = self._parameters["weight"]
+            probe = torch.zeros(1, dtype=param.dtype, device=param.device)
+            if fn(probe).is_meta:  # released to the meta device (Components.release): the values are not needed
+                self._packed = self._packed_for = None
+            else:
+                self._unpack()
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
