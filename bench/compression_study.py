@@ -350,15 +350,16 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """The Markdown table of the study: one line per cell, the last evaluated LDM step's scores."""
-    lines = ["| cell | latent | values / pixel value | PSNR dB | SSIM | VAE CPU min | LDM step | FD (floor) | "
-             "adherence | LDM CPU min | s / image |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | latent | values / pixel value | PSNR dB | SSIM | codes used | VAE CPU min | LDM step | "
+             "FD (floor) | adherence | LDM CPU min | s / image |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         last = r["evals"][-1] if r["evals"] else {}
         fd = f"{last['fd']:.2f} ({last['fd_floor']:.2f})" if last else "-"
         lines.append(
             f"| {r['cell']} | {'x'.join(str(n) for n in r['latent'])} | {r['values_per_pixel_value']:.3g} | "
-            f"{_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.4f')} | {_fmt(r['vae_cpu_s'], '.1f', 1 / 60)} | "
+            f"{_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.4f')} | {_fmt(r['codes_used'], '.1%')} | "
+            f"{_fmt(r['vae_cpu_s'], '.1f', 1 / 60)} | "
             f"{last.get('step', '-')} | {fd} | {_fmt(last.get('adherence'), '.0%')} | "
             f"{_fmt(r['ldm_cpu_s'], '.1f', 1 / 60)} | {_fmt(last.get('seconds_per_image'), '.3f')} |")
     return "\n".join(lines) + "\n"

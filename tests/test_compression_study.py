@@ -57,6 +57,8 @@ class FakeDaguerre:
         if task.name == "vae":
             config = {"vae": {"scale_factor": 0.5}, "provenance": {
                 "holdout_metrics": {"psnr": 20.0 + cell.f, "ssim": 0.9}, "parameters": 1000, "training_seconds": 5}}
+            if cell.regularizer == "vq":
+                config["provenance"]["holdout_metrics"]["codes_used"] = 0.5
             save_file({"w": torch.zeros(1)}, str(task.output), {"daguerre_config": json.dumps(config)})
         elif task.name.startswith("eval"):
             step = int(task.name.split("@")[1])
@@ -112,8 +114,10 @@ def test_the_report_assembles_the_measured_cells_into_a_table_and_plots(tmp_path
     assert by["fashion-vq-f4"]["evals"][0]["ldm_cpu_s"] == 0.5  # the LDM's CPU time in proportion to the step
     assert by["shapes-kl-f1"]["psnr"] is None and by["shapes-kl-f1"]["evals"] == []
     text = (tmp_path / "results.md").read_text()
-    assert "| fashion-vq-f4 | 4x8x8 | 0.25 | 24.00 | 0.9000 | 0.0 | 20 | 0.50 (0.50) | 20% | 0.0 | 0.100 |" in text
-    assert "| shapes-kl-f1 | 4x32x32 | 1.33 | - | - | - | - | - | - | - | - |" in text
+    assert "| fashion-vq-f4 | 4x8x8 | 0.25 | 24.00 | 0.9000 | 50.0% | 0.0 | 20 | 0.50 (0.50) | 20% | 0.0 | 0.100 |" \
+        in text
+    assert "| fashion-kl-f4 | 4x8x8 | 0.25 | 24.00 | 0.9000 | - | 0.0 | 10 | 1.00 (0.50) | 10% | 0.0 | 0.100 |" in text
+    assert "| shapes-kl-f1 | 4x32x32 | 1.33 | - | - | - | - | - | - | - | - | - |" in text
     assert json.loads((tmp_path / "results.json").read_text())["budget"]["ldm_steps"] == 20
     for name in ("rate_distortion.png", "quality_vs_steps.png", "quality_vs_cpu.png"):
         assert (tmp_path / "png" / name).stat().st_size > 1000
