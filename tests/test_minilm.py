@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import unicodedata
 from pathlib import Path
@@ -279,3 +280,6 @@ def test_ldm_run_caches_text_embeddings_once_and_the_model_generates(tmp_path, v
     train_ldm(again, tmp_path / "again", vae_path=vae_file)
     log = (tmp_path / "again" / "train.log").read_text()
     assert "reusing the text-embedding cache" in log and "reusing the latent cache" in log
+    # the frozen encoder is named with its size and "not trained"; the stage line counts what trains, the U-Net
+    assert "parameters, not trained" in log and "text encoder 0.00 M" not in log
+    assert re.search(r"stage 2: U-Net [0-9.]+ M parameters trained, text conditioning", log)

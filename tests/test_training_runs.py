@@ -571,3 +571,17 @@ def _read_only_folder() -> Path | None:
         return folder
     (folder / ".daguerre-probe").unlink()
     return None
+
+
+def test_export_of_an_autoencoder_run_says_how_to_end_it_at_a_step(tmp_path, capsys):
+    """`train export` makes models of stage-2 runs; on an autoencoder run it says how to get its file at the
+    newest checkpoint (issue 17's new-user check), and the command it names writes vae.safetensors."""
+    run = tmp_path / "run"
+    assert main(_train_vae_cli(run, 3)) == 0
+    (run / "vae.safetensors").unlink()  # as if it had been stopped after step 3 of more
+    capsys.readouterr()
+    assert main(["train", "export", str(run)]) == 2
+    line = _error_line(capsys)
+    assert "is an autoencoder checkpoint" in line and f"--out {run} --resume --set train.steps=3" in line
+    assert main(_train_vae_cli(run, 3, "--resume")) == 0
+    assert (run / "vae.safetensors").is_file()

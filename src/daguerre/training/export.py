@@ -152,6 +152,11 @@ def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path 
     run = Path(run)
     folder, meta = find_checkpoint(run, step)
     stored = meta["run_config"]
+    if stored.get("stage") == "vae":
+        raise ValueError(f"{folder} is an autoencoder checkpoint; export makes models of stage-2 (ldm) runs. An "
+                         f"autoencoder run writes {run / 'vae.safetensors'} when it ends: to end it at step "
+                         f"{meta['step']}, resume it with `daguerre train vae ... --out {run} --resume "
+                         f"--set train.steps={meta['step']}`")
     if stored.get("stage") != "ldm":
         raise ValueError(f"{folder} is a {stored.get('stage')!r} checkpoint; export makes models of stage-2 (ldm) runs")
     step = int(meta["step"])

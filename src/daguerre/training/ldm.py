@@ -158,7 +158,9 @@ class LDMStage:
     def describe(self, env: dist.DistEnv) -> str:
         t, m, lat = self.cfg.train, self.model_cfg, self.lat
         n_unet, n_te = self._parameters().values()
-        return (f"stage 2: U-Net {n_unet / 1e6:.2f} M + text encoder {n_te / 1e6:.2f} M parameters, "
+        trained = f"U-Net {n_unet / 1e6:.2f} M" + (f" + text encoder {n_te / 1e6:.2f} M" if self.te is not None
+                                                  else "")  # a frozen encoder's contexts are cached: not trained here
+        return (f"stage 2: {trained} parameters trained, "
                 f"{m.conditioning} conditioning, {m.schedule.prediction_type} prediction; {len(lat)} cached latents "
                 f"{tuple(lat.mean.shape[2:])}; {env.world} process(es), global batch "
                 f"{t.batch_size * env.world * t.grad_accum}")
