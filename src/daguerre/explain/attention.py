@@ -52,6 +52,7 @@ from ..pipelines.common import GeneratedImage, conditioning
 from ..pipelines.prompts import plain_text, tokenize_chunks, tokenize_window
 from ..pipelines.request import ValidRequest, require_valid
 from ..pipelines.txt2img import txt2img
+from .common import add_sampling_arguments
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -362,34 +363,21 @@ def draw(result: AttentionMaps, path: str | Path, replace: bool = False) -> Path
 # --- the command --------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", metavar="PROMPT", help="what to draw")
+    add_sampling_arguments(p)
     p.add_argument("--words", nargs="+", default=None, metavar="WORD",
                    help="the words of the prompt to draw maps for (default: every content word)")
     p.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
                    help="only these transformers' cross-attention, e.g. output_blocks.3.1 or output_blocks (default: "
                         "every one, as DAAM)")
-    p.add_argument("--negative", "-N", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--sampler", default=None, help="sampler, A1111 or ComfyUI name (default: the model's)")
-    p.add_argument("--schedule", default=None, help="schedule type, e.g. Karras (default: the model's)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--size", type=int, default=None, help="side of the square image (default: the model's size)")
 
 
 def run(args: argparse.Namespace) -> list[Figure]:
-    from ..pipelines.request import GenerationRequest
     from ..pngmeta import save_png
-    from .common import MAX_STEPS, check_count, figure_path, image_size, open_components
+    from .common import figure_path, open_components, sampling_request
     from .page import Figure
 
-    if args.steps is not None:
-        check_count(args.steps, 1, MAX_STEPS, "sampling steps", "--steps")
     comps = open_components(args)
-    side = image_size(comps.config, args.size)
-    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
-                                sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg, seed=args.seed,
-                                width=side, height=side).validate(comps.config)
-    check_count(request.sampler_steps, 1, MAX_STEPS, "sampling steps", "--steps")  # the model's own too
+    request = sampling_request(args, comps)
     result = attention_maps(comps, request, args.words, args.layers)[0]
     image = save_png(result.image.image, figure_path(args, "image.png"), result.image.parameters,
                      replace=args.overwrite)

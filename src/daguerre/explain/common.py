@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from ..components import Components
     from ..config import ModelConfig
+    from ..pipelines.request import ValidRequest
 
 MAX_TIMESTEPS = 12  # columns of a noising strip
 MAX_STEPS = 50  # sampling steps of a trajectory (each one is two decoded images)
@@ -49,6 +50,33 @@ def open_components(args: argparse.Namespace) -> Components:
     if threads:
         torch.set_num_threads(threads)
     return comps
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """PROMPT and the sampling options of the sub-commands that generate an image (trajectory, attention)."""
+    p.add_argument("prompt", metavar="PROMPT", help="what to draw")
+    p.add_argument("--negative", "-N", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default: the model's recommended number; at most {MAX_STEPS})")
+    p.add_argument("--sampler", default=None, help="sampler, A1111 or ComfyUI name (default: the model's)")
+    p.add_argument("--schedule", default=None, help="schedule type, e.g. Karras (default: the model's)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--size", type=int, default=None, help="side of the square image (default: the model's size)")
+
+
+def sampling_request(args: argparse.Namespace, comps: Components) -> ValidRequest:
+    """The validated request of `add_sampling_arguments`' options, its steps (the model's own included) at most
+    MAX_STEPS."""
+    from ..pipelines.request import GenerationRequest
+
+    if args.steps is not None:
+        check_count(args.steps, 1, MAX_STEPS, "sampling steps", "--steps")
+    side = image_size(comps.config, args.size)
+    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
+                                sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg, seed=args.seed,
+                                width=side, height=side).validate(comps.config)
+    check_count(request.sampler_steps, 1, MAX_STEPS, "sampling steps", "--steps")  # the model's own too
+    return request
 
 
 def model_config(spec: str | None) -> ModelConfig:

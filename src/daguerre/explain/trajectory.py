@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 from .common import (
     IMAGE_INCHES,
     MAX_STEPS,
+    add_sampling_arguments,
     check_count,
     figure_path,
-    image_size,
     label_row,
     open_components,
     pil_to_display,
+    sampling_request,
     show_image,
     to_display,
 )
@@ -127,14 +128,7 @@ def draw_final(traj: Trajectory, path, replace: bool = False):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", metavar="PROMPT", help="what to draw")
-    p.add_argument("--negative", "-N", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"sampling steps (default: the model's recommended number; at most {MAX_STEPS})")
-    p.add_argument("--sampler", default=None, help="sampler, A1111 or ComfyUI name (default: the model's)")
-    p.add_argument("--schedule", default=None, help="schedule type, e.g. Karras (default: the model's)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--size", type=int, default=None, help="side of the square image (default: the model's size)")
+    add_sampling_arguments(p)
     p.add_argument("--decode", choices=("full", "approx"), default="full",
                    help="full: every step through the VAE decoder, exact (default); approx: the previews' fitted "
                         "linear latent-to-RGB map, free but blurry, colours approximate (Stable Diffusion's large "
@@ -142,15 +136,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[Figure]:
-    from ..pipelines.request import GenerationRequest
-
-    if args.steps is not None:
-        check_count(args.steps, 1, MAX_STEPS, "sampling steps", "--steps")
     comps = open_components(args)
-    side = image_size(comps.config, args.size)
-    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
-                                sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg, seed=args.seed,
-                                width=side, height=side).validate(comps.config)
+    request = sampling_request(args, comps)
     traj = sample_trajectory(comps, request, args.decode)
     a = draw(traj, figure_path(args, "trajectory.png"), args.overwrite)
     b = draw_final(traj, figure_path(args, "final.png"), args.overwrite)
