@@ -4,8 +4,8 @@ Tiny models run fastest on one thread (with two, OpenMP threads spin-wait on eac
 millisecond-sized ops, many times slower on a busy machine); tests marked `slow` (full Stable
 Diffusion configs) keep torch's default thread count.
 
-`vae_file` is the stage-1 output the stage-2 training tests start from; `serving` is the one way the tests serve a
-`daguerre.server.app.Server` over real sockets.
+`vae_file` is the stage-1 output the stage-2 training tests start from; `tiny_model_file` the tiny random model as a
+file; `serving` is the one way the tests serve a `daguerre.server.app.Server` over real sockets.
 """
 
 import contextlib
@@ -95,6 +95,18 @@ def vae_file(tmp_path_factory) -> Path:
     model_cfg.vae.scale_factor = measure_scale(vae, images)
     path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
     save_vae(vae, model_cfg, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory) -> Path:
+    """The tiny random model saved in fp16 (as model files usually are); tests read it, never write it."""
+    from daguerre.checkpoints import save_model
+    from daguerre.registry import open_model
+
+    path = tmp_path_factory.mktemp("tiny_model") / "tiny.safetensors"
+    comps, _ = open_model("random:tiny", dtype="fp32")
+    save_model(comps, path, dtype=torch.float16)
     return path
 
 

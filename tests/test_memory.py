@@ -30,23 +30,14 @@ from daguerre.registry import open_model
 SETTINGS = dict(steps=3, n=3, batch_size=2, seed=5, width=64, height=64)  # two batches: 2 images, then 1
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    """The tiny random model saved in fp16 (as model files usually are)."""
-    path = tmp_path_factory.mktemp("memory") / "tiny.safetensors"
-    comps, _ = open_model("random:tiny", dtype="fp32")
-    save_model(comps, path, dtype=torch.float16)
-    return path
-
-
 def pixels(results) -> list[bytes]:
     return [r.image.tobytes() for r in results]
 
 
 @pytest.mark.parametrize("options", [{"dtype": "bf16"}, {"dtype": "fp32"}, {"dtype": "bf16", "quantize": "int8"}])
-def test_a_one_shot_run_makes_the_images_of_the_models_kept_loaded(model_file, options):
-    kept = daguerre.load(str(model_file), **options)
-    one_shot = daguerre.load(str(model_file), release_after_use=True, **options)
+def test_a_one_shot_run_makes_the_images_of_the_models_kept_loaded(tiny_model_file, options):
+    kept = daguerre.load(str(tiny_model_file), **options)
+    one_shot = daguerre.load(str(tiny_model_file), release_after_use=True, **options)
     expected = kept("a red circle", **SETTINGS)
     got = one_shot("a red circle", **SETTINGS)
     assert pixels(got) == pixels(expected) and [r.parameters for r in got] == [r.parameters for r in expected]
@@ -60,19 +51,19 @@ def test_a_one_shot_run_makes_the_images_of_the_models_kept_loaded(model_file, o
         pixels(kept.inpaint(image, mask, "a green star", steps=3, seed=3))
 
 
-def test_the_cli_runs_one_shot_and_makes_the_same_image(model_file, tmp_path):
+def test_the_cli_runs_one_shot_and_makes_the_same_image(tiny_model_file, tmp_path):
     out = tmp_path / "cli.png"
-    assert main(["generate", "a red circle", "--model", str(model_file), "--dtype", "bf16", "--steps", "3",
+    assert main(["generate", "a red circle", "--model", str(tiny_model_file), "--dtype", "bf16", "--steps", "3",
                  "--seed", "5", "--size", "64x64", "--threads", "1", "--out", str(out)]) == 0
-    expected = daguerre.load(str(model_file), dtype="bf16")("a red circle", steps=3, seed=5, width=64, height=64)
+    expected = daguerre.load(str(tiny_model_file), dtype="bf16")("a red circle", steps=3, seed=5, width=64, height=64)
     with Image.open(out) as im:
         assert im.convert("RGB").tobytes() == expected[0].image.tobytes()
         assert im.info["parameters"] == expected[0].parameters
 
 
-def test_every_prompt_is_encoded_before_sampling_and_every_batch_sampled_before_the_first_decode(model_file):
+def test_every_prompt_is_encoded_before_sampling_and_every_batch_sampled_before_the_first_decode(tiny_model_file):
     """The order of a one-shot run's work, batches included, and which networks are in memory at each call."""
-    pipe = daguerre.load(str(model_file), dtype="bf16", release_after_use=True)
+    pipe = daguerre.load(str(tiny_model_file), dtype="bf16", release_after_use=True)
     comps = pipe.components
     calls: list[tuple[str, tuple[bool, ...]]] = []
     names = {CLIPTextEncoder: "text", UNetModel: "unet", Decoder: "decode"}
@@ -95,35 +86,35 @@ def test_every_prompt_is_encoded_before_sampling_and_every_batch_sampled_before_
     assert resident["decode"] == {"text_encoder": False, "vae_encoder": False, "unet": False, "vae_decoder": True}
 
 
-def test_a_batch_skipped_early_is_decoded_as_when_kept_loaded(model_file):
+def test_a_batch_skipped_early_is_decoded_as_when_kept_loaded(tiny_model_file):
     """A step callback's SkipBatch ends the first batch with its latest x0 estimate in both forms."""
 
     def skip_at_second_step(info):
         if info["batch_start"] == 0 and info["i"] == 1:
             raise SkipBatch
 
-    kept = daguerre.load(str(model_file), dtype="bf16")
-    one_shot = daguerre.load(str(model_file), dtype="bf16", release_after_use=True)
+    kept = daguerre.load(str(tiny_model_file), dtype="bf16")
+    one_shot = daguerre.load(str(tiny_model_file), dtype="bf16", release_after_use=True)
     expected = kept("a red circle", callback=skip_at_second_step, **SETTINGS)
     assert len(expected) == 3
     assert pixels(one_shot("a red circle", callback=skip_at_second_step, **SETTINGS)) == pixels(expected)
 
 
-def test_a_released_part_is_read_again_from_its_file_when_used(model_file):
+def test_a_released_part_is_read_again_from_its_file_when_used(tiny_model_file):
     """After a one-shot call nothing is held; the next call reads every part again and makes the same images.
     A kept model's part released by hand is read again by the next call too."""
-    one_shot = daguerre.load(str(model_file), dtype="bf16", release_after_use=True)
+    one_shot = daguerre.load(str(tiny_model_file), dtype="bf16", release_after_use=True)
     first = one_shot("a red circle", **SETTINGS)
     assert pixels(one_shot("a red circle", **SETTINGS)) == pixels(first)
-    kept = daguerre.load(str(model_file), dtype="bf16")
+    kept = daguerre.load(str(tiny_model_file), dtype="bf16")
     kept.components.release("unet", "text_encoder")
     assert not kept.components.resident("unet") and kept.components.resident("vae_decoder")
     assert pixels(kept("a red circle", **SETTINGS)) == pixels(first)
     assert kept.components.resident("unet") and kept.components.resident("text_encoder")  # kept loaded from now on
 
 
-def test_a_released_network_called_directly_says_so(model_file):
-    comps, _ = open_model(str(model_file), dtype="fp32", release_after_use=True)
+def test_a_released_network_called_directly_says_so(tiny_model_file):
+    comps, _ = open_model(str(tiny_model_file), dtype="fp32", release_after_use=True)
     context = torch.zeros(1, 77, comps.config.text_encoder.width)
     with pytest.raises(ReleasedError, match=r"U-Net of model .* released .*acquire\('unet'\)"):
         comps.unet(torch.zeros(1, 4, 8, 8), torch.zeros(1), context=context)
@@ -142,29 +133,29 @@ def test_released_parts_without_a_file_cannot_come_back(tmp_path):
         comps.release("vae")
 
 
-def test_a_model_file_changed_on_disk_is_not_read_again(model_file, tmp_path):
+def test_a_model_file_changed_on_disk_is_not_read_again(tiny_model_file, tmp_path):
     path = tmp_path / "changing.safetensors"
-    path.write_bytes(model_file.read_bytes())
+    path.write_bytes(tiny_model_file.read_bytes())
     comps, _ = open_model(str(path), dtype="fp32", release_after_use=True)
-    path.write_bytes(model_file.read_bytes())  # the same bytes, written again: a new modification time
+    path.write_bytes(tiny_model_file.read_bytes())  # the same bytes, written again: a new modification time
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     with pytest.raises(ValueError, match="changed on disk since it was opened"):
         comps.acquire("unet")
 
 
-def test_compiling_keeps_the_model_loaded(model_file):
+def test_compiling_keeps_the_model_loaded(tiny_model_file):
     with pytest.raises(ValueError, match="compile and release_after_use do not go together"):
-        open_model(str(model_file), release_after_use=True, compile=True)
+        open_model(str(tiny_model_file), release_after_use=True, compile=True)
 
 
 @pytest.mark.parametrize("form", ["single file", "diffusers folder"])
-def test_a_part_is_read_alone(model_file, tmp_path, form):
+def test_a_part_is_read_alone(tiny_model_file, tmp_path, form):
     """Acquiring one part reads that part's weights only: the VAE decoder without the encoder, and so on; what is
     read equals the same tensors of a whole load."""
-    path = model_file
+    path = tiny_model_file
     if form == "diffusers folder":
         path = tmp_path / "folder"
-        save_diffusers(open_model(str(model_file), dtype="fp32")[0], path)
+        save_diffusers(open_model(str(tiny_model_file), dtype="fp32")[0], path)
     whole, _ = open_model(str(path), dtype="bf16")
     comps, _ = open_model(str(path), dtype="bf16", release_after_use=True)
     assert not any(comps.resident(p) for p in PARTS)
@@ -246,10 +237,10 @@ NO_DYNAMO = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_loading_and_generating_never_import_torch_dynamo(model_file, tmp_path, quantize):
+def test_loading_and_generating_never_import_torch_dynamo(tiny_model_file, tmp_path, quantize):
     """Networks built on the meta device run no initialisers and no meta kernels written in Python, whose first
     use imports torch._dynamo and sympy: ~75 MiB of every process's peak (weights.strict)."""
-    out = subprocess.run([sys.executable, "-c", NO_DYNAMO, str(model_file), str(tmp_path / "x.png"), quantize],
+    out = subprocess.run([sys.executable, "-c", NO_DYNAMO, str(tiny_model_file), str(tmp_path / "x.png"), quantize],
                          capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert out.stdout.split()[-2:] == ["False", "False"]  # (the CLI printed the image path first)
 
