@@ -8,6 +8,7 @@ figure is seconds on the shipped models and at most minutes for Stable Diffusion
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,18 @@ def open_components(args: argparse.Namespace) -> Components:
     if threads:
         torch.set_num_threads(threads)
     return comps
+
+
+def int_list(example: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse `type` reading a comma-separated list of integers; its error shows `example`."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. {example}") \
+                from None
+
+    return parse
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ from .common import (
     check_count,
     figure_path,
     image_size,
+    int_list,
     label_row,
     open_components,
     read_image,
@@ -123,17 +124,9 @@ def draw(result: Noising, model_name: str, factor: int, path, replace: bool = Fa
     return save_figure(fig, path, replace=replace)
 
 
-def parse_timesteps(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,250,999") \
-            from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", metavar="IMAGE", help="the image to noise (cropped to a square at --size)")
-    p.add_argument("--timesteps", type=parse_timesteps, default=None,
+    p.add_argument("--timesteps", type=int_list("0,250,999"), default=None,
                    help=f"comma-separated training timesteps, e.g. 0,250,500,999 (default: six from 0 to T - 1; "
                         f"at most {MAX_TIMESTEPS})")
     p.add_argument("--size", type=int, default=None,

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .common import check_count, figure_path, model_config
+from .common import check_count, figure_path, int_list, model_config
 from .page import Figure, new_figure, save_figure
 
 if TYPE_CHECKING:
@@ -141,18 +141,10 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 5,10,20") \
-            from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samplers", type=_names, default=DEFAULT_SAMPLERS,
                    help=f"comma-separated deterministic samplers (default {','.join(DEFAULT_SAMPLERS)})")
-    p.add_argument("--steps", type=_ints, default=DEFAULT_STEPS,
+    p.add_argument("--steps", type=int_list("5,10,20"), default=DEFAULT_STEPS,
                    help=f"comma-separated step counts (default {','.join(map(str, DEFAULT_STEPS))}; each at most "
                         f"{MAX_STEPS}, at most {MAX_RUNS} of them)")
 
