@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import conv_forms  # bench/: the forms tried besides packing (run as a script, bench/ is on sys.path)
 from daguerre.config import preset
 from daguerre.models.autoencoder import AutoencoderKL
 from daguerre.models.unet import UNetModel
@@ -109,11 +110,11 @@ def forms(shape: Shape, dtype: torch.dtype, g: torch.Generator) -> tuple[dict, t
         packed = kernels.pack_conv_weight(w, stride, padding, groups, xs)
         fns["packed"] = lambda: kernels.packed_conv2d(x, packed, b, stride, padding, groups)
     if groups == 1 and ws[2] > 1:
-        fns["im2col"] = lambda: kernels.im2col_conv2d(x, w, b, stride, padding)
+        fns["im2col"] = lambda: conv_forms.im2col_conv2d(x, w, b, stride, padding)
         if stride == (1, 1):
-            fns["shifted"] = lambda: kernels.shifted_conv2d(x, w, b, padding)
+            fns["shifted"] = lambda: conv_forms.shifted_conv2d(x, w, b, padding)
     if groups == 1 and ws[2:] == (1, 1) and stride == (1, 1) and padding == (0, 0):
-        fns["linear1x1"] = lambda: kernels.conv1x1_as_linear(x, w, b)
+        fns["linear1x1"] = lambda: conv_forms.conv1x1_as_linear(x, w, b)
     return fns, ref
 
 

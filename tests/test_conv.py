@@ -1,14 +1,18 @@
-"""daguerre.nn.conv: the convolution forms equal F.conv2d, and the packed layers equal nn.Conv2d / nn.Linear bit
-for bit in bfloat16 while holding their weights once."""
+"""bench/conv_forms.py: the convolution forms measured equal F.conv2d; daguerre.nn.conv: the packed layers equal
+nn.Conv2d / nn.Linear bit for bit in bfloat16 while holding their weights once."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from daguerre.nn import conv as kernels
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import conv_forms  # noqa: E402  (the forms bench/conv_shapes.py times; daguerre runs none of them)
 from daguerre.nn.conv import PackedConv2d, PackedLinear, pack_for_inference_, packing_pays
 
 CL = torch.channels_last
@@ -33,11 +37,11 @@ def test_forms_equal_conv2d(shape, dtype):
     x, weight, bias = _inputs(b, c, o, h, w, k, dtype)
     ref = F.conv2d(x.float(), weight.float(), bias.float(), stride=s, padding=p)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: a few roundings of outputs of size ~1-3
-    outs = {"im2col": kernels.im2col_conv2d(x, weight, bias, s, p, max_elements=40)}  # several bands
+    outs = {"im2col": conv_forms.im2col_conv2d(x, weight, bias, s, p, max_elements=40)}  # several bands
     if s == 1:
-        outs["shifted"] = kernels.shifted_conv2d(x, weight, bias, p)
+        outs["shifted"] = conv_forms.shifted_conv2d(x, weight, bias, p)
     if k == 1 and s == 1 and p == 0:
-        outs["1x1"] = kernels.conv1x1_as_linear(x, weight, bias)
+        outs["1x1"] = conv_forms.conv1x1_as_linear(x, weight, bias)
     for name, y in outs.items():
         assert y.shape == ref.shape and y.dtype == dtype, name
         assert y.is_contiguous(memory_format=CL), name  # channels_last out
@@ -47,9 +51,9 @@ def test_forms_equal_conv2d(shape, dtype):
 
 def test_im2col_bands_do_not_change_the_result():
     x, weight, bias = _inputs(2, 8, 6, 9, 7, 3, torch.float32)
-    whole = kernels.im2col_conv2d(x, weight, bias, 1, 1, max_elements=1 << 20)
+    whole = conv_forms.im2col_conv2d(x, weight, bias, 1, 1, max_elements=1 << 20)
     for limit in (1, 72, 200):  # one row per band (the minimum), and bands of a few rows
-        assert torch.equal(kernels.im2col_conv2d(x, weight, bias, 1, 1, max_elements=limit), whole)
+        assert torch.equal(conv_forms.im2col_conv2d(x, weight, bias, 1, 1, max_elements=limit), whole)
 
 
 @needs_onednn
