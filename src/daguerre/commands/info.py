@@ -205,8 +205,8 @@ def run(args: argparse.Namespace) -> int:
     info = describe(path, prediction_type=args.prediction_type, use_ema=args.ema, hashes=not args.no_hash,
                     original_config=args.config)
     info["run"] = run_here(args, info["parameters"]["unet"])
-    info["schedule"] = schedule_summary(info["config"]["schedule"])
-    if args.json:
+    if args.json:  # format_info derives the schedule line from the config itself
+        info["schedule"] = schedule_summary(info["config"]["schedule"])
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
         print(format_info(info))
