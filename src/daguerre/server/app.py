@@ -35,7 +35,6 @@ waiting. The PNGs carry the same `parameters` text chunk as the CLI's. A request
 
 from __future__ import annotations
 
-import base64
 import copy
 import dataclasses
 import json
@@ -53,7 +52,7 @@ from urllib.parse import parse_qs
 
 from ..conditioning import InpaintConcat, conditioner_for
 from ..limits import DEFAULT_LIMITS, Limits
-from ..pngmeta import parse_parameters, png_bytes
+from ..pngmeta import parse_parameters
 from .jobs import QUEUE_SIZE, Job, Jobs
 from .payload import (  # noqa: F401  (ApiError, decode_image, request_from_payload: this module's names before)
     ApiError,
@@ -61,6 +60,7 @@ from .payload import (  # noqa: F401  (ApiError, decode_image, request_from_payl
     check_settings,
     decode_image,
     parse_body,
+    png_base64,
     request_from_payload,
 )
 
@@ -205,7 +205,7 @@ class Server:
     def answer(self, payload: Any, task: str, request, results: list, interrupted: bool) -> dict[str, Any]:
         """A1111's answer to a txt2img / img2img payload: images, parameters, info."""
         send = payload.get("send_images", True) is not False
-        images = [base64.b64encode(png_bytes(r.image, r.parameters)).decode("ascii") for r in results] if send else []
+        images = [png_base64(r.image, r.parameters) for r in results] if send else []
         parameters = dict(payload)
         if task == "img2img" and not payload.get("include_init_images"):
             parameters.update(init_images=None, mask=None)  # as A1111: the inputs are not sent back
@@ -287,9 +287,6 @@ class Server:
         from ..explain.attention import attention_maps, overlay
         from ..pipelines.common import Interrupted
 
-        def b64(image) -> str:
-            return base64.b64encode(png_bytes(image)).decode("ascii")
-
         with self.lock:
             self._interrupt.clear()
             self._skip.clear()
@@ -305,8 +302,8 @@ class Server:
         image = result.image
         return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": image.seed,
                 "width": image.image.width, "height": image.image.height,
-                "image": base64.b64encode(png_bytes(image.image, image.parameters)).decode("ascii"),
-                "words": [{"word": w, "overlay": b64(overlay(image.image, m))} for w, m in result.maps.items()]}
+                "image": png_base64(image.image, image.parameters),
+                "words": [{"word": w, "overlay": png_base64(overlay(image.image, m))} for w, m in result.maps.items()]}
 
     def loras(self) -> list[dict[str, Any]]:
         """A1111's /sdapi/v1/loras: [{name, alias, path, metadata}] of the server's --lora-dir."""
@@ -463,7 +460,7 @@ class Server:
 
             if self._preview is None:
                 self._preview = PreviewDecoder(self.pipe.components.vae)
-            image = base64.b64encode(png_bytes(self._preview.decode(live["latent"])[0])).decode("ascii")
+            image = png_base64(self._preview.decode(live["latent"])[0])
         return {"progress": done, "eta_relative": elapsed / done - elapsed if done else 0.0, "state": state,
                 "current_image": image, "textinfo": None, "queue": queue}
 

@@ -18,7 +18,6 @@ A field that is neither is refused by name (a typo is not silently dropped). The
 
 from __future__ import annotations
 
-import base64
 import io
 import re
 import time
@@ -27,8 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..pipelines.request import GenerationRequest
-from ..pngmeta import png_bytes
-from .payload import IMAGE_FORMATS, ApiError
+from .payload import IMAGE_FORMATS, ApiError, png_base64
 
 # fields of OpenAI's image requests that daguerre cannot honour -> the values that leave them at their default
 DEFAULTS: dict[str, tuple[Any, ...]] = {
@@ -164,7 +162,7 @@ def images_response(results: list, fields: ImageGeneration) -> dict[str, Any]:
     """OpenAI's ImagesResponse: {created, data: [{b64_json, revised_prompt}], ...}; PNGs carry their parameters."""
     first = results[0].image if results else None
     return {"created": int(time.time()),
-            "data": [{"b64_json": base64.b64encode(png_bytes(r.image, r.parameters)).decode("ascii"),
+            "data": [{"b64_json": png_base64(r.image, r.parameters),
                       "revised_prompt": fields.prompt} for r in results],
             "output_format": "png", "background": "opaque", "quality": "standard",
             "size": f"{first.width}x{first.height}" if first else fields.size}

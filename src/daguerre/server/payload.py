@@ -30,6 +30,7 @@ from typing import Any
 from ..limits import DEFAULT_LIMITS, LimitError, Limits
 from ..pipelines.fields import PayloadError, surface
 from ..pipelines.request import GenerationRequest
+from ..pngmeta import png_bytes
 
 # the image formats a payload may carry (PIL decodes others too, some through external programs)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -112,6 +113,12 @@ def parse_body(body: bytes) -> Any:
         return parse_json(body or b"{}", "the request body")
     except ValueError as e:
         raise ApiError(str(e), HTTPStatus.BAD_REQUEST) from None
+
+
+def png_base64(image, parameters: str | None = None) -> str:
+    """A PIL image as base64 PNG text, as A1111's and OpenAI's answers carry it (with its PNG parameters when
+    given)."""
+    return base64.b64encode(png_bytes(image, parameters)).decode("ascii")
 
 
 def decode_image(data: Any, field: str, limits: Limits = DEFAULT_LIMITS):
