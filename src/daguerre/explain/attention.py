@@ -103,12 +103,8 @@ def word_positions(tokenizer, frozen: bool, prompt: str) -> list[WordTokens]:
     encode it. Tokens that are punctuation alone (a comma after a word) belong to no word; words beyond a
     truncated window have no positions and are left out."""
     text = strip_tags(prompt)
-    chunks = [tokenize_window(tokenizer, text)] if frozen else tokenize_chunks(tokenizer, text)
     specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    slots: list[tuple[int, int]] = []  # (position in the context, id) of the prompt's own tokens, in order
-    for c, chunk in enumerate(chunks):
-        end = chunk.ids.index(tokenizer.eos_token_id, 1)  # the first end token closes the chunk's words
-        slots.extend((c * len(chunk.ids) + j, chunk.ids[j]) for j in range(1, end))
+    slots = _prompt_slots(tokenizer, frozen, text)
     found: dict[str, list[int]] = {}
     at = 0
     for word in plain_text(text).split():
@@ -130,13 +126,18 @@ def word_positions(tokenizer, frozen: bool, prompt: str) -> list[WordTokens]:
 def prompt_positions(tokenizer, frozen: bool, prompt: str) -> list[int]:
     """Every position of the prompt's own tokens in the context (start, end and padding tokens left out): what a
     pixel's maps are normalised over (DAAM)."""
-    text = strip_tags(prompt)
+    return [position for position, _ in _prompt_slots(tokenizer, frozen, strip_tags(prompt))]
+
+
+def _prompt_slots(tokenizer, frozen: bool, text: str) -> list[tuple[int, int]]:
+    """(position in the context, token id) of the prompt's own tokens, in order, as the pipelines encode `text`:
+    a BERT window (`tokenize_window`) when `frozen`, else CLIP's 77-token chunks (`tokenize_chunks`)."""
     chunks = [tokenize_window(tokenizer, text)] if frozen else tokenize_chunks(tokenizer, text)
-    positions = []
+    slots: list[tuple[int, int]] = []
     for c, chunk in enumerate(chunks):
-        end = chunk.ids.index(tokenizer.eos_token_id, 1)
-        positions.extend(c * len(chunk.ids) + j for j in range(1, end))
-    return positions
+        end = chunk.ids.index(tokenizer.eos_token_id, 1)  # the first end token closes the chunk's words
+        slots.extend((c * len(chunk.ids) + j, chunk.ids[j]) for j in range(1, end))
+    return slots
 
 
 def choose_words(available: Sequence[WordTokens], words: Sequence[str] | None) -> list[WordTokens]:
