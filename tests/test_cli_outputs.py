@@ -278,6 +278,21 @@ def test_save_png_without_replace(tmp_path):
         assert im.getpixel((0, 0)) == (255, 0, 0)
 
 
+
+def test_save_safetensors_without_replace(tmp_path):
+    """`replace=False` keeps an existing file (explain attention's maps.safetensors without --overwrite)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = tmp_path / "maps.safetensors"
+    fileio.atomic_save_safetensors({"a": torch.ones(2)}, path, replace=False)
+    with pytest.raises(FileExistsError):
+        fileio.atomic_save_safetensors({"a": torch.zeros(2)}, path, replace=False)
+    assert torch.equal(load_file(str(path))["a"], torch.ones(2))
+    fileio.atomic_save_safetensors({"a": torch.zeros(2)}, path)  # replace: the default
+    assert torch.equal(load_file(str(path))["a"], torch.zeros(2))
+    assert [f.name for f in tmp_path.iterdir()] == ["maps.safetensors"]  # no temporary file left
+
 # --- progress, seed, limits ----------------------------------------------------------------------------
 
 def test_progress_reaches_its_total_with_batches(tmp_path, capsys, monkeypatch):

@@ -204,6 +204,8 @@ def atomic_save_safetensors(
     path: str | os.PathLike,
     metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    replace: bool = True,
 ) -> None:
     """Save `tensors` as a safetensors file, atomically, streaming one tensor at a time.
 
@@ -211,7 +213,7 @@ def atomic_save_safetensors(
     offsets; `__metadata__` -> strings) padded to 8 bytes, then the raw little-endian tensor bytes.
     Writing tensor by tensor keeps the extra memory to one tensor (safetensors' own `save_file`
     first serialises every tensor to bytes, doubling the memory of a multi-GB model). With `dtype`,
-    floating-point tensors are converted as they are written.
+    floating-point tensors are converted as they are written; `replace` as in `atomic_path`.
     """
     import torch
 
@@ -235,7 +237,7 @@ def atomic_save_safetensors(
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-(len(head) + _HEADER_LEN_BYTES) % _HEADER_ALIGN)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, replace=replace) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for t, out_dtype in items:

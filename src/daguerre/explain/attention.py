@@ -331,14 +331,12 @@ def overlay(image: Image.Image, heat: torch.Tensor) -> Image.Image:
 
 def save_maps(maps: dict[str, torch.Tensor], path: str | Path, *, replace: bool = False,
               metadata: dict[str, str] | None = None) -> Path:
-    """Write `maps` (word -> (H, W) float32) as a safetensors file, atomically; an existing file is an error
-    unless `replace`."""
+    """Write `maps` (word -> (H, W) float32) as a safetensors file, atomically; an existing file (even one that
+    appears meanwhile) is kept and FileExistsError raised unless `replace` (fileio.atomic_path)."""
     from ..fileio import atomic_save_safetensors
 
     path = Path(path)
-    if path.exists() and not replace:
-        raise FileExistsError(f"{path} exists: pass --overwrite to replace it")
-    atomic_save_safetensors({w: m.float().contiguous() for w, m in maps.items()}, path, metadata)
+    atomic_save_safetensors({w: m.float().contiguous() for w, m in maps.items()}, path, metadata, replace=replace)
     return path
 
 
