@@ -106,3 +106,54 @@ def test_generate_prints_the_warning_as_one_line(tmp_path, capsys):
     enough = re.search(r"use (\d+) steps or more", lines[0]).group(1)
     assert main([*argv, "--steps", enough, "-o", str(tmp_path / "b.png")]) == 0
     assert WARNING not in capsys.readouterr().err
+
+
+def _searched_steps(cfg: ModelConfig, sampler: str, schedule: str, steps: int,
+                    strength: float | None) -> int | None:
+    """The oracle: the step-by-step search the warning made before (the first step count above `steps`, up to
+    num_train_timesteps - 1, whose run takes MIN_LOW_STEPS steps below LOW_SIGMA), on the run's own sigmas."""
+    from daguerre.diffusion.sampler_names import resolve_sampler
+    from daguerre.diffusion.schedules import img2img_sigmas, model_sigmas
+
+    choice, discrete = resolve_sampler(sampler, schedule), model_sigmas(cfg.schedule)
+
+    def below(n: int) -> int:
+        sigmas = choice.sigmas(n, discrete)
+        sigmas = sigmas if strength is None else img2img_sigmas(sigmas, strength)
+        return sum(1 for s in sigmas[:-1].tolist() if s < LOW_SIGMA)
+
+    last = cfg.schedule.num_train_timesteps - 1
+    return next((n for n in range(steps + 1, last + 1) if below(n) >= MIN_LOW_STEPS), None)
+
+
+def test_the_fewest_steps_named_are_those_a_step_by_step_search_finds(shapes_config):
+    """The warning finds its step count by galloping and bisection; on every schedule (each way a sampler turns
+    one into sigmas), for txt2img and img2img tails, on models of 1000 and of few timesteps, it names what the
+    one-by-one search names, and says nothing of steps where that search finds none."""
+    from daguerre.diffusion.sampler_names import AUTOMATIC, SAMPLER_NAMES, SCHEDULES, resolve_sampler
+
+    few_timesteps = _ztsnr_tiny()
+    few_timesteps.schedule.num_train_timesteps = 12  # Karras needs 14 steps: found by neither
+    image = Image.new("RGB", (32, 32), "red")
+    runs = [(_ztsnr_tiny(), None), (_ztsnr_tiny(), 0.6), (shapes_config, None), (few_timesteps, None)]
+    kinds, named, none = set(), 0, 0
+    for sampler in SAMPLER_NAMES:
+        for schedule in (AUTOMATIC, *(s.label for s in SCHEDULES)):  # not None: the model's recommended one
+            choice = resolve_sampler(sampler.label, schedule)
+            kind = (choice.schedule, choice.spacing, choice.discard_penultimate)
+            if kind in kinds:
+                continue
+            kinds.add(kind)
+            for cfg, strength in runs:
+                image_fields = {} if strength is None else {"task": "img2img", "init_image": image,
+                                                            "strength": strength}
+                for steps in (n for n in (1, 2, 3, 5, 8, 11, 13, 21, 34) if n < cfg.schedule.num_train_timesteps):
+                    found, _ = _validate(cfg, sampler=sampler.label, schedule=schedule, steps=steps,
+                                         **image_fields)
+                    if not found:
+                        continue
+                    said = re.search(r"use (?:.* or )?(\d+) steps or more", found[0])
+                    expected = _searched_steps(cfg, sampler.label, schedule, steps, strength)
+                    assert (int(said.group(1)) if said else None) == expected, (kind, strength, steps, found[0])
+                    named, none = named + (expected is not None), none + (expected is None)
+    assert len(kinds) >= 10 and named >= 100 and none >= 10  # the comparison covered both answers

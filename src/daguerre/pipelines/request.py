@@ -738,6 +738,30 @@ def low_steps(sigmas: torch.Tensor) -> int:
     return int((sigmas[:-1] < LOW_SIGMA).sum())
 
 
+def _fewest_enough_steps(config: ModelConfig, conditioner: Conditioner, choice: SamplerChoice,
+                         fields: dict[str, Any]) -> int | None:
+    """The fewest steps above `fields["steps"]` (up to the model's num_train_timesteps - 1) whose run takes
+    MIN_LOW_STEPS steps below LOW_SIGMA, or None if none does. That count never falls as the steps grow (each
+    schedule spreads more points over the same sigmas), so it gallops up from the request's steps and bisects
+    the last gap: some twenty schedules at most, not one per step count."""
+    last = config.schedule.num_train_timesteps - 1  # DPM2's schedules take one step more
+
+    def enough(n: int) -> bool:
+        return low_steps(_run_sigmas(config, conditioner, choice, {**fields, "steps": n})) >= MIN_LOW_STEPS
+
+    few, gap = fields["steps"], 1  # `few`: a step count known to be too few
+    if few >= last:
+        return None
+    while not enough(n := min(few + gap, last)):
+        if n == last:
+            return None
+        few, gap = n, 2 * gap
+    while n - few > 1:  # `few` too few, `n` enough
+        mid = (few + n) // 2
+        few, n = (few, mid) if enough(mid) else (mid, n)
+    return n
+
+
 def _warn_few_low_steps(config: ModelConfig, conditioner: Conditioner, choice: SamplerChoice,
                         fields: dict[str, Any], sigmas: torch.Tensor) -> None:
     """Warn (warnings.warn: the CLI prints it as one line) when a run through `sigmas` that starts above LOW_SIGMA
@@ -760,9 +784,7 @@ def _warn_few_low_steps(config: ModelConfig, conditioner: Conditioner, choice: S
         other = resolve_sampler(choice.a1111_name, recommended)
         if low_steps(_run_sigmas(config, conditioner, other, fields)) >= MIN_LOW_STEPS:
             advice.append(f"the model's recommended schedule {recommended}")
-    last = config.schedule.num_train_timesteps - 1  # DPM2's schedules take one step more
-    enough = next((n for n in range(fields["steps"] + 1, last + 1) if low_steps(
-        _run_sigmas(config, conditioner, choice, {**fields, "steps": n})) >= MIN_LOW_STEPS), None)
+    enough = _fewest_enough_steps(config, conditioner, choice, fields)
     if enough is not None:
         advice.append(f"{enough} steps or more")
     warnings.warn(f"{choice.a1111_name} on the {label} schedule at {fields['steps']} steps takes {found} step(s) "
