@@ -2,10 +2,11 @@
 
 For each kept checkpoint of a stage-2 run (`train.keep_every`), export its EMA model (`daguerre train export`),
 measure it with `daguerre eval` (adherence, Frechet distance against its real-vs-real floor, KID), and record
-where it stands in training: images seen and training time. Time is given two ways: the wall-clock seconds of
-the optimizer steps as the run logged them (metrics.jsonl: `log_every * batch / images_per_s` summed; inflated
-when other jobs shared the machine), and CPU-hours at a stated quiet one-thread speed (`--quiet-images-per-s`,
-from bench/train_throughput.py), which is what a user's idle machine would take. Then `--plot` draws every
+where it stands in training: images seen and training time. Time is given two ways: the run's own wall-clock
+seconds up to the checkpoint (its state.json `seconds`: every session's time, sampling, evaluation and
+checkpointing included, the time between sessions not; inflated when other jobs shared the machine), and
+CPU-hours at a stated quiet one-thread speed (`--quiet-images-per-s`, from bench/train_throughput.py), which is
+what a user's idle machine would take. Then `--plot` draws every
 recorded curve into one PNG (matplotlib, a test extra).
 
     python bench/expectations.py measure runs/photos32_ldm --label "CIFAR-10 photos32" --quiet-images-per-s 45 \\
@@ -31,29 +32,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def kept_steps(run: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[-1]) for p in (run / "checkpoints").glob("step_*") if p.is_dir())
+
+
 def training_seconds(run: Path) -> dict[int, float]:
-    """Step -> wall-clock seconds of the optimizer steps up to it, from the run's metrics.jsonl (resumes included)."""
-    config = json.loads((run / "config.json").read_text())
-    batch = int(config["train"]["batch_size"]) * int(config["train"].get("grad_accum", 1))
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in lines if "images_per_s" in r and r.get("images_per_s")]
-    seconds, total, last = {}, 0.0, 0
-    for r in sorted(steps, key=lambda r: r["step"]):  # a resumed run may log a step twice: count each span once
-        if r["step"] <= last:
-            continue
-        total += (r["step"] - last) * batch / float(r["images_per_s"])
-        last = r["step"]
-        seconds[last] = total
+    """Kept step -> the run's own wall-clock seconds up to that checkpoint, as its state.json records them (the
+    training loop's clock: resumes continue it, the time between sessions is not in it), where it does."""
+    from daguerre.training.state import read_meta
+
+    seconds = {}
+    for folder in (run / "checkpoints").glob("step_*"):
+        meta = read_meta(folder) if folder.is_dir() else {}
+        if isinstance(meta.get("seconds"), (int, float)):
+            seconds[meta["step"]] = float(meta["seconds"])
     return seconds
 
 
-def _at(seconds: dict[int, float], step: int) -> float:
-    known = [s for s in seconds if s <= step]
-    return seconds[max(known)] if known else 0.0
-
-
-def kept_steps(run: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[-1]) for p in (run / "checkpoints").glob("step_*") if p.is_dir())
+def _wall(data: dict, seconds: dict[int, float]) -> None:
+    """Every point's wall-clock seconds from its checkpoint's clock, where the checkpoint is still there."""
+    for p in data["points"]:
+        if p["step"] in seconds:
+            p["wall_s"] = round(seconds[p["step"]], 1)
 
 
 def _write(path: Path, data: dict) -> None:
@@ -101,6 +101,7 @@ def measure(args: argparse.Namespace, eval_args: list[str]) -> None:
     done = {p["step"] for p in data["points"]}
     wanted = [s for s in kept_steps(run) if s not in done and (not args.steps or s in args.steps)]
     _hours(data)  # a corrected quiet speed or autoencoder time applies to the points already measured too
+    _wall(data, seconds)  # as does the checkpoints' clock (the points measured before summed logged speeds)
     _write(out, data)
     for step in wanted:
         with tempfile.TemporaryDirectory() as tmp:
@@ -109,9 +110,10 @@ def measure(args: argparse.Namespace, eval_args: list[str]) -> None:
             _daguerre("eval", "--model", str(model), "--out", str(Path(tmp) / "eval"), "--no-progress", *eval_args)
             report = json.loads((Path(tmp) / "eval" / "report.json").read_text())
         images = step * batch
-        point = {"step": step, "images": images, "wall_s": round(_at(seconds, step), 1), **summary(report)}
+        point = {"step": step, "images": images, **summary(report)}
         data["points"] = sorted([*data["points"], point], key=lambda p: p["step"])
         _hours(data)
+        _wall(data, seconds)
         _write(out, data)
         print(json.dumps(point))
 
