@@ -68,7 +68,7 @@ def set_compute_dtype(components: Components, dtype: torch.dtype | str | None = 
 def load(path_or_name: str | None = None, *, device: torch.device | str = "cpu",
          dtype: torch.dtype | str | None = AUTO, limits: Limits = DEFAULT_LIMITS, quantize: str | None = None,
          compile: bool = False, release_after_use: bool = False, lora_dir: str | None = None,
-         embeddings_dir: str | None = None, original_config: str | None = None) -> Pipeline:
+         embeddings_dir: str | None = None, original_config: str | None = None, base: str | None = None) -> Pipeline:
     """Open a model (`--model` syntax: path, diffusers folder, shipped name, `random:PRESET`; None = default).
 
     `dtype` is the compute dtype of every network (U-Net, text encoder, VAE): "auto" (the default:
@@ -92,13 +92,14 @@ def load(path_or_name: str | None = None, *, device: torch.device | str = "cpu",
     prompts and negative prompts.
 
     `original_config` is a checkpoint file's CompVis inference YAML (what `--config FILE` gives; docs/lora.md,
-    "Original configs"), for this model only, as if it were beside the file.
+    "Original configs"), for this model only, as if it were beside the file. `base` is an adapter file's base
+    model (a file or a shipped name; default: the shipped model the adapter names; docs/layout.md).
     """
     from .registry import open_model
 
     components, model_hash = open_model(path_or_name, device=device, dtype=dtype, quantize=quantize,
                                         compile=compile, release_after_use=release_after_use,
-                                        original_config=original_config)
+                                        original_config=original_config, base=base)
     if lora_dir is not None or embeddings_dir is not None:
         from .lora.apply import attach
 

@@ -1,7 +1,8 @@
 """Resolve what the user names with `--model`: a file or folder, a shipped default model, or a random preset.
 
 - a path: a daguerre / Stable Diffusion checkpoint or a diffusers folder (`daguerre.checkpoints.load_model`);
-- the name of a model shipped inside the package (`daguerre/assets/models/NAME.safetensors`);
+- the name of a model shipped inside the package (`daguerre/assets/models/NAME.safetensors`,
+  `checkpoints.shipped.shipped_models`);
 - `random:PRESET` (e.g. `random:tiny`): untrained weights at a preset's architecture, for trying the
   machinery before a model is trained or downloaded.
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints.shipped import shipped_models
 from .components import PARTS, Components, ModelSource, build_components
 from .config import PRESETS, preset
 from .memory import trim
@@ -28,14 +30,6 @@ DEFAULT_MODEL = "shapes"
 RANDOM_PREFIX = "random:"
 
 
-def shipped_models() -> dict[str, Path]:
-    """Name -> path of every model that ships inside the package."""
-    folder = resources.files("daguerre") / "assets" / "models"
-    if not folder.is_dir():
-        return {}
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".safetensors")}
-
-
 def default_model_name() -> str:
     """The model used when none is named: the shipped default, else a random tiny model."""
     return DEFAULT_MODEL if DEFAULT_MODEL in shipped_models() else f"{RANDOM_PREFIX}tiny"
@@ -44,7 +38,7 @@ def default_model_name() -> str:
 def open_model(
     spec: str | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype | str | None = AUTO,
     quantize: str | None = None, compile: bool = False, release_after_use: bool = False,
-    original_config: str | Path | None = None,
+    original_config: str | Path | None = None, base: str | Path | None = None,
 ) -> tuple[Components, str | None]:
     """(components, A1111 model hash or None) for a model name or path; see the module docstring.
 
@@ -62,7 +56,8 @@ def open_model(
     it stays loaded (`release_after_use` does nothing for it).
 
     `original_config` is the checkpoint file's CompVis inference YAML (`--config FILE`): this open and the
-    reads of its released parts use it, as if it were beside the file; no other load sees it.
+    reads of its released parts use it, as if it were beside the file; no other load sees it. `base` is an
+    adapter file's base model (a file or a shipped name; `checkpoints.adapter`), for this open and its reads.
     """
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZE_CHOICES)}")
@@ -72,9 +67,9 @@ def open_model(
     yaml = original_config_for(spec, original_config)
     release_after_use = release_after_use and not (spec or default_model_name()).startswith(RANDOM_PREFIX)
     parts = frozenset() if release_after_use else frozenset(PARTS)
-    comps, model_hash = _open_parts(spec, device, dtype, quantize, parts, compile, yaml)
+    comps, model_hash = _open_parts(spec, device, dtype, quantize, parts, compile, yaml, base)
     if not compile:  # a compiled U-Net holds its weights in its graph: nothing to release, nothing to read again
-        comps.source = _source(spec, device, dtype_of(comps.unet), quantize, yaml)  # "auto" decided once
+        comps.source = _source(spec, device, dtype_of(comps.unet), quantize, yaml, base)  # "auto" decided once
     if release_after_use:
         comps.release_after_use = True
         comps.release(*PARTS)  # what the open read all the same: small tensors, a random model, a packaged encoder
@@ -94,25 +89,26 @@ def original_config_for(spec: str | None, original_config: str | Path | None) ->
 
 def _open_parts(spec: str | None, device: torch.device | str | None, dtype: torch.dtype | str | None,
                 quantize: str | None, parts: frozenset[str], compile: bool = False,
-                yaml: Path | None = None) -> tuple[Components, str | None]:
+                yaml: Path | None = None, base: str | Path | None = None) -> tuple[Components, str | None]:
     """`_open` reading the weights of `parts` only (`checkpoints.parts`), then `prepare_for_inference_`."""
     from .checkpoints.parts import reading_parts
 
     if parts == frozenset(PARTS):
-        comps, model_hash = _open(spec, device, dtype, quantize, yaml)
+        comps, model_hash = _open(spec, device, dtype, quantize, yaml, base)
     else:
         with reading_parts(parts):
-            comps, model_hash = _open(spec, device, dtype, quantize, yaml)
+            comps, model_hash = _open(spec, device, dtype, quantize, yaml, base)
     prepare_for_inference_(comps, quantize=quantize, compile=compile, device=device or "cpu")
     trim()  # the load's freed buffers back to the system (daguerre.memory)
     return comps, model_hash
 
 
 def _source(spec: str | None, device: torch.device | str | None, dtype: torch.dtype,
-            quantize: str | None, yaml: Path | None) -> ModelSource:
+            quantize: str | None, yaml: Path | None, base: str | Path | None = None) -> ModelSource:
     """Where `Components.acquire` reads released parts of the model `spec` again from: in `dtype` (the source's,
     which `api.set_compute_dtype` updates), from the file as it is now (a file changed since is refused: the
-    parts would come from two models), with the CompVis YAML it was opened with."""
+    parts would come from two models), with the CompVis YAML and the adapter's base it was opened with (a base
+    changed since is refused by its sha256)."""
     name = spec or default_model_name()
     stamp = _file_stamp(name)
 
@@ -120,7 +116,7 @@ def _source(spec: str | None, device: torch.device | str | None, dtype: torch.dt
         if _file_stamp(name) != stamp:
             raise ValueError(f"model {name} changed on disk since it was opened: reading its networks again would "
                              "mix two models; open it again")
-        return _open_parts(name, device, dtype, quantize, parts, yaml=yaml)[0]
+        return _open_parts(name, device, dtype, quantize, parts, yaml=yaml, base=base)[0]
 
     return ModelSource(name=name, device=torch.device(device or "cpu"), dtype=dtype, read=read)
 
@@ -164,10 +160,13 @@ def prepare_for_inference_(comps: Components, *, quantize: str | None = None, co
 
 
 def _open(spec: str | None, device: torch.device | str | None, dtype: torch.dtype | str | None,
-          quantize: str | None = None, yaml: Path | None = None) -> tuple[Components, str | None]:
+          quantize: str | None = None, yaml: Path | None = None,
+          base: str | Path | None = None) -> tuple[Components, str | None]:
     from .checkpoints import short_hash
 
     spec = spec or default_model_name()
+    if spec.startswith(RANDOM_PREFIX) and base is not None:
+        raise ValueError(f"a base model goes with an adapter file; {spec} is a random model, it needs none")
     if spec.startswith(RANDOM_PREFIX):
         name = spec[len(RANDOM_PREFIX):]
         if name not in PRESETS:
@@ -186,15 +185,15 @@ def _open(spec: str | None, device: torch.device | str | None, dtype: torch.dtyp
         raise FileNotFoundError(
             f"no model {spec!r}: not a file or folder, nor a shipped model ({names}), nor random:PRESET"
         )
-    dtype = _compute_dtype(dtype, device, lambda: _stored_unet_parameters(path, yaml))
-    comps = _load_file(path, device, dtype, quantize, yaml)
+    dtype = _compute_dtype(dtype, device, lambda: _stored_unet_parameters(path, yaml, base))
+    comps = _load_file(path, device, dtype, quantize, yaml, base)
     set_memory_format(comps, dtype, device or "cpu")
     model_hash = short_hash(path) if path.is_file() else None
     return comps, model_hash
 
 
 def _load_file(path: Path, device: torch.device | str | None, dtype: torch.dtype, quantize: str | None,
-               yaml: Path | None = None) -> Components:
+               yaml: Path | None = None, base: str | Path | None = None) -> Components:
     """`load_model`; with `quantize="int8"` on the CPU, the U-Net's and text encoder's weights are quantised
     while they are read (`quantize.int8_loading`: no float copy of the U-Net, equal to quantising after), unless
     the file's loader transforms those weights beyond renaming (then it is loaded and quantised after)."""
@@ -204,10 +203,10 @@ def _load_file(path: Path, device: torch.device | str | None, dtype: torch.dtype
     if quantize == "int8" and torch.device(device or "cpu").type == "cpu":
         try:
             with int8_loading():
-                return load_model(path, device=device, dtype=dtype, original_config=yaml)
+                return load_model(path, device=device, dtype=dtype, original_config=yaml, base=base)
         except QuantizeWhileReadingError:
             trim()
-    return load_model(path, device=device, dtype=dtype, original_config=yaml)
+    return load_model(path, device=device, dtype=dtype, original_config=yaml, base=base)
 
 
 def _compute_dtype(
@@ -219,12 +218,12 @@ def _compute_dtype(
     return resolve_dtype(dtype, device, unet_parameters())
 
 
-def _stored_unet_parameters(path: Path, yaml: Path | None = None) -> int:
+def _stored_unet_parameters(path: Path, yaml: Path | None = None, base: str | Path | None = None) -> int:
     """The U-Net parameter count of a model file or folder, from its header (`checkpoints.summary.describe`:
     safetensors headers only, the networks built on the meta device; a pickle is read whole)."""
     from .checkpoints.summary import describe
 
-    return describe(path, hashes=False, original_config=yaml)["parameters"]["unet"]
+    return describe(path, hashes=False, original_config=yaml, base=base)["parameters"]["unet"]
 
 
 def set_memory_format(comps: Components, dtype: torch.dtype, device: torch.device | str | None = None) -> None:

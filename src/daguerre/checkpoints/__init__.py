@@ -5,6 +5,7 @@
     save_diffusers(components, folder)   a diffusers StableDiffusionPipeline folder
     save_vae / load_vae         the VAE-only file of `daguerre train vae` (vae_file.py)
     read_state_dict(path)       -> (tensors, metadata) of one weight file (from `daguerre.weights.io`)
+    save_adapter(components, f, base, name)   an adapter file: what a model adds to its base file (adapter.py)
     file_hash / short_hash      sha256 and the AUTOMATIC1111 10-digit "Model hash" (idem)
 
 The formats, the detection rules and the keys deliberately ignored are documented in docs/formats.md.
@@ -19,6 +20,7 @@ import torch
 
 from ..components import Components
 from ..weights.io import file_hash, read_state_dict, safe_torch_load, short_hash
+from .adapter import find_base, is_adapter, save_adapter, with_base
 from .detect import IGNORED_KEYS, Detection, check_original_config, detect_checkpoint
 from .diffusers_folder import is_diffusers_folder, load_diffusers, save_diffusers
 from .single_file import load_single, save_model
@@ -33,6 +35,7 @@ __all__ = [
     "load_vae",
     "read_state_dict",
     "safe_torch_load",
+    "save_adapter",
     "save_diffusers",
     "save_model",
     "save_vae",
@@ -48,6 +51,7 @@ def load_model(
     prediction_type: str | None = None,
     use_ema: bool = False,
     original_config: str | os.PathLike | None = None,
+    base: str | os.PathLike | None = None,
 ) -> Components:
     """Load a model from a daguerre / SD single file (.safetensors, .ckpt, .pt, .pth) or a diffusers folder.
 
@@ -57,18 +61,27 @@ def load_model(
     "v_prediction", "sample") overrides what the file says or what is inferred; `use_ema` loads the
     U-Net from the file's `model_ema.*` copy (full CompVis training checkpoints). `original_config` is the
     file's CompVis inference YAML (`--config FILE`), read for this load only, as if it were beside the file.
+    An adapter file (`adapter.py`) is read over its base model's file: `base` (a file or a shipped model's name),
+    else the shipped model it names; a base that is not the file it was trained on (sha256) is a ValueError.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such model file or folder: {path}")
     yaml = check_original_config(path, original_config) if original_config is not None else None
     if path.is_dir():
+        if base is not None:
+            raise ValueError(f"a base model goes with an adapter file; {path} is a folder, it needs none")
         if not is_diffusers_folder(path):
             raise ValueError(f"{path} is a folder without model_index.json: not a diffusers pipeline folder")
         if use_ema:
             raise ValueError("use_ema applies to single-file training checkpoints; diffusers folders hold one U-Net")
         return load_diffusers(path, device=device, dtype=dtype, prediction_type=prediction_type)
     sd, metadata = read_state_dict(path, dtype or torch.float32)
+    if is_adapter(metadata):
+        base_path = find_base(path, metadata, base)
+        sd, metadata = with_base(sd, metadata, read_state_dict(base_path, dtype or torch.float32)[0], path, base_path)
+    elif base is not None:
+        raise ValueError(f"a base model goes with an adapter file; {path} is a whole model, it needs none")
     return load_single(
         sd, metadata, path=path, device=device, dtype=dtype, prediction_type=prediction_type, use_ema=use_ema,
         original_config=yaml,

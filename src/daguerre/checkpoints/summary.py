@@ -15,6 +15,7 @@ from torch import nn
 
 from ..components import Components
 from ..weights.io import file_hash, read_shapes, short_hash, sniff
+from .adapter import base_record, find_base, is_adapter, with_base
 from .detect import check_original_config, match_preset
 from .diffusers_folder import is_diffusers_folder, load_diffusers_folder
 from .single_file import load_single
@@ -64,17 +65,26 @@ def _architecture(c: Components) -> dict[str, Any]:
     }
 
 
+def _either(own, base_value_of, base_shapes):
+    """value_of(key) of an adapter over its base: the base file's tensor for its keys, the adapter's otherwise."""
+    return lambda key: base_value_of(key) if key in base_shapes else own(key)
+
+
 def describe(
     path: str | os.PathLike, *, prediction_type: str | None = None, use_ema: bool = False, hashes: bool = True,
-    original_config: str | os.PathLike | None = None,
+    original_config: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """A JSON-ready summary of a model file or diffusers folder; ValueError for anything load_model refuses.
-    `original_config`: the file's CompVis YAML (`--config FILE`), as `load_model` takes it."""
+    `original_config`: the file's CompVis YAML (`--config FILE`), `base`: an adapter file's base model, as
+    `load_model` takes them. An adapter file is described as the whole model it makes with its base (`base`:
+    the base's name, file and sha256)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such model file or folder: {path}")
     yaml = check_original_config(path, original_config) if original_config is not None else None
     info: dict[str, Any] = {"path": str(path)}
+    if path.is_dir() and base is not None:
+        raise ValueError(f"a base model goes with an adapter file; {path} is a folder, it needs none")
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise ValueError(f"{path} is a folder without model_index.json: not a diffusers pipeline folder")
@@ -88,11 +98,21 @@ def describe(
     else:
         kind = sniff(path)
         shapes, metadata, value_of = read_shapes(path)
+        if is_adapter(metadata):
+            name, sha = base_record(path, metadata)
+            base_path = find_base(path, metadata, base)
+            base_shapes, _, base_value_of = read_shapes(base_path)
+            shapes, metadata = with_base(shapes, metadata, base_shapes, path, base_path)
+            value_of = _either(value_of, base_value_of, base_shapes)
+            info["base"] = {"name": name, "file": str(base_path), "sha256": sha}
+        elif base is not None:
+            raise ValueError(f"a base model goes with an adapter file; {path} is a whole model, it needs none")
         comps, det = load_single(
             shapes, metadata, path=path, device=META, prediction_type=prediction_type, use_ema=use_ema,
             value_of=value_of, original_config=yaml,
         )
         fmt = "daguerre checkpoint" if det.is_daguerre else "SD single file"
+        fmt = "daguerre adapter" if "base" in info else fmt
         fmt += " (safetensors)" if kind == "safetensors" else " (PyTorch pickle, read with weights_only=True)"
         info.update(format=fmt, variant=det.variant, prediction_type_from=det.prediction_source,
                     has_ema=det.has_ema, ignored_keys=len(det.ignored), stored_dtypes=det.stored_dtypes)

@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     spec = args.model or default_model_name()
     yaml = checked_config(args.config, spec)  # --config: the checkpoint's CompVis YAML
     comps, short_hash = open_model(spec, device=args.device, dtype=args.dtype,  # read straight into it
-                                   quantize=args.quantize, compile=args.compile, original_config=yaml)
+                                   quantize=args.quantize, compile=args.compile, original_config=yaml,
+                                   base=args.base)
     set_threads(args, comps)
     from ..conditioning import conditioner_for
 

@@ -41,6 +41,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="the checkpoint's CompVis inference YAML (e.g. v1-inference.yaml), for a file whose head "
                    "widths its weights cannot tell; default: MODEL.yaml beside it, if any (docs/lora.md)")
+    p.add_argument("--base", metavar="MODEL", default=None,
+                   help="an adapter file's base model: a file or a shipped name (default: the shipped model the "
+                   "adapter names; docs/layout.md)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="say which precision, attention form, convolution layout and thread count the run uses")
 
@@ -179,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
     # one request, then the process ends: each network is read when the run needs it and freed after (the
     # peak memory is about the U-Net's alone; components.py), except for a compiled U-Net, which keeps its own
     comps, model_hash = open_model(model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                                   compile=args.compile, release_after_use=not args.compile, original_config=yaml)
+                                   compile=args.compile, release_after_use=not args.compile, original_config=yaml,
+                                   base=args.base)
     set_threads(args, comps)
     request = request.validate(comps.config, limits)  # fail before any work on bad input: the one check
     if expected_hash and model_hash and expected_hash.lower() != model_hash.lower():

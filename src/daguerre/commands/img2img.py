@@ -52,7 +52,7 @@ def run_image_command(
     limits = check_limits_early(args, request)
     outputs = plan_outputs(args.out, request.n, args.overwrite, inputs=[request.init_image, request.mask])
     comps, model_hash = open_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                                   compile=args.compile, original_config=yaml)
+                                   compile=args.compile, original_config=yaml, base=args.base)
     set_threads(args, comps)
     request = request.validate(comps.config, limits)  # fail before any work on bad input (images included)
     if note is not None and (line := note(comps)):

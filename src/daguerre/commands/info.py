@@ -30,6 +30,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="the checkpoint's CompVis inference YAML, for a file whose head widths its weights cannot "
                    "tell (default: MODEL.yaml beside it, if any)")
+    p.add_argument("--base", metavar="MODEL", default=None,
+                   help="an adapter file's base model: a file or a shipped name (default: the shipped model the "
+                   "adapter names; docs/layout.md)")
 
 
 def human_size(n: int) -> str:
@@ -84,6 +87,8 @@ def format_info(info: dict) -> str:
     lines = [
         f"model:           {info['path']}",
         f"format:          {info['format']}",
+        *([f"base model:      {info['base']['name']} ({info['base']['file']}, sha256 {info['base']['sha256']})"]
+          if info.get("base") else []),
         f"variant:         {info['variant']}",
         f"preset:          {info['preset'] or 'none (custom architecture)'}",
         f"prediction type: {info['prediction_type']} (from {info['prediction_type_from']})",
@@ -203,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
                                                                                             human_size))
         return 0
     info = describe(path, prediction_type=args.prediction_type, use_ema=args.ema, hashes=not args.no_hash,
-                    original_config=args.config)
+                    original_config=args.config, base=args.base)
     info["run"] = run_here(args, info["parameters"]["unet"])
     if args.json:  # format_info derives the schedule line from the config itself
         info["schedule"] = schedule_summary(info["config"]["schedule"])

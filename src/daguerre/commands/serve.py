@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     for clip in args.clip:
         open_guide(clip, args.device)  # found and readable, before the model is loaded
     comps, model_hash = open_model(spec, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                                   compile=args.compile, original_config=yaml)
+                                   compile=args.compile, original_config=yaml, base=args.base)
     set_threads(args, comps)
     attach_adapters(args, comps)  # the folders the prompts' <lora:...> tags and embedding names are found in
     server = Server(Pipeline(comps, model_hash), comps.config.name or spec, limits=limits, clips=tuple(args.clip),

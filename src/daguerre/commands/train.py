@@ -6,6 +6,7 @@
     daguerre train lora --model shapes --data hexagons/ [--set lora.rank=8 ...]  # a LoRA (docs/lora.md)
     daguerre train embedding --model shapes --data hexagons/ --set embedding.word=hexagon  # textual inversion
     daguerre train export runs/shapes_ldm [--step N] [--out model.safetensors]   # a model from a checkpoint
+    daguerre train export runs/shapes_gligen --adapter --out shapes-gligen.safetensors  # its adapter file alone
     daguerre train zero-shot shapes-clip [--dataset shapes] [--n 1000]          # a CLIP's zero-shot accuracy
     daguerre train --list-configs                                                 # the shipped run configs
 
@@ -89,7 +90,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     export.add_argument("--out", "-o", default=None,
                         help="model file to write (default: RUN/model_step_NNNNNNNN.safetensors, or "
-                        "RUN/clip_step_NNNNNNNN.safetensors for a CLIP run)")
+                        "RUN/clip_step_NNNNNNNN.safetensors for a CLIP run; with --adapter "
+                        "RUN/adapter_step_NNNNNNNN.safetensors)")
+    export.add_argument("--adapter", action="store_true",
+                        help="write only what the model adds to the model the run started from (--init), naming "
+                        "that model and its sha256: a GLIGEN run's adapter file (docs/layout.md)")
     zero = sub.add_parser("zero-shot", help="a CLIP model's zero-shot accuracy (shapes world, Fashion-MNIST)",
                           description="Measure a CLIP model's zero-shot accuracy: on held-out single-object shapes "
                           "scenes against every colour x shape prompt (shape, colour, both right), or on the "
@@ -224,7 +229,9 @@ def _export(args: argparse.Namespace) -> Path:
     run_dir = Path(args.run_dir)
     folder, meta = find_checkpoint(run_dir, args.step)
     if meta["run_config"].get("stage") != "clip":
-        return export_checkpoint(run_dir, args.step, args.out)
+        return export_checkpoint(run_dir, args.step, args.out, adapter=args.adapter)
+    if args.adapter:
+        raise ValueError(f"{run_dir} is a CLIP run: --adapter writes a fine-tuned diffusion model's adapter file")
     from ..training.clip import export_clip_checkpoint
 
     out = Path(args.out) if args.out else run_dir / f"clip_step_{int(meta['step']):08d}.safetensors"

@@ -1,6 +1,10 @@
 """The model file of a stage-2 run: written at the end of training, or by `daguerre train export RUN` from any
 checkpoint, from the checkpoint alone (no data, no caches) while the run goes on.
 
+A fine-tuning run that left its base model's weights as they are (a GLIGEN adapter, docs/layout.md) can also be
+written as an adapter file on that base (`write_adapter`, `daguerre train export RUN --adapter`; the end of a
+GLIGEN run writes RUN/adapter.safetensors beside RUN/model.safetensors).
+
 A training checkpoint holds everything the model file is made of: the EMA weights, the run config, the
 autoencoder's path and hash, the class names and the tokens of the training captions (which the jointly
 trained text encoder's vocabulary is pruned to). `write_model` turns EMA components and a `ModelRecord`
@@ -40,6 +44,7 @@ from .loop import RESUME_OBJECTS, check_writable
 
 logger = logging.getLogger("daguerre.train")
 MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"  # a GLIGEN run's adapter file, beside its MODEL_FILE
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -77,13 +82,16 @@ def with_vocabulary(components: Components, keep: list[int]) -> Components:
     return dataclasses.replace(components, config=config, text_encoder=text_encoder)
 
 
-def write_model(components: Components, cfg: RunConfig, record: ModelRecord, path: Path) -> Path:
-    """Write the model file of a stage-2 run: the (EMA) `components`, the vocabulary pruned to the training
-    captions' tokens (`train.prune_vocabulary`), the sample grids' settings as the recommended ones, provenance."""
-    from ..checkpoints import save_model
-
+def model_components(components: Components, cfg: RunConfig, record: ModelRecord) -> Components:
+    """The (EMA) `components` of a stage-2 run as its model file holds them: the vocabulary pruned to the training
+    captions' tokens (`train.prune_vocabulary`; a GLIGEN model's frozen encoder to its base's words, as its base's
+    was, or not at all), the sample grids' settings as the recommended ones, provenance."""
     t = cfg.train
-    if t.prune_vocabulary and record.caption_tokens is not None:
+    if components.config.unet.gligen is not None:  # GLIGEN: the frozen text encoder is its base's, pruned as it was
+        base_words = (record.init or {}).get("token_ids")
+        if base_words is not None:
+            components = with_vocabulary(components, [int(i) for i in base_words])
+    elif t.prune_vocabulary and record.caption_tokens is not None:
         known = (record.init or {}).get("token_ids") or ()  # the words of an --init model stay known
         components = with_vocabulary(components, sorted({*record.caption_tokens, *(int(i) for i in known)}))
         logger.info("text encoder vocabulary pruned to the %d tokens of the training captions",
@@ -106,8 +114,50 @@ def write_model(components: Components, cfg: RunConfig, record: ModelRecord, pat
         model_cfg.provenance["init"] = record.init
     if record.history:  # training phases: config keys changed at a resume (loop.PHASE_CHANGES)
         model_cfg.provenance["config_history"] = record.history
-    save_model(components, path, dtype=SAVE_DTYPES[t.save_dtype])
+    return components
+
+
+def write_model(components: Components, cfg: RunConfig, record: ModelRecord, path: Path) -> Path:
+    """Write the model file of a stage-2 run: `model_components`, whole."""
+    from ..checkpoints import save_model
+
+    save_model(model_components(components, cfg, record), path, dtype=SAVE_DTYPES[cfg.train.save_dtype])
     logger.info("wrote %s", path)
+    return path
+
+
+def base_model_file(cfg: RunConfig, record: ModelRecord) -> Path:
+    """The file a fine-tuning run started from (`train.init_from`, as its sha256 recorded at step 0), else the
+    shipped model of that sha256; ValueError when neither is at hand."""
+    from ..checkpoints.shipped import shipped_models
+    from ..weights.io import file_hash
+
+    init = record.init or {}
+    if not cfg.train.init_from or not init.get("sha256"):
+        raise ValueError("only a model fine-tuned from another (train.init_from, --init) can be written as an adapter "
+                         "on it: this run started from scratch")
+    want = init["sha256"]
+    given = Path(cfg.train.init_from).expanduser()
+    candidates = [given] if given.is_file() else []
+    candidates += [p for _, p in sorted(shipped_models().items())]
+    found = next((p for p in candidates if file_hash(p) == want), None)
+    if found is None:
+        raise ValueError(f"the run's base model {cfg.train.init_from} (sha256 {want}) is "
+                         f"{'another file now' if given.is_file() else 'gone'} and no shipped model has that sha256: "
+                         "put the file the run started from back at that path to write its adapter")
+    return found
+
+
+def write_adapter(components: Components, cfg: RunConfig, record: ModelRecord, path: Path) -> Path:
+    """Write the adapter file of a stage-2 run on its base model (`checkpoints.adapter`: what the model adds to the
+    file it was fine-tuned from, naming that file's model and sha256): a GLIGEN run's grounding net and gated
+    layers. ValueError when the run changed the base's weights (any run but a GLIGEN one)."""
+    from ..checkpoints.adapter import base_name_of, save_adapter
+
+    base = base_model_file(cfg, record)
+    n = save_adapter(model_components(components, cfg, record), path, base, base_name_of(base),
+                     dtype=SAVE_DTYPES[cfg.train.save_dtype])
+    logger.info("wrote %s: %d adapter tensors on the base model %s", path, n, base)
     return path
 
 
@@ -146,9 +196,11 @@ def find_checkpoint(run: Path, step: int | None) -> tuple[Path, dict]:
     raise FileNotFoundError(f"{run} has no checkpoint of step {step}; it has steps {steps}")
 
 
-def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
+def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path | None = None, *,
+                      adapter: bool = False) -> Path:
     """Write the model of stage-2 checkpoint `step` (default: the newest) of `run` to `out`
-    (default: RUN/model_step_NNNNNNNN.safetensors); returns its path."""
+    (default: RUN/model_step_NNNNNNNN.safetensors), or with `adapter` its adapter file on the model the run started
+    from (`write_adapter`; default RUN/adapter_step_NNNNNNNN.safetensors); returns its path."""
     run = Path(run)
     folder, meta = find_checkpoint(run, step)
     stored = meta["run_config"]
@@ -167,11 +219,12 @@ def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path 
     cfg.train.steps = step  # the config a run of `step` steps would have recorded
     cfg.train.progress = False
     cfg.data.cache_dir = str(Path(cfg.data.cache_dir) if cfg.data.cache_dir else run / "latents")
-    out = Path(out) if out is not None else run / f"model_step_{step:08d}.safetensors"
+    kind = "adapter" if adapter else "model"
+    out = Path(out) if out is not None else run / f"{kind}_step_{step:08d}.safetensors"
     check_writable(out.parent)  # a read-only destination is one line now, not after the export's work
     components, record = checkpoint_model(folder, meta, cfg)
     with tempfile.TemporaryDirectory(prefix="daguerre-export-") as tmp:
-        made = write_model(components, cfg, record, Path(tmp) / MODEL_FILE)
+        made = (write_adapter if adapter else write_model)(components, cfg, record, Path(tmp) / MODEL_FILE)
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as target:
             shutil.copyfile(made, target)

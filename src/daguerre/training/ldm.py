@@ -31,7 +31,7 @@ from ..models.unet import UNetModel
 from . import dist, latents, text_cache
 from .concat import build_concat_inputs
 from .config import RunConfig, derive_model_config
-from .export import MODEL_FILE, ModelRecord, caption_tokens, networks, write_model
+from .export import ADAPTER_FILE, MODEL_FILE, ModelRecord, caption_tokens, networks, write_adapter, write_model
 from .init import init_ldm
 from .log import RunLogger
 from .loop import RunSummary, Setup, autocast, make_optimizer, run, wrap_ddp
@@ -198,13 +198,19 @@ class LDMStage:
                 "class_names": self.data.class_names, "caption_token_ids": self.tokens}  # what export needs
 
     def export(self, path: Path, models: dict[str, nn.Module], summary: RunSummary) -> None:
-        """The model file (`export.write_model`)."""
+        """The model file (`export.write_model`); a GLIGEN run also writes its adapter file beside it
+        (`export.write_adapter`: RUN/adapter.safetensors, on the model the run started from)."""
         record = ModelRecord(
             steps=self.cfg.train.steps, seconds=summary.seconds, world=summary.world,
             global_batch=summary.global_batch, parameters=self._parameters(), vae_file=self.vae_path,
             vae_sha256=self.vae_sha, vae_provenance=self.vae_model_cfg.provenance, data=self.data.description,
             init=self.init_record, history=summary.history, caption_tokens=self.tokens)
         write_model(self._components(models), self.cfg, record, path)
+        if self.model_cfg.unet.gligen is not None:
+            try:
+                write_adapter(self._components(models), self.cfg, record, path.with_name(ADAPTER_FILE))
+            except ValueError as e:  # the whole model is written: the run is not lost for its adapter
+                logger.warning("no adapter file: %s; the whole model is %s", e, path)
 
     def _components(self, models: dict[str, nn.Module]) -> Components:
         frozen = self.frozen

@@ -1,0 +1,181 @@
+"""GLIGEN adapter files (issue 18; checkpoints/adapter.py, docs/layout.md "Shipping an adapter"): a GLIGEN run ends
+with its adapter file beside its whole model and `daguerre train export --adapter` writes the same; the adapter
+file holds only the grounding net and the gated layers and names its base (name and sha256); loaded over its base
+(a shipped model by name, or --base / base=) it is the whole model bit for bit, images included; a base of another
+sha256, a missing base, a --base for a whole model and an adapter of a model that changed its base are refused in
+one line that says what to do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import daguerre
+from daguerre.checkpoints import load_model, save_adapter, save_model
+from daguerre.checkpoints.adapter import ADAPTER_FORMAT, BASE_NAME_KEY, BASE_SHA_KEY
+from daguerre.cli import main
+from daguerre.components import build_components
+from daguerre.models.gligen import adapter_parameters
+from daguerre.training.config import derive_model_config, load_run_config
+from daguerre.weights.io import file_hash
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "daguerre" / "assets" / "configs"
+QUICK = ["train.progress=false", "data.n=8", "data.holdout=4", "train.batch_size=4", "train.steps=6",
+         "train.sample_every=0", "train.checkpoint_every=6", "train.log_every=1", "train.warmup_steps=0",
+         "train.lr=3e-3", "train.min_lr=3e-3", "train.ema_decay=0"]
+BOXES = ["--box", "a red circle:0.1,0.1,0.45,0.45", "--box", "a big blue square:0.5,0.5,0.95,0.95"]
+
+
+def _tiny_text_model(path: Path, seed: int) -> Path:
+    """A tiny text model (tiny_ldm.toml, random weights, its zero-initialised layers made non-zero) in fp16, its
+    own autoencoder inside (it serves as the run's --vae, as the shipped shapes model does for shapes_gligen_ldm)."""
+    cfg = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm")
+    cfg.model.vae = derive_model_config(load_run_config(CONFIGS / "tiny_vae.toml", "vae"), 3, None).vae
+    comps = build_components(derive_model_config(cfg, 3, None), seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for p in comps.unet.parameters():
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.05)
+    save_model(comps, path, dtype=torch.float16)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    """(base model file, run folder) of a 6-step tiny GLIGEN run on that base (its gates opened by a high lr)."""
+    from daguerre.training.ldm import train_ldm
+
+    root = tmp_path_factory.mktemp("adapter")
+    base = _tiny_text_model(root / "tinybase.safetensors", seed=1)
+    cfg = load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm", [*QUICK, f"train.init_from={base}"])
+    train_ldm(cfg, root / "run", vae_path=base)
+    return base, root / "run"
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch) -> Path:
+    """An empty folder standing for the package's shipped models (`checkpoints.shipped.models_folder`)."""
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    monkeypatch.setattr("daguerre.checkpoints.shipped.models_folder", lambda: folder)
+    return folder
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata())
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_a_gligen_run_ends_with_an_adapter_file_that_holds_the_adapter_alone_and_names_its_base(run):
+    base, folder = run
+    whole, adapter = folder / "model.safetensors", folder / "adapter.safetensors"
+    meta = _metadata(adapter)
+    assert meta["format"] == ADAPTER_FORMAT
+    assert meta[BASE_NAME_KEY] == "tinybase" and meta[BASE_SHA_KEY] == file_hash(base)
+    names = {n for n, _ in adapter_parameters(load_model(whole).unet)}
+    tensors = load_file(adapter)
+    assert set(tensors) == {f"model.diffusion_model.{n}" for n in names}
+    assert all(t.dtype == torch.float16 for t in tensors.values())  # train.save_dtype, as the whole file
+    gates = [float(t) for k, t in tensors.items() if k.endswith("alpha_attn")]
+    assert any(g != 0 for g in gates)  # trained: the adapter changes the images
+    assert adapter.stat().st_size < 0.5 * whole.stat().st_size
+
+
+def test_an_adapter_over_its_base_is_the_whole_model_bit_for_bit(run):
+    base, folder = run
+    whole = load_model(folder / "model.safetensors")
+    again = load_model(folder / "adapter.safetensors", base=base)
+    assert again.config.to_dict() == whole.config.to_dict()
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(whole, part).state_dict(), getattr(again, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    boxes = ["a red circle:0.1,0.1,0.45,0.45"]
+    images = [np.asarray(daguerre.load(str(p), base=b)("on a white background", boxes=boxes, steps=3, seed=2)[0].image)
+              for p, b in ((folder / "model.safetensors", None), (folder / "adapter.safetensors", str(base)))]
+    assert np.array_equal(*images)
+
+
+def test_train_export_adapter_writes_the_runs_adapter_and_the_whole_export_its_model(run, tmp_path, capsys):
+    base, folder = run
+    out = tmp_path / "exported.safetensors"
+    assert main(["train", "export", str(folder), "--adapter", "--out", str(out)]) == 0
+    a, b = load_file(out), load_file(folder / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _metadata(out)[BASE_SHA_KEY] == file_hash(base)
+    assert main(["train", "export", str(folder), "--out", str(tmp_path / "whole.safetensors")]) == 0
+    a, b = load_file(tmp_path / "whole.safetensors"), load_file(folder / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the frozen encoder pruned as at the end
+    capsys.readouterr()
+    assert main(["train", "export", str(folder), "--adapter", "--out", str(tmp_path / "x.safetensors")]) == 0
+
+
+def test_an_adapter_finds_a_shipped_base_by_name_and_draws_as_the_whole_model_from_the_cli(run, shipped, tmp_path,
+                                                                                           capsys):
+    base, folder = run
+    (shipped / "tinybase.safetensors").write_bytes(base.read_bytes())
+    common = ["generate", "on a white background", *BOXES, "--steps", "3", "--seed", "4"]
+    assert main([*common, "--model", str(folder / "adapter.safetensors"), "-o", str(tmp_path / "a.png")]) == 0
+    assert main([*common, "--model", str(folder / "model.safetensors"), "-o", str(tmp_path / "w.png")]) == 0
+    assert np.array_equal(_png(tmp_path / "a.png"), _png(tmp_path / "w.png"))
+    capsys.readouterr()
+    assert main(["info", str(folder / "adapter.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "format:          daguerre adapter (safetensors)" in out
+    assert f"base model:      tinybase ({shipped / 'tinybase.safetensors'}, sha256 {file_hash(base)})" in out
+    assert "GLIGEN adapter, up to 4 objects" in out
+    assert main(["info", str(folder / "adapter.safetensors"), "--json", "--no-hash"]) == 0
+    assert json.loads(capsys.readouterr().out)["base"]["name"] == "tinybase"
+
+
+def test_a_missing_or_different_base_is_refused_naming_both_hashes_and_what_to_do(run, shipped, tmp_path, capsys):
+    base, folder = run
+    adapter = folder / "adapter.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"adapter for the model 'tinybase' \(sha256 [0-9a-f]{64}\), which is "
+                       r"not a shipped model here \(none installed\); give the base model's file with --base FILE"):
+        load_model(adapter)
+    other = _tiny_text_model(shipped / "tinybase.safetensors", seed=2)  # the same name, other weights
+    want, got = file_hash(base), file_hash(other)
+    with pytest.raises(ValueError, match=f"sha256 {want}, but its base .* has sha256 {got}: an adapter works on the "
+                       "very weights it was trained on"):
+        daguerre.load(str(adapter))
+    argv = ["generate", "x", *BOXES, "--steps", "1", "-o", str(tmp_path / "x.png"), "--model", str(adapter)]
+    assert main([*argv, "--base", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and want in err and got in err and "--base FILE" in err
+    assert main(["info", str(adapter), "--base", str(tmp_path / "nowhere.safetensors")]) == 2
+    assert "base model" in (err := capsys.readouterr().err) and "no such file, nor a shipped model" in err
+    assert main([*argv, "--base", str(base)]) == 0  # the right file, given by path, beats the shipped name
+    capsys.readouterr()
+
+
+def test_a_base_for_a_whole_model_is_refused(run, tiny_model_file):
+    base, folder = run
+    for model in (folder / "model.safetensors", tiny_model_file):
+        with pytest.raises(ValueError, match="a base model goes with an adapter file; .* is a whole model, it needs "
+                           "none"):
+            load_model(model, base=base)
+    with pytest.raises(ValueError, match="random:tiny is a random model, it needs none"):
+        daguerre.load("random:tiny", base=str(base))
+
+
+def test_a_model_that_changed_its_base_cannot_be_written_as_an_adapter(run, tmp_path):
+    base, folder = run
+    model = load_model(folder / "model.safetensors")
+    with torch.no_grad():
+        model.unet.out[2].weight.add_(0.5)  # a base weight trained too: no longer the base plus an adapter
+    with pytest.raises(ValueError, match=r"cannot write .* as an adapter on .*: 1 of its tensors differ from the "
+                       r"base's \(model.diffusion_model.out.2.weight\); .* write the whole model instead"):
+        save_adapter(model, tmp_path / "a.safetensors", base, "tinybase", dtype=torch.float16)
+    assert not (tmp_path / "a.safetensors").exists()
