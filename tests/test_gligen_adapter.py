@@ -179,3 +179,15 @@ def test_a_model_that_changed_its_base_cannot_be_written_as_an_adapter(run, tmp_
                        r"base's \(model.diffusion_model.out.2.weight\); .* write the whole model instead"):
         save_adapter(model, tmp_path / "a.safetensors", base, "tinybase", dtype=torch.float16)
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_boxes_without_model_go_to_a_shipped_adapter_which_draws_over_its_shipped_base(run, shipped, tmp_path):
+    """The shipping case: the adapter and its base both shipped; `generate --box` without --model picks the adapter
+    (routing reads its header), which finds its base by name; the image is the whole model's."""
+    base, folder = run
+    (shipped / "tinybase.safetensors").write_bytes(base.read_bytes())
+    (shipped / "tiny-gligen.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
+    common = ["generate", "on a white background", *BOXES, "--steps", "3", "--seed", "5"]
+    assert main([*common, "-o", str(tmp_path / "routed.png")]) == 0
+    assert main([*common, "--model", str(folder / "model.safetensors"), "-o", str(tmp_path / "whole.png")]) == 0
+    assert np.array_equal(_png(tmp_path / "routed.png"), _png(tmp_path / "whole.png"))
