@@ -174,3 +174,30 @@ COMPRESSION_OUT ?= $(RUNS)/compression
 compression-study: fashion-mnist
 	OMP_NUM_THREADS=1 $(PY) bench/compression_study.py run --out $(COMPRESSION_OUT)
 	$(PY) bench/compression_study.py report --out $(COMPRESSION_OUT) --png-dir docs/images/compression
+
+# issue 18: the layout and semantic-map models (docs/layout.md), each fine-tuned from the shipped shapes model (its
+# file is --init and, for its autoencoder, --vae) on the 50,000 free-placement scenes of 1-4 objects of its config; the
+# three runs share one latent cache. Each target copies the model into the package (the GLIGEN run's adapter file
+# alone, which names shapes as its base) and writes its evaluation: RUN/eval/report.json (box IoU and objects right
+# for the layout models, mean IoU for the semantic one, also at 4x the training size: RUN/eval-4x/report.json).
+.PHONY: model-shapes-semantic model-shapes-layout model-shapes-gligen
+SHAPES_BASE := $(SHIPPED)/shapes.safetensors
+SHAPES_18 := shapes_semantic shapes_layout shapes_gligen
+EVAL_18 := $(VENV)/bin/daguerre eval --n 200 --overwrite
+
+model-shapes-semantic: $(RUNS)/shapes_semantic/model.safetensors
+	cp $< $(SHIPPED)/shapes-semantic.safetensors
+	$(EVAL_18) --model $(SHIPPED)/shapes-semantic.safetensors --out $(RUNS)/shapes_semantic/eval
+	$(EVAL_18) --model $(SHIPPED)/shapes-semantic.safetensors --map-scale 4 --out $(RUNS)/shapes_semantic/eval-4x
+
+model-shapes-layout: $(RUNS)/shapes_layout/model.safetensors
+	cp $< $(SHIPPED)/shapes-layout.safetensors
+	$(EVAL_18) --model $(SHIPPED)/shapes-layout.safetensors --out $(RUNS)/shapes_layout/eval
+
+model-shapes-gligen: $(RUNS)/shapes_gligen/model.safetensors
+	cp $(RUNS)/shapes_gligen/adapter.safetensors $(SHIPPED)/shapes-gligen.safetensors
+	$(EVAL_18) --model $(SHIPPED)/shapes-gligen.safetensors --out $(RUNS)/shapes_gligen/eval
+
+$(SHAPES_18:%=$(RUNS)/%/model.safetensors): $(RUNS)/%/model.safetensors: | $(SHAPES_BASE) $(VENV)/.installed
+	$(VENV)/bin/daguerre train ldm --config $*_ldm --vae $(SHAPES_BASE) --init $(SHAPES_BASE) --out $(RUNS)/$* \
+		--set data.cache_dir=$(RUNS)/shapes_free_latents --resume
