@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from daguerre.config import preset  # noqa: E402
-from daguerre.models.unet import FeatureCache, UNetModel  # noqa: E402
-from test_unet import randomize_  # noqa: E402
+from daguerre.config import preset
+from daguerre.models.unet import FeatureCache
+from sd15 import random_sd15_unet  # bench/sd15.py: the script's own folder is on the path
 
 SIZE = 64
 CONTEXT_TOKENS = 77
@@ -44,7 +40,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = preset("sd15").unet
-    unet = randomize_(UNetModel(cfg)).to(torch.bfloat16).eval()
+    unet = random_sd15_unet(torch.bfloat16, torch.contiguous_format)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, SIZE, SIZE, generator=g)
     ctx = torch.randn(2, CONTEXT_TOKENS, cfg.context_dim, generator=g)

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from daguerre.config import preset  # noqa: E402
-from daguerre.models.unet import UNetModel  # noqa: E402
 from daguerre.quantize import quantize_int8_, weight_bytes  # noqa: E402
+from sd15 import random_sd15_unet  # noqa: E402  (bench/sd15.py: the script's own folder is on the path)
 from test_unet import randomize_  # noqa: E402  (one weight randomiser for tests and benchmarks)
 
 BATCH = 2
@@ -46,9 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = preset("sd15")
-    with torch.device("meta"):
-        model = UNetModel(cfg.unet)
-    model = randomize_(model.to_empty(device="cpu"), 0).eval()
+    model = random_sd15_unet(torch.float32, torch.contiguous_format)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, 4, args.size, args.size, generator=g)
     context = torch.randn(BATCH, CONTEXT_TOKENS, cfg.unet.context_dim, generator=g)

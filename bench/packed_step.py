@@ -14,18 +14,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from daguerre.config import preset  # noqa: E402
-from daguerre.models.unet import UNetModel  # noqa: E402
-from daguerre.nn.conv import pack_for_inference_  # noqa: E402
-from test_unet import randomize_  # noqa: E402  (one weight randomiser for tests and benchmarks)
-from timing import alternating_times  # noqa: E402  (bench/timing.py)
+from daguerre.nn.conv import pack_for_inference_
+from sd15 import random_sd15_unet  # bench/sd15.py: the script's own folder is on the path
+from timing import alternating_times  # bench/timing.py
 
 
 def main() -> None:
@@ -35,10 +29,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    plain = UNetModel(preset("sd15").unet)
-    randomize_(plain)
-    plain = plain.to(torch.bfloat16).to(memory_format=torch.channels_last).eval()
+    plain = random_sd15_unet(torch.bfloat16, torch.channels_last)
     packed = copy.deepcopy(plain)
     layers = pack_for_inference_(packed)
     print(f"torch {torch.__version__}, {args.threads} threads, {layers} packed layers, median of {args.repeats}",

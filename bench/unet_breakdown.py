@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from daguerre.config import preset  # noqa: E402
-from daguerre.models.unet import UNetModel  # noqa: E402
-from test_unet import randomize_  # noqa: E402  (one weight randomiser for tests and benchmarks)
+from sd15 import random_sd15_unet  # bench/sd15.py: the script's own folder is on the path
 
 
 def main() -> None:
@@ -32,10 +26,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=12)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = UNetModel(preset("sd15").unet)
-    randomize_(model)
-    model = model.to(torch.bfloat16).to(memory_format=torch.channels_last).eval()
+    model = random_sd15_unet(torch.bfloat16, torch.channels_last)
+    torch.manual_seed(0)  # the inputs
     x = torch.randn(2, 4, args.size, args.size, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     t, ctx = torch.tensor([999, 500]), torch.randn(2, 77, 768, dtype=torch.bfloat16)
     conv_flops = [0]

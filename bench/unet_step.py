@@ -45,6 +45,7 @@ from daguerre.config import preset  # noqa: E402
 from daguerre.models.unet import UNetModel  # noqa: E402
 from daguerre.nn.conv import pack_for_inference_, unpack_  # noqa: E402
 from daguerre.precision import uses_packed_weights  # noqa: E402
+from sd15 import random_sd15_unet  # noqa: E402  (bench/sd15.py)
 from test_unet import randomize_  # noqa: E402  (one weight randomiser for tests and benchmarks)
 from timing import alternating_times  # noqa: E402  (bench/timing.py)
 
@@ -67,7 +68,8 @@ KIB = 1024
 
 
 def build(impl: str, dtype: torch.dtype, memory_format: torch.memory_format, seed: int = 0) -> torch.nn.Module:
-    """A random-weight SD 1.5 U-Net of one implementation, allocated directly in `dtype` and `memory_format`."""
+    """A random-weight SD 1.5 U-Net of one implementation, allocated directly in `dtype` and `memory_format` (the
+    memory cells: no float32 copy first, which would raise the peak; the timed cells share `random_sd15_unet`'s)."""
     cfg = preset("sd15").unet
     with torch.device("meta"):
         if impl == "daguerre":
@@ -199,7 +201,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
           f"median of {args.repeats} after 1 warm-up, batch {BATCH}, {CONTEXT_TOKENS}-token context", flush=True)
     rows = []
-    model = build("daguerre", torch.float32, torch.contiguous_format)
+    model = random_sd15_unet(torch.float32, torch.contiguous_format)
     for mode in args.modes:
         dtype, memory_format, variant = MODES[mode]
         model = model.to(dtype=dtype, memory_format=memory_format)  # daguerre first, then diffusers shares it
