@@ -137,6 +137,10 @@ def test_an_adapter_finds_a_shipped_base_by_name_and_draws_as_the_whole_model_fr
     assert "GLIGEN adapter, up to 4 objects" in out
     assert main(["info", str(folder / "adapter.safetensors"), "--json", "--no-hash"]) == 0
     assert json.loads(capsys.readouterr().out)["base"]["name"] == "tinybase"
+    converted = tmp_path / "converted.safetensors"  # `convert` writes the whole model again, tensor for tensor
+    assert main(["convert", str(folder / "adapter.safetensors"), str(converted)]) == 0
+    a, b = load_file(converted), load_file(folder / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_missing_or_different_base_is_refused_naming_both_hashes_and_what_to_do(run, shipped, tmp_path, capsys):
@@ -156,6 +160,8 @@ def test_a_missing_or_different_base_is_refused_naming_both_hashes_and_what_to_d
     assert len(err.splitlines()) == 1 and want in err and got in err and "--base FILE" in err
     assert main(["info", str(adapter), "--base", str(tmp_path / "nowhere.safetensors")]) == 2
     assert "base model" in (err := capsys.readouterr().err) and "no such file, nor a shipped model" in err
+    assert main(["serve", "--model", str(adapter), "--base", str(other), "--port", "0"]) == 2  # before listening
+    assert f"has sha256 {got}" in capsys.readouterr().err
     assert main([*argv, "--base", str(base)]) == 0  # the right file, given by path, beats the shipped name
     capsys.readouterr()
 
