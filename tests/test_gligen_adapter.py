@@ -181,7 +181,7 @@ def test_a_model_that_changed_its_base_cannot_be_written_as_an_adapter(run, tmp_
     model = load_model(folder / "model.safetensors")
     with torch.no_grad():
         model.unet.out[2].weight.add_(0.5)  # a base weight trained too: no longer the base plus an adapter
-    with pytest.raises(ValueError, match=r"cannot write .* as an adapter on .*: 1 of its tensors differ from the "
+    with pytest.raises(ValueError, match=r"the model is not an adapter on .*: 1 of its tensors differ from the "
                        r"base's \(model.diffusion_model.out.2.weight\); .* write the whole model instead"):
         save_adapter(model, tmp_path / "a.safetensors", base, "tinybase", dtype=torch.float16)
     assert not (tmp_path / "a.safetensors").exists()
@@ -197,3 +197,25 @@ def test_boxes_without_model_go_to_a_shipped_adapter_which_draws_over_its_shippe
     assert main([*common, "-o", str(tmp_path / "routed.png")]) == 0
     assert main([*common, "--model", str(folder / "model.safetensors"), "-o", str(tmp_path / "whole.png")]) == 0
     assert np.array_equal(_png(tmp_path / "routed.png"), _png(tmp_path / "whole.png"))
+
+
+def test_the_runs_base_is_its_init_file_or_else_the_shipped_model_of_its_sha256(run, shipped, tmp_path):
+    """A run's --init file may be gone when its adapter is exported (a snapshot's copy of the shipped model): the
+    shipped model of the same sha256 stands for it; with neither, or a run from scratch, one line says so."""
+    from types import SimpleNamespace
+
+    from daguerre.training.export import base_model_file
+
+    base, _ = run
+    missing = tmp_path / "gone.safetensors"
+    gone = load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm", [f"train.init_from={missing}"])
+    record = SimpleNamespace(init={"sha256": file_hash(base)})
+    with pytest.raises(ValueError, match=r"the run's base model .*gone.safetensors \(sha256 [0-9a-f]{64}\) is gone and "
+                       "no shipped model has that sha256"):
+        base_model_file(gone, record)
+    (shipped / "tinybase.safetensors").write_bytes(base.read_bytes())
+    assert base_model_file(gone, record) == shipped / "tinybase.safetensors"
+    here = load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm", [f"train.init_from={base}"])
+    assert base_model_file(here, record) == base  # the run's own file first
+    with pytest.raises(ValueError, match="this run started from scratch"):
+        base_model_file(here, SimpleNamespace(init=None))

@@ -113,9 +113,9 @@ def save_adapter(components: Components, path: str | os.PathLike, base: Path, ba
         what = (f"{len(differ)} of its tensors differ from the base's ({few(differ)})" if differ else
                 f"the base has {len(missing)} tensors the model lacks ({few(missing)})" if missing else
                 "it adds nothing to the base")
-        raise ValueError(f"cannot write {path} as an adapter on {base}: {what}; only a model that leaves its base's "
-                         "weights as they are (a GLIGEN adapter trained on that very file) can be; write the whole "
-                         "model instead")
+        raise ValueError(f"the model is not an adapter on {base}: {what}; only a model that leaves its base's "
+                         "weights as they are (a GLIGEN adapter trained on that very file) can be written as one; "
+                         "write the whole model instead")
     metadata = {CONFIG_KEY: components.config.to_json(), "format": ADAPTER_FORMAT, "daguerre_version": __version__,
                 BASE_NAME_KEY: base_name, BASE_SHA_KEY: file_hash(base)}
     atomic_save_safetensors(adapter, path, metadata, dtype=dtype)
