@@ -219,3 +219,30 @@ def test_the_runs_base_is_its_init_file_or_else_the_shipped_model_of_its_sha256(
     assert base_model_file(here, record) == base  # the run's own file first
     with pytest.raises(ValueError, match="this run started from scratch"):
         base_model_file(here, SimpleNamespace(init=None))
+
+
+def _rewritten(adapter: Path, out: Path, metadata: dict[str, str], extra: dict | None = None) -> Path:
+    """`adapter` written again to `out` with `metadata` over its own and the tensors `extra` added."""
+    from daguerre.fileio import atomic_save_safetensors
+
+    atomic_save_safetensors({**load_file(adapter), **(extra or {})}, out, {**_metadata(adapter), **metadata})
+    return out
+
+
+def test_an_adapter_file_never_names_a_file_to_read_nor_replaces_its_bases_weights(run, shipped, tmp_path):
+    """The base an adapter records is a shipped model's name, never a path; a malformed record, and an adapter that
+    would replace any of its base's tensors, are refused."""
+    base, folder = run
+    adapter = folder / "adapter.safetensors"
+    by_path = _rewritten(adapter, tmp_path / "by_path.safetensors", {BASE_NAME_KEY: str(base)})
+    with pytest.raises(FileNotFoundError, match="which is not a shipped model here"):
+        load_model(by_path)  # the right sha256 at that path, but a recorded name is looked up among shipped models
+    for bad in ({BASE_SHA_KEY: "not a hash"}, {BASE_NAME_KEY: ""}):
+        with pytest.raises(ValueError, match="an adapter file must record its base model's name"):
+            load_model(_rewritten(adapter, tmp_path / "bad.safetensors", bad), base=base)
+    key = "model.diffusion_model.out.2.weight"
+    replacing = _rewritten(adapter, tmp_path / "replacing.safetensors", {},
+                           {key: torch.zeros_like(load_file(base)[key])})
+    with pytest.raises(ValueError, match=rf"1 of its tensors are also in its base .* \({key}\): an adapter holds only "
+                       "what its base lacks"):
+        load_model(replacing, base=base)
