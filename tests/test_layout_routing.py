@@ -79,5 +79,11 @@ def test_no_shipped_model_for_the_request_is_one_line_asking_for_model(shipped, 
     path = tmp_path / "map.png"
     LabelMap.from_array(torch.zeros(32, 32, dtype=torch.uint8).numpy()).image().save(path)
     assert main(["generate", "x", "--semantic", str(path), "--steps", "1", "-o", out]) == 2
-    assert "no shipped model draws from a semantic map: name one with --model" in capsys.readouterr().err
+    assert "no shipped model draws from a semantic map: name one with --model (a model trained with " \
+        "shapes_semantic_ldm.toml" in capsys.readouterr().err
+    _model(shipped, "semantic", "tiny_semantic_ldm")  # a map alone would go to it, a map and boxes cannot
+    argv = ["generate", "x", "--semantic", str(path), "--box", "a red circle:0.1,0.1,0.4,0.4", "--steps", "1"]
+    assert main([*argv, "-o", out]) == 2
+    assert "no shipped model draws from a semantic map and a layout: name one with --model (a model trained with " \
+        "shapes_semantic_ldm.toml or shapes_layout_ldm.toml" in capsys.readouterr().err
     assert not Path(out).exists()

@@ -153,9 +153,11 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, str | None, str | 
 
         model = shipped_model_for(*spatial)
         if model is None:
-            what = "semantic map" if spatial[0] else "layout"
+            kinds = [kind for kind, given in zip(("semantic", "layout"), spatial, strict=True) if given]
+            what = " and a ".join("semantic map" if kind == "semantic" else kind for kind in kinds)
+            configs = " or ".join(f"shapes_{kind}_ldm.toml" for kind in kinds)
             raise ValueError(f"no shipped model draws from a {what}: name one with --model (a model trained with "
-                             f"shapes_{'semantic' if spatial[0] else 'layout'}_ldm.toml, docs/layout.md)")
+                             f"{configs}, docs/layout.md)")
     return fields, model, expected_hash
 
 
