@@ -185,6 +185,8 @@ def test_a_model_that_changed_its_base_cannot_be_written_as_an_adapter(run, tmp_
                        r"base's \(model.diffusion_model.out.2.weight\); .* write the whole model instead"):
         save_adapter(model, tmp_path / "a.safetensors", base, "tinybase", dtype=torch.float16)
     assert not (tmp_path / "a.safetensors").exists()
+    with pytest.raises(ValueError, match="is itself an adapter file: an adapter goes on a whole model file"):
+        save_adapter(model, tmp_path / "a.safetensors", folder / "adapter.safetensors", "x", dtype=torch.float16)
 
 
 def test_boxes_without_model_go_to_a_shipped_adapter_which_draws_over_its_shipped_base(run, shipped, tmp_path):
@@ -240,6 +242,8 @@ def test_an_adapter_file_never_names_a_file_to_read_nor_replaces_its_bases_weigh
     for bad in ({BASE_SHA_KEY: "not a hash"}, {BASE_NAME_KEY: ""}):
         with pytest.raises(ValueError, match="an adapter file must record its base model's name"):
             load_model(_rewritten(adapter, tmp_path / "bad.safetensors", bad), base=base)
+    with pytest.raises(ValueError, match="is itself an adapter file: give the whole model file 'tinybase'"):
+        load_model(adapter, base=by_path)  # an adapter's base is a whole model, never another adapter
     key = "model.diffusion_model.out.2.weight"
     replacing = _rewritten(adapter, tmp_path / "replacing.safetensors", {},
                            {key: torch.zeros_like(load_file(base)[key])})

@@ -25,7 +25,7 @@ import torch
 from .. import __version__
 from ..components import Components
 from ..fileio import atomic_save_safetensors
-from ..weights.io import file_hash, read_state_dict
+from ..weights.io import file_hash, read_shapes, read_state_dict
 from ..weights.strict import few
 from . import detect as d
 from .shipped import shipped_models
@@ -68,6 +68,9 @@ def find_base(path: Path, metadata: Mapping[str, str], base: str | os.PathLike |
         if not found.is_file():
             raise FileNotFoundError(f"base model {base}: no such file, nor a shipped model; the adapter {path} needs "
                                     f"the model file {name!r} (sha256 {want})")
+    if is_adapter(read_shapes(found)[1]):
+        raise ValueError(f"the base {found} of the adapter {path} is itself an adapter file: give the whole model "
+                         f"file {name!r} (sha256 {want})")
     got = file_hash(found)
     if got != want:
         raise ValueError(f"{path} is an adapter for the model {name!r} with sha256 {want}, but its base {found} has "
@@ -98,7 +101,10 @@ def save_adapter(components: Components, path: str | os.PathLike, base: Path, ba
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"an adapter file is a .safetensors file: {path} has another extension")
-    base_sd, _ = read_state_dict(base)
+    base_sd, base_metadata = read_state_dict(base)
+    if is_adapter(base_metadata):
+        raise ValueError(f"the base {base} is itself an adapter file: an adapter goes on a whole model file (write "
+                         "the whole model instead)")
     whole = single_file_state_dict(components)
     adapter, differ = {}, []
     for key, tensor in whole.items():
