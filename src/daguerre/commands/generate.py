@@ -153,9 +153,10 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, str | None, str | 
 
         model = shipped_model_for(*spatial)
         if model is None:
-            kinds = [kind for kind, given in zip(("semantic", "layout"), spatial, strict=True) if given]
-            what = " and a ".join("semantic map" if kind == "semantic" else kind for kind in kinds)
-            configs = " or ".join(f"shapes_{kind}_ldm.toml" for kind in kinds)
+            asked = [pair for pair, given in zip((("semantic map", "semantic"), ("layout", "layout")), spatial,
+                                                 strict=True) if given]  # (what the request holds, its config)
+            what = " and a ".join(name for name, _ in asked)
+            configs = " or ".join(f"shapes_{config}_ldm.toml" for _, config in asked)
             raise ValueError(f"no shipped model draws from a {what}: name one with --model (a model trained with "
                              f"{configs}, docs/layout.md)")
     return fields, model, expected_hash
