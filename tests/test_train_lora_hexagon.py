@@ -119,3 +119,16 @@ def test_prompts_follow_the_worlds_grammar():
     circle = dict((c, p) for p, c in hexagon_prompts(shape="circle"))
     spec = parse_caption(circle["black"])  # the world's own parser reads a world shape's prompt
     assert spec.background == "white" and spec.objects[0].shape == "circle"
+    plain = dict((c, p) for p, c in hexagon_prompts(size=None))  # the "a red hexagon"
+    assert plain["red"] == "a red hexagon" and plain["orange"] == "an orange hexagon"
+
+
+def test_adherence_refuses_an_unknown_shape_or_size():
+    import pytest
+
+    from daguerre.metrics.hexagon import hexagon_adherence
+
+    with pytest.raises(ValueError, match="octagon"):
+        hexagon_adherence("shapes", [], shape="octagon")
+    with pytest.raises(ValueError, match="huge"):
+        hexagon_adherence("shapes", [], size="huge")

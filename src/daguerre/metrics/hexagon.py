@@ -298,13 +298,16 @@ def hexagon_prompts(colours: Sequence[str] = tuple(COLOURS), shape: str = HEXAGO
 
 def hexagon_adherence(model: str, loras: Sequence[tuple[str, float]], seeds: int = 4, *,
                       colours: Sequence[str] = tuple(COLOURS), grid: str | Path | None = None,
-                      shape: str = HEXAGON) -> dict[str, Any]:
+                      shape: str = HEXAGON, size: str | None = "large") -> dict[str, Any]:
     """Generate each `hexagon_prompts` prompt with seeds 0..seeds-1 (the model's recommended settings) with the
     LoRAs merged, and judge each image; the fraction judged a hexagon (or `shape`: a world shape, to see that the
     LoRA leaves it alone) of the prompt's colour, per colour and in all (`adherence`; `adherence_iou` by the first
-    judge, `judge_shape_iou`). `grid`: also save the images as a PNG grid (a row per seed)."""
+    judge, `judge_shape_iou`). `size`: the prompts' size word ("large", "small"; None: none, "a red hexagon").
+    `grid`: also save the images as a PNG grid (a row per seed)."""
     if shape not in JUDGED_SHAPES:
         raise ValueError(f"--shape {shape!r}: choose one of {', '.join(JUDGED_SHAPES)}")
+    if size is not None and size not in SIZES:
+        raise ValueError(f"--size {size!r}: choose one of {', '.join(SIZES)} (or none)")
     import torch
 
     from ..lora.apply import merge_loras
@@ -319,7 +322,7 @@ def hexagon_adherence(model: str, loras: Sequence[tuple[str, float]], seeds: int
     images = []
     with torch.no_grad():
         for seed in range(seeds):
-            for prompt, colour in hexagon_prompts(colours, shape):
+            for prompt, colour in hexagon_prompts(colours, shape, size):
                 req = GenerationRequest(prompt=prompt, seed=seed)
                 image = txt2img(comps, req.validate(comps.config))[0].image
                 images.append(image)
@@ -331,7 +334,7 @@ def hexagon_adherence(model: str, loras: Sequence[tuple[str, float]], seeds: int
         make_grid(images, len(colours)).save(grid)
     n = len(images)
     fit, iou = calls["fit"], calls["iou"]
-    return {"model": model, "loras": [list(x) for x in loras], "shape": shape, "seeds": seeds, "n": n,
+    return {"model": model, "loras": [list(x) for x in loras], "shape": shape, "size": size, "seeds": seeds, "n": n,
             "adherence": sum(x == shape for v in fit.values() for x in v) / n,
             "adherence_iou": sum(x == shape for v in iou.values() for x in v) / n,
             "per_colour": {c: sum(x == shape for x in v) / len(v) for c, v in fit.items()},
@@ -372,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--seeds", type=int, default=4)
     e.add_argument("--grid", default=None, metavar="PNG")
     e.add_argument("--shape", default=HEXAGON, help="judge 'a COLOUR SHAPE' prompts of this shape (default hexagon)")
+    e.add_argument("--size", choices=["large", "small", "none"], default="large",
+                   help="the prompts' size word (none: 'a red hexagon')")
     for q in (j, e):
         q.add_argument("--json", default=None, metavar="FILE")
     args = p.parse_args(argv)
@@ -385,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 autoencoder=args.autoencoder)
     else:
         result = hexagon_adherence(args.model, [_lora_arg(x) for x in args.lora], args.seeds, grid=args.grid,
-                                   shape=args.shape)
+                                   shape=args.shape, size=None if args.size == "none" else args.size)
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("judged")}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
