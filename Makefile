@@ -160,7 +160,8 @@ $(RUNS)/hexagon_lora/hexagon.safetensors: $(RUNS)/hexagons/hexagon_000.txt
 		--out $(RUNS)/hexagon_lora --resume
 
 $(RUNS)/hexagon_lora/hexagon_eval.json: $(RUNS)/hexagon_lora/hexagon.safetensors
-	$(VENV)/bin/python -m daguerre.metrics.hexagon eval --model shapes --lora $<:1 --seeds 4 --json $@
+	$(VENV)/bin/python -m daguerre.metrics.hexagon eval --model shapes --lora $<:1 --seeds 8 --json $@ \
+		--grid $(RUNS)/hexagon_lora/hexagon_eval.png
 	$(VENV)/bin/daguerre convert src/daguerre/assets/models/shapes.safetensors \
 		$(RUNS)/hexagon_lora/shapes-hexagon.safetensors --lora $<:1
 	$(VENV)/bin/daguerre eval --model $(RUNS)/hexagon_lora/shapes-hexagon.safetensors --prompts single --n 100 \
