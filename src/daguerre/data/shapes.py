@@ -618,3 +618,38 @@ def sample_prompts(kind: str = "single", n: int = 100, seed: int = 0, *, complet
         text = caption(scene, rng, complete=complete)
         out.append(EvalPrompt(text, parse_caption(text), scene))
     return out
+
+
+# --- token grounding: which caption words name which object, and where each object is ---------------------
+
+@dataclass(frozen=True)
+class ObjectWords:
+    """Where a caption names one object: the indices, in the caption's white-space words, of its colour and its
+    shape word (every caption names an object as "<colour> <shape>", in both styles)."""
+
+    colour: int
+    shape: int
+
+
+def object_words(scene: Scene, text: str) -> tuple[ObjectWords, ...]:
+    """Each object's colour and shape word in `text`, a caption of `scene` (`caption`), in the scene's object order.
+
+    Objects have distinct (colour, shape) pairs, so each is the one place where its colour word is followed by its
+    shape word (punctuation ignored: "red circle," in the tag style). ValueError when an object is not named
+    exactly once that way (a text that is no caption of the scene)."""
+    words = [re.sub(r"[^a-z]", "", w.lower()) for w in text.split()]
+    out = []
+    for obj in scene.objects:
+        hits = [i for i in range(len(words) - 1) if words[i] == obj.colour and words[i + 1] == obj.shape]
+        if len(hits) != 1:
+            raise ValueError(f"the caption {text!r} names the {obj.colour} {obj.shape} {len(hits)} times, not once: "
+                             "it is not a caption of this scene")
+        out.append(ObjectWords(hits[0], hits[0] + 1))
+    return tuple(out)
+
+
+def object_masks(scene: Scene, size: int = 64) -> np.ndarray:
+    """(objects, size, size) bool: each object's pixels as `render` draws it at `size` (`shape_mask` of its box)."""
+    if not scene.objects:
+        return np.zeros((0, size, size), dtype=bool)
+    return np.stack([shape_mask(obj.shape, obj.bbox, size, size) for obj in scene.objects])

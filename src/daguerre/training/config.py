@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -243,6 +244,12 @@ class LDMLossConfig:
     timestep_bias_portion: float = 0.25
     timestep_bias_begin: int = 0
     timestep_bias_end: int = 1000
+    # token grounding (TokenCompose, Wang et al. CVPR 2024; training/grounding.py, shapes data): the weight of a loss
+    # pushing each object's words' cross-attention inside the object's mask; 0 = off (the old training bit for bit)
+    grounding_weight: float = 0.0
+    grounding_pixel_weight: float = 0.0  # TokenCompose's pixel term, BCE(A / max A, mask), relative to the token term
+    grounding_words: Literal["nouns", "nouns+colours"] = "nouns"  # the shape nouns, or each object's colour too
+    grounding_resolutions: list[int] = field(default_factory=list)  # map heights of the layers (e.g. [8]); [] = all
 
 
 @dataclass
@@ -670,6 +677,7 @@ def check_run_config(cfg: RunConfig) -> None:
         if cfg.loss.min_snr_gamma < 0:
             raise ValueError(f"config key loss.min_snr_gamma: must be >= 0, got {cfg.loss.min_snr_gamma}")
         check_timestep_bias(cfg.loss, cfg.model.schedule.num_train_timesteps)
+        check_grounding(cfg)
         check_text_encoder_config(cfg.model, cfg.loss.train_text_encoder)
     if isinstance(cfg.loss, CLIPLossConfig):
         check_clip_run(cfg)
@@ -773,6 +781,32 @@ def check_data_sections(d: DataConfig) -> None:
                          f"<= {MAX_OBJECTS}, got {s.min_objects}, {s.max_objects}")
     if not 0.0 <= s.p_relation <= 1.0:
         raise ValueError(f"config key data.shapes.p_relation: must be in [0, 1], got {s.p_relation}")
+
+
+def check_grounding(cfg: RunConfig) -> None:
+    """The token-grounding keys (training/grounding.py): weights >= 0; on, only for stage 2 of a text model on
+    the shapes world, whose scenes give each object's mask and words."""
+    lc = cfg.loss
+    for key in ("grounding_weight", "grounding_pixel_weight"):
+        value = getattr(lc, key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"config key loss.{key}: must be a number >= 0, got {value!r}")
+    if lc.grounding_words not in ("nouns", "nouns+colours"):
+        raise ValueError(f"config key loss.grounding_words: {lc.grounding_words!r}; choose 'nouns' or "
+                         "'nouns+colours'")
+    bad = [r for r in lc.grounding_resolutions if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    if bad or len(set(lc.grounding_resolutions)) != len(lc.grounding_resolutions):
+        raise ValueError(f"config key loss.grounding_resolutions: {lc.grounding_resolutions}; give distinct map "
+                         "heights >= 1 (e.g. [8, 4]), or [] for every cross-attention layer")
+    if lc.grounding_weight == 0 and (lc.grounding_pixel_weight or lc.grounding_resolutions):
+        raise ValueError("config keys loss.grounding_pixel_weight, loss.grounding_resolutions: set "
+                         "loss.grounding_weight > 0 too (0 turns token grounding off)")
+    if lc.grounding_weight == 0:
+        return
+    if cfg.stage != "ldm" or cfg.data.kind != "shapes" or cfg.model.conditioning != "text":
+        raise ValueError(f"config key loss.grounding_weight: {lc.grounding_weight} needs stage 'ldm', "
+                         f"data.kind 'shapes' and model.conditioning 'text' (it grounds the caption's words in the "
+                         f"scene's objects); got {cfg.stage!r}, {cfg.data.kind!r}, {cfg.model.conditioning!r}")
 
 
 def check_timestep_bias(lc: LDMLossConfig, n_steps: int) -> None:

@@ -35,7 +35,7 @@ from .export import ADAPTER_FILE, MODEL_FILE, ModelRecord, caption_tokens, netwo
 from .init import init_ldm
 from .log import RunLogger
 from .loop import RunSummary, Setup, autocast, make_optimizer, run, wrap_ddp
-from .objective import DiffusionObjective
+from .objective import DiffusionObjective, NoisedBatch
 from .samples import SAMPLES_DIR, ignored_sample_settings, save_png
 
 logger = logging.getLogger("daguerre.train")
@@ -148,6 +148,12 @@ class LDMStage:
             logger.warning(warning)
         self.text = text_cache.text_hook(self.tokenizer, te, trained=train_te, cache=text_emb, bf16=t.bf16)
         self.objective = DiffusionObjective(model_cfg, cfg.loss)
+        self.grounding = None  # token grounding (issue 22, `grounding`): each row's words and object masks
+        if cfg.loss.grounding_weight > 0:
+            from .grounding import GroundingTargets
+
+            self.grounding = GroundingTargets(data, lat.captions, self.tokenizer, tuple(lat.mean.shape[-2:]),
+                                              cfg.loss.grounding_words)
 
     def resumed(self, meta: dict[str, Any]) -> None:
         if meta.get("vae_sha256") != self.vae_sha:
@@ -177,12 +183,34 @@ class LDMStage:
         text_dropped = b.drop < lc.caption_dropout + lc.text_dropout  # layout models: the prompt alone too
         kwargs = self.conditioner.batch(b.rows, dropped, self.rows, device, self.text, text_dropped)  # dropped: null
         x_t = self.concat_in.apply(b.x_t, kwargs, b.rows, b.view, gens, device)  # cat(x_t, c) for SR / inpainting
+        if self.grounding is not None:
+            return self._grounded_step(b, x_t, kwargs, dropped, sync)
         with dist.maybe_no_sync(self.model, not sync):
             with autocast(device, t.bf16):
                 pred = self.model(x_t, b.t.float().to(device), **kwargs)
             loss = self.objective.loss(pred, b)
             (loss / t.grad_accum).backward()
         return {"loss": float(loss.detach())}
+
+    def _grounded_step(self, b: NoisedBatch, x_t: torch.Tensor, kwargs: dict[str, Any], dropped: torch.Tensor,
+                       sync: bool) -> dict[str, float]:
+        """`step` with token grounding: the cross-attention of the rows' object words recorded in the forward
+        pass (`grounding.GroundingRecorder`), their loss added to the diffusion loss (`objective.total`)."""
+        from .grounding import GroundingRecorder, grounding
+
+        t, device = self.cfg.train, self.device
+        pairs = self.grounding.batch(b.rows, dropped, b.view, device)
+        recorder = GroundingRecorder(pairs, self.grounding.latent_size, self.cfg.loss.grounding_resolutions)
+        # hung through the backward pass too: a checkpointed block recomputes its forward, the recorder's included
+        with dist.maybe_no_sync(self.model, not sync), grounding(self.unet, recorder):
+            with autocast(device, t.bf16):
+                pred = self.model(x_t, b.t.float().to(device), **kwargs)
+            recorder.active = False  # (the recomputation adds no terms)
+            loss = self.objective.loss(pred, b)
+            token, pixel = recorder.losses()
+            (self.objective.total(loss, token, pixel) / t.grad_accum).backward()
+        return {"loss": float(loss.detach()), "grounding_loss": float(token.detach()),
+                "grounding_pixel_loss": float(pixel.detach())}
 
     def sample(self, step: int, models: dict[str, nn.Module], runlog: RunLogger, *, grid: bool,
                evaluate: bool) -> None:

@@ -5,7 +5,8 @@ learn: per sample, from the sample's own generator (`dist.sample_generator`) and
 timestep t (uniform or biased, `losses.draw_timestep`), noise eps (plus offset noise), a posterior sample
 z = mean + std eps' (or the mode), the caption-dropout draw and, with flips cached, the view. With
 z0 = (z - shift) * scale and x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, the target is eps, v or x0 and the
-weights are min-SNR-gamma's (`losses`); `loss` is their weighted MSE. `ldm.LDMStage` (the whole U-Net) and
+weights are min-SNR-gamma's (`losses`); `loss` is their weighted MSE; `total` adds token grounding's terms when
+`loss.grounding_weight` is on (`grounding`, TokenCompose). `ldm.LDMStage` (the whole U-Net) and
 `lora.AdapterStage` (LoRAs and embeddings on a frozen one) differ only in the network call between the two.
 """
 
@@ -83,3 +84,8 @@ class DiffusionObjective:
     def loss(self, pred: torch.Tensor, batch: NoisedBatch) -> torch.Tensor:
         """The min-SNR-weighted MSE of the network's output, in float32."""
         return losses.weighted_mse(pred, batch.target, batch.weights)
+
+    def total(self, loss: torch.Tensor, token: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
+        """The diffusion loss plus grounding_weight (L_token + grounding_pixel_weight L_pixel) (`grounding`)."""
+        lc = self.lc
+        return loss + lc.grounding_weight * (token + lc.grounding_pixel_weight * pixel)

@@ -1,0 +1,207 @@
+"""Token grounding in stage 2 (issue 22; training/grounding.py, TokenCompose): the caption's words of each object
+found in the tokenizer's window for every phrasing of the shapes grammar, the loss's oracle values on constructed
+attention, a weight of 0 that is the old training bit for bit, a tiny run whose grounding loss falls, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from daguerre.data.shapes import ShapesDataset, caption, object_masks, object_words, render_labels, sample_scene
+from daguerre.models.tokenizer import CLIPTokenizer
+from daguerre.training.config import load_run_config
+from daguerre.training.grounding import (
+    GroundingBatch,
+    GroundingRecorder,
+    layer_size,
+    pair_losses,
+    word_token_positions,
+)
+from daguerre.training.ldm import train_ldm
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "daguerre" / "assets" / "configs"
+QUIET = ["train.progress=false", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer()
+
+
+def test_each_objects_words_point_at_its_colour_and_shape_tokens_in_every_phrasing(tokenizer):
+    """300 random scenes (1-4 objects, relations, both styles, backgrounds, grid and free placement), two captions
+    each: the positions of each object's noun and colour decode to its shape and colour, in the window the model
+    reads (`tokenizer([caption])`)."""
+    styles = set()
+    for i in range(300):
+        rng = np.random.default_rng((7, i))
+        scene = sample_scene(rng, min_objects=1, max_objects=4, p_relation=0.6,
+                             placement=("grid", "free")[i % 2])
+        for complete in (False, True):
+            text = caption(scene, rng, complete=complete)
+            styles.add("," in text.split(" ")[1] if len(text.split()) > 1 else None)
+            ids = tokenizer([text])[0]
+            positions = word_token_positions(tokenizer, text)
+            words = object_words(scene, text)
+            assert len(words) == len(scene.objects)
+            for obj, w in zip(scene.objects, words, strict=True):
+                assert tokenizer.decode(ids[positions[w.shape]]) == obj.shape, text
+                assert tokenizer.decode(ids[positions[w.colour]]) == obj.colour, text
+    assert styles >= {True, False}  # tag ("red circle, ...") and natural captions both seen
+
+
+def test_a_text_that_is_no_caption_of_the_scene_is_refused(tokenizer):
+    scene, _ = ShapesDataset(4, seed=3).sample(0)
+    with pytest.raises(ValueError, match="not a caption of this scene"):
+        object_words(scene, "a purple unicorn")
+
+
+def test_object_masks_are_the_rendered_objects():
+    ds = ShapesDataset(20, seed=5, max_objects=3)
+    for i in range(20):
+        scene = ds.scene(i)
+        masks, labels = object_masks(scene, 64), render_labels(scene, 64)
+        union = masks.any(0)
+        assert (union == (labels > 0)).mean() > 0.99  # the same pixels as the semantic map (ties aside)
+        assert not (masks.sum(0) > 1).any()  # objects never overlap
+
+
+def _batch(masks: torch.Tensor) -> GroundingBatch:
+    k = masks.shape[0]
+    return GroundingBatch(torch.zeros(k, dtype=torch.long), torch.arange(1, k + 1), masks)
+
+
+def test_the_token_loss_is_0_inside_the_mask_and_1_outside():
+    mask = torch.zeros(2, 16)
+    mask[:, :4] = 1.0
+    inside = torch.zeros(2, 16)
+    inside[:, :4] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    outside = torch.zeros(2, 16)
+    outside[:, 8:] = 0.125
+    token, pixel = pair_losses(inside, mask)
+    assert torch.allclose(token, torch.zeros(2))
+    token, pixel_out = pair_losses(outside, mask)
+    assert torch.allclose(token, torch.ones(2))
+    assert (pixel_out > pixel).all()  # the pixel term prefers the map on the mask too
+    half = torch.full((1, 16), 1 / 16)
+    assert torch.allclose(pair_losses(half, mask[:1])[0], torch.tensor([0.75 ** 2]))
+
+
+def test_the_recorder_reads_the_probabilities_of_the_pairs_tokens():
+    """Queries and keys built so that at each position of a 4x4 map token 1 takes all the attention in the mask's
+    top half and none below: the token loss is 0 with the top half as the mask, 1 with the bottom half."""
+    heads, d, s = 2, 4, 5
+    big = 30.0
+    k = torch.zeros(1, s, heads * d)
+    k[0, 1, 0::d] = 1.0  # token 1's key: dimension 0 of every head
+    k[0, 2, 1::d] = 1.0  # token 2's key: dimension 1
+    q = torch.zeros(1, 16, heads * d)
+    q[0, :8, 0::d] = big  # top half: token 1
+    q[0, 8:, 1::d] = big  # bottom half: token 2
+    top = torch.zeros(1, 4, 4)
+    top[0, :2] = 1.0
+    for mask, want in ((top, 0.0), (1 - top, 1.0)):
+        rec = GroundingRecorder(_batch(mask), (4, 4))
+        rec(q, k, k, heads)
+        token, _ = rec.losses()
+        assert abs(float(token) - want) < 1e-4
+    assert layer_size(16, (8, 8)) == (4, 4) and layer_size(4, (7, 7)) == (2, 2)
+    rec = GroundingRecorder(_batch(top), (4, 4), heights=(2,))
+    rec(q, k, k, heads)  # a 4x4 layer, only 2x2 ones asked for
+    assert float(rec.losses()[0]) == 0.0 and not rec.token
+
+
+def _run(tmp_path: Path, vae_file: Path, name: str, extra: list[str], until: int | None = None,
+         resume: bool = False) -> Path:
+    base = [*QUIET, "data.shapes.n=40", "data.holdout=8", "train.batch_size=4", "train.log_every=1",
+            "train.keep_last=5", "train.warmup_steps=0", "train.decay='constant'", "data.shapes.min_objects=2",
+            "data.shapes.max_objects=2"]
+    cfg = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [*base, *extra])
+    train_ldm(cfg, tmp_path / name, vae_path=vae_file, until=until, resume=resume)
+    return tmp_path / name
+
+
+def _state(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "state.safetensors"))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_weight_0_is_the_old_training_bit_for_bit(tmp_path, vae_file, monkeypatch):
+    """With loss.grounding_weight 0 (the default) no recorder is hung and no term added: the run equals one whose
+    stage never heard of grounding (the step of the stage before it, patched back in)."""
+    from daguerre.training import ldm
+
+    new = _run(tmp_path, vae_file, "new", ["train.steps=3"])
+
+    def old_step(self, step, micro, sync):
+        assert self.grounding is None
+        t, lc, device = self.cfg.train, self.cfg.loss, self.device
+        positions, idx = self.sampler.indices(step, micro)
+        gens = [ldm.dist.sample_generator(t.seed, "ldm", int(p)) for p in positions]
+        b = self.objective.draw(gens, self.lat, idx, device)
+        dropped = b.drop < lc.caption_dropout
+        text_dropped = b.drop < lc.caption_dropout + lc.text_dropout
+        kwargs = self.conditioner.batch(b.rows, dropped, self.rows, device, self.text, text_dropped)
+        x_t = self.concat_in.apply(b.x_t, kwargs, b.rows, b.view, gens, device)
+        with ldm.dist.maybe_no_sync(self.model, not sync):
+            with ldm.autocast(device, t.bf16):
+                pred = self.model(x_t, b.t.float().to(device), **kwargs)
+            loss = self.objective.loss(pred, b)
+            (loss / t.grad_accum).backward()
+        return {"loss": float(loss.detach())}
+
+    monkeypatch.setattr(ldm.LDMStage, "step", old_step)
+    old = _run(tmp_path, vae_file, "old", ["train.steps=3"])
+    a, b = _state(new, 3), _state(old, 3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all("grounding_loss" not in r for r in _metrics(new))
+
+
+def test_a_few_grounded_steps_lower_the_grounding_loss_and_resume_bitwise(tmp_path, vae_file):
+    """A tiny run on two-object scenes with a strong grounding weight: the grounding loss of its last steps is
+    below its first steps' (and logged beside the loss); paused and resumed, it ends bitwise equal, with
+    gradient accumulation and flipped views."""
+    on = ["loss.grounding_weight=5.0", "loss.grounding_pixel_weight=0.05", "loss.grounding_words='nouns+colours'",
+          "train.lr=3e-3", "train.grad_accum=2", "data.flip=true"]
+    ref = _run(tmp_path, vae_file, "ref", [*on, "train.steps=30"])
+    logged = [r for r in _metrics(ref) if "grounding_loss" in r]
+    assert len(logged) == 30 and all("loss" in r and "grounding_pixel_loss" in r for r in logged)
+    first = np.mean([r["grounding_loss"] for r in logged[:5]])
+    last = np.mean([r["grounding_loss"] for r in logged[-5:]])
+    assert last < 0.96 * first, (first, last)  # measured 0.92 -> 0.85
+    _run(tmp_path, vae_file, "run", [*on, "train.steps=30"], until=17)
+    run = _run(tmp_path, vae_file, "run", [*on, "train.steps=30"], resume=True)
+    a, b = _state(ref, 30), _state(run, 30)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grounding_under_gradient_checkpointing_gives_the_same_gradients(tmp_path, vae_file):
+    on = ["loss.grounding_weight=1.0", "train.steps=2"]
+    plain = _run(tmp_path, vae_file, "plain", on)
+    ckpt = _run(tmp_path, vae_file, "ckpt", [*on, "train.gradient_checkpointing=true"])
+    a, b = _state(plain, 2), _state(ckpt, 2)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if k.startswith("model."))
+
+
+@pytest.mark.parametrize(("setting", "match"), [
+    ("loss.grounding_weight=-1.0", "loss.grounding_weight: must be a number >= 0"),
+    ("loss.grounding_words='verbs'", "grounding_words"),
+    ("loss.grounding_resolutions=[0]", "loss.grounding_resolutions"),
+    ("loss.grounding_pixel_weight=1.0", "set loss.grounding_weight > 0 too"),
+])
+def test_grounding_keys_are_checked(setting, match):
+    with pytest.raises(ValueError, match=match):
+        load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [setting])
+
+
+def test_grounding_needs_shapes_data_and_a_text_model():
+    with pytest.raises(ValueError, match="needs stage 'ldm', data.kind 'shapes' and model.conditioning 'text'"):
+        load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", ["loss.grounding_weight=1.0", "model.conditioning='none'"])
