@@ -55,6 +55,17 @@ def test_each_objects_words_point_at_its_colour_and_shape_tokens_in_every_phrasi
     assert styles >= {True, False}  # tag ("red circle, ...") and natural captions both seen
 
 
+def test_word_positions_with_the_frozen_encoders_wordpiece_tokenizer(tmp_path):
+    """The MiniLM tokenizer (a frozen text encoder's): a word's pieces, punctuation alone left out."""
+    from daguerre.models.wordpiece import SPECIAL_TOKENS, WordPieceTokenizer
+
+    (tmp_path / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, "a", "red", "circle", "play", "##ing", ","]))
+    tok = WordPieceTokenizer(tmp_path / "vocab.txt", max_length=16)
+    assert word_token_positions(tok, "a red circle, playing") == [[1], [2], [3], [5, 6]]
+    assert word_token_positions(WordPieceTokenizer(tmp_path / "vocab.txt", max_length=4), "a red circle") == [
+        [1], [2], []]  # cut off by the window
+
+
 def test_a_text_that_is_no_caption_of_the_scene_is_refused(tokenizer):
     scene, _ = ShapesDataset(4, seed=3).sample(0)
     with pytest.raises(ValueError, match="not a caption of this scene"):
