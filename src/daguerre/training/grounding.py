@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..data.shapes import object_masks, object_words
 from ..models.unet import CrossAttention
 from .data import TrainData
 
@@ -85,8 +86,6 @@ class GroundingTargets:
 
     def row(self, row: int) -> tuple[list[list[int]], torch.Tensor]:
         """(per object its token positions, (objects, h, w) float32 covered shares at the latent's resolution)."""
-        from ..data.shapes import object_masks, object_words
-
         scene, text = self.raw.scene(int(self.pool[row])), self.captions[row]
         positions = word_token_positions(self.tokenizer, text)
         tokens = [positions[w.shape] + (positions[w.colour] if self.colours else []) for w in object_words(scene, text)]
