@@ -14,9 +14,13 @@ recorded curve into one PNG (matplotlib, a test extra).
         --classifier cifar.safetensors --n 500
     python bench/expectations.py plot bench/results/expect_*.json --png docs/images/expectations.png
     python bench/expectations.py grid step3000.safetensors --prompts "a photo of a cat" ... --png grid.png
+    python bench/expectations.py progress runs/photos32_ldm bench/results/expect_photos32.json \
+        --prompts "a photo of an airplane" ... --seed 1 --png docs/images/expectations-photos32-grid.png
 
 Everything after `--` goes to `daguerre eval` as it is. A checkpoint already in the output JSON is not measured
 again (the file is rewritten atomically after each one), so an interrupted measurement continues where it stopped.
+`progress` draws the same prompts with the same seed from every measured checkpoint still kept, one row per point
+labelled with its step and CPU-hours, so that rows differ only by training time.
 """
 
 from __future__ import annotations
@@ -68,6 +72,11 @@ def _daguerre(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "daguerre", *args], check=True, env=env)
 
 
+def export(run: Path, step: int, out: Path) -> None:
+    """A kept checkpoint's EMA model as a model file (`daguerre train export`)."""
+    _daguerre("train", "export", str(run), "--step", str(step), "--out", str(out))
+
+
 def summary(report: dict) -> dict:
     """The numbers the table and plot use, from a `daguerre eval` report.json."""
     d = report["distribution"]
@@ -106,7 +115,7 @@ def measure(args: argparse.Namespace, eval_args: list[str]) -> None:
     for step in wanted:
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "model.safetensors"
-            _daguerre("train", "export", str(run), "--step", str(step), "--out", str(model))
+            export(run, step, model)
             _daguerre("eval", "--model", str(model), "--out", str(Path(tmp) / "eval"), "--no-progress", *eval_args)
             report = json.loads((Path(tmp) / "eval" / "report.json").read_text())
         images = step * batch
@@ -149,27 +158,86 @@ def plot(files: list[str], png: str) -> None:
     print(f"wrote {png}")
 
 
-def prompt_grid(model: str, prompts: list[str], seeds: int, png: str, scale: int = 2, **fields) -> None:
-    """One row per prompt (written at its left), one column per seed (1..seeds), upscaled `scale` x (nearest)."""
+GRID_PAD = 2  # pixels between the cells of a grid
+
+
+def _wrap(text: str, font, width: int) -> str:
+    """`text` broken at spaces into lines of at most `width` pixels (a longer word keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
+def labelled_grid(rows: list[list], row_labels: list[str], png: str, scale: int = 2,
+                  column_labels: list[str] | None = None) -> None:
+    """Images in rows, each row's label (lines allowed) at its left, each column's (wrapped) above it; every image
+    upscaled `scale` x (nearest) and cells GRID_PAD apart."""
     from PIL import Image, ImageDraw, ImageFont
 
+    w, h = rows[0][0].width * scale, rows[0][0].height * scale
+    font = ImageFont.load_default(size=13)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(probe.multiline_textbbox((0, 0), t, font=font)[2] for t in row_labels) + 10
+    head_font = ImageFont.load_default(size=11)
+    heads = [_wrap(t, head_font, w - 4) for t in column_labels or []]
+    head_h = max((probe.multiline_textbbox((0, 0), t, font=head_font)[3] for t in heads), default=-4) + 4
+    columns = max(len(r) for r in rows)
+    out = Image.new("RGB", (label_w + columns * (w + GRID_PAD), head_h + len(rows) * (h + GRID_PAD)), "white")
+    draw = ImageDraw.Draw(out)
+    for c, head in enumerate(heads):
+        draw.multiline_text((label_w + c * (w + GRID_PAD) + w // 2, 0), head, fill="black", font=head_font,
+                            anchor="ma", align="center")
+    for r, (label, images) in enumerate(zip(row_labels, rows, strict=True)):
+        y = head_h + r * (h + GRID_PAD)
+        draw.multiline_text((4, y + h // 2), label, fill="black", font=font, anchor="lm")
+        for c, im in enumerate(images):
+            out.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (label_w + c * (w + GRID_PAD), y))
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    out.save(png, optimize=True)
+    print(f"wrote {png}")
+
+
+def prompt_grid(model: str, prompts: list[str], seeds: int, png: str, scale: int = 2, **fields) -> None:
+    """One row per prompt (written at its left), one column per seed (1..seeds), upscaled `scale` x (nearest)."""
     import daguerre
 
     pipe = daguerre.load(model)
-    rows = [[g.image for g in pipe(p, seed=1, n=seeds, **fields)] for p in prompts]
-    w, h = rows[0][0].width * scale, rows[0][0].height * scale
-    font = ImageFont.load_default(size=13)
-    label_w, pad = int(max(font.getlength(p) for p in prompts)) + 10, 2
-    out = Image.new("RGB", (label_w + seeds * (w + pad), len(prompts) * (h + pad)), (255, 255, 255))
-    draw = ImageDraw.Draw(out)
-    for r, (prompt, images) in enumerate(zip(prompts, rows, strict=True)):
-        y = r * (h + pad)
-        draw.text((4, y + h // 2 - 7), prompt, fill=(0, 0, 0), font=font)
-        for c, im in enumerate(images):
-            out.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (label_w + c * (w + pad), y))
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    out.save(png)
-    print(f"wrote {png}")
+    labelled_grid([[g.image for g in pipe(p, seed=1, n=seeds, **fields)] for p in prompts], prompts, png, scale)
+
+
+def progress(run: Path, points_file: Path, prompts: list[str], seed: int, png: str, scale: int = 2,
+             **fields) -> list[int]:
+    """One row per measured point whose checkpoint `run` still keeps: its export's image of every prompt (a
+    column each) at the same `seed`, labelled with the step, the CPU-hours and the adherence of the points file.
+    Points whose checkpoint is gone are named and skipped; returns the steps drawn."""
+    import daguerre
+
+    points = json.loads(points_file.read_text())["points"]
+    kept = set(kept_steps(run))
+    drawn = [p for p in points if p["step"] in kept]
+    if missing := [p["step"] for p in points if p["step"] not in kept]:
+        print(f"no kept checkpoint in {run / 'checkpoints'} for steps {missing}: no row for them")
+    if not drawn:
+        raise ValueError(f"none of the steps of {points_file} ({[p['step'] for p in points]}) has a kept "
+                         f"checkpoint in {run / 'checkpoints'} (it keeps {sorted(kept)}): give the run these "
+                         "points were measured on")
+    rows, labels = [], []
+    for p in drawn:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = Path(tmp) / "model.safetensors"
+            export(run, p["step"], model)
+            pipe = daguerre.load(str(model))
+            rows.append([pipe(prompt, seed=seed, n=1, **fields)[0].image for prompt in prompts])
+        label = f"step {p['step']:,}\n{p['cpu_hours_quiet']:.2f} CPU-h"
+        if "adherence" in p:
+            label += f"\n{100 * p['adherence']:.1f}% adherence"
+        labels.append(label)
+    labelled_grid(rows, labels, png, scale, column_labels=prompts)
+    return [p["step"] for p in drawn]
 
 
 def main() -> None:
@@ -196,6 +264,15 @@ def main() -> None:
     g.add_argument("--seeds", type=int, default=8)
     g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     g.add_argument("--png", required=True)
+    pr = sub.add_parser("progress", help="the same prompts and seed from every measured checkpoint still kept: one "
+                        "row per point, labelled with its step and CPU-hours")
+    pr.add_argument("run", help="the stage-2 run the points were measured on")
+    pr.add_argument("points", help="its points JSON (from `measure`)")
+    pr.add_argument("--prompts", nargs="+", required=True, help="one column each")
+    pr.add_argument("--seed", type=int, default=1, help="the one seed of every image")
+    pr.add_argument("--scale", type=int, default=2, help="upscaling of each image (nearest)")
+    pr.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    pr.add_argument("--png", required=True)
     args = p.parse_args(argv)
     if args.action == "measure":
         measure(args, eval_args)
@@ -203,7 +280,10 @@ def main() -> None:
         plot(args.files, args.png)
     else:
         fields = {} if args.cfg is None else {"cfg_scale": args.cfg}
-        prompt_grid(args.model, args.prompts, args.seeds, args.png, **fields)
+        if args.action == "progress":
+            progress(Path(args.run), Path(args.points), args.prompts, args.seed, args.png, args.scale, **fields)
+        else:
+            prompt_grid(args.model, args.prompts, args.seeds, args.png, **fields)
 
 
 if __name__ == "__main__":
