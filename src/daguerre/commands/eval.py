@@ -70,6 +70,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map-scale", type=int, default=1, metavar="K",
                    help="semantic-synthesis models: draw the held-out maps at K times the training size (default 1; "
                    "docs/layout.md)")
+    p.add_argument("--map-tiles", type=int, default=1, metavar="K",
+                   help="semantic-synthesis models: draw canvases of K x K held-out scenes side by side, each at the "
+                   "training size (LDM's larger maps: a wider view, the objects at their size; --n canvases; "
+                   "default 1; docs/layout.md)")
     p.add_argument("--layout-prompt", choices=("background", "caption", "none"), default="background",
                    help="layout models: the prompt beside each held-out layout: its background ('on a white "
                    "background', the default), the scene's caption, or none")
@@ -83,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out}: a file of that name exists; name a folder")
     _check_out(out, args.overwrite)
+    from ..metrics.layout import check_map_size
+
+    check_map_size(args.map_scale, args.map_tiles)  # before any model work
     kinds = tuple(k.strip() for k in args.prompts.split(",") if k.strip()) if args.prompts else ("single", "relation")
     _check_prompts(args.prompts, args.dataset)
     sampling = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("schedule", args.schedule),
@@ -162,7 +169,7 @@ def _run_spatial(args: argparse.Namespace, spec: str, comps, short_hash: str | N
                          "shapes world; leave out --data, --dataset and --prompts")
     with tqdm(total=args.n, unit="img", desc="eval", disable=not args.progress, dynamic_ncols=True) as bar:
         result = evaluate_spatial(comps, args.n, args.seed, sampling, scale=args.map_scale,
-                                  prompt=args.layout_prompt, progress=bar.update)
+                                  tiles=args.map_tiles, prompt=args.layout_prompt, progress=bar.update)
     result.report["model"] = _model_info(args, spec, comps, short_hash)
     _write(out, result, args.overwrite)
     print(format_spatial(result.report))

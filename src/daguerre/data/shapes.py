@@ -93,6 +93,7 @@ class ShapeObject:
     region: str  # grid cell name: "top left", "top", ..., "centre", ..., "bottom right"
     position: tuple[float, float]  # centre (x, y) in [0, 1]
     bbox: tuple[float, float, float, float]  # (x0, y0, x1, y1) in [0, 1], tight around the drawn shape
+    scale: float = 1.0  # its radius is SIZE_RADIUS[size] * scale image widths (1 / k: a tile of `tile_scenes`)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,31 @@ def _make_object(shape: str, colour: str, size: str, cell: int, centre: tuple[fl
 def _gap(a: ShapeObject, b: ShapeObject) -> float:
     """The largest separation of two boxes along x or y (negative when they overlap)."""
     return max(b.bbox[0] - a.bbox[2], a.bbox[0] - b.bbox[2], b.bbox[1] - a.bbox[3], a.bbox[1] - b.bbox[3])
+
+
+def tile_scenes(scenes: Sequence[Scene], k: int, background: str | None = None) -> Scene:
+    """`k` x `k` scenes as one scene on a canvas `k` times as wide (LDM's larger semantic maps, Sec. 4.3.2: a
+    wider view, not a zoom): scene t fills tile (row t // k, column t % k), its objects at their own size in
+    pixels (`scale` 1 / k of the canvas) and their coordinates mapped into the tile, so `render(canvas, k * s)`
+    draws each tile as `render(scene, s)` draws its scene. One `background` for all (default: the first
+    scene's); each object's region is the canvas's nearest grid cell; no relation."""
+    if not (isinstance(k, int) and k >= 1) or len(scenes) != k * k:
+        raise ValueError(f"tile_scenes needs k >= 1 and k * k scenes, got k={k!r} and {len(scenes)} scenes")
+    background = background or scenes[0].background
+    objects = []
+    for t, scene in enumerate(scenes):
+        row, col = divmod(t, k)
+        for obj in scene.objects:
+            if obj.colour == background:
+                raise ValueError(f"tile {t} has a {obj.colour} {obj.shape}, invisible on the canvas's {background} "
+                                 "background: tile scenes of that background, or another background")
+            x, y = (col + obj.position[0]) / k, (row + obj.position[1]) / k
+            x0, y0, x1, y1 = obj.bbox
+            cell = 3 * int(np.argmin([abs(y - g) for g in GRID])) + int(np.argmin([abs(x - g) for g in GRID]))
+            objects.append(ShapeObject(obj.shape, obj.colour, obj.size, REGIONS[cell], (x, y),
+                                       ((col + x0) / k, (row + y0) / k, (col + x1) / k, (row + y1) / k),
+                                       obj.scale / k))
+    return Scene(tuple(objects), background)
 
 
 # --- sampling --------------------------------------------------------------------------------------
@@ -270,7 +296,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 def _draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, s: int, fill_of) -> None:
     """Draw the objects of `scene` on a canvas `s` pixels wide, each filled with `fill_of(obj)`."""
     for obj in scene.objects:
-        r = SIZE_RADIUS[obj.size] * s
+        r = SIZE_RADIUS[obj.size] * obj.scale * s
         _draw_shape(draw, obj.shape, obj.position[0] * s - 0.5, obj.position[1] * s - 0.5, r, fill_of(obj))
 
 

@@ -11,10 +11,11 @@ region's bounding box; its shape the shape whose outline, drawn into that box as
   of the found box with the given one, and whether it is right (`IOU_RIGHT` or more, and the right shape; its
   colour is right by construction, as it was found by colour). Issue 18's targets: mean box IoU >= 0.75, >= 90%
   of the objects right.
-- A semantic model draws held-out scenes from their maps (at the training size, or `scale` times it) and
-  captions (which name each object's colour): the predicted map labels each found object's pixels with its
-  found shape; the score is the mean IoU over the labels in either map (background included). Targets: >= 0.8
-  at the training size, >= 0.7 at 4x.
+- A semantic model draws held-out scenes from their maps (at the training size, or `scale` times it: the
+  objects zoomed) and captions (which name each object's colour), or canvases of `tiles` x `tiles` held-out
+  scenes at the training size (`tile_plan`; LDM's larger maps: a wider view, the objects at their pixel size):
+  the predicted map labels each found object's pixels with its found shape; the score is the mean IoU over the
+  labels in either map (background included). Targets: >= 0.8 at the training size, >= 0.7 at 4x (tiles).
 - Beside each score stands the judge's own ceiling: the same score of the world's drawing of each scene (box
   edges fall inside pixels, and at 64x64 a small cross is a few pixels wide).
 
@@ -25,6 +26,7 @@ The scenes are the model's held-out split of its training data (`data.split.hold
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +39,18 @@ from PIL import Image
 from ..components import Components
 from ..conditioning import conditioner_for
 from ..data.layout import LabelMap, LayoutObject, draw_layout, parse_layout
-from ..data.shapes import COLOURS, LABELS, SHAPES, ShapesDataset, render, render_labels, shape_mask
+from ..data.shapes import (
+    COLOURS,
+    LABELS,
+    SHAPES,
+    Scene,
+    ShapesDataset,
+    caption,
+    render,
+    render_labels,
+    shape_mask,
+    tile_scenes,
+)
 from ..data.split import holdout_split
 
 IOU_RIGHT = 0.5  # an object is in its box when the found box overlaps the given one this much (and the shape fits)
@@ -192,14 +205,16 @@ def score_layout(image: Image.Image, objects: Sequence[LayoutObject]) -> list[di
     return out
 
 
-def predicted_map(image: Image.Image, target: np.ndarray, colours_of: Sequence[tuple[str, int]]) -> np.ndarray:
+def predicted_map(image: Image.Image, target: np.ndarray, colours_of: Sequence[tuple[str, int]],
+                  where: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """The semantic map an image shows: each object (colour, its label in `target`) found by colour where the
-    target map puts it, its pixels labelled with the shape that fits them; background elsewhere."""
+    target map puts it (its label's pixels; or `where[k]`, (H, W) bool, for object k: a canvas of tiles may
+    hold one colour and shape twice), its pixels labelled with the shape that fits them; background elsewhere."""
     arr = np.asarray(image.convert("RGB"))
     colours = classify_colours(arr, MAP_COVERAGE)
     pred = np.zeros(arr.shape[:2], np.uint8)
-    for colour, label in colours_of:
-        found = locate(colours, colour, target == label)
+    for k, (colour, label) in enumerate(colours_of):
+        found = locate(colours, colour, target == label if where is None else where[k])
         if found is not None:
             pred[found.region] = LABELS.index(found.shape)
     return pred
@@ -213,6 +228,20 @@ def mean_iou(pred: np.ndarray, target: np.ndarray) -> float:
 
 # --- the evaluation ---------------------------------------------------------------------------------------
 
+MAX_MAP_FACTOR = 8  # --map-scale and --map-tiles: at most 8 times the training size
+
+
+def check_map_size(scale: int, tiles: int) -> None:
+    """`--map-scale K` (the scenes zoomed K times) or `--map-tiles K` (K x K scenes side by side), each a whole
+    number in [1, MAX_MAP_FACTOR], not both above 1."""
+    for flag, value in (("map scale", scale), ("map tiles", tiles)):
+        if not (isinstance(value, int) and 1 <= value <= MAX_MAP_FACTOR):
+            raise ValueError(f"{flag} must be a whole number in [1, {MAX_MAP_FACTOR}], got {value!r}")
+    if scale > 1 and tiles > 1:
+        raise ValueError(f"--map-scale {scale} and --map-tiles {tiles}: choose one way to draw larger maps (zoomed "
+                         "scenes or a canvas of tiles)")
+
+
 @dataclass
 class SpatialResult:
     report: dict[str, Any]
@@ -220,9 +249,10 @@ class SpatialResult:
     items: list[dict[str, Any]] = field(default_factory=list)
 
 
-def held_out_scenes(config: Any, n: int, size: int | None = None) -> tuple[ShapesDataset, list[int], dict]:
-    """(the model's training dataset of shapes scenes at `size`, the first `n` held-out indices, the data record):
-    read from the run config the model file records; a model not trained on the shapes world is refused."""
+def held_out_scenes(config: Any, n: int | None, size: int | None = None) -> tuple[ShapesDataset, list[int], dict]:
+    """(the model's training dataset of shapes scenes at `size`, the first `n` held-out indices (None: all),
+    the data record): read from the run config the model file records; a model not trained on the shapes world
+    is refused."""
     run = (config.provenance or {}).get("run_config") or {}
     data = run.get("data") or {}
     shapes = data.get("shapes") or {}
@@ -236,17 +266,58 @@ def held_out_scenes(config: Any, n: int, size: int | None = None) -> tuple[Shape
                             placement=str(shapes.get("placement", "grid")))
     holdout = min(int(data.get("holdout", 0)), dataset.n // 2)
     _, held = holdout_split(dataset.n, holdout, int(data.get("seed", 0)))
-    if len(held) < n:
+    if n is not None and len(held) < n:
         raise ValueError(f"model {config.name!r} held out {len(held)} scenes; ask for at most that many (--n)")
     return dataset, [int(i) for i in held[:n]], {"n": dataset.n, "seed": dataset.seed, "holdout": holdout,
                                                  "placement": dataset.placement}
 
 
+def tile_plan(held: Sequence[int], backgrounds: Sequence[str], n: int, k: int, seed: int) -> list[list[int]]:
+    """The held-out scenes of `n` canvases of `k` x `k` tiles (row-major). A canvas's tiles are distinct scenes
+    of one background (an object never has its own background's colour), taken in held-out order, whole
+    canvases only, the canvases ordered by their first tile; when those are fewer than `n`, more passes over the
+    same scenes follow, pass p shuffled by Generator (seed, p, background), so a scene then appears in several
+    canvases but never twice in one. A background with fewer than k * k held-out scenes makes no canvas."""
+    per = k * k
+    pools = {bg: [i for i, b in zip(held, backgrounds, strict=True) if b == bg] for bg in dict.fromkeys(backgrounds)}
+    pools = {bg: pool for bg, pool in pools.items() if len(pool) >= per}
+    if not pools:
+        raise ValueError(f"the model held out {len(held)} scenes, fewer than {per} on one background: "
+                         f"--map-tiles {k} needs {per}; ask for fewer tiles")
+    rank = {i: r for r, i in enumerate(held)}
+    canvases: list[list[int]] = []
+    for p in itertools.count():
+        made = []
+        for b, pool in enumerate(pools.values()):
+            order = pool if p == 0 else [pool[j] for j in np.random.default_rng((seed, p, b)).permutation(len(pool))]
+            made += [order[j:j + per] for j in range(0, len(order) - per + 1, per)]
+        canvases += sorted(made, key=lambda c: rank[c[0]])
+        if len(canvases) >= n:
+            return canvases[:n]
+    raise AssertionError("unreachable")
+
+
+def tile_regions(scenes: Sequence[Scene], target: np.ndarray, k: int) -> list[np.ndarray]:
+    """Where the judge looks for each object of `tile_scenes(scenes, k)` in its map `target`: its label's pixels
+    in its own tile (as it looks in the scene's own map; a scene never holds one colour and shape twice)."""
+    size = target.shape[0] // k
+    out = []
+    for t, scene in enumerate(scenes):
+        row, col = divmod(t, k)
+        tile = np.zeros(target.shape, bool)
+        tile[row * size:(row + 1) * size, col * size:(col + 1) * size] = True
+        out += [tile & (target == LABELS.index(obj.shape)) for obj in scene.objects]
+    return out
+
+
 def evaluate_spatial(components: Components, n: int, seed: int, sampling: dict[str, Any], *, scale: int = 1,
-                     prompt: str = "background", progress: Callable[[int], None] | None = None) -> SpatialResult:
+                     tiles: int = 1, prompt: str = "background",
+                     progress: Callable[[int], None] | None = None) -> SpatialResult:
     """Generate and score `n` held-out scenes of a layout model (from their layouts) or a semantic model (from
-    their maps at `scale` times the training size); image i uses seed `seed + i`. `prompt` (layout models):
-    "background" ("on a white background"), "caption" (the scene's caption) or "none"."""
+    their maps at `scale` times the training size, or `n` canvases of `tiles` x `tiles` held-out scenes at the
+    training size: `tile_plan`, `data.shapes.tile_scenes`, prompted with the canvas's caption); image i uses
+    seed `seed + i`. `prompt` (layout models): "background" ("on a white background"), "caption" (the scene's
+    caption) or "none"."""
     from ..pipelines.request import GenerationRequest
     from ..pipelines.txt2img import txt2img
 
@@ -257,33 +328,48 @@ def evaluate_spatial(components: Components, n: int, seed: int, sampling: dict[s
         raise ValueError(f"model {config.name!r} draws neither from a layout nor from a semantic map")
     if prompt not in ("background", "caption", "none"):
         raise ValueError(f"unknown layout prompt {prompt!r}; choose background, caption or none")
-    if not (isinstance(scale, int) and 1 <= scale <= 8):
-        raise ValueError(f"map scale must be a whole number in [1, 8], got {scale!r}")
+    check_map_size(scale, tiles)
+    if tiles > 1 and not semantic:
+        raise ValueError(f"--map-tiles {tiles}: model {config.name!r} draws from layouts, not semantic maps; "
+                         "leave it out")
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     base = config.sample_size
-    size = base * scale if semantic else base
-    dataset, indices, record = held_out_scenes(config, n, base)
+    size = base * scale * tiles if semantic else base
+    if tiles > 1:
+        dataset, held, record = held_out_scenes(config, None, base)
+        plan = tile_plan(held, [dataset.scene(i).background for i in held], n, tiles, dataset.seed)
+        record["tile_scenes"] = len({i for c in plan for i in c})  # distinct held-out scenes in the canvases
+    else:
+        dataset, indices, record = held_out_scenes(config, n, base)
+        plan = [[i] for i in indices]
     items, shown = [], []
-    for k, i in enumerate(indices):
-        scene, caption = dataset.sample(i)
+    for k, group in enumerate(plan):
+        i = group[0]
+        if tiles > 1:
+            parts = [dataset.scene(j) for j in group]
+            scene = tile_scenes(parts, tiles)
+            caption_ = caption(scene, np.random.default_rng((dataset.seed, *group)))
+        else:
+            scene, caption_ = dataset.sample(i)
         fields = {**sampling, "seed": seed + k}
         truth = render(scene, size)  # the world's own drawing: what the judge scores at best (the ceiling)
         if semantic:
             target = render_labels(scene, size)
-            req = GenerationRequest(prompt=caption, semantic_map=LabelMap.from_array(target), width=size, height=size,
-                                    **fields)
+            req = GenerationRequest(prompt=caption_, semantic_map=LabelMap.from_array(target), width=size,
+                                    height=size, **fields)
             image = txt2img(components, req.validate(config))[0].image
             colours = [(o.colour, LABELS.index(o.shape)) for o in scene.objects]
-            pred = predicted_map(image, target, colours)
-            items.append({"index": i, "caption": caption, "mean_iou": mean_iou(pred, target),
-                          "pixel_accuracy": float((pred == target).mean()),
-                          "ceiling": mean_iou(predicted_map(truth, target, colours), target)})
+            where = tile_regions(parts, target, tiles) if tiles > 1 else None
+            pred = predicted_map(image, target, colours, where)
+            items.append({**({"tiles": group} if tiles > 1 else {"index": i}), "caption": caption_,
+                          "mean_iou": mean_iou(pred, target), "pixel_accuracy": float((pred == target).mean()),
+                          "ceiling": mean_iou(predicted_map(truth, target, colours, where), target)})
             shown += [LabelMap.from_array(target).image().convert("RGB"), image,
                       LabelMap.from_array(pred).image().convert("RGB")]
         else:
             objects = parse_layout([{"phrase": p, "box": list(b)} for p, b in dataset.layout(i)], f"scene {i}")
-            text = {"background": f"on a {scene.background} background", "caption": caption, "none": ""}[prompt]
+            text = {"background": f"on a {scene.background} background", "caption": caption_, "none": ""}[prompt]
             req = GenerationRequest(prompt=text, layout=objects, **fields)
             image = txt2img(components, req.validate(config))[0].image
             ceiling = score_layout(truth, objects)
@@ -297,7 +383,7 @@ def evaluate_spatial(components: Components, n: int, seed: int, sampling: dict[s
               "sampling": sampling, "items": items}
     if semantic:
         ious = np.array([it["mean_iou"] for it in items])
-        report.update(scale=scale, size=size, mean_iou=float(ious.mean()),
+        report.update(scale=scale, tiles=tiles, size=size, mean_iou=float(ious.mean()),
                       mean_iou_se=float(ious.std(ddof=1) / math.sqrt(len(ious))) if len(ious) > 1 else 0.0,
                       pixel_accuracy=float(np.mean([it["pixel_accuracy"] for it in items])),
                       ceiling={"mean_iou": float(np.mean([it["ceiling"] for it in items]))})
@@ -331,8 +417,11 @@ def _per_count(items: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def format_spatial(report: dict[str, Any]) -> str:
     """The report's headline numbers as a few lines of text."""
     if report["kind"] == "semantic map":
-        return (f"semantic maps at {report['size']}x{report['size']} ({report['scale']}x), {report['n']} held-out "
-                f"scenes: mean IoU {report['mean_iou']:.3f} +- {report['mean_iou_se']:.3f}, pixel accuracy "
+        tiles = report.get("tiles", 1)
+        what = (f"{tiles}x{tiles} tiles of held-out scenes, {report['n']} canvases" if tiles > 1 else
+                f"{report['scale']}x, {report['n']} held-out scenes")
+        return (f"semantic maps at {report['size']}x{report['size']} ({what}): mean IoU"
+                f" {report['mean_iou']:.3f} +- {report['mean_iou_se']:.3f}, pixel accuracy "
                 f"{report['pixel_accuracy']:.3f} (the judge on the world's own drawings: "
                 f"{report['ceiling']['mean_iou']:.3f})")
     c = report["ceiling"]
