@@ -143,3 +143,17 @@ def test_eval_measures_a_semantic_model_on_canvases_of_held_out_scenes(tmp_path,
     assert report["ceiling"]["mean_iou"] > 0.7 and 0 <= report["mean_iou"] <= 1
     assert Image.open(out / "grid.png").size[0] == 3 * 64
     assert "2x2 tiles of held-out scenes, 3 canvases" in capsys.readouterr().out
+
+
+def test_tiles_are_refused_for_a_layout_model_and_beside_a_scale():
+    from daguerre.components import build_components
+    from daguerre.metrics.layout import evaluate_spatial
+    from daguerre.training.config import derive_model_config
+
+    cfg = load_run_config(CONFIGS / "tiny_layout_ldm.toml", "ldm")
+    cfg.model.vae = derive_model_config(load_run_config(CONFIGS / "tiny_vae.toml", "vae"), 3, None).vae
+    comps = build_components(derive_model_config(cfg, 3, None))
+    with pytest.raises(ValueError, match="--map-tiles 2: model 'tiny-layout' draws from layouts, not semantic maps"):
+        evaluate_spatial(comps, 1, 0, {}, tiles=2)
+    with pytest.raises(ValueError, match="--map-scale 2 and --map-tiles 3: choose one way"):
+        evaluate_spatial(comps, 1, 0, {}, scale=2, tiles=3)
