@@ -98,6 +98,15 @@ def vae_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def shipped(tmp_path, monkeypatch) -> Path:
+    """An empty folder standing for the package's shipped models (`checkpoints.shipped.models_folder`)."""
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    monkeypatch.setattr("daguerre.checkpoints.shipped.models_folder", lambda: folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_file(tmp_path_factory) -> Path:
     """The tiny random model saved in fp16 (as model files usually are); tests read it, never write it."""

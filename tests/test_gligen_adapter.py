@@ -60,15 +60,6 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     return base, root / "run"
 
 
-@pytest.fixture
-def shipped(tmp_path, monkeypatch) -> Path:
-    """An empty folder standing for the package's shipped models (`checkpoints.shipped.models_folder`)."""
-    folder = tmp_path / "shipped"
-    folder.mkdir()
-    monkeypatch.setattr("daguerre.checkpoints.shipped.models_folder", lambda: folder)
-    return folder
-
-
 def _metadata(path: Path) -> dict[str, str]:
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from daguerre.checkpoints import save_model
@@ -27,14 +26,6 @@ def _model(folder: Path, name: str, config: str) -> Path:
     path = folder / f"{name}.safetensors"
     save_model(build_components(derive_model_config(cfg, 3, SHAPES_CLASSES), seed=0), path, dtype=torch.float16)
     return path
-
-
-@pytest.fixture
-def shipped(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "shipped"
-    folder.mkdir()
-    monkeypatch.setattr("daguerre.checkpoints.shipped.models_folder", lambda: folder)
-    return folder
 
 
 def test_a_layout_or_a_map_goes_to_the_first_shipped_model_by_name_that_draws_from_it(shipped):
