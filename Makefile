@@ -180,7 +180,7 @@ compression-study: fashion-mnist
 # file is --init and, for its autoencoder, --vae) on the 50,000 free-placement scenes of 1-4 objects of its config; the
 # three runs share one latent cache. Each target copies the model into the package (the GLIGEN run's adapter file
 # alone, which names shapes as its base) and writes its evaluation: RUN/eval/report.json (box IoU and objects right
-# for the layout models, mean IoU for the semantic one, also at 4x the training size: RUN/eval-4x/report.json).
+# for the layout models, mean IoU for the semantic one, also on 256x256 canvases of 4x4 held-out scenes: RUN/eval-tiles4).
 .PHONY: model-shapes-semantic model-shapes-layout model-shapes-gligen
 SHAPES_BASE := $(SHIPPED)/shapes.safetensors
 SHAPES_18 := shapes_semantic shapes_layout shapes_gligen
@@ -189,7 +189,8 @@ EVAL_18 := $(VENV)/bin/daguerre eval --n 200 --overwrite
 model-shapes-semantic: $(RUNS)/shapes_semantic/model.safetensors
 	cp $< $(SHIPPED)/shapes-semantic.safetensors
 	$(EVAL_18) --model $(SHIPPED)/shapes-semantic.safetensors --out $(RUNS)/shapes_semantic/eval
-	$(EVAL_18) --model $(SHIPPED)/shapes-semantic.safetensors --map-scale 4 --out $(RUNS)/shapes_semantic/eval-4x
+	$(VENV)/bin/daguerre eval --n 16 --overwrite --model $(SHIPPED)/shapes-semantic.safetensors --map-tiles 4 \
+		--out $(RUNS)/shapes_semantic/eval-tiles4
 
 model-shapes-layout: $(RUNS)/shapes_layout/model.safetensors
 	cp $< $(SHIPPED)/shapes-layout.safetensors
