@@ -111,8 +111,7 @@ def describe(
             shapes, metadata, path=path, device=META, prediction_type=prediction_type, use_ema=use_ema,
             value_of=value_of, original_config=yaml,
         )
-        fmt = "daguerre checkpoint" if det.is_daguerre else "SD single file"
-        fmt = "daguerre adapter" if "base" in info else fmt
+        fmt = "daguerre adapter" if "base" in info else "daguerre checkpoint" if det.is_daguerre else "SD single file"
         fmt += " (safetensors)" if kind == "safetensors" else " (PyTorch pickle, read with weights_only=True)"
         info.update(format=fmt, variant=det.variant, prediction_type_from=det.prediction_source,
                     has_ema=det.has_ema, ignored_keys=len(det.ignored), stored_dtypes=det.stored_dtypes)
