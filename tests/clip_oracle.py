@@ -57,10 +57,11 @@ def hf_clip_tokenizer(pad_token: str = EOS):
     os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import CLIPTokenizer
 
-    directory = write_clip_vocab(Path(tempfile.mkdtemp(prefix="clip_oracle_")))
-    return CLIPTokenizer.from_pretrained(
-        str(directory), bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad_token, model_max_length=77
-    )
+    with tempfile.TemporaryDirectory(prefix="clip_oracle_") as tmp:  # the tokenizer reads its files at load
+        directory = write_clip_vocab(Path(tmp))
+        return CLIPTokenizer.from_pretrained(
+            str(directory), bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad_token, model_max_length=77
+        )
 
 
 def clip_clean(text: str) -> str:
