@@ -46,6 +46,7 @@ from ..data.shapes import (
     Scene,
     ShapesDataset,
     caption,
+    object_masks,
     render,
     render_labels,
     shape_mask,
@@ -59,6 +60,8 @@ MAX_COLOUR_DISTANCE = 60.0  # RGB distance from a colour's mixing line with the 
 MIN_COVERAGE = 0.25  # an edge pixel belongs to an object it is at least a quarter covered by
 MIN_CONTRAST = 40.0  # a colour this close to the background is no object colour on it
 MAP_COVERAGE = 0.5  # a predicted map labels the pixels an object covers at least half of, as render_labels does
+FOREGROUND_COVERAGE = 0.53  # the colour-blind map judge's object pixels: covered more than half, as render_labels
+# takes a pixel whose 4x4 sub-pixels tie 8 to 8 for the background (0.5 drawn; 9 of 16 is 0.5625)
 FIT_SIZE = 48  # the largest grid a found region is compared with each shape on
 GRID_ITEMS = 8  # scenes shown in the report's grid
 COLOUR_NAMES = tuple(COLOURS)
@@ -78,15 +81,22 @@ def classify_colours(image: np.ndarray, min_coverage: float = MIN_COVERAGE) -> n
     background; a pixel is c's when c explains it best (the smallest distance to the line bg -> c) with a coverage
     a of at least `min_coverage` and that distance at most `MAX_COLOUR_DISTANCE`. Thin parts (a star's tips) so
     stay with their object, where nearest-colour classification would give them to the background."""
+    a, residual = _mixing(image)
+    residual = np.where(a >= min_coverage, residual, np.inf)
+    best = residual.argmin(-1)
+    return np.where(np.take_along_axis(residual, best[..., None], -1)[..., 0] <= MAX_COLOUR_DISTANCE, best, -1)
+
+
+def _mixing(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 -> (coverage, residual), each (H, W, 12): per pixel and world colour c, the coverage a in
+    [0, 1] of the mix a c + (1 - a) bg nearest the pixel, and the pixel's distance to that mix (inf for a colour
+    too close to the background to be an object's)."""
     p = image.astype(np.float32)[..., None, :] - (bg := background_of(image))  # (H, W, 1, 3)
     d = COLOUR_TABLE - bg  # (12, 3): each colour's direction from the background
     norm = (d * d).sum(-1)
-    usable = norm > MIN_CONTRAST**2  # the background's own colour is no object colour
     a = np.clip((p * d).sum(-1) / np.maximum(norm, 1e-6), 0.0, 1.0)  # (H, W, 12) coverage
     residual = np.linalg.norm(p - a[..., None] * d, axis=-1)  # distance to the mixing line
-    residual = np.where(usable & (a >= min_coverage), residual, np.inf)
-    best = residual.argmin(-1)
-    return np.where(np.take_along_axis(residual, best[..., None], -1)[..., 0] <= MAX_COLOUR_DISTANCE, best, -1)
+    return a, np.where(norm > MIN_CONTRAST**2, residual, np.inf)  # the background's own colour is no object's
 
 
 def components(mask: np.ndarray) -> np.ndarray:
@@ -207,7 +217,8 @@ def score_layout(image: Image.Image, objects: Sequence[LayoutObject]) -> list[di
 
 def predicted_map(image: Image.Image, target: np.ndarray, colours_of: Sequence[tuple[str, int]],
                   where: Sequence[np.ndarray] | None = None) -> np.ndarray:
-    """The semantic map an image shows: each object (colour, its label in `target`) found by colour where the
+    """The semantic map an image shows, read by the caption's colours (the colour judge, reported beside
+    `shape_map`'s colour-blind score): each object (colour, its label in `target`) found by colour where the
     target map puts it (its label's pixels; or `where[k]`, (H, W) bool, for object k: a canvas of tiles may
     hold one colour and shape twice), its pixels labelled with the shape that fits them; background elsewhere."""
     arr = np.asarray(image.convert("RGB"))
@@ -218,6 +229,79 @@ def predicted_map(image: Image.Image, target: np.ndarray, colours_of: Sequence[t
         if found is not None:
             pred[found.region] = LABELS.index(found.shape)
     return pred
+
+
+@dataclass
+class MapObject:
+    """What the colour-blind map judge found for one object of a map: its pixels (None when nothing is drawn
+    there), the shape that fits them (`fit_shape`) and the world colour most of them show."""
+
+    region: np.ndarray | None
+    shape: str | None
+    colour: str | None
+
+
+@dataclass
+class ShapeMap:
+    """The colour-blind judge's reading of an image drawn from a semantic map (`shape_map`)."""
+
+    pred: np.ndarray  # (H, W) uint8: the predicted map, in `LABELS`
+    objects: list[MapObject]  # one per region given, in order
+    stray: float  # the share of the foreground pixels that belong to no object (drawn where the map has none)
+
+
+def shape_map(image: Image.Image, regions: Sequence[np.ndarray]) -> ShapeMap:
+    """The semantic map an image shows, read without its colours (a map names shapes, not colours). The
+    foreground is every pixel that shows a world colour over the background (`classify_colours` at
+    `MAP_COVERAGE`, whichever colour); each of its 8-connected components goes to the map region it overlaps
+    most (none when it overlaps none); region k's object is the union of its components, labelled with the
+    shape that fits it (`fit_shape`); background elsewhere. `regions`: (H, W) bool, each object's pixels in the
+    map, so one shape twice (in one scene or two tiles) is judged as two objects."""
+    arr = np.asarray(image.convert("RGB"))
+    colours = classify_colours(arr, MAP_COVERAGE)
+    parts = components(_half_covered(arr, colours)).ravel()
+    pred = np.zeros(arr.shape[:2], np.uint8)
+    if not len(regions):
+        return ShapeMap(pred, [], 1.0 if parts.any() else 0.0)
+    overlap = np.stack([np.bincount(parts[r.ravel()], minlength=parts.max() + 1) for r in regions])  # (K, ids)
+    overlap[:, 0] = 0  # id 0 is the background
+    owner = np.where(overlap.max(0) > 0, overlap.argmax(0), -1)  # each component's region, -1 for none
+    objects = []
+    for k in range(len(regions)):
+        region = (owner[parts] == k).reshape(pred.shape)
+        if not region.any():
+            objects.append(MapObject(None, None, None))
+            continue
+        shape, _ = fit_shape(region, box_of(region))
+        pred[region] = LABELS.index(shape)
+        objects.append(MapObject(region, shape, COLOUR_NAMES[np.bincount(colours[region]).argmax()]))
+    foreground = int((parts > 0).sum())
+    stray = int(((parts > 0) & (owner[parts] < 0)).sum())
+    return ShapeMap(pred, objects, stray / foreground if foreground else 0.0)
+
+
+def _half_covered(image: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the foreground, pixels an object covers more than half of (`FOREGROUND_COVERAGE`). A pixel
+    showing any world
+    colour (`colours`, `classify_colours` at that coverage) is not enough: an edge pixel 40% covered by a white
+    object over black is gray at 80%, so the object would grow by a rim. So coverage is read along each
+    8-connected region's own colour, the one most of its pixels show, and the pixels below it are dropped."""
+    coverage, _ = _mixing(image)
+    parts = components(colours >= 0)
+    ids, where = np.unique(parts, return_inverse=True)
+    own = np.zeros(len(ids), np.int64)  # each region's most common colour (id 0, the background: unused)
+    for j, i in enumerate(ids):
+        if i:
+            own[j] = np.bincount(colours[parts == i]).argmax()
+    mine = np.take_along_axis(coverage, own[where.reshape(parts.shape)][..., None], -1)[..., 0]
+    return (parts > 0) & (mine >= FOREGROUND_COVERAGE)
+
+
+def colour_adherence(found: Sequence[MapObject], colours: Sequence[str]) -> tuple[int, int]:
+    """(objects found in the colour their caption names, objects found) of `shape_map`'s objects, given the
+    colour each object's caption names."""
+    drawn = [(f.colour, c) for f, c in zip(found, colours, strict=True) if f.region is not None]
+    return sum(a == b for a, b in drawn), len(drawn)
 
 
 def mean_iou(pred: np.ndarray, target: np.ndarray) -> float:
@@ -359,14 +443,22 @@ def evaluate_spatial(components: Components, n: int, seed: int, sampling: dict[s
             req = GenerationRequest(prompt=caption_, semantic_map=LabelMap.from_array(target), width=size,
                                     height=size, **fields)
             image = txt2img(components, req.validate(config))[0].image
+            regions = list(object_masks(scene, size))  # each object's pixels in the map
+            judged, best = shape_map(image, regions), shape_map(truth, regions)
+            named = [o.colour for o in scene.objects]  # every caption names each object's colour
+            right, found = colour_adherence(judged.objects, named)
             colours = [(o.colour, LABELS.index(o.shape)) for o in scene.objects]
             where = tile_regions(parts, target, tiles) if tiles > 1 else None
-            pred = predicted_map(image, target, colours, where)
+            by_colour = predicted_map(image, target, colours, where)
             items.append({**({"tiles": group} if tiles > 1 else {"index": i}), "caption": caption_,
-                          "mean_iou": mean_iou(pred, target), "pixel_accuracy": float((pred == target).mean()),
-                          "ceiling": mean_iou(predicted_map(truth, target, colours, where), target)})
+                          "mean_iou": mean_iou(judged.pred, target),
+                          "pixel_accuracy": float((judged.pred == target).mean()),
+                          "objects": len(regions), "found": found, "colour_right": right,
+                          "stray": judged.stray, "mean_iou_by_colour": mean_iou(by_colour, target),
+                          "ceiling": mean_iou(best.pred, target),
+                          "ceiling_colour_right": colour_adherence(best.objects, named)[0]})
             shown += [LabelMap.from_array(target).image().convert("RGB"), image,
-                      LabelMap.from_array(pred).image().convert("RGB")]
+                      LabelMap.from_array(judged.pred).image().convert("RGB")]
         else:
             objects = parse_layout([{"phrase": p, "box": list(b)} for p, b in dataset.layout(i)], f"scene {i}")
             text = {"background": f"on a {scene.background} background", "caption": caption_, "none": ""}[prompt]
@@ -383,10 +475,16 @@ def evaluate_spatial(components: Components, n: int, seed: int, sampling: dict[s
               "sampling": sampling, "items": items}
     if semantic:
         ious = np.array([it["mean_iou"] for it in items])
-        report.update(scale=scale, tiles=tiles, size=size, mean_iou=float(ious.mean()),
-                      mean_iou_se=float(ious.std(ddof=1) / math.sqrt(len(ious))) if len(ious) > 1 else 0.0,
+        objects, found = sum(it["objects"] for it in items), sum(it["found"] for it in items)
+        by_colour = np.array([it["mean_iou_by_colour"] for it in items])
+        report.update(scale=scale, tiles=tiles, size=size, mean_iou=float(ious.mean()), mean_iou_se=_se(ious),
                       pixel_accuracy=float(np.mean([it["pixel_accuracy"] for it in items])),
-                      ceiling={"mean_iou": float(np.mean([it["ceiling"] for it in items]))})
+                      objects=objects, objects_found=found / objects,
+                      colour_adherence=sum(it["colour_right"] for it in items) / found if found else 0.0,
+                      stray=float(np.mean([it["stray"] for it in items])),
+                      mean_iou_by_colour=float(by_colour.mean()), mean_iou_by_colour_se=_se(by_colour),
+                      ceiling={"mean_iou": float(np.mean([it["ceiling"] for it in items])),
+                               "colour_adherence": sum(it["ceiling_colour_right"] for it in items) / objects})
     else:
         objs = [o for it in items for o in it["objects"]]
         ious = np.array([o["iou"] for o in objs])
@@ -402,6 +500,11 @@ def evaluate_spatial(components: Components, n: int, seed: int, sampling: dict[s
     cols = 3 if semantic else 2
     grid = make_grid(shown[:GRID_ITEMS * cols], cols=cols)
     return SpatialResult(report, grid, items)
+
+
+def _se(values: np.ndarray) -> float:
+    """The standard error of a mean (0 for one value)."""
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def _per_count(items: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -420,10 +523,15 @@ def format_spatial(report: dict[str, Any]) -> str:
         tiles = report.get("tiles", 1)
         what = (f"{tiles}x{tiles} tiles of held-out scenes, {report['n']} canvases" if tiles > 1 else
                 f"{report['scale']}x, {report['n']} held-out scenes")
+        c = report["ceiling"]
         return (f"semantic maps at {report['size']}x{report['size']} ({what}): mean IoU"
-                f" {report['mean_iou']:.3f} +- {report['mean_iou_se']:.3f}, pixel accuracy "
-                f"{report['pixel_accuracy']:.3f} (the judge on the world's own drawings: "
-                f"{report['ceiling']['mean_iou']:.3f})")
+                f" {report['mean_iou']:.3f} +- {report['mean_iou_se']:.3f} (shapes, colour-blind), pixel accuracy "
+                f"{report['pixel_accuracy']:.3f}, objects found {report['objects_found']:.1%} of "
+                f"{report['objects']} (the judge on the world's own drawings: {c['mean_iou']:.3f})\n"
+                f"  colour adherence {report['colour_adherence']:.1%} of the found objects in their caption's "
+                f"colour (world: {c['colour_adherence']:.1%}); by the caption's colours the mean IoU is "
+                f"{report['mean_iou_by_colour']:.3f} +- {report['mean_iou_by_colour_se']:.3f}; stray foreground "
+                f"{report['stray']:.1%}")
     c = report["ceiling"]
     lines = [f"layouts, {report['n']} held-out scenes ({report['objects']} objects, prompt: {report['prompt']}): "
              f"mean box IoU {report['mean_box_iou']:.3f}, objects right {report['object_accuracy']:.1%} +- "
