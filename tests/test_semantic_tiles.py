@@ -141,8 +141,12 @@ def test_eval_measures_a_semantic_model_on_canvases_of_held_out_scenes(tmp_path,
     held = holdout_split(40, 12, 0)[1].tolist()
     assert all(len(it["tiles"]) == 4 and set(it["tiles"]) <= set(held) for it in report["items"])
     assert report["ceiling"]["mean_iou"] > 0.7 and 0 <= report["mean_iou"] <= 1
+    assert report["ceiling"]["colour_adherence"] == 1.0 and 0 <= report["objects_found"] <= 1
+    assert report["objects"] == sum(it["objects"] for it in report["items"]) > 0
+    assert 0 <= report["colour_adherence"] <= 1 and 0 <= report["mean_iou_by_colour"] <= 1
     assert Image.open(out / "grid.png").size[0] == 3 * 64
-    assert "2x2 tiles of held-out scenes, 3 canvases" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2x2 tiles of held-out scenes, 3 canvases" in printed and "colour adherence" in printed
 
 
 def test_tiles_are_refused_for_a_layout_model_and_beside_a_scale():
