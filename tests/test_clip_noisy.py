@@ -109,6 +109,65 @@ def test_noise_embedding_distinguishes_levels():
     assert torch.equal(e[0], e[1]) and not torch.allclose(e[1], e[2]) and not torch.allclose(e[2], e[3])
 
 
+def _with_stem(blocks: int, stem_width: int) -> CLIPConfig:
+    cfg = _noisy_clip().clip_config
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, stem_blocks=blocks, stem_width=stem_width))
+
+
+def test_stem_blocks_start_as_the_one_convolution_stem_then_read_sigma():
+    """vision.stem_blocks: residual blocks at the latent resolution whose second convolution starts at zero, so an
+    initialised stem with blocks computes what the stem without them does (the same other weights); once trained
+    (their convolutions non-zero) they change the embedding and take the noise embedding (its projection gets a
+    gradient)."""
+    plain = _noisy_clip()
+    deep = NoisyCLIPModel(_with_stem(2, 0))
+    init_noise_embedding_(deep, torch.Generator().manual_seed(3))
+    missing, unexpected = deep.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".patch_embedding.blocks." in k for k in missing)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    sigma = torch.tensor([0.5, 3.0])
+    assert torch.allclose(deep.encode_latents(x, sigma), plain.encode_latents(x, sigma), atol=1e-6)
+    block = deep.vision_model.embeddings.patch_embedding.blocks[1]
+    with torch.no_grad():
+        block.conv2.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
+    out = deep.encode_latents(x, sigma)
+    assert not torch.allclose(out, plain.encode_latents(x, sigma), atol=1e-4)
+    out.pow(2).sum().backward()
+    assert block.emb_proj.weight.grad.abs().sum() > 0
+
+
+def test_stem_blocks_round_trip_through_the_file(tmp_path):
+    clip = NoisyCLIPModel(_with_stem(2, 16))
+    gen = torch.Generator().manual_seed(6)
+    init_clip_(clip, gen)
+    init_noise_embedding_(clip, gen)
+    with torch.no_grad():
+        for block in clip.vision_model.embeddings.patch_embedding.blocks:
+            block.conv2.weight.normal_(0, 0.1, generator=gen)
+    assert clip.vision_model.embeddings.patch_embedding.conv_in.out_channels == 16
+    path = tmp_path / "deep.safetensors"
+    save_clip(clip, path)
+    loaded = load_clip(path)
+    assert loaded.clip_config.vision.stem_blocks == 2 and loaded.clip_config == clip.clip_config
+    assert "vision_model.embeddings.patch_embedding.blocks.1.conv2.weight" in loaded.state_dict()
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(loaded.encode_latents(x, 2.0), clip.encode_latents(x, 2.0))
+
+
+def test_stem_settings_are_checked():
+    with pytest.raises(ValueError, match="config key model.vision.stem_width: 12 is not a multiple of 8"):
+        NoisyCLIPModel(_with_stem(1, 12))
+    with pytest.raises(ValueError, match="config key model.vision.stem_width: 16 without stem_blocks"):
+        NoisyCLIPModel(_with_stem(0, 16))
+    pixel = CLIPConfig(name="p", text_encoder=TEXT, vision=VisionConfig(image_size=16, patch_size=4, width=32,
+                                                                         layers=1, heads=2, mlp_dim=64))
+    with pytest.raises(ValueError, match="config key vision.stem_blocks: 2, but .* noise-aware"):
+        CLIPConfig.from_dict({**pixel.to_dict(), "vision": {**pixel.to_dict()["vision"], "stem_blocks": 2}})
+    with pytest.raises(ValueError, match=r"config key vision.stem_blocks: 17 is out of range \(0..16\)"):
+        CLIPConfig.from_dict({**_noisy_clip().clip_config.to_dict(),
+                              "vision": {**pixel.to_dict()["vision"], "channels": 4, "stem_blocks": 17}})
+
+
 @pytest.mark.parametrize(("x", "sigma", "words"), [
     (torch.zeros(2, 3, 16, 16), 1.0, ["(batch, 4, 16, 16)", "(2, 3, 16, 16)"]),
     (torch.zeros(2, 4, 8, 8), 1.0, ["(2, 4, 8, 8)"]),
@@ -434,10 +493,12 @@ def test_a_model_without_a_recorded_autoencoder_is_refused(text_file, tmp_path):
         train_clip(cfg, tmp_path / "run")
 
 
-def test_init_image_tower_takes_the_transformer_and_fits_the_stem(model_file, text_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stem", [[], ["model.vision.stem_blocks=1", "model.vision.stem_width=16"]])
+def test_init_image_tower_takes_the_transformer_and_fits_the_stem(model_file, text_file, tmp_path, monkeypatch,
+                                                                  stem):
     """loss.init_image_tower: the transformer and projection are the text_tower CLIP's (the same 4 x 4 token grid
     here), the stem is fitted to its patch tokens (its error falls from a fresh stem's), the temperature is the
-    config's; with a learning rate of 0 the file holds exactly that start."""
+    config's; with a learning rate of 0 the file holds exactly that start. The same with stem blocks."""
     from daguerre.training import noisy_clip
     from daguerre.training.clip import train_clip
     from daguerre.training.config import load_run_config
@@ -447,8 +508,9 @@ def test_init_image_tower_takes_the_transformer_and_fits_the_stem(model_file, te
     monkeypatch.setattr(noisy_clip, "STEM_FIT_STEPS", 60)
     monkeypatch.setattr("daguerre.training.clip.fit_stem_", lambda *a: errors.append(fit(*a)) or errors[-1])
     sets = [*_run_sets(model_file, text_file), "loss.init_image_tower=true", "train.steps=1", "train.lr=0",
-            "train.min_lr=0", "loss.distill=0"]
+            "train.min_lr=0", "loss.distill=0", *stem]
     clip = load_clip(train_clip(load_run_config(None, "clip", sets), tmp_path / "run"))
+    assert len(clip.vision_model.embeddings.patch_embedding.blocks) == (1 if stem else 0)
     text = load_clip(text_file)
     own, source = clip.state_dict(), text.state_dict()
     taken = [k for k in source if k.startswith(("vision_model.encoder.", "visual_projection."))]

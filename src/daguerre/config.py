@@ -203,6 +203,9 @@ class VisionConfig:
     mlp_dim: int = 3072
     activation: str = "quick_gelu"  # as the text tower's
     layer_norm_eps: float = 1e-5
+    # a noise-aware CLIP's stem (models/noisy_clip.py): residual blocks at the latent resolution, each given sigma
+    stem_blocks: int = 0
+    stem_width: int = 0  # their channels (0: width)
 
     @property
     def num_patches(self) -> int:
@@ -542,6 +545,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "vision.image_size": (1, 4096), "vision.patch_size": (1, 1024), "vision.channels": (1, 64),
     "vision.width": (1, 16384), "vision.layers": (1, 256), "vision.heads": (1, 1024), "vision.mlp_dim": (1, 65536),
     "vision.layer_norm_eps": (1e-30, 1.0), "logit_scale_init": (-100.0, 100.0),
+    "vision.stem_blocks": (0, 16), "vision.stem_width": (0, 4096),
     "image_mean": (-10.0, 10.0), "image_std": (1e-6, 10.0),
     "schedule.num_train_timesteps": (1, 100_000), "schedule.beta_start": (0.0, 1.0), "schedule.beta_end": (0.0, 1.0),
     "unet.layout.max_objects": (1, 64), "unet.layout.phrase_words": (1, 32), "unet.layout.grid": (2, 4096),
@@ -675,6 +679,10 @@ def check_clip_config(cfg: CLIPConfig, prefix: str = "") -> None:
     if (cfg.image_input == "latents") != (cfg.latent_space is not None):
         raise ValueError(f"config key {prefix}latent_space: a CLIP with image_input {cfg.image_input!r} "
                          f"{'needs' if cfg.image_input == 'latents' else 'has no'} latent_space")
+    for name in ("stem_blocks", "stem_width"):
+        if cfg.image_input != "latents" and getattr(vision, name):
+            raise ValueError(f"config key {prefix}vision.{name}: {getattr(vision, name)}, but the stem's blocks are a "
+                             "noise-aware CLIP's (image_input \"latents\"); a CLIP reading pixels has none: set 0")
     ls = cfg.latent_space
     if ls is not None and not (0 <= ls.sigma_min < ls.sigma_max and ls.sigma_data > 0 and ls.scale_factor > 0):
         raise ValueError(f"config key {prefix}latent_space: need 0 <= sigma_min < sigma_max, sigma_data > 0 and "

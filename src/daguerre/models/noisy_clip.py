@@ -15,6 +15,12 @@ of the noise level added: a sinusoidal embedding of c_noise = log(sigma) / 4 (ED
 (`noise_embedding`, as a U-Net's time embedding). The text tower, the projections and the temperature are
 CLIP's (`CLIPModel`); `latent_space` in the config names whose latents the tower reads (the autoencoder's
 identity, the scale factor, the sigma range).
+
+`vision.stem_blocks` > 0 deepens the stem (`LatentStem`) with that many residual blocks at the latent resolution
+(`vision.stem_width` channels; GroupNorm, SiLU, 3x3 convolutions, the noise embedding added per channel in each,
+as a U-Net's residual blocks take their time embedding): the image read at full resolution, knowing sigma, before
+the patches (a hybrid ViT, Dosovitskiy et al. 2021, sec. 3.1). Their second convolutions start at zero, so such a
+stem starts as the one-convolution stem.
 """
 
 from __future__ import annotations
@@ -46,18 +52,47 @@ class NoiseEmbedding(nn.Module):
         return self.linear_2(nn.functional.silu(self.linear_1(features)))
 
 
-class LatentStem(nn.Module):
-    """Latents (B, C, h, w) -> patch tokens (B, width, h/p, w/p): a 3x3 convolution over the latent grid, GELU,
-    and the p x p patch convolution (a convolutional stem in place of ViT's linear patch embedding: a latent
-    patch alone does not say what its pixels are, its neighbours help)."""
+class StemBlock(nn.Module):
+    """A residual block at the latent resolution: h + conv2(SiLU(GN(conv1(SiLU(GN(h))) + W emb))), emb the
+    noise embedding (a U-Net's ResBlock with its time embedding, without dropout)."""
 
-    def __init__(self, channels: int, width: int, patch: int) -> None:
+    def __init__(self, channels: int, emb_width: int) -> None:
         super().__init__()
-        self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
-        self.proj = nn.Conv2d(width, width, patch, stride=patch)
+        self.norm1 = nn.GroupNorm(STEM_GROUPS, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_width, channels)
+        self.norm2 = nn.GroupNorm(STEM_GROUPS, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(nn.functional.gelu(self.conv_in(x)))
+    def forward(self, h: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+        y = self.conv1(nn.functional.silu(self.norm1(h)))
+        if emb is not None:
+            y = y + self.emb_proj(nn.functional.silu(emb))[:, :, None, None].to(y.dtype)
+        return h + self.conv2(nn.functional.silu(self.norm2(y)))
+
+
+STEM_GROUPS = 8  # GroupNorm groups of the stem's blocks (vision.stem_width must be a multiple)
+
+
+class LatentStem(nn.Module):
+    """Latents (B, C, h, w) -> patch tokens (B, width, h/p, w/p): a 3x3 convolution over the latent grid, `blocks`
+    residual blocks given the noise embedding (none: the shipped stem), GELU, and the p x p patch convolution (a
+    convolutional stem in place of ViT's linear patch embedding: a latent patch alone does not say what its pixels
+    are, its neighbours help)."""
+
+    def __init__(self, channels: int, width: int, patch: int, blocks: int = 0, stem_width: int = 0) -> None:
+        super().__init__()
+        inner = stem_width or width
+        self.conv_in = nn.Conv2d(channels, inner, 3, padding=1)
+        self.blocks = nn.ModuleList(StemBlock(inner, width) for _ in range(blocks))
+        self.proj = nn.Conv2d(inner, width, patch, stride=patch)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """`emb` (B, width): the noise embedding the blocks take (None: as if zero, the blocks' state at init)."""
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.proj(nn.functional.gelu(h))
 
 
 class NoisyCLIPModel(CLIPModel):
@@ -71,8 +106,15 @@ class NoisyCLIPModel(CLIPModel):
                              f"{cfg.name!r} has image_input {cfg.image_input!r}")
         super().__init__(cfg)
         v = cfg.vision
-        # the patch embedding reads latents through a convolutional stem (CLIPVisionEmbeddings calls it as before)
-        self.vision_model.embeddings.patch_embedding = LatentStem(v.channels, v.width, v.patch_size)
+        if v.stem_width % STEM_GROUPS:
+            raise ValueError(f"config key model.vision.stem_width: {v.stem_width} is not a multiple of {STEM_GROUPS} "
+                             "(the GroupNorm groups of the stem's blocks)")
+        if v.stem_blocks == 0 and v.stem_width and v.stem_width != v.width:
+            raise ValueError(f"config key model.vision.stem_width: {v.stem_width} without stem_blocks; set stem_blocks "
+                             "or leave stem_width 0")
+        # the patch embedding reads latents through a convolutional stem
+        self.vision_model.embeddings.patch_embedding = LatentStem(v.channels, v.width, v.patch_size, v.stem_blocks,
+                                                                  v.stem_width)
         self.noise_embedding = NoiseEmbedding(v.width)
 
     @property
@@ -102,9 +144,14 @@ class NoisyCLIPModel(CLIPModel):
         sigma = sigma.clamp(max(ls.sigma_min, 1e-8), ls.sigma_max)
         c_in = 1 / (sigma**2 + ls.sigma_data**2).sqrt()  # (B,)
         vm = self.vision_model
+        emb_layer = vm.embeddings
         dtype = self.visual_projection.weight.dtype
-        tokens = vm.embeddings((x.float() * c_in[:, None, None, None]).to(dtype))  # (B, 1 + patches, width)
-        tokens = tokens + self.noise_embedding(sigma)[:, None, :].to(dtype)
+        emb = self.noise_embedding(sigma).to(dtype)  # (B, width)
+        patches = emb_layer.patch_embedding((x.float() * c_in[:, None, None, None]).to(dtype), emb)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, patches, width), as CLIPVisionEmbeddings
+        cls = emb_layer.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        tokens = torch.cat([cls, patches], dim=1) + emb_layer.position_embedding.weight.to(patches.dtype)
+        tokens = tokens + emb[:, None, :]
         h = vm.pre_layrnorm(tokens)
         for layer in vm.encoder.layers:
             h = self._run_layer(layer, h)
@@ -117,18 +164,25 @@ def build_clip_model(cfg: CLIPConfig) -> CLIPModel:
 
 
 def init_noise_embedding_(model: NoisyCLIPModel, generator: torch.Generator | None = None) -> None:
-    """The initialisation of what a noise-aware CLIP adds to CLIP: the stem's convolutions and the noise MLP's
-    first layer normal with std fan_in^-0.5, zero biases, and the MLP's last layer zero (the tower starts blind
-    to sigma, as a U-Net's zero-initialised output layers start silent: a tower taken from a pixel CLIP then
-    starts as it was)."""
+    """The initialisation of what a noise-aware CLIP adds to CLIP: the stem's convolutions (its blocks' first
+    convolution and noise projection included) and the noise MLP's first layer normal with std fan_in^-0.5, zero
+    biases, and the MLP's last layer and the blocks' second convolutions zero (the tower starts blind to sigma, as
+    a U-Net's zero-initialised output layers start silent: a tower taken from a pixel CLIP then starts as it
+    was, and a stem with blocks as the one without)."""
     stem = model.vision_model.embeddings.patch_embedding
+    normal = [model.noise_embedding.linear_1, stem.conv_in, stem.proj]
+    zero = [model.noise_embedding.linear_2]
+    for block in stem.blocks:
+        normal += [block.conv1, block.emb_proj]
+        zero.append(block.conv2)
     with torch.no_grad():
-        for layer in (model.noise_embedding.linear_1, stem.conv_in, stem.proj):
+        for layer in normal:
             fan_in = layer.weight[0].numel()
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) / math.sqrt(fan_in))
             layer.bias.zero_()
-        model.noise_embedding.linear_2.weight.zero_()
-        model.noise_embedding.linear_2.bias.zero_()
+        for layer in zero:
+            layer.weight.zero_()
+            layer.bias.zero_()
 
 
 def check_latent_space(cfg: CLIPConfig, model: ModelConfig, model_name: str, latent_hw: tuple[int, int]) -> None:
