@@ -13,9 +13,12 @@ region's bounding box; its shape the shape whose outline, drawn into that box as
   of the objects right.
 - A semantic model draws held-out scenes from their maps (at the training size, or `scale` times it: the
   objects zoomed) and captions (which name each object's colour), or canvases of `tiles` x `tiles` held-out
-  scenes at the training size (`tile_plan`; LDM's larger maps: a wider view, the objects at their pixel size):
-  the predicted map labels each found object's pixels with its found shape; the score is the mean IoU over the
-  labels in either map (background included). Targets: >= 0.8 at the training size, >= 0.7 at 4x (tiles).
+  scenes at the training size (`tile_plan`; LDM's larger maps: a wider view, the objects at their pixel size).
+  A map names shapes, not colours, so its judge is colour-blind (`shape_map`): each map region's object is the
+  foreground (pixels over half covered, whatever their world colour) overlapping it, labelled with the shape
+  that fits it; the score is the mean IoU over the labels in either map (background included). Targets: >= 0.8
+  at the training size, >= 0.7 at 4x (tiles). Colour adherence (the found object in its caption's colour) and
+  the colour judge's mean IoU (`predicted_map`) are reported beside it.
 - Beside each score stands the judge's own ceiling: the same score of the world's drawing of each scene (box
   edges fall inside pixels, and at 64x64 a small cross is a few pixels wide).
 
