@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,9 @@ def test_the_adapter_trains_alone_on_the_frozen_base_and_is_saved_in_the_model_f
               if '"loss"' in line]
     assert len(losses) == 60
     assert sum(losses[-20:]) < 0.9 * sum(losses[:20])  # the adapter alone learns (1.13 to 0.95 a step when written)
+    n_adapter = sum(p.numel() for p in adapter.values())  # the start-up line counts what is trained: the adapter
+    assert re.search(rf"stage 2: U-Net {n_adapter / 1e6:.2f} M \(of [0-9.]+ M: the rest frozen\) parameters trained, "
+                     "gligen conditioning", (tmp_path / "run" / "train.log").read_text())
 
 
 def test_a_gligen_run_needs_its_base_model():

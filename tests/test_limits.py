@@ -189,7 +189,13 @@ def test_default_limits_accept_img2img_and_inpaint_at_sd_sizes():
 def test_default_limits_accept_the_shipped_models_at_their_defaults(name):
     with safe_open(str(shipped_models()[name]), "pt") as f:
         config = ModelConfig.from_dict(json.loads(f.metadata()["daguerre_config"]))
-    req = GenerationRequest(prompt="a red circle", n=16).validate(config)
+    from daguerre.conditioning import conditioner_for
+    from daguerre.data.layout import LabelMap
+
+    side = config.sample_size  # a semantic-synthesis model needs its map (all background will do)
+    blank = torch.zeros(side, side, dtype=torch.uint8).numpy()
+    label_map = LabelMap.from_array(blank) if conditioner_for(config).concat.takes_map else None
+    req = GenerationRequest(prompt="a red circle", n=16, semantic_map=label_map).validate(config)
     assert req.width == config.sample_size and req.steps == config.defaults.get("steps", 20)
 
 

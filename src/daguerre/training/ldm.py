@@ -163,9 +163,13 @@ class LDMStage:
 
     def describe(self, env: dist.DistEnv) -> str:
         t, m, lat = self.cfg.train, self.model_cfg, self.lat
-        n_unet, n_te = self._parameters().values()
-        trained = f"U-Net {n_unet / 1e6:.2f} M" + (f" + text encoder {n_te / 1e6:.2f} M" if self.te is not None
-                                                  else "")  # a frozen encoder's contexts are cached: not trained here
+        def learnt(module: torch.nn.Module | None) -> int:
+            return sum(p.numel() for p in module.parameters() if p.requires_grad) if module is not None else 0
+
+        n_unet, n_te = learnt(self.unet), learnt(self.te)  # a GLIGEN run: the adapter alone, base and encoder frozen
+        of_unet = self._parameters()["unet"]
+        trained = f"U-Net {n_unet / 1e6:.2f} M" + (f" (of {of_unet / 1e6:.2f} M: the rest frozen)" if n_unet < of_unet
+                                                  else "") + (f" + text encoder {n_te / 1e6:.2f} M" if n_te else "")
         return (f"stage 2: {trained} parameters trained, "
                 f"{m.conditioning} conditioning, {m.schedule.prediction_type} prediction; {len(lat)} cached latents "
                 f"{tuple(lat.mean.shape[2:])}; {env.world} process(es), global batch "
