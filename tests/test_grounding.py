@@ -194,6 +194,26 @@ def test_a_few_grounded_steps_lower_the_grounding_loss_and_resume_bitwise(tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_of_samples_keeps_the_pairs_of_the_marked_samples():
+    masks = torch.arange(4 * 2 * 2, dtype=torch.float32).reshape(4, 2, 2)
+    pairs = GroundingBatch(torch.tensor([0, 0, 1, 2]), torch.tensor([3, 5, 4, 7]), masks)
+    kept = pairs.of_samples(torch.tensor([True, False, True]))
+    assert kept.samples.tolist() == [0, 0, 2] and kept.tokens.tolist() == [3, 5, 7]
+    assert torch.equal(kept.masks, masks[[0, 1, 3]])
+
+
+def test_grounding_max_timestep_grounds_only_the_less_noisy_samples(tmp_path, vae_file):
+    """At max timestep 1 no sample of a short run is grounded (its training timesteps are >= 1): the grounding loss
+    is 0 at every step, while the same run grounding every sample logs it; the first step's diffusion loss is the
+    same in both (grounding changes the backward pass only)."""
+    on = ["loss.grounding_weight=1.0", "train.steps=3", "train.log_every=1"]
+    every = _metrics(_run(tmp_path, vae_file, "every", on))
+    none = _metrics(_run(tmp_path, vae_file, "none", [*on, "loss.grounding_max_timestep=1"]))
+    assert all(r["grounding_loss"] > 0 for r in every if "grounding_loss" in r)
+    assert [r["grounding_loss"] for r in none if "grounding_loss" in r] == [0.0, 0.0, 0.0]
+    assert [r["loss"] for r in every if "loss" in r][0] == [r["loss"] for r in none if "loss" in r][0]
+
+
 def test_grounding_under_gradient_checkpointing_gives_the_same_gradients(tmp_path, vae_file):
     on = ["loss.grounding_weight=1.0", "train.steps=2"]
     plain = _run(tmp_path, vae_file, "plain", on)
@@ -207,6 +227,9 @@ def test_grounding_under_gradient_checkpointing_gives_the_same_gradients(tmp_pat
     ("loss.grounding_words='verbs'", "grounding_words"),
     ("loss.grounding_resolutions=[0]", "loss.grounding_resolutions"),
     ("loss.grounding_pixel_weight=1.0", "set loss.grounding_weight > 0 too"),
+    ("loss.grounding_max_timestep=500", "set loss.grounding_weight > 0 too"),
+    ("loss.grounding_max_timestep=0", "loss.grounding_max_timestep: 0; give an integer from 1"),
+    ("loss.grounding_max_timestep=1001", "loss.grounding_max_timestep: 1001"),
 ])
 def test_grounding_keys_are_checked(setting, match):
     with pytest.raises(ValueError, match=match):

@@ -250,6 +250,7 @@ class LDMLossConfig:
     grounding_pixel_weight: float = 0.0  # TokenCompose's pixel term, BCE(A / max A, mask), relative to the token term
     grounding_words: Literal["nouns", "nouns+colours"] = "nouns"  # the shape nouns, or each object's colour too
     grounding_resolutions: list[int] = field(default_factory=list)  # map heights of the layers (e.g. [8]); [] = all
+    grounding_max_timestep: int = 1000  # only samples noised at t < this are grounded (where the layout is decided)
 
 
 @dataclass
@@ -798,9 +799,14 @@ def check_grounding(cfg: RunConfig) -> None:
     if bad or len(set(lc.grounding_resolutions)) != len(lc.grounding_resolutions):
         raise ValueError(f"config key loss.grounding_resolutions: {lc.grounding_resolutions}; give distinct map "
                          "heights >= 1 (e.g. [8, 4]), or [] for every cross-attention layer")
-    if lc.grounding_weight == 0 and (lc.grounding_pixel_weight or lc.grounding_resolutions):
-        raise ValueError("config keys loss.grounding_pixel_weight, loss.grounding_resolutions: set "
-                         "loss.grounding_weight > 0 too (0 turns token grounding off)")
+    steps = cfg.model.schedule.num_train_timesteps
+    m = lc.grounding_max_timestep
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= steps:
+        raise ValueError(f"config key loss.grounding_max_timestep: {m!r}; give an integer from 1 to the schedule's "
+                         f"{steps} timesteps ({steps} grounds every sample)")
+    if lc.grounding_weight == 0 and (lc.grounding_pixel_weight or lc.grounding_resolutions or m != steps):
+        raise ValueError("config keys loss.grounding_pixel_weight, loss.grounding_resolutions, "
+                         "loss.grounding_max_timestep: set loss.grounding_weight > 0 too (0 turns token grounding off)")
     if lc.grounding_weight == 0:
         return
     if cfg.stage != "ldm" or cfg.data.kind != "shapes" or cfg.model.conditioning != "text":

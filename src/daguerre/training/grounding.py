@@ -69,6 +69,11 @@ class GroundingBatch:
     tokens: torch.Tensor  # (K,) int64 positions in the context
     masks: torch.Tensor  # (K, h, w) float32 at the latent's resolution, on the device
 
+    def of_samples(self, keep: torch.Tensor) -> GroundingBatch:
+        """The pairs whose sample `keep` (a (B,) bool over the micro-batch) marks."""
+        k = keep.cpu()[self.samples]
+        return GroundingBatch(self.samples[k], self.tokens[k], self.masks[k.to(self.masks.device)])
+
 
 class GroundingTargets:
     """Each training row's grounded tokens and object masks, computed when its micro-batch is drawn (a pure

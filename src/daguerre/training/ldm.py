@@ -204,6 +204,8 @@ class LDMStage:
 
         t, device = self.cfg.train, self.device
         pairs = self.grounding.batch(b.rows, dropped, b.view, device)
+        if self.cfg.loss.grounding_max_timestep < self.model_cfg.schedule.num_train_timesteps:
+            pairs = pairs.of_samples(b.t.cpu() < self.cfg.loss.grounding_max_timestep)  # the noisiest left alone
         recorder = GroundingRecorder(pairs, self.grounding.latent_size, self.cfg.loss.grounding_resolutions)
         # hung through the backward pass too: a checkpointed block recomputes its forward, the recorder's included
         with dist.maybe_no_sync(self.model, not sync), grounding(self.unet, recorder):
