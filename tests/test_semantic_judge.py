@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from daguerre.data.shapes import (
     LABELS,
@@ -117,6 +118,21 @@ def test_an_edge_pixel_is_an_objects_when_its_own_colour_covers_more_than_half()
     assert np.array_equal(judged.pred, target)
     any_colour = classify_colours(np.asarray(image), MAP_COVERAGE) >= 0
     assert any_colour.sum() > (target > 0).sum()  # the rim a colour-blind judge must not take
+
+
+def test_a_gray_object_over_black_is_gray_not_white_half_covered():
+    """Gray is white half covered over black (and black half covered over white): a gray object drawn with a
+    shade lighter (darker) and a little noise shows white (black) in most of its pixels, which must not make it
+    a half-covered white (black) object, below the foreground's coverage."""
+    rng = np.random.default_rng(0)
+    for background in ("black", "white"):
+        scene = Scene((_obj("circle", "gray", (0.3, 0.3)), _obj("cross", "gray", (0.7, 0.7))), background)
+        shade = 3 if background == "black" else -3
+        noisy = np.asarray(render(scene, SIZE)).astype(np.int16) + shade + rng.integers(-8, 9, (SIZE, SIZE, 3))
+        image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+        target = render_labels(scene, SIZE)
+        judged = shape_map(image, list(object_masks(scene, SIZE)))
+        assert mean_iou(judged.pred, target) > 0.95 and [o.colour for o in judged.objects] == ["gray", "gray"]
 
 
 def test_canvases_of_tiles_are_read_per_object_and_reported(tmp_path):

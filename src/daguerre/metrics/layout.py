@@ -255,14 +255,15 @@ class ShapeMap:
 
 def shape_map(image: Image.Image, regions: Sequence[np.ndarray]) -> ShapeMap:
     """The semantic map an image shows, read without its colours (a map names shapes, not colours). The
-    foreground is every pixel that shows a world colour over the background (`classify_colours` at
-    `MAP_COVERAGE`, whichever colour); each of its 8-connected components goes to the map region it overlaps
+    foreground is every pixel an object covers more than half of, whichever world colour it is (`_half_covered`);
+    each of its 8-connected components goes to the map region it overlaps
     most (none when it overlaps none); region k's object is the union of its components, labelled with the
     shape that fits it (`fit_shape`); background elsewhere. `regions`: (H, W) bool, each object's pixels in the
     map, so one shape twice (in one scene or two tiles) is judged as two objects."""
     arr = np.asarray(image.convert("RGB"))
     colours = classify_colours(arr, MAP_COVERAGE)
     parts = components(_half_covered(arr, colours)).ravel()
+    bg = background_of(arr)
     pred = np.zeros(arr.shape[:2], np.uint8)
     if not len(regions):
         return ShapeMap(pred, [], 1.0 if parts.any() else 0.0)
@@ -277,7 +278,7 @@ def shape_map(image: Image.Image, regions: Sequence[np.ndarray]) -> ShapeMap:
             continue
         shape, _ = fit_shape(region, box_of(region))
         pred[region] = LABELS.index(shape)
-        objects.append(MapObject(region, shape, COLOUR_NAMES[np.bincount(colours[region]).argmax()]))
+        objects.append(MapObject(region, shape, COLOUR_NAMES[_own_colour(arr[region].astype(np.float32), bg)]))
     foreground = int((parts > 0).sum())
     stray = int(((parts > 0) & (owner[parts] < 0)).sum())
     return ShapeMap(pred, objects, stray / foreground if foreground else 0.0)
@@ -285,19 +286,32 @@ def shape_map(image: Image.Image, regions: Sequence[np.ndarray]) -> ShapeMap:
 
 def _half_covered(image: np.ndarray, colours: np.ndarray) -> np.ndarray:
     """(H, W) bool: the foreground, pixels an object covers more than half of (`FOREGROUND_COVERAGE`). A pixel
-    showing any world
-    colour (`colours`, `classify_colours` at that coverage) is not enough: an edge pixel 40% covered by a white
-    object over black is gray at 80%, so the object would grow by a rim. So coverage is read along each
-    8-connected region's own colour, the one most of its pixels show, and the pixels below it are dropped."""
+    showing some world colour (`colours`, `classify_colours` at half coverage) is not enough, because the
+    colours' mixing lines with the background meet: over black, gray is white half covered, so a white
+    object's edge pixel 40% covered is gray 80% covered (the object would grow by a rim), and a gray object
+    is white 50% covered. So coverage is read along each 8-connected region's own colour: the world colour
+    nearest (plainly, unmixed) to the mean of its quarter of pixels farthest from the background, its interior,
+    which the object covers fully."""
     coverage, _ = _mixing(image)
     parts = components(colours >= 0)
     ids, where = np.unique(parts, return_inverse=True)
-    own = np.zeros(len(ids), np.int64)  # each region's most common colour (id 0, the background: unused)
+    pixels, bg = image.astype(np.float32), background_of(image)
+    own = np.zeros(len(ids), np.int64)  # each region's own colour (id 0, the background: unused)
     for j, i in enumerate(ids):
         if i:
-            own[j] = np.bincount(colours[parts == i]).argmax()
+            own[j] = _own_colour(pixels[parts == i], bg)
     mine = np.take_along_axis(coverage, own[where.reshape(parts.shape)][..., None], -1)[..., 0]
     return (parts > 0) & (mine >= FOREGROUND_COVERAGE)
+
+
+def _own_colour(pixels: np.ndarray, bg: np.ndarray) -> int:
+    """The index in `COLOUR_NAMES` of an object's colour, from its (N, 3) float pixels over background `bg`: the
+    world colour nearest the mean of the quarter of them farthest from the background (not a colour the
+    background's own is too close to)."""
+    far = np.linalg.norm(pixels - bg, axis=-1)
+    peak = pixels[far >= np.quantile(far, 0.75)].mean(0)
+    usable = np.linalg.norm(COLOUR_TABLE - bg, axis=-1) > MIN_CONTRAST
+    return int(np.where(usable, np.linalg.norm(COLOUR_TABLE - peak, axis=-1), np.inf).argmin())
 
 
 def colour_adherence(found: Sequence[MapObject], colours: Sequence[str]) -> tuple[int, int]:
