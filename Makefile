@@ -180,7 +180,8 @@ compression-study: fashion-mnist
 # file is --init and, for its autoencoder, --vae) on the 50,000 free-placement scenes of 1-4 objects of its config; the
 # three runs share one latent cache. Each target copies the model into the package (the GLIGEN run's adapter file
 # alone, which names shapes as its base) and writes its evaluation: RUN/eval/report.json (box IoU and objects right
-# for the layout models, mean IoU for the semantic one, also on 256x256 canvases of 4x4 held-out scenes: RUN/eval-tiles4).
+# for the layout models, the colour-blind mean IoU for the semantic one, also on 256x256 canvases of 4x4 held-out
+# scenes: RUN/eval-tiles4).
 .PHONY: model-shapes-semantic model-shapes-layout model-shapes-gligen
 SHAPES_BASE := $(SHIPPED)/shapes.safetensors
 SHAPES_18 := shapes_semantic shapes_layout shapes_gligen
