@@ -79,6 +79,42 @@ def test_closed_gates_leave_the_shipped_shapes_model_unchanged_bit_for_bit():
         assert torch.equal(unet(x, t, ctx), want)
 
 
+def test_visual_positions_start_at_zero_and_give_each_position_its_cells_box_features():
+    """The option's positions are the Fourier features of each cell as a box, in the boxes' own coordinates (a box
+    equal to a cell gets the same features), row by row; zero-initialised, they change nothing until trained, and
+    once trained the adapter's output depends on them; without the option the adapter has no such parameters."""
+    from daguerre.models.gligen import cell_boxes
+
+    cells = cell_boxes(2, 4)
+    assert torch.equal(cells[5], torch.tensor([0.25, 0.5, 0.5, 1.0]))  # row 1, column 1 of 2 x 4
+    assert torch.equal(fourier_features(cells, 8)[5], fourier_features(torch.tensor([0.25, 0.5, 0.5, 1.0]), 8))
+    base_cfg = derive_model_config(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm"), 3, None)
+    gligen = GligenConfig(phrase_dim=base_cfg.text_encoder.width, hidden=32)
+    plain = UNetModel(_with_gligen(base_cfg, gligen).unet)
+    assert not any(".fuser.position." in n for n, _ in adapter_parameters(plain))
+    torch.manual_seed(0)
+    unet = UNetModel(_with_gligen(base_cfg, dataclasses.replace(gligen, visual_positions=True)).unet).eval()
+    positions = [p for n, p in adapter_parameters(unet) if ".fuser.position." in n]
+    assert positions and not any(p.any() for p in positions)
+    missing, unexpected = unet.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(".fuser.position." in n for n in missing)
+    _open_gates(unet)
+    for p in unet.parameters():  # the zero-initialised output layers would hide every difference
+        if not p.any() and p.dim() > 0 and p not in set(positions):
+            torch.nn.init.normal_(p, std=0.05)
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, base_cfg.unet.context_dim, generator=gen)
+    layout = grounding_tensor([(0.1, 0.1, 0.4, 0.4)], torch.randn(1, gligen.phrase_dim, generator=gen), 4)[None]
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        zero = unet(x, t, ctx, layout=layout)
+        plain.load_state_dict(unet.state_dict(), strict=False)
+        assert torch.equal(plain(x, t, ctx, layout=layout), zero)  # positions at 0: GLIGEN's layers exactly
+        for p in positions:
+            torch.nn.init.normal_(p, std=0.5)
+        assert not torch.allclose(unet(x, t, ctx, layout=layout), zero)
+
+
 def test_grounding_tokens_are_fourier_features_and_phrases_with_a_null_token_for_padding():
     boxes = torch.tensor([[0.25, 0.5, 0.75, 1.0]])
     f = fourier_features(boxes, 8)

@@ -15,6 +15,12 @@ block's width], only the visual outputs kept, added as x + tanh(alpha_attn) attn
 as x + tanh(alpha_dense) ff(...). Both gates start at 0, so a fresh adapter leaves the base model's output exactly
 unchanged, and without a layout the layers do not run at all (the model is the base model).
 
+With `visual_positions` (daguerre's option, off for GLIGEN's own checkpoints), each visual token the gated
+self-attention reads also carries its position: the Fourier features of its own cell as a box (`cell_boxes`), in
+the grounding tokens' coordinates, through a zero-initialised linear layer (`fuser.position`). GLIGEN relies on
+the position that SD's deep features carry implicitly; at a small model's 8x8 and 4x4 maps they hardly do, and a
+box must then be matched to the positions it covers by the attention alone.
+
 A layout reaches the U-Net as one float tensor (B, max_objects, GROUNDING_FIELDS + phrase_dim): per object its
 box (4), its mask (1: an object, 0: padding) and its phrase embedding (`grounding_tensor`), the `layout`
 argument of `UNetModel.forward` for a model with `unet.gligen`.
@@ -69,12 +75,20 @@ class GroundingNet(nn.Module):
         return self.linears(torch.cat([phrases, position], dim=-1))  # (B, N, width)
 
 
+def cell_boxes(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+    """(h * w, 4): each position of an h x w map, row by row, as the box (x0, y0, x1, y1) of its cell in [0, 1]."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
+                            torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
+    return torch.stack([xs / w, ys / h, (xs + 1) / w, (ys + 1) / h], dim=-1).reshape(h * w, 4)
+
+
 class GatedSelfAttention(nn.Module):
     """GLIGEN's gated self-attention (`GatedSelfAttentionDense`): x + tanh(alpha_attn) SA(LN([x; W objs]))[:visual],
     then x + tanh(alpha_dense) FF(LN(x)); both gates learned scalars that start at 0. `attn` (self-attention) and
-    `ff` are the U-Net's own layers (models/unet.py builds them), `dim` wide."""
+    `ff` are the U-Net's own layers (models/unet.py builds them), `dim` wide. With `position_freqs` > 0 (the
+    `visual_positions` option), the visual tokens read are x + P(fourier(cell)), P a linear layer starting at 0."""
 
-    def __init__(self, dim: int, context_dim: int, attn: nn.Module, ff: nn.Module):
+    def __init__(self, dim: int, context_dim: int, attn: nn.Module, ff: nn.Module, position_freqs: int = 0):
         super().__init__()
         self.linear = nn.Linear(context_dim, dim)  # grounding tokens to this block's width
         self.attn, self.ff = attn, ff  # the U-Net's own self-attention and GEGLU feed-forward, `dim` wide
@@ -82,10 +96,23 @@ class GatedSelfAttention(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.alpha_attn = nn.Parameter(torch.zeros(()))
         self.alpha_dense = nn.Parameter(torch.zeros(()))
+        self.position_freqs = position_freqs
+        self.position = None
+        if position_freqs:
+            self.position = nn.Linear(8 * position_freqs, dim)
+            nn.init.zeros_(self.position.weight)
+            nn.init.zeros_(self.position.bias)
 
-    def forward(self, x: torch.Tensor, objs: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, objs: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         visual = x.shape[1]
-        tokens = self.norm1(torch.cat([x, self.linear(objs.to(x.dtype))], dim=1))  # (B, HW + N, dim)
+        seen = x
+        if self.position is not None:
+            if grid is None or grid[0] * grid[1] != visual:
+                raise ValueError(f"the gated self-attention's visual positions need the map's (h, w) for {visual} "
+                                 f"positions, got {grid}")
+            cells = fourier_features(cell_boxes(*grid, device=x.device), self.position_freqs)
+            seen = x + self.position(cells.to(self.position.weight.dtype)).to(x.dtype)  # (HW, dim), broadcast
+        tokens = self.norm1(torch.cat([seen, self.linear(objs.to(x.dtype))], dim=1))  # (B, HW + N, dim)
         x = x + torch.tanh(self.alpha_attn).to(x.dtype) * self.attn(tokens)[:, :visual]
         return x + torch.tanh(self.alpha_dense).to(x.dtype) * self.ff(self.norm2(x))
 

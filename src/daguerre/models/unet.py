@@ -147,12 +147,12 @@ class BasicTransformerBlock(nn.Module):
     `gligen`, GLIGEN's gated self-attention over the image and the grounding tokens between the first two."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float, upcast: bool,
-                 gligen: bool = False):
+                 gligen: bool = False, position_freqs: int = 0):
         super().__init__()
         self.attn1 = CrossAttention(dim, dim, heads, head_dim, dropout, upcast)
         if gligen:  # models/gligen.py: its own self-attention and feed-forward, gated by tanh(alpha) = 0 at first
             self.fuser = GatedSelfAttention(dim, context_dim, CrossAttention(dim, dim, heads, head_dim, 0.0, upcast),
-                                            FeedForward(dim, 0.0))
+                                            FeedForward(dim, 0.0), position_freqs)
         self.ff = FeedForward(dim, dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout, upcast) if context_dim else None
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
@@ -160,8 +160,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None,
-                merge: Callable[[torch.Tensor], Merge] | None = None, objs: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                merge: Callable[[torch.Tensor], Merge] | None = None, objs: torch.Tensor | None = None,
+                grid: tuple[int, int] | None = None) -> torch.Tensor:
         y = self.norm1(x)
         if merge is None:
             x = x + self.attn1(y)  # (B, HW, dim)
@@ -169,7 +169,7 @@ class BasicTransformerBlock(nn.Module):
             plan = merge(y)
             x = x + plan.unmerge(self.attn1(plan.merge(y)))
         if objs is not None:  # GLIGEN: the grounding tokens (B, N, context_dim), read by the gated self-attention
-            x = self.fuser(x, objs)
+            x = self.fuser(x, objs, grid)  # grid: the map's (h, w), for the visual positions option
         if self.attn2 is not None:
             x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -192,7 +192,9 @@ class SpatialTransformer(nn.Module):
             self.proj_out = _zero_(nn.Conv2d(inner, channels, 1))
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, head_dim, cfg.context_dim, cfg.dropout, cfg.upcast_attention,
-                                  gligen=cfg.gligen is not None)
+                                  gligen=cfg.gligen is not None,
+                                  position_freqs=cfg.gligen.fourier_freqs if cfg.gligen and cfg.gligen.visual_positions
+                                  else 0)
             for _ in range(cfg.transformer_depth)
         )
 
@@ -207,7 +209,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             y = self.proj_in(y)  # (B, HW, inner)
         for block in self.transformer_blocks:
-            y = block(y, context, merge, objs)
+            y = block(y, context, merge, objs, (h, w))
         if self.use_linear:
             y = self.proj_out(y)  # (B, HW, C)
         y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C or inner, H, W), channels-last strides
