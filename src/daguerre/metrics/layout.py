@@ -237,7 +237,7 @@ def predicted_map(image: Image.Image, target: np.ndarray, colours_of: Sequence[t
 @dataclass
 class MapObject:
     """What the colour-blind map judge found for one object of a map: its pixels (None when nothing is drawn
-    there), the shape that fits them (`fit_shape`) and the world colour most of them show."""
+    there), the shape that fits them (`fit_shape`) and their world colour (`_own_colour`: its interior's)."""
 
     region: np.ndarray | None
     shape: str | None
@@ -256,9 +256,9 @@ class ShapeMap:
 def shape_map(image: Image.Image, regions: Sequence[np.ndarray]) -> ShapeMap:
     """The semantic map an image shows, read without its colours (a map names shapes, not colours). The
     foreground is every pixel an object covers more than half of, whichever world colour it is (`_half_covered`);
-    each of its 8-connected components goes to the map region it overlaps
-    most (none when it overlaps none); region k's object is the union of its components, labelled with the
-    shape that fits it (`fit_shape`); background elsewhere. `regions`: (H, W) bool, each object's pixels in the
+    each of its 8-connected components goes to the map region it overlaps most (none when it overlaps none);
+    region k's object is the union of its components, labelled with the shape that fits it (`fit_shape`);
+    background elsewhere. `regions`: (H, W) bool, each object's pixels in the
     map, so one shape twice (in one scene or two tiles) is judged as two objects."""
     arr = np.asarray(image.convert("RGB"))
     colours = classify_colours(arr, MAP_COVERAGE)
