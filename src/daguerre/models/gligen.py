@@ -122,6 +122,11 @@ def adapter_parameters(unet: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in unet.named_parameters() if n.startswith(ADAPTER_PREFIXES) or FUSER in n]
 
 
+def gate_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    """The adapter's scalar gates (every block's alpha_attn and alpha_dense)."""
+    return [p for n, p in adapter_parameters(unet) if n.endswith(("alpha_attn", "alpha_dense"))]
+
+
 def freeze_base(unet: nn.Module) -> list[nn.Parameter]:
     """Freeze every U-Net parameter but the adapter's (GLIGEN trains the adapter alone); returns the adapter's."""
     unet.requires_grad_(False)

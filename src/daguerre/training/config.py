@@ -171,6 +171,9 @@ class TrainConfig:
     warmup_steps: int = 500  # linear warm-up from 0 to lr
     decay: Literal["cosine", "constant"] = "cosine"  # "cosine": to min_lr at `steps`; or constant after warm-up
     weight_decay: float = 0.01  # AdamW decoupled weight decay (Loshchilov & Hutter 2019)
+    # a GLIGEN adapter's scalar gates (alpha_attn, alpha_dense) learn at gate_lr_scale x the learning rate: Adam
+    # moves a scalar about lr a step, so at lr 2e-4 a gate that starts at 0 stays below 0.1 for a thousand steps
+    gate_lr_scale: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
@@ -658,6 +661,7 @@ def check_run_config(cfg: RunConfig) -> None:
     non_negative = [("train.keep_every", t.keep_every),
                     ("train.lr", t.lr), ("train.min_lr", t.min_lr), ("train.warmup_steps", t.warmup_steps),
                     ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
+                    ("train.gate_lr_scale", t.gate_lr_scale),
                     ("train.sample_every", t.sample_every), ("train.checkpoint_every", t.checkpoint_every),
                     ("train.eval_every", t.eval_every), ("data.holdout", d.holdout), ("data.workers", d.workers),
                     ("train.threads", t.threads)]
@@ -672,6 +676,9 @@ def check_run_config(cfg: RunConfig) -> None:
         if not 0.0 <= cfg.loss.text_dropout <= 1.0 - cfg.loss.caption_dropout:
             raise ValueError(f"config key loss.text_dropout: must be in [0, 1 - loss.caption_dropout], got "
                              f"{cfg.loss.text_dropout}")
+        if t.gate_lr_scale != 1.0 and cfg.model.conditioning != "gligen":
+            raise ValueError(f"config key train.gate_lr_scale: {t.gate_lr_scale} scales a GLIGEN adapter's gates, "
+                             f"but model.conditioning is {cfg.model.conditioning!r}; leave it at 1")
         if cfg.loss.text_dropout and cfg.model.conditioning not in ("layout", "gligen"):
             raise ValueError(f"config key loss.text_dropout: drops a layout model's prompt alone, but "
                              f"model.conditioning is {cfg.model.conditioning!r}; use loss.caption_dropout")

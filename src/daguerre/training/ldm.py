@@ -25,7 +25,7 @@ from torch import nn
 from ..checkpoints.vae_file import load_vae
 from ..components import Components
 from ..conditioning import conditioner_for
-from ..models.gligen import freeze_base
+from ..models.gligen import freeze_base, gate_parameters
 from ..models.text_encoder import CLIPTextEncoder
 from ..models.unet import UNetModel
 from . import dist, latents, text_cache
@@ -129,7 +129,12 @@ class LDMStage:
             else:
                 te.eval().requires_grad_(False)
         self.evaluated = tuple(self.modules)
-        self.optimizers = {"model": make_optimizer(params, t)}
+        groups: list = params
+        if model_cfg.unet.gligen is not None and t.gate_lr_scale != 1.0:  # the adapter's gates learn faster
+            gates = {id(p) for p in gate_parameters(unet)}
+            groups = [{"params": [p for p in params if id(p) not in gates]},
+                      {"params": [p for p in params if id(p) in gates], "lr_scale": t.gate_lr_scale}]
+        self.optimizers = {"model": make_optimizer(groups, t)}
         self.peak_lr: dict[str, float] = {}
         self.model = wrap_ddp(DiffusionModel(unet, te if train_te else None), env)
         self.pool = torch.arange(len(lat)).numpy()

@@ -77,8 +77,10 @@ def lr_at(step: int, t: TrainConfig, peak: float | None = None) -> float:
     return t.min_lr + (lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def make_optimizer(params: Iterable[nn.Parameter], t: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
-    """AdamW over `params` (the single-tensor implementation: bitwise reproducible on the CPU)."""
+def make_optimizer(params: Iterable[nn.Parameter] | list[dict], t: TrainConfig,
+                   lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over `params` (the single-tensor implementation: bitwise reproducible on the CPU); `params` may be
+    parameter groups, each with an `lr_scale` (its learning rate = the schedule's x lr_scale, `set_lr`)."""
     return torch.optim.AdamW(
         list(params), lr=t.lr if lr is None else lr, betas=tuple(t.betas), eps=t.eps,
         weight_decay=t.weight_decay, foreach=False,
@@ -87,7 +89,7 @@ def make_optimizer(params: Iterable[nn.Parameter], t: TrainConfig, lr: float | N
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
