@@ -81,8 +81,9 @@ def test_closed_gates_leave_the_shipped_shapes_model_unchanged_bit_for_bit():
 
 def test_visual_positions_start_at_zero_and_give_each_position_its_cells_box_features():
     """The option's positions are the Fourier features of each cell as a box, in the boxes' own coordinates (a box
-    equal to a cell gets the same features), row by row; zero-initialised, they change nothing until trained, and
-    once trained the adapter's output depends on them; without the option the adapter has no such parameters."""
+    equal to a cell gets the same features), row by row; behind closed gates they change nothing (the base model
+    exactly), at zero the layers are GLIGEN's, and otherwise the adapter's output depends on them; without the
+    option the adapter has no such parameters."""
     from daguerre.models.gligen import cell_boxes
 
     cells = cell_boxes(2, 4)
@@ -95,17 +96,21 @@ def test_visual_positions_start_at_zero_and_give_each_position_its_cells_box_fea
     torch.manual_seed(0)
     unet = UNetModel(_with_gligen(base_cfg, dataclasses.replace(gligen, visual_positions=True)).unet).eval()
     positions = [p for n, p in adapter_parameters(unet) if ".fuser.position." in n]
-    assert positions and not any(p.any() for p in positions)
+    assert positions and all(p.any() for p in positions if p.dim() == 2)  # initialised, not zero
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, base_cfg.unet.context_dim, generator=gen)
+    layout = grounding_tensor([(0.1, 0.1, 0.4, 0.4)], torch.randn(1, gligen.phrase_dim, generator=gen), 4)[None]
+    t = torch.tensor([500.0])
+    with torch.no_grad():  # gates closed: the base model's output, whatever the positions
+        assert torch.equal(unet(x, t, ctx, layout=layout), unet(x, t, ctx))
+        for p in positions:
+            p.zero_()
     missing, unexpected = unet.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(".fuser.position." in n for n in missing)
     _open_gates(unet)
     for p in unet.parameters():  # the zero-initialised output layers would hide every difference
         if not p.any() and p.dim() > 0 and p not in set(positions):
             torch.nn.init.normal_(p, std=0.05)
-    gen = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, base_cfg.unet.context_dim, generator=gen)
-    layout = grounding_tensor([(0.1, 0.1, 0.4, 0.4)], torch.randn(1, gligen.phrase_dim, generator=gen), 4)[None]
-    t = torch.tensor([500.0])
     with torch.no_grad():
         zero = unet(x, t, ctx, layout=layout)
         plain.load_state_dict(unet.state_dict(), strict=False)

@@ -52,7 +52,7 @@ class GligenConfig:
     phrase_dim: int = 96  # the width of a phrase embedding: the text encoder's pooled output
     fourier_freqs: int = 8  # frequencies per box coordinate (sin and cos each): GLIGEN's 8
     hidden: int = 512  # the grounding MLP's hidden width (GLIGEN's 512)
-    # daguerre's option: each image position's own cell, as box Fourier features through a zero-initialised linear,
+    # daguerre's option: each image position's own cell, as box Fourier features through a linear layer,
     # added to the visual tokens the gated self-attention reads, so a box can be matched to the positions it covers
     # (SD's deep 64x64 features carry position implicitly; a small U-Net's 8x8 and 4x4 ones hardly do). False:
     # GLIGEN's layers exactly (and its checkpoints' keys).

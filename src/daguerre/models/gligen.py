@@ -17,7 +17,7 @@ unchanged, and without a layout the layers do not run at all (the model is the b
 
 With `visual_positions` (daguerre's option, off for GLIGEN's own checkpoints), each visual token the gated
 self-attention reads also carries its position: the Fourier features of its own cell as a box (`cell_boxes`), in
-the grounding tokens' coordinates, through a zero-initialised linear layer (`fuser.position`). GLIGEN relies on
+the grounding tokens' coordinates, through a linear layer (`fuser.position`). GLIGEN relies on
 the position that SD's deep features carry implicitly; at a small model's 8x8 and 4x4 maps they hardly do, and a
 box must then be matched to the positions it covers by the attention alone.
 
@@ -86,7 +86,7 @@ class GatedSelfAttention(nn.Module):
     """GLIGEN's gated self-attention (`GatedSelfAttentionDense`): x + tanh(alpha_attn) SA(LN([x; W objs]))[:visual],
     then x + tanh(alpha_dense) FF(LN(x)); both gates learned scalars that start at 0. `attn` (self-attention) and
     `ff` are the U-Net's own layers (models/unet.py builds them), `dim` wide. With `position_freqs` > 0 (the
-    `visual_positions` option), the visual tokens read are x + P(fourier(cell)), P a linear layer starting at 0."""
+    `visual_positions` option), the visual tokens read are x + P(fourier(cell)), P a linear layer."""
 
     def __init__(self, dim: int, context_dim: int, attn: nn.Module, ff: nn.Module, position_freqs: int = 0):
         super().__init__()
@@ -98,10 +98,9 @@ class GatedSelfAttention(nn.Module):
         self.alpha_dense = nn.Parameter(torch.zeros(()))
         self.position_freqs = position_freqs
         self.position = None
-        if position_freqs:
-            self.position = nn.Linear(8 * position_freqs, dim)
-            nn.init.zeros_(self.position.weight)
-            nn.init.zeros_(self.position.bias)
+        if position_freqs:  # initialised as the adapter's other layers: the closed gates keep the base unchanged,
+            self.position = nn.Linear(8 * position_freqs, dim)  # and positions at 0 would give the attention no
+            # place to match a box with (their gradient then comes only through that match: measured, nothing learnt)
 
     def forward(self, x: torch.Tensor, objs: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         visual = x.shape[1]
