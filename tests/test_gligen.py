@@ -120,6 +120,35 @@ def test_visual_positions_start_at_zero_and_give_each_position_its_cells_box_fea
         assert not torch.allclose(unet(x, t, ctx, layout=layout), zero)
 
 
+def test_attend_objects_acts_only_through_the_boxes():
+    """`attend = "objects"`: no feed-forward branch (no parameters of one); closed gates = the base model;
+    opened, the adapter changes the output and one phrase in two different boxes gives two different outputs;
+    a value other than "all" or "objects" is refused by key."""
+    base_cfg = derive_model_config(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm"), 3, None)
+    gligen = GligenConfig(phrase_dim=base_cfg.text_encoder.width, hidden=32, visual_positions=True, attend="objects")
+    torch.manual_seed(0)
+    unet = UNetModel(_with_gligen(base_cfg, gligen).unet).eval()
+    names = [n for n, _ in adapter_parameters(unet)]
+    assert not any(".fuser.ff." in n or n.endswith("alpha_dense") for n in names)
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, base_cfg.unet.context_dim, generator=gen)
+    phrase = torch.randn(1, gligen.phrase_dim, generator=gen)
+    a = grounding_tensor([(0.0, 0.0, 0.4, 0.4)], phrase, 4)[None]
+    b = grounding_tensor([(0.6, 0.6, 1.0, 1.0)], phrase, 4)[None]
+    t = torch.tensor([500.0])
+    for p in unet.parameters():  # the zero-initialised output layers would hide every difference
+        if not p.any() and p.dim() > 0:
+            torch.nn.init.normal_(p, std=0.05)
+    with torch.no_grad():
+        plain = unet(x, t, ctx)
+        assert torch.equal(unet(x, t, ctx, layout=a), plain)  # gates closed
+        _open_gates(unet)
+        ya, yb = unet(x, t, ctx, layout=a), unet(x, t, ctx, layout=b)
+        assert not torch.allclose(ya, plain) and not torch.allclose(ya, yb)
+    with pytest.raises(ValueError, match="attend"):
+        load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm", ["model.unet.gligen.attend='some'"])
+
+
 def test_grounding_tokens_are_fourier_features_and_phrases_with_a_null_token_for_padding():
     boxes = torch.tensor([[0.25, 0.5, 0.75, 1.0]])
     f = fourier_features(boxes, 8)

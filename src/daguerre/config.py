@@ -57,6 +57,10 @@ class GligenConfig:
     # (SD's deep 64x64 features carry position implicitly; a small U-Net's 8x8 and 4x4 ones hardly do). False:
     # GLIGEN's layers exactly (and its checkpoints' keys).
     visual_positions: bool = False
+    # daguerre's option: "objects" = each image token attends to the grounding tokens and to itself only (its own
+    # key the "nothing here" slot), with no feed-forward branch, so the adapter can act only through the objects;
+    # "all" = GLIGEN's self-attention over image and objects, then its gated feed-forward
+    attend: Literal["all", "objects"] = "all"
 
 
 ClassEmbedding = Literal["time", "context"]  # UNetConfig.class_embedding

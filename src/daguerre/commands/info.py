@@ -127,7 +127,8 @@ def format_info(info: dict) -> str:
     if gligen:  # route 2 of docs/layout.md: the same --layout / --box, read by an adapter on a frozen model
         lines.append(f"layout:          GLIGEN adapter, up to {gligen['max_objects']} objects (phrase + box each), "
                      f"gated self-attention in every transformer block"
-                     f"{' (visual tokens with their positions)' if gligen.get('visual_positions') else ''}; "
+                     f"{' (visual tokens with their positions)' if gligen.get('visual_positions') else ''}"
+                     f"{', image to objects only' if gligen.get('attend') == 'objects' else ''}; "
                      f"--layout-steps sets how long it acts")
     if info["config"].get("semantic_labels"):  # what `generate --semantic MAP.png` takes: the palette
         from ..data.layout import palette_legend

@@ -19,7 +19,10 @@ With `visual_positions` (daguerre's option, off for GLIGEN's own checkpoints), e
 self-attention reads also carries its position: the Fourier features of its own cell as a box (`cell_boxes`), in
 the grounding tokens' coordinates, through a linear layer (`fuser.position`). GLIGEN relies on
 the position that SD's deep features carry implicitly; at a small model's 8x8 and 4x4 maps they hardly do, and a
-box must then be matched to the positions it covers by the attention alone.
+box must then be matched to the positions it covers by the attention alone. With `attend = "objects"` (also
+daguerre's), each image token attends to the grounding tokens and to itself only, and there is no feed-forward
+branch: the adapter can change the image only through the objects (GLIGEN's self-attention over the image and
+its feed-forward also let it fine-tune the frozen model whatever the boxes say, docs/layout.md).
 
 A layout reaches the U-Net as one float tensor (B, max_objects, GROUNDING_FIELDS + phrase_dim): per object its
 box (4), its mask (1: an object, 0: padding) and its phrase embedding (`grounding_tensor`), the `layout`
@@ -88,14 +91,17 @@ class GatedSelfAttention(nn.Module):
     `ff` are the U-Net's own layers (models/unet.py builds them), `dim` wide. With `position_freqs` > 0 (the
     `visual_positions` option), the visual tokens read are x + P(fourier(cell)), P a linear layer."""
 
-    def __init__(self, dim: int, context_dim: int, attn: nn.Module, ff: nn.Module, position_freqs: int = 0):
+    def __init__(self, dim: int, context_dim: int, attn: nn.Module, ff: nn.Module | None, position_freqs: int = 0,
+                 objects_only: bool = False):
         super().__init__()
         self.linear = nn.Linear(context_dim, dim)  # grounding tokens to this block's width
         self.attn, self.ff = attn, ff  # the U-Net's own self-attention and GEGLU feed-forward, `dim` wide
+        self.objects_only = objects_only  # `attend = "objects"`: image -> objects (and itself) only, no ff
         self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
         self.alpha_attn = nn.Parameter(torch.zeros(()))
-        self.alpha_dense = nn.Parameter(torch.zeros(()))
+        if ff is not None:  # (`attend = "objects"` has no feed-forward branch, so no parameters that would not train)
+            self.norm2 = nn.LayerNorm(dim)
+            self.alpha_dense = nn.Parameter(torch.zeros(()))
         self.position_freqs = position_freqs
         self.position = None
         if position_freqs:  # initialised as the adapter's other layers: the closed gates keep the base unchanged,
@@ -112,8 +118,28 @@ class GatedSelfAttention(nn.Module):
             cells = fourier_features(cell_boxes(*grid, device=x.device), self.position_freqs)
             seen = x + self.position(cells.to(self.position.weight.dtype)).to(x.dtype)  # (HW, dim), broadcast
         tokens = self.norm1(torch.cat([seen, self.linear(objs.to(x.dtype))], dim=1))  # (B, HW + N, dim)
+        if self.objects_only:
+            return x + torch.tanh(self.alpha_attn).to(x.dtype) * self._to_objects(tokens, visual)
         x = x + torch.tanh(self.alpha_attn).to(x.dtype) * self.attn(tokens)[:, :visual]
         return x + torch.tanh(self.alpha_dense).to(x.dtype) * self.ff(self.norm2(x))
+
+    def _to_objects(self, tokens: torch.Tensor, visual: int) -> torch.Tensor:
+        """Each image token's attention over [itself; the N grounding tokens] (its own key the slot for "no
+        object here"), with `attn`'s projections and heads: (B, HW + N, dim) -> (B, HW, dim)."""
+        attn, b = self.attn, tokens.shape[0]
+        image, objects = tokens[:, :visual], tokens[:, visual:]
+        heads = attn.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (B, T, heads * d) -> (B, heads, T, d)
+            return t.reshape(b, t.shape[1], heads, -1).transpose(1, 2)
+
+        q, k_self, v_self = split(attn.to_q(image)), split(attn.to_k(image)), split(attn.to_v(image))
+        k_obj, v_obj = split(attn.to_k(objects)), split(attn.to_v(objects))
+        scale = q.shape[-1] ** -0.5
+        logits = torch.cat([(q * k_self).sum(-1, keepdim=True), q @ k_obj.transpose(-1, -2)], dim=-1) * scale
+        w = torch.softmax(logits.float(), dim=-1).to(q.dtype)  # (B, heads, HW, 1 + N)
+        out = w[..., :1] * v_self + w[..., 1:] @ v_obj  # (B, heads, HW, d)
+        return attn.to_out(out.transpose(1, 2).reshape(b, visual, -1))
 
 
 def adapter_parameters(unet: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -147,12 +147,13 @@ class BasicTransformerBlock(nn.Module):
     `gligen`, GLIGEN's gated self-attention over the image and the grounding tokens between the first two."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float, upcast: bool,
-                 gligen: bool = False, position_freqs: int = 0):
+                 gligen: bool = False, position_freqs: int = 0, objects_only: bool = False):
         super().__init__()
         self.attn1 = CrossAttention(dim, dim, heads, head_dim, dropout, upcast)
         if gligen:  # models/gligen.py: its own self-attention and feed-forward, gated by tanh(alpha) = 0 at first
             self.fuser = GatedSelfAttention(dim, context_dim, CrossAttention(dim, dim, heads, head_dim, 0.0, upcast),
-                                            FeedForward(dim, 0.0), position_freqs)
+                                            None if objects_only else FeedForward(dim, 0.0), position_freqs,
+                                            objects_only)
         self.ff = FeedForward(dim, dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout, upcast) if context_dim else None
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
@@ -194,7 +195,8 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, head_dim, cfg.context_dim, cfg.dropout, cfg.upcast_attention,
                                   gligen=cfg.gligen is not None,
                                   position_freqs=cfg.gligen.fourier_freqs if cfg.gligen and cfg.gligen.visual_positions
-                                  else 0)
+                                  else 0,
+                                  objects_only=cfg.gligen is not None and cfg.gligen.attend == "objects")
             for _ in range(cfg.transformer_depth)
         )
 
