@@ -24,6 +24,7 @@ from daguerre.models.gligen import (
     GROUNDING_FIELDS,
     adapter_parameters,
     fourier_features,
+    gate_parameters,
     grounding_tensor,
     null_grounding,
     phrase_embeddings,
@@ -48,9 +49,8 @@ def _with_gligen(config: ModelConfig, gligen: GligenConfig) -> ModelConfig:
 
 def _open_gates(unet: torch.nn.Module, value: float = 0.5) -> None:
     with torch.no_grad():
-        for name, p in adapter_parameters(unet):
-            if name.endswith(("alpha_attn", "alpha_dense")):
-                p.fill_(value)
+        for p in gate_parameters(unet):
+            p.fill_(value)
 
 
 # --- the adapter at zero: the base model, exactly -------------------------------------------------------
