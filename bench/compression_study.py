@@ -182,6 +182,9 @@ def cell_tasks(cell: Cell, budget: Budget, out: Path) -> list[Task]:
     tasks = [
         Task("vae", vae, daguerre("train", "vae", "--config", ds.vae_config, "--out", str(d / "vae"), "--resume",
                                   *_sets(vae_sets(cell, budget)))),
+        Task("recon", d / "recon.json",
+             [sys.executable, str(Path(__file__).resolve()), "recon", "--vae", str(vae), "--dataset", cell.dataset,
+              "--n", str(budget.eval_n), "--json", str(d / "recon.json")]),
         Task("ldm", d / "ldm" / "model.safetensors",
              daguerre("train", "ldm", "--config", ds.ldm_config, "--vae", str(vae), "--out", str(d / "ldm"),
                       "--resume", *_sets(ldm_sets(cell, budget)))),
@@ -267,6 +270,45 @@ def vae_metrics(vae_file: Path) -> dict[str, Any]:
             "scale_factor": config["vae"]["scale_factor"], "training_seconds": prov.get("training_seconds")}
 
 
+RECON_SEED = 7  # the reconstructed images: not the eval's reference (seed 0) nor its floor
+
+
+def reconstruction_fd(vae_file: Path, dataset: str, n: int) -> dict[str, Any]:
+    """The Frechet distance of the autoencoder's reconstructions (issue 19): `n` images of the study's size
+    (shapes rendered at 32 px; Fashion-MNIST's padded 32 px, train split) through encode -> posterior mode ->
+    (VQ: quantise) -> decode, measured as `daguerre eval` measures samples (the shipped classifier's features,
+    the same 1000 reference images), beside the same images unreconstructed (what a perfect autoencoder gets:
+    this set's FD floor)."""
+    import torch
+
+    from daguerre.checkpoints.vae_file import load_vae
+    from daguerre.data.shapes import sample_prompts
+    from daguerre.metrics.evaluate import REAL_KEY, fashion_reference, shapes_reference
+    from daguerre.metrics.extractors import load_extractor
+    from daguerre.metrics.stats import feature_statistics, frechet_distance
+    from daguerre.metrics.train_classifier import render_scenes
+    from daguerre.training.vae import evaluate_vae
+
+    size = DATASETS[dataset].size
+    if dataset == "shapes":
+        kind = DATASETS[dataset].eval_args[-1]
+        images = render_scenes([p.scene for p in sample_prompts(kind, n, REAL_KEY + RECON_SEED)], size)
+        real = shapes_reference((kind,), 1000, REAL_KEY)
+        extractor = load_extractor("default", "shapes")
+    else:
+        images = fashion_reference("train", n, RECON_SEED)
+        real = fashion_reference("test", 1000, 0)
+        extractor = load_extractor("default", "fashion_mnist")
+    vae, _ = load_vae(vae_file)
+    with torch.no_grad():
+        rec, metrics = evaluate_vae(vae.eval(), images)
+        stats_real = feature_statistics(extractor.features(real).double().numpy())
+        fd = {name: frechet_distance(*feature_statistics(extractor.features(x).double().numpy()), *stats_real)
+              for name, x in (("reconstructed", rec.clamp(-1, 1)), ("input", images))}
+    return {"n": n, "size": size, "fd": fd["reconstructed"], "fd_input": fd["input"], **metrics,
+            "extractor": extractor.name}
+
+
 def budget_for(out: Path, given: dict[str, int]) -> Budget:
     """The folder's budget (OUT/budget.json), or a new one from the defaults and `given`; a conflict is refused."""
     path = out / "budget.json"
@@ -334,10 +376,12 @@ def collect(out: Path, cells: Sequence[Cell], budget: Budget) -> list[dict[str, 
                           "seconds_per_image": report["timing"]["seconds_per_image"],
                           "ldm_cpu_s": ldm_cpu * step / budget.ldm_steps if ldm_cpu is not None else None})
         hold = (vae or {}).get("holdout", {})
+        recon = _read_json(d / "recon.json") or {}
         rows.append({
             "cell": cell.name, "dataset": cell.dataset, "regularizer": cell.regularizer, "f": cell.f,
             "latent": list(cell.latent()), **cell.rate(budget),
             "psnr": hold.get("psnr"), "ssim": hold.get("ssim"), "codes_used": hold.get("codes_used"),
+            "recon_fd": recon.get("fd"), "recon_fd_input": recon.get("fd_input"),
             "vae_cpu_s": timing.get("vae", {}).get("cpu_s") if vae is not None else None,
             "ldm_cpu_s": ldm_cpu, "evals": evals,
         })
@@ -350,16 +394,17 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """The Markdown table of the study: one line per cell, the last evaluated LDM step's scores."""
-    lines = ["| cell | latent | values / pixel value | PSNR dB | SSIM | codes used | VAE CPU min | LDM step | "
-             "FD (floor) | adherence | LDM CPU min | s / image |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | latent | values / pixel value | PSNR dB | SSIM | codes used | recon. FD (input) | VAE CPU min | "
+             "LDM step | FD (floor) | adherence | LDM CPU min | s / image |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         last = r["evals"][-1] if r["evals"] else {}
         fd = f"{last['fd']:.2f} ({last['fd_floor']:.2f})" if last else "-"
+        recon = (f"{r['recon_fd']:.2f} ({r['recon_fd_input']:.2f})" if r.get("recon_fd") is not None else "-")
         lines.append(
             f"| {r['cell']} | {'x'.join(str(n) for n in r['latent'])} | {r['values_per_pixel_value']:.3g} | "
             f"{_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.4f')} | {_fmt(r['codes_used'], '.1%')} | "
-            f"{_fmt(r['vae_cpu_s'], '.1f', 1 / 60)} | "
+            f"{recon} | {_fmt(r['vae_cpu_s'], '.1f', 1 / 60)} | "
             f"{last.get('step', '-')} | {fd} | {_fmt(last.get('adherence'), '.0%')} | "
             f"{_fmt(r['ldm_cpu_s'], '.1f', 1 / 60)} | {_fmt(last.get('seconds_per_image'), '.3f')} |")
     return "\n".join(lines) + "\n"
@@ -432,6 +477,35 @@ def report(out: Path, cells: Sequence[Cell], budget: Budget, png_dir: Path) -> l
     return rows
 
 
+RECORDED = ("cell.json", "timing.json", "vae_metrics.json", "recon.json")  # + eval/step_S/report.json
+
+
+def record(out: Path, cells: Sequence[Cell], budget: Budget, to: Path) -> list[Path]:
+    """Copy what `report` reads (the budget, each cell's small JSON files and evaluation reports, without the
+    samples' per-image lists) from the study folder `out` to `to`, which `report --out TO` then reads alone:
+    the measurements in a few hundred kB, beside gigabytes of checkpoints and latent caches."""
+    written = []
+
+    def copy(src: Path, dst: Path, slim: bool = False) -> None:
+        data = _read_json(src)
+        if data is None:
+            return
+        if slim:
+            data = {k: v for k, v in data.items() if k not in ("samples", "grid")}
+        _write_json(dst, data)
+        written.append(dst)
+
+    _write_json(to / "budget.json", dataclasses.asdict(budget))
+    written.append(to / "budget.json")
+    for cell in cells:
+        for name in RECORDED:
+            copy(out / cell.name / name, to / cell.name / name)
+        for step in budget.eval_steps():
+            rel = Path(cell.name) / "eval" / f"step_{step}" / "report.json"
+            copy(out / rel, to / rel, slim=True)
+    return written
+
+
 def status(out: Path, cells: Sequence[Cell], budget: Budget) -> str:
     lines = []
     for cell in cells:
@@ -495,14 +569,26 @@ def parse_cells(spec: str) -> list[Cell]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["run", "report", "status", "steptimes"])
+    p.add_argument("action", choices=["run", "report", "status", "steptimes", "record", "recon"])
     p.add_argument("--out", type=Path, default=Path("runs/compression"), help="the study's folder")
     p.add_argument("--cells", default="all", help="comma-separated DATASET-REG-fN (e.g. fashion-kl-f4), or all")
     p.add_argument("--png-dir", type=Path, default=None, help="report: where the plots go (default: OUT)")
+    p.add_argument("--to", type=Path, default=None, help="record: the folder that keeps the measurements")
+    p.add_argument("--vae", type=Path, help="recon: the autoencoder file")
+    p.add_argument("--dataset", choices=sorted(DATASETS), help="recon: its data set")
+    p.add_argument("--n", type=int, default=100, help="recon: images reconstructed")
+    p.add_argument("--json", type=Path, help="recon: where its result goes")
     for f in dataclasses.fields(Budget):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None, help=f"budget (default {f.default})")
     args = p.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Budget) if getattr(args, f.name) is not None}
+    if args.action == "recon":  # one cell's task (run calls it as a command, for its CPU time and its log)
+        if args.vae is None or args.dataset is None or args.json is None:
+            p.error("recon needs --vae, --dataset and --json")
+        result = reconstruction_fd(args.vae, args.dataset, args.n)
+        _write_json(args.json, result)
+        print(json.dumps(result))
+        return 0
     try:
         cells = parse_cells(args.cells)
         if args.action == "run":
@@ -524,6 +610,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for cell in cells:
             times = step_seconds(cell, budget)
             print(f"{cell.name}  {times['vae_step_s']:.3f}  {times['unet_step_s']:.3f}", flush=True)
+        return 0
+    if args.action == "record":
+        if args.to is None:
+            p.error("record needs --to (e.g. bench/results/compression)")
+        print(f"recorded {len(record(args.out, cells, budget, args.to))} files in {args.to}")
         return 0
     if args.action == "report":
         rows = report(args.out, cells, budget, args.png_dir or args.out)

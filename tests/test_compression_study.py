@@ -29,12 +29,14 @@ def test_cells_parse_and_their_commands_set_the_factor_and_the_regulariser():
         with pytest.raises(ValueError, match="cell"):
             cs.Cell.parse(bad)
     tasks = cs.cell_tasks(vq, BUDGET, Path("/study"))
-    assert [t.name for t in tasks] == ["vae", "ldm", "export@10", "eval@10", "export@20", "eval@20"]
+    assert [t.name for t in tasks] == ["vae", "recon", "ldm", "export@10", "eval@10", "export@20", "eval@20"]
     vae = " ".join(tasks[0].command)
     assert "model.vae.channel_mult=[1]" in vae and "model.regularizer=vq" in vae and "model.codebook_size=16" in vae
     kl = " ".join(cs.cell_tasks(cs.Cell("shapes", "kl", 8), BUDGET, Path("/study"))[0].command)
     assert "model.vae.channel_mult=[1,2,2,4]" in kl and "regularizer" not in kl and "data.shapes.n=8000" in kl
-    ldm = tasks[1].command
+    recon = tasks[1].command
+    assert recon[recon.index("--vae") + 1] == "/study/fashion-vq-f1/vae/vae.safetensors" and "fashion" in recon
+    ldm = tasks[2].command
     assert ldm[ldm.index("--vae") + 1] == "/study/fashion-vq-f1/vae/vae.safetensors" and "--resume" in ldm
     assert "train.keep_every=10" in ldm and "model.unet.attention_levels=[1]" in ldm
     assert len(cs.all_cells()) == 16 and cs.all_cells()[0].f == 8  # cheap cells first
@@ -60,6 +62,8 @@ class FakeDaguerre:
             if cell.regularizer == "vq":
                 config["provenance"]["holdout_metrics"]["codes_used"] = 0.5
             save_file({"w": torch.zeros(1)}, str(task.output), {"daguerre_config": json.dumps(config)})
+        elif task.name == "recon":
+            task.output.write_text(json.dumps({"fd": 3.0 / cell.f, "fd_input": 0.25}))
         elif task.name.startswith("eval"):
             step = int(task.name.split("@")[1])
             task.output.write_text(json.dumps(fake_report(10.0 / step, 0.01 * step)))
@@ -77,7 +81,7 @@ def test_a_stopped_run_resumes_at_the_task_that_stopped_and_skips_what_is_done(t
     cell = cs.Cell("fashion", "kl", 4)
     fake = FakeDaguerre(tmp_path, fail={"ldm"})
     assert not cs.run_cells(tmp_path, [cell], BUDGET, fake, say=lambda s: None)
-    assert fake.calls == ["fashion-kl-f4:vae", "fashion-kl-f4:ldm"]
+    assert fake.calls == ["fashion-kl-f4:vae", "fashion-kl-f4:recon", "fashion-kl-f4:ldm"]
     timing = json.loads((tmp_path / cell.name / "timing.json").read_text())
     assert timing["vae"]["done"] and not timing["ldm"]["done"] and timing["ldm"]["cpu_s"] == 2.0
     assert json.loads((tmp_path / cell.name / "vae_metrics.json").read_text())["holdout"]["psnr"] == 24.0
@@ -88,7 +92,7 @@ def test_a_stopped_run_resumes_at_the_task_that_stopped_and_skips_what_is_done(t
     assert timing["ldm"] == {"cpu_s": 3.0, "wall_s": 4.5, "segments": 2, "done": True}  # both segments counted
     fake.calls.clear()
     assert cs.run_cells(tmp_path, [cell], BUDGET, fake, say=lambda s: None) and fake.calls == []
-    assert cs.status(tmp_path, [cell], BUDGET) == "fashion-kl-f4: 6/6 done"
+    assert cs.status(tmp_path, [cell], BUDGET) == "fashion-kl-f4: 7/7 done"
 
 
 def test_the_budget_stays_with_its_folder(tmp_path):
@@ -114,10 +118,17 @@ def test_the_report_assembles_the_measured_cells_into_a_table_and_plots(tmp_path
     assert by["fashion-vq-f4"]["evals"][0]["ldm_cpu_s"] == 0.5  # the LDM's CPU time in proportion to the step
     assert by["shapes-kl-f1"]["psnr"] is None and by["shapes-kl-f1"]["evals"] == []
     text = (tmp_path / "results.md").read_text()
-    assert "| fashion-vq-f4 | 4x8x8 | 0.25 | 24.00 | 0.9000 | 50.0% | 0.0 | 20 | 0.50 (0.50) | 20% | 0.0 | 0.100 |" \
-        in text
-    assert "| fashion-kl-f4 | 4x8x8 | 0.25 | 24.00 | 0.9000 | - | 0.0 | 10 | 1.00 (0.50) | 10% | 0.0 | 0.100 |" in text
-    assert "| shapes-kl-f1 | 4x32x32 | 1.33 | - | - | - | - | - | - | - | - | - |" in text
+    assert ("| fashion-vq-f4 | 4x8x8 | 0.25 | 24.00 | 0.9000 | 50.0% | 0.75 (0.25) | 0.0 | 20 | 0.50 (0.50) | 20% | "
+            "0.0 | 0.100 |") in text
+    assert ("| fashion-kl-f4 | 4x8x8 | 0.25 | 24.00 | 0.9000 | - | 0.75 (0.25) | 0.0 | 10 | 1.00 (0.50) | 10% | 0.0 | "
+            "0.100 |") in text
+    assert "| shapes-kl-f1 | 4x32x32 | 1.33 | - | - | - | - | - | - | - | - | - | - |" in text
+    # record keeps what the report reads, and the report of the record is the same
+    kept = tmp_path / "kept"
+    files = cs.record(tmp_path, cells, BUDGET, kept)
+    assert kept / "budget.json" in files and all(f.suffix == ".json" for f in files)
+    assert not any(f.is_relative_to(kept / "shapes-kl-f1") for f in files)  # nothing measured, nothing kept
+    assert cs.collect(kept, cells, BUDGET) == cs.collect(tmp_path, cells, BUDGET)
     assert json.loads((tmp_path / "results.json").read_text())["budget"]["ldm_steps"] == 20
     for name in ("rate_distortion.png", "quality_vs_steps.png", "quality_vs_cpu.png"):
         assert (tmp_path / "png" / name).stat().st_size > 1000
