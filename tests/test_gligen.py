@@ -22,7 +22,10 @@ from daguerre.config import GligenConfig, ModelConfig
 from daguerre.data.layout import LayoutObject
 from daguerre.models.gligen import (
     GROUNDING_FIELDS,
+    GatedSelfAttention,
+    Grounding,
     adapter_parameters,
+    box_overlaps,
     fourier_features,
     gate_parameters,
     grounding_tensor,
@@ -123,7 +126,7 @@ def test_visual_positions_start_at_zero_and_give_each_position_its_cells_box_fea
 def test_attend_objects_acts_only_through_the_boxes():
     """`attend = "objects"`: no feed-forward branch (no parameters of one); closed gates = the base model;
     opened, the adapter changes the output and one phrase in two different boxes gives two different outputs;
-    a value other than "all" or "objects" is refused by key."""
+    a value other than "all", "objects" or "boxes" is refused by key."""
     base_cfg = derive_model_config(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm"), 3, None)
     gligen = GligenConfig(phrase_dim=base_cfg.text_encoder.width, hidden=32, visual_positions=True, attend="objects")
     torch.manual_seed(0)
@@ -147,6 +150,50 @@ def test_attend_objects_acts_only_through_the_boxes():
         assert not torch.allclose(ya, plain) and not torch.allclose(ya, yb)
     with pytest.raises(ValueError, match="attend"):
         load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm", ["model.unet.gligen.attend='some'"])
+
+
+def test_box_overlaps_marks_the_cells_a_box_covers_and_no_padding():
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.25], [0.3, 0.3, 0.35, 0.35], [0.0, 0.0, 1.0, 1.0]]])
+    inside = box_overlaps(boxes, torch.tensor([[1.0, 1.0, 0.0]]), 4, 4).reshape(4, 4, 3)  # (row, column, object)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[0, :2] = True  # x in [0, 0.5), y in [0, 0.25): the top row's first two cells; not the edge's neighbours
+    assert torch.equal(inside[..., 0], expected)
+    small = torch.zeros(4, 4, dtype=torch.bool)
+    small[1, 1] = True  # a box smaller than a cell marks the cell it lies in
+    assert torch.equal(inside[..., 1], small)
+    assert not inside[..., 2].any()  # padding (mask 0) is nowhere
+
+
+def test_attend_boxes_changes_only_the_positions_in_the_boxes():
+    """`attend = "boxes"`: the gated layer adds to a position only if an object's box overlaps its cell; elsewhere
+    each token attends to itself alone, which the layer's output still changes (the self slot), the same
+    whatever the objects are; a box moved moves the change."""
+    torch.manual_seed(0)
+    from daguerre.models.unet import CrossAttention
+
+    dim, ctx_dim, h, w = 32, 16, 4, 4
+    layer = GatedSelfAttention(dim, ctx_dim, CrossAttention(dim, dim, 2, 16, 0.0, False), None, box_mask=True).eval()
+    with torch.no_grad():
+        layer.alpha_attn.fill_(0.5)
+    x = torch.randn(2, h * w, dim)
+    tokens = torch.randn(2, 2, ctx_dim)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    left = torch.tensor([[0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    right = torch.tensor([[0.5, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    with torch.no_grad():
+        a = layer(x, Grounding(tokens, torch.stack([left, left]), mask), (h, w)).reshape(2, h, w, dim)
+        other = layer(x, Grounding(torch.randn(2, 2, ctx_dim), torch.stack([left, left]), mask), (h, w))
+        b = layer(x, Grounding(tokens, torch.stack([right, right]), mask), (h, w)).reshape(2, h, w, dim)
+        alone = layer(x, Grounding(tokens, torch.stack([left, left]), torch.zeros(2, 2)), (h, w)).reshape(2, h, w, dim)
+        with pytest.raises(ValueError, match="box masks need the map"):
+            layer(x, Grounding(tokens, torch.stack([left, left]), mask), None)
+    other = other.reshape(2, h, w, dim)
+    # outside its box an object changes nothing: those positions are as with no object at all
+    assert torch.equal(a[:, :, 2:], alone[:, :, 2:]) and torch.equal(b[:, :, :2], alone[:, :, :2])
+    assert torch.equal(a[:, :, 2:], other[:, :, 2:])
+    # inside, the object is read: another object, or none, gives another output
+    assert not torch.allclose(a[:, :, :2], alone[:, :, :2]) and not torch.allclose(a[:, :, :2], other[:, :, :2])
+    assert not torch.allclose(b[:, :, 2:], alone[:, :, 2:])
 
 
 def test_grounding_tokens_are_fourier_features_and_phrases_with_a_null_token_for_padding():

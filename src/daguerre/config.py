@@ -59,8 +59,9 @@ class GligenConfig:
     visual_positions: bool = False
     # daguerre's option: "objects" = each image token attends to the grounding tokens and to itself only (its own
     # key the "nothing here" slot), with no feed-forward branch, so the adapter can act only through the objects;
-    # "all" = GLIGEN's self-attention over image and objects, then its gated feed-forward
-    attend: Literal["all", "objects"] = "all"
+    # "all" = GLIGEN's self-attention over image and objects, then its gated feed-forward; "boxes" = as
+    # "objects", each image token attending only to the objects whose box overlaps its cell (a box mask)
+    attend: Literal["all", "objects", "boxes"] = "all"
 
 
 ClassEmbedding = Literal["time", "context"]  # UNetConfig.class_embedding

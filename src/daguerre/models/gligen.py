@@ -32,6 +32,7 @@ argument of `UNetModel.forward` for a model with `unet.gligen`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -78,6 +79,25 @@ class GroundingNet(nn.Module):
         return self.linears(torch.cat([phrases, position], dim=-1))  # (B, N, width)
 
 
+class Grounding(NamedTuple):
+    """What the gated self-attention layers read of a layout: the grounding tokens and the objects' boxes."""
+
+    tokens: torch.Tensor  # (B, N, context_dim): GroundingNet's output
+    boxes: torch.Tensor  # (B, N, 4): x0, y0, x1, y1 in [0, 1]
+    mask: torch.Tensor  # (B, N): 1 an object, 0 padding
+
+
+def box_overlaps(boxes: torch.Tensor, mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, N, 4) boxes, (B, N) mask -> (B, h * w, N) bool: whether object n's box overlaps the cell of each
+    position of an h x w map (row by row; overlap of positive area: a box ending on a cell's edge does not mark it)."""
+    cells = cell_boxes(h, w, boxes.device)  # (HW, 4)
+    b = boxes.float()[:, None]  # (B, 1, N, 4)
+    c = cells[None, :, None]  # (1, HW, 1, 4)
+    inside = ((b[..., 0] < c[..., 2]) & (b[..., 2] > c[..., 0]) &
+              (b[..., 1] < c[..., 3]) & (b[..., 3] > c[..., 1]))  # (B, HW, N)
+    return inside & (mask[:, None] > 0)
+
+
 def cell_boxes(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
     """(h * w, 4): each position of an h x w map, row by row, as the box (x0, y0, x1, y1) of its cell in [0, 1]."""
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
@@ -92,11 +112,12 @@ class GatedSelfAttention(nn.Module):
     `visual_positions` option), the visual tokens read are x + P(fourier(cell)), P a linear layer."""
 
     def __init__(self, dim: int, context_dim: int, attn: nn.Module, ff: nn.Module | None, position_freqs: int = 0,
-                 objects_only: bool = False):
+                 objects_only: bool = False, box_mask: bool = False):
         super().__init__()
         self.linear = nn.Linear(context_dim, dim)  # grounding tokens to this block's width
         self.attn, self.ff = attn, ff  # the U-Net's own self-attention and GEGLU feed-forward, `dim` wide
-        self.objects_only = objects_only  # `attend = "objects"`: image -> objects (and itself) only, no ff
+        self.objects_only = objects_only or box_mask  # `attend = "objects"`: image -> objects (and itself), no ff
+        self.box_mask = box_mask  # `attend = "boxes"`: ... and only to the objects whose box overlaps its cell
         self.norm1 = nn.LayerNorm(dim)
         self.alpha_attn = nn.Parameter(torch.zeros(()))
         if ff is not None:  # (`attend = "objects"` has no feed-forward branch, so no parameters that would not train)
@@ -108,24 +129,26 @@ class GatedSelfAttention(nn.Module):
             self.position = nn.Linear(8 * position_freqs, dim)  # and positions at 0 would give the attention no
             # place to match a box with (their gradient then comes only through that match: measured, nothing learnt)
 
-    def forward(self, x: torch.Tensor, objs: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, objs: Grounding, grid: tuple[int, int] | None = None) -> torch.Tensor:
         visual = x.shape[1]
         seen = x
+        if (self.position is not None or self.box_mask) and (grid is None or grid[0] * grid[1] != visual):
+            raise ValueError(f"the gated self-attention's visual positions and box masks need the map's (h, w) for "
+                             f"{visual} positions, got {grid}")
         if self.position is not None:
-            if grid is None or grid[0] * grid[1] != visual:
-                raise ValueError(f"the gated self-attention's visual positions need the map's (h, w) for {visual} "
-                                 f"positions, got {grid}")
             cells = fourier_features(cell_boxes(*grid, device=x.device), self.position_freqs)
             seen = x + self.position(cells.to(self.position.weight.dtype)).to(x.dtype)  # (HW, dim), broadcast
-        tokens = self.norm1(torch.cat([seen, self.linear(objs.to(x.dtype))], dim=1))  # (B, HW + N, dim)
+        tokens = self.norm1(torch.cat([seen, self.linear(objs.tokens.to(x.dtype))], dim=1))  # (B, HW + N, dim)
         if self.objects_only:
-            return x + torch.tanh(self.alpha_attn).to(x.dtype) * self._to_objects(tokens, visual)
+            allowed = box_overlaps(objs.boxes, objs.mask, *grid) if self.box_mask else None
+            return x + torch.tanh(self.alpha_attn).to(x.dtype) * self._to_objects(tokens, visual, allowed)
         x = x + torch.tanh(self.alpha_attn).to(x.dtype) * self.attn(tokens)[:, :visual]
         return x + torch.tanh(self.alpha_dense).to(x.dtype) * self.ff(self.norm2(x))
 
-    def _to_objects(self, tokens: torch.Tensor, visual: int) -> torch.Tensor:
+    def _to_objects(self, tokens: torch.Tensor, visual: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Each image token's attention over [itself; the N grounding tokens] (its own key the slot for "no
-        object here"), with `attn`'s projections and heads: (B, HW + N, dim) -> (B, HW, dim)."""
+        object here"; `allowed` (B, HW, N): only those objects), with `attn`'s projections and heads:
+        (B, HW + N, dim) -> (B, HW, dim)."""
         attn, b = self.attn, tokens.shape[0]
         image, objects = tokens[:, :visual], tokens[:, visual:]
         heads = attn.heads
@@ -136,8 +159,10 @@ class GatedSelfAttention(nn.Module):
         q, k_self, v_self = split(attn.to_q(image)), split(attn.to_k(image)), split(attn.to_v(image))
         k_obj, v_obj = split(attn.to_k(objects)), split(attn.to_v(objects))
         scale = q.shape[-1] ** -0.5
-        logits = torch.cat([(q * k_self).sum(-1, keepdim=True), q @ k_obj.transpose(-1, -2)], dim=-1) * scale
-        w = torch.softmax(logits.float(), dim=-1).to(q.dtype)  # (B, heads, HW, 1 + N)
+        logits = torch.cat([(q * k_self).sum(-1, keepdim=True), q @ k_obj.transpose(-1, -2)], dim=-1).float() * scale
+        if allowed is not None:  # the self slot is always allowed, so no row is empty
+            logits[..., 1:] = logits[..., 1:].masked_fill(~allowed[:, None], float("-inf"))
+        w = torch.softmax(logits, dim=-1).to(q.dtype)  # (B, heads, HW, 1 + N)
         out = w[..., :1] * v_self + w[..., 1:] @ v_obj  # (B, heads, HW, d)
         return attn.to_out(out.transpose(1, 2).reshape(b, visual, -1))
 

@@ -44,7 +44,7 @@ from ..config import UNetConfig
 from ..nn.attention import attention
 from ..nn.embeddings import timestep_embedding
 from ..nn.tome import Merge, bipartite_merge
-from .gligen import GatedSelfAttention, GroundingNet
+from .gligen import GatedSelfAttention, Grounding, GroundingNet
 from .layout import LayoutEncoder
 
 TIME_EMBED_MULT = 4  # time embedding width = TIME_EMBED_MULT * model_channels
@@ -147,13 +147,13 @@ class BasicTransformerBlock(nn.Module):
     `gligen`, GLIGEN's gated self-attention over the image and the grounding tokens between the first two."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float, upcast: bool,
-                 gligen: bool = False, position_freqs: int = 0, objects_only: bool = False):
+                 gligen: bool = False, position_freqs: int = 0, attend: str = "all"):
         super().__init__()
         self.attn1 = CrossAttention(dim, dim, heads, head_dim, dropout, upcast)
         if gligen:  # models/gligen.py: its own self-attention and feed-forward, gated by tanh(alpha) = 0 at first
             self.fuser = GatedSelfAttention(dim, context_dim, CrossAttention(dim, dim, heads, head_dim, 0.0, upcast),
-                                            None if objects_only else FeedForward(dim, 0.0), position_freqs,
-                                            objects_only)
+                                            FeedForward(dim, 0.0) if attend == "all" else None, position_freqs,
+                                            objects_only=attend == "objects", box_mask=attend == "boxes")
         self.ff = FeedForward(dim, dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout, upcast) if context_dim else None
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
@@ -161,7 +161,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None,
-                merge: Callable[[torch.Tensor], Merge] | None = None, objs: torch.Tensor | None = None,
+                merge: Callable[[torch.Tensor], Merge] | None = None, objs: Grounding | None = None,
                 grid: tuple[int, int] | None = None) -> torch.Tensor:
         y = self.norm1(x)
         if merge is None:
@@ -170,7 +170,7 @@ class BasicTransformerBlock(nn.Module):
             plan = merge(y)
             x = x + plan.unmerge(self.attn1(plan.merge(y)))
         if objs is not None:  # GLIGEN: the grounding tokens (B, N, context_dim), read by the gated self-attention
-            x = self.fuser(x, objs, grid)  # grid: the map's (h, w), for the visual positions option
+            x = self.fuser(x, objs, grid)  # grid: the map's (h, w), for visual positions and box masks
         if self.attn2 is not None:
             x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -196,12 +196,12 @@ class SpatialTransformer(nn.Module):
                                   gligen=cfg.gligen is not None,
                                   position_freqs=cfg.gligen.fourier_freqs if cfg.gligen and cfg.gligen.visual_positions
                                   else 0,
-                                  objects_only=cfg.gligen is not None and cfg.gligen.attend == "objects")
+                                  attend=cfg.gligen.attend if cfg.gligen is not None else "all")
             for _ in range(cfg.transformer_depth)
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, tome: TokenMerging | None = None,
-                objs: torch.Tensor | None = None) -> torch.Tensor:
+                objs: Grounding | None = None) -> torch.Tensor:
         b, _, h, w = x.shape
         merge = tome.planner(h, w) if tome is not None else None  # None but at the latent's full resolution
         y = self.norm(x)  # (B, C, H, W)
@@ -278,7 +278,7 @@ class TimestepEmbedSequential(nn.Sequential):
 
     def forward(
         self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None, size: torch.Size | None = None,
-        tome: TokenMerging | None = None, objs: torch.Tensor | None = None,
+        tome: TokenMerging | None = None, objs: Grounding | None = None,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
@@ -457,7 +457,8 @@ class UNetModel(nn.Module):
         cfg, dtype, b = self.cfg, self.dtype, x.shape[0]
         objs = None
         if cfg.gligen is not None and layout is not None:  # GLIGEN: the objects' grounding tokens; none: the base
-            objs = self.position_net(layout.to(x.device)).to(dtype)  # (B, N, context_dim)
+            layout = layout.to(x.device)
+            objs = Grounding(self.position_net(layout).to(dtype), layout[..., :4], layout[..., 4])  # (B, N, ...)
             layout = None
         elif (layout is None) != (cfg.layout is None):
             raise ValueError(f"UNetModel with layout={cfg.layout is not None}: pass layout tokens exactly when the "
@@ -521,7 +522,7 @@ class UNetModel(nn.Module):
         return self.out(h)  # (B, C_out, H, W)
 
     def _up(self, blocks, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
-            context: torch.Tensor | None, merging: TokenMerging | None, objs: torch.Tensor | None = None
+            context: torch.Tensor | None, merging: TokenMerging | None, objs: Grounding | None = None
             ) -> torch.Tensor:
         """Run decoder `blocks`, each on h concatenated with the last of `skips` (popped)."""
         for block in blocks:
