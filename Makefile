@@ -36,7 +36,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test fashion-mnist browser
 	$(VENV)/bin/ruff check src tests bench
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check src tests bench
