@@ -125,11 +125,11 @@ def format_info(info: dict) -> str:
                      f"corners on a {layout['grid']}x{layout['grid']} grid; words: {' '.join(layout['vocabulary'])}")
     gligen = (info["config"].get("unet") or {}).get("gligen")
     if gligen:  # route 2 of docs/layout.md: the same --layout / --box, read by an adapter on a frozen model
+        attend = {"objects": ", image to objects only", "boxes": ", each position to the objects whose box covers it"}
         lines.append(f"layout:          GLIGEN adapter, up to {gligen['max_objects']} objects (phrase + box each), "
                      f"gated self-attention in every transformer block"
                      f"{' (visual tokens with their positions)' if gligen.get('visual_positions') else ''}"
-                     f"{', image to objects only' if gligen.get('attend') == 'objects' else ''}; "
-                     f"--layout-steps sets how long it acts")
+                     f"{attend.get(gligen.get('attend'), '')}; --layout-steps sets how long it acts")
     if info["config"].get("semantic_labels"):  # what `generate --semantic MAP.png` takes: the palette
         from ..data.layout import palette_legend
 
