@@ -197,6 +197,8 @@ model-shapes-layout: $(RUNS)/shapes_layout/model.safetensors
 model-shapes-gligen: $(RUNS)/shapes_gligen/model.safetensors
 	cp $(RUNS)/shapes_gligen/adapter.safetensors $(SHIPPED)/shapes-gligen.safetensors
 	$(EVAL_18) --model $(SHIPPED)/shapes-gligen.safetensors --out $(RUNS)/shapes_gligen/eval
+	$(EVAL_18) --model $(SHIPPED)/shapes-gligen.safetensors --layout-prompt background --out $(RUNS)/shapes_gligen/eval-background
+	$(EVAL_18) --model $(SHIPPED)/shapes-gligen.safetensors --layout-prompt none --out $(RUNS)/shapes_gligen/eval-none
 
 $(SHAPES_18:%=$(RUNS)/%/model.safetensors): $(RUNS)/%/model.safetensors: | $(SHAPES_BASE) $(VENV)/.installed
 	$(VENV)/bin/daguerre train ldm --config $*_ldm --vae $(SHAPES_BASE) --init $(SHAPES_BASE) --out $(RUNS)/$* \

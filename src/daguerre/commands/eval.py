@@ -74,9 +74,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="semantic-synthesis models: draw canvases of K x K held-out scenes side by side, each at the "
                    "training size (LDM's larger maps: a wider view, the objects at their size; --n canvases; "
                    "default 1; docs/layout.md)")
-    p.add_argument("--layout-prompt", choices=("background", "caption", "none"), default="background",
-                   help="layout models: the prompt beside each held-out layout: its background ('on a white "
-                   "background', the default), the scene's caption, or none")
+    p.add_argument("--layout-prompt", choices=("background", "caption", "none"), default="caption",
+                   help="layout models: the prompt beside each held-out layout: the scene's caption (the default: "
+                   "how a layout is given, with its text), its background alone ('on a white background'), or none")
 
 
 @command("eval", "measure a model: prompt adherence, Frechet distance, KID, Inception Score", _add_arguments)
