@@ -129,6 +129,8 @@ def test_the_report_assembles_the_measured_cells_into_a_table_and_plots(tmp_path
     assert kept / "budget.json" in files and all(f.suffix == ".json" for f in files)
     assert not any(f.is_relative_to(kept / "shapes-kl-f1") for f in files)  # nothing measured, nothing kept
     assert cs.collect(kept, cells, BUDGET) == cs.collect(tmp_path, cells, BUDGET)
+    cs.record(tmp_path / "gone", cells, BUDGET, kept)  # the study's folder lost: what was recorded stays
+    assert cs.collect(kept, cells, BUDGET) == cs.collect(tmp_path, cells, BUDGET)
     assert json.loads((tmp_path / "results.json").read_text())["budget"]["ldm_steps"] == 20
     for name in ("rate_distortion.png", "quality_vs_steps.png", "quality_vs_cpu.png"):
         assert (tmp_path / "png" / name).stat().st_size > 1000
