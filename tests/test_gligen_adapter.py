@@ -241,3 +241,25 @@ def test_an_adapter_file_never_names_a_file_to_read_nor_replaces_its_bases_weigh
     with pytest.raises(ValueError, match=rf"1 of its tensors are also in its base .* \({key}\): an adapter holds only "
                        "what its base lacks"):
         load_model(replacing, base=base)
+
+
+def test_a_run_started_from_an_adapter_file_continues_it_on_its_base(run, tmp_path, monkeypatch):
+    """`--init ADAPTER`: the run starts from the adapter's weights over its base (no tensor starts fresh), records
+    the base as the model it fine-tunes and the adapter as where it started, and its own adapter file names the
+    same base, so a shipped adapter can be trained further and shipped again."""
+    from daguerre.checkpoints import adapter as adapter_module
+    from daguerre.checkpoints import shipped
+    from daguerre.training.ldm import train_ldm
+
+    base, folder = run
+    adapter = folder / "adapter.safetensors"
+    monkeypatch.setattr(adapter_module, "shipped_models", lambda: {"tinybase": base})  # the base is "shipped"
+    monkeypatch.setattr(shipped, "shipped_models", lambda: {"tinybase": base})
+    cfg = load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm",
+                          [*QUICK, "train.steps=2", "train.checkpoint_every=2", f"train.init_from={adapter}"])
+    train_ldm(cfg, tmp_path / "run2", vae_path=base)
+    init = load_model(tmp_path / "run2" / "model.safetensors").config.provenance["init"]
+    assert init["sha256"] == file_hash(base) and init["adapter"] == {"file": adapter.name, "sha256": file_hash(adapter)}
+    assert init["new_tensors"]["unet"] == 0  # every adapter tensor came from the file
+    meta = _metadata(tmp_path / "run2" / "adapter.safetensors")
+    assert meta[BASE_NAME_KEY] == "tinybase" and meta[BASE_SHA_KEY] == file_hash(base)

@@ -12,6 +12,10 @@ mask concatenated to the latent): the model's channels are copied and the new on
 grown network too computes what the model did until it learns to read them (as SD inpainting began from SD).
 The model's own file may serve as the run's `--vae`: its latents are those the model was trained on.
 
+A GLIGEN adapter file (docs/layout.md, "Shipping an adapter") is loaded over its base, as everywhere, and the run
+continues that adapter: its base (the shipped model the file names, checked by sha256) is recorded as the
+model the run started from, so the run's own adapter file names the same base.
+
 A jointly trained text encoder whose vocabulary was pruned at export (`train.prune_vocabulary`) gets
 its kept rows back at their token ids; the other rows keep the run's initialisation. The run's own
 pruning at the end keeps those ids as well as its captions' tokens, so fine-tuning on captions that
@@ -96,8 +100,13 @@ def _text_encoder_state(text_encoder: nn.Module, own: nn.Module) -> dict[str, to
 def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, vae_sha256: str) -> dict:
     """Load the U-Net (and jointly trained text encoder) of the model at `path` into the run's fresh
     networks; returns the provenance record {"file", "sha256", "new_tensors"}."""
+    from ..checkpoints.adapter import find_base, is_adapter
+    from ..weights.io import read_shapes
+
     path = Path(path)
-    comps = load_model(path)  # float32 on the CPU; the caller moves the networks to the device
+    meta = read_shapes(path)[1] if path.is_file() else {}
+    base = find_base(path, meta) if is_adapter(meta) else None  # an adapter: the run's base is the adapter's
+    comps = load_model(path)  # float32 on the CPU (an adapter over its base); the caller moves them to the device
     provenance = comps.config.provenance or {}
     own_vae = file_hash(path) == vae_sha256 if path.is_file() else False  # --vae is this very model file
     if provenance.get("vae_sha256") not in (None, vae_sha256) and not own_vae:
@@ -126,8 +135,12 @@ def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, 
     elif comps.text_encoder is not None and hasattr(comps.text_encoder, "text_model"):
         logger.warning("--init %s: the model's own text encoder is not used (this run has none to train)", path)
     logger.info("initialised from %s (%s)", path, comps.config.name)
-    return {"file": path.name, "sha256": file_hash(path), "new_tensors": {k: len(v) for k, v in new.items()},
-            "token_ids": token_ids}
+    record = {"file": path.name, "sha256": file_hash(path), "new_tensors": {k: len(v) for k, v in new.items()},
+              "token_ids": token_ids}
+    if base is not None:  # the model the run fine-tunes is the adapter's base; the adapter is where it starts
+        record.update(file=base.name, sha256=file_hash(base), adapter={"file": path.name, "sha256": record["sha256"]})
+        logger.info("--init %s is an adapter on %s: the run continues it on that base", path, base)
+    return record
 
 
 def init_vae(path: str | Path, vae: nn.Module) -> dict:
