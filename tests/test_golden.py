@@ -165,4 +165,3 @@ def test_a_cpu_kind_without_recorded_values_skips_saying_so(monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "cpu_kind", lambda: "SomeVendor none")
     with pytest.raises(pytest.skip.Exception, match=r"no bf16 golden values recorded for this CPU \(SomeVendor"):
         golden(TRAINED)
-    assert cpu_kind.__name__ == "cpu_kind" and AMD_ZEN5 in TRAINED and INTEL_AMX in SIGKILL_RESUMED
