@@ -263,3 +263,22 @@ def test_a_run_started_from_an_adapter_file_continues_it_on_its_base(run, tmp_pa
     assert init["new_tensors"]["unet"] == 0  # every adapter tensor came from the file
     meta = _metadata(tmp_path / "run2" / "adapter.safetensors")
     assert meta[BASE_NAME_KEY] == "tinybase" and meta[BASE_SHA_KEY] == file_hash(base)
+
+
+def test_the_model_and_adapter_files_of_a_run_carry_one_config_whenever_they_are_written(tmp_path, monkeypatch):
+    """The run's end writes both files with one `finished` time, even when the clock ticks between the writes
+    (it did, on a loaded machine: the two configs then differed by a second)."""
+    import itertools
+    import time as time_module
+
+    from daguerre.training.ldm import train_ldm
+
+    ticks = itertools.count()
+    monkeypatch.setattr(time_module, "strftime", lambda fmt, *a: f"2026-12-06T00:00:{next(ticks):02d}")
+    base = _tiny_text_model(tmp_path / "tinybase.safetensors", seed=1)
+    cfg = load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm",
+                          [*QUICK, "train.steps=2", "train.checkpoint_every=2", f"train.init_from={base}"])
+    train_ldm(cfg, tmp_path / "run", vae_path=base)
+    whole = load_model(tmp_path / "run" / "model.safetensors")
+    again = load_model(tmp_path / "run" / "adapter.safetensors", base=base)
+    assert again.config.to_dict() == whole.config.to_dict()
