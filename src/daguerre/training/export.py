@@ -65,8 +65,9 @@ class ModelRecord:
     init: dict[str, Any] | None
     history: list[dict[str, Any]]
     caption_tokens: list[int] | None
-    finished: str | None = None  # when the run ended (default: when the file is written); one time for the files
-    # a run's end writes (the whole model and a GLIGEN run's adapter carry the same config)
+    # when the model was finished: one time for every file written from this record (a GLIGEN run's whole model
+    # and its adapter carry the same config)
+    finished: str = dataclasses.field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def caption_tokens(tokenizer: CLIPTokenizer, captions: list[str]) -> list[int]:
@@ -110,7 +111,7 @@ def model_components(components: Components, cfg: RunConfig, record: ModelRecord
         "vae_sha256": record.vae_sha256,
         "vae_provenance": {k: v for k, v in record.vae_provenance.items() if k != "run_config"},
         "data": record.data, "run_config": to_jsonable(cfg.to_dict()),
-        "finished": record.finished or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "finished": record.finished,
     }
     if record.init is not None:  # fine-tuned from another model (train.init_from)
         model_cfg.provenance["init"] = record.init

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -244,8 +243,7 @@ class LDMStage:
             steps=self.cfg.train.steps, seconds=summary.seconds, world=summary.world,
             global_batch=summary.global_batch, parameters=self._parameters(), vae_file=self.vae_path,
             vae_sha256=self.vae_sha, vae_provenance=self.vae_model_cfg.provenance, data=self.data.description,
-            init=self.init_record, history=summary.history, caption_tokens=self.tokens,
-            finished=time.strftime("%Y-%m-%dT%H:%M:%S"))  # one time for the model and the adapter file
+            init=self.init_record, history=summary.history, caption_tokens=self.tokens)
         write_model(self._components(models), self.cfg, record, path)
         if self.model_cfg.unet.gligen is not None:
             try:
