@@ -172,7 +172,7 @@ def test_attend_boxes_changes_only_the_positions_in_the_boxes():
     from daguerre.models.unet import CrossAttention
 
     dim, ctx_dim, h, w = 32, 16, 4, 4
-    layer = GatedSelfAttention(dim, ctx_dim, CrossAttention(dim, dim, 2, 16, 0.0, False), None, box_mask=True).eval()
+    layer = GatedSelfAttention(dim, ctx_dim, CrossAttention(dim, dim, 2, 16, 0.0, False), None, attend="boxes").eval()
     with torch.no_grad():
         layer.alpha_attn.fill_(0.5)
     x = torch.randn(2, h * w, dim)

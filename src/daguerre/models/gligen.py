@@ -112,12 +112,15 @@ class GatedSelfAttention(nn.Module):
     `visual_positions` option), the visual tokens read are x + P(fourier(cell)), P a linear layer."""
 
     def __init__(self, dim: int, context_dim: int, attn: nn.Module, ff: nn.Module | None, position_freqs: int = 0,
-                 objects_only: bool = False, box_mask: bool = False):
+                 attend: str = "all"):
         super().__init__()
+        if (ff is None) != (attend != "all"):
+            raise ValueError(f"attend = {attend!r}: a feed-forward branch exactly with 'all' (GLIGEN's layers)")
         self.linear = nn.Linear(context_dim, dim)  # grounding tokens to this block's width
         self.attn, self.ff = attn, ff  # the U-Net's own self-attention and GEGLU feed-forward, `dim` wide
-        self.objects_only = objects_only or box_mask  # `attend = "objects"`: image -> objects (and itself), no ff
-        self.box_mask = box_mask  # `attend = "boxes"`: ... and only to the objects whose box overlaps its cell
+        # GligenConfig.attend: "all" (GLIGEN's), "objects" (image -> itself and the objects, no ff), "boxes" (...
+        # only the objects whose box overlaps its cell)
+        self.attend = attend
         self.norm1 = nn.LayerNorm(dim)
         self.alpha_attn = nn.Parameter(torch.zeros(()))
         if ff is not None:  # (`attend = "objects"` has no feed-forward branch, so no parameters that would not train)
@@ -132,15 +135,15 @@ class GatedSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, objs: Grounding, grid: tuple[int, int] | None = None) -> torch.Tensor:
         visual = x.shape[1]
         seen = x
-        if (self.position is not None or self.box_mask) and (grid is None or grid[0] * grid[1] != visual):
+        if (self.position is not None or self.attend == "boxes") and (grid is None or grid[0] * grid[1] != visual):
             raise ValueError(f"the gated self-attention's visual positions and box masks need the map's (h, w) for "
                              f"{visual} positions, got {grid}")
         if self.position is not None:
             cells = fourier_features(cell_boxes(*grid, device=x.device), self.position_freqs)
             seen = x + self.position(cells.to(self.position.weight.dtype)).to(x.dtype)  # (HW, dim), broadcast
         tokens = self.norm1(torch.cat([seen, self.linear(objs.tokens.to(x.dtype))], dim=1))  # (B, HW + N, dim)
-        if self.objects_only:
-            allowed = box_overlaps(objs.boxes, objs.mask, *grid) if self.box_mask else None
+        if self.attend != "all":
+            allowed = box_overlaps(objs.boxes, objs.mask, *grid) if self.attend == "boxes" else None
             return x + torch.tanh(self.alpha_attn).to(x.dtype) * self._to_objects(tokens, visual, allowed)
         x = x + torch.tanh(self.alpha_attn).to(x.dtype) * self.attn(tokens)[:, :visual]
         return x + torch.tanh(self.alpha_dense).to(x.dtype) * self.ff(self.norm2(x))

@@ -153,7 +153,7 @@ class BasicTransformerBlock(nn.Module):
         if gligen:  # models/gligen.py: its own self-attention and feed-forward, gated by tanh(alpha) = 0 at first
             self.fuser = GatedSelfAttention(dim, context_dim, CrossAttention(dim, dim, heads, head_dim, 0.0, upcast),
                                             FeedForward(dim, 0.0) if attend == "all" else None, position_freqs,
-                                            objects_only=attend == "objects", box_mask=attend == "boxes")
+                                            attend)
         self.ff = FeedForward(dim, dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout, upcast) if context_dim else None
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
