@@ -81,13 +81,15 @@ def step_table(rounds: int, steps: int) -> None:
         opt.step()
         opt.zero_grad()
 
-    real = attn._use_matmul_attention
+    real = attn._form  # with gradients in bf16 on the CPU it picks the matmul form; "fused" forces SDPA
     times = {"fused": [], "matmul": []}
-    for _ in range(rounds):
-        for name in times:
-            attn._use_matmul_attention = real if name == "matmul" else (lambda *a: False)
-            times[name].append(_time(step, steps))
-    attn._use_matmul_attention = real
+    try:
+        for _ in range(rounds):
+            for name in times:
+                attn._form = real if name == "matmul" else (lambda *a: "sdpa")
+                times[name].append(_time(step, steps))
+    finally:
+        attn._form = real
     fa, fb = statistics.median(times["fused"]), statistics.median(times["matmul"])
     print(f"\nshapes training step (batch {BATCH}, bf16 autocast): fused {fa:.3f} s, matmul {fb:.3f} s, "
           f"{fa / fb:.2f}x ({BATCH / fa:.1f} -> {BATCH / fb:.1f} images/s)")

@@ -196,6 +196,51 @@ def test_attend_boxes_changes_only_the_positions_in_the_boxes():
     assert not torch.allclose(b[:, :, 2:], alone[:, :, 2:])
 
 
+def test_extra_levels_add_gated_layers_where_there_is_no_transformer():
+    """`extra_levels`: a `GroundingLayer` after each ResNet block of the level (shapes: 16x16, 2 down + 3 up); closed
+    gates leave the shipped model exactly as it is; an object changes the map only in its box (rows from y,
+    columns from x: the layer's reshapes keep the map's orientation)."""
+    from daguerre.checkpoints import load_model
+    from daguerre.config import check_model_config
+    from daguerre.models.unet import GroundingLayer
+
+    base = load_model(SHAPES)
+    gligen = GligenConfig(phrase_dim=96, attend="boxes", visual_positions=True, extra_levels=(0,))
+    unet = UNetModel(dataclasses.replace(base.config.unet, gligen=gligen))
+    layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, GroundingLayer)]
+    assert [n for n, _ in layers] == ["input_blocks.1.1", "input_blocks.2.1", "output_blocks.6.1",
+                                      "output_blocks.7.1", "output_blocks.8.1"]
+    missing, unexpected = unet.load_state_dict(base.unet.state_dict(), strict=False)
+    assert not unexpected and {n for n in missing} == {n for n, _ in adapter_parameters(unet)}
+    unet = unet.to(base.unet.dtype).eval()
+    phrases = phrase_embeddings(base.text_encoder, base.tokenizer, ["a red circle"])
+    layout = grounding_tensor([(0.1, 0.1, 0.4, 0.4)], phrases, 4)[None].expand(2, -1, -1)
+    gen = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 96, generator=gen), torch.tensor([900.0, 120.0])
+    with torch.no_grad():
+        want = base.unet(x, t, ctx)
+        assert torch.equal(unet(x, t, ctx, layout=layout), want)
+        for _, layer in layers:
+            layer.fuser.alpha_attn.fill_(0.5)
+        assert not torch.equal(unet(x, t, ctx, layout=layout), want)  # the new layers act (the test can fail)
+        assert torch.equal(unet(x, t, ctx), want)  # and not without a layout
+
+        layer = layers[0][1].float()
+        h = torch.randn(2, 64, 16, 16)
+        boxes = torch.tensor([[0.0, 0.0, 0.5, 0.25]]).expand(2, 4, 4).contiguous()
+        mask = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(2, 4)
+        tokens = torch.randn(2, 4, 96)
+        with_object = layer(h, Grounding(tokens, boxes, mask))
+        without = layer(h, Grounding(tokens, boxes, torch.zeros(2, 4)))
+    changed = (with_object - without).abs().amax(dim=(0, 1)) > 0  # (H, W)
+    want_changed = torch.zeros(16, 16, dtype=torch.bool)
+    want_changed[:4, :8] = True  # y in [0, 0.25): rows 0-3; x in [0, 0.5): columns 0-7
+    assert torch.equal(changed, want_changed)
+    with pytest.raises(ValueError, match="extra_levels"):
+        check_model_config(dataclasses.replace(base.config, conditioning="gligen", unet=dataclasses.replace(
+            base.config.unet, gligen=dataclasses.replace(gligen, extra_levels=(1,)))))
+
+
 def test_grounding_tokens_are_fourier_features_and_phrases_with_a_null_token_for_padding():
     boxes = torch.tensor([[0.25, 0.5, 0.75, 1.0]])
     f = fourier_features(boxes, 8)

@@ -62,6 +62,10 @@ class GligenConfig:
     # "all" = GLIGEN's self-attention over image and objects, then its gated feed-forward; "boxes" = as
     # "objects", each image token attending only to the objects whose box overlaps its cell (a box mask)
     attend: Literal["all", "objects", "boxes"] = "all"
+    # daguerre's option: levels of the U-Net without a transformer (not in attention_levels) that get a gated
+    # layer of their own after each ResNet block (models/unet.py, `GroundingLayer`), so the adapter also acts on
+    # the finest maps (the shapes U-Net's 16x16, where a small object covers 2-4 cells; 1-2 of the 8x8 maps)
+    extra_levels: tuple[int, ...] = ()
 
 
 ClassEmbedding = Literal["time", "context"]  # UNetConfig.class_embedding
@@ -650,6 +654,13 @@ def check_model_config(cfg: ModelConfig, prefix: str = "") -> None:
                                  or _class_context_config(u)):
         raise ValueError(f"config key {prefix}unet.gligen: a GLIGEN adapter goes into the transformer blocks of a "
                          "text model's U-Net: it needs context_dim, attention_block 'transformer' and no layout")
+    if u.gligen is not None and u.gligen.extra_levels:
+        extra = list(u.gligen.extra_levels)
+        if len(set(extra)) != len(extra) or any(not 0 <= lv < len(u.channel_mult) or lv in u.attention_levels
+                                                for lv in extra):
+            raise ValueError(f"config key {prefix}unet.gligen.extra_levels: {extra} must name levels of the U-Net "
+                             f"(0 to {len(u.channel_mult) - 1}), each once, without a transformer (attention_levels "
+                             f"{list(u.attention_levels)} have their gated layers in their transformer blocks)")
     if (cfg.conditioning == "gligen") != (u.gligen is not None):
         raise ValueError(f"config key {prefix}conditioning: {cfg.conditioning!r} with unet.gligen "
                          f"{'set' if u.gligen is not None else 'unset'}; a GLIGEN model ('gligen') has one, others "

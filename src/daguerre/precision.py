@@ -46,6 +46,24 @@ def cpu_has_bf16() -> bool:
     """Whether this CPU has bfloat16 arithmetic units (AVX512-BF16 or AMX-BF16): torch's own CPU probe
     (`torch.cpu.get_capabilities`, torch >= 2.6), else the flags of /proc/cpuinfo (Linux). The one
     capability probe of `auto`, so that tests can replace it."""
+    return _cpu_flags(CPU_BF16_FLAGS)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (Intel Sapphire Rapids and later): there torch's fused CPU attention
+    runs its bf16 products on the tiles and beats daguerre's chunked matmuls (nn/attention.py,
+    `chunked_pays`). Read once per process (the rule asks at every attention call)."""
+    global _AMX
+    if _AMX is None:
+        _AMX = _cpu_flags(("amx_bf16",))
+    return _AMX
+
+
+_AMX: bool | None = None  # cpu_has_amx's answer, once known
+
+
+def _cpu_flags(flags: tuple[str, ...]) -> bool:
+    """Whether the CPU has any of `flags`: torch's probe where it knows them, else /proc/cpuinfo."""
     import torch
 
     probe = getattr(torch.cpu, "get_capabilities", None)
@@ -54,15 +72,15 @@ def cpu_has_bf16() -> bool:
             caps = probe()
         except (RuntimeError, AttributeError):
             caps = None
-        if isinstance(caps, dict) and any(flag in caps for flag in CPU_BF16_FLAGS):
-            return any(bool(caps.get(flag)) for flag in CPU_BF16_FLAGS)
+        if isinstance(caps, dict) and any(flag in caps for flag in flags):
+            return any(bool(caps.get(flag)) for flag in flags)
     try:
         text = CPUINFO.read_text(errors="replace")
     except OSError:
         return False
     for line in text.splitlines():
         if line.startswith("flags"):
-            return any(flag in line.split() for flag in CPU_BF16_FLAGS)
+            return any(flag in line.split() for flag in flags)
     return False
 
 

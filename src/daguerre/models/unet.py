@@ -220,6 +220,28 @@ class SpatialTransformer(nn.Module):
         return x + y
 
 
+class GroundingLayer(nn.Module):
+    """A GLIGEN gated layer on its own (`GligenConfig.extra_levels`), after a ResNet block of a level without a
+    transformer: the map's positions as visual tokens, the grounding tokens read by `GatedSelfAttention` (its
+    gates at 0 at first: the identity), added back as a residual; without a layout it does not run."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        g = cfg.gligen
+        heads, head_dim = cfg.heads_at(channels)
+        self.fuser = GatedSelfAttention(channels, cfg.context_dim,
+                                        CrossAttention(channels, channels, heads, head_dim, 0.0, cfg.upcast_attention),
+                                        FeedForward(channels, 0.0) if g.attend == "all" else None,
+                                        g.fourier_freqs if g.visual_positions else 0, g.attend)
+
+    def forward(self, x: torch.Tensor, objs: Grounding | None) -> torch.Tensor:
+        if objs is None:
+            return x
+        b, c, h, w = x.shape
+        y = self.fuser(x.permute(0, 2, 3, 1).reshape(b, h * w, c), objs, (h, w))  # (B, HW, C)
+        return y.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
+
+
 class AttentionBlock(nn.Module):
     """ADM's self-attention block (Dhariwal & Nichol 2021; CompVis `AttentionBlock` with the legacy head order):
     x + proj_out(attention(qkv(GN(x)))) over the H*W positions, `qkv` and `proj_out` 1-D convolutions, the
@@ -285,6 +307,8 @@ class TimestepEmbedSequential(nn.Sequential):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, tome, objs)
+            elif isinstance(layer, GroundingLayer):
+                x = layer(x, objs)
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:
@@ -395,6 +419,7 @@ class UNetModel(nn.Module):
         if cfg.gligen is not None:  # a GLIGEN adapter: each object one grounding token (models/gligen.py)
             self.position_net = GroundingNet(cfg.gligen, cfg.context_dim)
 
+        extra_levels = cfg.gligen.extra_levels if cfg.gligen is not None else ()
         # encoder: conv_in, then num_res_blocks x [ResBlock, SpatialTransformer?] per level, Downsample between levels
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]  # channels of every input block's output, consumed by the decoder in reverse
@@ -405,6 +430,8 @@ class UNetModel(nn.Module):
                 ch = mult * mc
                 if level in cfg.attention_levels:
                     layers.append(_attention_layer(ch, cfg))
+                if level in extra_levels:  # GLIGEN's gated layer where there is no transformer to hold it
+                    layers.append(GroundingLayer(ch, cfg))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -425,6 +452,8 @@ class UNetModel(nn.Module):
                 ch = mult * mc
                 if level in cfg.attention_levels:
                     layers.append(_attention_layer(ch, cfg))
+                if level in extra_levels:
+                    layers.append(GroundingLayer(ch, cfg))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))

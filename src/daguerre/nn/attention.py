@@ -7,14 +7,17 @@ from the dtype, the device and whether a backward will run:
 - "matmul": two batched matmuls in the inputs' dtype, the softmax in float32 (half-precision training on
   the CPU, whose fused backward is 3-5x slower: docs/benchmarks.md, "Attention in training");
 - "chunked": the matmul form at inference in query chunks that bound the scores tensor, in reused buffers
-  (bfloat16 on the CPU, where the fused kernel runs no faster than float32 while the bf16 matmuls do: 1.2-2x
-  the fused kernel at SD's shapes, docs/benchmarks.md, "Attention at inference").
+  (bfloat16 on a CPU with AVX512-BF16 but no AMX, where the fused kernel runs no faster than float32 while
+  the bf16 matmuls do: 1.2-2x the fused kernel at SD's shapes; with AMX the fused kernel runs on the tiles
+  and is 1.2-2.5x faster than the chunked form: docs/benchmarks.md, "Attention at inference").
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .. import precision
 
 # Elements of one chunk's scores tensor (batch x heads x query chunk x keys): 2^22 bf16 scores and their
 # probabilities take 16 MiB, which stays in this CPU's L3 cache (bench/attention_inference.py).
@@ -64,12 +67,14 @@ def _form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
 
 
 def chunked_pays(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """The measured crossover (docs/benchmarks.md, "Attention at inference"): in bfloat16 on the CPU the
-    chunked matmul form beats the fused kernel at every shape of SD 1.5 (1.25x at 4096 tokens x 40 dims,
-    1.3-2.6x below, 1.9x at the VAE's 4096 x 512); in float32 it loses at every shape (MKL's sgemm runs at
-    about half the bf16 matmul's speed), so float32 keeps the fused kernel, bit for bit as before. float16
-    on the CPU (no fp16 units) and GPUs (fused flash kernels) keep it too."""
-    return torch.device(device).type == "cpu" and dtype == torch.bfloat16
+    """The measured crossover (docs/benchmarks.md, "Attention at inference"). In bfloat16 on a CPU with
+    AVX512-BF16 but no AMX (the AMD Zen 5 measured) the chunked matmul form beats the fused kernel at every
+    shape of SD 1.5 (1.2x at 4096 tokens x 40 dims, 1.3-2.6x below, 1.9x at the VAE's 4096 x 512); with AMX
+    (the Intel Xeon measured) torch's fused kernel computes on the tiles and wins at every shape (2.0x at
+    4096 x 40, 1.2-2.5x elsewhere), so it keeps it. In float32 the chunked form loses everywhere (sgemm runs
+    at about half the bf16 matmul's speed), so float32 keeps the fused kernel, bit for bit as before; so do
+    float16 on the CPU (no fp16 units) and GPUs (fused flash kernels)."""
+    return torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not precision.cpu_has_amx()
 
 
 def attention_form(dtype: torch.dtype, device: torch.device | str) -> str:
