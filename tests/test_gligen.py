@@ -216,7 +216,8 @@ def test_extra_levels_add_gated_layers_where_there_is_no_transformer():
     phrases = phrase_embeddings(base.text_encoder, base.tokenizer, ["a red circle"])
     layout = grounding_tensor([(0.1, 0.1, 0.4, 0.4)], phrases, 4)[None].expand(2, -1, -1)
     gen = torch.Generator().manual_seed(0)
-    x, ctx, t = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 96, generator=gen), torch.tensor([900.0, 120.0])
+    x, ctx = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 96, generator=gen)
+    t = torch.tensor([900.0, 120.0])
     with torch.no_grad():
         want = base.unet(x, t, ctx)
         assert torch.equal(unet(x, t, ctx, layout=layout), want)

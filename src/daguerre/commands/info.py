@@ -126,8 +126,10 @@ def format_info(info: dict) -> str:
     gligen = (info["config"].get("unet") or {}).get("gligen")
     if gligen:  # route 2 of docs/layout.md: the same --layout / --box, read by an adapter on a frozen model
         attend = {"objects": ", image to objects only", "boxes": ", each position to the objects whose box covers it"}
+        levels = gligen.get("extra_levels") or ()
+        extra = f" and after each ResNet block of level {', '.join(map(str, levels))}" if levels else ""
         lines.append(f"layout:          GLIGEN adapter, up to {gligen['max_objects']} objects (phrase + box each), "
-                     f"gated self-attention in every transformer block"
+                     f"gated self-attention in every transformer block{extra}"
                      f"{' (visual tokens with their positions)' if gligen.get('visual_positions') else ''}"
                      f"{attend.get(gligen.get('attend'), '')}; --layout-steps sets how long it acts")
     if info["config"].get("semantic_labels"):  # what `generate --semantic MAP.png` takes: the palette
