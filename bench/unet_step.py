@@ -2,8 +2,9 @@
 
 Batch 2 (a classifier-free-guidance pair), a 77-token context, 32x32 and 64x64 latents (256 and 512
 pixels), in float32, bfloat16 (the model cast to bf16) and bfloat16 with channels_last weights and
-input. In bf16 daguerre's attention takes its chunked matmul form (daguerre.nn.attention); the mode
-"bf16 channels_last sdpa" forces torch's fused kernel instead (the form before it, to show its gain) and
+input. In bf16 daguerre's attention takes its chunked matmul form on a CPU without AMX and torch's fused kernel
+with AMX (daguerre.nn.attention, `chunked_pays`); the mode "bf16 channels_last sdpa" forces the fused kernel
+(without AMX: the form before the chunked one, to show its gain) and
 "bf16 channels_last compile" runs daguerre's U-Net through daguerre.compile (inductor freezing; the first,
 untimed call compiles, minutes) against diffusers in eager mode. In bf16 daguerre's Conv2d and Linear layers
 compute with oneDNN-packed weights (daguerre.nn.conv, as daguerre.load sets them up); the mode
