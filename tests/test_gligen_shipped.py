@@ -36,7 +36,7 @@ def test_the_shipped_adapter_draws_held_out_layouts_in_their_boxes():
     from daguerre.pipelines.txt2img import txt2img
 
     comps, _ = open_model("shapes-gligen")
-    assert comps.config.unet.gligen.attend == "boxes"
+    assert comps.config.unet.gligen.attend == "boxes" and tuple(comps.config.unet.gligen.extra_levels) == (0,)
     dataset, held, _ = held_out_scenes(comps.config, 8)
     ious = []
     for k, i in enumerate(held):
