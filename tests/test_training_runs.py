@@ -164,13 +164,13 @@ def _train_cmd(stage: str, run: Path, vae: Path | None, extra: list[str]) -> lis
     return cmd
 
 
-def test_sigkill_and_resume_gives_bitwise_the_same_weights(tmp_path, vae_file):
-    steps, every = 40, 10
-    extra = [*QUIET, f"train.steps={steps}", f"train.checkpoint_every={every}", "train.keep_last=5",
-             "train.log_every=5", "data.n=64", "data.holdout=8", "loss.offset_noise=0.05", "data.flip=true"]
+def _killed_and_resumed(tmp_path: Path, stage: str, vae: Path | None, extra: list[str], steps: int, every: int
+                        ) -> tuple[dict, dict]:
+    """The final checkpoint state of an uninterrupted run and of the same run killed with SIGKILL once its first
+    checkpoint (step `every`) is written, then resumed."""
     ref, run = tmp_path / "ref", tmp_path / "run"
-    _run(_train_cmd("ldm", ref, vae_file, extra))
-    proc = subprocess.Popen(_train_cmd("ldm", run, vae_file, extra), env=_cli_env(), stdout=subprocess.DEVNULL,
+    _run(_train_cmd(stage, ref, vae, extra))
+    proc = subprocess.Popen(_train_cmd(stage, run, vae, extra), env=_cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     first = run / "checkpoints" / f"step_{every:08d}"
     deadline = time.monotonic() + 120
@@ -179,15 +179,35 @@ def test_sigkill_and_resume_gives_bitwise_the_same_weights(tmp_path, vae_file):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (run / "checkpoints" / f"step_{steps:08d}").exists()
-    _run(_train_cmd("ldm", run, vae_file, extra) + ["--resume"])
+    _run(_train_cmd(stage, run, vae, extra) + ["--resume"])
     a = load_file(str(ref / "checkpoints" / f"step_{steps:08d}" / "state.safetensors"))
     b = load_file(str(run / "checkpoints" / f"step_{steps:08d}" / "state.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    return a, b
+
+
+def test_sigkill_and_resume_gives_bitwise_the_same_weights(tmp_path, vae_file):
+    steps, every = 40, 10
+    extra = [*QUIET, f"train.steps={steps}", f"train.checkpoint_every={every}", "train.keep_last=5",
+             "train.log_every=5", "data.n=64", "data.holdout=8", "loss.offset_noise=0.05", "data.flip=true"]
+    _, b = _killed_and_resumed(tmp_path, "ldm", vae_file, extra, steps, every)
+    run = tmp_path / "run"
     assert weights_digest(b) == golden(SIGKILL_RESUMED)  # and to the run before the training rewrite (issue 14)
     steps_logged = [r["step"] for r in _metrics(run) if "loss" in r]
     assert steps_logged == list(range(5, steps + 1, 5))  # the killed run's extra lines were dropped
+
+
+def test_a_vq_autoencoder_killed_with_sigkill_resumes_bitwise(tmp_path):
+    """Issue 19: the VQ autoencoder's run (codebook with EMA updates and dead-code restarts, whose state and the
+    restarts' random draws are checkpointed) resumes after SIGKILL to the same weights as an uninterrupted run."""
+    steps, every = 32, 4  # 28 steps after the kill's checkpoint: the kill comes long before the end
+    extra = [*QUIET, f"train.steps={steps}", f"train.checkpoint_every={every}", "train.keep_last=5",
+             "data.n=40", "data.holdout=8", "train.batch_size=4", "model.regularizer=vq", "model.codebook_size=16",
+             "loss.codebook_ema=0.9", "loss.codebook_restart=2", "data.flip=true"]
+    a, _ = _killed_and_resumed(tmp_path, "vae", None, extra, steps, every)
+    assert any("codebook" in k for k in a)
 
 
 def test_until_pauses_and_a_resume_continues_exactly_and_records_phase_changes(tmp_path, vae_file, monkeypatch):
