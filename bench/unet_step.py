@@ -233,8 +233,8 @@ def main() -> None:
             for impl in ("daguerre", "diffusers"):
                 line += f" {r['mem'][impl]['peak']:.2f} (+{r['mem'][impl]['act']:.2f}) |"
         print(line)
-    print("\nissue 15's target: ratio <= 0.6 at 64x64 in bf16 (daguerre bf16 channels_last, its default attention form, "
-          "against diffusers bf16 channels_last)")
+    print("\nissue 15's target: ratio <= 0.6 at 64x64 in bf16 (daguerre bf16 channels_last, its default attention "
+          "form, against diffusers bf16 channels_last)")
 
 
 if __name__ == "__main__":
