@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from daguerre import precision
+from daguerre import cpu, precision
 
 attn = importlib.import_module("daguerre.nn.attention")  # the module (the package exports the function)
 
@@ -81,7 +81,7 @@ def _forms_taken(monkeypatch):
 
 
 def test_dispatcher_takes_the_form_the_rule_names(monkeypatch):
-    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)  # a bf16 CPU without AMX: the chunked form
+    monkeypatch.setattr(cpu, "has_amx", lambda: False)  # a bf16 CPU without AMX: the chunked form
     taken = _forms_taken(monkeypatch)
     q, k, v = (t.transpose(1, 2).reshape(2, 23, 24) for t in _qkv(23, 23))
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_dispatcher_takes_the_form_the_rule_names(monkeypatch):
 def test_with_amx_bf16_inference_keeps_the_fused_kernel(monkeypatch):
     """On AMX the fused kernel runs on the tiles and is faster (docs/benchmarks.md): no chunked form there;
     training in bf16 still takes the matmul form (the fused backward is 3-4x slower on AMX too)."""
-    monkeypatch.setattr(precision, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(cpu, "has_amx", lambda: True)
     taken = _forms_taken(monkeypatch)
     q, k, v = (t.transpose(1, 2).reshape(2, 23, 24).bfloat16() for t in _qkv(23, 23))
     with torch.no_grad():
@@ -122,13 +122,13 @@ def test_with_amx_bf16_inference_keeps_the_fused_kernel(monkeypatch):
 
 def test_the_amx_probe_reads_the_cpu_once(monkeypatch):
     calls = []
-    monkeypatch.setattr(precision, "_AMX", None)
+    monkeypatch.setattr(cpu, "_AMX", None)
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: calls.append(1) or {"amx_bf16": True}, raising=False)
-    assert precision.cpu_has_amx() and precision.cpu_has_amx() and calls == [1]
-    monkeypatch.setattr(precision, "_AMX", None)
+    assert cpu.has_amx() and cpu.has_amx() and calls == [1]
+    monkeypatch.setattr(cpu, "_AMX", None)
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx512_bf16": True},
                         raising=False)
-    assert not precision.cpu_has_amx() and precision.cpu_has_bf16()
+    assert not cpu.has_amx() and precision.cpu_has_bf16()
 
 
 def test_float32_inference_is_bit_identical_to_sdpa():
@@ -140,7 +140,7 @@ def test_float32_inference_is_bit_identical_to_sdpa():
 
 
 def test_attention_form_describes_the_rule(monkeypatch):
-    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(cpu, "has_amx", lambda: False)
     assert "chunks" in attn.attention_form(torch.bfloat16, "cpu") and "float32" in attn.attention_form(
         torch.bfloat16, "cpu")
     assert "fused" in attn.attention_form(torch.float32, "cpu")

@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "daguerre"
 
 # The layers of daguerre, lowest first; each name is a top-level module or package of src/daguerre.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("daguerre", "untrusted", "fileio", "memory"),  # the version; reading others' files, writing atomically;
-    # giving freed heap memory back
+    ("daguerre", "untrusted", "fileio", "memory", "cpu"),  # the version; reading others' files, writing
+    # atomically; giving freed heap memory back; what the CPU has
     ("config", "limits", "pngmeta", "quantize"),  # typed model configs and presets; bounds of a request; PNG
     # parameters; int8 weights of any network (and quantising while they are read)
     ("weights", "nn", "diffusion", "data"),  # reading and strictly loading weights; primitives; the math; datasets

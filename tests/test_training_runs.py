@@ -199,16 +199,6 @@ def test_sigkill_and_resume_gives_bitwise_the_same_weights(tmp_path, vae_file):
     assert steps_logged == list(range(5, steps + 1, 5))  # the killed run's extra lines were dropped
 
 
-def test_a_vq_autoencoder_killed_with_sigkill_resumes_bitwise(tmp_path):
-    """Issue 19: the VQ autoencoder's run (codebook with EMA updates and dead-code restarts, whose state and the
-    restarts' random draws are checkpointed) resumes after SIGKILL to the same weights as an uninterrupted run."""
-    steps, every = 32, 4  # 28 steps after the kill's checkpoint: the kill comes long before the end
-    extra = [*QUIET, f"train.steps={steps}", f"train.checkpoint_every={every}", "train.keep_last=5",
-             "data.n=40", "data.holdout=8", "train.batch_size=4", "model.regularizer=vq", "model.codebook_size=16",
-             "loss.codebook_ema=0.9", "loss.codebook_restart=2", "data.flip=true"]
-    a, _ = _killed_and_resumed(tmp_path, "vae", None, extra, steps, every)
-    assert any("codebook" in k for k in a)
-
 
 def test_until_pauses_and_a_resume_continues_exactly_and_records_phase_changes(tmp_path, vae_file, monkeypatch):
     """--until N checkpoints N and stops (no model file); --resume then ends bitwise where an uninterrupted

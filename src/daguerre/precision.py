@@ -21,8 +21,9 @@ the VAE run channels_last on CUDA and in bfloat16/float16 for U-Nets that are no
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from . import cpu
 
 if TYPE_CHECKING:  # keep `import daguerre` free of torch
     import torch
@@ -39,49 +40,14 @@ QUANTIZE_CHOICES = ("none", "int8")  # --quantize: weight-only int8 (daguerre.qu
 SMALL_MODEL_PARAMETERS = 100_000_000  # U-Nets below this are small: one CPU thread, contiguous convolutions
 BF16_MIN_UNET_PARAMETERS = 5_000_000  # auto keeps float32 below this on a CPU (measured, module docstring)
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags (and torch capability keys) of bf16 units
-CPUINFO = Path("/proc/cpuinfo")
+CPUINFO = cpu.CPUINFO  # what cpu_has_bf16 reads when torch cannot say (tests point it elsewhere)
 
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bfloat16 arithmetic units (AVX512-BF16 or AMX-BF16): torch's own CPU probe
-    (`torch.cpu.get_capabilities`, torch >= 2.6), else the flags of /proc/cpuinfo (Linux). The one
-    capability probe of `auto`, so that tests can replace it."""
-    return _cpu_flags(CPU_BF16_FLAGS)
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles (Intel Sapphire Rapids and later): there torch's fused CPU attention
-    runs its bf16 products on the tiles and beats daguerre's chunked matmuls (nn/attention.py,
-    `chunked_pays`). Read once per process (the rule asks at every attention call)."""
-    global _AMX
-    if _AMX is None:
-        _AMX = _cpu_flags(("amx_bf16",))
-    return _AMX
-
-
-_AMX: bool | None = None  # cpu_has_amx's answer, once known
-
-
-def _cpu_flags(flags: tuple[str, ...]) -> bool:
-    """Whether the CPU has any of `flags`: torch's probe where it knows them, else /proc/cpuinfo."""
-    import torch
-
-    probe = getattr(torch.cpu, "get_capabilities", None)
-    if probe is not None:
-        try:
-            caps = probe()
-        except (RuntimeError, AttributeError):
-            caps = None
-        if isinstance(caps, dict) and any(flag in caps for flag in flags):
-            return any(bool(caps.get(flag)) for flag in flags)
-    try:
-        text = CPUINFO.read_text(errors="replace")
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return any(flag in line.split() for flag in flags)
-    return False
+    (`torch.cpu.get_capabilities`, torch >= 2.6), else the flags of /proc/cpuinfo (Linux; `daguerre.cpu`). The
+    one capability probe of `auto`, so that tests can replace it."""
+    return cpu.has_any(CPU_BF16_FLAGS, CPUINFO)
 
 
 def auto_dtype(device: torch.device | str | None = None, unet_parameters: int | None = None) -> torch.dtype:

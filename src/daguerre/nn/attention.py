@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import precision
+from .. import cpu
 
 # Elements of one chunk's scores tensor (batch x heads x query chunk x keys): 2^22 bf16 scores and their
 # probabilities take 16 MiB, which stays in this CPU's L3 cache (bench/attention_inference.py).
@@ -74,7 +74,7 @@ def chunked_pays(dtype: torch.dtype, device: torch.device | str) -> bool:
     4096 x 40, 1.2-2.5x elsewhere), so it keeps it. In float32 the chunked form loses everywhere (sgemm runs
     at about half the bf16 matmul's speed), so float32 keeps the fused kernel, bit for bit as before; so do
     float16 on the CPU (no fp16 units) and GPUs (fused flash kernels)."""
-    return torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not precision.cpu_has_amx()
+    return torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not cpu.has_amx()
 
 
 def attention_form(dtype: torch.dtype, device: torch.device | str) -> str:
