@@ -199,7 +199,6 @@ def test_sigkill_and_resume_gives_bitwise_the_same_weights(tmp_path, vae_file):
     assert steps_logged == list(range(5, steps + 1, 5))  # the killed run's extra lines were dropped
 
 
-
 def test_until_pauses_and_a_resume_continues_exactly_and_records_phase_changes(tmp_path, vae_file, monkeypatch):
     """--until N checkpoints N and stops (no model file); --resume then ends bitwise where an uninterrupted
     run does. A training-phase key (loss.offset_noise) may change at a resume: the change is kept in the

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..config import UNetConfig
+from ..config import GligenConfig, UNetConfig
 from ..nn.attention import attention
 from ..nn.embeddings import timestep_embedding
 from ..nn.tome import Merge, bipartite_merge
@@ -142,18 +142,25 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+def gated_layer(dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool, g: GligenConfig
+                ) -> GatedSelfAttention:
+    """A GLIGEN gated layer `dim` wide for the adapter `g` (models/gligen.py): its own self-attention, and its
+    feed-forward with `attend = "all"`, gated by tanh(alpha) = 0 at first; visual positions if `g` asks."""
+    return GatedSelfAttention(dim, context_dim, CrossAttention(dim, dim, heads, head_dim, 0.0, upcast),
+                              FeedForward(dim, 0.0) if g.attend == "all" else None,
+                              g.fourier_freqs if g.visual_positions else 0, g.attend)
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-norm transformer block: self-attention, cross-attention to the context (if any), feed-forward; with
     `gligen`, GLIGEN's gated self-attention over the image and the grounding tokens between the first two."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float, upcast: bool,
-                 gligen: bool = False, position_freqs: int = 0, attend: str = "all"):
+                 gligen: GligenConfig | None = None):
         super().__init__()
         self.attn1 = CrossAttention(dim, dim, heads, head_dim, dropout, upcast)
-        if gligen:  # models/gligen.py: its own self-attention and feed-forward, gated by tanh(alpha) = 0 at first
-            self.fuser = GatedSelfAttention(dim, context_dim, CrossAttention(dim, dim, heads, head_dim, 0.0, upcast),
-                                            FeedForward(dim, 0.0) if attend == "all" else None, position_freqs,
-                                            attend)
+        if gligen is not None:  # a GLIGEN adapter's gated layer between the self- and the cross-attention
+            self.fuser = gated_layer(dim, heads, head_dim, context_dim, upcast, gligen)
         self.ff = FeedForward(dim, dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout, upcast) if context_dim else None
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
@@ -193,10 +200,7 @@ class SpatialTransformer(nn.Module):
             self.proj_out = _zero_(nn.Conv2d(inner, channels, 1))
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, head_dim, cfg.context_dim, cfg.dropout, cfg.upcast_attention,
-                                  gligen=cfg.gligen is not None,
-                                  position_freqs=cfg.gligen.fourier_freqs if cfg.gligen and cfg.gligen.visual_positions
-                                  else 0,
-                                  attend=cfg.gligen.attend if cfg.gligen is not None else "all")
+                                  cfg.gligen)
             for _ in range(cfg.transformer_depth)
         )
 
@@ -227,12 +231,7 @@ class GroundingLayer(nn.Module):
 
     def __init__(self, channels: int, cfg: UNetConfig):
         super().__init__()
-        g = cfg.gligen
-        heads, head_dim = cfg.heads_at(channels)
-        self.fuser = GatedSelfAttention(channels, cfg.context_dim,
-                                        CrossAttention(channels, channels, heads, head_dim, 0.0, cfg.upcast_attention),
-                                        FeedForward(channels, 0.0) if g.attend == "all" else None,
-                                        g.fourier_freqs if g.visual_positions else 0, g.attend)
+        self.fuser = gated_layer(channels, *cfg.heads_at(channels), cfg.context_dim, cfg.upcast_attention, cfg.gligen)
 
     def forward(self, x: torch.Tensor, objs: Grounding | None) -> torch.Tensor:
         if objs is None:
