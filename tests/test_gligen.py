@@ -269,6 +269,35 @@ def test_grounding_tokens_are_fourier_features_and_phrases_with_a_null_token_for
         torch.testing.assert_close(nulls[0, 0], net(g[None])[0, 2])  # every padding object: the learned null token
 
 
+def test_phrase_pools_are_the_end_last_and_mean_token_states_concatenated():
+    """`phrase_pool` parts, checked against the encoder's own hidden states: "eot" is the pooled output GLIGEN
+    reads, "last" the token before the end token, "mean" the phrase's tokens between start and end."""
+    from daguerre.checkpoints import load_model
+
+    base = load_model(SHAPES)
+    te, tok = base.text_encoder, base.tokenizer
+    phrases = ["a red circle", "a big blue square", ""]
+    got = phrase_embeddings(te, tok, phrases, ("eot", "last", "mean"))
+    assert got.shape == (3, 3 * 96) and got.dtype == torch.float32
+    torch.testing.assert_close(got[:, :96], phrase_embeddings(te, tok, phrases))  # the default: GLIGEN's pooling
+    ids = tok(phrases)
+    with torch.no_grad():
+        hidden = te(ids, skip_layers=0).hidden.float()
+    for i, text in enumerate(phrases):
+        n = len(tok.encode(text))  # the phrase's tokens, at positions 1..n
+        torch.testing.assert_close(got[i, :96], hidden[i, n + 1])  # the end token follows them
+        torch.testing.assert_close(got[i, 96:192], hidden[i, n])
+        torch.testing.assert_close(got[i, 192:], hidden[i, 1:n + 1].mean(0) if n else hidden[i, 0])
+    assert phrase_embeddings(te, tok, [], ("last", "mean")).shape == (0, 192)
+    run = load_run_config(CONFIGS / "tiny_ldm.toml", "ldm")
+    cfg = _with_gligen(derive_model_config(run, 3, None), GligenConfig(phrase_dim=64, phrase_pool=("eot", "last")))
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    for bad in (["last", "last"], [], ["first"]):
+        with pytest.raises(ValueError, match="config key unet.gligen.phrase_pool"):
+            ModelConfig.from_dict({**cfg.to_dict(), "unet": {**cfg.to_dict()["unet"], "gligen": {
+                **cfg.to_dict()["unet"]["gligen"], "phrase_pool": bad}}})
+
+
 def test_a_gligen_config_needs_a_text_model_and_says_its_route():
     base = derive_model_config(load_run_config(CONFIGS / "tiny_ldm.toml", "ldm"), 3, None)
     cfg = _with_gligen(base, GligenConfig(phrase_dim=base.text_encoder.width))
@@ -516,6 +545,8 @@ def test_shapes_gligen_ldm_fits_the_shipped_shapes_model():
     cfg.model.vae = load_vae(SHAPES, torch.device("cpu"))[1].vae
     model = derive_model_config(cfg, 3, None)
     assert model.conditioning == "gligen" and model.unet.gligen.phrase_dim == 96 and not cfg.loss.train_text_encoder
+    cfg.model.unet.gligen = dataclasses.replace(cfg.model.unet.gligen, phrase_pool=("eot", "last"))
+    assert derive_model_config(cfg, 3, None).unet.gligen.phrase_dim == 192  # as wide as the pooled parts
     unet, te, _ = networks(model, None, 0)
     record = init_ldm(SHAPES, unet, te, file_hash(SHAPES))
     names = {n for n, _ in adapter_parameters(unet)}

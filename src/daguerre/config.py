@@ -42,6 +42,9 @@ class LayoutConfig:
     mlp_dim: int = 384
 
 
+PhrasePool = Literal["eot", "last", "mean"]  # GligenConfig.phrase_pool
+
+
 @dataclass
 class GligenConfig:
     """A GLIGEN adapter (Li et al., CVPR 2023; models/gligen.py): each object of a layout one grounding token, the
@@ -49,7 +52,7 @@ class GligenConfig:
     self-attention layer in every transformer block of a frozen text-to-image U-Net."""
 
     max_objects: int = 4  # grounding tokens per layout (padding objects take the learned null token)
-    phrase_dim: int = 96  # the width of a phrase embedding: the text encoder's pooled output
+    phrase_dim: int = 96  # the width of a phrase embedding: the text encoder's width x len(phrase_pool)
     fourier_freqs: int = 8  # frequencies per box coordinate (sin and cos each): GLIGEN's 8
     hidden: int = 512  # the grounding MLP's hidden width (GLIGEN's 512)
     # daguerre's option: each image position's own cell, as box Fourier features through a linear layer,
@@ -66,6 +69,13 @@ class GligenConfig:
     # layer of their own after each ResNet block (models/unet.py, `GroundingLayer`), so the adapter also acts on
     # the finest maps (the shapes U-Net's 16x16, where a small object covers 2-4 cells; 1-2 of the 8x8 maps)
     extra_levels: tuple[int, ...] = ()
+    # how a phrase becomes one vector (models/gligen.py, `phrase_embeddings`), the parts concatenated: "eot" the
+    # final state at the end-of-text token (GLIGEN's CLIP pooled output), "last" the state of the phrase's last
+    # token (its head noun in "a red circle"), "mean" the mean state of its tokens. daguerre's option: a text
+    # encoder trained jointly with a small U-Net was never taught to summarise a text at its end token (CLIP's
+    # contrastive loss does that), and there the shape of "a big red circle" is 15% of the end state's variance
+    # across the shapes world's phrases, 68% of the last token's (docs/layout.md)
+    phrase_pool: tuple[PhrasePool, ...] = ("eot",)
 
 
 ClassEmbedding = Literal["time", "context"]  # UNetConfig.class_embedding
@@ -661,6 +671,10 @@ def check_model_config(cfg: ModelConfig, prefix: str = "") -> None:
             raise ValueError(f"config key {prefix}unet.gligen.extra_levels: {extra} must name levels of the U-Net "
                              f"(0 to {len(u.channel_mult) - 1}), each once, without a transformer (attention_levels "
                              f"{list(u.attention_levels)} have their gated layers in their transformer blocks)")
+    if u.gligen is not None and (not u.gligen.phrase_pool
+                                 or len(set(u.gligen.phrase_pool)) != len(u.gligen.phrase_pool)):
+        raise ValueError(f"config key {prefix}unet.gligen.phrase_pool: {list(u.gligen.phrase_pool)} must name one "
+                         "or more of 'eot', 'last' and 'mean', each once")
     if (cfg.conditioning == "gligen") != (u.gligen is not None):
         raise ValueError(f"config key {prefix}conditioning: {cfg.conditioning!r} with unet.gligen "
                          f"{'set' if u.gligen is not None else 'unset'}; a GLIGEN model ('gligen') has one, others "

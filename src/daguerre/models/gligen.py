@@ -5,7 +5,8 @@ docs/layout.md).
 Each object of a layout is one grounding token: the Fourier features of its box (x0, y0, x1, y1 in [0, 1]; sin and
 cos at `fourier_freqs` frequencies 100^(k / fourier_freqs) per coordinate, GLIGEN's `FourierEmbedder`)
 concatenated with its phrase embedding (the base model's own text encoder, pooled as GLIGEN pools CLIP: the
-final-layer state at the end-of-text token, `phrase_embeddings`), through an MLP to the context width
+final-layer state at the end-of-text token, `phrase_embeddings`; or, daguerre's option `phrase_pool`, also or
+instead the last token's state or the tokens' mean), through an MLP to the context width
 (`GroundingNet`, GLIGEN's `PositionNet`). A padding object (mask 0) takes the learned null features instead
 (GLIGEN's null positive and null position features), so a layout always has `max_objects` tokens.
 
@@ -192,22 +193,47 @@ def freeze_base(unet: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def phrase_embeddings(text_encoder: nn.Module, tokenizer, phrases: Sequence[str]) -> torch.Tensor:
-    """(N, phrase_dim) float32: each phrase through the model's text encoder, pooled as GLIGEN pools CLIP (its
-    `pooler_output`): the final-layer, final-LayerNorm state at the end-of-text token (through the encoder's
-    projection, if it has one). Phrases longer than the encoder's window are cut, as prompts are."""
+def phrase_embeddings(text_encoder: nn.Module, tokenizer, phrases: Sequence[str],
+                      pool: Sequence[str] = ("eot",)) -> torch.Tensor:
+    """(N, phrase_dim) float32: each phrase through the model's text encoder (its final layer and final LayerNorm),
+    pooled by each part of `pool` in turn and concatenated (`GligenConfig.phrase_pool`): "eot" as GLIGEN pools CLIP
+    (its `pooler_output`: the state at the end-of-text token), "last" the state of the phrase's last token before
+    it, "mean" the mean state of its tokens (start and end tokens excluded; an empty phrase: the start token's).
+    Each part goes through the encoder's projection, if it has one. Phrases longer than the encoder's window are
+    cut, as prompts are."""
     if not phrases:
-        return torch.zeros(0, gligen_phrase_dim(text_encoder))
+        return torch.zeros(0, gligen_phrase_dim(text_encoder, pool))
     device = next(text_encoder.parameters()).device
     ids = tokenizer(list(phrases)).to(device)  # (N, max_length)
-    pooled = text_encoder(ids, output_pooled=True).pooled
-    return pooled.float().cpu()
+    out = text_encoder(ids, skip_layers=0, output_pooled=True)
+    parts = []
+    for kind in pool:
+        if kind == "eot":
+            parts.append(out.pooled)
+            continue
+        hidden = out.hidden  # (N, T, width): the final layer's states after the final LayerNorm
+        is_end = ids == text_encoder.config.eos_token_id
+        end = torch.where(is_end.any(1), is_end.int().argmax(1), ids.shape[1] - 1)  # the end token (as pooled)
+        last = (end - 1).clamp(min=0)
+        if kind == "last":
+            state = hidden[torch.arange(len(ids), device=device), last]
+        elif kind == "mean":
+            position = torch.arange(ids.shape[1], device=device)
+            words = ((position >= 1) & (position <= last[:, None])) | ((position == 0) & (last[:, None] == 0))
+            w = words.to(hidden.dtype)[..., None]
+            state = (hidden * w).sum(1) / w.sum(1)
+        else:
+            raise ValueError(f"phrase pool {kind!r} is not one of 'eot', 'last', 'mean'")
+        projection = getattr(text_encoder, "text_projection", None)
+        parts.append(projection(state) if projection is not None else state)
+    return torch.cat(parts, dim=-1).float().cpu()
 
 
-def gligen_phrase_dim(text_encoder: nn.Module) -> int:
-    """The width of a text encoder's pooled output: its projection's, else its own."""
+def gligen_phrase_dim(text_encoder: nn.Module, pool: Sequence[str] = ("eot",)) -> int:
+    """The width of a phrase embedding: the text encoder's pooled output (its projection's, else its own) for each
+    part of `pool`."""
     cfg = text_encoder.config
-    return cfg.projection_dim or cfg.width
+    return (cfg.projection_dim or cfg.width) * len(pool)
 
 
 def grounding_tensor(boxes: Sequence[Sequence[float]], phrases: torch.Tensor, max_objects: int) -> torch.Tensor:

@@ -133,7 +133,8 @@ def conditioning(
 
     def phrases(texts: list[str]) -> torch.Tensor:  # a GLIGEN layout's phrases: pooled text embeddings
         components.acquire("text_encoder")
-        return phrase_embeddings(components.text_encoder, components.tokenizer, texts)
+        pool = components.config.unet.gligen.phrase_pool
+        return phrase_embeddings(components.text_encoder, components.tokenizer, texts, pool)
 
     return req.conditioner.pair(req, device, encode, phrases)
 

@@ -926,7 +926,8 @@ def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | 
                 raise ValueError(f"config key model.text_encoder.kind: a GLIGEN adapter embeds phrases with a "
                                  f"CLIP-style text encoder's pooled output, not {m.text_encoder.kind!r}")
             width = m.text_encoder.projection_dim or m.text_encoder.width
-            m.unet.gligen = dataclasses.replace(m.unet.gligen or GligenConfig(), phrase_dim=width)
+            gligen = m.unet.gligen or GligenConfig()
+            m.unet.gligen = dataclasses.replace(gligen, phrase_dim=width * len(gligen.phrase_pool))
         else:
             m.unet.gligen = None
     elif m.conditioning == "class":

@@ -111,14 +111,15 @@ def grounding_rows(lat: LatentSet, data: TrainData, cfg: GligenConfig, text_enco
 
     def embed() -> torch.Tensor:
         began = time.monotonic()
-        out = torch.cat([phrase_embeddings(text_encoder, tokenizer, phrases[i:i + PHRASE_BATCH])
+        out = torch.cat([phrase_embeddings(text_encoder, tokenizer, phrases[i:i + PHRASE_BATCH], cfg.phrase_pool)
                          for i in range(0, len(phrases), PHRASE_BATCH)]) if phrases else torch.zeros(0, cfg.phrase_dim)
         logger.info("%d distinct phrases embedded in %.1f s", len(phrases), time.monotonic() - began)
         return out
 
-    if gligen_phrase_dim(text_encoder) != cfg.phrase_dim:
-        raise ValueError(f"unet.gligen.phrase_dim is {cfg.phrase_dim} but the text encoder's pooled output is "
-                         f"{gligen_phrase_dim(text_encoder)} wide")
+    if gligen_phrase_dim(text_encoder, cfg.phrase_pool) != cfg.phrase_dim:
+        raise ValueError(f"unet.gligen.phrase_dim is {cfg.phrase_dim} but the text encoder's phrase embeddings "
+                         f"(phrase_pool {list(cfg.phrase_pool)}) are {gligen_phrase_dim(text_encoder, cfg.phrase_pool)}"
+                         " wide")
     boxes = torch.zeros(len(objects), cfg.max_objects, 4)
     ids = torch.full((len(objects), cfg.max_objects), -1, dtype=torch.long)
     for r, layout in enumerate(objects):
