@@ -370,6 +370,15 @@ def test_a_gligen_model_draws_the_base_models_image_without_boxes_or_with_no_lay
     grounded = image(comps, cfg, boxes=box)
     assert not np.array_equal(grounded, want)
     assert not np.array_equal(image(comps, cfg, boxes=box, layout_steps=0.5), grounded)
+    pooled_cfg = _with_gligen(base_cfg, GligenConfig(phrase_dim=2 * base_cfg.text_encoder.width, hidden=32,
+                                                     phrase_pool=("last", "mean")))
+    pooled = build_components(pooled_cfg, seed=2)  # the pipeline embeds the phrases as the model's config says
+    pooled.unet.load_state_dict({k: v for k, v in comps.unet.state_dict().items()
+                                 if not k.startswith("position_net.")}, strict=False)
+    for name in ("text_encoder", "vae"):
+        getattr(pooled, name).load_state_dict(getattr(comps, name).state_dict())
+    _open_gates(pooled.unet)
+    assert not np.array_equal(image(pooled, pooled_cfg, boxes=box), want)
 
 
 # --- training, resume, save and load, the CLI --------------------------------------------------------------

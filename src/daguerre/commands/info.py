@@ -128,7 +128,9 @@ def format_info(info: dict) -> str:
         attend = {"objects": ", image to objects only", "boxes": ", each position to the objects whose box covers it"}
         levels = gligen.get("extra_levels") or ()
         extra = f" and after each ResNet block of level {', '.join(map(str, levels))}" if levels else ""
-        lines.append(f"layout:          GLIGEN adapter, up to {gligen['max_objects']} objects (phrase + box each), "
+        pool = list(gligen.get("phrase_pool") or ["eot"])
+        phrase = "phrase" if pool == ["eot"] else f"phrase as its {' + '.join(pool)} states"
+        lines.append(f"layout:          GLIGEN adapter, up to {gligen['max_objects']} objects ({phrase} + box each), "
                      f"gated self-attention in every transformer block{extra}"
                      f"{' (visual tokens with their positions)' if gligen.get('visual_positions') else ''}"
                      f"{attend.get(gligen.get('attend'), '')}; --layout-steps sets how long it acts")
