@@ -194,19 +194,12 @@ model-shapes-layout: $(RUNS)/shapes_layout/model.safetensors
 	cp $< $(SHIPPED)/shapes-layout.safetensors
 	$(EVAL_18) --model $(SHIPPED)/shapes-layout.safetensors --out $(RUNS)/shapes_layout/eval
 
-# the shipped adapter in two stages (its card): shapes_gligen_ldm, then that adapter continued with gated layers
-# also at the U-Net's 16x16 level, which has no transformer (model.unet.gligen.extra_levels)
-model-shapes-gligen: $(RUNS)/shapes_gligen16/model.safetensors
-	cp $(RUNS)/shapes_gligen16/adapter.safetensors $(SHIPPED)/shapes-gligen.safetensors
-	$(EVAL_18) --model $(SHIPPED)/shapes-gligen.safetensors --out $(RUNS)/shapes_gligen16/eval
-	$(EVAL_18) --model $(SHIPPED)/shapes-gligen.safetensors --layout-prompt background --out $(RUNS)/shapes_gligen16/eval-background
-	$(EVAL_18) --model $(SHIPPED)/shapes-gligen.safetensors --layout-prompt none --out $(RUNS)/shapes_gligen16/eval-none
-
-$(RUNS)/shapes_gligen16/model.safetensors: $(RUNS)/shapes_gligen/model.safetensors
-	$(VENV)/bin/daguerre train ldm --config shapes_gligen_ldm --vae $(SHAPES_BASE) \
-		--init $(RUNS)/shapes_gligen/adapter.safetensors --out $(RUNS)/shapes_gligen16 \
-		--set model.unet.gligen.extra_levels=[0] --set train.steps=3000 \
-		--set data.cache_dir=$(RUNS)/shapes_free_latents --resume
+# the shipped adapter (its card): shapes_gligen_ldm, the adapter file alone shipped (it names its base)
+model-shapes-gligen: $(RUNS)/shapes_gligen/model.safetensors
+	cp $(RUNS)/shapes_gligen/adapter.safetensors $(SHIPPED)/shapes-gligen.safetensors
+	$(EVAL_18) --model $(SHIPPED)/shapes-gligen.safetensors --layout-prompt none --out $(RUNS)/shapes_gligen/eval-none
+	$(EVAL_18) --model $(SHIPPED)/shapes-gligen.safetensors --out $(RUNS)/shapes_gligen/eval
+	$(EVAL_18) --model $(SHIPPED)/shapes-gligen.safetensors --layout-prompt background --out $(RUNS)/shapes_gligen/eval-background
 
 $(SHAPES_18:%=$(RUNS)/%/model.safetensors): $(RUNS)/%/model.safetensors: | $(SHAPES_BASE) $(VENV)/.installed
 	$(VENV)/bin/daguerre train ldm --config $*_ldm --vae $(SHAPES_BASE) --init $(SHAPES_BASE) --out $(RUNS)/$* \
