@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..config import GligenConfig
+from .text_encoder import end_positions
 
 GROUNDING_FIELDS = 5  # box (x0, y0, x1, y1) and mask, before the phrase embedding
 FOURIER_TEMPERATURE = 100.0  # GLIGEN's FourierEmbedder: frequencies temperature^(k / n), k = 0..n-1
@@ -206,15 +207,14 @@ def phrase_embeddings(text_encoder: nn.Module, tokenizer, phrases: Sequence[str]
     device = next(text_encoder.parameters()).device
     ids = tokenizer(list(phrases)).to(device)  # (N, max_length)
     out = text_encoder(ids, skip_layers=0, output_pooled=True)
+    hidden = out.hidden  # (N, T, width): the final layer's states after the final LayerNorm
+    last = (end_positions(ids, text_encoder.config.eos_token_id) - 1).clamp(min=0)  # the token before the end
+    projection = getattr(text_encoder, "text_projection", None)
     parts = []
     for kind in pool:
         if kind == "eot":
             parts.append(out.pooled)
             continue
-        hidden = out.hidden  # (N, T, width): the final layer's states after the final LayerNorm
-        is_end = ids == text_encoder.config.eos_token_id
-        end = torch.where(is_end.any(1), is_end.int().argmax(1), ids.shape[1] - 1)  # the end token (as pooled)
-        last = (end - 1).clamp(min=0)
         if kind == "last":
             state = hidden[torch.arange(len(ids), device=device), last]
         elif kind == "mean":
@@ -224,7 +224,6 @@ def phrase_embeddings(text_encoder: nn.Module, tokenizer, phrases: Sequence[str]
             state = (hidden * w).sum(1) / w.sum(1)
         else:
             raise ValueError(f"phrase pool {kind!r} is not one of 'eot', 'last', 'mean'")
-        projection = getattr(text_encoder, "text_projection", None)
         parts.append(projection(state) if projection is not None else state)
     return torch.cat(parts, dim=-1).float().cpu()
 

@@ -151,6 +151,12 @@ def run_layers(
     return hidden, x
 
 
+def end_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B,) the position of each row's first end token (where CLIP pools), the last position if it has none."""
+    is_end = input_ids == eos_token_id
+    return torch.where(is_end.any(1), is_end.int().argmax(1), input_ids.shape[1] - 1)
+
+
 class CLIPTextEncoder(nn.Module):
     """CLIP text encoder: ids (B, T) -> hidden states of layer `layers - skip_layers` after the final LN.
 
@@ -191,9 +197,7 @@ class CLIPTextEncoder(nn.Module):
         if not output_pooled:
             return TextEncoderOutput(hidden, None)
         last = hidden if skip == 0 else model.final_layer_norm(x)  # (B, T, width)
-        is_end = input_ids == cfg.eos_token_id  # pool at the first end token; the last position if none
-        first_end = torch.where(is_end.any(1), is_end.int().argmax(1), input_ids.shape[1] - 1)
-        pooled = last[torch.arange(last.shape[0], device=last.device), first_end]  # (B, width)
+        pooled = last[torch.arange(last.shape[0], device=last.device), end_positions(input_ids, cfg.eos_token_id)]
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)  # (B, projection_dim)
         return TextEncoderOutput(hidden, pooled)
