@@ -254,6 +254,10 @@ class LDMLossConfig:
     grounding_words: Literal["nouns", "nouns+colours"] = "nouns"  # the shape nouns, or each object's colour too
     grounding_resolutions: list[int] = field(default_factory=list)  # map heights of the layers (e.g. [8]); [] = all
     grounding_max_timestep: int = 1000  # only samples noised at t < this are grounded (where the layout is decided)
+    # GLIGEN layout models: extra weight of the diffusion loss inside each object's box, in inverse proportion to
+    # the box's area (a box of 1/16 of the image gets box_weight more, a smaller one more still), the map then
+    # scaled to a mean of 1 per image, so that small objects' shapes count as much as large ones'; 0 = off
+    box_weight: float = 0.0
 
 
 @dataclass
@@ -686,6 +690,7 @@ def check_run_config(cfg: RunConfig) -> None:
             raise ValueError(f"config key loss.min_snr_gamma: must be >= 0, got {cfg.loss.min_snr_gamma}")
         check_timestep_bias(cfg.loss, cfg.model.schedule.num_train_timesteps)
         check_grounding(cfg)
+        check_box_weight(cfg)
         check_text_encoder_config(cfg.model, cfg.loss.train_text_encoder)
     if isinstance(cfg.loss, CLIPLossConfig):
         check_clip_run(cfg)
@@ -820,6 +825,16 @@ def check_grounding(cfg: RunConfig) -> None:
         raise ValueError(f"config key loss.grounding_weight: {lc.grounding_weight} needs stage 'ldm', "
                          f"data.kind 'shapes' and model.conditioning 'text' (it grounds the caption's words in the "
                          f"scene's objects); got {cfg.stage!r}, {cfg.data.kind!r}, {cfg.model.conditioning!r}")
+
+
+def check_box_weight(cfg: RunConfig) -> None:
+    """loss.box_weight: a number >= 0, on only for stage 2 of a GLIGEN model (its rows' boxes weigh the loss)."""
+    value = cfg.loss.box_weight
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"config key loss.box_weight: must be a number >= 0, got {value!r}")
+    if value and (cfg.stage != "ldm" or cfg.model.conditioning != "gligen"):
+        raise ValueError(f"config key loss.box_weight: {value} needs stage 'ldm' and model.conditioning 'gligen' "
+                         f"(it weighs the loss by the rows' boxes); got {cfg.stage!r}, {cfg.model.conditioning!r}")
 
 
 def check_timestep_bias(lc: LDMLossConfig, n_steps: int) -> None:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..config import GligenConfig, LayoutConfig
 from ..data.layout import LayoutObject, draw_layout, encode_layout, parse_layout
-from ..models.gligen import GROUNDING_FIELDS, gligen_phrase_dim, phrase_embeddings
+from ..models.gligen import GROUNDING_FIELDS, box_overlaps, gligen_phrase_dim, phrase_embeddings
 from .concat import MAX_SAMPLE_IMAGES, pil_of, to_uint8
 from .data import TrainData, load_items
 
@@ -130,6 +130,22 @@ def grounding_rows(lat: LatentSet, data: TrainData, cfg: GligenConfig, text_enco
                 sum(map(len, objects)), len(phrases), time.monotonic() - began)
     return LayoutRows(captions=lat.captions, labels=lat.labels, layouts=GroundingTable(boxes, ids, embed),
                       objects=objects)
+
+
+BOX_WEIGHT_AREA = 1 / 16  # the box area (a quarter of the image's side squared) given exactly box_weight more
+
+
+def box_loss_weights(layout: torch.Tensor, h: int, w: int, box_weight: float) -> torch.Tensor:
+    """(B, 1, h, w) float32 weights of the diffusion loss for GLIGEN grounding inputs `layout` (B, N, 5 + phrase_dim;
+    `loss.box_weight`): 1, plus box_weight x BOX_WEIGHT_AREA / area for each object whose box overlaps the
+    position's cell, scaled to a mean of 1 per image. A small object's few cells then weigh as much in the loss
+    as a large one's many; rows without objects (dropped, or empty layouts) keep uniform weights."""
+    boxes, mask = layout[..., :4].float(), layout[..., 4].float()
+    inside = box_overlaps(boxes, mask, h, w).float()  # (B, hw, N)
+    area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp_min(1.0 / (h * w))  # (B, N)
+    extra = inside @ (box_weight * BOX_WEIGHT_AREA / area * mask)[..., None]  # (B, hw, 1)
+    weights = 1.0 + extra[..., 0]
+    return (weights / weights.mean(1, keepdim=True)).reshape(-1, 1, h, w)
 
 
 class LayoutSamples:

@@ -197,9 +197,17 @@ class LDMStage:
         with dist.maybe_no_sync(self.model, not sync):
             with autocast(device, t.bf16):
                 pred = self.model(x_t, b.t.float().to(device), **kwargs)
-            loss = self.objective.loss(pred, b)
+            loss = self.objective.loss(pred, b, self._pixel_weights(kwargs, pred))
             (loss / t.grad_accum).backward()
         return {"loss": float(loss.detach())}
+
+    def _pixel_weights(self, kwargs: dict[str, Any], pred: torch.Tensor) -> torch.Tensor | None:
+        """The loss's weights by position: a GLIGEN run's `loss.box_weight` (`layout.box_loss_weights`), else None."""
+        if not self.cfg.loss.box_weight:
+            return None
+        from .layout import box_loss_weights
+
+        return box_loss_weights(kwargs["layout"], pred.shape[-2], pred.shape[-1], self.cfg.loss.box_weight)
 
     def _grounded_step(self, b: NoisedBatch, x_t: torch.Tensor, kwargs: dict[str, Any], dropped: torch.Tensor,
                        sync: bool) -> dict[str, float]:

@@ -163,10 +163,14 @@ def min_snr_weights(abar: torch.Tensor, gamma: float, prediction_type: str) -> t
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """mean_b w_b * mean((pred_b - target_b)^2), computed in float32."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
-    return (weights * per_sample).mean()
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                 pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_b w_b * mean((pred_b - target_b)^2), computed in float32; `pixel_weights` (B, 1, H, W), when given,
+    weigh each position's squared error inside the mean (`layout.box_loss_weights`: mean 1 per image)."""
+    err = (pred.float() - target.float()).pow(2)
+    if pixel_weights is not None:
+        err = err * pixel_weights.float()
+    return (weights * err.flatten(1).mean(1)).mean()
 
 
 def timestep_cdf(strategy: str, n_steps: int, multiplier: float, portion: float = 0.25, begin: int = 0,

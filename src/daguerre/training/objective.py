@@ -81,9 +81,10 @@ class DiffusionObjective:
         weights = losses.min_snr_weights(abar, lc.min_snr_gamma, self.prediction_type).to(device)
         return NoisedBatch(rows, r["t"], x_t, target, weights, r["drop"], r["view"])
 
-    def loss(self, pred: torch.Tensor, batch: NoisedBatch) -> torch.Tensor:
-        """The min-SNR-weighted MSE of the network's output, in float32."""
-        return losses.weighted_mse(pred, batch.target, batch.weights)
+    def loss(self, pred: torch.Tensor, batch: NoisedBatch, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The min-SNR-weighted MSE of the network's output, in float32; `pixel_weights` (B, 1, H, W) weigh its
+        positions (a GLIGEN run's `loss.box_weight`), None: uniform."""
+        return losses.weighted_mse(pred, batch.target, batch.weights, pixel_weights)
 
     def total(self, loss: torch.Tensor, token: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
         """The diffusion loss plus grounding_weight (L_token + grounding_pixel_weight L_pixel) (`grounding`)."""
