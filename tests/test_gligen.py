@@ -462,6 +462,64 @@ def test_the_gates_learn_at_gate_lr_scale_times_the_rate_and_resume_so(tmp_path,
         load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", ["train.gate_lr_scale=2.0"])
 
 
+def test_box_loss_weights_favour_small_boxes_and_keep_a_mean_of_one():
+    """loss.box_weight's map: 1 outside boxes, 1 + w (1/16) / area inside one (summed where boxes overlap), scaled
+    to a mean of 1 per image; padding objects and rows without objects change nothing."""
+    from daguerre.training.layout import box_loss_weights
+
+    layout = torch.zeros(3, 4, GROUNDING_FIELDS + 2)
+    layout[0, 0, :5] = torch.tensor([0.0, 0.0, 0.25, 0.25, 1.0])  # 1/16 of the image: 1 + 4
+    layout[0, 1, :5] = torch.tensor([0.5, 0.5, 1.0, 1.0, 1.0])  # a quarter: 1 + 1
+    layout[0, 2, :4] = torch.tensor([0.0, 0.5, 0.5, 1.0])  # padding (mask 0): ignored
+    layout[1, 0, :5] = torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0])
+    layout[1, 1, :5] = torch.tensor([0.25, 0.25, 0.5, 0.5, 1.0])  # inside the first: both add up there
+    w = box_loss_weights(layout, 16, 16, 4.0)
+    assert w.shape == (3, 1, 16, 16) and w.dtype == torch.float32
+    torch.testing.assert_close(w.mean((1, 2, 3)), torch.ones(3))
+    raw = torch.ones(16, 16)
+    raw[:4, :4] = 5.0
+    raw[8:, 8:] = 2.0
+    torch.testing.assert_close(w[0, 0], raw / raw.mean())
+    raw = torch.ones(16, 16)
+    raw[:8, :8] = 2.0
+    raw[4:8, 4:8] = 6.0
+    torch.testing.assert_close(w[1, 0], raw / raw.mean())
+    assert torch.equal(w[2], torch.ones(1, 16, 16))  # no object: uniform
+
+
+def test_pixel_weights_weigh_the_squared_error_by_position():
+    from daguerre.training.losses import weighted_mse
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    snr = torch.tensor([1.0, 0.5])
+    plain = weighted_mse(pred, target, snr)
+    assert torch.equal(weighted_mse(pred, target, snr, torch.ones(2, 1, 8, 8)), plain)
+    corner = torch.zeros(2, 1, 8, 8)
+    corner[..., :2, :2] = 16.0  # mean 1: the corner's error alone
+    want = (snr * (pred - target)[..., :2, :2].pow(2).mean((1, 2, 3))).mean()
+    torch.testing.assert_close(weighted_mse(pred, target, snr, corner), want)
+
+
+def test_box_weight_changes_a_gligen_runs_training_and_is_refused_elsewhere(tmp_path, vae_file, base_model):
+    from daguerre.checkpoints import load_model
+    from daguerre.training.ldm import train_ldm
+
+    steps = ("train.steps=2", "train.lr=1e-3", "train.min_lr=1e-3", "data.n=4", "train.ema_decay=0")
+
+    def adapter(path):
+        return dict(adapter_parameters(load_model(path).unet))
+
+    plain = adapter(train_ldm(_gligen_run(base_model, steps), tmp_path / "plain", vae_path=vae_file))
+    weighted = adapter(train_ldm(_gligen_run(base_model, (*steps, "loss.box_weight=4")), tmp_path / "weighted",
+                                 vae_path=vae_file))
+    assert any(not torch.equal(plain[k], weighted[k]) for k in plain)
+    with pytest.raises(ValueError, match="loss.box_weight: 4.0 needs stage 'ldm' and model.conditioning 'gligen'"):
+        load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", ["loss.box_weight=4.0"])
+    with pytest.raises(ValueError, match="loss.box_weight: must be a number >= 0, got -1"):
+        _gligen_run(base_model, ("loss.box_weight=-1",))
+
+
 def test_a_gligen_run_needs_its_base_model():
     from daguerre.training.ldm import train_ldm
 

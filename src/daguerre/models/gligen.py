@@ -33,7 +33,7 @@ argument of `UNetModel.forward` for a model with `unet.gligen`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -228,10 +228,10 @@ def phrase_embeddings(text_encoder: nn.Module, tokenizer, phrases: Sequence[str]
     return torch.cat(parts, dim=-1).float().cpu()
 
 
-def gligen_phrase_dim(text_encoder: nn.Module, pool: Sequence[str] = ("eot",)) -> int:
+def gligen_phrase_dim(text_encoder: Any, pool: Sequence[str] = ("eot",)) -> int:
     """The width of a phrase embedding: the text encoder's pooled output (its projection's, else its own) for each
-    part of `pool`."""
-    cfg = text_encoder.config
+    part of `pool`; `text_encoder` a text encoder or its config (training derives the adapter's from the config)."""
+    cfg = getattr(text_encoder, "config", text_encoder)
     return (cfg.projection_dim or cfg.width) * len(pool)
 
 

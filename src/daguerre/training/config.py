@@ -940,9 +940,11 @@ def derive_model_config(cfg: RunConfig, channels: int, class_names: list[str] | 
             if m.text_encoder.kind != "clip":
                 raise ValueError(f"config key model.text_encoder.kind: a GLIGEN adapter embeds phrases with a "
                                  f"CLIP-style text encoder's pooled output, not {m.text_encoder.kind!r}")
-            width = m.text_encoder.projection_dim or m.text_encoder.width
+            from ..models.gligen import gligen_phrase_dim  # (torch: imported once a GLIGEN run needs it)
+
             gligen = m.unet.gligen or GligenConfig()
-            m.unet.gligen = dataclasses.replace(gligen, phrase_dim=width * len(gligen.phrase_pool))
+            m.unet.gligen = dataclasses.replace(gligen, phrase_dim=gligen_phrase_dim(m.text_encoder,
+                                                                                     gligen.phrase_pool))
         else:
             m.unet.gligen = None
     elif m.conditioning == "class":
