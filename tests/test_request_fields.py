@@ -90,7 +90,7 @@ PNG_SAMPLES = [  # (config, request): together they set every field with a PNG k
     (TINY, GenerationRequest(prompt="a cat", steps=2, seed=3, cfg_min_sigma=1.5, cfg_cutoff_sigma=0.75,
                              deepcache_interval=2, deepcache_depth=2, deepcache_max_sigma=3.5, tome_ratio=0.5)),
     (TINY, GenerationRequest(prompt="a cat", steps=2, seed=3, clip_guidance=250.0, clip_model="my-clip.safetensors",
-                             cutouts=4)),
+                             cutouts=4, clip_repeats=2)),
     (SEMANTIC, GenerationRequest(prompt="a red circle", steps=2, seed=3, semantic_map=MAP)),
     (LAYOUT, GenerationRequest(prompt="", steps=2, seed=3, layout=[{"phrase": "a red circle", "box": [0, 0, 0.5, 1]}],
                                boxes=["blue square:0.5,0.5,1,1"])),
@@ -169,7 +169,8 @@ COMMON_ARGV = ["a cat", "-N", "blurry", "--steps", "3", "--sampler", "Euler", "-
                "--seed", "7", "--size", "16x24", "--class", "1", "--clip-skip", "2", "--cfg-min-sigma", "1.5",
                "--cfg-cutoff", "0.5", "--deepcache", "2", "--deepcache-depth", "2", "--deepcache-max-sigma", "3",
                "--tome", "0.5", "--fast", "--clip-guidance", "--clip", "my-clip", "--cutouts", "4",
-               "--eta", "0.5", "--n", "2", "--batch-size", "2", "--tile", "--lora", "x.safetensors:0.5"]
+               "--clip-repeats", "3", "--eta", "0.5", "--n", "2", "--batch-size", "2", "--tile", "--lora",
+               "x.safetensors:0.5"]
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -207,7 +208,7 @@ def test_every_payload_field_is_read():
                        "scheduler": "Karras", "cfg_scale": 5, "seed": 7, "width": 16, "height": 24, "eta": 0.5,
                        "s_min_uncond": 1.5, "cfg_cutoff_sigma": 0.5, "deepcache_interval": 2, "deepcache_depth": 2,
                        "deepcache_max_sigma": 3.0, "tome_ratio": 0.5, "fast": True, "clip_guidance": 250,
-                       "clip_model": "shapes-clip", "cutouts": 4,
+                       "clip_model": "shapes-clip", "cutouts": 4, "clip_repeats": 3,
                        "override_settings": {"CLIP_stop_at_last_layers": 2}, "batch_size": 2, "n_iter": 2}
     inpaint_payload = {**txt2img_payload, "init_images": [_b64(image)], "denoising_strength": 0.5, "resize_mode": 2,
                        "mask": _b64(mask), "mask_blur": 2, "inpainting_fill": 2, "inpaint_full_res": True,

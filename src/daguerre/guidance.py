@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -398,3 +398,61 @@ def noisy_clip_guided_denoiser(
         return x0 - step
 
     return guided
+
+
+# Self-recurrence of guided steps (Bansal et al. 2023, "Universal Guidance for Diffusion Models", sec. 3.3): the
+# steps starting in this sigma range are the ones where the shapes model decides its objects and the noise-aware
+# CLIP can still read them (docs/clip.md); `--clip-repeats` takes each of them that many times.
+RECURRENCE_SIGMAS = (0.5, 4.0)
+
+
+def recurrent_steps(sigmas: torch.Tensor, low: float, high: float) -> list[bool]:
+    """For each step i of a run (sigma_i -> sigma_{i+1}), whether it starts in [low, high] and is repeated."""
+    sig = [float(s) for s in sigmas.detach().cpu()]
+    return [low <= sig[i] <= high for i in range(len(sig) - 1)]
+
+
+def self_recurrent(sampler: Callable, repeats: int, low: float, high: float) -> Callable:
+    """A sampler that takes each step starting at a sigma in [low, high] `repeats` times (per-step
+    self-recurrence, Bansal et al. 2023, sec. 3.3): after the step sigma_i -> sigma_{i+1}, fresh noise of variance
+    sigma_i^2 - sigma_{i+1}^2 takes x back to sigma_i and the step is taken again, so a guidance wrapped into the
+    denoiser acts `repeats` times at the noise levels where it counts, each time from a consistent x. The other
+    steps run as `sampler` runs them, in unbroken stretches (a multistep sampler keeps its history there; it
+    restarts at first order after each repeated step). `repeats` 1 returns `sampler` itself. The callback's
+    step index is the run's (a repeated step reports each time); the noise comes from the run's generators, so a
+    seed gives the same image."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be a whole number >= 1, got {repeats}")
+    if repeats == 1:
+        return sampler
+    from .diffusion.noise import randn_like
+
+    def run(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
+            callback: Callable | None = None, generator: Any = None, **kwargs: Any) -> torch.Tensor:
+        marks = recurrent_steps(sigmas, low, high)
+        sig = [float(s) for s in sigmas.detach().cpu()]
+
+        def shifted(offset: int) -> Callable | None:
+            if callback is None:
+                return None
+            return lambda info: callback({**info, "i": info["i"] + offset})
+
+        i = 0
+        while i < len(marks):
+            if not marks[i]:  # an unbroken stretch of plain steps
+                j = i
+                while j < len(marks) and not marks[j]:
+                    j += 1
+                x = sampler(denoiser, x, sigmas[i:j + 1], extra_args=extra_args, callback=shifted(i),
+                            generator=generator, **kwargs)
+                i = j
+                continue
+            for r in range(repeats):
+                x = sampler(denoiser, x, sigmas[i:i + 2], extra_args=extra_args, callback=shifted(i),
+                            generator=generator, **kwargs)
+                if r < repeats - 1:
+                    x = x + randn_like(x, generator) * math.sqrt(max(sig[i] ** 2 - sig[i + 1] ** 2, 0.0))
+            i += 1
+        return x
+
+    return run

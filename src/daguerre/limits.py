@@ -111,6 +111,7 @@ DEFAULT_LIMITS = Limits()
 # CLIP guidance (guidance.clip_guided_denoiser): CLIP's views of each image per network call, and the scale (its
 # step is clamped, so a larger scale only saturates the clamp)
 MAX_CUTOUTS = 64
+MAX_CLIP_REPEATS = 16  # guided steps taken at most this many times (self-recurrence, request.clip_repeats)
 MAX_CLIP_GUIDANCE = 100_000.0
 
 

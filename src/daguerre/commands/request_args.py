@@ -18,7 +18,7 @@ from ..pipelines.request import FEWER_CALLS_FIELDS, GenerationRequest
 # the settings of fewer network calls (issue 15) and their preset, which `daguerre eval` takes too
 FEWER_CALLS = (*FEWER_CALLS_FIELDS, "fast")
 # CLIP guidance's flags that `daguerre eval` takes (its own --clip names the scoring and the guiding CLIP)
-CLIP_GUIDANCE = ("clip_guidance", "cutouts")
+CLIP_GUIDANCE = ("clip_guidance", "cutouts", "clip_repeats")
 # a GLIGEN model's scheduled sampling, which `daguerre eval` takes to measure it (docs/layout.md)
 LAYOUT_STEPS = ("layout_steps",)
 

@@ -27,10 +27,12 @@ from ..diffusion.noise import generators_for, randn
 from ..diffusion.sampler_names import SAMPLERS
 from ..guidance import (
     CUTOUT_SEED_MIX,
+    RECURRENCE_SIGMAS,
     cfg_denoiser,
     clip_guided_denoiser,
     inpaint_blend_denoiser,
     noisy_clip_guided_denoiser,
+    self_recurrent,
 )
 from ..lora.apply import prepare as prepare_adapters
 from ..models.gligen import phrase_embeddings
@@ -319,6 +321,9 @@ def run_plan(
             cutout_gens = [torch.Generator().manual_seed(s ^ CUTOUT_SEED_MIX) for s in seeds]
             guided = clip_guided_denoiser(guided, guide[0], guide[1], scale=req.clip_guidance, cutouts=req.cutouts,
                                           decode=guide[2], generators=cutout_gens)
+        run = sampler
+        if guide is not None:  # the steps where the guidance counts taken req.clip_repeats times
+            run = self_recurrent(sampler, req.clip_repeats, *RECURRENCE_SIGMAS)
         if plan.mask is not None and plan.known is not None:
             guided = inpaint_blend_denoiser(guided, plan.known.to(device).expand(b, *shape), plan.mask.to(device))
         latest: dict[str, torch.Tensor] = {}  # the batch's latest x0 estimate, for a batch stopped early
@@ -329,7 +334,7 @@ def run_plan(
                 callback({**info, "batch_start": _start})
         try:
             if len(sigmas) > 1:
-                x = sampler(guided, x, sigmas, extra_args={"cond": cond}, callback=step_cb, generator=gens, **kwargs)
+                x = run(guided, x, sigmas, extra_args={"cond": cond}, callback=step_cb, generator=gens, **kwargs)
         except StopSampling as stop:
             x = latest.get("denoised")
             interrupted = stop if isinstance(stop, Interrupted) else None

@@ -342,15 +342,20 @@ def _read_class(params: Mapping[str, str], _source: str) -> dict[str, Any]:
 
 
 def _write_clip(req: ValidRequest) -> dict[str, Any]:
-    """CLIP guidance's keys, written only when it ran (scale > 0): its scale, the CLIP model, the cutouts."""
+    """CLIP guidance's keys, written only when it ran (scale > 0): its scale, the CLIP model, the cutouts, the
+    repeats of the recurrent steps."""
     if not req.clip_guidance:
         return {}
-    return {"CLIP guidance": f"{req.clip_guidance:g}", "CLIP model": req.clip_model, "Cutouts": req.cutouts}
+    return {"CLIP guidance": f"{req.clip_guidance:g}", "CLIP model": req.clip_model, "Cutouts": req.cutouts,
+            "CLIP repeats": req.clip_repeats}
 
 
 def _read_clip(params: Mapping[str, str], source: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
-    for key, name, kind in (("CLIP guidance", "clip_guidance", float), ("Cutouts", "cutouts", int)):
+    if "CLIP guidance" in params and "CLIP repeats" not in params:
+        found["clip_repeats"] = 1  # written before the repeats existed: its steps were taken once
+    for key, name, kind in (("CLIP guidance", "clip_guidance", float), ("Cutouts", "cutouts", int),
+                            ("CLIP repeats", "clip_repeats", int)):
         if key in params:
             try:
                 found[name] = kind(params[key])
@@ -398,4 +403,4 @@ SAMPLER_PNG = Png("Sampler", write=lambda req: {"Sampler": req.choice.a1111_name
 SCHEDULE_PNG = Png("Schedule type", write=lambda req: {"Schedule type": req.choice.a1111_schedule})
 ETA_PNG = Png("Eta", "Eta DDIM", write=_write_eta, read=_read_eta)
 CLASS_PNG = Png("Class", read=_read_class)
-CLIP_PNG = Png("CLIP guidance", "CLIP model", "Cutouts", write=_write_clip, read=_read_clip)
+CLIP_PNG = Png("CLIP guidance", "CLIP model", "Cutouts", "CLIP repeats", write=_write_clip, read=_read_clip)
