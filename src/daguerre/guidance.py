@@ -401,9 +401,7 @@ def noisy_clip_guided_denoiser(
 
 
 # Self-recurrence of guided steps (Bansal et al. 2023, "Universal Guidance for Diffusion Models", sec. 3.3): the
-# steps starting in this sigma range are the ones where the shapes model decides its objects and the noise-aware
-# CLIP can still read them (docs/clip.md); `--clip-repeats` takes each of them that many times.
-RECURRENCE_SIGMAS = (0.5, 4.0)
+# steps starting in limits.RECURRENCE_SIGMAS are taken `--clip-repeats` times.
 
 
 def recurrent_steps(sigmas: torch.Tensor, low: float, high: float) -> list[bool]:

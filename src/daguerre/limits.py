@@ -112,6 +112,11 @@ DEFAULT_LIMITS = Limits()
 # step is clamped, so a larger scale only saturates the clamp)
 MAX_CUTOUTS = 64
 MAX_CLIP_REPEATS = 16  # guided steps taken at most this many times (self-recurrence, request.clip_repeats)
+# ... namely the steps starting in this sigma range (guidance.self_recurrent; Bansal et al. 2023, "Universal Guidance
+# for Diffusion Models", sec. 3.3): where the shapes model decides its objects and the noise-aware CLIP can still
+# read them (docs/clip.md). Here, not in guidance.py, so that the CLI's help and a request's validation read it
+# without importing torch.
+RECURRENCE_SIGMAS = (0.5, 4.0)
 MAX_CLIP_GUIDANCE = 100_000.0
 
 

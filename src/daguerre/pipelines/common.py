@@ -27,13 +27,13 @@ from ..diffusion.noise import generators_for, randn
 from ..diffusion.sampler_names import SAMPLERS
 from ..guidance import (
     CUTOUT_SEED_MIX,
-    RECURRENCE_SIGMAS,
     cfg_denoiser,
     clip_guided_denoiser,
     inpaint_blend_denoiser,
     noisy_clip_guided_denoiser,
     self_recurrent,
 )
+from ..limits import RECURRENCE_SIGMAS
 from ..lora.apply import prepare as prepare_adapters
 from ..models.gligen import phrase_embeddings
 from ..models.noisy_clip import check_latent_space

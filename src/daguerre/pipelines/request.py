@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import ModelConfig
-from ..guidance import RECURRENCE_SIGMAS, recurrent_steps
 from ..limits import (
     DEFAULT_LIMITS,
     MAX_CLIP_GUIDANCE,
     MAX_CLIP_REPEATS,
     MAX_CUTOUTS,
+    RECURRENCE_SIGMAS,
     LimitError,
     Limits,
     request_work,
@@ -113,7 +113,7 @@ MAX_TOME_RATIO = 0.75  # token merging: the sources are 3 of every 2x2 cell (nn/
 # image, chosen by measurement on the shipped shapes model (docs/clip.md)
 CLIP_GUIDANCE = 500.0
 CUTOUTS = 16
-# the steps between guidance.RECURRENCE_SIGMAS taken this many times by a guided request (self-recurrence,
+# the steps between limits.RECURRENCE_SIGMAS taken this many times by a guided request (self-recurrence,
 # guidance.self_recurrent): with the shipped noise-aware CLIP it lifted the asked object from 44% to 62-66% of
 # pilot images (docs/clip.md); 1 = off
 CLIP_REPEATS = 8
@@ -228,7 +228,7 @@ class GenerationRequest:
         "--cutouts", metavar="N", help=f"with --clip-guidance and a pixel CLIP: CLIP's views of each image per step, "
         f"the whole image and N-1 random crops; more is steadier and slower (default {CUTOUTS}, at most "
         f"{MAX_CUTOUTS}); a noise-aware CLIP reads the whole latents"))
-    # each guided step at a sigma in guidance.RECURRENCE_SIGMAS taken this many times, noised back between
+    # each guided step at a sigma in limits.RECURRENCE_SIGMAS taken this many times, noised back between
     clip_repeats: int = setting(CLIP_REPEATS, type=int, a1111="clip_repeats", png=CLIP_PNG, cli=Flag(
         "--clip-repeats", metavar="N", help=f"with --clip-guidance: take each step between sigma "
         f"{RECURRENCE_SIGMAS[0]:g} and {RECURRENCE_SIGMAS[1]:g} N times, noised back to its level between them "
@@ -480,6 +480,7 @@ class GenerationRequest:
                         **spatial, **hires_fields)
         sigmas = _run_sigmas(config, conditioner, choice, resolved)
         if self.clip_guidance > 0 and self.clip_repeats > 1:  # the repeated steps, counted on the run's sigmas
+            from ..guidance import recurrent_steps  # torch is loaded by now: the sigmas are a tensor
             steps = self.steps + (self.clip_repeats - 1) * sum(recurrent_steps(sigmas, *RECURRENCE_SIGMAS))
             limits.check_work(request_work(config, width=width, height=height, steps=steps, n=self.n,
                                            guided=guided, encodes=self.task in IMAGE_TASKS, prompt_chunks=chunks,
