@@ -47,6 +47,36 @@ def test_the_page_generates_with_live_progress(browser, url):
     assert not errors, errors
 
 
+def test_a_late_progress_answer_does_not_overwrite_the_result(browser, url):
+    """Each answer of /sdapi/v1/progress is held back 1.5 s, so polls are still in flight when the images arrive:
+    they must not put "step N of M" back over the finished image's parameters."""
+    page = browser.new_page()
+    page.add_init_script("""(() => {
+      const plain = window.fetch.bind(window);
+      window.polls = 0;
+      window.fetch = async (path, ...rest) => {
+        const answer = await plain(path, ...rest);
+        if (String(path).includes("/sdapi/v1/progress")) {
+          const seen = await answer.clone().json();
+          if (seen.state && seen.state.job) window.polls += 1;
+          await new Promise((done) => setTimeout(done, 1500));
+        }
+        return answer;
+      };
+    })()""")
+    page.goto(url)
+    page.wait_for_function("document.querySelectorAll('#sampler_name option').length > 10")
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "300")
+    page.fill("#seed", "5")
+    page.fill("#batch_size", "1")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#images img", timeout=120000)
+    assert page.evaluate("window.polls") >= 1  # a poll saw the job running, and is answered 1.5 s later
+    page.wait_for_timeout(2000)  # every held-back answer has come in
+    assert "Seed: 5" in page.inner_text("#status")
+
+
 def test_the_page_shows_a_refused_request(browser, url):
     page = browser.new_page()
     page.goto(url)
