@@ -27,7 +27,7 @@ from daguerre.guidance import (
     self_recurrent,
     spherical_distance,
 )
-from daguerre.limits import MAX_CLIP_REPEATS, MAX_CUTOUTS, request_work
+from daguerre.limits import MAX_CLIP_REPEATS, MAX_CUTOUTS, RECURRENCE_SIGMAS, request_work
 from daguerre.models.clip import CLIPModel, init_clip_
 from daguerre.pipelines.common import text_embedding
 from daguerre.pipelines.infotext import settings_from_parameters
@@ -317,6 +317,28 @@ def test_repeats_count_in_the_work_bound_and_the_png():
         GenerationRequest(**kw, clip_repeats=3, width=32, height=32).validate(TINY, bound)
     assert _read_clip({"CLIP guidance": "500", "Cutouts": "16"}, "x")["clip_repeats"] == 1  # older files: once
     assert _read_clip({"CLIP guidance": "500", "CLIP repeats": "8"}, "x")["clip_repeats"] == 8
+
+
+def test_progress_counts_the_repeated_steps(pipe, clip_file):
+    """The CLI's bar and the server's progress count every step the sampler reports, the repeated ones too: a
+    guided run ends at 100%, not past it (the bar once read "116 of 25")."""
+    from daguerre.pipelines.common import progress_total
+    from daguerre.pipelines.txt2img import txt2img
+
+    kw = dict(steps=10, n=2, batch_size=1, seed=1, clip_guidance=500, clip_model="tiny-clip", cutouts=2)
+    request = pipe.request(PROMPT, clip_repeats=3, **kw)
+    repeated = sum(recurrent_steps(request.sigmas, *RECURRENCE_SIGMAS))
+    reported: list[int] = []
+    txt2img(pipe.components, request, clip=_tiny_clip(), callback=lambda info: reported.append(info["i"]))
+    assert repeated >= 1 and len(reported) == progress_total(request) == 2 * (10 + 2 * repeated)
+    assert progress_total(pipe.request(PROMPT, clip_repeats=1, **kw)) == 20
+    assert progress_total(pipe.request(PROMPT, **{**kw, "clip_guidance": 0.0}, clip_repeats=3)) == 20  # unguided
+    server = Server(pipe, "tiny", clips=(clip_file,))
+    body = {"prompt": PROMPT, "steps": 10, "n_iter": 2, "batch_size": 1, "seed": 1, "clip_guidance": 500,
+            "clip_model": clip_file, "cutouts": 2, "clip_repeats": 3}
+    status, _, answer = server.handle("POST", "/sdapi/v1/txt2img", json.dumps(body).encode())
+    assert status == 200, answer
+    assert server._live["done"] == server._live["total"] == len(reported)  # the page's bar ends at 100%
 
 
 # --- validation ----------------------------------------------------------------------------------------

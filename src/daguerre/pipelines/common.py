@@ -31,6 +31,7 @@ from ..guidance import (
     clip_guided_denoiser,
     inpaint_blend_denoiser,
     noisy_clip_guided_denoiser,
+    recurrent_steps,
     self_recurrent,
 )
 from ..limits import RECURRENCE_SIGMAS
@@ -215,19 +216,25 @@ def differentiable_decode(components: Components) -> Callable[[torch.Tensor], to
 
 # --- the loop --------------------------------------------------------------------------------------
 
-def count_steps(request: ValidRequest) -> int:
-    """Sampler steps per image for `request` (for progress bars): `steps`, fewer at img2img strength < 1."""
-    return request.sampler_steps
+def count_steps(request: ValidRequest, sigmas: torch.Tensor | None = None) -> int:
+    """How many times the sampler of one batch of `request` reports a step (for progress bars) on its run
+    through `sigmas` (default: the request's): one per step, so `steps`, fewer at img2img strength < 1; with CLIP
+    guidance each step in limits.RECURRENCE_SIGMAS reports `clip_repeats` times (guidance.self_recurrent)."""
+    sigmas = request.sigmas if sigmas is None else sigmas
+    steps = len(sigmas) - 1
+    if request.clip_guidance > 0 and request.clip_repeats > 1:
+        steps += (request.clip_repeats - 1) * sum(recurrent_steps(sigmas, *RECURRENCE_SIGMAS))
+    return steps
 
 
 def progress_total(request: ValidRequest) -> int:
-    """How many times `run_plan` calls its callback for `request`: one call per sampler step of each batch
-    (a batch of `batch_size` images advances together), so n=4, batch_size=2 at 20 steps is 40; with the hires
-    fix, plus each image's second pass."""
+    """How many times `run_plan` calls its callback for `request`: `count_steps` for each batch (a batch of
+    `batch_size` images advances together), so n=4, batch_size=2 at 20 steps is 40; with the hires fix, plus
+    each image's second pass."""
     batches = -(-request.n // request.batch_size)
     if hires.enabled(request):  # then each image's second pass (pipelines/hires.py)
-        return batches * request.sampler_steps + request.n * (len(hires.second_pass_sigmas(request)) - 1)
-    return batches * request.sampler_steps
+        return batches * count_steps(request) + request.n * count_steps(request, hires.second_pass_sigmas(request))
+    return batches * count_steps(request)
 
 
 @torch.no_grad()

@@ -228,23 +228,22 @@ class Server:
 
     def execute(self, request, job: str, cancelled: Cancelled = None) -> tuple[Any, list, bool]:
         """Run a valid request now (the queue's worker calls this): (request, results, interrupted)."""
-        from ..pipelines.common import Interrupted, count_steps, progress_total
+        from ..pipelines.common import Interrupted, progress_total
 
         components = self.pipe.components
         with self.lock:
-            steps = count_steps(request)  # sampler steps of one batch
             self._interrupt.clear()
             self._skip.clear()
             self.state.update(job=job, job_count=-(-request.n // request.batch_size), job_no=0, sampling_step=0,
-                              sampling_steps=steps, job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
-                              interrupted=False, skipped=False)
+                              sampling_steps=request.sampler_steps, interrupted=False, skipped=False,
+                              job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"))
             self._live.update(started=time.monotonic(), done=0, total=progress_total(request), latent=None)
             check = self._stop_check(cancelled)
 
             def on_step(info: dict) -> None:
                 batch, step = info["batch_start"] // request.batch_size, info["i"] + 1
-                self.state.update(job_no=batch, sampling_step=step)
-                self._live.update(done=batch * steps + step, latent=info["denoised"][:1].detach().clone())
+                self.state.update(job_no=batch, sampling_step=step)  # a repeated step (clip_repeats) shows again
+                self._live.update(done=self._live["done"] + 1, latent=info["denoised"][:1].detach().clone())
                 check()
 
             interrupted = False
