@@ -20,17 +20,22 @@ def url():
         yield f"http://127.0.0.1:{port}/"
 
 
+def _submit(page, prompt: str, steps: int, seed: int, batch_size: int) -> None:
+    """Fill the form of the page's txt2img tab and press Generate."""
+    page.fill("#prompt", prompt)
+    page.fill("#steps", str(steps))
+    page.fill("#seed", str(seed))
+    page.fill("#batch_size", str(batch_size))
+    page.click("button[type=submit]")
+
+
 def test_the_page_generates_with_live_progress(browser, url):
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(url)
     page.wait_for_function("document.querySelectorAll('#sampler_name option').length > 10")  # /samplers answered
-    page.fill("#prompt", "a red circle")
-    page.fill("#steps", "40")
-    page.fill("#seed", "7")
-    page.fill("#batch_size", "2")
-    page.click("button[type=submit]")
+    _submit(page, "a red circle", steps=40, seed=7, batch_size=2)
     seen: set[str] = set()  # the status lines shown while it runs
     deadline = time.monotonic() + 120  # generous: the machine may be busy
     while time.monotonic() < deadline:
@@ -66,11 +71,7 @@ def test_a_late_progress_answer_does_not_overwrite_the_result(browser, url):
     })()""")
     page.goto(url)
     page.wait_for_function("document.querySelectorAll('#sampler_name option').length > 10")
-    page.fill("#prompt", "a red circle")
-    page.fill("#steps", "300")
-    page.fill("#seed", "5")
-    page.fill("#batch_size", "1")
-    page.click("button[type=submit]")
+    _submit(page, "a red circle", steps=300, seed=5, batch_size=1)
     page.wait_for_selector("#images img", timeout=120000)
     assert page.evaluate("window.polls") >= 1  # a poll saw the job running, and is answered 1.5 s later
     page.wait_for_timeout(2000)  # every held-back answer has come in
@@ -95,11 +96,7 @@ def test_the_page_shows_the_maps_of_the_last_image(browser, url):
     page.click("#attention")  # before any image: the server says so
     page.wait_for_selector("#attention_status.error")
     assert "no image made yet" in page.inner_text("#attention_status")
-    page.fill("#prompt", "a red circle above a blue square")
-    page.fill("#steps", "2")
-    page.fill("#seed", "3")
-    page.fill("#batch_size", "1")
-    page.click("button[type=submit]")
+    _submit(page, "a red circle above a blue square", steps=2, seed=3, batch_size=1)
     page.wait_for_selector("#images img", timeout=120000)
     page.click("#attention")
     page.wait_for_selector("#attention_maps figure >> nth=5", timeout=120000)
