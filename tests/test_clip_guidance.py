@@ -331,14 +331,19 @@ def test_progress_counts_the_repeated_steps(pipe, clip_file):
     reported: list[int] = []
     txt2img(pipe.components, request, clip=_tiny_clip(), callback=lambda info: reported.append(info["i"]))
     assert repeated >= 1 and len(reported) == progress_total(request) == 2 * (10 + 2 * repeated)
+    plain = len(reported)
     assert progress_total(pipe.request(PROMPT, clip_repeats=1, **kw)) == 20
+    hires = pipe.request(PROMPT, clip_repeats=3, **kw, hires_scale=1.5, hires_steps=10, hires_strength=0.7)
+    reported.clear()
+    txt2img(pipe.components, hires, clip=_tiny_clip(), callback=lambda info: reported.append(info["i"]))
+    assert len(reported) == progress_total(hires) > 2 * (10 + 2 * repeated)  # the second passes repeat too
     assert progress_total(pipe.request(PROMPT, **{**kw, "clip_guidance": 0.0}, clip_repeats=3)) == 20  # unguided
     server = Server(pipe, "tiny", clips=(clip_file,))
     body = {"prompt": PROMPT, "steps": 10, "n_iter": 2, "batch_size": 1, "seed": 1, "clip_guidance": 500,
             "clip_model": clip_file, "cutouts": 2, "clip_repeats": 3}
     status, _, answer = server.handle("POST", "/sdapi/v1/txt2img", json.dumps(body).encode())
     assert status == 200, answer
-    assert server._live["done"] == server._live["total"] == len(reported)  # the page's bar ends at 100%
+    assert server._live["done"] == server._live["total"] == plain  # the page's bar ends at 100%
 
 
 # --- validation ----------------------------------------------------------------------------------------
