@@ -315,6 +315,19 @@ def test_repeats_count_in_the_work_bound_and_the_png():
     GenerationRequest(**kw, clip_repeats=2, width=32, height=32).validate(TINY, bound)
     with pytest.raises(daguerre.limits.LimitError, match="clip_repeats 3"):
         GenerationRequest(**kw, clip_repeats=3, width=32, height=32).validate(TINY, bound)
+    # the hires fix's second pass repeats its steps in range too, and the bound counts them
+    from daguerre.pipelines.hires import second_pass_sigmas
+
+    kw_h = dict(kw, width=32, height=32, hires_scale=1.5, hires_steps=10, hires_strength=0.7)
+    once = GenerationRequest(**kw_h, clip_repeats=1).validate(TINY)
+    first, second = (sum(recurrent_steps(s, 0.5, 4.0)) for s in (once.sigmas, second_pass_sigmas(once)))
+    assert second >= 1
+    work = max(request_work(TINY, width=32, height=32, steps=10 + 2 * first, n=1, guided=True, clip_guided=True),
+               request_work(TINY, width=48, height=48, steps=10, n=1, guided=True, encodes=True, clip_guided=True))
+    bound = daguerre.limits.Limits(max_work=work * 1.01)
+    GenerationRequest(**kw_h, clip_repeats=1).validate(TINY, bound)
+    with pytest.raises(daguerre.limits.LimitError, match="the hires fix: .* 3"):
+        GenerationRequest(**kw_h, clip_repeats=3).validate(TINY, bound)
     assert _read_clip({"CLIP guidance": "500", "Cutouts": "16"}, "x")["clip_repeats"] == 1  # older files: once
     assert _read_clip({"CLIP guidance": "500", "CLIP repeats": "8"}, "x")["clip_repeats"] == 8
 

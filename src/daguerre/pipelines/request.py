@@ -490,8 +490,19 @@ class GenerationRequest:
         _warn_few_low_steps(config, conditioner, choice, resolved, sigmas)
         if self.fast:
             resolved.update(fast_settings(self, sigmas, guided))
-        return ValidRequest(**resolved, config=config, conditioner=conditioner, choice=choice,
-                            class_index=class_index, sigmas=sigmas)
+        valid = ValidRequest(**resolved, config=config, conditioner=conditioner, choice=choice,
+                             class_index=class_index, sigmas=sigmas)
+        if hires.enabled(self) and self.clip_guidance > 0 and self.clip_repeats > 1:  # the second pass repeats too
+            from ..guidance import recurrent_steps
+
+            repeated = (self.clip_repeats - 1) * sum(recurrent_steps(hires.second_pass_sigmas(valid),
+                                                                     *RECURRENCE_SIGMAS))
+            limits.check_work(request_work(config, width=hires_w, height=hires_h, steps=hires_steps + repeated,
+                                           n=self.n, guided=guided, encodes=True, prompt_chunks=chunks,
+                                           clip_guided=True),
+                              f"the hires fix: {self.n} image(s) of {hires_w}x{hires_h} at {hires_steps} steps, "
+                              f"{repeated} of them repeated (clip_repeats {self.clip_repeats})")
+        return valid
 
     def _check_clip_guidance(self, config: ModelConfig) -> str | None:
         """Check the CLIP guidance fields (scale and cutouts within `limits.MAX_CLIP_GUIDANCE` / `MAX_CUTOUTS`, a
