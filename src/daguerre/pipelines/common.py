@@ -31,7 +31,6 @@ from ..guidance import (
     clip_guided_denoiser,
     inpaint_blend_denoiser,
     noisy_clip_guided_denoiser,
-    recurrent_steps,
     self_recurrent,
 )
 from ..limits import RECURRENCE_SIGMAS
@@ -221,10 +220,7 @@ def count_steps(request: ValidRequest, sigmas: torch.Tensor | None = None) -> in
     through `sigmas` (default: the request's): one per step, so `steps`, fewer at img2img strength < 1; with CLIP
     guidance each step in limits.RECURRENCE_SIGMAS reports `clip_repeats` times (guidance.self_recurrent)."""
     sigmas = request.sigmas if sigmas is None else sigmas
-    steps = len(sigmas) - 1
-    if request.clip_guidance > 0 and request.clip_repeats > 1:
-        steps += (request.clip_repeats - 1) * sum(recurrent_steps(sigmas, *RECURRENCE_SIGMAS))
-    return steps
+    return len(sigmas) - 1 + request.repeated_steps(sigmas)
 
 
 def progress_total(request: ValidRequest) -> int:

@@ -362,6 +362,15 @@ class GenerationRequest:
                 chosen["sampler"] = split[0]
         return chosen
 
+    def repeated_steps(self, sigmas: Any) -> int:
+        """The sampler steps CLIP guidance's self-recurrence adds to a run through `sigmas` (guidance.self_recurrent):
+        `clip_repeats - 1` for each step starting in limits.RECURRENCE_SIGMAS; 0 unguided or at 1 repeat."""
+        if self.clip_guidance <= 0 or self.clip_repeats <= 1:
+            return 0
+        from ..guidance import recurrent_steps  # torch is loaded by now: the sigmas are a tensor
+
+        return (self.clip_repeats - 1) * sum(recurrent_steps(sigmas, *RECURRENCE_SIGMAS))
+
     def validate(self, config: ModelConfig, limits: Limits | None = None) -> ValidRequest:
         """Check every field against the model and `limits` (daguerre.limits: size, images, steps, work;
         None: the request's own `limits` if it has some, else DEFAULT_LIMITS); return the `ValidRequest`
@@ -479,24 +488,18 @@ class GenerationRequest:
         resolved.update(width=width, height=height, seed=seed, limits=limits, clip_model=clip_model, **images,
                         **spatial, **hires_fields)
         sigmas = _run_sigmas(config, conditioner, choice, resolved)
-        if self.clip_guidance > 0 and self.clip_repeats > 1:  # the repeated steps, counted on the run's sigmas
-            from ..guidance import recurrent_steps  # torch is loaded by now: the sigmas are a tensor
-            steps = self.steps + (self.clip_repeats - 1) * sum(recurrent_steps(sigmas, *RECURRENCE_SIGMAS))
-            limits.check_work(request_work(config, width=width, height=height, steps=steps, n=self.n,
-                                           guided=guided, encodes=self.task in IMAGE_TASKS, prompt_chunks=chunks,
-                                           clip_guided=True),
+        if repeated := self.repeated_steps(sigmas):  # counted on the run's sigmas
+            limits.check_work(request_work(config, width=width, height=height, steps=self.steps + repeated,
+                                           n=self.n, guided=guided, encodes=self.task in IMAGE_TASKS,
+                                           prompt_chunks=chunks, clip_guided=True),
                               f"{self.n} image(s) of {width}x{height} at {self.steps} steps, "
-                              f"{steps - self.steps} of them repeated (clip_repeats {self.clip_repeats})")
+                              f"{repeated} of them repeated (clip_repeats {self.clip_repeats})")
         _warn_few_low_steps(config, conditioner, choice, resolved, sigmas)
         if self.fast:
             resolved.update(fast_settings(self, sigmas, guided))
         valid = ValidRequest(**resolved, config=config, conditioner=conditioner, choice=choice,
                              class_index=class_index, sigmas=sigmas)
-        if hires.enabled(self) and self.clip_guidance > 0 and self.clip_repeats > 1:  # the second pass repeats too
-            from ..guidance import recurrent_steps
-
-            repeated = (self.clip_repeats - 1) * sum(recurrent_steps(hires.second_pass_sigmas(valid),
-                                                                     *RECURRENCE_SIGMAS))
+        if hires.enabled(self) and (repeated := self.repeated_steps(hires.second_pass_sigmas(valid))):
             limits.check_work(request_work(config, width=hires_w, height=hires_h, steps=hires_steps + repeated,
                                            n=self.n, guided=guided, encodes=True, prompt_chunks=chunks,
                                            clip_guided=True),
