@@ -1,43 +1,24 @@
-"""A harness for issue 16: does per-step self-recurrence (Bansal et al. 2023, "Universal Guidance", sec. 3.3)
-help CLIP guidance draw the asked object?
+"""A harness for issue 16: CLIP guidance's self-recurrence (`--clip-repeats`, guidance.self_recurrent; Bansal et
+al. 2023, "Universal Guidance", sec. 3.3) over another sigma range than the shipped limits.RECURRENCE_SIGMAS.
 
 Each sampler step whose starting sigma lies in [--low, --high] is taken `--repeats` times: after the step from
 sigma_i to sigma_{i+1}, fresh noise of variance sigma_i^2 - sigma_{i+1}^2 takes x back to sigma_i and the step
-is taken again (the guidance acting anew at the level where the object is decided). It wraps the chosen
-sampler one step at a time (so a multistep sampler runs first order), patched into the pipeline for this
-process only, then runs `daguerre eval` with the remaining arguments, e.g.
+is taken again (the guidance acting anew at the level where the object is decided). The range is set for this
+process only (where the pipeline and a request's validation read it), then `daguerre eval` runs with
+`--clip-repeats` and the remaining arguments, e.g.
 
     python bench/guidance_recurrence.py --repeats 4 --low 1 --high 10 -- \
         --model shapes --prompts single --n 48 --seed 1000 --cfg 0 --clip-guidance --out ev-rec4
 
-A measurement harness, not a shipped option.
+A measurement harness, not a shipped option: the range was chosen with it.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
-
-
-def recurrent(sampler, repeats: int, low: float, high: float):
-    from daguerre.diffusion.noise import randn_like
-
-    def run(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, **kwargs):
-        sig = sigmas.detach().cpu()
-        for i in range(len(sig) - 1):
-            hi, lo = float(sig[i]), float(sig[i + 1])
-            reps = repeats if low <= hi <= high else 1
-            for r in range(reps):
-                x = sampler(denoiser, x, sigmas[i:i + 2], extra_args=extra_args, callback=callback,
-                            generator=generator, **kwargs)
-                if r < reps - 1:
-                    x = x + randn_like(x, generator) * math.sqrt(max(hi * hi - lo * lo, 0.0))
-        return x
-
-    return run
 
 
 def main() -> int:
@@ -49,12 +30,12 @@ def main() -> int:
     p.add_argument("--high", type=float, default=10.0)
     args = p.parse_args(argv[:split])
     import daguerre.pipelines.common as common
+    import daguerre.pipelines.request as request
     from daguerre.cli import main as cli
 
-    patched = {k: recurrent(v, args.repeats, args.low, args.high) for k, v in common.SAMPLERS.items()}
-    common.SAMPLERS = patched
+    common.RECURRENCE_SIGMAS = request.RECURRENCE_SIGMAS = (args.low, args.high)
     torch.set_num_threads(1)
-    return cli(["eval", *argv[split + 1:]])
+    return cli(["eval", *argv[split + 1:], "--clip-repeats", str(args.repeats)])
 
 
 if __name__ == "__main__":
