@@ -69,6 +69,13 @@ class GligenConfig:
     # layer of their own after each ResNet block (models/unet.py, `GroundingLayer`), so the adapter also acts on
     # the finest maps (the shapes U-Net's 16x16, where a small object covers 2-4 cells; 1-2 of the 8x8 maps)
     extra_levels: tuple[int, ...] = ()
+    # daguerre's option (with attend "objects" or "boxes"; 0 off): what an object gives an image position also
+    # depends on where in the object's box the position lies: its coordinates relative to the box (0 at the left
+    # or top edge, 1 at the right or bottom), as sin and cos at `shape_freqs` frequencies pi k, read with the
+    # object's token by a small MLP (`GatedSelfAttention.shape`) whose output is added to the object's value.
+    # Without it an object's value is one vector for its whole box, and only the attention weights vary across
+    # it: the adapter can place an object but hardly draw its outline (a small diamond came out round)
+    shape_freqs: int = 0
     # how a phrase becomes one vector (models/gligen.py, `phrase_embeddings`), the parts concatenated: "eot" the
     # final state at the end-of-text token (GLIGEN's CLIP pooled output), "last" the state of the phrase's last
     # token (its head noun in "a red circle"), "mean" the mean state of its tokens. daguerre's option: a text
@@ -583,6 +590,7 @@ MAX_WIDTH = 16384  # channels of any level, model_channels * mult (SD U-Net 1280
 MAX_CLASS_NAMES = 100_000
 MAX_LAYOUT_WORDS = 10_000  # words of a layout encoder's vocabulary
 MAX_SEMANTIC_LABELS = 256  # labels of a semantic map (PNG palettes hold 256 colours)
+MAX_SHAPE_FREQS = 16  # GligenConfig.shape_freqs: pi k for k up to this resolve 1/32 of a box, finer than any map
 
 
 def _matches(value: Any, tp: Any) -> bool:
@@ -675,6 +683,11 @@ def check_model_config(cfg: ModelConfig, prefix: str = "") -> None:
                                  or len(set(u.gligen.phrase_pool)) != len(u.gligen.phrase_pool)):
         raise ValueError(f"config key {prefix}unet.gligen.phrase_pool: {list(u.gligen.phrase_pool)} must name one "
                          "or more of 'eot', 'last' and 'mean', each once")
+    if u.gligen is not None and u.gligen.shape_freqs and (u.gligen.attend == "all"
+                                                          or not 0 <= u.gligen.shape_freqs <= MAX_SHAPE_FREQS):
+        raise ValueError(f"config key {prefix}unet.gligen.shape_freqs: {u.gligen.shape_freqs} needs attend "
+                         f"'objects' or 'boxes' (got {u.gligen.attend!r}) and 1 to {MAX_SHAPE_FREQS} frequencies "
+                         "(0: off)")
     if (cfg.conditioning == "gligen") != (u.gligen is not None):
         raise ValueError(f"config key {prefix}conditioning: {cfg.conditioning!r} with unet.gligen "
                          f"{'set' if u.gligen is not None else 'unset'}; a GLIGEN model ('gligen') has one, others "

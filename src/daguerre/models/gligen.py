@@ -23,7 +23,10 @@ the position that SD's deep features carry implicitly; at a small model's 8x8 an
 box must then be matched to the positions it covers by the attention alone. With `attend = "objects"` (also
 daguerre's), each image token attends to the grounding tokens and to itself only, and there is no feed-forward
 branch: the adapter can change the image only through the objects (GLIGEN's self-attention over the image and
-its feed-forward also let it fine-tune the frozen model whatever the boxes say, docs/layout.md).
+its feed-forward also let it fine-tune the frozen model whatever the boxes say, docs/layout.md). With
+`shape_freqs` (daguerre's, with "objects" or "boxes"), what an object gives a position also depends on where in
+its box the position lies (`in_box_features`, through a small MLP with the object's token, `fuser.shape`): an
+object's value is otherwise one vector over its whole box, which places an object but hardly draws its outline.
 
 A layout reaches the U-Net as one float tensor (B, max_objects, GROUNDING_FIELDS + phrase_dim): per object its
 box (4), its mask (1: an object, 0: padding) and its phrase embedding (`grounding_tensor`), the `layout`
@@ -32,6 +35,7 @@ argument of `UNetModel.forward` for a model with `unet.gligen`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -100,6 +104,20 @@ def box_overlaps(boxes: torch.Tensor, mask: torch.Tensor, h: int, w: int) -> tor
     return inside & (mask[:, None] > 0)
 
 
+def in_box_features(boxes: torch.Tensor, h: int, w: int, freqs: int) -> torch.Tensor:
+    """(B, N, 4) boxes -> (B, h * w, N, 4 * freqs): where the centre of each position of an h x w map (row by row)
+    lies in each box, as (u, v) = its coordinates relative to the box (0 at its left or top edge, 1 at its right
+    or bottom; outside the box beyond), encoded as sin and cos of pi k u and pi k v, k = 1..freqs."""
+    cells = cell_boxes(h, w, boxes.device)
+    centre = (cells[:, :2] + cells[:, 2:]) / 2  # (HW, 2): x, y
+    b = boxes.float()[:, None]  # (B, 1, N, 4)
+    size = (b[..., 2:] - b[..., :2]).clamp(min=1e-3)  # a degenerate box: no division by zero
+    rel = (centre[None, :, None] - b[..., :2]) / size  # (B, HW, N, 2)
+    bands = math.pi * torch.arange(1, freqs + 1, dtype=torch.float32, device=boxes.device)
+    x = rel[..., None, :] * bands[:, None]  # (B, HW, N, freqs, 2)
+    return torch.cat([x.sin(), x.cos()], dim=-1).flatten(-2)
+
+
 def cell_boxes(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
     """(h * w, 4): each position of an h x w map, row by row, as the box (x0, y0, x1, y1) of its cell in [0, 1]."""
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
@@ -114,7 +132,7 @@ class GatedSelfAttention(nn.Module):
     `visual_positions` option), the visual tokens read are x + P(fourier(cell)), P a linear layer."""
 
     def __init__(self, dim: int, context_dim: int, attn: nn.Module, ff: nn.Module | None, position_freqs: int = 0,
-                 attend: str = "all"):
+                 attend: str = "all", shape_freqs: int = 0):
         super().__init__()
         if (ff is None) != (attend != "all"):
             raise ValueError(f"attend = {attend!r}: a feed-forward branch exactly with 'all' (GLIGEN's layers)")
@@ -128,6 +146,14 @@ class GatedSelfAttention(nn.Module):
         if ff is not None:  # (`attend = "objects"` has no feed-forward branch, so no parameters that would not train)
             self.norm2 = nn.LayerNorm(dim)
             self.alpha_dense = nn.Parameter(torch.zeros(()))
+        if shape_freqs and attend == "all":
+            raise ValueError(f"shape_freqs = {shape_freqs}: in-box positions need attend 'objects' or 'boxes'")
+        self.shape_freqs = shape_freqs
+        self.shape = None
+        if shape_freqs:  # (the object's token, where the position lies in its box) -> added to the object's value
+            self.shape = nn.Sequential(nn.Linear(dim + 4 * shape_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+            nn.init.zeros_(self.shape[-1].weight)  # at first every position of a box gets the object's value, as
+            nn.init.zeros_(self.shape[-1].bias)  # without the option (the gates keep the base unchanged anyway)
         self.position_freqs = position_freqs
         self.position = None
         if position_freqs:  # initialised as the adapter's other layers: the closed gates keep the base unchanged,
@@ -146,14 +172,26 @@ class GatedSelfAttention(nn.Module):
         tokens = self.norm1(torch.cat([seen, self.linear(objs.tokens.to(x.dtype))], dim=1))  # (B, HW + N, dim)
         if self.attend != "all":
             allowed = box_overlaps(objs.boxes, objs.mask, *grid) if self.attend == "boxes" else None
-            return x + torch.tanh(self.alpha_attn).to(x.dtype) * self._to_objects(tokens, visual, allowed)
+            inside = self._in_box_values(tokens[:, visual:], objs.boxes, grid) if self.shape is not None else None
+            return x + torch.tanh(self.alpha_attn).to(x.dtype) * self._to_objects(tokens, visual, allowed, inside)
         x = x + torch.tanh(self.alpha_attn).to(x.dtype) * self.attn(tokens)[:, :visual]
         return x + torch.tanh(self.alpha_dense).to(x.dtype) * self.ff(self.norm2(x))
 
-    def _to_objects(self, tokens: torch.Tensor, visual: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    def _in_box_values(self, objects: torch.Tensor, boxes: torch.Tensor, grid: tuple[int, int] | None
+                       ) -> torch.Tensor:
+        """(B, N, dim) normalised object tokens -> (B, HW, N, dim): what each object adds to its value at each
+        position, from its token and where the position lies in its box (`in_box_features`)."""
+        if grid is None:
+            raise ValueError("the gated self-attention's in-box positions need the map's (h, w)")
+        where = in_box_features(boxes, *grid, self.shape_freqs).to(objects.dtype)  # (B, HW, N, 4 freqs)
+        token = objects[:, None].expand(-1, where.shape[1], -1, -1)  # (B, HW, N, dim)
+        return self.shape(torch.cat([token, where], dim=-1))
+
+    def _to_objects(self, tokens: torch.Tensor, visual: int, allowed: torch.Tensor | None = None,
+                    inside: torch.Tensor | None = None) -> torch.Tensor:
         """Each image token's attention over [itself; the N grounding tokens] (its own key the slot for "no
         object here"; `allowed` (B, HW, N): only those objects), with `attn`'s projections and heads:
-        (B, HW + N, dim) -> (B, HW, dim)."""
+        (B, HW + N, dim) -> (B, HW, dim). `inside` (B, HW, N, dim): added to each object's value per position."""
         attn, b = self.attn, tokens.shape[0]
         image, objects = tokens[:, :visual], tokens[:, visual:]
         heads = attn.heads
@@ -168,7 +206,12 @@ class GatedSelfAttention(nn.Module):
         if allowed is not None:  # the self slot is always allowed, so no row is empty
             logits[..., 1:] = logits[..., 1:].masked_fill(~allowed[:, None], float("-inf"))
         w = torch.softmax(logits, dim=-1).to(q.dtype)  # (B, heads, HW, 1 + N)
-        out = w[..., :1] * v_self + w[..., 1:] @ v_obj  # (B, heads, HW, d)
+        if inside is None:
+            out = w[..., :1] * v_self + w[..., 1:] @ v_obj  # (B, heads, HW, d)
+        else:  # each position's own value of each object: v_obj + inside, (B, heads, HW, N, d)
+            inside = inside.reshape(b, visual, -1, heads, v_obj.shape[-1]).permute(0, 3, 1, 2, 4)
+            per_position = v_obj[:, :, None] + inside
+            out = w[..., :1] * v_self + torch.einsum("bhqn,bhqnd->bhqd", w[..., 1:], per_position)
         return attn.to_out(out.transpose(1, 2).reshape(b, visual, -1))
 
 

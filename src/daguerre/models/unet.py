@@ -145,10 +145,10 @@ class FeedForward(nn.Module):
 def gated_layer(dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool, g: GligenConfig
                 ) -> GatedSelfAttention:
     """A GLIGEN gated layer `dim` wide for the adapter `g` (models/gligen.py): its own self-attention, and its
-    feed-forward with `attend = "all"`, gated by tanh(alpha) = 0 at first; visual positions if `g` asks."""
+    feed-forward with `attend = "all"`, gated by tanh(alpha) = 0 at first; visual and in-box positions if `g` asks."""
     return GatedSelfAttention(dim, context_dim, CrossAttention(dim, dim, heads, head_dim, 0.0, upcast),
                               FeedForward(dim, 0.0) if g.attend == "all" else None,
-                              g.fourier_freqs if g.visual_positions else 0, g.attend)
+                              g.fourier_freqs if g.visual_positions else 0, g.attend, g.shape_freqs)
 
 
 class BasicTransformerBlock(nn.Module):
