@@ -242,6 +242,69 @@ def test_extra_levels_add_gated_layers_where_there_is_no_transformer():
             base.config.unet, gligen=dataclasses.replace(gligen, extra_levels=(1,)))))
 
 
+def test_in_box_features_say_where_each_cell_lies_in_each_box():
+    """Each cell's centre relative to each box (0 at its left or top edge, 1 at its right or bottom), as sin and cos
+    of pi k u and pi k v, k = 1..freqs, in the order [sin u, sin v, cos u, cos v] per frequency, cells row by row."""
+    from daguerre.models.gligen import in_box_features
+
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.5, 1.0, 1.0]]])  # (B, N, 4)
+    f = in_box_features(boxes, 2, 2, 3)  # cell centres (0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)
+    assert f.shape == (1, 4, 2, 12)
+    rel = torch.tensor([[0.5, 0.5], [1.5, 0.5], [0.5, 1.5], [1.5, 1.5]])  # in box 0 (0.5 wide, 0.5 high)
+    for k in (1, 2, 3):
+        got = f[0, :, 0, 4 * (k - 1):4 * k]
+        torch.testing.assert_close(got, torch.cat([torch.sin(math.pi * k * rel), torch.cos(math.pi * k * rel)], -1))
+    # box 1: 0.75 wide from x 0.25, 0.5 high from y 0.5; the cell at (0.75, 0.75) is its centre in y, 2/3 across
+    torch.testing.assert_close(f[0, 3, 1, :4], torch.tensor([math.sin(math.pi * 2 / 3), 1.0,
+                                                             math.cos(math.pi * 2 / 3), 0.0]), atol=1e-6, rtol=0)
+
+
+def test_shape_freqs_let_an_object_vary_inside_its_box_and_start_as_without_them():
+    """`shape_freqs`: each object's value at a position also reads where the position lies in its box (a small
+    MLP, `fuser.shape`, its output layer at zero): at first the layer is the one without the option exactly;
+    with the MLP trained (random here), one object changes the positions of its box differently from one another
+    beyond what the attention weights do, and still changes nothing outside its box. With attend 'all' the option
+    is refused, by its config key."""
+    from daguerre.models.unet import CrossAttention
+
+    torch.manual_seed(0)
+    dim, ctx_dim, h, w = 32, 16, 4, 4
+
+    def layer(freqs: int) -> GatedSelfAttention:
+        torch.manual_seed(0)
+        return GatedSelfAttention(dim, ctx_dim, CrossAttention(dim, dim, 2, 16, 0.0, False), None, attend="boxes",
+                                  shape_freqs=freqs).eval()
+
+    plain, shaped = layer(0), layer(4)
+    assert {n for n, _ in shaped.named_parameters()} - {n for n, _ in plain.named_parameters()} == {
+        "shape.0.weight", "shape.0.bias", "shape.2.weight", "shape.2.bias"}
+    with torch.no_grad():
+        for m in (plain, shaped):
+            m.alpha_attn.fill_(0.5)
+    x = torch.randn(1, h * w, dim)
+    box = torch.tensor([[[0.0, 0.0, 0.5, 1.0]]])  # the left half
+    objs = Grounding(torch.randn(1, 1, ctx_dim), box, torch.ones(1, 1))
+    with torch.no_grad():
+        assert torch.equal(shaped(x, objs, (h, w)), plain(x, objs, (h, w)))  # the MLP's output starts at zero
+        torch.nn.init.normal_(shaped.shape[2].weight, std=0.5)
+        got = shaped(x, objs, (h, w)).reshape(h, w, dim)
+        want = plain(x, objs, (h, w)).reshape(h, w, dim)
+        twin = x.reshape(h, w, dim).clone()
+        twin[:, 1] = twin[:, 0]  # columns 0 and 1, both in the box, hold the same image token
+        twin = twin.reshape(1, h * w, dim)
+        shaped_twin = shaped(twin, objs, (h, w)).reshape(h, w, dim)
+        plain_twin = plain(twin, objs, (h, w)).reshape(h, w, dim)
+    assert torch.equal(got[:, 2:], want[:, 2:])  # outside the box: as without the option
+    assert not torch.allclose(got[:, :2], want[:, :2])
+    # without visual positions one token gets the same attention weights anywhere in the box: without the option
+    # the object adds the same there; with it, what it adds depends on the place
+    torch.testing.assert_close(plain_twin[:, 0], plain_twin[:, 1])
+    assert not torch.allclose(shaped_twin[:, 0], shaped_twin[:, 1])
+    with pytest.raises(ValueError, match="shape_freqs"):
+        load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm",
+                        ["model.unet.gligen.attend='all'", "model.unet.gligen.shape_freqs=4"])
+
+
 def test_grounding_tokens_are_fourier_features_and_phrases_with_a_null_token_for_padding():
     boxes = torch.tensor([[0.25, 0.5, 0.75, 1.0]])
     f = fourier_features(boxes, 8)

@@ -133,7 +133,9 @@ def format_info(info: dict) -> str:
         lines.append(f"layout:          GLIGEN adapter, up to {gligen['max_objects']} objects ({phrase} + box each), "
                      f"gated self-attention in every transformer block{extra}"
                      f"{' (visual tokens with their positions)' if gligen.get('visual_positions') else ''}"
-                     f"{attend.get(gligen.get('attend'), '')}; --layout-steps sets how long it acts")
+                     f"{attend.get(gligen.get('attend'), '')}"
+                     f"{' (values by place in the box)' if gligen.get('shape_freqs') else ''}"
+                     "; --layout-steps sets how long it acts")
     if info["config"].get("semantic_labels"):  # what `generate --semantic MAP.png` takes: the palette
         from ..data.layout import palette_legend
 
