@@ -239,3 +239,35 @@ def test_grounding_keys_are_checked(setting, match):
 def test_grounding_needs_shapes_data_and_a_text_model():
     with pytest.raises(ValueError, match="needs stage 'ldm', data.kind 'shapes' and model.conditioning 'text'"):
         load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", ["loss.grounding_weight=1.0", "model.conditioning='none'"])
+
+
+def test_a_teacher_starts_at_zero_loss_resumes_bitwise_and_must_stay_the_same_file(tmp_path, vae_file):
+    """loss.teacher_weight: the --init model, frozen, predicts on the run's inputs: at the first step the run's
+    network is that model, so the term is exactly 0, then it grows as the network moves (here under a strong
+    grounding term), logged as teacher_loss; paused and resumed the run ends bitwise as one uninterrupted run;
+    resuming with another --init file is refused; without --init, or for a GLIGEN run, the key is refused."""
+    import shutil
+
+    first = _run(tmp_path, vae_file, "first", ["train.steps=2"]) / "model.safetensors"
+    init = tmp_path / "init.safetensors"
+    shutil.copy(first, init)
+    on = [f"train.init_from='{init}'", "loss.teacher_weight=1.0", "loss.grounding_weight=5.0", "train.lr=3e-3",
+          "train.steps=8"]
+    ref = _run(tmp_path, vae_file, "ref", on)
+    logged = [r["teacher_loss"] for r in _metrics(ref)]
+    assert len(logged) == 8 and logged[0] == 0.0 and logged[-1] > 0.0, logged
+    _run(tmp_path, vae_file, "run", on, until=5)
+    run = _run(tmp_path, vae_file, "run", on, resume=True)
+    a, b = _state(ref, 8), _state(run, 8)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _run(tmp_path, vae_file, "moved", on, until=3)
+    shutil.copy(ref / "model.safetensors", init)  # another file where the teacher was
+    with pytest.raises(ValueError, match="its teacher, --init .* is not the file the run began from"):
+        _run(tmp_path, vae_file, "moved", on, resume=True)
+    with pytest.raises(ValueError, match="loss.teacher_weight: 1.0 needs stage 'ldm' fine-tuning a model"):
+        load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", ["loss.teacher_weight=1.0"])
+    with pytest.raises(ValueError, match="a GLIGEN run keeps its base frozen already"):
+        load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm", [f"train.init_from='{init}'",
+                                                                  "loss.teacher_weight=1.0"])
+    with pytest.raises(ValueError, match="loss.teacher_weight: must be a number >= 0"):
+        load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", ["loss.teacher_weight=-1.0"])

@@ -258,6 +258,10 @@ class LDMLossConfig:
     # the box's area (a box of 1/16 of the image gets box_weight more, a smaller one more still), the map then
     # scaled to a mean of 1 per image, so that small objects' shapes count as much as large ones'; 0 = off
     box_weight: float = 0.0
+    # a fine-tune's teacher: the model --init named, frozen, predicts on the same inputs, and the MSE of the run's
+    # prediction to its (min-SNR-weighted, as the diffusion loss) is added with this weight, so the fine-tune keeps
+    # drawing what the model drew while another term (token grounding) changes how it does; 0 = off
+    teacher_weight: float = 0.0
 
 
 @dataclass
@@ -691,6 +695,7 @@ def check_run_config(cfg: RunConfig) -> None:
         check_timestep_bias(cfg.loss, cfg.model.schedule.num_train_timesteps)
         check_grounding(cfg)
         check_box_weight(cfg)
+        check_teacher(cfg)
         check_text_encoder_config(cfg.model, cfg.loss.train_text_encoder)
     if isinstance(cfg.loss, CLIPLossConfig):
         check_clip_run(cfg)
@@ -835,6 +840,19 @@ def check_box_weight(cfg: RunConfig) -> None:
     if value and (cfg.stage != "ldm" or cfg.model.conditioning != "gligen"):
         raise ValueError(f"config key loss.box_weight: {value} needs stage 'ldm' and model.conditioning 'gligen' "
                          f"(it weighs the loss by the rows' boxes); got {cfg.stage!r}, {cfg.model.conditioning!r}")
+
+
+def check_teacher(cfg: RunConfig) -> None:
+    """loss.teacher_weight: a number >= 0, on only for stage 2 fine-tuning a whole U-Net from --init (a GLIGEN
+    run's base is frozen already)."""
+    value = cfg.loss.teacher_weight
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"config key loss.teacher_weight: must be a number >= 0, got {value!r}")
+    if value and (cfg.stage != "ldm" or not cfg.train.init_from or cfg.model.conditioning == "gligen"):
+        raise ValueError(f"config key loss.teacher_weight: {value} needs stage 'ldm' fine-tuning a model named by "
+                         "--init (train.init_from), the teacher; a GLIGEN run keeps its base frozen already (got "
+                         f"stage {cfg.stage!r}, init {cfg.train.init_from!r}, conditioning "
+                         f"{cfg.model.conditioning!r})")
 
 
 def check_timestep_bias(lc: LDMLossConfig, n_steps: int) -> None:

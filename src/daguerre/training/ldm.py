@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from ..conditioning import conditioner_for
 from ..models.gligen import freeze_base, gate_parameters
 from ..models.text_encoder import CLIPTextEncoder
 from ..models.unet import UNetModel
-from . import dist, latents, text_cache
+from . import dist, latents, losses, text_cache
 from .concat import build_concat_inputs
 from .config import RunConfig, derive_model_config
 from .export import ADAPTER_FILE, MODEL_FILE, ModelRecord, caption_tokens, networks, write_adapter, write_model
@@ -39,6 +39,14 @@ from .objective import DiffusionObjective, NoisedBatch
 from .samples import SAMPLES_DIR, ignored_sample_settings, save_png
 
 logger = logging.getLogger("daguerre.train")
+
+
+class Teacher(NamedTuple):
+    """loss.teacher_weight's frozen model: its U-Net, how it reads a micro-batch's captions, its file's sha256."""
+
+    unet: nn.Module
+    text: Any  # a text_cache hook, the run's own unless the run trains its text encoder
+    sha256: str
 
 
 class DiffusionModel(nn.Module):
@@ -153,6 +161,9 @@ class LDMStage:
             logger.warning(warning)
         self.text = text_cache.text_hook(self.tokenizer, te, trained=train_te, cache=text_emb, bf16=t.bf16)
         self.objective = DiffusionObjective(model_cfg, cfg.loss)
+        self.teacher = None  # loss.teacher_weight: the --init model, frozen, whose predictions the run also matches
+        if cfg.loss.teacher_weight > 0:
+            self.teacher = self._teacher(frozen, text_emb, train_te)
         self.grounding = None  # token grounding (issue 22, `grounding`): each row's words and object masks
         if cfg.loss.grounding_weight > 0:
             from .grounding import GroundingTargets
@@ -160,11 +171,29 @@ class LDMStage:
             self.grounding = GroundingTargets(data, lat.captions, self.tokenizer, tuple(lat.mean.shape[-2:]),
                                               cfg.loss.grounding_words)
 
+    def _teacher(self, frozen: Any, text_emb: Any, train_te: bool) -> Teacher:
+        """The model --init names, loaded into networks of the run's own architecture, frozen (loss.teacher_weight);
+        with the text encoder trained, it reads the captions with its own."""
+        t = self.cfg.train
+        unet, te, _ = networks(self.model_cfg, frozen, t.seed)
+        record = init_ldm(t.init_from, unet, te if not frozen else None, self.vae_sha)
+        unet.to(self.device).eval().requires_grad_(False)
+        text = self.text
+        if train_te:
+            te.to(self.device).eval().requires_grad_(False)
+            text = text_cache.text_hook(self.tokenizer, te, trained=False, cache=text_emb, bf16=t.bf16)
+        return Teacher(unet, text, record["sha256"])
+
     def resumed(self, meta: dict[str, Any]) -> None:
         if meta.get("vae_sha256") != self.vae_sha:
             raise ValueError(f"cannot resume {self.out}: it was trained on another autoencoder than {self.vae_path}; "
                              "resume with the run's own --vae file")
         self.init_record = meta.get("init")  # what step 0 was initialised from (--init), kept by every checkpoint
+        began = (self.init_record or {}).get("sha256")
+        if self.teacher is not None and began != self.teacher.sha256:
+            raise ValueError(f"cannot resume {self.out} with loss.teacher_weight: its teacher, --init "
+                             f"{self.cfg.train.init_from}, is not the file the run began from (sha256 "
+                             f"{str(began)[:16]}); resume with that file")
 
     def describe(self, env: dist.DistEnv) -> str:
         t, m, lat = self.cfg.train, self.model_cfg, self.lat
@@ -198,8 +227,22 @@ class LDMStage:
             with autocast(device, t.bf16):
                 pred = self.model(x_t, b.t.float().to(device), **kwargs)
             loss = self.objective.loss(pred, b, self._pixel_weights(kwargs, pred))
-            (loss / t.grad_accum).backward()
-        return {"loss": float(loss.detach())}
+            total, logged = self._with_teacher(loss, pred, b, x_t, dropped, text_dropped)
+            (total / t.grad_accum).backward()
+        return {"loss": float(loss.detach()), **logged}
+
+    def _with_teacher(self, loss: torch.Tensor, pred: torch.Tensor, b: NoisedBatch, x_t: torch.Tensor,
+                      dropped: torch.Tensor, text_dropped: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss plus loss.teacher_weight x the MSE of `pred` to the teacher's prediction on the same input
+        (weighted by min-SNR as the diffusion loss), and what to log of it; without a teacher, the loss itself."""
+        if self.teacher is None:
+            return loss, {}
+        device = self.device
+        kwargs = self.conditioner.batch(b.rows, dropped, self.rows, device, self.teacher.text, text_dropped)
+        with torch.no_grad(), autocast(device, self.cfg.train.bf16):
+            want = self.teacher.unet(x_t, b.t.float().to(device), **kwargs)
+        term = losses.weighted_mse(pred, want, b.weights)
+        return loss + self.cfg.loss.teacher_weight * term, {"teacher_loss": float(term.detach())}
 
     def _pixel_weights(self, kwargs: dict[str, Any], pred: torch.Tensor) -> torch.Tensor | None:
         """The loss's weights by position: a GLIGEN run's `loss.box_weight` (`layout.box_loss_weights`), else None."""
@@ -227,9 +270,11 @@ class LDMStage:
             recorder.active = False  # (the recomputation adds no terms)
             loss = self.objective.loss(pred, b)
             token, pixel = recorder.losses()
-            (self.objective.total(loss, token, pixel) / t.grad_accum).backward()
+            text_dropped = b.drop < self.cfg.loss.caption_dropout + self.cfg.loss.text_dropout
+            total, logged = self._with_teacher(loss, pred, b, x_t, dropped, text_dropped)
+            (self.objective.total(total, token, pixel) / t.grad_accum).backward()
         return {"loss": float(loss.detach()), "grounding_loss": float(token.detach()),
-                "grounding_pixel_loss": float(pixel.detach())}
+                "grounding_pixel_loss": float(pixel.detach()), **logged}
 
     def sample(self, step: int, models: dict[str, nn.Module], runlog: RunLogger, *, grid: bool,
                evaluate: bool) -> None:
