@@ -36,7 +36,8 @@ def test_the_shipped_adapter_draws_held_out_layouts_in_their_boxes():
     from daguerre.pipelines.txt2img import txt2img
 
     comps, _ = open_model("shapes-gligen")
-    assert comps.config.unet.gligen.attend == "boxes" and tuple(comps.config.unet.gligen.extra_levels) == (0,)
+    gligen = comps.config.unet.gligen
+    assert gligen.attend == "boxes" and tuple(gligen.extra_levels) == (0,) and gligen.shape_freqs == 4
     dataset, held, _ = held_out_scenes(comps.config, 8)
     ious = []
     for k, i in enumerate(held):
