@@ -163,9 +163,10 @@ class GatedSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, objs: Grounding, grid: tuple[int, int] | None = None) -> torch.Tensor:
         visual = x.shape[1]
         seen = x
-        if (self.position is not None or self.attend == "boxes") and (grid is None or grid[0] * grid[1] != visual):
-            raise ValueError(f"the gated self-attention's visual positions and box masks need the map's (h, w) for "
-                             f"{visual} positions, got {grid}")
+        placed = self.position is not None or self.shape is not None or self.attend == "boxes"
+        if placed and (grid is None or grid[0] * grid[1] != visual):
+            raise ValueError(f"the gated self-attention's visual positions, in-box positions and box masks need the "
+                             f"map's (h, w) for {visual} positions, got {grid}")
         if self.position is not None:
             cells = fourier_features(cell_boxes(*grid, device=x.device), self.position_freqs)
             seen = x + self.position(cells.to(self.position.weight.dtype)).to(x.dtype)  # (HW, dim), broadcast
@@ -177,12 +178,9 @@ class GatedSelfAttention(nn.Module):
         x = x + torch.tanh(self.alpha_attn).to(x.dtype) * self.attn(tokens)[:, :visual]
         return x + torch.tanh(self.alpha_dense).to(x.dtype) * self.ff(self.norm2(x))
 
-    def _in_box_values(self, objects: torch.Tensor, boxes: torch.Tensor, grid: tuple[int, int] | None
-                       ) -> torch.Tensor:
+    def _in_box_values(self, objects: torch.Tensor, boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, N, dim) normalised object tokens -> (B, HW, N, dim): what each object adds to its value at each
         position, from its token and where the position lies in its box (`in_box_features`)."""
-        if grid is None:
-            raise ValueError("the gated self-attention's in-box positions need the map's (h, w)")
         where = in_box_features(boxes, *grid, self.shape_freqs).to(objects.dtype)  # (B, HW, N, 4 freqs)
         token = objects[:, None].expand(-1, where.shape[1], -1, -1)  # (B, HW, N, dim)
         return self.shape(torch.cat([token, where], dim=-1))

@@ -222,23 +222,26 @@ class LDMStage:
         kwargs = self.conditioner.batch(b.rows, dropped, self.rows, device, self.text, text_dropped)  # dropped: null
         x_t = self.concat_in.apply(b.x_t, kwargs, b.rows, b.view, gens, device)  # cat(x_t, c) for SR / inpainting
         if self.grounding is not None:
-            return self._grounded_step(b, x_t, kwargs, dropped, sync)
+            return self._grounded_step(b, x_t, kwargs, dropped, text_dropped, sync)
         with dist.maybe_no_sync(self.model, not sync):
             with autocast(device, t.bf16):
                 pred = self.model(x_t, b.t.float().to(device), **kwargs)
             loss = self.objective.loss(pred, b, self._pixel_weights(kwargs, pred))
-            total, logged = self._with_teacher(loss, pred, b, x_t, dropped, text_dropped)
+            total, logged = self._with_teacher(loss, pred, b, x_t, kwargs, dropped, text_dropped)
             (total / t.grad_accum).backward()
         return {"loss": float(loss.detach()), **logged}
 
     def _with_teacher(self, loss: torch.Tensor, pred: torch.Tensor, b: NoisedBatch, x_t: torch.Tensor,
-                      dropped: torch.Tensor, text_dropped: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                      kwargs: dict[str, Any], dropped: torch.Tensor, text_dropped: torch.Tensor
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss plus loss.teacher_weight x the MSE of `pred` to the teacher's prediction on the same input
-        (weighted by min-SNR as the diffusion loss), and what to log of it; without a teacher, the loss itself."""
+        (weighted by min-SNR as the diffusion loss), and what to log of it; without a teacher, the loss itself.
+        `kwargs`: the run's condition, which the teacher reads as it is unless it has its own text encoder."""
         if self.teacher is None:
             return loss, {}
         device = self.device
-        kwargs = self.conditioner.batch(b.rows, dropped, self.rows, device, self.teacher.text, text_dropped)
+        if self.teacher.text is not self.text:  # its own text encoder reads the captions again
+            kwargs = self.conditioner.batch(b.rows, dropped, self.rows, device, self.teacher.text, text_dropped)
         with torch.no_grad(), autocast(device, self.cfg.train.bf16):
             want = self.teacher.unet(x_t, b.t.float().to(device), **kwargs)
         term = losses.weighted_mse(pred, want, b.weights)
@@ -253,7 +256,7 @@ class LDMStage:
         return box_loss_weights(kwargs["layout"], pred.shape[-2], pred.shape[-1], self.cfg.loss.box_weight)
 
     def _grounded_step(self, b: NoisedBatch, x_t: torch.Tensor, kwargs: dict[str, Any], dropped: torch.Tensor,
-                       sync: bool) -> dict[str, float]:
+                       text_dropped: torch.Tensor, sync: bool) -> dict[str, float]:
         """`step` with token grounding: the cross-attention of the rows' object words recorded in the forward
         pass (`grounding.GroundingRecorder`), their loss added to the diffusion loss (`objective.total`)."""
         from .grounding import GroundingRecorder, grounding
@@ -270,8 +273,7 @@ class LDMStage:
             recorder.active = False  # (the recomputation adds no terms)
             loss = self.objective.loss(pred, b)
             token, pixel = recorder.losses()
-            text_dropped = b.drop < self.cfg.loss.caption_dropout + self.cfg.loss.text_dropout
-            total, logged = self._with_teacher(loss, pred, b, x_t, dropped, text_dropped)
+            total, logged = self._with_teacher(loss, pred, b, x_t, kwargs, dropped, text_dropped)
             (self.objective.total(total, token, pixel) / t.grad_accum).backward()
         return {"loss": float(loss.detach()), "grounding_loss": float(token.detach()),
                 "grounding_pixel_loss": float(pixel.detach()), **logged}
