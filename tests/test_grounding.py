@@ -4,6 +4,7 @@ attention, a weight of 0 that is the old training bit for bit, a tiny run whose 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -271,3 +272,122 @@ def test_a_teacher_starts_at_zero_loss_resumes_bitwise_and_must_stay_the_same_fi
                                                                   "loss.teacher_weight=1.0"])
     with pytest.raises(ValueError, match="loss.teacher_weight: must be a number >= 0"):
         load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", ["loss.teacher_weight=-1.0"])
+
+
+# --- grounding on the model's own sampling runs (loss.grounding_source = "samples") ----------------------------
+
+def test_object_regions_finds_each_object_once_and_refuses_a_copy_or_a_wrong_shape():
+
+    from daguerre.data.shapes import Scene, render
+    from daguerre.training.sampled_grounding import object_regions
+
+    rng = np.random.default_rng(3)
+    scene = next(s for s in (sample_scene(rng, min_objects=2, max_objects=2) for _ in range(100))
+                 if len({o.colour for o in s.objects}) == 2 and all(o.size == "small" for o in s.objects))
+    image = render(scene, 64)
+    found = object_regions(image, scene)
+    truth = object_masks(scene, 64)
+    assert found is not None and len(found) == 2
+    for region, mask in zip(found, truth, strict=True):
+        assert (region & mask).sum() / (region | mask).sum() > 0.7  # the rendered object (edge pixels: 70 of 90)
+    a, b = scene.objects
+
+    def clear(box):
+        return 0 <= box[0] and box[2] <= 1 and 0 <= box[1] and box[3] <= 1 and all(
+            box[2] + 0.05 < o.bbox[0] or o.bbox[2] + 0.05 < box[0] or box[3] + 0.05 < o.bbox[1]
+            or o.bbox[3] + 0.05 < box[1] for o in scene.objects)
+
+    moves = [(dx, dy) for dx in np.linspace(-0.8, 0.8, 17) for dy in np.linspace(-0.8, 0.8, 17)]
+    dx, dy = next(m for m in moves if clear((a.bbox[0] + m[0], a.bbox[1] + m[1], a.bbox[2] + m[0], a.bbox[3] + m[1])))
+    copy = dataclasses.replace(a, position=(a.position[0] + dx, a.position[1] + dy),
+                               bbox=(a.bbox[0] + dx, a.bbox[1] + dy, a.bbox[2] + dx, a.bbox[3] + dy))
+    assert object_regions(render(Scene((a, b, copy), scene.background), 64), scene) is None
+    other = next(s for s in ("circle", "square", "triangle") if s != a.shape)
+    wrong = Scene((dataclasses.replace(a, shape=other), b), scene.background, scene.relation)
+    assert object_regions(image, wrong) is None
+
+
+def test_recorded_runs_are_the_models_own_calls_and_images(tmp_path):
+    """record_runs with the shipped shapes model: each kept run holds one state per conditional U-Net call of its
+    sampling (the model's recommended steps), the output recorded is the U-Net's on that state's input, and each
+    pair's mask is its object as the run's image draws it, at the latent's size."""
+    import daguerre
+    from daguerre.training.sampled_grounding import object_regions, record_runs
+
+    pipe = daguerre.load("shapes", dtype="fp32")
+    rng = np.random.default_rng(0)
+    scenes = [s for s in (sample_scene(rng, min_objects=2, max_objects=2, p_relation=1.0) for _ in range(40))
+              if len({o.colour for o in s.objects}) == 2][:6]
+    captions = [caption(s, rng) for s in scenes]
+    runs = record_runs("shapes", captions, scenes, list(range(10, 16)), 2, 7, pipe.components.tokenizer, (16, 16),
+                       True, torch.device("cpu"))
+    assert len(runs) == 2 and runs.x.shape[1:] == (pipe.request("").steps, 4, 16, 16)
+    r = int(runs.rows[0]) - 10
+    context = pipe.components.text_encoder(pipe.components.tokenizer([captions[r]])).hidden
+    with torch.no_grad():
+        again = pipe.components.unet(runs.x[0, 3:4], runs.t[0, 3:4], context=context)
+    assert torch.allclose(again, runs.pred[0, 3:4], atol=1e-4)
+    assert torch.all(runs.t[0, 1:] < runs.t[0, :-1])  # from the noisiest state on
+    image = pipe(captions[r], seed=7 + r)[0].image
+    regions = object_regions(image, scenes[r])
+    mine = runs.pair_masks[runs.pair_runs == 0]
+    assert len(mine) == 4  # two objects, each by its noun and its colour word
+    want = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(regions[0]).float()[None, None], (16, 16))[0, 0]
+    assert torch.allclose(mine[0], want)
+
+
+def _sampled(monkeypatch):
+    """Every run kept, its objects where the scene puts them: a tiny model draws no objects to find."""
+    from daguerre.training import sampled_grounding
+
+    calls = []
+
+    def regions(image, scene):
+        calls.append(scene)
+        return list(object_masks(scene, 32))
+
+    monkeypatch.setattr(sampled_grounding, "object_regions", regions)
+    return calls
+
+
+def test_grounding_on_sampled_runs_trains_resumes_bitwise_and_records_once(tmp_path, vae_file, monkeypatch):
+    """A tiny run grounding on its --init model's own runs: the runs are recorded once into the run folder (a
+    resume reads them), the grounding and keep losses are logged, the keep loss starts at ~0 (the network is the
+    model that made the runs), and the resumed run ends bitwise as the uninterrupted one."""
+    import shutil
+
+    from daguerre.training.sampled_grounding import RUNS_FILE
+
+    first = _run(tmp_path, vae_file, "first", ["train.steps=2"]) / "model.safetensors"
+    init = tmp_path / "init.safetensors"
+    shutil.copy(first, init)
+    recorded = _sampled(monkeypatch)
+    on = [f"train.init_from='{init}'", "loss.grounding_weight=5.0", "loss.grounding_source='samples'",
+          "loss.grounding_runs=3", "loss.grounding_batch=2", "loss.grounding_keep_weight=1.0", "train.lr=3e-3",
+          "train.steps=6", "loss.grounding_words='nouns+colours'"]
+    ref = _run(tmp_path, vae_file, "ref", on)
+    assert len(recorded) == 3 and (ref / RUNS_FILE).is_file()
+    logged = _metrics(ref)
+    assert all(r["grounding_loss"] > 0 and "keep_loss" in r for r in logged)
+    assert logged[0]["keep_loss"] < 1e-6 < logged[-1]["keep_loss"], [r["keep_loss"] for r in logged]
+    _run(tmp_path, vae_file, "run", on, until=4)
+    n = len(recorded)
+    run = _run(tmp_path, vae_file, "run", on, resume=True)
+    assert len(recorded) == n  # the resume read the runs it recorded
+    a, b = _state(ref, 6), _state(run, 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("setting", "match"), [
+    (["loss.grounding_source='model'"], "loss.grounding_source: 'model' is not one of data, samples"),
+    (["loss.grounding_runs=12"], "loss.grounding_runs: they set the grounding on the model's own runs"),
+    (["loss.grounding_weight=1.0", "loss.grounding_source='samples'"], "name the model the run starts from"),
+    (["loss.grounding_source='samples'", "train.init_from='x.safetensors'"], "set loss.grounding_weight > 0"),
+    (["loss.grounding_weight=1.0", "loss.grounding_source='samples'", "train.init_from='x.safetensors'",
+      "loss.grounding_batch=0"], "loss.grounding_batch: 0; give an integer from 1 to 256"),
+    (["loss.grounding_weight=1.0", "loss.grounding_source='samples'", "train.init_from='x.safetensors'",
+      "loss.grounding_max_timestep=500"], "every step"),
+])
+def test_grounding_source_keys_are_checked(setting, match):
+    with pytest.raises(ValueError, match=match):
+        load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", setting)

@@ -254,6 +254,14 @@ class LDMLossConfig:
     grounding_words: Literal["nouns", "nouns+colours"] = "nouns"  # the shape nouns, or each object's colour too
     grounding_resolutions: list[int] = field(default_factory=list)  # map heights of the layers (e.g. [8]); [] = all
     grounding_max_timestep: int = 1000  # only samples noised at t < this are grounded (where the layout is decided)
+    # where the grounded attention is read: "data" = the noised training images; "samples" = the --init model's own
+    # sampling runs of training captions (training/sampled_grounding.py): `grounding_runs` runs whose images draw
+    # each object once, `grounding_batch` of their states added to each micro-batch's network call, and
+    # `grounding_keep_weight` x the MSE of the output there to the --init model's (0 = off)
+    grounding_source: Literal["data", "samples"] = "data"
+    grounding_runs: int = 256
+    grounding_batch: int = 8
+    grounding_keep_weight: float = 0.0
     # GLIGEN layout models: extra weight of the diffusion loss inside each object's box, in inverse proportion to
     # the box's area (a box of 1/16 of the image gets box_weight more, a smaller one more still), the map then
     # scaled to a mean of 1 per image, so that small objects' shapes count as much as large ones'; 0 = off
@@ -824,12 +832,50 @@ def check_grounding(cfg: RunConfig) -> None:
     if lc.grounding_weight == 0 and (lc.grounding_pixel_weight or lc.grounding_resolutions or m != steps):
         raise ValueError("config keys loss.grounding_pixel_weight, loss.grounding_resolutions, "
                          "loss.grounding_max_timestep: set loss.grounding_weight > 0 too (0 turns token grounding off)")
+    check_grounding_source(cfg)
     if lc.grounding_weight == 0:
         return
     if cfg.stage != "ldm" or cfg.data.kind != "shapes" or cfg.model.conditioning != "text":
         raise ValueError(f"config key loss.grounding_weight: {lc.grounding_weight} needs stage 'ldm', "
                          f"data.kind 'shapes' and model.conditioning 'text' (it grounds the caption's words in the "
                          f"scene's objects); got {cfg.stage!r}, {cfg.data.kind!r}, {cfg.model.conditioning!r}")
+
+
+MAX_GROUNDING_RUNS = 4096  # loss.grounding_runs: sampling runs recorded before training (each ~25 U-Net states)
+MAX_GROUNDING_BATCH = 256  # loss.grounding_batch: run states added to one micro-batch
+
+
+def check_grounding_source(cfg: RunConfig) -> None:
+    """loss.grounding_source and its keys (training/sampled_grounding.py): "samples" reads the --init model's own
+    runs, so it needs train.init_from; its keys in range, and set only with it."""
+    lc = cfg.loss
+    if lc.grounding_source not in ("data", "samples"):
+        raise ValueError(f"config key loss.grounding_source: {lc.grounding_source!r}; choose 'data' (the noised "
+                         "training images) or 'samples' (the --init model's own sampling runs)")
+    for key, top in (("grounding_runs", MAX_GROUNDING_RUNS), ("grounding_batch", MAX_GROUNDING_BATCH)):
+        value = getattr(lc, key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+            raise ValueError(f"config key loss.{key}: {value!r}; give an integer from 1 to {top}")
+    keep = lc.grounding_keep_weight
+    if not (isinstance(keep, (int, float)) and math.isfinite(keep) and keep >= 0):
+        raise ValueError(f"config key loss.grounding_keep_weight: must be a number >= 0, got {keep!r}")
+    default = LDMLossConfig()
+    if lc.grounding_source == "data":
+        set_ = [k for k in ("grounding_runs", "grounding_batch", "grounding_keep_weight")
+                if getattr(lc, k) != getattr(default, k)]
+        if set_:
+            raise ValueError(f"config keys {', '.join('loss.' + k for k in set_)}: they set the grounding on the "
+                             "model's own runs; set loss.grounding_source = 'samples' too")
+        return
+    if lc.grounding_weight == 0:
+        raise ValueError("config key loss.grounding_source 'samples': set loss.grounding_weight > 0 too "
+                         "(0 turns token grounding off)")
+    if not cfg.train.init_from:
+        raise ValueError("config key loss.grounding_source 'samples': the runs are the --init model's own; name "
+                         "the model the run starts from with --init MODEL")
+    if lc.grounding_max_timestep != cfg.model.schedule.num_train_timesteps:
+        raise ValueError("config key loss.grounding_max_timestep: it leaves noised training images out; with "
+                         "loss.grounding_source 'samples' the grounded states are the runs' own, every step")
 
 
 def check_box_weight(cfg: RunConfig) -> None:

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -170,6 +171,25 @@ class LDMStage:
 
             self.grounding = GroundingTargets(data, lat.captions, self.tokenizer, tuple(lat.mean.shape[-2:]),
                                               cfg.loss.grounding_words)
+        self.runs = None  # loss.grounding_source = "samples": the --init model's own sampling runs, checked
+        if self.grounding is not None and cfg.loss.grounding_source == "samples":
+            self.runs = self._sampled_runs(env)
+
+    def _sampled_runs(self, env: dist.DistEnv) -> Any:
+        """The runs token grounding reads (`sampled_grounding`): RUN/grounding_runs.safetensors, recorded once
+        from the --init model on training captions drawn from the run's seed."""
+        from .sampled_grounding import MAX_ATTEMPTS, RUNS_FILE, load_or_record, record_runs
+
+        lc, g = self.cfg.loss, self.grounding
+        rng = np.random.default_rng(dist.mix_seed(self.cfg.train.seed, "grounding-runs"))
+        rows = rng.permutation(len(self.lat))[:MAX_ATTEMPTS * lc.grounding_runs].tolist()
+
+        def make() -> Any:
+            return record_runs(self.cfg.train.init_from, [self.lat.captions[r] for r in rows],
+                               [g.raw.scene(int(g.pool[r])) for r in rows], rows, lc.grounding_runs,
+                               self.cfg.train.seed, self.tokenizer, g.latent_size, g.colours, self.device)
+
+        return load_or_record(self.out / RUNS_FILE, make, env.is_main)
 
     def _teacher(self, frozen: Any, text_emb: Any, train_te: bool) -> Teacher:
         """The model --init names, loaded into networks of the run's own architecture, frozen (loss.teacher_weight);
@@ -222,7 +242,7 @@ class LDMStage:
         kwargs = self.conditioner.batch(b.rows, dropped, self.rows, device, self.text, text_dropped)  # dropped: null
         x_t = self.concat_in.apply(b.x_t, kwargs, b.rows, b.view, gens, device)  # cat(x_t, c) for SR / inpainting
         if self.grounding is not None:
-            return self._grounded_step(b, x_t, kwargs, dropped, text_dropped, sync)
+            return self._grounded_step(b, x_t, kwargs, dropped, text_dropped, sync, int(positions[0]))
         with dist.maybe_no_sync(self.model, not sync):
             with autocast(device, t.bf16):
                 pred = self.model(x_t, b.t.float().to(device), **kwargs)
@@ -256,24 +276,40 @@ class LDMStage:
         return box_loss_weights(kwargs["layout"], pred.shape[-2], pred.shape[-1], self.cfg.loss.box_weight)
 
     def _grounded_step(self, b: NoisedBatch, x_t: torch.Tensor, kwargs: dict[str, Any], dropped: torch.Tensor,
-                       text_dropped: torch.Tensor, sync: bool) -> dict[str, float]:
+                       text_dropped: torch.Tensor, sync: bool, position: int) -> dict[str, float]:
         """`step` with token grounding: the cross-attention of the rows' object words recorded in the forward
-        pass (`grounding.GroundingRecorder`), their loss added to the diffusion loss (`objective.total`)."""
+        pass (`grounding.GroundingRecorder`), their loss added to the diffusion loss (`objective.total`). With
+        the model's own runs as the source, `loss.grounding_batch` of their states join the network call and
+        the grounding is theirs (`sampled_grounding`); `position` (the micro-batch's first) draws them."""
         from .grounding import GroundingRecorder, grounding
 
-        t, device = self.cfg.train, self.device
-        pairs = self.grounding.batch(b.rows, dropped, b.view, device)
-        if self.cfg.loss.grounding_max_timestep < self.model_cfg.schedule.num_train_timesteps:
-            pairs = pairs.of_samples(b.t.cpu() < self.cfg.loss.grounding_max_timestep)  # the noisiest left alone
-        recorder = GroundingRecorder(pairs, self.grounding.latent_size, self.cfg.loss.grounding_resolutions)
+        t, lc, device = self.cfg.train, self.cfg.loss, self.device
+        n, x_in, t_in, kw_in, kept = len(b.rows), x_t, b.t.float(), kwargs, None
+        if self.runs is None:
+            pairs = self.grounding.batch(b.rows, dropped, b.view, device)
+            if lc.grounding_max_timestep < self.model_cfg.schedule.num_train_timesteps:
+                pairs = pairs.of_samples(b.t.cpu() < lc.grounding_max_timestep)  # the noisiest left alone
+        else:
+            gen = dist.sample_generator(t.seed, "grounding-runs", position)
+            rx, rt, kept, rows, pairs = self.runs.batch([gen] * lc.grounding_batch, n, device)
+            none = torch.zeros(len(rows), dtype=torch.bool)
+            theirs = self.conditioner.batch(rows, none, self.rows, device, self.text, none)
+            x_in, t_in = torch.cat([x_t, rx]), torch.cat([t_in, rt])
+            kw_in = {k: torch.cat([v, theirs[k]]) for k, v in kwargs.items()}
+        recorder = GroundingRecorder(pairs, self.grounding.latent_size, lc.grounding_resolutions)
         # hung through the backward pass too: a checkpointed block recomputes its forward, the recorder's included
         with dist.maybe_no_sync(self.model, not sync), grounding(self.unet, recorder):
             with autocast(device, t.bf16):
-                pred = self.model(x_t, b.t.float().to(device), **kwargs)
+                out = self.model(x_in, t_in.to(device), **kw_in)
             recorder.active = False  # (the recomputation adds no terms)
+            pred = out[:n]
             loss = self.objective.loss(pred, b)
             token, pixel = recorder.losses()
             total, logged = self._with_teacher(loss, pred, b, x_t, kwargs, dropped, text_dropped)
+            if kept is not None and lc.grounding_keep_weight > 0:  # the runs' path: the --init model's outputs
+                term = losses.weighted_mse(out[n:], kept, torch.ones(len(kept), device=device))
+                total = total + lc.grounding_keep_weight * term
+                logged["keep_loss"] = float(term.detach())
             (self.objective.total(total, token, pixel) / t.grad_accum).backward()
         return {"loss": float(loss.detach()), "grounding_loss": float(token.detach()),
                 "grounding_pixel_loss": float(pixel.detach()), **logged}
