@@ -391,3 +391,24 @@ def test_grounding_on_sampled_runs_trains_resumes_bitwise_and_records_once(tmp_p
 def test_grounding_source_keys_are_checked(setting, match):
     with pytest.raises(ValueError, match=match):
         load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", setting)
+
+
+def test_a_fine_tune_with_its_init_models_encoder_frozen_keeps_it_pruned_as_it_was(tmp_path, vae_file):
+    """loss.train_text_encoder = false on an --init model whose vocabulary is pruned: the exported model's text
+    encoder is the --init model's, weights and kept words alike (not the full 49,408-row table)."""
+    import shutil
+
+    from daguerre.checkpoints import load_model
+
+    first = _run(tmp_path, vae_file, "first", ["train.steps=2"]) / "model.safetensors"
+    init = tmp_path / "init.safetensors"
+    shutil.copy(first, init)
+    tuned = _run(tmp_path, vae_file, "tuned", [f"train.init_from='{init}'", "loss.train_text_encoder=false",
+                                               "train.steps=2", "train.lr=3e-3"]) / "model.safetensors"
+    a, b = load_model(init), load_model(tuned)
+    assert a.config.text_encoder.token_ids is not None
+    assert b.config.text_encoder.token_ids == a.config.text_encoder.token_ids
+    sa, sb = a.text_encoder.state_dict(), b.text_encoder.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
+    assert tuned.stat().st_size < 1.05 * init.stat().st_size
