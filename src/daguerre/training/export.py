@@ -88,7 +88,8 @@ def with_vocabulary(components: Components, keep: list[int]) -> Components:
 def model_components(components: Components, cfg: RunConfig, record: ModelRecord) -> Components:
     """The (EMA) `components` of a stage-2 run as its model file holds them: the vocabulary pruned to the training
     captions' tokens (`train.prune_vocabulary`; a GLIGEN model's frozen encoder, or a fine-tune's that kept its
-    --init model's encoder frozen, to that model's words, as its was, or not at all), the sample grids' settings as the recommended ones, provenance."""
+    --init model's encoder frozen, to that model's words, as its was, or not at all), the sample grids' settings
+    as the recommended ones, provenance."""
     t = cfg.train
     frozen_init = not cfg.loss.train_text_encoder and record.init is not None  # the --init model's encoder, as it is
     if components.config.unet.gligen is not None or frozen_init:  # pruned as the --init model's was (or not at all)
