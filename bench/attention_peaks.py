@@ -1,6 +1,7 @@
 """Issue 22's must-show, image by image: where each word's attention map peaks against its object.
 
     python bench/attention_peaks.py MODEL [--prompt "a red circle above a blue square"] [--n 20] [--layers L,...]
+        [--pairs green:green,star:green,yellow:yellow,triangle:yellow]   (word:colour of its object, for --prompt)
 
 Makes the test's images (tests/test_explain_attention_shapes.py: seeds 0..n-1 in one batch, the model's recommended
 settings) and prints, per word, the test's two scores — the mean ratio of the map on its object to elsewhere and
@@ -47,12 +48,15 @@ def main() -> None:
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--layers", default=None, help="comma-separated transformer names (default: all, as the test)")
     p.add_argument("--per-seed", action="store_true")
+    p.add_argument("--pairs", default=None, help="comma-separated WORD:COLOUR, the colour of each word's object "
+                   "(default: the first prompt's red:red,circle:red,blue:blue,square:blue)")
     args = p.parse_args()
+    pairs = [tuple(x.split(":")) for x in args.pairs.split(",")] if args.pairs else PAIRS
     pipe = daguerre.load(args.model)
     request = pipe.request(args.prompt, seed=0, n=args.n, batch_size=args.n)
     layers = args.layers.split(",") if args.layers else None
-    results = attention_maps(pipe.components, request, [w for w, _ in PAIRS], layers)
-    for word, colour in PAIRS:
+    results = attention_maps(pipe.components, request, [w for w, _ in pairs], layers)
+    for word, colour in pairs:
         ratio, peaks = scores(results, word, colour)
         any_peaks, twice, lines = 0, 0, []
         for i, r in enumerate(results):

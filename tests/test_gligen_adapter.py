@@ -282,3 +282,37 @@ def test_the_model_and_adapter_files_of_a_run_carry_one_config_whenever_they_are
     whole = load_model(tmp_path / "run" / "model.safetensors")
     again = load_model(tmp_path / "run" / "adapter.safetensors", base=base)
     assert again.config.to_dict() == whole.config.to_dict()
+
+
+def test_an_adapter_continued_on_another_base_names_that_base(run, tmp_path, monkeypatch):
+    """`train.init_base`: an adapter file continued on another base model (a fine-tune of its base) starts from
+    the adapter's weights over that base, trains on it (its U-Net frozen, bit for bit that base's) and its own
+    adapter file names the new base; init_base with a whole model as --init is refused."""
+    from daguerre.training.ldm import train_ldm
+
+    base, folder = run
+    adapter = folder / "adapter.safetensors"
+    other = tmp_path / "otherbase.safetensors"  # its base with another U-Net (a fine-tune: the autoencoder the same)
+    tuned = load_model(base)
+    with torch.no_grad():
+        for p in tuned.unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_model(tuned, other, dtype=torch.float16)
+    cfg = load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm",
+                          [*QUICK, "train.steps=2", "train.checkpoint_every=2", f"train.init_from={adapter}",
+                           f"train.init_base={other}"])
+    train_ldm(cfg, tmp_path / "run2", vae_path=base)
+    init = load_model(tmp_path / "run2" / "model.safetensors").config.provenance["init"]
+    assert init["sha256"] == file_hash(other) and init["adapter"]["sha256"] == file_hash(adapter)
+    assert init["new_tensors"]["unet"] == 0
+    meta = _metadata(tmp_path / "run2" / "adapter.safetensors")
+    assert meta[BASE_NAME_KEY] == "otherbase" and meta[BASE_SHA_KEY] == file_hash(other)
+    whole, theirs = load_model(tmp_path / "run2" / "adapter.safetensors", base=other), load_model(other)
+    trained = whole.unet.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in theirs.unet.state_dict().items())
+    with pytest.raises(ValueError, match="is an adapter for the model 'otherbase'"):  # not on its old base
+        load_model(tmp_path / "run2" / "adapter.safetensors", base=base)
+    whole_init = load_run_config(CONFIGS / "tiny_gligen_ldm.toml", "ldm",
+                                 [*QUICK, f"train.init_from={base}", f"train.init_base={other}"])
+    with pytest.raises(ValueError, match="train.init_base .* is no adapter file"):
+        train_ldm(whole_init, tmp_path / "run3", vae_path=base)

@@ -126,6 +126,13 @@ def test_the_recorder_reads_the_probabilities_of_the_pairs_tokens():
     rec = GroundingRecorder(_batch(top), (4, 4), heights=(2,))
     rec(q, k, k, heads)  # a 4x4 layer, only 2x2 ones asked for
     assert float(rec.losses()[0]) == 0.0 and not rec.token
+    third = torch.zeros(1, 4, 4)
+    third[0, 2] = 1.0  # the bottom half's first row only: half of token 2's attention lies in it
+    for dilation, want in ((0, 0.25), (1, 0.0)):  # grown by one pixel, the mask covers the bottom half
+        rec = GroundingRecorder(GroundingBatch(torch.tensor([0]), torch.tensor([2]), third), (4, 4),
+                                dilation=dilation)
+        rec(q, k, k, heads)
+        assert abs(float(rec.losses()[0]) - want) < 1e-4, dilation
 
 
 def _run(tmp_path: Path, vae_file: Path, name: str, extra: list[str], until: int | None = None,
@@ -231,6 +238,8 @@ def test_grounding_under_gradient_checkpointing_gives_the_same_gradients(tmp_pat
     ("loss.grounding_max_timestep=500", "set loss.grounding_weight > 0 too"),
     ("loss.grounding_max_timestep=0", "loss.grounding_max_timestep: 0; give an integer from 1"),
     ("loss.grounding_max_timestep=1001", "loss.grounding_max_timestep: 1001"),
+    ("loss.grounding_dilation=1", "set loss.grounding_weight > 0 too"),
+    ("loss.grounding_dilation=-1", "loss.grounding_dilation: -1; give an integer from 0 to 8"),
 ])
 def test_grounding_keys_are_checked(setting, match):
     with pytest.raises(ValueError, match=match):

@@ -52,6 +52,7 @@ def load_model(
     use_ema: bool = False,
     original_config: str | os.PathLike | None = None,
     base: str | os.PathLike | None = None,
+    rebase: bool = False,
 ) -> Components:
     """Load a model from a daguerre / SD single file (.safetensors, .ckpt, .pt, .pth) or a diffusers folder.
 
@@ -62,7 +63,8 @@ def load_model(
     U-Net from the file's `model_ema.*` copy (full CompVis training checkpoints). `original_config` is the
     file's CompVis inference YAML (`--config FILE`), read for this load only, as if it were beside the file.
     An adapter file (`adapter.py`) is read over its base model's file: `base` (a file or a shipped model's name),
-    else the shipped model it names; a base that is not the file it was trained on (sha256) is a ValueError.
+    else the shipped model it names; a base that is not the file it was trained on (sha256) is a ValueError,
+    unless `rebase` (training that continues an adapter on another base: `train.init_base`).
     """
     path = Path(path)
     if not path.exists():
@@ -78,7 +80,7 @@ def load_model(
         return load_diffusers(path, device=device, dtype=dtype, prediction_type=prediction_type)
     sd, metadata = read_state_dict(path, dtype or torch.float32)
     if is_adapter(metadata):
-        base_path = find_base(path, metadata, base)
+        base_path = find_base(path, metadata, base, rebase=rebase)
         sd, metadata = with_base(sd, metadata, read_state_dict(base_path, dtype or torch.float32)[0], path, base_path)
     elif base is not None:
         raise ValueError(f"a base model goes with an adapter file; {path} is a whole model, it needs none")

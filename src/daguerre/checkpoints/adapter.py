@@ -51,9 +51,11 @@ def base_record(path: Path, metadata: Mapping[str, str]) -> tuple[str, str]:
     return name, sha
 
 
-def find_base(path: Path, metadata: Mapping[str, str], base: str | os.PathLike | None = None) -> Path:
+def find_base(path: Path, metadata: Mapping[str, str], base: str | os.PathLike | None = None, *,
+              rebase: bool = False) -> Path:
     """The base model file of the adapter file `path`: `base` (a file or a shipped model's name) when given, else
-    the shipped model of the recorded name; checked to be the file the adapter was trained on (its sha256)."""
+    the shipped model of the recorded name; checked to be the file the adapter was trained on (its sha256), unless
+    `rebase` (a training run that continues the adapter on `base`, another model: `train.init_base`)."""
     name, want = base_record(path, metadata)
     shipped = shipped_models()
     how = "give the base model's file with --base FILE (Python: daguerre.load(..., base=FILE))"
@@ -72,7 +74,7 @@ def find_base(path: Path, metadata: Mapping[str, str], base: str | os.PathLike |
         raise ValueError(f"the base {found} of the adapter {path} is itself an adapter file: give the whole model "
                          f"file {name!r} (sha256 {want})")
     got = file_hash(found)
-    if got != want:
+    if got != want and not rebase:
         raise ValueError(f"{path} is an adapter for the model {name!r} with sha256 {want}, but its base {found} has "
                          f"sha256 {got}: an adapter works on the very weights it was trained on; {how} (the file "
                          f"of sha256 {want})")

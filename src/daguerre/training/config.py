@@ -199,6 +199,9 @@ class TrainConfig:
     # fine-tuning: start the networks from this model file's weights (training/init.py); the run may add
     # to the model's architecture (new tensors start fresh). Used at step 0 only; None = random weights
     init_from: str | None = None
+    # with init_from an adapter file (a GLIGEN adapter): the model to continue it on (a file or a shipped name) in
+    # place of the one it was trained on (docs/layout.md); None = that one, checked by its sha256
+    init_base: str | None = None
 
 
 @dataclass
@@ -254,6 +257,7 @@ class LDMLossConfig:
     grounding_words: Literal["nouns", "nouns+colours"] = "nouns"  # the shape nouns, or each object's colour too
     grounding_resolutions: list[int] = field(default_factory=list)  # map heights of the layers (e.g. [8]); [] = all
     grounding_max_timestep: int = 1000  # only samples noised at t < this are grounded (where the layout is decided)
+    grounding_dilation: int = 0  # each object's mask grown by this many latent pixels (its outline's surroundings)
     # where the grounded attention is read: "data" = the noised training images; "samples" = the --init model's own
     # sampling runs of training captions (training/sampled_grounding.py): `grounding_runs` runs whose images draw
     # each object once, `grounding_batch` of their states added to each micro-batch's network call, and
@@ -824,14 +828,19 @@ def check_grounding(cfg: RunConfig) -> None:
     if bad or len(set(lc.grounding_resolutions)) != len(lc.grounding_resolutions):
         raise ValueError(f"config key loss.grounding_resolutions: {lc.grounding_resolutions}; give distinct map "
                          "heights >= 1 (e.g. [8, 4]), or [] for every cross-attention layer")
+    d = lc.grounding_dilation
+    if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= MAX_GROUNDING_DILATION:
+        raise ValueError(f"config key loss.grounding_dilation: {d!r}; give an integer from 0 to "
+                         f"{MAX_GROUNDING_DILATION} (latent pixels)")
     steps = cfg.model.schedule.num_train_timesteps
     m = lc.grounding_max_timestep
     if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= steps:
         raise ValueError(f"config key loss.grounding_max_timestep: {m!r}; give an integer from 1 to the schedule's "
                          f"{steps} timesteps ({steps} grounds every sample)")
-    if lc.grounding_weight == 0 and (lc.grounding_pixel_weight or lc.grounding_resolutions or m != steps):
+    if lc.grounding_weight == 0 and (lc.grounding_pixel_weight or lc.grounding_resolutions or m != steps or d):
         raise ValueError("config keys loss.grounding_pixel_weight, loss.grounding_resolutions, "
-                         "loss.grounding_max_timestep: set loss.grounding_weight > 0 too (0 turns token grounding off)")
+                         "loss.grounding_max_timestep, loss.grounding_dilation: set loss.grounding_weight > 0 too "
+                         "(0 turns token grounding off)")
     check_grounding_source(cfg)
     if lc.grounding_weight == 0:
         return
@@ -841,6 +850,7 @@ def check_grounding(cfg: RunConfig) -> None:
                          f"scene's objects); got {cfg.stage!r}, {cfg.data.kind!r}, {cfg.model.conditioning!r}")
 
 
+MAX_GROUNDING_DILATION = 8  # loss.grounding_dilation, in latent pixels
 MAX_GROUNDING_RUNS = 4096  # loss.grounding_runs: sampling runs recorded before training (each ~25 U-Net states)
 MAX_GROUNDING_BATCH = 256  # loss.grounding_batch: run states added to one micro-batch
 

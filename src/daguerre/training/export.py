@@ -132,8 +132,9 @@ def write_model(components: Components, cfg: RunConfig, record: ModelRecord, pat
 
 
 def base_model_file(cfg: RunConfig, record: ModelRecord) -> Path:
-    """The file a fine-tuning run started from (`train.init_from`, as its sha256 recorded at step 0), else the
-    shipped model of that sha256; ValueError when neither is at hand."""
+    """The file a fine-tuning run started from (`train.init_from`, or the base `train.init_base` continued an
+    adapter on, as its sha256 recorded at step 0), else the shipped model of that sha256; ValueError when neither
+    is at hand."""
     from ..checkpoints.shipped import shipped_models
     from ..weights.io import file_hash
 
@@ -144,6 +145,9 @@ def base_model_file(cfg: RunConfig, record: ModelRecord) -> Path:
     want = init["sha256"]
     given = Path(cfg.train.init_from).expanduser()
     candidates = [given] if given.is_file() else []
+    if cfg.train.init_base:  # an adapter continued on another base (train.init_base): that base, a file or a name
+        named = shipped_models().get(cfg.train.init_base, Path(cfg.train.init_base).expanduser())
+        candidates = ([named] if named.is_file() else []) + candidates
     candidates += [p for _, p in sorted(shipped_models().items())]
     found = next((p for p in candidates if file_hash(p) == want), None)
     if found is None:

@@ -142,7 +142,11 @@ class GroundingRecorder:
     """A `CrossAttention.recorder` that computes, at every cross-attention call of a forward pass, the micro-batch's
     pairs' losses from the layer's probabilities (float32, averaged over the heads), keeping their graph."""
 
-    def __init__(self, batch: GroundingBatch, latent: tuple[int, int], heights: Sequence[int] = ()) -> None:
+    def __init__(self, batch: GroundingBatch, latent: tuple[int, int], heights: Sequence[int] = (),
+                 dilation: int = 0) -> None:
+        if dilation > 0:  # each mask grown by `dilation` latent pixels (loss.grounding_dilation): its outline's ring
+            grown = F.max_pool2d(batch.masks[:, None], 2 * dilation + 1, 1, dilation)[:, 0]
+            batch = GroundingBatch(batch.samples, batch.tokens, grown)
         self.batch, self.latent, self.heights = batch, latent, tuple(heights)  # heights: those layers only (() all)
         self.token: list[torch.Tensor] = []  # one (K,) per layer call
         self.pixel: list[torch.Tensor] = []

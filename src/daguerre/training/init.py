@@ -97,16 +97,23 @@ def _text_encoder_state(text_encoder: nn.Module, own: nn.Module) -> dict[str, to
     return state
 
 
-def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, vae_sha256: str) -> dict:
+def init_ldm(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, vae_sha256: str,
+             base: str | None = None) -> dict:
     """Load the U-Net (and jointly trained text encoder) of the model at `path` into the run's fresh
-    networks; returns the provenance record {"file", "sha256", "new_tensors"}."""
+    networks; returns the provenance record {"file", "sha256", "new_tensors"}. `base` (`train.init_base`): with
+    an adapter file at `path`, the model to continue it on in place of the one it was trained on."""
     from ..checkpoints.adapter import find_base, is_adapter
     from ..weights.io import read_shapes
 
     path = Path(path)
     meta = read_shapes(path)[1] if path.is_file() else {}
-    base = find_base(path, meta) if is_adapter(meta) else None  # an adapter: the run's base is the adapter's
-    comps = load_model(path)  # float32 on the CPU (an adapter over its base); the caller moves them to the device
+    if base is not None and not is_adapter(meta):
+        raise ValueError(f"train.init_base {base!r}: --init {path} is no adapter file, it has no base to replace")
+    rebase = base is not None
+    base = find_base(path, meta, base, rebase=rebase) if is_adapter(meta) else None  # the run's base
+    if rebase:
+        logger.warning("--init %s: continuing the adapter on %s, not on the model it was trained on", path, base)
+    comps = load_model(path, base=base, rebase=rebase)  # float32 on the CPU (an adapter over its base)
     provenance = comps.config.provenance or {}
     own_vae = file_hash(path) == vae_sha256 if path.is_file() else False  # --vae is this very model file
     if provenance.get("vae_sha256") not in (None, vae_sha256) and not own_vae:

@@ -115,7 +115,7 @@ class LDMStage:
 
         unet, te, self.tokenizer = networks(model_cfg, frozen, t.seed)
         if t.init_from and setup.fresh:  # fine-tuning: the model's weights (a resume has its own)
-            self.init_record = init_ldm(t.init_from, unet, te if not frozen else None, self.vae_sha)
+            self.init_record = init_ldm(t.init_from, unet, te if not frozen else None, self.vae_sha, t.init_base)
         train_te = te is not None and cfg.loss.train_text_encoder
         keep = train_te or model_cfg.unet.gligen is not None  # GLIGEN: the frozen encoder pruned back to its words
         self.tokens = caption_tokens(self.tokenizer, lat.captions) if keep else None  # kept by pruning
@@ -196,7 +196,7 @@ class LDMStage:
         with the text encoder trained, it reads the captions with its own."""
         t = self.cfg.train
         unet, te, _ = networks(self.model_cfg, frozen, t.seed)
-        record = init_ldm(t.init_from, unet, te if not frozen else None, self.vae_sha)
+        record = init_ldm(t.init_from, unet, te if not frozen else None, self.vae_sha, t.init_base)
         unet.to(self.device).eval().requires_grad_(False)
         text = self.text
         if train_te:
@@ -296,7 +296,7 @@ class LDMStage:
             theirs = self.conditioner.batch(rows, none, self.rows, device, self.text, none)
             x_in, t_in = torch.cat([x_t, rx]), torch.cat([t_in, rt])
             kw_in = {k: torch.cat([v, theirs[k]]) for k, v in kwargs.items()}
-        recorder = GroundingRecorder(pairs, self.grounding.latent_size, lc.grounding_resolutions)
+        recorder = GroundingRecorder(pairs, self.grounding.latent_size, lc.grounding_resolutions, lc.grounding_dilation)
         # hung through the backward pass too: a checkpointed block recomputes its forward, the recorder's included
         with dist.maybe_no_sync(self.model, not sync), grounding(self.unet, recorder):
             with autocast(device, t.bf16):
