@@ -128,11 +128,11 @@ def test_the_recorder_reads_the_probabilities_of_the_pairs_tokens():
     assert float(rec.losses()[0]) == 0.0 and not rec.token
     third = torch.zeros(1, 4, 4)
     third[0, 2] = 1.0  # the bottom half's first row only: half of token 2's attention lies in it
-    for dilation, want in ((0, 0.25), (1, 0.0)):  # grown by one pixel, the mask covers the bottom half
-        rec = GroundingRecorder(GroundingBatch(torch.tensor([0]), torch.tensor([2]), third), (4, 4),
-                                dilation=dilation)
+    for dilation, ring, want in ((0, 1.0, 0.25), (1, 1.0, 0.0), (1, 0.5, 0.0625)):  # grown by one pixel, the
+        rec = GroundingRecorder(GroundingBatch(torch.tensor([0]), torch.tensor([2]), third), (4, 4),  # mask covers
+                                dilation=dilation, ring=ring)  # the bottom half (its last row counting `ring`)
         rec(q, k, k, heads)
-        assert abs(float(rec.losses()[0]) - want) < 1e-4, dilation
+        assert abs(float(rec.losses()[0]) - want) < 1e-4, (dilation, ring)
 
 
 def _run(tmp_path: Path, vae_file: Path, name: str, extra: list[str], until: int | None = None,
@@ -240,6 +240,8 @@ def test_grounding_under_gradient_checkpointing_gives_the_same_gradients(tmp_pat
     ("loss.grounding_max_timestep=1001", "loss.grounding_max_timestep: 1001"),
     ("loss.grounding_dilation=1", "set loss.grounding_weight > 0 too"),
     ("loss.grounding_dilation=-1", "loss.grounding_dilation: -1; give an integer from 0 to 8"),
+    ("loss.grounding_ring=0.5", "it weighs the ring loss.grounding_dilation adds; set that too"),
+    ("loss.grounding_ring=2.0", "loss.grounding_ring: 2.0; give a number from 0 to 1"),
 ])
 def test_grounding_keys_are_checked(setting, match):
     with pytest.raises(ValueError, match=match):

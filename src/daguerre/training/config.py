@@ -258,6 +258,7 @@ class LDMLossConfig:
     grounding_resolutions: list[int] = field(default_factory=list)  # map heights of the layers (e.g. [8]); [] = all
     grounding_max_timestep: int = 1000  # only samples noised at t < this are grounded (where the layout is decided)
     grounding_dilation: int = 0  # each object's mask grown by this many latent pixels (its outline's surroundings)
+    grounding_ring: float = 1.0  # how much of the object a cell of that ring counts as (1: the whole; 0.5: half)
     # where the grounded attention is read: "data" = the noised training images; "samples" = the --init model's own
     # sampling runs of training captions (training/sampled_grounding.py): `grounding_runs` runs whose images draw
     # each object once, `grounding_batch` of their states added to each micro-batch's network call, and
@@ -832,6 +833,11 @@ def check_grounding(cfg: RunConfig) -> None:
     if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= MAX_GROUNDING_DILATION:
         raise ValueError(f"config key loss.grounding_dilation: {d!r}; give an integer from 0 to "
                          f"{MAX_GROUNDING_DILATION} (latent pixels)")
+    if not (isinstance(lc.grounding_ring, (int, float)) and 0 <= lc.grounding_ring <= 1):
+        raise ValueError(f"config key loss.grounding_ring: {lc.grounding_ring!r}; give a number from 0 to 1")
+    if lc.grounding_ring != 1.0 and not d:
+        raise ValueError("config key loss.grounding_ring: it weighs the ring loss.grounding_dilation adds; set that "
+                         "too")
     steps = cfg.model.schedule.num_train_timesteps
     m = lc.grounding_max_timestep
     if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= steps:

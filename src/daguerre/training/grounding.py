@@ -143,10 +143,11 @@ class GroundingRecorder:
     pairs' losses from the layer's probabilities (float32, averaged over the heads), keeping their graph."""
 
     def __init__(self, batch: GroundingBatch, latent: tuple[int, int], heights: Sequence[int] = (),
-                 dilation: int = 0) -> None:
-        if dilation > 0:  # each mask grown by `dilation` latent pixels (loss.grounding_dilation): its outline's ring
-            grown = F.max_pool2d(batch.masks[:, None], 2 * dilation + 1, 1, dilation)[:, 0]
-            batch = GroundingBatch(batch.samples, batch.tokens, grown)
+                 dilation: int = 0, ring: float = 1.0) -> None:
+        if dilation > 0:  # each mask grown by `dilation` latent pixels (loss.grounding_dilation), the ring around
+            grown = F.max_pool2d(batch.masks[:, None], 2 * dilation + 1, 1, dilation)[:, 0]  # the object counting
+            masks = torch.maximum(batch.masks, ring * grown)  # `ring` of a cell inside (loss.grounding_ring)
+            batch = GroundingBatch(batch.samples, batch.tokens, masks)
         self.batch, self.latent, self.heights = batch, latent, tuple(heights)  # heights: those layers only (() all)
         self.token: list[torch.Tensor] = []  # one (K,) per layer call
         self.pixel: list[torch.Tensor] = []

@@ -296,7 +296,8 @@ class LDMStage:
             theirs = self.conditioner.batch(rows, none, self.rows, device, self.text, none)
             x_in, t_in = torch.cat([x_t, rx]), torch.cat([t_in, rt])
             kw_in = {k: torch.cat([v, theirs[k]]) for k, v in kwargs.items()}
-        recorder = GroundingRecorder(pairs, self.grounding.latent_size, lc.grounding_resolutions, lc.grounding_dilation)
+        recorder = GroundingRecorder(pairs, self.grounding.latent_size, lc.grounding_resolutions, lc.grounding_dilation,
+                                     lc.grounding_ring)
         # hung through the backward pass too: a checkpointed block recomputes its forward, the recorder's included
         with dist.maybe_no_sync(self.model, not sync), grounding(self.unet, recorder):
             with autocast(device, t.bf16):
