@@ -211,14 +211,17 @@ def test_of_samples_keeps_the_pairs_of_the_marked_samples():
 
 
 def test_grounding_max_timestep_grounds_only_the_less_noisy_samples(tmp_path, vae_file):
-    """At max timestep 1 no sample of a short run is grounded (its training timesteps are >= 1): the grounding loss
-    is 0 at every step, while the same run grounding every sample logs it; the first step's diffusion loss is the
+    """At max timestep 1 no sample of a short run is grounded (its training timesteps are >= 1), nor at min timestep
+    999 (none of its 12 draws is t = 999): the grounding loss is 0 at every step, while the same run grounding every
+    sample logs it; the first step's diffusion loss is the
     same in both (grounding changes the backward pass only)."""
     on = ["loss.grounding_weight=1.0", "train.steps=3", "train.log_every=1"]
     every = _metrics(_run(tmp_path, vae_file, "every", on))
     none = _metrics(_run(tmp_path, vae_file, "none", [*on, "loss.grounding_max_timestep=1"]))
     assert all(r["grounding_loss"] > 0 for r in every if "grounding_loss" in r)
     assert [r["grounding_loss"] for r in none if "grounding_loss" in r] == [0.0, 0.0, 0.0]
+    top = _metrics(_run(tmp_path, vae_file, "top", [*on, "loss.grounding_min_timestep=999"]))  # t = 999 alone: none
+    assert [r["grounding_loss"] for r in top if "grounding_loss" in r] == [0.0, 0.0, 0.0]  # of these 12 draws
     assert [r["loss"] for r in every if "loss" in r][0] == [r["loss"] for r in none if "loss" in r][0]
 
 
@@ -239,6 +242,8 @@ def test_grounding_under_gradient_checkpointing_gives_the_same_gradients(tmp_pat
     ("loss.grounding_max_timestep=0", "loss.grounding_max_timestep: 0; give an integer from 1"),
     ("loss.grounding_max_timestep=1001", "loss.grounding_max_timestep: 1001"),
     ("loss.grounding_dilation=1", "set loss.grounding_weight > 0 too"),
+    ("loss.grounding_min_timestep=500", "set loss.grounding_weight > 0 too"),
+    ("loss.grounding_min_timestep=1000", "loss.grounding_min_timestep: 1000; give an integer from 0 to"),
     ("loss.grounding_dilation=-1", "loss.grounding_dilation: -1; give an integer from 0 to 8"),
     ("loss.grounding_ring=0.5", "it weighs the ring loss.grounding_dilation adds; set that too"),
     ("loss.grounding_ring=2.0", "loss.grounding_ring: 2.0; give a number from 0 to 1"),

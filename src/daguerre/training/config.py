@@ -257,6 +257,7 @@ class LDMLossConfig:
     grounding_words: Literal["nouns", "nouns+colours"] = "nouns"  # the shape nouns, or each object's colour too
     grounding_resolutions: list[int] = field(default_factory=list)  # map heights of the layers (e.g. [8]); [] = all
     grounding_max_timestep: int = 1000  # only samples noised at t < this are grounded (where the layout is decided)
+    grounding_min_timestep: int = 0  # ... and at t >= this (the noisiest only: leaving the steps that draw outlines)
     grounding_dilation: int = 0  # each object's mask grown by this many latent pixels (its outline's surroundings)
     grounding_ring: float = 1.0  # how much of the object a cell of that ring counts as (1: the whole; 0.5: half)
     # where the grounded attention is read: "data" = the noised training images; "samples" = the --init model's own
@@ -843,10 +844,14 @@ def check_grounding(cfg: RunConfig) -> None:
     if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= steps:
         raise ValueError(f"config key loss.grounding_max_timestep: {m!r}; give an integer from 1 to the schedule's "
                          f"{steps} timesteps ({steps} grounds every sample)")
-    if lc.grounding_weight == 0 and (lc.grounding_pixel_weight or lc.grounding_resolutions or m != steps or d):
+    low = lc.grounding_min_timestep
+    if isinstance(low, bool) or not isinstance(low, int) or not 0 <= low < m:
+        raise ValueError(f"config key loss.grounding_min_timestep: {low!r}; give an integer from 0 to "
+                         f"loss.grounding_max_timestep - 1 ({m - 1})")
+    if lc.grounding_weight == 0 and (lc.grounding_pixel_weight or lc.grounding_resolutions or m != steps or d or low):
         raise ValueError("config keys loss.grounding_pixel_weight, loss.grounding_resolutions, "
-                         "loss.grounding_max_timestep, loss.grounding_dilation: set loss.grounding_weight > 0 too "
-                         "(0 turns token grounding off)")
+                         "loss.grounding_max_timestep, loss.grounding_min_timestep, loss.grounding_dilation: set "
+                         "loss.grounding_weight > 0 too (0 turns token grounding off)")
     check_grounding_source(cfg)
     if lc.grounding_weight == 0:
         return
@@ -889,9 +894,10 @@ def check_grounding_source(cfg: RunConfig) -> None:
     if not cfg.train.init_from:
         raise ValueError("config key loss.grounding_source 'samples': the runs are the --init model's own; name "
                          "the model the run starts from with --init MODEL")
-    if lc.grounding_max_timestep != cfg.model.schedule.num_train_timesteps:
-        raise ValueError("config key loss.grounding_max_timestep: it leaves noised training images out; with "
-                         "loss.grounding_source 'samples' the grounded states are the runs' own, every step")
+    if lc.grounding_max_timestep != cfg.model.schedule.num_train_timesteps or lc.grounding_min_timestep:
+        raise ValueError("config keys loss.grounding_max_timestep, loss.grounding_min_timestep: they leave noised "
+                         "training images out; with loss.grounding_source 'samples' the grounded states are the "
+                         "runs' own, every step")
 
 
 def check_box_weight(cfg: RunConfig) -> None:

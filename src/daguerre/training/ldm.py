@@ -287,8 +287,9 @@ class LDMStage:
         n, x_in, t_in, kw_in, kept = len(b.rows), x_t, b.t.float(), kwargs, None
         if self.runs is None:
             pairs = self.grounding.batch(b.rows, dropped, b.view, device)
-            if lc.grounding_max_timestep < self.model_cfg.schedule.num_train_timesteps:
-                pairs = pairs.of_samples(b.t.cpu() < lc.grounding_max_timestep)  # the noisiest left alone
+            if lc.grounding_max_timestep < self.model_cfg.schedule.num_train_timesteps or lc.grounding_min_timestep:
+                t_cpu = b.t.cpu()  # the noisiest, or the least noisy, left alone
+                pairs = pairs.of_samples((t_cpu < lc.grounding_max_timestep) & (t_cpu >= lc.grounding_min_timestep))
         else:
             gen = dist.sample_generator(t.seed, "grounding-runs", position)
             rx, rt, kept, rows, pairs = self.runs.batch([gen] * lc.grounding_batch, n, device)
