@@ -95,10 +95,11 @@ def _recording(unet: torch.nn.Module, reference: torch.Tensor, calls: list[tuple
             return
         ref = reference.to(device=context.device, dtype=context.dtype)
         rows = torch.nonzero((context == ref).flatten(1).all(1)).flatten()
-        if len(rows):
-            t = torch.as_tensor(t, dtype=torch.float32).flatten().expand(len(x)) if torch.as_tensor(t).numel() == 1 \
-                else torch.as_tensor(t, dtype=torch.float32)
-            calls.append((x[rows[:1]].float().cpu(), t[rows[:1].cpu()].float().cpu(), out[rows[:1]].float().cpu()))
+        if len(rows):  # the first: a batch of one image (a prompt equal to its negative: CFG's conditional half)
+            ts = torch.as_tensor(t, dtype=torch.float32).flatten().cpu()
+            ts = ts.expand(len(x)) if ts.numel() == 1 else ts  # a scalar timestep is every row's
+            first = rows[:1]
+            calls.append((x[first].float().cpu(), ts[first.cpu()], out[first].float().cpu()))
 
     handle = unet.register_forward_hook(hook, with_kwargs=True)
     try:
