@@ -159,6 +159,16 @@ def choose_words(available: Sequence[WordTokens], words: Sequence[str] | None) -
 
 # --- capture ------------------------------------------------------------------------------------------
 
+def conditional_rows(context: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The indices (on the CPU) of the rows of `context` (N, S, d) that are the prompt's: those that begin with
+    `reference` (1, tokens, d), the prompt's context (a layout model appends its own tokens after it)."""
+    tokens = reference.shape[1]
+    if context.shape[1] < tokens:
+        return torch.zeros(0, dtype=torch.long)
+    ref = reference.to(device=context.device, dtype=context.dtype)
+    return torch.nonzero((context[:, :tokens] == ref).flatten(1).all(1)).flatten().cpu()
+
+
 class DAAMRecorder:
     """Sums the cross-attention probabilities of the conditional rows of every call into per-image heat maps
     (module docstring, steps 1-2): `heat` (images, tokens, h, w) float32 at the latent's resolution (h, w), over
@@ -174,16 +184,9 @@ class DAAMRecorder:
         self.heat = torch.zeros(images, self.tokens, *latent_size)
         self.calls = 0  # cross-attention calls with conditional rows
 
-    def conditional_rows(self, context: torch.Tensor) -> torch.Tensor:
-        """The indices of the rows of `context` (N, S, d) that are the prompt's."""
-        if context.shape[1] < self.tokens:
-            return torch.zeros(0, dtype=torch.long)
-        ref = self.reference.to(device=context.device, dtype=context.dtype)
-        return torch.nonzero((context[:, :self.tokens] == ref).flatten(1).all(1)).flatten().cpu()
-
     def __call__(self, q: torch.Tensor, k: torch.Tensor, context: torch.Tensor, heads: int) -> None:
-        rows = self.conditional_rows(context)[:self.heat.shape[0]]  # a negative prompt equal to the prompt: CFG's
-        if len(rows) == 0:                                           # conditional rows come first
+        rows = conditional_rows(context, self.reference)[:self.heat.shape[0]]  # a negative prompt equal to the
+        if len(rows) == 0:                                                   # prompt: CFG's conditional rows first
             return
         b, hw, c = len(rows), q.shape[1], q.shape[2]
         d = c // heads

@@ -869,10 +869,7 @@ MAX_GROUNDING_BATCH = 256  # loss.grounding_batch: run states added to one micro
 def check_grounding_source(cfg: RunConfig) -> None:
     """loss.grounding_source and its keys (training/sampled_grounding.py): "samples" reads the --init model's own
     runs, so it needs train.init_from; its keys in range, and set only with it."""
-    lc = cfg.loss
-    if lc.grounding_source not in ("data", "samples"):
-        raise ValueError(f"config key loss.grounding_source: {lc.grounding_source!r}; choose 'data' (the noised "
-                         "training images) or 'samples' (the --init model's own sampling runs)")
+    lc = cfg.loss  # (grounding_source is one of its Literal's values: the loader checks that)
     for key, top in (("grounding_runs", MAX_GROUNDING_RUNS), ("grounding_batch", MAX_GROUNDING_BATCH)):
         value = getattr(lc, key)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:

@@ -292,7 +292,7 @@ class LDMStage:
                 pairs = pairs.of_samples((t_cpu < lc.grounding_max_timestep) & (t_cpu >= lc.grounding_min_timestep))
         else:
             gen = dist.sample_generator(t.seed, "grounding-runs", position)
-            rx, rt, kept, rows, pairs = self.runs.batch([gen] * lc.grounding_batch, n, device)
+            rx, rt, kept, rows, pairs = self.runs.batch(gen, lc.grounding_batch, n, device)
             none = torch.zeros(len(rows), dtype=torch.bool)
             theirs = self.conditioner.batch(rows, none, self.rows, device, self.text, none)
             x_in, t_in = torch.cat([x_t, rx]), torch.cat([t_in, rt])

@@ -67,12 +67,12 @@ class SampledRuns:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, gens: Sequence[torch.Generator], offset: int, device: torch.device
+    def batch(self, gen: torch.Generator, count: int, offset: int, device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, GroundingBatch]:
-        """One state of a run per generator: (x, t, the recorded outputs, the runs' training rows, the pairs),
-        the pairs' samples numbered from `offset` (the rows of the network call they join)."""
-        runs = [int(torch.randint(0, len(self), (1,), generator=g)) for g in gens]
-        steps = [int(torch.randint(0, self.x.shape[1], (1,), generator=g)) for g in gens]
+        """`count` states of runs drawn from `gen`: (x, t, the recorded outputs, the runs' training rows, the
+        pairs), the pairs' samples numbered from `offset` (the rows of the network call they join)."""
+        runs = [int(torch.randint(0, len(self), (1,), generator=gen)) for _ in range(count)]
+        steps = [int(torch.randint(0, self.x.shape[1], (1,), generator=gen)) for _ in range(count)]
         samples, tokens, masks = [], [], []
         for i, r in enumerate(runs):
             k = torch.nonzero(self.pair_runs == r).flatten()
@@ -88,18 +88,17 @@ class SampledRuns:
 def _recording(unet: torch.nn.Module, reference: torch.Tensor, calls: list[tuple[torch.Tensor, ...]]
                ) -> Iterator[None]:
     """Keep (x, t, output) of the rows of every U-Net call whose context is `reference` (the prompt's)."""
+    from ..explain.attention import conditional_rows
+
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], out: torch.Tensor) -> None:
         x, t = args[0], args[1] if len(args) > 1 else kwargs["timesteps"]
         context = args[2] if len(args) > 2 else kwargs.get("context")
-        if context is None or context.shape[1] != reference.shape[1]:
-            return
-        ref = reference.to(device=context.device, dtype=context.dtype)
-        rows = torch.nonzero((context == ref).flatten(1).all(1)).flatten()
+        rows = conditional_rows(context, reference) if context is not None else []
         if len(rows):  # the first: a batch of one image (a prompt equal to its negative: CFG's conditional half)
             ts = torch.as_tensor(t, dtype=torch.float32).flatten().cpu()
             ts = ts.expand(len(x)) if ts.numel() == 1 else ts  # a scalar timestep is every row's
             first = rows[:1]
-            calls.append((x[first].float().cpu(), ts[first.cpu()], out[first].float().cpu()))
+            calls.append((x[first.to(x.device)].float().cpu(), ts[first], out[first.to(out.device)].float().cpu()))
 
     handle = unet.register_forward_hook(hook, with_kwargs=True)
     try:
