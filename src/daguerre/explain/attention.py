@@ -48,7 +48,7 @@ from ..components import Components
 from ..lora.syntax import strip_tags
 from ..models.unet import CrossAttention
 from ..pipelines import hires
-from ..pipelines.common import GeneratedImage, conditioning
+from ..pipelines.common import GeneratedImage, conditional_rows, conditioning
 from ..pipelines.prompts import plain_text, tokenize_chunks, tokenize_window
 from ..pipelines.request import ValidRequest, require_valid
 from ..pipelines.txt2img import txt2img
@@ -158,16 +158,6 @@ def choose_words(available: Sequence[WordTokens], words: Sequence[str] | None) -
 
 
 # --- capture ------------------------------------------------------------------------------------------
-
-def conditional_rows(context: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """The indices (on the CPU) of the rows of `context` (N, S, d) that are the prompt's: those that begin with
-    `reference` (1, tokens, d), the prompt's context (a layout model appends its own tokens after it)."""
-    tokens = reference.shape[1]
-    if context.shape[1] < tokens:
-        return torch.zeros(0, dtype=torch.long)
-    ref = reference.to(device=context.device, dtype=context.dtype)
-    return torch.nonzero((context[:, :tokens] == ref).flatten(1).all(1)).flatten().cpu()
-
 
 class DAAMRecorder:
     """Sums the cross-attention probabilities of the conditional rows of every call into per-image heat maps

@@ -125,6 +125,17 @@ def encode_prompts(components: Components, prompts: list[str], clip_skip: int = 
     return encode_weighted(te, tokenizer, [strip_tags(p) for p in prompts], skip_layers=skip)
 
 
+def conditional_rows(context: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The indices (on the CPU) of the rows of a U-Net call's `context` (N, S, d) that are the prompt's, whatever
+    way guidance batched the call: those that begin with `reference` (1, tokens, d), the prompt's context as
+    `conditioning` gives it (a layout model appends its own tokens after it)."""
+    tokens = reference.shape[1]
+    if context.shape[1] < tokens:
+        return torch.zeros(0, dtype=torch.long)
+    ref = reference.to(device=context.device, dtype=context.dtype)
+    return torch.nonzero((context[:, :tokens] == ref).flatten(1).all(1)).flatten().cpu()
+
+
 def conditioning(
     components: Components, req: ValidRequest, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -88,7 +88,7 @@ class SampledRuns:
 def _recording(unet: torch.nn.Module, reference: torch.Tensor, calls: list[tuple[torch.Tensor, ...]]
                ) -> Iterator[None]:
     """Keep (x, t, output) of the rows of every U-Net call whose context is `reference` (the prompt's)."""
-    from ..explain.attention import conditional_rows
+    from ..pipelines.common import conditional_rows
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], out: torch.Tensor) -> None:
         x, t = args[0], args[1] if len(args) > 1 else kwargs["timesteps"]
