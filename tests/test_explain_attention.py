@@ -17,7 +17,7 @@ from daguerre.components import build_components
 from daguerre.config import preset
 from daguerre.explain import attention
 from daguerre.models.tokenizer import CLIPTokenizer
-from daguerre.models.unet import CrossAttention
+from daguerre.models.unet import CrossAttention, cross_attention_layers
 from daguerre.pipelines.txt2img import txt2img
 
 PROMPT = "a red circle above a blue square"
@@ -243,7 +243,7 @@ def test_an_empty_prompt_is_refused_and_a_negative_equal_to_the_prompt_counts_on
 
 def test_layers_pick_the_transformers_summed(tiny):
     comps = tiny.components
-    names = list(attention.cross_attention_layers(comps.unet))
+    names = list(cross_attention_layers(comps.unet))
     assert names == ["input_blocks.1.1", "input_blocks.3.1", "middle_block.1", "output_blocks.0.1",
                      "output_blocks.1.1", "output_blocks.2.1", "output_blocks.3.1"]
     req = tiny.request(PROMPT, steps=1, seed=6)

@@ -7,20 +7,24 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import daguerre
 from daguerre.data.shapes import ShapesDataset, caption, object_masks, object_words, render_labels, sample_scene
 from daguerre.models.tokenizer import CLIPTokenizer
 from daguerre.training.config import load_run_config
 from daguerre.training.grounding import (
     GroundingBatch,
     GroundingRecorder,
+    GroundingTargets,
     layer_size,
     pair_losses,
+    rest_words,
     word_token_positions,
 )
 from daguerre.training.ldm import train_ldm
@@ -81,6 +85,37 @@ def test_object_masks_are_the_rendered_objects():
         union = masks.any(0)
         assert (union == (labels > 0)).mean() > 0.99  # the same pixels as the semantic map (ties aside)
         assert not (masks.sum(0) > 1).any()  # objects never overlap
+
+
+def test_the_rest_words_are_those_that_name_no_object_and_look_at_the_background(tokenizer):
+    """loss.grounding_rest: every word but an object's colour, shape and size words is grounded on the background,
+    the share of each latent cell no object covers; the objects' entries are those without it."""
+    natural = "a large red circle above a small blue square on a black background"
+    assert [natural.split()[i] for i in rest_words(natural, _words(2, 3, 7, 8))] == [
+        "a", "above", "a", "on", "a", "black", "background"]
+    assert [w for i, w in enumerate("red circle, large, top".split())
+            if i in rest_words("red circle, large, top", _words(0, 1))] == ["top"]
+    ds = ShapesDataset(30, seed=3, max_objects=3, p_relation=0.5)
+    data = SimpleNamespace(dataset=ds, train_pool=np.arange(30))
+    captions = [ds[i]["caption"] for i in range(30)]
+    plain = GroundingTargets(data, captions, tokenizer, (16, 16), "nouns")
+    rest = GroundingTargets(data, captions, tokenizer, (16, 16), "nouns", rest=True)
+    for row in range(30):
+        (tokens, masks), (tokens_r, masks_r) = plain.row(row), rest.row(row)
+        assert tokens_r[:-1] == tokens and torch.equal(masks_r[:-1], masks)
+        assert torch.allclose(masks_r.sum(0), torch.ones(16, 16), atol=1e-6)  # objects and background cover all
+        scene, ids = ds.scene(row), tokenizer([captions[row]])[0]
+        named = {w for o in scene.objects for w in (o.colour, o.shape)}
+        words = tokenizer.decode(ids[tokens_r[-1]]).split() if tokens_r[-1] else []
+        assert not named & set(words) and not {"small", "large", "little", "big"} & set(words), captions[row]
+        assert len(words) == len(rest_words(captions[row], object_words(scene, captions[row])))
+
+
+def _words(*indices: int) -> tuple:
+    """ObjectWords of (colour, shape) index pairs."""
+    from daguerre.data.shapes import ObjectWords
+
+    return tuple(ObjectWords(indices[i], indices[i + 1]) for i in range(0, len(indices), 2))
 
 
 def _batch(masks: torch.Tensor) -> GroundingBatch:
@@ -242,6 +277,9 @@ def test_grounding_under_gradient_checkpointing_gives_the_same_gradients(tmp_pat
     ("loss.grounding_max_timestep=0", "loss.grounding_max_timestep: 0; give an integer from 1"),
     ("loss.grounding_max_timestep=1001", "loss.grounding_max_timestep: 1001"),
     ("loss.grounding_dilation=1", "set loss.grounding_weight > 0 too"),
+    ("loss.grounding_rest=true", "set loss.grounding_weight > 0 too"),
+    ("loss.grounding_exclude=['output_blocks.4.1']", "set loss.grounding_weight > 0 too"),
+    ("loss.grounding_exclude=['']", r"loss.grounding_exclude: \[''\]; give transformer names"),
     ("loss.grounding_min_timestep=500", "set loss.grounding_weight > 0 too"),
     ("loss.grounding_min_timestep=1000", "loss.grounding_min_timestep: 1000; give an integer from 0 to"),
     ("loss.grounding_dilation=-1", "loss.grounding_dilation: -1; give an integer from 0 to 8"),
@@ -251,6 +289,29 @@ def test_grounding_under_gradient_checkpointing_gives_the_same_gradients(tmp_pat
 def test_grounding_keys_are_checked(setting, match):
     with pytest.raises(ValueError, match=match):
         load_run_config(CONFIGS / "tiny_ldm.toml", "ldm", [setting])
+
+
+def test_grounding_exclude_leaves_the_named_transformers_alone():
+    """loss.grounding_exclude: the named transformers' cross-attention (a name or its prefix at a dot) gets no
+    recorder, every other one does; an unknown name or one that excludes everything is refused by name."""
+    from daguerre.models.unet import cross_attention_layers
+    from daguerre.training.grounding import grounded_layers, grounding
+
+    unet = daguerre.load("shapes").components.unet
+    found = cross_attention_layers(unet)
+    assert len(found) == 11 and "output_blocks.4.1" in found
+    kept = grounded_layers(unet, ["output_blocks.4.1", "middle_block"])
+    assert len(kept) == 9 and found["output_blocks.4.1"] not in kept and found["middle_block.1"] not in kept
+    recorder = GroundingRecorder(_batch(torch.ones(1, 16, 16)), (16, 16))
+    with grounding(unet, recorder, ["output_blocks"]):
+        assert [n for n, m in found.items() if m.recorder is recorder] == [n for n in found
+                                                                           if not n.startswith("output_blocks")]
+    assert all(m.recorder is None for m in found.values())
+    with pytest.raises(ValueError, match="loss.grounding_exclude: output_blocks.9.1: no such cross-attention layer; "
+                                         "this U-Net's: input_blocks.4.1"):
+        grounded_layers(unet, ["output_blocks.9.1"])
+    with pytest.raises(ValueError, match="leaves no cross-attention layer to ground"):
+        grounded_layers(unet, ["input_blocks", "middle_block", "output_blocks"])
 
 
 def test_grounding_needs_shapes_data_and_a_text_model():
@@ -336,7 +397,7 @@ def test_recorded_runs_are_the_models_own_calls_and_images(tmp_path):
               if len({o.colour for o in s.objects}) == 2][:6]
     captions = [caption(s, rng) for s in scenes]
     runs = record_runs("shapes", captions, scenes, list(range(10, 16)), 2, 7, pipe.components.tokenizer, (16, 16),
-                       True, torch.device("cpu"))
+                       True, torch.device("cpu"), rest=True)
     assert len(runs) == 2 and runs.x.shape[1:] == (pipe.request("").steps, 4, 16, 16)
     r = int(runs.rows[0]) - 10
     context = pipe.components.text_encoder(pipe.components.tokenizer([captions[r]])).hidden
@@ -347,9 +408,14 @@ def test_recorded_runs_are_the_models_own_calls_and_images(tmp_path):
     image = pipe(captions[r], seed=7 + r)[0].image
     regions = object_regions(image, scenes[r])
     mine = runs.pair_masks[runs.pair_runs == 0]
-    assert len(mine) == 4  # two objects, each by its noun and its colour word
+    positions = word_token_positions(pipe.components.tokenizer, captions[r])
+    rest = [p for i in rest_words(captions[r], object_words(scenes[r], captions[r])) for p in positions[i]]
+    assert len(mine) == 4 + len(rest) > 4  # two objects, each by its noun and its colour word; the rest's words
+    assert runs.pair_tokens[runs.pair_runs == 0][4:].tolist() == rest
     want = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(regions[0]).float()[None, None], (16, 16))[0, 0]
     assert torch.allclose(mine[0], want)
+    drawn = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(np.stack(regions)).float()[:, None], (16, 16))
+    assert torch.allclose(mine[4], 1 - drawn.sum((0, 1)))  # the rest on what the image does not draw
 
 
 def _sampled(monkeypatch):

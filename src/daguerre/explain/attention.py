@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ..components import Components
 from ..lora.syntax import strip_tags
-from ..models.unet import CrossAttention
+from ..models.unet import cross_attention_layers, layers_named
 from ..pipelines import hires
 from ..pipelines.common import GeneratedImage, conditional_rows, conditioning
 from ..pipelines.prompts import plain_text, tokenize_chunks, tokenize_window
@@ -204,17 +204,6 @@ class DAAMRecorder:
                          f"{self.latent_size[0]}x{self.latent_size[1]}")
 
 
-def cross_attention_layers(unet: torch.nn.Module) -> dict[str, CrossAttention]:
-    """The U-Net's cross-attention layers (each transformer block's `attn2`) by the name of their transformer
-    (e.g. "output_blocks.3.1", SD's CompVis names; a transformer of depth > 1: ".transformer_blocks.i" added)."""
-    found = {}
-    for name, m in unet.named_modules():
-        if isinstance(m, CrossAttention) and name.endswith(".attn2"):
-            block = name.removesuffix(".attn2")
-            found[block.removesuffix(".transformer_blocks.0")] = m
-    return found
-
-
 @contextlib.contextmanager
 def recording(unet: torch.nn.Module, recorder: DAAMRecorder, layers: Sequence[str] | None = None
               ) -> Iterator[DAAMRecorder]:
@@ -225,11 +214,11 @@ def recording(unet: torch.nn.Module, recorder: DAAMRecorder, layers: Sequence[st
         raise ValueError("this U-Net has no cross-attention layers: its images are not steered by a prompt")
     chosen = list(found.values())
     if layers is not None:
-        unknown = [p for p in layers if not any(n == p or n.startswith(p + ".") for n in found)]
+        picks, unknown = layers_named(found, layers)
         if unknown or not layers:
             raise ValueError(f"--layers {', '.join(unknown) or '(none)'}: no such cross-attention layer; this "
                              f"U-Net's: {', '.join(found)}")
-        chosen = [m for n, m in found.items() if any(n == p or n.startswith(p + ".") for p in layers)]
+        chosen = [found[n] for n in picks]
     for layer in chosen:
         layer.recorder = recorder
     try:

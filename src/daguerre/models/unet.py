@@ -32,7 +32,7 @@ default) is the exact path.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -558,3 +558,22 @@ class UNetModel(nn.Module):
             size = skips[-1].shape[-2:] if skips else None  # an Upsample must land on the next skip's size
             h = self._run(block, h, emb, context, size, merging, objs)
         return h
+
+
+def cross_attention_layers(unet: nn.Module) -> dict[str, CrossAttention]:
+    """The U-Net's cross-attention layers (each transformer block's `attn2`) by the name of their transformer
+    (e.g. "output_blocks.3.1", SD's CompVis names; a transformer of depth > 1: ".transformer_blocks.i" added)."""
+    found = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, CrossAttention) and name.endswith(".attn2"):
+            block = name.removesuffix(".attn2")
+            found[block.removesuffix(".transformer_blocks.0")] = m
+    return found
+
+
+def layers_named(found: Iterable[str], names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(the layers of `found` that `names` pick, each name a layer's or its prefix at a dot: "output_blocks" is every
+    decoder layer; the names that pick none)."""
+    found, names = list(found), list(names)
+    picks = [n for n in found if any(n == p or n.startswith(p + ".") for p in names)]
+    return picks, [p for p in names if not any(n == p or n.startswith(p + ".") for n in found)]

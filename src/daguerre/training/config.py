@@ -255,7 +255,9 @@ class LDMLossConfig:
     grounding_weight: float = 0.0
     grounding_pixel_weight: float = 0.0  # TokenCompose's pixel term, BCE(A / max A, mask), relative to the token term
     grounding_words: Literal["nouns", "nouns+colours"] = "nouns"  # the shape nouns, or each object's colour too
+    grounding_rest: bool = False  # the words that name no object (articles, relations, places) on the background
     grounding_resolutions: list[int] = field(default_factory=list)  # map heights of the layers (e.g. [8]); [] = all
+    grounding_exclude: list[str] = field(default_factory=list)  # transformers not grounded (e.g. ["output_blocks.4.1"])
     grounding_max_timestep: int = 1000  # only samples noised at t < this are grounded (where the layout is decided)
     grounding_min_timestep: int = 0  # ... and at t >= this (the noisiest only: leaving the steps that draw outlines)
     grounding_dilation: int = 0  # each object's mask grown by this many latent pixels (its outline's surroundings)
@@ -848,9 +850,14 @@ def check_grounding(cfg: RunConfig) -> None:
     if isinstance(low, bool) or not isinstance(low, int) or not 0 <= low < m:
         raise ValueError(f"config key loss.grounding_min_timestep: {low!r}; give an integer from 0 to "
                          f"loss.grounding_max_timestep - 1 ({m - 1})")
-    if lc.grounding_weight == 0 and (lc.grounding_pixel_weight or lc.grounding_resolutions or m != steps or d or low):
+    if not all(isinstance(n, str) and n for n in lc.grounding_exclude):
+        raise ValueError(f"config key loss.grounding_exclude: {lc.grounding_exclude}; give transformer names, e.g. "
+                         "[\"output_blocks.4.1\"] (`daguerre explain attention --layers` lists a U-Net's)")
+    if lc.grounding_weight == 0 and (lc.grounding_pixel_weight or lc.grounding_resolutions or m != steps or d or low
+                                     or lc.grounding_rest or lc.grounding_exclude):
         raise ValueError("config keys loss.grounding_pixel_weight, loss.grounding_resolutions, "
-                         "loss.grounding_max_timestep, loss.grounding_min_timestep, loss.grounding_dilation: set "
+                         "loss.grounding_max_timestep, loss.grounding_min_timestep, loss.grounding_dilation, "
+                         "loss.grounding_rest, loss.grounding_exclude: set "
                          "loss.grounding_weight > 0 too (0 turns token grounding off)")
     check_grounding_source(cfg)
     if lc.grounding_weight == 0:

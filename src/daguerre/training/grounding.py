@@ -31,13 +31,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.shapes import object_masks, object_words
-from ..models.unet import CrossAttention
+from ..data.shapes import SIZE_SYNONYMS, object_masks, object_words
+from ..models.unet import CrossAttention, cross_attention_layers, layers_named
 from .data import TrainData
 
 PROB_EPS = 1e-6  # floors the attention sum of a token (a divisor) and clamps the BCE's normalised map
 MAX_HALVINGS = 8  # a cross-attention map is the latent's size halved (rounding up) at most this many times
 WORDS = ("nouns", "nouns+colours")  # loss.grounding_words: the shape nouns, or the colour words too
+SIZE_WORDS = frozenset(w for words in SIZE_SYNONYMS.values() for w in words)  # name an object, but not its pixels
+
+
+def rest_words(text: str, objects: Sequence[Any]) -> list[int]:
+    """The white-space words of `text` (indices) that name no object (loss.grounding_rest): every word but the
+    objects' colour and shape words (`objects`: `data.shapes.object_words`) and the size words: articles, relations,
+    places, conjunctions, the background's words."""
+    named = {i for o in objects for i in (o.colour, o.shape)}
+    words = [w.strip(",.;:").lower() for w in text.split()]
+    return [i for i, w in enumerate(words) if i not in named and w not in SIZE_WORDS]
+
+
+def background(masks: torch.Tensor) -> torch.Tensor:
+    """(h, w) float32: the share of each cell no object covers, given the objects' shares `masks` (n, h, w)."""
+    return (1.0 - masks.sum(0)).clamp(0.0, 1.0) if len(masks) else torch.ones(masks.shape[-2:])
 
 
 def word_token_positions(tokenizer: Any, text: str) -> list[list[int]]:
@@ -80,22 +95,27 @@ class GroundingTargets:
     function of the row: the same on resume and on every process)."""
 
     def __init__(self, data: TrainData, captions: Sequence[str], tokenizer: Any, latent_size: tuple[int, int],
-                 words: str) -> None:
+                 words: str, rest: bool = False) -> None:
         raw = getattr(data.dataset, "dataset", data.dataset)
         if not hasattr(raw, "scene"):
             raise ValueError("loss.grounding_weight needs scenes whose objects are known: data.kind = 'shapes'")
         if words not in WORDS:
             raise ValueError(f"loss.grounding_words: unknown {words!r}; choose one of {', '.join(WORDS)}")
         self.raw, self.pool, self.captions, self.tokenizer = raw, data.train_pool, captions, tokenizer
-        self.latent_size, self.colours = latent_size, words == "nouns+colours"
+        self.latent_size, self.colours, self.rest = latent_size, words == "nouns+colours", rest
 
     def row(self, row: int) -> tuple[list[list[int]], torch.Tensor]:
-        """(per object its token positions, (objects, h, w) float32 covered shares at the latent's resolution)."""
+        """(per object its token positions, (objects, h, w) float32 covered shares at the latent's resolution);
+        with `rest` one more entry last: the tokens of the words that name no object and the background's share."""
         scene, text = self.raw.scene(int(self.pool[row])), self.captions[row]
         positions = word_token_positions(self.tokenizer, text)
-        tokens = [positions[w.shape] + (positions[w.colour] if self.colours else []) for w in object_words(scene, text)]
+        objects = object_words(scene, text)
+        tokens = [positions[w.shape] + (positions[w.colour] if self.colours else []) for w in objects]
         masks = torch.from_numpy(object_masks(scene, self.raw.size)).float()[:, None]  # (objects, 1, H, W)
         masks = F.adaptive_avg_pool2d(masks, self.latent_size)[:, 0] if len(masks) else masks[:, 0]
+        if self.rest:
+            tokens.append([p for i in rest_words(text, objects) for p in positions[i]])
+            masks = torch.cat([masks, background(masks)[None]])
         return tokens, masks
 
     def batch(self, rows: torch.Tensor, dropped: torch.Tensor, views: torch.Tensor,
@@ -185,10 +205,26 @@ class GroundingRecorder:
         return torch.stack(self.token).mean(), torch.stack(self.pixel).mean()
 
 
+def grounded_layers(unet: torch.nn.Module, exclude: Sequence[str] = ()) -> list[CrossAttention]:
+    """The cross-attention layers of `unet` the loss reads: all but those of the transformers `exclude` names
+    (loss.grounding_exclude: names or prefixes at a dot, as `daguerre explain attention --layers`); ValueError,
+    listing the U-Net's, for a name that is none of them."""
+    found = cross_attention_layers(unet)
+    skipped, unknown = layers_named(found, exclude)
+    if unknown:
+        raise ValueError(f"config key loss.grounding_exclude: {', '.join(unknown)}: no such cross-attention layer; "
+                         f"this U-Net's: {', '.join(found)}")
+    if len(skipped) == len(found):
+        raise ValueError(f"config key loss.grounding_exclude: {list(exclude)} leaves no cross-attention layer to "
+                         "ground")
+    return [m for n, m in found.items() if n not in skipped]
+
+
 @contextlib.contextmanager
-def grounding(unet: torch.nn.Module, recorder: GroundingRecorder) -> Iterator[GroundingRecorder]:
-    """Hang `recorder` on every cross-attention layer (attn2) of `unet` for the block."""
-    layers = [m.attn2 for m in unet.modules() if isinstance(getattr(m, "attn2", None), CrossAttention)]
+def grounding(unet: torch.nn.Module, recorder: GroundingRecorder, exclude: Sequence[str] = ()
+              ) -> Iterator[GroundingRecorder]:
+    """Hang `recorder` on the cross-attention layers of `unet` for the block: every one but `exclude`'s."""
+    layers = grounded_layers(unet, exclude)
     try:
         for layer in layers:
             layer.recorder = recorder

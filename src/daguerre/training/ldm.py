@@ -167,10 +167,11 @@ class LDMStage:
             self.teacher = self._teacher(frozen, text_emb, train_te)
         self.grounding = None  # token grounding (issue 22, `grounding`): each row's words and object masks
         if cfg.loss.grounding_weight > 0:
-            from .grounding import GroundingTargets
+            from .grounding import GroundingTargets, grounded_layers
 
             self.grounding = GroundingTargets(data, lat.captions, self.tokenizer, tuple(lat.mean.shape[-2:]),
-                                              cfg.loss.grounding_words)
+                                              cfg.loss.grounding_words, cfg.loss.grounding_rest)
+            grounded_layers(self.unet, cfg.loss.grounding_exclude)  # its names checked before the first step
         self.runs = None  # loss.grounding_source = "samples": the --init model's own sampling runs, checked
         if self.grounding is not None and cfg.loss.grounding_source == "samples":
             self.runs = self._sampled_runs(env)
@@ -187,7 +188,8 @@ class LDMStage:
         def make() -> Any:
             return record_runs(self.cfg.train.init_from, [self.lat.captions[r] for r in rows],
                                [g.raw.scene(int(g.pool[r])) for r in rows], rows, lc.grounding_runs,
-                               self.cfg.train.seed, self.tokenizer, g.latent_size, g.colours, self.device)
+                               self.cfg.train.seed, self.tokenizer, g.latent_size, g.colours, self.device,
+                               g.rest)
 
         return load_or_record(self.out / RUNS_FILE, make, env.is_main)
 
@@ -300,7 +302,7 @@ class LDMStage:
         recorder = GroundingRecorder(pairs, self.grounding.latent_size, lc.grounding_resolutions, lc.grounding_dilation,
                                      lc.grounding_ring)
         # hung through the backward pass too: a checkpointed block recomputes its forward, the recorder's included
-        with dist.maybe_no_sync(self.model, not sync), grounding(self.unet, recorder):
+        with dist.maybe_no_sync(self.model, not sync), grounding(self.unet, recorder, lc.grounding_exclude):
             with autocast(device, t.bf16):
                 out = self.model(x_in, t_in.to(device), **kw_in)
             recorder.active = False  # (the recomputation adds no terms)

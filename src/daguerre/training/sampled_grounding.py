@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.shapes import object_words
-from .grounding import GroundingBatch, word_token_positions
+from .grounding import GroundingBatch, background, rest_words, word_token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +129,8 @@ def object_regions(image: Any, scene: Any) -> list[np.ndarray] | None:
 
 
 def record_runs(init: str | Path, captions: Sequence[str], scenes: Sequence[Any], rows: Sequence[int], n: int,
-                seed: int, tokenizer: Any, latent_size: tuple[int, int], colours: bool, device: torch.device
-                ) -> SampledRuns:
+                seed: int, tokenizer: Any, latent_size: tuple[int, int], colours: bool, device: torch.device,
+                rest: bool = False) -> SampledRuns:
     """Draw images of the training rows `rows` (captions and scenes given) with the model `init` until `n` runs
     pass the check (at most MAX_ATTEMPTS x n tried, in order), run i from seed `seed + i`; the runs' recorded
     states and pairs (module docstring, 1-2). ValueError when none passes."""
@@ -156,13 +156,18 @@ def record_runs(init: str | Path, captions: Sequence[str], scenes: Sequence[Any]
         with torch.no_grad(), _recording(components.unet, cond["context"].to(components.unet.dtype), calls):
             image = txt2img(components, req)[0].image
         regions = object_regions(image, scene)
-        if regions is None:
+        if not regions:  # an object missing, doubled or misshapen (None), or a scene of none: nothing to ground
             continue
         positions = word_token_positions(tokenizer, text)
         r = len(kept)
-        for words, region in zip(object_words(scene, text), regions, strict=True):
-            mask = F.adaptive_avg_pool2d(torch.from_numpy(region).float()[None, None], latent_size)[0, 0]
-            for p in positions[words.shape] + (positions[words.colour] if colours else []):
+        objects = object_words(scene, text)
+        masks = F.adaptive_avg_pool2d(torch.from_numpy(np.stack(regions)).float()[:, None], latent_size)[:, 0]
+        entries = [(positions[w.shape] + (positions[w.colour] if colours else []), m) for w, m in zip(objects, masks,
+                                                                                                      strict=True)]
+        if rest:  # loss.grounding_rest: the words that name no object, on the background
+            entries.append(([p for i in rest_words(text, objects) for p in positions[i]], background(masks)))
+        for tokens, mask in entries:
+            for p in tokens:
                 pr.append(r)
                 pt.append(p)
                 pm.append(mask)
