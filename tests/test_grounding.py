@@ -170,6 +170,31 @@ def test_the_recorder_reads_the_probabilities_of_the_pairs_tokens():
         assert abs(float(rec.losses()[0]) - want) < 1e-4, (dilation, ring)
 
 
+def test_pairs_below_the_min_timestep_are_grounded_only_at_the_other_heights():
+    """loss.grounding_min_timestep_heights: a pair marked `coarse_only` (its sample below the min timestep) is left
+    out at the layers of the heights named and counted at the others; each (pair, layer call) counts once."""
+    torch.manual_seed(0)
+    heads, d, s = 2, 4, 5
+    masks = torch.rand(2, 8, 8)
+    pairs = GroundingBatch(torch.tensor([0, 1]), torch.tensor([1, 2]), masks).marking(torch.tensor([False, True]))
+    assert pairs.coarse_only.tolist() == [False, True]
+    assert pairs.of_samples(torch.tensor([True, True])).coarse_only.tolist() == [False, True]
+    k = torch.randn(2, s, heads * d)
+    q8, q4 = torch.randn(2, 64, heads * d), torch.randn(2, 16, heads * d)
+    rec = GroundingRecorder(pairs, (8, 8), fine=(8,))
+    rec(q8, k, k, heads)  # an 8x8 layer: the first pair alone
+    rec(q4, k, k, heads)  # a 4x4 layer: both
+    assert [len(x) for x in rec.token] == [1, 2]
+    first = GroundingRecorder(GroundingBatch(torch.tensor([0]), torch.tensor([1]), masks[:1]), (8, 8))
+    first(q8, k, k, heads)
+    both = GroundingRecorder(GroundingBatch(torch.tensor([0, 1]), torch.tensor([1, 2]), masks), (8, 8))
+    both(q4, k, k, heads)
+    assert torch.allclose(rec.losses()[0], torch.cat([first.token[0], both.token[0]]).mean())
+    unmarked = GroundingRecorder(GroundingBatch(torch.tensor([0, 1]), torch.tensor([1, 2]), masks), (8, 8), fine=(8,))
+    unmarked(q8, k, k, heads)  # nothing marked: the heights change nothing
+    assert len(unmarked.token[0]) == 2
+
+
 def _run(tmp_path: Path, vae_file: Path, name: str, extra: list[str], until: int | None = None,
          resume: bool = False) -> Path:
     base = [*QUIET, "data.shapes.n=40", "data.holdout=8", "train.batch_size=4", "train.log_every=1",
@@ -258,6 +283,11 @@ def test_grounding_max_timestep_grounds_only_the_less_noisy_samples(tmp_path, va
     top = _metrics(_run(tmp_path, vae_file, "top", [*on, "loss.grounding_min_timestep=999"]))  # t = 999 alone: none
     assert [r["grounding_loss"] for r in top if "grounding_loss" in r] == [0.0, 0.0, 0.0]  # of these 12 draws
     assert [r["loss"] for r in every if "loss" in r][0] == [r["loss"] for r in none if "loss" in r][0]
+    two = [*on, "model.unet.attention_levels=[0, 1]", "loss.grounding_min_timestep=999"]  # maps 16x16 and 8x8
+    coarse = _metrics(_run(tmp_path, vae_file, "coarse", [*two, "loss.grounding_min_timestep_heights=[16]"]))
+    assert all(r["grounding_loss"] > 0 for r in coarse if "grounding_loss" in r)  # the 8x8 layers: every sample
+    held = _metrics(_run(tmp_path, vae_file, "held", [*two, "loss.grounding_min_timestep_heights=[16, 8]"]))
+    assert [r["grounding_loss"] for r in held if "grounding_loss" in r] == [0.0, 0.0, 0.0]
 
 
 def test_grounding_under_gradient_checkpointing_gives_the_same_gradients(tmp_path, vae_file):
@@ -278,6 +308,8 @@ def test_grounding_under_gradient_checkpointing_gives_the_same_gradients(tmp_pat
     ("loss.grounding_max_timestep=1001", "loss.grounding_max_timestep: 1001"),
     ("loss.grounding_dilation=1", "set loss.grounding_weight > 0 too"),
     ("loss.grounding_rest=true", "set loss.grounding_weight > 0 too"),
+    ("loss.grounding_min_timestep_heights=[8]", "names the layers loss.grounding_min_timestep holds for; set that"),
+    ("loss.grounding_min_timestep_heights=[0]", r"loss.grounding_min_timestep_heights: \[0\]; give distinct"),
     ("loss.grounding_exclude=['output_blocks.4.1']", "set loss.grounding_weight > 0 too"),
     ("loss.grounding_exclude=['']", r"loss.grounding_exclude: \[''\]; give transformer names"),
     ("loss.grounding_min_timestep=500", "set loss.grounding_weight > 0 too"),

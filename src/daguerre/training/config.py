@@ -260,6 +260,7 @@ class LDMLossConfig:
     grounding_exclude: list[str] = field(default_factory=list)  # transformers not grounded (e.g. ["output_blocks.4.1"])
     grounding_max_timestep: int = 1000  # only samples noised at t < this are grounded (where the layout is decided)
     grounding_min_timestep: int = 0  # ... and at t >= this (the noisiest only: leaving the steps that draw outlines)
+    grounding_min_timestep_heights: list[int] = field(default_factory=list)  # the map heights it holds for ([] = all)
     grounding_dilation: int = 0  # each object's mask grown by this many latent pixels (its outline's surroundings)
     grounding_ring: float = 1.0  # how much of the object a cell of that ring counts as (1: the whole; 0.5: half)
     # where the grounded attention is read: "data" = the noised training images; "samples" = the --init model's own
@@ -853,6 +854,14 @@ def check_grounding(cfg: RunConfig) -> None:
     if not all(isinstance(n, str) and n for n in lc.grounding_exclude):
         raise ValueError(f"config key loss.grounding_exclude: {lc.grounding_exclude}; give transformer names, e.g. "
                          "[\"output_blocks.4.1\"] (`daguerre explain attention --layers` lists a U-Net's)")
+    heights = lc.grounding_min_timestep_heights
+    bad = [r for r in heights if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    if bad or len(set(heights)) != len(heights):
+        raise ValueError(f"config key loss.grounding_min_timestep_heights: {heights}; give distinct map heights "
+                         "(positive integers, e.g. [8])")
+    if heights and not low:
+        raise ValueError("config key loss.grounding_min_timestep_heights: it names the layers "
+                         "loss.grounding_min_timestep holds for; set that too")
     if lc.grounding_weight == 0 and (lc.grounding_pixel_weight or lc.grounding_resolutions or m != steps or d or low
                                      or lc.grounding_rest or lc.grounding_exclude):
         raise ValueError("config keys loss.grounding_pixel_weight, loss.grounding_resolutions, "

@@ -83,11 +83,25 @@ class GroundingBatch:
     samples: torch.Tensor  # (K,) int64 rows of the micro-batch
     tokens: torch.Tensor  # (K,) int64 positions in the context
     masks: torch.Tensor  # (K, h, w) float32 at the latent's resolution, on the device
+    coarse_only: torch.Tensor | None = None  # (K,) bool: pairs grounded only at the layers of other heights than
+    # loss.grounding_min_timestep_heights' (their sample is below loss.grounding_min_timestep); None: none
 
     def of_samples(self, keep: torch.Tensor) -> GroundingBatch:
         """The pairs whose sample `keep` (a (B,) bool over the micro-batch) marks."""
         k = keep.cpu()[self.samples]
+        return GroundingBatch(self.samples[k], self.tokens[k], self.masks[k.to(self.masks.device)],
+                              None if self.coarse_only is None else self.coarse_only[k])
+
+    def fine_pairs(self) -> GroundingBatch:
+        """The pairs not marked `coarse_only` (all when none is)."""
+        if self.coarse_only is None:
+            return self
+        k = ~self.coarse_only
         return GroundingBatch(self.samples[k], self.tokens[k], self.masks[k.to(self.masks.device)])
+
+    def marking(self, below: torch.Tensor) -> GroundingBatch:
+        """The same pairs, those of the samples `below` (a (B,) bool) marked `coarse_only`."""
+        return GroundingBatch(self.samples, self.tokens, self.masks, below.cpu()[self.samples])
 
 
 class GroundingTargets:
@@ -163,12 +177,13 @@ class GroundingRecorder:
     pairs' losses from the layer's probabilities (float32, averaged over the heads), keeping their graph."""
 
     def __init__(self, batch: GroundingBatch, latent: tuple[int, int], heights: Sequence[int] = (),
-                 dilation: int = 0, ring: float = 1.0) -> None:
+                 dilation: int = 0, ring: float = 1.0, fine: Sequence[int] = ()) -> None:
         if dilation > 0:  # each mask grown by `dilation` latent pixels (loss.grounding_dilation), the ring around
             grown = F.max_pool2d(batch.masks[:, None], 2 * dilation + 1, 1, dilation)[:, 0]  # the object counting
             masks = torch.maximum(batch.masks, ring * grown)  # `ring` of a cell inside (loss.grounding_ring)
-            batch = GroundingBatch(batch.samples, batch.tokens, masks)
+            batch = GroundingBatch(batch.samples, batch.tokens, masks, batch.coarse_only)
         self.batch, self.latent, self.heights = batch, latent, tuple(heights)  # heights: those layers only (() all)
+        self.fine = tuple(fine)  # at layers of these heights the batch's `coarse_only` pairs are left out
         self.token: list[torch.Tensor] = []  # one (K,) per layer call
         self.pixel: list[torch.Tensor] = []
         self.active = True  # off once the forward pass is done: a checkpointed block's recomputation adds nothing
@@ -177,17 +192,18 @@ class GroundingRecorder:
         batch = self.batch
         b, t, inner = q.shape
         h, w = layer_size(t, self.latent)
+        if h in self.fine and batch.coarse_only is not None:
+            batch = batch.fine_pairs()
         if (self.heights and h not in self.heights) or len(batch.samples) == 0:
             return
         with torch.autocast(q.device.type, enabled=False):  # float32 probabilities under bf16 training too
-            token, pixel = self._losses(q, k, heads, t, h, w)
+            token, pixel = self._losses(batch, q, k, heads, t, h, w)
         if self.active:
             self.token.append(token)
             self.pixel.append(pixel)
 
-    def _losses(self, q: torch.Tensor, k: torch.Tensor, heads: int, t: int, h: int, w: int
+    def _losses(self, batch: GroundingBatch, q: torch.Tensor, k: torch.Tensor, heads: int, t: int, h: int, w: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.batch
         d = q.shape[-1] // heads
         qs = q[batch.samples].float().reshape(len(batch.samples), t, heads, d).transpose(1, 2)  # (K, heads, T, d)
         ks = k[batch.samples].float().reshape(len(batch.samples), -1, heads, d).transpose(1, 2)  # (K, heads, S, d)
@@ -199,10 +215,10 @@ class GroundingRecorder:
 
     def losses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_token, L_pixel): the means over the pairs and the layer calls recorded (0 when there are none)."""
-        if not self.token or self.token[0].numel() == 0:
+        if not self.token or sum(x.numel() for x in self.token) == 0:
             zero = torch.zeros((), device=self.batch.masks.device)
             return zero, zero
-        return torch.stack(self.token).mean(), torch.stack(self.pixel).mean()
+        return torch.cat(self.token).mean(), torch.cat(self.pixel).mean()  # each (pair, layer call) counts once
 
 
 def grounded_layers(unet: torch.nn.Module, exclude: Sequence[str] = ()) -> list[CrossAttention]:

@@ -291,7 +291,11 @@ class LDMStage:
             pairs = self.grounding.batch(b.rows, dropped, b.view, device)
             if lc.grounding_max_timestep < self.model_cfg.schedule.num_train_timesteps or lc.grounding_min_timestep:
                 t_cpu = b.t.cpu()  # the noisiest, or the least noisy, left alone
-                pairs = pairs.of_samples((t_cpu < lc.grounding_max_timestep) & (t_cpu >= lc.grounding_min_timestep))
+                if lc.grounding_min_timestep_heights:  # ... the least noisy only at the layers of those heights
+                    pairs = pairs.of_samples(t_cpu < lc.grounding_max_timestep).marking(
+                        t_cpu < lc.grounding_min_timestep)
+                else:
+                    pairs = pairs.of_samples((t_cpu < lc.grounding_max_timestep) & (t_cpu >= lc.grounding_min_timestep))
         else:
             gen = dist.sample_generator(t.seed, "grounding-runs", position)
             rx, rt, kept, rows, pairs = self.runs.batch(gen, lc.grounding_batch, n, device)
@@ -300,7 +304,7 @@ class LDMStage:
             x_in, t_in = torch.cat([x_t, rx]), torch.cat([t_in, rt])
             kw_in = {k: torch.cat([v, theirs[k]]) for k, v in kwargs.items()}
         recorder = GroundingRecorder(pairs, self.grounding.latent_size, lc.grounding_resolutions, lc.grounding_dilation,
-                                     lc.grounding_ring)
+                                     lc.grounding_ring, lc.grounding_min_timestep_heights)
         # hung through the backward pass too: a checkpointed block recomputes its forward, the recorder's included
         with dist.maybe_no_sync(self.model, not sync), grounding(self.unet, recorder, lc.grounding_exclude):
             with autocast(device, t.bf16):
