@@ -288,6 +288,12 @@ def test_a_mismatched_model_is_refused_in_one_line():
         check_latent_space(clip.clip_config, model, "other", (16, 16))
     model.provenance["vae_sha256"] = VAE_SHA
     check_latent_space(clip.clip_config, model, "tiny-latents", (16, 16))
+    learnt_on = _noisy_clip(model_sha256="ef" * 32).clip_config  # the CLIP learnt the latents of model file ef..
+    model.provenance["vae_sha256"] = "ef" * 32  # a fine-tune that read its autoencoder from that model file
+    check_latent_space(learnt_on, model, "fine-tune", (16, 16))
+    with pytest.raises(ValueError, match="another autoencoder"):
+        check_latent_space(clip.clip_config, model, "fine-tune", (16, 16))  # a CLIP that names no such model
+    model.provenance["vae_sha256"] = VAE_SHA
     with pytest.raises(ValueError, match="scales its latents"):
         check_latent_space(clip.clip_config, dataclasses.replace(model, vae=dataclasses.replace(
             model.vae, scale_factor=0.5)), "x", (16, 16))

@@ -132,11 +132,19 @@ def test_words_default_to_content_words_and_unknown_words_are_refused():
 
 # --- maps --------------------------------------------------------------------------------------------------
 
-def test_maps_are_at_the_images_resolution_and_share_each_pixel(tiny):
-    """Every word of a prompt without punctuation: per pixel the words' maps sum to 1 (DAAM's normalisation over
-    the prompt's tokens), up to the bicubic upsampling's overshoot and clamping."""
+def test_maps_are_at_the_images_resolution_and_share_each_pixel_when_normalised(tiny):
+    """Every word of a prompt without punctuation, `normalize` on: per pixel the words' maps sum to 1 (DAAM's
+    normalisation over the prompt's tokens), up to the bicubic upsampling's overshoot and clamping. Off (the
+    default, as DAAM's), the maps are the attention itself: the same images, other values."""
     req = tiny.request(PROMPT, steps=3, seed=2, n=3, batch_size=2)  # two batches
-    results = attention.attention_maps(tiny.components, req, ["a", "red", "circle", "above", "blue", "square"])
+    words = ["a", "red", "circle", "above", "blue", "square"]
+    results = attention.attention_maps(tiny.components, req, words, normalize=True)
+    raw = attention.attention_maps(tiny.components, req, words)
+    for r, r_raw in zip(results, raw, strict=True):
+        assert r.image.image.tobytes() == r_raw.image.image.tobytes()
+        stack = torch.stack(list(r_raw.maps.values()))
+        assert bool((stack >= 0).all()) and bool(torch.isfinite(stack).all())
+        assert float((stack.sum(0) - 1).abs().mean()) > 0.1  # not shares of each pixel
     assert [r.image.seed for r in results] == [2, 3, 4]
     for r in results:
         assert set(r.maps) == {"a", "red", "circle", "above", "blue", "square"}

@@ -6,7 +6,8 @@ SIGKILL and resumed: tests/test_training_runs.py holds it equal to an uninterrup
 pins that run's weights), and of images from both shipped models at fixed seeds. The same commands must give the
 same hashes. A deliberate change of results (a new default precision, a fixed bug) updates these values in the
 same commit, saying why: `TRAINED` and `SIGKILL_RESUMED` changed when the held-out split became a random draw
-(issue 17; with the previous split, the last data.holdout items, the runs still give the earlier values).
+(issue 17; with the previous split, the last data.holdout items, the runs still give the earlier values); the
+`shapes` images changed when the shipped model gained its phase 7 (issue 22, session 21).
 `SHIPPED` pins the float32 path (dtype="fp32"); `SHIPPED_DEFAULT` the same images at the
 default precision (issue 15: bf16 for `shapes` on a CPU with bf16 units).
 
@@ -60,9 +61,9 @@ SIGKILL_RESUMED = {AMD_ZEN5: "9ad8703e45dbbd56ab916a0e25c22ffe2de2ef03071c068c6a
 # (model, prompt, seed, n) -> sha256 of the images' pixels
 SHIPPED = {
     ("shapes", "a red circle above a blue square", 1, 2):
-        "6bb58666152a1d56215ff5d6ff91c67d2115d5ae86831229711f73ee1c668b91",
+        "2d6a0540dfde37d00e885aed8c9d8cf124ea3bf44ce2d7935455d869efa161bd",
     ("shapes", "a small green triangle on a white background", 7, 1):
-        "584a8eca92ee9c699e686a43b7efcb887f2e93f6cd63a75649331b40320e7de8",
+        "bf04606f54064b7129bd4ff878a32d893e5a514fa3aed35060fb4e980b7a8a71",
     ("fashion", "a photo of an ankle boot", 1, 2):
         "2d007d81e53a3b210f6210d9a5b6cfd53e7d78479ddfd985b35c0213c8c6698b",
 }
@@ -72,17 +73,14 @@ SHIPPED = {
 SHIPPED_DEFAULT = {
     AMD_ZEN5: {
         ("shapes", "a red circle above a blue square", 1, 2):
-            ("bf16", "1e27355a6c0a55e64a8d4155e813ba6e4e44bc1d392b7beba0369f2a64f8ea7f"),
+            ("bf16", "cdcdfd9c90f5fcf9d90e95971a4437b089ef88c61e762d349ac1b8905c8503a2"),
         ("shapes", "a small green triangle on a white background", 7, 1):
-            ("bf16", "af5d4a5be78ad97d597b9ef6767f94ec88ca7328bf3cae4dd99bbc17fb55aa47"),
+            ("bf16", "a26187a76b7da0a1f284447ecc9f10cc25984e179fb3d86889fc6e00c9743f37"),
         ("fashion", "a photo of an ankle boot", 1, 2):
             ("fp32", "2d007d81e53a3b210f6210d9a5b6cfd53e7d78479ddfd985b35c0213c8c6698b"),
     },
-    INTEL_AMX: {  # attention in torch's fused kernel there (nn/attention.py, chunked_pays), chunked on the AMD
-        ("shapes", "a red circle above a blue square", 1, 2):
-            ("bf16", "cefb85423badff78c5788a3551cee5c1f5948ce51f5dc710a8e3a4690e4b1796"),
-        ("shapes", "a small green triangle on a white background", 7, 1):
-            ("bf16", "bc1def785009b58a39e5cc2a28978bc2dd1611b506d20d52b01bc4631396e882"),
+    INTEL_AMX: {  # attention in torch's fused kernel there (nn/attention.py, chunked_pays), chunked on the AMD;
+        # shapes changed (phase 7, session 21, on the AMD machine): its values on this kind are to be recorded again
         ("fashion", "a photo of an ankle boot", 1, 2):
             ("fp32", "2d007d81e53a3b210f6210d9a5b6cfd53e7d78479ddfd985b35c0213c8c6698b"),
     },
@@ -149,9 +147,14 @@ def test_the_shipped_models_draw_their_golden_images(model, prompt, seed, n):
 
 @pytest.mark.parametrize(("model", "prompt", "seed", "n"), sorted(SHIPPED_DEFAULT[AMD_ZEN5]))
 def test_the_shipped_models_draw_their_golden_images_at_the_default_precision(model, prompt, seed, n):
-    precision, digest = golden(SHIPPED_DEFAULT)[model, prompt, seed, n]
     if not cpu_has_bf16():  # a CPU without bf16 units computes in float32 (daguerre.precision)
         precision, digest = "fp32", SHIPPED[model, prompt, seed, n]
+    else:
+        values = golden(SHIPPED_DEFAULT)
+        if (model, prompt, seed, n) not in values:
+            pytest.skip(f"no bf16 golden value of {model!r} recorded for this CPU ({cpu_kind()}): the model changed "
+                        "after this kind's values were recorded; record them from a run of the unchanged code")
+        precision, digest = values[model, prompt, seed, n]
     pipe = daguerre.load(model)
     assert short_name(pipe.dtype) == precision
     images = [r.image for r in pipe(prompt, seed=seed, n=n)]

@@ -9,8 +9,9 @@ heat map per word:
    branch (classifier-free guidance's unconditional half is left out) are summed over the heads, giving a
    (tokens, h, w) map at the layer's resolution;
 2. each is upsampled bicubically to the latent's resolution, clamped at 0, and summed over layers and steps;
-3. each pixel's sums are normalised over the prompt's tokens (the start, end and padding tokens left out), so a
-   pixel's values over the prompt's tokens sum to 1 (DAAM's `normalize`);
+3. only with `normalize` (DAAM's `compute_global_heat_map(normalize=True)`; off by default there and here): each
+   pixel's sums are divided by their sum over the prompt's tokens (the start, end and padding tokens left out), so
+   a pixel's values over the prompt's tokens sum to 1;
 4. a word split into several tokens sums its tokens' maps (every occurrence of it in the prompt), and the map is
    upsampled bicubically to the image's resolution and clamped at 0.
 
@@ -26,9 +27,9 @@ white-space-separated word of the prompt (emphasis syntax and LoRA tags removed)
 the same tokens as the whole prompt (both tokenizers split at white space first), and its tokens are matched to
 the prompt's positions in the context (`word_positions`), across 77-token chunks.
 
-Python API: `attention_maps(components, request, words=None, layers=None) -> list[AttentionMaps]`, each with the
-generated image and `maps`, word -> (H, W) float32 tensor; `layers` sums only some transformers (which carry a
-word's signal differs from layer to layer: docs/explain.md, "attention").
+Python API: `attention_maps(components, request, words=None, layers=None, normalize=False) -> list[AttentionMaps]`,
+each with the generated image and `maps`, word -> (H, W) float32 tensor; `layers` sums only some transformers
+(which carry a word's signal differs from layer to layer: docs/explain.md, "attention").
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 # words a heat map is not drawn for unless `words` names them: articles, prepositions, conjunctions
 STOP_WORDS = frozenset(("a", "an", "the", "of", "on", "in", "at", "to", "and", "or", "with", "by", "for", "from",
                         "is", "are", "it", "its", "as", "this", "that"))
-NORM_EPS = 1e-6  # added to each pixel's sum over the prompt's tokens before dividing (DAAM)
+NORM_EPS = 1e-6  # added to each pixel's sum over the prompt's tokens before dividing (DAAM's `normalize`)
 COLUMNS = 6  # panels per row of the figure
 MAX_HALVINGS = 8  # a transformer's map is the latent's size halved (rounding up) at most this many times
 MAPS_FILE = "maps.safetensors"
@@ -251,11 +252,12 @@ def check_request(components: Components, request: ValidRequest) -> ValidRequest
 
 @torch.no_grad()
 def attention_maps(components: Components, request: ValidRequest, words: Sequence[str] | None = None,
-                   layers: Sequence[str] | None = None) -> list[AttentionMaps]:
+                   layers: Sequence[str] | None = None, normalize: bool = False) -> list[AttentionMaps]:
     """Generate `request`'s images (the txt2img pipeline, unchanged) and, for each, the DAAM heat map of each of
     `words` (default: every content word of the prompt): word -> (height, width) float32 tensor (module
     docstring). A request of n images runs in batches of `batch_size`, each image from its own seed as always.
-    `layers` sums only those transformers' cross-attention (`recording`; None: every one, as DAAM does).
+    `layers` sums only those transformers' cross-attention (`recording`; None: every one, as DAAM does);
+    `normalize` divides each pixel's maps by their sum over the prompt's tokens (DAAM's option, off as there).
 
         pipe = daguerre.load("shapes")
         result = attention_maps(pipe.components, pipe.request("a red circle above a blue square", seed=1))[0]
@@ -282,8 +284,9 @@ def attention_maps(components: Components, request: ValidRequest, words: Sequenc
         if recorder.calls == 0:
             raise RuntimeError("no cross-attention call saw the prompt's context: nothing was recorded")
         heat = recorder.heat  # (b, tokens, h, w)
-        total = heat[:, own].sum(1, keepdim=True) + NORM_EPS  # (b, 1, h, w): DAAM's per-pixel normalisation
-        per_word = torch.stack([heat[:, list(w.positions)].sum(1) for w in chosen], 1) / total  # (b, words, h, w)
+        per_word = torch.stack([heat[:, list(w.positions)].sum(1) for w in chosen], 1)  # (b, words, h, w)
+        if normalize:  # DAAM's per-pixel normalisation over the prompt's tokens
+            per_word = per_word / (heat[:, own].sum(1, keepdim=True) + NORM_EPS)
         up = F.interpolate(per_word, size=(req.height, req.width), mode="bicubic", align_corners=False).clamp_(min=0)
         for i, image in enumerate(images):
             results.append(AttentionMaps(image, {w.word: up[i, j].contiguous() for j, w in enumerate(chosen)}))
@@ -350,6 +353,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
                    help="only these transformers' cross-attention, e.g. output_blocks.3.1 or output_blocks (default: "
                         "every one, as DAAM)")
+    p.add_argument("--normalize", action="store_true",
+                   help="divide each pixel's maps by their sum over the prompt's tokens, so they sum to 1 there "
+                        "(DAAM's normalize; default: the attention itself, as DAAM)")
 
 
 def run(args: argparse.Namespace) -> list[Figure]:
@@ -359,11 +365,12 @@ def run(args: argparse.Namespace) -> list[Figure]:
 
     comps = open_components(args)
     request = sampling_request(args, comps)
-    result = attention_maps(comps, request, args.words, args.layers)[0]
+    result = attention_maps(comps, request, args.words, args.layers, args.normalize)[0]
     image = save_png(result.image.image, figure_path(args, "image.png"), result.image.parameters,
                      replace=args.overwrite)
     maps = save_maps(result.maps, figure_path(args, MAPS_FILE), replace=args.overwrite,
-                     metadata={"prompt": request.prompt, "seed": str(result.image.seed)})
+                     metadata={"prompt": request.prompt, "seed": str(result.image.seed),
+                               "normalized": str(bool(args.normalize)).lower()})
     fig = draw(result, figure_path(args, "attention.png"), args.overwrite)
     words = ", ".join(f'"{w}"' for w in result.maps)
     return [Figure(fig, f"Where each word of the prompt acts: for {words}, the U-Net's cross-attention probabilities "

@@ -188,7 +188,9 @@ def init_noise_embedding_(model: NoisyCLIPModel, generator: torch.Generator | No
 def check_latent_space(cfg: CLIPConfig, model: ModelConfig, model_name: str, latent_hw: tuple[int, int]) -> None:
     """ValueError, one line, unless the noise-aware CLIP `cfg` reads the latents of diffusion model `model`
     (named `model_name`) at latent size `latent_hw`: the same autoencoder (the sha256 of the VAE file the model
-    was trained on, its provenance `vae_sha256`), latent channels, scale and shift factors, and latent size."""
+    was trained on, its provenance `vae_sha256`: the CLIP's autoencoder file, or the very model file whose
+    latents the CLIP learnt, as a stage-2 fine-tune given that model as `--vae` records; stage 2 never changes the
+    autoencoder), latent channels, scale and shift factors, and latent size."""
     ls = cfg.latent_space
     if ls is None:
         return
@@ -196,7 +198,7 @@ def check_latent_space(cfg: CLIPConfig, model: ModelConfig, model_name: str, lat
     own = f"{cfg.name} is a noise-aware CLIP of model {ls.model or '?'}'s latents"
     vae_sha = str(model.provenance.get("vae_sha256") or "")
     why = None
-    if vae_sha != ls.vae_sha256:
+    if vae_sha not in {ls.vae_sha256, ls.model_sha256} - {""}:
         why = (f"model {model_name!r} has another autoencoder (sha256 {vae_sha[:16] or 'unknown'}, not "
                f"{ls.vae_sha256[:16]})")
     elif model.vae.latent_channels != channels:
