@@ -818,6 +818,12 @@ def check_data_sections(d: DataConfig) -> None:
         raise ValueError(f"config key data.shapes.p_relation: must be in [0, 1], got {s.p_relation}")
 
 
+def _distinct_heights(heights: list) -> bool:
+    """Whether `heights` are distinct map heights: integers >= 1 (not bools)."""
+    return all(not isinstance(r, bool) and isinstance(r, int) and r >= 1 for r in heights) and len(
+        set(heights)) == len(heights)
+
+
 def check_grounding(cfg: RunConfig) -> None:
     """The token-grounding keys (training/grounding.py): weights >= 0; on, only for stage 2 of a text model on
     the shapes world, whose scenes give each object's mask and words."""
@@ -829,8 +835,7 @@ def check_grounding(cfg: RunConfig) -> None:
     if lc.grounding_words not in ("nouns", "nouns+colours"):
         raise ValueError(f"config key loss.grounding_words: {lc.grounding_words!r}; choose 'nouns' or "
                          "'nouns+colours'")
-    bad = [r for r in lc.grounding_resolutions if isinstance(r, bool) or not isinstance(r, int) or r < 1]
-    if bad or len(set(lc.grounding_resolutions)) != len(lc.grounding_resolutions):
+    if not _distinct_heights(lc.grounding_resolutions):
         raise ValueError(f"config key loss.grounding_resolutions: {lc.grounding_resolutions}; give distinct map "
                          "heights >= 1 (e.g. [8, 4]), or [] for every cross-attention layer")
     d = lc.grounding_dilation
@@ -855,8 +860,7 @@ def check_grounding(cfg: RunConfig) -> None:
         raise ValueError(f"config key loss.grounding_exclude: {lc.grounding_exclude}; give transformer names, e.g. "
                          "[\"output_blocks.4.1\"] (`daguerre explain attention --layers` lists a U-Net's)")
     heights = lc.grounding_min_timestep_heights
-    bad = [r for r in heights if isinstance(r, bool) or not isinstance(r, int) or r < 1]
-    if bad or len(set(heights)) != len(heights):
+    if not _distinct_heights(heights):
         raise ValueError(f"config key loss.grounding_min_timestep_heights: {heights}; give distinct map heights "
                          "(positive integers, e.g. [8])")
     if heights and not low:
